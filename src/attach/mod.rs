@@ -1,0 +1,234 @@
+//! Attaching volumes to nodes. A node is either a libvirt domain (hot-plug, `hypervisor`) or
+//! this host itself (local attach). `Attachments` holds the rules every backend shares:
+//! idempotent publish, single-node exclusivity, per-node limits, confirmed detach.
+
+use crate::error::{Error, Result};
+use crate::model::Capability;
+use crate::params::{Bus, DiskOptions};
+use crate::pool::VolumeRecord;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// publish_context keys the node plugin reads.
+pub const CTX_SERIAL: &str = "serial";
+pub const CTX_BUS: &str = "bus";
+/// Local attach: the host block device path.
+pub const CTX_DEVICE: &str = "devicePath";
+
+/// What to attach.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub volume_id: String,
+    pub serial: String,
+    pub image: PathBuf,
+    pub format: crate::model::ImageFormat,
+    pub options: DiskOptions,
+    pub readonly: bool,
+    /// Several domains may hold it at once (raw images only).
+    pub shareable: bool,
+}
+
+/// A volume attached to a node, as read back from the node's live state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub node_id: String,
+    pub volume_id: String,
+    pub serial: String,
+    pub bus: Bus,
+    pub readonly: bool,
+    /// Extra publish_context entries (e.g. a local device path).
+    pub context: BTreeMap<String, String>,
+}
+
+impl Attachment {
+    pub fn publish_context(&self) -> BTreeMap<String, String> {
+        let mut ctx = self.context.clone();
+        ctx.insert(CTX_SERIAL.into(), self.serial.clone());
+        ctx.insert(
+            CTX_BUS.into(),
+            serde_json::to_value(self.bus)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        );
+        ctx
+    }
+}
+
+/// One way of attaching disks to nodes.
+#[async_trait::async_trait]
+pub trait Attacher: Send + Sync {
+    /// Whether this backend serves `node_id` (a libvirt domain UUID or name, or this host).
+    async fn serves(&self, node_id: &str) -> Result<bool>;
+    /// Every attachment of a plugin volume on every node this backend serves.
+    async fn attachments(&self) -> Result<Vec<Attachment>>;
+    /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
+    async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment>;
+    /// Detaches and confirms the disk is gone; OK when it was not attached.
+    async fn detach(&self, node_id: &str, volume_id: &str) -> Result<()>;
+    /// Grows an attached disk so the node sees the new size now.
+    async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()>;
+    /// Applies QoS to an attached disk.
+    async fn set_qos(&self, node_id: &str, volume_id: &str, qos: &crate::params::Qos)
+        -> Result<()>;
+    /// Ready to serve (e.g. libvirtd reachable).
+    async fn check_health(&self) -> Result<()>;
+}
+
+/// The publish request, in domain terms.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub node_id: String,
+    pub capability: Capability,
+    pub readonly: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct Attachments {
+    backends: Vec<Arc<dyn Attacher>>,
+    max_per_node: u64,
+}
+
+impl Attachments {
+    pub fn new(backends: Vec<Arc<dyn Attacher>>, max_per_node: u64) -> Self {
+        Attachments {
+            backends,
+            max_per_node,
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        !self.backends.is_empty()
+    }
+
+    async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
+        for b in &self.backends {
+            if b.serves(node_id).await? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every attachment of every backend.
+    pub async fn all(&self) -> Result<Vec<Attachment>> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            out.extend(b.attachments().await?);
+        }
+        Ok(out)
+    }
+
+    /// Nodes a volume is attached to, read from the nodes themselves.
+    pub async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
+        let mut nodes: Vec<String> = self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|a| a.volume_id == volume_id)
+            .map(|a| a.node_id)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    pub async fn check_health(&self) -> Result<()> {
+        for b in &self.backends {
+            b.check_health().await?;
+        }
+        Ok(())
+    }
+
+    /// ControllerPublishVolume.
+    pub async fn publish(
+        &self,
+        vol: &VolumeRecord,
+        image: PathBuf,
+        req: &Publish,
+    ) -> Result<BTreeMap<String, String>> {
+        req.capability.check(vol.format)?;
+        let backend = self.backend_for(&req.node_id).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "node {} is not known: no libvirt domain has that UUID or name, and it is not \
+                 this host",
+                req.node_id
+            ))
+        })?;
+        let readonly = req.readonly || req.capability.access_mode.is_read_only();
+        let all = self.all().await?;
+        let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
+        if let Some(here) = mine.iter().find(|a| a.node_id == req.node_id) {
+            if here.readonly != readonly {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is already attached to node {} {}; unpublish it first",
+                    vol.id,
+                    req.node_id,
+                    if here.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            return Ok(here.publish_context());
+        }
+        if !req.capability.access_mode.is_multi_node() {
+            if let Some(other) = mine.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is attached to node {}; its access mode allows one node at a \
+                     time, so unpublish it there first",
+                    vol.id, other.node_id
+                )));
+            }
+        }
+        let spec = DiskSpec {
+            volume_id: vol.id.clone(),
+            serial: crate::ids::ObjectId::parse_volume(&vol.id)?
+                .map(|o| o.serial())
+                .ok_or_else(|| Error::internal(format!("bad volume id {}", vol.id)))?,
+            image,
+            format: vol.format,
+            options: vol.disk.clone(),
+            readonly,
+            shareable: req.capability.access_mode.is_multi_node() && !readonly,
+        };
+        let att = backend
+            .attach(&req.node_id, &spec, self.max_per_node)
+            .await?;
+        tracing::info!(volume = %vol.id, node = %req.node_id, serial = %att.serial, "volume published");
+        Ok(att.publish_context())
+    }
+
+    /// ControllerUnpublishVolume: OK when not attached or when the node is gone.
+    pub async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
+        let Some(backend) = self.backend_for(node_id).await? else {
+            return Ok(());
+        };
+        backend.detach(node_id, volume_id).await?;
+        tracing::info!(volume = %volume_id, node = %node_id, "volume unpublished");
+        Ok(())
+    }
+
+    /// Online expansion on every node holding the volume; false when it is attached nowhere.
+    pub async fn resize_online(&self, volume_id: &str, size: u64) -> Result<bool> {
+        let nodes = self.nodes_of(volume_id).await?;
+        for node in &nodes {
+            if let Some(b) = self.backend_for(node).await? {
+                b.resize(node, volume_id, size).await?;
+            }
+        }
+        Ok(!nodes.is_empty())
+    }
+
+    /// Applies QoS on every node holding the volume.
+    pub async fn set_qos(&self, volume_id: &str, qos: &crate::params::Qos) -> Result<()> {
+        for node in self.nodes_of(volume_id).await? {
+            if let Some(b) = self.backend_for(&node).await? {
+                b.set_qos(&node, volume_id, qos).await?;
+            }
+        }
+        Ok(())
+    }
+}

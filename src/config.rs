@@ -1,0 +1,283 @@
+//! Configuration: an optional TOML file plus command-line flags. With no file, one pool named
+//! `default` lives at `<data-dir>/pools/default`.
+
+use crate::error::{Error, Result};
+use crate::model::ImageFormat;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DRIVER_NAME: &str = "virtdisk.csi.io";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtdisk";
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Controller,
+    Node,
+    Monolith,
+}
+
+impl Mode {
+    pub fn runs_controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::Monolith)
+    }
+    pub fn runs_node(self) -> bool {
+        matches!(self, Mode::Node | Mode::Monolith)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// Topology segments of the pool, e.g. `{ "topology.virtdisk.csi.io/host" = "hv1" }`.
+    #[serde(default)]
+    pub topology: BTreeMap<String, String>,
+    /// Upper bound on the sum of the volumes' virtual sizes.
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// Thin provisioning: allow volumes whose virtual size exceeds the free space.
+    #[serde(default = "default_true")]
+    pub overcommit: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Reported by NodeGetInfo and enforced by ControllerPublish; 0 = unlimited.
+    #[serde(default)]
+    pub max_volumes_per_node: u64,
+    #[serde(default)]
+    pub topology: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    #[serde(default = "default_uri")]
+    pub uri: String,
+    /// How long ControllerUnpublish waits for the guest to release a disk.
+    #[serde(default = "default_detach_timeout")]
+    pub detach_timeout_secs: u64,
+}
+
+fn default_uri() -> String {
+    DEFAULT_LIBVIRT_URI.to_string()
+}
+
+fn default_detach_timeout() -> u64 {
+    20
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: default_uri(),
+            detach_timeout_secs: default_detach_timeout(),
+        }
+    }
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub driver_name: Option<String>,
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub default_volume_size: Option<u64>,
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub driver_name: String,
+    pub data_dir: PathBuf,
+    pub node_id: Option<String>,
+    pub default_volume_size: u64,
+    pub pools: Vec<PoolConfig>,
+    pub node: NodeConfig,
+    pub libvirt: LibvirtConfig,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub driver_name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub libvirt_uri: Option<String>,
+}
+
+impl Config {
+    pub fn load(mode: Mode, file: Option<&Path>, ov: Overrides) -> Result<Config> {
+        let fc = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| Error::io(format!("reading config {}", p.display()), e))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    Error::invalid(format!("config {} is invalid: {e}", p.display()))
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::from_file_config(mode, fc, ov)
+    }
+
+    pub fn from_file_config(mode: Mode, fc: FileConfig, ov: Overrides) -> Result<Config> {
+        let data_dir = ov
+            .data_dir
+            .or(fc.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut pools = fc.pools;
+        if pools.is_empty() {
+            pools.push(PoolConfig {
+                name: "default".into(),
+                path: data_dir.join("pools").join("default"),
+                format: ImageFormat::Qcow2,
+                topology: BTreeMap::new(),
+                capacity_bytes: None,
+                overcommit: true,
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &pools {
+            crate::ids::check_pool_name(&p.name)?;
+            if !seen.insert(p.name.clone()) {
+                return Err(Error::invalid(format!(
+                    "pool {:?} is declared twice",
+                    p.name
+                )));
+            }
+            if !p.path.is_absolute() {
+                return Err(Error::invalid(format!(
+                    "pool {:?}: path {} must be absolute",
+                    p.name,
+                    p.path.display()
+                )));
+            }
+        }
+        let mut libvirt = fc.libvirt;
+        if let Some(uri) = ov.libvirt_uri {
+            libvirt.uri = uri;
+        }
+        let driver_name = ov
+            .driver_name
+            .or(fc.driver_name)
+            .unwrap_or_else(|| DEFAULT_DRIVER_NAME.to_string());
+        check_driver_name(&driver_name)?;
+        Ok(Config {
+            mode,
+            driver_name,
+            data_dir,
+            node_id: ov.node_id,
+            default_volume_size: fc.default_volume_size.unwrap_or(DEFAULT_VOLUME_SIZE),
+            pools,
+            node: fc.node,
+            libvirt,
+        })
+    }
+
+    /// Whether any pool declares topology (then VOLUME_ACCESSIBILITY_CONSTRAINTS is offered).
+    pub fn has_topology(&self) -> bool {
+        self.pools.iter().any(|p| !p.topology.is_empty()) || !self.node.topology.is_empty()
+    }
+}
+
+/// CSI: at most 63 characters, begin and end with alphanumerics, `-`, `.` and alphanumerics.
+fn check_driver_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "driver name {name:?} is invalid: up to 63 letters, digits, '-' and '.'"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_pool() {
+        let c = Config::from_file_config(
+            Mode::Controller,
+            FileConfig::default(),
+            Overrides {
+                data_dir: Some("/tmp/d".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].path, PathBuf::from("/tmp/d/pools/default"));
+        assert_eq!(c.driver_name, DEFAULT_DRIVER_NAME);
+    }
+
+    #[test]
+    fn toml_with_pools() {
+        let fc: FileConfig = toml::from_str(
+            r#"
+            default_volume_size = 2097152
+            [[pool]]
+            name = "fast"
+            path = "/srv/fast"
+            capacity_bytes = 1000000000
+            topology = { "topology.virtdisk.csi.io/host" = "hv1" }
+            [[pool]]
+            name = "shared"
+            path = "/srv/shared"
+            format = "raw"
+            [node]
+            max_volumes_per_node = 16
+            [libvirt]
+            uri = "qemu+ssh://hv1/system"
+            "#,
+        )
+        .unwrap();
+        let c = Config::from_file_config(Mode::Monolith, fc, Overrides::default()).unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.pools[1].format, ImageFormat::Raw);
+        assert!(c.has_topology());
+        assert_eq!(c.node.max_volumes_per_node, 16);
+        assert_eq!(c.libvirt.uri, "qemu+ssh://hv1/system");
+    }
+
+    #[test]
+    fn rejects_duplicate_and_relative_pools() {
+        for text in [
+            "[[pool]]\nname='a'\npath='/a'\n[[pool]]\nname='a'\npath='/b'\n",
+            "[[pool]]\nname='a'\npath='rel'\n",
+            "[[pool]]\nname='../a'\npath='/a'\n",
+        ] {
+            let fc: FileConfig = toml::from_str(text).unwrap();
+            assert!(Config::from_file_config(Mode::Controller, fc, Overrides::default()).is_err());
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Controller service: volumes in pools, attached through `attach`.
+
+use super::convert;
+use super::proto::{self as csi, controller_server::Controller};
+use crate::attach::{Attachments, Publish};
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::guard::{OpGuard, OpGuards};
+use crate::ids::{self, ObjectId};
+use crate::params::{self, VolumeParams};
+use crate::pool::{CapacityQuery, CreateVolume, Pools, VolumeRecord};
+use tonic::{Request, Response, Status};
+
+pub struct ControllerService {
+    pub pools: Pools,
+    pub attachments: Attachments,
+    pub guards: OpGuards,
+}
+
+type RpcResult<T> = std::result::Result<Response<T>, Status>;
+
+fn ok<T>(v: T) -> RpcResult<T> {
+    Ok(Response::new(v))
+}
+
+/// Guard key of a volume: its name-derived key, the same before and after the pool is chosen.
+fn volume_guard_key(key: &str) -> String {
+    format!("vol:{key}")
+}
+
+impl ControllerService {
+    fn guard_volume_id(&self, id: &str) -> Result<Option<(ObjectId, OpGuard)>> {
+        let Some(oid) = ObjectId::parse_volume(id)? else {
+            return Ok(None);
+        };
+        let g = self.guards.try_acquire(&[volume_guard_key(&oid.key)])?;
+        Ok(Some((oid, g)))
+    }
+
+    /// The status block of ListVolumes / ControllerGetVolume, read from the nodes and the pool.
+    async fn volume_status(
+        &self,
+        rec: &VolumeRecord,
+        published: Vec<String>,
+    ) -> Result<(Vec<String>, csi::VolumeCondition)> {
+        let image = self.pools.image_path(rec)?;
+        let present = exec::blocking(move || Ok(image.exists())).await?;
+        let condition = if present {
+            csi::VolumeCondition {
+                abnormal: false,
+                message: "ok".into(),
+            }
+        } else {
+            csi::VolumeCondition {
+                abnormal: true,
+                message: format!(
+                    "image {} of the volume is missing from pool {}",
+                    rec.image, rec.pool
+                ),
+            }
+        };
+        Ok((published, condition))
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        req: Request<csi::CreateVolumeRequest>,
+    ) -> RpcResult<csi::CreateVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_name("name", &r.name)?;
+        convert::check_map("parameters", &r.parameters)?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
+        let create = CreateVolume {
+            name: r.name.clone(),
+            required_bytes: required,
+            limit_bytes: limit,
+            capabilities: convert::capabilities(&r.volume_capabilities)?,
+            parameters: r.parameters.clone(),
+            content_source: convert::content_source(r.volume_content_source.as_ref())?,
+            topology: convert::topology_requirement(r.accessibility_requirements.as_ref())?,
+        };
+        let key = ids::volume_key_for_name(&r.name);
+        let _g = self.guards.try_acquire(&[volume_guard_key(&key)])?;
+        let rec = self.pools.create(create).await?;
+        ok(csi::CreateVolumeResponse {
+            volume: Some(convert::volume(&rec)),
+        })
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<csi::DeleteVolumeRequest>,
+    ) -> RpcResult<csi::DeleteVolumeResponse> {
+        let r = req.into_inner();
+        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            return ok(csi::DeleteVolumeResponse {});
+        };
+        if self.pools.volume(&r.volume_id).await?.is_some() {
+            let nodes = self.attachments.nodes_of(&r.volume_id).await?;
+            if !nodes.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is still attached to node(s) {}; unpublish it first",
+                    r.volume_id,
+                    nodes.join(", ")
+                ))
+                .into());
+            }
+        }
+        self.pools.delete(&r.volume_id).await?;
+        ok(csi::DeleteVolumeResponse {})
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        req: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> RpcResult<csi::ControllerPublishVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        ids::check_name("node_id", &r.node_id)?;
+        let capability = convert::required_capability(r.volume_capability.as_ref())?;
+        if !self.attachments.is_enabled() {
+            return Err(Error::Unimplemented(
+                "ControllerPublishVolume needs an attach backend (libvirt or local attach)".into(),
+            )
+            .into());
+        }
+        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        };
+        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let image = self.pools.image_path(&rec)?;
+        let publish = Publish {
+            node_id: r.node_id.clone(),
+            capability,
+            readonly: r.readonly,
+        };
+        let ctx = self.attachments.publish(&rec, image, &publish).await?;
+        ok(csi::ControllerPublishVolumeResponse {
+            publish_context: ctx,
+        })
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> RpcResult<csi::ControllerUnpublishVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        if r.node_id.is_empty() {
+            // Spec: an empty node id means "from every node".
+            let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+                return ok(csi::ControllerUnpublishVolumeResponse {});
+            };
+            for node in self.attachments.nodes_of(&r.volume_id).await? {
+                self.attachments.unpublish(&r.volume_id, &node).await?;
+            }
+            return ok(csi::ControllerUnpublishVolumeResponse {});
+        }
+        ids::check_name("node_id", &r.node_id)?;
+        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            return ok(csi::ControllerUnpublishVolumeResponse {});
+        };
+        self.attachments.unpublish(&r.volume_id, &r.node_id).await?;
+        ok(csi::ControllerUnpublishVolumeResponse {})
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> RpcResult<csi::ValidateVolumeCapabilitiesResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let caps = convert::capabilities(&r.volume_capabilities)?;
+        convert::check_map("parameters", &r.parameters)?;
+        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let problem = caps
+            .iter()
+            .find_map(|c| c.check(rec.format).err())
+            .or_else(|| VolumeParams::parse(&r.parameters).err());
+        let (confirmed, message) = match problem {
+            Some(e) => (None, e.to_string()),
+            None => (
+                Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context,
+                    volume_capabilities: r.volume_capabilities,
+                    parameters: r.parameters,
+                    mutable_parameters: r.mutable_parameters,
+                }),
+                String::new(),
+            ),
+        };
+        ok(csi::ValidateVolumeCapabilitiesResponse { confirmed, message })
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<csi::ListVolumesRequest>,
+    ) -> RpcResult<csi::ListVolumesResponse> {
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Error::invalid("max_entries must not be negative").into());
+        }
+        let all = self.pools.list().await?;
+        let start = page_start(&all, &r.starting_token, |v| &v.id)?;
+        let take = if r.max_entries == 0 {
+            usize::MAX
+        } else {
+            r.max_entries as usize
+        };
+        let page: Vec<&VolumeRecord> = all[start..].iter().take(take).collect();
+        let next_token = all
+            .get(start + page.len())
+            .map(|v| v.id.clone())
+            .unwrap_or_default();
+        let attachments = self.attachments.all().await?;
+        let mut entries = Vec::with_capacity(page.len());
+        for rec in page {
+            let mut nodes: Vec<String> = attachments
+                .iter()
+                .filter(|a| a.volume_id == rec.id)
+                .map(|a| a.node_id.clone())
+                .collect();
+            nodes.sort();
+            nodes.dedup();
+            let (published_node_ids, condition) = self.volume_status(rec, nodes).await?;
+            entries.push(csi::list_volumes_response::Entry {
+                volume: Some(convert::volume(rec)),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids,
+                    volume_condition: Some(condition),
+                }),
+            });
+        }
+        ok(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        })
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<csi::GetCapacityRequest>,
+    ) -> RpcResult<csi::GetCapacityResponse> {
+        let r = req.into_inner();
+        convert::check_map("parameters", &r.parameters)?;
+        for c in &r.volume_capabilities {
+            convert::capability(c)?;
+        }
+        let available = self
+            .pools
+            .capacity(CapacityQuery {
+                parameters: r.parameters,
+                topology: r.accessible_topology.map(|t| t.segments),
+            })
+            .await?;
+        ok(csi::GetCapacityResponse {
+            available_capacity: available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(available.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(crate::pool::MIB as i64),
+        })
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> RpcResult<csi::ControllerGetCapabilitiesResponse> {
+        use csi::controller_service_capability::{rpc::Type, Rpc, Type as Cap};
+        let mut types = vec![
+            Type::CreateDeleteVolume,
+            Type::ListVolumes,
+            Type::GetCapacity,
+            Type::ExpandVolume,
+            Type::ListVolumesPublishedNodes,
+            Type::VolumeCondition,
+            Type::GetVolume,
+            Type::ModifyVolume,
+            Type::SingleNodeMultiWriter,
+        ];
+        if self.attachments.is_enabled() {
+            types.push(Type::PublishUnpublishVolume);
+            types.push(Type::PublishReadonly);
+        }
+        let capabilities = types
+            .into_iter()
+            .map(|t| csi::ControllerServiceCapability {
+                r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })),
+            })
+            .collect();
+        ok(csi::ControllerGetCapabilitiesResponse { capabilities })
+    }
+
+    async fn create_snapshot(
+        &self,
+        _req: Request<csi::CreateSnapshotRequest>,
+    ) -> RpcResult<csi::CreateSnapshotResponse> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _req: Request<csi::DeleteSnapshotRequest>,
+    ) -> RpcResult<csi::DeleteSnapshotResponse> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<csi::ListSnapshotsRequest>,
+    ) -> RpcResult<csi::ListSnapshotsResponse> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _req: Request<csi::GetSnapshotRequest>,
+    ) -> RpcResult<csi::GetSnapshotResponse> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .map(convert::capability)
+            .transpose()?;
+        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        };
+        let mut rec = self.pools.require_volume(&r.volume_id).await?;
+        let target = self.pools.expansion_target(&rec, required, limit).await?;
+        if target > rec.capacity_bytes {
+            if self.attachments.nodes_of(&rec.id).await?.is_empty() {
+                rec = self.pools.expand_offline(&rec.id, target, 0).await?;
+            } else {
+                self.attachments.resize_online(&rec.id, target).await?;
+                rec.capacity_bytes = target;
+                self.pools.save(&rec).await?;
+                tracing::info!(volume = %rec.id, size = target, "volume expanded online");
+            }
+        }
+        let block = match &cap {
+            Some(c) => c.is_block(),
+            None => rec.is_block_only(),
+        };
+        ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: rec.capacity_bytes as i64,
+            node_expansion_required: !block,
+        })
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<csi::ControllerGetVolumeRequest>,
+    ) -> RpcResult<csi::ControllerGetVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let nodes = self.attachments.nodes_of(&rec.id).await?;
+        let (published_node_ids, condition) = self.volume_status(&rec, nodes).await?;
+        ok(csi::ControllerGetVolumeResponse {
+            volume: Some(convert::volume(&rec)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids,
+                volume_condition: Some(condition),
+            }),
+        })
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        req: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> RpcResult<csi::ControllerModifyVolumeResponse> {
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        };
+        let mut rec = self.pools.require_volume(&r.volume_id).await?;
+        let mut qos = rec.disk.qos;
+        for (k, v) in &r.mutable_parameters {
+            if !params::MUTABLE_KEYS.contains(&k.as_str()) {
+                return Err(Error::invalid(format!(
+                    "parameter {k:?} cannot be modified; mutable parameters: {}",
+                    params::MUTABLE_KEYS.join(", ")
+                ))
+                .into());
+            }
+            params::apply_qos(&mut qos, k, v)?;
+        }
+        qos.validate()?;
+        if qos != rec.disk.qos {
+            self.attachments.set_qos(&rec.id, &qos).await?;
+            rec.disk.qos = qos;
+            for (k, v) in &r.mutable_parameters {
+                rec.parameters.insert(k.clone(), v.clone());
+            }
+            self.pools.save(&rec).await?;
+            tracing::info!(volume = %rec.id, "volume QoS modified");
+        }
+        ok(csi::ControllerModifyVolumeResponse {})
+    }
+}
+
+/// Index of the first entry at or after `token` (the id of the next entry to return).
+/// A token that is not a volume id of ours is invalid: ABORTED, as the spec asks.
+pub fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Result<usize> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    let valid = ObjectId::parse_volume(token).ok().flatten().is_some()
+        || ObjectId::parse_snapshot(token).ok().flatten().is_some();
+    if !valid {
+        return Err(Error::Aborted(format!(
+            "starting_token {:?} is not valid; start again with an empty token",
+            token.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(all.partition_point(|v| id(v).as_str() < token))
+}

@@ -1,0 +1,169 @@
+//! Wire types ↔ domain types.
+
+use super::proto as csi;
+use crate::error::{Error, Result};
+use crate::model::{AccessMode, AccessType, Capability, ContentSource};
+use crate::pool::{TopologyRequirement, VolumeRecord};
+use std::collections::BTreeMap;
+
+pub fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
+    use csi::volume_capability::access_mode::Mode;
+    let raw = m.map(|m| m.mode).unwrap_or(0);
+    Ok(match Mode::try_from(raw).unwrap_or(Mode::Unknown) {
+        Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
+        Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
+        Mode::MultiNodeReaderOnly => AccessMode::MultiNodeReaderOnly,
+        Mode::MultiNodeSingleWriter => AccessMode::MultiNodeSingleWriter,
+        Mode::MultiNodeMultiWriter => AccessMode::MultiNodeMultiWriter,
+        Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
+        Mode::Unknown => {
+            return Err(Error::invalid(
+                "volume_capability.access_mode is missing or unknown",
+            ))
+        }
+    })
+}
+
+/// A capability in domain terms (access type and mode checked for presence and syntax).
+pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
+    use csi::volume_capability::AccessType as At;
+    let access_type = match &c.access_type {
+        Some(At::Block(_)) => AccessType::Block,
+        Some(At::Mount(m)) => AccessType::Mount {
+            fs_type: m.fs_type.clone(),
+            mount_flags: m.mount_flags.clone(),
+        },
+        None => {
+            return Err(Error::invalid(
+                "volume_capability needs an access type: block or mount",
+            ))
+        }
+    };
+    let cap = Capability {
+        access_type,
+        access_mode: access_mode(c.access_mode.as_ref())?,
+    };
+    if let AccessType::Mount { mount_flags, .. } = &cap.access_type {
+        if mount_flags.len() > 64 {
+            return Err(Error::invalid("too many mount_flags (at most 64)"));
+        }
+    }
+    Ok(cap)
+}
+
+pub fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+    if caps.is_empty() {
+        return Err(Error::invalid("volume_capabilities is required"));
+    }
+    if caps.len() > 16 {
+        return Err(Error::invalid("too many volume_capabilities (at most 16)"));
+    }
+    caps.iter().map(capability).collect()
+}
+
+pub fn required_capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
+    capability(c.ok_or_else(|| Error::invalid("volume_capability is required"))?)
+}
+
+/// Non-negative byte counts from the wire's int64.
+pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
+    let Some(r) = r else { return Ok((0, 0)) };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(Error::OutOfRange(
+            "capacity_range must not be negative".to_string(),
+        ));
+    }
+    Ok((r.required_bytes as u64, r.limit_bytes as u64))
+}
+
+pub fn topology_requirement(t: Option<&csi::TopologyRequirement>) -> Result<TopologyRequirement> {
+    let Some(t) = t else {
+        return Ok(TopologyRequirement::default());
+    };
+    let conv = |v: &[csi::Topology]| -> Result<Vec<BTreeMap<String, String>>> {
+        if v.len() > 64 {
+            return Err(Error::invalid("too many topologies (at most 64)"));
+        }
+        Ok(v.iter().map(|t| t.segments.clone()).collect())
+    };
+    Ok(TopologyRequirement {
+        requisite: conv(&t.requisite)?,
+        preferred: conv(&t.preferred)?,
+    })
+}
+
+pub fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
+    use csi::volume_content_source::Type;
+    Ok(match s.and_then(|s| s.r#type.as_ref()) {
+        None => None,
+        Some(Type::Snapshot(s)) => {
+            crate::ids::check_safe_id("snapshot_id", &s.snapshot_id)?;
+            Some(ContentSource::Snapshot(s.snapshot_id.clone()))
+        }
+        Some(Type::Volume(v)) => {
+            crate::ids::check_safe_id("source volume_id", &v.volume_id)?;
+            Some(ContentSource::Volume(v.volume_id.clone()))
+        }
+    })
+}
+
+pub fn content_source_to_proto(s: &ContentSource) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.clone(),
+            }),
+        }),
+    }
+}
+
+/// volume_context keys: what the node needs, since it never sees the parameters.
+pub const CTX_FORMAT: &str = "format";
+pub const CTX_POOL: &str = "pool";
+pub const CTX_FS_TYPE: &str = "fsType";
+
+pub fn volume(rec: &VolumeRecord) -> csi::Volume {
+    let mut ctx = BTreeMap::new();
+    ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
+    ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
+    if let Some(fs) = rec.fs_type() {
+        ctx.insert(CTX_FS_TYPE.to_string(), fs.to_string());
+    }
+    csi::Volume {
+        capacity_bytes: rec.capacity_bytes as i64,
+        volume_id: rec.id.clone(),
+        volume_context: ctx,
+        content_source: rec.content_source.as_ref().map(content_source_to_proto),
+        accessible_topology: if rec.accessible_topology.is_empty() {
+            vec![]
+        } else {
+            vec![csi::Topology {
+                segments: rec.accessible_topology.clone(),
+            }]
+        },
+    }
+}
+
+/// Maps must stay small: they are copied into records and XML.
+pub fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
+    if m.len() > 64 {
+        return Err(Error::invalid(format!(
+            "{what} has {} entries; at most 64",
+            m.len()
+        )));
+    }
+    for (k, v) in m {
+        if k.len() > 256 || v.len() > 4096 || k.contains('\0') || v.contains('\0') {
+            return Err(Error::invalid(format!(
+                "{what} entry {:?} is too long or contains NUL",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}

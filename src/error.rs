@@ -1,0 +1,98 @@
+//! The one error type of the plugin. Domain modules return it; the gRPC glue turns it into a
+//! `tonic::Status` through the single `From` impl below.
+
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Another operation on the same object is in flight.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency (libvirtd, a daemon) is down; the caller should retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The operation started but could not be confirmed in time; the caller should retry.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done, e.g. `Error::io("writing record x", e)`.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+
+    /// Whether the underlying cause is a full filesystem.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+                    || source.raw_os_error() == Some(libc::EDQUOT)
+            }
+            Error::ResourceExhausted(_) => true,
+            _ => false,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Aborted(_) => Code::Aborted,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Io { .. } if self.is_no_space() => Code::ResourceExhausted,
+            Error::Io { .. } | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = err.code();
+        if code == Code::Internal {
+            tracing::error!(error = %err, "internal error");
+        }
+        Status::new(code, err.to_string())
+    }
+}

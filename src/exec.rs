@@ -1,0 +1,66 @@
+//! The one door for blocking and external work: child processes run on tokio's process
+//! reactor, blocking syscalls on the blocking pool. Nothing here blocks the async runtime.
+
+use crate::error::{Error, Result};
+use std::ffi::OsStr;
+use std::process::Stdio;
+
+/// Runs blocking code (file I/O with fsync, statvfs, FFI) off the async runtime.
+pub async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+/// Output of a finished command.
+pub struct CmdOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args…` and fails with its stderr when it exits non-zero.
+pub async fn run<I, S>(program: &str, args: I) -> Result<CmdOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = tokio::process::Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Unavailable(format!(
+                    "{program} is not installed; install it (see `virtdisk-csi doctor`)"
+                ))
+            } else {
+                Error::io(format!("starting {program}"), e)
+            }
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let msg = stderr.trim();
+        let msg = if msg.is_empty() { stdout.trim() } else { msg };
+        let lower = msg.to_ascii_lowercase();
+        if lower.contains("no space left") || lower.contains("disk quota exceeded") {
+            return Err(Error::ResourceExhausted(format!(
+                "{program}: no space left: {msg}"
+            )));
+        }
+        return Err(Error::internal(format!(
+            "{program} failed ({}): {msg}",
+            out.status
+        )));
+    }
+    Ok(CmdOutput { stdout, stderr })
+}

@@ -1,0 +1,16 @@
+//! virtdisk-csi: a CSI plugin whose volumes are qcow2 images in pool directories, hot-plugged
+//! into the libvirt domain that is the node.
+
+pub mod attach;
+pub mod config;
+pub mod csi;
+pub mod error;
+pub mod exec;
+pub mod fsutil;
+pub mod guard;
+pub mod ids;
+pub mod model;
+pub mod nodeid;
+pub mod params;
+pub mod pool;
+pub mod server;

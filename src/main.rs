@@ -1,0 +1,111 @@
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use virtdisk_csi::attach::Attachments;
+use virtdisk_csi::config::{Config, Mode, Overrides};
+use virtdisk_csi::server::{self, ServeOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "virtdisk-csi",
+    version,
+    about = "CSI plugin: qcow2 volumes hot-plugged into libvirt domains"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CSI gRPC API on a unix socket.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, value_enum, default_value = "monolith")]
+    mode: Mode,
+    /// unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// Where the embedded default pool lives (<data-dir>/pools/default).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (pools, node limits, libvirt).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id reported by NodeGetInfo (default: DMI product UUID, else /etc/machine-id).
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    driver_name: Option<String>,
+    /// Make the socket 0660 and owned by this group (default: 0600).
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Logs as JSON lines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
+    let cfg = Config::load(
+        args.mode,
+        args.config.as_deref(),
+        Overrides {
+            driver_name: args.driver_name,
+            data_dir: args.data_dir,
+            node_id: args.node_id,
+            libvirt_uri: None,
+        },
+    )?;
+    let socket = server::socket_path(&args.endpoint)?;
+    server::serve(
+        cfg,
+        ServeOptions {
+            socket,
+            socket_group: args.socket_group,
+        },
+        Attachments::default(),
+    )
+    .await
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            runtime.block_on(serve(args))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("virtdisk-csi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

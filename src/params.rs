@@ -1,0 +1,356 @@
+//! CreateVolume `parameters` (StorageClass parameters / Nomad volume `parameters`): the pool,
+//! the image format and the hot-plug options ControllerPublish uses later. Every key is
+//! checked; unknown keys are rejected so a typo never silently does nothing.
+
+use crate::error::{Error, Result};
+use crate::model::ImageFormat;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Keys the external-provisioner adds (`--extra-create-metadata`); informational, ignored.
+const K8S_PREFIX: &str = "csi.storage.k8s.io/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    #[default]
+    Scsi,
+    Virtio,
+    Sata,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cache {
+    None,
+    Writethrough,
+    Writeback,
+    Directsync,
+    Unsafe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoMode {
+    Native,
+    Threads,
+    IoUring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    Unmap,
+    Ignore,
+}
+
+/// `<iotune>` limits; 0/None means unlimited. `total_*` excludes `read_*`/`write_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Qos {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bytes_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_iops_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_iops_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_iops_sec: Option<u64>,
+}
+
+impl Qos {
+    pub fn is_empty(&self) -> bool {
+        *self == Qos::default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let both = |t: Option<u64>, r: Option<u64>, w: Option<u64>, what: &str| {
+            if t.is_some() && (r.is_some() || w.is_some()) {
+                Err(Error::invalid(format!(
+                    "total{what}Sec cannot be combined with read{what}Sec or write{what}Sec \
+                     (libvirt iotune: total excludes read/write)"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        both(
+            self.total_bytes_sec,
+            self.read_bytes_sec,
+            self.write_bytes_sec,
+            "Bytes",
+        )?;
+        both(
+            self.total_iops_sec,
+            self.read_iops_sec,
+            self.write_iops_sec,
+            "Iops",
+        )
+    }
+}
+
+/// How the disk is presented to the domain when published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskOptions {
+    #[serde(default)]
+    pub bus: Bus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discard: Option<Discard>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
+    /// Attach LIVE and CONFIG (survives a guest reboot) rather than LIVE only.
+    #[serde(default = "yes")]
+    pub persist: bool,
+    #[serde(default)]
+    pub qos: Qos,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            bus: Bus::Scsi,
+            cache: None,
+            io: None,
+            discard: None,
+            logical_block_size: None,
+            physical_block_size: None,
+            persist: true,
+            qos: Qos::default(),
+        }
+    }
+}
+
+/// Everything CreateVolume's parameters say.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolumeParams {
+    pub pool: Option<String>,
+    pub format: Option<ImageFormat>,
+    pub disk: DiskOptions,
+}
+
+/// The parameter keys and what they take; shown in errors and documented in README.md.
+pub const KEYS: &[(&str, &str)] = &[
+    ("pool", "name of a configured pool"),
+    ("format", "qcow2 | raw"),
+    ("bus", "scsi | virtio | sata"),
+    (
+        "cache",
+        "none | writethrough | writeback | directsync | unsafe",
+    ),
+    ("io", "native | threads | io_uring"),
+    ("discard", "unmap | ignore"),
+    ("logicalBlockSize", "512..65536, power of two"),
+    (
+        "physicalBlockSize",
+        "512..65536, power of two, >= logicalBlockSize",
+    ),
+    ("persist", "true | false"),
+    ("totalBytesSec", "bytes/s"),
+    ("readBytesSec", "bytes/s"),
+    ("writeBytesSec", "bytes/s"),
+    ("totalIopsSec", "IO/s"),
+    ("readIopsSec", "IO/s"),
+    ("writeIopsSec", "IO/s"),
+];
+
+/// Keys ControllerModifyVolume may change (the others are fixed at creation).
+pub const MUTABLE_KEYS: &[&str] = &[
+    "totalBytesSec",
+    "readBytesSec",
+    "writeBytesSec",
+    "totalIopsSec",
+    "readIopsSec",
+    "writeIopsSec",
+];
+
+fn enum_value<T: for<'de> Deserialize<'de>>(key: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
+        let allowed = KEYS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or("");
+        Error::invalid(format!(
+            "parameter {key}={value:?} is invalid: use {allowed}"
+        ))
+    })
+}
+
+fn number(key: &str, value: &str) -> Result<u64> {
+    value.trim().parse::<u64>().map_err(|_| {
+        Error::invalid(format!(
+            "parameter {key}={value:?} is invalid: use a non-negative whole number"
+        ))
+    })
+}
+
+fn block_size(key: &str, value: &str) -> Result<u32> {
+    let n = number(key, value)?;
+    if !(512..=65536).contains(&n) || !n.is_power_of_two() {
+        return Err(Error::invalid(format!(
+            "parameter {key}={value} is invalid: use a power of two from 512 to 65536"
+        )));
+    }
+    Ok(n as u32)
+}
+
+/// Applies one QoS key; `Ok(false)` if `key` is not a QoS key.
+pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
+    let slot = match key {
+        "totalBytesSec" => &mut qos.total_bytes_sec,
+        "readBytesSec" => &mut qos.read_bytes_sec,
+        "writeBytesSec" => &mut qos.write_bytes_sec,
+        "totalIopsSec" => &mut qos.total_iops_sec,
+        "readIopsSec" => &mut qos.read_iops_sec,
+        "writeIopsSec" => &mut qos.write_iops_sec,
+        _ => return Ok(false),
+    };
+    let n = number(key, value)?;
+    *slot = (n > 0).then_some(n);
+    Ok(true)
+}
+
+impl VolumeParams {
+    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
+        let mut p = VolumeParams::default();
+        if params.len() > 64 {
+            return Err(Error::invalid("too many parameters (at most 64)"));
+        }
+        for (key, value) in params {
+            if key.starts_with(K8S_PREFIX) {
+                continue;
+            }
+            if value.len() > 256 {
+                return Err(Error::invalid(format!(
+                    "parameter {key} is {} bytes long; at most 256 are allowed",
+                    value.len()
+                )));
+            }
+            let d = &mut p.disk;
+            match key.as_str() {
+                "pool" => {
+                    crate::ids::check_pool_name(value)?;
+                    p.pool = Some(value.clone());
+                }
+                "format" => p.format = Some(ImageFormat::parse(value)?),
+                "bus" => d.bus = enum_value(key, value)?,
+                "cache" => d.cache = Some(enum_value(key, value)?),
+                "io" => d.io = Some(enum_value(key, value)?),
+                "discard" => d.discard = Some(enum_value(key, value)?),
+                "logicalBlockSize" => d.logical_block_size = Some(block_size(key, value)?),
+                "physicalBlockSize" => d.physical_block_size = Some(block_size(key, value)?),
+                "persist" => {
+                    d.persist = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(Error::invalid(format!(
+                                "parameter persist={value:?} is invalid: use true or false"
+                            )))
+                        }
+                    }
+                }
+                other => {
+                    if !apply_qos(&mut d.qos, other, value)? {
+                        let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                        return Err(Error::invalid(format!(
+                            "unknown parameter {other:?}; known parameters: {}",
+                            known.join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+        p.disk.validate()?;
+        Ok(p)
+    }
+}
+
+impl DiskOptions {
+    pub fn validate(&self) -> Result<()> {
+        if let (Some(l), Some(ph)) = (self.logical_block_size, self.physical_block_size) {
+            if ph < l {
+                return Err(Error::invalid(format!(
+                    "physicalBlockSize {ph} is smaller than logicalBlockSize {l}"
+                )));
+            }
+        }
+        if self.io == Some(IoMode::Native)
+            && !matches!(self.cache, Some(Cache::None) | Some(Cache::Directsync))
+        {
+            return Err(Error::invalid(
+                "io=native needs cache=none or cache=directsync (QEMU opens the image with O_DIRECT)",
+            ));
+        }
+        self.qos.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let p = VolumeParams::parse(&map(&[
+            ("pool", "fast"),
+            ("format", "raw"),
+            ("bus", "virtio"),
+            ("cache", "none"),
+            ("io", "native"),
+            ("discard", "unmap"),
+            ("logicalBlockSize", "512"),
+            ("physicalBlockSize", "4096"),
+            ("persist", "false"),
+            ("readBytesSec", "1048576"),
+            ("totalIopsSec", "100"),
+            ("csi.storage.k8s.io/pvc/name", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(p.pool.as_deref(), Some("fast"));
+        assert_eq!(p.format, Some(ImageFormat::Raw));
+        assert_eq!(p.disk.bus, Bus::Virtio);
+        assert_eq!(p.disk.io, Some(IoMode::Native));
+        assert!(!p.disk.persist);
+        assert_eq!(p.disk.qos.read_bytes_sec, Some(1048576));
+        assert_eq!(p.disk.qos.total_iops_sec, Some(100));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            vec![("bus", "ide")],
+            vec![("cache", "fast")],
+            vec![("unknownKey", "1")],
+            vec![("logicalBlockSize", "1000")],
+            vec![("logicalBlockSize", "4096"), ("physicalBlockSize", "512")],
+            vec![("totalBytesSec", "1"), ("readBytesSec", "1")],
+            vec![("totalIopsSec", "-5")],
+            vec![("io", "native")],
+            vec![("pool", "../etc")],
+            vec![("persist", "yes")],
+        ] {
+            let err = VolumeParams::parse(&map(&bad)).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
+        }
+    }
+}

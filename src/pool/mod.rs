@@ -1,0 +1,184 @@
+//! Pools: directories holding volume images and their records. The pool is the database:
+//! everything the controller knows about a volume is read back from here after a restart.
+
+pub mod qemu_img;
+pub mod record;
+mod volumes;
+
+pub use record::{RecordState, VolumeRecord};
+pub use volumes::{topology_fits, CapacityQuery, CreateVolume, Pools, TopologyRequirement, MIB};
+
+use crate::config::PoolConfig;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::ids::ObjectId;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// One pool directory:
+/// `volumes/<key>.json` records, `images/<file>` image layers.
+#[derive(Debug)]
+pub struct Pool {
+    cfg: PoolConfig,
+}
+
+impl Pool {
+    /// Creates the directories if needed and finishes or undoes what a crash interrupted.
+    /// Blocking: call through `exec::blocking`.
+    pub fn open(cfg: PoolConfig) -> Result<Pool> {
+        let pool = Pool { cfg };
+        for dir in [pool.volumes_dir(), pool.images_dir()] {
+            fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating pool directory {}", dir.display()), e))?;
+        }
+        pool.recover()?;
+        Ok(pool)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    pub fn topology(&self) -> &BTreeMap<String, String> {
+        &self.cfg.topology
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.cfg.path.join("volumes")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.cfg.path.join("images")
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{key}.json"))
+    }
+
+    /// Absolute path of an image file of this pool.
+    pub fn image_path(&self, file: &str) -> PathBuf {
+        self.images_dir().join(file)
+    }
+
+    pub fn volume_id(&self, key: &str) -> String {
+        ObjectId::new(&self.cfg.name, key).to_string()
+    }
+
+    /// Reads one record (any state).
+    pub fn read_volume(&self, key: &str) -> Result<Option<VolumeRecord>> {
+        fsutil::read_json(&self.record_path(key))
+    }
+
+    pub fn write_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let key = ObjectId::parse_volume(&rec.id)?
+            .ok_or_else(|| Error::internal(format!("bad volume id {}", rec.id)))?
+            .key;
+        fsutil::write_json(&self.record_path(&key), rec)
+    }
+
+    pub fn remove_volume_record(&self, key: &str) -> Result<()> {
+        fsutil::remove_durable(&self.record_path(key))
+    }
+
+    /// Every record of the pool, any state, sorted by id.
+    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let dir = self.volumes_dir();
+        let entries =
+            fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if key.starts_with('.') {
+                continue;
+            }
+            match self.read_volume(key) {
+                Ok(Some(rec)) => out.push(rec),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pool = %self.cfg.name, key, error = %e, "skipping unreadable record")
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Free bytes of the filesystem holding the pool.
+    pub fn free_bytes(&self) -> Result<u64> {
+        let st = nix::sys::statvfs::statvfs(self.dir()).map_err(|e| {
+            Error::io(
+                format!("statvfs {}", self.dir().display()),
+                std::io::Error::from(e),
+            )
+        })?;
+        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    }
+
+    /// Whether the pool directory accepts new files (Probe's readiness check).
+    pub fn check_writable(&self) -> Result<()> {
+        let probe = tempfile::Builder::new()
+            .prefix(".probe-")
+            .tempfile_in(self.volumes_dir())
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "pool {} at {} is not writable",
+                        self.name(),
+                        self.dir().display()
+                    ),
+                    e,
+                )
+            })?;
+        drop(probe);
+        Ok(())
+    }
+
+    /// Finishes deletes and undoes creates that a crash interrupted; removes temp files.
+    fn recover(&self) -> Result<()> {
+        for dir in [self.volumes_dir(), self.images_dir()] {
+            for entry in fs::read_dir(&dir)
+                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+            {
+                let entry =
+                    entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".tmp-") || name.ends_with(".part") {
+                    tracing::info!(pool = %self.cfg.name, file = %name, "removing leftover temp file");
+                    fsutil::remove_durable(&entry.path())?;
+                }
+            }
+        }
+        for rec in self.all_volumes()? {
+            if rec.state != RecordState::Ready {
+                tracing::info!(pool = %self.cfg.name, volume = %rec.id, state = ?rec.state,
+                    "cleaning up a volume a crash left half-made");
+                self.discard_volume(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a volume's image and then its record (in that order: no orphan image).
+    pub fn discard_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let key = ObjectId::parse_volume(&rec.id)?
+            .ok_or_else(|| Error::internal(format!("bad volume id {}", rec.id)))?
+            .key;
+        fsutil::remove_durable(&self.image_path(&format!("{}.part", rec.image)))?;
+        fsutil::remove_durable(&self.image_path(&rec.image))?;
+        self.remove_volume_record(&key)
+    }
+}

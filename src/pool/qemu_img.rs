@@ -1,0 +1,81 @@
+//! Thin async wrappers around `qemu-img`.
+
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::model::ImageFormat;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageInfo {
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: u64,
+    pub format: String,
+    #[serde(rename = "backing-filename", default)]
+    pub backing_filename: Option<String>,
+}
+
+fn path_arg(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::internal(format!("path {} is not UTF-8", p.display())))
+}
+
+/// Creates an image; with `backing`, a copy-on-write overlay on that file (relative names are
+/// resolved against the overlay's directory by QEMU).
+pub async fn create(
+    path: &Path,
+    format: ImageFormat,
+    size: u64,
+    backing: Option<(&str, ImageFormat)>,
+) -> Result<()> {
+    let mut args: Vec<String> = vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        format.as_str().into(),
+    ];
+    if let Some((file, bfmt)) = backing {
+        args.extend(["-b".into(), file.into(), "-F".into(), bfmt.as_str().into()]);
+    }
+    args.push(path_arg(path)?.into());
+    args.push(size.to_string());
+    exec::run("qemu-img", &args).await.map(drop)
+}
+
+pub async fn resize(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+    exec::run(
+        "qemu-img",
+        [
+            "resize",
+            "-q",
+            "-f",
+            format.as_str(),
+            path_arg(path)?,
+            &size.to_string(),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// `-U` (force share) so info works while a domain holds the image open.
+pub async fn info(path: &Path) -> Result<ImageInfo> {
+    let out = exec::run("qemu-img", ["info", "-U", "--output=json", path_arg(path)?]).await?;
+    serde_json::from_str(&out.stdout)
+        .map_err(|e| Error::internal(format!("parsing qemu-img info of {}: {e}", path.display())))
+}
+
+/// `qemu-img check` (qcow2 only; raw has nothing to check).
+pub async fn check(path: &Path, format: ImageFormat) -> Result<()> {
+    if format == ImageFormat::Raw {
+        return Ok(());
+    }
+    exec::run(
+        "qemu-img",
+        ["check", "-q", "-U", "-f", "qcow2", path_arg(path)?],
+    )
+    .await
+    .map(drop)
+}

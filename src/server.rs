@@ -1,0 +1,128 @@
+//! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
+//! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed).
+
+use crate::attach::Attachments;
+use crate::config::Config;
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::proto::{
+    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+};
+use crate::error::{Error, Result};
+use crate::guard::OpGuards;
+use crate::pool::Pools;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if path.is_empty() || !path.starts_with('/') {
+        return Err(Error::invalid(format!(
+            "endpoint {endpoint:?} must be unix:///absolute/path"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub struct ServeOptions {
+    pub socket: PathBuf,
+    /// Group allowed to use the socket (mode 0660); none → 0600.
+    pub socket_group: Option<String>,
+}
+
+fn bind(opts: &ServeOptions) -> Result<UnixListener> {
+    let path = &opts.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("removing stale socket {}", path.display()),
+                e,
+            ))
+        }
+    }
+    // Bind under a restrictive umask so the socket is never briefly world-accessible.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    if let Some(group) = &opts.socket_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .map_err(|e| Error::internal(format!("looking up group {group}: {e}")))?
+            .ok_or_else(|| Error::invalid(format!("group {group:?} does not exist")))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| Error::internal(format!("chown {}: {e}", path.display())))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    }
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Builds the services for `cfg.mode` and serves until a signal arrives.
+pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
+    let pools = if cfg.mode.runs_controller() {
+        Some(Pools::open(cfg.pools.clone(), cfg.default_volume_size).await?)
+    } else {
+        None
+    };
+    let identity = IdentityService {
+        driver_name: cfg.driver_name.clone(),
+        controller: cfg.mode.runs_controller(),
+        topology: cfg.has_topology(),
+        pools: pools.clone(),
+        attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
+    };
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_optional_service(pools.map(|pools| {
+            ControllerServer::new(ControllerService {
+                pools,
+                attachments: attachers.clone(),
+                guards: OpGuards::default(),
+            })
+        }));
+    let node = if cfg.mode.runs_node() {
+        Some(NodeServer::new(NodeService {
+            node_id: crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?,
+            config: cfg.node.clone(),
+        }))
+    } else {
+        None
+    };
+    let router = router.add_optional_service(node);
+    let listener = bind(&opts)?;
+    tracing::info!(socket = %opts.socket.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
+    let result = router
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    remove_socket(&opts.socket);
+    result.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
+        }
+    }
+}
