@@ -42,8 +42,9 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// serial and bus, then the backend's own entries (which win, e.g. `bus=local`).
     pub fn publish_context(&self) -> BTreeMap<String, String> {
-        let mut ctx = self.context.clone();
+        let mut ctx = BTreeMap::new();
         ctx.insert(CTX_SERIAL.into(), self.serial.clone());
         ctx.insert(
             CTX_BUS.into(),
@@ -52,6 +53,7 @@ impl Attachment {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
         );
+        ctx.extend(self.context.clone());
         ctx
     }
 }
