@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+/// How long in-flight RPCs may run after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
 pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
@@ -112,9 +115,28 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
     let router = router.add_optional_service(node);
     let listener = bind(&opts)?;
     tracing::info!(socket = %opts.socket.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
-    let result = router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    };
+    let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    // In-flight RPCs get a grace period; a client that never closes its connection must not
+    // keep the plugin alive forever.
+    let grace = async {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = grace => {
+            tracing::warn!("connections still open after the shutdown grace period; exiting");
+            Ok(())
+        }
+    };
     remove_socket(&opts.socket);
     result.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
