@@ -91,14 +91,16 @@ fn rpc_span(method: &str, ids: &RequestIds) -> tracing::Span {
         volume_id = tracing::field::Empty,
         node_id = tracing::field::Empty,
         snapshot_id = tracing::field::Empty,
-        name = tracing::field::Empty,
+        volume_name = tracing::field::Empty,
+        snapshot_name = tracing::field::Empty,
         source = tracing::field::Empty,
     );
     let fields = [
         ("volume_id", &ids.volume_id),
         ("node_id", &ids.node_id),
         ("snapshot_id", &ids.snapshot_id),
-        ("name", &ids.name),
+        ("volume_name", &ids.volume_name),
+        ("snapshot_name", &ids.snapshot_name),
         ("source", &ids.source),
     ];
     for (field, value) in fields {
@@ -159,13 +161,13 @@ impl Recorder {
                 m.rpc_errors
                     .with_label_values(&[self.service, self.method.as_str(), code_label])
                     .inc();
-                tracing::warn!(code = code_label, elapsed_ms = ms, message, "rpc failed");
+                tracing::warn!(code = code_label, elapsed_ms = ms, error = message, "rpc failed");
             }
             _ => {
                 m.rpc_errors
                     .with_label_values(&[self.service, self.method.as_str(), code_label])
                     .inc();
-                tracing::info!(code = code_label, elapsed_ms = ms, message, "rpc failed");
+                tracing::info!(code = code_label, elapsed_ms = ms, error = message, "rpc failed");
             }
         }
     }

@@ -13,8 +13,10 @@ pub struct RequestIds {
     pub volume_id: Option<String>,
     pub node_id: Option<String>,
     pub snapshot_id: Option<String>,
-    /// CreateVolume / CreateSnapshot: the requested name (the volume id is not known yet).
-    pub name: Option<String>,
+    /// CreateVolume: the requested name (the volume id is not known yet).
+    pub volume_name: Option<String>,
+    /// CreateSnapshot: the requested name.
+    pub snapshot_name: Option<String>,
     /// CreateVolume: the snapshot or volume it is made from.
     pub source: Option<String>,
 }
@@ -35,13 +37,12 @@ fn id(s: String) -> Option<String> {
     Some(s)
 }
 
-fn ids(volume: String, node: String, snapshot: String, name: String) -> RequestIds {
+fn ids(volume: String, node: String, snapshot: String) -> RequestIds {
     RequestIds {
         volume_id: id(volume),
         node_id: id(node),
         snapshot_id: id(snapshot),
-        name: id(name),
-        source: None,
+        ..Default::default()
     }
 }
 
@@ -71,47 +72,51 @@ pub fn extract(method: &str, message: &[u8]) -> RequestIds {
                     None => s(),
                 };
                 RequestIds {
+                    volume_name: id(r.name),
                     source: id(source),
-                    ..ids(s(), s(), s(), r.name)
+                    ..Default::default()
                 }
             }),
             "DeleteVolume" => {
-                dec::<csi::DeleteVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s(), s()))
+                dec::<csi::DeleteVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
             }
             "ControllerPublishVolume" => dec::<csi::ControllerPublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, r.node_id, s(), s())),
+                .map(|r| ids(r.volume_id, r.node_id, s())),
             "ControllerUnpublishVolume" => dec::<csi::ControllerUnpublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, r.node_id, s(), s())),
+                .map(|r| ids(r.volume_id, r.node_id, s())),
             "ValidateVolumeCapabilities" => dec::<csi::ValidateVolumeCapabilitiesRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "ControllerGetVolume" => dec::<csi::ControllerGetVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "ControllerModifyVolume" => dec::<csi::ControllerModifyVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "ControllerExpandVolume" => dec::<csi::ControllerExpandVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "CreateSnapshot" => dec::<csi::CreateSnapshotRequest>(message)
-                .map(|r| ids(r.source_volume_id, s(), s(), r.name)),
+                .map(|r| RequestIds {
+                snapshot_name: id(r.name),
+                ..ids(r.source_volume_id, s(), s())
+            }),
             "DeleteSnapshot" => dec::<csi::DeleteSnapshotRequest>(message)
-                .map(|r| ids(s(), s(), r.snapshot_id, s())),
+                .map(|r| ids(s(), s(), r.snapshot_id)),
             "GetSnapshot" => {
-                dec::<csi::GetSnapshotRequest>(message).map(|r| ids(s(), s(), r.snapshot_id, s()))
+                dec::<csi::GetSnapshotRequest>(message).map(|r| ids(s(), s(), r.snapshot_id))
             }
             "ListSnapshots" => dec::<csi::ListSnapshotsRequest>(message)
-                .map(|r| ids(r.source_volume_id, s(), r.snapshot_id, s())),
+                .map(|r| ids(r.source_volume_id, s(), r.snapshot_id)),
             "NodeStageVolume" => {
-                dec::<csi::NodeStageVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s(), s()))
+                dec::<csi::NodeStageVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
             }
             "NodeUnstageVolume" => dec::<csi::NodeUnstageVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "NodePublishVolume" => dec::<csi::NodePublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "NodeUnpublishVolume" => dec::<csi::NodeUnpublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "NodeGetVolumeStats" => dec::<csi::NodeGetVolumeStatsRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             "NodeExpandVolume" => dec::<csi::NodeExpandVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s(), s())),
+                .map(|r| ids(r.volume_id, s(), s())),
             _ => None,
         };
     found.unwrap_or_default()
@@ -152,7 +157,7 @@ mod tests {
         };
         let body = frame(&req);
         let got = extract("CreateVolume", grpc_message(&body).unwrap());
-        assert_eq!(got.name.as_deref(), Some("pvc-1"));
+        assert_eq!(got.volume_name.as_deref(), Some("pvc-1"));
         assert_eq!(got.volume_id, None);
         assert_eq!(
             extract("DeleteVolume", &[0xff, 0xff, 0xff]),
