@@ -161,13 +161,23 @@ impl Recorder {
                 m.rpc_errors
                     .with_label_values(&[self.service, self.method.as_str(), code_label])
                     .inc();
-                tracing::warn!(code = code_label, elapsed_ms = ms, error = message, "rpc failed");
+                tracing::warn!(
+                    code = code_label,
+                    elapsed_ms = ms,
+                    error = message,
+                    "rpc failed"
+                );
             }
             _ => {
                 m.rpc_errors
                     .with_label_values(&[self.service, self.method.as_str(), code_label])
                     .inc();
-                tracing::info!(code = code_label, elapsed_ms = ms, error = message, "rpc failed");
+                tracing::info!(
+                    code = code_label,
+                    elapsed_ms = ms,
+                    error = message,
+                    "rpc failed"
+                );
             }
         }
     }

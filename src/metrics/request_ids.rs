@@ -86,19 +86,20 @@ pub fn extract(method: &str, message: &[u8]) -> RequestIds {
                 .map(|r| ids(r.volume_id, r.node_id, s())),
             "ValidateVolumeCapabilities" => dec::<csi::ValidateVolumeCapabilitiesRequest>(message)
                 .map(|r| ids(r.volume_id, s(), s())),
-            "ControllerGetVolume" => dec::<csi::ControllerGetVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
+            "ControllerGetVolume" => {
+                dec::<csi::ControllerGetVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
             "ControllerModifyVolume" => dec::<csi::ControllerModifyVolumeRequest>(message)
                 .map(|r| ids(r.volume_id, s(), s())),
             "ControllerExpandVolume" => dec::<csi::ControllerExpandVolumeRequest>(message)
                 .map(|r| ids(r.volume_id, s(), s())),
-            "CreateSnapshot" => dec::<csi::CreateSnapshotRequest>(message)
-                .map(|r| RequestIds {
+            "CreateSnapshot" => dec::<csi::CreateSnapshotRequest>(message).map(|r| RequestIds {
                 snapshot_name: id(r.name),
                 ..ids(r.source_volume_id, s(), s())
             }),
-            "DeleteSnapshot" => dec::<csi::DeleteSnapshotRequest>(message)
-                .map(|r| ids(s(), s(), r.snapshot_id)),
+            "DeleteSnapshot" => {
+                dec::<csi::DeleteSnapshotRequest>(message).map(|r| ids(s(), s(), r.snapshot_id))
+            }
             "GetSnapshot" => {
                 dec::<csi::GetSnapshotRequest>(message).map(|r| ids(s(), s(), r.snapshot_id))
             }
@@ -107,16 +108,21 @@ pub fn extract(method: &str, message: &[u8]) -> RequestIds {
             "NodeStageVolume" => {
                 dec::<csi::NodeStageVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
             }
-            "NodeUnstageVolume" => dec::<csi::NodeUnstageVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
-            "NodePublishVolume" => dec::<csi::NodePublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
-            "NodeUnpublishVolume" => dec::<csi::NodeUnpublishVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
-            "NodeGetVolumeStats" => dec::<csi::NodeGetVolumeStatsRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
-            "NodeExpandVolume" => dec::<csi::NodeExpandVolumeRequest>(message)
-                .map(|r| ids(r.volume_id, s(), s())),
+            "NodeUnstageVolume" => {
+                dec::<csi::NodeUnstageVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
+            "NodePublishVolume" => {
+                dec::<csi::NodePublishVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
+            "NodeUnpublishVolume" => {
+                dec::<csi::NodeUnpublishVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
+            "NodeGetVolumeStats" => {
+                dec::<csi::NodeGetVolumeStatsRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
+            "NodeExpandVolume" => {
+                dec::<csi::NodeExpandVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
+            }
             _ => None,
         };
     found.unwrap_or_default()
