@@ -43,6 +43,7 @@ pub struct CapArgs {
     /// Mount flag for a mount volume (repeatable).
     #[arg(long, value_name = "FLAG")]
     pub mount_flag: Vec<String>,
+    /// Access mode, as Nomad names them.
     #[arg(long, value_enum, default_value_t)]
     pub mode: AccessModeArg,
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 pub enum SnapshotCmd {
     /// CreateSnapshot (idempotent by name).
     Create {
+        /// The snapshot's name: the idempotency key.
         #[arg(long)]
         name: String,
         /// The volume to snapshot.

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 pub enum VolumeCmd {
     /// CreateVolume (idempotent by name).
     Create {
+        /// The volume's name: the idempotency key (the plugin derives the id from it).
         #[arg(long)]
         name: String,
         /// Required size, e.g. 10GiB or 20G (none: the plugin's default).
