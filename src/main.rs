@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Serve the CSI gRPC API on a unix socket.
     Serve(ServeArgs),
+    /// Call a CSI plugin's RPCs (any plugin's socket): identity, volume, node, snapshot.
+    Client(virtdisk_csi::client::ClientArgs),
+    /// Check that this host has what the plugin needs; exits non-zero on a FAIL.
+    Doctor(virtdisk_csi::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +50,9 @@ struct ServeArgs {
     /// Logs as JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9808).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -78,6 +85,9 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
         },
     )?;
     let socket = server::socket_path(&args.endpoint)?;
+    if let Some(addr) = args.metrics_addr {
+        virtdisk_csi::metrics::serve(addr).await?;
+    }
     server::serve(
         cfg,
         ServeOptions {
@@ -99,6 +109,22 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             init_logging(args.log_format);
             runtime.block_on(serve(args))
+        }
+        Command::Client(args) => {
+            return match runtime.block_on(virtdisk_csi::client::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Doctor(args) => {
+            return if runtime.block_on(virtdisk_csi::doctor::run(args)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     match result {

@@ -88,6 +88,10 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
     } else {
         None
     };
+    if let Some(pools) = &pools {
+        crate::metrics::watch_pools(pools.clone());
+    }
+    crate::metrics::set_build_info(&format!("{:?}", cfg.mode).to_lowercase());
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: cfg.mode.runs_controller(),
@@ -96,6 +100,7 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };
     let router = tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
