@@ -2,6 +2,9 @@
 //! KVM domains (no guest OS), driving the real binary. Everything is checked through the
 //! domains' XML as libvirt reports it.
 
+// Needs the libvirt backend; a --no-default-features build has none.
+#![cfg(feature = "libvirt")]
+
 mod common;
 mod hotplug_support;
 

@@ -62,6 +62,6 @@ pub fn block_capacity(dom: &Domain, disk: &str) -> Result<u64, VirtError> {
         if sys::virDomainGetBlockInfo(dom.as_ptr(), disk.as_ptr(), info.as_mut_ptr(), 0) < 0 {
             return Err(VirtError::last_error());
         }
-        Ok(info.assume_init().capacity as u64)
+        Ok(info.assume_init().capacity)
     }
 }
