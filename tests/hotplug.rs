@@ -577,3 +577,147 @@ async fn persistent_only_leftover_is_cleaned_by_unpublish() {
     assert!(dom.inactive_disk(&serial).is_none());
     assert!(published_nodes(&p, &vol).await.is_empty());
 }
+
+#[tokio::test]
+async fn transient_domain_gets_live_only_disks_and_sata_is_refused() {
+    let dom = TestDomain::start_transient("transient", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "on-transient",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    publish(&p, &vol, &dom.uuid)
+        .await
+        .expect("persist=true on a transient domain: live only");
+    assert!(dom.live_disk(&serial_of(&vol)).is_some());
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.live_disk(&serial_of(&vol)).is_none());
+
+    let sata = create(
+        &p,
+        "sata",
+        &[("bus", "sata")],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let err = publish(&p, &sata, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("sata"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn virtio_without_a_free_pci_slot_is_resource_exhausted() {
+    // One free root port: the first virtio disk takes it.
+    let dom = TestDomain::start("pcifull", 1);
+    let p = controller("").await;
+    let one = create(
+        &p,
+        "pci-one",
+        &[("bus", "virtio")],
+        block_cap(Mode::SingleNodeWriter),
+    )
+    .await;
+    let two = create(
+        &p,
+        "pci-two",
+        &[("bus", "virtio")],
+        block_cap(Mode::SingleNodeWriter),
+    )
+    .await;
+    publish_cap(
+        &p,
+        &one,
+        &dom.uuid,
+        block_cap(Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .expect("first virtio disk");
+    let err = publish_cap(
+        &p,
+        &two,
+        &dom.uuid,
+        block_cap(Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(dom.live_disk(&serial_of(&two)).is_none());
+    assert!(
+        dom.inactive_disk(&serial_of(&two)).is_none(),
+        "nothing half-attached"
+    );
+}
+
+#[tokio::test]
+async fn failed_attach_leaves_nothing_behind() {
+    let dom = TestDomain::start("badimage", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "broken-image",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails.
+    let images: Vec<_> = std::fs::read_dir(p.pool_dir().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 1);
+    std::fs::write(&images[0], vec![0u8; 4096]).unwrap();
+    let err = publish(&p, &vol, &dom.uuid).await.unwrap_err();
+    eprintln!("attach of a broken image: {err:?}");
+    assert!(dom.live_disk(&serial_of(&vol)).is_none());
+    assert!(dom.inactive_disk(&serial_of(&vol)).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}
+
+#[tokio::test]
+async fn shut_off_domain_keeps_persistent_disks() {
+    let dom = TestDomain::start("shutoff", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "sleeper",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let other = create(
+        &p,
+        "latecomer",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    publish(&p, &vol, &dom.uuid).await.expect("publish");
+    dom.power_off();
+    // Still attached: it comes back at the next boot.
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Expansion while the domain is off grows the image file.
+    p.controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 96 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("expand");
+    let image = dom.inactive_disk(&serial).unwrap().source.unwrap();
+    assert_eq!(qemu_img_info(&image)["virtual-size"], 96 * MIB);
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.inactive_disk(&serial).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}

@@ -45,7 +45,7 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
                  the disk, cannot). The detach request stays pending; retry \
                  ControllerUnpublishVolume",
                     requested.domain,
-                    hv.cfg.detach_timeout.as_secs()
+                    started.elapsed().as_secs()
                 )),
                 other => other,
             })?;

@@ -80,6 +80,15 @@ impl TestDomain {
     /// `root_ports` free PCIe slots for hot-plugged devices (each virtio disk and the
     /// virtio-scsi controller take one; the USB controller takes one more).
     pub fn start(tag: &str, root_ports: usize) -> TestDomain {
+        Self::boot(tag, root_ports, true)
+    }
+
+    /// A transient domain (`virsh create`): no persistent definition.
+    pub fn start_transient(tag: &str, root_ports: usize) -> TestDomain {
+        Self::boot(tag, root_ports, false)
+    }
+
+    fn boot(tag: &str, root_ports: usize, persistent: bool) -> TestDomain {
         ensure_libvirtd();
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
@@ -97,12 +106,15 @@ impl TestDomain {
         );
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), xml).unwrap();
-        virsh_ok(&["define", file.path().to_str().unwrap()]);
+        let path = file.path().to_str().unwrap();
+        virsh_ok(&[if persistent { "define" } else { "create" }, path]);
         let dom = TestDomain {
             uuid: virsh_ok(&["domuuid", &name]).trim().to_string(),
             name,
         };
-        virsh_ok(&["start", &dom.name]);
+        if persistent {
+            virsh_ok(&["start", &dom.name]);
+        }
         dom
     }
 
@@ -129,6 +141,11 @@ impl TestDomain {
             .find_map(|l| l.strip_prefix("Capacity:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no capacity in {out}"))
+    }
+
+    /// Powers the domain off (its persistent definition stays).
+    pub fn power_off(&self) {
+        virsh_ok(&["destroy", &self.name]);
     }
 
     pub fn has_scsi_controller(&self) -> bool {
