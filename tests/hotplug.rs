@@ -721,3 +721,51 @@ async fn shut_off_domain_keeps_persistent_disks() {
     assert!(dom.inactive_disk(&serial).is_none());
     assert!(published_nodes(&p, &vol).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_removed_events_wake_detach_waiters() {
+    use virtdisk_csi::hypervisor::conn::{device_removed, Libvirt};
+    let dom = TestDomain::start("events", 3);
+    let lv = Libvirt::new(URI);
+    lv.ping()
+        .await
+        .expect("connect (subscribes to DEVICE_REMOVED)");
+    let dir = tempfile::tempdir().unwrap();
+    open_for_qemu(dir.path());
+    let image = dir.path().join("e.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", URI])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let controller = dir.path().join("scsi.xml");
+    std::fs::write(&controller, "<controller type='scsi' model='virtio-scsi'/>").unwrap();
+    virsh(&[
+        "attach-device",
+        &dom.name,
+        controller.to_str().unwrap(),
+        "--live",
+    ]);
+    virsh(&[
+        "attach-disk",
+        &dom.name,
+        image.to_str().unwrap(),
+        "sdq",
+        "--targetbus",
+        "scsi",
+        "--live",
+    ]);
+    let removed = device_removed();
+    virsh(&["detach-disk", &dom.name, "sdq", "--live"]);
+    tokio::time::timeout(std::time::Duration::from_secs(10), removed)
+        .await
+        .expect("a DEVICE_REMOVED event arrived");
+}

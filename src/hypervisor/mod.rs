@@ -150,9 +150,11 @@ impl Hypervisor {
         T: Send + 'static,
     {
         let (uuid, _) = self.require_domain(node_id).await?;
-        let _g = self.locks.lock(&uuid).await;
+        let guard = self.locks.lock(&uuid).await;
         self.lv
             .write(move |c, l| {
+                // Held until the blocking work ends, even if the caller gives up first.
+                let _guard = guard;
                 let dom = plug::domain_by_uuid(c, l, &uuid)?;
                 f(&dom, l)
             })
@@ -250,14 +252,18 @@ impl Attacher for Hypervisor {
 
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
         let (uuid, name) = self.require_domain(node_id).await?;
-        let _g = self.locks.lock(&uuid).await;
+        let guard = self.locks.lock(&uuid).await;
         let started = std::time::Instant::now();
         let cfg = self.cfg.clone();
         let spec = spec.clone();
         let node = self.reported_id(&uuid, &name);
         let att = self
             .lv
-            .write(move |c, l| plug::attach(c, l, &cfg, &uuid, &node, &spec, max))
+            .write(move |c, l| {
+                // Held until the attach ends, even if the caller gives up first.
+                let _guard = guard;
+                plug::attach(c, l, &cfg, &uuid, &node, &spec, max)
+            })
             .await?;
         tracing::debug!(node = %node_id, volume = %att.volume_id,
             ms = started.elapsed().as_millis() as u64, "disk attached and confirmed");
