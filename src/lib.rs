@@ -10,6 +10,8 @@ pub mod error;
 pub mod exec;
 pub mod fsutil;
 pub mod guard;
+#[cfg(feature = "libvirt")]
+pub mod hypervisor;
 pub mod ids;
 pub mod metrics;
 pub mod model;

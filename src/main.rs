@@ -47,6 +47,9 @@ struct ServeArgs {
     /// Make the socket 0660 and owned by this group (default: 0600).
     #[arg(long)]
     socket_group: Option<String>,
+    /// libvirt URI of the hypervisor whose domains are the nodes (default qemu:///system).
+    #[arg(long)]
+    libvirt_uri: Option<String>,
     /// Logs as JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -81,22 +84,37 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
             driver_name: args.driver_name,
             data_dir: args.data_dir,
             node_id: args.node_id,
-            libvirt_uri: None,
+            libvirt_uri: args.libvirt_uri,
         },
     )?;
     let socket = server::socket_path(&args.endpoint)?;
     if let Some(addr) = args.metrics_addr {
         virtdisk_csi::metrics::serve(addr).await?;
     }
+    let attachers = attachments(&cfg);
     server::serve(
         cfg,
         ServeOptions {
             socket,
             socket_group: args.socket_group,
         },
-        Attachments::default(),
+        attachers,
     )
     .await
+}
+
+/// The attach backends of controller modes: libvirt hot-plug when built in and enabled.
+fn attachments(cfg: &Config) -> Attachments {
+    #[allow(unused_mut)]
+    let mut backends: Vec<std::sync::Arc<dyn virtdisk_csi::attach::Attacher>> = Vec::new();
+    #[cfg(feature = "libvirt")]
+    if cfg.mode.runs_controller() && cfg.libvirt.enabled {
+        use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig};
+        backends.push(std::sync::Arc::new(Hypervisor::new(
+            HypervisorConfig::from_config(cfg),
+        )));
+    }
+    Attachments::new(backends, cfg.node.max_volumes_per_node)
 }
 
 fn main() -> ExitCode {
