@@ -1,7 +1,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use virtdisk_csi::attach::Attachments;
+use std::sync::Arc;
+use virtdisk_csi::attach::{Attacher, Attachments};
 use virtdisk_csi::config::{Config, Mode, Overrides};
 use virtdisk_csi::server::{self, ServeOptions};
 
@@ -78,13 +79,19 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
         },
     )?;
     let socket = server::socket_path(&args.endpoint)?;
+    let mut backends: Vec<Arc<dyn Attacher>> = Vec::new();
+    // Local attach goes last: a node id that names a VM belongs to the hypervisor backend.
+    if let Some(local) = virtdisk_csi::localattach::from_config(&cfg).await? {
+        backends.push(local);
+    }
+    let attachments = Attachments::new(backends, cfg.node.max_volumes_per_node);
     server::serve(
         cfg,
         ServeOptions {
             socket,
             socket_group: args.socket_group,
         },
-        Attachments::default(),
+        attachments,
     )
     .await
 }

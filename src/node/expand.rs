@@ -60,8 +60,8 @@ impl NodeOps {
         Ok(dev.size_bytes)
     }
 
-    /// Rescans the disk's capacity and waits (bounded) until it reaches `required`.
-    async fn refresh_size(&self, dev: &BlockDevice, required: u64) -> Result<BlockDevice> {
+    /// Asks the kernel to re-read the disk's capacity.
+    async fn rescan(&self, dev: &BlockDevice) -> Result<()> {
         match dev.kind {
             DeviceKind::Scsi => {
                 let (s, name) = (self.sysfs.clone(), dev.name.clone());
@@ -74,8 +74,16 @@ impl NodeOps {
             // virtio-blk learns its new size from the device itself.
             DeviceKind::Virtio | DeviceKind::Other => {}
         }
+        Ok(())
+    }
+
+    /// Rescans the disk's capacity until it reaches `required` (bounded wait).
+    async fn refresh_size(&self, dev: &BlockDevice, required: u64) -> Result<BlockDevice> {
         let start = Instant::now();
         loop {
+            // Repeated: a loop device over FUSE sees a new size only once the cached
+            // attributes expire.
+            self.rescan(dev).await?;
             let (s, name) = (self.sysfs.clone(), dev.name.clone());
             let now = exec::blocking(move || Ok(s.device(&name)))
                 .await?

@@ -138,7 +138,18 @@ pub async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
     match fs_type {
         "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
             .await
-            .map(drop),
+            .map(drop)
+            .map_err(|e| match e {
+                // The kernel demands CAP_SYS_RESOURCE for ext4 online resize.
+                Error::Internal(m) if m.contains("Permission denied") => {
+                    Error::FailedPrecondition(format!(
+                        "the kernel refused to grow the ext4 filesystem on {}: the plugin \
+                         needs CAP_SYS_RESOURCE for that (run it privileged): {m}",
+                        dev.display()
+                    ))
+                }
+                e => e,
+            }),
         "xfs" => exec::run("xfs_growfs", [OsString::from(mount_point)])
             .await
             .map(drop),

@@ -2,6 +2,7 @@
 //! that says whether the path still shows the volume's own disk.
 
 use super::discover::{find_now, DeviceQuery};
+use super::sysfs::DeviceKind;
 use super::{lstat, mount_table, mounted_dev, resolve, NodeOps, BLOCK_STAGE_FILE};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -58,6 +59,19 @@ fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
             used: files.saturating_sub(st.files_free() as u64),
         },
     ])
+}
+
+/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN) fails
+/// every I/O: say so. Other errors (a path outside this mount namespace) prove nothing.
+fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+    let backing = sysfs.loop_backing_file(name)?;
+    match std::fs::metadata(&backing) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
+            "the export behind /dev/{name} ({}) is disconnected: its storage daemon is gone",
+            backing.display()
+        )),
+        _ => None,
+    }
 }
 
 impl NodeOps {
@@ -118,6 +132,12 @@ impl NodeOps {
                 d.minor
             )),
             _ => {}
+        }
+        if let Some(d) = expected.as_ref().filter(|d| d.kind == DeviceKind::Loop) {
+            let (sysfs, name) = (self.sysfs.clone(), d.name.clone());
+            if let Some(e) = exec::blocking(move || Ok(dead_loop_backing(&sysfs, &name))).await? {
+                problems.push(e);
+            }
         }
         if let Some(staging) = staging_path {
             let staging = resolve(staging).await?;
