@@ -26,8 +26,9 @@ use mountinfo::MountTable;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Inside a block volume's staging directory: the file the device node is bound onto.
-pub const BLOCK_STAGE_FILE: &str = "device";
+/// Inside a block volume's staging directory: the file the device node is bound onto. The
+/// name is distinctive: unstage tells other staging paths of the volume from publishes by it.
+pub const BLOCK_STAGE_FILE: &str = "virtdisk-block-device";
 
 /// NodeStageVolume in domain terms.
 #[derive(Debug, Clone)]

@@ -165,17 +165,30 @@ impl MountTable {
             && srel == orel
     }
 
-    /// The bind mounts that still use a staging mount: its shared peers (every bind of a shared
-    /// mount joins its peer group), minus itself and propagation copies. A staging mount that
-    /// is not shared (someone changed it) falls back to every other mount of the device with
-    /// the same root, which errs on the side of refusing.
-    pub fn users_of(&self, stage: &MountEntry) -> Vec<&MountEntry> {
+    /// The bind mounts that still use a staging mount (its publishes), never counting itself
+    /// or the copies mount propagation made of it (they go away with it).
+    ///
+    /// Every bind of a shared mount joins its peer group, so when the stage owns its group
+    /// (all members are the same filesystem subtree) the peers are exactly its binds; another
+    /// staging path of the same volume, mounted on its own, has a group of its own. When the
+    /// group is not the stage's alone (a block device node bound from a shared `/dev` joins
+    /// `/dev`'s group) or the stage is not shared, every other mount of the same device and
+    /// subtree counts, except other block staging files (named `other_stage_name`).
+    pub fn users_of(&self, stage: &MountEntry, other_stage_name: &str) -> Vec<&MountEntry> {
+        let same = |e: &&MountEntry| e.dev() == stage.dev() && e.root == stage.root;
+        let own_group = stage.shared_group.filter(|g| {
+            self.entries
+                .iter()
+                .filter(|e| e.shared_group == Some(*g))
+                .all(|e| same(&e))
+        });
         self.entries
             .iter()
             .filter(|e| e.id != stage.id)
-            .filter(|e| match stage.shared_group {
+            .filter(same)
+            .filter(|e| match own_group {
                 Some(g) => e.shared_group == Some(g),
-                None => e.dev() == stage.dev() && e.root == stage.root,
+                None => e.mount_point.file_name() != Some(std::ffi::OsStr::new(other_stage_name)),
             })
             .filter(|e| !self.is_propagated_copy(stage, e))
             .collect()
@@ -231,12 +244,12 @@ mod tests {
     fn users_are_peers_not_other_stagings() {
         let t = MountTable::parse(SAMPLE).unwrap();
         let stage = t.at(Path::new("/var/csi/staging/v1")).unwrap();
-        let users: Vec<_> = t.users_of(stage).iter().map(|e| e.id).collect();
+        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
         assert_eq!(users, vec![60]);
         let second = t.at(Path::new("/var/csi/staging/v1-second")).unwrap();
-        assert!(t.users_of(second).is_empty());
+        assert!(t.users_of(second, "device").is_empty());
         let blk = t.at(Path::new("/var/csi/staging/b1/device")).unwrap();
-        assert_eq!(t.users_of(blk).len(), 1);
+        assert_eq!(t.users_of(blk, "device").len(), 1);
         assert_eq!(t.of_device((7, 0)).len(), 3);
     }
 
@@ -253,7 +266,7 @@ mod tests {
 ";
         let t = MountTable::parse(text).unwrap();
         let stage = t.at(Path::new("/a/stage")).unwrap();
-        let users: Vec<_> = t.users_of(stage).iter().map(|e| e.id).collect();
+        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
         assert_eq!(users, vec![22]);
     }
 
@@ -267,7 +280,7 @@ mod tests {
 ";
         let t = MountTable::parse(text).unwrap();
         let users: Vec<_> = t
-            .users_of(t.at(Path::new("/s")).unwrap())
+            .users_of(t.at(Path::new("/s")).unwrap(), "device")
             .iter()
             .map(|e| e.id)
             .collect();
@@ -276,6 +289,26 @@ mod tests {
             t.under(Path::new("/")).first().unwrap().mount_point,
             PathBuf::from("/s")
         );
+    }
+
+    #[test]
+    fn block_binds_from_a_shared_dev_count_by_device_node() {
+        // systemd hosts: /dev is shared, so binds of /dev/loop2 join /dev's peer group.
+        let text = "\
+1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
+2 1 0:6 / /dev rw shared:2 - devtmpfs devtmpfs rw
+30 1 0:6 /loop2 /s1/device rw shared:2 - devtmpfs devtmpfs rw
+31 1 0:6 /loop2 /s2/device rw shared:2 - devtmpfs devtmpfs rw
+32 1 0:6 /loop2 /t1 rw shared:2 - devtmpfs devtmpfs rw
+33 1 0:6 /loop3 /t9 rw shared:2 - devtmpfs devtmpfs rw
+";
+        let t = MountTable::parse(text).unwrap();
+        let users: Vec<_> = t
+            .users_of(t.at(Path::new("/s1/device")).unwrap(), "device")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(users, vec![32]);
     }
 
     #[test]

@@ -94,7 +94,11 @@ impl NodeOps {
             )));
         }
         if r.capability.access_mode == AccessMode::SingleNodeSingleWriter && !readonly {
-            if let Some(w) = table.users_of(&stage).iter().find(|u| !u.read_only()) {
+            if let Some(w) = table
+                .users_of(&stage, BLOCK_STAGE_FILE)
+                .iter()
+                .find(|u| !u.read_only())
+            {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is single-writer and already published read-write at {}",
                     r.volume_id,

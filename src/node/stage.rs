@@ -210,7 +210,7 @@ impl NodeOps {
             let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
                 break;
             };
-            let users = table.users_of(m);
+            let users = table.users_of(m, BLOCK_STAGE_FILE);
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {volume_id} is still published at {}; NodeUnpublishVolume those \
