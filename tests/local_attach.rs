@@ -464,3 +464,88 @@ async fn node_errors() {
     env.unstage_twice(&vol, &s).await;
     env.finish(&vol).await;
 }
+
+/// The storage daemon dies under a staged volume: stats say so, and unpublish, unstage and
+/// ControllerUnpublish still clean up everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::start(SHORT_WAIT).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vol = env.create(&unique("crash"), 32 * MIB, cap.clone()).await;
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let s = env.staging("crash");
+    let t = env.target("crash-alloc");
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    let key = vol.volume_id.rsplit_once('.').unwrap().1;
+    let pid_file = env
+        .plugin
+        .data_dir()
+        .join("localattach")
+        .join(key)
+        .join("qsd.pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut message = String::new();
+    for _ in 0..50 {
+        let c = env
+            .stats(&vol, &t, &s)
+            .await
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        if c.abnormal {
+            message = c.message;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(message.contains("disconnected"), "{message:?}");
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    env.finish(&vol).await;
+}
+
+/// An attach a crash interrupted (daemon running, no loop device yet) is cleaned up when the
+/// plugin starts again, and the volume can be published afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_cleans_an_interrupted_attach() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::start(SHORT_WAIT).await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let vol = env
+        .create(&unique("interrupted"), 16 * MIB, cap.clone())
+        .await;
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    env.plugin.kill();
+    let status = std::process::Command::new("losetup")
+        .args(["-d", &ctx["devicePath"]])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let slot = env
+        .plugin
+        .data_dir()
+        .join("localattach")
+        .join(vol.volume_id.rsplit_once('.').unwrap().1);
+    assert!(slot.exists());
+    env.plugin.restart().await;
+    assert!(!slot.exists(), "the interrupted attach was not cleaned up");
+    assert_no_leftovers(env.dir());
+    let again = env.controller_publish(&vol, &cap, false).await;
+    assert!(again["devicePath"].starts_with("/dev/loop"));
+    env.finish(&vol).await;
+}

@@ -176,6 +176,13 @@ impl LocalAttacher {
     async fn start(&self, slot: &Slot, rec: &Record, spec: &DiskSpec) -> Result<String> {
         let (s, r) = (slot.clone(), rec.clone());
         exec::blocking(move || {
+            for dev in ["/dev/fuse", "/dev/loop-control"] {
+                if !Path::new(dev).exists() {
+                    return Err(Error::Unavailable(format!(
+                        "local attach needs {dev}; load the fuse and loop kernel modules"
+                    )));
+                }
+            }
             s.check_paths()?;
             std::fs::create_dir_all(&s.dir)
                 .map_err(|e| Error::io(format!("creating {}", s.dir.display()), e))?;
@@ -311,23 +318,19 @@ impl Attacher for LocalAttacher {
         Ok(())
     }
 
+    /// Only the state directory: a host without FUSE or loop support (e.g. a monolith inside
+    /// a guest that attaches through libvirt) stays healthy; an attach here says what is missing.
     async fn check_health(&self) -> Result<()> {
         let dir = self.state_dir.clone();
         exec::blocking(move || {
-            for dev in ["/dev/fuse", "/dev/loop-control"] {
-                if !Path::new(dev).exists() {
-                    return Err(Error::Unavailable(format!(
-                        "local attach needs {dev}; load the fuse and loop kernel modules"
-                    )));
-                }
-            }
-            if !dir.is_dir() {
-                return Err(Error::Unavailable(format!(
+            if dir.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::Unavailable(format!(
                     "local attach state directory {} is missing",
                     dir.display()
-                )));
+                )))
             }
-            Ok(())
         })
         .await
     }
