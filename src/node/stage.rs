@@ -8,6 +8,7 @@
 
 use super::fs::{self, Content};
 use super::mountinfo::MountEntry;
+use super::sysfs::BlockDevice;
 use super::{
     lstat, mount_table, mounted_dev, paths, resolve, NodeOps, StageRequest, BLOCK_STAGE_FILE,
 };
@@ -59,6 +60,16 @@ async fn ensure_file(path: &Path) -> Result<()> {
     .await
 }
 
+/// What the staging path holds now.
+struct StagingState {
+    staging: PathBuf,
+    block_file: PathBuf,
+    /// A filesystem mounted at the staging path.
+    here: Option<MountEntry>,
+    /// A device node bound onto `<staging>/BLOCK_STAGE_FILE`.
+    here_block: Option<MountEntry>,
+}
+
 fn describe(m: &MountEntry) -> String {
     format!(
         "{} ({} from {})",
@@ -73,46 +84,84 @@ impl NodeOps {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
         let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
-        let dev_path = self.sysfs.dev_path(&dev.name);
         ensure_dir(&r.staging_path).await?;
         let staging = resolve(&r.staging_path).await?;
         let block_file = staging.join(BLOCK_STAGE_FILE);
         let table = mount_table().await?;
         let here = table.at(&staging).cloned();
         let here_block = table.at(&block_file).cloned();
-
+        let at = StagingState {
+            staging,
+            block_file,
+            here,
+            here_block,
+        };
         if r.capability.is_block() {
-            if let Some(m) = here {
-                return Err(Error::AlreadyExists(format!(
-                    "staging path {} holds a mounted filesystem {}; a block volume cannot be \
-                     staged there",
-                    staging.display(),
-                    describe(&m)
-                )));
-            }
-            if let Some(m) = here_block {
-                if mounted_dev(&m).await == Some(dev.dev()) {
-                    fs::make_shared(&block_file).await?;
-                    return Ok(());
-                }
-                return Err(Error::AlreadyExists(format!(
-                    "staging path {} already holds another device; unstage it first",
-                    staging.display()
-                )));
-            }
-            ensure_file(&block_file).await?;
-            fs::bind(&dev_path, &block_file).await?;
-            fs::make_shared(&block_file).await?;
-            tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
-            return Ok(());
+            self.stage_block(&r, &dev, at).await
+        } else {
+            self.stage_mount(&r, &dev, at).await
         }
+    }
 
+    async fn stage_block(
+        &self,
+        r: &StageRequest,
+        dev: &BlockDevice,
+        at: StagingState,
+    ) -> Result<()> {
+        let StagingState {
+            staging,
+            block_file,
+            here,
+            here_block,
+        } = at;
+        let dev_path = self.sysfs.dev_path(&dev.name);
+        if let Some(m) = here {
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} holds a mounted filesystem {}; a block volume cannot be \
+                 staged there",
+                staging.display(),
+                describe(&m)
+            )));
+        }
+        if let Some(m) = here_block {
+            if mounted_dev(&m).await == Some(dev.dev()) {
+                fs::make_shared(&block_file).await?;
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already holds another device; unstage it first",
+                staging.display()
+            )));
+        }
+        ensure_file(&block_file).await?;
+        fs::bind(&dev_path, &block_file).await?;
+        fs::make_shared(&block_file).await?;
+        tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
+        Ok(())
+    }
+
+    async fn stage_mount(
+        &self,
+        r: &StageRequest,
+        dev: &BlockDevice,
+        at: StagingState,
+    ) -> Result<()> {
+        let StagingState {
+            staging,
+            here,
+            here_block,
+            ..
+        } = at;
+        let dev_path = self.sysfs.dev_path(&dev.name);
         let AccessType::Mount {
             fs_type,
             mount_flags,
         } = &r.capability.access_type
         else {
-            unreachable!("mount capability");
+            return Err(Error::internal(
+                "a block capability reached the mount staging",
+            ));
         };
         let requested = (!fs_type.is_empty()).then(|| fs_type.clone());
         if here_block.is_some() {
