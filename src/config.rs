@@ -58,6 +58,33 @@ pub struct NodeConfig {
     pub max_volumes_per_node: u64,
     #[serde(default)]
     pub topology: BTreeMap<String, String>,
+    /// Where sysfs is mounted (default /sys); tests point it at a fake tree.
+    #[serde(default)]
+    pub sysfs_root: Option<PathBuf>,
+    /// Where device nodes live (default /dev).
+    #[serde(default)]
+    pub dev_root: Option<PathBuf>,
+    /// How long NodeStageVolume waits for a hot-plugged disk to appear (default 30 s).
+    #[serde(default)]
+    pub device_wait_secs: Option<u64>,
+    /// Local attach (this host is a node: its volumes become loop devices here). Default: on
+    /// in monolith mode, off in controller mode.
+    #[serde(default)]
+    pub local_attach: Option<bool>,
+}
+
+impl NodeConfig {
+    pub fn sysfs_root(&self) -> PathBuf {
+        self.sysfs_root.clone().unwrap_or_else(|| "/sys".into())
+    }
+
+    pub fn dev_root(&self) -> PathBuf {
+        self.dev_root.clone().unwrap_or_else(|| "/dev".into())
+    }
+
+    pub fn device_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.device_wait_secs.unwrap_or(30))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

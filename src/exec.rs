@@ -66,3 +66,40 @@ where
     }
     Ok(CmdOutput { stdout, stderr })
 }
+
+/// A finished command, whatever its exit status.
+pub struct Finished {
+    /// None when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args…` and returns its exit code and output without judging them, for tools
+/// whose exit codes carry meaning (e.g. `blkid` exits 2 when it finds nothing).
+pub async fn run_unchecked<I, S>(program: &str, args: I) -> Result<Finished>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Unavailable(format!("{program} is not installed; install it"))
+            } else {
+                Error::io(format!("starting {program}"), e)
+            }
+        })?;
+    Ok(Finished {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

@@ -13,8 +13,10 @@ pub mod guard;
 #[cfg(feature = "libvirt")]
 pub mod hypervisor;
 pub mod ids;
+pub mod localattach;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod nodeid;
 pub mod params;
 pub mod pool;

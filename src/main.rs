@@ -1,7 +1,9 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use virtdisk_csi::attach::Attachments;
+
+use std::sync::Arc;
+use virtdisk_csi::attach::{Attacher, Attachments};
 use virtdisk_csi::config::{Config, Mode, Overrides};
 use virtdisk_csi::server::{self, ServeOptions};
 
@@ -91,7 +93,7 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
     if let Some(addr) = args.metrics_addr {
         virtdisk_csi::metrics::serve(addr).await?;
     }
-    let attachers = attachments(&cfg);
+    let attachers = attachments(&cfg).await?;
     server::serve(
         cfg,
         ServeOptions {
@@ -104,17 +106,21 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
 }
 
 /// The attach backends of controller modes: libvirt hot-plug when built in and enabled.
-fn attachments(cfg: &Config) -> Attachments {
-    #[allow(unused_mut)]
-    let mut backends: Vec<std::sync::Arc<dyn virtdisk_csi::attach::Attacher>> = Vec::new();
+/// The attach backends of this process: libvirt first, then local attach (a node id that names a
+/// VM belongs to the hypervisor backend).
+async fn attachments(cfg: &Config) -> virtdisk_csi::error::Result<Attachments> {
+    let mut backends: Vec<Arc<dyn Attacher>> = Vec::new();
     #[cfg(feature = "libvirt")]
     if cfg.mode.runs_controller() && cfg.libvirt.enabled {
         use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig};
-        backends.push(std::sync::Arc::new(Hypervisor::new(
-            HypervisorConfig::from_config(cfg),
-        )));
+        backends.push(Arc::new(Hypervisor::new(HypervisorConfig::from_config(
+            cfg,
+        ))));
     }
-    Attachments::new(backends, cfg.node.max_volumes_per_node)
+    if let Some(local) = virtdisk_csi::localattach::from_config(cfg).await? {
+        backends.push(local);
+    }
+    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node))
 }
 
 fn main() -> ExitCode {

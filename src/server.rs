@@ -110,10 +110,10 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
             })
         }));
     let node = if cfg.mode.runs_node() {
-        Some(NodeServer::new(NodeService {
-            node_id: crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?,
-            config: cfg.node.clone(),
-        }))
+        Some(NodeServer::new(NodeService::new(
+            crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?,
+            cfg.node.clone(),
+        )))
     } else {
         None
     };

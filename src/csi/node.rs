@@ -1,85 +1,263 @@
-//! Node service (runs inside the VM, or on the host for local attach).
+//! Node service (runs inside the VM, or on the host for local attach): validation and
+//! conversion only; the work is in `crate::node`.
 
+use super::convert;
 use super::proto::{self as csi, node_server::Node};
+use crate::attach::{CTX_BUS, CTX_DEVICE, CTX_SERIAL};
 use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::ids;
+use crate::model::{self, AccessType, Capability};
+use crate::node::{self, paths, DeviceQuery, NodeOps};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use tonic::{Request, Response, Status};
 
 pub struct NodeService {
     pub node_id: String,
     pub config: NodeConfig,
+    pub ops: NodeOps,
+}
+
+impl NodeService {
+    pub fn new(node_id: String, config: NodeConfig) -> Self {
+        let ops = NodeOps::new(&config);
+        NodeService {
+            node_id,
+            config,
+            ops,
+        }
+    }
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
 
-fn todo<T>(rpc: &str) -> RpcResult<T> {
-    Err(Status::unimplemented(format!(
-        "{rpc} is not implemented yet"
-    )))
+fn ok<T>(v: T) -> RpcResult<T> {
+    Ok(Response::new(v))
+}
+
+/// The capability, with the checks the node relies on (fs type, flags).
+fn capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
+    let cap = convert::required_capability(c)?;
+    if let AccessType::Mount {
+        fs_type,
+        mount_flags,
+    } = &cap.access_type
+    {
+        if !fs_type.is_empty() && !model::FS_TYPES.contains(&fs_type.as_str()) {
+            return Err(Error::invalid(format!(
+                "fs_type {fs_type:?} is not supported: use ext4, xfs or leave it empty"
+            )));
+        }
+        for f in mount_flags {
+            model::check_mount_flag(f)?;
+        }
+    }
+    Ok(cap)
+}
+
+fn device_query(ctx: &BTreeMap<String, String>) -> Result<DeviceQuery> {
+    convert::check_map("publish_context", ctx)?;
+    let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
+    let serial = get(CTX_SERIAL);
+    if !serial.is_empty() {
+        ids::check_safe_id("publish_context serial", &serial)?;
+    }
+    let device_path = ctx
+        .get(CTX_DEVICE)
+        .map(|p| paths::check("publish_context devicePath", p))
+        .transpose()?
+        .map(|p| p.to_string_lossy().into_owned());
+    Ok(DeviceQuery {
+        serial,
+        bus: get(CTX_BUS),
+        device_path,
+    })
+}
+
+fn optional_path(what: &str, p: &str) -> Result<Option<PathBuf>> {
+    (!p.is_empty()).then(|| paths::check(what, p)).transpose()
 }
 
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
         &self,
-        _req: Request<csi::NodeStageVolumeRequest>,
+        req: Request<csi::NodeStageVolumeRequest>,
     ) -> RpcResult<csi::NodeStageVolumeResponse> {
-        todo("NodeStageVolume")
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        let capability = capability(r.volume_capability.as_ref())?;
+        convert::check_map("volume_context", &r.volume_context)?;
+        self.ops
+            .stage(node::StageRequest {
+                volume_id: r.volume_id,
+                staging_path,
+                capability,
+                device: device_query(&r.publish_context)?,
+                default_fs: r.volume_context.get(convert::CTX_FS_TYPE).cloned(),
+            })
+            .await?;
+        ok(csi::NodeStageVolumeResponse {})
     }
 
     async fn node_unstage_volume(
         &self,
-        _req: Request<csi::NodeUnstageVolumeRequest>,
+        req: Request<csi::NodeUnstageVolumeRequest>,
     ) -> RpcResult<csi::NodeUnstageVolumeResponse> {
-        todo("NodeUnstageVolume")
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        self.ops.unstage(&r.volume_id, &staging_path).await?;
+        ok(csi::NodeUnstageVolumeResponse {})
     }
 
     async fn node_publish_volume(
         &self,
-        _req: Request<csi::NodePublishVolumeRequest>,
+        req: Request<csi::NodePublishVolumeRequest>,
     ) -> RpcResult<csi::NodePublishVolumeResponse> {
-        todo("NodePublishVolume")
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let target_path = paths::check("target_path", &r.target_path)?;
+        if r.staging_target_path.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "staging_target_path is required: this plugin stages volumes \
+                 (STAGE_UNSTAGE_VOLUME)"
+                    .into(),
+            )
+            .into());
+        }
+        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        if staging_path == target_path {
+            return Err(Error::invalid("target_path must differ from staging_target_path").into());
+        }
+        let capability = capability(r.volume_capability.as_ref())?;
+        convert::check_map("volume_context", &r.volume_context)?;
+        self.ops
+            .publish(node::PublishRequest {
+                volume_id: r.volume_id,
+                staging_path,
+                target_path,
+                capability,
+                readonly: r.readonly,
+            })
+            .await?;
+        ok(csi::NodePublishVolumeResponse {})
     }
 
     async fn node_unpublish_volume(
         &self,
-        _req: Request<csi::NodeUnpublishVolumeRequest>,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> RpcResult<csi::NodeUnpublishVolumeResponse> {
-        todo("NodeUnpublishVolume")
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let target_path = paths::check("target_path", &r.target_path)?;
+        self.ops.unpublish(&r.volume_id, &target_path).await?;
+        ok(csi::NodeUnpublishVolumeResponse {})
     }
 
     async fn node_get_volume_stats(
         &self,
-        _req: Request<csi::NodeGetVolumeStatsRequest>,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> RpcResult<csi::NodeGetVolumeStatsResponse> {
-        todo("NodeGetVolumeStats")
+        use csi::volume_usage::Unit;
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let volume_path = paths::check("volume_path", &r.volume_path)?;
+        let staging = optional_path("staging_target_path", &r.staging_target_path)?;
+        let stats = self
+            .ops
+            .stats(&r.volume_id, &volume_path, staging.as_deref())
+            .await?;
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        ok(csi::NodeGetVolumeStatsResponse {
+            usage: stats
+                .usage
+                .iter()
+                .map(|u| csi::VolumeUsage {
+                    available: clamp(u.available),
+                    total: clamp(u.total),
+                    used: clamp(u.used),
+                    unit: match u.unit {
+                        node::UsageUnit::Bytes => Unit::Bytes,
+                        node::UsageUnit::Inodes => Unit::Inodes,
+                    } as i32,
+                })
+                .collect(),
+            volume_condition: Some(csi::VolumeCondition {
+                abnormal: stats.condition.abnormal,
+                message: stats.condition.message,
+            }),
+        })
     }
 
     async fn node_expand_volume(
         &self,
-        _req: Request<csi::NodeExpandVolumeRequest>,
+        req: Request<csi::NodeExpandVolumeRequest>,
     ) -> RpcResult<csi::NodeExpandVolumeResponse> {
-        todo("NodeExpandVolume")
+        let r = req.into_inner();
+        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let volume_path = paths::check("volume_path", &r.volume_path)?;
+        let staging_path = optional_path("staging_target_path", &r.staging_target_path)?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
+        if limit > 0 && required > limit {
+            return Err(Error::OutOfRange(format!(
+                "required_bytes {required} exceeds limit_bytes {limit}"
+            ))
+            .into());
+        }
+        let block = r
+            .volume_capability
+            .as_ref()
+            .map(|c| capability(Some(c)))
+            .transpose()?
+            .map(|c| c.is_block());
+        let size = self
+            .ops
+            .expand(node::ExpandRequest {
+                volume_id: r.volume_id,
+                volume_path,
+                staging_path,
+                required_bytes: required,
+                block,
+            })
+            .await?;
+        ok(csi::NodeExpandVolumeResponse {
+            capacity_bytes: size.min(i64::MAX as u64) as i64,
+        })
     }
 
     async fn node_get_capabilities(
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> RpcResult<csi::NodeGetCapabilitiesResponse> {
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
-            capabilities: vec![],
-        }))
+        use csi::node_service_capability::{rpc::Type, Rpc, Type as Cap};
+        let capabilities = [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::ExpandVolume,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        ok(csi::NodeGetCapabilitiesResponse { capabilities })
     }
 
     async fn node_get_info(
         &self,
         _req: Request<csi::NodeGetInfoRequest>,
     ) -> RpcResult<csi::NodeGetInfoResponse> {
-        Ok(Response::new(csi::NodeGetInfoResponse {
+        ok(csi::NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: self.config.max_volumes_per_node.min(i64::MAX as u64) as i64,
             accessible_topology: (!self.config.topology.is_empty()).then(|| csi::Topology {
                 segments: self.config.topology.clone(),
             }),
-        }))
+        })
     }
 }

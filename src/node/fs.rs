@@ -1,0 +1,183 @@
+//! Filesystems and mounts through the system tools (blkid, mkfs, mount, umount, resize2fs,
+//! xfs_growfs), run through `exec` so nothing blocks the runtime.
+
+use crate::error::{Error, Result};
+use crate::exec;
+use std::ffi::OsString;
+use std::path::Path;
+
+/// What a device holds, by `blkid -p` (a low-level probe that ignores the cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// No signature at all: safe to format.
+    Blank,
+    Filesystem(String),
+    /// A partition table, RAID member, LUKS…: never formatted, never mounted.
+    Other(String),
+}
+
+pub fn parse_blkid_export(out: &str) -> Content {
+    let get = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    if let Some(pt) = get("PTTYPE") {
+        return Content::Other(format!("a {pt} partition table"));
+    }
+    match (get("TYPE"), get("USAGE")) {
+        (Some(t), Some(u)) if u == "filesystem" => Content::Filesystem(t),
+        (Some(t), _) => Content::Other(t),
+        (None, _) => Content::Other("an unrecognised signature".into()),
+    }
+}
+
+pub async fn probe(dev: &Path) -> Result<Content> {
+    let args: Vec<OsString> = vec!["-p".into(), "-o".into(), "export".into(), dev.into()];
+    let out = exec::run_unchecked("blkid", args).await?;
+    match out.code {
+        Some(0) => Ok(parse_blkid_export(&out.stdout)),
+        // 2: nothing found.
+        Some(2) => Ok(Content::Blank),
+        // 8: several conflicting signatures.
+        Some(8) => Ok(Content::Other("several conflicting signatures".into())),
+        code => Err(Error::internal(format!(
+            "blkid -p {} failed (exit {code:?}): {}",
+            dev.display(),
+            out.stderr.trim()
+        ))),
+    }
+}
+
+/// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:
+/// a fresh image is unallocated already, and discarding through layers is slow.
+pub async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
+    let d: OsString = dev.into();
+    match fs_type {
+        // -m 0: no root reserve on a data volume; -F: whole device, no prompt.
+        "ext4" => exec::run(
+            "mkfs.ext4",
+            [
+                "-q".into(),
+                "-F".into(),
+                "-m".into(),
+                "0".into(),
+                "-E".into(),
+                "nodiscard".into(),
+                d,
+            ],
+        )
+        .await
+        .map(drop),
+        // No -f: mkfs.xfs itself refuses a device that holds a filesystem.
+        "xfs" => exec::run("mkfs.xfs", ["-q".into(), "-K".into(), d])
+            .await
+            .map(drop),
+        other => Err(Error::invalid(format!(
+            "cannot create a {other:?} filesystem: use ext4 or xfs"
+        ))),
+    }
+}
+
+pub async fn mount(dev: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
+    let mut args: Vec<OsString> = vec!["-t".into(), fs_type.into()];
+    if !options.is_empty() {
+        args.push("-o".into());
+        args.push(options.join(",").into());
+    }
+    args.push(dev.into());
+    args.push(target.into());
+    exec::run("mount", args).await.map(drop)
+}
+
+pub async fn bind(source: &Path, target: &Path) -> Result<()> {
+    exec::run(
+        "mount",
+        [OsString::from("--bind"), source.into(), target.into()],
+    )
+    .await
+    .map(drop)
+}
+
+/// A bind mount's own read-only flag (the filesystem stays writable elsewhere).
+pub async fn remount_read_only(target: &Path) -> Result<()> {
+    exec::run(
+        "mount",
+        [
+            OsString::from("-o"),
+            "remount,bind,ro".into(),
+            target.into(),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// Shared, so every bind of it joins its peer group and can be counted at unstage.
+pub async fn make_shared(target: &Path) -> Result<()> {
+    exec::run("mount", [OsString::from("--make-shared"), target.into()])
+        .await
+        .map(drop)
+}
+
+pub async fn unmount(target: &Path) -> Result<()> {
+    exec::run("umount", [OsString::from(target)])
+        .await
+        .map(drop)
+        .map_err(|e| match e {
+            Error::Internal(m) if m.contains("busy") => Error::FailedPrecondition(format!(
+                "{} is busy (a process still uses it); stop it and retry: {m}",
+                target.display()
+            )),
+            e => e,
+        })
+}
+
+/// Grows a mounted filesystem to the size of its device.
+pub async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
+    match fs_type {
+        "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                // The kernel demands CAP_SYS_RESOURCE for ext4 online resize.
+                Error::Internal(m) if m.contains("Permission denied") => {
+                    Error::FailedPrecondition(format!(
+                        "the kernel refused to grow the ext4 filesystem on {}: the plugin \
+                         needs CAP_SYS_RESOURCE for that (run it privileged): {m}",
+                        dev.display()
+                    ))
+                }
+                e => e,
+            }),
+        "xfs" => exec::run("xfs_growfs", [OsString::from(mount_point)])
+            .await
+            .map(drop),
+        other => Err(Error::FailedPrecondition(format!(
+            "cannot grow a {other} filesystem online; only ext4 and xfs"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkid_output() {
+        assert_eq!(
+            parse_blkid_export(
+                "DEVNAME=/dev/loop0\nUUID=x\nVERSION=1.0\nTYPE=ext4\nUSAGE=filesystem\n"
+            ),
+            Content::Filesystem("ext4".into())
+        );
+        assert_eq!(
+            parse_blkid_export("DEVNAME=/dev/sda\nPTUUID=x\nPTTYPE=gpt\n"),
+            Content::Other("a gpt partition table".into())
+        );
+        assert_eq!(
+            parse_blkid_export("TYPE=crypto_LUKS\nUSAGE=crypto\n"),
+            Content::Other("crypto_LUKS".into())
+        );
+    }
+}

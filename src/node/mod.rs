@@ -1,0 +1,140 @@
+//! The node side: find the volume's disk, format it once, mount it at the staging path, bind it
+//! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
+//! sysfs), so a restarted plugin picks up exactly where the last one stopped.
+
+pub mod discover;
+mod expand;
+pub mod fs;
+pub mod mountinfo;
+pub mod paths;
+mod publish;
+mod stage;
+mod stats;
+pub mod sysfs;
+
+pub use discover::DeviceQuery;
+pub use stats::{Condition, Usage, UsageUnit, VolumeStats};
+pub use sysfs::Sysfs;
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::guard::{OpGuard, OpGuards};
+use crate::ids::ObjectId;
+use crate::model::Capability;
+use mountinfo::MountTable;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Inside a block volume's staging directory: the file the device node is bound onto. The
+/// name is distinctive: unstage tells other staging paths of the volume from publishes by it.
+pub const BLOCK_STAGE_FILE: &str = "virtdisk-block-device";
+
+/// NodeStageVolume in domain terms.
+#[derive(Debug, Clone)]
+pub struct StageRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+    pub device: DeviceQuery,
+    /// The volume's file system when the capability names none (volume_context `fsType`).
+    pub default_fs: Option<String>,
+}
+
+/// NodePublishVolume in domain terms.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub capability: Capability,
+    pub readonly: bool,
+}
+
+/// NodeExpandVolume in domain terms.
+#[derive(Debug, Clone)]
+pub struct ExpandRequest {
+    pub volume_id: String,
+    pub volume_path: PathBuf,
+    pub staging_path: Option<PathBuf>,
+    pub required_bytes: u64,
+    /// From the capability when given; else read from what is mounted.
+    pub block: Option<bool>,
+}
+
+#[derive(Clone)]
+pub struct NodeOps {
+    sysfs: Sysfs,
+    device_wait: Duration,
+    guards: OpGuards,
+}
+
+impl NodeOps {
+    pub fn new(cfg: &NodeConfig) -> Self {
+        NodeOps {
+            sysfs: Sysfs::new(cfg.sysfs_root(), cfg.dev_root()),
+            device_wait: cfg.device_wait(),
+            guards: OpGuards::default(),
+        }
+    }
+
+    fn guard(&self, volume_id: &str) -> Result<OpGuard> {
+        self.guards.try_acquire(&[format!("vol:{volume_id}")])
+    }
+
+    /// The serial to look for: the publish_context's, else the one derived from the volume id
+    /// (Nomad keeps publish_context in memory only and may lose it).
+    pub fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
+        if q.serial.is_empty() {
+            q.serial = ObjectId::parse_volume(volume_id)?
+                .map(|o| o.serial())
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "volume {volume_id} is not a volume of this plugin and the \
+                         publish_context names no serial"
+                    ))
+                })?;
+        }
+        Ok(q)
+    }
+}
+
+async fn mount_table() -> Result<MountTable> {
+    exec::blocking(MountTable::read).await
+}
+
+/// `paths::resolve` off the runtime.
+async fn resolve(path: &Path) -> Result<PathBuf> {
+    let p = path.to_path_buf();
+    exec::blocking(move || paths::resolve(&p)).await
+}
+
+/// lstat; None when the path does not exist.
+async fn lstat(path: &Path) -> Result<Option<std::fs::Metadata>> {
+    let p = path.to_path_buf();
+    exec::blocking(move || match std::fs::symlink_metadata(&p) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("inspecting {}", p.display()), e)),
+    })
+    .await
+}
+
+/// The device number a block device node refers to. Blocking.
+fn rdev_of(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    m.file_type()
+        .is_block_device()
+        .then(|| (libc::major(m.rdev()), libc::minor(m.rdev())))
+}
+
+/// The device number a mount stands for: the filesystem's device, or for a bind-mounted
+/// device node (block volumes) the device the node refers to.
+async fn mounted_dev(m: &mountinfo::MountEntry) -> Option<(u32, u32)> {
+    if m.root == Path::new("/") || !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") {
+        return Some(m.dev());
+    }
+    let p = m.mount_point.clone();
+    exec::blocking(move || Ok(rdev_of(&p))).await.ok().flatten()
+}

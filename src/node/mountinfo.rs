@@ -1,0 +1,318 @@
+//! `/proc/self/mountinfo`: the only source of truth for what is mounted where, so a restarted
+//! plugin sees exactly what the kernel has (nothing is remembered in memory).
+
+use crate::error::{Error, Result};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// One line of mountinfo (see proc(5)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u32,
+    pub parent: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// The directory of the filesystem mounted here (not `/` for bind mounts of a subtree).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw`/`ro`, `nosuid`, …).
+    pub options: Vec<String>,
+    /// Peer group when the mount is shared (`shared:N`).
+    pub shared_group: Option<u32>,
+    pub fs_type: String,
+    pub source: String,
+    pub super_options: Vec<String>,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+
+    pub fn dev(&self) -> (u32, u32) {
+        (self.major, self.minor)
+    }
+}
+
+/// Decodes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` `\`).
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            if v <= 0xff {
+                out.push(v as u8);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    if fields.len() < 10 {
+        return None;
+    }
+    let sep = fields.iter().skip(6).position(|f| *f == "-")? + 6;
+    if fields.len() < sep + 3 {
+        return None;
+    }
+    let (major, minor) = fields[2].split_once(':')?;
+    let shared_group = fields[6..sep]
+        .iter()
+        .find_map(|f| f.strip_prefix("shared:"))
+        .and_then(|g| g.parse().ok());
+    Some(MountEntry {
+        id: fields[0].parse().ok()?,
+        parent: fields[1].parse().ok()?,
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root: unescape(fields[3]),
+        mount_point: unescape(fields[4]),
+        options: fields[5].split(',').map(str::to_string).collect(),
+        shared_group,
+        fs_type: fields[sep + 1].to_string(),
+        source: unescape(fields[sep + 2]).to_string_lossy().into_owned(),
+        super_options: fields
+            .get(sep + 3)
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MountTable {
+    pub entries: Vec<MountEntry>,
+}
+
+impl MountTable {
+    pub fn parse(text: &str) -> Result<MountTable> {
+        let mut entries = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            entries.push(
+                parse_line(line).ok_or_else(|| {
+                    Error::internal(format!("cannot parse mountinfo line {line:?}"))
+                })?,
+            );
+        }
+        Ok(MountTable { entries })
+    }
+
+    /// Reads `/proc/self/mountinfo`. Blocking.
+    pub fn read() -> Result<MountTable> {
+        let text = std::fs::read_to_string(MOUNTINFO)
+            .map_err(|e| Error::io(format!("reading {MOUNTINFO}"), e))?;
+        Self::parse(&text)
+    }
+
+    /// The mount visible at `path` (the topmost when several are stacked there).
+    pub fn at(&self, path: &Path) -> Option<&MountEntry> {
+        self.entries.iter().rev().find(|e| e.mount_point == path)
+    }
+
+    pub fn by_id(&self, id: u32) -> Option<&MountEntry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    /// Every mount of the block device `major:minor`.
+    pub fn of_device(&self, dev: (u32, u32)) -> Vec<&MountEntry> {
+        self.entries.iter().filter(|e| e.dev() == dev).collect()
+    }
+
+    /// Mounts under `dir` (not `dir` itself), deepest first.
+    pub fn under(&self, dir: &Path) -> Vec<&MountEntry> {
+        let mut v: Vec<&MountEntry> = self
+            .entries
+            .iter()
+            .filter(|e| e.mount_point != dir && e.mount_point.starts_with(dir))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.mount_point.components().count()));
+        v
+    }
+
+    /// Where `m` sits inside its parent's filesystem (parent root + relative mount point).
+    fn place_in_parent(&self, m: &MountEntry) -> Option<(&MountEntry, PathBuf)> {
+        let parent = self.by_id(m.parent)?;
+        let rel = m.mount_point.strip_prefix(&parent.mount_point).ok()?;
+        Some((parent, parent.root.join(rel)))
+    }
+
+    /// A copy of `stage` that mount propagation made under a peer of its parent: it goes away
+    /// with `stage`, so it is no user of it.
+    fn is_propagated_copy(&self, stage: &MountEntry, other: &MountEntry) -> bool {
+        let (Some((sp, srel)), Some((op, orel))) =
+            (self.place_in_parent(stage), self.place_in_parent(other))
+        else {
+            return false;
+        };
+        sp.id != op.id
+            && sp.shared_group.is_some()
+            && sp.shared_group == op.shared_group
+            && srel == orel
+    }
+
+    /// The bind mounts that still use a staging mount (its publishes), never counting itself
+    /// or the copies mount propagation made of it (they go away with it).
+    ///
+    /// Every bind of a shared mount joins its peer group, so when the stage owns its group
+    /// (all members are the same filesystem subtree) the peers are exactly its binds; another
+    /// staging path of the same volume, mounted on its own, has a group of its own. When the
+    /// group is not the stage's alone (a block device node bound from a shared `/dev` joins
+    /// `/dev`'s group) or the stage is not shared, every other mount of the same device and
+    /// subtree counts, except other block staging files (named `other_stage_name`).
+    pub fn users_of(&self, stage: &MountEntry, other_stage_name: &str) -> Vec<&MountEntry> {
+        let same = |e: &&MountEntry| e.dev() == stage.dev() && e.root == stage.root;
+        let own_group = stage.shared_group.filter(|g| {
+            self.entries
+                .iter()
+                .filter(|e| e.shared_group == Some(*g))
+                .all(|e| same(&e))
+        });
+        self.entries
+            .iter()
+            .filter(|e| e.id != stage.id)
+            .filter(same)
+            .filter(|e| match own_group {
+                Some(g) => e.shared_group == Some(g),
+                None => e.mount_point.file_name() != Some(std::ffi::OsStr::new(other_stage_name)),
+            })
+            .filter(|e| !self.is_propagated_copy(stage, e))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,size=123k,mode=755
+27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 27 0:39 / /srv/with\\040space/exp rw,nosuid,nodev,relatime - fuse /dev/fuse rw,user_id=0
+59 27 7:0 / /var/csi/staging/v1 rw,relatime shared:5 - ext4 /dev/loop0 rw
+60 27 7:0 / /var/csi/per-alloc/a1/v1 ro,relatime shared:5 - ext4 /dev/loop0 rw
+62 27 7:0 / /var/csi/staging/v1-second rw,relatime shared:6 master:2 - ext4 /dev/loop0 rw
+67 27 0:6 /loop1 /var/csi/staging/b1/device rw,relatime shared:7 - devtmpfs devtmpfs rw
+68 27 0:6 /loop1 /var/csi/per-alloc/a2/b1 rw,relatime shared:7 - devtmpfs devtmpfs rw
+70 59 0:50 / /var/csi/staging/v1/tab\\011and\\134back rw - tmpfs none rw
+";
+
+    #[test]
+    fn parses_fields_and_escapes() {
+        let t = MountTable::parse(SAMPLE).unwrap();
+        assert_eq!(t.entries.len(), 10);
+        let fuse = &t.entries[3];
+        assert_eq!(fuse.mount_point, PathBuf::from("/srv/with space/exp"));
+        assert_eq!(fuse.fs_type, "fuse");
+        assert_eq!(fuse.source, "/dev/fuse");
+        assert_eq!(fuse.shared_group, None);
+        let odd = t
+            .at(Path::new("/var/csi/staging/v1/tab\tand\\back"))
+            .unwrap();
+        assert_eq!(odd.fs_type, "tmpfs");
+        let stage = t.at(Path::new("/var/csi/staging/v1")).unwrap();
+        assert_eq!(stage.dev(), (7, 0));
+        assert_eq!(stage.shared_group, Some(5));
+        assert!(!stage.read_only());
+        assert!(t
+            .at(Path::new("/var/csi/per-alloc/a1/v1"))
+            .unwrap()
+            .read_only());
+        let second = t.at(Path::new("/var/csi/staging/v1-second")).unwrap();
+        assert_eq!(second.shared_group, Some(6));
+        let blk = t.at(Path::new("/var/csi/staging/b1/device")).unwrap();
+        assert_eq!(blk.root, PathBuf::from("/loop1"));
+        assert!(t.at(Path::new("/var/csi/staging")).is_none());
+    }
+
+    #[test]
+    fn users_are_peers_not_other_stagings() {
+        let t = MountTable::parse(SAMPLE).unwrap();
+        let stage = t.at(Path::new("/var/csi/staging/v1")).unwrap();
+        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
+        assert_eq!(users, vec![60]);
+        let second = t.at(Path::new("/var/csi/staging/v1-second")).unwrap();
+        assert!(t.users_of(second, "device").is_empty());
+        let blk = t.at(Path::new("/var/csi/staging/b1/device")).unwrap();
+        assert_eq!(t.users_of(blk, "device").len(), 1);
+        assert_eq!(t.of_device((7, 0)).len(), 3);
+    }
+
+    #[test]
+    fn propagation_copies_are_not_users() {
+        // /a and /b are peers (shared:9); staging under /a propagated a copy under /b.
+        let text = "\
+1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
+10 1 0:40 / /a rw shared:9 - tmpfs t rw
+11 1 0:40 / /b rw shared:9 - tmpfs t rw
+20 10 7:3 / /a/stage rw shared:12 - xfs /dev/loop3 rw
+21 11 7:3 / /b/stage rw shared:12 - xfs /dev/loop3 rw
+22 10 7:3 / /a/target rw shared:12 - xfs /dev/loop3 rw
+";
+        let t = MountTable::parse(text).unwrap();
+        let stage = t.at(Path::new("/a/stage")).unwrap();
+        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
+        assert_eq!(users, vec![22]);
+    }
+
+    #[test]
+    fn unshared_stage_falls_back_to_same_device_and_root() {
+        let text = "\
+1 0 254:0 / / rw - ext4 /dev/vda rw
+20 1 7:3 / /s rw - ext4 /dev/loop3 rw
+21 1 7:3 / /t rw - ext4 /dev/loop3 rw
+22 1 7:3 /sub /u rw - ext4 /dev/loop3 rw
+";
+        let t = MountTable::parse(text).unwrap();
+        let users: Vec<_> = t
+            .users_of(t.at(Path::new("/s")).unwrap(), "device")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(users, vec![21]);
+        assert_eq!(
+            t.under(Path::new("/")).first().unwrap().mount_point,
+            PathBuf::from("/s")
+        );
+    }
+
+    #[test]
+    fn block_binds_from_a_shared_dev_count_by_device_node() {
+        // systemd hosts: /dev is shared, so binds of /dev/loop2 join /dev's peer group.
+        let text = "\
+1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
+2 1 0:6 / /dev rw shared:2 - devtmpfs devtmpfs rw
+30 1 0:6 /loop2 /s1/device rw shared:2 - devtmpfs devtmpfs rw
+31 1 0:6 /loop2 /s2/device rw shared:2 - devtmpfs devtmpfs rw
+32 1 0:6 /loop2 /t1 rw shared:2 - devtmpfs devtmpfs rw
+33 1 0:6 /loop3 /t9 rw shared:2 - devtmpfs devtmpfs rw
+";
+        let t = MountTable::parse(text).unwrap();
+        let users: Vec<_> = t
+            .users_of(t.at(Path::new("/s1/device")).unwrap(), "device")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(users, vec![32]);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(MountTable::parse("not a mountinfo line").is_err());
+    }
+}

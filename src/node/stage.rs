@@ -1,0 +1,345 @@
+//! NodeStageVolume / NodeUnstageVolume.
+//!
+//! A mount volume is mounted at the staging path; a block volume has its device node bound onto
+//! `<staging>/device`. Either way the staging mount is made shared, so every bind of it (each
+//! publish) joins its peer group: unstage counts the peers and refuses while any remain.
+//! Staging the same volume under a second path mounts the same device there too; the kernel
+//! reuses the superblock, so both paths show one filesystem and each unstages on its own.
+
+use super::fs::{self, Content};
+use super::mountinfo::MountEntry;
+use super::sysfs::BlockDevice;
+use super::{
+    lstat, mount_table, mounted_dev, paths, resolve, NodeOps, StageRequest, BLOCK_STAGE_FILE,
+};
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::model::{AccessType, DEFAULT_FS_TYPE, FS_TYPES};
+use std::path::{Path, PathBuf};
+
+/// Creates the staging directory if missing (the CO should have, but need not).
+async fn ensure_dir(path: &Path) -> Result<()> {
+    let p = path.to_path_buf();
+    exec::blocking(move || {
+        paths::refuse_symlink("staging_target_path", &p)?;
+        std::fs::create_dir_all(&p)
+            .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+        if !p.is_dir() {
+            return Err(Error::invalid(format!(
+                "{} is not a directory",
+                p.display()
+            )));
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Creates an empty regular file to mount a device node onto.
+async fn ensure_file(path: &Path) -> Result<()> {
+    let p = path.to_path_buf();
+    exec::blocking(move || {
+        paths::refuse_symlink("path", &p)?;
+        if p.is_dir() {
+            // An empty directory left by a CO that expected a mount volume.
+            std::fs::remove_dir(&p).map_err(|e| {
+                Error::AlreadyExists(format!(
+                    "{} is a non-empty directory; a block volume needs a file there ({e})",
+                    p.display()
+                ))
+            })?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map(drop)
+            .map_err(|e| Error::io(format!("creating {}", p.display()), e))
+    })
+    .await
+}
+
+/// What the staging path holds now.
+struct StagingState {
+    staging: PathBuf,
+    block_file: PathBuf,
+    /// A filesystem mounted at the staging path.
+    here: Option<MountEntry>,
+    /// A device node bound onto `<staging>/BLOCK_STAGE_FILE`.
+    here_block: Option<MountEntry>,
+}
+
+fn describe(m: &MountEntry) -> String {
+    format!(
+        "{} ({} from {})",
+        m.mount_point.display(),
+        m.fs_type,
+        m.source
+    )
+}
+
+impl NodeOps {
+    pub async fn stage(&self, r: StageRequest) -> Result<()> {
+        let _g = self.guard(&r.volume_id)?;
+        let query = Self::query_for(&r.volume_id, r.device.clone())?;
+        let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
+        ensure_dir(&r.staging_path).await?;
+        let staging = resolve(&r.staging_path).await?;
+        let block_file = staging.join(BLOCK_STAGE_FILE);
+        let table = mount_table().await?;
+        let here = table.at(&staging).cloned();
+        let here_block = table.at(&block_file).cloned();
+        let at = StagingState {
+            staging,
+            block_file,
+            here,
+            here_block,
+        };
+        if r.capability.is_block() {
+            self.stage_block(&r, &dev, at).await
+        } else {
+            self.stage_mount(&r, &dev, at).await
+        }
+    }
+
+    async fn stage_block(
+        &self,
+        r: &StageRequest,
+        dev: &BlockDevice,
+        at: StagingState,
+    ) -> Result<()> {
+        let StagingState {
+            staging,
+            block_file,
+            here,
+            here_block,
+        } = at;
+        let dev_path = self.sysfs.dev_path(&dev.name);
+        if let Some(m) = here {
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} holds a mounted filesystem {}; a block volume cannot be \
+                 staged there",
+                staging.display(),
+                describe(&m)
+            )));
+        }
+        if let Some(m) = here_block {
+            if mounted_dev(&m).await == Some(dev.dev()) {
+                fs::make_shared(&block_file).await?;
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already holds another device; unstage it first",
+                staging.display()
+            )));
+        }
+        ensure_file(&block_file).await?;
+        fs::bind(&dev_path, &block_file).await?;
+        fs::make_shared(&block_file).await?;
+        tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
+        Ok(())
+    }
+
+    async fn stage_mount(
+        &self,
+        r: &StageRequest,
+        dev: &BlockDevice,
+        at: StagingState,
+    ) -> Result<()> {
+        let StagingState {
+            staging,
+            here,
+            here_block,
+            ..
+        } = at;
+        let dev_path = self.sysfs.dev_path(&dev.name);
+        let AccessType::Mount {
+            fs_type,
+            mount_flags,
+        } = &r.capability.access_type
+        else {
+            return Err(Error::internal(
+                "a block capability reached the mount staging",
+            ));
+        };
+        let requested = (!fs_type.is_empty()).then(|| fs_type.clone());
+        if here_block.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} holds a block volume; unstage it first",
+                staging.display()
+            )));
+        }
+        if let Some(m) = here {
+            if m.dev() != dev.dev() {
+                return Err(Error::AlreadyExists(format!(
+                    "staging path {} already has {} mounted, not this volume's disk {}; \
+                     unstage it first",
+                    staging.display(),
+                    describe(&m),
+                    dev.name
+                )));
+            }
+            if let Some(want) = &requested {
+                if *want != m.fs_type {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {} is staged at {} as {}, not {want}",
+                        r.volume_id,
+                        staging.display(),
+                        m.fs_type
+                    )));
+                }
+            }
+            fs::make_shared(&staging).await?;
+            return Ok(());
+        }
+
+        let read_only = dev.read_only || r.capability.access_mode.is_read_only();
+        let fs_type = match fs::probe(&dev_path).await? {
+            Content::Blank => {
+                let fs_type = requested
+                    .clone()
+                    .or_else(|| r.default_fs.clone().filter(|f| !f.is_empty()))
+                    .unwrap_or_else(|| DEFAULT_FS_TYPE.to_string());
+                if !FS_TYPES.contains(&fs_type.as_str()) {
+                    return Err(Error::invalid(format!(
+                        "fs_type {fs_type:?} is not supported: use ext4 or xfs"
+                    )));
+                }
+                if read_only {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} has no filesystem yet and is attached read-only; publish it \
+                         read-write once to format it",
+                        r.volume_id
+                    )));
+                }
+                tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
+                fs::mkfs(&dev_path, &fs_type).await?;
+                fs_type
+            }
+            Content::Filesystem(found) => {
+                if let Some(want) = requested.as_ref().filter(|w| **w != found) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} holds a {found} filesystem but {want} was asked for; it is \
+                         never reformatted: ask for {found} or leave fs_type empty",
+                        r.volume_id
+                    )));
+                }
+                found
+            }
+            Content::Other(what) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {}'s disk {} holds {what}, not a filesystem; refusing to format or \
+                     mount it",
+                    r.volume_id, dev.name
+                )))
+            }
+        };
+        let options = mount_options(mount_flags, &fs_type, read_only);
+        fs::mount(&dev_path, &staging, &fs_type, &options).await?;
+        if let Err(e) = fs::make_shared(&staging).await {
+            let _ = fs::unmount(&staging).await;
+            return Err(e);
+        }
+        tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, staging = %staging.display(), "volume staged");
+        Ok(())
+    }
+
+    pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let _g = self.guard(volume_id)?;
+        let staging = resolve(staging_path).await?;
+        // An error other than "not found" (e.g. a dead mount) still goes on to unmount.
+        if matches!(lstat(&staging).await, Ok(None)) {
+            return Ok(());
+        }
+        let block_file = staging.join(BLOCK_STAGE_FILE);
+        // Loop: a mount may be stacked on another (a CO that staged twice by hand).
+        for _ in 0..8 {
+            let table = mount_table().await?;
+            let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
+                break;
+            };
+            let users = table.users_of(m, BLOCK_STAGE_FILE);
+            if !users.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id} is still published at {}; NodeUnpublishVolume those \
+                     targets before unstaging {}",
+                    users
+                        .iter()
+                        .map(|u| u.mount_point.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    staging.display()
+                )));
+            }
+            fs::unmount(&m.mount_point.clone()).await?;
+        }
+        remove_leaves(vec![block_file, staging.clone()]).await;
+        tracing::info!(volume = %volume_id, staging = %staging.display(), "volume unstaged");
+        Ok(())
+    }
+}
+
+/// The capability's flags, plus what the node needs: `ro` for read-only disks and modes,
+/// `nouuid` for xfs (a clone or snapshot restore carries its origin's UUID, which xfs would
+/// refuse to mount twice on one node).
+pub fn mount_options(flags: &[String], fs_type: &str, read_only: bool) -> Vec<String> {
+    let mut opts: Vec<String> = Vec::new();
+    let mut push = |o: &str| {
+        if !opts.iter().any(|x| x == o) {
+            opts.push(o.to_string());
+        }
+    };
+    for f in flags {
+        if read_only && f == "rw" {
+            continue;
+        }
+        push(f);
+    }
+    if read_only {
+        push("ro");
+    }
+    if fs_type == "xfs" {
+        push("nouuid");
+    }
+    opts
+}
+
+/// Removes what the plugin created: files, then empty directories. Leftovers (a directory the
+/// CO filled) are logged and kept: they are not the volume's data.
+pub(super) async fn remove_leaves(paths: Vec<PathBuf>) {
+    let _ = exec::blocking(move || {
+        for p in paths {
+            let res = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir(&p),
+                Ok(_) => std::fs::remove_file(&p),
+                Err(_) => continue,
+            };
+            if let Err(e) = res {
+                tracing::warn!(path = %p.display(), error = %e, "left in place");
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_add_ro_and_nouuid_once() {
+        let flags = vec![
+            "noatime".to_string(),
+            "rw".to_string(),
+            "noatime".to_string(),
+        ];
+        assert_eq!(mount_options(&flags, "ext4", false), vec!["noatime", "rw"]);
+        assert_eq!(
+            mount_options(&flags, "xfs", true),
+            vec!["noatime", "ro", "nouuid"]
+        );
+        assert!(mount_options(&[], "ext4", false).is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! NodeGetVolumeStats: usage from statvfs (mounts) or the device size (block), and a condition
+//! that says whether the path still shows the volume's own disk.
+
+use super::discover::{find_now, DeviceQuery};
+use super::sysfs::DeviceKind;
+use super::{lstat, mount_table, mounted_dev, resolve, NodeOps, BLOCK_STAGE_FILE};
+use crate::error::{Error, Result};
+use crate::exec;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageUnit {
+    Bytes,
+    Inodes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub unit: UsageUnit,
+    pub total: u64,
+    pub available: u64,
+    pub used: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeStats {
+    pub usage: Vec<Usage>,
+    pub condition: Condition,
+}
+
+fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| {
+        Error::io(
+            format!("statvfs {}", path.display()),
+            std::io::Error::from(e),
+        )
+    })?;
+    let frsize = st.fragment_size() as u64;
+    let blocks = st.blocks() as u64;
+    let files = st.files() as u64;
+    Ok(vec![
+        Usage {
+            unit: UsageUnit::Bytes,
+            total: blocks * frsize,
+            available: st.blocks_available() as u64 * frsize,
+            used: blocks.saturating_sub(st.blocks_free() as u64) * frsize,
+        },
+        Usage {
+            unit: UsageUnit::Inodes,
+            total: files,
+            available: st.files_available() as u64,
+            used: files.saturating_sub(st.files_free() as u64),
+        },
+    ])
+}
+
+/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN) fails
+/// every I/O: say so. Other errors (a path outside this mount namespace) prove nothing.
+fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+    let backing = sysfs.loop_backing_file(name)?;
+    match std::fs::metadata(&backing) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
+            "the export behind /dev/{name} ({}) is disconnected: its storage daemon is gone",
+            backing.display()
+        )),
+        _ => None,
+    }
+}
+
+impl NodeOps {
+    pub async fn stats(
+        &self,
+        volume_id: &str,
+        volume_path: &Path,
+        staging_path: Option<&Path>,
+    ) -> Result<VolumeStats> {
+        let path = resolve(volume_path).await?;
+        let meta = match lstat(&path).await {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => {
+                return Err(Error::NotFound(format!(
+                    "volume path {} does not exist",
+                    path.display()
+                )))
+            }
+            // e.g. ENOTCONN: a dead mount is there; report it, not fail.
+            Err(_) => None,
+        };
+        let query = Self::query_for(volume_id, DeviceQuery::default())?;
+        let sysfs = self.sysfs.clone();
+        let q = query.clone();
+        let expected = exec::blocking(move || find_now(&sysfs, &q)).await?;
+        let table = mount_table().await?;
+        let mount = table.at(&path).cloned();
+        let block = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device())
+            || mount.as_ref().is_some_and(|m| {
+                matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") && m.root != Path::new("/")
+            });
+
+        let mut problems: Vec<String> = Vec::new();
+        let mounted = match &mount {
+            None => {
+                problems.push(format!(
+                    "{} is not a mount point: the volume is not mounted there",
+                    path.display()
+                ));
+                None
+            }
+            Some(m) => mounted_dev(m).await,
+        };
+        match (&expected, mounted) {
+            (None, _) => problems.push(format!(
+                "the volume's disk (serial {}) is gone from this node",
+                query.serial
+            )),
+            (Some(d), Some(dev)) if d.dev() != dev => problems.push(format!(
+                "{} shows device {}:{}, not the volume's disk {} ({}:{})",
+                path.display(),
+                dev.0,
+                dev.1,
+                d.name,
+                d.major,
+                d.minor
+            )),
+            _ => {}
+        }
+        if let Some(d) = expected.as_ref().filter(|d| d.kind == DeviceKind::Loop) {
+            let (sysfs, name) = (self.sysfs.clone(), d.name.clone());
+            if let Some(e) = exec::blocking(move || Ok(dead_loop_backing(&sysfs, &name))).await? {
+                problems.push(e);
+            }
+        }
+        if let Some(staging) = staging_path {
+            let staging = resolve(staging).await?;
+            if table.at(&staging).is_none() && table.at(&staging.join(BLOCK_STAGE_FILE)).is_none() {
+                problems.push(format!(
+                    "the staging path {} is no longer mounted",
+                    staging.display()
+                ));
+            }
+        }
+
+        let mut usage = Vec::new();
+        if block {
+            let dev = mounted.or(expected.as_ref().map(|d| d.dev()));
+            if let Some(dev) = dev {
+                let sysfs = self.sysfs.clone();
+                if let Some(d) = exec::blocking(move || sysfs.by_dev(dev)).await? {
+                    usage.push(Usage {
+                        unit: UsageUnit::Bytes,
+                        total: d.size_bytes,
+                        available: 0,
+                        used: 0,
+                    });
+                }
+            }
+        } else if mount.is_some() {
+            let p = path.clone();
+            match exec::blocking(move || statvfs_usage(&p)).await {
+                Ok(u) => usage = u,
+                Err(e) => problems.push(format!("cannot read usage: {e}")),
+            }
+        }
+        let condition = if problems.is_empty() {
+            Condition {
+                abnormal: false,
+                message: "ok".into(),
+            }
+        } else {
+            Condition {
+                abnormal: true,
+                message: problems.join("; "),
+            }
+        };
+        Ok(VolumeStats { usage, condition })
+    }
+}
