@@ -56,23 +56,30 @@ impl Pool {
         fsutil::remove_durable(&self.flatten_job_path(key))
     }
 
-    /// Pool open: undoes copies in progress, finishes switches in progress.
-    pub(super) fn recover_flatten_jobs(&self) -> Result<()> {
+    /// Every job record of the pool.
+    fn all_flatten_jobs(&self) -> Result<Vec<FlattenJob>> {
         let dir = self.flatten_dir();
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut jobs = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let name = entry.file_name();
             let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            if key.starts_with('.') {
-                continue;
+            if !key.starts_with('.') {
+                jobs.extend(self.read_flatten_job(key)?);
             }
-            let Some(job) = self.read_flatten_job(key)? else {
-                continue;
-            };
+        }
+        Ok(jobs)
+    }
+
+    /// Pool open: undoes copies in progress, finishes switches in progress.
+    pub(super) fn recover_flatten_jobs(&self) -> Result<()> {
+        for job in self.all_flatten_jobs()? {
+            let key = key_of_volume(&job.volume_id)?;
+            let key = key.as_str();
             match job.state {
                 FlattenState::Converting => {
                     tracing::info!(pool = %self.name(), volume = %job.volume_id,
@@ -108,6 +115,20 @@ impl Pool {
     }
 }
 
+/// Another process (qemu-io, a backup tool) holding the image open for a moment makes the
+/// switch fail on qemu's image lock: the Switching job stays and a later round finishes it.
+fn busy_if_locked(volume_id: &str, result: Result<()>) -> Result<Option<Outcome>> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(e) if e.to_string().contains("lock") => {
+            tracing::info!(volume = %volume_id, error = %e,
+                "image busy; finishing the flattening later");
+            Ok(Some(Outcome::Busy))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Pools {
     /// Starts the background flattener; it runs until the runtime stops.
     pub fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
@@ -140,15 +161,21 @@ impl Pools {
         let mut failure = None;
         for pool in self.all().to_vec() {
             let p = pool.clone();
-            let deep: Vec<String> = exec::blocking(move || {
-                Ok(p.all_volumes()?
+            // Deep chains, plus volumes whose job a failed round left behind.
+            let todo: Vec<String> = exec::blocking(move || {
+                let mut ids: Vec<String> = p
+                    .all_volumes()?
                     .into_iter()
                     .filter(|r| r.state == RecordState::Ready && r.depth() > max)
                     .map(|r| r.id)
-                    .collect())
+                    .collect();
+                ids.extend(p.all_flatten_jobs()?.into_iter().map(|j| j.volume_id));
+                ids.sort();
+                ids.dedup();
+                Ok(ids)
             })
             .await?;
-            for id in deep {
+            for id in todo {
                 match self.flatten_volume(&pool, &id).await {
                     Ok(Outcome::Done) => {}
                     Ok(o) => again = Some(again.map_or(o, |a| a.min(o))),
@@ -176,11 +203,17 @@ impl Pools {
         if let Some(job) = exec::blocking(move || p.read_flatten_job(&k)).await? {
             // Left by an earlier round that failed half-way.
             let (p, k) = (pool.clone(), key.clone());
-            exec::blocking(move || match job.state {
-                FlattenState::Switching => p.finish_flatten_switch(&k, &job),
-                FlattenState::Converting => p.remove_flatten_job(&k),
+            let finished = exec::blocking(move || {
+                match job.state {
+                    FlattenState::Switching => p.finish_flatten_switch(&k, &job)?,
+                    FlattenState::Converting => p.remove_flatten_job(&k)?,
+                }
+                p.collect_garbage().map(drop)
             })
-            .await?;
+            .await;
+            if let Some(outcome) = busy_if_locked(id, finished)? {
+                return Ok(outcome);
+            }
         }
         let Some(rec) = self.volume(id).await? else {
             return Ok(Outcome::Done);
@@ -269,14 +302,8 @@ impl Pools {
         })
         .await;
         drop(guard);
-        match switched {
-            // Another process (qemu-io, a backup tool) has the image open for a moment: the
-            // Switching job stays and the next round finishes it.
-            Err(e) if e.to_string().contains("lock") => {
-                tracing::info!(volume = %id, error = %e, "image busy; finishing the flattening later");
-                return Ok(Outcome::Busy);
-            }
-            other => other?,
+        if let Some(outcome) = busy_if_locked(id, switched)? {
+            return Ok(outcome);
         }
         tracing::info!(volume = %id, "backing chain flattened");
         Ok(Outcome::Done)

@@ -431,6 +431,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_from_before_snapshots_still_read() {
+        let old = serde_json::json!({
+            "schema": 1, "id": "default.0123456789abcdef", "name": "v", "pool": "default",
+            "state": "ready", "format": "qcow2", "capacity_bytes": 1048576,
+            "image": "0123456789abcdef.qcow2", "capabilities": [], "parameters": {},
+            "disk": crate::params::DiskOptions::default(), "created_at": 1
+        });
+        let rec: VolumeRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(rec.depth(), 1);
+        assert!(rec.chain.is_empty());
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(
+            !json.contains("chain"),
+            "an empty chain is not written: {json}"
+        );
+    }
+
+    #[test]
     fn layer_file_names() {
         assert!(is_layer_file("0123456789abcdef.qcow2"));
         assert!(is_layer_file("0123456789abcdef.raw"));
