@@ -462,8 +462,23 @@ async fn snapshot_rules_paging_and_restart() {
     let err = snapshot(&p, "rules-x", "").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
-    let mut ids = vec![s1.snapshot_id.clone()];
-    for (name, vol) in [("rules-s2", &a), ("rules-s3", &b), ("rules-s4", &b)] {
+    // Nomad passes the volume's parameters and secrets along: accepted as they are.
+    let with_params = p
+        .controller()
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: a.volume_id.clone(),
+            name: "rules-s2".into(),
+            parameters: params(&[("nomad-param", "x")]),
+            secrets: params(&[("token", "s3cr3t")]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(with_params.ready_to_use);
+    let mut ids = vec![s1.snapshot_id.clone(), with_params.snapshot_id];
+    for (name, vol) in [("rules-s3", &b), ("rules-s4", &b)] {
         ids.push(
             snapshot(&p, name, &vol.volume_id)
                 .await

@@ -183,7 +183,8 @@ impl Attachments {
     ) -> Result<LiveSnapshot> {
         let backend = self.backend_for(node_id).await?.ok_or_else(|| {
             Error::FailedPrecondition(format!(
-                "volume {volume_id} is attached to node {node_id}, which no attach backend serves                  any more; unpublish it first"
+                "volume {volume_id} is attached to node {node_id}, which no attach backend serves \
+                 any more; unpublish it first"
             ))
         })?;
         backend.snapshot_live(node_id, volume_id, new_overlay).await
