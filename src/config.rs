@@ -133,6 +133,28 @@ impl Default for LibvirtConfig {
     }
 }
 
+/// Snapshots, restores and clones (`[snapshots]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Most images a volume's backing chain may hold (its active layer included); deeper
+    /// chains are flattened in the background. At least 2.
+    #[serde(default = "default_max_chain_depth")]
+    pub max_chain_depth: usize,
+}
+
+fn default_max_chain_depth() -> usize {
+    crate::pool::DEFAULT_MAX_CHAIN_DEPTH
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            max_chain_depth: default_max_chain_depth(),
+        }
+    }
+}
+
 /// The TOML file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +171,8 @@ pub struct FileConfig {
     pub node: NodeConfig,
     #[serde(default)]
     pub libvirt: LibvirtConfig,
+    #[serde(default)]
+    pub snapshots: SnapshotConfig,
 }
 
 /// The effective configuration.
@@ -162,6 +186,7 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     pub node: NodeConfig,
     pub libvirt: LibvirtConfig,
+    pub snapshots: SnapshotConfig,
 }
 
 /// Flags that override the file.
@@ -230,6 +255,12 @@ impl Config {
             .or(fc.driver_name)
             .unwrap_or_else(|| DEFAULT_DRIVER_NAME.to_string());
         check_driver_name(&driver_name)?;
+        if !(2..=64).contains(&fc.snapshots.max_chain_depth) {
+            return Err(Error::invalid(format!(
+                "snapshots.max_chain_depth {} is out of range: use 2 to 64",
+                fc.snapshots.max_chain_depth
+            )));
+        }
         Ok(Config {
             mode,
             driver_name,
@@ -239,6 +270,7 @@ impl Config {
             pools,
             node: fc.node,
             libvirt,
+            snapshots: fc.snapshots,
         })
     }
 
@@ -304,6 +336,8 @@ mod tests {
             max_volumes_per_node = 16
             [libvirt]
             uri = "qemu+ssh://hv1/system"
+            [snapshots]
+            max_chain_depth = 4
             "#,
         )
         .unwrap();
@@ -313,6 +347,7 @@ mod tests {
         assert!(c.has_topology());
         assert_eq!(c.node.max_volumes_per_node, 16);
         assert_eq!(c.libvirt.uri, "qemu+ssh://hv1/system");
+        assert_eq!(c.snapshots.max_chain_depth, 4);
         assert!(c.libvirt.enabled);
         assert_eq!(c.libvirt.node_id, NodeIdKind::Uuid);
     }
@@ -345,6 +380,7 @@ mod tests {
             "[[pool]]\nname='a'\npath='/a'\n[[pool]]\nname='a'\npath='/b'\n",
             "[[pool]]\nname='a'\npath='rel'\n",
             "[[pool]]\nname='../a'\npath='/a'\n",
+            "[snapshots]\nmax_chain_depth = 1\n",
         ] {
             let fc: FileConfig = toml::from_str(text).unwrap();
             assert!(Config::from_file_config(Mode::Controller, fc, Overrides::default()).is_err());

@@ -83,8 +83,17 @@ async fn shutdown_signal() {
 
 /// Builds the services for `cfg.mode` and serves until a signal arrives.
 pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
+    let guards = OpGuards::default();
     let pools = if cfg.mode.runs_controller() {
-        Some(Pools::open(cfg.pools.clone(), cfg.default_volume_size).await?)
+        let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
+            .await?
+            .with_layers(
+                attachers.clone(),
+                guards.clone(),
+                cfg.snapshots.max_chain_depth,
+            );
+        pools.start_flattener();
+        Some(pools)
     } else {
         None
     };
@@ -106,7 +115,7 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
             ControllerServer::new(ControllerService {
                 pools,
                 attachments: attachers.clone(),
-                guards: OpGuards::default(),
+                guards: guards.clone(),
             })
         }));
     let node = if cfg.mode.runs_node() {

@@ -7,7 +7,7 @@ use crate::model::Capability;
 use crate::params::{Bus, DiskOptions};
 use crate::pool::VolumeRecord;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// publish_context keys the node plugin reads.
@@ -58,6 +58,13 @@ impl Attachment {
     }
 }
 
+/// What a live snapshot did on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LiveSnapshot {
+    /// The guest's file systems were frozen around the switch (a guest agent answered).
+    pub quiesced: bool,
+}
+
 /// One way of attaching disks to nodes.
 #[async_trait::async_trait]
 pub trait Attacher: Send + Sync {
@@ -81,6 +88,23 @@ pub trait Attacher: Send + Sync {
         -> Result<()>;
     /// Ready to serve (e.g. libvirtd reachable).
     async fn check_health(&self) -> Result<()>;
+    /// Live snapshot of an attached disk: the node stops writing the volume's current image and
+    /// continues in `new_overlay`, which the caller created (qcow2, backed by the current image
+    /// under a relative name) and made durable. libvirt: an external disk-only snapshot with
+    /// REUSE_EXT | NO_METADATA, plus QUIESCE when a guest agent is present.
+    /// Ok only once the node writes to `new_overlay`; an error must mean it still writes to
+    /// the old image (the caller then deletes the overlay).
+    async fn snapshot_live(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        new_overlay: &Path,
+    ) -> Result<LiveSnapshot> {
+        let _ = (node_id, volume_id, new_overlay);
+        Err(Error::Unimplemented(
+            "this attach backend cannot snapshot attached volumes".into(),
+        ))
+    }
 }
 
 /// The publish request, in domain terms.
@@ -139,6 +163,36 @@ impl Attachments {
         nodes.sort();
         nodes.dedup();
         Ok(nodes)
+    }
+
+    /// Nodes holding the volume writable, i.e. that may be writing its active image now.
+    pub async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
+        let mut nodes: Vec<String> = self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|a| a.volume_id == volume_id && !a.readonly)
+            .map(|a| a.node_id)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    /// Live snapshot on the node holding the volume (see `Attacher::snapshot_live`).
+    pub async fn snapshot_live(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        new_overlay: &Path,
+    ) -> Result<LiveSnapshot> {
+        let backend = self.backend_for(node_id).await?.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {volume_id} is attached to node {node_id}, which no attach backend serves \
+                 any more; unpublish it first"
+            ))
+        })?;
+        backend.snapshot_live(node_id, volume_id, new_overlay).await
     }
 
     pub async fn check_health(&self) -> Result<()> {

@@ -7,8 +7,11 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::guard::{OpGuard, OpGuards};
 use crate::ids::{self, ObjectId};
+use crate::model::ContentSource;
 use crate::params::{self, VolumeParams};
-use crate::pool::{CapacityQuery, CreateVolume, Pools, VolumeRecord};
+use crate::pool::{
+    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotRecord, VolumeRecord,
+};
 use tonic::{Request, Response, Status};
 
 pub struct ControllerService {
@@ -25,7 +28,7 @@ fn ok<T>(v: T) -> RpcResult<T> {
 
 /// Guard key of a volume: its name-derived key, the same before and after the pool is chosen.
 fn volume_guard_key(key: &str) -> String {
-    format!("vol:{key}")
+    crate::guard::volume_key(key)
 }
 
 impl ControllerService {
@@ -44,20 +47,30 @@ impl ControllerService {
         published: Vec<String>,
     ) -> Result<(Vec<String>, csi::VolumeCondition)> {
         let image = self.pools.image_path(rec)?;
-        let present = exec::blocking(move || Ok(image.exists())).await?;
-        let condition = if present {
-            csi::VolumeCondition {
+        let dir = image.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+        let mut layers = vec![rec.image.clone()];
+        layers.extend(rec.chain.backing.iter().cloned());
+        let missing =
+            exec::blocking(move || Ok(layers.into_iter().find(|l| !dir.join(l).exists()))).await?;
+        let condition = match missing {
+            None => csi::VolumeCondition {
                 abnormal: false,
                 message: "ok".into(),
-            }
-        } else {
-            csi::VolumeCondition {
+            },
+            Some(layer) if layer == rec.image => csi::VolumeCondition {
                 abnormal: true,
                 message: format!(
                     "image {} of the volume is missing from pool {}",
                     rec.image, rec.pool
                 ),
-            }
+            },
+            Some(layer) => csi::VolumeCondition {
+                abnormal: true,
+                message: format!(
+                    "backing layer {layer} of the volume is missing from pool {}",
+                    rec.pool
+                ),
+            },
         };
         Ok((published, condition))
     }
@@ -83,7 +96,15 @@ impl Controller for ControllerService {
             topology: convert::topology_requirement(r.accessibility_requirements.as_ref())?,
         };
         let key = ids::volume_key_for_name(&r.name);
-        let _g = self.guards.try_acquire(&[volume_guard_key(&key)])?;
+        let mut keys = vec![volume_guard_key(&key)];
+        // A clone freezes its source: no other operation may run on the source meanwhile.
+        if let Some(ContentSource::Volume(src)) = &create.content_source {
+            if let Some(src) = ObjectId::parse_volume(src)? {
+                keys.push(volume_guard_key(&src.key));
+                keys.dedup();
+            }
+        }
+        let _g = self.guards.try_acquire(&keys)?;
         let rec = self.pools.create(create).await?;
         ok(csi::CreateVolumeResponse {
             volume: Some(convert::volume(&rec)),
@@ -278,6 +299,10 @@ impl Controller for ControllerService {
             Type::GetVolume,
             Type::ModifyVolume,
             Type::SingleNodeMultiWriter,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
         ];
         if self.attachments.is_enabled() {
             types.push(Type::PublishUnpublishVolume);
@@ -294,30 +319,99 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _req: Request<csi::CreateSnapshotRequest>,
+        req: Request<csi::CreateSnapshotRequest>,
     ) -> RpcResult<csi::CreateSnapshotResponse> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = req.into_inner();
+        ids::check_name("name", &r.name)?;
+        ids::check_safe_id("source_volume_id", &r.source_volume_id)?;
+        convert::check_map("parameters", &r.parameters)?;
+        let _g = self
+            .guards
+            .try_acquire(&Pools::snapshot_guard_keys(&r.name, &r.source_volume_id)?)?;
+        let rec = self
+            .pools
+            .create_snapshot(CreateSnapshot {
+                name: r.name,
+                source_volume_id: r.source_volume_id,
+                parameters: r.parameters,
+            })
+            .await?;
+        ok(csi::CreateSnapshotResponse {
+            snapshot: Some(convert::snapshot(&rec)),
+        })
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<csi::DeleteSnapshotRequest>,
+        req: Request<csi::DeleteSnapshotRequest>,
     ) -> RpcResult<csi::DeleteSnapshotResponse> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = req.into_inner();
+        let Some(oid) = ObjectId::parse_snapshot(&r.snapshot_id)? else {
+            return ok(csi::DeleteSnapshotResponse {});
+        };
+        let _g = self
+            .guards
+            .try_acquire(&[crate::guard::snapshot_key(&oid.key)])?;
+        self.pools.delete_snapshot(&r.snapshot_id).await?;
+        ok(csi::DeleteSnapshotResponse {})
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<csi::ListSnapshotsRequest>,
+        req: Request<csi::ListSnapshotsRequest>,
     ) -> RpcResult<csi::ListSnapshotsResponse> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Error::invalid("max_entries must not be negative").into());
+        }
+        let mut all: Vec<SnapshotRecord> = if r.snapshot_id.is_empty() {
+            self.pools.list_snapshots().await?
+        } else {
+            // An id that cannot be ours names no snapshot: an empty list, not an error.
+            match self.pools.snapshot(&r.snapshot_id).await {
+                Ok(found) => found.into_iter().collect(),
+                Err(Error::InvalidArgument(_)) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if !r.source_volume_id.is_empty() {
+            all.retain(|s| s.source_volume_id == r.source_volume_id);
+        }
+        let start = page_start(&all, &r.starting_token, |s| &s.id)?;
+        let take = if r.max_entries == 0 {
+            usize::MAX
+        } else {
+            r.max_entries as usize
+        };
+        let page: Vec<&SnapshotRecord> = all[start..].iter().take(take).collect();
+        let next_token = all
+            .get(start + page.len())
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
+        ok(csi::ListSnapshotsResponse {
+            entries: page
+                .into_iter()
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(convert::snapshot(s)),
+                })
+                .collect(),
+            next_token,
+        })
     }
 
     async fn get_snapshot(
         &self,
-        _req: Request<csi::GetSnapshotRequest>,
+        req: Request<csi::GetSnapshotRequest>,
     ) -> RpcResult<csi::GetSnapshotResponse> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = req.into_inner();
+        ids::check_safe_id("snapshot_id", &r.snapshot_id)?;
+        let rec =
+            self.pools.snapshot(&r.snapshot_id).await?.ok_or_else(|| {
+                Error::NotFound(format!("snapshot {} does not exist", r.snapshot_id))
+            })?;
+        ok(csi::GetSnapshotResponse {
+            snapshot: Some(convert::snapshot(&rec)),
+        })
     }
 
     async fn controller_expand_volume(

@@ -167,3 +167,18 @@ pub fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn snapshot(rec: &crate::pool::SnapshotRecord) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: rec.size_bytes as i64,
+        snapshot_id: rec.id.clone(),
+        source_volume_id: rec.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: rec.created_at as i64,
+            nanos: rec.created_at_nanos as i32,
+        }),
+        // Records are written Ready only once the layer is durable.
+        ready_to_use: rec.state == crate::pool::RecordState::Ready,
+        group_snapshot_id: String::new(),
+    }
+}

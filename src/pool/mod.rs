@@ -1,11 +1,17 @@
 //! Pools: directories holding volume images and their records. The pool is the database:
 //! everything the controller knows about a volume is read back from here after a restart.
 
+mod flatten;
+mod layers;
 pub mod qemu_img;
 pub mod record;
+mod snapshots;
+mod sources;
 mod volumes;
 
-pub use record::{RecordState, VolumeRecord};
+pub use layers::DEFAULT_MAX_CHAIN_DEPTH;
+pub use record::{RecordState, SnapshotRecord, VolumeRecord};
+pub use snapshots::CreateSnapshot;
 pub use volumes::{topology_fits, CapacityQuery, CreateVolume, Pools, TopologyRequirement, MIB};
 
 use crate::config::PoolConfig;
@@ -17,18 +23,30 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// One pool directory:
-/// `volumes/<key>.json` records, `images/<file>` image layers.
+/// `volumes/<key>.json` records, `images/<file>` image layers, `snapshots/<key>.json`
+/// snapshot records, `flatten/<key>.json` background flattening jobs.
 #[derive(Debug)]
 pub struct Pool {
     cfg: PoolConfig,
+    /// Serializes layer garbage collection with record writes that add a reference to an
+    /// existing layer (see `layers`).
+    layers_lock: std::sync::Mutex<()>,
 }
 
 impl Pool {
     /// Creates the directories if needed and finishes or undoes what a crash interrupted.
     /// Blocking: call through `exec::blocking`.
     pub fn open(cfg: PoolConfig) -> Result<Pool> {
-        let pool = Pool { cfg };
-        for dir in [pool.volumes_dir(), pool.images_dir()] {
+        let pool = Pool {
+            cfg,
+            layers_lock: Default::default(),
+        };
+        for dir in [
+            pool.volumes_dir(),
+            pool.images_dir(),
+            pool.snapshots_dir(),
+            pool.flatten_dir(),
+        ] {
             fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating pool directory {}", dir.display()), e))?;
         }
@@ -148,7 +166,12 @@ impl Pool {
 
     /// Finishes deletes and undoes creates that a crash interrupted; removes temp files.
     fn recover(&self) -> Result<()> {
-        for dir in [self.volumes_dir(), self.images_dir()] {
+        for dir in [
+            self.volumes_dir(),
+            self.images_dir(),
+            self.snapshots_dir(),
+            self.flatten_dir(),
+        ] {
             for entry in fs::read_dir(&dir)
                 .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
             {
@@ -169,7 +192,7 @@ impl Pool {
                 self.discard_volume(&rec)?;
             }
         }
-        Ok(())
+        self.recover_layers()
     }
 
     /// Removes a volume's image and then its record (in that order: no orphan image).

@@ -79,3 +79,45 @@ pub async fn check(path: &Path, format: ImageFormat) -> Result<()> {
     .await
     .map(drop)
 }
+
+/// Copies what `src` shows (its whole backing chain) into a new standalone qcow2 image.
+pub async fn convert_flat(src: &Path, dst: &Path) -> Result<()> {
+    exec::run(
+        "qemu-img",
+        [
+            "convert",
+            "-q",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            path_arg(src)?,
+            path_arg(dst)?,
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// Points `image`'s header at `backing` without touching data: right exactly when the old
+/// and the new backing show the same content. Blocking (pool recovery runs it while the pool
+/// opens): call through `exec::blocking`.
+pub fn rebase_unsafe_blocking(image: &Path, backing: &str) -> Result<()> {
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+        ])
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::io("starting qemu-img rebase", e))?;
+    if !out.status.success() {
+        return Err(Error::internal(format!(
+            "qemu-img rebase of {} onto {backing} failed ({}): {}",
+            image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

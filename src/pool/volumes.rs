@@ -1,6 +1,7 @@
 //! The volume lifecycle across all configured pools: create (idempotent by name), delete,
 //! offline expansion, listing and capacity.
 
+use super::layers::LayerContext;
 use super::qemu_img;
 use super::record::{now_secs, RecordState, VolumeRecord, SCHEMA};
 use super::Pool;
@@ -47,6 +48,8 @@ pub struct CapacityQuery {
 pub struct Pools {
     pools: Arc<Vec<Arc<Pool>>>,
     default_size: u64,
+    /// Snapshots, clones and chain flattening (see `layers`).
+    pub(super) layers: LayerContext,
 }
 
 /// Whether a pool with topology `pool` is reachable from `wanted` (a pool with no topology is
@@ -104,6 +107,7 @@ impl Pools {
         Ok(Pools {
             pools: Arc::new(pools),
             default_size,
+            layers: LayerContext::default(),
         })
     }
 
@@ -241,17 +245,17 @@ impl Pools {
             }
         }
 
+        if let Some(source) = &req.content_source {
+            return self.create_from_source(&req, &params, &key, source).await;
+        }
         let size = size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
         let pool = self.choose_pool(&req, &params, size).await?;
         let format = params.format.unwrap_or(pool.config().format);
         for cap in &req.capabilities {
             cap.check(format)?;
         }
-        if req.content_source.is_some() {
-            return Err(Error::invalid(
-                "volume_content_source is not supported yet: create an empty volume",
-            ));
-        }
+        let (p, k) = (pool.clone(), key.clone());
+        let image = exec::blocking(move || p.fresh_image_name(&k, format)).await?;
         let rec = VolumeRecord {
             schema: SCHEMA,
             id: pool.volume_id(&key),
@@ -260,27 +264,38 @@ impl Pools {
             state: RecordState::Creating,
             format,
             capacity_bytes: size,
-            image: format!("{key}.{}", format.as_str()),
+            image,
             capabilities: req.capabilities.clone(),
             parameters: req.parameters.clone(),
             disk: params.disk.clone(),
             content_source: req.content_source.clone(),
             accessible_topology: pool.topology().clone(),
             created_at: now_secs(),
+            chain: Default::default(),
         };
         self.materialize(&pool, rec).await
     }
 
     /// Writes the Creating record, creates the image, then marks the record Ready. On failure
     /// everything made so far is removed.
-    async fn materialize(&self, pool: &Arc<Pool>, mut rec: VolumeRecord) -> Result<VolumeRecord> {
+    pub(super) async fn materialize(
+        &self,
+        pool: &Arc<Pool>,
+        mut rec: VolumeRecord,
+    ) -> Result<VolumeRecord> {
         let p = pool.clone();
         let r = rec.clone();
         exec::blocking(move || p.write_volume(&r)).await?;
         let image = pool.image_path(&rec.image);
         let part = pool.image_path(&format!("{}.part", rec.image));
         let made = async {
-            qemu_img::create(&part, rec.format, rec.capacity_bytes, None).await?;
+            // Restores and clones are overlays on their source's layer (always qcow2).
+            let backing = rec
+                .chain
+                .backing
+                .first()
+                .map(|b| (b.as_str(), crate::model::ImageFormat::Qcow2));
+            qemu_img::create(&part, rec.format, rec.capacity_bytes, backing).await?;
             let (part, image) = (part.clone(), image.clone());
             exec::blocking(move || fsutil::rename_durable(&part, &image)).await
         }
@@ -303,7 +318,7 @@ impl Pools {
 
     /// The pool for a new volume: the one named in parameters, else the first that fits the
     /// topology (preferred first) and has room.
-    async fn choose_pool(
+    pub(super) async fn choose_pool(
         &self,
         req: &CreateVolume,
         params: &VolumeParams,
@@ -462,6 +477,10 @@ impl Pools {
             }
             pool.discard_volume(&rec)?;
             tracing::info!(volume = %rec.id, "volume deleted");
+            // Backing layers nobody else needs go now; a failure only delays that.
+            if let Err(e) = pool.collect_garbage() {
+                tracing::warn!(pool = %pool.name(), error = %e, "layer cleanup deferred");
+            }
             Ok(())
         })
         .await

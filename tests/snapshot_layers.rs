@@ -1,0 +1,489 @@
+//! The pool's layer bookkeeping through the library, with real qemu-img: crash recovery from
+//! every half-done step, and the live-snapshot seam with fake attach backends.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use virtdisk_csi::attach::{Attacher, Attachment, Attachments, DiskSpec, LiveSnapshot};
+use virtdisk_csi::config::PoolConfig;
+use virtdisk_csi::error::{Error, Result};
+use virtdisk_csi::guard::OpGuards;
+use virtdisk_csi::model::{AccessMode, AccessType, Capability, ImageFormat};
+use virtdisk_csi::params::Bus;
+use virtdisk_csi::pool::record::{FlattenJob, FlattenState, Freezing, SnapshotRecord};
+use virtdisk_csi::pool::{CreateSnapshot, CreateVolume, Pools, RecordState, VolumeRecord};
+
+const MIB: u64 = 1 << 20;
+const NODE: &str = "vdt-snap-node";
+
+fn pool_config(dir: &Path) -> PoolConfig {
+    PoolConfig {
+        name: "default".into(),
+        path: dir.join("pool"),
+        format: ImageFormat::Qcow2,
+        topology: BTreeMap::new(),
+        capacity_bytes: None,
+        overcommit: true,
+    }
+}
+
+async fn open(dir: &Path, attachments: Attachments) -> Pools {
+    Pools::open(vec![pool_config(dir)], 64 * MIB)
+        .await
+        .unwrap()
+        .with_layers(attachments, OpGuards::default(), 3)
+}
+
+fn volume_req(name: &str) -> CreateVolume {
+    CreateVolume {
+        name: name.into(),
+        required_bytes: 16 * MIB,
+        limit_bytes: 0,
+        capabilities: vec![Capability {
+            access_type: AccessType::Mount {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+            },
+            access_mode: AccessMode::SingleNodeWriter,
+        }],
+        parameters: BTreeMap::new(),
+        content_source: None,
+        topology: Default::default(),
+    }
+}
+
+fn snap_req(name: &str, vol: &VolumeRecord) -> CreateSnapshot {
+    CreateSnapshot {
+        name: name.into(),
+        source_volume_id: vol.id.clone(),
+        parameters: BTreeMap::new(),
+    }
+}
+
+fn images(dir: &Path) -> PathBuf {
+    dir.join("pool/images")
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(images(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn backing_of(image: &Path) -> Option<String> {
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        image.to_str().unwrap(),
+    ]))
+    .unwrap();
+    info["backing-filename"].as_str().map(str::to_string)
+}
+
+fn write_pattern(image: &Path, pattern: u8) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &format!("write -P {pattern:#x} 0 1M")])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+fn reads_pattern(image: &Path, pattern: u8) -> bool {
+    let out = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pattern:#x} 0 1M"),
+        ])
+        .arg(image)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+fn key(id: &str) -> &str {
+    id.rsplit_once('.').unwrap().1
+}
+
+/// A node that reports one attachment and records what it was asked to switch to.
+struct FakeNode {
+    attachments: Mutex<Vec<Attachment>>,
+    switched_to: Mutex<Vec<PathBuf>>,
+    can_snapshot_live: bool,
+}
+
+impl FakeNode {
+    fn new(can_snapshot_live: bool) -> Arc<FakeNode> {
+        Arc::new(FakeNode {
+            attachments: Mutex::new(Vec::new()),
+            switched_to: Mutex::new(Vec::new()),
+            can_snapshot_live,
+        })
+    }
+
+    fn attach(&self, volume_id: &str, readonly: bool) {
+        self.attachments.lock().unwrap().push(Attachment {
+            node_id: NODE.into(),
+            volume_id: volume_id.into(),
+            serial: format!("vd-{}", key(volume_id)),
+            bus: Bus::Scsi,
+            readonly,
+            context: BTreeMap::new(),
+        });
+    }
+}
+
+/// Forwards to a FakeNode; the one without live snapshots keeps the trait's default.
+struct OldBackend(Arc<FakeNode>);
+struct LiveBackend(Arc<FakeNode>);
+
+#[async_trait::async_trait]
+impl Attacher for OldBackend {
+    async fn serves(&self, node_id: &str) -> Result<bool> {
+        Ok(node_id == NODE)
+    }
+    async fn attachments(&self) -> Result<Vec<Attachment>> {
+        Ok(self.0.attachments.lock().unwrap().clone())
+    }
+    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+        Err(Error::Unimplemented("fake".into()))
+    }
+    async fn detach(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+        Ok(())
+    }
+    async fn check_health(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Attacher for LiveBackend {
+    async fn serves(&self, node_id: &str) -> Result<bool> {
+        Ok(node_id == NODE)
+    }
+    async fn attachments(&self) -> Result<Vec<Attachment>> {
+        Ok(self.0.attachments.lock().unwrap().clone())
+    }
+    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+        Err(Error::Unimplemented("fake".into()))
+    }
+    async fn detach(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+        Ok(())
+    }
+    async fn check_health(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn snapshot_live(
+        &self,
+        node_id: &str,
+        _volume_id: &str,
+        new_overlay: &Path,
+    ) -> Result<LiveSnapshot> {
+        assert_eq!(node_id, NODE);
+        assert!(self.0.can_snapshot_live);
+        // What libvirt needs: the overlay exists, is durable and backs onto the current image.
+        assert!(backing_of(new_overlay).is_some());
+        self.0
+            .switched_to
+            .lock()
+            .unwrap()
+            .push(new_overlay.to_path_buf());
+        Ok(LiveSnapshot { quiesced: true })
+    }
+}
+
+#[tokio::test]
+async fn attached_volume_snapshots_go_through_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::new(true);
+    let pools = open(
+        dir.path(),
+        Attachments::new(vec![Arc::new(LiveBackend(node.clone()))], 0),
+    )
+    .await;
+    let vol = pools.create(volume_req("live-vol")).await.unwrap();
+    node.attach(&vol.id, false);
+
+    let snap = pools
+        .create_snapshot(snap_req("live-snap", &vol))
+        .await
+        .unwrap();
+    assert_eq!(snap.quiesced, Some(true));
+    assert_eq!(snap.layer, vol.image);
+    let after = pools.volume(&vol.id).await.unwrap().unwrap();
+    let switched = node.switched_to.lock().unwrap().clone();
+    assert_eq!(switched, vec![images(dir.path()).join(&after.image)]);
+    assert_eq!(after.chain.backing, vec![vol.image.clone()]);
+    assert_eq!(after.chain.freezing, None);
+    assert_eq!(
+        backing_of(&images(dir.path()).join(&after.image)).as_deref(),
+        Some(vol.image.as_str())
+    );
+
+    // Read-only attachments cannot write: the freeze happens offline.
+    let ro = pools.create(volume_req("ro-vol")).await.unwrap();
+    node.attach(&ro.id, true);
+    let snap = pools
+        .create_snapshot(snap_req("ro-snap", &ro))
+        .await
+        .unwrap();
+    assert_eq!(snap.quiesced, None);
+    assert_eq!(node.switched_to.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn attached_volumes_need_a_backend_that_snapshots_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::new(false);
+    let pools = open(
+        dir.path(),
+        Attachments::new(vec![Arc::new(OldBackend(node.clone()))], 0),
+    )
+    .await;
+    let vol = pools.create(volume_req("old-vol")).await.unwrap();
+    node.attach(&vol.id, false);
+    let before = files(dir.path());
+
+    let err = pools
+        .create_snapshot(snap_req("old-snap", &vol))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    assert!(err.to_string().contains("unpublish"), "{err}");
+    let mut clone = volume_req("old-clone");
+    clone.content_source = Some(virtdisk_csi::model::ContentSource::Volume(vol.id.clone()));
+    let err = pools.create(clone).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+
+    // Nothing changed: same record, no overlay left behind, no snapshot.
+    assert_eq!(pools.volume(&vol.id).await.unwrap().unwrap(), vol);
+    assert_eq!(files(dir.path()), before);
+    assert!(pools.list_snapshots().await.unwrap().is_empty());
+    assert!(pools
+        .volume(&format!(
+            "default.{}",
+            virtdisk_csi::ids::volume_key_for_name("old-clone")
+        ))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn pool_open_finishes_or_undoes_every_interrupted_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = images(dir.path());
+    let pool_dir = dir.path().join("pool");
+    let (v_off, v_live, v_conv, v_switch, snap) = {
+        let pools = open(dir.path(), Attachments::default()).await;
+        let pool = pools.get("default").unwrap().clone();
+
+        // An offline freeze interrupted before the switch: undone.
+        let mut v_off = pools.create(volume_req("rec-offline")).await.unwrap();
+        write_pattern(&img.join(&v_off.image), 0xa1);
+        let overlay = format!("{}-1.qcow2", key(&v_off.id));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &v_off.image,
+            "-F",
+            "qcow2",
+            img.join(&overlay).to_str().unwrap(),
+        ]);
+        v_off.chain.freezing = Some(Freezing {
+            overlay,
+            handed_to_domain: false,
+        });
+        pool.write_volume(&v_off).unwrap();
+
+        // A live freeze interrupted after the domain was asked to switch: finished.
+        let mut v_live = pools.create(volume_req("rec-live")).await.unwrap();
+        write_pattern(&img.join(&v_live.image), 0xa2);
+        let overlay = format!("{}-2.qcow2", key(&v_live.id));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &v_live.image,
+            "-F",
+            "qcow2",
+            img.join(&overlay).to_str().unwrap(),
+        ]);
+        v_live.chain.freezing = Some(Freezing {
+            overlay,
+            handed_to_domain: true,
+        });
+        pool.write_volume(&v_live).unwrap();
+
+        // A flattening interrupted while copying: undone.
+        let v_conv = pools.create(volume_req("rec-conv")).await.unwrap();
+        let snap = pools
+            .create_snapshot(snap_req("rec-conv-snap", &v_conv))
+            .await
+            .unwrap();
+        let v_conv = pools.volume(&v_conv.id).await.unwrap().unwrap();
+        let partial = format!("{}-3.qcow2", key(&v_conv.id));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            img.join(&partial).to_str().unwrap(),
+            "1M",
+        ]);
+        let job = FlattenJob {
+            schema: 1,
+            volume_id: v_conv.id.clone(),
+            image: v_conv.image.clone(),
+            source: v_conv.chain.backing.clone(),
+            layer: partial,
+            state: FlattenState::Converting,
+            started_at: 0,
+            updated_at: 0,
+        };
+        std::fs::write(
+            pool_dir.join(format!("flatten/{}.json", key(&v_conv.id))),
+            serde_json::to_vec(&job).unwrap(),
+        )
+        .unwrap();
+
+        // A flattening interrupted while switching: finished.
+        let v_switch = pools.create(volume_req("rec-switch")).await.unwrap();
+        write_pattern(&img.join(&v_switch.image), 0xa4);
+        pools
+            .create_snapshot(snap_req("rec-switch-1", &v_switch))
+            .await
+            .unwrap();
+        pools
+            .create_snapshot(snap_req("rec-switch-2", &v_switch))
+            .await
+            .unwrap();
+        let v_switch = pools.volume(&v_switch.id).await.unwrap().unwrap();
+        let flat = format!("{}-4.qcow2", key(&v_switch.id));
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-O",
+            "qcow2",
+            img.join(&v_switch.chain.backing[0]).to_str().unwrap(),
+            img.join(&flat).to_str().unwrap(),
+        ]);
+        let job = FlattenJob {
+            schema: 1,
+            volume_id: v_switch.id.clone(),
+            image: v_switch.image.clone(),
+            source: v_switch.chain.backing.clone(),
+            layer: flat,
+            state: FlattenState::Switching,
+            started_at: 0,
+            updated_at: 0,
+        };
+        std::fs::write(
+            pool_dir.join(format!("flatten/{}.json", key(&v_switch.id))),
+            serde_json::to_vec(&job).unwrap(),
+        )
+        .unwrap();
+
+        // A half-made snapshot record, an orphan layer, a stranger's file, temp files.
+        let half = SnapshotRecord {
+            state: RecordState::Creating,
+            id: format!(
+                "default.{}",
+                virtdisk_csi::ids::snapshot_key_for_name("half")
+            ),
+            name: "half".into(),
+            ..snap.clone()
+        };
+        pool.write_snapshot(&half).unwrap();
+        std::fs::write(img.join("0123456789abcdef-5.qcow2"), b"orphan").unwrap();
+        std::fs::write(img.join("notes.txt"), b"not ours").unwrap();
+        std::fs::write(img.join("0123456789abcdef.qcow2.part"), b"partial").unwrap();
+        (v_off, v_live, v_conv, v_switch, snap)
+    };
+
+    // "Restart".
+    let pools = open(dir.path(), Attachments::default()).await;
+
+    let off = pools.volume(&v_off.id).await.unwrap().unwrap();
+    assert_eq!(off.image, v_off.image);
+    assert_eq!(off.chain.freezing, None);
+    assert!(off.chain.backing.is_empty());
+    assert!(reads_pattern(&img.join(&off.image), 0xa1));
+
+    let live = pools.volume(&v_live.id).await.unwrap().unwrap();
+    let overlay = v_live.chain.freezing.as_ref().unwrap().overlay.clone();
+    assert_eq!(live.image, overlay);
+    assert_eq!(live.chain.backing, vec![v_live.image.clone()]);
+    assert!(reads_pattern(&img.join(&live.image), 0xa2));
+
+    let conv = pools.volume(&v_conv.id).await.unwrap().unwrap();
+    assert_eq!(conv, v_conv);
+
+    let switched = pools.volume(&v_switch.id).await.unwrap().unwrap();
+    let flat = format!("{}-4.qcow2", key(&v_switch.id));
+    assert_eq!(switched.chain.backing, vec![flat.clone()]);
+    assert_eq!(backing_of(&img.join(&switched.image)), Some(flat));
+    assert!(reads_pattern(&img.join(&switched.image), 0xa4));
+
+    // The half-made snapshot is gone, the finished one kept.
+    let snaps = pools.list_snapshots().await.unwrap();
+    assert_eq!(snaps.len(), 3);
+    assert!(snaps.iter().any(|s| s.id == snap.id));
+    assert!(!snaps.iter().any(|s| s.name == "half"));
+    assert_eq!(
+        std::fs::read_dir(pool_dir.join("flatten")).unwrap().count(),
+        0
+    );
+
+    // Exactly the referenced layers remain, plus the stranger's file.
+    let mut expected: Vec<String> = vec!["notes.txt".into()];
+    for v in [&off, &live, &conv, &switched] {
+        expected.push(v.image.clone());
+        expected.extend(v.chain.backing.iter().cloned());
+    }
+    for s in &snaps {
+        expected.push(s.layer.clone());
+        expected.extend(s.backing.iter().cloned());
+    }
+    expected.sort();
+    expected.dedup();
+    assert_eq!(files(dir.path()), expected);
+    for f in files(dir.path()).iter().filter(|f| f.ends_with(".qcow2")) {
+        qemu_img(&["check", "-q", img.join(f).to_str().unwrap()]);
+    }
+}
