@@ -119,3 +119,55 @@ async fn guest_boots_reports_its_uuid_and_sees_hotplugged_disks() {
         started.elapsed().as_millis()
     ));
 }
+
+/// Two guests side by side (as the publish/move sequence needs): each reports its own domain
+/// UUID; after a hard reset a guest's node plugin answers again on the same channel; after a
+/// power cycle a guest finds the disk attached persistently before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_guests_have_their_own_ids_and_survive_reset_and_power_cycle() {
+    const TEST: &str = "two_guests_have_their_own_ids_and_survive_reset_and_power_cycle";
+    let Some(bed) = guestbed::testbed_or_skip(TEST).await else {
+        return;
+    };
+    let (mut a, mut b) = tokio::join!(Guest::boot(&bed, "a"), Guest::boot(&bed, "b"));
+    assert_ne!(a.uuid(), b.uuid());
+    for guest in [&a, &b] {
+        let id = guest
+            .node()
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .expect("NodeGetInfo")
+            .into_inner()
+            .node_id;
+        assert_eq!(id, guest.uuid(), "{} reports its own UUID", guest.name());
+    }
+    let serial = "vd-00000000000000b1";
+    let image = guestbed::qcow2(a.dir(), "persistent.qcow2", 64 << 20);
+    let mark = a.console_mark();
+    a.attach_disk_with(&image, serial, Bus::Virtio, true).await;
+    a.wait_disk_added(mark, serial).await;
+
+    let boot_id = "cat /proc/sys/kernel/random/boot_id";
+    let boot_before = b.sh(boot_id).await;
+    let (_, ()) = tokio::join!(b.reset(), async {
+        let mark = a.console_mark();
+        a.power_cycle().await;
+        let dev = a.wait_disk_added(mark, serial).await;
+        assert_eq!(
+            a.sh(&format!("/sbin/vdt-disk-serial {dev}")).await.trim(),
+            serial
+        );
+    });
+    let id = b
+        .node()
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .expect("NodeGetInfo after the reset")
+        .into_inner()
+        .node_id;
+    assert_eq!(id, b.uuid());
+    let boot_after = b.sh(boot_id).await;
+    assert_ne!(boot_before, boot_after, "{} rebooted", b.name());
+    a.timeline.print();
+    b.timeline.print();
+}

@@ -308,8 +308,8 @@ impl Guest {
         }
     }
 
-    /// Waits until the guest kernel reports a disk with `serial` (after `mark`); returns its
-    /// kernel name (`vdb`, `sda`, …).
+    /// Waits until the guest kernel reports a disk with `serial` (after `mark`): hot-plugged,
+    /// or present at boot. Returns its kernel name (`vdb`, `sda`, …).
     pub async fn wait_disk_added(&self, mark: usize, serial: &str) -> String {
         let needle = format!(" serial={serial} ");
         let line = self
@@ -317,7 +317,10 @@ impl Guest {
                 mark,
                 &format!("disk {serial} added"),
                 Duration::from_secs(60),
-                |l| l.starts_with("vdt-block add ") && l.contains(&needle),
+                |l| {
+                    (l.starts_with("vdt-block add ") || l.starts_with("vdt-block present "))
+                        && l.contains(&needle)
+                },
             )
             .await;
         line.split_whitespace()
@@ -430,18 +433,34 @@ impl Guest {
     /// Hot-plugs `image` (qcow2) with `serial` on `bus` (`virsh attach-device --live`), as the
     /// controller does, and returns the disk XML (for `detach_disk`).
     pub async fn attach_disk(&self, image: &Path, serial: &str, bus: Bus) -> String {
+        self.attach_disk_with(image, serial, bus, false).await
+    }
+
+    /// `attach_disk`; with `persist` also into the persistent definition (`--config`), so
+    /// the disk is there again after `power_cycle`.
+    pub async fn attach_disk_with(
+        &self,
+        image: &Path,
+        serial: &str,
+        bus: Bus,
+        persist: bool,
+    ) -> String {
         let live = self.live_xml().await;
         let disk = xml::disk(image, &xml::free_target(&live, bus), bus, serial);
         let file = self.dir.path().join(format!("disk-{serial}.xml"));
         std::fs::write(&file, &disk).unwrap();
-        self.virsh(&[
+        let mut args = vec![
             "attach-device",
             &self.name,
             file.to_str().unwrap(),
             "--live",
-        ])
-        .await
-        .unwrap_or_else(|e| panic!("attach-device {serial} on {}: {e}", bus.as_str()));
+        ];
+        if persist {
+            args.push("--config");
+        }
+        self.virsh(&args)
+            .await
+            .unwrap_or_else(|e| panic!("attach-device {serial} on {}: {e}", bus.as_str()));
         disk
     }
 

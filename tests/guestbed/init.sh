@@ -25,7 +25,8 @@ while read -r module; do
 done </etc/vdt/modules
 say "modules loaded"
 for disk in /sys/block/*; do
-    [ -e "$disk/device" ] && echo "vdt-block present ${disk##*/} serial=$(/sbin/vdt-disk-serial "${disk##*/}")"
+    [ -e "$disk/device" ] &&
+        echo "vdt-block present ${disk##*/} serial=$(/sbin/vdt-disk-serial "${disk##*/}") size=$(cat "$disk/size")"
 done
 
 # User-mode networking: the host reaches the node plugin through a port forward to this address.

@@ -89,7 +89,7 @@ pub fn domain(spec: &DomainSpec) -> String {
     <controller type='pci' model='pcie-root'/>
 {ports}    <controller type='scsi' model='virtio-scsi' index='0'/>
     <interface type='user'><model type='virtio'/></interface>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
     <memballoon model='none'/>
   </devices>
