@@ -171,3 +171,51 @@ async fn two_guests_have_their_own_ids_and_survive_reset_and_power_cycle() {
     a.timeline.print();
     b.timeline.print();
 }
+
+/// The transport the guests use, without a guest: `serve --endpoint tcp://…` answers gRPC.
+#[tokio::test]
+async fn node_plugin_serves_on_a_tcp_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _plugin = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_virtdisk-csi"))
+            .args([
+                "serve",
+                "--mode",
+                "node",
+                "--node-id",
+                "tcp-node",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .args(["--endpoint", &format!("tcp://127.0.0.1:{port}")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start virtdisk-csi"),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_lazy();
+    let mut node = csi::node_client::NodeClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        match node.node_get_info(csi::NodeGetInfoRequest {}).await {
+            Ok(info) => break info.into_inner(),
+            Err(e) if Instant::now() > deadline => {
+                panic!("no answer on tcp://127.0.0.1:{port}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(info.node_id, "tcp-node");
+}
