@@ -63,11 +63,28 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtConfig {
+    /// Attach through libvirt in controller modes (builds with the `libvirt` feature).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     #[serde(default = "default_uri")]
     pub uri: String,
     /// How long ControllerUnpublish waits for the guest to release a disk.
     #[serde(default = "default_detach_timeout")]
     pub detach_timeout_secs: u64,
+    /// Which id of a domain published_node_ids reports; publish accepts either.
+    #[serde(default)]
+    pub node_id: NodeIdKind,
+}
+
+/// Which id of a libvirt domain is its node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeIdKind {
+    /// The domain UUID: the guest's DMI product_uuid, the node plugin's default node id.
+    #[default]
+    Uuid,
+    /// The domain name, for node plugins started with `--node-id <domain name>`.
+    Name,
 }
 
 fn default_uri() -> String {
@@ -81,8 +98,10 @@ fn default_detach_timeout() -> u64 {
 impl Default for LibvirtConfig {
     fn default() -> Self {
         LibvirtConfig {
+            enabled: true,
             uri: default_uri(),
             detach_timeout_secs: default_detach_timeout(),
+            node_id: NodeIdKind::default(),
         }
     }
 }
@@ -267,6 +286,30 @@ mod tests {
         assert!(c.has_topology());
         assert_eq!(c.node.max_volumes_per_node, 16);
         assert_eq!(c.libvirt.uri, "qemu+ssh://hv1/system");
+        assert!(c.libvirt.enabled);
+        assert_eq!(c.libvirt.node_id, NodeIdKind::Uuid);
+    }
+
+    #[test]
+    fn libvirt_section_and_uri_flag() {
+        let fc: FileConfig = toml::from_str(
+            "[libvirt]\nenabled = false\ndetach_timeout_secs = 3\nnode_id = \"name\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file_config(
+            Mode::Controller,
+            fc,
+            Overrides {
+                libvirt_uri: Some("qemu:///session".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!c.libvirt.enabled);
+        assert_eq!(c.libvirt.detach_timeout_secs, 3);
+        assert_eq!(c.libvirt.node_id, NodeIdKind::Name);
+        assert_eq!(c.libvirt.uri, "qemu:///session");
+        assert!(toml::from_str::<FileConfig>("[libvirt]\nnode_id = \"mac\"\n").is_err());
     }
 
     #[test]

@@ -11,7 +11,9 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    // Keep the caller's span (volume id…) on logs written inside the closure.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }

@@ -2,13 +2,18 @@
 //! into the libvirt domain that is the node.
 
 pub mod attach;
+pub mod client;
 pub mod config;
 pub mod csi;
+pub mod doctor;
 pub mod error;
 pub mod exec;
 pub mod fsutil;
 pub mod guard;
+#[cfg(feature = "libvirt")]
+pub mod hypervisor;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod nodeid;
 pub mod params;

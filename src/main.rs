@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Serve the CSI gRPC API on a unix socket.
     Serve(ServeArgs),
+    /// Call a CSI plugin's RPCs (any plugin's socket): identity, volume, node, snapshot.
+    Client(virtdisk_csi::client::ClientArgs),
+    /// Check that this host has what the plugin needs; exits non-zero on a FAIL.
+    Doctor(virtdisk_csi::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -43,9 +47,15 @@ struct ServeArgs {
     /// Make the socket 0660 and owned by this group (default: 0600).
     #[arg(long)]
     socket_group: Option<String>,
+    /// libvirt URI of the hypervisor whose domains are the nodes (default qemu:///system).
+    #[arg(long)]
+    libvirt_uri: Option<String>,
     /// Logs as JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9808).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -74,19 +84,37 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
             driver_name: args.driver_name,
             data_dir: args.data_dir,
             node_id: args.node_id,
-            libvirt_uri: None,
+            libvirt_uri: args.libvirt_uri,
         },
     )?;
     let listen = server::listen_address(&args.endpoint)?;
+    if let Some(addr) = args.metrics_addr {
+        virtdisk_csi::metrics::serve(addr).await?;
+    }
+    let attachers = attachments(&cfg);
     server::serve(
         cfg,
         ServeOptions {
             listen,
             socket_group: args.socket_group,
         },
-        Attachments::default(),
+        attachers,
     )
     .await
+}
+
+/// The attach backends of controller modes: libvirt hot-plug when built in and enabled.
+fn attachments(cfg: &Config) -> Attachments {
+    #[allow(unused_mut)]
+    let mut backends: Vec<std::sync::Arc<dyn virtdisk_csi::attach::Attacher>> = Vec::new();
+    #[cfg(feature = "libvirt")]
+    if cfg.mode.runs_controller() && cfg.libvirt.enabled {
+        use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig};
+        backends.push(std::sync::Arc::new(Hypervisor::new(
+            HypervisorConfig::from_config(cfg),
+        )));
+    }
+    Attachments::new(backends, cfg.node.max_volumes_per_node)
 }
 
 fn main() -> ExitCode {
@@ -99,6 +127,22 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             init_logging(args.log_format);
             runtime.block_on(serve(args))
+        }
+        Command::Client(args) => {
+            return match runtime.block_on(virtdisk_csi::client::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Doctor(args) => {
+            return if runtime.block_on(virtdisk_csi::doctor::run(args)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     match result {

@@ -20,6 +20,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
 
+/// How long in-flight RPCs may run after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
 pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
@@ -107,6 +110,10 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
     } else {
         None
     };
+    if let Some(pools) = &pools {
+        crate::metrics::watch_pools(pools.clone());
+    }
+    crate::metrics::set_build_info(&format!("{:?}", cfg.mode).to_lowercase());
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: cfg.mode.runs_controller(),
@@ -115,6 +122,7 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };
     let router = tonic::transport::Server::builder()
+        .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
@@ -132,15 +140,22 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
         None
     };
     let router = router.add_optional_service(node);
-    let result = match &opts.listen {
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(());
+    };
+    type Serving = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<(), tonic::transport::Error>>
+                + Send,
+        >,
+    >;
+    let server: Serving = match &opts.listen {
         Listen::Unix(path) => {
             let listener = bind(path, &opts)?;
             tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-                .await;
-            remove_socket(path);
-            result
+            Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal))
         }
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
@@ -154,11 +169,28 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
                     let _ = stream.set_nodelay(true);
                 })
             });
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown_signal())
-                .await
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
     };
+    // In-flight RPCs get a grace period; a client that never closes its connection must not
+    // keep the plugin alive forever.
+    let grace = async {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = grace => {
+            tracing::warn!("connections still open after the shutdown grace period; exiting");
+            Ok(())
+        }
+    };
+    if let Listen::Unix(path) = &opts.listen {
+        remove_socket(path);
+    }
     result.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 

@@ -63,6 +63,11 @@ impl Attachment {
 pub trait Attacher: Send + Sync {
     /// Whether this backend serves `node_id` (a libvirt domain UUID or name, or this host).
     async fn serves(&self, node_id: &str) -> Result<bool>;
+    /// The id `attachments()` reports for `node_id` (e.g. a domain name → its UUID), so a
+    /// publish by another id of the same node is recognized.
+    async fn canonical_node_id(&self, node_id: &str) -> Result<String> {
+        Ok(node_id.to_string())
+    }
     /// Every attachment of a plugin volume on every node this backend serves.
     async fn attachments(&self) -> Result<Vec<Attachment>>;
     /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
@@ -159,9 +164,10 @@ impl Attachments {
             ))
         })?;
         let readonly = req.readonly || req.capability.access_mode.is_read_only();
+        let node = backend.canonical_node_id(&req.node_id).await?;
         let all = self.all().await?;
         let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
-        if let Some(here) = mine.iter().find(|a| a.node_id == req.node_id) {
+        if let Some(here) = mine.iter().find(|a| a.node_id == node) {
             if here.readonly != readonly {
                 return Err(Error::AlreadyExists(format!(
                     "volume {} is already attached to node {} {}; unpublish it first",

@@ -215,7 +215,12 @@ pub fn qemu_img_info(path: &Path) -> serde_json::Value {
         .arg(path)
         .output()
         .expect("qemu-img");
-    assert!(out.status.success(), "qemu-img info {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -226,5 +231,10 @@ pub fn qemu_img_check(path: &Path) {
         .arg(path)
         .output()
         .expect("qemu-img");
-    assert!(out.status.success(), "qemu-img check {}: {}", path.display(), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -1,0 +1,526 @@
+#!/usr/bin/env python3
+"""Validates the deployment files offline; installs nothing, exits non-zero on any error.
+
+- nomad-jobs/*.hcl parse with python-hcl2, and say what Nomad needs: plugin jobs with the
+  same csi_plugin id, a service controller with >= 2 instances, a system node job,
+  stage_publish_base_dir outside mount_dir, volume specs with valid capabilities and only
+  the CreateVolume parameters src/params.rs knows.
+- deploy/kubernetes/**/*.yaml validate against the Kubernetes JSON schemas shipped by
+  kubernetes-validate (strict, two versions); the snapshot CRDs against small schemas
+  embedded below; plus the CSI-specific settings (CSIDriver fields, sidecars, privileges).
+- With --binary, every `--flag` the jobs, manifests and systemd unit pass to virtdisk-csi
+  must be a flag of that subcommand (read from its --help).
+
+Needs: pip install python-hcl2 kubernetes-validate   (exit 77 when they are missing)
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+try:
+    import hcl2
+    import jsonschema
+    import kubernetes_validate
+    import yaml
+except ImportError as e:  # pragma: no cover
+    print(f"SKIP: missing python package ({e.name}); pip install python-hcl2 kubernetes-validate")
+    sys.exit(77)
+
+K8S_VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
+ACCESS_MODES = {
+    "single-node-reader-only",
+    "single-node-writer",
+    "multi-node-reader-only",
+    "multi-node-single-writer",
+    "multi-node-multi-writer",
+}
+ATTACHMENT_MODES = {"file-system", "block-device"}
+SIDECARS = ["csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer", "livenessprobe"]
+
+# The snapshot CRDs (snapshot.storage.k8s.io/v1) are not in the Kubernetes schemas: these
+# follow the CRDs of kubernetes-csi/external-snapshotter for the fields we use.
+META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+CRD_SCHEMAS = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "snapshot.storage.k8s.io/v1"},
+            "kind": {"const": "VolumeSnapshotClass"},
+            "metadata": META,
+            "driver": {"type": "string", "minLength": 1},
+            "deletionPolicy": {"enum": ["Delete", "Retain"]},
+            "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "snapshot.storage.k8s.io/v1"},
+            "kind": {"const": "VolumeSnapshot"},
+            "metadata": META,
+            "spec": {
+                "type": "object",
+                "required": ["source"],
+                "additionalProperties": False,
+                "properties": {
+                    "volumeSnapshotClassName": {"type": "string"},
+                    "source": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "oneOf": [
+                            {"required": ["persistentVolumeClaimName"]},
+                            {"required": ["volumeSnapshotContentName"]},
+                        ],
+                        "properties": {
+                            "persistentVolumeClaimName": {"type": "string"},
+                            "volumeSnapshotContentName": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+class Checker:
+    def __init__(self, root, binary):
+        self.root = root
+        self.binary = binary
+        self.passed = 0
+        self.failed = 0
+        self.help_cache = {}
+
+    def rel(self, path):
+        return os.path.relpath(path, self.root)
+
+    def ok(self, path, what):
+        self.passed += 1
+        print(f"OK    {self.rel(path)}: {what}")
+
+    def fail(self, path, what):
+        self.failed += 1
+        print(f"FAIL  {self.rel(path)}: {what}")
+
+    def expect(self, cond, path, what):
+        (self.ok if cond else self.fail)(path, what)
+        return cond
+
+    # -- parameters and flags -------------------------------------------------------------
+
+    def param_keys(self):
+        """The CreateVolume parameter keys, read from src/params.rs KEYS."""
+        text = open(os.path.join(self.root, "src/params.rs")).read()
+        block = text[text.index("pub const KEYS") :]
+        block = block[: block.index("];")]
+        keys = set(re.findall(r'\(\s*"([A-Za-z]+)"\s*,', block))
+        if not keys:
+            raise RuntimeError("no KEYS found in src/params.rs")
+        return keys
+
+    def check_params(self, path, params, what):
+        known = self.param_keys()
+        unknown = sorted(
+            k for k in params if k not in known and not k.startswith("csi.storage.k8s.io/")
+        )
+        self.expect(
+            not unknown,
+            path,
+            f"{what}: parameters {sorted(params)} are known to src/params.rs"
+            + (f" (unknown: {unknown})" if unknown else ""),
+        )
+
+    def flags_of(self, subcommand):
+        if subcommand not in self.help_cache:
+            out = subprocess.run(
+                [self.binary, subcommand, "--help"], capture_output=True, text=True, check=True
+            ).stdout
+            self.help_cache[subcommand] = set(re.findall(r"(--[a-z][a-z0-9-]*)", out))
+        return self.help_cache[subcommand]
+
+    def check_args(self, path, args, what):
+        """args = [subcommand, --flag, value, --flag=value, ...] of virtdisk-csi."""
+        if not self.binary or not args:
+            return
+        sub = args[0]
+        flags = [a.split("=", 1)[0] for a in args[1:] if a.startswith("--")]
+        unknown = [f for f in flags if f not in self.flags_of(sub)]
+        self.expect(
+            not unknown,
+            path,
+            f"{what}: `virtdisk-csi {sub}` accepts {flags}"
+            + (f" (unknown: {unknown})" if unknown else ""),
+        )
+
+    # -- Nomad ----------------------------------------------------------------------------
+
+    def load_hcl(self, path):
+        with open(path) as f:
+            try:
+                from hcl2.utils import SerializationOptions
+
+                opts = SerializationOptions(
+                    with_comments=False, explicit_blocks=False, strip_string_quotes=True
+                )
+                return hcl2.load(f, serialization_options=opts)
+            except ImportError:  # python-hcl2 < 8 strips quotes by itself
+                return hcl2.load(f)
+
+    @staticmethod
+    def unquote(v):
+        if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] == '"':
+            return v[1:-1]
+        return v
+
+    @staticmethod
+    def blocks(node, name):
+        """Labelled blocks `name "label" {...}` as (label, body) pairs."""
+        out = []
+        for item in node.get(name, []):
+            for label, body in item.items():
+                out.append((Checker.unquote(label), body))
+        return out
+
+    @staticmethod
+    def one(node, name):
+        """Unlabelled blocks `name {...}` as a list of bodies."""
+        v = node.get(name, [])
+        return v if isinstance(v, list) else [v]
+
+    def resolve(self, value, variables):
+        """`${var.x}` → the variable's default (inside strings too); the rest unchanged."""
+        if not isinstance(value, str):
+            return value
+        m = re.fullmatch(r"\$\{var\.([a-z_]+)\}", value)
+        if m and m.group(1) in variables:
+            return variables[m.group(1)]
+
+        def sub(m):
+            v = variables.get(m.group(1))
+            return str(v) if isinstance(v, (str, int)) else m.group(0)
+
+        return re.sub(r"\$\{var\.([a-z_]+)\}", sub, value)
+
+    def check_nomad(self):
+        files = sorted(glob.glob(os.path.join(self.root, "nomad-jobs", "*.hcl")))
+        if not files:
+            self.fail(os.path.join(self.root, "nomad-jobs"), "no .hcl files")
+            return
+        plugins = {}
+        volume_ids = set()
+        consumers = []
+        for path in files:
+            try:
+                doc = self.load_hcl(path)
+            except Exception as e:  # the parser's own error text
+                self.fail(path, f"does not parse: {e}")
+                continue
+            self.ok(path, "parses as HCL2")
+            variables = {}
+            for name, body in self.blocks(doc, "variable"):
+                variables[name] = self.unquote(body.get("default"))
+            if self.unquote(doc.get("type")) == "csi":
+                volume_ids.add(self.check_volume_spec(path, doc))
+                continue
+            for job_name, job in self.blocks(doc, "job"):
+                self.check_job(path, job_name, job, variables, plugins, consumers)
+        # Controller and node must share the plugin id (the monolith is separate).
+        ctl = {pid for (pid, t) in plugins if t == "controller"}
+        node = {pid for (pid, t) in plugins if t == "node"}
+        self.expect(
+            ctl and ctl == node,
+            os.path.join(self.root, "nomad-jobs"),
+            f"controller and node jobs use the same csi_plugin id ({sorted(ctl)} / {sorted(node)})",
+        )
+        for path, source in consumers:
+            self.expect(
+                source in volume_ids,
+                path,
+                f"volume source {source!r} is a volume spec in nomad-jobs/",
+            )
+
+    def check_job(self, path, job_name, job, variables, plugins, consumers):
+        jtype = self.unquote(job.get("type", "service"))
+        for group_name, group in self.blocks(job, "group"):
+            count = self.resolve(group.get("count", 1), variables)
+            for vol_name, vol in self.blocks(group, "volume"):
+                self.check_consumer_volume(path, vol_name, vol)
+                consumers.append((path, self.unquote(vol.get("source"))))
+            for task_name, task in self.blocks(group, "task"):
+                where = f"job {job_name} task {task_name}"
+                driver = self.unquote(task.get("driver"))
+                config = (self.one(task, "config") or [{}])[0]
+                args = [self.resolve(self.unquote(a), variables) for a in config.get("args", [])]
+                if args and args[0] in ("serve", "doctor", "client"):
+                    self.check_args(path, [str(a) for a in args], where)
+                for plugin in self.one(task, "csi_plugin"):
+                    pid = self.unquote(plugin.get("id", ""))
+                    ptype = self.unquote(plugin.get("type", ""))
+                    plugins[(pid, ptype)] = path
+                    self.expect(bool(pid), path, f"{where}: csi_plugin has an id")
+                    self.expect(
+                        ptype in ("controller", "node", "monolith"),
+                        path,
+                        f"{where}: csi_plugin type {ptype!r} is controller, node or monolith",
+                    )
+                    mount_dir = self.unquote(plugin.get("mount_dir", "/csi")).rstrip("/")
+                    base = self.resolve(
+                        self.unquote(plugin.get("stage_publish_base_dir", "/local/csi")), variables
+                    )
+                    self.expect(
+                        not (base + "/").startswith(mount_dir + "/"),
+                        path,
+                        f"{where}: stage_publish_base_dir {base} is not inside mount_dir {mount_dir}",
+                    )
+                    self.expect(
+                        "--mode" in args and args[args.index("--mode") + 1] == ptype,
+                        path,
+                        f"{where}: runs `serve --mode {ptype}`",
+                    )
+                    if ptype == "controller":
+                        self.expect(jtype == "service", path, f"{where}: controller job is a service")
+                        self.expect(
+                            isinstance(count, int) and count >= 2,
+                            path,
+                            f"{where}: >= 2 controller instances (count = {count})",
+                        )
+                    else:
+                        self.expect(jtype == "system", path, f"{where}: {ptype} job is a system job")
+                        privileged = driver == "raw_exec" or config.get("privileged") is True
+                        self.expect(
+                            privileged,
+                            path,
+                            f"{where}: {ptype} plugin runs privileged (raw_exec or privileged=true)",
+                        )
+                        if driver == "raw_exec":
+                            self.expect(
+                                base.startswith("/") and not base.startswith("/local"),
+                                path,
+                                f"{where}: raw_exec plugin gets host paths (stage_publish_base_dir = {base})",
+                            )
+
+    def check_consumer_volume(self, path, name, vol):
+        access = self.unquote(vol.get("access_mode"))
+        attach = self.unquote(vol.get("attachment_mode"))
+        self.expect(
+            access in ACCESS_MODES and attach in ATTACHMENT_MODES,
+            path,
+            f"volume {name}: access_mode {access} / attachment_mode {attach} are valid",
+        )
+        if access and access.endswith("reader-only"):
+            self.expect(vol.get("read_only") is True, path, f"volume {name}: reader-only needs read_only = true")
+        if attach == "block-device":
+            self.expect("mount_options" not in vol, path, f"volume {name}: block volumes take no mount_options")
+
+    def check_volume_spec(self, path, doc):
+        vid = self.unquote(doc.get("id", ""))
+        for field in ("id", "name", "plugin_id"):
+            self.expect(bool(self.unquote(doc.get(field, ""))), path, f"volume spec has {field}")
+        caps = self.one(doc, "capability")
+        self.expect(len(caps) >= 1, path, "volume spec has at least one capability")
+        for cap in caps:
+            access = self.unquote(cap.get("access_mode"))
+            attach = self.unquote(cap.get("attachment_mode"))
+            self.expect(
+                access in ACCESS_MODES and attach in ATTACHMENT_MODES,
+                path,
+                f"capability {access} / {attach} is valid",
+            )
+        for field in ("capacity_min", "capacity_max"):
+            if field in doc:
+                v = self.unquote(doc[field])
+                self.expect(
+                    re.fullmatch(r"\d+(\.\d+)?\s*([KMGTP]i?B?)?", v, re.I) is not None,
+                    path,
+                    f"{field} {v!r} is a size",
+                )
+        self.expect(
+            not ("snapshot_id" in doc and "clone_id" in doc),
+            path,
+            "snapshot_id and clone_id are not both set",
+        )
+        if "snapshot_id" in doc:
+            sid = self.unquote(doc["snapshot_id"])
+            self.expect(
+                re.fullmatch(r"[A-Za-z0-9_-]{1,32}\.s[0-9a-f]{16}", sid) is not None,
+                path,
+                f"snapshot_id {sid!r} has the plugin's snapshot id shape <pool>.s<16 hex>",
+            )
+        params = {}
+        for p in self.one(doc, "parameters"):
+            params.update({self.unquote(k): self.unquote(v) for k, v in p.items()})
+        self.check_params(path, params, "volume spec")
+        for topo in self.one(doc, "topology_request"):
+            for kind in ("required", "preferred"):
+                for req in self.one(topo, kind):
+                    for t in self.one(req, "topology"):
+                        segs = (self.one(t, "segments") or [{}])[0]
+                        segs = {self.unquote(k): self.unquote(v) for k, v in segs.items()}
+                        self.expect(
+                            bool(segs) and all(k and isinstance(v, str) for k, v in segs.items()),
+                            path,
+                            f"topology_request {kind} segments {segs}",
+                        )
+        return vid
+
+    # -- Kubernetes -----------------------------------------------------------------------
+
+    def check_kubernetes(self):
+        files = sorted(glob.glob(os.path.join(self.root, "deploy", "kubernetes", "**", "*.yaml"), recursive=True))
+        if not files:
+            self.fail(os.path.join(self.root, "deploy/kubernetes"), "no .yaml files")
+            return
+        docs = []
+        for path in files:
+            try:
+                with open(path) as f:
+                    loaded = [d for d in yaml.safe_load_all(f) if d is not None]
+            except yaml.YAMLError as e:
+                self.fail(path, f"is not YAML: {e}")
+                continue
+            for doc in loaded:
+                docs.append((path, doc))
+                self.validate_k8s(path, doc)
+        self.check_csi_objects(docs)
+
+    def validate_k8s(self, path, doc):
+        kind = doc.get("kind")
+        api = doc.get("apiVersion")
+        name = (doc.get("metadata") or {}).get("name")
+        what = f"{kind} {name}"
+        schema = CRD_SCHEMAS.get((api, kind))
+        if schema is not None:
+            try:
+                jsonschema.validate(doc, schema)
+                self.ok(path, f"{what} validates against the embedded {api} schema")
+            except jsonschema.ValidationError as e:
+                at = ".".join(str(p) for p in e.path)
+                self.fail(path, f"{what}: {at}: {e.message}")
+            return
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+                self.ok(path, f"{what} validates against Kubernetes {version} (strict)")
+            except kubernetes_validate.ValidationError as e:
+                at = ".".join(str(p) for p in e.path)
+                self.fail(path, f"{what} against Kubernetes {version}: {at}: {e.message}")
+            except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as e:
+                self.fail(path, f"{what}: {e.message}")
+
+    def check_csi_objects(self, docs):
+        by_kind = {}
+        for path, doc in docs:
+            by_kind.setdefault(doc.get("kind"), []).append((path, doc))
+        drivers = by_kind.get("CSIDriver", [])
+        if not self.expect(len(drivers) == 1, self.root, "exactly one CSIDriver"):
+            return
+        dpath, driver = drivers[0]
+        dname = driver["metadata"]["name"]
+        spec = driver.get("spec", {})
+        self.expect(spec.get("attachRequired") is True, dpath, "CSIDriver attachRequired: true")
+        self.expect(spec.get("podInfoOnMount") is False, dpath, "CSIDriver podInfoOnMount: false")
+        self.expect(spec.get("fsGroupPolicy") == "File", dpath, "CSIDriver fsGroupPolicy: File")
+        for path, sc in by_kind.get("StorageClass", []):
+            self.expect(sc.get("provisioner") == dname, path, f"StorageClass provisioner is {dname}")
+            self.check_params(path, sc.get("parameters", {}), "StorageClass")
+        for path, vsc in by_kind.get("VolumeSnapshotClass", []):
+            self.expect(vsc.get("driver") == dname, path, f"VolumeSnapshotClass driver is {dname}")
+        self.expect(by_kind.get("VolumeSnapshotClass"), self.root, "a VolumeSnapshotClass exists")
+        deployments = by_kind.get("Deployment", [])
+        daemonsets = by_kind.get("DaemonSet", [])
+        self.expect(len(deployments) == 1 and len(daemonsets) == 1, self.root, "one controller Deployment and one node DaemonSet")
+        for path, dep in deployments:
+            pod = dep["spec"]["template"]["spec"]
+            images = [c["image"] for c in pod["containers"]]
+            for sidecar in SIDECARS:
+                self.expect(
+                    any(f"/{sidecar}:" in i for i in images),
+                    path,
+                    f"controller has the {sidecar} sidecar",
+                )
+            self.expect(dep["spec"].get("replicas", 1) >= 2, path, "controller has >= 2 replicas")
+            self.check_plugin_containers(path, pod, "controller")
+        for path, ds in daemonsets:
+            pod = ds["spec"]["template"]["spec"]
+            images = [c["image"] for c in pod["containers"]]
+            self.expect(any("/csi-node-driver-registrar:" in i for i in images), path, "node has node-driver-registrar")
+            self.expect(any("/livenessprobe:" in i for i in images), path, "node has the livenessprobe sidecar")
+            plugin = self.check_plugin_containers(path, pod, "node")
+            if plugin:
+                self.expect(
+                    (plugin.get("securityContext") or {}).get("privileged") is True,
+                    path,
+                    "node plugin container is privileged",
+                )
+                props = {m["mountPath"]: m.get("mountPropagation") for m in plugin.get("volumeMounts", [])}
+                self.expect(
+                    props.get("/var/lib/kubelet") == "Bidirectional",
+                    path,
+                    "node plugin mounts /var/lib/kubelet with Bidirectional propagation",
+                )
+        rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+        self.expect(rbac_kinds <= set(by_kind), self.root, "RBAC objects exist")
+
+    def check_plugin_containers(self, path, pod, mode):
+        plugin = None
+        for c in pod["containers"]:
+            args = [str(a) for a in c.get("args", [])]
+            if args and args[0] == "serve":
+                plugin = c
+                self.expect(f"--mode={mode}" in args, path, f"plugin container runs serve --mode={mode}")
+                self.check_args(path, args, f"container {c['name']}")
+        self.expect(plugin is not None, path, f"a virtdisk-csi {mode} container exists")
+        return plugin
+
+    # -- systemd --------------------------------------------------------------------------
+
+    def check_systemd(self):
+        for path in sorted(glob.glob(os.path.join(self.root, "deploy", "systemd", "*.service"))):
+            text = open(path).read().replace("\\\n", " ")
+            sections = re.findall(r"^\[(\w+)\]\s*$", text, re.M)
+            self.expect(sections == ["Unit", "Service", "Install"], path, f"sections {sections}")
+            for key in ("ExecStart", "ExecStartPre"):
+                for line in re.findall(rf"^{key}=(.*)$", text, re.M):
+                    words = line.lstrip("-").split()
+                    self.expect(
+                        words and words[0].endswith("/virtdisk-csi"),
+                        path,
+                        f"{key} runs virtdisk-csi",
+                    )
+                    self.check_args(path, words[1:], key)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=os.path.dirname(here), help="repository root")
+    ap.add_argument("--binary", help="virtdisk-csi binary to check flags against")
+    a = ap.parse_args()
+    c = Checker(a.root, a.binary)
+    c.check_nomad()
+    c.check_kubernetes()
+    c.check_systemd()
+    print(f"manifests: {c.passed} passed, {c.failed} failed")
+    sys.exit(1 if c.failed else 0)
+
+
+if __name__ == "__main__":
+    main()

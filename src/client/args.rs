@@ -1,0 +1,92 @@
+//! Argument pieces several verbs share: a volume capability, `k=v` maps, sizes.
+
+use crate::csi::proto as csi;
+use std::collections::BTreeMap;
+
+/// Access modes, by the names Nomad and the CSI spec use (`single-node-writer` …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AccessModeArg {
+    #[default]
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+}
+
+impl AccessModeArg {
+    pub fn to_csi(self) -> csi::volume_capability::access_mode::Mode {
+        use csi::volume_capability::access_mode::Mode;
+        match self {
+            AccessModeArg::SingleNodeWriter => Mode::SingleNodeWriter,
+            AccessModeArg::SingleNodeReaderOnly => Mode::SingleNodeReaderOnly,
+            AccessModeArg::MultiNodeReaderOnly => Mode::MultiNodeReaderOnly,
+            AccessModeArg::MultiNodeSingleWriter => Mode::MultiNodeSingleWriter,
+            AccessModeArg::MultiNodeMultiWriter => Mode::MultiNodeMultiWriter,
+            AccessModeArg::SingleNodeSingleWriter => Mode::SingleNodeSingleWriter,
+            AccessModeArg::SingleNodeMultiWriter => Mode::SingleNodeMultiWriter,
+        }
+    }
+}
+
+/// One volume capability: `--block`, or a file system (`--fs ext4 --mount-flag noatime`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CapArgs {
+    /// Raw block device instead of a file system.
+    #[arg(long, conflicts_with_all = ["fs", "mount_flag"])]
+    pub block: bool,
+    /// File system type of a mount volume (empty: the plugin's default, ext4).
+    #[arg(long, value_name = "TYPE", default_value = "")]
+    pub fs: String,
+    /// Mount flag for a mount volume (repeatable).
+    #[arg(long, value_name = "FLAG")]
+    pub mount_flag: Vec<String>,
+    /// Access mode, as Nomad names them.
+    #[arg(long, value_enum, default_value_t)]
+    pub mode: AccessModeArg,
+}
+
+impl CapArgs {
+    pub fn to_csi(&self) -> csi::VolumeCapability {
+        use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+        let access_type = if self.block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: self.fs.clone(),
+                mount_flags: self.mount_flag.clone(),
+                volume_mount_group: String::new(),
+            })
+        };
+        csi::VolumeCapability {
+            access_type: Some(access_type),
+            access_mode: Some(AccessMode {
+                mode: self.mode.to_csi() as i32,
+            }),
+        }
+    }
+}
+
+/// `key=value` (for `--param`, `--context`, `--publish-context`, `--topology`).
+pub fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+pub fn to_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    pairs.iter().cloned().collect()
+}
+
+/// clap value parser for sizes.
+pub fn size(s: &str) -> Result<u64, String> {
+    super::size::parse(s)
+}
+
+/// Bytes as CSI's int64.
+pub fn bytes_i64(n: u64) -> i64 {
+    n.min(i64::MAX as u64) as i64
+}

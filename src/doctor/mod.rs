@@ -1,0 +1,224 @@
+//! `virtdisk-csi doctor`: checks that this host has what the chosen mode needs and prints each
+//! check as OK / WARN / FAIL with a fix. Read-only: it creates nothing but a temp file in each
+//! pool to prove it is writable (removed at once). Exits non-zero when a check FAILs.
+
+mod host;
+mod libvirt;
+mod pools;
+mod tools;
+
+use crate::config::{Config, Mode, Overrides};
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// What this host runs: controller (hypervisor side), node (inside a VM) or both.
+    #[arg(long, value_enum, default_value = "monolith")]
+    pub mode: Mode,
+    /// The TOML configuration the plugin is started with.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// libvirt URI to check (default: the config's, else qemu:///system).
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
+    /// table (for people) or json (for programs).
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: crate::client::OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(name: impl Into<String>, detail: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    pub fn warn(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        Check {
+            name: name.into(),
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn fail(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        Check {
+            name: name.into(),
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// FAIL when `required`, else WARN.
+    pub fn missing(
+        required: bool,
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
+        if required {
+            Check::fail(name, detail, fix)
+        } else {
+            Check::warn(name, detail, fix)
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn count(&self, status: Status) -> usize {
+        self.checks.iter().filter(|c| c.status == status).count()
+    }
+
+    pub fn passed(&self) -> bool {
+        self.count(Status::Fail) == 0
+    }
+}
+
+/// Runs every check that applies to `args.mode`.
+pub async fn diagnose(args: &DoctorArgs) -> Report {
+    let mode = args.mode;
+    let mut checks = Vec::new();
+    let config = Config::load(
+        mode,
+        args.config.as_deref(),
+        Overrides {
+            data_dir: args.data_dir.clone(),
+            libvirt_uri: args.libvirt_uri.clone(),
+            ..Default::default()
+        },
+    );
+    let config = match config {
+        Ok(c) => {
+            let source = match &args.config {
+                Some(p) => format!("{} is valid", p.display()),
+                None => "no file: built-in defaults".to_string(),
+            };
+            checks.push(Check::ok(
+                "config",
+                format!(
+                    "{source}; {} pool(s), data dir {}",
+                    c.pools.len(),
+                    c.data_dir.display()
+                ),
+            ));
+            Some(c)
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "config",
+                e.to_string(),
+                "fix the file (see deploy/config.example.toml)",
+            ));
+            None
+        }
+    };
+    if mode.runs_controller() {
+        checks.extend(tools::controller_tools(mode).await);
+        if let Some(c) = &config {
+            checks.extend(pools::check_pools(c).await);
+            checks.extend(libvirt::check(mode, &c.libvirt.uri).await);
+        }
+    }
+    if mode.runs_node() {
+        checks.extend(host::node_checks(mode).await);
+        checks.extend(tools::node_tools(mode).await);
+    }
+    if let Some(c) = &config {
+        checks.push(pools::check_data_dir(&c.data_dir).await);
+    }
+    Report {
+        mode: format!("{mode:?}").to_lowercase(),
+        checks,
+    }
+}
+
+pub fn render(report: &Report, format: crate::client::OutputFormat) -> String {
+    use crate::client::OutputFormat;
+    if format == OutputFormat::Json {
+        let mut s = serde_json::to_string_pretty(&serde_json::json!({
+            "mode": report.mode,
+            "checks": report.checks,
+            "summary": {
+                "ok": report.count(Status::Ok),
+                "warn": report.count(Status::Warn),
+                "fail": report.count(Status::Fail),
+            },
+            "passed": report.passed(),
+        }))
+        .expect("JSON values serialize");
+        s.push('\n');
+        return s;
+    }
+    let width = report
+        .checks
+        .iter()
+        .map(|c| c.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = format!("virtdisk-csi doctor (mode {})\n\n", report.mode);
+    for c in &report.checks {
+        let status = match c.status {
+            Status::Ok => "OK",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+        };
+        out.push_str(&format!("{status:<5} {:<width$}  {}\n", c.name, c.detail));
+        if let Some(fix) = &c.fix {
+            out.push_str(&format!("{:<5} {:<width$}  fix: {fix}\n", "", ""));
+        }
+    }
+    out.push_str(&format!(
+        "\n{} checks: {} OK, {} WARN, {} FAIL\n",
+        report.checks.len(),
+        report.count(Status::Ok),
+        report.count(Status::Warn),
+        report.count(Status::Fail)
+    ));
+    out
+}
+
+/// Prints the report; true when nothing FAILed.
+pub async fn run(args: DoctorArgs) -> bool {
+    let report = diagnose(&args).await;
+    print!("{}", render(&report, args.output));
+    report.passed()
+}

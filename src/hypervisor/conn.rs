@@ -1,0 +1,331 @@
+//! The one owner of a libvirt connection.
+//!
+//! `Libvirt` holds the connection, opens it on first use and reopens it after libvirtd
+//! restarts. Work runs as closures on the blocking pool (`exec::blocking`), a few at a time,
+//! each closure doing its libvirt calls and checking their errors on one thread (libvirt keeps
+//! errors per thread). libvirt connections are thread-safe, so calls on different domains run
+//! in parallel; `DomainLocks` serializes the changes to one domain.
+//!
+//! The libvirt default event loop runs on its own thread: it notices a closed connection at
+//! once (so the next call reopens instead of failing), keeps the connection alive, and delivers
+//! DEVICE_REMOVED events that wake detach waiters.
+
+use crate::error::{Error, Result};
+use crate::exec;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Once};
+use tokio::sync::{Notify, OwnedMutexGuard, Semaphore};
+use virt::connect::Connect;
+use virt::sys;
+
+/// libvirtd serves 5 concurrent calls per client by default (`max_client_requests`).
+const MAX_CONCURRENT_CALLS: usize = 4;
+
+/// Woken by every DEVICE_REMOVED event of any domain: waiters re-read their domain.
+static DEVICE_REMOVED: LazyLock<Notify> = LazyLock::new(Notify::new);
+
+/// A future that completes at the next DEVICE_REMOVED event. Create it before checking
+/// the domain, so an event between the check and the wait is not missed.
+pub fn device_removed() -> tokio::sync::futures::Notified<'static> {
+    DEVICE_REMOVED.notified()
+}
+
+/// Registers libvirt's default event loop and runs it on a thread, once per process. Must
+/// happen before the first connection opens.
+fn start_event_loop() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // libvirt prints every error to stderr by default; ours are returned and logged.
+        virt::error::clear_error_callback();
+        // SAFETY: plain libvirt calls without pointers; registration happens once, before
+        // any connection exists.
+        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+            tracing::warn!("libvirt event loop unavailable: broken connections are noticed on use");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| loop {
+                // SAFETY: runs one iteration of the registered default loop.
+                if unsafe { sys::virEventRunDefaultImpl() } < 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the libvirt event thread");
+        }
+    });
+}
+
+unsafe extern "C" fn on_device_removed(
+    _conn: sys::virConnectPtr,
+    _dom: sys::virDomainPtr,
+    _alias: *const std::os::raw::c_char,
+    _opaque: *mut std::os::raw::c_void,
+) {
+    DEVICE_REMOVED.notify_waiters();
+}
+
+/// Subscribes a fresh connection to DEVICE_REMOVED of every domain (best effort: detach
+/// also polls).
+fn subscribe_device_removed(conn: &Connect) {
+    type DeviceRemoved = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        *const std::os::raw::c_char,
+        *mut std::os::raw::c_void,
+    );
+    type Generic =
+        unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut std::os::raw::c_void);
+    // SAFETY: libvirt calls the callback with the DEVICE_REMOVED signature (the C API casts
+    // every event callback to the generic type, VIR_DOMAIN_EVENT_CALLBACK); the opaque pointer
+    // is unused and the callback only touches a static.
+    let rc = unsafe {
+        let cb = std::mem::transmute::<DeviceRemoved, Generic>(on_device_removed);
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED as i32,
+            Some(cb),
+            std::ptr::null_mut(),
+            None,
+        )
+    };
+    if rc < 0 {
+        let e = virt::error::Error::last_error();
+        tracing::debug!(error = %e, "no DEVICE_REMOVED events; detach confirmation polls");
+    }
+}
+
+/// What a libvirt error means for the plugin.
+pub fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
+    let code = e.code().to_raw();
+    let msg = e.message();
+    if is_connection_error(e) {
+        return Error::Unavailable(format!(
+            "{what}: libvirt at {uri} is unreachable ({msg}); check that libvirtd is running"
+        ));
+    }
+    match code {
+        sys::VIR_ERR_NO_DOMAIN => Error::NotFound(format!("{what}: {msg}")),
+        sys::VIR_ERR_OPERATION_INVALID => Error::FailedPrecondition(format!("{what}: {msg}")),
+        sys::VIR_ERR_OPERATION_TIMEOUT => Error::Timeout(format!("{what}: {msg}")),
+        _ if msg.contains("No more available PCI slots") => Error::ResourceExhausted(format!(
+            "{what}: the domain has no free PCI slot for another disk ({msg}); detach a \
+             disk, add pcie-root-port controllers to the domain, or use bus=scsi"
+        )),
+        _ => Error::internal(format!("{what}: {msg}")),
+    }
+}
+
+/// Whether the error says the connection itself is gone (libvirtd stopped or restarted).
+pub fn is_connection_error(e: &virt::error::Error) -> bool {
+    let code = e.code().to_raw();
+    e.domain().to_raw() == sys::VIR_FROM_RPC
+        || matches!(
+            code,
+            sys::VIR_ERR_NO_CONNECT | sys::VIR_ERR_INVALID_CONN | sys::VIR_ERR_RPC
+        )
+        || (code == sys::VIR_ERR_SYSTEM_ERROR && e.message().contains("socket"))
+        || e.message().contains("client socket is closed")
+}
+
+struct Inner {
+    uri: String,
+    slot: Mutex<Option<Connect>>,
+    permits: Semaphore,
+}
+
+/// A shared handle on one libvirt connection (cheap to clone).
+#[derive(Clone)]
+pub struct Libvirt {
+    inner: Arc<Inner>,
+}
+
+impl Libvirt {
+    /// Does not connect yet: the first call does, so the plugin starts while libvirtd is down.
+    pub fn new(uri: &str) -> Libvirt {
+        start_event_loop();
+        Libvirt {
+            inner: Arc::new(Inner {
+                uri: uri.to_string(),
+                slot: Mutex::new(None),
+                permits: Semaphore::new(MAX_CONCURRENT_CALLS),
+            }),
+        }
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.inner.uri
+    }
+
+    /// Runs `f` with the connection on a blocking thread, (re)connecting first if needed.
+    /// `f` maps libvirt errors with [`Libvirt::error`]; when the connection turns out to be
+    /// dead, it is dropped so the next call reconnects, and `f` is retried once if
+    /// `retry_on_reconnect` (reads only: a change may have happened before the break).
+    async fn run<T, F>(&self, retry_on_reconnect: bool, f: F) -> Result<T>
+    where
+        F: Fn(&Connect, &Libvirt) -> Result<T> + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::internal("libvirt call gate closed"))?;
+        let this = self.clone();
+        exec::blocking(move || {
+            let conn = this.connection()?;
+            match f(&conn, &this) {
+                Err(Error::Unavailable(msg)) if !this.alive(&conn) => {
+                    this.forget(&conn);
+                    if !retry_on_reconnect {
+                        return Err(Error::Unavailable(msg));
+                    }
+                    tracing::info!(uri = %this.uri(), "libvirt connection was lost; reconnecting");
+                    let conn = this.connection()?;
+                    f(&conn, &this)
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Runs a read-only `f` (retried once on a fresh connection if the old one had died).
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        F: Fn(&Connect, &Libvirt) -> Result<T> + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        self.run(true, f).await
+    }
+
+    /// Runs an `f` that changes something (never retried: the caller re-reads the state).
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connect, &Libvirt) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let once = Mutex::new(Some(f));
+        self.run(false, move |c, l| {
+            let f = once
+                .lock()
+                .map_err(|_| Error::internal("libvirt call state poisoned"))?
+                .take()
+                .ok_or_else(|| Error::internal("libvirt change ran twice"))?;
+            f(c, l)
+        })
+        .await
+    }
+
+    /// Maps a libvirt error of the current thread's last call.
+    pub fn error(&self, what: &str, e: virt::error::Error) -> Error {
+        classify(what, self.uri(), &e)
+    }
+
+    /// Readiness: libvirtd answers a call.
+    pub async fn ping(&self) -> Result<()> {
+        self.read(|c, l| {
+            c.lib_version()
+                .map(drop)
+                .map_err(|e| l.error("pinging libvirt", e))
+        })
+        .await
+    }
+
+    fn alive(&self, conn: &Connect) -> bool {
+        matches!(conn.is_alive(), Ok(true))
+    }
+
+    /// The open connection, opened now if there is none or the old one died.
+    fn connection(&self) -> Result<Connect> {
+        let mut slot = self
+            .inner
+            .slot
+            .lock()
+            .map_err(|_| Error::internal("libvirt connection lock poisoned"))?;
+        if let Some(conn) = slot.as_ref() {
+            if self.alive(conn) {
+                return Ok(conn.clone());
+            }
+            tracing::info!(uri = %self.uri(), "libvirt connection closed; reconnecting");
+            *slot = None;
+        }
+        let conn = Connect::open(Some(self.uri())).map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot connect to libvirt at {}: {}; check that libvirtd is running and the \
+                 URI is right (--libvirt-uri)",
+                self.uri(),
+                e.message()
+            ))
+        })?;
+        subscribe_device_removed(&conn);
+        tracing::info!(uri = %self.uri(), "connected to libvirt");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops `conn` from the slot if it is still the current one.
+    fn forget(&self, conn: &Connect) {
+        if let Ok(mut slot) = self.inner.slot.lock() {
+            // SAFETY: pointer comparison only.
+            let same = slot
+                .as_ref()
+                .is_some_and(|c| unsafe { c.as_ptr() == conn.as_ptr() });
+            if same {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Serializes the changes to one domain; different domains proceed in parallel.
+#[derive(Default, Clone)]
+pub struct DomainLocks {
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl DomainLocks {
+    /// Waits for the domain (by UUID) to be free and holds it until the guard drops.
+    pub async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget locks nobody holds or waits for, so the map stays as small as the set
+            // of domains being changed.
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            map.entry(uuid.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn domain_locks_serialize_one_domain_only() {
+        let locks = DomainLocks::default();
+        let a = locks.lock("a").await;
+        // Another domain is free while `a` is held.
+        let b = tokio::time::timeout(std::time::Duration::from_secs(5), locks.lock("b")).await;
+        assert!(b.is_ok());
+        // The same domain waits.
+        let again =
+            tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("a")).await;
+        assert!(again.is_err());
+        drop(a);
+        let again = tokio::time::timeout(std::time::Duration::from_secs(5), locks.lock("a")).await;
+        assert!(again.is_ok());
+    }
+
+    #[tokio::test]
+    async fn unreachable_libvirt_is_unavailable() {
+        let lv = Libvirt::new("qemu+unix:///system?socket=/nonexistent/libvirt-sock");
+        let err = lv.ping().await.unwrap_err();
+        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("libvirtd"), "{err}");
+    }
+}

@@ -1,0 +1,67 @@
+//! Pool capacity gauges, read from the pools' directories on every scrape (no background task:
+//! a scrape sees the state of that moment, and an idle plugin does no work).
+
+use super::registry;
+use crate::pool::{Pool, Pools, RecordState};
+use std::sync::Mutex;
+
+static WATCHED: Mutex<Option<Pools>> = Mutex::new(None);
+
+pub fn watch(pools: Pools) {
+    *WATCHED.lock().unwrap_or_else(|e| e.into_inner()) = Some(pools);
+}
+
+/// Blocking (statvfs and record reads): call from a blocking thread.
+pub fn refresh() {
+    let Some(pools) = WATCHED.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return;
+    };
+    for pool in pools.all() {
+        let up = match refresh_one(pool) {
+            Ok(()) => 1,
+            Err(e) => {
+                tracing::warn!(pool = %pool.name(), error = %e, "pool metrics unavailable");
+                0
+            }
+        };
+        registry::get()
+            .pool_up
+            .with_label_values(&[pool.name()])
+            .set(up);
+    }
+}
+
+fn refresh_one(pool: &Pool) -> crate::error::Result<()> {
+    let m = registry::get();
+    let name = [pool.name()];
+    let st = nix::sys::statvfs::statvfs(pool.dir()).map_err(|e| {
+        crate::error::Error::io(
+            format!("statvfs {}", pool.dir().display()),
+            std::io::Error::from(e),
+        )
+    })?;
+    let fragment = st.fragment_size() as f64;
+    m.pool_size_bytes
+        .with_label_values(&name)
+        .set(st.blocks() as f64 * fragment);
+    m.pool_free_bytes
+        .with_label_values(&name)
+        .set(st.blocks_available() as f64 * fragment);
+    let volumes: Vec<_> = pool
+        .all_volumes()?
+        .into_iter()
+        .filter(|r| r.state != RecordState::Deleting)
+        .collect();
+    m.pool_volumes
+        .with_label_values(&name)
+        .set(volumes.len() as i64);
+    m.pool_provisioned_bytes
+        .with_label_values(&name)
+        .set(volumes.iter().map(|r| r.capacity_bytes as f64).sum());
+    if let Some(limit) = pool.config().capacity_bytes {
+        m.pool_limit_bytes
+            .with_label_values(&name)
+            .set(limit as f64);
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The deployment files validate offline: Nomad HCL parses (python-hcl2), Kubernetes YAML
+//! validates against the Kubernetes schemas (kubernetes-validate), the flags they pass exist,
+//! the parameters they use are known, and the example config loads.
+//!
+//! Needs `pip install python-hcl2 kubernetes-validate`; without them the validation is skipped
+//! with a printed reason (the script exits 77).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the validator on `root`; None (after printing why) when it cannot run here.
+fn validate(root: &Path) -> Option<Output> {
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/validate-manifests.py"))
+        .arg("--root")
+        .arg(root)
+        .arg("--binary")
+        .arg(common::BIN)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            println!("SKIPPED: python3 is not available ({e})");
+            return None;
+        }
+    };
+    if out.status.code() == Some(77) {
+        println!(
+            "SKIPPED: {} (pip install python-hcl2 kubernetes-validate)",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        return None;
+    }
+    Some(out)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn manifests_and_jobs_validate() {
+    let Some(out) = validate(&repo()) else { return };
+    let t = text(&out);
+    assert!(out.status.success(), "validation failed:\n{t}");
+    assert!(t.contains(" 0 failed"), "{t}");
+    for expected in [
+        "nomad-jobs/plugin-controller.nomad.hcl: parses as HCL2",
+        "nomad-jobs/volume.hcl: parses as HCL2",
+        "CSIDriver virtdisk.csi.io validates against Kubernetes",
+        "VolumeSnapshotClass virtdisk validates against the embedded",
+        "controller has the csi-resizer sidecar",
+        "ExecStart: `virtdisk-csi serve` accepts",
+    ] {
+        assert!(t.contains(expected), "missing {expected:?}:\n{t}");
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn broken_files_are_caught() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    copy_tree(&repo().join("nomad-jobs"), &root.join("nomad-jobs"));
+    copy_tree(&repo().join("deploy"), &root.join("deploy"));
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    std::fs::copy(repo().join("src/params.rs"), root.join("src/params.rs")).unwrap();
+
+    let sc = root.join("deploy/kubernetes/storageclass.yaml");
+    let text_sc = std::fs::read_to_string(&sc).unwrap();
+    std::fs::write(
+        &sc,
+        text_sc.replace("  bus: scsi\n", "  bus: scsi\n  speed: fast\n"),
+    )
+    .unwrap();
+    let drv = root.join("deploy/kubernetes/csidriver.yaml");
+    let text_drv = std::fs::read_to_string(&drv).unwrap();
+    std::fs::write(
+        &drv,
+        text_drv.replace("attachRequired: true", "attachRequired: \"yes\""),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("nomad-jobs/broken.hcl"),
+        "job \"x\" {\n  group {\n",
+    )
+    .unwrap();
+    let node = root.join("nomad-jobs/plugin-node.nomad.hcl");
+    let text_node = std::fs::read_to_string(&node).unwrap();
+    std::fs::write(
+        &node,
+        text_node.replace("\"--log-format\", \"json\"", "\"--log-fmt\", \"json\""),
+    )
+    .unwrap();
+
+    let Some(out) = validate(root) else { return };
+    let t = text(&out);
+    assert!(!out.status.success(), "broken files passed:\n{t}");
+    for expected in [
+        "FAIL  nomad-jobs/broken.hcl: does not parse",
+        "unknown: ['speed']",
+        "CSIDriver virtdisk.csi.io against Kubernetes",
+        "unknown: ['--log-fmt']",
+    ] {
+        assert!(t.contains(expected), "missing {expected:?}:\n{t}");
+    }
+}
+
+#[test]
+fn example_config_loads() {
+    use virtdisk_csi::config::{Config, Mode, Overrides};
+    let path = repo().join("deploy/config.example.toml");
+    let cfg = Config::load(Mode::Monolith, Some(&path), Overrides::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(cfg.pools.len(), 2);
+    assert!(cfg.has_topology());
+    assert_eq!(cfg.libvirt.uri, "qemu:///system");
+}

@@ -1,0 +1,149 @@
+//! `virtdisk-csi doctor` on this machine: the CI host is set up like it, so it must pass.
+
+mod common;
+
+use common::BIN;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn doctor(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("doctor")
+        .args(args)
+        .output()
+        .expect("run virtdisk-csi doctor")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn passes_on_this_host_and_prints_each_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = doctor(&["--data-dir", dir.path().to_str().unwrap()]);
+    let out = text(&o);
+    assert!(o.status.success(), "doctor failed here:\n{out}");
+    for check in [
+        "qemu-img",
+        "qemu-storage-daemon",
+        "pool default",
+        "/dev/kvm",
+        "libvirt",
+        "virtio-scsi",
+        "sysfs",
+        "mkfs.ext4",
+        "blkid",
+        "losetup",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("OK") && l.contains(check)),
+            "no OK line for {check}:\n{out}"
+        );
+    }
+    assert!(out.contains(" 0 FAIL"), "{out}");
+}
+
+#[test]
+fn json_report_for_each_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["controller", "node", "monolith"] {
+        let o = doctor(&[
+            "--mode",
+            mode,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "-o",
+            "json",
+        ]);
+        let report: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{mode}: not JSON ({e}): {}", text(&o)));
+        assert_eq!(report["mode"], mode);
+        assert_eq!(report["passed"], true, "{mode}: {report:#}");
+        assert!(o.status.success());
+        for check in report["checks"].as_array().unwrap() {
+            let status = check["status"].as_str().unwrap();
+            assert!(["OK", "WARN", "FAIL"].contains(&status));
+            if status != "OK" {
+                assert!(
+                    check["fix"].as_str().is_some_and(|f| !f.is_empty()),
+                    "{check}"
+                );
+            }
+        }
+        let names: Vec<&str> = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        if mode != "node" {
+            assert!(
+                names.contains(&"libvirt") && names.contains(&"qemu-img"),
+                "{names:?}"
+            );
+        } else {
+            assert!(!names.contains(&"libvirt"), "{names:?}");
+            assert!(
+                names.contains(&"mountinfo") && names.contains(&"node id"),
+                "{names:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fails_with_a_fix_when_a_pool_is_unusable() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nname = \"broken\"\npath = \"{}\"\n",
+            not_a_dir.display()
+        ),
+    )
+    .unwrap();
+    let o = doctor(&["--mode", "controller", "--config", config.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    let line = out
+        .lines()
+        .position(|l| l.starts_with("FAIL") && l.contains("pool broken"))
+        .unwrap_or_else(|| panic!("no FAIL for the pool:\n{out}"));
+    assert!(out.lines().nth(line + 1).unwrap().contains("fix:"), "{out}");
+
+    std::fs::write(&config, "[[pool]]\nname = \"x\"\n").unwrap();
+    let o = doctor(&["--mode", "controller", "--config", config.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o)
+        .lines()
+        .any(|l| l.starts_with("FAIL") && l.contains("config")));
+}
+
+#[test]
+fn unreachable_libvirt_fails_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = doctor(&[
+        "--mode",
+        "controller",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--libvirt-uri",
+        "qemu+unix:///system?socket=/nonexistent/vdt-ops/libvirt-sock",
+    ]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("libvirt")),
+        "{out}"
+    );
+}

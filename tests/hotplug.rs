@@ -1,0 +1,771 @@
+//! ControllerPublish/Unpublish as real libvirt hot-plug, against the real libvirtd and real
+//! KVM domains (no guest OS), driving the real binary. Everything is checked through the
+//! domains' XML as libvirt reports it.
+
+// Needs the libvirt backend; a --no-default-features build has none.
+#![cfg(feature = "libvirt")]
+
+mod common;
+mod hotplug_support;
+
+use common::*;
+use hotplug_support::*;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tonic::Code;
+use virtdisk_csi::csi::proto as csi;
+
+/// A controller whose unpublish gives up after 2 s, with `extra` TOML appended.
+async fn controller(extra: &str) -> Plugin {
+    let config = format!("[libvirt]\ndetach_timeout_secs = 2\n{extra}");
+    let p = Plugin::start_with_config("controller", &config, &[]).await;
+    open_for_qemu(p.dir.path());
+    p
+}
+
+async fn create(p: &Plugin, name: &str, kv: &[(&str, &str)], cap: csi::VolumeCapability) -> String {
+    let mut req = create_req(name, 64 * MIB);
+    req.parameters = params(kv);
+    req.volume_capabilities = vec![cap];
+    p.controller()
+        .create_volume(req)
+        .await
+        .expect("create volume")
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+async fn publish_cap(
+    p: &Plugin,
+    volume: &str,
+    node: &str,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> Result<BTreeMap<String, String>, tonic::Status> {
+    let t = Instant::now();
+    let r = p
+        .controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.into(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().publish_context.into_iter().collect());
+    eprintln!(
+        "publish {volume} → {node}: {} ms ({:?})",
+        ms(t),
+        r.as_ref().err().map(|e| e.code())
+    );
+    r
+}
+
+async fn publish(
+    p: &Plugin,
+    volume: &str,
+    node: &str,
+) -> Result<BTreeMap<String, String>, tonic::Status> {
+    publish_cap(
+        p,
+        volume,
+        node,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+}
+
+async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
+    let t = Instant::now();
+    let r = p
+        .controller()
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop);
+    eprintln!(
+        "unpublish {volume} ← {node}: {} ms ({:?})",
+        ms(t),
+        r.as_ref().err().map(|e| e.code())
+    );
+    r
+}
+
+async fn published_nodes(p: &Plugin, volume: &str) -> Vec<String> {
+    p.controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: volume.into(),
+        })
+        .await
+        .expect("get volume")
+        .into_inner()
+        .status
+        .unwrap()
+        .published_node_ids
+}
+
+async fn listed_nodes(p: &Plugin, volume: &str) -> Vec<String> {
+    let list = p
+        .controller()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .expect("list volumes")
+        .into_inner();
+    list.entries
+        .into_iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == volume)
+        .expect("volume listed")
+        .status
+        .unwrap()
+        .published_node_ids
+}
+
+#[tokio::test]
+async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
+    let dom = TestDomain::start("scsi", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "scsi-all-options",
+        &[
+            ("cache", "none"),
+            ("io", "native"),
+            ("discard", "unmap"),
+            ("logicalBlockSize", "512"),
+            ("physicalBlockSize", "4096"),
+            ("readBytesSec", "1048576"),
+            ("writeIopsSec", "200"),
+        ],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    assert!(!dom.has_scsi_controller());
+
+    let ctx = publish(&p, &vol, &dom.uuid).await.expect("publish");
+    assert_eq!(ctx.get("serial"), Some(&serial));
+    assert_eq!(ctx.get("bus").map(String::as_str), Some("scsi"));
+    let disk = dom.live_disk(&serial).expect("disk in the live XML");
+    assert_eq!(disk.bus, "scsi");
+    assert!(disk.target.starts_with("sd"), "{}", disk.target);
+    assert_eq!(disk.format.as_deref(), Some("qcow2"));
+    assert_eq!(disk.cache.as_deref(), Some("none"));
+    assert_eq!(disk.io.as_deref(), Some("native"));
+    assert_eq!(disk.discard.as_deref(), Some("unmap"));
+    assert!(!disk.readonly && !disk.shareable);
+    assert_eq!(disk.iotune.read_bytes_sec, Some(1048576));
+    assert_eq!(disk.iotune.write_iops_sec, Some(200));
+    assert_eq!(disk.iotune.total_bytes_sec, None);
+    assert!(disk
+        .source
+        .as_ref()
+        .unwrap()
+        .starts_with(p.pool_dir().join("images")));
+    assert!(
+        dom.has_scsi_controller(),
+        "a virtio-scsi controller was added"
+    );
+    // persist=true by default: the disk survives a reboot.
+    assert!(
+        dom.inactive_disk(&serial).is_some(),
+        "disk in the inactive XML"
+    );
+    assert!(dom.inactive().has_scsi_controller);
+
+    // Idempotent: the same publish returns the same context and attaches nothing more.
+    let again = publish(&p, &vol, &dom.uuid).await.expect("re-publish");
+    assert_eq!(again, ctx);
+    assert_eq!(dom.live().disks.len(), 1);
+    // Incompatible re-publish (read-only now).
+    let err = publish_cap(
+        &p,
+        &vol,
+        &dom.uuid,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    assert_eq!(listed_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.live_disk(&serial).is_none(), "gone from the live XML");
+    assert!(
+        dom.inactive_disk(&serial).is_none(),
+        "gone from the inactive XML"
+    );
+    unpublish(&p, &vol, &dom.uuid)
+        .await
+        .expect("second unpublish is OK");
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}
+
+#[tokio::test]
+async fn readonly_and_persist_false() {
+    let dom = TestDomain::start("ro", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "ro-live-only",
+        &[("persist", "false"), ("cache", "writeback")],
+        mount_cap("ext4", Mode::SingleNodeReaderOnly),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    publish_cap(
+        &p,
+        &vol,
+        &dom.uuid,
+        mount_cap("ext4", Mode::SingleNodeReaderOnly),
+        false,
+    )
+    .await
+    .expect("publish");
+    let disk = dom.live_disk(&serial).expect("disk in the live XML");
+    assert!(disk.readonly, "READER_ONLY mode attaches read-only");
+    assert_eq!(disk.cache.as_deref(), Some("writeback"));
+    assert!(
+        dom.inactive_disk(&serial).is_none(),
+        "persist=false: not in the inactive XML"
+    );
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.live_disk(&serial).is_none());
+}
+
+#[tokio::test]
+async fn single_node_volume_on_a_second_node_is_refused() {
+    let a = TestDomain::start("sn-a", 3);
+    let b = TestDomain::start("sn-b", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "single-node",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    publish(&p, &vol, &a.uuid).await.expect("publish to a");
+    let err = publish(&p, &vol, &b.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(&a.uuid),
+        "names the node: {}",
+        err.message()
+    );
+    assert!(b.live_disk(&serial_of(&vol)).is_none());
+    unpublish(&p, &vol, &a.uuid).await.unwrap();
+    publish(&p, &vol, &b.uuid)
+        .await
+        .expect("publish to b once a let go");
+    unpublish(&p, &vol, &b.uuid).await.unwrap();
+}
+
+#[tokio::test]
+async fn multi_node_raw_volume_is_shared_by_two_domains() {
+    let a = TestDomain::start("mn-a", 3);
+    let b = TestDomain::start("mn-b", 3);
+    let p = controller("").await;
+    let cap = block_cap(Mode::MultiNodeMultiWriter);
+    let vol = create(&p, "shared-raw", &[("format", "raw")], cap.clone()).await;
+    let serial = serial_of(&vol);
+    publish_cap(&p, &vol, &a.uuid, cap.clone(), false)
+        .await
+        .expect("a");
+    publish_cap(&p, &vol, &b.uuid, cap.clone(), false)
+        .await
+        .expect("b");
+    for d in [&a, &b] {
+        let disk = d.live_disk(&serial).expect("disk in the live XML");
+        assert!(disk.shareable, "{}", d.name);
+        assert_eq!(disk.format.as_deref(), Some("raw"));
+    }
+    let mut want = vec![a.uuid.clone(), b.uuid.clone()];
+    want.sort();
+    assert_eq!(listed_nodes(&p, &vol).await, want);
+    // Deleting while attached is refused.
+    let err = p
+        .controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // An empty node id unpublishes everywhere.
+    unpublish(&p, &vol, "").await.expect("unpublish from all");
+    assert!(a.live_disk(&serial).is_none() && b.live_disk(&serial).is_none());
+}
+
+#[tokio::test]
+async fn unknown_node_is_not_found_on_publish_and_ok_on_unpublish() {
+    ensure_libvirtd();
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "nowhere",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let err = publish(&p, &vol, "vdt-hv-no-such-domain")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = publish(&p, &vol, "00000000-1111-2222-3333-444444444444")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    unpublish(&p, &vol, "vdt-hv-no-such-domain")
+        .await
+        .expect("node gone → OK");
+}
+
+#[tokio::test]
+async fn virtio_detach_without_a_guest_is_not_reported_ok() {
+    let dom = TestDomain::start("virtio", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "virtio-stuck",
+        &[("bus", "virtio")],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    let ctx = publish(&p, &vol, &dom.uuid).await.expect("publish");
+    assert_eq!(ctx.get("bus").map(String::as_str), Some("virtio"));
+    let disk = dom.live_disk(&serial).expect("disk in the live XML");
+    assert_eq!(disk.bus, "virtio");
+    assert!(disk.target.starts_with("vd"), "{}", disk.target);
+
+    // No guest OS acknowledges the unplug: the disk stays, and unpublish must say so.
+    let err = unpublish(&p, &vol, &dom.uuid).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
+        "{err:?}"
+    );
+    assert!(
+        dom.live_disk(&serial).is_some(),
+        "the disk really is still attached"
+    );
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    // Retried: still not OK.
+    let err = unpublish(&p, &vol, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+#[tokio::test]
+async fn online_expand_and_modify_qos_act_on_the_running_domain() {
+    let dom = TestDomain::start("grow", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "grow-and-tune",
+        &[("totalIopsSec", "500")],
+        block_cap(Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    publish_cap(
+        &p,
+        &vol,
+        &dom.uuid,
+        block_cap(Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .expect("publish");
+    let target = dom.live_disk(&serial).unwrap().target;
+    assert_eq!(dom.capacity(&target), 64 * MIB as u64);
+
+    let t = Instant::now();
+    let resp = p
+        .controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("expand")
+        .into_inner();
+    eprintln!("online expand: {} ms", ms(t));
+    assert_eq!(resp.capacity_bytes, 128 * MIB);
+    assert!(!resp.node_expansion_required, "block volume");
+    assert_eq!(
+        dom.capacity(&target),
+        128 * MIB as u64,
+        "the domain sees the new size"
+    );
+    let image = dom.live_disk(&serial).unwrap().source.unwrap();
+    assert_eq!(qemu_img_info(&image)["virtual-size"], 128 * MIB);
+
+    let t = Instant::now();
+    p.controller()
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: vol.clone(),
+            mutable_parameters: params(&[
+                ("totalIopsSec", "0"),
+                ("readIopsSec", "300"),
+                ("totalBytesSec", "2097152"),
+            ]),
+            ..Default::default()
+        })
+        .await
+        .expect("modify");
+    eprintln!("modify qos: {} ms", ms(t));
+    for disk in [
+        dom.live_disk(&serial).unwrap(),
+        dom.inactive_disk(&serial).unwrap(),
+    ] {
+        assert_eq!(disk.iotune.total_iops_sec, None);
+        assert_eq!(disk.iotune.read_iops_sec, Some(300));
+        assert_eq!(disk.iotune.total_bytes_sec, Some(2097152));
+    }
+    unpublish(&p, &vol, &dom.uuid).await.unwrap();
+}
+
+#[tokio::test]
+async fn publications_survive_a_plugin_restart_and_names_work_as_node_ids() {
+    let dom = TestDomain::start("restart", 3);
+    let mut p = controller("").await;
+    let vol = create(
+        &p,
+        "survivor",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    // Published by the domain name; reported by UUID (the default node id kind).
+    let ctx = publish(&p, &vol, &dom.name).await.expect("publish by name");
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    assert_eq!(
+        publish(&p, &vol, &dom.name).await.expect("again by name"),
+        ctx
+    );
+    assert_eq!(
+        publish(&p, &vol, &dom.uuid).await.expect("again by uuid"),
+        ctx
+    );
+
+    // A crash: nothing the plugin knew survives but the pools and the domains.
+    p.kill();
+    p.restart().await;
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    assert_eq!(listed_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    assert_eq!(
+        publish(&p, &vol, &dom.uuid)
+            .await
+            .expect("idempotent after restart"),
+        ctx
+    );
+    let err = p
+        .controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    unpublish(&p, &vol, &dom.name)
+        .await
+        .expect("unpublish by name");
+    assert!(dom.live_disk(&serial_of(&vol)).is_none());
+    p.controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete once detached");
+}
+
+#[tokio::test]
+async fn node_id_kind_name_reports_domain_names() {
+    let dom = TestDomain::start("byname", 3);
+    let p = controller("node_id = \"name\"\n").await;
+    let vol = create(&p, "named", &[], mount_cap("ext4", Mode::SingleNodeWriter)).await;
+    let ctx = publish(&p, &vol, &dom.uuid).await.expect("publish by uuid");
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.name.clone()]);
+    assert_eq!(
+        publish(&p, &vol, &dom.name).await.expect("again by name"),
+        ctx
+    );
+    unpublish(&p, &vol, &dom.name).await.unwrap();
+}
+
+#[tokio::test]
+async fn node_at_its_disk_limit_is_resource_exhausted() {
+    let dom = TestDomain::start("limit", 3);
+    let p = controller("[node]\nmax_volumes_per_node = 1\n").await;
+    let one = create(
+        &p,
+        "limit-one",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let two = create(
+        &p,
+        "limit-two",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    publish(&p, &one, &dom.uuid).await.expect("first fits");
+    let err = publish(&p, &two, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(dom.live_disk(&serial_of(&two)).is_none());
+    // The one already attached is still OK to publish again.
+    publish(&p, &one, &dom.uuid)
+        .await
+        .expect("idempotent at the limit");
+    unpublish(&p, &one, &dom.uuid).await.unwrap();
+    publish(&p, &two, &dom.uuid)
+        .await
+        .expect("fits after an unpublish");
+    unpublish(&p, &two, &dom.uuid).await.unwrap();
+}
+
+#[tokio::test]
+async fn persistent_only_leftover_is_cleaned_by_unpublish() {
+    let dom = TestDomain::start("leftover", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "leftover",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    publish(&p, &vol, &dom.uuid).await.expect("publish");
+    // Someone detached the live disk behind our back; the persistent copy stays.
+    let target = dom.live_disk(&serial).unwrap().target;
+    let out = std::process::Command::new("virsh")
+        .args(["-c", URI, "detach-disk", &dom.name, &target, "--live"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dom.live_disk(&serial).is_none() && dom.inactive_disk(&serial).is_some());
+    assert_eq!(
+        published_nodes(&p, &vol).await,
+        vec![dom.uuid.clone()],
+        "still published"
+    );
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.inactive_disk(&serial).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}
+
+#[tokio::test]
+async fn transient_domain_gets_live_only_disks_and_sata_is_refused() {
+    let dom = TestDomain::start_transient("transient", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "on-transient",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    publish(&p, &vol, &dom.uuid)
+        .await
+        .expect("persist=true on a transient domain: live only");
+    assert!(dom.live_disk(&serial_of(&vol)).is_some());
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.live_disk(&serial_of(&vol)).is_none());
+
+    let sata = create(
+        &p,
+        "sata",
+        &[("bus", "sata")],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let err = publish(&p, &sata, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("sata"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn virtio_without_a_free_pci_slot_is_resource_exhausted() {
+    // One free root port: the first virtio disk takes it.
+    let dom = TestDomain::start("pcifull", 1);
+    let p = controller("").await;
+    let one = create(
+        &p,
+        "pci-one",
+        &[("bus", "virtio")],
+        block_cap(Mode::SingleNodeWriter),
+    )
+    .await;
+    let two = create(
+        &p,
+        "pci-two",
+        &[("bus", "virtio")],
+        block_cap(Mode::SingleNodeWriter),
+    )
+    .await;
+    publish_cap(
+        &p,
+        &one,
+        &dom.uuid,
+        block_cap(Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .expect("first virtio disk");
+    let err = publish_cap(
+        &p,
+        &two,
+        &dom.uuid,
+        block_cap(Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(dom.live_disk(&serial_of(&two)).is_none());
+    assert!(
+        dom.inactive_disk(&serial_of(&two)).is_none(),
+        "nothing half-attached"
+    );
+}
+
+#[tokio::test]
+async fn failed_attach_leaves_nothing_behind() {
+    let dom = TestDomain::start("badimage", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "broken-image",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails.
+    let images: Vec<_> = std::fs::read_dir(p.pool_dir().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 1);
+    std::fs::write(&images[0], vec![0u8; 4096]).unwrap();
+    let err = publish(&p, &vol, &dom.uuid).await.unwrap_err();
+    eprintln!("attach of a broken image: {err:?}");
+    assert!(dom.live_disk(&serial_of(&vol)).is_none());
+    assert!(dom.inactive_disk(&serial_of(&vol)).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}
+
+#[tokio::test]
+async fn shut_off_domain_keeps_persistent_disks() {
+    let dom = TestDomain::start("shutoff", 3);
+    let p = controller("").await;
+    let vol = create(
+        &p,
+        "sleeper",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let other = create(
+        &p,
+        "latecomer",
+        &[],
+        mount_cap("ext4", Mode::SingleNodeWriter),
+    )
+    .await;
+    let serial = serial_of(&vol);
+    publish(&p, &vol, &dom.uuid).await.expect("publish");
+    dom.power_off();
+    // Still attached: it comes back at the next boot.
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Expansion while the domain is off grows the image file.
+    p.controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 96 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("expand");
+    let image = dom.inactive_disk(&serial).unwrap().source.unwrap();
+    assert_eq!(qemu_img_info(&image)["virtual-size"], 96 * MIB);
+    unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
+    assert!(dom.inactive_disk(&serial).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_removed_events_wake_detach_waiters() {
+    use virtdisk_csi::hypervisor::conn::{device_removed, Libvirt};
+    let dom = TestDomain::start("events", 3);
+    let lv = Libvirt::new(URI);
+    lv.ping()
+        .await
+        .expect("connect (subscribes to DEVICE_REMOVED)");
+    let dir = tempfile::tempdir().unwrap();
+    open_for_qemu(dir.path());
+    let image = dir.path().join("e.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", URI])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let controller = dir.path().join("scsi.xml");
+    std::fs::write(&controller, "<controller type='scsi' model='virtio-scsi'/>").unwrap();
+    virsh(&[
+        "attach-device",
+        &dom.name,
+        controller.to_str().unwrap(),
+        "--live",
+    ]);
+    virsh(&[
+        "attach-disk",
+        &dom.name,
+        image.to_str().unwrap(),
+        "sdq",
+        "--targetbus",
+        "scsi",
+        "--live",
+    ]);
+    let removed = device_removed();
+    virsh(&["detach-disk", &dom.name, "sdq", "--live"]);
+    tokio::time::timeout(std::time::Duration::from_secs(10), removed)
+        .await
+        .expect("a DEVICE_REMOVED event arrived");
+}

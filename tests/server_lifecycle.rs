@@ -1,0 +1,85 @@
+//! Issue 2: socket handling, signals and the CLI.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use virtdisk_csi::csi::proto as csi;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_is_private_stale_socket_replaced_and_sigterm_exits_cleanly() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let mode = std::fs::metadata(&p.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A crash leaves the socket file behind; the next start must replace it.
+    p.kill();
+    assert!(p.socket.exists());
+    p.restart().await;
+    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    let status = p.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!p.socket.exists(), "socket removed on shutdown");
+}
+
+#[tokio::test]
+async fn csi_endpoint_environment_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("env.sock");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--mode", "controller", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("CSI_ENDPOINT", format!("unix://{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket from CSI_ENDPOINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ch = virtdisk_csi::csi::channel::connect(&sock).await.unwrap();
+    let info = csi::identity_client::IdentityClient::new(ch)
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "virtdisk.csi.io");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn version_and_bad_config_are_reported() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[[pool]]\nname = 'x'\npath = 'relative'\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--mode", "controller", "--endpoint"])
+        .arg(format!("unix://{}/s.sock", dir.path().display()))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be absolute"));
+}
+
+#[tokio::test]
+async fn driver_name_flag_is_used() {
+    let p = Plugin::start("controller", &["--driver-name", "disks.example.org"]).await;
+    let info = p
+        .identity()
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "disks.example.org");
+}
