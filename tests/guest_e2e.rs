@@ -17,15 +17,16 @@ async fn guest_boots_reports_its_uuid_and_sees_hotplugged_disks() {
     let Some(bed) = guestbed::testbed_or_skip(TEST).await else {
         return;
     };
-    let mut prep = guestbed::Timeline::new(format!(
-        "test bed (cache {}, kernel {})",
+    let mut prep = format!(
+        "test bed: cache {}, kernel {}, initramfs {}",
         bed.cache.display(),
-        bed.kernel_version
-    ));
+        bed.kernel_version,
+        bed.initrd.display()
+    );
     for (step, took) in &bed.steps {
-        prep.span(step, *took);
+        prep.push_str(&format!("\n  {:>7} ms  {step}", took.as_millis()));
     }
-    prep.print();
+    guestbed::show(&prep);
 
     let mut guest = Guest::boot(&bed, "smoke").await;
     let info = guest
