@@ -32,7 +32,7 @@ enum Command {
 struct ServeArgs {
     #[arg(long, value_enum, default_value = "monolith")]
     mode: Mode,
-    /// unix:///path/to/csi.sock
+    /// unix:///path/to/csi.sock (or tcp://ip:port, unauthenticated: for isolated test guests only)
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: String,
     /// Where the embedded default pool lives (<data-dir>/pools/default).
@@ -89,7 +89,7 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
             libvirt_uri: args.libvirt_uri,
         },
     )?;
-    let socket = server::socket_path(&args.endpoint)?;
+    let listen = server::listen_address(&args.endpoint)?;
     if let Some(addr) = args.metrics_addr {
         virtdisk_csi::metrics::serve(addr).await?;
     }
@@ -97,7 +97,7 @@ async fn serve(args: ServeArgs) -> virtdisk_csi::error::Result<()> {
     server::serve(
         cfg,
         ServeOptions {
-            socket,
+            listen,
             socket_group: args.socket_group,
         },
         attachers,

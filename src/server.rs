@@ -1,5 +1,6 @@
 //! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
-//! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed).
+//! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed). A `tcp://`
+//! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
 
 use crate::attach::Attachments;
 use crate::config::Config;
@@ -12,10 +13,12 @@ use crate::csi::proto::{
 use crate::error::{Error, Result};
 use crate::guard::OpGuards;
 use crate::pool::Pools;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 
 /// How long in-flight RPCs may run after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -31,14 +34,33 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    /// No authentication and no TLS: only for an isolated network (a test guest's port forward).
+    Tcp(SocketAddr),
+}
+
+/// `unix:///path` or `/path` → a unix socket; `tcp://ip:port` → TCP.
+pub fn listen_address(endpoint: &str) -> Result<Listen> {
+    match endpoint.strip_prefix("tcp://") {
+        Some(addr) => addr.parse().map(Listen::Tcp).map_err(|_| {
+            Error::invalid(format!(
+                "endpoint {endpoint:?} must be tcp://ip:port (e.g. tcp://0.0.0.0:10000)"
+            ))
+        }),
+        None => socket_path(endpoint).map(Listen::Unix),
+    }
+}
+
 pub struct ServeOptions {
-    pub socket: PathBuf,
+    pub listen: Listen,
     /// Group allowed to use the socket (mode 0660); none → 0600.
     pub socket_group: Option<String>,
 }
 
-fn bind(opts: &ServeOptions) -> Result<UnixListener> {
-    let path = &opts.socket;
+fn bind(path: &Path, opts: &ServeOptions) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
@@ -127,14 +149,38 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
         None
     };
     let router = router.add_optional_service(node);
-    let listener = bind(&opts)?;
-    tracing::info!(socket = %opts.socket.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown_signal().await;
         let _ = stopping_tx.send(());
     };
-    let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    type Serving = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<(), tonic::transport::Error>>
+                + Send,
+        >,
+    >;
+    let server: Serving = match &opts.listen {
+        Listen::Unix(path) => {
+            let listener = bind(path, &opts)?;
+            tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
+            Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal))
+        }
+        Listen::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding tcp://{addr}"), e))?;
+            tracing::warn!(%addr, mode = ?cfg.mode, driver = %cfg.driver_name,
+                "serving on TCP without authentication: keep this address on an isolated network");
+            // gRPC calls are small request/response pairs: Nagle would only add latency.
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            });
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+    };
     // In-flight RPCs get a grace period; a client that never closes its connection must not
     // keep the plugin alive forever.
     let grace = async {
@@ -151,7 +197,9 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
             Ok(())
         }
     };
-    remove_socket(&opts.socket);
+    if let Listen::Unix(path) = &opts.listen {
+        remove_socket(path);
+    }
     result.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 
@@ -160,5 +208,28 @@ fn remove_socket(path: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_to_unix_or_tcp() {
+        assert_eq!(
+            listen_address("unix:///csi/csi.sock").unwrap(),
+            Listen::Unix(PathBuf::from("/csi/csi.sock"))
+        );
+        assert_eq!(
+            listen_address("/csi/csi.sock").unwrap(),
+            Listen::Unix(PathBuf::from("/csi/csi.sock"))
+        );
+        assert_eq!(
+            listen_address("tcp://0.0.0.0:10000").unwrap(),
+            Listen::Tcp("0.0.0.0:10000".parse().unwrap())
+        );
+        assert!(listen_address("tcp://localhost").is_err());
+        assert!(listen_address("relative.sock").is_err());
     }
 }

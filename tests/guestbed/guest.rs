@@ -1,0 +1,607 @@
+//! One test guest: a transient-named, persistently defined libvirt domain booted from the test
+//! bed, with its node plugin reachable from the host over a user-mode networking port forward.
+//!
+//! Transport: the guest's NIC is libvirt `<interface type='user'>` (QEMU's slirp, needs no
+//! bridge, no root-only network setup and no vhost module); the test adds a forward from
+//! `127.0.0.1:<free port>` on the host to the plugin's `tcp://0.0.0.0:10000` in the guest
+//! with the monitor command `hostfwd_add` once the domain runs (libvirt has no port-forward
+//! element for slirp). vsock needs `vhost_vsock` on the host (absent here); a virtio-serial
+//! channel is a single byte stream without connection boundaries, which gRPC over HTTP/2
+//! cannot reconnect over.
+
+use super::bed::Testbed;
+use super::report::{show, Timeline};
+use super::xml::{self, Bus, DomainSpec};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use virtdisk_csi::csi::proto as csi;
+use virtdisk_csi::csi::proto::{identity_client::IdentityClient, node_client::NodeClient};
+
+/// Every test guest's domain name starts with this (then `<name>-p<pid>-<n>`).
+pub const DOMAIN_PREFIX: &str = "vdt-guest-";
+/// The node plugin's TCP port inside the guest.
+pub const GUEST_NODE_PORT: u16 = 10000;
+/// The test command channel's TCP port inside the guest (`exec.sh`).
+pub const GUEST_EXEC_PORT: u16 = 10022;
+
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    pub memory_mib: u32,
+    /// PCIe root ports free for virtio-blk hot-plug (one per attached virtio disk).
+    pub hotplug_ports: u32,
+    /// RUST_LOG of the node plugin in the guest.
+    pub rust_log: String,
+    /// Kernel start → node plugin answering.
+    pub boot_timeout: Duration,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        GuestOptions {
+            memory_mib: 512,
+            hotplug_ports: 6,
+            rust_log: "info".to_string(),
+            boot_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+pub struct Guest {
+    name: String,
+    uuid: String,
+    uri: String,
+    dir: tempfile::TempDir,
+    console: PathBuf,
+    port: u16,
+    exec_port: u16,
+    channel: Channel,
+    /// Console offset where the current boot began.
+    boot_mark: usize,
+    pub timeline: Timeline,
+}
+
+/// What a command run in the guest returned.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    pub status: i32,
+    pub output: Vec<u8>,
+}
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+impl Guest {
+    /// Defines and starts `vdt-guest-<name>-…`, waits until its node plugin answers, and
+    /// returns it. Panics (showing the console) when it does not come up.
+    pub async fn boot(bed: &Testbed, name: &str) -> Guest {
+        Self::boot_with(bed, name, GuestOptions::default()).await
+    }
+
+    pub async fn boot_with(bed: &Testbed, name: &str, opts: GuestOptions) -> Guest {
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "guest name {name:?}: use letters, digits and '-'"
+        );
+        remove_stale_domains(&bed.uri).await;
+        let full = format!(
+            "{DOMAIN_PREFIX}{name}-p{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{full}."))
+            .tempdir()
+            .expect("guest scratch dir");
+        // QEMU (another user) writes the console log and opens disk images in here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let console = dir.path().join("console.log");
+        let domain_xml = xml::domain(&DomainSpec {
+            name: &full,
+            memory_mib: opts.memory_mib,
+            kernel: &bed.kernel,
+            initrd: &bed.initrd,
+            cmdline: &format!("VDT_RUST_LOG={}", opts.rust_log),
+            console_log: &console,
+            hotplug_ports: opts.hotplug_ports,
+        });
+        let xml_path = dir.path().join("domain.xml");
+        std::fs::write(&xml_path, &domain_xml).unwrap();
+        virsh(&bed.uri, &["define", xml_path.to_str().unwrap()])
+            .await
+            .unwrap_or_else(|e| panic!("defining {full}: {e}\n{domain_xml}"));
+        let uuid = virsh(&bed.uri, &["domuuid", &full])
+            .await
+            .expect("domuuid")
+            .trim()
+            .to_ascii_lowercase();
+        let mut guest = Guest {
+            name: full.clone(),
+            uuid,
+            uri: bed.uri.clone(),
+            dir,
+            console,
+            port: 0,
+            exec_port: 0,
+            boot_mark: 0,
+            // Replaced once the port forward exists.
+            channel: Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+            timeline: Timeline::new(format!("guest {full}")),
+        };
+        guest.start(&opts).await;
+        guest
+    }
+
+    /// `virsh start`, port forward, wait for the node plugin.
+    async fn start(&mut self, opts: &GuestOptions) {
+        let mark = self.console_mark();
+        self.timeline.mark("virsh start");
+        self.virsh(&["start", &self.name])
+            .await
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.name));
+        self.timeline.mark("domain running (QEMU started)");
+        self.port = self.forward_port(GUEST_NODE_PORT).await;
+        self.exec_port = self.forward_port(GUEST_EXEC_PORT).await;
+        self.channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(3))
+            .connect_lazy();
+        self.wait_for_plugin(mark, opts.boot_timeout).await;
+    }
+
+    /// Adds a host → guest TCP forward on a free loopback port (retrying if another process
+    /// took the port in between).
+    async fn forward_port(&self, guest_port: u16) -> u16 {
+        let mut last = String::new();
+        for _ in 0..10 {
+            let port = free_port();
+            let rule = format!("hostfwd_add hostnet0 tcp:127.0.0.1:{port}-:{guest_port}");
+            match self
+                .virsh(&["qemu-monitor-command", &self.name, "--hmp", &rule])
+                .await
+            {
+                // HMP prints nothing on success and a message on failure.
+                Ok(out) if out.trim().is_empty() => return port,
+                Ok(out) => last = out,
+                Err(e) => last = e,
+            }
+        }
+        panic!("{}: cannot add the port forward: {last}", self.name)
+    }
+
+    /// Marks the boot milestones /init prints, then probes the plugin until it answers.
+    async fn wait_for_plugin(&mut self, since: usize, timeout: Duration) {
+        self.boot_mark = since;
+        let deadline = Instant::now() + timeout;
+        let milestones = [
+            ("vdt: init started", "kernel booted, /init started"),
+            ("vdt: modules loaded", "modules loaded"),
+            ("vdt: starting node plugin", "node plugin starting"),
+        ];
+        let mut next = 0;
+        let mut last_state_check = Instant::now();
+        loop {
+            let log = self.console_since(since);
+            while let Some(line) = milestones
+                .get(next)
+                .and_then(|(prefix, _)| log.lines().find(|l| l.starts_with(prefix)))
+            {
+                let uptime = line
+                    .rsplit_once("(uptime ")
+                    .map(|(_, u)| u.trim_end_matches(')'))
+                    .unwrap_or("?");
+                self.timeline
+                    .mark(format!("{} (guest uptime {uptime} s)", milestones[next].1));
+                next += 1;
+            }
+            if log.contains("Kernel panic") {
+                self.fail("the guest kernel panicked");
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!(
+                    "the node plugin did not answer within {timeout:?}"
+                ));
+            }
+            if last_state_check.elapsed() > Duration::from_secs(1) {
+                if !self.is_running().await {
+                    self.fail("the domain stopped while booting");
+                }
+                last_state_check = Instant::now();
+            }
+            // Probing before the plugin starts would only delay noticing the milestones.
+            if next == milestones.len() {
+                let mut identity = IdentityClient::new(self.channel.clone());
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    identity.probe(csi::ProbeRequest {}),
+                )
+                .await;
+                if let Ok(Ok(_)) = probe {
+                    self.timeline
+                        .mark("node plugin answers Probe (over the port forward)");
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The libvirt domain name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The domain UUID (lower case), which the guest sees as its DMI product_uuid.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    /// A gRPC channel to the node plugin in the guest.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    /// The host port forwarded to the guest's node plugin.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A scratch directory QEMU can read (for disk images); removed with the guest.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn console_path(&self) -> &Path {
+        &self.console
+    }
+
+    /// The serial console so far (kernel log, /init, node plugin logs, `vdt-block` events).
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    /// The current end of the console log: pass it to the `wait_*` methods to see only what
+    /// comes after an action.
+    pub fn console_mark(&self) -> usize {
+        std::fs::metadata(&self.console)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    pub fn console_since(&self, mark: usize) -> String {
+        let bytes = std::fs::read(&self.console).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(mark..).unwrap_or_default()).into_owned()
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = self.console();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits for a console line after `mark` that satisfies `matches`; returns it.
+    pub async fn wait_console(
+        &self,
+        mark: usize,
+        what: &str,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.console_since(mark).lines().find(|l| matches(l)) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("no console line for {what} within {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the guest kernel reports a disk with `serial` (after `mark`): hot-plugged,
+    /// or present at boot. Returns its kernel name (`vdb`, `sda`, …).
+    pub async fn wait_disk_added(&self, mark: usize, serial: &str) -> String {
+        let needle = format!(" serial={serial} ");
+        let line = self
+            .wait_console(
+                mark,
+                &format!("disk {serial} added"),
+                Duration::from_secs(60),
+                |l| {
+                    (l.starts_with("vdt-block add ") || l.starts_with("vdt-block present "))
+                        && l.contains(&needle)
+                },
+            )
+            .await;
+        line.split_whitespace()
+            .nth(2)
+            .expect("vdt-block add <disk>")
+            .to_string()
+    }
+
+    /// Waits until the guest kernel reports that `disk` (a kernel name) went away.
+    pub async fn wait_disk_removed(&self, mark: usize, disk: &str) {
+        let expected = format!("vdt-block remove {disk}");
+        self.wait_console(
+            mark,
+            &format!("disk {disk} removed"),
+            Duration::from_secs(60),
+            |l| l.trim_end() == expected,
+        )
+        .await;
+    }
+
+    /// Runs `script` with `sh` in the guest (stdin /dev/null) over the test command channel;
+    /// returns its exit status and output (stdout and stderr together).
+    pub async fn exec(&self, script: &str) -> Exec {
+        use base64::Engine;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let encoded = base64::engine::general_purpose::STANDARD.encode(script);
+        let run = async {
+            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.exec_port)).await?;
+            conn.write_all(format!("{encoded}\n").as_bytes()).await?;
+            conn.shutdown().await?;
+            let mut out = Vec::new();
+            conn.read_to_end(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        let out = match tokio::time::timeout(Duration::from_secs(300), run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => self.fail(&format!("exec {script:?}: {e}")),
+            Err(_) => self.fail(&format!("exec {script:?}: no answer within 300 s")),
+        };
+        let marker = b"__vdt_rc=";
+        let at = out
+            .windows(marker.len())
+            .rposition(|w| w == marker)
+            .unwrap_or_else(|| {
+                self.fail(&format!(
+                    "exec {script:?}: the guest sent no exit status (is /init's nc running?): {}",
+                    String::from_utf8_lossy(&out)
+                ))
+            });
+        let rc = String::from_utf8_lossy(&out[at + marker.len()..])
+            .trim()
+            .parse()
+            .expect("exit status");
+        Exec {
+            status: rc,
+            output: out[..at].to_vec(),
+        }
+    }
+
+    /// Like `exec`, but the script must succeed; returns its output as text.
+    pub async fn sh(&self, script: &str) -> String {
+        let result = self.exec(script).await;
+        let text = String::from_utf8_lossy(&result.output).into_owned();
+        if result.status != 0 {
+            self.fail(&format!(
+                "in the guest, `{script}` exited with {}:\n{text}",
+                result.status
+            ));
+        }
+        text
+    }
+
+    /// Waits for /init's check that every packed tool finds its shared libraries in the guest.
+    pub async fn assert_tools_load(&self) {
+        let line = self
+            .wait_console(
+                self.boot_mark,
+                "the tools check",
+                Duration::from_secs(60),
+                |l| l.starts_with("vdt: tools "),
+            )
+            .await;
+        if !line.starts_with("vdt: tools ok") {
+            self.fail(&line);
+        }
+    }
+
+    /// `virsh -c <uri> <args>` → stdout.
+    pub async fn virsh(&self, args: &[&str]) -> Result<String, String> {
+        virsh(&self.uri, args).await
+    }
+
+    pub async fn live_xml(&self) -> String {
+        self.virsh(&["dumpxml", &self.name]).await.expect("dumpxml")
+    }
+
+    pub async fn is_running(&self) -> bool {
+        self.virsh(&["domstate", &self.name])
+            .await
+            .is_ok_and(|s| s.trim() == "running")
+    }
+
+    /// Whether the live XML has a disk with this serial.
+    pub async fn has_disk(&self, serial: &str) -> bool {
+        self.live_xml()
+            .await
+            .contains(&format!("<serial>{}</serial>", xml::escape(serial)))
+    }
+
+    /// Hot-plugs `image` (qcow2) with `serial` on `bus` (`virsh attach-device --live`), as the
+    /// controller does, and returns the disk XML (for `detach_disk`).
+    pub async fn attach_disk(&self, image: &Path, serial: &str, bus: Bus) -> String {
+        self.attach_disk_with(image, serial, bus, false).await
+    }
+
+    /// `attach_disk`; with `persist` also into the persistent definition (`--config`), so
+    /// the disk is there again after `power_cycle`.
+    pub async fn attach_disk_with(
+        &self,
+        image: &Path,
+        serial: &str,
+        bus: Bus,
+        persist: bool,
+    ) -> String {
+        let live = self.live_xml().await;
+        let disk = xml::disk(image, &xml::free_target(&live, bus), bus, serial);
+        let file = self.dir.path().join(format!("disk-{serial}.xml"));
+        std::fs::write(&file, &disk).unwrap();
+        let mut args = vec![
+            "attach-device",
+            &self.name,
+            file.to_str().unwrap(),
+            "--live",
+        ];
+        if persist {
+            args.push("--config");
+        }
+        self.virsh(&args)
+            .await
+            .unwrap_or_else(|e| panic!("attach-device {serial} on {}: {e}", bus.as_str()));
+        disk
+    }
+
+    /// `virsh detach-device --live` with the XML `attach_disk` returned. For virtio-blk this
+    /// only asks the guest: confirm with `wait_disk_gone`.
+    pub async fn detach_disk(&self, disk_xml: &str) {
+        let file = self.dir.path().join("detach.xml");
+        std::fs::write(&file, disk_xml).unwrap();
+        self.virsh(&[
+            "detach-device",
+            &self.name,
+            file.to_str().unwrap(),
+            "--live",
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("detach-device on {}: {e}", self.name));
+    }
+
+    /// Waits until the live XML no longer lists a disk with `serial`.
+    pub async fn wait_disk_gone(&self, serial: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.has_disk(serial).await {
+            if Instant::now() > deadline {
+                self.fail(&format!(
+                    "disk {serial} still in the live XML after {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Hard reset (same QEMU process: live-attached disks and the port forward stay); waits
+    /// for the node plugin again.
+    pub async fn reset(&mut self) {
+        let mark = self.console_mark();
+        self.timeline.mark("virsh reset");
+        self.virsh(&["reset", &self.name])
+            .await
+            .expect("virsh reset");
+        self.wait_for_plugin(mark, GuestOptions::default().boot_timeout)
+            .await;
+    }
+
+    /// Power off and start again from the persistent definition (disks attached without
+    /// `--config` are gone; the port forward is added anew).
+    pub async fn power_cycle(&mut self) {
+        self.virsh(&["destroy", &self.name])
+            .await
+            .expect("virsh destroy");
+        self.start(&GuestOptions::default()).await;
+    }
+
+    /// Panics with `why`, the console's tail and the console log's path.
+    pub fn fail(&self, why: &str) -> ! {
+        panic!(
+            "{}: {why}\n--- console (last 60 lines of {}) ---\n{}\n---",
+            self.name,
+            self.console.display(),
+            self.console_tail(60)
+        )
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if std::env::var("VIRTDISK_GUEST_SHOW_CONSOLE").is_ok_and(|v| v == "1") {
+            show(&format!(
+                "--- {}: console ---\n{}\n---",
+                self.name,
+                self.console()
+            ));
+        } else if std::thread::panicking() {
+            show(&format!(
+                "--- {}: console (last 40 lines) ---\n{}\n---",
+                self.name,
+                self.console_tail(40)
+            ));
+        }
+        destroy_and_undefine(&self.uri, &self.name);
+    }
+}
+
+fn destroy_and_undefine(uri: &str, name: &str) {
+    for args in [["destroy", name], ["undefine", name]] {
+        let _ = std::process::Command::new("virsh")
+            .args(["-c", uri])
+            .args(args)
+            .output();
+    }
+}
+
+/// Removes `vdt-guest-*-p<pid>-*` domains whose test process is gone (a killed run).
+async fn remove_stale_domains(uri: &str) {
+    let Ok(names) = virsh(uri, &["list", "--all", "--name"]).await else {
+        return;
+    };
+    for name in names.lines().map(str::trim) {
+        let Some(rest) = name.strip_prefix(DOMAIN_PREFIX) else {
+            continue;
+        };
+        let pid = rest
+            .rsplit('-')
+            .nth(1)
+            .and_then(|p| p.strip_prefix('p'))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                show(&format!(
+                    "removing stale test guest {name} (process {pid} is gone)"
+                ));
+                destroy_and_undefine(uri, name);
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+pub async fn virsh(uri: &str, args: &[&str]) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("virsh")
+            .args(["-c", uri])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("virsh {args:?} timed out"))?
+    .map_err(|e| format!("virsh {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

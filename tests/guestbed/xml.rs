@@ -1,0 +1,153 @@
+//! Domain and disk XML for the test guests, every value escaped.
+
+use std::fmt::Write;
+use std::path::Path;
+
+/// The bus a hot-plugged disk sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bus {
+    /// virtio-blk, one PCIe root port per disk; detach needs the guest's ack.
+    Virtio,
+    /// A LUN on the domain's virtio-scsi controller.
+    Scsi,
+}
+
+impl Bus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bus::Virtio => "virtio",
+            Bus::Scsi => "scsi",
+        }
+    }
+
+    /// Kernel-style target name prefix libvirt expects for the bus.
+    pub fn dev_prefix(self) -> &'static str {
+        match self {
+            Bus::Virtio => "vd",
+            Bus::Scsi => "sd",
+        }
+    }
+}
+
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn path(p: &Path) -> String {
+    escape(p.to_str().expect("utf-8 path"))
+}
+
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    pub memory_mib: u32,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    /// Extra kernel parameters (`key=value` without a dot reach /init's environment).
+    pub cmdline: &'a str,
+    pub console_log: &'a Path,
+    /// PCIe root ports left free for virtio-blk hot-plug.
+    pub hotplug_ports: u32,
+}
+
+/// A TCG (`type='qemu'`) q35 guest booting the kernel and initramfs directly.
+pub fn domain(spec: &DomainSpec) -> String {
+    let mut ports = String::new();
+    // libvirt places the cold-plugged PCIe devices (virtio-scsi, NIC, RNG) on the first ports.
+    for _ in 0..spec.hotplug_ports + 3 {
+        ports.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
+    }
+    let mut xml = String::new();
+    write!(
+        xml,
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 rdinit=/init {cmdline}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <controller type='pci' model='pcie-root'/>
+{ports}    <controller type='scsi' model='virtio-scsi' index='0'/>
+    <interface type='user'><model type='virtio'/></interface>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+        name = escape(spec.name),
+        memory = spec.memory_mib,
+        kernel = path(spec.kernel),
+        initrd = path(spec.initrd),
+        cmdline = escape(spec.cmdline),
+        console = path(spec.console_log),
+    )
+    .unwrap();
+    xml
+}
+
+/// A qcow2 file disk with a serial, as a hot-plug would add it.
+pub fn disk(image: &Path, target_dev: &str, bus: Bus, serial: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'>
+  <driver name='qemu' type='qcow2'/>
+  <source file='{image}'/>
+  <target dev='{dev}' bus='{bus}'/>
+  <serial>{serial}</serial>
+</disk>
+",
+        image = path(image),
+        dev = escape(target_dev),
+        bus = bus.as_str(),
+        serial = escape(serial),
+    )
+}
+
+/// The first `<prefix>[a-z]` target name the live XML does not use. Only a name in the XML:
+/// the guest kernel names disks in the order it finds them.
+pub fn free_target(live_xml: &str, bus: Bus) -> String {
+    let prefix = bus.dev_prefix();
+    ('a'..='z')
+        .map(|c| format!("{prefix}{c}"))
+        .find(|dev| !live_xml.contains(&format!("dev='{dev}'")))
+        .expect("a free disk target name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_escaped() {
+        let xml = disk(Path::new("/tmp/a'b<c>.qcow2"), "vdb", Bus::Virtio, "vd-&x");
+        assert!(xml.contains("/tmp/a&apos;b&lt;c&gt;.qcow2"));
+        assert!(xml.contains("<serial>vd-&amp;x</serial>"));
+    }
+
+    #[test]
+    fn free_target_skips_used_names() {
+        let live = "<target dev='vda' bus='virtio'/><target dev='sda' bus='scsi'/>";
+        assert_eq!(free_target(live, Bus::Virtio), "vdb");
+        assert_eq!(free_target(live, Bus::Scsi), "sdb");
+    }
+}
