@@ -689,3 +689,24 @@ async fn topology_chooses_the_pool_and_fills_accessible_topology() {
         .into_inner();
     assert!(cap.available_capacity > 0);
 }
+
+#[tokio::test]
+async fn probe_is_not_ready_when_a_pool_is_unusable() {
+    let p = Plugin::start("controller", &[]).await;
+    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    // Root ignores permissions, so make the pool unusable by taking its directory away.
+    let volumes = p.pool_dir().join("volumes");
+    let aside = p.pool_dir().join("volumes-aside");
+    std::fs::rename(&volumes, &aside).unwrap();
+    let err = p.identity().probe(csi::ProbeRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not writable"), "{}", err.message());
+    std::fs::rename(&aside, &volumes).unwrap();
+    let ready = p
+        .identity()
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ready.ready, Some(true));
+}
