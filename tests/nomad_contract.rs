@@ -189,9 +189,29 @@ async fn create_register_claim_stop_and_repeat() {
     n.volume_register(&reg, &vol.external_id)
         .await
         .expect("Nomad accepts the registration");
+    // A capability the volume cannot serve (multi-writer on a file system) is not confirmed
+    // (the CSI way: `confirmed` unset plus a message). Nomad accepts an unset `confirmed`:
+    // the registration passes and the claim fails later at ControllerPublish (see the
+    // failure path test). Only a gRPC error would make Nomad refuse here.
+    let mut bad = reg.clone();
+    bad.id = "web-data-multi-writer".into();
+    bad.capabilities = vec![(Mode::MultiNodeMultiWriter, Attachment::FileSystem)];
+    n.volume_register(&bad, &vol.external_id)
+        .await
+        .expect("Nomad accepts an unset `confirmed`");
+    let calls = n.take_calls();
     assert_eq!(
-        n.take_calls(),
-        ["CreateVolume", "CreateVolume", "ValidateVolumeCapabilities"]
+        calls[..4],
+        [
+            "CreateVolume",
+            "CreateVolume",
+            "ValidateVolumeCapabilities",
+            "ValidateVolumeCapabilities"
+        ]
+    );
+    assert!(
+        calls.len() == 5 && calls[4].starts_with("(not confirmed") && calls[4].contains("block"),
+        "{calls:?}"
     );
 
     // (b) claim → ControllerPublish → NodeStage → NodePublish.

@@ -70,36 +70,34 @@ mod tests {
     use super::*;
     use crate::common::{block_cap, mount_cap};
 
+    fn one(c: &csi::VolumeCapability) -> &[csi::VolumeCapability] {
+        std::slice::from_ref(c)
+    }
+
     #[test]
     fn nomads_rules() {
         let bare = mount_cap("", Mode::SingleNodeWriter);
-        assert!(compare(&[bare.clone()], &[bare.clone()]).is_ok());
+        let ext4 = mount_cap("ext4", Mode::SingleNodeWriter);
+        let block = block_cap(Mode::SingleNodeWriter);
+        assert!(compare(one(&bare), one(&bare)).is_ok());
         // fs_type must be equal: "" does not match "ext4".
-        assert!(compare(
-            &[bare.clone()],
-            &[mount_cap("ext4", Mode::SingleNodeWriter)]
-        )
-        .is_err());
+        assert!(compare(one(&bare), one(&ext4)).is_err());
         // Access mode: equal, or UNKNOWN confirmed.
-        assert!(compare(
-            &[bare.clone()],
-            &[mount_cap("", Mode::SingleNodeReaderOnly)]
-        )
-        .is_err());
-        assert!(compare(&[bare.clone()], &[mount_cap("", Mode::Unknown)]).is_ok());
+        assert!(compare(one(&bare), one(&mount_cap("", Mode::SingleNodeReaderOnly))).is_err());
+        assert!(compare(one(&bare), one(&mount_cap("", Mode::Unknown))).is_ok());
         // Block and mount never match each other.
-        assert!(compare(&[bare.clone()], &[block_cap(Mode::SingleNodeWriter)]).is_err());
-        assert!(compare(&[block_cap(Mode::SingleNodeWriter)], &[bare.clone()]).is_err());
+        assert!(compare(one(&bare), one(&block)).is_err());
+        assert!(compare(one(&block), one(&bare)).is_err());
         // Requested flags must be a subset of the confirmed ones.
         let mut flagged = bare.clone();
         if let Some(AccessType::Mount(m)) = flagged.access_type.as_mut() {
             m.mount_flags = vec!["noatime".into()];
         }
-        assert!(compare(&[flagged.clone()], &[bare.clone()]).is_err());
-        assert!(compare(&[bare.clone()], &[flagged.clone()]).is_ok());
+        assert!(compare(one(&flagged), one(&bare)).is_err());
+        assert!(compare(one(&bare), one(&flagged)).is_ok());
         // Each requested capability needs its own match.
-        let two = [bare.clone(), block_cap(Mode::SingleNodeWriter)];
-        assert!(compare(&two, &[bare.clone()]).is_err());
+        let two = [bare.clone(), block];
+        assert!(compare(&two, one(&bare)).is_err());
         assert!(compare(&two, &two).is_ok());
     }
 }

@@ -382,9 +382,9 @@ impl Nomad {
         let controller_caps = ctrl
             .capabilities
             .iter()
-            .filter_map(|c| match &c.r#type {
-                Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-                None => None,
+            .filter_map(|c| {
+                let csi::controller_service_capability::Type::Rpc(r) = c.r#type.as_ref()?;
+                Some(r.r#type)
             })
             .collect();
         let mut node = NodeClient::new(node_channel);
@@ -511,12 +511,12 @@ impl Nomad {
         };
         let req = csi::CreateVolumeRequest {
             name: spec.name.clone(),
-            capacity_range: (spec.capacity_min != 0 || spec.capacity_max != 0).then(|| {
+            capacity_range: (spec.capacity_min != 0 || spec.capacity_max != 0).then_some(
                 csi::CapacityRange {
                     required_bytes: spec.capacity_min,
                     limit_bytes: spec.capacity_max,
-                }
-            }),
+                },
+            ),
             volume_capabilities: spec
                 .capabilities
                 .iter()
@@ -590,6 +590,10 @@ impl Nomad {
         self.log("ValidateVolumeCapabilities", &r);
         let r = r.map_err(|e| format!("{:?}: {}", e.code(), e.message()))?;
         // An unset `confirmed` is accepted (the message is only debug-logged).
+        if r.confirmed.is_none() {
+            self.calls
+                .push(format!("(not confirmed, accepted anyway: {})", r.message));
+        }
         if let Some(confirmed) = r.confirmed {
             if !confirmed.volume_capabilities.is_empty() {
                 caps::compare(&requested, &confirmed.volume_capabilities)?;
@@ -859,9 +863,19 @@ impl Nomad {
             return (raw, None);
         }
         self.usage.remove(&key);
+        // COMPAT (pre-1.7 layout): when the namespaced host path is gone (the plugin removed
+        // it at an earlier unstage), Nomad unstages `staging/<vol>/<usage>` instead.
+        let staging = if alloc.staging.exists() {
+            alloc.staging.clone()
+        } else {
+            self.base
+                .join("staging")
+                .join(&alloc.volume.spec.id)
+                .join(alloc.job.usage())
+        };
         let req = csi::NodeUnstageVolumeRequest {
             volume_id: alloc.volume.remote_id().to_string(),
-            staging_target_path: alloc.staging.display().to_string(),
+            staging_target_path: staging.display().to_string(),
         };
         let u = self
             .node
