@@ -183,8 +183,8 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
     let again = publish(&p, &vol, &dom.uuid).await.expect("re-publish");
     assert_eq!(again, ctx);
     assert_eq!(dom.live().disks.len(), 1);
-    // Incompatible re-publish (read-only now).
-    let err = publish_cap(
+    // A read-only publish joins the read-write disk (Nomad: a reader alloc on the same node).
+    let ro = publish_cap(
         &p,
         &vol,
         &dom.uuid,
@@ -192,8 +192,9 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
         true,
     )
     .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    .expect("read-only re-publish");
+    assert_eq!(ro, ctx);
+    assert_eq!(dom.live().disks.len(), 1);
 
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
     assert_eq!(listed_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
@@ -233,6 +234,17 @@ async fn readonly_and_persist_false() {
     .expect("publish");
     let disk = dom.live_disk(&serial).expect("disk in the live XML");
     assert!(disk.readonly, "READER_ONLY mode attaches read-only");
+    // Incompatible: read-write onto the read-only disk.
+    let err = publish_cap(
+        &p,
+        &vol,
+        &dom.uuid,
+        mount_cap("ext4", Mode::SingleNodeWriter),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert_eq!(disk.cache.as_deref(), Some("writeback"));
     assert!(
         dom.inactive_disk(&serial).is_none(),

@@ -222,16 +222,14 @@ impl Attachments {
         let all = self.all().await?;
         let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
         if let Some(here) = mine.iter().find(|a| a.node_id == node) {
-            if here.readonly != readonly {
+            // A read-write disk serves a read-only publish too (the node mounts it read-only):
+            // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
+            // The reverse needs a re-attach under the reader's feet: refused.
+            if here.readonly && !readonly {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {} is already attached to node {} {}; unpublish it first",
-                    vol.id,
-                    req.node_id,
-                    if here.readonly {
-                        "read-only"
-                    } else {
-                        "read-write"
-                    }
+                    "volume {} is already attached to node {} read-only; a read-write publish \
+                     needs it unpublished there first",
+                    vol.id, req.node_id
                 )));
             }
             return Ok(here.publish_context());
@@ -292,5 +290,135 @@ impl Attachments {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AccessMode, AccessType, ImageFormat};
+    use crate::pool::record::{Chain, SCHEMA};
+    use crate::pool::RecordState;
+    use std::sync::Mutex;
+
+    /// One node, attachments in memory.
+    #[derive(Default)]
+    struct FakeNode {
+        attached: Mutex<Vec<Attachment>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Attacher for FakeNode {
+        async fn serves(&self, node_id: &str) -> Result<bool> {
+            Ok(node_id == "n1")
+        }
+        async fn attachments(&self) -> Result<Vec<Attachment>> {
+            Ok(self.attached.lock().unwrap().clone())
+        }
+        async fn attach(&self, node_id: &str, spec: &DiskSpec, _max: u64) -> Result<Attachment> {
+            let att = Attachment {
+                node_id: node_id.into(),
+                volume_id: spec.volume_id.clone(),
+                serial: spec.serial.clone(),
+                bus: Bus::default(),
+                readonly: spec.readonly,
+                context: BTreeMap::new(),
+            };
+            self.attached.lock().unwrap().push(att.clone());
+            Ok(att)
+        }
+        async fn detach(&self, _node_id: &str, volume_id: &str) -> Result<()> {
+            self.attached
+                .lock()
+                .unwrap()
+                .retain(|a| a.volume_id != volume_id);
+            Ok(())
+        }
+        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+            Ok(())
+        }
+        async fn check_health(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn volume() -> VolumeRecord {
+        VolumeRecord {
+            schema: SCHEMA,
+            id: "default.0123456789abcdef".into(),
+            name: "v".into(),
+            pool: "default".into(),
+            state: RecordState::Ready,
+            format: ImageFormat::Qcow2,
+            capacity_bytes: 1 << 20,
+            image: "v.qcow2".into(),
+            capabilities: vec![],
+            parameters: BTreeMap::new(),
+            disk: DiskOptions::default(),
+            content_source: None,
+            accessible_topology: BTreeMap::new(),
+            created_at: 0,
+            chain: Chain::default(),
+        }
+    }
+
+    fn publish(mode: AccessMode, readonly: bool) -> Publish {
+        Publish {
+            node_id: "n1".into(),
+            capability: Capability {
+                access_type: AccessType::Mount {
+                    fs_type: String::new(),
+                    mount_flags: vec![],
+                },
+                access_mode: mode,
+            },
+            readonly,
+        }
+    }
+
+    /// Nomad publishes once per claim: a reader alloc joining a writer on the same node gets
+    /// the read-write attachment; a writer joining a read-only attachment is refused.
+    #[tokio::test]
+    async fn read_only_publish_joins_a_read_write_attachment_not_the_reverse() {
+        let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
+        let vol = volume();
+        let img = PathBuf::from("/nonexistent/v.qcow2");
+        let rw = att
+            .publish(
+                &vol,
+                img.clone(),
+                &publish(AccessMode::SingleNodeWriter, false),
+            )
+            .await
+            .unwrap();
+        for (mode, readonly) in [
+            (AccessMode::SingleNodeWriter, true),
+            (AccessMode::SingleNodeReaderOnly, true),
+            (AccessMode::SingleNodeReaderOnly, false),
+        ] {
+            let ctx = att
+                .publish(&vol, img.clone(), &publish(mode, readonly))
+                .await
+                .unwrap();
+            assert_eq!(ctx, rw, "{mode:?} readonly={readonly}");
+        }
+        assert_eq!(att.all().await.unwrap().len(), 1, "attached once");
+
+        att.unpublish(&vol.id, "n1").await.unwrap();
+        att.publish(
+            &vol,
+            img.clone(),
+            &publish(AccessMode::SingleNodeWriter, true),
+        )
+        .await
+        .unwrap();
+        let err = att
+            .publish(&vol, img, &publish(AccessMode::SingleNodeWriter, false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
     }
 }

@@ -235,9 +235,41 @@ impl NodeOps {
                 )))
             }
         };
-        let options = mount_options(mount_flags, &fs_type, read_only);
+        // The disk may be staged at another path already (Nomad stages once per usage, e.g.
+        // a reader next to a writer): the kernel shares one superblock per device, and mount
+        // refuses to flip its read-only state. A read-only stage of a disk mounted read-write
+        // gets the read-write superblock behind a read-only mount.
+        let others = mount_table().await?;
+        let sb_read_only = others
+            .of_device(dev.dev())
+            .first()
+            .map(|m| m.super_options.iter().any(|o| o == "ro"));
+        let ro_mount_only = match sb_read_only {
+            Some(false) => read_only,
+            Some(true) if !read_only => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is mounted read-only elsewhere on this node ({}); a read-write \
+                     stage needs those read-only stages unstaged first",
+                    r.volume_id,
+                    others
+                        .of_device(dev.dev())
+                        .iter()
+                        .map(|m| m.mount_point.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+            _ => false,
+        };
+        let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
         fs::mount(&dev_path, &staging, &fs_type, &options).await?;
-        if let Err(e) = fs::make_shared(&staging).await {
+        let finish = async {
+            if ro_mount_only {
+                fs::remount_read_only(&staging).await?;
+            }
+            fs::make_shared(&staging).await
+        };
+        if let Err(e) = finish.await {
             let _ = fs::unmount(&staging).await;
             return Err(e);
         }
