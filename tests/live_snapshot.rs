@@ -285,6 +285,14 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
     // snapshot it live again.
     p.restart().await;
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
+    // A power cycle boots from the persistent definition libvirt updated: the top layer
+    // with its chain under it.
+    dom.power_off();
+    dom.power_on();
+    assert_eq!(
+        dom.live_disk(&serial).unwrap().source.as_deref(),
+        Some(top.as_path())
+    );
     dom.qemu_io(&serial, &format!("write -P 0xdd 0 {K64}"));
     let snap2 = snapshot(&p, "live-snap-2", &vol).await;
     assert!(snap2.ready_to_use);

@@ -59,7 +59,8 @@ pub fn ensure_libvirtd() {
                 .split('-')
                 .next()
                 .and_then(|p| p.parse::<i32>().ok());
-            if !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+            // Only names this helper made (`<prefix><pid>-…`) of a process that is gone.
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                 eprintln!("sweeping stale test domain {name}");
                 let _ = virsh(&["destroy", name]);
                 let _ = virsh(&["undefine", name]);
