@@ -16,12 +16,15 @@
 //! - [`Hypervisor::with_domain`]: run blocking libvirt code on a node's domain while holding
 //!   that domain's lock (attach/detach of the same domain wait meanwhile).
 //! - [`Hypervisor::libvirt`]: the shared connection ([`Libvirt::read`] / [`Libvirt::write`]).
+//! - `Attacher::snapshot_live` (module `snapshot`): external disk-only snapshot of an attached
+//!   disk onto an overlay the pool created.
 
 pub mod conn;
 pub mod diskxml;
 pub mod domxml;
 mod ffi;
 mod plug;
+mod snapshot;
 mod tune;
 mod unplug;
 pub mod view;
@@ -29,12 +32,12 @@ pub mod view;
 pub use conn::{DomainLocks, Libvirt};
 pub use view::{DomainView, NodeIdKind, PoolImages};
 
-use crate::attach::{Attacher, Attachment, DiskSpec, CTX_BUS};
+use crate::attach::{Attacher, Attachment, DiskSpec, LiveSnapshot, CTX_BUS};
 use crate::error::{Error, Result};
 use crate::params::Qos;
 use domxml::DiskXml;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use virt::domain::Domain;
@@ -292,5 +295,14 @@ impl Attacher for Hypervisor {
 
     async fn check_health(&self) -> Result<()> {
         self.lv.ping().await
+    }
+
+    async fn snapshot_live(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        new_overlay: &Path,
+    ) -> Result<LiveSnapshot> {
+        snapshot::snapshot_live(self, node_id, volume_id, new_overlay).await
     }
 }
