@@ -487,3 +487,66 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
         qemu_img(&["check", "-q", img.join(f).to_str().unwrap()]);
     }
 }
+
+/// A node whose switch outcome is unknown (libvirtd vanished mid-call).
+struct UnsureBackend(Arc<FakeNode>);
+
+#[async_trait::async_trait]
+impl Attacher for UnsureBackend {
+    async fn serves(&self, node_id: &str) -> Result<bool> {
+        Ok(node_id == NODE)
+    }
+    async fn attachments(&self) -> Result<Vec<Attachment>> {
+        Ok(self.0.attachments.lock().unwrap().clone())
+    }
+    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+        unimplemented!()
+    }
+    async fn detach(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+        Ok(())
+    }
+    async fn check_health(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn snapshot_live(&self, _: &str, _: &str, _: &Path) -> Result<LiveSnapshot> {
+        Err(Error::Unavailable("libvirt connection lost".into()))
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_live_switch_outcome_keeps_the_overlay_for_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::new(true);
+    let pools = open(
+        dir.path(),
+        Attachments::new(vec![Arc::new(UnsureBackend(node.clone()))], 0),
+    )
+    .await;
+    let vol = pools.create(volume_req("unsure-vol")).await.unwrap();
+    node.attach(&vol.id, false);
+    let err = pools
+        .create_snapshot(snap_req("unsure-snap", &vol))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    // The node may already write to the overlay: it must still exist and be named.
+    let rec = pools.volume(&vol.id).await.unwrap().unwrap();
+    let pending = rec.chain.freezing.clone().expect("switch still pending");
+    assert!(pending.handed_to_domain);
+    assert!(images(dir.path()).join(&pending.overlay).exists());
+    assert!(pools.list_snapshots().await.unwrap().is_empty());
+
+    // A restarted controller continues the volume in the overlay.
+    drop(pools);
+    let pools = open(dir.path(), Attachments::default()).await;
+    let rec = pools.volume(&vol.id).await.unwrap().unwrap();
+    assert_eq!(rec.image, pending.overlay);
+    assert_eq!(rec.chain.backing, vec![vol.image.clone()]);
+    assert_eq!(rec.chain.freezing, None);
+}

@@ -339,6 +339,22 @@ impl Pools {
                 self.note_depth(&rec);
                 Ok((frozen, rec))
             }
+            Err(e @ (Error::Unavailable(_) | Error::Timeout(_)))
+                if rec
+                    .chain
+                    .freezing
+                    .as_ref()
+                    .is_some_and(|f| f.handed_to_domain) =>
+            {
+                // Unknown outcome: the node may already write to the overlay, so it must not be
+                // deleted. The record keeps the pending switch; pool recovery completes it.
+                tracing::error!(volume = %rec.id, overlay = %overlay, error = %e,
+                    "live snapshot outcome unknown; keeping the new overlay");
+                Err(Error::Unavailable(format!(
+                    "could not confirm the live snapshot of volume {} ({e}); the new layer is                      kept, and restarting the controller reconciles the volume",
+                    rec.id
+                )))
+            }
             Err(e) => {
                 rec.chain.freezing = None;
                 let (p, r) = (pool.clone(), rec.clone());
