@@ -504,6 +504,40 @@ impl Guest {
             .await;
     }
 
+    /// Reboot from inside: the guest kernel resets the machine (`reboot -f`, after a `sync`);
+    /// QEMU keeps running (`on_reboot=restart`), so live disks and the port forwards stay, but
+    /// everything in the guest's RAM (its root, `/var/lib`, the mounts) is gone. Waits for the
+    /// node plugin again.
+    pub async fn reboot(&mut self) {
+        let boot_id = "cat /proc/sys/kernel/random/boot_id";
+        let before = self.sh(boot_id).await;
+        let mark = self.console_mark();
+        self.timeline.mark("reboot -f in the guest");
+        // In the background, so the command channel answers before the machine resets.
+        self.sh("sync; (sleep 0.2; reboot -f) </dev/null >/dev/null 2>&1 &")
+            .await;
+        self.wait_for_plugin(mark, GuestOptions::default().boot_timeout)
+            .await;
+        let after = self.sh(boot_id).await;
+        if before == after {
+            self.fail("the guest did not reboot (same boot_id)");
+        }
+    }
+
+    /// The persistent definition (`dumpxml --inactive`): what the next power-on starts from.
+    pub async fn inactive_xml(&self) -> String {
+        self.virsh(&["dumpxml", "--inactive", &self.name])
+            .await
+            .expect("dumpxml --inactive")
+    }
+
+    /// Whether the persistent definition has a disk with this serial.
+    pub async fn has_persistent_disk(&self, serial: &str) -> bool {
+        self.inactive_xml()
+            .await
+            .contains(&format!("<serial>{}</serial>", xml::escape(serial)))
+    }
+
     /// Power off and start again from the persistent definition (disks attached without
     /// `--config` are gone; the port forward is added anew).
     pub async fn power_cycle(&mut self) {
@@ -533,8 +567,14 @@ impl Drop for Guest {
                 self.console()
             ));
         } else if std::thread::panicking() {
+            // The scratch dir goes with the guest: keep the whole console for the post-mortem.
+            let kept = std::env::temp_dir().join(format!("{}.console.log", self.name));
+            let kept = match std::fs::copy(&self.console, &kept) {
+                Ok(_) => format!("whole console kept in {}", kept.display()),
+                Err(e) => format!("could not keep the console: {e}"),
+            };
             show(&format!(
-                "--- {}: console (last 40 lines) ---\n{}\n---",
+                "--- {}: console (last 40 lines; {kept}) ---\n{}\n---",
                 self.name,
                 self.console_tail(40)
             ));
