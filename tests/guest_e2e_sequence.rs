@@ -219,11 +219,28 @@ mod sequence {
         /// After a reboot the guest's mounts are gone: the CO stages and publishes again with
         /// the publish_context it kept. Returns the disk's kernel name now.
         async fn restage(&mut self, vol: &Volume, guest: &Guest, placed: &mut Placed) {
-            // NodeStage itself waits for the disk to show up under its serial.
-            self.stage(vol, guest, &placed.publish_context, &placed.staging)
+            // NodeStage itself waits for the disk to show up under its serial. Each call
+            // twice: a CO retries, and a repeated call must succeed and change nothing.
+            for _ in 0..2 {
+                self.stage(vol, guest, &placed.publish_context, &placed.staging)
+                    .await;
+            }
+            for _ in 0..2 {
+                self.publish(vol, guest, &placed.staging, &placed.target)
+                    .await;
+            }
+            let mounts = guest
+                .sh(&format!(
+                    "grep -c ' {} ' /proc/self/mountinfo",
+                    placed.target
+                ))
                 .await;
-            self.publish(vol, guest, &placed.staging, &placed.target)
-                .await;
+            assert_eq!(
+                mounts.trim(),
+                "1",
+                "one mount at {} after retries",
+                placed.target
+            );
             placed.dev = guest
                 .sh(&format!(
                     "for d in /sys/block/*; do d=${{d##*/}}; \
@@ -475,6 +492,24 @@ mod sequence {
                 after > 512 * MIB as u64 && after >= GIB as u64 * 9 / 10,
                 "{fs} in B grew online: df {before} → {after} bytes"
             );
+            // The CO's view (kubelet's volume stats) agrees with df.
+            let stats = b
+                .node()
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: vol.id.clone(),
+                    volume_path: placed.target.clone(),
+                    staging_target_path: placed.staging.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| b.fail(&format!("NodeGetVolumeStats {}: {e}", vol.id)))
+                .into_inner();
+            let total = stats
+                .usage
+                .iter()
+                .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+                .map(|u| u.total as u64);
+            assert_eq!(total, Some(after), "NodeGetVolumeStats total = df size");
+            assert!(!stats.volume_condition.is_some_and(|c| c.abnormal));
             co.mark(format!(
                 "{fs} grown online in B: df {} → {} MiB",
                 before >> 20,
