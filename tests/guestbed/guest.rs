@@ -199,8 +199,23 @@ impl Guest {
                 self.fail("the guest kernel panicked");
             }
             if Instant::now() > deadline {
+                // Tell a hung guest from a stalled console (QEMU writes it through virtlogd):
+                // the command channel answers only if the guest runs.
+                let inside = match self
+                    .exec_within(
+                        "cat /proc/uptime; dmesg | tail -n 30; ps",
+                        Duration::from_secs(10),
+                    )
+                    .await
+                {
+                    Ok(r) => format!(
+                        "the guest's command channel answers:\n{}",
+                        String::from_utf8_lossy(&r.output)
+                    ),
+                    Err(e) => format!("the guest's command channel does not answer either: {e}"),
+                };
                 self.fail(&format!(
-                    "the node plugin did not answer within {timeout:?}"
+                    "the node plugin did not answer within {timeout:?}; {inside}"
                 ));
             }
             if last_state_check.elapsed() > Duration::from_secs(1) {
@@ -344,6 +359,13 @@ impl Guest {
     /// Runs `script` with `sh` in the guest (stdin /dev/null) over the test command channel;
     /// returns its exit status and output (stdout and stderr together).
     pub async fn exec(&self, script: &str) -> Exec {
+        self.exec_within(script, Duration::from_secs(300))
+            .await
+            .unwrap_or_else(|e| self.fail(&e))
+    }
+
+    /// `exec` that reports a dead channel or a timeout as an error instead of failing.
+    pub async fn exec_within(&self, script: &str, timeout: Duration) -> Result<Exec, String> {
         use base64::Engine;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let encoded = base64::engine::general_purpose::STANDARD.encode(script);
@@ -355,29 +377,26 @@ impl Guest {
             conn.read_to_end(&mut out).await?;
             Ok::<_, std::io::Error>(out)
         };
-        let out = match tokio::time::timeout(Duration::from_secs(300), run).await {
+        let out = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => self.fail(&format!("exec {script:?}: {e}")),
-            Err(_) => self.fail(&format!("exec {script:?}: no answer within 300 s")),
+            Ok(Err(e)) => return Err(format!("exec {script:?}: {e}")),
+            Err(_) => return Err(format!("exec {script:?}: no answer within {timeout:?}")),
         };
         let marker = b"__vdt_rc=";
-        let at = out
-            .windows(marker.len())
-            .rposition(|w| w == marker)
-            .unwrap_or_else(|| {
-                self.fail(&format!(
-                    "exec {script:?}: the guest sent no exit status (is /init's nc running?): {}",
-                    String::from_utf8_lossy(&out)
-                ))
-            });
+        let Some(at) = out.windows(marker.len()).rposition(|w| w == marker) else {
+            return Err(format!(
+                "exec {script:?}: the guest sent no exit status (is /init's nc running?): {}",
+                String::from_utf8_lossy(&out)
+            ));
+        };
         let rc = String::from_utf8_lossy(&out[at + marker.len()..])
             .trim()
             .parse()
-            .expect("exit status");
-        Exec {
+            .map_err(|e| format!("exec {script:?}: exit status: {e}"))?;
+        Ok(Exec {
             status: rc,
             output: out[..at].to_vec(),
-        }
+        })
     }
 
     /// Like `exec`, but the script must succeed; returns its output as text.
@@ -504,6 +523,40 @@ impl Guest {
             .await;
     }
 
+    /// Reboot from inside: the guest kernel resets the machine (`reboot -f`, after a `sync`);
+    /// QEMU keeps running (`on_reboot=restart`), so live disks and the port forwards stay, but
+    /// everything in the guest's RAM (its root, `/var/lib`, the mounts) is gone. Waits for the
+    /// node plugin again.
+    pub async fn reboot(&mut self) {
+        let boot_id = "cat /proc/sys/kernel/random/boot_id";
+        let before = self.sh(boot_id).await;
+        let mark = self.console_mark();
+        self.timeline.mark("reboot -f in the guest");
+        // In the background, so the command channel answers before the machine resets.
+        self.sh("sync; (sleep 0.2; reboot -f) </dev/null >/dev/null 2>&1 &")
+            .await;
+        self.wait_for_plugin(mark, GuestOptions::default().boot_timeout)
+            .await;
+        let after = self.sh(boot_id).await;
+        if before == after {
+            self.fail("the guest did not reboot (same boot_id)");
+        }
+    }
+
+    /// The persistent definition (`dumpxml --inactive`): what the next power-on starts from.
+    pub async fn inactive_xml(&self) -> String {
+        self.virsh(&["dumpxml", "--inactive", &self.name])
+            .await
+            .expect("dumpxml --inactive")
+    }
+
+    /// Whether the persistent definition has a disk with this serial.
+    pub async fn has_persistent_disk(&self, serial: &str) -> bool {
+        self.inactive_xml()
+            .await
+            .contains(&format!("<serial>{}</serial>", xml::escape(serial)))
+    }
+
     /// Power off and start again from the persistent definition (disks attached without
     /// `--config` are gone; the port forward is added anew).
     pub async fn power_cycle(&mut self) {
@@ -533,8 +586,14 @@ impl Drop for Guest {
                 self.console()
             ));
         } else if std::thread::panicking() {
+            // The scratch dir goes with the guest: keep the whole console for the post-mortem.
+            let kept = std::env::temp_dir().join(format!("{}.console.log", self.name));
+            let kept = match std::fs::copy(&self.console, &kept) {
+                Ok(_) => format!("whole console kept in {}", kept.display()),
+                Err(e) => format!("could not keep the console: {e}"),
+            };
             show(&format!(
-                "--- {}: console (last 40 lines) ---\n{}\n---",
+                "--- {}: console (last 40 lines; {kept}) ---\n{}\n---",
                 self.name,
                 self.console_tail(40)
             ));

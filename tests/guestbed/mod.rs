@@ -20,7 +20,7 @@ mod initramfs;
 mod report;
 mod xml;
 
-pub use bed::{libvirt_uri, Testbed, DEFAULT_CACHE};
+pub use bed::{libvirt_uri, world_readable_dir, Testbed, DEFAULT_CACHE};
 pub use guest::{Exec, Guest, GuestOptions, DOMAIN_PREFIX, GUEST_EXEC_PORT, GUEST_NODE_PORT};
 pub use report::{show, skipped, Skip, Timeline};
 pub use xml::Bus;

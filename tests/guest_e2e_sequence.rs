@@ -1,0 +1,775 @@
+//! The whole product end to end (issue 7): the controller (the real binary in controller mode
+//! on this host, hot-plugging through libvirt) and the node plugin inside two real Linux guests
+//! A and B (tests/guestbed), driven by this test the way a CO drives them.
+//!
+//! One test, because booting guests under TCG is what costs: A and B boot once, in parallel,
+//! and every step runs against them in order. Needs root, libvirtd and Debian's apt sources;
+//! otherwise it prints SKIPPED with the reason (`VIRTDISK_GUEST_REQUIRED=1` makes that a
+//! failure).
+
+mod common;
+mod guestbed;
+
+const TEST: &str = "volume_moves_between_guests_grows_snapshots_restores_and_survives_reboot";
+
+#[cfg(not(feature = "libvirt"))]
+#[test]
+fn volume_moves_between_guests_grows_snapshots_restores_and_survives_reboot() {
+    guestbed::skipped(
+        TEST,
+        &guestbed::Skip("built without the `libvirt` feature: no controller to hot-plug".into()),
+    );
+}
+
+#[cfg(feature = "libvirt")]
+mod sequence {
+    use super::common::*;
+    use super::guestbed::{self, Guest, Timeline};
+    use super::TEST;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::time::Instant;
+    use tonic::Code;
+    use virtdisk_csi::csi::proto as csi;
+
+    /// How the CO (this test) names paths in a guest, as kubelet does.
+    const PLUGIN_DIR: &str = "/var/lib/kubelet/plugins/kubernetes.io/csi/virtdisk.csi.io";
+    const PODS_DIR: &str = "/var/lib/kubelet/pods";
+
+    /// A volume as CreateVolume returned it, with the capability it is used with.
+    struct Volume {
+        id: String,
+        context: BTreeMap<String, String>,
+        cap: csi::VolumeCapability,
+        serial: String,
+    }
+
+    /// A volume staged and published in a guest.
+    struct Placed {
+        node_id: String,
+        publish_context: BTreeMap<String, String>,
+        staging: String,
+        target: String,
+        /// The guest kernel's name for the disk (`vdb`, `sda`, …).
+        dev: String,
+    }
+
+    /// The CO: the controller plugin on the host, and the timeline of what happened.
+    struct Co {
+        controller: Plugin,
+        timeline: Timeline,
+        /// attach → visible → mounted, one row per ControllerPublish.
+        figures: Vec<String>,
+    }
+
+    impl Co {
+        fn mark(&mut self, what: impl AsRef<str>) {
+            self.timeline.mark(what);
+        }
+
+        async fn create(
+            &mut self,
+            name: &str,
+            size: i64,
+            parameters: &[(&str, &str)],
+            cap: csi::VolumeCapability,
+            source: Option<csi::VolumeContentSource>,
+        ) -> Volume {
+            let mut req = create_req(name, size);
+            req.parameters = params(parameters);
+            req.volume_capabilities = vec![cap.clone()];
+            req.volume_content_source = source;
+            let v = self
+                .controller
+                .controller()
+                .create_volume(req)
+                .await
+                .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
+                .into_inner()
+                .volume
+                .expect("a volume");
+            self.mark(format!("CreateVolume {name} → {}", v.volume_id));
+            let key = v.volume_id.rsplit('.').next().unwrap().to_string();
+            Volume {
+                serial: format!("vd-{key}"),
+                id: v.volume_id,
+                context: v.volume_context,
+                cap,
+            }
+        }
+
+        async fn published_nodes(&self, vol: &Volume) -> Vec<String> {
+            self.controller
+                .controller()
+                .controller_get_volume(csi::ControllerGetVolumeRequest {
+                    volume_id: vol.id.clone(),
+                })
+                .await
+                .expect("ControllerGetVolume")
+                .into_inner()
+                .status
+                .expect("a volume status")
+                .published_node_ids
+        }
+
+        /// ControllerPublish to the guest, wait until its kernel sees the disk, NodeStage,
+        /// NodePublish. `pod` names the target path. Records attach → visible → mounted.
+        async fn place(&mut self, vol: &Volume, guest: &Guest, pod: &str, label: &str) -> Placed {
+            let node_id = node_id(guest).await;
+            let mark = guest.console_mark();
+            let t = Instant::now();
+            let publish_context = self
+                .controller
+                .controller()
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    node_id: node_id.clone(),
+                    volume_capability: Some(vol.cap.clone()),
+                    readonly: false,
+                    volume_context: vol.context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("ControllerPublish {} → {}: {e}", vol.id, guest.name()))
+                .into_inner()
+                .publish_context;
+            let attached = t.elapsed();
+            assert_eq!(
+                publish_context.get("serial"),
+                Some(&vol.serial),
+                "publish_context names the disk's serial"
+            );
+            assert!(
+                guest.has_disk(&vol.serial).await,
+                "{} in the live XML",
+                vol.serial
+            );
+            let dev = guest.wait_disk_added(mark, &vol.serial).await;
+            let visible = t.elapsed();
+            let key = vol.id.rsplit('.').next().unwrap();
+            let staging = format!("{PLUGIN_DIR}/{key}/globalmount");
+            let leaf = if is_block(vol) { "dev" } else { "mount" };
+            let target = format!("{PODS_DIR}/{pod}/volumes/kubernetes.io~csi/{key}/{leaf}");
+            self.stage(vol, guest, &publish_context, &staging).await;
+            let staged = t.elapsed();
+            self.publish(vol, guest, &staging, &target).await;
+            let published = t.elapsed();
+            let bus = publish_context.get("bus").cloned().unwrap_or_default();
+            let row = format!(
+                "{label:<28} {bus:<6} {:>7} {:>8} {:>8} {:>10}   /dev/{dev} in {}",
+                attached.as_millis(),
+                visible.as_millis(),
+                staged.as_millis(),
+                published.as_millis(),
+                guest.name()
+            );
+            self.figures.push(row);
+            self.mark(format!(
+                "{label}: ControllerPublish → /dev/{dev} → NodeStage → NodePublish in {} ({} ms)",
+                guest.name(),
+                published.as_millis()
+            ));
+            assert!(self.published_nodes(vol).await.contains(&node_id));
+            Placed {
+                node_id,
+                publish_context,
+                staging,
+                target,
+                dev,
+            }
+        }
+
+        async fn stage(
+            &mut self,
+            vol: &Volume,
+            guest: &Guest,
+            publish_context: &BTreeMap<String, String>,
+            staging: &str,
+        ) {
+            guest
+                .node()
+                .node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    publish_context: publish_context.clone(),
+                    staging_target_path: staging.to_string(),
+                    volume_capability: Some(vol.cap.clone()),
+                    volume_context: vol.context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| guest.fail(&format!("NodeStage {}: {e}", vol.id)));
+        }
+
+        async fn publish(&mut self, vol: &Volume, guest: &Guest, staging: &str, target: &str) {
+            guest
+                .node()
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    staging_target_path: staging.to_string(),
+                    target_path: target.to_string(),
+                    volume_capability: Some(vol.cap.clone()),
+                    volume_context: vol.context.clone(),
+                    readonly: false,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| guest.fail(&format!("NodePublish {}: {e}", vol.id)));
+        }
+
+        /// After a reboot the guest's mounts are gone: the CO stages and publishes again with
+        /// the publish_context it kept. Returns the disk's kernel name now.
+        async fn restage(&mut self, vol: &Volume, guest: &Guest, placed: &mut Placed) {
+            // NodeStage itself waits for the disk to show up under its serial. Each call
+            // twice: a CO retries, and a repeated call must succeed and change nothing.
+            for _ in 0..2 {
+                self.stage(vol, guest, &placed.publish_context, &placed.staging)
+                    .await;
+            }
+            for _ in 0..2 {
+                self.publish(vol, guest, &placed.staging, &placed.target)
+                    .await;
+            }
+            let mounts = guest
+                .sh(&format!(
+                    "grep -c ' {} ' /proc/self/mountinfo",
+                    placed.target
+                ))
+                .await;
+            assert_eq!(
+                mounts.trim(),
+                "1",
+                "one mount at {} after retries",
+                placed.target
+            );
+            placed.dev = guest
+                .sh(&format!(
+                    "for d in /sys/block/*; do d=${{d##*/}}; \
+                     [ \"$(/sbin/vdt-disk-serial $d)\" = {} ] && echo $d; done; true",
+                    vol.serial
+                ))
+                .await
+                .trim()
+                .to_string();
+            assert!(!placed.dev.is_empty(), "{} is in the guest", vol.serial);
+            self.mark(format!(
+                "re-staged {} in {} (/dev/{})",
+                vol.id,
+                guest.name(),
+                placed.dev
+            ));
+        }
+
+        /// NodeUnpublish, NodeUnstage, ControllerUnpublish; then proves the disk left: not in
+        /// the live XML, gone from the guest's kernel, not published to the node any more.
+        async fn remove(&mut self, vol: &Volume, guest: &Guest, placed: Placed, label: &str) {
+            let mut node = guest.node();
+            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: vol.id.clone(),
+                target_path: placed.target.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| guest.fail(&format!("NodeUnpublish {}: {e}", vol.id)));
+            node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: vol.id.clone(),
+                staging_target_path: placed.staging.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| guest.fail(&format!("NodeUnstage {}: {e}", vol.id)));
+            let mounted = guest
+                .sh(&format!(
+                    "grep -c ' {} ' /proc/self/mountinfo || true",
+                    placed.staging
+                ))
+                .await;
+            assert_eq!(mounted.trim(), "0", "{} is unmounted", placed.staging);
+
+            let mark = guest.console_mark();
+            let t = Instant::now();
+            self.controller
+                .controller()
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    node_id: placed.node_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| guest.fail(&format!("ControllerUnpublish {}: {e}", vol.id)));
+            let returned = t.elapsed();
+            // The controller returns only once the disk is gone (virtio-blk: the guest acked
+            // the PCI unplug), so the live XML must not list it any more right now.
+            assert!(
+                !guest.has_disk(&vol.serial).await,
+                "{} still in {}'s live XML after ControllerUnpublish",
+                vol.serial,
+                guest.name()
+            );
+            assert!(
+                !guest.has_persistent_disk(&vol.serial).await,
+                "{} still in {}'s persistent definition",
+                vol.serial,
+                guest.name()
+            );
+            guest.wait_disk_removed(mark, &placed.dev).await;
+            let gone = guest
+                .sh(&format!("test ! -e /sys/block/{} && echo gone", placed.dev))
+                .await;
+            assert_eq!(gone.trim(), "gone", "/dev/{} left the guest", placed.dev);
+            assert!(!self.published_nodes(vol).await.contains(&placed.node_id));
+            self.mark(format!(
+                "{label}: unpublished from {} (ControllerUnpublish {} ms, disk gone from XML \
+                 and guest)",
+                guest.name(),
+                returned.as_millis()
+            ));
+        }
+    }
+
+    fn is_block(vol: &Volume) -> bool {
+        matches!(
+            vol.cap.access_type,
+            Some(csi::volume_capability::AccessType::Block(_))
+        )
+    }
+
+    /// NodeGetInfo inside the guest: the node id the CO hands to ControllerPublish.
+    async fn node_id(guest: &Guest) -> String {
+        guest
+            .node()
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")))
+            .into_inner()
+            .node_id
+    }
+
+    /// `df` in the guest: the filesystem's size in bytes.
+    async fn df_size(guest: &Guest, path: &str) -> u64 {
+        let out = guest.sh(&format!("df -P -B1 {path} | tail -n 1")).await;
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| guest.fail(&format!("df {path}: {out}")))
+    }
+
+    /// The active image of a volume, from the controller's record.
+    fn image_of(co: &Co, vol: &Volume) -> PathBuf {
+        let key = vol.id.rsplit('.').next().unwrap();
+        let pool = co.controller.pool_dir();
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(pool.join(format!("volumes/{key}.json"))).expect("volume record"),
+        )
+        .unwrap();
+        pool.join("images")
+            .join(rec["image"].as_str().expect("image in the record"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn volume_moves_between_guests_grows_snapshots_restores_and_survives_reboot() {
+        let started = Instant::now();
+        let Some(bed) = guestbed::testbed_or_skip(TEST).await else {
+            return;
+        };
+        let mut prep = format!("{TEST}: test bed ready ({})", bed.kernel_version);
+        for (step, took) in &bed.steps {
+            prep.push_str(&format!("\n  {:>7} ms  {step}", took.as_millis()));
+        }
+        guestbed::show(&prep);
+
+        // The controller as deployed: the real binary, libvirt hot-plug, a pool QEMU can read.
+        // Unpublish waits up to 60 s for the guest's unplug ack (TCG guests are slow).
+        let controller = Plugin::start_with_config(
+            "controller",
+            &format!(
+                "[libvirt]\nuri = \"{}\"\ndetach_timeout_secs = 60\n",
+                guestbed::libvirt_uri()
+            ),
+            &[],
+        )
+        .await;
+        // QEMU (another user) opens the images under the controller's temp dir.
+        guestbed::world_readable_dir(controller.dir.path());
+        let mut co = Co {
+            controller,
+            timeline: Timeline::new("end to end: controller on the host, node plugin in A and B"),
+            figures: Vec::new(),
+        };
+        let (mut a, mut b) = tokio::join!(Guest::boot(&bed, "a"), Guest::boot(&bed, "b"));
+        co.mark("guests A and B booted (in parallel), node plugins answer");
+
+        // NodeGetInfo in each guest, with no --node-id: the DMI product UUID = domain UUID.
+        for guest in [&a, &b] {
+            assert_eq!(node_id(guest).await, guest.uuid(), "{}", guest.name());
+        }
+        assert_ne!(a.uuid(), b.uuid());
+        co.mark("NodeGetInfo in A and B = their domain UUIDs");
+
+        // 1. On each bus: A writes a file, the volume moves to B, B reads it back.
+        let mut in_b = Vec::new();
+        for (bus, fs) in [("virtio", "ext4"), ("scsi", "xfs")] {
+            let vol = co
+                .create(
+                    &format!("e2e-{bus}"),
+                    512 * MIB,
+                    &[("bus", bus)],
+                    mount_cap(fs, Mode::SingleNodeWriter),
+                    None,
+                )
+                .await;
+            let placed = co
+                .place(&vol, &a, "pod-a", &format!("{bus}/{fs}: publish to A"))
+                .await;
+            let content = format!("written in A on {bus} ({})", vol.id);
+            a.sh(&format!(
+                "echo '{content}' > {t}/hello.txt && sync && mount | grep -q ' {t} type {fs} '",
+                t = placed.target
+            ))
+            .await;
+            co.mark(format!("{bus}: file written in A ({fs})"));
+            co.remove(&vol, &a, placed, &format!("{bus}/{fs}: A")).await;
+
+            let placed = co
+                .place(&vol, &b, "pod-b", &format!("{bus}/{fs}: publish to B"))
+                .await;
+            let read = b.sh(&format!("cat {}/hello.txt", placed.target)).await;
+            assert_eq!(
+                read.trim(),
+                content,
+                "the file written in A reads back in B"
+            );
+            co.mark(format!("{bus}: the file reads back in B"));
+            in_b.push((vol, placed, fs, content));
+        }
+
+        // 2. Online expansion while mounted in B: ControllerExpand (blockresize of the live
+        //    disk) + NodeExpand (resize2fs / xfs_growfs); df in B shows the new size.
+        for (vol, placed, fs, _) in &in_b {
+            let before = df_size(&b, &placed.target).await;
+            let grown = co
+                .controller
+                .controller()
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: GIB,
+                        limit_bytes: 0,
+                    }),
+                    volume_capability: Some(vol.cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .expect("ControllerExpandVolume")
+                .into_inner();
+            assert_eq!(grown.capacity_bytes, GIB);
+            assert!(grown.node_expansion_required);
+            let node_size = b
+                .node()
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: vol.id.clone(),
+                    volume_path: placed.target.clone(),
+                    staging_target_path: placed.staging.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: GIB,
+                        limit_bytes: 0,
+                    }),
+                    volume_capability: Some(vol.cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| b.fail(&format!("NodeExpandVolume {}: {e}", vol.id)))
+                .into_inner()
+                .capacity_bytes;
+            assert_eq!(node_size, GIB);
+            let dev_size = b
+                .sh(&format!("blockdev --getsize64 /dev/{}", placed.dev))
+                .await;
+            assert_eq!(
+                dev_size.trim(),
+                GIB.to_string(),
+                "the guest sees the new size"
+            );
+            let after = df_size(&b, &placed.target).await;
+            assert!(
+                after > 512 * MIB as u64 && after >= GIB as u64 * 9 / 10,
+                "{fs} in B grew online: df {before} → {after} bytes"
+            );
+            // The CO's view (kubelet's volume stats) agrees with df.
+            let stats = b
+                .node()
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: vol.id.clone(),
+                    volume_path: placed.target.clone(),
+                    staging_target_path: placed.staging.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| b.fail(&format!("NodeGetVolumeStats {}: {e}", vol.id)))
+                .into_inner();
+            let total = stats
+                .usage
+                .iter()
+                .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+                .map(|u| u.total as u64);
+            assert_eq!(total, Some(after), "NodeGetVolumeStats total = df size");
+            assert!(!stats.volume_condition.is_some_and(|c| c.abnormal));
+            co.mark(format!(
+                "{fs} grown online in B: df {} → {} MiB",
+                before >> 20,
+                after >> 20
+            ));
+        }
+
+        // 3. A snapshot of the attached volume (virtio/ext4, mounted in B).
+        let (vol, placed, _, content) = in_b.remove(0);
+        b.sh("sync").await;
+        let snap_req = csi::CreateSnapshotRequest {
+            name: "e2e-snap".into(),
+            source_volume_id: vol.id.clone(),
+            ..Default::default()
+        };
+        let live = co
+            .controller
+            .controller()
+            .create_snapshot(snap_req.clone())
+            .await;
+        let snapshot = match live {
+            Ok(r) => {
+                co.mark("CreateSnapshot of the volume while attached to B (live)");
+                co.remove(&vol, &b, placed, "virtio/ext4: B").await;
+                r.into_inner().snapshot.expect("a snapshot")
+            }
+            Err(e) if e.code() == Code::FailedPrecondition => {
+                // TODO(live snapshot): the libvirt live snapshot path (Attacher::snapshot_live)
+                // is being finished on another branch; until it lands the controller refuses
+                // attached volumes, so the snapshot is taken after unpublishing. Once it lands
+                // this arm is dead and the `Ok` arm above runs.
+                guestbed::show(&format!(
+                    "TODO {TEST}: live snapshot of an attached volume not available on this \
+                     branch ({}); snapshotting after ControllerUnpublish instead",
+                    e.message()
+                ));
+                co.mark("CreateSnapshot while attached: FAILED_PRECONDITION (live path TODO)");
+                co.remove(&vol, &b, placed, "virtio/ext4: B").await;
+                co.controller
+                    .controller()
+                    .create_snapshot(snap_req)
+                    .await
+                    .expect("CreateSnapshot of the unpublished volume")
+                    .into_inner()
+                    .snapshot
+                    .expect("a snapshot")
+            }
+            Err(e) => panic!("CreateSnapshot of an attached volume: {e}"),
+        };
+        assert!(snapshot.ready_to_use);
+        assert_eq!(snapshot.size_bytes, GIB);
+        co.mark(format!("snapshot {} ready", snapshot.snapshot_id));
+
+        // 4. Restore into a new volume (on the other bus) attached to A: the old content, the
+        //    grown size.
+        let restored = co
+            .create(
+                "e2e-restored",
+                GIB,
+                &[("bus", "scsi")],
+                mount_cap("ext4", Mode::SingleNodeWriter),
+                Some(csi::VolumeContentSource {
+                    r#type: Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource {
+                            snapshot_id: snapshot.snapshot_id.clone(),
+                        },
+                    )),
+                }),
+            )
+            .await;
+        let mut restored_in_a = co
+            .place(&restored, &a, "pod-a2", "restored/ext4: publish to A")
+            .await;
+        let read = a
+            .sh(&format!("cat {}/hello.txt", restored_in_a.target))
+            .await;
+        assert_eq!(
+            read.trim(),
+            content,
+            "the restored volume holds the snapshot's data"
+        );
+        let size = df_size(&a, &restored_in_a.target).await;
+        assert!(
+            size >= GIB as u64 * 9 / 10,
+            "restored at the grown size: df {size}"
+        );
+        co.mark("restored volume reads back the old content in A");
+
+        // 5. Block mode: a byte pattern written with dd in B, read back there, and checked
+        //    from the host with qemu-io once the disk is unpublished.
+        let block = co
+            .create(
+                "e2e-block",
+                64 * MIB,
+                &[("bus", "virtio")],
+                block_cap(Mode::SingleNodeWriter),
+                None,
+            )
+            .await;
+        let placed = co.place(&block, &b, "pod-b3", "block: publish to B").await;
+        let t = &placed.target;
+        let md5 = b
+            .sh(&format!(
+                "test -b {t} || {{ echo {t} is not a block device; exit 1; }}
+                 head -c 1048576 /dev/zero | tr '\\000' '\\245' | dd of={t} bs=1M seek=0 conv=notrunc,fsync 2>/dev/null &&
+                 head -c 1048576 /dev/zero | tr '\\000' '\\132' | dd of={t} bs=1M seek=3 conv=notrunc,fsync 2>/dev/null &&
+                 dd if={t} bs=1M count=4 2>/dev/null | md5sum"
+            ))
+            .await;
+        let mut expected = vec![0xa5u8; 1 << 20];
+        expected.extend(vec![0u8; 2 << 20]);
+        expected.extend(vec![0x5au8; 1 << 20]);
+        let want = md5_hex(&expected);
+        assert_eq!(
+            md5.split_whitespace().next(),
+            Some(want.as_str()),
+            "the pattern reads back in B"
+        );
+        co.mark("block: pattern written with dd and read back in B");
+        co.remove(&block, &b, placed, "block: B").await;
+        // No -U: opening the image also proves QEMU let go of it.
+        let image = image_of(&co, &block);
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2"])
+            .args(["-c", "read -P 0xa5 0 1M"])
+            .args(["-c", "read -P 0 1M 2M"])
+            .args(["-c", "read -P 0x5a 3M 1M"])
+            .arg(&image)
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("failed") && text.matches("read ").count() == 3,
+            "qemu-io finds the guest's pattern in {}:\n{text}",
+            image.display()
+        );
+        co.mark("block: qemu-io on the host finds the pattern in the image");
+
+        // 6. Reboots with persist=true (the default): A reboots from inside (same QEMU), B is
+        //    powered off and on (a new QEMU from the persistent definition). The disks stay
+        //    attached; the CO stages them again (the guests' /var/lib was in RAM).
+        let (scsi_vol, mut scsi_in_b, _, _) = in_b.remove(0);
+        a.sh(&format!(
+            "echo before-reboot > {}/reboot.txt && sync",
+            restored_in_a.target
+        ))
+        .await;
+        b.sh(&format!(
+            "echo before-power-cycle > {}/reboot.txt && sync",
+            scsi_in_b.target
+        ))
+        .await;
+        for (guest, vol) in [(&a, &restored), (&b, &scsi_vol)] {
+            assert!(guest.has_disk(&vol.serial).await);
+            assert!(
+                guest.has_persistent_disk(&vol.serial).await,
+                "persist=true also attached {} to {}'s persistent definition",
+                vol.serial,
+                guest.name()
+            );
+        }
+        co.mark("persist=true: both disks in the live and the inactive XML");
+        tokio::join!(a.reboot(), b.power_cycle());
+        co.mark("A rebooted (reboot -f), B power-cycled (destroy + start)");
+        for (guest, vol) in [(&a, &restored), (&b, &scsi_vol)] {
+            assert!(
+                guest.has_disk(&vol.serial).await,
+                "{} attached after the reboot",
+                vol.serial
+            );
+            assert!(guest.has_persistent_disk(&vol.serial).await);
+            assert!(
+                co.published_nodes(vol)
+                    .await
+                    .contains(&guest.uuid().to_string()),
+                "the controller still reports {} published to {}",
+                vol.id,
+                guest.name()
+            );
+            let staged = guest
+                .sh("grep -c ' /var/lib/kubelet/' /proc/self/mountinfo || true")
+                .await;
+            assert_eq!(
+                staged.trim(),
+                "0",
+                "the reboot cleared {}'s mounts",
+                guest.name()
+            );
+        }
+        co.restage(&restored, &a, &mut restored_in_a).await;
+        co.restage(&scsi_vol, &b, &mut scsi_in_b).await;
+        let read = a
+            .sh(&format!(
+                "cat {t}/hello.txt {t}/reboot.txt",
+                t = restored_in_a.target
+            ))
+            .await;
+        assert_eq!(read, format!("{content}\nbefore-reboot\n"));
+        let read = b.sh(&format!("cat {}/reboot.txt", scsi_in_b.target)).await;
+        assert_eq!(read.trim(), "before-power-cycle");
+        co.mark("after the reboots the data reads back in A and B");
+
+        // 7. Clean up through the CO's calls: nothing attached, nothing left in the pool.
+        co.remove(&restored, &a, restored_in_a, "restored: A").await;
+        co.remove(&scsi_vol, &b, scsi_in_b, "scsi: B").await;
+        let mut ctl = co.controller.controller();
+        for v in [&vol, &restored, &scsi_vol, &block] {
+            ctl.delete_volume(csi::DeleteVolumeRequest {
+                volume_id: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("DeleteVolume {}: {e}", v.id));
+        }
+        ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snapshot.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot");
+        let left: Vec<_> = std::fs::read_dir(co.controller.pool_dir().join("volumes"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "volume records left: {left:?}");
+        co.mark("volumes and snapshot deleted");
+
+        co.timeline.print();
+        let mut table = format!(
+            "attach figures (ms since ControllerPublish was called)\n  {:<28} {:<6} {:>7} {:>8} {:>8} {:>10}",
+            "step", "bus", "attach", "visible", "mounted", "published"
+        );
+        for row in &co.figures {
+            table.push_str("\n  ");
+            table.push_str(row);
+        }
+        guestbed::show(&table);
+        a.timeline.print();
+        b.timeline.print();
+        guestbed::show(&format!(
+            "{TEST}: {} ms in all",
+            started.elapsed().as_millis()
+        ));
+    }
+
+    /// md5 of `data` as hex, by the host's md5sum (no hashing crate needed for one check).
+    fn md5_hex(data: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("md5sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("md5sum");
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
+}
