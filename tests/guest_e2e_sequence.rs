@@ -29,7 +29,6 @@ mod sequence {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use std::time::Instant;
-    use tonic::Code;
     use virtdisk_csi::csi::proto as csi;
 
     /// How the CO (this test) names paths in a guest, as kubelet does.
@@ -525,40 +524,24 @@ mod sequence {
             source_volume_id: vol.id.clone(),
             ..Default::default()
         };
-        let live = co
+        // Live: the domain switches to a new overlay while B keeps the file system mounted.
+        let snapshot = co
             .controller
             .controller()
-            .create_snapshot(snap_req.clone())
-            .await;
-        let snapshot = match live {
-            Ok(r) => {
-                co.mark("CreateSnapshot of the volume while attached to B (live)");
-                co.remove(&vol, &b, placed, "virtio/ext4: B").await;
-                r.into_inner().snapshot.expect("a snapshot")
-            }
-            Err(e) if e.code() == Code::FailedPrecondition => {
-                // TODO(live snapshot): the libvirt live snapshot path (Attacher::snapshot_live)
-                // is being finished on another branch; until it lands the controller refuses
-                // attached volumes, so the snapshot is taken after unpublishing. Once it lands
-                // this arm is dead and the `Ok` arm above runs.
-                guestbed::show(&format!(
-                    "TODO {TEST}: live snapshot of an attached volume not available on this \
-                     branch ({}); snapshotting after ControllerUnpublish instead",
-                    e.message()
-                ));
-                co.mark("CreateSnapshot while attached: FAILED_PRECONDITION (live path TODO)");
-                co.remove(&vol, &b, placed, "virtio/ext4: B").await;
-                co.controller
-                    .controller()
-                    .create_snapshot(snap_req)
-                    .await
-                    .expect("CreateSnapshot of the unpublished volume")
-                    .into_inner()
-                    .snapshot
-                    .expect("a snapshot")
-            }
-            Err(e) => panic!("CreateSnapshot of an attached volume: {e}"),
-        };
+            .create_snapshot(snap_req)
+            .await
+            .expect("CreateSnapshot of the attached volume (live)")
+            .into_inner()
+            .snapshot
+            .expect("a snapshot");
+        co.mark("CreateSnapshot of the volume while attached to B (live)");
+        // B keeps writing after the snapshot; the snapshot must not see it.
+        b.sh(&format!(
+            "echo after-snapshot > {}/later.txt && sync",
+            placed.target
+        ))
+        .await;
+        co.remove(&vol, &b, placed, "virtio/ext4: B").await;
         assert!(snapshot.ready_to_use);
         assert_eq!(snapshot.size_bytes, GIB);
         co.mark(format!("snapshot {} ready", snapshot.snapshot_id));
@@ -590,6 +573,17 @@ mod sequence {
             read.trim(),
             content,
             "the restored volume holds the snapshot's data"
+        );
+        let later = a
+            .sh(&format!(
+                "test -e {}/later.txt && echo present || echo absent",
+                restored_in_a.target
+            ))
+            .await;
+        assert_eq!(
+            later.trim(),
+            "absent",
+            "a write after the live snapshot is not in the snapshot"
         );
         let size = df_size(&a, &restored_in_a.target).await;
         assert!(
