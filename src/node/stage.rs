@@ -136,6 +136,7 @@ impl NodeOps {
         }
         ensure_file(&block_file).await?;
         fs::bind(&dev_path, &block_file).await?;
+        crate::failpoint!("stage.block-bound");
         fs::make_shared(&block_file).await?;
         tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
         Ok(())
@@ -215,6 +216,7 @@ impl NodeOps {
                 }
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
                 fs::mkfs(&dev_path, &fs_type).await?;
+                crate::failpoint!("stage.formatted");
                 fs_type
             }
             Content::Filesystem(found) => {
@@ -237,6 +239,7 @@ impl NodeOps {
         };
         let options = mount_options(mount_flags, &fs_type, read_only);
         fs::mount(&dev_path, &staging, &fs_type, &options).await?;
+        crate::failpoint!("stage.mounted");
         if let Err(e) = fs::make_shared(&staging).await {
             let _ = fs::unmount(&staging).await;
             return Err(e);
@@ -273,6 +276,7 @@ impl NodeOps {
                 )));
             }
             fs::unmount(&m.mount_point.clone()).await?;
+            crate::failpoint!("unstage.unmounted");
         }
         remove_leaves(vec![block_file, staging.clone()]).await;
         tracing::info!(volume = %volume_id, staging = %staging.display(), "volume unstaged");

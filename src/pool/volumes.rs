@@ -286,6 +286,7 @@ impl Pools {
         let p = pool.clone();
         let r = rec.clone();
         exec::blocking(move || p.write_volume(&r)).await?;
+        crate::failpoint!("create.record-written");
         let image = pool.image_path(&rec.image);
         let part = pool.image_path(&format!("{}.part", rec.image));
         let made = async {
@@ -296,8 +297,11 @@ impl Pools {
                 .first()
                 .map(|b| (b.as_str(), crate::model::ImageFormat::Qcow2));
             qemu_img::create(&part, rec.format, rec.capacity_bytes, backing).await?;
+            crate::failpoint!("create.image-made");
             let (part, image) = (part.clone(), image.clone());
-            exec::blocking(move || fsutil::rename_durable(&part, &image)).await
+            exec::blocking(move || fsutil::rename_durable(&part, &image)).await?;
+            crate::failpoint!("create.image-renamed");
+            Ok(())
         }
         .await;
         if let Err(e) = made {
@@ -312,6 +316,7 @@ impl Pools {
         let p = pool.clone();
         let r = rec.clone();
         exec::blocking(move || p.write_volume(&r)).await?;
+        crate::failpoint!("create.ready");
         tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
         Ok(rec)
     }
@@ -474,8 +479,10 @@ impl Pools {
             if rec.state == RecordState::Ready {
                 rec.state = RecordState::Deleting;
                 pool.write_volume(&rec)?;
+                crate::failpoint!("delete.marked");
             }
             pool.discard_volume(&rec)?;
+            crate::failpoint!("delete.record-removed");
             tracing::info!(volume = %rec.id, "volume deleted");
             // Backing layers nobody else needs go now; a failure only delays that.
             if let Err(e) = pool.collect_garbage() {
@@ -500,6 +507,7 @@ impl Pools {
         }
         let path = self.image_path(&rec)?;
         qemu_img::resize(&path, rec.format, new_size).await?;
+        crate::failpoint!("expand.resized");
         rec.capacity_bytes = new_size;
         self.save(&rec).await?;
         tracing::info!(volume = %rec.id, size = new_size, "volume expanded offline");
