@@ -538,13 +538,26 @@ impl Pools {
             .get(&rec.pool)
             .cloned()
             .ok_or_else(|| Error::internal(format!("pool {} is not configured", rec.pool)))?;
+        let grow = new_size - rec.capacity_bytes;
         if let Some(cap) = pool.config().capacity_bytes {
-            let grow = new_size - rec.capacity_bytes;
-            let used = exec::blocking(move || Self::provisioned(&pool)).await?;
+            let p = pool.clone();
+            let used = exec::blocking(move || Self::provisioned(&p)).await?;
             if used.saturating_add(grow) > cap {
                 return Err(Error::OutOfRange(format!(
                     "growing to {new_size} bytes would exceed the pool's cap of {cap} bytes \
                      ({used} provisioned)"
+                )));
+            }
+        }
+        // Without overcommit a volume must fit the free space, when it grows as when it is
+        // created.
+        if !pool.config().overcommit {
+            let free = exec::blocking(move || pool.free_bytes()).await?;
+            if grow > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "growing volume {} by {grow} bytes needs more than the {free} bytes free in \
+                     pool {} (overcommit is off); free some space first",
+                    rec.id, rec.pool
                 )));
             }
         }
