@@ -309,14 +309,21 @@ pub fn mount_options(flags: &[String], fs_type: &str, read_only: bool) -> Vec<St
     opts
 }
 
-/// Removes what the plugin created: files, then empty directories. Leftovers (a directory the
-/// CO filled) are logged and kept: they are not the volume's data.
+/// Removes what the plugin created: the empty files block volumes are bound onto, then empty
+/// directories. Anything else (a directory the CO filled, a file with content, a symlink) is
+/// logged and kept: it is not the plugin's, and an unpublish of a path that holds no mount
+/// must never delete a file that happens to be there.
 pub(super) async fn remove_leaves(paths: Vec<PathBuf>) {
     let _ = exec::blocking(move || {
         for p in paths {
             let res = match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => std::fs::remove_dir(&p),
-                Ok(_) => std::fs::remove_file(&p),
+                Ok(m) if m.is_file() && m.len() == 0 => std::fs::remove_file(&p),
+                Ok(_) => {
+                    tracing::warn!(path = %p.display(),
+                        "left in place: not an empty file or directory the plugin made");
+                    continue;
+                }
                 Err(_) => continue,
             };
             if let Err(e) = res {

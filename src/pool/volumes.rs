@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const MIB: u64 = 1 << 20;
+/// The largest volume: qcow2 with 64 KiB clusters stops at 2 PiB, and sizes near 2^63 overflow
+/// QEMU's arithmetic, so anything above 1 PiB is OUT_OF_RANGE up front.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A topology: segment key → value.
 pub type Topology = BTreeMap<String, String>;
@@ -78,6 +81,12 @@ pub fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
     } else {
         required
     };
+    if size > MAX_VOLUME_BYTES {
+        return Err(Error::OutOfRange(format!(
+            "{size} bytes is more than the largest volume this plugin makes ({MAX_VOLUME_BYTES} \
+             bytes, 1 PiB)"
+        )));
+    }
     size = round_up(size.max(1), MIB);
     if limit > 0 && size > limit {
         // Rounding overshot the limit: round down instead if that still meets the requirement.
@@ -600,6 +609,15 @@ mod tests {
             4 * MIB
         );
         assert!(matches!(size_for(10, 5, 0), Err(Error::OutOfRange(_))));
+        assert_eq!(size_for(MAX_VOLUME_BYTES, 0, 0).unwrap(), MAX_VOLUME_BYTES);
+        assert!(matches!(
+            size_for(MAX_VOLUME_BYTES + 1, 0, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(u64::MAX, 0, 0),
+            Err(Error::OutOfRange(_))
+        ));
     }
 
     #[test]
