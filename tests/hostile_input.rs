@@ -619,6 +619,7 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
             }
             Ok(())
         })
+        .map_err(|e| e.to_string())
     });
     eprintln!("{:#?}", tally.borrow());
     if let Err(e) = result {

@@ -229,7 +229,7 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
         "snapshot with no space at all",
     );
     exhausted(
-        create_volume(&p, "tiny", MIB as i64, &[("pool", "small")]).await,
+        create_volume(&p, "tiny", MIB, &[("pool", "small")]).await,
         "create with no space",
     );
     unharmed();

@@ -40,8 +40,8 @@ async fn metrics_addr(p: &Plugin) -> String {
         // Only the process started with the marker's environment counts: the last such line.
         if let Some(line) = log
             .lines()
-            .filter(|l| l.contains("serving metrics on /metrics"))
-            .last()
+            .rev()
+            .find(|l| l.contains("serving metrics on /metrics"))
         {
             let at = line.find("127.0.0.1:").unwrap();
             let addr: String = line[at..]
