@@ -7,6 +7,9 @@
 //! names and parameters full of XML never change the shape of a domain's XML.
 
 mod common;
+#[allow(dead_code)]
+#[path = "local_attach/env.rs"]
+mod env;
 #[cfg(feature = "libvirt")]
 mod hotplug_support;
 mod reliability_support;
@@ -526,6 +529,17 @@ fn mounts() -> Vec<String> {
     mounts_under(&[Path::new("/")])
 }
 
+/// Takes down whatever a test left mounted, attached or running under its dirs.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            env::cleanup(d);
+        }
+    }
+}
+
 /// The canary: `csi/` is the allowed root; `outside/` must never change; `csi/link-out`
 /// leads outside, `csi/leaf-link` is a symlink leaf, `csi/foreign-mount` a mount that no
 /// volume of the plugin owns.
@@ -566,8 +580,16 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     write_pattern(&volume_image(&p.pool_dir(), &real), 0x5a, 0, MIB as u64);
     let outside_before = tree(&canary_dir.join("outside"));
     let data_dir = p.data_dir();
-    let watched = [canary_dir.as_path(), p.dir.path()];
-    let mounts_before = mounts_under(&watched);
+    // The real volume may get attached (its export under localattach/) and staged or
+    // published below the allowed root: mounts may appear there, and nowhere else.
+    let _cleanup = Cleanup(vec![canary_dir.clone(), p.dir.path().to_path_buf()]);
+    let allowed = [canary_dir.join("csi"), data_dir.join("localattach")];
+    let stray_mounts = || -> Vec<String> {
+        mounts_under(&[canary_dir.as_path(), p.dir.path()])
+            .into_iter()
+            .filter(|m| !allowed.iter().any(|a| Path::new(m).starts_with(a)))
+            .collect()
+    };
 
     let cases = std::env::var("VDT_HOSTILE_CASES")
         .ok()
@@ -583,43 +605,47 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     let tally: std::cell::RefCell<BTreeMap<String, usize>> = Default::default();
     let p_ref = &p;
     let result = tokio::task::block_in_place(|| {
-        runner.run(&strategy, |req| {
-            let invalid = must_be_invalid(&canary_dir, &req);
-            let what: String = format!("{req:?}").chars().take(600).collect();
-            let what = what.as_str();
-            let answer = rt.block_on(tokio::time::timeout(
-                Duration::from_secs(60),
-                send(p_ref, req.clone()),
-            ));
-            let answer =
-                answer.map_err(|_| TestCaseError::fail(format!("no answer in 60 s: {what}")))?;
-            let code = answer.as_ref().err().map_or(Code::Ok, |s| s.code());
-            let kind = what.split('(').next().unwrap_or("").to_string();
-            *tally
-                .borrow_mut()
-                .entry(format!("{kind} {code:?}"))
-                .or_default() += 1;
-            if BAD_CODES.contains(&code) {
-                return Err(TestCaseError::fail(format!(
-                    "{code:?} for {what}: {answer:?}"
-                )));
-            }
-            if invalid && code != Code::InvalidArgument {
-                return Err(TestCaseError::fail(format!(
-                    "{code:?}, not InvalidArgument, for {what}: {answer:?}"
-                )));
-            }
-            if tree(&canary_dir.join("outside")) != outside_before {
-                return Err(TestCaseError::fail(format!(
-                    "outside/ changed after {what}"
-                )));
-            }
-            if mounts_under(&watched) != mounts_before {
-                return Err(TestCaseError::fail(format!("mounts changed after {what}")));
-            }
-            Ok(())
-        })
-        .map_err(|e| e.to_string())
+        runner
+            .run(&strategy, |req| {
+                let invalid = must_be_invalid(&canary_dir, &req);
+                let what: String = format!("{req:?}").chars().take(600).collect();
+                let what = what.as_str();
+                let answer = rt.block_on(tokio::time::timeout(
+                    Duration::from_secs(60),
+                    send(p_ref, req.clone()),
+                ));
+                let answer = answer
+                    .map_err(|_| TestCaseError::fail(format!("no answer in 60 s: {what}")))?;
+                let code = answer.as_ref().err().map_or(Code::Ok, |s| s.code());
+                let kind = what.split('(').next().unwrap_or("").to_string();
+                *tally
+                    .borrow_mut()
+                    .entry(format!("{kind} {code:?}"))
+                    .or_default() += 1;
+                if BAD_CODES.contains(&code) {
+                    return Err(TestCaseError::fail(format!(
+                        "{code:?} for {what}: {answer:?}"
+                    )));
+                }
+                if invalid && code != Code::InvalidArgument {
+                    return Err(TestCaseError::fail(format!(
+                        "{code:?}, not InvalidArgument, for {what}: {answer:?}"
+                    )));
+                }
+                if tree(&canary_dir.join("outside")) != outside_before {
+                    return Err(TestCaseError::fail(format!(
+                        "outside/ changed after {what}"
+                    )));
+                }
+                let stray = stray_mounts();
+                if !stray.is_empty() {
+                    return Err(TestCaseError::fail(format!(
+                        "mounts {stray:?} appeared after {what}"
+                    )));
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
     });
     eprintln!("{:#?}", tally.borrow());
     if let Err(e) = result {
@@ -633,6 +659,7 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
         .probe(csi::ProbeRequest {})
         .await
         .expect("still ready");
+    assert!(!p.log().contains("panicked"), "a handler panicked");
     // Nothing but pools and local-attach state in the data dir; the pool is consistent and
     // the volume that was there keeps its data.
     for entry in std::fs::read_dir(&data_dir).unwrap() {

@@ -338,6 +338,7 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
         .probe(csi::ProbeRequest {})
         .await
         .expect("the plugin is still up and ready");
+    assert!(!e.plugin.log().contains("panicked"), "a handler panicked");
 
     // Let background flattening settle before reading the pool.
     let pool = e.plugin.pool_dir();
