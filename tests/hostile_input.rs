@@ -244,7 +244,8 @@ fn requests(real: String, node: String, canary: PathBuf) -> impl Strategy<Value 
                     ..Default::default()
                 })
             }),
-        vid().prop_map(|volume_id| Req::DeleteVolume(csi::DeleteVolumeRequest {
+        // Never the real volume: it stays to be published and staged at hostile paths.
+        id(String::new()).prop_map(|volume_id| Req::DeleteVolume(csi::DeleteVolumeRequest {
             volume_id,
             ..Default::default()
         })),
@@ -574,10 +575,20 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
         .unwrap()
         .into_inner()
         .node_id;
+    // The target of the generated requests (it gets attached, formatted, staged, published),
+    // and a bystander no request names, whose data must survive whatever happens.
     let real = create_volume(&p, "hostile-target", 16 * MIB, &[])
         .await
         .unwrap();
-    write_pattern(&volume_image(&p.pool_dir(), &real), 0x5a, 0, MIB as u64);
+    let bystander = create_volume(&p, "hostile-bystander", 16 * MIB, &[])
+        .await
+        .unwrap();
+    write_pattern(
+        &volume_image(&p.pool_dir(), &bystander),
+        0x5a,
+        0,
+        MIB as u64,
+    );
     let outside_before = tree(&canary_dir.join("outside"));
     let data_dir = p.data_dir();
     // The real volume may get attached (its export under localattach/) and staged or
@@ -669,11 +680,15 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
             "unexpected {name:?} in the data dir"
         );
     }
+    wait_flattening_settled(&p, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
     assert_pool_clean(&p.pool_dir());
-    // A DeleteVolume of it may have succeeded; if not, its data is intact.
-    if list_volumes(&p).await.contains_key(&real) {
-        assert_pattern(&volume_image(&p.pool_dir(), &real), 0x5a, 0, MIB as u64);
-    }
+    assert!(list_volumes(&p).await.contains_key(&real));
+    assert_pattern(
+        &volume_image(&p.pool_dir(), &bystander),
+        0x5a,
+        0,
+        MIB as u64,
+    );
     assert_eq!(
         std::fs::read(canary_dir.join("outside/keep.txt")).unwrap(),
         b"untouched"

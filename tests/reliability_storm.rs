@@ -342,11 +342,7 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
 
     // Let background flattening settle before reading the pool.
     let pool = e.plugin.pool_dir();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !PoolView::read(&pool).flatten_jobs.is_empty() {
-        assert!(Instant::now() < deadline, "flattening did not finish");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_flattening_settled(&e.plugin, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
 
     // The end state, as the plugin reports it.
     let listed = e

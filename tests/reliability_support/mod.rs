@@ -161,6 +161,44 @@ pub fn assert_pool_clean(pool: &Path) {
     }
 }
 
+/// Waits (up to 2 minutes) until background flattening has nothing left to do: no job in
+/// progress, and no unattached volume deeper than `max_depth` (attached ones wait for their
+/// unpublish).
+pub async fn wait_flattening_settled(p: &Plugin, max_depth: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let attached: BTreeSet<String> = p
+            .controller()
+            .list_volumes(csi::ListVolumesRequest::default())
+            .await
+            .expect("list volumes")
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter(|e| {
+                e.status
+                    .as_ref()
+                    .is_some_and(|s| !s.published_node_ids.is_empty())
+            })
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect();
+        let view = PoolView::read(&p.pool_dir());
+        let deep = view.volumes.iter().any(|v| {
+            let depth = 1 + v["chain"]["backing"].as_array().map_or(0, Vec::len);
+            depth > max_depth && !attached.contains(v["id"].as_str().unwrap())
+        });
+        if view.flatten_jobs.is_empty() && !deep {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flattening did not settle: jobs {:?}",
+            view.flatten_jobs
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Each layer's qcow2 header names the next one as its backing file; the last has none.
 pub fn assert_backing_chain(images: &Path, chain: &[String]) {
     for (i, layer) in chain.iter().enumerate() {
