@@ -71,6 +71,10 @@ pub struct NodeConfig {
     /// in monolith mode, off in controller mode.
     #[serde(default)]
     pub local_attach: Option<bool>,
+    /// Staging and target paths must lead (symlinks resolved) below one of these directories,
+    /// e.g. the CO's plugin directory; empty: any absolute path.
+    #[serde(default)]
+    pub allowed_path_roots: Vec<PathBuf>,
 }
 
 impl NodeConfig {
@@ -245,6 +249,12 @@ impl Config {
                     p.path.display()
                 )));
             }
+        }
+        if let Some(r) = fc.node.allowed_path_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(Error::invalid(format!(
+                "node.allowed_path_roots: {} must be absolute",
+                r.display()
+            )));
         }
         let mut libvirt = fc.libvirt;
         if let Some(uri) = ov.libvirt_uri {

@@ -60,9 +60,14 @@ impl Error {
     /// Whether the underlying cause is a full filesystem.
     pub fn is_no_space(&self) -> bool {
         match self {
+            // By kind too: wrappers such as tempfile's keep the kind but not the errno.
             Error::Io { source, .. } => {
                 source.raw_os_error() == Some(libc::ENOSPC)
                     || source.raw_os_error() == Some(libc::EDQUOT)
+                    || matches!(
+                        source.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    )
             }
             Error::ResourceExhausted(_) => true,
             _ => false,
@@ -94,5 +99,27 @@ impl From<Error> for Status {
             tracing::error!(error = %err, "internal error");
         }
         Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_filesystem_is_resource_exhausted_even_when_wrapped() {
+        let raw = Error::io("writing", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(raw.code(), Code::ResourceExhausted);
+        // tempfile and others wrap the OS error with a path: only the kind survives.
+        let wrapped = std::io::Error::new(
+            std::io::Error::from_raw_os_error(libc::ENOSPC).kind(),
+            "No space left on device (os error 28) at path \"/pool/.tmp-x\"",
+        );
+        assert_eq!(
+            Error::io("writing", wrapped).code(),
+            Code::ResourceExhausted
+        );
+        let other = Error::io("writing", std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(other.code(), Code::Internal);
     }
 }

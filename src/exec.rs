@@ -59,6 +59,10 @@ where
                 "{program}: no space left: {msg}"
             )));
         }
+        // E.g. a raw image past the filesystem's largest file (EFBIG).
+        if lower.contains("file too large") || lower.contains("too large for file format") {
+            return Err(Error::OutOfRange(format!("{program}: too large: {msg}")));
+        }
         return Err(Error::internal(format!(
             "{program} failed ({}): {msg}",
             out.status

@@ -8,6 +8,7 @@ pub mod csi;
 pub mod doctor;
 pub mod error;
 pub mod exec;
+pub mod failpoint;
 pub mod fsutil;
 pub mod guard;
 #[cfg(feature = "libvirt")]

@@ -219,9 +219,18 @@ pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
         _ => return Ok(false),
     };
     let n = number(key, value)?;
+    if n > MAX_QOS {
+        // Accepted here, QEMU would refuse the disk at every publish.
+        return Err(Error::invalid(format!(
+            "parameter {key}={n} is invalid: QEMU takes throttle limits up to {MAX_QOS}"
+        )));
+    }
     *slot = (n > 0).then_some(n);
     Ok(true)
 }
+
+/// QEMU's largest I/O throttle limit (THROTTLE_VALUE_MAX).
+pub const MAX_QOS: u64 = 1_000_000_000_000_000;
 
 impl VolumeParams {
     pub fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
@@ -348,6 +357,8 @@ mod tests {
             vec![("io", "native")],
             vec![("pool", "../etc")],
             vec![("persist", "yes")],
+            vec![("totalBytesSec", "1000000000000001")],
+            vec![("writeIopsSec", "18446744073709551615")],
         ] {
             let err = VolumeParams::parse(&map(&bad)).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");

@@ -375,6 +375,26 @@ async fn virtio_detach_without_a_guest_is_not_reported_ok() {
     // Retried: still not OK.
     let err = unpublish(&p, &vol, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+
+    // The device goes away for real (dropped from the definition, domain restarted): the
+    // very next retry succeeds and nothing of the disk is left.
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh")
+            .args(["-q", "-c", URI])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "virsh {args:?}: {out:?}");
+    };
+    virsh(&["detach-disk", &dom.name, &disk.target, "--config"]);
+    virsh(&["destroy", &dom.name]);
+    virsh(&["start", &dom.name]);
+    assert!(dom.live_disk(&serial).is_none());
+    unpublish(&p, &vol, &dom.uuid)
+        .await
+        .expect("OK once the disk is gone");
+    assert!(dom.inactive_disk(&serial).is_none());
+    assert!(published_nodes(&p, &vol).await.is_empty());
 }
 
 #[tokio::test]

@@ -176,3 +176,100 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
     }
     relay.down().await;
 }
+
+/// libvirtd goes away in the middle of an RPC: an unpublish waiting for a virtio-blk disk to
+/// leave (a guest-less domain never lets go). The call answers UNAVAILABLE, never OK; every
+/// call meanwhile is UNAVAILABLE and Probe not ready; once libvirtd is back the same plugin
+/// process works again, and the disk never left behind the plugin's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
+    let dom = TestDomain::start("reconnect-mid", 3);
+    let relay_dir = tempfile::tempdir().unwrap();
+    let sock = relay_dir.path().join("libvirt-sock");
+    let mut relay = Relay::new(&sock);
+    let config = format!(
+        "[libvirt]\nuri = \"qemu+unix:///system?socket={}\"\ndetach_timeout_secs = 120\n",
+        sock.display()
+    );
+    let p = Plugin::start_with_config("controller", &config, &[]).await;
+    open_for_qemu(p.dir.path());
+    let mut req = create_req("reconnect-virtio", 64 * MIB);
+    req.parameters = params(&[("bus", "virtio")]);
+    let stuck = p
+        .controller()
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let other = create(&p, "reconnect-scsi").await;
+    publish(&p, &stuck, &dom.uuid).await.expect("publish");
+
+    // The unpublish waits for the guest; libvirtd leaves while it waits.
+    let waiting = {
+        let (ch, vol, node) = (p.channel.clone(), stuck.clone(), dom.uuid.clone());
+        tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(ch)
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: vol,
+                    node_id: node,
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    // libvirt holds a guest-less virtio-blk detach request ~5 s, and the plugin then waits up
+    // to 120 s: going down a moment after the call started lands inside it. (Whenever it
+    // lands, the answer must be UNAVAILABLE.)
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "the unpublish did not wait");
+    relay.down().await;
+    let err = waiting
+        .await
+        .unwrap()
+        .expect_err("never OK while the disk is attached");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("libvirt"), "{}", err.message());
+
+    // Down: clear, retryable errors everywhere, Probe not ready.
+    let err = probe(&p).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("libvirtd"), "{}", err.message());
+    let err = p
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: stuck.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Back, same process: the disk is still there and reported; publishing works again.
+    relay.up();
+    probe(&p).await.expect("ready again");
+    assert!(dom.live_disk(&serial_of(&stuck)).is_some());
+    let got = p
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: stuck.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.status.unwrap().published_node_ids,
+        vec![dom.uuid.clone()]
+    );
+    publish(&p, &other, &dom.uuid)
+        .await
+        .expect("publish after recovery");
+    unpublish(&p, &other, &dom.uuid)
+        .await
+        .expect("unpublish after recovery");
+    assert!(dom.live_disk(&serial_of(&other)).is_none());
+    relay.down().await;
+}

@@ -257,6 +257,7 @@ impl Attachments {
         let att = backend
             .attach(&req.node_id, &spec, self.max_per_node)
             .await?;
+        crate::failpoint!("publish.attached");
         tracing::info!(volume = %vol.id, node = %req.node_id, serial = %att.serial, "volume published");
         Ok(att.publish_context())
     }

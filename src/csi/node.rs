@@ -75,8 +75,24 @@ fn device_query(ctx: &BTreeMap<String, String>) -> Result<DeviceQuery> {
     })
 }
 
-fn optional_path(what: &str, p: &str) -> Result<Option<PathBuf>> {
-    (!p.is_empty()).then(|| paths::check(what, p)).transpose()
+impl NodeService {
+    /// A staging or target path from the CO: well-formed and, with `allowed_path_roots`,
+    /// leading below one of them.
+    async fn co_path(&self, what: &'static str, raw: &str) -> Result<PathBuf> {
+        let path = paths::check(what, raw)?;
+        if !self.config.allowed_path_roots.is_empty() {
+            let (p, roots) = (path.clone(), self.config.allowed_path_roots.clone());
+            crate::exec::blocking(move || paths::check_within(what, &p, &roots)).await?;
+        }
+        Ok(path)
+    }
+
+    async fn optional_co_path(&self, what: &'static str, raw: &str) -> Result<Option<PathBuf>> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        self.co_path(what, raw).await.map(Some)
+    }
 }
 
 #[tonic::async_trait]
@@ -87,7 +103,9 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeStageVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self
+            .co_path("staging_target_path", &r.staging_target_path)
+            .await?;
         let capability = capability(r.volume_capability.as_ref())?;
         convert::check_map("volume_context", &r.volume_context)?;
         self.ops
@@ -108,7 +126,9 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeUnstageVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self
+            .co_path("staging_target_path", &r.staging_target_path)
+            .await?;
         self.ops.unstage(&r.volume_id, &staging_path).await?;
         ok(csi::NodeUnstageVolumeResponse {})
     }
@@ -119,7 +139,7 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodePublishVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let target_path = paths::check("target_path", &r.target_path)?;
+        let target_path = self.co_path("target_path", &r.target_path).await?;
         if r.staging_target_path.is_empty() {
             return Err(Error::FailedPrecondition(
                 "staging_target_path is required: this plugin stages volumes \
@@ -128,7 +148,9 @@ impl Node for NodeService {
             )
             .into());
         }
-        let staging_path = paths::check("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self
+            .co_path("staging_target_path", &r.staging_target_path)
+            .await?;
         if staging_path == target_path {
             return Err(Error::invalid("target_path must differ from staging_target_path").into());
         }
@@ -152,7 +174,7 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeUnpublishVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let target_path = paths::check("target_path", &r.target_path)?;
+        let target_path = self.co_path("target_path", &r.target_path).await?;
         self.ops.unpublish(&r.volume_id, &target_path).await?;
         ok(csi::NodeUnpublishVolumeResponse {})
     }
@@ -164,8 +186,10 @@ impl Node for NodeService {
         use csi::volume_usage::Unit;
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = paths::check("volume_path", &r.volume_path)?;
-        let staging = optional_path("staging_target_path", &r.staging_target_path)?;
+        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let staging = self
+            .optional_co_path("staging_target_path", &r.staging_target_path)
+            .await?;
         let stats = self
             .ops
             .stats(&r.volume_id, &volume_path, staging.as_deref())
@@ -198,8 +222,10 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = paths::check("volume_path", &r.volume_path)?;
-        let staging_path = optional_path("staging_target_path", &r.staging_target_path)?;
+        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let staging_path = self
+            .optional_co_path("staging_target_path", &r.staging_target_path)
+            .await?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         if limit > 0 && required > limit {
             return Err(Error::OutOfRange(format!(

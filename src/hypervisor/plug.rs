@@ -103,6 +103,7 @@ pub fn attach(
         );
         return Err(undo_partial(&dom, lv, &spec.serial, err));
     }
+    crate::failpoint!("libvirt.attached");
     confirm(&dom, lv, node_id, spec, persist)
 }
 

@@ -35,6 +35,7 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
         Err(Error::NotFound(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
+    crate::failpoint!("libvirt.detach-requested");
     if let Some(target) = &requested.live_target {
         wait_gone(&lv, uuid, &serial, deadline)
             .await
@@ -51,6 +52,7 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
             })?;
         tracing::info!(volume = %volume_id, domain = %requested.domain, target = %target,
             ms = started.elapsed().as_millis() as u64, "disk detached from the live domain");
+        crate::failpoint!("libvirt.live-detached");
     }
     let (u, s) = (uuid.to_string(), serial.clone());
     match lv.write(move |c, l| remove_persistent(c, l, &u, &s)).await {

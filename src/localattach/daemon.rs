@@ -129,6 +129,7 @@ pub async fn stop(slot: &Slot) -> Result<()> {
         while start.elapsed() < wait {
             if !alive(pid) {
                 tracing::info!(pid, slot = %slot.key, "storage daemon stopped");
+                crate::failpoint!("localattach.daemon-stopped");
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -141,6 +141,7 @@ impl LocalAttacher {
                 )));
             }
             loopdev::detach(&self.sysfs, name, backing).await?;
+            crate::failpoint!("localattach.loop-detached");
             tracing::info!(device = %name, slot = %slot.key, "loop device detached");
         }
         daemon::stop(slot).await?;
@@ -192,10 +193,13 @@ impl LocalAttacher {
                 .map_err(|e| Error::io(format!("creating {}", export.display()), e))
         })
         .await?;
+        crate::failpoint!("localattach.recorded");
         let discard = spec.options.discard == Some(Discard::Unmap);
         daemon::start(slot, rec, discard).await?;
+        crate::failpoint!("localattach.daemon-started");
         let export = slot.export_path(&rec.serial);
         let name = loopdev::attach(&export, rec.readonly, spec.options.logical_block_size).await?;
+        crate::failpoint!("localattach.loop-attached");
         // Confirm through sysfs, the way the node will look for it.
         let (sysfs, n) = (self.sysfs.clone(), name.clone());
         let backing = exec::blocking(move || Ok(sysfs.loop_backing_file(&n))).await?;

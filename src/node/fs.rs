@@ -99,6 +99,22 @@ pub async fn bind(source: &Path, target: &Path) -> Result<()> {
     .map(drop)
 }
 
+/// A read-only bind mount (the filesystem stays writable elsewhere), made read-only before it
+/// appears at `target` (see `robind`); on kernels without the new mount API, bind and then
+/// remount, never leaving a writable mount behind if the remount fails.
+pub async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
+    let (s, t) = (source.to_path_buf(), target.to_path_buf());
+    if exec::blocking(move || super::robind::bind_read_only(&s, &t)).await? {
+        return Ok(());
+    }
+    bind(source, target).await?;
+    if let Err(e) = remount_read_only(target).await {
+        let _ = unmount(target).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// A bind mount's own read-only flag (the filesystem stays writable elsewhere).
 pub async fn remount_read_only(target: &Path) -> Result<()> {
     exec::run(

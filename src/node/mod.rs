@@ -8,6 +8,7 @@ pub mod fs;
 pub mod mountinfo;
 pub mod paths;
 mod publish;
+mod robind;
 mod stage;
 mod stats;
 pub mod sysfs;

@@ -67,6 +67,56 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Where `path` leads now: its longest ancestor that can be resolved, through symlinks, plus
+/// the rest as given (a dead mount on the way is not followed). Blocking.
+pub fn real_location(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// With `roots` configured, `path` must lead strictly below one of them (symlinks on the way,
+/// the leaf included, are followed). Blocking.
+pub fn check_within(what: &str, path: &Path, roots: &[PathBuf]) -> Result<()> {
+    if roots.is_empty() {
+        return Ok(());
+    }
+    let real = real_location(path);
+    let inside = roots.iter().any(|root| {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+        real.starts_with(&root) && real != root
+    });
+    if inside {
+        return Ok(());
+    }
+    let leads = if real == path {
+        String::new()
+    } else {
+        format!(" (it leads to {})", real.display())
+    };
+    Err(Error::invalid(format!(
+        "{what} {}{leads} is outside the allowed roots {}; give a path below one of them \
+         (node.allowed_path_roots)",
+        path.display(),
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
 /// The leaf must not be a symlink: mount(8) would follow it somewhere else. Blocking.
 pub fn refuse_symlink(what: &str, path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
@@ -103,6 +153,31 @@ mod tests {
         assert_eq!(
             check("p", "/var//lib/x/").unwrap(),
             PathBuf::from("/var/lib/x")
+        );
+    }
+
+    #[test]
+    fn roots_bound_where_paths_lead() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir(base.join("outside")).unwrap();
+        std::os::unix::fs::symlink(base.join("outside"), root.join("out")).unwrap();
+        let roots = vec![root.clone()];
+        assert!(check_within("p", &root.join("sub/new/leaf"), &roots).is_ok());
+        assert!(check_within("p", &root.join("new"), &roots).is_ok());
+        assert!(check_within("p", &root, &roots).is_err(), "the root itself");
+        assert!(check_within("p", &base.join("outside/x"), &roots).is_err());
+        let err = check_within("p", &root.join("out/x"), &roots).unwrap_err();
+        assert!(err.to_string().contains("leads to"), "{err}");
+        assert!(
+            check_within("p", &root.join("out"), &roots).is_err(),
+            "a leaf symlink"
+        );
+        assert!(
+            check_within("p", Path::new("/etc/x"), &[]).is_ok(),
+            "no roots: anything"
         );
     }
 

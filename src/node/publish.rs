@@ -107,14 +107,12 @@ impl NodeOps {
             }
         }
         ensure_target(&target, block).await?;
-        super::fs::bind(&source, &target).await?;
         if readonly {
-            if let Err(e) = super::fs::remount_read_only(&target).await {
-                // Never leave a writable mount behind a read-only request.
-                let _ = super::fs::unmount(&target).await;
-                return Err(e);
-            }
+            super::fs::bind_read_only(&source, &target).await?;
+        } else {
+            super::fs::bind(&source, &target).await?;
         }
+        crate::failpoint!("node-publish.bound");
         tracing::info!(volume = %r.volume_id, target = %target.display(), readonly, "volume published");
         Ok(())
     }
@@ -132,6 +130,7 @@ impl NodeOps {
                 break;
             }
             super::fs::unmount(&target).await?;
+            crate::failpoint!("node-unpublish.unmounted");
         }
         remove_leaves(vec![target.clone()]).await;
         tracing::info!(volume = %volume_id, target = %target.display(), "volume unpublished");

@@ -136,6 +136,7 @@ impl NodeOps {
         }
         ensure_file(&block_file).await?;
         fs::bind(&dev_path, &block_file).await?;
+        crate::failpoint!("stage.block-bound");
         fs::make_shared(&block_file).await?;
         tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
         Ok(())
@@ -215,6 +216,7 @@ impl NodeOps {
                 }
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
                 fs::mkfs(&dev_path, &fs_type).await?;
+                crate::failpoint!("stage.formatted");
                 fs_type
             }
             Content::Filesystem(found) => {
@@ -263,6 +265,7 @@ impl NodeOps {
         };
         let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
         fs::mount(&dev_path, &staging, &fs_type, &options).await?;
+        crate::failpoint!("stage.mounted");
         let finish = async {
             if ro_mount_only {
                 fs::remount_read_only(&staging).await?;
@@ -305,6 +308,7 @@ impl NodeOps {
                 )));
             }
             fs::unmount(&m.mount_point.clone()).await?;
+            crate::failpoint!("unstage.unmounted");
         }
         remove_leaves(vec![block_file, staging.clone()]).await;
         tracing::info!(volume = %volume_id, staging = %staging.display(), "volume unstaged");
@@ -337,14 +341,21 @@ pub fn mount_options(flags: &[String], fs_type: &str, read_only: bool) -> Vec<St
     opts
 }
 
-/// Removes what the plugin created: files, then empty directories. Leftovers (a directory the
-/// CO filled) are logged and kept: they are not the volume's data.
+/// Removes what the plugin created: the empty files block volumes are bound onto, then empty
+/// directories. Anything else (a directory the CO filled, a file with content, a symlink) is
+/// logged and kept: it is not the plugin's, and an unpublish of a path that holds no mount
+/// must never delete a file that happens to be there.
 pub(super) async fn remove_leaves(paths: Vec<PathBuf>) {
     let _ = exec::blocking(move || {
         for p in paths {
             let res = match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => std::fs::remove_dir(&p),
-                Ok(_) => std::fs::remove_file(&p),
+                Ok(m) if m.is_file() && m.len() == 0 => std::fs::remove_file(&p),
+                Ok(_) => {
+                    tracing::warn!(path = %p.display(),
+                        "left in place: not an empty file or directory the plugin made");
+                    continue;
+                }
                 Err(_) => continue,
             };
             if let Err(e) = res {

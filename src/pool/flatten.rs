@@ -107,8 +107,10 @@ impl Pool {
                 let image = self.image_path(&rec.image);
                 qemu_img::rebase_unsafe_blocking(&image, &job.layer)?;
                 sync_file(&image)?;
+                crate::failpoint!("flatten.rebased");
                 rec.chain.backing = vec![job.layer.clone()];
                 self.write_volume(&rec)?;
+                crate::failpoint!("flatten.recorded");
             }
         }
         self.remove_flatten_job(key)
@@ -240,6 +242,7 @@ impl Pools {
         };
         let (p, k, j) = (pool.clone(), key.clone(), job.clone());
         exec::blocking(move || p.write_flatten_job(&k, &j)).await?;
+        crate::failpoint!("flatten.job-written");
         drop(guard);
 
         tracing::info!(volume = %id, depth = rec.depth(), into = %job.layer, "flattening the backing chain");
@@ -258,6 +261,7 @@ impl Pools {
             self.abandon_flatten(pool, &key).await;
             return Err(e);
         }
+        crate::failpoint!("flatten.converted");
 
         // The switch: brief, under the volume's guard, and only if nothing changed meanwhile.
         let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
@@ -294,6 +298,7 @@ impl Pools {
         let (p, k) = (pool.clone(), key.clone());
         let switched = exec::blocking(move || {
             p.write_flatten_job(&k, &job)?;
+            crate::failpoint!("flatten.switching");
             p.finish_flatten_switch(&k, &job)?;
             if let Err(e) = p.collect_garbage() {
                 tracing::warn!(pool = %p.name(), error = %e, "layer cleanup deferred");

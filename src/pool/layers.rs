@@ -209,6 +209,7 @@ impl Pool {
             for name in files.into_iter().filter(|f| !live.contains(f)) {
                 tracing::info!(pool = %self.name(), layer = %name, "removing a layer nothing uses");
                 fsutil::remove_durable(&self.image_path(&name))?;
+                crate::failpoint!("gc.layer-removed");
                 removed += 1;
             }
             Ok(removed)
@@ -330,6 +331,7 @@ impl Pools {
         });
         let (p, r) = (pool.clone(), rec.clone());
         exec::blocking(move || p.write_volume(&r)).await?;
+        crate::failpoint!("freeze.intent");
 
         match self
             .switch_to_overlay(&pool, &mut rec, &overlay, writer.as_deref())
@@ -393,6 +395,7 @@ impl Pools {
             fsutil::sync_dir(&p.images_dir())
         })
         .await?;
+        crate::failpoint!("freeze.overlay-made");
 
         let mut quiesced = None;
         if let Some(node) = writer {
@@ -430,6 +433,7 @@ impl Pools {
             p.with_layers_locked(|| p.write_volume(&r))
         })
         .await?;
+        crate::failpoint!("freeze.switched");
         let frozen = Frozen {
             layer: old,
             backing: rec.chain.backing.clone(),

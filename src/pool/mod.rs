@@ -202,6 +202,7 @@ impl Pool {
             .key;
         fsutil::remove_durable(&self.image_path(&format!("{}.part", rec.image)))?;
         fsutil::remove_durable(&self.image_path(&rec.image))?;
+        crate::failpoint!("delete.image-removed");
         self.remove_volume_record(&key)
     }
 }

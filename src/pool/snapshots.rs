@@ -142,6 +142,7 @@ impl Pools {
         // The layer is in the volume's chain already, so it cannot be collected meanwhile.
         let (p, r) = (pool.clone(), rec.clone());
         exec::blocking(move || p.write_snapshot(&r)).await?;
+        crate::failpoint!("snapshot.recorded");
         tracing::info!(snapshot = %rec.id, volume = %rec.source_volume_id, layer = %rec.layer,
             "snapshot created");
         Ok(rec)
@@ -192,6 +193,7 @@ impl Pools {
                 pool.remove_snapshot_record(&oid.key)?;
                 Ok(existed)
             })?;
+            crate::failpoint!("snapshot.deleted");
             if existed {
                 tracing::info!(snapshot = %oid, "snapshot deleted");
                 if let Err(e) = pool.collect_garbage() {

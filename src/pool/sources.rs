@@ -133,6 +133,7 @@ impl Pools {
             })
         })
         .await?;
+        crate::failpoint!("restore.linked");
         let rec = self.materialize(&pool, rec).await?;
         self.note_depth(&rec);
         Ok(rec)

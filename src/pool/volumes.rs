@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const MIB: u64 = 1 << 20;
+/// The largest volume: qcow2 with 64 KiB clusters stops at 2 PiB, and sizes near 2^63 overflow
+/// QEMU's arithmetic, so anything above 1 PiB is OUT_OF_RANGE up front.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A topology: segment key → value.
 pub type Topology = BTreeMap<String, String>;
@@ -78,6 +81,12 @@ pub fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
     } else {
         required
     };
+    if size > MAX_VOLUME_BYTES {
+        return Err(Error::OutOfRange(format!(
+            "{size} bytes is more than the largest volume this plugin makes ({MAX_VOLUME_BYTES} \
+             bytes, 1 PiB)"
+        )));
+    }
     size = round_up(size.max(1), MIB);
     if limit > 0 && size > limit {
         // Rounding overshot the limit: round down instead if that still meets the requirement.
@@ -286,6 +295,7 @@ impl Pools {
         let p = pool.clone();
         let r = rec.clone();
         exec::blocking(move || p.write_volume(&r)).await?;
+        crate::failpoint!("create.record-written");
         let image = pool.image_path(&rec.image);
         let part = pool.image_path(&format!("{}.part", rec.image));
         let made = async {
@@ -296,8 +306,11 @@ impl Pools {
                 .first()
                 .map(|b| (b.as_str(), crate::model::ImageFormat::Qcow2));
             qemu_img::create(&part, rec.format, rec.capacity_bytes, backing).await?;
+            crate::failpoint!("create.image-made");
             let (part, image) = (part.clone(), image.clone());
-            exec::blocking(move || fsutil::rename_durable(&part, &image)).await
+            exec::blocking(move || fsutil::rename_durable(&part, &image)).await?;
+            crate::failpoint!("create.image-renamed");
+            Ok(())
         }
         .await;
         if let Err(e) = made {
@@ -312,6 +325,7 @@ impl Pools {
         let p = pool.clone();
         let r = rec.clone();
         exec::blocking(move || p.write_volume(&r)).await?;
+        crate::failpoint!("create.ready");
         tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
         Ok(rec)
     }
@@ -474,8 +488,10 @@ impl Pools {
             if rec.state == RecordState::Ready {
                 rec.state = RecordState::Deleting;
                 pool.write_volume(&rec)?;
+                crate::failpoint!("delete.marked");
             }
             pool.discard_volume(&rec)?;
+            crate::failpoint!("delete.record-removed");
             tracing::info!(volume = %rec.id, "volume deleted");
             // Backing layers nobody else needs go now; a failure only delays that.
             if let Err(e) = pool.collect_garbage() {
@@ -500,6 +516,7 @@ impl Pools {
         }
         let path = self.image_path(&rec)?;
         qemu_img::resize(&path, rec.format, new_size).await?;
+        crate::failpoint!("expand.resized");
         rec.capacity_bytes = new_size;
         self.save(&rec).await?;
         tracing::info!(volume = %rec.id, size = new_size, "volume expanded offline");
@@ -530,13 +547,26 @@ impl Pools {
             .get(&rec.pool)
             .cloned()
             .ok_or_else(|| Error::internal(format!("pool {} is not configured", rec.pool)))?;
+        let grow = new_size - rec.capacity_bytes;
         if let Some(cap) = pool.config().capacity_bytes {
-            let grow = new_size - rec.capacity_bytes;
-            let used = exec::blocking(move || Self::provisioned(&pool)).await?;
+            let p = pool.clone();
+            let used = exec::blocking(move || Self::provisioned(&p)).await?;
             if used.saturating_add(grow) > cap {
                 return Err(Error::OutOfRange(format!(
                     "growing to {new_size} bytes would exceed the pool's cap of {cap} bytes \
                      ({used} provisioned)"
+                )));
+            }
+        }
+        // Without overcommit a volume must fit the free space, when it grows as when it is
+        // created.
+        if !pool.config().overcommit {
+            let free = exec::blocking(move || pool.free_bytes()).await?;
+            if grow > free {
+                return Err(Error::ResourceExhausted(format!(
+                    "growing volume {} by {grow} bytes needs more than the {free} bytes free in \
+                     pool {} (overcommit is off); free some space first",
+                    rec.id, rec.pool
                 )));
             }
         }
@@ -579,6 +609,15 @@ mod tests {
             4 * MIB
         );
         assert!(matches!(size_for(10, 5, 0), Err(Error::OutOfRange(_))));
+        assert_eq!(size_for(MAX_VOLUME_BYTES, 0, 0).unwrap(), MAX_VOLUME_BYTES);
+        assert!(matches!(
+            size_for(MAX_VOLUME_BYTES + 1, 0, 0),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            size_for(u64::MAX, 0, 0),
+            Err(Error::OutOfRange(_))
+        ));
     }
 
     #[test]

@@ -238,3 +238,77 @@ pub fn qemu_img_check(path: &Path) {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+// ---- Extra environment and crash helpers (reliability tests) ----
+
+/// `spawn` with extra environment variables (e.g. `VIRTDISK_FAILPOINT`, `RUST_LOG`).
+fn spawn_with_env(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("plugin.log"))
+        .unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .env_remove("CSI_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start virtdisk-csi")
+}
+
+impl Plugin {
+    /// Like `start_with_config` (no config file when `config` is empty), with extra
+    /// environment variables for this first process only.
+    pub async fn start_with_env(
+        mode: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Plugin {
+        let mut p = if config.is_empty() {
+            Plugin::start(mode, args).await
+        } else {
+            Plugin::start_with_config(mode, config, args).await
+        };
+        if !env.is_empty() {
+            p.restart_with_env(env).await;
+        }
+        p
+    }
+
+    /// Stops the plugin (if running) and starts the same command line with extra environment
+    /// variables; a later `restart()` goes back to the plain environment.
+    pub async fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.child = Some(spawn_with_env(&self.args, self.dir.path(), env));
+        self.channel = wait_for_socket(&self.socket).await;
+    }
+
+    /// Waits up to `timeout` for the plugin process to exit by itself (e.g. at a failpoint);
+    /// returns its exit status, or None if it is still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The pid of the running plugin process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}

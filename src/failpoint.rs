@@ -1,0 +1,140 @@
+//! Crash injection for the reliability tests. `failpoint!("create.record-written")` placed
+//! right after a durable step kills the process with SIGKILL when the environment variable
+//! `VIRTDISK_FAILPOINT` names that point: no destructor runs, no buffer is flushed, no reply
+//! is sent, exactly as after `kill -9`, the OOM killer or a power cut of the process.
+//!
+//! Why an environment variable and `debug_assertions`: the integration tests drive the real
+//! binary that a plain `cargo test --all-targets` builds, and cargo builds that binary without
+//! the test crate's features, so points hidden behind a cargo feature (e.g. the `fail` crate's
+//! `failpoints`) would never be armed there. Points are compiled into debug builds only (what
+//! `cargo test` builds); in a release build every `failpoint!` expands to nothing. In a debug
+//! build an unarmed point costs one comparison with a value read once.
+
+/// The environment variable that arms one point by name.
+pub const ENV: &str = "VIRTDISK_FAILPOINT";
+
+/// Every point, in the order an operation reaches them. `tests/reliability_crash.rs` crashes
+/// at each of them; the unit test below keeps this list and the call sites in step.
+pub const POINTS: &[&str] = &[
+    // CreateVolume (and the volume half of a restore or clone): `Pools::materialize`.
+    "create.record-written",
+    "create.image-made",
+    "create.image-renamed",
+    "create.ready",
+    // Restore: the new volume's record names the snapshot's layer.
+    "restore.linked",
+    // DeleteVolume.
+    "delete.marked",
+    "delete.image-removed",
+    "delete.record-removed",
+    // Layer garbage collection (after DeleteVolume / DeleteSnapshot).
+    "gc.layer-removed",
+    // CreateSnapshot (and the source half of a clone): freezing the active layer.
+    "freeze.intent",
+    "freeze.overlay-made",
+    "freeze.switched",
+    "snapshot.recorded",
+    // DeleteSnapshot.
+    "snapshot.deleted",
+    // ControllerExpandVolume (offline).
+    "expand.resized",
+    // ControllerPublish / Unpublish, libvirt hot-plug.
+    "libvirt.attached",
+    "libvirt.detach-requested",
+    "libvirt.live-detached",
+    // ControllerPublish, any backend: attached, reply not sent.
+    "publish.attached",
+    // ControllerPublish / Unpublish, local attach.
+    "localattach.recorded",
+    "localattach.daemon-started",
+    "localattach.loop-attached",
+    "localattach.loop-detached",
+    "localattach.daemon-stopped",
+    // NodeStage / NodeUnstage / NodePublish / NodeUnpublish.
+    "stage.formatted",
+    "stage.mounted",
+    "stage.block-bound",
+    "unstage.unmounted",
+    "node-publish.bound",
+    "node-unpublish.unmounted",
+    // Background chain flattening.
+    "flatten.job-written",
+    "flatten.converted",
+    "flatten.switching",
+    "flatten.rebased",
+    "flatten.recorded",
+];
+
+/// Kills the process if `name` is the armed point (debug builds only).
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {{
+        #[cfg(debug_assertions)]
+        $crate::failpoint::hit($name);
+    }};
+}
+
+/// The armed point, read once.
+#[cfg(debug_assertions)]
+fn armed() -> Option<&'static str> {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()))
+        .as_deref()
+}
+
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub fn hit(name: &'static str) {
+    debug_assert!(
+        POINTS.contains(&name),
+        "failpoint {name} is missing from failpoint::POINTS"
+    );
+    if armed() == Some(name) {
+        // Straight to stderr (the plugin's log): the tests check which point fired.
+        eprintln!("failpoint {name}: killing the process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    fn scan(dir: &Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                scan(&path, found);
+            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("failpoint.rs")
+            {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for part in text.split("failpoint!(\"").skip(1) {
+                    found.push(part.split('"').next().unwrap().to_string());
+                }
+            }
+        }
+    }
+
+    /// Every call site is listed, every listed point has exactly one call site.
+    #[test]
+    fn points_and_call_sites_match() {
+        let mut found = Vec::new();
+        scan(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        let unique: BTreeSet<&str> = found.iter().map(String::as_str).collect();
+        assert_eq!(
+            unique.len(),
+            found.len(),
+            "a point is used twice: {found:?}"
+        );
+        let listed: BTreeSet<&str> = POINTS.iter().copied().collect();
+        assert_eq!(listed.len(), POINTS.len(), "a point is listed twice");
+        assert_eq!(unique, listed);
+    }
+}

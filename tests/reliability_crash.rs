@@ -1,0 +1,719 @@
+//! Crash safety: the plugin is killed (SIGKILL, see `src/failpoint.rs`) right after each
+//! durable step of every operation, restarted, and the same RPC retried. Each case must
+//! converge to the right end state: the retry answers OK with the same result a crash-free
+//! run gives, no orphan image, record, layer, attachment, mount, loop device or daemon is
+//! left, and no data is lost (patterns written with qemu-io, files in mounts).
+//!
+//! One table per backend lists (operation, failpoint); `every_failpoint_is_exercised` keeps
+//! the tables and `failpoint::POINTS` in step. Failpoints exist in debug builds only (what
+//! `cargo test` builds); a release-mode run skips these tests loudly.
+
+mod common;
+#[allow(dead_code)]
+#[path = "local_attach/env.rs"]
+mod env;
+#[cfg(feature = "libvirt")]
+mod hotplug_support;
+mod reliability_support;
+
+use common::*;
+use reliability_support::*;
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+use virtdisk_csi::csi::proto as csi;
+use virtdisk_csi::failpoint::{ENV, POINTS};
+
+const M: u64 = 1 << 20;
+
+/// Pool-only operations run with libvirt off (nothing to attach).
+const POOL_CONFIG: &str = "[libvirt]\nenabled = false\n";
+/// A chain deeper than 2 layers is flattened in the background.
+const FLATTEN_CONFIG: &str = "[libvirt]\nenabled = false\n[snapshots]\nmax_chain_depth = 2\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PoolOp {
+    Create,
+    Restore,
+    Clone,
+    Delete,
+    Expand,
+    Snapshot,
+    DeleteSnapshot,
+    /// CreateSnapshot that pushes the chain past the limit: the background flattener runs.
+    Flatten,
+}
+
+use PoolOp::*;
+
+const VOLUME_CASES: &[(PoolOp, &str)] = &[
+    (Create, "create.record-written"),
+    (Create, "create.image-made"),
+    (Create, "create.image-renamed"),
+    (Create, "create.ready"),
+    (Restore, "restore.linked"),
+    (Restore, "create.record-written"),
+    (Restore, "create.image-made"),
+    (Restore, "create.image-renamed"),
+    (Restore, "create.ready"),
+    (Clone, "freeze.switched"),
+    (Clone, "restore.linked"),
+    (Delete, "delete.marked"),
+    (Delete, "delete.image-removed"),
+    (Delete, "delete.record-removed"),
+    (Expand, "expand.resized"),
+];
+
+const LAYER_CASES: &[(PoolOp, &str)] = &[
+    (Snapshot, "freeze.intent"),
+    (Snapshot, "freeze.overlay-made"),
+    (Snapshot, "freeze.switched"),
+    (Snapshot, "snapshot.recorded"),
+    (DeleteSnapshot, "snapshot.deleted"),
+    (DeleteSnapshot, "gc.layer-removed"),
+    (Flatten, "flatten.job-written"),
+    (Flatten, "flatten.converted"),
+    (Flatten, "flatten.switching"),
+    (Flatten, "flatten.rebased"),
+    (Flatten, "flatten.recorded"),
+];
+
+/// Ids a scenario set up before the crash.
+#[derive(Default, Debug)]
+struct Ids {
+    src: String,
+    snap: String,
+}
+
+fn failpoints_compiled_in() -> bool {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+    }
+    cfg!(debug_assertions)
+}
+
+/// Restarts the plugin with `point` armed.
+async fn arm(p: &mut Plugin, point: &str) {
+    p.restart_with_env(&[(ENV, point)]).await;
+}
+
+/// Checks the plugin died at `point` (in the call that answered `first`, or for background
+/// work soon after) and restarts it unarmed.
+async fn expect_death<T: std::fmt::Debug>(
+    p: &mut Plugin,
+    point: &str,
+    first: &Result<T, tonic::Status>,
+) {
+    let status = p.wait_exit(Duration::from_secs(90)).await;
+    let status = status.unwrap_or_else(|| {
+        panic!("{point}: the plugin did not die at the failpoint (first answer: {first:?})")
+    });
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: exit {status:?}"
+    );
+    assert!(
+        p.log()
+            .contains(&format!("failpoint {point}: killing the process")),
+        "{point}: died, but not at the failpoint"
+    );
+    p.restart().await;
+}
+
+impl PoolOp {
+    fn config(self) -> &'static str {
+        if self == Flatten {
+            FLATTEN_CONFIG
+        } else {
+            POOL_CONFIG
+        }
+    }
+
+    /// Whether the dying work runs after the RPC answered.
+    fn background(self) -> bool {
+        self == Flatten
+    }
+
+    async fn setup(self, p: &Plugin) -> Ids {
+        let pool = p.pool_dir();
+        let mut ids = Ids::default();
+        if self == Create {
+            return ids;
+        }
+        ids.src = create_volume(p, "src", 16 * MIB, &[]).await.unwrap();
+        write_pattern(&volume_image(&pool, &ids.src), 0xa1, 0, M);
+        match self {
+            Restore => {
+                ids.snap = snapshot(p, "snap", &ids.src).await.unwrap();
+                write_pattern(&volume_image(&pool, &ids.src), 0xb2, 0, M);
+            }
+            DeleteSnapshot => {
+                ids.snap = snapshot(p, "snap", &ids.src).await.unwrap();
+                delete_volume(p, &ids.src).await.unwrap();
+            }
+            Flatten => {
+                ids.snap = snapshot(p, "s1", &ids.src).await.unwrap();
+                write_pattern(&volume_image(&pool, &ids.src), 0xb2, M, M);
+            }
+            _ => {}
+        }
+        ids
+    }
+
+    /// The RPC under test; repeated as is after the crash.
+    async fn act(self, p: &Plugin, ids: &Ids) -> Result<String, tonic::Status> {
+        match self {
+            Create => create_volume(p, "fresh", 16 * MIB, &[]).await,
+            Restore => create_from(p, "restored", from_snapshot(&ids.snap)).await,
+            Clone => create_from(p, "clone", from_volume(&ids.src)).await,
+            Delete => delete_volume(p, &ids.src).await.map(|_| String::new()),
+            Expand => expand(p, &ids.src, 32 * MIB).await.map(|c| c.to_string()),
+            Snapshot => snapshot(p, "snap", &ids.src).await,
+            DeleteSnapshot => delete_snapshot(p, &ids.snap).await.map(|_| String::new()),
+            Flatten => snapshot(p, "s2", &ids.src).await,
+        }
+    }
+
+    /// The end state a crash-free run reaches.
+    async fn verify(self, p: &Plugin, ids: &Ids, answer: &str) {
+        let pool = p.pool_dir();
+        let volumes = list_volumes(p).await;
+        match self {
+            Create => {
+                assert_eq!(volumes.get(answer), Some(&(16 * MIB)), "{volumes:?}");
+                let img = volume_image(&pool, answer);
+                write_pattern(&img, 0xc3, 0, M);
+                assert_pattern(&img, 0xc3, 0, M);
+            }
+            Restore | Clone => {
+                assert!(volumes.contains_key(answer), "{volumes:?}");
+                let new = volume_image(&pool, answer);
+                let src = volume_image(&pool, &ids.src);
+                assert_pattern(&new, 0xa1, 0, M);
+                let src_byte = if self == Restore { 0xb2 } else { 0xa1 };
+                assert_pattern(&src, src_byte, 0, M);
+                // The two are independent from now on.
+                write_pattern(&new, 0xd4, 0, M);
+                assert_pattern(&src, src_byte, 0, M);
+            }
+            Delete => assert!(!volumes.contains_key(&ids.src), "{volumes:?}"),
+            Expand => {
+                assert_eq!(answer, (32 * MIB).to_string());
+                assert_eq!(volumes.get(&ids.src), Some(&(32 * MIB)));
+                let img = volume_image(&pool, &ids.src);
+                assert_eq!(qemu_img_info(&img)["virtual-size"], 32 * MIB);
+                assert_pattern(&img, 0xa1, 0, M);
+            }
+            Snapshot => {
+                let snaps = list_snapshots(p).await;
+                assert_eq!(snaps, BTreeSet::from([answer.to_string()]));
+                write_pattern(&volume_image(&pool, &ids.src), 0xb2, 0, M);
+                let r = create_from(p, "check", from_snapshot(answer))
+                    .await
+                    .unwrap();
+                assert_pattern(&volume_image(&pool, &r), 0xa1, 0, M);
+                assert_pattern(&volume_image(&pool, &ids.src), 0xb2, 0, M);
+            }
+            DeleteSnapshot => {
+                assert!(list_snapshots(p).await.is_empty());
+                assert!(!volumes.contains_key(&ids.src));
+            }
+            Flatten => {
+                wait_flattened(p, &ids.src).await;
+                let src = volume_image(&pool, &ids.src);
+                assert_pattern(&src, 0xa1, 0, M);
+                assert_pattern(&src, 0xb2, M, M);
+                let one = create_from(p, "from-s1", from_snapshot(&ids.snap))
+                    .await
+                    .unwrap();
+                assert_pattern(&volume_image(&pool, &one), 0xa1, 0, M);
+                assert_pattern(&volume_image(&pool, &one), 0, M, M);
+                let two = create_from(p, "from-s2", from_snapshot(answer))
+                    .await
+                    .unwrap();
+                assert_pattern(&volume_image(&pool, &two), 0xa1, 0, M);
+                assert_pattern(&volume_image(&pool, &two), 0xb2, M, M);
+                // Restores are deeper than the limit again: let that flattening end too.
+                wait_flattened(p, &one).await;
+                wait_flattened(p, &two).await;
+            }
+        }
+    }
+}
+
+/// Waits until the background flattener has brought the volume's chain within the limit (2)
+/// and no job is left.
+async fn wait_flattened(p: &Plugin, volume: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let view = PoolView::read(&p.pool_dir());
+        let depth = view
+            .volume(volume)
+            .map(|v| 1 + v["chain"]["backing"].as_array().map_or(0, Vec::len))
+            .expect("volume record");
+        if depth <= 2 && view.flatten_jobs.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume {volume} still {depth} layers deep; jobs {:?}",
+            view.flatten_jobs
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Calls `f` again while it answers ABORTED, as a CO does: the background flattener holds a
+/// volume for a moment after a restart.
+async fn retry_aborted<T, F, Fut>(f: F) -> Result<T, tonic::Status>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f().await {
+            Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn pool_case(op: PoolOp, point: &str) {
+    let t = Instant::now();
+    let mut p = Plugin::start_with_config("controller", op.config(), &[]).await;
+    let pool = p.pool_dir();
+    let bystander = create_volume(&p, "bystander", 8 * MIB, &[]).await.unwrap();
+    write_pattern(&volume_image(&pool, &bystander), 0x5a, 0, M);
+    let ids = op.setup(&p).await;
+
+    arm(&mut p, point).await;
+    let first = op.act(&p, &ids).await;
+    expect_death(&mut p, point, &first).await;
+    if !op.background() {
+        assert!(first.is_err(), "{op:?} at {point}: answered {first:?}");
+    }
+    let answer = retry_aborted(|| op.act(&p, &ids))
+        .await
+        .unwrap_or_else(|e| panic!("{op:?} at {point}: the retry failed: {e:?}"));
+    op.verify(&p, &ids, &answer).await;
+    // The retry answers the same again (idempotent).
+    let again = retry_aborted(|| op.act(&p, &ids)).await.unwrap();
+    assert_eq!(again, answer, "{op:?} at {point}");
+    assert_pattern(&volume_image(&pool, &bystander), 0x5a, 0, M);
+    assert_pool_clean(&pool);
+    eprintln!(
+        "{op:?} crashed at {point}: converged ({} ms)",
+        t.elapsed().as_millis()
+    );
+}
+
+async fn run_pool_cases(cases: &[(PoolOp, &str)]) {
+    if !failpoints_compiled_in() {
+        return;
+    }
+    for (op, point) in cases {
+        pool_case(*op, point).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_each_durable_step_of_volume_operations() {
+    run_pool_cases(VOLUME_CASES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_each_durable_step_of_snapshots_and_flattening() {
+    run_pool_cases(LAYER_CASES).await;
+}
+
+#[test]
+fn every_failpoint_is_exercised() {
+    let mut covered: BTreeSet<&str> = BTreeSet::new();
+    covered.extend(VOLUME_CASES.iter().map(|c| c.1));
+    covered.extend(LAYER_CASES.iter().map(|c| c.1));
+    covered.extend(LOCAL_CASES.iter().map(|c| c.1));
+    covered.extend(LIBVIRT_CASES.iter().map(|c| c.1));
+    let all: BTreeSet<&str> = POINTS.iter().copied().collect();
+    let missing: Vec<&&str> = all.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "failpoints no test crashes at: {missing:?}"
+    );
+    let unknown: Vec<&&str> = covered.difference(&all).collect();
+    assert!(
+        unknown.is_empty(),
+        "cases name unknown failpoints: {unknown:?}"
+    );
+}
+
+// ---- Local attach and the node service (a monolith on this host) ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalOp {
+    /// ControllerPublish to this host.
+    Attach,
+    /// ControllerUnpublish from this host.
+    Detach,
+    /// NodeStage, mount volume (formats a blank disk).
+    Stage,
+    /// NodeStage, block volume.
+    StageBlock,
+    Unstage,
+    NodePublish,
+    NodePublishReadOnly,
+    NodeUnpublish,
+}
+
+const LOCAL_CASES: &[(LocalOp, &str)] = &[
+    (LocalOp::Attach, "localattach.recorded"),
+    (LocalOp::Attach, "localattach.daemon-started"),
+    (LocalOp::Attach, "localattach.loop-attached"),
+    (LocalOp::Attach, "publish.attached"),
+    (LocalOp::Detach, "localattach.loop-detached"),
+    (LocalOp::Detach, "localattach.daemon-stopped"),
+    (LocalOp::Stage, "stage.formatted"),
+    (LocalOp::Stage, "stage.mounted"),
+    (LocalOp::StageBlock, "stage.block-bound"),
+    (LocalOp::Unstage, "unstage.unmounted"),
+    (LocalOp::NodePublish, "node-publish.bound"),
+    (LocalOp::NodePublishReadOnly, "node-publish.bound"),
+    (LocalOp::NodeUnpublish, "node-unpublish.unmounted"),
+];
+
+const LOCAL_CONFIG: &str = "[libvirt]\nenabled = false\n[node]\ndevice_wait_secs = 5\n";
+
+/// One volume on this host and the paths a CO would give it.
+struct Local {
+    vol: csi::Volume,
+    cap: csi::VolumeCapability,
+    ctx: std::collections::BTreeMap<String, String>,
+    staging: String,
+    target: String,
+}
+
+async fn attach(
+    e: &env::Env,
+    l: &Local,
+) -> Result<std::collections::BTreeMap<String, String>, tonic::Status> {
+    e.plugin
+        .controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: l.vol.volume_id.clone(),
+            node_id: e.node_id.clone(),
+            volume_capability: Some(l.cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().publish_context)
+}
+
+fn block_write(path: &str, byte: u8) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&vec![byte; M as usize]).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn block_reads(path: &str, byte: u8) -> bool {
+    use std::io::Read;
+    let mut buf = vec![0u8; M as usize];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    buf.iter().all(|b| *b == byte)
+}
+
+impl LocalOp {
+    fn block(self) -> bool {
+        self == LocalOp::StageBlock
+    }
+
+    /// Brings the volume to the state the operation starts from.
+    async fn setup(self, e: &env::Env, l: &mut Local) {
+        use LocalOp::*;
+        if self == Attach {
+            return;
+        }
+        l.ctx = attach(e, l).await.unwrap();
+        match self {
+            Detach => {
+                // Data written through a mount before the detach must survive it.
+                e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await.unwrap();
+                env::write_file(&l.staging, "kept.txt", b"before the crash");
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+            Unstage | NodePublish | NodePublishReadOnly | NodeUnpublish => {
+                e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await.unwrap();
+                env::write_file(&l.staging, "kept.txt", b"before the crash");
+                if self == NodeUnpublish {
+                    e.publish(&l.vol, &l.staging, &l.target, &l.cap, false)
+                        .await
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn act(self, e: &env::Env, l: &Local) -> Result<(), tonic::Status> {
+        use LocalOp::*;
+        match self {
+            Attach => attach(e, l).await.map(drop),
+            Detach => e.controller_unpublish(&l.vol).await,
+            Stage | StageBlock => e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await,
+            Unstage => e.unstage(&l.vol, &l.staging).await,
+            NodePublish => {
+                e.publish(&l.vol, &l.staging, &l.target, &l.cap, false)
+                    .await
+            }
+            NodePublishReadOnly => e.publish(&l.vol, &l.staging, &l.target, &l.cap, true).await,
+            NodeUnpublish => e.unpublish(&l.vol, &l.target).await,
+        }
+    }
+
+    /// Checks the end state, uses the volume, and takes everything down again.
+    async fn verify_and_finish(self, e: &env::Env, l: &mut Local) {
+        use LocalOp::*;
+        let kept = |dir: &str| std::fs::read(std::path::Path::new(dir).join("kept.txt")).ok();
+        match self {
+            Attach => {
+                l.ctx = attach(e, l).await.unwrap();
+                assert!(l.ctx["devicePath"].starts_with("/dev/loop"), "{:?}", l.ctx);
+                // Exactly one of each: export mount, loop device, storage daemon.
+                let live = env::leftovers(e.dir());
+                for kind in ["mount ", "loop device ", "qemu-storage-daemon "] {
+                    let n = live.iter().filter(|x| x.starts_with(kind)).count();
+                    assert_eq!(n, 1, "{kind}: {live:?}");
+                }
+            }
+            Detach => {
+                assert!(
+                    env::leftovers(e.dir()).is_empty(),
+                    "{:?}",
+                    env::leftovers(e.dir())
+                );
+                l.ctx = attach(e, l).await.unwrap();
+                e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await.unwrap();
+                assert_eq!(kept(&l.staging).as_deref(), Some(&b"before the crash"[..]));
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+            Stage | StageBlock => {
+                let staged = if self.block() {
+                    format!("{}/{}", l.staging, virtdisk_csi::node::BLOCK_STAGE_FILE)
+                } else {
+                    l.staging.clone()
+                };
+                assert!(env::is_mount(&staged), "{staged} is not mounted");
+                e.publish(&l.vol, &l.staging, &l.target, &l.cap, false)
+                    .await
+                    .unwrap();
+                if self.block() {
+                    block_write(&l.target, 0x77);
+                    assert!(block_reads(&l.ctx["devicePath"], 0x77));
+                } else {
+                    env::write_file(&l.target, "new.txt", b"after the crash");
+                    assert_eq!(
+                        std::fs::read(format!("{}/new.txt", l.staging)).unwrap(),
+                        b"after the crash"
+                    );
+                }
+                e.unpublish(&l.vol, &l.target).await.unwrap();
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+            Unstage => {
+                assert!(!env::is_mount(&l.staging));
+                e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await.unwrap();
+                assert_eq!(kept(&l.staging).as_deref(), Some(&b"before the crash"[..]));
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+            NodePublish | NodePublishReadOnly => {
+                assert!(env::is_mount(&l.target));
+                assert_eq!(kept(&l.target).as_deref(), Some(&b"before the crash"[..]));
+                let write = std::fs::write(format!("{}/probe.txt", l.target), b"x");
+                if self == NodePublishReadOnly {
+                    let err = write.expect_err("a read-only publish must not be writable");
+                    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+                } else {
+                    write.unwrap();
+                }
+                // The publish counts as a user of the staging mount.
+                let busy = e.unstage(&l.vol, &l.staging).await.unwrap_err();
+                assert_eq!(busy.code(), tonic::Code::FailedPrecondition, "{busy:?}");
+                e.unpublish(&l.vol, &l.target).await.unwrap();
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+            NodeUnpublish => {
+                assert!(!env::is_mount(&l.target));
+                assert!(
+                    !std::path::Path::new(&l.target).exists(),
+                    "target leaf left behind"
+                );
+                assert_eq!(kept(&l.staging).as_deref(), Some(&b"before the crash"[..]));
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
+        }
+        e.finish(&l.vol).await;
+    }
+}
+
+async fn local_case(op: LocalOp, point: &str) {
+    let t = Instant::now();
+    let mut e = env::Env::start(LOCAL_CONFIG).await;
+    let cap = if op.block() {
+        block_cap(Mode::SingleNodeWriter)
+    } else {
+        mount_cap("ext4", Mode::SingleNodeWriter)
+    };
+    let mut l = Local {
+        vol: e.create(&env::unique("crash"), 32 * MIB, cap.clone()).await,
+        cap,
+        ctx: Default::default(),
+        staging: e.staging("crash"),
+        target: e.target("crash-alloc"),
+    };
+    op.setup(&e, &mut l).await;
+
+    arm(&mut e.plugin, point).await;
+    let first = op.act(&e, &l).await;
+    expect_death(&mut e.plugin, point, &first).await;
+    assert!(first.is_err(), "{op:?} at {point}: answered {first:?}");
+    op.act(&e, &l)
+        .await
+        .unwrap_or_else(|err| panic!("{op:?} at {point}: the retry failed: {err:?}"));
+    // Idempotent: the same call answers OK again.
+    op.act(&e, &l)
+        .await
+        .unwrap_or_else(|err| panic!("{op:?} at {point}: the second retry failed: {err:?}"));
+    op.verify_and_finish(&e, &mut l).await;
+    assert_pool_clean(&e.plugin.pool_dir());
+    eprintln!(
+        "{op:?} crashed at {point}: converged ({} ms)",
+        t.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_each_durable_step_of_local_attach_and_node_operations() {
+    if !failpoints_compiled_in() || !env::can_run() {
+        return;
+    }
+    for (op, point) in LOCAL_CASES {
+        local_case(*op, point).await;
+    }
+}
+
+// ---- libvirt hot-plug ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LibvirtOp {
+    Publish,
+    Unpublish,
+}
+
+const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
+    (LibvirtOp::Publish, "libvirt.attached"),
+    (LibvirtOp::Publish, "publish.attached"),
+    (LibvirtOp::Unpublish, "libvirt.detach-requested"),
+    (LibvirtOp::Unpublish, "libvirt.live-detached"),
+];
+
+#[cfg(feature = "libvirt")]
+impl LibvirtOp {
+    async fn act(self, p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
+        let mut c = p.controller();
+        match self {
+            LibvirtOp::Publish => c
+                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                    volume_id: volume.into(),
+                    node_id: node.into(),
+                    volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            LibvirtOp::Unpublish => c
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: volume.into(),
+                    node_id: node.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// How many disks with `serial` a domain definition holds.
+#[cfg(feature = "libvirt")]
+fn disks_with(xml: virtdisk_csi::hypervisor::domxml::DomainXml, serial: &str) -> usize {
+    xml.disks
+        .iter()
+        .filter(|d| d.serial.as_deref() == Some(serial))
+        .count()
+}
+
+#[cfg(feature = "libvirt")]
+async fn libvirt_case(dom: &hotplug_support::TestDomain, op: LibvirtOp, point: &str, n: usize) {
+    use hotplug_support::*;
+    let t = Instant::now();
+    let config = "[libvirt]\ndetach_timeout_secs = 10\n";
+    let mut p = Plugin::start_with_config("controller", config, &[]).await;
+    open_for_qemu(p.dir.path());
+    // Default options: bus=scsi, persist=true (live and persistent definitions).
+    let vol = create_volume(&p, &format!("hp-{n}"), 16 * MIB, &[])
+        .await
+        .unwrap();
+    let serial = serial_of(&vol);
+    if op == LibvirtOp::Unpublish {
+        LibvirtOp::Publish.act(&p, &vol, &dom.uuid).await.unwrap();
+    }
+    arm(&mut p, point).await;
+    let first = op.act(&p, &vol, &dom.uuid).await;
+    expect_death(&mut p, point, &first).await;
+    assert!(first.is_err(), "{op:?} at {point}: answered {first:?}");
+    op.act(&p, &vol, &dom.uuid)
+        .await
+        .unwrap_or_else(|e| panic!("{op:?} at {point}: the retry failed: {e:?}"));
+    op.act(&p, &vol, &dom.uuid).await.unwrap();
+    // Exactly one disk when published, none when not: in both definitions.
+    let want = usize::from(op == LibvirtOp::Publish);
+    assert_eq!(
+        disks_with(dom.live(), &serial),
+        want,
+        "{point}: live definition"
+    );
+    assert_eq!(
+        disks_with(dom.inactive(), &serial),
+        want,
+        "{point}: persistent definition"
+    );
+    if op == LibvirtOp::Publish {
+        LibvirtOp::Unpublish.act(&p, &vol, &dom.uuid).await.unwrap();
+        assert_eq!(disks_with(dom.live(), &serial), 0);
+        assert_eq!(disks_with(dom.inactive(), &serial), 0);
+    }
+    delete_volume(&p, &vol).await.unwrap();
+    assert_pool_clean(&p.pool_dir());
+    eprintln!(
+        "{op:?} crashed at {point}: converged ({} ms)",
+        t.elapsed().as_millis()
+    );
+}
+
+#[cfg(feature = "libvirt")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_each_durable_step_of_hot_plug() {
+    if !failpoints_compiled_in() {
+        return;
+    }
+    let dom = hotplug_support::TestDomain::start("crash", 3);
+    for (n, (op, point)) in LIBVIRT_CASES.iter().enumerate() {
+        libvirt_case(&dom, *op, point, n).await;
+    }
+}
