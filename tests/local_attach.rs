@@ -156,6 +156,23 @@ async fn xfs_stage_and_online_expand() {
     write_file(&t, "data", b"xfs data");
     let before = bytes_total(&env.stats(&vol, &t, &s).await.unwrap());
 
+    // NodeExpand names another volume: this disk is not its disk, so nothing is grown.
+    let err = env
+        .plugin
+        .node()
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "default.0123456789abcdef".into(),
+            volume_path: t.to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 480 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
     grow(&env, &vol, &t, &s, 480 * MIB).await;
     let after = env.stats(&vol, &t, &s).await.unwrap();
     assert!(!after.volume_condition.as_ref().unwrap().abnormal);

@@ -50,6 +50,20 @@ impl NodeOps {
                     r.volume_id, dev_no.0, dev_no.1
                 ))
             })?;
+        // Only ever grow this volume's own disk, whatever path the request names.
+        let expected = crate::ids::ObjectId::parse_volume(&r.volume_id)?.map(|o| o.serial());
+        let (s, name) = (self.sysfs.clone(), dev.name.clone());
+        let actual = exec::blocking(move || Ok(s.serial_of(&name))).await?;
+        if expected.is_none() || actual != expected {
+            return Err(Error::FailedPrecondition(format!(
+                "{} holds disk {} (serial {}), which is not the disk of volume {}; refusing to \
+                 grow it",
+                mount.mount_point.display(),
+                dev.name,
+                actual.as_deref().unwrap_or("unknown"),
+                r.volume_id
+            )));
+        }
         let dev = self.refresh_size(&dev, r.required_bytes).await?;
         if r.block.unwrap_or(block_mount) {
             return Ok(dev.size_bytes);
