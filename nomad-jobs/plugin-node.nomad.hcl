@@ -69,7 +69,18 @@ job "plugin-virtdisk-node" {
           "--mode", "node",
           "--endpoint", "${CSI_ENDPOINT}",
           "--log-format", "json",
+          "--config", "local/node.toml",
         ]
+      }
+
+      # Staging and target paths must lead below this plugin's base dir (after symlinks), so a
+      # request can never mount, unmount or grow anything elsewhere on the node.
+      template {
+        destination = "local/node.toml"
+        data        = <<-EOT
+          [node]
+          allowed_path_roots = ["${var.nomad_data_dir}/csi/node/virtdisk"]
+        EOT
       }
 
       csi_plugin {
