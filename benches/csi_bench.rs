@@ -167,7 +167,8 @@ async fn main() {
         eprintln!("footprint: idle plugins");
         r.values.extend(footprint::run().await);
     }
-    let need_domains = on("controller") || on("concurrency");
+    // ListVolumes reads every domain, so the scale figures are taken with the domains up too.
+    let need_domains = on("controller") || on("concurrency") || on("scale");
     let doms = if need_domains {
         eprintln!("starting {} KVM domains (vdt-bench-*)", s.domains);
         domains::start_many(s.domains)
@@ -193,12 +194,12 @@ async fn main() {
         let p = plugin::BenchPlugin::start("controller", "", &[]).await;
         r.concurrency = concurrency::run(&p, &doms, &s.clients, s.concurrent_volumes).await;
     }
-    drop(doms);
     if on("scale") {
         let sc = scale::run(&s).await;
         r.latency.extend(sc.latency);
         r.values.extend(sc.values);
     }
+    drop(doms);
 
     let commit = floors::run_ok("git", &["rev-parse", "--short", "HEAD"]);
     r.header = vec![format!(
