@@ -240,7 +240,11 @@ impl Controller for ControllerService {
             r.max_entries as usize
         };
         let (page, next_token) = self.pools.list_page(&r.starting_token, take).await?;
-        let attachments = self.attachments.all().await?;
+        // The pages of one walk share one read of the nodes (a listing is a moment's picture).
+        let attachments = self
+            .attachments
+            .recent(crate::attach::LISTING_MAX_AGE)
+            .await?;
         let page: Vec<&VolumeRecord> = page.iter().collect();
         let conditions = self.volume_conditions(&page).await?;
         let mut entries = Vec::with_capacity(page.len());
