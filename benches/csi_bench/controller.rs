@@ -41,6 +41,7 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
 
     eprintln!("controller: bare qemu-img create ×{}", s.creates);
     let qemu_img = floors::qemu_img_create(&floor_dir, "1G", s.creates);
+    let durable = floors::durable_write(&floor_dir, s.creates);
 
     eprintln!("controller: CreateVolume ×{}", s.creates);
     let mut create = Samples::default();
@@ -58,8 +59,10 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
     }
     create.wall = t.elapsed();
 
-    // Bare hot-plug on a domain the plugin has not touched, of images outside the pool.
-    let floor_images: Vec<_> = (0..s.publishes.min(16))
+    // Bare hot-plug on a domain the plugin has not touched yet, of images outside the pool,
+    // as many per domain as the plugin gets below, the same number of rounds.
+    let per_domain = s.publishes.div_ceil(domains.len());
+    let floor_images: Vec<_> = (0..per_domain)
         .map(|i| {
             let img = floor_dir.join(format!("attach-{i}.qcow2"));
             floors::run_ok(
@@ -69,16 +72,17 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
             img
         })
         .collect();
-    eprintln!(
-        "controller: bare libvirt attach/detach ×{}",
-        floor_images.len()
-    );
-    let (bare_attach, bare_detach) = {
-        let name = domains[0].name.clone();
-        tokio::task::spawn_blocking(move || floors::libvirt_attach_detach(&name, &floor_images))
-            .await
-            .unwrap()
-    };
+    let (mut bare_attach, mut bare_detach) = (Samples::default(), Samples::default());
+    for _ in 0..s.publish_rounds {
+        eprintln!("controller: bare libvirt attach/detach ×{per_domain}");
+        let (name, images) = (domains[0].name.clone(), floor_images.clone());
+        let (a, d) =
+            tokio::task::spawn_blocking(move || floors::libvirt_attach_detach(&name, &images))
+                .await
+                .unwrap();
+        bare_attach.merge(a);
+        bare_detach.merge(d);
+    }
 
     let mut publish = Samples::default();
     let mut unpublish = Samples::default();
@@ -119,6 +123,10 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
     delete.wall = t.elapsed();
 
     vec![
+        LatencyRow::new(
+            "(floor) durable record write: write, fsync, rename, fsync dir",
+            durable,
+        ),
         LatencyRow::new("CreateVolume (1 GiB qcow2)", create).floor("qemu-img create", &qemu_img),
         LatencyRow::new("DeleteVolume", delete),
         LatencyRow::new(

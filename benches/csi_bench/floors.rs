@@ -195,3 +195,19 @@ pub fn local_attach(dir: &Path, fs: &str, n: usize) -> (Samples, Samples) {
     }
     (attach, stage)
 }
+
+/// One durable record write as the plugin does it (temp file, fsync, rename, fsync the
+/// directory): every state change of a volume or snapshot costs at least one.
+pub fn durable_write(dir: &Path, n: usize) -> Samples {
+    let mut s = Samples::default();
+    let value =
+        serde_json::json!({"schema": 1, "id": "default.0123456789abcdef", "pad": "x".repeat(600)});
+    for i in 0..n {
+        let p = dir.join(format!("floor-record-{i}.json"));
+        let t = Instant::now();
+        virtdisk_csi::fsutil::write_json(&p, &value).unwrap();
+        s.push(t.elapsed());
+        let _ = std::fs::remove_file(&p);
+    }
+    s
+}

@@ -14,6 +14,7 @@ use virtdisk_csi::csi::proto::{
 pub const BIN: &str = env!("CARGO_BIN_EXE_virtdisk-csi");
 
 pub struct BenchPlugin {
+    bin: PathBuf,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -56,6 +57,11 @@ pub fn threads_of(pid: u32) -> usize {
 impl BenchPlugin {
     /// `serve --mode <mode>` with `config` (TOML, `{dir}` = the temp dir) and `args`.
     pub async fn start(mode: &str, config: &str, args: &[&str]) -> BenchPlugin {
+        Self::start_bin(Path::new(BIN), mode, config, args).await
+    }
+
+    /// Like `start`, with another build of the plugin.
+    pub async fn start_bin(bin: &Path, mode: &str, config: &str, args: &[&str]) -> BenchPlugin {
         let dir = tempfile::Builder::new()
             .prefix("vdt-bench-")
             .tempdir()
@@ -81,9 +87,10 @@ impl BenchPlugin {
         .collect();
         full.extend(args.iter().map(|s| s.to_string()));
         let t = Instant::now();
-        let child = spawn(&full, dir.path());
+        let child = spawn(bin, &full, dir.path());
         let channel = wait_serving(&socket).await;
         BenchPlugin {
+            bin: bin.to_path_buf(),
             child: Some(child),
             dir,
             socket,
@@ -136,7 +143,7 @@ impl BenchPlugin {
     pub async fn restart(&mut self) -> Duration {
         self.stop();
         let t = Instant::now();
-        self.child = Some(spawn(&self.args, self.dir.path()));
+        self.child = Some(spawn(&self.bin, &self.args, self.dir.path()));
         self.channel = wait_serving(&self.socket).await;
         self.started_in = t.elapsed();
         self.started_in
@@ -161,13 +168,13 @@ impl Drop for BenchPlugin {
     }
 }
 
-fn spawn(args: &[String], dir: &Path) -> Child {
+fn spawn(bin: &Path, args: &[String], dir: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("plugin.log"))
         .unwrap();
-    Command::new(BIN)
+    Command::new(bin)
         .args(args)
         // Production defaults: the `info` level.
         .env_remove("RUST_LOG")

@@ -403,7 +403,9 @@ mod tests {
         a.recent(Duration::from_secs(60)).await.unwrap();
         assert_eq!(reads(), 1, "a second listing reuses the read");
         // An unpublish made here (a no-op detach) makes the read stale.
-        a.unpublish("default.0123456789abcdef", "node").await.unwrap();
+        a.unpublish("default.0123456789abcdef", "node")
+            .await
+            .unwrap();
         a.recent(Duration::from_secs(60)).await.unwrap();
         assert_eq!(reads(), 2, "read again after a change");
         a.recent(Duration::ZERO).await.unwrap();
