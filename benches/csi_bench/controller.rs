@@ -114,6 +114,22 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
         unpublish.wall += t.elapsed();
     }
 
+    // ControllerGetVolume reads every domain (which nodes hold the volume?): the scan that
+    // ControllerPublish also makes before attaching.
+    eprintln!("controller: ControllerGetVolume ×{}", s.publishes);
+    let mut get = Samples::default();
+    let t = Instant::now();
+    for id in ids.iter().cycle().take(s.publishes) {
+        let _ = timed(
+            &mut get,
+            c.controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            }),
+        )
+        .await;
+    }
+    get.wall = t.elapsed();
+
     eprintln!("controller: DeleteVolume ×{}", ids.len());
     let mut delete = Samples::default();
     let t = Instant::now();
@@ -135,6 +151,13 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
         )
         .target(Target::P50AtMost(Duration::from_millis(50)))
         .floor("libvirt attach + XML read", &bare_attach),
+        LatencyRow::new(
+            format!(
+                "ControllerGetVolume (reads all {} domains on the host)",
+                super::domains::BenchDomain::count_all()
+            ),
+            get,
+        ),
         LatencyRow::new("ControllerUnpublish (confirmed)", unpublish)
             .floor("libvirt detach until gone", &bare_detach),
     ]
