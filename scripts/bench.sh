@@ -11,9 +11,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-# The node plugin as it runs inside the VMs (built without libvirt), for its footprint.
-cargo build --release --no-default-features --bin virtdisk-csi --target-dir target/nolibvirt
-VIRTDISK_BENCH_NODE_BIN="$PWD/target/nolibvirt/release/virtdisk-csi"
+# The node plugin as it runs inside the VMs (no libvirt, profile guest), for its footprint.
+cargo build --profile guest --no-default-features --bin virtdisk-csi --target-dir target/guest
+VIRTDISK_BENCH_NODE_BIN="$PWD/target/guest/guest/virtdisk-csi"
 export VIRTDISK_BENCH_NODE_BIN
 
 case " $* " in

@@ -19,7 +19,7 @@ pub async fn run() -> Vec<ValueRow> {
         .collect();
     match std::env::var_os(NODE_BIN_ENV) {
         Some(bin) => runs.push((
-            "node, built without libvirt (as in the VMs)".into(),
+            "node, built for the VMs (no libvirt, profile guest)".into(),
             bin.into(),
             "node",
         )),
