@@ -59,35 +59,34 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
     }
     create.wall = t.elapsed();
 
-    // Bare hot-plug on a domain the plugin has not touched yet, of images outside the pool,
-    // as many per domain as the plugin gets below, the same number of rounds.
-    let per_domain = s.publishes.div_ceil(domains.len());
-    let floor_images: Vec<_> = (0..per_domain)
+    // Bare hot-plug of images outside the pool in the plugin's pattern (image i to domain
+    // i mod 8), one bare round before each plugin round.
+    let n = s.publishes.min(ids.len());
+    let plan: Vec<(String, std::path::PathBuf)> = (0..n)
         .map(|i| {
             let img = floor_dir.join(format!("attach-{i}.qcow2"));
             floors::run_ok(
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1G"],
             );
-            img
+            (domains[i % domains.len()].name.clone(), img)
         })
         .collect();
     let (mut bare_attach, mut bare_detach) = (Samples::default(), Samples::default());
-    for _ in 0..s.publish_rounds {
-        eprintln!("controller: bare libvirt attach/detach ×{per_domain}");
-        let (name, images) = (domains[0].name.clone(), floor_images.clone());
-        let (a, d) =
-            tokio::task::spawn_blocking(move || floors::libvirt_attach_detach(&name, &images))
-                .await
-                .unwrap();
-        bare_attach.merge(a);
-        bare_detach.merge(d);
-    }
-
     let mut publish = Samples::default();
     let mut unpublish = Samples::default();
-    let n = s.publishes.min(ids.len());
     for round in 0..s.publish_rounds {
+        eprintln!(
+            "controller: bare libvirt attach/detach ×{n}, round {}",
+            round + 1
+        );
+        let p = plan.clone();
+        let (a, d) = tokio::task::spawn_blocking(move || floors::libvirt_attach_detach(&p))
+            .await
+            .unwrap();
+        bare_attach.merge(a);
+        bare_detach.merge(d);
+
         eprintln!(
             "controller: ControllerPublish/Unpublish ×{n} over {} domains, round {}",
             domains.len(),

@@ -70,27 +70,28 @@ pub fn qemu_img_overlay(dir: &Path, base: &Path, n: usize) -> Samples {
     s
 }
 
-/// Bare libvirt hot-plug of `n` images into one running domain through the library the plugin
-/// uses (one open connection): attach (LIVE|CONFIG, as persist=true) + one live XML read to
-/// confirm; then detach LIVE, re-read until gone, detach CONFIG. Returns (attach, detach).
-pub fn libvirt_attach_detach(domain: &str, images: &[std::path::PathBuf]) -> (Samples, Samples) {
+/// Bare libvirt hot-plug through the library the plugin uses (one open connection), in the
+/// order given (image i to domain i): attach (LIVE|CONFIG, as persist=true) + one live XML
+/// read to confirm; then in the same order detach LIVE, re-read until gone, detach CONFIG.
+/// Returns (attach, detach).
+pub fn libvirt_attach_detach(plan: &[(String, std::path::PathBuf)]) -> (Samples, Samples) {
     use virt::connect::Connect;
     use virt::sys;
     let live = sys::VIR_DOMAIN_AFFECT_LIVE;
     let config = sys::VIR_DOMAIN_AFFECT_CONFIG;
     let conn = Connect::open(Some(super::domains::URI)).expect("libvirt connection");
-    let dom = conn.lookup_domain_by_name(domain).expect("bench domain");
-    let has_scsi = dom.xml_desc(0).unwrap().contains("model='virtio-scsi'");
-    if !has_scsi {
-        let xml = diskxml::scsi_controller_xml().unwrap();
-        dom.attach_device_flags(&xml, live | config).unwrap();
-    }
     let mut attach = Samples::default();
     let mut detach = Samples::default();
     let mut attached = Vec::new();
-    for (i, image) in images.iter().enumerate() {
-        let serial = format!("vd-f{:015x}", i);
-        let target = diskxml::target_name(Bus::Scsi, i);
+    let mut per_domain: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, (domain, image)) in plan.iter().enumerate() {
+        let dom = conn.lookup_domain_by_name(domain).expect("bench domain");
+        // The targets the plugin picks (it runs when these are gone): libvirt places a
+        // disk on the SCSI controller its target index names (7 per controller).
+        let n = per_domain.entry(domain.as_str()).or_default();
+        let target = diskxml::target_name(Bus::Scsi, *n);
+        *n += 1;
+        let serial = format!("vd-f{i:015x}");
         let spec = DiskSpec {
             volume_id: format!("floor.{i}"),
             serial: serial.clone(),
@@ -107,9 +108,9 @@ pub fn libvirt_attach_detach(domain: &str, images: &[std::path::PathBuf]) -> (Sa
         let there = dom.xml_desc(0).unwrap().contains(&serial);
         attach.push(t.elapsed());
         assert!(there, "bare attach: {serial} not in the live XML");
-        attached.push((target, serial));
+        attached.push((dom, target, serial));
     }
-    for (target, serial) in attached {
+    for (dom, target, serial) in attached {
         let xml = diskxml::detach_xml(&target, "scsi").unwrap();
         let t = Instant::now();
         dom.detach_device_flags(&xml, live).expect("bare detach");
