@@ -201,13 +201,19 @@ async fn main() {
     }
     drop(doms);
 
-    let commit = floors::run_ok("git", &["rev-parse", "--short", "HEAD"]);
+    let commit = match std::env::var_os(plugin::BIN_ENV) {
+        Some(bin) => format!("the plugin binary `{}`", bin.to_string_lossy()),
+        None => format!(
+            "commit `{}`",
+            floors::run_ok("git", &["rev-parse", "--short", "HEAD"]).trim()
+        ),
+    };
     r.header = vec![format!(
-        "Measured {} at commit `{}`{}, in {:.0} s. Load average (1, 5, 15 min) before: {}; \
+        "Measured {} with {}{}, in {:.0} s. Load average (1, 5, 15 min) before: {}; \
              after: {}.",
         floors::run_ok("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).trim(),
-        commit.trim(),
-        if s.quick { " with --quick sizes" } else { "" },
+        commit,
+        if s.quick { ", --quick sizes" } else { "" },
         started.elapsed().as_secs_f64(),
         load_before,
         machine::load_average(),

@@ -15,7 +15,7 @@ pub async fn run() -> Vec<ValueRow> {
     let mut rows = Vec::new();
     let mut runs: Vec<(String, std::path::PathBuf, &str)> = ["controller", "node", "monolith"]
         .iter()
-        .map(|m| (m.to_string(), super::plugin::BIN.into(), *m))
+        .map(|m| (m.to_string(), super::plugin::bin(), *m))
         .collect();
     match std::env::var_os(NODE_BIN_ENV) {
         Some(bin) => runs.push((

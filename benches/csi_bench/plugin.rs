@@ -12,6 +12,15 @@ use virtdisk_csi::csi::proto::{
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_virtdisk-csi");
+/// Another build of the plugin to measure instead (e.g. an older commit, for a before/after).
+pub const BIN_ENV: &str = "VIRTDISK_BENCH_BIN";
+
+/// The plugin binary under test: `$VIRTDISK_BENCH_BIN`, else the one cargo built.
+pub fn bin() -> PathBuf {
+    std::env::var_os(BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN))
+}
 
 pub struct BenchPlugin {
     bin: PathBuf,
@@ -57,7 +66,7 @@ pub fn threads_of(pid: u32) -> usize {
 impl BenchPlugin {
     /// `serve --mode <mode>` with `config` (TOML, `{dir}` = the temp dir) and `args`.
     pub async fn start(mode: &str, config: &str, args: &[&str]) -> BenchPlugin {
-        Self::start_bin(Path::new(BIN), mode, config, args).await
+        Self::start_bin(&bin(), mode, config, args).await
     }
 
     /// Like `start`, with another build of the plugin.
