@@ -3,7 +3,7 @@
 # libvirt, KVM, qemu-img, loop devices and mounts, and writes the results between the markers
 # of BENCHMARKS.md. Run it as root on a host prepared by scripts/setup-host.sh (libvirtd
 # running, /dev/kvm, /dev/fuse, loop devices, qemu-utils, xfsprogs), ideally an idle one: the
-# figures are latencies. About 10 minutes after the build; needs ~2 GiB free in $TMPDIR.
+# figures are latencies. A few minutes after the build; needs ~2 GiB free in $TMPDIR.
 #
 # Extra arguments go to the benchmark: --quick (small sizes) or --only <sections> print the
 # results without touching BENCHMARKS.md. Sections: footprint, controller, snapshots, node,
