@@ -710,3 +710,88 @@ async fn probe_is_not_ready_when_a_pool_is_unusable() {
         .into_inner();
     assert_eq!(ready.ready, Some(true));
 }
+
+/// ListVolumes reads only the page's records: a half-made record (a create in flight, or one a
+/// crash left) is skipped without shortening the page, and a page token whose volume is
+/// deleted meanwhile still continues after it.
+#[tokio::test]
+async fn list_pages_skip_half_made_records_and_survive_deletes() {
+    let p = Plugin::start("controller", &[]).await;
+    let mut c = p.controller();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let v = c
+            .create_volume(create_req(&format!("page-{i}"), MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        ids.push(v.volume_id);
+    }
+    ids.sort();
+    // A record in state `creating`, sorted between the others.
+    let key = ids[2].rsplit_once('.').unwrap().1;
+    let records = p.pool_dir().join("volumes");
+    let mut half: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(records.join(format!("{key}.json"))).unwrap())
+            .unwrap();
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let half_key = format!("{}{last}", &key[..15]);
+    half["id"] = format!("default.{half_key}").into();
+    half["name"] = "half-made".into();
+    half["state"] = "creating".into();
+    std::fs::write(
+        records.join(format!("{half_key}.json")),
+        serde_json::to_vec(&half).unwrap(),
+    )
+    .unwrap();
+
+    let lister = c.clone();
+    let page = |token: String| {
+        let mut c = lister.clone();
+        async move {
+            c.list_volumes(csi::ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let first = page(String::new()).await;
+    let mut seen: Vec<String> = first
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(seen, ids[..2]);
+    // The volume the token names goes away before the next page.
+    let token = first.next_token;
+    let deleted = token.clone();
+    c.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: token.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut token = token;
+    loop {
+        let next = page(token).await;
+        assert!(next.entries.len() <= 2);
+        seen.extend(
+            next.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        if next.next_token.is_empty() {
+            break;
+        }
+        token = next.next_token;
+    }
+    let mut want: Vec<String> = ids.clone();
+    want.retain(|id| *id != deleted);
+    assert_eq!(seen, want);
+    assert!(!seen.iter().any(|id| id.ends_with(&half_key)));
+}

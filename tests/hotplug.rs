@@ -625,6 +625,8 @@ async fn transient_domain_gets_live_only_disks_and_sata_is_refused() {
         .await
         .expect("persist=true on a transient domain: live only");
     assert!(dom.live_disk(&serial_of(&vol)).is_some());
+    // The scan of every domain sees disks of transient domains too.
+    assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
     unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
     assert!(dom.live_disk(&serial_of(&vol)).is_none());
 

@@ -8,7 +8,9 @@ use crate::params::{Bus, DiskOptions};
 use crate::pool::VolumeRecord;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// publish_context keys the node plugin reads.
 pub const CTX_SERIAL: &str = "serial";
@@ -119,14 +121,70 @@ pub struct Publish {
 pub struct Attachments {
     backends: Vec<Arc<dyn Attacher>>,
     max_per_node: u64,
+    /// One recent read of every node, shared by listings (see `recent`).
+    recent: Arc<RecentScan>,
 }
+
+/// The last full read of the nodes, and a counter of the attach changes made by this process,
+/// so a read is never reused across a change made here.
+#[derive(Default)]
+struct RecentScan {
+    last: std::sync::Mutex<Option<Scan>>,
+    changes: AtomicU64,
+}
+
+struct Scan {
+    /// When the read began.
+    at: Instant,
+    /// `RecentScan::changes` when the read began.
+    changes: u64,
+    list: Arc<Vec<Attachment>>,
+}
+
+/// How long ListVolumes pages may share one read of the nodes.
+pub const LISTING_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Attachments {
     pub fn new(backends: Vec<Arc<dyn Attacher>>, max_per_node: u64) -> Self {
         Attachments {
             backends,
             max_per_node,
+            recent: Arc::default(),
         }
+    }
+
+    /// Every attachment, as read from the nodes at most `max_age` ago and after the last
+    /// publish or unpublish made by this process. For listings only (the pages of one
+    /// ListVolumes walk then cost one read of every domain instead of one each): decisions
+    /// (publish, unpublish, delete, snapshots) read the nodes now with `all`. Nothing
+    /// outlives the process, and a change made elsewhere shows within `max_age`.
+    pub async fn recent(&self, max_age: Duration) -> Result<Arc<Vec<Attachment>>> {
+        let changes = self.recent.changes.load(Ordering::SeqCst);
+        {
+            let last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(scan) = &*last {
+                if scan.changes == changes && scan.at.elapsed() <= max_age {
+                    return Ok(scan.list.clone());
+                }
+            }
+        }
+        let started = Instant::now();
+        let list = Arc::new(self.all().await?);
+        let mut last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
+        // A change made while reading may be missing from `list`: then do not keep it.
+        if self.recent.changes.load(Ordering::SeqCst) == changes {
+            *last = Some(Scan {
+                at: started,
+                changes,
+                list: list.clone(),
+            });
+        }
+        Ok(list)
+    }
+
+    /// Called around every attach change made here: reads kept by `recent` are stale.
+    fn changed(&self) {
+        self.recent.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -254,9 +312,10 @@ impl Attachments {
             readonly,
             shareable: req.capability.access_mode.is_multi_node() && !readonly,
         };
-        let att = backend
-            .attach(&req.node_id, &spec, self.max_per_node)
-            .await?;
+        self.changed();
+        let att = backend.attach(&req.node_id, &spec, self.max_per_node).await;
+        self.changed();
+        let att = att?;
         crate::failpoint!("publish.attached");
         tracing::info!(volume = %vol.id, node = %req.node_id, serial = %att.serial, "volume published");
         Ok(att.publish_context())
@@ -267,7 +326,10 @@ impl Attachments {
         let Some(backend) = self.backend_for(node_id).await? else {
             return Ok(());
         };
-        backend.detach(node_id, volume_id).await?;
+        self.changed();
+        let detached = backend.detach(node_id, volume_id).await;
+        self.changed();
+        detached?;
         tracing::info!(volume = %volume_id, node = %node_id, "volume unpublished");
         Ok(())
     }
@@ -302,6 +364,8 @@ mod tests {
     use crate::pool::RecordState;
     use std::sync::Mutex;
 
+    use std::sync::atomic::AtomicUsize;
+
     /// One node, attachments in memory.
     #[derive(Default)]
     struct FakeNode {
@@ -333,6 +397,38 @@ mod tests {
                 .lock()
                 .unwrap()
                 .retain(|a| a.volume_id != volume_id);
+            Ok(())
+        }
+        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+            Ok(())
+        }
+        async fn check_health(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A backend that counts how often its nodes are read.
+    #[derive(Default)]
+    struct Counting {
+        reads: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Attacher for Counting {
+        async fn serves(&self, _: &str) -> Result<bool> {
+            Ok(true)
+        }
+        async fn attachments(&self) -> Result<Vec<Attachment>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+        async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+            Err(Error::internal("not in this test"))
+        }
+        async fn detach(&self, _: &str, _: &str) -> Result<()> {
             Ok(())
         }
         async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
@@ -421,5 +517,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn recent_reads_are_shared_until_a_change_or_their_age() {
+        let backend = Arc::new(Counting::default());
+        let a = Attachments::new(vec![backend.clone()], 0);
+        let reads = || backend.reads.load(Ordering::SeqCst);
+        a.recent(Duration::from_secs(60)).await.unwrap();
+        a.recent(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(reads(), 1, "a second listing reuses the read");
+        // An unpublish made here (a no-op detach) makes the read stale.
+        a.unpublish("default.0123456789abcdef", "node")
+            .await
+            .unwrap();
+        a.recent(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(reads(), 2, "read again after a change");
+        a.recent(Duration::ZERO).await.unwrap();
+        assert_eq!(reads(), 3, "read again when too old");
+        // Decisions never reuse a read.
+        a.all().await.unwrap();
+        assert_eq!(reads(), 4);
     }
 }

@@ -40,39 +40,48 @@ impl ControllerService {
         Ok(Some((oid, g)))
     }
 
-    /// The status block of ListVolumes / ControllerGetVolume, read from the nodes and the pool.
-    async fn volume_status(
-        &self,
-        rec: &VolumeRecord,
-        published: Vec<String>,
-    ) -> Result<(Vec<String>, csi::VolumeCondition)> {
-        let image = self.pools.image_path(rec)?;
-        let dir = image.parent().map(|d| d.to_path_buf()).unwrap_or_default();
-        let mut layers = vec![rec.image.clone()];
-        layers.extend(rec.chain.backing.iter().cloned());
-        let missing =
-            exec::blocking(move || Ok(layers.into_iter().find(|l| !dir.join(l).exists()))).await?;
-        let condition = match missing {
-            None => csi::VolumeCondition {
-                abnormal: false,
-                message: "ok".into(),
-            },
-            Some(layer) if layer == rec.image => csi::VolumeCondition {
-                abnormal: true,
-                message: format!(
-                    "image {} of the volume is missing from pool {}",
-                    rec.image, rec.pool
-                ),
-            },
-            Some(layer) => csi::VolumeCondition {
-                abnormal: true,
-                message: format!(
-                    "backing layer {layer} of the volume is missing from pool {}",
-                    rec.pool
-                ),
-            },
-        };
-        Ok((published, condition))
+    /// The condition of each volume (are its image and backing layers in the pool?), checked
+    /// in one blocking call.
+    async fn volume_conditions(&self, recs: &[&VolumeRecord]) -> Result<Vec<csi::VolumeCondition>> {
+        let checks = recs
+            .iter()
+            .map(|rec| Ok(((*rec).clone(), self.pools.image_path(rec)?)))
+            .collect::<Result<Vec<_>>>()?;
+        exec::blocking(move || {
+            Ok(checks
+                .iter()
+                .map(|(rec, image)| volume_condition(rec, image))
+                .collect())
+        })
+        .await
+    }
+}
+
+/// Whether a volume's image and backing layers are in its pool. Blocking.
+fn volume_condition(rec: &VolumeRecord, image: &std::path::Path) -> csi::VolumeCondition {
+    let dir = image.parent().unwrap_or(std::path::Path::new(""));
+    let missing = std::iter::once(&rec.image)
+        .chain(rec.chain.backing.iter())
+        .find(|l| !dir.join(l).exists());
+    match missing {
+        None => csi::VolumeCondition {
+            abnormal: false,
+            message: "ok".into(),
+        },
+        Some(layer) if *layer == rec.image => csi::VolumeCondition {
+            abnormal: true,
+            message: format!(
+                "image {} of the volume is missing from pool {}",
+                rec.image, rec.pool
+            ),
+        },
+        Some(layer) => csi::VolumeCondition {
+            abnormal: true,
+            message: format!(
+                "backing layer {layer} of the volume is missing from pool {}",
+                rec.pool
+            ),
+        },
     }
 }
 
@@ -224,29 +233,29 @@ impl Controller for ControllerService {
         if r.max_entries < 0 {
             return Err(Error::invalid("max_entries must not be negative").into());
         }
-        let all = self.pools.list().await?;
-        let start = page_start(&all, &r.starting_token, |v| &v.id)?;
+        check_token(&r.starting_token)?;
         let take = if r.max_entries == 0 {
             usize::MAX
         } else {
             r.max_entries as usize
         };
-        let page: Vec<&VolumeRecord> = all[start..].iter().take(take).collect();
-        let next_token = all
-            .get(start + page.len())
-            .map(|v| v.id.clone())
-            .unwrap_or_default();
-        let attachments = self.attachments.all().await?;
+        let (page, next_token) = self.pools.list_page(&r.starting_token, take).await?;
+        // The pages of one walk share one read of the nodes (a listing is a moment's picture).
+        let attachments = self
+            .attachments
+            .recent(crate::attach::LISTING_MAX_AGE)
+            .await?;
+        let page: Vec<&VolumeRecord> = page.iter().collect();
+        let conditions = self.volume_conditions(&page).await?;
         let mut entries = Vec::with_capacity(page.len());
-        for rec in page {
-            let mut nodes: Vec<String> = attachments
+        for (rec, condition) in page.into_iter().zip(conditions) {
+            let mut published_node_ids: Vec<String> = attachments
                 .iter()
                 .filter(|a| a.volume_id == rec.id)
                 .map(|a| a.node_id.clone())
                 .collect();
-            nodes.sort();
-            nodes.dedup();
-            let (published_node_ids, condition) = self.volume_status(rec, nodes).await?;
+            published_node_ids.sort();
+            published_node_ids.dedup();
             entries.push(csi::list_volumes_response::Entry {
                 volume: Some(convert::volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
@@ -458,8 +467,12 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
-        let nodes = self.attachments.nodes_of(&rec.id).await?;
-        let (published_node_ids, condition) = self.volume_status(&rec, nodes).await?;
+        let published_node_ids = self.attachments.nodes_of(&rec.id).await?;
+        let condition = self
+            .volume_conditions(&[&rec])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::internal("no volume condition"))?;
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(convert::volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
@@ -508,8 +521,15 @@ impl Controller for ControllerService {
 /// Index of the first entry at or after `token` (the id of the next entry to return).
 /// A token that is not a volume id of ours is invalid: ABORTED, as the spec asks.
 pub fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Result<usize> {
+    check_token(token)?;
+    Ok(all.partition_point(|v| id(v).as_str() < token))
+}
+
+/// A paging token is empty or the id of a volume or snapshot of ours; anything else is
+/// ABORTED, as the spec asks.
+fn check_token(token: &str) -> Result<()> {
     if token.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
     let valid = ObjectId::parse_volume(token).ok().flatten().is_some()
         || ObjectId::parse_snapshot(token).ok().flatten().is_some();
@@ -519,5 +539,5 @@ pub fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Resu
             token.chars().take(64).collect::<String>()
         )));
     }
-    Ok(all.partition_point(|v| id(v).as_str() < token))
+    Ok(())
 }

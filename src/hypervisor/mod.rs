@@ -236,13 +236,7 @@ impl Attacher for Hypervisor {
         self.lv
             .read(move |c, l| {
                 let mut out = Vec::new();
-                for dom in view::all_domains(c, l)? {
-                    let v = match view::read_view(&dom, l) {
-                        Ok(v) => v,
-                        // Undefined between the listing and the read.
-                        Err(Error::NotFound(_)) => continue,
-                        Err(e) => return Err(e),
-                    };
+                for v in view::read_all_views(c, l)? {
                     let node = v.node_id(cfg.node_id);
                     for (vol, disk) in v.plugin_disks(&cfg.pools) {
                         out.push(attachment_of(node, &vol, disk));

@@ -126,13 +126,16 @@ pub async fn stop(slot: &Slot) -> Result<()> {
             return Err(Error::internal(format!("signalling {PROGRAM} {pid}: {e}")));
         }
         let start = Instant::now();
+        // The daemon usually exits within milliseconds: look again soon, then less often.
+        let mut nap = Duration::from_millis(1);
         while start.elapsed() < wait {
             if !alive(pid) {
                 tracing::info!(pid, slot = %slot.key, "storage daemon stopped");
                 crate::failpoint!("localattach.daemon-stopped");
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(nap).await;
+            nap = (nap * 2).min(Duration::from_millis(50));
         }
         tracing::warn!(pid, ?signal, "storage daemon did not exit in time");
     }

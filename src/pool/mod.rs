@@ -107,29 +107,43 @@ impl Pool {
         fsutil::remove_durable(&self.record_path(key))
     }
 
-    /// Every record of the pool, any state, sorted by id.
-    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>> {
+    /// The keys of every volume record (any state), from the directory listing alone.
+    pub fn volume_keys(&self) -> Result<Vec<String>> {
         let dir = self.volumes_dir();
         let entries =
             fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let mut out = Vec::new();
+        let mut keys = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let name = entry.file_name();
             let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            if key.starts_with('.') {
-                continue;
-            }
-            match self.read_volume(key) {
-                Ok(Some(rec)) => out.push(rec),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(pool = %self.cfg.name, key, error = %e, "skipping unreadable record")
-                }
+            if !key.starts_with('.') {
+                keys.push(key.to_string());
             }
         }
+        Ok(keys)
+    }
+
+    /// One record, or None when it is gone or unreadable (logged): for listings.
+    pub fn read_volume_for_listing(&self, key: &str) -> Option<VolumeRecord> {
+        match self.read_volume(key) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(pool = %self.cfg.name, key, error = %e, "skipping unreadable record");
+                None
+            }
+        }
+    }
+
+    /// Every record of the pool, any state, sorted by id.
+    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let mut out: Vec<VolumeRecord> = self
+            .volume_keys()?
+            .iter()
+            .filter_map(|key| self.read_volume_for_listing(key))
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }

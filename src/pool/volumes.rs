@@ -173,6 +173,39 @@ impl Pools {
         .await
     }
 
+    /// One page of ListVolumes: up to `max` Ready volumes in id order, from the first id at or
+    /// after `start` ("" = the beginning), and the id to continue from ("" at the end). Only
+    /// the directory listings are read in full; records are read for the page alone, so paging
+    /// through N volumes reads each record once instead of N/page times.
+    pub async fn list_page(&self, start: &str, max: usize) -> Result<(Vec<VolumeRecord>, String)> {
+        let pools = self.pools.clone();
+        let start = start.to_string();
+        exec::blocking(move || {
+            let mut ids: Vec<(String, usize, String)> = Vec::new();
+            for (i, p) in pools.iter().enumerate() {
+                for key in p.volume_keys()? {
+                    ids.push((p.volume_id(&key), i, key));
+                }
+            }
+            ids.sort_unstable();
+            let from = ids.partition_point(|(id, _, _)| id.as_str() < start.as_str());
+            let mut page = Vec::new();
+            let mut rest = ids[from..].iter();
+            for (_, i, key) in rest.by_ref() {
+                let ready = pools[*i]
+                    .read_volume_for_listing(key)
+                    .filter(|r| r.state == RecordState::Ready);
+                page.extend(ready);
+                if page.len() >= max {
+                    break;
+                }
+            }
+            let next = rest.next().map(|(id, _, _)| id.clone()).unwrap_or_default();
+            Ok((page, next))
+        })
+        .await
+    }
+
     /// Sum of the virtual sizes of a pool's volumes.
     fn provisioned(pool: &Pool) -> Result<u64> {
         Ok(pool

@@ -1,0 +1,200 @@
+//! The results as Markdown: the targets, the latency table, concurrency, scale and footprint,
+//! and the machine. `--update FILE` replaces the part of FILE between the markers.
+
+use super::stats::{ms, opt_ms, ConcurrencyRow, LatencyRow, Samples, ValueRow};
+use std::fmt::Write;
+
+pub const BEGIN: &str = "<!-- bench:results:begin -->";
+pub const END: &str = "<!-- bench:results:end -->";
+
+#[derive(Default)]
+pub struct Report {
+    pub header: Vec<String>,
+    pub machine: Vec<String>,
+    pub latency: Vec<LatencyRow>,
+    pub concurrency: Vec<ConcurrencyRow>,
+    pub values: Vec<ValueRow>,
+}
+
+fn met(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "yes",
+        Some(false) => "**NO**",
+        None => "–",
+    }
+}
+
+fn per_sec(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into())
+}
+
+fn p50_p99(s: &Samples) -> String {
+    format!("{} / {}", opt_ms(s.p50()), opt_ms(s.pct(99.0)))
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        for h in &self.header {
+            let _ = writeln!(o, "{h}");
+        }
+        let _ = writeln!(o, "\n### Targets\n");
+        let _ = writeln!(o, "| figure | measured | target | met? |");
+        let _ = writeln!(o, "|---|---|---|---|");
+        for r in self.latency.iter().filter(|r| r.target.is_some()) {
+            let measured = format!("p50 {}", opt_ms(r.samples.p50()));
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} |",
+                r.figure,
+                measured,
+                r.target.unwrap().describe(),
+                met(r.met())
+            );
+        }
+        for r in self.values.iter().filter(|r| r.target.is_some()) {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} |",
+                r.figure,
+                r.value,
+                r.target.as_deref().unwrap_or(""),
+                met(r.met)
+            );
+        }
+        for r in &self.concurrency {
+            let errors = r.create.error_count()
+                + r.publish.error_count()
+                + r.unpublish.error_count()
+                + r.delete.error_count();
+            let _ = writeln!(
+                o,
+                "| {} parallel clients: errors | {errors} | 0 errors | {} |",
+                r.clients,
+                met(Some(errors == 0))
+            );
+        }
+
+        let _ = writeln!(
+            o,
+            "\n### Latency: one client, one call at a time\n\n\
+             Floor: the same work done bare by the tool the plugin drives (no plugin, no gRPC), \
+             measured in the same run; ratio = p50 / floor p50.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| call | n | p50 | p90 | p99 | calls/s | errors | floor (bare) | floor p50 | ratio |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+        for r in &self.latency {
+            let s = &r.samples;
+            let (fname, fp50, ratio) = match &r.floor {
+                Some((what, f)) => (
+                    what.clone(),
+                    opt_ms(f.p50()),
+                    match (s.p50(), f.p50()) {
+                        (Some(a), Some(b)) if !b.is_zero() => {
+                            format!("{:.1}×", a.as_secs_f64() / b.as_secs_f64())
+                        }
+                        _ => "–".into(),
+                    },
+                ),
+                None => ("–".into(), "–".into(), "–".into()),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.figure,
+                s.ok.len(),
+                opt_ms(s.p50()),
+                opt_ms(s.pct(90.0)),
+                opt_ms(s.pct(99.0)),
+                per_sec(s.throughput()),
+                s.errors_text(),
+                fname,
+                fp50,
+                ratio
+            );
+        }
+
+        if !self.concurrency.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n### Concurrency: N clients creating and publishing, then unpublishing and \
+                 deleting\n\nEach client has its own connection and takes the next volume \
+                 (1 GiB) from a shared counter; volume i goes to domain i mod {}. \
+                 Latencies are p50 / p99.\n",
+                self.concurrency[0].domains
+            );
+            let _ = writeln!(
+                o,
+                "| clients | volumes | create + publish | volumes/s | CreateVolume | \
+                 ControllerPublish | errors | unpublish + delete | volumes/s | \
+                 ControllerUnpublish | DeleteVolume | errors |"
+            );
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+            for r in &self.concurrency {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+                    r.clients,
+                    r.volumes,
+                    ms(r.wall),
+                    r.publish.ok.len() as f64 / r.wall.as_secs_f64().max(1e-9),
+                    p50_p99(&r.create),
+                    p50_p99(&r.publish),
+                    errors(&[&r.create, &r.publish]),
+                    ms(r.teardown_wall),
+                    r.delete.ok.len() as f64 / r.teardown_wall.as_secs_f64().max(1e-9),
+                    p50_p99(&r.unpublish),
+                    p50_p99(&r.delete),
+                    errors(&[&r.unpublish, &r.delete]),
+                );
+            }
+        }
+
+        if !self.values.is_empty() {
+            let _ = writeln!(o, "\n### Scale and footprint\n");
+            let _ = writeln!(o, "| figure | value | target | met? | how |");
+            let _ = writeln!(o, "|---|---|---|---|---|");
+            for r in &self.values {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} |",
+                    r.figure,
+                    r.value,
+                    r.target.as_deref().unwrap_or("–"),
+                    met(r.met),
+                    r.note
+                );
+            }
+        }
+
+        let _ = writeln!(o, "\n### Machine\n");
+        for m in &self.machine {
+            let _ = writeln!(o, "- {m}");
+        }
+        o
+    }
+}
+
+fn errors(all: &[&Samples]) -> String {
+    let mut merged = Samples::default();
+    for s in all {
+        merged.merge((*s).clone());
+    }
+    merged.errors_text()
+}
+
+/// Replaces the text between the markers of `file` with `body`.
+pub fn splice(file: &std::path::Path, body: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        return Err(format!(
+            "{} has no {BEGIN} … {END} markers to put the results between",
+            file.display()
+        ));
+    };
+    let out = format!("{}{BEGIN}\n{body}\n{}", &text[..b], &text[e..]);
+    std::fs::write(file, out).map_err(|e| format!("{}: {e}", file.display()))
+}
