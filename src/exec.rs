@@ -30,29 +30,14 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let out = tokio::process::Command::new(program)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Unavailable(format!(
-                    "{program} is not installed; install it (see `virtdisk-csi doctor`)"
-                ))
-            } else {
-                Error::io(format!("starting {program}"), e)
-            }
-        })?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !out.status.success() {
-        let msg = stderr.trim();
-        let msg = if msg.is_empty() { stdout.trim() } else { msg };
+    let out = run_unchecked(program, args).await?;
+    if out.code != Some(0) {
+        let msg = out.stderr.trim();
+        let msg = if msg.is_empty() {
+            out.stdout.trim()
+        } else {
+            msg
+        };
         let lower = msg.to_ascii_lowercase();
         if lower.contains("no space left") || lower.contains("disk quota exceeded") {
             return Err(Error::ResourceExhausted(format!(
@@ -63,12 +48,18 @@ where
         if lower.contains("file too large") || lower.contains("too large for file format") {
             return Err(Error::OutOfRange(format!("{program}: too large: {msg}")));
         }
+        let status = out.code.map_or_else(
+            || "killed by a signal".to_string(),
+            |c| format!("exit status {c}"),
+        );
         return Err(Error::internal(format!(
-            "{program} failed ({}): {msg}",
-            out.status
+            "{program} failed ({status}): {msg}"
         )));
     }
-    Ok(CmdOutput { stdout, stderr })
+    Ok(CmdOutput {
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
 }
 
 /// A finished command, whatever its exit status.
@@ -96,7 +87,9 @@ where
         .await
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Unavailable(format!("{program} is not installed; install it"))
+                Error::Unavailable(format!(
+                    "{program} is not installed; install it (see `virtdisk-csi doctor`)"
+                ))
             } else {
                 Error::io(format!("starting {program}"), e)
             }

@@ -39,12 +39,7 @@ pub async fn run(cmd: IdentityCmd, ctx: &Ctx) -> Result<Report, ClientError> {
                 .await?
                 .into_inner();
             let names: Vec<String> = r.capabilities.iter().map(plugin_capability).collect();
-            Report::table(
-                vec!["CAPABILITY"],
-                names.iter().map(|n| vec![n.clone()]).collect(),
-                vec![],
-                json!({ "capabilities": names }),
-            )
+            Report::capabilities(names)
         }
         IdentityCmd::Probe => {
             let r = id

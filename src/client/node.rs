@@ -127,12 +127,7 @@ pub async fn run(cmd: NodeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
                     }
                 })
                 .collect();
-            Report::table(
-                vec!["CAPABILITY"],
-                names.iter().map(|n| vec![n.clone()]).collect(),
-                vec![],
-                json!({ "capabilities": names }),
-            )
+            Report::capabilities(names)
         }
         NodeCmd::Stage {
             volume_id,

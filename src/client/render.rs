@@ -70,6 +70,17 @@ impl Report {
         }
     }
 
+    /// A one-column table of capability names (identity, controller and node alike).
+    pub fn capabilities(names: Vec<String>) -> Report {
+        let rows = names.iter().map(|n| vec![n.clone()]).collect();
+        Report::table(
+            vec!["CAPABILITY"],
+            rows,
+            vec![],
+            serde_json::json!({ "capabilities": names }),
+        )
+    }
+
     pub fn failed_if(mut self, failed: bool) -> Report {
         self.ok = !failed;
         self

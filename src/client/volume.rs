@@ -322,12 +322,7 @@ pub async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
                     }
                 })
                 .collect();
-            Report::table(
-                vec!["CAPABILITY"],
-                names.iter().map(|n| vec![n.clone()]).collect(),
-                vec![],
-                json!({ "capabilities": names }),
-            )
+            Report::capabilities(names)
         }
         VolumeCmd::Capacity { params } => {
             let r = c
