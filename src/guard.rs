@@ -36,17 +36,6 @@ impl OpGuards {
     }
 }
 
-/// Guard key of a volume, from its name-derived key (the same before and after the pool is
-/// chosen).
-pub fn volume_key(key: &str) -> String {
-    format!("vol:{key}")
-}
-
-/// Guard key of a snapshot, from its name-derived key.
-pub fn snapshot_key(key: &str) -> String {
-    format!("snap:{key}")
-}
-
 fn describe(key: &str) -> String {
     match key.split_once(':') {
         Some(("vol", id)) => format!("volume {id}"),

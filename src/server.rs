@@ -11,7 +11,6 @@ use crate::csi::proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
-use crate::guard::OpGuards;
 use crate::pool::Pools;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -105,15 +104,10 @@ async fn shutdown_signal() {
 
 /// Builds the services for `cfg.mode` and serves until a signal arrives.
 pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
-    let guards = OpGuards::default();
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
-            .with_layers(
-                attachers.clone(),
-                guards.clone(),
-                cfg.snapshots.max_chain_depth,
-            );
+            .with_layers(attachers.clone(), cfg.snapshots.max_chain_depth);
         pools.start_flattener();
         Some(pools)
     } else {
@@ -137,7 +131,6 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
             ControllerServer::new(ControllerService {
                 pools,
                 attachments: attachers.clone(),
-                guards: guards.clone(),
             })
         }));
     let node = if cfg.mode.runs_node() {

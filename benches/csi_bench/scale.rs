@@ -26,7 +26,7 @@ fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: us
     let src = images.join(&template.image);
     for i in from..to {
         let name = format!("bench-list-{i:05}");
-        let key = ids::volume_key_for_name(&name);
+        let key = format!("{:016x}", ids::random_u64());
         let mut rec = template.clone();
         rec.id = ObjectId::new(&rec.pool, &key).to_string();
         rec.name = name;

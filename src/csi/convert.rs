@@ -3,7 +3,7 @@
 use super::proto as csi;
 use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability, ContentSource};
-use crate::pool::{TopologyRequirement, VolumeRecord};
+use crate::pool::{SnapshotSummary, TopologyRequirement, VolumeSummary};
 use std::collections::BTreeMap;
 
 pub fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
@@ -127,12 +127,12 @@ pub const CTX_FORMAT: &str = "format";
 pub const CTX_POOL: &str = "pool";
 pub const CTX_FS_TYPE: &str = "fsType";
 
-pub fn volume(rec: &VolumeRecord) -> csi::Volume {
+pub fn volume(rec: &VolumeSummary) -> csi::Volume {
     let mut ctx = BTreeMap::new();
     ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
     ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
-    if let Some(fs) = rec.fs_type() {
-        ctx.insert(CTX_FS_TYPE.to_string(), fs.to_string());
+    if let Some(fs) = &rec.fs_type {
+        ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
     }
     csi::Volume {
         capacity_bytes: rec.capacity_bytes as i64,
@@ -168,7 +168,7 @@ pub fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot(rec: &crate::pool::SnapshotRecord) -> csi::Snapshot {
+pub fn snapshot(rec: &SnapshotSummary) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: rec.size_bytes as i64,
         snapshot_id: rec.id.clone(),
@@ -177,8 +177,7 @@ pub fn snapshot(rec: &crate::pool::SnapshotRecord) -> csi::Snapshot {
             seconds: rec.created_at as i64,
             nanos: rec.created_at_nanos as i32,
         }),
-        // Records are written Ready only once the layer is durable.
-        ready_to_use: rec.state == crate::pool::RecordState::Ready,
+        ready_to_use: rec.ready_to_use,
         group_snapshot_id: String::new(),
     }
 }
