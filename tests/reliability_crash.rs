@@ -46,31 +46,37 @@ enum PoolOp {
 
 use PoolOp::*;
 
+/// Each write step of each operation, in the order an operation reaches them. The `store.*`
+/// points are the steps of a record commit (the first commit of the operation dies there).
 const VOLUME_CASES: &[(PoolOp, &str)] = &[
-    (Create, "create.record-written"),
     (Create, "create.image-made"),
-    (Create, "create.image-renamed"),
-    (Create, "create.ready"),
-    (Restore, "restore.linked"),
-    (Restore, "create.record-written"),
+    (Create, "store.temp-synced"),
+    (Create, "store.change-logged"),
+    (Create, "store.committed"),
+    (Create, "create.committed"),
     (Restore, "create.image-made"),
-    (Restore, "create.image-renamed"),
-    (Restore, "create.ready"),
+    (Restore, "store.change-logged"),
+    (Restore, "create.committed"),
+    (Clone, "freeze.overlay-made"),
     (Clone, "freeze.switched"),
-    (Clone, "restore.linked"),
-    (Delete, "delete.marked"),
-    (Delete, "delete.image-removed"),
-    (Delete, "delete.record-removed"),
+    (Clone, "create.image-made"),
+    (Clone, "create.committed"),
+    (Delete, "store.change-logged"),
+    (Delete, "store.committed"),
+    (Delete, "gc.layer-removed"),
     (Expand, "expand.resized"),
+    (Expand, "store.committed"),
 ];
 
 const LAYER_CASES: &[(PoolOp, &str)] = &[
-    (Snapshot, "freeze.intent"),
     (Snapshot, "freeze.overlay-made"),
+    (Snapshot, "store.temp-synced"),
+    (Snapshot, "store.change-logged"),
     (Snapshot, "freeze.switched"),
     (Snapshot, "snapshot.recorded"),
-    (DeleteSnapshot, "snapshot.deleted"),
+    (DeleteSnapshot, "store.change-logged"),
     (DeleteSnapshot, "gc.layer-removed"),
+    (DeleteSnapshot, "snapshot.deleted"),
     (Flatten, "flatten.job-written"),
     (Flatten, "flatten.converted"),
     (Flatten, "flatten.switching"),
@@ -295,6 +301,8 @@ async fn pool_case(op: PoolOp, point: &str) {
     expect_death(&mut p, point, &first).await;
     if !op.background() {
         assert!(first.is_err(), "{op:?} at {point}: answered {first:?}");
+        // The restarted plugin's index is what the pool holds.
+        assert_index_matches_pool(&p).await;
     }
     let answer = retry_aborted(|| op.act(&p, &ids))
         .await
@@ -305,6 +313,7 @@ async fn pool_case(op: PoolOp, point: &str) {
     assert_eq!(again, answer, "{op:?} at {point}");
     assert_pattern(&volume_image(&pool, &bystander), 0x5a, 0, M);
     assert_pool_clean(&pool);
+    assert_index_matches_pool(&p).await;
     eprintln!(
         "{op:?} crashed at {point}: converged ({} ms)",
         t.elapsed().as_millis()
@@ -614,6 +623,8 @@ async fn crash_after_each_durable_step_of_local_attach_and_node_operations() {
 enum LibvirtOp {
     Publish,
     Unpublish,
+    /// CreateSnapshot of a volume attached read-write: the domain switches live.
+    LiveSnapshot,
 }
 
 const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
@@ -621,6 +632,7 @@ const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
     (LibvirtOp::Publish, "publish.attached"),
     (LibvirtOp::Unpublish, "libvirt.detach-requested"),
     (LibvirtOp::Unpublish, "libvirt.live-detached"),
+    (LibvirtOp::LiveSnapshot, "freeze.intent"),
 ];
 
 #[cfg(feature = "libvirt")]
@@ -645,6 +657,7 @@ impl LibvirtOp {
                 })
                 .await
                 .map(drop),
+            LibvirtOp::LiveSnapshot => snapshot(p, "hp-live-snap", volume).await.map(drop),
         }
     }
 }
@@ -670,7 +683,7 @@ async fn libvirt_case(dom: &hotplug_support::TestDomain, op: LibvirtOp, point: &
         .await
         .unwrap();
     let serial = serial_of(&vol);
-    if op == LibvirtOp::Unpublish {
+    if op != LibvirtOp::Publish {
         LibvirtOp::Publish.act(&p, &vol, &dom.uuid).await.unwrap();
     }
     arm(&mut p, point).await;
@@ -682,7 +695,7 @@ async fn libvirt_case(dom: &hotplug_support::TestDomain, op: LibvirtOp, point: &
         .unwrap_or_else(|e| panic!("{op:?} at {point}: the retry failed: {e:?}"));
     op.act(&p, &vol, &dom.uuid).await.unwrap();
     // Exactly one disk when published, none when not: in both definitions.
-    let want = usize::from(op == LibvirtOp::Publish);
+    let want = usize::from(op != LibvirtOp::Unpublish);
     assert_eq!(
         disks_with(dom.live(), &serial),
         want,
@@ -693,11 +706,15 @@ async fn libvirt_case(dom: &hotplug_support::TestDomain, op: LibvirtOp, point: &
         want,
         "{point}: persistent definition"
     );
-    if op == LibvirtOp::Publish {
+    if op == LibvirtOp::LiveSnapshot {
+        assert_eq!(list_snapshots(&p).await.len(), 1);
+    }
+    if op != LibvirtOp::Unpublish {
         LibvirtOp::Unpublish.act(&p, &vol, &dom.uuid).await.unwrap();
         assert_eq!(disks_with(dom.live(), &serial), 0);
         assert_eq!(disks_with(dom.inactive(), &serial), 0);
     }
+    assert_index_matches_pool(&p).await;
     delete_volume(&p, &vol).await.unwrap();
     assert_pool_clean(&p.pool_dir());
     eprintln!(

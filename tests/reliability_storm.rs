@@ -265,12 +265,7 @@ fn tally_of(answers: &[Answer]) -> BTreeMap<String, usize> {
 }
 
 /// CLIENTS clients, each on its own connection, CALLS_PER_CLIENT random calls each.
-async fn storm_round(
-    e: &env::Env,
-    seed: u64,
-    answers: Arc<Mutex<Vec<Answer>>>,
-    known: Arc<Known>,
-) {
+async fn storm_round(e: &env::Env, seed: u64, answers: Arc<Mutex<Vec<Answer>>>, known: Arc<Known>) {
     let mut clients = tokio::task::JoinSet::new();
     for n in 0..CLIENTS {
         let socket = e.plugin.socket.clone();
@@ -452,7 +447,10 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
             .filter(|(id, n)| **n == i && exists.contains_key(*id))
             .map(|(id, _)| id)
             .collect();
-        assert!(of_name.len() <= 1, "{name}: several volumes exist: {of_name:?}");
+        assert!(
+            of_name.len() <= 1,
+            "{name}: several volumes exist: {of_name:?}"
+        );
     }
     for (id, i) in &volume_ids {
         let name = NAMES[*i];

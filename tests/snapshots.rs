@@ -376,9 +376,30 @@ async fn snapshots_and_restores_outlive_their_sources() {
         .unwrap();
     assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, MIB as u64);
 
-    // A new volume with the source's old name does not clobber the frozen layer.
+    // A new volume with the source's old name does not clobber the frozen layer. It is a new
+    // volume: a new id (ids are unique over time), and the old volume's snapshots are not its.
     let reborn = create(&p, "indep-src", VOL).await;
-    assert_eq!(reborn.volume_id, vol.volume_id);
+    assert_ne!(reborn.volume_id, vol.volume_id);
+    let of_reborn = list_snapshots(
+        &p,
+        csi::ListSnapshotsRequest {
+            source_volume_id: reborn.volume_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(of_reborn.entries.is_empty(), "{of_reborn:?}");
+    let of_old = list_snapshots(
+        &p,
+        csi::ListSnapshotsRequest {
+            source_volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(of_old.entries.len(), 1);
     assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, MIB as u64);
     assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, MIB as u64);
     delete_volume(&p, &reborn.volume_id).await;

@@ -48,9 +48,7 @@ fn refresh_one(pool: &Pool) -> crate::error::Result<()> {
         .with_label_values(&name)
         .set(st.blocks_available() as f64 * fragment);
     let (volumes, provisioned) = pool.usage()?;
-    m.pool_volumes
-        .with_label_values(&name)
-        .set(volumes as i64);
+    m.pool_volumes.with_label_values(&name).set(volumes as i64);
     m.pool_provisioned_bytes
         .with_label_values(&name)
         .set(provisioned as f64);

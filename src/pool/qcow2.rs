@@ -95,7 +95,10 @@ fn header_cluster(size: u64, l: &Layout, backing: Option<&str>) -> Vec<u8> {
         pad8(&mut ext);
     }
     be32(&mut ext, EXT_FEATURE_NAMES);
-    be32(&mut ext, (FEATURE_NAMES.len() * (2 + FEATURE_NAME_LEN)) as u32);
+    be32(
+        &mut ext,
+        (FEATURE_NAMES.len() * (2 + FEATURE_NAME_LEN)) as u32,
+    );
     for (kind, bit, name) in FEATURE_NAMES {
         ext.push(kind);
         ext.push(bit);
@@ -183,6 +186,16 @@ pub(crate) fn create(
     Ok(())
 }
 
+/// Whether a qcow2 image that `create` made empty for `size` bytes has had data written since:
+/// QEMU allocates clusters at the end of the file, so the file has grown past the metadata.
+/// Blocking.
+pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .len();
+    Ok(len > layout(size).len)
+}
+
 fn write_qcow2(file: &File, size: u64, backing: Option<&str>) -> std::io::Result<()> {
     let l = layout(size);
     file.write_all_at(&header_cluster(size, &l, backing), 0)?;
@@ -238,7 +251,13 @@ mod tests {
         let p = dir.path().join("x.qcow2");
         create(&p, ImageFormat::Qcow2, 1 << 20, None).unwrap();
         assert!(create(&p, ImageFormat::Qcow2, 1 << 20, None).is_err());
-        assert!(create(&dir.path().join("y.raw"), ImageFormat::Raw, 1 << 20, Some("x")).is_err());
+        assert!(create(
+            &dir.path().join("y.raw"),
+            ImageFormat::Raw,
+            1 << 20,
+            Some("x")
+        )
+        .is_err());
         assert!(!dir.path().join("y.raw").exists());
     }
 }

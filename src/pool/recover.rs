@@ -82,8 +82,8 @@ impl Pool {
         let Some(f) = rec.chain.freezing.take() else {
             return Ok(());
         };
-        if f.handed_to_domain && self.image_path(&f.overlay).exists() {
-            // The domain may already write to the overlay: the volume continues there.
+        if f.handed_to_domain && self.switched_live(&rec, &f.overlay)? {
+            // The domain writes to the overlay: the volume continues there.
             tracing::warn!(pool = %self.name(), volume = %rec.id, overlay = %f.overlay,
                 "a live snapshot was interrupted; the volume continues in its new overlay");
             let old = std::mem::replace(&mut rec.image, f.overlay);
@@ -94,6 +94,25 @@ impl Pool {
                 "undoing an interrupted snapshot or clone");
         }
         self.store.put(&rec, |_| Ok(())).map(drop)
+    }
+
+    /// Whether a node switched to `overlay` in a live snapshot that was interrupted, read back
+    /// from the images themselves: QEMU (a domain, a storage daemon; on this host or another
+    /// one sharing the pool) holds locks on every image it has open. The overlay held: the
+    /// switch happened. The old active image held (and not the overlay): it did not. Neither
+    /// held (the node let go since): the overlay holds data only if the node wrote there.
+    fn switched_live(&self, rec: &VolumeRecord, overlay: &str) -> Result<bool> {
+        let overlay = self.image_path(overlay);
+        if !overlay.exists() {
+            return Ok(false);
+        }
+        if super::store::file_is_locked(&overlay)? {
+            return Ok(true);
+        }
+        if super::store::file_is_locked(&self.image_path(&rec.image))? {
+            return Ok(false);
+        }
+        super::qcow2::has_data(&overlay, rec.capacity_bytes)
     }
 
     /// Undoes a copy in progress or finishes a switch in progress of the flattening job of

@@ -157,7 +157,9 @@ impl Pools {
             let _held = pool
                 .store
                 .lock(Slot::Snapshot(key), &|| format!("snapshot {id}"))?;
-            pool.store.remove::<SnapshotRecord>(key, |_| Ok(())).map(drop)
+            pool.store
+                .remove::<SnapshotRecord>(key, |_| Ok(()))
+                .map(drop)
         })
         .await?;
         Ok(None)

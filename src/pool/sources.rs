@@ -183,9 +183,9 @@ impl Pools {
                     layer: s.layer,
                     below: s.backing,
                     check: Box::new(move |index: &Index| {
-                        let still = index.snapshot(key).is_some_and(|e| {
-                            e.state == RecordState::Ready && e.layer == layer
-                        });
+                        let still = index
+                            .snapshot(key)
+                            .is_some_and(|e| e.state == RecordState::Ready && e.layer == layer);
                         if still {
                             Ok(())
                         } else {

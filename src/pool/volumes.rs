@@ -201,11 +201,7 @@ impl Pools {
     }
 
     /// Takes the lock of a name in every pool (a name is unique across pools).
-    pub(super) async fn lock_name(
-        &self,
-        slot: Slot,
-        what: String,
-    ) -> Result<Vec<ObjectLock>> {
+    pub(super) async fn lock_name(&self, slot: Slot, what: String) -> Result<Vec<ObjectLock>> {
         let pools = self.pools.clone();
         exec::blocking(move || {
             pools
@@ -323,9 +319,10 @@ impl Pools {
         let Some(existing) = self.find_by_name(&req.name).await? else {
             return Ok(None);
         };
-        let lock = self.lock_volume(&existing.id).await?.ok_or_else(|| {
-            Error::internal(format!("volume id {} does not parse", existing.id))
-        })?;
+        let lock = self
+            .lock_volume(&existing.id)
+            .await?
+            .ok_or_else(|| Error::internal(format!("volume id {} does not parse", existing.id)))?;
         // Locking settles the volume: read it again.
         let Some(existing) = exec::blocking({
             let (pool, key) = (lock.pool.clone(), lock.key);

@@ -390,3 +390,45 @@ pub async fn list_snapshots(p: &Plugin) -> BTreeSet<String> {
         .map(|e| e.snapshot.unwrap().snapshot_id)
         .collect()
 }
+
+/// What the plugin answers (its in-memory index) is what the pool holds: the volumes and
+/// snapshots ListVolumes/ListSnapshots report are exactly the Ready records on disk, with the
+/// records' sizes, and ControllerGetVolume finds each.
+pub async fn assert_index_matches_pool(p: &Plugin) {
+    let view = PoolView::read(&p.pool_dir());
+    let on_disk: BTreeMap<String, i64> = view
+        .volumes
+        .iter()
+        .filter(|v| v["state"] == "ready")
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["capacity_bytes"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        list_volumes(p).await,
+        on_disk,
+        "ListVolumes differs from the records"
+    );
+    let snapshots: BTreeSet<String> = view
+        .snapshots
+        .iter()
+        .filter(|s| s["state"] == "ready")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        list_snapshots(p).await,
+        snapshots,
+        "ListSnapshots differs from the records"
+    );
+    for id in on_disk.keys() {
+        p.controller()
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ControllerGetVolume {id}: {e:?}"));
+    }
+}

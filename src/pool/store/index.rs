@@ -389,10 +389,7 @@ impl Index {
     }
 
     /// Snapshots in key order, from `start` on.
-    pub(crate) fn snapshots_from(
-        &self,
-        start: u64,
-    ) -> impl Iterator<Item = (u64, &SnapshotEntry)> {
+    pub(crate) fn snapshots_from(&self, start: u64) -> impl Iterator<Item = (u64, &SnapshotEntry)> {
         self.snapshots.range(start..).map(|(k, v)| (*k, v))
     }
 

@@ -176,7 +176,13 @@ mod tests {
             assert_eq!(Kind::from_tag(kind.tag()), Some(kind));
         }
         assert_eq!(Kind::Snapshot.file_key(1), "s0000000000000001");
-        for bad in ["", "0123", "0123456789ABCDEF", "s0123456789abcdef", ".tmp-x"] {
+        for bad in [
+            "",
+            "0123",
+            "0123456789ABCDEF",
+            "s0123456789abcdef",
+            ".tmp-x",
+        ] {
             assert_eq!(Kind::Volume.parse_file_key(bad), None, "{bad}");
         }
         assert_eq!(Kind::Snapshot.parse_file_key("0123456789abcdef"), None);

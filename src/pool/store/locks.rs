@@ -176,8 +176,9 @@ pub(super) fn lock_whole_file(file: &File) -> std::io::Result<()> {
     }
 }
 
-/// Whether some process holds a lock on the file at `path`.
-pub(super) fn file_is_locked(path: &Path) -> Result<bool> {
+/// Whether some process holds a lock on the file at `path` (a writer of ours on its temp
+/// file; QEMU on an image it has open: it locks bytes of every image it uses).
+pub(crate) fn file_is_locked(path: &Path) -> Result<bool> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),

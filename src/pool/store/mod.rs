@@ -68,7 +68,7 @@ mod locks;
 
 pub(crate) use index::{Index, Layer, VolumeEntry};
 pub(crate) use kinds::{parse_key, Kind, Record};
-pub(crate) use locks::{ObjectLock, Slot};
+pub(crate) use locks::{file_is_locked, ObjectLock, Slot};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -408,8 +408,8 @@ impl Store {
             return Ok(0);
         }
         let mut candidates = Vec::new();
-        for entry in
-            fs::read_dir(&images).map_err(|e| Error::io(format!("listing {}", images.display()), e))?
+        for entry in fs::read_dir(&images)
+            .map_err(|e| Error::io(format!("listing {}", images.display()), e))?
         {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", images.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
