@@ -761,3 +761,53 @@ async fn deep_chains_are_flattened_in_the_background_and_read_right() {
     }
     let _ = reads_pattern;
 }
+
+/// The scenario of a new user: create "n", snapshot it, delete "n", create "n" again. The new
+/// volume is a new volume (ids are unique over time), it reads empty, and the old volume's
+/// snapshot does not list under it; a snapshot name used again gets a new id too. The same
+/// answers after a restart (the index is rebuilt from the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_used_again_gets_a_new_id_and_no_foreign_snapshots() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let first = create(&p, "n", VOL).await;
+    write_pattern(&image_of(&p, &first.volume_id), 0x3c, 0, MIB as u64);
+    let s = snapshot(&p, "s", &first.volume_id).await.unwrap();
+    delete_volume(&p, &first.volume_id).await;
+    let again = create(&p, "n", VOL).await;
+    assert_ne!(again.volume_id, first.volume_id);
+    assert_reads(&image_of(&p, &again.volume_id), 0x00, 0, MIB as u64);
+    // Idempotent under the name: the same new volume.
+    assert_eq!(create(&p, "n", VOL).await.volume_id, again.volume_id);
+
+    for round in 0..2 {
+        let of = |id: &str| csi::ListSnapshotsRequest {
+            source_volume_id: id.to_string(),
+            ..Default::default()
+        };
+        let mine = list_snapshots(&p, of(&again.volume_id)).await.unwrap();
+        assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
+        let old = list_snapshots(&p, of(&first.volume_id)).await.unwrap();
+        let ids: Vec<String> = old
+            .entries
+            .iter()
+            .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+            .collect();
+        assert_eq!(ids, vec![s.snapshot_id.clone()], "round {round}");
+        p.restart().await;
+    }
+
+    // The snapshot name: deleted and taken again, it is a new snapshot of the new volume.
+    delete_snapshot(&p, &s.snapshot_id).await.unwrap();
+    let s2 = snapshot(&p, "s", &again.volume_id).await.unwrap();
+    assert_ne!(s2.snapshot_id, s.snapshot_id);
+    assert_eq!(s2.source_volume_id, again.volume_id);
+    let err = p
+        .controller()
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}

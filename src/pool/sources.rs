@@ -17,7 +17,7 @@ use std::sync::Arc;
 enum Base {
     Snapshot(SnapshotRecord),
     /// A clone's source, locked for the whole clone.
-    Volume(VolumeRecord, VolumeLock),
+    Volume(Box<VolumeRecord>, VolumeLock),
 }
 
 impl Base {
@@ -37,12 +37,15 @@ impl Base {
     }
 }
 
+/// A precondition checked under the pool lock when the new record is committed.
+type Check = Box<dyn FnOnce(&Index) -> Result<()> + Send>;
+
 /// The read-only layer the new volume is an overlay on, the chain under it, and what must
 /// still hold when the new record is committed.
 struct Source {
     layer: String,
     below: Vec<String>,
-    check: Box<dyn FnOnce(&Index) -> Result<()> + Send>,
+    check: Check,
     /// A clone's source lock, held until the new volume is committed.
     _lock: Option<VolumeLock>,
 }
@@ -124,7 +127,7 @@ impl Pools {
                          source"
                     )));
                 }
-                Ok(Base::Volume(vol, lock))
+                Ok(Base::Volume(Box::new(vol), lock))
             }
         }
     }
@@ -200,7 +203,7 @@ impl Pools {
                 })
             }
             Base::Volume(v, lock) => {
-                let (frozen, _) = self.freeze(&lock, v).await?;
+                let (frozen, _) = self.freeze(&lock, *v).await?;
                 let layer = Layer::parse(&frozen.layer);
                 Ok(Source {
                     layer: frozen.layer,

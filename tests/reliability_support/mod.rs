@@ -395,7 +395,12 @@ pub async fn list_snapshots(p: &Plugin) -> BTreeSet<String> {
 /// snapshots ListVolumes/ListSnapshots report are exactly the Ready records on disk, with the
 /// records' sizes, and ControllerGetVolume finds each.
 pub async fn assert_index_matches_pool(p: &Plugin) {
-    let view = PoolView::read(&p.pool_dir());
+    assert_index_matches_pool_at(p, &p.pool_dir()).await
+}
+
+/// `assert_index_matches_pool` for a plugin whose pool is at `pool`.
+pub async fn assert_index_matches_pool_at(p: &Plugin, pool: &Path) {
+    let view = PoolView::read(pool);
     let on_disk: BTreeMap<String, i64> = view
         .volumes
         .iter()

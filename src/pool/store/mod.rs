@@ -106,6 +106,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A record of some kind, as read for the change log's catch-up.
+type AnyRecord = Box<dyn kinds::AnyRecord>;
+
 /// The temp file names this store writes: `.tmp-<random>` in a record directory.
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -219,7 +222,7 @@ impl Store {
                 self.rebuild(log)
             }
             changes::News::Keys(keys) => {
-                let mut fresh: Vec<(Kind, u64, Result<Option<Box<dyn kinds::AnyRecord>>>)> =
+                let mut fresh: Vec<(Kind, u64, Result<Option<AnyRecord>>)> =
                     Vec::with_capacity(keys.len());
                 let mut seen = HashSet::new();
                 for (kind, key) in keys {
