@@ -14,7 +14,7 @@ use virtdisk_csi::csi::proto as csi;
 
 const CHUNK: u64 = 64 << 20;
 
-fn image_of(p: &BenchPlugin, id: &str) -> PathBuf {
+pub fn image_of(p: &BenchPlugin, id: &str) -> PathBuf {
     let key = id.rsplit_once('.').unwrap().1;
     let rec: serde_json::Value = serde_json::from_slice(
         &std::fs::read(p.pool_dir().join(format!("volumes/{key}.json"))).unwrap(),
@@ -26,7 +26,7 @@ fn image_of(p: &BenchPlugin, id: &str) -> PathBuf {
 }
 
 /// Writes `bytes` of pattern 0xaa at the start of the image.
-fn fill(image: &Path, bytes: u64) {
+pub fn fill(image: &Path, bytes: u64) {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "qcow2"]);
     let mut off = 0;
@@ -43,7 +43,7 @@ fn fill(image: &Path, bytes: u64) {
     );
 }
 
-fn reads_back(image: &Path, offset: u64) -> bool {
+pub fn reads_back(image: &Path, offset: u64) -> bool {
     Command::new("qemu-io")
         .args([
             "-r",
@@ -58,7 +58,7 @@ fn reads_back(image: &Path, offset: u64) -> bool {
         .unwrap_or(false)
 }
 
-fn from_source(name: &str, source: csi::volume_content_source::Type) -> csi::CreateVolumeRequest {
+pub fn from_source(name: &str, source: csi::volume_content_source::Type) -> csi::CreateVolumeRequest {
     let mut req = create_req(name, 0);
     req.volume_content_source = Some(csi::VolumeContentSource {
         r#type: Some(source),

@@ -185,6 +185,49 @@ impl ValueRow {
     }
 }
 
+/// One figure measured on the plugin and on the reference driver in the same run.
+#[derive(Debug, Clone)]
+pub struct PeerRow {
+    pub figure: String,
+    pub ours: String,
+    pub theirs: String,
+    /// hostpath's figure over ours: above 1, the plugin is faster.
+    pub ratio: Option<f64>,
+    pub target: Option<String>,
+    pub met: Option<bool>,
+    pub note: String,
+}
+
+impl PeerRow {
+    pub fn new(figure: impl Into<String>, ours: impl Into<String>, theirs: impl Into<String>) -> Self {
+        PeerRow {
+            figure: figure.into(),
+            ours: ours.into(),
+            theirs: theirs.into(),
+            ratio: None,
+            target: None,
+            met: None,
+            note: String::new(),
+        }
+    }
+
+    pub fn ratio(mut self, r: Option<f64>) -> Self {
+        self.ratio = r;
+        self
+    }
+
+    pub fn target(mut self, describe: impl Into<String>, met: bool) -> Self {
+        self.target = Some(describe.into());
+        self.met = Some(met);
+        self
+    }
+
+    pub fn note(mut self, n: impl Into<String>) -> Self {
+        self.note = n.into();
+        self
+    }
+}
+
 /// One concurrency level of the parallel-clients run.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyRow {

@@ -50,10 +50,10 @@ impl Pool {
             };
             self.settle_job(key)?;
         }
+        let started = std::time::Instant::now();
         let removed = self.store.sweep()?;
-        if removed > 0 {
-            tracing::info!(pool = %self.name(), removed, "collected layer files no record names");
-        }
+        tracing::info!(pool = %self.name(), removed, ms = started.elapsed().as_millis() as u64,
+            "collected temp files and layer files no record names");
         Ok(())
     }
 

@@ -175,41 +175,46 @@ impl Pools {
     /// the pool) holds it, `Ok(None)` when the id cannot name a volume of ours. Finishes or
     /// undoes a change to the volume that a crashed process left half done.
     pub async fn lock_volume(&self, id: &str) -> Result<Option<VolumeLock>> {
+        let pools = self.clone();
+        let id = id.to_string();
+        exec::blocking(move || pools.lock_volume_blocking(&id)).await
+    }
+
+    /// `lock_volume`, blocking.
+    pub(super) fn lock_volume_blocking(&self, id: &str) -> Result<Option<VolumeLock>> {
         let Some((pool, key)) = self.locate_volume(id)? else {
             return Ok(None);
         };
-        let id = id.to_string();
-        exec::blocking(move || {
-            let held = pool
-                .store
-                .lock(Slot::Volume(key), &|| format!("volume {id}"))?;
-            pool.settle_volume(key)?;
-            let existed = pool
-                .store
-                .index()?
-                .volume(key)
-                .is_some_and(|v| v.state == RecordState::Ready);
-            Ok(Some(VolumeLock {
-                pool,
-                key,
-                id,
-                held,
-                existed,
-            }))
-        })
-        .await
+        let held = pool
+            .store
+            .lock(Slot::Volume(key), &|| format!("volume {id}"))?;
+        pool.settle_volume(key)?;
+        let existed = pool
+            .store
+            .index()?
+            .volume(key)
+            .is_some_and(|v| v.state == RecordState::Ready);
+        Ok(Some(VolumeLock {
+            pool,
+            key,
+            id: id.to_string(),
+            held,
+            existed,
+        }))
     }
 
     /// Takes the lock of a name in every pool (a name is unique across pools).
     pub(super) async fn lock_name(&self, slot: Slot, what: String) -> Result<Vec<ObjectLock>> {
-        let pools = self.pools.clone();
-        exec::blocking(move || {
-            pools
-                .iter()
-                .map(|p| p.store.lock(slot, &|| what.clone()))
-                .collect()
-        })
-        .await
+        let pools = self.clone();
+        exec::blocking(move || pools.lock_name_blocking(slot, &what)).await
+    }
+
+    /// `lock_name`, blocking.
+    fn lock_name_blocking(&self, slot: Slot, what: &str) -> Result<Vec<ObjectLock>> {
+        self.pools
+            .iter()
+            .map(|p| p.store.lock(slot, &|| what.to_string()))
+            .collect()
     }
 
     /// Looks a volume up by id. `Ok(None)` when it does not exist (or is not Ready).
@@ -285,7 +290,8 @@ impl Pools {
     }
 
     /// CreateVolume. Idempotent by name: the name's lock (in every pool) is held while its
-    /// volume is looked up and, if there is none, made under a new id.
+    /// volume is looked up and, if there is none, made under a new id. A new empty volume is
+    /// made in one blocking call (no handoffs between threads on the hot path).
     pub async fn create(&self, req: CreateVolume) -> Result<VolumeRecord> {
         ids::check_name("volume name", &req.name)?;
         let params = VolumeParams::parse(&req.parameters)?;
@@ -293,43 +299,45 @@ impl Pools {
             return Err(Error::invalid("volume_capabilities is required"));
         }
         let hash = ids::name_hash(ids::VOLUME, &req.name);
-        let _name = self
-            .lock_name(
-                Slot::VolumeName(hash),
-                format!("the volume named {:?}", req.name),
-            )
-            .await?;
-        if let Some(existing) = self.existing_volume(&req, &params).await? {
+        let what = format!("the volume named {:?}", req.name);
+        let Some(source) = req.content_source.clone() else {
+            let pools = self.clone();
+            return exec::blocking(move || {
+                let _name = pools.lock_name_blocking(Slot::VolumeName(hash), &what)?;
+                if let Some(existing) = pools.existing_volume(&req, &params)? {
+                    return Ok(existing);
+                }
+                pools.create_blank(&req, &params)
+            })
+            .await;
+        };
+        let _name = self.lock_name(Slot::VolumeName(hash), what).await?;
+        let existing = {
+            let (pools, r, p) = (self.clone(), req.clone(), params.clone());
+            exec::blocking(move || pools.existing_volume(&r, &p)).await?
+        };
+        if let Some(existing) = existing {
             return Ok(existing);
         }
-        match &req.content_source {
-            Some(source) => self.create_from_source(&req, &params, source).await,
-            None => self.create_blank(&req, &params).await,
-        }
+        self.create_from_source(&req, &params, &source).await
     }
 
     /// The volume a repeated CreateVolume names, if it exists and matches the request;
     /// ALREADY_EXISTS if it does not match. A half-made volume of an earlier version is
-    /// discarded (then `None`).
-    async fn existing_volume(
+    /// discarded (then `None`). The caller holds the name's lock. Blocking.
+    fn existing_volume(
         &self,
         req: &CreateVolume,
         params: &VolumeParams,
     ) -> Result<Option<VolumeRecord>> {
-        let Some(existing) = self.find_by_name(&req.name).await? else {
+        let Some(existing) = self.find_by_name(&req.name)? else {
             return Ok(None);
         };
-        let lock = self
-            .lock_volume(&existing.id)
-            .await?
-            .ok_or_else(|| Error::internal(format!("volume id {} does not parse", existing.id)))?;
+        let lock = self.lock_volume_blocking(&existing.id)?.ok_or_else(|| {
+            Error::internal(format!("volume id {} does not parse", existing.id))
+        })?;
         // Locking settles the volume: read it again.
-        let Some(existing) = exec::blocking({
-            let (pool, key) = (lock.pool.clone(), lock.key);
-            move || pool.read_volume(key)
-        })
-        .await?
-        else {
+        let Some(existing) = lock.pool.read_volume(lock.key)? else {
             return Ok(None);
         };
         match existing.state {
@@ -338,43 +346,33 @@ impl Pools {
                 Ok(Some(existing))
             }
             RecordState::Creating | RecordState::Deleting => {
-                self.discard(&lock).await?;
+                discard(&lock)?;
                 Ok(None)
             }
         }
     }
 
-    /// The record (any state) of the volume named `name`, in any pool.
-    async fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
-        let pools = self.pools.clone();
-        let name = name.to_string();
-        exec::blocking(move || {
-            for pool in pools.iter() {
-                if let Some(rec) = pool.volume_named(&name)? {
-                    return Ok(Some(rec));
-                }
+    /// The record (any state) of the volume named `name`, in any pool. Blocking.
+    fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        for pool in self.pools.iter() {
+            if let Some(rec) = pool.volume_named(name)? {
+                return Ok(Some(rec));
             }
-            Ok(None)
-        })
-        .await
+        }
+        Ok(None)
     }
 
     /// A new empty volume: choose the pool, write the image header, commit the record.
-    async fn create_blank(
-        &self,
-        req: &CreateVolume,
-        params: &VolumeParams,
-    ) -> Result<VolumeRecord> {
+    /// Blocking.
+    fn create_blank(&self, req: &CreateVolume, params: &VolumeParams) -> Result<VolumeRecord> {
         let size = size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
-        let pool = self.choose_pool(req, params, size).await?;
+        let pool = self.choose_pool_blocking(req, params, size)?;
         let format = params.format.unwrap_or(pool.config().format);
         for cap in &req.capabilities {
             cap.check(format)?;
         }
-        let p = pool.clone();
-        let (key, lock) = exec::blocking(move || p.new_volume_key()).await?;
-        let p = pool.clone();
-        let image = exec::blocking(move || p.first_image_name(key, format)).await?;
+        let (key, lock) = pool.new_volume_key()?;
+        let image = pool.first_image_name(key, format)?;
         let rec = VolumeRecord {
             schema: SCHEMA,
             id: pool.volume_id(key),
@@ -393,12 +391,10 @@ impl Pools {
             chain: Default::default(),
         };
         let name_free = pool.name_free_check(&req.name);
-        self.materialize(&pool, lock, rec, name_free).await
+        materialize(&pool, lock, rec, name_free)
     }
 
-    /// Writes the volume's image (empty, or an overlay on its first backing layer) and
-    /// commits its record: the image is durable before the one commit that names it. `check`
-    /// runs under the pool lock before the commit. On failure the image is removed again.
+    /// `materialize`, from async code.
     pub(super) async fn materialize(
         &self,
         pool: &Arc<Pool>,
@@ -407,35 +403,23 @@ impl Pools {
         check: impl FnOnce(&Index) -> Result<()> + Send + 'static,
     ) -> Result<VolumeRecord> {
         let p = pool.clone();
-        let r = rec.clone();
-        exec::blocking(move || {
-            let _held = lock;
-            let image = p.image_path(&r.image);
-            let backing = r.chain.backing.first().map(String::as_str);
-            qcow2::create(&image, r.format, r.capacity_bytes, backing)?;
-            let committed = fsutil::sync_dir(&p.images_dir()).and_then(|()| {
-                crate::failpoint!("create.image-made");
-                p.store.put(&r, check)
-            });
-            if let Err(e) = committed {
-                // Keep the image if the record made it to disk after all (a late failure).
-                let named = matches!(p.read_volume(r.key_u64()?), Ok(Some(_)));
-                if !named {
-                    let _ = std::fs::remove_file(&image);
-                }
-                return Err(e);
-            }
-            Ok(())
-        })
-        .await?;
-        crate::failpoint!("create.committed");
-        tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
-        Ok(rec)
+        exec::blocking(move || materialize(&p, lock, rec, check)).await
     }
 
     /// The pool for a new volume: the one named in parameters, else the first that fits the
     /// topology (preferred first) and has room.
     pub(super) async fn choose_pool(
+        &self,
+        req: &CreateVolume,
+        params: &VolumeParams,
+        size: u64,
+    ) -> Result<Arc<Pool>> {
+        let (pools, r, p) = (self.clone(), req.clone(), params.clone());
+        exec::blocking(move || pools.choose_pool_blocking(&r, &p, size)).await
+    }
+
+    /// `choose_pool`, blocking (it reads the pools' free space).
+    fn choose_pool_blocking(
         &self,
         req: &CreateVolume,
         params: &VolumeParams,
@@ -477,7 +461,7 @@ impl Pools {
         };
         candidates.sort_by_key(rank);
 
-        let checked = exec::blocking(move || {
+        let checked = {
             let mut out_of_range = 0;
             let mut reasons = Vec::new();
             for p in &candidates {
@@ -503,11 +487,10 @@ impl Pools {
                     reasons.push(format!("pool {} has {free} bytes free", p.name()));
                     continue;
                 }
-                return Ok(Ok(p.clone()));
+                return Ok(p.clone());
             }
-            Ok(Err((out_of_range == candidates.len(), reasons)))
-        })
-        .await?;
+            Err((out_of_range == candidates.len(), reasons))
+        };
         match checked {
             Ok(p) => Ok(p),
             Err((true, reasons)) => Err(Error::OutOfRange(format!(
@@ -579,22 +562,8 @@ impl Pools {
     /// DeleteVolume of a locked volume: one commit removes the record; the layers nobody else
     /// names go with it. OK when it is already gone. The caller checks it is not published.
     pub async fn delete(&self, lock: &VolumeLock) -> Result<()> {
-        self.discard(lock).await
-    }
-
-    async fn discard(&self, lock: &VolumeLock) -> Result<()> {
-        let (pool, key, held) = (lock.pool.clone(), lock.key, lock.held.clone());
-        let id = lock.id.clone();
-        exec::blocking(move || {
-            let _held = held;
-            if pool.store.index()?.volume(key).is_none() {
-                return Ok(());
-            }
-            pool.store.remove::<VolumeRecord>(key, |_| Ok(()))?;
-            tracing::info!(volume = %id, "volume deleted");
-            Ok(())
-        })
-        .await
+        let lock = lock.clone();
+        exec::blocking(move || discard(&lock)).await
     }
 
     /// Offline expansion with `qemu-img resize`. Returns the new record.
@@ -690,6 +659,49 @@ impl Pools {
         let pools = self.pools.clone();
         exec::blocking(move || pools.iter().try_for_each(|p| p.check_writable())).await
     }
+}
+
+/// Writes the volume's image (empty, or an overlay on its first backing layer) and commits
+/// its record: the image is durable before the one commit that names it. `check` runs under
+/// the pool lock before the commit. On failure the image is removed again. Blocking.
+fn materialize(
+    pool: &Arc<Pool>,
+    lock: ObjectLock,
+    rec: VolumeRecord,
+    check: impl FnOnce(&Index) -> Result<()>,
+) -> Result<VolumeRecord> {
+    let _held = lock;
+    let image = pool.image_path(&rec.image);
+    let backing = rec.chain.backing.first().map(String::as_str);
+    qcow2::create(&image, rec.format, rec.capacity_bytes, backing)?;
+    let committed = fsutil::sync_dir(&pool.images_dir()).and_then(|()| {
+        crate::failpoint!("create.image-made");
+        pool.store.put(&rec, check)
+    });
+    if let Err(e) = committed {
+        // Keep the image if the record made it to disk after all (a late failure).
+        let named = matches!(pool.read_volume(rec.key_u64()?), Ok(Some(_)));
+        if !named {
+            let _ = std::fs::remove_file(&image);
+        }
+        return Err(e);
+    }
+    crate::failpoint!("create.committed");
+    tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
+    Ok(rec)
+}
+
+/// Removes a locked volume's record in one commit (the layers nobody else names go with it);
+/// OK when it is already gone. Blocking.
+fn discard(lock: &VolumeLock) -> Result<()> {
+    if lock.pool.store.index()?.volume(lock.key).is_none() {
+        return Ok(());
+    }
+    lock.pool
+        .store
+        .remove::<VolumeRecord>(lock.key, |_| Ok(()))?;
+    tracing::info!(volume = %lock.id, "volume deleted");
+    Ok(())
 }
 
 impl VolumeRecord {

@@ -1,8 +1,7 @@
 //! Record kinds: where each kind lives, how its key is spelt, and which index table it feeds.
 //! Everything else in the store is generic over [`Record`].
 
-use super::index::Index;
-use super::Store;
+use super::index::{Index, SnapshotHead, VolumeHead};
 use crate::error::{Error, Result};
 use crate::ids::ObjectId;
 use crate::pool::record::{FlattenJob, SnapshotRecord, VolumeRecord};
@@ -63,24 +62,30 @@ impl Kind {
         parse_key(s.strip_prefix(self.prefix())?)
     }
 
-    /// Reads one record of this kind into `index` (start-up).
-    pub(super) fn read_into(self, store: &Store, key: u64, index: &mut Index) -> Result<()> {
-        if let Some(rec) = self.read_any(store, key)? {
-            rec.insert_into(index, key);
+    /// Adds (or replaces) the entry of a record of this kind from its file's bytes.
+    pub(super) fn insert_bytes(self, index: &mut Index, key: u64, bytes: &[u8]) -> Result<()> {
+        let parsed = |e: serde_json::Error| {
+            Error::internal(format!(
+                "record {}/{}.json is corrupt ({e}); move it aside to repair the pool",
+                self.dir(),
+                self.file_key(key)
+            ))
+        };
+        match self {
+            Kind::Volume => {
+                let head: VolumeHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
+                index.insert_volume(key, &head)
+            }
+            Kind::Snapshot => {
+                let head: SnapshotHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
+                index.insert_snapshot(key, &head)
+            }
+            Kind::Flatten => {
+                let job: FlattenJob = serde_json::from_slice(bytes).map_err(parsed)?;
+                index.insert_job(key, &job)
+            }
         }
         Ok(())
-    }
-
-    /// Reads one record of this kind, whatever its type.
-    pub(super) fn read_any(self, store: &Store, key: u64) -> Result<Option<Box<dyn AnyRecord>>> {
-        fn boxed<R: Record>(r: Option<R>) -> Option<Box<dyn AnyRecord>> {
-            r.map(|r| Box::new(r) as Box<dyn AnyRecord>)
-        }
-        Ok(match self {
-            Kind::Volume => boxed(store.read::<VolumeRecord>(key)?),
-            Kind::Snapshot => boxed(store.read::<SnapshotRecord>(key)?),
-            Kind::Flatten => boxed(store.read::<FlattenJob>(key)?),
-        })
     }
 
     /// Drops the index entry of one record of this kind.
@@ -113,17 +118,6 @@ pub(crate) trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn insert_into(&self, index: &mut Index, key: u64);
 }
 
-/// A record of any kind, for the change log's catch-up.
-pub(super) trait AnyRecord: Send {
-    fn insert_into(&self, index: &mut Index, key: u64);
-}
-
-impl<R: Record> AnyRecord for R {
-    fn insert_into(&self, index: &mut Index, key: u64) {
-        Record::insert_into(self, index, key)
-    }
-}
-
 fn key_of_id(kind: Kind, id: &str) -> Result<u64> {
     let parsed = match kind {
         Kind::Snapshot => ObjectId::parse_snapshot(id)?,
@@ -140,7 +134,7 @@ impl Record for VolumeRecord {
         key_of_id(Kind::Volume, &self.id)
     }
     fn insert_into(&self, index: &mut Index, key: u64) {
-        index.insert_volume(key, self)
+        index.insert_volume(key, &self.head())
     }
 }
 
@@ -150,7 +144,7 @@ impl Record for SnapshotRecord {
         key_of_id(Kind::Snapshot, &self.id)
     }
     fn insert_into(&self, index: &mut Index, key: u64) {
-        index.insert_snapshot(key, self)
+        index.insert_snapshot(key, &self.head())
     }
 }
 

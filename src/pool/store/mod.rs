@@ -106,8 +106,79 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// A record of some kind, as read for the change log's catch-up.
-type AnyRecord = Box<dyn kinds::AnyRecord>;
+/// Records read by a helper thread at start-up: their bytes back to back, and per key where
+/// its bytes are (or that it vanished, or why it could not be read).
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    items: Vec<(u64, std::io::Result<Option<std::ops::Range<usize>>>)>,
+}
+
+impl Batch {
+    fn push(&mut self, key: u64, read: std::io::Result<Option<&[u8]>>) {
+        let item = read.map(|bytes| {
+            bytes.map(|b| {
+                let start = self.data.len();
+                self.data.extend_from_slice(b);
+                start..self.data.len()
+            })
+        });
+        self.items.push((key, item));
+    }
+}
+
+/// Reads the files of one directory by name, through the directory's descriptor and one
+/// buffer (start-up reads every record: no path walk, no allocation per file).
+struct DirReader {
+    dir: fs::File,
+    buf: Vec<u8>,
+}
+
+impl DirReader {
+    fn open(dir: &Path) -> Result<DirReader> {
+        let dir = fs::File::open(dir)
+            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        Ok(DirReader {
+            dir,
+            buf: vec![0; 16 << 10],
+        })
+    }
+
+    /// The bytes of file `name`, or `None` when it vanished meanwhile.
+    fn read(&mut self, name: &str) -> std::io::Result<Option<&[u8]>> {
+        use nix::fcntl::{openat, OFlag};
+        use std::io::Read;
+        let fd = match openat(
+            &self.dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A record fits the buffer: one read returns all of it (a regular file reads short
+        // only at its end); a bigger one is read on to the end.
+        let mut file = fs::File::from(fd);
+        let mut len = 0;
+        loop {
+            if len == self.buf.len() {
+                self.buf.resize(len * 2, 0);
+            }
+            let n = match file.read(&mut self.buf[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            len += n;
+            if n == 0 || len < self.buf.len() {
+                break;
+            }
+        }
+        Ok(Some(&self.buf[..len]))
+    }
+}
 
 /// The temp file names this store writes: `.tmp-<random>` in a record directory.
 const TEMP_PREFIX: &str = ".tmp-";
@@ -222,25 +293,29 @@ impl Store {
                 self.rebuild(log)
             }
             changes::News::Keys(keys) => {
-                let mut fresh: Vec<(Kind, u64, Result<Option<AnyRecord>>)> =
+                let mut fresh: Vec<(Kind, u64, Result<Option<Vec<u8>>>)> =
                     Vec::with_capacity(keys.len());
                 let mut seen = HashSet::new();
                 for (kind, key) in keys {
                     if seen.insert((kind, key)) {
-                        fresh.push((kind, key, kind.read_any(self, key)));
+                        fresh.push((kind, key, self.read_bytes(kind, key)));
                     }
                 }
                 let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-                for (kind, key, rec) in fresh {
-                    match rec {
-                        Ok(Some(rec)) => rec.insert_into(&mut index, key),
-                        Ok(None) => kind.remove_from(&mut index, key),
-                        Err(e) => {
-                            tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
-                                error = %e, "a record another process wrote is unreadable");
+                for (kind, key, bytes) in fresh {
+                    let inserted = match bytes {
+                        Ok(Some(bytes)) => kind.insert_bytes(&mut index, key, &bytes),
+                        Ok(None) => {
                             kind.remove_from(&mut index, key);
-                            index.set_unreadable(kind, key);
+                            Ok(())
                         }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = inserted {
+                        tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
+                            error = %e, "a record another process wrote is unreadable");
+                        kind.remove_from(&mut index, key);
+                        index.set_unreadable(kind, key);
                     }
                 }
                 // Layers another process freed are its to unlink.
@@ -251,23 +326,98 @@ impl Store {
         }
     }
 
+    /// One record file's bytes; `Ok(None)` when there is none.
+    fn read_bytes(&self, kind: Kind, key: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.record_path(kind, key);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
     /// Lists and reads every record into a new index, which replaces the current one.
     fn rebuild(&self, log: &mut ChangeLog) -> Result<()> {
+        let started = std::time::Instant::now();
         let mut index = Index::default();
         for kind in Kind::ALL {
-            for key in self.list_keys(kind)? {
-                if let Err(e) = kind.read_into(self, key, &mut index) {
-                    tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
-                        error = %e, "skipping an unreadable record");
-                    index.set_unreadable(kind, key);
-                }
-            }
+            let keys = self.list_keys(kind)?;
+            self.load(kind, &keys, &mut index)?;
         }
         index.take_freed();
         index.shrink();
+        tracing::info!(pool = %self.pool, volumes = index.volume_count(),
+            ms = started.elapsed().as_millis() as u64, "read every record into the index");
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
         self.changes.seen(log.seen);
         Ok(())
+    }
+
+    /// Reads the records `keys` of `kind` into `index`. Reading runs on helper threads, in
+    /// batches, while this thread parses and indexes what they read: start-up time is the
+    /// file system's, not the sum of both.
+    fn load(&self, kind: Kind, keys: &[u64], index: &mut Index) -> Result<()> {
+        const BATCH: usize = 512;
+        let dir = self.dir.join(kind.dir());
+        let batches: Vec<&[u64]> = keys.chunks(BATCH).collect();
+        let readers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, 4)
+            .min(batches.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(readers * 2);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..readers {
+                let (tx, next, batches, dir) = (tx.clone(), &next, &batches, &dir);
+                scope.spawn(move || {
+                    let Ok(mut reader) = DirReader::open(dir) else {
+                        return;
+                    };
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(keys) = batches.get(i) else {
+                            return;
+                        };
+                        let mut batch = Batch::default();
+                        for &key in *keys {
+                            let read = reader.read(&format!("{}.json", kind.file_key(key)));
+                            batch.push(key, read);
+                        }
+                        if tx.send(batch).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut got = 0;
+            for batch in rx {
+                for (key, item) in batch.items {
+                    got += 1;
+                    let indexed = match item {
+                        Ok(Some(range)) => kind.insert_bytes(index, key, &batch.data[range]),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(Error::io(
+                            format!("reading a record in {}", dir.display()),
+                            e,
+                        )),
+                    };
+                    if let Err(e) = indexed {
+                        tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
+                            error = %e, "skipping an unreadable record");
+                        index.set_unreadable(kind, key);
+                    }
+                }
+            }
+            if got != keys.len() {
+                return Err(Error::internal(format!(
+                    "read {got} of the {} records in {}",
+                    keys.len(),
+                    dir.display()
+                )));
+            }
+            Ok(())
+        })
     }
 
     /// Writes `rec` as one durable commit. `check` runs under the pool lock on the index as
@@ -410,19 +560,24 @@ impl Store {
                 "not collecting unused layers: a record could not be read; fix or move it aside");
             return Ok(0);
         }
-        let mut candidates = Vec::new();
-        for entry in fs::read_dir(&images)
-            .map_err(|e| Error::io(format!("listing {}", images.display()), e))?
+        let mut names = Vec::new();
+        for entry in
+            fs::read_dir(&images).map_err(|e| Error::io(format!("listing {}", images.display()), e))?
         {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", images.display()), e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let layer = Layer::parse(&name);
-            if let Some(volume_key) = layer.volume_key() {
-                if !self.index()?.is_referenced(&layer) {
-                    candidates.push((name, volume_key));
-                }
-            }
+            names.push(entry.file_name().to_string_lossy().into_owned());
         }
+        let candidates: Vec<(String, u64)> = {
+            let index = self.index()?;
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let layer = Layer::parse(&name);
+                    let volume_key = layer.volume_key()?;
+                    (!index.is_referenced(&layer)).then_some((name, volume_key))
+                })
+                .collect()
+        };
         let mut removed = 0;
         for (name, volume_key) in candidates {
             // A live operation on that volume may be making the file right now.
