@@ -182,10 +182,21 @@ impl Pools {
         let (pool, held) = (lock.pool.clone(), lock.held.clone());
         exec::blocking(move || {
             let _held = held;
-            let overlay_path = pool.make_overlay(&rec, &overlay)?;
+            let (overlay_path, file) = pool.make_overlay(&rec, &overlay)?;
             let switched = switched(&rec, &overlay);
-            let done = sync_file(&pool.image_path(&rec.image))
-                .and_then(|()| pool.store.put(&switched, |_| Ok(())));
+            // The overlay, its directory entry, the frozen layer's data and the record's temp
+            // file become durable at once; then one commit switches the volume.
+            let (frozen, images) = (pool.image_path(&rec.image), pool.images_dir());
+            let done = std::fs::File::open(&frozen)
+                .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))
+                .and_then(|layer| Ok((layer, fsutil::open_dir(&images)?)))
+                .and_then(|(layer, dir)| {
+                    pool.store.put_with(
+                        &switched,
+                        &[(&file, &overlay_path), (&dir, &images), (&layer, &frozen)],
+                        |_| Ok(()),
+                    )
+                });
             if let Err(e) = done {
                 let _ = std::fs::remove_file(&overlay_path);
                 return Err(e);
@@ -213,8 +224,13 @@ impl Pools {
         let (p, h, i, o) = (pool.clone(), held.clone(), intent.clone(), overlay.clone());
         let overlay_path = exec::blocking(move || {
             let _held = h;
-            let path = p.make_overlay(&i, &o)?;
-            if let Err(e) = p.store.put(&i, |_| Ok(())) {
+            let (path, file) = p.make_overlay(&i, &o)?;
+            let images = p.images_dir();
+            let named = fsutil::open_dir(&images).and_then(|dir| {
+                p.store
+                    .put_with(&i, &[(&file, &path), (&dir, &images)], |_| Ok(()))
+            });
+            if let Err(e) = named {
                 let _ = std::fs::remove_file(&path);
                 return Err(e);
             }
@@ -295,22 +311,22 @@ fn frozen_of(rec: &VolumeRecord, quiesced: Option<bool>) -> Frozen {
 }
 
 impl Pool {
-    /// Makes `overlay`, a qcow2 overlay on the volume's active layer, durable (file and
-    /// directory). Blocking; the caller holds the volume's lock.
-    fn make_overlay(&self, rec: &VolumeRecord, overlay: &str) -> Result<std::path::PathBuf> {
+    /// Writes `overlay`, a qcow2 overlay on the volume's active layer (not yet durable: the
+    /// commit that names it makes it so). Blocking; the caller holds the volume's lock.
+    fn make_overlay(
+        &self,
+        rec: &VolumeRecord,
+        overlay: &str,
+    ) -> Result<(std::path::PathBuf, std::fs::File)> {
         let path = self.image_path(overlay);
-        qcow2::create(
+        let file = qcow2::create(
             &path,
             ImageFormat::Qcow2,
             rec.capacity_bytes,
             Some(rec.image.as_str()),
         )?;
-        if let Err(e) = fsutil::sync_dir(&self.images_dir()) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
         crate::failpoint!("freeze.overlay-made");
-        Ok(path)
+        Ok((path, file))
     }
 }
 

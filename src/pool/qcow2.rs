@@ -150,15 +150,16 @@ fn map_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Creates the image file `path` (which must not exist) of `size` bytes; `backing` (qcow2
-/// only) makes it an overlay on that file, named relative to the image's directory. The file
-/// is fsynced; its directory is not (the caller syncs once for everything it made).
-/// Blocking. On error nothing is left behind.
+/// only) makes it an overlay on that file, named relative to the image's directory. Returns
+/// the open file, written but not yet fsynced: the caller makes it durable together with
+/// whatever else its commit needs (`fsutil::sync_all_at_once`). Blocking. On error nothing is
+/// left behind.
 pub(crate) fn create(
     path: &Path,
     format: ImageFormat,
     size: u64,
     backing: Option<&str>,
-) -> Result<()> {
+) -> Result<File> {
     if let Some(b) = backing {
         if format != ImageFormat::Qcow2 {
             return Err(Error::internal("only qcow2 images have a backing file"));
@@ -176,14 +177,13 @@ pub(crate) fn create(
     let written = match format {
         ImageFormat::Qcow2 => write_qcow2(&file, size, backing),
         ImageFormat::Raw => write_raw(&file, size),
-    }
-    .and_then(|()| file.sync_all());
+    };
     if let Err(e) = written {
         drop(file);
         let _ = std::fs::remove_file(path);
         return Err(map_err(path, e));
     }
-    Ok(())
+    Ok(file)
 }
 
 /// Whether a qcow2 image that `create` made empty for `size` bytes has had data written since:
@@ -250,6 +250,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.qcow2");
         create(&p, ImageFormat::Qcow2, 1 << 20, None).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), layout(1 << 20).len);
         assert!(create(&p, ImageFormat::Qcow2, 1 << 20, None).is_err());
         assert!(create(
             &dir.path().join("y.raw"),

@@ -673,10 +673,14 @@ fn materialize(
     let _held = lock;
     let image = pool.image_path(&rec.image);
     let backing = rec.chain.backing.first().map(String::as_str);
-    qcow2::create(&image, rec.format, rec.capacity_bytes, backing)?;
-    let committed = fsutil::sync_dir(&pool.images_dir()).and_then(|()| {
-        crate::failpoint!("create.image-made");
-        pool.store.put(&rec, check)
+    let file = qcow2::create(&image, rec.format, rec.capacity_bytes, backing)?;
+    crate::failpoint!("create.image-made");
+    let images = pool.images_dir();
+    // The image, its directory entry and the record's temp file become durable at once; then
+    // the one commit names the image.
+    let committed = fsutil::open_dir(&images).and_then(|dir| {
+        pool.store
+            .put_with(&rec, &[(&file, &image), (&dir, &images)], check)
     });
     if let Err(e) = committed {
         // Keep the image if the record made it to disk after all (a late failure).

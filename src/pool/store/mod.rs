@@ -427,11 +427,25 @@ impl Store {
         rec: &R,
         check: impl FnOnce(&Index) -> Result<()>,
     ) -> Result<Committed> {
+        self.put_with(rec, &[], check)
+    }
+
+    /// `put`, making `alongside` (files the record will name, and their directory) durable at
+    /// the same time as the record's temp file, before the commit.
+    pub(crate) fn put_with<R: Record>(
+        &self,
+        rec: &R,
+        alongside: &[(&fs::File, &Path)],
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
         let key = rec.key()?;
         let bytes = serde_json::to_vec_pretty(rec)
             .map_err(|e| Error::internal(format!("serializing a {} record: {e}", R::KIND.dir())))?;
         let dir = self.dir.join(R::KIND.dir());
         let tmp = temp_file(&dir, &bytes)?;
+        let mut files = vec![(tmp.file.as_file(), tmp.file.path())];
+        files.extend_from_slice(alongside);
+        fsutil::sync_all_at_once(&files)?;
         crate::failpoint!("store.temp-synced");
         let path = self.record_path(R::KIND, key);
         self.commit(
@@ -616,7 +630,8 @@ impl Store {
     }
 }
 
-/// A record's bytes in a durable temp file of `dir`, locked until it is renamed or dropped.
+/// A record's bytes in a temp file of `dir` (not yet fsynced), locked until it is renamed or
+/// dropped.
 struct Temp {
     file: tempfile::NamedTempFile,
 }
@@ -635,7 +650,6 @@ fn temp_file(dir: &Path, bytes: &[u8]) -> Result<Temp> {
         .map_err(|e| Error::io(ctx(), e))?;
     locks::lock_whole_file(file.as_file()).map_err(|e| Error::io(ctx(), e))?;
     file.write_all(bytes).map_err(|e| Error::io(ctx(), e))?;
-    file.as_file().sync_all().map_err(|e| Error::io(ctx(), e))?;
     Ok(Temp { file })
 }
 
