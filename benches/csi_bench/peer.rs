@@ -24,7 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use virtdisk_csi::csi::proto as csi;
-use virtdisk_csi::csi::proto::{controller_client::ControllerClient, identity_client::IdentityClient};
+use virtdisk_csi::csi::proto::{
+    controller_client::ControllerClient, identity_client::IdentityClient,
+};
 
 pub const TOOL_ENV: &str = "VIRTDISK_BENCH_HOSTPATH";
 const TOOL: &str = "hostpathplugin";
@@ -204,9 +206,7 @@ fn ratio(theirs: Duration, ours: Duration) -> Option<f64> {
 
 pub async fn run(s: &Settings) -> Vec<PeerRow> {
     let Some(bin) = tool() else {
-        eprintln!(
-            "hostpath: {TOOL} not found (set {TOOL_ENV}); no side-by-side figures"
-        );
+        eprintln!("hostpath: {TOOL} not found (set {TOOL_ENV}); no side-by-side figures");
         return Vec::new();
     };
     eprintln!("hostpath: side by side with {}", bin.display());
@@ -232,32 +232,41 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
 
     let (mut a, mut b) = (ours.controller(), theirs.controller());
     let n = s.creates;
-    eprintln!("hostpath: {n} CreateVolume and DeleteVolume each, alternating");
+    eprintln!("hostpath: {n} CreateVolume and DeleteVolume each, in alternating blocks");
     let (mut ca, mut cb, mut da, mut db) = Default::default();
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let name = format!("peer-{i}");
-        ids.push((create(&mut a, &mut ca, &name).await, create(&mut b, &mut cb, &name).await));
-    }
-    for (x, y) in &ids {
-        delete(&mut a, &mut da, x).await;
-        delete(&mut b, &mut db, y).await;
+    // Blocks rather than single calls: a commit's fsync flushes the file system's journal,
+    // which would otherwise carry the other driver's last writes too.
+    let block = (n / 4).max(1);
+    for round in 0..n.div_ceil(block) {
+        let names: Vec<String> = (round * block..((round + 1) * block).min(n))
+            .map(|i| format!("peer-{i}"))
+            .collect();
+        let mut ours = Vec::new();
+        for name in &names {
+            ours.push(create(&mut a, &mut ca, name).await);
+        }
+        for id in &ours {
+            delete(&mut a, &mut da, id).await;
+        }
+        let mut theirs = Vec::new();
+        for name in &names {
+            theirs.push(create(&mut b, &mut cb, name).await);
+        }
+        for id in &theirs {
+            delete(&mut b, &mut db, id).await;
+        }
     }
     let (ca, cb, da, db): (Samples, Samples, Samples, Samples) = (ca, cb, da, db);
     let fl = p50(&floor);
     let create_ok = p50(&ca) <= p50(&cb) * 2 && p50(&ca).as_secs_f64() <= 1.5 * fl.as_secs_f64();
     rows.push(
-        PeerRow::new(
-            "CreateVolume 1 GiB, p50",
-            ms(p50(&ca)),
-            ms(p50(&cb)),
-        )
-        .ratio(ratio(p50(&cb), p50(&ca)))
-        .target(
-            format!("≤ hostpath × 2 and ≤ 1.5 × floor ({})", ms(fl)),
-            create_ok,
-        )
-        .note(format!(
+        PeerRow::new("CreateVolume 1 GiB, p50", ms(p50(&ca)), ms(p50(&cb)))
+            .ratio(ratio(p50(&cb), p50(&ca)))
+            .target(
+                format!("≤ hostpath × 2 and ≤ 1.5 × floor ({})", ms(fl)),
+                create_ok,
+            )
+            .note(format!(
             "{n} calls each; floor: one durable record write (write, fsync, rename, fsync dir), \
              p50 of 200 in this run; p90 ours {} / hostpath {}",
             ms(ca.pct(90.0).unwrap_or_default()),
@@ -275,12 +284,8 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
             )),
     );
     rows.push(
-        PeerRow::new(
-            "(floor) durable record write, p50",
-            ms(fl),
-            "–",
-        )
-        .note("write, fsync, rename, fsync dir: the least a crash-safe create costs here"),
+        PeerRow::new("(floor) durable record write, p50", ms(fl), "–")
+            .note("write, fsync, rename, fsync dir: the least a crash-safe create costs here"),
     );
 
     // ListVolumes of the same 1 000 volumes, made through CreateVolume on both.
@@ -344,7 +349,10 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
     // Snapshot, restore and clone of a volume with data.
     let rounds = s.snapshot_rounds.min(5);
     let data = s.snapshot_data;
-    eprintln!("hostpath: {rounds} rounds of snapshot, restore, clone with {} MiB", data >> 20);
+    eprintln!(
+        "hostpath: {rounds} rounds of snapshot, restore, clone with {} MiB",
+        data >> 20
+    );
     let mut ours_s: [Samples; 3] = Default::default();
     let mut theirs_s: [Samples; 3] = Default::default();
     for r in 0..rounds {
@@ -352,16 +360,40 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
         let src = create(&mut a, &mut sink, &format!("peer-src-{r}")).await;
         fill(&image_of(&ours, &src), data);
         let snap = snapshot(&mut a, &mut ours_s[0], &format!("peer-snap-{r}"), &src).await;
-        let restored = from(&mut a, &mut ours_s[1], &format!("peer-restore-{r}"), snapshot_source(&snap)).await;
-        let cloned = from(&mut a, &mut ours_s[2], &format!("peer-clone-{r}"), volume_source(&src)).await;
+        let restored = from(
+            &mut a,
+            &mut ours_s[1],
+            &format!("peer-restore-{r}"),
+            snapshot_source(&snap),
+        )
+        .await;
+        let cloned = from(
+            &mut a,
+            &mut ours_s[2],
+            &format!("peer-clone-{r}"),
+            volume_source(&src),
+        )
+        .await;
         assert!(reads_back(&image_of(&ours, &restored), 0));
         assert!(reads_back(&image_of(&ours, &cloned), 0));
         // hostpath.
         let src = create(&mut b, &mut sink, &format!("peer-src-{r}")).await;
         fill_dir(&theirs.volume_dir(&src), data);
         let snap = snapshot(&mut b, &mut theirs_s[0], &format!("peer-snap-{r}"), &src).await;
-        let restored = from(&mut b, &mut theirs_s[1], &format!("peer-restore-{r}"), snapshot_source(&snap)).await;
-        let cloned = from(&mut b, &mut theirs_s[2], &format!("peer-clone-{r}"), volume_source(&src)).await;
+        let restored = from(
+            &mut b,
+            &mut theirs_s[1],
+            &format!("peer-restore-{r}"),
+            snapshot_source(&snap),
+        )
+        .await;
+        let cloned = from(
+            &mut b,
+            &mut theirs_s[2],
+            &format!("peer-clone-{r}"),
+            volume_source(&src),
+        )
+        .await;
         for id in [&restored, &cloned] {
             let len = std::fs::metadata(theirs.volume_dir(id).join("data")).map(|m| m.len());
             assert_eq!(len.ok(), Some(data), "hostpath {id} holds the data");

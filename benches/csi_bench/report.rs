@@ -44,8 +44,8 @@ impl Report {
             let _ = writeln!(
                 o,
                 "\n### Side by side with the reference driver (hostpathplugin)\n\n\
-                 The same RPCs from the same client, calls to the two drivers alternating, in \
-                 this run; neither attaches anything. hostpath / ours above 1: the plugin is \
+                 The same RPCs from the same client, the two drivers taking turns, in this run; \
+                 neither attaches anything. hostpath / ours above 1: the plugin is \
                  faster.\n"
             );
             let _ = writeln!(

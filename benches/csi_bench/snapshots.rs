@@ -58,7 +58,10 @@ pub fn reads_back(image: &Path, offset: u64) -> bool {
         .unwrap_or(false)
 }
 
-pub fn from_source(name: &str, source: csi::volume_content_source::Type) -> csi::CreateVolumeRequest {
+pub fn from_source(
+    name: &str,
+    source: csi::volume_content_source::Type,
+) -> csi::CreateVolumeRequest {
     let mut req = create_req(name, 0);
     req.volume_content_source = Some(csi::VolumeContentSource {
         r#type: Some(source),

@@ -199,7 +199,11 @@ pub struct PeerRow {
 }
 
 impl PeerRow {
-    pub fn new(figure: impl Into<String>, ours: impl Into<String>, theirs: impl Into<String>) -> Self {
+    pub fn new(
+        figure: impl Into<String>,
+        ours: impl Into<String>,
+        theirs: impl Into<String>,
+    ) -> Self {
         PeerRow {
             figure: figure.into(),
             ours: ours.into(),

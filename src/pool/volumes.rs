@@ -333,9 +333,9 @@ impl Pools {
         let Some(existing) = self.find_by_name(&req.name)? else {
             return Ok(None);
         };
-        let lock = self.lock_volume_blocking(&existing.id)?.ok_or_else(|| {
-            Error::internal(format!("volume id {} does not parse", existing.id))
-        })?;
+        let lock = self
+            .lock_volume_blocking(&existing.id)?
+            .ok_or_else(|| Error::internal(format!("volume id {} does not parse", existing.id)))?;
         // Locking settles the volume: read it again.
         let Some(existing) = lock.pool.read_volume(lock.key)? else {
             return Ok(None);

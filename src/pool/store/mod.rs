@@ -106,6 +106,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A record file's bytes, if it exists.
+type RecordBytes = Option<Vec<u8>>;
+
 /// Records read by a helper thread at start-up: their bytes back to back, and per key where
 /// its bytes are (or that it vanished, or why it could not be read).
 #[derive(Default)]
@@ -136,8 +139,8 @@ struct DirReader {
 
 impl DirReader {
     fn open(dir: &Path) -> Result<DirReader> {
-        let dir = fs::File::open(dir)
-            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let dir =
+            fs::File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
         Ok(DirReader {
             dir,
             buf: vec![0; 16 << 10],
@@ -293,7 +296,7 @@ impl Store {
                 self.rebuild(log)
             }
             changes::News::Keys(keys) => {
-                let mut fresh: Vec<(Kind, u64, Result<Option<Vec<u8>>>)> =
+                let mut fresh: Vec<(Kind, u64, Result<RecordBytes>)> =
                     Vec::with_capacity(keys.len());
                 let mut seen = HashSet::new();
                 for (kind, key) in keys {
@@ -327,7 +330,7 @@ impl Store {
     }
 
     /// One record file's bytes; `Ok(None)` when there is none.
-    fn read_bytes(&self, kind: Kind, key: u64) -> Result<Option<Vec<u8>>> {
+    fn read_bytes(&self, kind: Kind, key: u64) -> Result<RecordBytes> {
         let path = self.record_path(kind, key);
         match fs::read(&path) {
             Ok(b) => Ok(Some(b)),
@@ -575,8 +578,8 @@ impl Store {
             return Ok(0);
         }
         let mut names = Vec::new();
-        for entry in
-            fs::read_dir(&images).map_err(|e| Error::io(format!("listing {}", images.display()), e))?
+        for entry in fs::read_dir(&images)
+            .map_err(|e| Error::io(format!("listing {}", images.display()), e))?
         {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", images.display()), e))?;
             names.push(entry.file_name().to_string_lossy().into_owned());
