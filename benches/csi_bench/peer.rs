@@ -1,6 +1,6 @@
 //! Side by side with the reference driver, csi-driver-host-path's `hostpathplugin`, in the same
-//! run, on the same RPCs from the same client, calls of the two drivers alternating so that
-//! load on the machine weighs on both alike.
+//! run, on the same RPCs from the same client, the two drivers taking turns (blocks of calls)
+//! so that load on the machine weighs on both alike.
 //!
 //! Neither attaches anything here: hostpath has no attach backend, and the plugin runs as a
 //! controller with libvirt off (with libvirt on, DeleteVolume and the snapshots also read every
@@ -331,10 +331,10 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
             "≤ hostpath × 1.5",
             paged.as_secs_f64() <= 1.5 * lb.as_secs_f64(),
         )
-        .note(format!(
+        .note(
             "median of 3 walks after a warm-up; hostpath does not page (it returns the first \
-             page and no next_token), so it gets max_entries = 0"
-        )),
+             page and no next_token), so it gets max_entries = 0",
+        ),
     );
     rows.push(
         PeerRow::new(
