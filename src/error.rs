@@ -3,23 +3,31 @@
 
 use tonic::{Code, Status};
 
+/// The plugin's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every error of the plugin; [`Error::code`] is its gRPC code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is malformed or names something invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The object does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// An object of that name exists with other properties.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The system is not in a state where the operation can run.
     #[error("{0}")]
     FailedPrecondition(String),
     /// Another operation on the same object is in flight.
     #[error("{0}")]
     Aborted(String),
+    /// A size or count past what is possible.
     #[error("{0}")]
     OutOfRange(String),
+    /// Space, slots or another resource ran out.
     #[error("{0}")]
     ResourceExhausted(String),
     /// A dependency (libvirtd, a daemon) is down; the caller should retry.
@@ -28,14 +36,19 @@ pub enum Error {
     /// The operation started but could not be confirmed in time; the caller should retry.
     #[error("{0}")]
     Timeout(String),
+    /// The plugin does not support this.
     #[error("{0}")]
     Unimplemented(String),
+    /// An I/O call failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The failure.
         #[source]
         source: std::io::Error,
     },
+    /// A bug or an unexpected failure.
     #[error("{0}")]
     Internal(String),
 }
@@ -49,10 +62,12 @@ impl Error {
         }
     }
 
+    /// An [`Error::InvalidArgument`].
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
 
+    /// An [`Error::Internal`].
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(msg.into())
     }
@@ -74,6 +89,7 @@ impl Error {
         }
     }
 
+    /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,

@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::process::Stdio;
 
 /// Runs blocking code (file I/O with fsync, statvfs, FFI) off the async runtime.
-pub async fn blocking<T, F>(f: F) -> Result<T>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
 where
     F: FnOnce() -> Result<T> + Send + 'static,
     T: Send + 'static,
@@ -19,13 +19,13 @@ where
 }
 
 /// Output of a finished command.
-pub struct CmdOutput {
+pub(crate) struct CmdOutput {
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs `program args…` and fails with its stderr when it exits non-zero.
-pub async fn run<I, S>(program: &str, args: I) -> Result<CmdOutput>
+pub(crate) async fn run<I, S>(program: &str, args: I) -> Result<CmdOutput>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -63,7 +63,7 @@ where
 }
 
 /// A finished command, whatever its exit status.
-pub struct Finished {
+pub(crate) struct Finished {
     /// None when killed by a signal.
     pub code: Option<i32>,
     pub stdout: String,
@@ -72,7 +72,7 @@ pub struct Finished {
 
 /// Runs `program args…` and returns its exit code and output without judging them, for tools
 /// whose exit codes carry meaning (e.g. `blkid` exits 2 when it finds nothing).
-pub async fn run_unchecked<I, S>(program: &str, args: I) -> Result<Finished>
+pub(crate) async fn run_unchecked<I, S>(program: &str, args: I) -> Result<Finished>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,

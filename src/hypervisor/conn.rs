@@ -98,7 +98,7 @@ fn subscribe_device_removed(conn: &Connect) {
 }
 
 /// What a libvirt error means for the plugin.
-pub fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
+pub(crate) fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
     let code = e.code().to_raw();
     let msg = e.message();
     if is_connection_error(e) {
@@ -119,7 +119,7 @@ pub fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
 }
 
 /// Whether the error says the connection itself is gone (libvirtd stopped or restarted).
-pub fn is_connection_error(e: &virt::error::Error) -> bool {
+pub(crate) fn is_connection_error(e: &virt::error::Error) -> bool {
     let code = e.code().to_raw();
     e.domain().to_raw() == sys::VIR_FROM_RPC
         || matches!(
@@ -155,7 +155,7 @@ impl Libvirt {
         }
     }
 
-    pub fn uri(&self) -> &str {
+    pub(crate) fn uri(&self) -> &str {
         &self.inner.uri
     }
 
@@ -194,7 +194,7 @@ impl Libvirt {
     }
 
     /// Runs a read-only `f` (retried once on a fresh connection if the old one had died).
-    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
     where
         F: Fn(&Connect, &Libvirt) -> Result<T> + Send + Sync + 'static,
         T: Send + 'static,
@@ -203,7 +203,7 @@ impl Libvirt {
     }
 
     /// Runs an `f` that changes something (never retried: the caller re-reads the state).
-    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&Connect, &Libvirt) -> Result<T> + Send + 'static,
         T: Send + 'static,
@@ -221,7 +221,7 @@ impl Libvirt {
     }
 
     /// Maps a libvirt error of the current thread's last call.
-    pub fn error(&self, what: &str, e: virt::error::Error) -> Error {
+    pub(crate) fn error(&self, what: &str, e: virt::error::Error) -> Error {
         classify(what, self.uri(), &e)
     }
 
@@ -283,13 +283,13 @@ impl Libvirt {
 
 /// Serializes the changes to one domain; different domains proceed in parallel.
 #[derive(Default, Clone)]
-pub struct DomainLocks {
+pub(crate) struct DomainLocks {
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl DomainLocks {
     /// Waits for the domain (by UUID) to be free and holds it until the guard drops.
-    pub async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             // Forget locks nobody holds or waits for, so the map stays as small as the set

@@ -23,7 +23,7 @@ struct Requested {
     domain: String,
 }
 
-pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> {
+pub(super) async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
     let started = Instant::now();
     let deadline = started + hv.cfg.detach_timeout;

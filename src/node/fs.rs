@@ -8,7 +8,7 @@ use std::path::Path;
 
 /// What a device holds, by `blkid -p` (a low-level probe that ignores the cache).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     /// No signature at all: safe to format.
     Blank,
     Filesystem(String),
@@ -16,7 +16,7 @@ pub enum Content {
     Other(String),
 }
 
-pub fn parse_blkid_export(out: &str) -> Content {
+pub(crate) fn parse_blkid_export(out: &str) -> Content {
     let get = |key: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
@@ -32,7 +32,7 @@ pub fn parse_blkid_export(out: &str) -> Content {
     }
 }
 
-pub async fn probe(dev: &Path) -> Result<Content> {
+pub(crate) async fn probe(dev: &Path) -> Result<Content> {
     let args: Vec<OsString> = vec!["-p".into(), "-o".into(), "export".into(), dev.into()];
     let out = exec::run_unchecked("blkid", args).await?;
     match out.code {
@@ -51,7 +51,7 @@ pub async fn probe(dev: &Path) -> Result<Content> {
 
 /// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:
 /// a fresh image is unallocated already, and discarding through layers is slow.
-pub async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
+pub(crate) async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     let d: OsString = dev.into();
     match fs_type {
         // -m 0: no root reserve on a data volume; -F: whole device, no prompt.
@@ -79,7 +79,12 @@ pub async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     }
 }
 
-pub async fn mount(dev: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
+pub(crate) async fn mount(
+    dev: &Path,
+    target: &Path,
+    fs_type: &str,
+    options: &[String],
+) -> Result<()> {
     let mut args: Vec<OsString> = vec!["-t".into(), fs_type.into()];
     if !options.is_empty() {
         args.push("-o".into());
@@ -90,7 +95,7 @@ pub async fn mount(dev: &Path, target: &Path, fs_type: &str, options: &[String])
     exec::run("mount", args).await.map(drop)
 }
 
-pub async fn bind(source: &Path, target: &Path) -> Result<()> {
+pub(crate) async fn bind(source: &Path, target: &Path) -> Result<()> {
     exec::run(
         "mount",
         [OsString::from("--bind"), source.into(), target.into()],
@@ -102,7 +107,7 @@ pub async fn bind(source: &Path, target: &Path) -> Result<()> {
 /// A read-only bind mount (the filesystem stays writable elsewhere), made read-only before it
 /// appears at `target` (see `robind`); on kernels without the new mount API, bind and then
 /// remount, never leaving a writable mount behind if the remount fails.
-pub async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
+pub(crate) async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
     let (s, t) = (source.to_path_buf(), target.to_path_buf());
     if exec::blocking(move || super::robind::bind_read_only(&s, &t)).await? {
         return Ok(());
@@ -116,7 +121,7 @@ pub async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
 }
 
 /// A bind mount's own read-only flag (the filesystem stays writable elsewhere).
-pub async fn remount_read_only(target: &Path) -> Result<()> {
+pub(crate) async fn remount_read_only(target: &Path) -> Result<()> {
     exec::run(
         "mount",
         [
@@ -130,13 +135,13 @@ pub async fn remount_read_only(target: &Path) -> Result<()> {
 }
 
 /// Shared, so every bind of it joins its peer group and can be counted at unstage.
-pub async fn make_shared(target: &Path) -> Result<()> {
+pub(crate) async fn make_shared(target: &Path) -> Result<()> {
     exec::run("mount", [OsString::from("--make-shared"), target.into()])
         .await
         .map(drop)
 }
 
-pub async fn unmount(target: &Path) -> Result<()> {
+pub(crate) async fn unmount(target: &Path) -> Result<()> {
     exec::run("umount", [OsString::from(target)])
         .await
         .map(drop)
@@ -150,7 +155,7 @@ pub async fn unmount(target: &Path) -> Result<()> {
 }
 
 /// Grows a mounted filesystem to the size of its device.
-pub async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
+pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
     match fs_type {
         "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
             .await

@@ -133,7 +133,7 @@ fn busy_if_locked(volume_id: &str, result: Result<()>) -> Result<Option<Outcome>
 
 impl Pools {
     /// Starts the background flattener; it runs until the runtime stops.
-    pub fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
         let pools = self.clone();
         tokio::spawn(async move { pools.flatten_loop().await })
     }

@@ -47,7 +47,7 @@ struct Switch {
 }
 
 /// See the module documentation. The caller made `overlay` durable and recorded the intent.
-pub async fn snapshot_live(
+pub(super) async fn snapshot_live(
     hv: &Hypervisor,
     node_id: &str,
     volume_id: &str,
