@@ -215,11 +215,5 @@ fn undo_partial(dom: &Domain, lv: &Libvirt, serial: &str, err: Error) -> Error {
         "; disk {} could not be removed again and may still be attached: unpublish the volume",
         leftovers.join(", ")
     );
-    match err {
-        Error::Unavailable(m) => Error::Unavailable(m + &note),
-        Error::Internal(m) => Error::Internal(m + &note),
-        Error::FailedPrecondition(m) => Error::FailedPrecondition(m + &note),
-        Error::ResourceExhausted(m) => Error::ResourceExhausted(m + &note),
-        other => other,
-    }
+    Error::condition(err.code(), format!("{err}{note}"))
 }

@@ -148,7 +148,7 @@ pub(crate) fn read_all_views(conn: &Connect, lv: &Libvirt) -> Result<Vec<DomainV
         let active = dom.id().is_some();
         match read_definitions(&dom, lv, active, !transient.contains(&uuid)) {
             Ok(v) => views.push(v),
-            Err(Error::NotFound(_)) => continue,
+            Err(e) if e.code() == tonic::Code::NotFound => continue,
             Err(e) => return Err(e),
         }
     }

@@ -123,7 +123,7 @@ pub(super) async fn stop(slot: &Slot) -> Result<()> {
             if e == nix::errno::Errno::ESRCH {
                 return Ok(());
             }
-            return Err(Error::internal(format!("signalling {PROGRAM} {pid}: {e}")));
+            return Err(Error::sys(format!("signalling {PROGRAM} {pid}"), e));
         }
         let start = Instant::now();
         // The daemon usually exits within milliseconds: look again soon, then less often.

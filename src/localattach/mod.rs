@@ -151,7 +151,7 @@ impl LocalAttacher {
             for m in table.under(&s.dir) {
                 tracing::warn!(mount = %m.mount_point.display(), "detaching a leftover FUSE export");
                 nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH).map_err(
-                    |e| Error::internal(format!("unmounting {}: {e}", m.mount_point.display())),
+                    |e| Error::sys(format!("unmounting {}", m.mount_point.display()), e),
                 )?;
             }
             match std::fs::remove_dir_all(&s.dir) {

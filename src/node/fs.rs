@@ -1,7 +1,7 @@
 //! Filesystems and mounts through the system tools (blkid, mkfs, mount, umount, resize2fs,
 //! xfs_growfs), run through `exec` so nothing blocks the runtime.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exec;
 use std::ffi::OsString;
 use std::path::Path;
@@ -41,11 +41,7 @@ pub(crate) async fn probe(dev: &Path) -> Result<Content> {
         Some(2) => Ok(Content::Blank),
         // 8: several conflicting signatures.
         Some(8) => Ok(Content::Other("several conflicting signatures".into())),
-        code => Err(Error::internal(format!(
-            "blkid -p {} failed (exit {code:?}): {}",
-            dev.display(),
-            out.stderr.trim()
-        ))),
+        _ => Err(exec::tool_error("blkid", &out)),
     }
 }
 
@@ -141,17 +137,21 @@ pub(crate) async fn make_shared(target: &Path) -> Result<()> {
         .map(drop)
 }
 
+/// Unmounts `target` by the system call (umount2), so the failure is told by its errno: a
+/// mount still in use (EBUSY) is FAILED_PRECONDITION, whatever the host's language.
 pub(crate) async fn unmount(target: &Path) -> Result<()> {
-    exec::run("umount", [OsString::from(target)])
-        .await
-        .map(drop)
-        .map_err(|e| match e {
-            Error::Internal(m) if m.contains("busy") => Error::FailedPrecondition(format!(
-                "{} is busy (a process still uses it); stop it and retry: {m}",
-                target.display()
-            )),
-            e => e,
+    let t = target.to_path_buf();
+    exec::blocking(move || {
+        nix::mount::umount2(&t, nix::mount::MntFlags::empty()).map_err(|errno| {
+            let advice = if errno == nix::errno::Errno::EBUSY {
+                " (a process still uses it; stop it and retry)"
+            } else {
+                ""
+            };
+            Error::sys(format!("unmounting {}{advice}", t.display()), errno)
         })
+    })
+    .await
 }
 
 /// Grows a mounted filesystem to the size of its device.
@@ -160,16 +160,14 @@ pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Resul
         "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
             .await
             .map(drop)
-            .map_err(|e| match e {
+            .map_err(|e| match e.kind() {
                 // The kernel demands CAP_SYS_RESOURCE for ext4 online resize.
-                Error::Internal(m) if m.contains("Permission denied") => {
-                    Error::FailedPrecondition(format!(
-                        "the kernel refused to grow the ext4 filesystem on {}: the plugin \
-                         needs CAP_SYS_RESOURCE for that (run it privileged): {m}",
-                        dev.display()
-                    ))
-                }
-                e => e,
+                Some(Kind::PermissionDenied) => Error::FailedPrecondition(format!(
+                    "the kernel refused to grow the ext4 filesystem on {}: the plugin needs \
+                     CAP_SYS_RESOURCE for that (run it privileged): {e}",
+                    dev.display()
+                )),
+                _ => e,
             }),
         "xfs" => exec::run("xfs_growfs", [OsString::from(mount_point)])
             .await

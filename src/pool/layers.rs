@@ -29,6 +29,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
+use tonic::Code;
 
 /// How many layers a volume's chain may reach before it is flattened (`[snapshots] max_chain_depth`).
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
@@ -338,12 +339,13 @@ impl Pools {
                 self.note_depth(&rec);
                 Ok((frozen, rec))
             }
-            Err(e @ (Error::Unavailable(_) | Error::Timeout(_)))
-                if rec
-                    .chain
-                    .freezing
-                    .as_ref()
-                    .is_some_and(|f| f.handed_to_domain) =>
+            Err(e)
+                if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    && rec
+                        .chain
+                        .freezing
+                        .as_ref()
+                        .is_some_and(|f| f.handed_to_domain) =>
             {
                 // Unknown outcome: the node may already write to the overlay, so it must not be
                 // deleted. The record keeps the pending switch; pool recovery completes it.

@@ -88,21 +88,20 @@ pub(crate) async fn convert_flat(src: &Path, dst: &Path) -> Result<()> {
 /// and the new backing show the same content. Blocking (pool recovery runs it while the pool
 /// opens): call through `exec::blocking`.
 pub(crate) fn rebase_unsafe_blocking(image: &Path, backing: &str) -> Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2",
-        ])
-        .arg(image)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::io("starting qemu-img rebase", e))?;
-    if !out.status.success() {
-        return Err(Error::internal(format!(
-            "qemu-img rebase of {} onto {backing} failed ({}): {}",
-            image.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    exec::run_blocking(
+        "qemu-img",
+        [
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            path_arg(image)?,
+        ],
+    )
+    .map(drop)
 }
