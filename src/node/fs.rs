@@ -199,4 +199,195 @@ mod tests {
             Content::Other("crypto_LUKS".into())
         );
     }
+
+    /// Set for the run of `tool_failures_in_one_locale` that the locale test starts.
+    const LOCALE_RUN: &str = "VIRTDISK_LOCALE_RUN";
+
+    /// Issue 17 defect 4: on a host whose language is not English, a busy unmount, a full
+    /// filesystem under mkfs and the kernel refusing an ext4 online resize get the same gRPC
+    /// codes as in the C locale. The test runs `tool_failures_in_one_locale` again, in this
+    /// test binary, under `LANG=LC_ALL=de_DE.UTF-8` and then under `C`. Needs root (mount,
+    /// loop devices) and the German locale (`scripts/setup-host.sh` generates it).
+    #[test]
+    fn tool_failures_get_the_same_codes_in_any_locale() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root (mount, loop devices)");
+            return;
+        }
+        let locales = std::process::Command::new("locale")
+            .arg("-a")
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&locales.stdout)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("de_DE.utf8"))
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no de_DE.UTF-8 locale: scripts/setup-host.sh generates it"
+            );
+            eprintln!("SKIPPED: no de_DE.UTF-8 locale (run scripts/setup-host.sh)");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        for locale in ["de_DE.UTF-8", "C"] {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "node::fs::tests::tool_failures_in_one_locale",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("LANG", locale)
+                .env("LC_ALL", locale)
+                .env("LANGUAGE", "de")
+                .env(LOCALE_RUN, locale)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            eprintln!("--- under {locale}:\n{stdout}{stderr}");
+            assert!(out.status.success(), "under {locale}");
+            assert!(
+                stdout.contains("1 passed"),
+                "under {locale}: the run tested nothing"
+            );
+        }
+    }
+
+    /// Unmounts (lazily) on drop.
+    struct Mounted(std::path::PathBuf);
+
+    impl Mounted {
+        fn tmpfs(dir: &Path, size: &str) -> Mounted {
+            std::fs::create_dir_all(dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            Mounted(dir.to_path_buf())
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Detaches the loop device on drop.
+    struct Loop(String);
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    fn sh(cmd: &mut std::process::Command) -> String {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The body of `tool_failures_get_the_same_codes_in_any_locale`; does nothing unless
+    /// that test started it.
+    #[tokio::test]
+    async fn tool_failures_in_one_locale() {
+        let Some(locale) = std::env::var_os(LOCALE_RUN) else {
+            return;
+        };
+        use tonic::Code;
+        // The locale is real: a child started outside the exec door speaks German.
+        let direct = std::process::Command::new("ls")
+            .arg("/nonexistent-virtdisk-locale-probe")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&direct.stderr);
+        eprintln!("ls outside the door: {said}");
+        if locale != "C" {
+            assert!(!said.contains("No such file or directory"), "{said}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+
+        // A busy mount: a file in it is open.
+        let busy = Mounted::tmpfs(&dir.path().join("busy"), "1m");
+        let held = std::fs::File::create(busy.0.join("held")).unwrap();
+        let err = unmount(&busy.0).await.unwrap_err();
+        eprintln!("busy unmount: {err}");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        drop(held);
+        unmount(&busy.0).await.unwrap();
+
+        // mkfs on a 64 MiB image in a 256 KiB filesystem.
+        let full = Mounted::tmpfs(&dir.path().join("full"), "256k");
+        let image = full.0.join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let err = mkfs(&image, "ext4").await.unwrap_err();
+        eprintln!("mkfs on a full filesystem: {err}");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        drop(full);
+
+        // ext4 online grow without CAP_SYS_RESOURCE (dropped from the bounding set, so the
+        // tools this process starts lack it): the kernel answers EPERM.
+        const CAP_SYS_RESOURCE: u32 = 24;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let bounding = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        if bounding & (1 << CAP_SYS_RESOURCE) != 0 {
+            // SAFETY: prctl with integer arguments only; it changes this test process alone.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAPBSET_DROP,
+                    libc::c_ulong::from(CAP_SYS_RESOURCE),
+                    0,
+                    0,
+                    0,
+                )
+            };
+            if rc != 0 {
+                eprintln!("NOTE: cannot drop CAP_SYS_RESOURCE: ext4 grow not checked");
+                return;
+            }
+        }
+        let image = dir.path().join("ext4.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        sh(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image));
+        let dev = Loop(sh(std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        sh(std::process::Command::new("mount").arg(&dev.0).arg(&mnt));
+        let mounted = Mounted(mnt.clone());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        sh(std::process::Command::new("losetup").args(["-c", &dev.0]));
+        let err = grow("ext4", Path::new(&dev.0), &mnt).await.unwrap_err();
+        eprintln!("ext4 grow without CAP_SYS_RESOURCE: {err}");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.to_string().contains("CAP_SYS_RESOURCE"), "{err}");
+        drop(mounted);
+    }
 }
