@@ -28,13 +28,21 @@
 //! HEADERS + CONTINUATION frames of at most 16 384 octets (the smallest SETTINGS_MAX_FRAME_SIZE
 //! a peer may announce), keeping END_STREAM and the priority fields; padding is dropped.
 //!
+//! The first header block of a connection decides: a gRPC channel sends the same authority
+//! on every call, so when the first block needs no fix (tonic, grpc-go ≥ 1.28 clients), it is
+//! forwarded as the client encoded it and the rest of the connection passes through untouched
+//! (the server's HPACK table then follows the client's). The shim thus costs such clients one
+//! decode per connection; a client that sends a valid authority first and an invalid one on a
+//! later call of the same connection (a per-call authority override) is refused as before.
+//!
 //! A connection that does not start with the HTTP/2 preface passes through untouched. A header
 //! block larger than [`MAX_HEADER_BLOCK`] octets, encoded or decoded, or one that breaks the
 //! framing or HPACK rules, closes the connection (an `InvalidData` read error): the server
 //! would have refused it too, and nothing is buffered without bound.
 //!
-//! Cost: one HPACK decode and a plain re-encode per request header block (measured in the
-//! README, Conformance section); request and response bodies are copied once more in memory.
+//! Cost, on connections that need the fix: one HPACK decode and a plain re-encode per header
+//! block, and the request bodies are copied once more in memory (figures in the README,
+//! Conformance section).
 
 use bytes::{Buf, BytesMut};
 use std::borrow::Cow;
@@ -137,9 +145,22 @@ struct Block {
     fragment: Vec<u8>,
 }
 
+/// What happens to a connection's header blocks, decided by its first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Not decided yet: no header block has ended.
+    Undecided,
+    /// The first block had nothing to fix: it and everything after it pass as the client sent
+    /// them, so the server's HPACK table keeps following the client's.
+    Untouched,
+    /// The first block needed a fix: every block is decoded and re-encoded without indexing.
+    Rewrite,
+}
+
 /// The client→server byte-stream rewriter, without I/O: bytes go in, bytes come out.
 pub(crate) struct Rewriter {
     state: State,
+    mode: Mode,
     block: Option<Block>,
     decoder: loona_hpack::Decoder<'static>,
     /// `:authority` values replaced so far on this connection.
@@ -153,6 +174,7 @@ impl Default for Rewriter {
         decoder.set_max_table_size(HEADER_TABLE_SIZE);
         Rewriter {
             state: State::Preface,
+            mode: Mode::Undecided,
             block: None,
             decoder,
             replaced: 0,
@@ -240,11 +262,13 @@ impl Rewriter {
                     }
                     self.add_fragment(head, &input[..head.len])?;
                     input.advance(head.len);
+                    self.state = State::FrameHead;
                     if head.flags & END_HEADERS != 0 {
                         let block = self.block.take().expect("a block was just added to");
-                        self.emit(block, out)?;
+                        if self.emit(block, out)? == Mode::Untouched {
+                            self.state = State::Passthrough;
+                        }
                     }
-                    self.state = State::FrameHead;
                 }
             }
         }
@@ -291,8 +315,9 @@ impl Rewriter {
     }
 
     /// Decodes a complete header block, fixes its `:authority`, and writes it re-encoded and
-    /// re-framed to `out`.
-    fn emit(&mut self, block: Block, out: &mut BytesMut) -> Result<(), RewriteError> {
+    /// re-framed to `out`, or as it was if this is the first block and it needs no fix.
+    /// Returns the connection's mode from now on.
+    fn emit(&mut self, block: Block, out: &mut BytesMut) -> Result<Mode, RewriteError> {
         let stream = block.stream;
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         let mut decoded_size = 0usize;
@@ -317,6 +342,12 @@ impl Rewriter {
         if decoded_size > MAX_HEADER_BLOCK {
             return Err(RewriteError::TooLarge { stream });
         }
+        if self.mode == Mode::Undecided && replaced.is_none() {
+            self.mode = Mode::Untouched;
+            write_frames(&block, &block.fragment, out);
+            return Ok(self.mode);
+        }
+        self.mode = Mode::Rewrite;
         if let Some(original) = replaced {
             if self.replaced == 0 {
                 tracing::debug!(
@@ -328,7 +359,12 @@ impl Rewriter {
             self.replaced += 1;
         }
         write_frames(&block, &encoded, out);
-        Ok(())
+        Ok(self.mode)
+    }
+
+    /// Whether everything from now on passes through untouched.
+    fn passes_through(&self) -> bool {
+        matches!(self.state, State::Passthrough)
     }
 
     /// How many `:authority` values were replaced on this connection.
@@ -422,6 +458,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 buf.put_slice(&this.output[..n]);
                 this.output.advance(n);
                 return Poll::Ready(Ok(()));
+            }
+            if this.input.is_empty() && this.rewriter.passes_through() {
+                return Pin::new(&mut this.io).poll_read(cx, buf);
             }
             this.input.reserve(READ_CHUNK);
             let n = ready!(tokio_util::io::poll_read_buf(
@@ -653,6 +692,33 @@ mod tests {
                 (HEADERS, END_HEADERS | END_STREAM, 7),
             ]
         );
+    }
+
+    #[test]
+    fn a_connection_whose_first_request_needs_no_fix_passes_through_untouched() {
+        let mut client = Encoder::default();
+        let first = encode(&mut client, &request("localhost", HUFFMAN | INDEX));
+        let second = encode(&mut client, &request("localhost", BEST));
+        // A per-call override to a path later on the same connection is not fixed: the
+        // server refuses that call, as it did without the shim.
+        let third = encode(&mut client, &request(SOCKET, BEST));
+        let input = connection(&[
+            frame(0x4, 0, 0, &[]),
+            frame(HEADERS, END_STREAM, 1, &first[..4]),
+            frame(CONTINUATION, END_HEADERS, 1, &first[4..]),
+            frame(HEADERS, END_HEADERS | END_STREAM, 3, &second),
+            frame(HEADERS, END_HEADERS | END_STREAM, 5, &third),
+        ]);
+        let (out, rewriter) = rewrite(&input);
+        assert!(rewriter.passes_through());
+        assert_eq!(rewriter.replaced(), 0);
+        // The first block is re-framed (here: into one frame), its HPACK octets unchanged.
+        let mut want = connection(&[
+            frame(0x4, 0, 0, &[]),
+            frame(HEADERS, END_STREAM | END_HEADERS, 1, &first),
+        ]);
+        want.extend_from_slice(&input[want.len() + FRAME_HEADER_LEN..]);
+        assert_eq!(out, want);
     }
 
     #[test]
