@@ -14,8 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use virtdisk_csi::csi::proto as csi;
 
-/// The lines of the plugin's JSON log that say an `:authority` was replaced, as
-/// (authority, message) pairs.
+/// The authorities the plugin's JSON log says it replaced (the first one of each connection).
 fn replaced_authorities(p: &Plugin) -> Vec<String> {
     p.log()
         .lines()
