@@ -3,12 +3,13 @@
 //! # Why this exists
 //!
 //! A gRPC client dialing a unix socket has no host name to put in the `:authority`
-//! pseudo-header of its requests, and clients disagree on what to send instead: grpc-go (since
-//! 1.28) and tonic send `localhost`, while Python grpcio ≥ 1.57 (the percent-encoded path),
-//! grpc-java, grpcurl and grpc-go 1.27 (used by Nomad 1.0–1.2 to dial CSI plugins) send the
-//! socket path. A path is not a valid URI authority, and the HTTP/2 server under tonic (the
-//! `h2` crate) resets every such stream with `PROTOCOL_ERROR` while decoding its headers,
-//! before tonic or any tower layer sees the request; it has no option to relax that check.
+//! pseudo-header of its requests, and clients disagree on what to send instead: tonic and
+//! grpc-go dialing a `unix://` target send `localhost`, while Python grpcio ≥ 1.57 (the
+//! percent-encoded path), grpc-java, grpcurl and grpc-go 1.27 (used by Nomad 1.0–1.2 to dial
+//! CSI plugins) send the socket path. A path is not a valid URI authority, and the HTTP/2
+//! server under tonic (the `h2` crate) resets every such stream with `PROTOCOL_ERROR` while
+//! decoding its headers, before tonic or any tower layer sees the request; it has no option to
+//! relax that check.
 //! Upstream: <https://github.com/hyperium/h2/pull/487> (the fix, open and unmerged),
 //! <https://github.com/hyperium/h2/issues/442>, <https://github.com/hyperium/tonic/issues/243>.
 //!
@@ -20,7 +21,7 @@
 //! through unchanged, streamed, without being buffered. A header block (a HEADERS frame and its
 //! CONTINUATION frames, with PADDED and PRIORITY handled) is collected, decoded with an HPACK
 //! decoder that keeps the client's dynamic table (RFC 7541; table limit 4096 octets, the
-//! HTTP/2 default of SETTINGS_HEADER_TABLE_SIZE, which this server does not change), and
+//! HTTP/2 default of SETTINGS_HEADER_TABLE_SIZE, which tonic does not change), and
 //! re-encoded field by field as literals without indexing, so the server's own HPACK table
 //! stays empty and always agrees with what it is sent. An `:authority` that the server would
 //! reject (exactly: `http::uri::Authority` does not parse it, the check `h2` makes) becomes
@@ -29,7 +30,7 @@
 //! a peer may announce), keeping END_STREAM and the priority fields; padding is dropped.
 //!
 //! The first header block of a connection decides: a gRPC channel sends the same authority
-//! on every call, so when the first block needs no fix (tonic, grpc-go ≥ 1.28 clients), it is
+//! on every call, so when the first block needs no fix (tonic and grpc-go clients), it is
 //! forwarded as the client encoded it and the rest of the connection passes through untouched
 //! (the server's HPACK table then follows the client's). The shim thus costs such clients one
 //! decode per connection; a client that sends a valid authority first and an invalid one on a
@@ -39,6 +40,14 @@
 //! block larger than [`MAX_HEADER_BLOCK`] octets, encoded or decoded, or one that breaks the
 //! framing or HPACK rules, closes the connection (an `InvalidData` read error): the server
 //! would have refused it too, and nothing is buffered without bound.
+//!
+//! The HPACK decoder is `loona-hpack`, the fork of `hpack` kept by the loona HTTP/2 server:
+//! `hpack` itself is unmaintained and panics on malformed input (RUSTSEC-2023-0085), the
+//! decoder of `httlib-hpack` panics on a truncated integer, and `h2` keeps its codec private
+//! (even with its `unstable` feature). `loona-hpack` returns errors instead, enforces the table
+//! size limit, and hands indexed fields out without copying; its Huffman decoding is slow
+//! (about 20 µs per string in a release build), which the first-block rule above keeps off the
+//! connections that need no fix.
 //!
 //! Cost, on connections that need the fix: one HPACK decode and a plain re-encode per header
 //! block, and the request bodies are copied once more in memory (figures in the README,
@@ -69,8 +78,9 @@ const MAX_FRAME_PAYLOAD: usize = 16_384;
 /// server, which tonic leaves at the HTTP/2 default.
 const HEADER_TABLE_SIZE: usize = 4096;
 /// Largest header block accepted, in octets, both as received (all its frames' fragments) and
-/// decoded (RFC 9113 §6.5.2 accounting: name + value + 32 per field). gRPC clients send well
-/// under 16 KiB of metadata; a CSI request carries its secrets in the body.
+/// decoded (RFC 9113 §6.5.2 accounting: name + value + 32 per field). The server itself refuses
+/// header lists over 16 KiB (hyper's SETTINGS_MAX_HEADER_LIST_SIZE, stream by stream); past
+/// this far larger bound the whole connection is closed.
 pub(crate) const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// What an unusable `:authority` becomes.
 const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
