@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian 12 machine (as root) to build, run and test virtdisk-csi:
-# packages, the libvirt daemons (no systemd needed) and the Python tools the manifest checks use.
+# packages, the libvirt daemons (no systemd needed) and the Python tools the tests use (manifest
+# validators, a gRPC client).
 # Idempotent: safe to run before every test run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -48,5 +49,9 @@ virsh -c qemu:///system version >/dev/null
 # Manifest validation (HCL and Kubernetes schemas, offline).
 python3 -c 'import hcl2, kubernetes_validate' 2>/dev/null ||
   python3 -m pip install -q python-hcl2==8.1.4 kubernetes-validate==1.37.0
+
+# The Python gRPC client of tests/grpc_clients.rs (stubs generated from proto/csi.proto at test time).
+python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
+  python3 -m pip install -q grpcio==1.85.1 grpcio-tools==1.85.1
 
 echo "host ready: $(virsh -c qemu:///system version | awk '/hypervisor/ {print $3, $4}'), $(qemu-img --version | head -1)"

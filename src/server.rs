@@ -1,6 +1,11 @@
 //! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
 //! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed). A `tcp://`
 //! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
+//! Every accepted connection goes through [`authority::AuthorityFix`], so that clients which
+//! send the socket path as HTTP/2 `:authority` (Python grpcio, grpc-java, Nomad 1.0–1.2) get
+//! answers.
+
+mod authority;
 
 use crate::attach::Attachments;
 use crate::config::Config;
@@ -164,7 +169,9 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
         Listen::Unix(path) => {
             let listener = bind(path, &opts)?;
             tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
-            Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal))
+            let incoming = UnixListenerStream::new(listener)
+                .map(|conn| conn.map(authority::AuthorityFix::new));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
@@ -177,6 +184,7 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 conn.inspect(|stream| {
                     let _ = stream.set_nodelay(true);
                 })
+                .map(authority::AuthorityFix::new)
             });
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
