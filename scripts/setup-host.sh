@@ -12,6 +12,9 @@ need_root
 packages=(
   libvirt-daemon-system libvirt-dev qemu-system-x86 protobuf-compiler libprotobuf-dev
   xfsprogs e2fsprogs util-linux fuse3 busybox-static cpio kmod ca-certificates
+  # A non-English host (German messages from glibc, e2fsprogs, util-linux): the tests check
+  # that tool failures get the same gRPC codes there (src/node/fs.rs locale test).
+  locales e2fsprogs-l10n util-linux-locales
 )
 missing=()
 for p in "${packages[@]}" qemu-utils; do
@@ -27,6 +30,9 @@ if [ ${#missing[@]} -gt 0 ] || [ "$qemu_sys_installed" != "$qemu_utils_installed
   apt-get install -y -qq --allow-downgrades -o Dpkg::Options::=--force-confold \
     "${packages[@]}" "qemu-utils=${qemu_version}" >/dev/null
 fi
+
+# The German locale those tests run the plugin's tools under.
+locale -a 2>/dev/null | grep -qix 'de_DE.utf8' || localedef -i de_DE -c -f UTF-8 de_DE.UTF-8
 
 # Kernel modules the tests use (best effort: they may be built in).
 for m in loop fuse; do modprobe "$m" 2>/dev/null || true; done

@@ -29,7 +29,7 @@ use tokio_stream::StreamExt;
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
-pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+pub(crate) fn socket_path(endpoint: &str) -> Result<PathBuf> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     if path.is_empty() || !path.starts_with('/') {
         return Err(Error::invalid(format!(
@@ -41,14 +41,14 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
+pub(crate) enum Listen {
     Unix(PathBuf),
     /// No authentication and no TLS: only for an isolated network (a test guest's port forward).
     Tcp(SocketAddr),
 }
 
 /// `unix:///path` or `/path` → a unix socket; `tcp://ip:port` → TCP.
-pub fn listen_address(endpoint: &str) -> Result<Listen> {
+pub(crate) fn listen_address(endpoint: &str) -> Result<Listen> {
     match endpoint.strip_prefix("tcp://") {
         Some(addr) => addr.parse().map(Listen::Tcp).map_err(|_| {
             Error::invalid(format!(
@@ -59,7 +59,7 @@ pub fn listen_address(endpoint: &str) -> Result<Listen> {
     }
 }
 
-pub struct ServeOptions {
+pub(crate) struct ServeOptions {
     pub listen: Listen,
     /// Group allowed to use the socket (mode 0660); none → 0600.
     pub socket_group: Option<String>,
@@ -109,7 +109,7 @@ async fn shutdown_signal() {
 }
 
 /// Builds the services for `cfg.mode` and serves until a signal arrives.
-pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
+pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
     let guards = OpGuards::default();
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
