@@ -147,6 +147,7 @@ impl FakeNode {
             bus: Bus::Scsi,
             readonly,
             context: BTreeMap::new(),
+            abnormal: None,
         });
     }
 }

@@ -52,6 +52,10 @@ pub struct Attachment {
     pub readonly: bool,
     /// Extra publish_context entries (e.g. a local device path).
     pub context: BTreeMap<String, String>,
+    /// Why the attachment cannot serve I/O (e.g. the local storage daemon died); None when it
+    /// is healthy. Reported as an abnormal volume condition; a publish repairs it or says why
+    /// it cannot.
+    pub abnormal: Option<String>,
 }
 
 impl Attachment {
@@ -83,6 +87,12 @@ pub struct LiveSnapshot {
 pub trait Attacher: Send + Sync {
     /// Whether this backend serves `node_id` (a libvirt domain UUID or name, or this host).
     async fn serves(&self, node_id: &str) -> Result<bool>;
+    /// Asked before the other backends: its node ids can name nothing another backend
+    /// serves (e.g. this host's own id on a host that is no VM), so a node of its own never
+    /// waits for, or fails with, another backend (libvirtd down).
+    fn serves_first(&self) -> bool {
+        false
+    }
     /// The id `attachments()` reports for `node_id` (e.g. a domain name → its UUID), so a
     /// publish by another id of the same node is recognized.
     async fn canonical_node_id(&self, node_id: &str) -> Result<String> {
@@ -205,7 +215,12 @@ impl Attachments {
     }
 
     async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
-        for b in &self.backends {
+        for b in self.backends.iter().filter(|b| b.serves_first()) {
+            if b.serves(node_id).await? {
+                return Ok(Some(b));
+            }
+        }
+        for b in self.backends.iter().filter(|b| !b.serves_first()) {
             if b.serves(node_id).await? {
                 return Ok(Some(b));
             }
@@ -292,7 +307,8 @@ impl Attachments {
         let node = backend.canonical_node_id(&req.node_id).await?;
         let all = self.all().await?;
         let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
-        if let Some(here) = mine.iter().find(|a| a.node_id == node) {
+        let here = mine.iter().find(|a| a.node_id == node);
+        if let Some(here) = here.filter(|a| a.abnormal.is_none()) {
             // A read-write disk serves a read-only publish too (the node mounts it read-only):
             // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
             // The reverse needs a re-attach under the reader's feet: refused.
@@ -306,7 +322,8 @@ impl Attachments {
             return Ok(here.publish_context());
         }
         if !req.capability.access_mode.is_multi_node() {
-            if let Some(other) = mine.first() {
+            // A dead attachment on this very node is the backend's to repair.
+            if let Some(other) = mine.iter().find(|a| a.node_id != node) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is attached to node {}; its access mode allows one node at a \
                      time, so unpublish it there first",
@@ -401,6 +418,7 @@ mod tests {
                 bus: Bus::default(),
                 readonly: spec.readonly,
                 context: BTreeMap::new(),
+                abnormal: None,
             };
             self.attached.lock().unwrap().push(att.clone());
             Ok(att)

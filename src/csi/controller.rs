@@ -57,6 +57,25 @@ impl ControllerService {
     }
 }
 
+/// `condition`, made abnormal by every attachment of the volume that cannot serve I/O.
+fn with_attachments<'a>(
+    mut condition: csi::VolumeCondition,
+    attachments: impl Iterator<Item = &'a crate::attach::Attachment>,
+) -> csi::VolumeCondition {
+    let dead: Vec<&str> = attachments.filter_map(|a| a.abnormal.as_deref()).collect();
+    if dead.is_empty() {
+        return condition;
+    }
+    let mut problems: Vec<String> = Vec::new();
+    if condition.abnormal {
+        problems.push(condition.message.clone());
+    }
+    problems.extend(dead.iter().map(|d| d.to_string()));
+    condition.abnormal = true;
+    condition.message = problems.join("; ");
+    condition
+}
+
 /// Whether a volume's image and backing layers are in its pool. Blocking.
 fn volume_condition(rec: &VolumeRecord, image: &std::path::Path) -> csi::VolumeCondition {
     let dir = image.parent().unwrap_or(std::path::Path::new(""));
@@ -256,6 +275,10 @@ impl Controller for ControllerService {
                 .collect();
             published_node_ids.sort();
             published_node_ids.dedup();
+            let condition = with_attachments(
+                condition,
+                attachments.iter().filter(|a| a.volume_id == rec.id),
+            );
             entries.push(csi::list_volumes_response::Entry {
                 volume: Some(convert::volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
@@ -467,12 +490,23 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
-        let published_node_ids = self.attachments.nodes_of(&rec.id).await?;
+        let attachments: Vec<crate::attach::Attachment> = self
+            .attachments
+            .all()
+            .await?
+            .into_iter()
+            .filter(|a| a.volume_id == rec.id)
+            .collect();
+        let mut published_node_ids: Vec<String> =
+            attachments.iter().map(|a| a.node_id.clone()).collect();
+        published_node_ids.sort();
+        published_node_ids.dedup();
         let condition = self
             .volume_conditions(&[&rec])
             .await?
             .pop()
             .ok_or_else(|| Error::internal("no volume condition"))?;
+        let condition = with_attachments(condition, attachments.iter());
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(convert::volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {

@@ -169,6 +169,7 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         bus,
         readonly: disk.readonly,
         context,
+        abnormal: None,
     }
 }
 

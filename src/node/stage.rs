@@ -84,6 +84,7 @@ impl NodeOps {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
         let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
+        self.refuse_dead(&r.volume_id, dev.dev()).await?;
         ensure_dir(&r.staging_path).await?;
         let staging = resolve(&r.staging_path).await?;
         let block_file = staging.join(BLOCK_STAGE_FILE);

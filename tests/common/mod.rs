@@ -312,3 +312,38 @@ impl Plugin {
         self.child.as_ref().map(Child::id)
     }
 }
+
+// ---- Process-group helpers (tests/local_attach_survival.rs) ----
+
+impl Plugin {
+    /// Starts the same command line again with the plugin leading a process group of its own
+    /// (as a CO's executor starts a task), so a test can kill that whole group.
+    pub async fn restart_in_own_group(&mut self) {
+        use std::os::unix::process::CommandExt;
+        if self.child.is_some() {
+            self.stop();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("plugin.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("RUST_LOG", "debug")
+            .env_remove("CSI_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start virtdisk-csi");
+        self.child = Some(child);
+        self.channel = wait_for_socket(&self.socket).await;
+    }
+
+    /// Reaps the plugin after something else killed it; returns how it ended.
+    pub fn reap(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take().map(|mut c| c.wait().unwrap())
+    }
+}

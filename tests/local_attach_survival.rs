@@ -1,0 +1,529 @@
+//! Attached volumes outlive the plugin (issue 13), and a dead attachment is never reported
+//! healthy (issue 12 §5). A monolith with local attach on this host, against the real things:
+//! qemu-storage-daemon, loop devices, FUSE, ext4, cgroup v1 freezer (or cgroup v2 `cgroup.kill`).
+//!
+//! The plugin runs in a cgroup the test made (as Nomad's executor or a container runtime runs
+//! a task). A consumer process writes and fsyncs records through the published volume the whole
+//! time, while the plugin is SIGKILLed, then its process group, then every process of its
+//! cgroup: after each kill a new plugin takes the attachment over, and at the end every record
+//! the consumer saw acknowledged reads back and cleanup leaves nothing behind. Needs root.
+
+mod common;
+#[path = "local_attach/env.rs"]
+mod env;
+
+use common::*;
+use env::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::Code;
+use virtdisk_csi::csi::proto as csi;
+
+/// The storage daemons' cgroup of this test run, relative to each hierarchy's root.
+fn daemon_cgroup() -> String {
+    format!("virtdisk-test/daemons-{}", std::process::id())
+}
+
+/// The plugin's config: short device wait, and the daemons' cgroup in the hierarchies a CO
+/// kills by (the machine's memory cgroup belongs to the sandbox and stays untouched).
+fn config() -> String {
+    format!(
+        "[node]\ndevice_wait_secs = 2\ndaemon_cgroup = \"{}\"\n\
+         daemon_cgroup_hierarchies = [\"freezer\", \"pids\", \"unified\", \"\"]\n",
+        daemon_cgroup()
+    )
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// A cgroup the test puts the plugin in, one per hierarchy that a CO kills by: the v1 freezer
+/// (Nomad, runc) and pids hierarchies and the v2 unified one (or a pure v2 root).
+struct TaskCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl TaskCgroup {
+    fn create(name: &str) -> Option<TaskCgroup> {
+        let v2_root = Path::new(ROOT).join("cgroup.controllers").exists();
+        let parents: Vec<PathBuf> = if v2_root {
+            vec![PathBuf::from(ROOT)]
+        } else {
+            ["freezer", "pids", "unified"]
+                .iter()
+                .map(|h| Path::new(ROOT).join(h))
+                .filter(|p| p.join("cgroup.procs").exists())
+                .collect()
+        };
+        let dirs: Vec<PathBuf> = parents.iter().map(|p| p.join(name)).collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).ok()?;
+        }
+        let me = TaskCgroup { dirs };
+        (me.freezer().is_some() || me.v2().is_some()).then_some(me)
+    }
+
+    fn freezer(&self) -> Option<&PathBuf> {
+        self.dirs.iter().find(|d| d.join("freezer.state").exists())
+    }
+
+    fn v2(&self) -> Option<&PathBuf> {
+        self.dirs.iter().find(|d| d.join("cgroup.kill").exists())
+    }
+
+    /// Puts a running process in the task's cgroups.
+    fn enter(&self, pid: u32) {
+        for d in &self.dirs {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        let d = self.freezer().or(self.v2()).unwrap();
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Kills every process in the cgroup the way Nomad's executor does (freeze, SIGKILL each
+    /// pid, thaw), or by `cgroup.kill` on cgroup v2; returns the pids it killed.
+    fn kill_all(&self) -> Vec<i32> {
+        let killed;
+        if let Some(f) = self.freezer() {
+            std::fs::write(f.join("freezer.state"), "FROZEN").unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(f.join("freezer.state"))
+                .unwrap()
+                .trim()
+                != "FROZEN"
+            {
+                assert!(Instant::now() < deadline, "the freezer did not freeze");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            killed = self.pids();
+            for pid in &killed {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::fs::write(f.join("freezer.state"), "THAWED").unwrap();
+        } else {
+            killed = self.pids();
+            std::fs::write(self.v2().unwrap().join("cgroup.kill"), "1").unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.pids().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "processes survived the cgroup kill"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        killed
+    }
+}
+
+impl Drop for TaskCgroup {
+    fn drop(&mut self) {
+        if !self.pids().is_empty() {
+            self.kill_all();
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Removes this run's (empty) daemon cgroups.
+fn remove_daemon_cgroups() {
+    for (_, h) in hierarchies() {
+        let _ = std::fs::remove_dir(h.join(daemon_cgroup()));
+    }
+}
+
+fn hierarchies() -> Vec<(String, PathBuf)> {
+    if Path::new(ROOT).join("cgroup.controllers").exists() {
+        return vec![(String::new(), PathBuf::from(ROOT))];
+    }
+    std::fs::read_dir(ROOT)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect()
+}
+
+/// A process that appends a numbered record to `file`, fsyncs it, and only then prints the
+/// number (its acknowledgement), until SIGTERM. Any I/O error ends it with a traceback.
+struct Consumer {
+    child: Child,
+    acked: Arc<Mutex<Vec<u64>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+const CONSUMER: &str = r#"
+import os, signal, sys, time
+stop = False
+def on_term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+n = 0
+while not stop:
+    n += 1
+    os.write(fd, b"record %08d\n" % n)
+    os.fsync(fd)
+    print(n, flush=True)
+    time.sleep(0.005)
+print("done", flush=True)
+"#;
+
+impl Consumer {
+    /// Starts writing `file`, as `uid`:`gid` when given.
+    fn start(file: &Path, ids: Option<(u32, u32)>) -> Consumer {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", CONSUMER])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = ids {
+            // As root, std drops the supplementary groups too.
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn().expect("python3");
+        let out = child.stdout.take().unwrap();
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let a = acked.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let line = line.unwrap();
+                if let Ok(n) = line.trim().parse::<u64>() {
+                    a.lock().unwrap().push(n);
+                }
+            }
+        });
+        Consumer {
+            child,
+            acked,
+            reader: Some(reader),
+        }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.lock().unwrap().last().copied().unwrap_or(0)
+    }
+
+    /// Waits until the consumer acknowledged `more` records beyond now (it is alive and its
+    /// I/O works); panics with its stderr if it stopped.
+    fn wait_for_progress(&mut self, more: u64) {
+        let want = self.acked() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acked() < want {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!(
+                    "the consumer stopped ({status}) after {}: {err}",
+                    self.acked()
+                );
+            }
+            assert!(Instant::now() < deadline, "the consumer made no progress");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops it (SIGTERM between records); returns the last acknowledged record.
+    fn stop(mut self) -> u64 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        assert!(
+            out.status.success(),
+            "the consumer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let acked = self.acked.lock().unwrap().clone();
+        assert!(
+            acked.iter().copied().eq(1..=acked.len() as u64),
+            "acknowledgements out of order"
+        );
+        acked.len() as u64
+    }
+}
+
+/// Every record 1..=n is in the file, in order (and nothing else).
+fn assert_records(file: &Path, n: u64) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len() as u64, n, "records in {}", file.display());
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(*l, format!("record {:08}", i + 1));
+    }
+}
+
+/// The storage daemon of `vol` (pid from its pid file), if alive.
+fn daemon_pid(env: &Env, vol: &csi::Volume) -> Option<i32> {
+    let key = vol.volume_id.rsplit_once('.').unwrap().1;
+    let pid_file = env
+        .plugin
+        .data_dir()
+        .join("localattach")
+        .join(key)
+        .join("qsd.pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    (!stat.contains(") Z")).then_some(pid)
+}
+
+async fn volume_condition(env: &Env, vol: &csi::Volume) -> csi::VolumeCondition {
+    let got = env
+        .plugin
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    got.status.unwrap().volume_condition.unwrap()
+}
+
+async fn listed_condition(env: &Env, vol: &csi::Volume) -> csi::VolumeCondition {
+    let listed = env
+        .plugin
+        .controller()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = listed
+        .entries
+        .into_iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == vol.volume_id)
+        .unwrap();
+    entry.status.unwrap().volume_condition.unwrap()
+}
+
+/// After a kill: a new plugin (in the task cgroup again) takes the attachment over.
+async fn restart_and_take_over(
+    env: &mut Env,
+    task: &TaskCgroup,
+    vol: &csi::Volume,
+    cap: &csi::VolumeCapability,
+    ctx: &std::collections::BTreeMap<String, String>,
+    daemon: i32,
+    how: &str,
+) {
+    assert_eq!(
+        daemon_pid(env, vol),
+        Some(daemon),
+        "{how}: the storage daemon died with the plugin"
+    );
+    let adopted_before = env.plugin.log().matches("adopted a storage daemon").count();
+    env.plugin.restart_in_own_group().await;
+    task.enter(env.plugin.pid().unwrap());
+    assert!(
+        env.plugin.log().matches("adopted a storage daemon").count() > adopted_before,
+        "{how}: the new plugin did not adopt the daemon:\n{}",
+        env.plugin.log()
+    );
+    assert_eq!(&env.controller_publish(vol, cap, false).await, ctx, "{how}");
+    for c in [
+        volume_condition(env, vol).await,
+        listed_condition(env, vol).await,
+    ] {
+        assert!(!c.abnormal, "{how}: {}", c.message);
+    }
+    eprintln!("{how}: plugin killed, daemon {daemon} kept serving, new plugin took over");
+}
+
+/// SIGKILL of the plugin, of its process group, of its whole cgroup, while a consumer writes:
+/// no I/O error, every acknowledged write reads back, and cleanup afterwards is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() {
+    if !can_run() {
+        return;
+    }
+    let Some(task) = TaskCgroup::create(&format!("virtdisk-test/task-{}", std::process::id()))
+    else {
+        eprintln!("SKIPPED: no cgroup v1 freezer and no cgroup v2 cgroup.kill here");
+        return;
+    };
+    let mut env = Env::start(&config()).await;
+    env.plugin.restart_in_own_group().await;
+    task.enter(env.plugin.pid().unwrap());
+
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vol = env.create(&unique("survive"), 64 * MIB, cap.clone()).await;
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let s = env.staging("survive");
+    let t = env.target("survive-alloc");
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    let daemon = daemon_pid(&env, &vol).expect("storage daemon");
+    // The daemon left the plugin's cgroups: it is in its own in every hierarchy a CO kills by.
+    let cgroups = std::fs::read_to_string(format!("/proc/{daemon}/cgroup")).unwrap();
+    for line in cgroups
+        .lines()
+        .filter(|l| l.contains(":freezer:") || l.contains(":pids:") || l.starts_with("0::"))
+    {
+        assert!(line.ends_with(&daemon_cgroup()), "{line}");
+    }
+    assert!(!task.pids().contains(&daemon));
+
+    let file = Path::new(&t).join("records");
+    let mut consumer = Consumer::start(&file, None);
+    consumer.wait_for_progress(20);
+
+    // 1. SIGKILL of the plugin alone.
+    env.plugin.kill();
+    consumer.wait_for_progress(20);
+    restart_and_take_over(&mut env, &task, &vol, &cap, &ctx, daemon, "SIGKILL").await;
+    consumer.wait_for_progress(20);
+
+    // 2. SIGKILL of its whole process group (the plugin leads one, as a CO starts it).
+    let pgid = nix::unistd::Pid::from_raw(env.plugin.pid().unwrap() as i32);
+    nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    env.plugin.reap();
+    consumer.wait_for_progress(20);
+    restart_and_take_over(&mut env, &task, &vol, &cap, &ctx, daemon, "process group").await;
+    consumer.wait_for_progress(20);
+
+    // 3. Every process of its cgroup (Nomad's executor: freeze, SIGKILL each pid, thaw).
+    let killed = task.kill_all();
+    assert!(killed.contains(&(env.plugin.pid().unwrap() as i32)));
+    env.plugin.reap();
+    consumer.wait_for_progress(20);
+    restart_and_take_over(&mut env, &task, &vol, &cap, &ctx, daemon, "cgroup").await;
+    consumer.wait_for_progress(20);
+
+    let stats = env.stats(&vol, &t, &s).await.unwrap();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    let n = consumer.stop();
+    eprintln!("the consumer wrote and fsynced {n} records across three plugin kills");
+    assert_records(&file, n);
+
+    // Cleanup as usual: nothing left (daemon, loop device, FUSE mount).
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    env.finish(&vol).await;
+    assert_eq!(daemon_pid(&env, &vol), None);
+    // The records survived in the image: stage it again and read them back.
+    drop(task);
+    remove_daemon_cgroups();
+}
+
+/// Issue 12 §5: the plugin AND its storage daemon are SIGKILLed under a staged, published
+/// volume. The restarted plugin never calls the dead attachment healthy: ControllerPublish
+/// refuses (in use) and says what to do, every condition is abnormal, node RPCs refuse to use
+/// it; once it is unpublished and unstaged on the node, ControllerPublish attaches it afresh
+/// and the data written before reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_attachment_is_never_reported_healthy_and_is_repaired_when_unused() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::start(&config()).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vol = env.create(&unique("dead"), 32 * MIB, cap.clone()).await;
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let s = env.staging("dead");
+    let t = env.target("dead-alloc");
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    write_file(&t, "before", b"written before the crash");
+
+    env.plugin.kill();
+    let daemon = daemon_pid(&env, &vol).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while daemon_pid(&env, &vol).is_some() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    env.plugin.restart().await;
+
+    // In use: an error that says what to do, never OK with a dead devicePath.
+    let err = env
+        .plugin
+        .controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: env.node_id.clone(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    for word in ["dead", "NodeUnstageVolume", &s] {
+        assert!(err.message().contains(word), "{word}: {}", err.message());
+    }
+    for c in [
+        volume_condition(&env, &vol).await,
+        listed_condition(&env, &vol).await,
+        env.stats(&vol, &t, &s)
+            .await
+            .unwrap()
+            .volume_condition
+            .unwrap(),
+    ] {
+        assert!(c.abnormal, "reported healthy: {}", c.message);
+        eprintln!("abnormal: {}", c.message);
+    }
+    // Node RPCs refuse to build on it.
+    let t2 = env.target("dead-alloc-2");
+    let msg = expect_code(
+        env.publish(&vol, &s, &t2, &cap, false).await,
+        Code::FailedPrecondition,
+        "publish on a dead attachment",
+    );
+    assert!(msg.contains("storage daemon is gone"), "{msg}");
+
+    // Unused now: the next publish attaches it afresh, and it works.
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    let repaired = env.controller_publish(&vol, &cap, false).await;
+    assert!(
+        repaired["devicePath"].starts_with("/dev/loop"),
+        "{repaired:?}"
+    );
+    assert!(!volume_condition(&env, &vol).await.abnormal);
+    assert!(env.plugin.log().contains("dead local attachment repaired"));
+    let s = env.staging("dead");
+    env.stage(&vol, &repaired, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    assert_eq!(
+        std::fs::read(Path::new(&t).join("before")).unwrap(),
+        b"written before the crash"
+    );
+    write_file(&t, "after", b"written after the repair");
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    env.finish(&vol).await;
+    remove_daemon_cgroups();
+}
