@@ -144,12 +144,19 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
         dom.live_disk(&serial_of(&two)).is_some(),
         "nothing was detached"
     );
-    let err = p
+    // Listings still answer, from the attach ledger: the last known nodes, marked unconfirmed.
+    let listed = p
         .controller()
         .list_volumes(csi::ListVolumesRequest::default())
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        .expect("ListVolumes answers from the ledger")
+        .into_inner();
+    for e in &listed.entries {
+        let st = e.status.as_ref().unwrap();
+        assert_eq!(st.published_node_ids, vec![dom.uuid.clone()], "{e:?}");
+        let c = st.volume_condition.as_ref().unwrap();
+        assert!(c.abnormal && c.message.contains("not confirmed"), "{c:?}");
+    }
     let err = p
         .controller()
         .delete_volume(csi::DeleteVolumeRequest {
@@ -179,8 +186,9 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
 
 /// libvirtd goes away in the middle of an RPC: an unpublish waiting for a virtio-blk disk to
 /// leave (a guest-less domain never lets go). The call answers UNAVAILABLE, never OK; every
-/// call meanwhile is UNAVAILABLE and Probe not ready; once libvirtd is back the same plugin
-/// process works again, and the disk never left behind the plugin's back.
+/// decision meanwhile is UNAVAILABLE (reads answer from the attach ledger) and Probe not
+/// ready; once libvirtd is back the same plugin process works again, and the disk never left
+/// behind the plugin's back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let dom = TestDomain::start("reconnect-mid", 3);
@@ -239,14 +247,17 @@ async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("libvirtd"), "{}", err.message());
-    let err = p
+    let got = p
         .controller()
         .controller_get_volume(csi::ControllerGetVolumeRequest {
             volume_id: stuck.clone(),
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        .expect("ControllerGetVolume answers from the ledger")
+        .into_inner();
+    let st = got.status.unwrap();
+    assert_eq!(st.published_node_ids, vec![dom.uuid.clone()]);
+    assert!(st.volume_condition.unwrap().abnormal);
 
     // Back, same process: the disk is still there and reported; publishing works again.
     relay.up();

@@ -246,6 +246,10 @@ impl Attacher for Hypervisor {
         self.lv.ping().await
     }
 
+    fn ledger_name(&self) -> Option<&'static str> {
+        Some("libvirt")
+    }
+
     async fn snapshot_live(
         &self,
         node_id: &str,
