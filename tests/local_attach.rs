@@ -430,7 +430,7 @@ async fn node_errors() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(caps.capabilities.len(), 5);
+    assert_eq!(caps.capabilities.len(), 6);
 
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let vol = env.create(&unique("errors"), 32 * MIB, cap.clone()).await;

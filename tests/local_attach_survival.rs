@@ -6,7 +6,10 @@
 //! a task). A consumer process writes and fsyncs records through the published volume the whole
 //! time, while the plugin is SIGKILLed, then its process group, then every process of its
 //! cgroup: after each kill a new plugin takes the attachment over, and at the end every record
-//! the consumer saw acknowledged reads back and cleanup leaves nothing behind. Needs root.
+//! the consumer saw acknowledged reads back and cleanup leaves nothing behind. The consumer runs
+//! as `nobody` (the user Nomad's `exec` driver runs tasks as): the volume's `rootUid`/`rootGid`
+//! parameters give it the fresh file system's root; another test gives a group access through
+//! `volume_mount_group` (Kubernetes fsGroup). Needs root.
 
 mod common;
 #[path = "local_attach/env.rs"]
@@ -142,7 +145,9 @@ impl Drop for TaskCgroup {
 /// Removes this run's (empty) daemon cgroups.
 fn remove_daemon_cgroups() {
     for (_, h) in hierarchies() {
+        // Busy while another test of this run still has daemons there: it removes them.
         let _ = std::fs::remove_dir(h.join(daemon_cgroup()));
+        let _ = std::fs::remove_dir(h.join("virtdisk-test"));
     }
 }
 
@@ -359,6 +364,30 @@ async fn restart_and_take_over(
     eprintln!("{how}: plugin killed, daemon {daemon} kept serving, new plugin took over");
 }
 
+/// `nobody`/`nogroup` on Debian, and the user Nomad's `exec` driver runs tasks as.
+const NOBODY: u32 = 65534;
+const NOBODY_S: &str = "65534";
+
+/// CreateVolume (32 MiB… 64 MiB) with parameters.
+async fn create_with(
+    env: &Env,
+    tag: &str,
+    cap: csi::VolumeCapability,
+    parameters: &[(&str, &str)],
+) -> csi::Volume {
+    let mut req = create_req(&unique(tag), 64 * MIB);
+    req.volume_capabilities = vec![cap];
+    req.parameters = params(parameters);
+    env.plugin
+        .controller()
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
 /// SIGKILL of the plugin, of its process group, of its whole cgroup, while a consumer writes:
 /// no I/O error, every acknowledged write reads back, and cleanup afterwards is complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +405,14 @@ async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() 
     task.enter(env.plugin.pid().unwrap());
 
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = env.create(&unique("survive"), 64 * MIB, cap.clone()).await;
+    // Owned by nobody from the first format: the consumer below runs as nobody.
+    let vol = create_with(
+        &env,
+        "survive",
+        cap.clone(),
+        &[("rootUid", NOBODY_S), ("rootGid", NOBODY_S)],
+    )
+    .await;
     let ctx = env.controller_publish(&vol, &cap, false).await;
     let s = env.staging("survive");
     let t = env.target("survive-alloc");
@@ -394,7 +430,10 @@ async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() 
     assert!(!task.pids().contains(&daemon));
 
     let file = Path::new(&t).join("records");
-    let mut consumer = Consumer::start(&file, None);
+    let root = std::fs::metadata(&t).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((root.uid(), root.gid()), (NOBODY, NOBODY));
+    let mut consumer = Consumer::start(&file, Some((NOBODY, NOBODY)));
     consumer.wait_for_progress(20);
 
     // 1. SIGKILL of the plugin alone.
@@ -525,5 +564,137 @@ async fn a_dead_attachment_is_never_reported_healthy_and_is_repaired_when_unused
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
     env.finish(&vol).await;
+    remove_daemon_cgroups();
+}
+
+/// Writes one file as `uid`:`gid` (no supplementary groups); the error, if any.
+fn write_as(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh")
+        .args(["-c", "echo data > \"$1\"", "sh"])
+        .arg(path)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A fresh volume's root is root-owned 0755: a task running as nobody cannot write. The
+/// CO's `volume_mount_group` (Kubernetes fsGroup, VOLUME_MOUNT_GROUP) makes the file system the
+/// group's, setgid included, so a member writes and its files keep the group; `rootMode`
+/// and a bad group id are checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_root_writers_through_fs_group_and_root_owner_parameters() {
+    if !can_run() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::start(&config()).await;
+    let caps = env
+        .plugin
+        .node()
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(csi::node_service_capability::Type::Rpc(r))
+            if r.r#type == csi::node_service_capability::rpc::Type::VolumeMountGroup as i32
+    )));
+    let mut cap = mount_cap("xfs", Mode::SingleNodeWriter);
+    let plain = env
+        .create(&unique("owner-plain"), 320 * MIB, cap.clone())
+        .await;
+    let ctx = env.controller_publish(&plain, &cap, false).await;
+    let s = env.staging("owner-plain");
+    let t = env.target("owner-plain-alloc");
+    env.stage(&plain, &ctx, &s, &cap).await.unwrap();
+    env.publish(&plain, &s, &t, &cap, false).await.unwrap();
+    let err = write_as(&Path::new(&t).join("x"), NOBODY, NOBODY).unwrap_err();
+    assert!(err.contains("Permission denied"), "{err}");
+    env.unpublish_twice(&plain, &t).await;
+    env.unstage_twice(&plain, &s).await;
+
+    // fsGroup 4242: staged again with the group, a member (uid nobody, gid 4242) writes.
+    let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() else {
+        unreachable!()
+    };
+    m.volume_mount_group = "4242".into();
+    let s = env.staging("owner-plain");
+    env.stage(&plain, &ctx, &s, &cap).await.unwrap();
+    env.publish(&plain, &s, &t, &cap, false).await.unwrap();
+    let root = std::fs::metadata(&t).unwrap();
+    assert_eq!(root.gid(), 4242);
+    assert_eq!(root.mode() & 0o2070, 0o2070, "{:o}", root.mode());
+    write_as(&Path::new(&t).join("by-member"), NOBODY, 4242).unwrap();
+    let f = std::fs::metadata(Path::new(&t).join("by-member")).unwrap();
+    assert_eq!(f.gid(), 4242, "setgid: new files keep the group");
+    let mut bad = cap.clone();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = bad.access_type.as_mut() {
+        m.volume_mount_group = "staff".into();
+    }
+    let t2 = env.target("owner-plain-bad");
+    let msg = expect_code(
+        env.publish(&plain, &s, &t2, &bad, false).await,
+        Code::InvalidArgument,
+        "non-numeric group",
+    );
+    assert!(msg.contains("volume_mount_group"), "{msg}");
+    env.unpublish_twice(&plain, &t).await;
+    env.unstage_twice(&plain, &s).await;
+    env.finish(&plain).await;
+
+    // rootMode with rootGid on a fresh ext4: the group's members write.
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vol = create_with(
+        &env,
+        "owner-mode",
+        cap.clone(),
+        &[("rootGid", "4343"), ("rootMode", "2770")],
+    )
+    .await;
+    assert_eq!(
+        vol.volume_context.get("rootMode").map(String::as_str),
+        Some("2770")
+    );
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let s = env.staging("owner-mode");
+    let t = env.target("owner-mode-alloc");
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    let root = std::fs::metadata(&t).unwrap();
+    assert_eq!(
+        (root.uid(), root.gid(), root.mode() & 0o7777),
+        (0, 4343, 0o2770)
+    );
+    write_as(&Path::new(&t).join("by-group"), NOBODY, 4343).unwrap();
+    assert!(write_as(&Path::new(&t).join("by-other"), NOBODY, NOBODY).is_err());
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    env.finish(&vol).await;
+
+    // Bad values are refused at CreateVolume.
+    for (k, v) in [
+        ("rootUid", "nobody"),
+        ("rootMode", "999"),
+        ("rootGid", "-1"),
+    ] {
+        let mut req = create_req(&unique("owner-bad"), 16 * MIB);
+        req.parameters = params(&[(k, v)]);
+        let err = env
+            .plugin
+            .controller()
+            .create_volume(req)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{k}={v}");
+        assert!(err.message().contains(k), "{}", err.message());
+    }
     remove_daemon_cgroups();
 }
