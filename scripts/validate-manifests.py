@@ -129,7 +129,7 @@ class Checker:
     def param_keys(self):
         """The CreateVolume parameter keys, read from src/params.rs KEYS."""
         text = open(os.path.join(self.root, "src/params.rs")).read()
-        block = text[text.index("pub const KEYS") :]
+        block = text[re.search(r"pub(\(crate\))? const KEYS", text).start() :]
         block = block[: block.index("];")]
         keys = set(re.findall(r'\(\s*"([A-Za-z]+)"\s*,', block))
         if not keys:
