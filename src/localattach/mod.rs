@@ -290,22 +290,47 @@ impl LocalAttacher {
 
     /// What the slot holds now.
     async fn inspect(&self, slot: &Slot) -> Result<State> {
-        let (s, sysfs) = (slot.clone(), self.sysfs.clone());
+        let mut all = self.inspect_all(vec![slot.clone()]).await?;
+        Ok(all.pop().map_or(State::Empty, |(_, st)| st))
+    }
+
+    /// What each slot holds now; the loop devices and the mount table are read once.
+    async fn inspect_all(&self, slots: Vec<Slot>) -> Result<Vec<(Slot, State)>> {
+        let sysfs = self.sysfs.clone();
         exec::blocking(move || {
-            let Some(rec) = s.read_record()? else {
-                return Ok(State::Empty);
-            };
-            let export = s.export_path(&rec.serial);
-            let Some(loop_name) = loopdev::bound_to(&sysfs, &export)?.into_iter().next() else {
-                return Ok(State::Partial);
-            };
-            let table = MountTable::read()?;
-            let dead = dead_reason(&sysfs, &s, &export, &loop_name, &table);
-            Ok(State::Attached {
-                rec,
-                loop_name,
-                dead,
-            })
+            let loops = sysfs.loop_devices()?;
+            let mut table: Option<MountTable> = None;
+            let mut out = Vec::with_capacity(slots.len());
+            for s in slots {
+                let Some(rec) = s.read_record()? else {
+                    out.push((s, State::Empty));
+                    continue;
+                };
+                let export = s.export_path(&rec.serial);
+                let Some(loop_name) = loops
+                    .iter()
+                    .find(|(_, backing)| *backing == export)
+                    .map(|(name, _)| name.clone())
+                else {
+                    out.push((s, State::Partial));
+                    continue;
+                };
+                let t = match table.take() {
+                    Some(t) => t,
+                    None => MountTable::read()?,
+                };
+                let dead = dead_reason(&sysfs, &s, &export, &loop_name, &t);
+                table = Some(t);
+                out.push((
+                    s,
+                    State::Attached {
+                        rec,
+                        loop_name,
+                        dead,
+                    },
+                ));
+            }
+            Ok(out)
         })
         .await
     }
@@ -509,13 +534,14 @@ impl Attacher for LocalAttacher {
 
     async fn attachments(&self) -> Result<Vec<Attachment>> {
         let dir = self.state_dir.clone();
+        let slots = exec::blocking(move || slot::list(&dir)).await?;
         let mut out = Vec::new();
-        for slot in exec::blocking(move || slot::list(&dir)).await? {
+        for (_, st) in self.inspect_all(slots).await? {
             if let State::Attached {
                 rec,
                 loop_name,
                 dead,
-            } = self.inspect(&slot).await?
+            } = st
             {
                 out.push(self.attachment(&rec, &loop_name, dead));
             }

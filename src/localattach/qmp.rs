@@ -19,7 +19,7 @@ struct Session {
 
 /// Runs `command` with `arguments` on the QMP socket; returns its `return` value.
 pub(super) async fn execute(socket: &Path, command: &str, arguments: Value) -> Result<Value> {
-    bounded(socket, command, async {
+    bounded(socket, command, TIMEOUT, async {
         let mut s = Session::connect(socket).await?;
         s.execute(command, arguments).await
     })
@@ -37,9 +37,13 @@ pub(super) struct Served {
     pub(super) nodes: Vec<(String, String)>,
 }
 
+/// How long a daemon may take to say what it serves: a healthy one answers in milliseconds,
+/// and a plugin that adopts daemons at start must not wait long for a stuck one.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Asks the daemon what it serves (`query-block-exports`, `query-named-block-nodes`).
 pub(super) async fn served(socket: &Path) -> Result<Served> {
-    bounded(socket, "query-block-exports", async {
+    bounded(socket, "query-block-exports", QUERY_TIMEOUT, async {
         let mut s = Session::connect(socket).await?;
         let exports = s.execute("query-block-exports", json!({})).await?;
         let nodes = s
@@ -68,13 +72,14 @@ pub(super) async fn served(socket: &Path) -> Result<Served> {
 async fn bounded<T>(
     socket: &Path,
     what: &str,
+    limit: Duration,
     f: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    tokio::time::timeout(TIMEOUT, f).await.map_err(|_| {
+    tokio::time::timeout(limit, f).await.map_err(|_| {
         Error::Timeout(format!(
             "QMP {what} on {} did not answer within {}s",
             socket.display(),
-            TIMEOUT.as_secs()
+            limit.as_secs()
         ))
     })?
 }
