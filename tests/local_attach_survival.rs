@@ -167,7 +167,7 @@ fn hierarchies() -> Vec<(String, PathBuf)> {
 /// number (its acknowledgement), until SIGTERM. Any I/O error ends it with a traceback.
 struct Consumer {
     child: Child,
-    acked: Arc<Mutex<Vec<u64>>>,
+    acked: Arc<Mutex<Vec<(u64, Instant)>>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -211,7 +211,7 @@ impl Consumer {
             for line in BufReader::new(out).lines() {
                 let line = line.unwrap();
                 if let Ok(n) = line.trim().parse::<u64>() {
-                    a.lock().unwrap().push(n);
+                    a.lock().unwrap().push((n, Instant::now()));
                 }
             }
         });
@@ -223,7 +223,7 @@ impl Consumer {
     }
 
     fn acked(&self) -> u64 {
-        self.acked.lock().unwrap().last().copied().unwrap_or(0)
+        self.acked.lock().unwrap().last().map_or(0, |(n, _)| *n)
     }
 
     /// Waits until the consumer acknowledged `more` records beyond now (it is alive and its
@@ -251,8 +251,9 @@ impl Consumer {
         }
     }
 
-    /// Stops it (SIGTERM between records); returns the last acknowledged record.
-    fn stop(mut self) -> u64 {
+    /// Stops it (SIGTERM between records); returns the last acknowledged record and the
+    /// longest pause between two acknowledgements.
+    fn stop(mut self) -> (u64, Duration) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -267,10 +268,15 @@ impl Consumer {
         );
         let acked = self.acked.lock().unwrap().clone();
         assert!(
-            acked.iter().copied().eq(1..=acked.len() as u64),
+            acked.iter().map(|(n, _)| *n).eq(1..=acked.len() as u64),
             "acknowledgements out of order"
         );
-        acked.len() as u64
+        let longest = acked
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or_default();
+        (acked.len() as u64, longest)
     }
 }
 
@@ -347,7 +353,9 @@ async fn restart_and_take_over(
         "{how}: the storage daemon died with the plugin"
     );
     let adopted_before = env.plugin.log().matches("adopted a storage daemon").count();
+    let started = Instant::now();
     env.plugin.restart_in_own_group().await;
+    let serving = started.elapsed();
     task.enter(env.plugin.pid().unwrap());
     assert!(
         env.plugin.log().matches("adopted a storage daemon").count() > adopted_before,
@@ -361,7 +369,11 @@ async fn restart_and_take_over(
     ] {
         assert!(!c.abnormal, "{how}: {}", c.message);
     }
-    eprintln!("{how}: plugin killed, daemon {daemon} kept serving, new plugin took over");
+    eprintln!(
+        "{how}: plugin killed, daemon {daemon} kept serving, new plugin took over (serving \
+         {} ms after its start)",
+        serving.as_millis()
+    );
 }
 
 /// `nobody`/`nogroup` on Debian, and the user Nomad's `exec` driver runs tasks as.
@@ -460,8 +472,12 @@ async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() 
 
     let stats = env.stats(&vol, &t, &s).await.unwrap();
     assert!(!stats.volume_condition.unwrap().abnormal);
-    let n = consumer.stop();
-    eprintln!("the consumer wrote and fsynced {n} records across three plugin kills");
+    let (n, longest) = consumer.stop();
+    eprintln!(
+        "the consumer wrote and fsynced {n} records across three plugin kills; longest pause \
+         between two acknowledgements: {} ms",
+        longest.as_millis()
+    );
     assert_records(&file, n);
 
     // Cleanup as usual: nothing left (daemon, loop device, FUSE mount).
