@@ -5,10 +5,10 @@
 //! Needs `pip install python-hcl2 kubernetes-validate`; without them the validation is skipped
 //! with a printed reason (the script exits 77).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use virtdisk_test_support::output_text as text;
+use virtdisk_test_support::plugin::bin;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +21,7 @@ fn validate(root: &Path) -> Option<Output> {
         .arg("--root")
         .arg(root)
         .arg("--binary")
-        .arg(common::BIN)
+        .arg(bin())
         .output();
     let out = match out {
         Ok(o) => o,
@@ -38,14 +38,6 @@ fn validate(root: &Path) -> Option<Output> {
         return None;
     }
     Some(out)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
