@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`plugin`] | [`Plugin`]: the real binary on a temp socket and data dir, started, crashed, restarted |
 //! | [`rpc`] | CSI request builders with sensible defaults, and short calls on the gRPC clients |
+//! | [`calls`] | one-line controller calls by name and id, for scenario tests |
 //! | [`virsh`] | `virsh` on `qemu:///system`, and libvirtd started if it is not running |
 //! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into |
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
@@ -33,6 +34,7 @@
 //! a counter), so tests and helpers of other checkouts can share one libvirtd; what a crashed
 //! run left behind is swept once its process is gone.
 
+pub mod calls;
 pub mod domain;
 pub mod guestbed;
 pub mod local_attach;
@@ -90,6 +92,27 @@ pub fn open_for_qemu(dir: &Path) {
 /// Milliseconds since `t`, for the latency lines tests print.
 pub fn ms(t: Instant) -> u128 {
     t.elapsed().as_millis()
+}
+
+/// Every path below `dir` with its metadata, symlinks not followed (depth first).
+pub fn walk(dir: &Path) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for path in rd.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let Ok(m) = path.symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                todo.push(path.clone());
+            }
+            out.push((path, m));
+        }
+    }
+    out
 }
 
 /// A finished command's stdout and stderr, one after the other.

@@ -138,7 +138,12 @@ pub fn has_pattern(image: &Path, byte: u8, offset: u64, len: u64) -> bool {
 
 /// Asserts `len` bytes at `offset` all read as `byte` (a force-share read).
 pub fn assert_pattern(image: &Path, byte: u8, offset: u64, len: u64) {
-    if let Err(text) = reads_pattern(image, byte, offset, len, Read::Shared) {
+    assert_reads(image, byte, offset, len, Read::Shared);
+}
+
+/// Asserts `len` bytes at `offset` all read as `byte` (read as `read` says).
+pub fn assert_reads(image: &Path, byte: u8, offset: u64, len: u64, read: Read) {
+    if let Err(text) = reads_pattern(image, byte, offset, len, read) {
         panic!(
             "{} does not read {byte:#x} at {offset}+{len}: {text}",
             image.display()

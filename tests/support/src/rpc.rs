@@ -111,6 +111,14 @@ pub fn from_volume(id: &str) -> Source {
     })
 }
 
+/// CreateVolume of `name` (see [`create_req`]) from a snapshot or volume.
+pub fn create_from_req(name: &str, required: i64, source: Source) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        volume_content_source: content(source),
+        ..create_req(name, required)
+    }
+}
+
 /// ControllerPublish of a volume to a node, ext4 single-node-writer, read-write.
 pub fn publish_req(volume_id: &str, node_id: &str) -> csi::ControllerPublishVolumeRequest {
     csi::ControllerPublishVolumeRequest {
@@ -311,6 +319,8 @@ pub trait ControllerExt {
     async fn remove_snapshot(&mut self, snapshot_id: &str) -> Result<(), Status>;
     /// GetSnapshot of `snapshot_id` → the snapshot.
     async fn snapshot_by_id(&mut self, snapshot_id: &str) -> Result<csi::Snapshot, Status>;
+    /// ControllerGetCapabilities, which must answer: the RPC types offered.
+    async fn rpc_types(&mut self) -> Vec<i32>;
 }
 
 #[async_trait::async_trait]
@@ -388,6 +398,16 @@ impl ControllerExt for ControllerClient<Channel> {
         };
         let r = self.get_snapshot(req).await?.into_inner();
         Ok(r.snapshot.expect("GetSnapshot answered a snapshot"))
+    }
+
+    async fn rpc_types(&mut self) -> Vec<i32> {
+        let req = csi::ControllerGetCapabilitiesRequest {};
+        let r = self.controller_get_capabilities(req).await;
+        let caps = r.expect("ControllerGetCapabilities").into_inner().capabilities;
+        caps.iter().filter_map(|c| match &c.r#type {
+            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        }).collect()
     }
 }
 
