@@ -119,6 +119,22 @@ pub fn create_from_req(name: &str, required: i64, source: Source) -> csi::Create
     }
 }
 
+/// DeleteVolume of `volume_id`.
+pub fn delete_req(volume_id: &str) -> csi::DeleteVolumeRequest {
+    csi::DeleteVolumeRequest {
+        volume_id: volume_id.into(),
+        ..Default::default()
+    }
+}
+
+/// DeleteSnapshot of `snapshot_id`.
+pub fn delete_snapshot_req(snapshot_id: &str) -> csi::DeleteSnapshotRequest {
+    csi::DeleteSnapshotRequest {
+        snapshot_id: snapshot_id.into(),
+        ..Default::default()
+    }
+}
+
 /// ControllerPublish of a volume to a node, ext4 single-node-writer, read-write.
 pub fn publish_req(volume_id: &str, node_id: &str) -> csi::ControllerPublishVolumeRequest {
     csi::ControllerPublishVolumeRequest {
@@ -331,11 +347,7 @@ impl ControllerExt for ControllerClient<Channel> {
     }
 
     async fn delete(&mut self, volume_id: &str) -> Result<(), Status> {
-        let req = csi::DeleteVolumeRequest {
-            volume_id: volume_id.into(),
-            ..Default::default()
-        };
-        self.delete_volume(req).await.map(drop)
+        self.delete_volume(delete_req(volume_id)).await.map(drop)
     }
 
     async fn publish(&mut self, req: csi::ControllerPublishVolumeRequest) -> Result<Map, Status> {
@@ -384,10 +396,7 @@ impl ControllerExt for ControllerClient<Channel> {
     }
 
     async fn remove_snapshot(&mut self, snapshot_id: &str) -> Result<(), Status> {
-        let req = csi::DeleteSnapshotRequest {
-            snapshot_id: snapshot_id.into(),
-            ..Default::default()
-        };
+        let req = delete_snapshot_req(snapshot_id);
         self.delete_snapshot(req).await.map(drop)
     }
 
