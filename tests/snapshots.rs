@@ -67,11 +67,12 @@ fn snapshot_ids(list: &csi::ListSnapshotsResponse) -> Vec<String> {
 
 /// Waits (up to `secs`) until `done`; the plugin's log goes into the failure.
 async fn wait_until(p: &Plugin, secs: u64, what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: {}", p.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let check = || async {
+        done()
+            .then_some(())
+            .ok_or_else(|| format!("{what}: {}", p.log()))
+    };
+    eventually(Duration::from_secs(secs), check).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,7 +69,7 @@ pub mod prelude {
         assert_pattern, has_pattern, qemu_img_check, qemu_img_info, write_pattern,
     };
     pub use crate::rpc::*;
-    pub use crate::{key_of, ms, open_for_qemu, output_text, run_ok, serial_of, GIB, MIB};
+    pub use crate::{eventually, key_of, ms, open_for_qemu, output_text, run_ok, serial_of, GIB, MIB};
 }
 
 /// The key of a volume or snapshot id (`<pool>.<key>`): the part that names its files.
@@ -92,6 +92,23 @@ pub fn open_for_qemu(dir: &Path) {
 /// Milliseconds since `t`, for the latency lines tests print.
 pub fn ms(t: Instant) -> u128 {
     t.elapsed().as_millis()
+}
+
+/// Calls `check` every 200 ms until it answers `Ok`, for `timeout` at most; then panics with
+/// its last `Err` (what is still not so).
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(why) => assert!(Instant::now() < deadline, "after {timeout:?}: {why}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Every path below `dir` with its metadata, symlinks not followed (depth first).

@@ -8,14 +8,14 @@
 //! assert_pool_clean(&p.pool_dir());
 //! ```
 
-use crate::key_of;
+use crate::{eventually, key_of};
 use crate::plugin::Plugin;
 use crate::qemu::{qemu_img_check, qemu_img_info};
 use crate::rpc::ControllerExt;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Everything a pool directory holds.
 #[derive(Debug)]
@@ -175,35 +175,23 @@ pub fn assert_backing_chain(images: &Path, chain: &[String]) {
 /// progress, and no unattached volume deeper than `max_depth` (attached ones wait for their
 /// unpublish).
 pub async fn wait_flattening_settled(p: &Plugin, max_depth: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let attached: BTreeSet<String> = p
-            .controller()
-            .all_volumes()
-            .await
+    eventually(Duration::from_secs(120), || async {
+        let entries = p.controller().all_volumes().await;
+        let attached: BTreeSet<String> = entries
             .into_iter()
-            .filter(|e| {
-                e.status
-                    .as_ref()
-                    .is_some_and(|s| !s.published_node_ids.is_empty())
-            })
+            .filter(|e| e.status.as_ref().is_some_and(|s| !s.published_node_ids.is_empty()))
             .map(|e| e.volume.unwrap().volume_id)
             .collect();
         let view = PoolView::read(&p.pool_dir());
-        let deep = view
-            .volumes
-            .iter()
-            .any(|v| depth_of(v) > max_depth && !attached.contains(v["id"].as_str().unwrap()));
+        let deep = view.volumes.iter().any(|v| {
+            depth_of(v) > max_depth && !attached.contains(v["id"].as_str().unwrap())
+        });
         if view.flatten_jobs.is_empty() && !deep {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "flattening did not settle: jobs {:?}",
-            view.flatten_jobs
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(format!("flattening did not settle: jobs {:?}", view.flatten_jobs))
+    })
+    .await
 }
 
 /// A volume record's chain depth: its image plus its backing layers.
