@@ -254,7 +254,7 @@ async fn block_volume_byte_pattern() {
         .unwrap()
         .unwrap()
         .path();
-    let (_, text) = qemu_io(&image, &["read -v 1048576 16"], Read::Exclusive);
+    let (_, text) = qemu_io(&image, &["read -v 1048576 16"], Read::LockedNow);
     assert!(
         text.contains("00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"),
         "{text}"

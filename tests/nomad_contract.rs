@@ -4,17 +4,12 @@
 //! daemon, loop devices, real mkfs and mounts). Needs root, /dev/fuse and loop devices; the last
 //! test also a KVM domain as a second node.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
 mod nomad;
 
-use common::*;
 use nomad::{Attachment, ClaimError, JobVolume, MountOptions, Nomad, Volume, VolumeSpec};
 use std::path::Path;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach as env;
+use virtdisk_test_support::prelude::*;
 
 use csi::controller_service_capability::rpc::Type as CtrlCap;
 
@@ -740,8 +735,8 @@ async fn second_node_is_a_libvirt_domain() {
     let Some(mut bed) = Bed::start().await else {
         return;
     };
-    nomad::domain::open_for_qemu(bed.dir());
-    let dom = nomad::domain::TestDomain::start("node2");
+    open_for_qemu(bed.dir());
+    let dom = TestDomain::start("node2", 2);
     let n = &mut bed.nomad;
     let mut spec = spec(
         "roaming",
@@ -805,22 +800,7 @@ async fn operator_client_node_and_snapshot_verbs() {
     let Some(bed) = Bed::start().await else {
         return;
     };
-    let endpoint = format!("unix://{}", bed.plugin.socket.display());
-    let run = |args: &[&str]| -> serde_json::Value {
-        let out = std::process::Command::new(BIN)
-            .args(["client", "--endpoint", &endpoint, "--output", "json"])
-            .args(args)
-            .env_remove("CSI_ENDPOINT")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "client {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| bed.plugin.client_json(args);
     let node_id = run(&["node", "info"])["node_id"]
         .as_str()
         .unwrap()

@@ -18,7 +18,7 @@ fn image_of(p: &Plugin, id: &str) -> PathBuf {
 /// Reads take the image's lock (no force-share): the background flattener may hold it for a
 /// moment while it switches a volume, and then the read waits.
 fn assert_reads(image: &Path, pattern: u8, offset: u64, len: u64) {
-    reads(image, pattern, offset, len, Read::Exclusive);
+    reads(image, pattern, offset, len, Read::Locked);
 }
 
 async fn create(p: &Plugin, name: &str, size: i64) -> csi::Volume {

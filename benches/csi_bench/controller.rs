@@ -1,40 +1,14 @@
 //! Controller RPCs one after the other: CreateVolume, ControllerPublish, ControllerUnpublish
 //! (confirmed), DeleteVolume, beside the bare qemu-img and libvirt calls they wrap.
 
-use super::domains::BenchDomain;
 use super::floors;
-use super::plugin::BenchPlugin;
 use super::stats::{timed, LatencyRow, Samples, Target};
 use super::Settings;
-use crate::common::{create_req, mount_cap, Mode, GIB};
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::domain::count_all;
+use virtdisk_test_support::prelude::*;
 
-pub fn publish_req(volume_id: &str, node: &str) -> csi::ControllerPublishVolumeRequest {
-    csi::ControllerPublishVolumeRequest {
-        volume_id: volume_id.into(),
-        node_id: node.into(),
-        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-        ..Default::default()
-    }
-}
-
-pub fn unpublish_req(volume_id: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest {
-    csi::ControllerUnpublishVolumeRequest {
-        volume_id: volume_id.into(),
-        node_id: node.into(),
-        ..Default::default()
-    }
-}
-
-pub fn delete_req(volume_id: &str) -> csi::DeleteVolumeRequest {
-    csi::DeleteVolumeRequest {
-        volume_id: volume_id.into(),
-        ..Default::default()
-    }
-}
-
-pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<LatencyRow> {
+pub async fn run(s: &Settings, p: &Plugin, domains: &[TestDomain]) -> Vec<LatencyRow> {
     let mut c = p.controller();
     let floor_dir = p.dir.path().join("floor");
     std::fs::create_dir_all(&floor_dir).unwrap();
@@ -153,7 +127,7 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
         LatencyRow::new(
             format!(
                 "ControllerGetVolume (reads all {} domains on the host)",
-                super::domains::BenchDomain::count_all()
+                count_all()
             ),
             get,
         ),

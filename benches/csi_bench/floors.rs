@@ -79,7 +79,7 @@ pub fn libvirt_attach_detach(plan: &[(String, std::path::PathBuf)]) -> (Samples,
     use virt::sys;
     let live = sys::VIR_DOMAIN_AFFECT_LIVE;
     let config = sys::VIR_DOMAIN_AFFECT_CONFIG;
-    let conn = Connect::open(Some(super::domains::URI)).expect("libvirt connection");
+    let conn = Connect::open(Some(virtdisk_test_support::virsh::URI)).expect("libvirt connection");
     let mut attach = Samples::default();
     let mut detach = Samples::default();
     let mut attached = Vec::new();

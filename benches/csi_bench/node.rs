@@ -3,12 +3,11 @@
 //! back, for ext4 and xfs, beside bare mkfs + mount and a bare storage daemon + losetup.
 
 use super::floors;
-use super::plugin::BenchPlugin;
 use super::stats::{timed, LatencyRow, Samples, Target};
 use super::Settings;
-use crate::common::{create_req, mount_cap, Mode, GIB};
 use std::time::Duration;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::cleanup;
+use virtdisk_test_support::prelude::*;
 
 #[derive(Default)]
 struct FsSamples {
@@ -32,20 +31,14 @@ pub async fn run(s: &Settings) -> Vec<LatencyRow> {
         eprintln!("node: SKIPPED (needs root, /dev/fuse and /dev/loop-control)");
         return Vec::new();
     }
-    let p = BenchPlugin::start("monolith", "[node]\ndevice_wait_secs = 30\n", &[]).await;
+    let p = super::plugin::start("monolith", "[node]\ndevice_wait_secs = 30\n", &[]).await;
     let rows = measure(s, &p).await;
-    crate::env::cleanup(p.dir.path());
+    cleanup(p.dir.path());
     rows
 }
 
-async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
-    let node_id = p
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .node_id;
+async fn measure(s: &Settings, p: &Plugin) -> Vec<LatencyRow> {
+    let node_id = p.node().node_id().await;
     let floor_dir = p.dir.path().join("floor");
     std::fs::create_dir_all(&floor_dir).unwrap();
     let mut rows = Vec::new();
@@ -65,7 +58,7 @@ async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
                 .volume
                 .unwrap();
             let id = vol.volume_id.clone();
-            let mut pr = super::controller::publish_req(&id, &node_id);
+            let mut pr = publish_req(&id, &node_id);
             pr.volume_capability = Some(cap.clone());
             let Ok(ctx) = timed(&mut m.publish, c.controller_publish_volume(pr)).await else {
                 continue;
@@ -122,10 +115,10 @@ async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
             }
             let _ = timed(
                 &mut m.unpublish,
-                c.controller_unpublish_volume(super::controller::unpublish_req(&id, &node_id)),
+                c.controller_unpublish_volume(unpublish_req(&id, &node_id)),
             )
             .await;
-            let _ = c.delete_volume(super::controller::delete_req(&id)).await;
+            let _ = c.delete_volume(delete_req(&id)).await;
         }
         let (qsd, mkfs) = tokio::task::spawn_blocking({
             let (dir, rounds) = (floor_dir.clone(), s.node_rounds.min(5));

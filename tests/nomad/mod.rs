@@ -8,8 +8,6 @@
 
 mod allocs;
 pub mod caps;
-#[cfg(feature = "libvirt")]
-pub mod domain;
 mod snapshots;
 mod volumes;
 
@@ -289,6 +287,11 @@ fn request<T>(msg: T, deadline: Option<Duration>) -> Request<T> {
     r
 }
 
+/// A controller request with Nomad's controller deadline.
+fn deadlined<T>(msg: T) -> Request<T> {
+    request(msg, Some(CONTROLLER_DEADLINE))
+}
+
 /// The call, bounded by `deadline` on this side too (a deadline is a promise both ways).
 async fn within<T>(
     deadline: Duration,
@@ -483,6 +486,19 @@ impl Nomad {
     /// A fresh connection for every controller RPC, closed afterwards (§0).
     async fn controller(&self) -> Result<ControllerClient<Channel>, Status> {
         Ok(ControllerClient::new(dial(&self.socket).await?))
+    }
+
+    /// One controller RPC as Nomad's server makes it: a fresh connection (a dial error is
+    /// returned as is), the call bounded by the controller deadline, logged as `rpc`.
+    async fn controller_call<T, F, Fut>(&mut self, rpc: &str, call: F) -> Result<T, Status>
+    where
+        F: FnOnce(ControllerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let c = self.controller().await?;
+        let r = within(CONTROLLER_DEADLINE, call(c)).await;
+        self.log(rpc, &r);
+        r
     }
 
     fn require(&self, cap: CtrlCap) {

@@ -69,7 +69,9 @@ pub mod prelude {
         assert_pattern, has_pattern, qemu_img_check, qemu_img_info, write_pattern,
     };
     pub use crate::rpc::*;
-    pub use crate::{eventually, key_of, ms, open_for_qemu, output_text, run_ok, serial_of, GIB, MIB};
+    pub use crate::{
+        eventually, key_of, ms, open_for_qemu, output_text, run_ok, serial_of, GIB, MIB,
+    };
 }
 
 /// The key of a volume or snapshot id (`<pool>.<key>`): the part that names its files.

@@ -8,10 +8,10 @@
 //! assert_pool_clean(&p.pool_dir());
 //! ```
 
-use crate::{eventually, key_of};
 use crate::plugin::Plugin;
 use crate::qemu::{qemu_img_check, qemu_img_info};
 use crate::rpc::ControllerExt;
+use crate::{eventually, key_of};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -179,17 +179,25 @@ pub async fn wait_flattening_settled(p: &Plugin, max_depth: usize) {
         let entries = p.controller().all_volumes().await;
         let attached: BTreeSet<String> = entries
             .into_iter()
-            .filter(|e| e.status.as_ref().is_some_and(|s| !s.published_node_ids.is_empty()))
+            .filter(|e| {
+                e.status
+                    .as_ref()
+                    .is_some_and(|s| !s.published_node_ids.is_empty())
+            })
             .map(|e| e.volume.unwrap().volume_id)
             .collect();
         let view = PoolView::read(&p.pool_dir());
-        let deep = view.volumes.iter().any(|v| {
-            depth_of(v) > max_depth && !attached.contains(v["id"].as_str().unwrap())
-        });
+        let deep = view
+            .volumes
+            .iter()
+            .any(|v| depth_of(v) > max_depth && !attached.contains(v["id"].as_str().unwrap()));
         if view.flatten_jobs.is_empty() && !deep {
             return Ok(());
         }
-        Err(format!("flattening did not settle: jobs {:?}", view.flatten_jobs))
+        Err(format!(
+            "flattening did not settle: jobs {:?}",
+            view.flatten_jobs
+        ))
     })
     .await
 }

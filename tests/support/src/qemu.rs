@@ -6,7 +6,7 @@
 //! qemu_img_check(&image);                           // must pass
 //! write_pattern(&image, 0xaa, 0, 1 << 20);          // qemu-io write -P
 //! assert_pattern(&image, 0xaa, 0, 1 << 20);         // qemu-io read -P, force-share
-//! qemu_io(&image, &["read -v 0 16"], Read::Exclusive);  // any commands, their output
+//! qemu_io(&image, &["read -v 0 16"], Read::LockedNow);  // any commands, their output
 //! ```
 //!
 //! Every qemu-io run waits (5 s at most) while another process holds the image's lock (the
@@ -69,14 +69,17 @@ pub fn create_overlay(path: &Path, backing: &str, size: Option<u64>) {
 pub enum Read {
     /// Read-only with force-share (`-r -U`): also an image a running domain has open.
     Shared,
-    /// Read-only, taking the lock (`-r`): waits while another process holds the image; a read
-    /// that works proves nothing writes it.
-    Exclusive,
+    /// Read-only, taking the image's lock (`-r`), waiting (5 s at most) while another process
+    /// holds it (the background flattener, for a moment).
+    Locked,
+    /// Read-only, taking the image's lock (`-r`) and failing at once when another process
+    /// holds it: a read that works proves nothing else has the image open.
+    LockedNow,
 }
 
-/// Runs qemu-io commands on an image (its format detected); reads open it as `read` says,
-/// anything else read-write. Returns whether every command succeeded (a pattern mismatch is
-/// a failure) and the output.
+/// Runs qemu-io commands on an image (its format detected); only reads: it opens the image as
+/// `read` says, else read-write, waiting while another process holds it. Returns whether every
+/// command succeeded (a pattern mismatch is a failure) and the output.
 pub fn qemu_io(image: &Path, cmds: &[&str], read: Read) -> (bool, String) {
     let format = qemu_img_info(image)["format"]
         .as_str()
@@ -99,7 +102,7 @@ pub fn qemu_io(image: &Path, cmds: &[&str], read: Read) -> (bool, String) {
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         let locked = text.contains("Failed to get") && text.contains("lock");
-        if locked && tries < 50 {
+        if locked && tries < 50 && !(readonly && read == Read::LockedNow) {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
@@ -111,7 +114,7 @@ pub fn qemu_io(image: &Path, cmds: &[&str], read: Read) -> (bool, String) {
 /// Writes `len` bytes of `byte` at `offset` into an image.
 pub fn write_pattern(image: &Path, byte: u8, offset: u64, len: u64) {
     let cmd = format!("write -P {byte:#x} {offset} {len}");
-    let (ok, text) = qemu_io(image, &[&cmd], Read::Exclusive);
+    let (ok, text) = qemu_io(image, &[&cmd], Read::Locked);
     assert!(ok, "qemu-io write into {}: {text}", image.display());
 }
 

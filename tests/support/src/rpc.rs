@@ -412,11 +412,16 @@ impl ControllerExt for ControllerClient<Channel> {
     async fn rpc_types(&mut self) -> Vec<i32> {
         let req = csi::ControllerGetCapabilitiesRequest {};
         let r = self.controller_get_capabilities(req).await;
-        let caps = r.expect("ControllerGetCapabilities").into_inner().capabilities;
-        caps.iter().filter_map(|c| match &c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        }).collect()
+        let caps = r
+            .expect("ControllerGetCapabilities")
+            .into_inner()
+            .capabilities;
+        caps.iter()
+            .filter_map(|c| match &c.r#type {
+                Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect()
     }
 }
 
