@@ -69,20 +69,14 @@ pub async fn run(s: &Settings, p: &Plugin, domains: &[TestDomain]) -> Vec<Latenc
         let node = |i: usize| domains[i % domains.len()].uuid.clone();
         let t = Instant::now();
         for (i, id) in ids.iter().take(n).enumerate() {
-            let _ = timed(
-                &mut publish,
-                c.controller_publish_volume(publish_req(id, &node(i))),
-            )
-            .await;
+            let req = publish_req(id, &node(i));
+            let _ = timed(&mut publish, c.controller_publish_volume(req)).await;
         }
         publish.wall += t.elapsed();
         let t = Instant::now();
         for (i, id) in ids.iter().take(n).enumerate() {
-            let _ = timed(
-                &mut unpublish,
-                c.controller_unpublish_volume(unpublish_req(id, &node(i))),
-            )
-            .await;
+            let req = unpublish_req(id, &node(i));
+            let _ = timed(&mut unpublish, c.controller_unpublish_volume(req)).await;
         }
         unpublish.wall += t.elapsed();
     }

@@ -48,15 +48,11 @@ async fn measure(s: &Settings, p: &Plugin) -> Vec<LatencyRow> {
         let cap = mount_cap(fs, Mode::SingleNodeWriter);
         let mut m = FsSamples::default();
         for round in 0..s.node_rounds {
-            let mut req = create_req(&format!("bench-n-{fs}-{round}"), GIB);
-            req.volume_capabilities = vec![cap.clone()];
-            let vol = c
-                .create_volume(req)
-                .await
-                .expect("create volume")
-                .into_inner()
-                .volume
-                .unwrap();
+            let req = csi::CreateVolumeRequest {
+                volume_capabilities: vec![cap.clone()],
+                ..create_req(&format!("bench-n-{fs}-{round}"), GIB)
+            };
+            let vol = c.create(req).await.expect("create volume");
             let id = vol.volume_id.clone();
             let mut pr = publish_req(&id, &node_id);
             pr.volume_capability = Some(cap.clone());
@@ -68,48 +64,27 @@ async fn measure(s: &Settings, p: &Plugin) -> Vec<LatencyRow> {
             let target = p.dir.path().join(format!("target/{fs}-{round}/mount"));
             std::fs::create_dir_all(&staging).unwrap();
             std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            let staged = timed(
-                &mut m.stage,
-                n.node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: id.clone(),
-                    publish_context: ctx,
-                    staging_target_path: staging.display().to_string(),
-                    volume_capability: Some(cap.clone()),
-                    volume_context: vol.volume_context.clone(),
-                    ..Default::default()
-                }),
-            )
-            .await;
+            let (staging, target) = (staging.display().to_string(), target.display().to_string());
+            let stage = csi::NodeStageVolumeRequest {
+                publish_context: ctx,
+                volume_context: vol.volume_context.clone(),
+                ..stage_req(&id, &staging, cap.clone())
+            };
+            let staged = timed(&mut m.stage, n.node_stage_volume(stage)).await;
             if staged.is_ok() {
                 let pub_ms = *m.publish.ok.last().unwrap();
                 let stage_ms = *m.stage.ok.last().unwrap();
                 m.publish_and_stage.push(pub_ms + stage_ms);
-                let _ = timed(
-                    &mut m.node_publish,
-                    n.node_publish_volume(csi::NodePublishVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.display().to_string(),
-                        target_path: target.display().to_string(),
-                        volume_capability: Some(cap.clone()),
-                        volume_context: vol.volume_context.clone(),
-                        ..Default::default()
-                    }),
-                )
-                .await;
-                let _ = timed(
-                    &mut m.node_unpublish,
-                    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                        volume_id: id.clone(),
-                        target_path: target.display().to_string(),
-                    }),
-                )
-                .await;
+                let publish = csi::NodePublishVolumeRequest {
+                    volume_context: vol.volume_context.clone(),
+                    ..node_publish_req(&id, &staging, &target, cap.clone())
+                };
+                let _ = timed(&mut m.node_publish, n.node_publish_volume(publish)).await;
+                let unpublish = node_unpublish_req(&id, &target);
+                let _ = timed(&mut m.node_unpublish, n.node_unpublish_volume(unpublish)).await;
                 let _ = timed(
                     &mut m.unstage,
-                    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.display().to_string(),
-                    }),
+                    n.node_unstage_volume(unstage_req(&id, &staging)),
                 )
                 .await;
             }
