@@ -10,6 +10,14 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The command failed, and its stderr passes `check`: returns the stderr.
+fn failed(o: &Output, check: impl Fn(&str) -> bool) -> String {
+    let err = stderr(o);
+    assert!(!o.status.success(), "succeeded: {err}");
+    assert!(check(&err), "stderr: {err}");
+    err
+}
+
 fn ids(list: &Value) -> Vec<String> {
     list["entries"]
         .as_array()
@@ -132,31 +140,18 @@ async fn volume_lifecycle_with_paging() {
     p.client_ok(&["volume", "delete", &first]);
     assert!(ids(&p.client_json(&["volume", "list", "--all"])).is_empty());
     let gone = p.client(&["volume", "get", &first]);
-    assert!(!gone.status.success());
-    assert!(
-        stderr(&gone).contains("NotFound:"),
-        "stderr: {}",
-        stderr(&gone)
-    );
+    failed(&gone, |e| e.contains("NotFound:"));
 }
 
 #[tokio::test]
 async fn errors_name_the_grpc_code_and_exit_non_zero() {
     let p = Plugin::start("controller", &[]).await;
     let bad_token = p.client(&["volume", "list", "--starting-token", "garbage"]);
-    assert!(!bad_token.status.success());
-    assert!(
-        stderr(&bad_token).starts_with("error: Aborted:"),
-        "{}",
-        stderr(&bad_token)
-    );
+    failed(&bad_token, |e| e.starts_with("error: Aborted:"));
     let bad_param = p.client(&["volume", "create", "--name", "x", "--param", "speed=fast"]);
-    assert!(!bad_param.status.success());
-    assert!(
-        stderr(&bad_param).contains("InvalidArgument:") && stderr(&bad_param).contains("speed"),
-        "{}",
-        stderr(&bad_param)
-    );
+    failed(&bad_param, |e| {
+        e.contains("InvalidArgument:") && e.contains("speed")
+    });
     // A size the client cannot read is a usage error (clap), before any RPC.
     let bad_size = p.client(&["volume", "create", "--name", "x", "--size", "10XB"]);
     assert_eq!(bad_size.status.code(), Some(2), "{}", stderr(&bad_size));
@@ -171,12 +166,7 @@ async fn errors_name_the_grpc_code_and_exit_non_zero() {
         .args(["identity", "probe"])
         .output()
         .unwrap();
-    assert!(!nowhere.status.success());
-    assert!(
-        stderr(&nowhere).contains("Unavailable"),
-        "{}",
-        stderr(&nowhere)
-    );
+    failed(&nowhere, |e| e.contains("Unavailable"));
 }
 
 #[tokio::test]

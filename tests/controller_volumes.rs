@@ -13,6 +13,17 @@ async fn create(p: &Plugin, req: csi::CreateVolumeRequest) -> csi::Volume {
     p.controller().create(req).await.unwrap()
 }
 
+/// Volumes `<prefix>-0` … `<prefix>-<n-1>` of 1 MiB: their ids, sorted.
+async fn create_many(p: &Plugin, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let req = create_req(&format!("{prefix}-{i}"), MIB);
+        ids.push(create(p, req).await.volume_id);
+    }
+    ids.sort();
+    ids
+}
+
 /// Asserts CreateVolume of `req` fails with `code`.
 async fn create_fails(p: &Plugin, req: csi::CreateVolumeRequest, code: Code) {
     let what = format!("CreateVolume {}", req.name);
@@ -266,15 +277,7 @@ async fn bad_ids_are_invalid_argument_everywhere() {
 async fn list_pages_through_every_volume_in_stable_order() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let mut ids = Vec::new();
-    for i in 0..7 {
-        ids.push(
-            create(&p, create_req(&format!("list-{i}"), MIB))
-                .await
-                .volume_id,
-        );
-    }
-    ids.sort();
+    let ids = create_many(&p, "list", 7).await;
     for max in 1..=8 {
         let entries = list_pages(&mut c, max, String::new()).await;
         for e in &entries {
@@ -484,15 +487,7 @@ async fn probe_is_not_ready_when_a_pool_is_unusable() {
 async fn list_pages_skip_half_made_records_and_survive_deletes() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        ids.push(
-            create(&p, create_req(&format!("page-{i}"), MIB))
-                .await
-                .volume_id,
-        );
-    }
-    ids.sort();
+    let ids = create_many(&p, "page", 6).await;
     // A record in state `creating`, sorted between the others.
     let key = key_of(&ids[2]);
     let records = p.pool_dir().join("volumes");

@@ -23,6 +23,17 @@ async fn controller() -> Plugin {
     launch.readable_by_qemu().start().await
 }
 
+/// A domain, a controller, and a volume `name` (not attached) whose first 64 KiB are 0xaa.
+async fn setup(tag: &str, name: &str) -> (TestDomain, Plugin, String, String, PathBuf) {
+    let dom = TestDomain::with_guest_agent(tag);
+    let p = controller().await;
+    let vol = create(&p, name, None).await;
+    let serial = serial_of(&vol);
+    let first = image_of(&p, &vol);
+    write_pattern(&first, 0xaa, 0, K64);
+    (dom, p, vol, serial, first)
+}
+
 fn image_of(p: &Plugin, volume_id: &str) -> PathBuf {
     volume_image(&p.pool_dir(), volume_id)
 }
@@ -83,13 +94,8 @@ async fn delete_all(p: &Plugin, volumes: &[&String], snapshots: &[&String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_and_clone_of_an_attached_volume() {
-    let dom = TestDomain::with_guest_agent("main");
-    let mut p = controller().await;
-    let vol = create(&p, "live-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    // Written before the volume is attached.
-    write_pattern(&first, 0xaa, 0, K64);
+    // 0xaa written before the volume is attached.
+    let (dom, mut p, vol, serial, first) = setup("main", "live-src").await;
     publish(&p, &vol, &dom.uuid).await;
     let disk = dom.live_disk(&serial).expect("attached");
     assert_eq!(disk.source.as_deref(), Some(first.as_path()));
@@ -226,12 +232,7 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shut_off_domain_gets_its_persistent_definition_switched() {
-    let dom = TestDomain::with_guest_agent("off");
-    let p = controller().await;
-    let vol = create(&p, "off-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    write_pattern(&first, 0xaa, 0, K64);
+    let (dom, p, vol, serial, first) = setup("off", "off-src").await;
     publish(&p, &vol, &dom.uuid).await;
     dom.power_off();
     // persist=true: still attached to the shut-off node.
@@ -264,12 +265,7 @@ async fn shut_off_domain_gets_its_persistent_definition_switched() {
 /// or by another tool) is not followed by libvirt: the plugin repoints it itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_copy_on_another_target_is_repointed() {
-    let dom = TestDomain::with_guest_agent("repoint");
-    let p = controller().await;
-    let vol = create(&p, "repoint-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    write_pattern(&first, 0xaa, 0, K64);
+    let (dom, p, vol, serial, first) = setup("repoint", "repoint-src").await;
     virsh_ok(&[
         "attach-device",
         &dom.name,

@@ -12,13 +12,11 @@ const SHORT_WAIT: &str = "[node]\ndevice_wait_secs = 2\n";
 /// write → restart the plugin → unpublish/unstage → stage again → data reads back → teardown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext4_lifecycle_two_targets_two_staging_paths_and_restart() {
-    if !can_run() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let mut env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = env.create(&unique("ext4"), 64 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("ext4", 64 * MIB, &cap).await;
     assert_eq!(ctx.get("bus").map(String::as_str), Some("local"));
     assert!(ctx["devicePath"].starts_with("/dev/loop"), "{ctx:?}");
     assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
@@ -117,14 +115,12 @@ async fn ext4_lifecycle_two_targets_two_staging_paths_and_restart() {
 /// xfs: format, mount (nouuid), grow online through ControllerExpand + NodeExpand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfs_stage_and_online_expand() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("xfs", Mode::SingleNodeWriter);
     // mkfs.xfs wants at least 300 MiB; the image stays sparse.
-    let vol = env.create(&unique("xfs"), 320 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("xfs", 320 * MIB, &cap).await;
     let s = env.staging("xfs");
     let t = env.target("xfs-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
@@ -197,13 +193,11 @@ async fn try_grow(
 /// reaches the qcow2 image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_byte_pattern() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = block_cap(Mode::SingleNodeWriter);
-    let vol = env.create(&unique("block"), 32 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("block", 32 * MIB, &cap).await;
     let s = env.staging("block");
     let t = env.target("block-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
@@ -266,13 +260,11 @@ async fn block_volume_byte_pattern() {
 /// missing path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_conditions_and_ext4_expand() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("", Mode::SingleNodeMultiWriter);
-    let vol = env.create(&unique("stats"), 64 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("stats", 64 * MIB, &cap).await;
     let s = env.staging("stats");
     let t1 = env.target("stats-1");
     let t2 = env.target("stats-2");
@@ -361,10 +353,9 @@ async fn stats_conditions_and_ext4_expand() {
 /// and unpublish/unstage of paths never used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_errors() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let mut n = env.plugin.node();
     let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {});
     assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 5);
@@ -423,13 +414,11 @@ async fn node_errors() {
 /// ControllerUnpublish still clean up everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = env.create(&unique("crash"), 32 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("crash", 32 * MIB, &cap).await;
     let s = env.staging("crash");
     let t = env.target("crash-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
@@ -475,15 +464,11 @@ async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
 /// plugin starts again, and the volume can be published afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_cleans_an_interrupted_attach() {
-    if !can_run() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let mut env = Env::start(SHORT_WAIT).await;
+    };
     let cap = block_cap(Mode::SingleNodeWriter);
-    let vol = env
-        .create(&unique("interrupted"), 16 * MIB, cap.clone())
-        .await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("interrupted", 16 * MIB, &cap).await;
     env.plugin.kill();
     let status = std::process::Command::new("losetup")
         .args(["-d", &ctx["devicePath"]])

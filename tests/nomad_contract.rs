@@ -77,6 +77,15 @@ fn spec(tag: &str, caps: &[(Mode, Attachment)], fs: &str) -> VolumeSpec {
     }
 }
 
+/// A file-system volume for one writer node, ext4.
+fn rw_spec(tag: &str) -> VolumeSpec {
+    spec(
+        tag,
+        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
+        "ext4",
+    )
+}
+
 fn rw() -> JobVolume {
     JobVolume::rw(Attachment::FileSystem)
 }
@@ -157,11 +166,7 @@ async fn create_register_claim_stop_and_repeat() {
     };
     let n = &mut bed.nomad;
     // (a) No capacity_range, empty accessibility_requirements, parameters and secrets.
-    let spec = spec(
-        "web-data",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let spec = rw_spec("web-data");
     let vol = n.volume_create(&spec).await.unwrap();
     assert!(
         vol.external_id.starts_with("default."),
@@ -429,11 +434,7 @@ async fn failure_path_leaves_nothing_behind() {
         return;
     };
     let n = &mut bed.nomad;
-    let spec = spec(
-        "fails",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let spec = rw_spec("fails");
     let vol = n.volume_create(&spec).await.unwrap();
     // Format it (ext4) once.
     let first = claim_ok(n, &vol, &rw()).await;
@@ -538,11 +539,7 @@ async fn snapshots_create_list_paged_delete_restore() {
         return;
     };
     let n = &mut bed.nomad;
-    let mut spec = spec(
-        "snapped",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let mut spec = rw_spec("snapped");
     spec.capacity_min = 64 * MIB;
     let vol = n.volume_create(&spec).await.unwrap();
     let a = claim_ok(n, &vol, &rw()).await;
@@ -738,11 +735,7 @@ async fn second_node_is_a_libvirt_domain() {
     open_for_qemu(bed.dir());
     let dom = TestDomain::start("node2", 2);
     let n = &mut bed.nomad;
-    let mut spec = spec(
-        "roaming",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let mut spec = rw_spec("roaming");
     spec.capacity_min = 64 * MIB;
     spec.parameters = params(&[("bus", "scsi")]);
     let vol = n.volume_create(&spec).await.unwrap();

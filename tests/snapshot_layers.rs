@@ -36,6 +36,20 @@ async fn open(dir: &Path, attachments: Attachments) -> Pools {
         .with_layers(attachments, OpGuards::default(), 3)
 }
 
+/// Pools in `dir` with one attach backend, a volume `name` and the backend's node holding it
+/// read-write.
+async fn attached(
+    dir: &Path,
+    backend: Arc<dyn Attacher>,
+    node: &FakeNode,
+    name: &str,
+) -> (Pools, VolumeRecord) {
+    let pools = open(dir, Attachments::new(vec![backend], 0)).await;
+    let vol = pools.create(volume_req(name)).await.unwrap();
+    node.attach(&vol.id, false);
+    (pools, vol)
+}
+
 fn volume_req(name: &str) -> CreateVolume {
     CreateVolume {
         name: name.into(),
@@ -174,13 +188,8 @@ fake_attacher!(LiveBackend
 async fn attached_volume_snapshots_go_through_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(true);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(LiveBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("live-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(LiveBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "live-vol").await;
 
     let snap = pools
         .create_snapshot(snap_req("live-snap", &vol))
@@ -213,13 +222,8 @@ async fn attached_volume_snapshots_go_through_the_backend() {
 async fn attached_volumes_need_a_backend_that_snapshots_live() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(false);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(OldBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("old-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(OldBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "old-vol").await;
     let before = files(dir.path());
 
     let err = pools
@@ -422,13 +426,8 @@ fake_attacher!(UnsureBackend
 async fn an_unknown_live_switch_outcome_keeps_the_overlay_for_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(true);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(UnsureBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("unsure-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(UnsureBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "unsure-vol").await;
     let err = pools
         .create_snapshot(snap_req("unsure-snap", &vol))
         .await

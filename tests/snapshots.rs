@@ -28,6 +28,14 @@ async fn create(p: &Plugin, name: &str, size: i64) -> csi::Volume {
         .expect("create volume")
 }
 
+/// A plugin and a volume whose first MiB is all `byte`.
+async fn plugin_with_volume(name: &str, byte: u8) -> (Plugin, csi::Volume) {
+    let p = Plugin::start("controller", &[]).await;
+    let vol = create(&p, name, VOL).await;
+    write_pattern(&image_of(&p, &vol.volume_id), byte, 0, M);
+    (p, vol)
+}
+
 async fn create_from(
     p: &Plugin,
     name: &str,
@@ -77,9 +85,7 @@ async fn wait_until(p: &Plugin, secs: u64, what: &str, done: impl Fn() -> bool) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_restore_keeps_the_point_in_time() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "snap-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0xaa, 0, M);
+    let (p, vol) = plugin_with_volume("snap-src", 0xaa).await;
 
     let snap = snapshot(&p, "snap-1", &vol.volume_id).await.unwrap();
     assert!(snap.ready_to_use);
@@ -178,9 +184,7 @@ async fn restore_sizes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_is_independent_of_its_source() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "clone-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0xaa, 0, M);
+    let (p, vol) = plugin_with_volume("clone-src", 0xaa).await;
 
     let clone = create_from(&p, "clone-1", 0, from_volume(&vol.volume_id))
         .await
@@ -228,9 +232,7 @@ async fn clone_is_independent_of_its_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_restores_outlive_their_sources() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "indep-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0x5a, 0, M);
+    let (p, vol) = plugin_with_volume("indep-src", 0x5a).await;
     let snap = snapshot(&p, "indep-snap", &vol.volume_id).await.unwrap();
     let r1 = create_from(&p, "indep-r1", 0, from_snapshot(&snap.snapshot_id))
         .await

@@ -4,10 +4,9 @@
 //! [`Env`] is dropped, even when the test failed.
 //!
 //! ```ignore
-//! if !can_run() { return; }                        // root, /dev/fuse, loop devices, qsd
-//! let env = Env::start("[node]\ndevice_wait_secs = 2\n").await;
-//! let vol = env.create(&unique("ext4"), 64 * MIB, ext4_cap()).await;
-//! let ctx = env.controller_publish(&vol, &ext4_cap(), false).await;
+//! // Root, /dev/fuse, loop devices and qemu-storage-daemon, or SKIPPED:
+//! let Some(env) = Env::try_start("[node]\ndevice_wait_secs = 2\n").await else { return };
+//! let (vol, ctx) = env.attached("ext4", 64 * MIB, &ext4_cap()).await;  // created, published
 //! let (s, t) = (env.staging("a"), env.target("alloc1"));   // Nomad-like paths
 //! env.stage(&vol, &ctx, &s, &ext4_cap()).await?;
 //! env.publish(&vol, &s, &t, &ext4_cap(), false).await?;
@@ -56,6 +55,26 @@ impl Env {
         let node_id = plugin.node().node_id().await;
         assert!(!node_id.is_empty());
         Env { plugin, node_id }
+    }
+
+    /// [`Env::start`] where [`can_run`] (else `None`, SKIPPED printed).
+    pub async fn try_start(config: &str) -> Option<Env> {
+        if !can_run() {
+            return None;
+        }
+        Some(Env::start(config).await)
+    }
+
+    /// A new volume named [`unique`]`(tag)`, published to this host: (volume, publish_context).
+    pub async fn attached(
+        &self,
+        tag: &str,
+        size: i64,
+        cap: &csi::VolumeCapability,
+    ) -> (csi::Volume, Map) {
+        let vol = self.create(&unique(tag), size, cap.clone()).await;
+        let ctx = self.controller_publish(&vol, cap, false).await;
+        (vol, ctx)
     }
 
     pub fn dir(&self) -> &Path {
