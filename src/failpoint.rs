@@ -85,7 +85,7 @@ fn armed() -> Option<&'static str> {
 
 #[cfg(debug_assertions)]
 #[doc(hidden)]
-pub fn hit(name: &'static str) {
+pub(crate) fn hit(name: &'static str) {
     debug_assert!(
         POINTS.contains(&name),
         "failpoint {name} is missing from failpoint::POINTS"

@@ -5,20 +5,21 @@ use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+/// The set of objects (volumes, snapshots) with an operation in flight, shared by the services of one process.
 #[derive(Clone, Default)]
 pub struct OpGuards {
     busy: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Held while an operation runs; releases its keys on drop.
-pub struct OpGuard {
+pub(crate) struct OpGuard {
     busy: Arc<Mutex<HashSet<String>>>,
     keys: Vec<String>,
 }
 
 impl OpGuards {
-    /// Takes every key or none. Keys are like `vol:<id>`, `name:<name>`, `snap:<id>`.
-    pub fn try_acquire(&self, keys: &[String]) -> Result<OpGuard> {
+    /// Takes every key or none. Keys are like `vol:<id>`, `snap:<id>`.
+    pub(crate) fn try_acquire(&self, keys: &[String]) -> Result<OpGuard> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = keys.iter().find(|k| busy.contains(*k)) {
             return Err(Error::Aborted(format!(
@@ -38,21 +39,19 @@ impl OpGuards {
 
 /// Guard key of a volume, from its name-derived key (the same before and after the pool is
 /// chosen).
-pub fn volume_key(key: &str) -> String {
+pub(crate) fn volume_key(key: &str) -> String {
     format!("vol:{key}")
 }
 
 /// Guard key of a snapshot, from its name-derived key.
-pub fn snapshot_key(key: &str) -> String {
+pub(crate) fn snapshot_key(key: &str) -> String {
     format!("snap:{key}")
 }
 
 fn describe(key: &str) -> String {
     match key.split_once(':') {
         Some(("vol", id)) => format!("volume {id}"),
-        Some(("name", n)) => format!("the volume or snapshot named {n:?}"),
         Some(("snap", id)) => format!("snapshot {id}"),
-        Some(("stage", p)) => format!("path {p}"),
         _ => key.to_string(),
     }
 }

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
-pub fn resolve(flag: Option<&str>, root: &Path) -> Result<String> {
+pub(crate) fn resolve(flag: Option<&str>, root: &Path) -> Result<String> {
     if let Some(id) = flag.filter(|s| !s.trim().is_empty()) {
         return Ok(id.trim().to_string());
     }

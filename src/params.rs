@@ -10,18 +10,22 @@ use std::collections::BTreeMap;
 /// Keys the external-provisioner adds (`--extra-create-metadata`); informational, ignored.
 const K8S_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The bus a disk is hot-plugged on (`bus` parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Bus {
+    /// virtio-scsi: attaches in milliseconds, detaches at once; the default.
     #[default]
     Scsi,
+    /// virtio-blk: one PCI slot per disk; needs the guest's cooperation to detach.
     Virtio,
+    /// SATA (AHCI): for guests without virtio drivers; no hot-plug on most machine types.
     Sata,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Cache {
+pub(crate) enum Cache {
     None,
     Writethrough,
     Writeback,
@@ -31,7 +35,7 @@ pub enum Cache {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum IoMode {
+pub(crate) enum IoMode {
     Native,
     Threads,
     IoUring,
@@ -39,7 +43,7 @@ pub enum IoMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Discard {
+pub(crate) enum Discard {
     Unmap,
     Ignore,
 }
@@ -47,26 +51,32 @@ pub enum Discard {
 /// `<iotune>` limits; 0/None means unlimited. `total_*` excludes `read_*`/`write_*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Qos {
+    /// Bytes per second, reads and writes together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes_sec: Option<u64>,
+    /// Read bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_bytes_sec: Option<u64>,
+    /// Write bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_bytes_sec: Option<u64>,
+    /// I/O operations per second, reads and writes together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_iops_sec: Option<u64>,
+    /// Read operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_iops_sec: Option<u64>,
+    /// Write operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_iops_sec: Option<u64>,
 }
 
 impl Qos {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Qos::default()
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let both = |t: Option<u64>, r: Option<u64>, w: Option<u64>, what: &str| {
             if t.is_some() && (r.is_some() || w.is_some()) {
                 Err(Error::invalid(format!(
@@ -96,22 +106,22 @@ impl Qos {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskOptions {
     #[serde(default)]
-    pub bus: Bus,
+    pub(crate) bus: Bus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache: Option<Cache>,
+    pub(crate) cache: Option<Cache>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io: Option<IoMode>,
+    pub(crate) io: Option<IoMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discard: Option<Discard>,
+    pub(crate) discard: Option<Discard>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logical_block_size: Option<u32>,
+    pub(crate) logical_block_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub physical_block_size: Option<u32>,
+    pub(crate) physical_block_size: Option<u32>,
     /// Attach LIVE and CONFIG (survives a guest reboot) rather than LIVE only.
     #[serde(default = "yes")]
-    pub persist: bool,
+    pub(crate) persist: bool,
     #[serde(default)]
-    pub qos: Qos,
+    pub(crate) qos: Qos,
 }
 
 fn yes() -> bool {
@@ -135,14 +145,14 @@ impl Default for DiskOptions {
 
 /// Everything CreateVolume's parameters say.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VolumeParams {
-    pub pool: Option<String>,
-    pub format: Option<ImageFormat>,
-    pub disk: DiskOptions,
+pub(crate) struct VolumeParams {
+    pub(crate) pool: Option<String>,
+    pub(crate) format: Option<ImageFormat>,
+    pub(crate) disk: DiskOptions,
 }
 
 /// The parameter keys and what they take; shown in errors and documented in README.md.
-pub const KEYS: &[(&str, &str)] = &[
+pub(crate) const KEYS: &[(&str, &str)] = &[
     ("pool", "name of a configured pool"),
     ("format", "qcow2 | raw"),
     ("bus", "scsi | virtio | sata"),
@@ -167,7 +177,7 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 /// Keys ControllerModifyVolume may change (the others are fixed at creation).
-pub const MUTABLE_KEYS: &[&str] = &[
+pub(crate) const MUTABLE_KEYS: &[&str] = &[
     "totalBytesSec",
     "readBytesSec",
     "writeBytesSec",
@@ -208,7 +218,7 @@ fn block_size(key: &str, value: &str) -> Result<u32> {
 }
 
 /// Applies one QoS key; `Ok(false)` if `key` is not a QoS key.
-pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
+pub(crate) fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
     let slot = match key {
         "totalBytesSec" => &mut qos.total_bytes_sec,
         "readBytesSec" => &mut qos.read_bytes_sec,
@@ -230,10 +240,10 @@ pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
 }
 
 /// QEMU's largest I/O throttle limit (THROTTLE_VALUE_MAX).
-pub const MAX_QOS: u64 = 1_000_000_000_000_000;
+pub(crate) const MAX_QOS: u64 = 1_000_000_000_000_000;
 
 impl VolumeParams {
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
         let mut p = VolumeParams::default();
         if params.len() > 64 {
             return Err(Error::invalid("too many parameters (at most 64)"));
@@ -289,7 +299,7 @@ impl VolumeParams {
 }
 
 impl DiskOptions {
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let (Some(l), Some(ph)) = (self.logical_block_size, self.physical_block_size) {
             if ph < l {
                 return Err(Error::invalid(format!(

@@ -13,19 +13,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// publish_context keys the node plugin reads.
-pub const CTX_SERIAL: &str = "serial";
-pub const CTX_BUS: &str = "bus";
+pub(crate) const CTX_SERIAL: &str = "serial";
+pub(crate) const CTX_BUS: &str = "bus";
 /// Local attach: the host block device path.
-pub const CTX_DEVICE: &str = "devicePath";
+pub(crate) const CTX_DEVICE: &str = "devicePath";
 
 /// What to attach.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
+    /// The CSI volume id (`<pool>.<key>`).
     pub volume_id: String,
+    /// The disk serial the guest sees (`vd-<key>`): how the node finds the device.
     pub serial: String,
+    /// Absolute path of the image to attach (the volume's active layer).
     pub image: PathBuf,
+    /// The image format (`<driver type>`).
     pub format: crate::model::ImageFormat,
+    /// Bus, cache, I/O mode and QoS from the volume's parameters.
     pub options: DiskOptions,
+    /// Attach read-only.
     pub readonly: bool,
     /// Several domains may hold it at once (raw images only).
     pub shareable: bool,
@@ -34,10 +40,15 @@ pub struct DiskSpec {
 /// A volume attached to a node, as read back from the node's live state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
+    /// The node (domain UUID or name, or the local host's id).
     pub node_id: String,
+    /// The CSI volume id (`<pool>.<key>`).
     pub volume_id: String,
+    /// The disk serial (`vd-<key>`).
     pub serial: String,
+    /// The bus the disk is on.
     pub bus: Bus,
+    /// Attached read-only.
     pub readonly: bool,
     /// Extra publish_context entries (e.g. a local device path).
     pub context: BTreeMap<String, String>,
@@ -45,7 +56,7 @@ pub struct Attachment {
 
 impl Attachment {
     /// serial and bus, then the backend's own entries (which win, e.g. `bus=local`).
-    pub fn publish_context(&self) -> BTreeMap<String, String> {
+    pub(crate) fn publish_context(&self) -> BTreeMap<String, String> {
         let mut ctx = BTreeMap::new();
         ctx.insert(CTX_SERIAL.into(), self.serial.clone());
         ctx.insert(
@@ -111,12 +122,13 @@ pub trait Attacher: Send + Sync {
 
 /// The publish request, in domain terms.
 #[derive(Debug, Clone)]
-pub struct Publish {
-    pub node_id: String,
-    pub capability: Capability,
-    pub readonly: bool,
+pub(crate) struct Publish {
+    pub(crate) node_id: String,
+    pub(crate) capability: Capability,
+    pub(crate) readonly: bool,
 }
 
+/// Every attach backend of this process (libvirt hot-plug, local attach), in order: the first that knows a node id attaches there.
 #[derive(Clone, Default)]
 pub struct Attachments {
     backends: Vec<Arc<dyn Attacher>>,
@@ -142,9 +154,10 @@ struct Scan {
 }
 
 /// How long ListVolumes pages may share one read of the nodes.
-pub const LISTING_MAX_AGE: Duration = Duration::from_secs(2);
+pub(crate) const LISTING_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Attachments {
+    /// Backends in the order they are asked; `max_per_node` caps the volumes on one node (0: no cap).
     pub fn new(backends: Vec<Arc<dyn Attacher>>, max_per_node: u64) -> Self {
         Attachments {
             backends,
@@ -158,7 +171,7 @@ impl Attachments {
     /// ListVolumes walk then cost one read of every domain instead of one each): decisions
     /// (publish, unpublish, delete, snapshots) read the nodes now with `all`. Nothing
     /// outlives the process, and a change made elsewhere shows within `max_age`.
-    pub async fn recent(&self, max_age: Duration) -> Result<Arc<Vec<Attachment>>> {
+    pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Vec<Attachment>>> {
         let changes = self.recent.changes.load(Ordering::SeqCst);
         {
             let last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +200,7 @@ impl Attachments {
         self.recent.changes.fetch_add(1, Ordering::SeqCst);
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         !self.backends.is_empty()
     }
 
@@ -201,7 +214,7 @@ impl Attachments {
     }
 
     /// Every attachment of every backend.
-    pub async fn all(&self) -> Result<Vec<Attachment>> {
+    pub(crate) async fn all(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for b in &self.backends {
             out.extend(b.attachments().await?);
@@ -210,7 +223,7 @@ impl Attachments {
     }
 
     /// Nodes a volume is attached to, read from the nodes themselves.
-    pub async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
+    pub(crate) async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
         let mut nodes: Vec<String> = self
             .all()
             .await?
@@ -224,7 +237,7 @@ impl Attachments {
     }
 
     /// Nodes holding the volume writable, i.e. that may be writing its active image now.
-    pub async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
+    pub(crate) async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
         let mut nodes: Vec<String> = self
             .all()
             .await?
@@ -238,7 +251,7 @@ impl Attachments {
     }
 
     /// Live snapshot on the node holding the volume (see `Attacher::snapshot_live`).
-    pub async fn snapshot_live(
+    pub(crate) async fn snapshot_live(
         &self,
         node_id: &str,
         volume_id: &str,
@@ -253,7 +266,7 @@ impl Attachments {
         backend.snapshot_live(node_id, volume_id, new_overlay).await
     }
 
-    pub async fn check_health(&self) -> Result<()> {
+    pub(crate) async fn check_health(&self) -> Result<()> {
         for b in &self.backends {
             b.check_health().await?;
         }
@@ -261,7 +274,7 @@ impl Attachments {
     }
 
     /// ControllerPublishVolume.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         vol: &VolumeRecord,
         image: PathBuf,
@@ -322,7 +335,7 @@ impl Attachments {
     }
 
     /// ControllerUnpublishVolume: OK when not attached or when the node is gone.
-    pub async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
+    pub(crate) async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
         let Some(backend) = self.backend_for(node_id).await? else {
             return Ok(());
         };
@@ -335,7 +348,7 @@ impl Attachments {
     }
 
     /// Online expansion on every node holding the volume; false when it is attached nowhere.
-    pub async fn resize_online(&self, volume_id: &str, size: u64) -> Result<bool> {
+    pub(crate) async fn resize_online(&self, volume_id: &str, size: u64) -> Result<bool> {
         let nodes = self.nodes_of(volume_id).await?;
         for node in &nodes {
             if let Some(b) = self.backend_for(node).await? {
@@ -346,7 +359,7 @@ impl Attachments {
     }
 
     /// Applies QoS on every node holding the volume.
-    pub async fn set_qos(&self, volume_id: &str, qos: &crate::params::Qos) -> Result<()> {
+    pub(crate) async fn set_qos(&self, volume_id: &str, qos: &crate::params::Qos) -> Result<()> {
         for node in self.nodes_of(volume_id).await? {
             if let Some(b) = self.backend_for(&node).await? {
                 b.set_qos(&node, volume_id, qos).await?;

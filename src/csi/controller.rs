@@ -14,7 +14,7 @@ use crate::pool::{
 };
 use tonic::{Request, Response, Status};
 
-pub struct ControllerService {
+pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
     pub guards: OpGuards,
@@ -520,7 +520,7 @@ impl Controller for ControllerService {
 
 /// Index of the first entry at or after `token` (the id of the next entry to return).
 /// A token that is not a volume id of ours is invalid: ABORTED, as the spec asks.
-pub fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Result<usize> {
+pub(crate) fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Result<usize> {
     check_token(token)?;
     Ok(all.partition_point(|v| id(v).as_str() < token))
 }

@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tonic::{Request, Response, Status};
 
-pub struct NodeService {
+pub(crate) struct NodeService {
     pub node_id: String,
     pub config: NodeConfig,
     pub ops: NodeOps,
 }
 
 impl NodeService {
-    pub fn new(node_id: String, config: NodeConfig) -> Self {
+    pub(crate) fn new(node_id: String, config: NodeConfig) -> Self {
         let ops = NodeOps::new(&config);
         NodeService {
             node_id,

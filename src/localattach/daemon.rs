@@ -10,9 +10,9 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const PROGRAM: &str = "qemu-storage-daemon";
+pub(super) const PROGRAM: &str = "qemu-storage-daemon";
 /// The format node that the export serves and QMP resizes.
-pub const DISK_NODE: &str = "disk0";
+pub(super) const DISK_NODE: &str = "disk0";
 
 /// QemuOpts syntax doubles commas in values.
 fn opts_escape(s: &str) -> String {
@@ -20,7 +20,7 @@ fn opts_escape(s: &str) -> String {
 }
 
 /// The command line (arguments after the program name).
-pub fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
+pub(super) fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
     let ro = rec.readonly;
     let mut file = json!({
         "driver": "file",
@@ -67,13 +67,13 @@ pub fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
 }
 
 /// Starts the daemon; returns once the export is mounted (`--daemonize` waits for that).
-pub async fn start(slot: &Slot, rec: &Record, discard: bool) -> Result<()> {
+pub(super) async fn start(slot: &Slot, rec: &Record, discard: bool) -> Result<()> {
     exec::run(PROGRAM, args(slot, rec, discard)).await?;
     Ok(())
 }
 
 /// The daemon's pid, if its pid file names a live qemu-storage-daemon of this slot. Blocking.
-pub fn running_pid(slot: &Slot) -> Option<i32> {
+pub(super) fn running_pid(slot: &Slot) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(slot.pid_path())
         .ok()?
         .trim()
@@ -108,7 +108,7 @@ fn alive(pid: i32) -> bool {
 
 /// Stops the slot's daemon (SIGTERM, then SIGKILL) and waits until it is gone. OK when none
 /// runs. On SIGTERM the daemon unmounts its export and closes the image cleanly.
-pub async fn stop(slot: &Slot) -> Result<()> {
+pub(super) async fn stop(slot: &Slot) -> Result<()> {
     let s = slot.clone();
     let Some(pid) = exec::blocking(move || Ok(running_pid(&s))).await? else {
         return Ok(());
@@ -123,7 +123,7 @@ pub async fn stop(slot: &Slot) -> Result<()> {
             if e == nix::errno::Errno::ESRCH {
                 return Ok(());
             }
-            return Err(Error::internal(format!("signalling {PROGRAM} {pid}: {e}")));
+            return Err(Error::sys(format!("signalling {PROGRAM} {pid}"), e));
         }
         let start = Instant::now();
         // The daemon usually exits within milliseconds: look again soon, then less often.

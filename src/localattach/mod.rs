@@ -27,16 +27,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// publish_context `bus` of a locally attached volume.
-pub const BUS_LOCAL: &str = "local";
+pub(crate) const BUS_LOCAL: &str = "local";
 
-pub struct LocalAttacher {
+pub(crate) struct LocalAttacher {
     node_id: String,
     state_dir: PathBuf,
     sysfs: Sysfs,
 }
 
 /// The backend for `cfg`, when local attach is on (default: monolith mode only).
-pub async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>>> {
+pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>>> {
     let enabled = cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith);
     if !enabled || !cfg.mode.runs_controller() {
         return Ok(None);
@@ -54,7 +54,7 @@ fn key_of(volume_id: &str) -> Result<String> {
 
 impl LocalAttacher {
     /// Opens the state directory and cleans up what an interrupted attach left behind.
-    pub async fn open(node_id: String, state_dir: PathBuf) -> Result<Self> {
+    pub(crate) async fn open(node_id: String, state_dir: PathBuf) -> Result<Self> {
         let dir = state_dir.clone();
         exec::blocking(move || {
             std::fs::create_dir_all(&dir)
@@ -151,7 +151,7 @@ impl LocalAttacher {
             for m in table.under(&s.dir) {
                 tracing::warn!(mount = %m.mount_point.display(), "detaching a leftover FUSE export");
                 nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH).map_err(
-                    |e| Error::internal(format!("unmounting {}: {e}", m.mount_point.display())),
+                    |e| Error::sys(format!("unmounting {}", m.mount_point.display()), e),
                 )?;
             }
             match std::fs::remove_dir_all(&s.dir) {

@@ -10,7 +10,7 @@ use tokio::net::UnixStream;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `command` with `arguments` on the QMP socket; returns its `return` value.
-pub async fn execute(socket: &Path, command: &str, arguments: Value) -> Result<Value> {
+pub(super) async fn execute(socket: &Path, command: &str, arguments: Value) -> Result<Value> {
     tokio::time::timeout(TIMEOUT, execute_inner(socket, command, arguments))
         .await
         .map_err(|_| {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 impl NodeOps {
     /// Returns the device's size after expansion.
-    pub async fn expand(&self, r: ExpandRequest) -> Result<u64> {
+    pub(crate) async fn expand(&self, r: ExpandRequest) -> Result<u64> {
         let _g = self.guard(&r.volume_id)?;
         let path = resolve(&r.volume_path).await?;
         if matches!(lstat(&path).await, Ok(None)) {

@@ -2,19 +2,19 @@
 //! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
 //! sysfs), so a restarted plugin picks up exactly where the last one stopped.
 
-pub mod discover;
+pub(crate) mod discover;
 mod expand;
-pub mod fs;
+pub(crate) mod fs;
 pub mod mountinfo;
-pub mod paths;
+pub(crate) mod paths;
 mod publish;
 mod robind;
 mod stage;
 mod stats;
-pub mod sysfs;
+pub(crate) mod sysfs;
 
-pub use discover::DeviceQuery;
-pub use stats::{Condition, Usage, UsageUnit, VolumeStats};
+pub(crate) use discover::DeviceQuery;
+pub(crate) use stats::UsageUnit;
 pub use sysfs::Sysfs;
 
 use crate::config::NodeConfig;
@@ -33,45 +33,45 @@ pub const BLOCK_STAGE_FILE: &str = "virtdisk-block-device";
 
 /// NodeStageVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct StageRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub capability: Capability,
-    pub device: DeviceQuery,
+pub(crate) struct StageRequest {
+    pub(crate) volume_id: String,
+    pub(crate) staging_path: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) device: DeviceQuery,
     /// The volume's file system when the capability names none (volume_context `fsType`).
-    pub default_fs: Option<String>,
+    pub(crate) default_fs: Option<String>,
 }
 
 /// NodePublishVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct PublishRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub target_path: PathBuf,
-    pub capability: Capability,
-    pub readonly: bool,
+pub(crate) struct PublishRequest {
+    pub(crate) volume_id: String,
+    pub(crate) staging_path: PathBuf,
+    pub(crate) target_path: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) readonly: bool,
 }
 
 /// NodeExpandVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct ExpandRequest {
-    pub volume_id: String,
-    pub volume_path: PathBuf,
-    pub staging_path: Option<PathBuf>,
-    pub required_bytes: u64,
+pub(crate) struct ExpandRequest {
+    pub(crate) volume_id: String,
+    pub(crate) volume_path: PathBuf,
+    pub(crate) staging_path: Option<PathBuf>,
+    pub(crate) required_bytes: u64,
     /// From the capability when given; else read from what is mounted.
-    pub block: Option<bool>,
+    pub(crate) block: Option<bool>,
 }
 
 #[derive(Clone)]
-pub struct NodeOps {
+pub(crate) struct NodeOps {
     sysfs: Sysfs,
     device_wait: Duration,
     guards: OpGuards,
 }
 
 impl NodeOps {
-    pub fn new(cfg: &NodeConfig) -> Self {
+    pub(crate) fn new(cfg: &NodeConfig) -> Self {
         NodeOps {
             sysfs: Sysfs::new(cfg.sysfs_root(), cfg.dev_root()),
             device_wait: cfg.device_wait(),
@@ -85,7 +85,7 @@ impl NodeOps {
 
     /// The serial to look for: the publish_context's, else the one derived from the volume id
     /// (Nomad keeps publish_context in memory only and may lose it).
-    pub fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
+    pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
         if q.serial.is_empty() {
             q.serial = ObjectId::parse_volume(volume_id)?
                 .map(|o| o.serial())

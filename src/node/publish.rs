@@ -49,7 +49,7 @@ async fn ensure_target(target: &Path, block: bool) -> Result<()> {
 }
 
 impl NodeOps {
-    pub async fn publish(&self, r: PublishRequest) -> Result<()> {
+    pub(crate) async fn publish(&self, r: PublishRequest) -> Result<()> {
         let _g = self.guard(&r.volume_id)?;
         let block = r.capability.is_block();
         let readonly = r.readonly || r.capability.access_mode.is_read_only();
@@ -117,7 +117,7 @@ impl NodeOps {
         Ok(())
     }
 
-    pub async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+    pub(crate) async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
         let _g = self.guard(volume_id)?;
         let target = resolve(target_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.

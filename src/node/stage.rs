@@ -80,7 +80,7 @@ fn describe(m: &MountEntry) -> String {
 }
 
 impl NodeOps {
-    pub async fn stage(&self, r: StageRequest) -> Result<()> {
+    pub(crate) async fn stage(&self, r: StageRequest) -> Result<()> {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
         let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
@@ -280,7 +280,7 @@ impl NodeOps {
         Ok(())
     }
 
-    pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+    pub(crate) async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let _g = self.guard(volume_id)?;
         let staging = resolve(staging_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.
@@ -319,7 +319,7 @@ impl NodeOps {
 /// The capability's flags, plus what the node needs: `ro` for read-only disks and modes,
 /// `nouuid` for xfs (a clone or snapshot restore carries its origin's UUID, which xfs would
 /// refuse to mount twice on one node).
-pub fn mount_options(flags: &[String], fs_type: &str, read_only: bool) -> Vec<String> {
+pub(super) fn mount_options(flags: &[String], fs_type: &str, read_only: bool) -> Vec<String> {
     let mut opts: Vec<String> = Vec::new();
     let mut push = |o: &str| {
         if !opts.iter().any(|x| x == o) {

@@ -10,29 +10,29 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageUnit {
+pub(crate) enum UsageUnit {
     Bytes,
     Inodes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Usage {
-    pub unit: UsageUnit,
-    pub total: u64,
-    pub available: u64,
-    pub used: u64,
+pub(crate) struct Usage {
+    pub(crate) unit: UsageUnit,
+    pub(crate) total: u64,
+    pub(crate) available: u64,
+    pub(crate) used: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    pub abnormal: bool,
-    pub message: String,
+pub(crate) struct Condition {
+    pub(crate) abnormal: bool,
+    pub(crate) message: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct VolumeStats {
-    pub usage: Vec<Usage>,
-    pub condition: Condition,
+pub(crate) struct VolumeStats {
+    pub(crate) usage: Vec<Usage>,
+    pub(crate) condition: Condition,
 }
 
 fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
@@ -75,7 +75,7 @@ fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
 }
 
 impl NodeOps {
-    pub async fn stats(
+    pub(crate) async fn stats(
         &self,
         volume_id: &str,
         volume_path: &Path,

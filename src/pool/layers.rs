@@ -29,13 +29,15 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
+use tonic::Code;
 
+/// How many layers a volume's chain may reach before it is flattened (`[snapshots] max_chain_depth`).
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
 
 /// What snapshots, clones and the flattener need besides the pools: who holds a volume live,
 /// the per-object guards shared with the RPCs, and the chain depth limit.
 #[derive(Clone)]
-pub struct LayerContext {
+pub(super) struct LayerContext {
     pub(super) attachments: Attachments,
     pub(super) guards: OpGuards,
     pub(super) max_chain_depth: usize,
@@ -65,10 +67,10 @@ impl std::fmt::Debug for LayerContext {
 /// A volume's former active layer, now read-only, and the chain under it.
 #[derive(Debug, Clone)]
 pub(super) struct Frozen {
-    pub layer: String,
-    pub backing: Vec<String>,
+    pub(crate) layer: String,
+    pub(crate) backing: Vec<String>,
     /// Live freezes only: whether the guest's file systems were quiesced.
-    pub quiesced: Option<bool>,
+    pub(crate) quiesced: Option<bool>,
 }
 
 /// Whether `name` is a layer file this plugin made: `<16 hex>[-<hex>].(qcow2|raw)`.
@@ -122,11 +124,11 @@ pub(super) fn key_of_volume(id: &str) -> Result<String> {
 }
 
 impl Pool {
-    pub fn snapshots_dir(&self) -> std::path::PathBuf {
+    pub(crate) fn snapshots_dir(&self) -> std::path::PathBuf {
         self.dir().join("snapshots")
     }
 
-    pub fn flatten_dir(&self) -> std::path::PathBuf {
+    pub(crate) fn flatten_dir(&self) -> std::path::PathBuf {
         self.dir().join("flatten")
     }
 
@@ -188,7 +190,7 @@ impl Pool {
 
     /// Removes the layer files no record names any more. Returns how many went.
     /// Blocking: call through `exec::blocking`.
-    pub fn collect_garbage(&self) -> Result<usize> {
+    pub(crate) fn collect_garbage(&self) -> Result<usize> {
         self.with_layers_locked(|| {
             // Files first, records second: a file created after the listing is not
             // considered, and one created before it was named by a record written earlier.
@@ -259,10 +261,6 @@ impl Pools {
         self.layers.guards = guards;
         self.layers.max_chain_depth = max_chain_depth.max(2);
         self
-    }
-
-    pub fn max_chain_depth(&self) -> usize {
-        self.layers.max_chain_depth
     }
 
     pub(super) fn pool_of(&self, name: &str) -> Result<Arc<Pool>> {
@@ -341,12 +339,13 @@ impl Pools {
                 self.note_depth(&rec);
                 Ok((frozen, rec))
             }
-            Err(e @ (Error::Unavailable(_) | Error::Timeout(_)))
-                if rec
-                    .chain
-                    .freezing
-                    .as_ref()
-                    .is_some_and(|f| f.handed_to_domain) =>
+            Err(e)
+                if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    && rec
+                        .chain
+                        .freezing
+                        .as_ref()
+                        .is_some_and(|f| f.handed_to_domain) =>
             {
                 // Unknown outcome: the node may already write to the overlay, so it must not be
                 // deleted. The record keeps the pending switch; pool recovery completes it.

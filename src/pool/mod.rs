@@ -3,7 +3,7 @@
 
 mod flatten;
 mod layers;
-pub mod qemu_img;
+pub(crate) mod qemu_img;
 pub mod record;
 mod snapshots;
 mod sources;
@@ -12,7 +12,9 @@ mod volumes;
 pub use layers::DEFAULT_MAX_CHAIN_DEPTH;
 pub use record::{RecordState, SnapshotRecord, VolumeRecord};
 pub use snapshots::CreateSnapshot;
-pub use volumes::{topology_fits, CapacityQuery, CreateVolume, Pools, TopologyRequirement, MIB};
+pub use volumes::TopologyRequirement;
+pub(crate) use volumes::{CapacityQuery, MIB};
+pub use volumes::{CreateVolume, Pools};
 
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
@@ -36,7 +38,7 @@ pub struct Pool {
 impl Pool {
     /// Creates the directories if needed and finishes or undoes what a crash interrupted.
     /// Blocking: call through `exec::blocking`.
-    pub fn open(cfg: PoolConfig) -> Result<Pool> {
+    pub(crate) fn open(cfg: PoolConfig) -> Result<Pool> {
         let pool = Pool {
             cfg,
             layers_lock: Default::default(),
@@ -54,27 +56,27 @@ impl Pool {
         Ok(pool)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.cfg.name
     }
 
-    pub fn config(&self) -> &PoolConfig {
+    pub(crate) fn config(&self) -> &PoolConfig {
         &self.cfg
     }
 
-    pub fn topology(&self) -> &BTreeMap<String, String> {
+    pub(crate) fn topology(&self) -> &BTreeMap<String, String> {
         &self.cfg.topology
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.cfg.path
     }
 
-    pub fn volumes_dir(&self) -> PathBuf {
+    pub(crate) fn volumes_dir(&self) -> PathBuf {
         self.cfg.path.join("volumes")
     }
 
-    pub fn images_dir(&self) -> PathBuf {
+    pub(crate) fn images_dir(&self) -> PathBuf {
         self.cfg.path.join("images")
     }
 
@@ -83,19 +85,20 @@ impl Pool {
     }
 
     /// Absolute path of an image file of this pool.
-    pub fn image_path(&self, file: &str) -> PathBuf {
+    pub(crate) fn image_path(&self, file: &str) -> PathBuf {
         self.images_dir().join(file)
     }
 
-    pub fn volume_id(&self, key: &str) -> String {
+    pub(crate) fn volume_id(&self, key: &str) -> String {
         ObjectId::new(&self.cfg.name, key).to_string()
     }
 
     /// Reads one record (any state).
-    pub fn read_volume(&self, key: &str) -> Result<Option<VolumeRecord>> {
+    pub(crate) fn read_volume(&self, key: &str) -> Result<Option<VolumeRecord>> {
         fsutil::read_json(&self.record_path(key))
     }
 
+    /// Writes a volume record atomically (temp, fsync, rename, fsync dir). Blocking.
     pub fn write_volume(&self, rec: &VolumeRecord) -> Result<()> {
         let key = ObjectId::parse_volume(&rec.id)?
             .ok_or_else(|| Error::internal(format!("bad volume id {}", rec.id)))?
@@ -103,12 +106,12 @@ impl Pool {
         fsutil::write_json(&self.record_path(&key), rec)
     }
 
-    pub fn remove_volume_record(&self, key: &str) -> Result<()> {
+    pub(crate) fn remove_volume_record(&self, key: &str) -> Result<()> {
         fsutil::remove_durable(&self.record_path(key))
     }
 
     /// The keys of every volume record (any state), from the directory listing alone.
-    pub fn volume_keys(&self) -> Result<Vec<String>> {
+    pub(crate) fn volume_keys(&self) -> Result<Vec<String>> {
         let dir = self.volumes_dir();
         let entries =
             fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
@@ -127,7 +130,7 @@ impl Pool {
     }
 
     /// One record, or None when it is gone or unreadable (logged): for listings.
-    pub fn read_volume_for_listing(&self, key: &str) -> Option<VolumeRecord> {
+    pub(crate) fn read_volume_for_listing(&self, key: &str) -> Option<VolumeRecord> {
         match self.read_volume(key) {
             Ok(rec) => rec,
             Err(e) => {
@@ -138,7 +141,7 @@ impl Pool {
     }
 
     /// Every record of the pool, any state, sorted by id.
-    pub fn all_volumes(&self) -> Result<Vec<VolumeRecord>> {
+    pub(crate) fn all_volumes(&self) -> Result<Vec<VolumeRecord>> {
         let mut out: Vec<VolumeRecord> = self
             .volume_keys()?
             .iter()
@@ -149,7 +152,7 @@ impl Pool {
     }
 
     /// Free bytes of the filesystem holding the pool.
-    pub fn free_bytes(&self) -> Result<u64> {
+    pub(crate) fn free_bytes(&self) -> Result<u64> {
         let st = nix::sys::statvfs::statvfs(self.dir()).map_err(|e| {
             Error::io(
                 format!("statvfs {}", self.dir().display()),
@@ -160,7 +163,7 @@ impl Pool {
     }
 
     /// Whether the pool directory accepts new files (Probe's readiness check).
-    pub fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         let probe = tempfile::Builder::new()
             .prefix(".probe-")
             .tempfile_in(self.volumes_dir())
@@ -210,7 +213,7 @@ impl Pool {
     }
 
     /// Removes a volume's image and then its record (in that order: no orphan image).
-    pub fn discard_volume(&self, rec: &VolumeRecord) -> Result<()> {
+    pub(crate) fn discard_volume(&self, rec: &VolumeRecord) -> Result<()> {
         let key = ObjectId::parse_volume(&rec.id)?
             .ok_or_else(|| Error::internal(format!("bad volume id {}", rec.id)))?
             .key;

@@ -13,10 +13,14 @@ use crate::ids::{self, ObjectId};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// A CreateSnapshot request, validated by the caller.
 #[derive(Debug, Clone)]
 pub struct CreateSnapshot {
+    /// The CSI snapshot name.
     pub name: String,
+    /// The volume to snapshot.
     pub source_volume_id: String,
+    /// The CreateSnapshot parameters.
     pub parameters: BTreeMap<String, String>,
 }
 
@@ -25,10 +29,11 @@ impl Pool {
         self.snapshots_dir().join(format!("{key}.json"))
     }
 
-    pub fn read_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>> {
+    pub(crate) fn read_snapshot(&self, key: &str) -> Result<Option<SnapshotRecord>> {
         fsutil::read_json(&self.snapshot_path(key))
     }
 
+    /// Writes a snapshot record atomically (temp, fsync, rename, fsync dir). Blocking.
     pub fn write_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
         let key = ObjectId::parse_snapshot(&rec.id)?
             .ok_or_else(|| Error::internal(format!("bad snapshot id {}", rec.id)))?
@@ -36,12 +41,12 @@ impl Pool {
         fsutil::write_json(&self.snapshot_path(&key), rec)
     }
 
-    pub fn remove_snapshot_record(&self, key: &str) -> Result<()> {
+    pub(crate) fn remove_snapshot_record(&self, key: &str) -> Result<()> {
         fsutil::remove_durable(&self.snapshot_path(key))
     }
 
     /// Every snapshot record of the pool, any state, sorted by id (unreadable ones skipped).
-    pub fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+    pub(crate) fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
         let dir = self.snapshots_dir();
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
@@ -149,7 +154,7 @@ impl Pools {
     }
 
     /// A Ready snapshot by id; `Ok(None)` when it does not exist.
-    pub async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+    pub(crate) async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
         let Some(oid) = ObjectId::parse_snapshot(id)? else {
             return Ok(None);
         };
@@ -180,7 +185,7 @@ impl Pools {
 
     /// DeleteSnapshot: OK for unknown ids. The record goes at once; the layer stays while a
     /// volume still reads through it and is removed with the last of them.
-    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+    pub(crate) async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let Some(oid) = ObjectId::parse_snapshot(id)? else {
             return Ok(());
         };
@@ -206,7 +211,7 @@ impl Pools {
     }
 
     /// The guard keys of a CreateSnapshot: the snapshot's name and its source volume.
-    pub fn snapshot_guard_keys(name: &str, source_volume_id: &str) -> Result<Vec<String>> {
+    pub(crate) fn snapshot_guard_keys(name: &str, source_volume_id: &str) -> Result<Vec<String>> {
         let mut keys = vec![crate::guard::snapshot_key(&ids::snapshot_key_for_name(
             name,
         ))];

@@ -15,35 +15,46 @@ use crate::params::VolumeParams;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// The largest volume: qcow2 with 64 KiB clusters stops at 2 PiB, and sizes near 2^63 overflow
 /// QEMU's arithmetic, so anything above 1 PiB is OUT_OF_RANGE up front.
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+pub(super) const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A topology: segment key → value.
-pub type Topology = BTreeMap<String, String>;
+pub(super) type Topology = BTreeMap<String, String>;
 
+/// CSI accessibility requirements: which topology segments a new volume must or should be in.
 #[derive(Debug, Clone, Default)]
 pub struct TopologyRequirement {
+    /// The volume must be accessible from one of these.
     pub requisite: Vec<Topology>,
+    /// Prefer these, in order.
     pub preferred: Vec<Topology>,
 }
 
+/// A CreateVolume request, validated by the caller.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
+    /// The CSI volume name (idempotency key).
     pub name: String,
+    /// At least this many bytes (0: the default size).
     pub required_bytes: u64,
+    /// At most this many bytes (0: no limit).
     pub limit_bytes: u64,
+    /// The capabilities the volume must support.
     pub capabilities: Vec<Capability>,
+    /// The CreateVolume parameters (pool, bus, QoS, …).
     pub parameters: BTreeMap<String, String>,
+    /// A snapshot or volume to start from.
     pub content_source: Option<ContentSource>,
+    /// Where the volume must be accessible.
     pub topology: TopologyRequirement,
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct CapacityQuery {
-    pub parameters: BTreeMap<String, String>,
-    pub topology: Option<Topology>,
+pub(crate) struct CapacityQuery {
+    pub(crate) parameters: BTreeMap<String, String>,
+    pub(crate) topology: Option<Topology>,
 }
 
 /// All pools of this controller.
@@ -57,7 +68,7 @@ pub struct Pools {
 
 /// Whether a pool with topology `pool` is reachable from `wanted` (a pool with no topology is
 /// reachable from everywhere).
-pub fn topology_fits(pool: &Topology, wanted: &Topology) -> bool {
+pub(crate) fn topology_fits(pool: &Topology, wanted: &Topology) -> bool {
     pool.is_empty() || wanted.iter().all(|(k, v)| pool.get(k) == Some(v))
 }
 
@@ -66,7 +77,7 @@ fn round_up(n: u64, to: u64) -> u64 {
 }
 
 /// The size a volume gets: the requirement (or the default) rounded up to 1 MiB, within limit.
-pub fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
+pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
     if limit > 0 && required > limit {
         return Err(Error::OutOfRange(format!(
             "required_bytes {required} is larger than limit_bytes {limit}"
@@ -120,10 +131,11 @@ impl Pools {
         })
     }
 
-    pub fn all(&self) -> &[Arc<Pool>] {
+    pub(crate) fn all(&self) -> &[Arc<Pool>] {
         &self.pools
     }
 
+    /// The pool named `name`, if configured.
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.iter().find(|p| p.name() == name)
     }
@@ -141,43 +153,29 @@ impl Pools {
     }
 
     /// Like `volume`, but NOT_FOUND when absent.
-    pub async fn require_volume(&self, id: &str) -> Result<VolumeRecord> {
+    pub(crate) async fn require_volume(&self, id: &str) -> Result<VolumeRecord> {
         self.volume(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
     /// The absolute path of a volume's active image.
-    pub fn image_path(&self, rec: &VolumeRecord) -> Result<std::path::PathBuf> {
+    pub(crate) fn image_path(&self, rec: &VolumeRecord) -> Result<std::path::PathBuf> {
         let pool = self
             .get(&rec.pool)
             .ok_or_else(|| Error::internal(format!("pool {} is not configured", rec.pool)))?;
         Ok(pool.image_path(&rec.image))
     }
 
-    /// Every Ready volume of every pool, sorted by id.
-    pub async fn list(&self) -> Result<Vec<VolumeRecord>> {
-        let pools = self.pools.clone();
-        exec::blocking(move || {
-            let mut all = Vec::new();
-            for p in pools.iter() {
-                all.extend(
-                    p.all_volumes()?
-                        .into_iter()
-                        .filter(|r| r.state == RecordState::Ready),
-                );
-            }
-            all.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok(all)
-        })
-        .await
-    }
-
     /// One page of ListVolumes: up to `max` Ready volumes in id order, from the first id at or
     /// after `start` ("" = the beginning), and the id to continue from ("" at the end). Only
     /// the directory listings are read in full; records are read for the page alone, so paging
     /// through N volumes reads each record once instead of N/page times.
-    pub async fn list_page(&self, start: &str, max: usize) -> Result<(Vec<VolumeRecord>, String)> {
+    pub(crate) async fn list_page(
+        &self,
+        start: &str,
+        max: usize,
+    ) -> Result<(Vec<VolumeRecord>, String)> {
         let pools = self.pools.clone();
         let start = start.to_string();
         exec::blocking(move || {
@@ -231,7 +229,7 @@ impl Pools {
     }
 
     /// GetCapacity: the most a single new volume matching the query could get.
-    pub async fn capacity(&self, q: CapacityQuery) -> Result<u64> {
+    pub(crate) async fn capacity(&self, q: CapacityQuery) -> Result<u64> {
         let params = VolumeParams::parse(&q.parameters)?;
         let candidates: Vec<Arc<Pool>> = self
             .pools
@@ -507,7 +505,7 @@ impl Pools {
     }
 
     /// DeleteVolume: OK for unknown ids. The caller checks that the volume is not published.
-    pub async fn delete(&self, id: &str) -> Result<()> {
+    pub(crate) async fn delete(&self, id: &str) -> Result<()> {
         let Some(oid) = ObjectId::parse_volume(id)? else {
             return Ok(());
         };
@@ -536,7 +534,7 @@ impl Pools {
     }
 
     /// Offline expansion with `qemu-img resize`. Returns the new record.
-    pub async fn expand_offline(
+    pub(crate) async fn expand_offline(
         &self,
         id: &str,
         required: u64,
@@ -557,7 +555,7 @@ impl Pools {
     }
 
     /// The size an expansion should reach (≥ current), checked against the pool cap.
-    pub async fn expansion_target(
+    pub(crate) async fn expansion_target(
         &self,
         rec: &VolumeRecord,
         required: u64,
@@ -607,7 +605,7 @@ impl Pools {
     }
 
     /// Rewrites a volume's record.
-    pub async fn save(&self, rec: &VolumeRecord) -> Result<()> {
+    pub(crate) async fn save(&self, rec: &VolumeRecord) -> Result<()> {
         let pool = self
             .get(&rec.pool)
             .cloned()
@@ -617,7 +615,7 @@ impl Pools {
     }
 
     /// Readiness: every pool directory is writable.
-    pub async fn check_writable(&self) -> Result<()> {
+    pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
         exec::blocking(move || pools.iter().try_for_each(|p| p.check_writable())).await
     }

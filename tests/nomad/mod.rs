@@ -194,6 +194,7 @@ impl Fingerprint {
 
 /// Why an allocation's claim failed, as Nomad's claim loop sees it (§1.5).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub enum ClaimError {
     /// ControllerPublish said FailedPrecondition: the client retries the claim with backoff.
     Retryable(Status),
