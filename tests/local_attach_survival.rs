@@ -11,19 +11,13 @@
 //! parameters give it the fresh file system's root; another test gives a group access through
 //! `volume_mount_group` (Kubernetes fsGroup). Needs root.
 
-mod common;
-#[path = "local_attach/env.rs"]
-mod env;
-
-use common::*;
-use env::*;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
 
 /// The storage daemons' cgroup of this test run, relative to each hierarchy's root.
 fn daemon_cgroup() -> String {

@@ -6,16 +6,9 @@
 
 #![cfg(feature = "libvirt")]
 
-mod common;
-#[path = "local_attach/env.rs"]
-#[allow(dead_code)]
-mod env;
-
-use common::*;
-use env::*;
 use std::path::Path;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
 
 fn config() -> String {
     "[node]\ndevice_wait_secs = 2\n\
