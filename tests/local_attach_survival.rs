@@ -284,47 +284,22 @@ fn assert_records(file: &Path, n: u64) {
     }
 }
 
-/// The storage daemon of `vol` (pid from its pid file), if alive.
-fn daemon_pid(env: &Env, vol: &csi::Volume) -> Option<i32> {
-    let key = vol.volume_id.rsplit_once('.').unwrap().1;
-    let pid_file = env
-        .plugin
-        .data_dir()
-        .join("localattach")
-        .join(key)
-        .join("qsd.pid");
-    let pid: i32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    (!stat.contains(") Z")).then_some(pid)
-}
-
 async fn volume_condition(env: &Env, vol: &csi::Volume) -> csi::VolumeCondition {
     let got = env
         .plugin
         .controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-        })
+        .volume(&vol.volume_id)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     got.status.unwrap().volume_condition.unwrap()
 }
 
 async fn listed_condition(env: &Env, vol: &csi::Volume) -> csi::VolumeCondition {
-    let listed = env
+    let entry = env
         .plugin
         .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
+        .all_volumes()
         .await
-        .unwrap()
-        .into_inner();
-    let entry = listed
-        .entries
         .into_iter()
         .find(|e| e.volume.as_ref().unwrap().volume_id == vol.volume_id)
         .unwrap();
@@ -342,7 +317,7 @@ async fn restart_and_take_over(
     how: &str,
 ) {
     assert_eq!(
-        daemon_pid(env, vol),
+        env.daemon_pid(vol),
         Some(daemon),
         "{how}: the storage daemon died with the plugin"
     );
@@ -424,7 +399,7 @@ async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() 
     let t = env.target("survive-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
     env.publish(&vol, &s, &t, &cap, false).await.unwrap();
-    let daemon = daemon_pid(&env, &vol).expect("storage daemon");
+    let daemon = env.daemon_pid(&vol).expect("storage daemon");
     // The daemon left the plugin's cgroups: it is in its own in every hierarchy a CO kills by.
     let cgroups = std::fs::read_to_string(format!("/proc/{daemon}/cgroup")).unwrap();
     for line in cgroups
@@ -478,7 +453,7 @@ async fn attached_volumes_survive_killing_the_plugin_its_group_and_its_cgroup() 
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
     env.finish(&vol).await;
-    assert_eq!(daemon_pid(&env, &vol), None);
+    assert_eq!(env.daemon_pid(&vol), None);
     // The records survived in the image: stage it again and read them back.
     drop(task);
     remove_daemon_cgroups();
@@ -505,13 +480,13 @@ async fn a_dead_attachment_is_never_reported_healthy_and_is_repaired_when_unused
     write_file(&t, "before", b"written before the crash");
 
     env.plugin.kill();
-    let daemon = daemon_pid(&env, &vol).unwrap();
+    let daemon = env.daemon_pid(&vol).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    while daemon_pid(&env, &vol).is_some() {
+    while env.daemon_pid(&vol).is_some() {
         std::thread::sleep(Duration::from_millis(10));
     }
     env.plugin.restart().await;

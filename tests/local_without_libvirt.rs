@@ -17,14 +17,8 @@ fn config() -> String {
 }
 
 async fn listed(env: &Env, volume_id: &str) -> csi::list_volumes_response::Entry {
-    env.plugin
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .expect("ListVolumes without libvirtd")
-        .into_inner()
-        .entries
-        .into_iter()
+    let all = env.plugin.controller().all_volumes().await;
+    all.into_iter()
         .find(|e| e.volume.as_ref().unwrap().volume_id == volume_id)
         .expect("listed")
 }
@@ -63,19 +57,12 @@ async fn local_volumes_need_no_libvirtd() {
     let status = e.status.unwrap();
     assert_eq!(status.published_node_ids, vec![env.node_id.clone()]);
     assert!(!status.volume_condition.unwrap().abnormal);
-    let got = env
+    let nodes = env
         .plugin
         .controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-        })
-        .await
-        .expect("ControllerGetVolume without libvirtd")
-        .into_inner();
-    assert_eq!(
-        got.status.unwrap().published_node_ids,
-        vec![env.node_id.clone()]
-    );
+        .published_nodes(&vol.volume_id)
+        .await;
+    assert_eq!(nodes, vec![env.node_id.clone()]);
     let s = env.staging("nolv");
     let t = env.target("nolv-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
