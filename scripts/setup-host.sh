@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian 12 machine (as root) to build, run and test virtdisk-csi:
-# packages, the libvirt daemons (no systemd needed) and the Python tools the manifest checks use.
+# packages, the libvirt daemons (no systemd needed) and the Python tools the tests use (manifest
+# validators, a gRPC client).
 # Idempotent: safe to run before every test run.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -11,6 +12,9 @@ need_root
 packages=(
   libvirt-daemon-system libvirt-dev qemu-system-x86 protobuf-compiler libprotobuf-dev
   xfsprogs e2fsprogs util-linux fuse3 busybox-static cpio kmod ca-certificates
+  # A non-English host (German messages from glibc, e2fsprogs, util-linux): the tests check
+  # that tool failures get the same gRPC codes there (src/node/fs.rs locale test).
+  locales e2fsprogs-l10n util-linux-locales
 )
 missing=()
 for p in "${packages[@]}" qemu-utils; do
@@ -27,6 +31,9 @@ if [ ${#missing[@]} -gt 0 ] || [ "$qemu_sys_installed" != "$qemu_utils_installed
     "${packages[@]}" "qemu-utils=${qemu_version}" >/dev/null
 fi
 
+# The German locale those tests run the plugin's tools under.
+locale -a 2>/dev/null | grep -qix 'de_DE.utf8' || localedef -i de_DE -c -f UTF-8 de_DE.UTF-8
+
 # Kernel modules the tests use (best effort: they may be built in).
 for m in loop fuse; do modprobe "$m" 2>/dev/null || true; done
 
@@ -42,5 +49,9 @@ virsh -c qemu:///system version >/dev/null
 # Manifest validation (HCL and Kubernetes schemas, offline).
 python3 -c 'import hcl2, kubernetes_validate' 2>/dev/null ||
   python3 -m pip install -q python-hcl2==8.1.4 kubernetes-validate==1.37.0
+
+# The Python gRPC client of tests/grpc_clients.rs (stubs generated from proto/csi.proto at test time).
+python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
+  python3 -m pip install -q grpcio==1.85.1 grpcio-tools==1.85.1
 
 echo "host ready: $(virsh -c qemu:///system version | awk '/hypervisor/ {print $3, $4}'), $(qemu-img --version | head -1)"

@@ -7,32 +7,40 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_DRIVER_NAME: &str = "virtdisk.csi.io";
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtdisk";
-pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
-pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+pub(crate) const DEFAULT_DRIVER_NAME: &str = "virtdisk.csi.io";
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/virtdisk";
+pub(crate) const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+pub(crate) const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
 
+/// Which CSI services the process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// Controller and Identity services.
     Controller,
+    /// Node and Identity services.
     Node,
+    /// Controller, Node and Identity services in one process.
     Monolith,
 }
 
 impl Mode {
-    pub fn runs_controller(self) -> bool {
+    pub(crate) fn runs_controller(self) -> bool {
         matches!(self, Mode::Controller | Mode::Monolith)
     }
-    pub fn runs_node(self) -> bool {
+    pub(crate) fn runs_node(self) -> bool {
         matches!(self, Mode::Node | Mode::Monolith)
     }
 }
 
+/// One storage pool: a directory holding `images/`, volume and snapshot records.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
+    /// The pool's name: the prefix of its volume ids (`<pool>.<key>`).
     pub name: String,
+    /// The pool's directory (created if missing).
     pub path: PathBuf,
+    /// The image format of new volumes (qcow2 by default).
     #[serde(default)]
     pub format: ImageFormat,
     /// Topology segments of the pool, e.g. `{ "topology.virtdisk.csi.io/host" = "hv1" }`.
@@ -52,59 +60,74 @@ fn default_true() -> bool {
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub(crate) struct NodeConfig {
     /// Reported by NodeGetInfo and enforced by ControllerPublish; 0 = unlimited.
     #[serde(default)]
-    pub max_volumes_per_node: u64,
+    pub(crate) max_volumes_per_node: u64,
     #[serde(default)]
-    pub topology: BTreeMap<String, String>,
+    pub(crate) topology: BTreeMap<String, String>,
     /// Where sysfs is mounted (default /sys); tests point it at a fake tree.
     #[serde(default)]
-    pub sysfs_root: Option<PathBuf>,
+    pub(crate) sysfs_root: Option<PathBuf>,
     /// Where device nodes live (default /dev).
     #[serde(default)]
-    pub dev_root: Option<PathBuf>,
+    pub(crate) dev_root: Option<PathBuf>,
     /// How long NodeStageVolume waits for a hot-plugged disk to appear (default 30 s).
     #[serde(default)]
-    pub device_wait_secs: Option<u64>,
+    pub(crate) device_wait_secs: Option<u64>,
     /// Local attach (this host is a node: its volumes become loop devices here). Default: on
     /// in monolith mode, off in controller mode.
     #[serde(default)]
-    pub local_attach: Option<bool>,
+    pub(crate) local_attach: Option<bool>,
     /// Staging and target paths must lead (symlinks resolved) below one of these directories,
     /// e.g. the CO's plugin directory; empty: any absolute path.
     #[serde(default)]
-    pub allowed_path_roots: Vec<PathBuf>,
+    pub(crate) allowed_path_roots: Vec<PathBuf>,
+    /// Local attach: the storage daemons' cgroup, relative to each hierarchy's root (default
+    /// `virtdisk-csi`), so that stopping the plugin's task or container does not stop them;
+    /// `""` leaves them in the plugin's cgroup.
+    #[serde(default)]
+    pub(crate) daemon_cgroup: Option<String>,
+    /// Only these hierarchies (directory names under `cgroup_root`, e.g. `freezer`,
+    /// `unified`); empty: every hierarchy.
+    #[serde(default)]
+    pub(crate) daemon_cgroup_hierarchies: Vec<String>,
+    /// Where the cgroup hierarchies are mounted (default `/sys/fs/cgroup`; in a container, the
+    /// host's cgroupfs mounted elsewhere).
+    #[serde(default)]
+    pub(crate) cgroup_root: Option<PathBuf>,
 }
 
 impl NodeConfig {
-    pub fn sysfs_root(&self) -> PathBuf {
+    pub(crate) fn sysfs_root(&self) -> PathBuf {
         self.sysfs_root.clone().unwrap_or_else(|| "/sys".into())
     }
 
-    pub fn dev_root(&self) -> PathBuf {
+    pub(crate) fn dev_root(&self) -> PathBuf {
         self.dev_root.clone().unwrap_or_else(|| "/dev".into())
     }
 
-    pub fn device_wait(&self) -> std::time::Duration {
+    pub(crate) fn device_wait(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.device_wait_secs.unwrap_or(30))
     }
 }
 
+/// `[libvirt]`: the hypervisor whose domains are the nodes.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtConfig {
     /// Attach through libvirt in controller modes (builds with the `libvirt` feature).
     #[serde(default = "default_true")]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
+    /// libvirt URI (`qemu:///system` by default).
     #[serde(default = "default_uri")]
     pub uri: String,
     /// How long ControllerUnpublish waits for the guest to release a disk.
     #[serde(default = "default_detach_timeout")]
-    pub detach_timeout_secs: u64,
+    pub(crate) detach_timeout_secs: u64,
     /// Which id of a domain published_node_ids reports; publish accepts either.
     #[serde(default)]
-    pub node_id: NodeIdKind,
+    pub(crate) node_id: NodeIdKind,
 }
 
 /// Which id of a libvirt domain is its node id.
@@ -140,11 +163,11 @@ impl Default for LibvirtConfig {
 /// Snapshots, restores and clones (`[snapshots]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct SnapshotConfig {
+pub(crate) struct SnapshotConfig {
     /// Most images a volume's backing chain may hold (its active layer included); deeper
     /// chains are flattened in the background. At least 2.
     #[serde(default = "default_max_chain_depth")]
-    pub max_chain_depth: usize,
+    pub(crate) max_chain_depth: usize,
 }
 
 fn default_max_chain_depth() -> usize {
@@ -162,47 +185,50 @@ impl Default for SnapshotConfig {
 /// The TOML file's shape.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     #[serde(default)]
-    pub driver_name: Option<String>,
+    pub(crate) driver_name: Option<String>,
     #[serde(default)]
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     #[serde(default)]
-    pub default_volume_size: Option<u64>,
+    pub(crate) default_volume_size: Option<u64>,
     #[serde(default, rename = "pool")]
-    pub pools: Vec<PoolConfig>,
+    pub(crate) pools: Vec<PoolConfig>,
     #[serde(default)]
-    pub node: NodeConfig,
+    pub(crate) node: NodeConfig,
     #[serde(default)]
-    pub libvirt: LibvirtConfig,
+    pub(crate) libvirt: LibvirtConfig,
     #[serde(default)]
-    pub snapshots: SnapshotConfig,
+    pub(crate) snapshots: SnapshotConfig,
 }
 
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub mode: Mode,
-    pub driver_name: String,
-    pub data_dir: PathBuf,
-    pub node_id: Option<String>,
-    pub default_volume_size: u64,
+    pub(crate) mode: Mode,
+    pub(crate) driver_name: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) node_id: Option<String>,
+    pub(crate) default_volume_size: u64,
+    /// The storage pools (the embedded `default` pool when none is configured).
     pub pools: Vec<PoolConfig>,
-    pub node: NodeConfig,
+    pub(crate) node: NodeConfig,
+    /// `[libvirt]` settings.
     pub libvirt: LibvirtConfig,
-    pub snapshots: SnapshotConfig,
+    pub(crate) snapshots: SnapshotConfig,
 }
 
 /// Flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    pub driver_name: Option<String>,
-    pub data_dir: Option<PathBuf>,
-    pub node_id: Option<String>,
-    pub libvirt_uri: Option<String>,
+    pub(crate) driver_name: Option<String>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) node_id: Option<String>,
+    pub(crate) libvirt_uri: Option<String>,
 }
 
 impl Config {
+    /// Reads the TOML `file` (if any) for `mode`, applies `ov` and validates everything; InvalidArgument names the bad setting.
     pub fn load(mode: Mode, file: Option<&Path>, ov: Overrides) -> Result<Config> {
         let fc = match file {
             Some(p) => {
@@ -217,7 +243,7 @@ impl Config {
         Self::from_file_config(mode, fc, ov)
     }
 
-    pub fn from_file_config(mode: Mode, fc: FileConfig, ov: Overrides) -> Result<Config> {
+    pub(crate) fn from_file_config(mode: Mode, fc: FileConfig, ov: Overrides) -> Result<Config> {
         let data_dir = ov
             .data_dir
             .or(fc.data_dir)

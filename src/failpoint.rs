@@ -95,7 +95,7 @@ fn pause_ms() -> Option<u64> {
 
 #[cfg(debug_assertions)]
 #[doc(hidden)]
-pub fn hit(name: &'static str) {
+pub(crate) fn hit(name: &'static str) {
     debug_assert!(
         POINTS.contains(&name),
         "failpoint {name} is missing from failpoint::POINTS"

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
 /// temp file in the same directory, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))?;
@@ -23,7 +23,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Removes a file durably; a missing file is not an error.
-pub fn remove_durable(path: &Path) -> Result<()> {
+pub(crate) fn remove_durable(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -35,25 +35,11 @@ pub fn remove_durable(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Renames durably (both names live in the same directory or the same filesystem).
-pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
-    fs::rename(from, to).map_err(|e| {
-        Error::io(
-            format!("renaming {} to {}", from.display(), to.display()),
-            e,
-        )
-    })?;
-    if let Some(dir) = to.parent() {
-        sync_dir(dir)?;
-    }
-    Ok(())
-}
-
 /// fsyncs every file at once: independent durable steps (a new image, its directory, a
 /// record's temp file) then cost about one device flush instead of one each. The calling
 /// thread syncs the first file; the others go to a few long-lived helper threads (a thread
 /// start per commit would cost more than it saves).
-pub fn sync_all_at_once(files: &[(&File, &Path)]) -> Result<()> {
+pub(crate) fn sync_all_at_once(files: &[(&File, &Path)]) -> Result<()> {
     let sync = |f: &File, p: &Path| {
         f.sync_all()
             .map_err(|e| Error::io(format!("syncing {}", p.display()), e))
@@ -141,18 +127,18 @@ fn helpers() -> &'static Helpers {
 }
 
 /// Opens a directory for fsync.
-pub fn open_dir(dir: &Path) -> Result<File> {
+pub(crate) fn open_dir(dir: &Path) -> Result<File> {
     File::open(dir).map_err(|e| Error::io(format!("opening directory {}", dir.display()), e))
 }
 
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
 /// Reads a JSON record; `Ok(None)` when the file does not exist.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             Error::internal(format!(
@@ -165,6 +151,7 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
 }
 
+/// Writes `value` as JSON to `path` atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;

@@ -1,24 +1,27 @@
-//! Per-object operation guard: a second concurrent operation on the same volume, name or
-//! snapshot is rejected with ABORTED (CSI "operation pending"), as the spec allows.
+//! Per-object operation guard within one process: a second concurrent operation on the same
+//! object is rejected with ABORTED (CSI "operation pending"), as the spec allows. The node
+//! service uses it; the controller's volumes and snapshots are guarded by locks in their pool
+//! (`pool::store`), which also exclude other processes.
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+/// The set of objects (volumes, snapshots) with an operation in flight, shared by the services of one process.
 #[derive(Clone, Default)]
 pub struct OpGuards {
     busy: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Held while an operation runs; releases its keys on drop.
-pub struct OpGuard {
+pub(crate) struct OpGuard {
     busy: Arc<Mutex<HashSet<String>>>,
     keys: Vec<String>,
 }
 
 impl OpGuards {
-    /// Takes every key or none. Keys are like `vol:<id>`, `name:<name>`, `snap:<id>`.
-    pub fn try_acquire(&self, keys: &[String]) -> Result<OpGuard> {
+    /// Takes every key or none. Keys are like `vol:<id>`, `snap:<id>`.
+    pub(crate) fn try_acquire(&self, keys: &[String]) -> Result<OpGuard> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = keys.iter().find(|k| busy.contains(*k)) {
             return Err(Error::Aborted(format!(
@@ -39,9 +42,7 @@ impl OpGuards {
 fn describe(key: &str) -> String {
     match key.split_once(':') {
         Some(("vol", id)) => format!("volume {id}"),
-        Some(("name", n)) => format!("the volume or snapshot named {n:?}"),
         Some(("snap", id)) => format!("snapshot {id}"),
-        Some(("stage", p)) => format!("path {p}"),
         _ => key.to_string(),
     }
 }

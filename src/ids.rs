@@ -11,12 +11,12 @@ use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 
 /// The CSI spec bounds ids and names to 128 bytes.
-pub const MAX_ID_LEN: usize = 128;
-pub const MAX_NAME_LEN: usize = 128;
+pub(crate) const MAX_ID_LEN: usize = 128;
+pub(crate) const MAX_NAME_LEN: usize = 128;
 const KEY_HEX: usize = 16;
 
 /// Rejects anything that could escape a directory or break a file name.
-pub fn check_safe_id(what: &str, id: &str) -> Result<()> {
+pub(crate) fn check_safe_id(what: &str, id: &str) -> Result<()> {
     if id.is_empty() {
         return Err(Error::invalid(format!("{what} is required")));
     }
@@ -39,7 +39,7 @@ pub fn check_safe_id(what: &str, id: &str) -> Result<()> {
 }
 
 /// Names are any UTF-8 up to 128 bytes without NUL; they are stored, never used as paths.
-pub fn check_name(what: &str, name: &str) -> Result<()> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid(format!("{what} is required")));
     }
@@ -56,7 +56,7 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// Pool names become part of ids and directory names.
-pub fn check_pool_name(name: &str) -> Result<()> {
+pub(crate) fn check_pool_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 32
         && name
@@ -111,11 +111,12 @@ pub fn legacy_snapshot_key(name: &str) -> String {
 /// A parsed object id: `<pool>.<key>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId {
-    pub pool: String,
-    pub key: String,
+    pub(crate) pool: String,
+    pub(crate) key: String,
 }
 
 impl ObjectId {
+    /// The id of object `key` in pool `pool` (no validation: both come from validated input).
     pub fn new(pool: &str, key: &str) -> Self {
         ObjectId {
             pool: pool.to_string(),
@@ -125,11 +126,11 @@ impl ObjectId {
 
     /// Parses a volume id. `Err(InvalidArgument)` if unsafe; `Ok(None)` if safe but not one of
     /// ours (such a volume cannot exist).
-    pub fn parse_volume(id: &str) -> Result<Option<ObjectId>> {
+    pub(crate) fn parse_volume(id: &str) -> Result<Option<ObjectId>> {
         Self::parse(id, "volume id", false)
     }
 
-    pub fn parse_snapshot(id: &str) -> Result<Option<ObjectId>> {
+    pub(crate) fn parse_snapshot(id: &str) -> Result<Option<ObjectId>> {
         Self::parse(id, "snapshot id", true)
     }
 
@@ -155,7 +156,7 @@ impl ObjectId {
     }
 
     /// The 20-byte-safe disk serial for a volume key (virtio-blk truncates serials at 20 bytes).
-    pub fn serial(&self) -> String {
+    pub(crate) fn serial(&self) -> String {
         format!("vd-{}", self.key)
     }
 }

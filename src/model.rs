@@ -4,23 +4,26 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+/// The on-disk format of a volume image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
+    /// QEMU copy-on-write image (snapshots and clones are layers).
     #[default]
     Qcow2,
+    /// Plain raw image (no snapshots; may be shared by several domains).
     Raw,
 }
 
 impl ImageFormat {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Raw => "raw",
         }
     }
 
-    pub fn parse(s: &str) -> Result<Self> {
+    pub(crate) fn parse(s: &str) -> Result<Self> {
         match s {
             "qcow2" => Ok(ImageFormat::Qcow2),
             "raw" => Ok(ImageFormat::Raw),
@@ -31,20 +34,28 @@ impl ImageFormat {
     }
 }
 
+/// The CSI access mode of a volume capability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessMode {
+    /// CSI SINGLE_NODE_WRITER.
     SingleNodeWriter,
+    /// CSI SINGLE_NODE_READER_ONLY.
     SingleNodeReaderOnly,
+    /// CSI MULTI_NODE_READER_ONLY.
     MultiNodeReaderOnly,
+    /// CSI MULTI_NODE_SINGLE_WRITER.
     MultiNodeSingleWriter,
+    /// CSI MULTI_NODE_MULTI_WRITER.
     MultiNodeMultiWriter,
+    /// CSI SINGLE_NODE_SINGLE_WRITER.
     SingleNodeSingleWriter,
+    /// CSI SINGLE_NODE_MULTI_WRITER.
     SingleNodeMultiWriter,
 }
 
 impl AccessMode {
-    pub fn is_multi_node(self) -> bool {
+    pub(crate) fn is_multi_node(self) -> bool {
         matches!(
             self,
             AccessMode::MultiNodeReaderOnly
@@ -53,7 +64,7 @@ impl AccessMode {
         )
     }
 
-    pub fn is_read_only(self) -> bool {
+    pub(crate) fn is_read_only(self) -> bool {
         matches!(
             self,
             AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
@@ -61,7 +72,7 @@ impl AccessMode {
     }
 
     /// Several writers at once (across nodes) need a shareable raw disk.
-    pub fn is_multi_writer(self) -> bool {
+    pub(crate) fn is_multi_writer(self) -> bool {
         matches!(
             self,
             AccessMode::MultiNodeSingleWriter | AccessMode::MultiNodeMultiWriter
@@ -70,35 +81,42 @@ impl AccessMode {
 }
 
 /// File systems the node can create and grow.
-pub const FS_TYPES: &[&str] = &["ext4", "xfs"];
-pub const DEFAULT_FS_TYPE: &str = "ext4";
+pub(crate) const FS_TYPES: &[&str] = &["ext4", "xfs"];
+pub(crate) const DEFAULT_FS_TYPE: &str = "ext4";
 
+/// How a workload uses the volume: a raw block device or a mounted filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AccessType {
+    /// A raw block device.
     Block,
+    /// A mounted filesystem.
     Mount {
         /// Empty means "the plugin's default" (ext4).
         #[serde(default)]
         fs_type: String,
+        /// Extra mount options.
         #[serde(default)]
         mount_flags: Vec<String>,
     },
 }
 
+/// A CSI volume capability: access type and access mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capability {
+    /// Block or mount (with its filesystem type and flags).
     pub access_type: AccessType,
+    /// Who may read and write it, from how many nodes.
     pub access_mode: AccessMode,
 }
 
 impl Capability {
-    pub fn is_block(&self) -> bool {
+    pub(crate) fn is_block(&self) -> bool {
         matches!(self.access_type, AccessType::Block)
     }
 
     /// Checks the capability on its own and against a volume of `format`.
-    pub fn check(&self, format: ImageFormat) -> Result<()> {
+    pub(crate) fn check(&self, format: ImageFormat) -> Result<()> {
         if let AccessType::Mount {
             fs_type,
             mount_flags,
@@ -133,7 +151,7 @@ impl Capability {
 }
 
 /// Mount flags go to mount(8) as one `-o` list: no separators or control characters.
-pub fn check_mount_flag(flag: &str) -> Result<()> {
+pub(crate) fn check_mount_flag(flag: &str) -> Result<()> {
     let ok = !flag.is_empty()
         && flag.len() <= 256
         && flag
@@ -152,6 +170,8 @@ pub fn check_mount_flag(flag: &str) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "id")]
 pub enum ContentSource {
+    /// A snapshot id: the volume starts as that point in time.
     Snapshot(String),
+    /// A volume id: the volume starts as a copy of that volume.
     Volume(String),
 }

@@ -10,18 +10,22 @@ use std::collections::BTreeMap;
 /// Keys the external-provisioner adds (`--extra-create-metadata`); informational, ignored.
 const K8S_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The bus a disk is hot-plugged on (`bus` parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Bus {
+    /// virtio-scsi: attaches in milliseconds, detaches at once; the default.
     #[default]
     Scsi,
+    /// virtio-blk: one PCI slot per disk; needs the guest's cooperation to detach.
     Virtio,
+    /// SATA (AHCI): for guests without virtio drivers; no hot-plug on most machine types.
     Sata,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Cache {
+pub(crate) enum Cache {
     None,
     Writethrough,
     Writeback,
@@ -31,7 +35,7 @@ pub enum Cache {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum IoMode {
+pub(crate) enum IoMode {
     Native,
     Threads,
     IoUring,
@@ -39,7 +43,7 @@ pub enum IoMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Discard {
+pub(crate) enum Discard {
     Unmap,
     Ignore,
 }
@@ -47,26 +51,32 @@ pub enum Discard {
 /// `<iotune>` limits; 0/None means unlimited. `total_*` excludes `read_*`/`write_*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Qos {
+    /// Bytes per second, reads and writes together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes_sec: Option<u64>,
+    /// Read bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_bytes_sec: Option<u64>,
+    /// Write bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_bytes_sec: Option<u64>,
+    /// I/O operations per second, reads and writes together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_iops_sec: Option<u64>,
+    /// Read operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_iops_sec: Option<u64>,
+    /// Write operations per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_iops_sec: Option<u64>,
 }
 
 impl Qos {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Qos::default()
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let both = |t: Option<u64>, r: Option<u64>, w: Option<u64>, what: &str| {
             if t.is_some() && (r.is_some() || w.is_some()) {
                 Err(Error::invalid(format!(
@@ -96,22 +106,22 @@ impl Qos {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskOptions {
     #[serde(default)]
-    pub bus: Bus,
+    pub(crate) bus: Bus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache: Option<Cache>,
+    pub(crate) cache: Option<Cache>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io: Option<IoMode>,
+    pub(crate) io: Option<IoMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discard: Option<Discard>,
+    pub(crate) discard: Option<Discard>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logical_block_size: Option<u32>,
+    pub(crate) logical_block_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub physical_block_size: Option<u32>,
+    pub(crate) physical_block_size: Option<u32>,
     /// Attach LIVE and CONFIG (survives a guest reboot) rather than LIVE only.
     #[serde(default = "yes")]
-    pub persist: bool,
+    pub(crate) persist: bool,
     #[serde(default)]
-    pub qos: Qos,
+    pub(crate) qos: Qos,
 }
 
 fn yes() -> bool {
@@ -135,14 +145,82 @@ impl Default for DiskOptions {
 
 /// Everything CreateVolume's parameters say.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VolumeParams {
-    pub pool: Option<String>,
-    pub format: Option<ImageFormat>,
-    pub disk: DiskOptions,
+pub(crate) struct VolumeParams {
+    pub(crate) pool: Option<String>,
+    pub(crate) format: Option<ImageFormat>,
+    pub(crate) disk: DiskOptions,
+    pub(crate) root: RootOwnership,
+}
+
+/// Owner and mode of a fresh file system's root directory (`rootUid`, `rootGid`, `rootMode`),
+/// set by the node right after it formats the volume: a task that runs as a non-root user
+/// (Nomad's `exec` driver runs tasks as `nobody`) can then write. Nomad sends no fsGroup, so
+/// these are its way; Kubernetes uses fsGroup (`volume_mount_group`) instead. They travel to
+/// the node in the volume_context under the same keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RootOwnership {
+    pub(crate) uid: Option<u32>,
+    pub(crate) gid: Option<u32>,
+    /// Permission bits, setuid/setgid/sticky included (at most 0o7777).
+    pub(crate) mode: Option<u32>,
+}
+
+/// The keys of `RootOwnership` (parameters and volume_context alike).
+pub(crate) const ROOT_KEYS: [&str; 3] = ["rootUid", "rootGid", "rootMode"];
+
+impl RootOwnership {
+    pub(crate) fn is_empty(&self) -> bool {
+        *self == RootOwnership::default()
+    }
+
+    /// Applies one key; `Ok(false)` if `key` is not one of `ROOT_KEYS`.
+    pub(crate) fn apply(&mut self, key: &str, value: &str) -> Result<bool> {
+        match key {
+            "rootUid" => self.uid = Some(id_number(key, value)?),
+            "rootGid" => self.gid = Some(id_number(key, value)?),
+            "rootMode" => self.mode = Some(mode_bits(key, value)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// From a volume_context (the node's view); unknown keys are not its business.
+    pub(crate) fn from_context(ctx: &BTreeMap<String, String>) -> Result<Self> {
+        let mut r = RootOwnership::default();
+        for key in ROOT_KEYS {
+            if let Some(v) = ctx.get(key) {
+                r.apply(key, v)?;
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A user or group id: decimal, 0 to 4294967294 (4294967295 is the kernel's "no id").
+pub(crate) fn id_number(key: &str, value: &str) -> Result<u32> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n != u32::MAX && !value.trim().starts_with('+') => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "{key}={value:?} is invalid: use a numeric id from 0 to 4294967294"
+        ))),
+    }
+}
+
+/// Octal permission bits such as `0775` or `2770`, at most `7777`.
+fn mode_bits(key: &str, value: &str) -> Result<u32> {
+    let v = value.trim();
+    let ok = !v.is_empty() && v.len() <= 5 && v.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(v, 8) {
+        Ok(n) if ok && n <= 0o7777 => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "parameter {key}={value:?} is invalid: use octal permission bits such as 0775 \
+             (at most 7777)"
+        ))),
+    }
 }
 
 /// The parameter keys and what they take; shown in errors and documented in README.md.
-pub const KEYS: &[(&str, &str)] = &[
+pub(crate) const KEYS: &[(&str, &str)] = &[
     ("pool", "name of a configured pool"),
     ("format", "qcow2 | raw"),
     ("bus", "scsi | virtio | sata"),
@@ -158,6 +236,12 @@ pub const KEYS: &[(&str, &str)] = &[
         "512..65536, power of two, >= logicalBlockSize",
     ),
     ("persist", "true | false"),
+    ("rootUid", "numeric uid owning a fresh file system's root"),
+    ("rootGid", "numeric gid owning a fresh file system's root"),
+    (
+        "rootMode",
+        "octal mode of a fresh file system's root, e.g. 0775",
+    ),
     ("totalBytesSec", "bytes/s"),
     ("readBytesSec", "bytes/s"),
     ("writeBytesSec", "bytes/s"),
@@ -167,7 +251,7 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 /// Keys ControllerModifyVolume may change (the others are fixed at creation).
-pub const MUTABLE_KEYS: &[&str] = &[
+pub(crate) const MUTABLE_KEYS: &[&str] = &[
     "totalBytesSec",
     "readBytesSec",
     "writeBytesSec",
@@ -208,7 +292,7 @@ fn block_size(key: &str, value: &str) -> Result<u32> {
 }
 
 /// Applies one QoS key; `Ok(false)` if `key` is not a QoS key.
-pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
+pub(crate) fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
     let slot = match key {
         "totalBytesSec" => &mut qos.total_bytes_sec,
         "readBytesSec" => &mut qos.read_bytes_sec,
@@ -230,10 +314,10 @@ pub fn apply_qos(qos: &mut Qos, key: &str, value: &str) -> Result<bool> {
 }
 
 /// QEMU's largest I/O throttle limit (THROTTLE_VALUE_MAX).
-pub const MAX_QOS: u64 = 1_000_000_000_000_000;
+pub(crate) const MAX_QOS: u64 = 1_000_000_000_000_000;
 
 impl VolumeParams {
-    pub fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
+    pub(crate) fn parse(params: &BTreeMap<String, String>) -> Result<Self> {
         let mut p = VolumeParams::default();
         if params.len() > 64 {
             return Err(Error::invalid("too many parameters (at most 64)"));
@@ -272,6 +356,7 @@ impl VolumeParams {
                         }
                     }
                 }
+                other if p.root.apply(other, value)? => {}
                 other => {
                     if !apply_qos(&mut d.qos, other, value)? {
                         let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
@@ -289,7 +374,7 @@ impl VolumeParams {
 }
 
 impl DiskOptions {
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let (Some(l), Some(ph)) = (self.logical_block_size, self.physical_block_size) {
             if ph < l {
                 return Err(Error::invalid(format!(
@@ -342,6 +427,14 @@ mod tests {
         assert!(!p.disk.persist);
         assert_eq!(p.disk.qos.read_bytes_sec, Some(1048576));
         assert_eq!(p.disk.qos.total_iops_sec, Some(100));
+        let r = VolumeParams::parse(&map(&[
+            ("rootUid", "65534"),
+            ("rootGid", "0"),
+            ("rootMode", "2775"),
+        ]))
+        .unwrap()
+        .root;
+        assert_eq!((r.uid, r.gid, r.mode), (Some(65534), Some(0), Some(0o2775)));
     }
 
     #[test]
@@ -359,6 +452,13 @@ mod tests {
             vec![("persist", "yes")],
             vec![("totalBytesSec", "1000000000000001")],
             vec![("writeIopsSec", "18446744073709551615")],
+            vec![("rootUid", "nobody")],
+            vec![("rootUid", "-1")],
+            vec![("rootGid", "4294967295")],
+            vec![("rootMode", "0778")],
+            vec![("rootMode", "17777")],
+            vec![("rootMode", "rwx")],
+            vec![("rootMode", "")],
         ] {
             let err = VolumeParams::parse(&map(&bad)).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");

@@ -1,6 +1,11 @@
 //! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
 //! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed). A `tcp://`
 //! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
+//! Every accepted connection goes through [`authority::AuthorityFix`], so that clients which
+//! send the socket path as HTTP/2 `:authority` (Python grpcio, grpc-java, Nomad 1.0–1.2) get
+//! answers.
+
+mod authority;
 
 use crate::attach::Attachments;
 use crate::config::Config;
@@ -23,7 +28,7 @@ use tokio_stream::StreamExt;
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
-pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
+pub(crate) fn socket_path(endpoint: &str) -> Result<PathBuf> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     if path.is_empty() || !path.starts_with('/') {
         return Err(Error::invalid(format!(
@@ -35,14 +40,14 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf> {
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
+pub(crate) enum Listen {
     Unix(PathBuf),
     /// No authentication and no TLS: only for an isolated network (a test guest's port forward).
     Tcp(SocketAddr),
 }
 
 /// `unix:///path` or `/path` → a unix socket; `tcp://ip:port` → TCP.
-pub fn listen_address(endpoint: &str) -> Result<Listen> {
+pub(crate) fn listen_address(endpoint: &str) -> Result<Listen> {
     match endpoint.strip_prefix("tcp://") {
         Some(addr) => addr.parse().map(Listen::Tcp).map_err(|_| {
             Error::invalid(format!(
@@ -53,7 +58,7 @@ pub fn listen_address(endpoint: &str) -> Result<Listen> {
     }
 }
 
-pub struct ServeOptions {
+pub(crate) struct ServeOptions {
     pub listen: Listen,
     /// Group allowed to use the socket (mode 0660); none → 0600.
     pub socket_group: Option<String>,
@@ -103,11 +108,18 @@ async fn shutdown_signal() {
 }
 
 /// Builds the services for `cfg.mode` and serves until a signal arrives.
-pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
+pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
             .with_layers(attachers.clone(), cfg.snapshots.max_chain_depth);
+        if attachers.ledgers_need_init() {
+            // The volumes that exist before the attach ledger does may be attached anywhere.
+            let (existing, _) = pools.list_page("", usize::MAX).await?;
+            attachers
+                .init_ledgers(existing.into_iter().map(|(v, _)| v.id).collect())
+                .await?;
+        }
         pools.start_flattener();
         Some(pools)
     } else {
@@ -157,7 +169,9 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
         Listen::Unix(path) => {
             let listener = bind(path, &opts)?;
             tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
-            Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal))
+            let incoming = UnixListenerStream::new(listener)
+                .map(|conn| conn.map(authority::AuthorityFix::new));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
@@ -170,6 +184,7 @@ pub async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> R
                 conn.inspect(|stream| {
                     let _ = stream.set_nodelay(true);
                 })
+                .map(authority::AuthorityFix::new)
             });
             Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
         }

@@ -5,24 +5,11 @@
 //! format), and `qemu-img check` clean. Plain qcow2 at sizes from 1 MiB to 1 PiB, raw, and the
 //! overlays a snapshot and a restore make.
 
-mod common;
-
-use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use virtdisk_csi::csi::proto as csi;
-
-const MIB: i64 = 1 << 20;
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use virtdisk_test_support::pool::volume_image;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::qemu::qemu_img;
 
 /// `qemu-img info` without what names the file itself or depends on how it is allocated.
 fn info_without_names(path: &Path) -> Value {
@@ -36,14 +23,7 @@ fn info_without_names(path: &Path) -> Value {
 
 /// The volume's active image, from its record.
 fn image_of(p: &Plugin, volume_id: &str) -> PathBuf {
-    let key = volume_id.rsplit_once('.').unwrap().1;
-    let rec: Value = serde_json::from_slice(
-        &std::fs::read(p.pool_dir().join(format!("volumes/{key}.json"))).unwrap(),
-    )
-    .unwrap();
-    p.pool_dir()
-        .join("images")
-        .join(rec["image"].as_str().unwrap())
+    volume_image(&p.pool_dir(), volume_id)
 }
 
 /// What `qemu-img create` makes for the same image, in `dir`.

@@ -13,22 +13,18 @@
 //!
 //! The sequence is random but reproducible: `VDT_STORM_SEED=<n>` replays a run.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::csi::proto::controller_client::ControllerClient;
 use virtdisk_csi::ids;
+use virtdisk_test_support::calls::{delete_snapshot, list_snapshots};
+use virtdisk_test_support::local_attach as env;
+use virtdisk_test_support::pool::{
+    assert_pool_clean, volume_image, wait_flattening_settled, PoolView,
+};
+use virtdisk_test_support::prelude::*;
 
 const CLIENTS: usize = 16;
 const CALLS_PER_CLIENT: usize = 40;
@@ -156,88 +152,49 @@ struct Answer {
     capacity: Option<i64>,
 }
 
-/// Performs `call`; returns the capacity a create or expand answered and the id a create
-/// answered.
+/// Performs `call` on `target` (the volume or snapshot id it acts on); returns the capacity a
+/// create or expand answered and the id a create answered.
 async fn perform(
     c: &mut ControllerClient<Channel>,
     node: &str,
     call: &Call,
     target: &str,
-) -> Result<(Option<i64>, Option<String>), tonic::Status> {
-    let cap = || mount_cap("ext4", Mode::SingleNodeWriter);
-    let volume_id = |_: &usize| target.to_string();
+) -> Result<(Option<i64>, Option<String>), Status> {
+    let none = |_| (None, None);
     match call {
         Call::Create { name, raw } => {
-            let mut req = create_req(NAMES[*name], 16 * MIB);
-            if *raw {
-                req.parameters = params(&[("format", "raw")]);
-            }
-            c.create_volume(req).await.map(|r| {
-                let v = r.into_inner().volume.unwrap();
-                (Some(v.capacity_bytes), Some(v.volume_id))
-            })
+            let format: &[(&str, &str)] = if *raw { &[("format", "raw")] } else { &[] };
+            let req = csi::CreateVolumeRequest {
+                parameters: params(format),
+                ..create_req(NAMES[*name], 16 * MIB)
+            };
+            c.create(req)
+                .await
+                .map(|v| (Some(v.capacity_bytes), Some(v.volume_id)))
         }
-        Call::Delete(v) => c
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: volume_id(v),
-                ..Default::default()
-            })
+        Call::Delete(_) => c.delete(target).await.map(none),
+        Call::Expand(_, size) => {
+            let req = csi::ControllerExpandVolumeRequest {
+                volume_capability: Some(ext4_cap()),
+                ..expand_req(target, *size)
+            };
+            c.expand(req).await.map(|r| (Some(r.capacity_bytes), None))
+        }
+        Call::Snapshot { snap, .. } => {
+            let req = snapshot_req(SNAPSHOTS[*snap], target);
+            c.snapshot(req).await.map(|s| (None, Some(s.snapshot_id)))
+        }
+        Call::DeleteSnapshot(_) => c.remove_snapshot(target).await.map(none),
+        Call::Publish(_) => c
+            .publish(publish_req(target, node))
             .await
             .map(|_| (None, None)),
-        Call::Expand(v, size) => c
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: volume_id(v),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: *size,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(cap()),
-                ..Default::default()
-            })
-            .await
-            .map(|r| (Some(r.into_inner().capacity_bytes), None)),
-        Call::Snapshot { snap, .. } => c
-            .create_snapshot(csi::CreateSnapshotRequest {
-                name: SNAPSHOTS[*snap].into(),
-                source_volume_id: target.to_string(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| (None, Some(r.into_inner().snapshot.unwrap().snapshot_id))),
-        Call::DeleteSnapshot(_) => c
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: target.to_string(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| (None, None)),
-        Call::Publish(v) => c
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: volume_id(v),
-                node_id: node.into(),
-                volume_capability: Some(cap()),
-                ..Default::default()
-            })
-            .await
-            .map(|_| (None, None)),
-        Call::Unpublish(v) => c
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume_id(v),
-                node_id: node.into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| (None, None)),
-        Call::Get(v) => c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: volume_id(v),
-            })
-            .await
-            .map(|_| (None, None)),
-        Call::List => c
-            .list_volumes(csi::ListVolumesRequest::default())
-            .await
-            .map(|_| (None, None)),
+        Call::Unpublish(_) => c.unpublish(unpublish_req(target, node)).await.map(none),
+        Call::Get(_) => c.volume(target).await.map(|_| (None, None)),
+        Call::List => {
+            let req = csi::ListVolumesRequest::default();
+            c.list_volumes(req).await.map(|_| (None, None))
+        }
     }
 }
 
@@ -397,11 +354,8 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
             "too few {kind} to prove anything (try another VDT_STORM_SEED)"
         );
     }
-    e.plugin
-        .identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .expect("the plugin is still up and ready");
+    let ready = e.plugin.identity().ready().await;
+    ready.expect("the plugin is still up and ready");
     assert!(!e.plugin.log().contains("panicked"), "a handler panicked");
 
     // Let background flattening settle before reading the pool.
@@ -409,16 +363,9 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
     wait_flattening_settled(&e.plugin, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
 
     // The end state, as the plugin reports it.
-    let listed = e
-        .plugin
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
     let mut exists = BTreeMap::new();
     let mut attached = BTreeMap::new();
-    for entry in &listed.entries {
+    for entry in &e.plugin.controller().all_volumes().await {
         let v = entry.volume.as_ref().unwrap();
         exists.insert(v.volume_id.clone(), v.capacity_bytes);
         let nodes = &entry.status.as_ref().unwrap().published_node_ids;

@@ -7,15 +7,14 @@
 //! pause mode (`VIRTDISK_FAILPOINT_PAUSE_MS`): the operation stops for a while at that step,
 //! holding what it holds there.
 
-mod common;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tonic::Code;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::calls::*;
+use virtdisk_test_support::pool::{
+    assert_index_matches_pool, assert_pool_clean, volume_image, PoolView,
+};
+use virtdisk_test_support::prelude::*;
 
 const M: u64 = 1 << 20;
 
@@ -58,8 +57,8 @@ fn names_on_disk(pool: &Path, name: &str) -> usize {
 
 /// Both processes answer what the pool holds, and the pool is clean.
 async fn assert_agree(a: &Plugin, b: &Plugin, pool: &Path) {
-    assert_index_matches_pool_at(a, pool).await;
-    assert_index_matches_pool_at(b, pool).await;
+    assert_index_matches_pool(a, pool).await;
+    assert_index_matches_pool(b, pool).await;
     assert_pool_clean(pool);
 }
 
@@ -90,9 +89,8 @@ async fn two_processes_creating_one_name_make_one_volume() {
             };
             let name = name.clone();
             calls.spawn(async move {
-                let mut req = create_req(&name, 16 * MIB);
-                req.parameters = params(&[]);
-                virtdisk_csi::csi::proto::controller_client::ControllerClient::new(ch)
+                let req = create_req(&name, 16 * MIB);
+                csi::controller_client::ControllerClient::new(ch)
                     .create_volume(req)
                     .await
                     .map(|r| r.into_inner().volume.unwrap().volume_id)
@@ -121,7 +119,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
         .await;
     let ch = a.channel.clone();
     let first = tokio::spawn(async move {
-        virtdisk_csi::csi::proto::controller_client::ControllerClient::new(ch)
+        csi::controller_client::ControllerClient::new(ch)
             .create_volume(create_req("held", 16 * MIB))
             .await
             .map(|r| r.into_inner().volume.unwrap().volume_id)
@@ -139,7 +137,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
         .await;
     let ch = a.channel.clone();
     let doomed = tokio::spawn(async move {
-        virtdisk_csi::csi::proto::controller_client::ControllerClient::new(ch)
+        csi::controller_client::ControllerClient::new(ch)
             .create_volume(create_req("orphaned", 16 * MIB))
             .await
     });
@@ -174,8 +172,8 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
     let ch = a.channel.clone();
     let v = vol.clone();
     let first = tokio::spawn(async move {
-        virtdisk_csi::csi::proto::controller_client::ControllerClient::new(ch)
-            .create_snapshot(virtdisk_csi::csi::proto::CreateSnapshotRequest {
+        csi::controller_client::ControllerClient::new(ch)
+            .create_snapshot(csi::CreateSnapshotRequest {
                 name: "from-a".into(),
                 source_volume_id: v,
                 ..Default::default()
@@ -209,10 +207,10 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
         };
         let vol = vol.clone();
         calls.spawn(async move {
-            let mut c = virtdisk_csi::csi::proto::controller_client::ControllerClient::new(ch);
+            let mut c = csi::controller_client::ControllerClient::new(ch);
             let r = match i % 3 {
                 0 => c
-                    .create_snapshot(virtdisk_csi::csi::proto::CreateSnapshotRequest {
+                    .create_snapshot(csi::CreateSnapshotRequest {
                         name: format!("storm-{i}"),
                         source_volume_id: vol,
                         ..Default::default()
@@ -220,22 +218,18 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
                     .await
                     .map(drop),
                 1 => c
-                    .controller_expand_volume(
-                        virtdisk_csi::csi::proto::ControllerExpandVolumeRequest {
-                            volume_id: vol,
-                            capacity_range: Some(virtdisk_csi::csi::proto::CapacityRange {
-                                required_bytes: (32 + i) * MIB,
-                                limit_bytes: 0,
-                            }),
-                            ..Default::default()
-                        },
-                    )
+                    .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                        volume_id: vol,
+                        capacity_range: Some(csi::CapacityRange {
+                            required_bytes: (32 + i) * MIB,
+                            limit_bytes: 0,
+                        }),
+                        ..Default::default()
+                    })
                     .await
                     .map(drop),
                 _ => c
-                    .controller_get_volume(virtdisk_csi::csi::proto::ControllerGetVolumeRequest {
-                        volume_id: vol,
-                    })
+                    .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol })
                     .await
                     .map(drop),
             };

@@ -13,19 +13,18 @@
 
 use super::floors;
 use super::footprint::breakdown;
-use super::plugin::{memory_of, BenchPlugin};
-use super::snapshots::{fill, from_source, image_of, reads_back};
+use super::plugin::memory_of;
+use super::snapshots::{fill, image_of, reads_back};
 use super::stats::{mib, ms, timed, PeerRow, Samples};
 use super::Settings;
-use crate::common::{create_req, GIB};
+use csi::{controller_client::ControllerClient, identity_client::IdentityClient};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use virtdisk_csi::csi::proto as csi;
-use virtdisk_csi::csi::proto::{
-    controller_client::ControllerClient, identity_client::IdentityClient,
+use virtdisk_test_support::prelude::{
+    create_from_req, create_req, csi, from_snapshot, from_volume, Source, GIB,
 };
 
 pub const TOOL_ENV: &str = "VIRTDISK_BENCH_HOSTPATH";
@@ -210,7 +209,7 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
         return Vec::new();
     };
     eprintln!("hostpath: side by side with {}", bin.display());
-    let ours = BenchPlugin::start(
+    let ours = super::plugin::start(
         "controller",
         "[libvirt]\nenabled = false\n[snapshots]\nmax_chain_depth = 64\n",
         &[],
@@ -219,7 +218,7 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
     let theirs = HostPath::start(&bin).await;
     let mut rows = Vec::new();
 
-    let (mine, my_anon) = idle_memory(ours.channel.clone(), ours.pid()).await;
+    let (mine, my_anon) = idle_memory(ours.channel.clone(), ours.pid().expect("running")).await;
     let (other, _) = idle_memory(theirs.channel.clone(), theirs.child.id()).await;
     rows.push(
         PeerRow::new("idle memory: RSS / RssAnon / Pss", mine, other)
@@ -228,7 +227,7 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
     );
 
     // The floor of a durable create, in this run, on the same file system.
-    let floor = floors::durable_write(ours.dir.path(), 200);
+    let floor = floors::durable_write(&ours.data_dir(), 200);
 
     let (mut a, mut b) = (ours.controller(), theirs.controller());
     let n = s.creates;
@@ -364,14 +363,14 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
             &mut a,
             &mut ours_s[1],
             &format!("peer-restore-{r}"),
-            snapshot_source(&snap),
+            from_snapshot(&snap),
         )
         .await;
         let cloned = from(
             &mut a,
             &mut ours_s[2],
             &format!("peer-clone-{r}"),
-            volume_source(&src),
+            from_volume(&src),
         )
         .await;
         assert!(reads_back(&image_of(&ours, &restored), 0));
@@ -384,14 +383,14 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
             &mut b,
             &mut theirs_s[1],
             &format!("peer-restore-{r}"),
-            snapshot_source(&snap),
+            from_snapshot(&snap),
         )
         .await;
         let cloned = from(
             &mut b,
             &mut theirs_s[2],
             &format!("peer-clone-{r}"),
-            volume_source(&src),
+            from_volume(&src),
         )
         .await;
         for id in [&restored, &cloned] {
@@ -444,30 +443,13 @@ async fn snapshot(
     .snapshot_id
 }
 
-fn snapshot_source(id: &str) -> csi::volume_content_source::Type {
-    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-        snapshot_id: id.into(),
-    })
-}
-
-fn volume_source(id: &str) -> csi::volume_content_source::Type {
-    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
-        volume_id: id.into(),
-    })
-}
-
 async fn from(
     c: &mut ControllerClient<Channel>,
     s: &mut Samples,
     name: &str,
-    source: csi::volume_content_source::Type,
+    source: Source,
 ) -> String {
-    let mut r = from_source(name, source);
-    r.capacity_range = Some(csi::CapacityRange {
-        required_bytes: GIB,
-        limit_bytes: 0,
-    });
-    timed(s, c.create_volume(r))
+    timed(s, c.create_volume(create_from_req(name, GIB, source)))
         .await
         .unwrap_or_else(|e| panic!("CreateVolume {name}: {e:?}"))
         .into_inner()

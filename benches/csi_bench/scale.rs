@@ -8,14 +8,13 @@
 //! cost seconds and no disk space. The plugin reads them as its own; nothing here depends on
 //! how they were made.
 
-use super::plugin::BenchPlugin;
+use super::plugin::{memory, probe_ready};
 use super::stats::{ms, LatencyRow, Samples, ValueRow};
 use super::Settings;
-use crate::common::{create_req, GIB};
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::ids::{self, ObjectId};
 use virtdisk_csi::pool::VolumeRecord;
+use virtdisk_test_support::prelude::{create_req, csi, Plugin, GIB};
 
 pub struct ScaleResult {
     pub latency: Vec<LatencyRow>,
@@ -51,7 +50,7 @@ fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: us
 }
 
 /// `n` CreateVolume calls and then DeleteVolume of each, one at a time.
-async fn create_delete(p: &BenchPlugin, scale: usize, n: usize) -> (Samples, Samples) {
+async fn create_delete(p: &Plugin, scale: usize, n: usize) -> (Samples, Samples) {
     let mut c = p.controller();
     let (mut creates, mut deletes) = (Samples::default(), Samples::default());
     let mut ids = Vec::new();
@@ -79,9 +78,9 @@ async fn create_delete(p: &BenchPlugin, scale: usize, n: usize) -> (Samples, Sam
 }
 
 /// "RSS / RssAnon / Pss" of the plugin now, and its RssAnon.
-fn memory_text(p: &BenchPlugin) -> (String, u64) {
-    let rss = p.memory().rss;
-    let (anon, _, pss) = super::footprint::breakdown(p.pid());
+fn memory_text(p: &Plugin) -> (String, u64) {
+    let rss = memory(p).rss;
+    let (anon, _, pss) = super::footprint::breakdown(p.pid().expect("plugin is running"));
     (
         format!(
             "{} / {} / {}",
@@ -95,7 +94,7 @@ fn memory_text(p: &BenchPlugin) -> (String, u64) {
 
 /// Pages through every volume with `page` entries per call; returns (per-call samples,
 /// volumes seen).
-async fn list_all(p: &BenchPlugin, page: i32) -> (Samples, usize) {
+async fn list_all(p: &Plugin, page: i32) -> (Samples, usize) {
     let mut c = p.controller();
     let mut s = Samples::default();
     let mut token = String::new();
@@ -123,13 +122,13 @@ async fn list_all(p: &BenchPlugin, page: i32) -> (Samples, usize) {
 }
 
 /// Median of a few start-ups (stop, start, first answer).
-async fn startup(p: &mut BenchPlugin, times: usize) -> (Duration, Duration) {
+async fn startup(p: &mut Plugin, times: usize) -> (Duration, Duration) {
     let mut serving = Vec::new();
     let mut ready = Vec::new();
     for _ in 0..times {
         let t0 = Instant::now();
         serving.push(p.restart().await);
-        while !p.probe_ready().await {
+        while !probe_ready(p).await {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         ready.push(t0.elapsed());
@@ -142,7 +141,7 @@ async fn startup(p: &mut BenchPlugin, times: usize) -> (Duration, Duration) {
 pub async fn run(s: &Settings) -> ScaleResult {
     let mut latency = Vec::new();
     let mut values = Vec::new();
-    let mut p = BenchPlugin::start("controller", "", &[]).await;
+    let mut p = super::plugin::start("controller", "", &[]).await;
     let template = {
         let id = p
             .controller()
@@ -157,7 +156,7 @@ pub async fn run(s: &Settings) -> ScaleResult {
         let bytes = std::fs::read(p.pool_dir().join(format!("volumes/{key}.json"))).unwrap();
         serde_json::from_slice::<VolumeRecord>(&bytes).unwrap()
     };
-    let domains = super::domains::BenchDomain::count_all();
+    let domains = virtdisk_test_support::domain::count_all();
     let mut have = 1;
     // CreateVolume and DeleteVolume p50 at the first scale, for the later ones to compare.
     let mut base: Option<(Duration, Duration)> = None;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 /// Access modes, by the names Nomad and the CSI spec use (`single-node-writer` …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum AccessModeArg {
+pub(crate) enum AccessModeArg {
     #[default]
     SingleNodeWriter,
     SingleNodeReaderOnly,
@@ -17,7 +17,7 @@ pub enum AccessModeArg {
 }
 
 impl AccessModeArg {
-    pub fn to_csi(self) -> csi::volume_capability::access_mode::Mode {
+    pub(crate) fn to_csi(self) -> csi::volume_capability::access_mode::Mode {
         use csi::volume_capability::access_mode::Mode;
         match self {
             AccessModeArg::SingleNodeWriter => Mode::SingleNodeWriter,
@@ -33,7 +33,7 @@ impl AccessModeArg {
 
 /// One volume capability: `--block`, or a file system (`--fs ext4 --mount-flag noatime`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct CapArgs {
+pub(crate) struct CapArgs {
     /// Raw block device instead of a file system.
     #[arg(long, conflicts_with_all = ["fs", "mount_flag"])]
     pub block: bool,
@@ -49,7 +49,7 @@ pub struct CapArgs {
 }
 
 impl CapArgs {
-    pub fn to_csi(&self) -> csi::VolumeCapability {
+    pub(crate) fn to_csi(&self) -> csi::VolumeCapability {
         use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
         let access_type = if self.block {
             AccessType::Block(BlockVolume {})
@@ -70,23 +70,23 @@ impl CapArgs {
 }
 
 /// `key=value` (for `--param`, `--context`, `--publish-context`, `--topology`).
-pub fn key_value(s: &str) -> Result<(String, String), String> {
+pub(super) fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not key=value")),
     }
 }
 
-pub fn to_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+pub(super) fn to_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
     pairs.iter().cloned().collect()
 }
 
 /// clap value parser for sizes.
-pub fn size(s: &str) -> Result<u64, String> {
+pub(super) fn size(s: &str) -> Result<u64, String> {
     super::size::parse(s)
 }
 
 /// Bytes as CSI's int64.
-pub fn bytes_i64(n: u64) -> i64 {
+pub(super) fn bytes_i64(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
 }

@@ -7,7 +7,7 @@ use crate::csi::proto as csi;
 use serde_json::json;
 
 #[derive(Debug, clap::Subcommand)]
-pub enum IdentityCmd {
+pub(crate) enum IdentityCmd {
     /// GetPluginInfo: name and version.
     Info,
     /// GetPluginCapabilities.
@@ -16,7 +16,7 @@ pub enum IdentityCmd {
     Probe,
 }
 
-pub async fn run(cmd: IdentityCmd, ctx: &Ctx) -> Result<Report, ClientError> {
+pub(super) async fn run(cmd: IdentityCmd, ctx: &Ctx) -> Result<Report, ClientError> {
     let mut id = ctx.identity();
     Ok(match cmd {
         IdentityCmd::Info => {

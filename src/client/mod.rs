@@ -6,12 +6,12 @@ mod args;
 mod identity;
 mod node;
 mod render;
-pub mod size;
+pub(crate) mod size;
 mod snapshot;
 mod view;
 mod volume;
 
-pub use render::OutputFormat;
+pub(crate) use render::OutputFormat;
 
 use crate::csi::proto::{
     controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
@@ -20,7 +20,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
-pub struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// The plugin's socket: unix:///path/to/csi.sock
     #[arg(
         long,
@@ -40,7 +40,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Group {
+pub(crate) enum Group {
     /// Identity service: info, caps, probe.
     #[command(subcommand)]
     Identity(identity::IdentityCmd),
@@ -57,7 +57,7 @@ pub enum Group {
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// The plugin answered with an error status.
     #[error("{}: {}", crate::metrics::layer::code_name(.0.code()), .0.message())]
     Rpc(#[from] tonic::Status),
@@ -73,27 +73,27 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.timeout);
         r
     }
 
-    pub fn identity(&self) -> IdentityClient<Channel> {
+    pub(crate) fn identity(&self) -> IdentityClient<Channel> {
         IdentityClient::new(self.channel.clone())
     }
 
-    pub fn controller(&self) -> ControllerClient<Channel> {
+    pub(crate) fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel.clone())
     }
 
-    pub fn node(&self) -> NodeClient<Channel> {
+    pub(crate) fn node(&self) -> NodeClient<Channel> {
         NodeClient::new(self.channel.clone())
     }
 }
 
 /// Runs one command; prints its report to stdout. Errors are for the caller to print.
-pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
+pub(crate) async fn run(args: ClientArgs) -> Result<(), ClientError> {
     let socket = crate::server::socket_path(&args.endpoint)
         .map_err(|e| ClientError::Failed(e.to_string()))?;
     let channel = tokio::time::timeout(

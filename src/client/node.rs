@@ -8,7 +8,7 @@ use crate::csi::proto as csi;
 use serde_json::json;
 
 #[derive(Debug, clap::Subcommand)]
-pub enum NodeCmd {
+pub(crate) enum NodeCmd {
     /// NodeGetInfo: node id, volume limit, topology.
     Info,
     /// NodeGetCapabilities.
@@ -80,7 +80,7 @@ pub enum NodeCmd {
     },
 }
 
-pub async fn run(cmd: NodeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
+pub(super) async fn run(cmd: NodeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
     let mut n = ctx.node();
     Ok(match cmd {
         NodeCmd::Info => {

@@ -4,14 +4,14 @@
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum OutputFormat {
+pub(crate) enum OutputFormat {
     #[default]
     Table,
     Json,
 }
 
 #[derive(Debug, Clone)]
-pub enum Human {
+pub(super) enum Human {
     Table {
         columns: Vec<&'static str>,
         rows: Vec<Vec<String>>,
@@ -23,7 +23,7 @@ pub enum Human {
 }
 
 #[derive(Debug, Clone)]
-pub struct Report {
+pub(super) struct Report {
     pub json: Value,
     pub human: Human,
     /// False when the answer itself means failure (Probe not ready, capabilities not
@@ -32,7 +32,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn message(text: impl Into<String>, json: Value) -> Report {
+    pub(super) fn message(text: impl Into<String>, json: Value) -> Report {
         Report {
             json,
             human: Human::Message(text.into()),
@@ -40,7 +40,7 @@ impl Report {
         }
     }
 
-    pub fn fields(fields: Vec<(&str, String)>, json: Value) -> Report {
+    pub(super) fn fields(fields: Vec<(&str, String)>, json: Value) -> Report {
         Report {
             json,
             human: Human::Fields(
@@ -53,7 +53,7 @@ impl Report {
         }
     }
 
-    pub fn table(
+    pub(super) fn table(
         columns: Vec<&'static str>,
         rows: Vec<Vec<String>>,
         footer: Vec<String>,
@@ -71,7 +71,7 @@ impl Report {
     }
 
     /// A one-column table of capability names (identity, controller and node alike).
-    pub fn capabilities(names: Vec<String>) -> Report {
+    pub(super) fn capabilities(names: Vec<String>) -> Report {
         let rows = names.iter().map(|n| vec![n.clone()]).collect();
         Report::table(
             vec!["CAPABILITY"],
@@ -81,13 +81,13 @@ impl Report {
         )
     }
 
-    pub fn failed_if(mut self, failed: bool) -> Report {
+    pub(super) fn failed_if(mut self, failed: bool) -> Report {
         self.ok = !failed;
         self
     }
 }
 
-pub fn render(report: &Report, format: OutputFormat) -> String {
+pub(super) fn render(report: &Report, format: OutputFormat) -> String {
     match format {
         OutputFormat::Json => {
             let mut s = serde_json::to_string_pretty(&report.json).expect("JSON values serialize");
@@ -126,7 +126,7 @@ pub fn render(report: &Report, format: OutputFormat) -> String {
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
-pub fn table(columns: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(columns: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -158,7 +158,7 @@ pub fn table(columns: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `a=1,b=2` (sorted), or `-` when empty.
-pub fn map_text(map: &std::collections::BTreeMap<String, String>) -> String {
+pub(super) fn map_text(map: &std::collections::BTreeMap<String, String>) -> String {
     if map.is_empty() {
         return "-".into();
     }
@@ -169,7 +169,7 @@ pub fn map_text(map: &std::collections::BTreeMap<String, String>) -> String {
 }
 
 /// Seconds since the epoch → `2026-11-22T11:35:10Z`.
-pub fn timestamp(secs: i64) -> String {
+pub(super) fn timestamp(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Howard Hinnant's civil_from_days.

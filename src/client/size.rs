@@ -2,7 +2,7 @@
 //! go-humanize reads Nomad's capacity_min), `1.5Ti`, `4096` (bytes).
 
 /// Parses a size into bytes.
-pub fn parse(text: &str) -> Result<u64, String> {
+pub(crate) fn parse(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -52,7 +52,7 @@ pub fn parse(text: &str) -> Result<u64, String> {
 }
 
 /// `10737418240` → `10 GiB`; sizes that are not a whole number of the unit get one decimal.
-pub fn format(bytes: u64) -> String {
+pub(crate) fn format(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut unit = 0;
     let mut value = bytes as f64;

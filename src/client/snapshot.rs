@@ -8,7 +8,7 @@ use crate::csi::proto as csi;
 use serde_json::json;
 
 #[derive(Debug, clap::Subcommand)]
-pub enum SnapshotCmd {
+pub(crate) enum SnapshotCmd {
     /// CreateSnapshot (idempotent by name).
     Create {
         /// The snapshot's name: the idempotency key.
@@ -41,7 +41,7 @@ pub enum SnapshotCmd {
     Delete { snapshot_id: String },
 }
 
-pub async fn run(cmd: SnapshotCmd, ctx: &Ctx) -> Result<Report, ClientError> {
+pub(super) async fn run(cmd: SnapshotCmd, ctx: &Ctx) -> Result<Report, ClientError> {
     let mut c = ctx.controller();
     Ok(match cmd {
         SnapshotCmd::Create {

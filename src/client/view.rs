@@ -5,11 +5,11 @@ use super::size;
 use crate::csi::proto as csi;
 use serde_json::{json, Value};
 
-pub fn topology(t: &[csi::Topology]) -> Value {
+pub(super) fn topology(t: &[csi::Topology]) -> Value {
     Value::Array(t.iter().map(|t| json!(t.segments)).collect())
 }
 
-pub fn topology_text(t: &[csi::Topology]) -> String {
+pub(super) fn topology_text(t: &[csi::Topology]) -> String {
     if t.is_empty() {
         return "-".into();
     }
@@ -19,7 +19,7 @@ pub fn topology_text(t: &[csi::Topology]) -> String {
         .join(" | ")
 }
 
-pub fn content_source(c: Option<&csi::VolumeContentSource>) -> Value {
+pub(super) fn content_source(c: Option<&csi::VolumeContentSource>) -> Value {
     use csi::volume_content_source::Type;
     match c.and_then(|c| c.r#type.as_ref()) {
         Some(Type::Snapshot(s)) => json!({ "snapshot_id": s.snapshot_id }),
@@ -37,7 +37,7 @@ fn content_source_text(c: Option<&csi::VolumeContentSource>) -> String {
     }
 }
 
-pub fn volume(v: &csi::Volume) -> Value {
+pub(super) fn volume(v: &csi::Volume) -> Value {
     json!({
         "volume_id": v.volume_id,
         "capacity_bytes": v.capacity_bytes,
@@ -47,7 +47,7 @@ pub fn volume(v: &csi::Volume) -> Value {
     })
 }
 
-pub fn volume_fields(v: &csi::Volume) -> Vec<(&'static str, String)> {
+pub(super) fn volume_fields(v: &csi::Volume) -> Vec<(&'static str, String)> {
     vec![
         ("volume id", v.volume_id.clone()),
         ("capacity", capacity_text(v.capacity_bytes)),
@@ -57,21 +57,21 @@ pub fn volume_fields(v: &csi::Volume) -> Vec<(&'static str, String)> {
     ]
 }
 
-pub fn capacity_text(bytes: i64) -> String {
+pub(super) fn capacity_text(bytes: i64) -> String {
     if bytes <= 0 {
         return "unknown".into();
     }
     format!("{} ({bytes} bytes)", size::format(bytes as u64))
 }
 
-pub fn condition(c: Option<&csi::VolumeCondition>) -> Value {
+pub(super) fn condition(c: Option<&csi::VolumeCondition>) -> Value {
     match c {
         Some(c) => json!({ "abnormal": c.abnormal, "message": c.message }),
         None => Value::Null,
     }
 }
 
-pub fn condition_text(c: Option<&csi::VolumeCondition>) -> String {
+pub(super) fn condition_text(c: Option<&csi::VolumeCondition>) -> String {
     match c {
         None => "-".into(),
         Some(c) if c.abnormal => format!("ABNORMAL: {}", c.message),
@@ -80,7 +80,7 @@ pub fn condition_text(c: Option<&csi::VolumeCondition>) -> String {
     }
 }
 
-pub fn nodes_text(nodes: &[String]) -> String {
+pub(super) fn nodes_text(nodes: &[String]) -> String {
     if nodes.is_empty() {
         "-".into()
     } else {
@@ -88,7 +88,7 @@ pub fn nodes_text(nodes: &[String]) -> String {
     }
 }
 
-pub fn snapshot(s: &csi::Snapshot) -> Value {
+pub(super) fn snapshot(s: &csi::Snapshot) -> Value {
     json!({
         "snapshot_id": s.snapshot_id,
         "source_volume_id": s.source_volume_id,
@@ -100,7 +100,7 @@ pub fn snapshot(s: &csi::Snapshot) -> Value {
     })
 }
 
-pub fn snapshot_row(s: &csi::Snapshot) -> Vec<String> {
+pub(super) fn snapshot_row(s: &csi::Snapshot) -> Vec<String> {
     vec![
         s.snapshot_id.clone(),
         s.source_volume_id.clone(),
@@ -113,10 +113,10 @@ pub fn snapshot_row(s: &csi::Snapshot) -> Vec<String> {
     ]
 }
 
-pub const SNAPSHOT_COLUMNS: [&str; 5] =
+pub(super) const SNAPSHOT_COLUMNS: [&str; 5] =
     ["SNAPSHOT ID", "SOURCE VOLUME", "SIZE", "CREATED", "READY"];
 
-pub fn snapshot_fields(s: &csi::Snapshot) -> Vec<(&'static str, String)> {
+pub(super) fn snapshot_fields(s: &csi::Snapshot) -> Vec<(&'static str, String)> {
     ["snapshot id", "source volume", "size", "created", "ready"]
         .into_iter()
         .zip(snapshot_row(s))
@@ -124,11 +124,11 @@ pub fn snapshot_fields(s: &csi::Snapshot) -> Vec<(&'static str, String)> {
 }
 
 /// `SINGLE_NODE_WRITER` → `single-node-writer`: the names the flags take.
-pub fn enum_name(name: &str) -> String {
+pub(super) fn enum_name(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
 }
 
-pub fn capability(c: &csi::VolumeCapability) -> Value {
+pub(super) fn capability(c: &csi::VolumeCapability) -> Value {
     use csi::volume_capability::AccessType;
     let mode = c
         .access_mode

@@ -8,7 +8,7 @@ use crate::csi::proto as csi;
 use serde_json::{json, Value};
 
 #[derive(Debug, clap::Subcommand)]
-pub enum VolumeCmd {
+pub(crate) enum VolumeCmd {
     /// CreateVolume (idempotent by name).
     Create {
         /// The volume's name: the idempotency key (the plugin derives the id from it).
@@ -96,7 +96,7 @@ pub enum VolumeCmd {
     },
 }
 
-pub async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
+pub(super) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<Report, ClientError> {
     let mut c = ctx.controller();
     Ok(match cmd {
         VolumeCmd::Create {

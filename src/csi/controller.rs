@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 /// The controller service. Every operation on a volume holds the volume's lock in its pool
 /// (`Pools::lock_volume`), which excludes concurrent operations of this and other processes
 /// sharing the pool: the loser gets ABORTED.
-pub struct ControllerService {
+pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
 }
@@ -23,6 +23,56 @@ type RpcResult<T> = std::result::Result<Response<T>, Status>;
 
 fn ok<T>(v: T) -> RpcResult<T> {
     Ok(Response::new(v))
+}
+
+/// published_node_ids of a volume: the nodes the backends report, plus those a backend that
+/// could not be asked last held it on (its ledger), with why they are unconfirmed.
+fn published(scan: &crate::attach::Scan, volume_id: &str) -> (Vec<String>, Option<String>) {
+    let mut nodes: Vec<String> = scan
+        .known
+        .iter()
+        .filter(|a| a.volume_id == volume_id)
+        .map(|a| a.node_id.clone())
+        .collect();
+    let unconfirmed = scan.unconfirmed(volume_id).map(|(more, reason)| {
+        let msg = if more.is_empty() {
+            format!("whether the volume is attached to a VM is unknown: {reason}")
+        } else {
+            format!(
+                "its attachment to {} is not confirmed: {reason}",
+                more.join(", ")
+            )
+        };
+        nodes.extend(more);
+        msg
+    });
+    nodes.sort();
+    nodes.dedup();
+    (nodes, unconfirmed)
+}
+
+/// `condition`, made abnormal by every attachment of the volume that cannot serve I/O and by
+/// attachments that cannot be confirmed now.
+fn with_attachments<'a>(
+    mut condition: csi::VolumeCondition,
+    attachments: impl Iterator<Item = &'a crate::attach::Attachment>,
+    unconfirmed: Option<String>,
+) -> csi::VolumeCondition {
+    let dead: Vec<String> = attachments
+        .filter_map(|a| a.abnormal.clone())
+        .chain(unconfirmed)
+        .collect();
+    if dead.is_empty() {
+        return condition;
+    }
+    let mut problems: Vec<String> = Vec::new();
+    if condition.abnormal {
+        problems.push(condition.message.clone());
+    }
+    problems.extend(dead);
+    condition.abnormal = true;
+    condition.message = problems.join("; ");
+    condition
 }
 
 fn condition(c: &VolumeCondition) -> csi::VolumeCondition {
@@ -185,27 +235,23 @@ impl Controller for ControllerService {
             .attachments
             .recent(crate::attach::LISTING_MAX_AGE)
             .await?;
-        let mut published: std::collections::HashMap<&str, Vec<String>> = Default::default();
-        for a in attachments.iter() {
-            published
-                .entry(a.volume_id.as_str())
-                .or_default()
-                .push(a.node_id.clone());
-        }
         let entries = page
             .into_iter()
             .map(|(volume, cond)| {
-                let mut published_node_ids = published
-                    .get(volume.id.as_str())
-                    .cloned()
-                    .unwrap_or_default();
-                published_node_ids.sort();
-                published_node_ids.dedup();
+                let (published_node_ids, unconfirmed) = published(&attachments, &volume.id);
+                let condition = with_attachments(
+                    condition(&cond),
+                    attachments
+                        .known
+                        .iter()
+                        .filter(|a| a.volume_id == volume.id),
+                    unconfirmed,
+                );
                 csi::list_volumes_response::Entry {
                     volume: Some(convert::volume(&volume)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids,
-                        volume_condition: Some(condition(&cond)),
+                        volume_condition: Some(condition),
                     }),
                 }
             })
@@ -389,12 +435,19 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let (volume, cond) = self.pools.describe(&r.volume_id).await?;
-        let published_node_ids = self.attachments.nodes_of(&volume.id).await?;
+        let scan = self.attachments.scan().await?;
+        let attachments: Vec<&crate::attach::Attachment> = scan
+            .known
+            .iter()
+            .filter(|a| a.volume_id == volume.id)
+            .collect();
+        let (published_node_ids, unconfirmed) = published(&scan, &volume.id);
+        let condition = with_attachments(condition(&cond), attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(convert::volume(&volume)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
-                volume_condition: Some(condition(&cond)),
+                volume_condition: Some(condition),
             }),
         })
     }

@@ -6,7 +6,7 @@ use crate::model::{AccessMode, AccessType, Capability, ContentSource};
 use crate::pool::{SnapshotSummary, TopologyRequirement, VolumeSummary};
 use std::collections::BTreeMap;
 
-pub fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
+pub(crate) fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
     use csi::volume_capability::access_mode::Mode;
     let raw = m.map(|m| m.mode).unwrap_or(0);
     Ok(match Mode::try_from(raw).unwrap_or(Mode::Unknown) {
@@ -26,7 +26,7 @@ pub fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<Acc
 }
 
 /// A capability in domain terms (access type and mode checked for presence and syntax).
-pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
+pub(crate) fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     use csi::volume_capability::AccessType as At;
     let access_type = match &c.access_type {
         Some(At::Block(_)) => AccessType::Block,
@@ -52,7 +52,7 @@ pub fn capability(c: &csi::VolumeCapability) -> Result<Capability> {
     Ok(cap)
 }
 
-pub fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
+pub(crate) fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     if caps.is_empty() {
         return Err(Error::invalid("volume_capabilities is required"));
     }
@@ -62,12 +62,12 @@ pub fn capabilities(caps: &[csi::VolumeCapability]) -> Result<Vec<Capability>> {
     caps.iter().map(capability).collect()
 }
 
-pub fn required_capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
+pub(crate) fn required_capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
     capability(c.ok_or_else(|| Error::invalid("volume_capability is required"))?)
 }
 
 /// Non-negative byte counts from the wire's int64.
-pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
+pub(crate) fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
     let Some(r) = r else { return Ok((0, 0)) };
     if r.required_bytes < 0 || r.limit_bytes < 0 {
         return Err(Error::OutOfRange(
@@ -77,7 +77,9 @@ pub fn capacity_range(r: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
     Ok((r.required_bytes as u64, r.limit_bytes as u64))
 }
 
-pub fn topology_requirement(t: Option<&csi::TopologyRequirement>) -> Result<TopologyRequirement> {
+pub(crate) fn topology_requirement(
+    t: Option<&csi::TopologyRequirement>,
+) -> Result<TopologyRequirement> {
     let Some(t) = t else {
         return Ok(TopologyRequirement::default());
     };
@@ -93,7 +95,9 @@ pub fn topology_requirement(t: Option<&csi::TopologyRequirement>) -> Result<Topo
     })
 }
 
-pub fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>> {
+pub(crate) fn content_source(
+    s: Option<&csi::VolumeContentSource>,
+) -> Result<Option<ContentSource>> {
     use csi::volume_content_source::Type;
     Ok(match s.and_then(|s| s.r#type.as_ref()) {
         None => None,
@@ -108,7 +112,7 @@ pub fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<Con
     })
 }
 
-pub fn content_source_to_proto(s: &ContentSource) -> csi::VolumeContentSource {
+pub(crate) fn content_source_to_proto(s: &ContentSource) -> csi::VolumeContentSource {
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
     csi::VolumeContentSource {
         r#type: Some(match s {
@@ -123,14 +127,16 @@ pub fn content_source_to_proto(s: &ContentSource) -> csi::VolumeContentSource {
 }
 
 /// volume_context keys: what the node needs, since it never sees the parameters.
-pub const CTX_FORMAT: &str = "format";
-pub const CTX_POOL: &str = "pool";
-pub const CTX_FS_TYPE: &str = "fsType";
+pub(crate) const CTX_FORMAT: &str = "format";
+pub(crate) const CTX_POOL: &str = "pool";
+pub(crate) const CTX_FS_TYPE: &str = "fsType";
 
-pub fn volume(rec: &VolumeSummary) -> csi::Volume {
+pub(crate) fn volume(rec: &VolumeSummary) -> csi::Volume {
     let mut ctx = BTreeMap::new();
     ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
     ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
+    // The node sets a fresh file system's root owner and mode from these.
+    ctx.extend(rec.root.iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(fs) = &rec.fs_type {
         ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
     }
@@ -150,7 +156,7 @@ pub fn volume(rec: &VolumeSummary) -> csi::Volume {
 }
 
 /// Maps must stay small: they are copied into records and XML.
-pub fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
+pub(crate) fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
     if m.len() > 64 {
         return Err(Error::invalid(format!(
             "{what} has {} entries; at most 64",
@@ -168,7 +174,7 @@ pub fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot(rec: &SnapshotSummary) -> csi::Snapshot {
+pub(crate) fn snapshot(rec: &SnapshotSummary) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: rec.size_bytes as i64,
         snapshot_id: rec.id.clone(),

@@ -5,7 +5,7 @@ use crate::attach::Attachments;
 use crate::pool::Pools;
 use tonic::{Request, Response, Status};
 
-pub struct IdentityService {
+pub(crate) struct IdentityService {
     pub driver_name: String,
     pub controller: bool,
     pub topology: bool,

@@ -2,12 +2,12 @@
 //! modules and maps their errors; no storage logic lives here.
 
 pub mod channel;
-pub mod controller;
-pub mod convert;
-pub mod identity;
-pub mod node;
+pub(crate) mod controller;
+pub(crate) mod convert;
+pub(crate) mod identity;
+pub(crate) mod node;
 
-#[allow(clippy::all, clippy::pedantic)]
+#[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
 pub mod proto {
     tonic::include_proto!("csi.v1");
 }

@@ -5,14 +5,14 @@ use super::Check;
 use crate::config::Mode;
 use std::path::Path;
 
-pub async fn node_checks(mode: Mode) -> Vec<Check> {
+pub(super) async fn node_checks(mode: Mode) -> Vec<Check> {
     crate::exec::blocking(move || Ok(blocking_checks(mode, Path::new("/"))))
         .await
         .unwrap_or_else(|e| vec![Check::fail("host", e.to_string(), "report this as a bug")])
 }
 
 /// Blocking (reads sysfs and procfs). `root` is `/` except in tests.
-pub fn blocking_checks(mode: Mode, root: &Path) -> Vec<Check> {
+pub(super) fn blocking_checks(mode: Mode, root: &Path) -> Vec<Check> {
     let mut checks = vec![
         privileges(),
         mountinfo(root),

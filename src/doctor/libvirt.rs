@@ -5,7 +5,7 @@ use super::Check;
 use crate::config::Mode;
 
 /// `qemu:///system`, `qemu+unix:///system` → local; `qemu+ssh://hv1/system` → remote.
-pub fn is_local(uri: &str) -> bool {
+pub(super) fn is_local(uri: &str) -> bool {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return true;
     };
@@ -17,7 +17,7 @@ pub fn is_local(uri: &str) -> bool {
     transport_local && host.is_empty()
 }
 
-pub async fn check(mode: Mode, uri: &str) -> Vec<Check> {
+pub(super) async fn check(mode: Mode, uri: &str) -> Vec<Check> {
     let local = is_local(uri);
     let mut checks = vec![kvm(local)];
     checks.extend(hypervisor(mode, uri, local).await);
@@ -197,13 +197,13 @@ fn domains_check(domains: &[facts::DomainFacts]) -> Check {
 mod facts {
     //! What libvirt says, gathered on one thread (libvirt errors are per-thread).
 
-    pub struct DomainFacts {
+    pub(super) struct DomainFacts {
         pub name: String,
         pub emulator: Option<String>,
         pub virtio_scsi: bool,
     }
 
-    pub struct Facts {
+    pub(super) struct Facts {
         pub lib_version: String,
         pub driver: String,
         pub hypervisor_version: String,
@@ -216,7 +216,7 @@ mod facts {
         format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000)
     }
 
-    pub fn gather(uri: &str) -> Result<Facts, String> {
+    pub(super) fn gather(uri: &str) -> Result<Facts, String> {
         // libvirt's default handler prints every error to stderr; the report says it instead.
         virt::error::clear_error_callback();
         let conn = virt::connect::Connect::open(Some(uri)).map_err(|e| e.message().to_string())?;
@@ -256,7 +256,7 @@ mod facts {
     }
 
     /// Text of the first `<tag>…</tag>` (libvirt's own, well-formed output).
-    pub fn element_text(xml: &str, tag: &str) -> Option<String> {
+    pub(super) fn element_text(xml: &str, tag: &str) -> Option<String> {
         let open = format!("<{tag}>");
         let start = xml.find(&open)? + open.len();
         let end = xml[start..].find(&format!("</{tag}>"))? + start;
@@ -265,7 +265,7 @@ mod facts {
     }
 
     /// Whether a `<controller type='scsi' model='virtio-scsi'>` is present.
-    pub fn has_virtio_scsi_controller(xml: &str) -> bool {
+    pub(super) fn has_virtio_scsi_controller(xml: &str) -> bool {
         xml.split('<')
             .filter(|tag| tag.starts_with("controller "))
             .any(|tag| {

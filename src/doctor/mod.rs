@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
+pub(crate) struct DoctorArgs {
     /// What this host runs: controller (hypervisor side), node (inside a VM) or both.
     #[arg(long, value_enum, default_value = "monolith")]
     pub mode: Mode,
@@ -31,14 +31,14 @@ pub struct DoctorArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     Warn,
     Fail,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub name: String,
     pub status: Status,
     pub detail: String,
@@ -47,7 +47,7 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn ok(name: impl Into<String>, detail: impl Into<String>) -> Check {
+    pub(crate) fn ok(name: impl Into<String>, detail: impl Into<String>) -> Check {
         Check {
             name: name.into(),
             status: Status::Ok,
@@ -56,7 +56,7 @@ impl Check {
         }
     }
 
-    pub fn warn(
+    pub(crate) fn warn(
         name: impl Into<String>,
         detail: impl Into<String>,
         fix: impl Into<String>,
@@ -69,7 +69,7 @@ impl Check {
         }
     }
 
-    pub fn fail(
+    pub(crate) fn fail(
         name: impl Into<String>,
         detail: impl Into<String>,
         fix: impl Into<String>,
@@ -83,7 +83,7 @@ impl Check {
     }
 
     /// FAIL when `required`, else WARN.
-    pub fn missing(
+    pub(crate) fn missing(
         required: bool,
         name: impl Into<String>,
         detail: impl Into<String>,
@@ -98,23 +98,23 @@ impl Check {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub mode: String,
     pub checks: Vec<Check>,
 }
 
 impl Report {
-    pub fn count(&self, status: Status) -> usize {
+    pub(crate) fn count(&self, status: Status) -> usize {
         self.checks.iter().filter(|c| c.status == status).count()
     }
 
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.count(Status::Fail) == 0
     }
 }
 
 /// Runs every check that applies to `args.mode`.
-pub async fn diagnose(args: &DoctorArgs) -> Report {
+pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
     let mode = args.mode;
     let mut checks = Vec::new();
     let config = Config::load(
@@ -171,7 +171,7 @@ pub async fn diagnose(args: &DoctorArgs) -> Report {
     }
 }
 
-pub fn render(report: &Report, format: crate::client::OutputFormat) -> String {
+pub(crate) fn render(report: &Report, format: crate::client::OutputFormat) -> String {
     use crate::client::OutputFormat;
     if format == OutputFormat::Json {
         let mut s = serde_json::to_string_pretty(&serde_json::json!({
@@ -217,7 +217,7 @@ pub fn render(report: &Report, format: crate::client::OutputFormat) -> String {
 }
 
 /// Prints the report; true when nothing FAILed.
-pub async fn run(args: DoctorArgs) -> bool {
+pub(crate) async fn run(args: DoctorArgs) -> bool {
     let report = diagnose(&args).await;
     print!("{}", render(&report, args.output));
     report.passed()

@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 /// Less free space than this is worth a warning.
 const LOW_FREE_BYTES: u64 = 1 << 30;
 
-pub async fn check_pools(cfg: &Config) -> Vec<Check> {
+pub(super) async fn check_pools(cfg: &Config) -> Vec<Check> {
     let pools = cfg.pools.clone();
     crate::exec::blocking(move || Ok(pools.iter().map(check_pool).collect()))
         .await
         .unwrap_or_else(|e| vec![Check::fail("pools", e.to_string(), "report this as a bug")])
 }
 
-pub async fn check_data_dir(dir: &Path) -> Check {
+pub(super) async fn check_data_dir(dir: &Path) -> Check {
     let dir = dir.to_path_buf();
     crate::exec::blocking(move || Ok(data_dir(&dir)))
         .await

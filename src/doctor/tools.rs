@@ -7,13 +7,13 @@ use std::time::Duration;
 
 /// Where a program is: on PATH, or only in an sbin directory PATH lacks (common under service
 /// managers and Nomad's exec driver).
-pub enum Found {
+pub(super) enum Found {
     OnPath(PathBuf),
     OffPath(PathBuf),
     Missing,
 }
 
-pub fn find(program: &str) -> Found {
+pub(super) fn find(program: &str) -> Found {
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         let candidate = dir.join(program);
@@ -39,7 +39,7 @@ fn is_executable(p: &Path) -> bool {
 
 /// First non-empty line the program prints for `args` (stdout, else stderr); None if it cannot
 /// run or takes longer than 10 s.
-pub async fn first_line(program: &Path, args: &[&str]) -> Option<String> {
+pub(super) async fn first_line(program: &Path, args: &[&str]) -> Option<String> {
     let run = crate::exec::run(program.to_str()?, args);
     let out = tokio::time::timeout(Duration::from_secs(10), run)
         .await
@@ -54,7 +54,7 @@ pub async fn first_line(program: &Path, args: &[&str]) -> Option<String> {
 }
 
 /// One program check: present (with its version), off PATH (WARN), or missing.
-pub async fn program(
+pub(super) async fn program(
     program: &str,
     version_args: &[&str],
     required: bool,
@@ -90,7 +90,7 @@ pub async fn program(
     }
 }
 
-pub async fn controller_tools(mode: Mode) -> Vec<Check> {
+pub(super) async fn controller_tools(mode: Mode) -> Vec<Check> {
     vec![
         program(
             "qemu-img",
@@ -111,7 +111,7 @@ pub async fn controller_tools(mode: Mode) -> Vec<Check> {
     ]
 }
 
-pub async fn node_tools(mode: Mode) -> Vec<Check> {
+pub(super) async fn node_tools(mode: Mode) -> Vec<Check> {
     let local_attach = mode == Mode::Monolith;
     vec![
         program(

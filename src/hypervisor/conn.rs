@@ -10,11 +10,12 @@
 //! once (so the next call reopens instead of failing), keeps the connection alive, and delivers
 //! DEVICE_REMOVED events that wake detach waiters.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exec;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Once};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore};
+use tonic::Code;
 use virt::connect::Connect;
 use virt::sys;
 
@@ -97,37 +98,52 @@ fn subscribe_device_removed(conn: &Connect) {
     }
 }
 
-/// What a libvirt error means for the plugin.
-pub fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
-    let code = e.code().to_raw();
-    let msg = e.message();
-    if is_connection_error(e) {
-        return Error::Unavailable(format!(
-            "{what}: libvirt at {uri} is unreachable ({msg}); check that libvirtd is running"
-        ));
-    }
-    match code {
-        sys::VIR_ERR_NO_DOMAIN => Error::NotFound(format!("{what}: {msg}")),
-        sys::VIR_ERR_OPERATION_INVALID => Error::FailedPrecondition(format!("{what}: {msg}")),
-        sys::VIR_ERR_OPERATION_TIMEOUT => Error::Timeout(format!("{what}: {msg}")),
-        _ if msg.contains("No more available PCI slots") => Error::ResourceExhausted(format!(
-            "{what}: the domain has no free PCI slot for another disk ({msg}); detach a \
-             disk, add pcie-root-port controllers to the domain, or use bus=scsi"
-        )),
-        _ => Error::internal(format!("{what}: {msg}")),
+/// The error of a failed libvirt call: `what` was being done on the connection to `uri`.
+pub(crate) fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
+    let (code, domain, message) = (e.code().to_raw(), e.domain().to_raw(), e.message());
+    Error::Libvirt {
+        op: what.to_string(),
+        uri: uri.to_string(),
+        code: code as i32,
+        domain: domain as i32,
+        kind: libvirt_kind(code, domain, message),
+        message: message.to_string(),
     }
 }
 
-/// Whether the error says the connection itself is gone (libvirtd stopped or restarted).
-pub fn is_connection_error(e: &virt::error::Error) -> bool {
-    let code = e.code().to_raw();
-    e.domain().to_raw() == sys::VIR_FROM_RPC
+/// What a libvirt error means, decided once, here: from its code and domain, except where
+/// libvirt has no code for it (see below).
+fn libvirt_kind(code: sys::virErrorNumber, domain: sys::virErrorDomain, message: &str) -> Kind {
+    // The connection itself is gone (libvirtd stopped or restarted): every failure of the
+    // RPC layer (socket closed, EOF, cannot connect) has domain VIR_FROM_RPC.
+    if domain == sys::VIR_FROM_RPC
         || matches!(
             code,
             sys::VIR_ERR_NO_CONNECT | sys::VIR_ERR_INVALID_CONN | sys::VIR_ERR_RPC
         )
-        || (code == sys::VIR_ERR_SYSTEM_ERROR && e.message().contains("socket"))
-        || e.message().contains("client socket is closed")
+    {
+        return Kind::Unreachable;
+    }
+    match code {
+        sys::VIR_ERR_NO_DOMAIN => Kind::NotFound,
+        sys::VIR_ERR_OPERATION_INVALID => Kind::InvalidState,
+        sys::VIR_ERR_OPERATION_TIMEOUT => Kind::Timeout,
+        // libvirt reports these as VIR_ERR_INTERNAL_ERROR / OPERATION_FAILED with no code of
+        // their own, so only the words tell. Both are fixed English: "No more available PCI
+        // slots" is libvirt's, relayed from libvirtd; "in the process of unplug" is QEMU's
+        // device_del answer, and QEMU has no translations. A libvirtd running in another
+        // language makes the first one INTERNAL (its message says why), never a wrong code.
+        _ if message.contains("No more available PCI slots") => Kind::NoPciSlot,
+        _ if message.contains("process of unplug") || message.contains("in progress") => {
+            Kind::UnplugPending
+        }
+        _ => Kind::Other,
+    }
+}
+
+/// Whether the error says the connection itself is gone (libvirtd stopped or restarted).
+pub(crate) fn is_connection_error(e: &virt::error::Error) -> bool {
+    libvirt_kind(e.code().to_raw(), e.domain().to_raw(), e.message()) == Kind::Unreachable
 }
 
 struct Inner {
@@ -155,7 +171,7 @@ impl Libvirt {
         }
     }
 
-    pub fn uri(&self) -> &str {
+    pub(crate) fn uri(&self) -> &str {
         &self.inner.uri
     }
 
@@ -178,10 +194,10 @@ impl Libvirt {
         exec::blocking(move || {
             let conn = this.connection()?;
             match f(&conn, &this) {
-                Err(Error::Unavailable(msg)) if !this.alive(&conn) => {
+                Err(e) if e.code() == Code::Unavailable && !this.alive(&conn) => {
                     this.forget(&conn);
                     if !retry_on_reconnect {
-                        return Err(Error::Unavailable(msg));
+                        return Err(e);
                     }
                     tracing::info!(uri = %this.uri(), "libvirt connection was lost; reconnecting");
                     let conn = this.connection()?;
@@ -194,7 +210,7 @@ impl Libvirt {
     }
 
     /// Runs a read-only `f` (retried once on a fresh connection if the old one had died).
-    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
     where
         F: Fn(&Connect, &Libvirt) -> Result<T> + Send + Sync + 'static,
         T: Send + 'static,
@@ -203,7 +219,7 @@ impl Libvirt {
     }
 
     /// Runs an `f` that changes something (never retried: the caller re-reads the state).
-    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&Connect, &Libvirt) -> Result<T> + Send + 'static,
         T: Send + 'static,
@@ -221,7 +237,7 @@ impl Libvirt {
     }
 
     /// Maps a libvirt error of the current thread's last call.
-    pub fn error(&self, what: &str, e: virt::error::Error) -> Error {
+    pub(crate) fn error(&self, what: &str, e: virt::error::Error) -> Error {
         classify(what, self.uri(), &e)
     }
 
@@ -254,12 +270,12 @@ impl Libvirt {
             *slot = None;
         }
         let conn = Connect::open(Some(self.uri())).map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot connect to libvirt at {}: {}; check that libvirtd is running and the \
-                 URI is right (--libvirt-uri)",
-                self.uri(),
-                e.message()
-            ))
+            let mut err = classify("connecting", self.uri(), &e);
+            // Whatever libvirt says, a connection that cannot open is an unreachable libvirt.
+            if let Error::Libvirt { kind, .. } = &mut err {
+                *kind = Kind::Unreachable;
+            }
+            err
         })?;
         subscribe_device_removed(&conn);
         tracing::info!(uri = %self.uri(), "connected to libvirt");
@@ -283,13 +299,13 @@ impl Libvirt {
 
 /// Serializes the changes to one domain; different domains proceed in parallel.
 #[derive(Default, Clone)]
-pub struct DomainLocks {
+pub(crate) struct DomainLocks {
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl DomainLocks {
     /// Waits for the domain (by UUID) to be free and holds it until the guard drops.
-    pub async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
         let lock = {
             let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             // Forget locks nobody holds or waits for, so the map stays as small as the set
@@ -325,7 +341,7 @@ mod tests {
     async fn unreachable_libvirt_is_unavailable() {
         let lv = Libvirt::new("qemu+unix:///system?socket=/nonexistent/libvirt-sock");
         let err = lv.ping().await.unwrap_err();
-        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.to_string().contains("libvirtd"), "{err}");
     }
 }

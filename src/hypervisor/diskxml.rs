@@ -18,7 +18,7 @@ fn io_err(e: std::io::Error) -> Error {
 }
 
 /// The libvirt spelling of a parameter value (the serde names are libvirt's).
-pub fn wire<T: serde::Serialize>(v: T) -> String {
+pub(crate) fn wire<T: serde::Serialize>(v: T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -26,7 +26,7 @@ pub fn wire<T: serde::Serialize>(v: T) -> String {
 }
 
 /// The `<target bus>` of a bus.
-pub fn bus_name(bus: Bus) -> &'static str {
+pub(crate) fn bus_name(bus: Bus) -> &'static str {
     match bus {
         Bus::Scsi => "scsi",
         Bus::Virtio => "virtio",
@@ -34,7 +34,7 @@ pub fn bus_name(bus: Bus) -> &'static str {
     }
 }
 
-pub fn parse_bus(name: &str) -> Option<Bus> {
+pub(crate) fn parse_bus(name: &str) -> Option<Bus> {
     match name {
         "scsi" => Some(Bus::Scsi),
         "virtio" => Some(Bus::Virtio),
@@ -58,7 +58,7 @@ pub fn target_name(bus: Bus, index: usize) -> String {
 }
 
 /// The first target name of `bus` that no disk in `used` holds.
-pub fn free_target(bus: Bus, used: &HashSet<String>) -> Result<String> {
+pub(crate) fn free_target(bus: Bus, used: &HashSet<String>) -> Result<String> {
     (0..MAX_TARGETS)
         .map(|i| target_name(bus, i))
         .find(|t| !used.contains(t))
@@ -71,7 +71,7 @@ pub fn free_target(bus: Bus, used: &HashSet<String>) -> Result<String> {
 }
 
 /// The user alias of a plugin disk (libvirt keeps `ua-` aliases across hot-plug).
-pub fn alias_for(serial: &str) -> String {
+pub(crate) fn alias_for(serial: &str) -> String {
     format!("ua-{serial}")
 }
 
@@ -160,7 +160,7 @@ fn write_iotune(w: &mut Writer<Cursor<Vec<u8>>>, q: &Qos) -> std::io::Result<()>
 }
 
 /// The libvirt names of the six QoS limits, in `<iotune>` order.
-pub fn qos_fields(q: &Qos) -> [(&'static str, Option<u64>); 6] {
+pub(crate) fn qos_fields(q: &Qos) -> [(&'static str, Option<u64>); 6] {
     [
         ("total_bytes_sec", q.total_bytes_sec),
         ("read_bytes_sec", q.read_bytes_sec),
@@ -190,7 +190,7 @@ pub fn detach_xml(target: &str, bus: &str) -> Result<String> {
 }
 
 /// The virtio-scsi controller SCSI disks hang on.
-pub fn scsi_controller_xml() -> Result<String> {
+pub(crate) fn scsi_controller_xml() -> Result<String> {
     let mut w = Writer::new(Cursor::new(Vec::new()));
     w.create_element("controller")
         .with_attribute(("type", "scsi"))

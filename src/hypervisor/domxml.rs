@@ -15,28 +15,39 @@ pub struct DiskXml {
     pub bus: String,
     /// `<source file>` (or `dev` for block disks).
     pub source: Option<PathBuf>,
+    /// `<serial>`: `vd-<key>` for the plugin's disks.
     pub serial: Option<String>,
     /// `<driver type>`: qcow2, raw, …
     pub format: Option<String>,
+    /// `<driver cache>`.
     pub cache: Option<String>,
+    /// `<driver io>`.
     pub io: Option<String>,
+    /// `<driver discard>`.
     pub discard: Option<String>,
+    /// `<readonly/>` is present.
     pub readonly: bool,
+    /// `<shareable/>` is present.
     pub shareable: bool,
+    /// `<iotune>` limits.
     pub iotune: Qos,
+    /// `<alias name>` (live definitions only).
     pub alias: Option<String>,
 }
 
 /// The parts of a domain definition the plugin reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DomainXml {
-    pub name: String,
-    pub uuid: String,
+    pub(crate) name: String,
+    pub(crate) uuid: String,
+    /// Every `<disk>` of the definition, in document order.
     pub disks: Vec<DiskXml>,
+    /// The definition has a SCSI controller (`<controller type='scsi'>`).
     pub has_scsi_controller: bool,
 }
 
 impl DomainXml {
+    /// Parses a domain XML document (live or inactive); InvalidArgument when it is not one.
     pub fn parse(xml: &str) -> Result<DomainXml> {
         let doc: DomainDoc = quick_xml::de::from_str(xml)
             .map_err(|e| Error::internal(format!("cannot parse libvirt domain XML: {e}")))?;
@@ -59,13 +70,14 @@ impl DomainXml {
         })
     }
 
+    /// The disk whose `<serial>` is `serial`, if any.
     pub fn disk_by_serial(&self, serial: &str) -> Option<&DiskXml> {
         self.disks
             .iter()
             .find(|d| d.serial.as_deref() == Some(serial))
     }
 
-    pub fn disk_by_target(&self, target: &str) -> Option<&DiskXml> {
+    pub(crate) fn disk_by_target(&self, target: &str) -> Option<&DiskXml> {
         self.disks.iter().find(|d| d.target == target)
     }
 }

@@ -15,7 +15,12 @@ fn cstring(s: &str) -> Result<CString, VirtError> {
 
 /// virDomainSetBlockIoTune with all six limits (0 = unlimited), so earlier limits that `qos`
 /// leaves out are cleared.
-pub fn set_block_iotune(dom: &Domain, disk: &str, qos: &Qos, flags: u32) -> Result<(), VirtError> {
+pub(super) fn set_block_iotune(
+    dom: &Domain,
+    disk: &str,
+    qos: &Qos,
+    flags: u32,
+) -> Result<(), VirtError> {
     let disk = cstring(disk)?;
     let names: Vec<(CString, u64)> = qos_fields(qos)
         .iter()
@@ -54,7 +59,7 @@ pub fn set_block_iotune(dom: &Domain, disk: &str, qos: &Qos, flags: u32) -> Resu
 }
 
 /// The size in bytes the domain sees for `disk` (virDomainGetBlockInfo capacity).
-pub fn block_capacity(dom: &Domain, disk: &str) -> Result<u64, VirtError> {
+pub(super) fn block_capacity(dom: &Domain, disk: &str) -> Result<u64, VirtError> {
     let disk = cstring(disk)?;
     let mut info = std::mem::MaybeUninit::<sys::virDomainBlockInfo>::zeroed();
     // SAFETY: `info` is a plain C struct libvirt fills in; read only on success.

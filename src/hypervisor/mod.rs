@@ -11,8 +11,6 @@
 //! Public API for other parts of the plugin (e.g. live snapshots):
 //! - [`Hypervisor::new`] / [`HypervisorConfig::from_config`]; `Hypervisor` implements
 //!   [`crate::attach::Attacher`].
-//! - [`Hypervisor::find_disk`]: where a volume is attached on a node (domain, target dev,
-//!   source file, format, live/persistent).
 //! - [`Hypervisor::with_domain`]: run blocking libvirt code on a node's domain while holding
 //!   that domain's lock (attach/detach of the same domain wait meanwhile).
 //! - [`Hypervisor::libvirt`]: the shared connection ([`Libvirt::read`] / [`Libvirt::write`]).
@@ -27,17 +25,17 @@ mod plug;
 mod snapshot;
 mod tune;
 mod unplug;
-pub mod view;
+pub(crate) mod view;
 
-pub use conn::{DomainLocks, Libvirt};
-pub use view::{DomainView, NodeIdKind, PoolImages};
+pub(crate) use conn::{DomainLocks, Libvirt};
+pub use view::{NodeIdKind, PoolImages};
 
 use crate::attach::{Attacher, Attachment, DiskSpec, LiveSnapshot, CTX_BUS};
 use crate::error::{Error, Result};
 use crate::params::Qos;
 use domxml::DiskXml;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use virt::domain::Domain;
@@ -45,17 +43,19 @@ use virt::domain::Domain;
 /// One libvirt host the controller attaches to.
 #[derive(Debug, Clone)]
 pub struct HypervisorConfig {
+    /// libvirt URI of the host.
     pub uri: String,
     /// How long an unpublish waits for the guest to release a disk.
     pub detach_timeout: Duration,
     /// The pools whose images this host may attach (source dir → pool of a disk).
     pub pools: Vec<PoolImages>,
+    /// Whether node ids are domain UUIDs or names.
     pub node_id: NodeIdKind,
 }
 
 impl HypervisorConfig {
     /// The `[libvirt]` section and the pools of the effective configuration.
-    pub fn from_config(cfg: &crate::config::Config) -> HypervisorConfig {
+    pub(crate) fn from_config(cfg: &crate::config::Config) -> HypervisorConfig {
         HypervisorConfig {
             uri: cfg.libvirt.uri.clone(),
             detach_timeout: Duration::from_secs(cfg.libvirt.detach_timeout_secs),
@@ -71,22 +71,6 @@ impl HypervisorConfig {
             node_id: cfg.libvirt.node_id,
         }
     }
-}
-
-/// Where a volume is attached on one domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttachedDisk {
-    pub domain_uuid: String,
-    pub domain_name: String,
-    /// The target dev libvirt APIs take (`sda`, `vdb`); the live one when attached live.
-    pub target: String,
-    pub source: Option<PathBuf>,
-    /// `qcow2` or `raw`, as in `<driver type>`.
-    pub format: Option<String>,
-    /// In the running definition (the guest sees it now).
-    pub live: bool,
-    /// In the persistent definition (it comes back at the next boot).
-    pub persistent: bool,
 }
 
 /// The libvirt attach backend.
@@ -107,47 +91,17 @@ impl Hypervisor {
         }
     }
 
-    pub fn libvirt(&self) -> &Libvirt {
+    pub(crate) fn libvirt(&self) -> &Libvirt {
         &self.lv
     }
 
-    pub fn config(&self) -> &HypervisorConfig {
+    pub(crate) fn config(&self) -> &HypervisorConfig {
         &self.cfg
-    }
-
-    /// The domain that is `node_id` (UUID first, then name), read now; None if there is none.
-    pub async fn domain(&self, node_id: &str) -> Result<Option<DomainView>> {
-        let node = node_id.to_string();
-        self.lv
-            .read(move |c, l| match view::find_domain(c, l, &node)? {
-                Some(dom) => view::read_view(&dom, l).map(Some),
-                None => Ok(None),
-            })
-            .await
-    }
-
-    /// Where `volume_id` is attached on `node_id`, if it is.
-    pub async fn find_disk(&self, node_id: &str, volume_id: &str) -> Result<Option<AttachedDisk>> {
-        let serial = view::serial_of(volume_id)?;
-        let Some(v) = self.domain(node_id).await? else {
-            return Ok(None);
-        };
-        let live = v.live_disk(&serial);
-        let config = v.config_disk(&serial);
-        Ok(live.or(config).map(|d| AttachedDisk {
-            domain_uuid: v.uuid.clone(),
-            domain_name: v.name.clone(),
-            target: d.target.clone(),
-            source: d.source.clone(),
-            format: d.format.clone(),
-            live: live.is_some(),
-            persistent: config.is_some(),
-        }))
     }
 
     /// Runs `f` on the domain of `node_id` on a blocking thread, holding that domain's lock.
     /// NotFound when there is no such domain. Map libvirt errors with [`Libvirt::error`].
-    pub async fn with_domain<T, F>(&self, node_id: &str, f: F) -> Result<T>
+    pub(crate) async fn with_domain<T, F>(&self, node_id: &str, f: F) -> Result<T>
     where
         F: FnOnce(&Domain, &Libvirt) -> Result<T> + Send + 'static,
         T: Send + 'static,
@@ -215,6 +169,7 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         bus,
         readonly: disk.readonly,
         context,
+        abnormal: None,
     }
 }
 
@@ -289,6 +244,10 @@ impl Attacher for Hypervisor {
 
     async fn check_health(&self) -> Result<()> {
         self.lv.ping().await
+    }
+
+    fn ledger_name(&self) -> Option<&'static str> {
+        Some("libvirt")
     }
 
     async fn snapshot_live(

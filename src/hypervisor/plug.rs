@@ -15,7 +15,7 @@ const LIVE: u32 = sys::VIR_DOMAIN_AFFECT_LIVE;
 const CONFIG: u32 = sys::VIR_DOMAIN_AFFECT_CONFIG;
 
 /// The domain with this UUID; NotFound if it went away.
-pub fn domain_by_uuid(conn: &Connect, lv: &Libvirt, uuid: &str) -> Result<Domain> {
+pub(super) fn domain_by_uuid(conn: &Connect, lv: &Libvirt, uuid: &str) -> Result<Domain> {
     conn.lookup_domain_by_uuid_string(uuid).map_err(|e| {
         if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN {
             Error::NotFound(format!(
@@ -29,7 +29,7 @@ pub fn domain_by_uuid(conn: &Connect, lv: &Libvirt, uuid: &str) -> Result<Domain
 
 /// Attaches `spec` to the domain and confirms it is in the live XML (and the persistent one
 /// when persisting). On failure, whatever half of the disk got attached is taken out again.
-pub fn attach(
+pub(super) fn attach(
     conn: &Connect,
     lv: &Libvirt,
     cfg: &HypervisorConfig,
@@ -215,11 +215,5 @@ fn undo_partial(dom: &Domain, lv: &Libvirt, serial: &str, err: Error) -> Error {
         "; disk {} could not be removed again and may still be attached: unpublish the volume",
         leftovers.join(", ")
     );
-    match err {
-        Error::Unavailable(m) => Error::Unavailable(m + &note),
-        Error::Internal(m) => Error::Internal(m + &note),
-        Error::FailedPrecondition(m) => Error::FailedPrecondition(m + &note),
-        Error::ResourceExhausted(m) => Error::ResourceExhausted(m + &note),
-        other => other,
-    }
+    Error::condition(err.code(), format!("{err}{note}"))
 }

@@ -21,7 +21,7 @@ enum Resized {
 
 /// Grows the disk to `size` bytes: virDomainBlockResize on a running domain (the guest sees
 /// the new size at once), else `qemu-img resize` of the image.
-pub async fn resize(hv: &Hypervisor, uuid: &str, volume_id: &str, size: u64) -> Result<()> {
+pub(super) async fn resize(hv: &Hypervisor, uuid: &str, volume_id: &str, size: u64) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
     let (u, vol) = (uuid.to_string(), volume_id.to_string());
     let outcome = hv
@@ -94,7 +94,7 @@ fn resize_live(
 
 /// Applies `qos` to the disk, live and in the persistent definition, and checks the live
 /// `<iotune>` reads back as `qos`.
-pub async fn set_qos(hv: &Hypervisor, uuid: &str, volume_id: &str, qos: &Qos) -> Result<()> {
+pub(super) async fn set_qos(hv: &Hypervisor, uuid: &str, volume_id: &str, qos: &Qos) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
     let (u, vol, q) = (uuid.to_string(), volume_id.to_string(), *qos);
     hv.libvirt()

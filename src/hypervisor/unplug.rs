@@ -10,8 +10,9 @@ use super::diskxml;
 use super::plug::domain_by_uuid;
 use super::view;
 use super::Hypervisor;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::time::{Duration, Instant};
+use tonic::Code;
 use virt::sys;
 
 const POLL: Duration = Duration::from_millis(200);
@@ -23,7 +24,7 @@ struct Requested {
     domain: String,
 }
 
-pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> {
+pub(super) async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
     let started = Instant::now();
     let deadline = started + hv.cfg.detach_timeout;
@@ -32,15 +33,15 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
     let requested = match lv.write(move |c, l| request_live(c, l, &u, &s)).await {
         Ok(r) => r,
         // The domain went away meanwhile: nothing is attached to it any more.
-        Err(Error::NotFound(_)) => return Ok(()),
+        Err(e) if e.code() == Code::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
     crate::failpoint!("libvirt.detach-requested");
     if let Some(target) = &requested.live_target {
         wait_gone(&lv, uuid, &serial, deadline)
             .await
-            .map_err(|e| match e {
-                Error::Timeout(_) => Error::Timeout(format!(
+            .map_err(|e| match e.code() {
+                Code::DeadlineExceeded => Error::Timeout(format!(
                     "volume {volume_id}: disk {target} is still attached to domain {} after {}s; \
                  the guest has not released it (a guest without a running OS, or one using \
                  the disk, cannot). The detach request stays pending; retry \
@@ -48,7 +49,7 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
                     requested.domain,
                     started.elapsed().as_secs()
                 )),
-                other => other,
+                _ => e,
             })?;
         tracing::info!(volume = %volume_id, domain = %requested.domain, target = %target,
             ms = started.elapsed().as_millis() as u64, "disk detached from the live domain");
@@ -56,7 +57,8 @@ pub async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> 
     }
     let (u, s) = (uuid.to_string(), serial.clone());
     match lv.write(move |c, l| remove_persistent(c, l, &u, &s)).await {
-        Ok(()) | Err(Error::NotFound(_)) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Code::NotFound => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -78,15 +80,13 @@ fn request_live(
     };
     let xml = diskxml::detach_xml(&disk.target, &disk.bus)?;
     if let Err(e) = dom.detach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE) {
-        let msg = e.message().to_ascii_lowercase();
+        let missing = e.code().to_raw() == sys::VIR_ERR_DEVICE_MISSING;
+        let err = lv.error(&format!("detaching disk {}", disk.target), e);
         // Gone already, or a removal the guest has yet to finish: the wait decides.
-        let pending = e.code().to_raw() == sys::VIR_ERR_DEVICE_MISSING
-            || msg.contains("in progress")
-            || msg.contains("process of unplug");
-        if !pending {
-            return Err(lv.error(&format!("detaching disk {}", disk.target), e));
+        if !missing && err.kind() != Some(Kind::UnplugPending) {
+            return Err(err);
         }
-        tracing::debug!(error = %e, "detach request not accepted; waiting for the disk to go");
+        tracing::debug!(error = %err, "detach request not accepted; waiting for the disk to go");
     }
     Ok(Requested {
         live_target: Some(disk.target.clone()),
@@ -103,7 +103,7 @@ async fn wait_gone(lv: &Libvirt, uuid: &str, serial: &str, deadline: Instant) ->
             .read(move |c, l| {
                 let dom = match domain_by_uuid(c, l, &u) {
                     Ok(d) => d,
-                    Err(Error::NotFound(_)) => return Ok(false),
+                    Err(e) if e.code() == Code::NotFound => return Ok(false),
                     Err(e) => return Err(e),
                 };
                 Ok(view::read_view(&dom, l)?.live_disk(&s).is_some())

@@ -14,43 +14,45 @@ pub use crate::config::NodeIdKind;
 /// A pool's images directory: disks whose source lies here are plugin volumes of that pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolImages {
+    /// The pool's name.
     pub pool: String,
+    /// The pool's `images/` directory.
     pub images_dir: PathBuf,
 }
 
 /// A domain as read in one go: who it is and its live and persistent definitions.
 #[derive(Debug, Clone)]
-pub struct DomainView {
-    pub name: String,
-    pub uuid: String,
-    pub active: bool,
-    pub persistent: bool,
+pub(crate) struct DomainView {
+    pub(crate) name: String,
+    pub(crate) uuid: String,
+    pub(crate) active: bool,
+    pub(crate) persistent: bool,
     /// Running definition; None when the domain is shut off.
-    pub live: Option<DomainXml>,
+    pub(crate) live: Option<DomainXml>,
     /// Persistent definition (what the next boot uses); None for transient domains.
-    pub config: Option<DomainXml>,
+    pub(crate) config: Option<DomainXml>,
 }
 
 impl DomainView {
     /// The node id reported for this domain.
-    pub fn node_id(&self, kind: NodeIdKind) -> &str {
+    pub(crate) fn node_id(&self, kind: NodeIdKind) -> &str {
         match kind {
             NodeIdKind::Uuid => &self.uuid,
             NodeIdKind::Name => &self.name,
         }
     }
 
-    pub fn live_disk(&self, serial: &str) -> Option<&DiskXml> {
+    pub(crate) fn live_disk(&self, serial: &str) -> Option<&DiskXml> {
         self.live.as_ref().and_then(|x| x.disk_by_serial(serial))
     }
 
-    pub fn config_disk(&self, serial: &str) -> Option<&DiskXml> {
+    pub(crate) fn config_disk(&self, serial: &str) -> Option<&DiskXml> {
         self.config.as_ref().and_then(|x| x.disk_by_serial(serial))
     }
 
     /// Plugin disks (volume id, disk) in the live definition, then those only in the
     /// persistent one (a persist=true disk of a shut-off domain is still attached).
-    pub fn plugin_disks(&self, pools: &[PoolImages]) -> Vec<(String, &DiskXml)> {
+    pub(crate) fn plugin_disks(&self, pools: &[PoolImages]) -> Vec<(String, &DiskXml)> {
         let mut out: Vec<(String, &DiskXml)> = Vec::new();
         for xml in [&self.live, &self.config].into_iter().flatten() {
             for disk in &xml.disks {
@@ -65,7 +67,7 @@ impl DomainView {
     }
 
     /// Every target name in use, live or persistent (a new disk must be free in both).
-    pub fn used_targets(&self) -> std::collections::HashSet<String> {
+    pub(crate) fn used_targets(&self) -> std::collections::HashSet<String> {
         [&self.live, &self.config]
             .into_iter()
             .flatten()
@@ -76,7 +78,7 @@ impl DomainView {
 
 /// The volume id of a plugin disk: serial `vd-<key>` and source in a pool's images dir.
 /// Anything else (the guest's own disks, other tools' disks) is not ours and never touched.
-pub fn volume_of(disk: &DiskXml, pools: &[PoolImages]) -> Option<String> {
+pub(crate) fn volume_of(disk: &DiskXml, pools: &[PoolImages]) -> Option<String> {
     let key = disk.serial.as_deref()?.strip_prefix("vd-")?;
     let source = disk.source.as_deref()?;
     let pool = pools
@@ -88,7 +90,7 @@ pub fn volume_of(disk: &DiskXml, pools: &[PoolImages]) -> Option<String> {
 }
 
 /// The serial of a volume's disk.
-pub fn serial_of(volume_id: &str) -> Result<String> {
+pub(crate) fn serial_of(volume_id: &str) -> Result<String> {
     ObjectId::parse_volume(volume_id)?
         .map(|o| o.serial())
         .ok_or_else(|| Error::NotFound(format!("volume {volume_id} does not exist")))
@@ -101,7 +103,7 @@ fn looks_like_uuid(s: &str) -> bool {
 }
 
 /// The domain whose UUID, else name, is `node_id`; None when there is none.
-pub fn find_domain(conn: &Connect, lv: &Libvirt, node_id: &str) -> Result<Option<Domain>> {
+pub(crate) fn find_domain(conn: &Connect, lv: &Libvirt, node_id: &str) -> Result<Option<Domain>> {
     if looks_like_uuid(node_id) {
         match conn.lookup_domain_by_uuid_string(node_id) {
             Ok(d) => return Ok(Some(d)),
@@ -117,7 +119,7 @@ pub fn find_domain(conn: &Connect, lv: &Libvirt, node_id: &str) -> Result<Option
 }
 
 /// Reads a domain's live and persistent definitions.
-pub fn read_view(dom: &Domain, lv: &Libvirt) -> Result<DomainView> {
+pub(crate) fn read_view(dom: &Domain, lv: &Libvirt) -> Result<DomainView> {
     let active = dom
         .is_active()
         .map_err(|e| lv.error("reading domain state", e))?;
@@ -131,7 +133,7 @@ pub fn read_view(dom: &Domain, lv: &Libvirt) -> Result<DomainView> {
 /// the listing carries each domain's id (set while it runs) and one more listing names the
 /// transient ones, so per domain only its definitions are fetched. Domains undefined
 /// meanwhile are left out.
-pub fn read_all_views(conn: &Connect, lv: &Libvirt) -> Result<Vec<DomainView>> {
+pub(crate) fn read_all_views(conn: &Connect, lv: &Libvirt) -> Result<Vec<DomainView>> {
     let transient: std::collections::HashSet<String> = conn
         .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
         .map_err(|e| lv.error("listing transient libvirt domains", e))?
@@ -146,7 +148,7 @@ pub fn read_all_views(conn: &Connect, lv: &Libvirt) -> Result<Vec<DomainView>> {
         let active = dom.id().is_some();
         match read_definitions(&dom, lv, active, !transient.contains(&uuid)) {
             Ok(v) => views.push(v),
-            Err(Error::NotFound(_)) => continue,
+            Err(e) if e.code() == tonic::Code::NotFound => continue,
             Err(e) => return Err(e),
         }
     }
@@ -191,13 +193,13 @@ fn read_definitions(
 }
 
 /// Every domain of the connection (running or defined).
-pub fn all_domains(conn: &Connect, lv: &Libvirt) -> Result<Vec<Domain>> {
+pub(crate) fn all_domains(conn: &Connect, lv: &Libvirt) -> Result<Vec<Domain>> {
     conn.list_all_domains(0)
         .map_err(|e| lv.error("listing libvirt domains", e))
 }
 
 /// Whether a path lies in one of the pools' images directories.
-pub fn in_pools(path: &Path, pools: &[PoolImages]) -> bool {
+pub(crate) fn in_pools(path: &Path, pools: &[PoolImages]) -> bool {
     pools
         .iter()
         .any(|p| path.parent() == Some(p.images_dir.as_path()))

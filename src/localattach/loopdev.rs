@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 /// Binds a free loop device to `file`; returns its name (`loop3`). Direct I/O stays off: the
 /// FUSE export does not take O_DIRECT.
-pub async fn attach(file: &Path, readonly: bool, sector_size: Option<u32>) -> Result<String> {
+pub(super) async fn attach(
+    file: &Path,
+    readonly: bool,
+    sector_size: Option<u32>,
+) -> Result<String> {
     let mut args: Vec<OsString> = vec!["-f".into(), "--show".into(), "--direct-io=off".into()];
     if readonly {
         args.push("-r".into());
@@ -29,19 +33,9 @@ pub async fn attach(file: &Path, readonly: bool, sector_size: Option<u32>) -> Re
         .ok_or_else(|| Error::internal(format!("losetup printed an unexpected device {dev:?}")))
 }
 
-/// Loop devices whose backing file is `file`. Blocking.
-pub fn bound_to(sysfs: &Sysfs, file: &Path) -> Result<Vec<String>> {
-    Ok(sysfs
-        .loop_devices()?
-        .into_iter()
-        .filter(|(_, backing)| backing == file)
-        .map(|(name, _)| name)
-        .collect())
-}
-
 /// Who uses the device on this host: mounts of it, bind mounts of its node (block volumes),
 /// or an exclusive opener (a filesystem mounted in another mount namespace). Blocking.
-pub fn users(sysfs: &Sysfs, name: &str) -> Result<Vec<String>> {
+pub(super) fn users(sysfs: &Sysfs, name: &str) -> Result<Vec<String>> {
     let Some(dev) = sysfs.device(name) else {
         return Ok(vec![]);
     };
@@ -79,7 +73,7 @@ pub fn users(sysfs: &Sysfs, name: &str) -> Result<Vec<String>> {
 
 /// Detaches the loop device and confirms it is unbound. The kernel defers a detach while a
 /// process holds the device open: that is reported, never waited out.
-pub async fn detach(sysfs: &Sysfs, name: &str, expected_backing: &Path) -> Result<()> {
+pub(super) async fn detach(sysfs: &Sysfs, name: &str, expected_backing: &Path) -> Result<()> {
     let node: PathBuf = sysfs.dev_path(name);
     let res = exec::run("losetup", [OsString::from("-d"), node.clone().into()]).await;
     let start = Instant::now();
@@ -102,7 +96,7 @@ pub async fn detach(sysfs: &Sysfs, name: &str, expected_backing: &Path) -> Resul
 }
 
 /// Makes the loop device re-read its backing file's size.
-pub async fn refresh_capacity(sysfs: &Sysfs, name: &str) -> Result<()> {
+pub(super) async fn refresh_capacity(sysfs: &Sysfs, name: &str) -> Result<()> {
     exec::run(
         "losetup",
         [OsString::from("-c"), sysfs.dev_path(name).into()],

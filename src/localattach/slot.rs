@@ -9,16 +9,22 @@ use std::path::{Path, PathBuf};
 
 /// What was attached, written before anything starts (so a crash leaves a trace to clean).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(super) struct Record {
     pub volume_id: String,
     pub serial: String,
     pub image: PathBuf,
     pub format: ImageFormat,
     pub readonly: bool,
+    /// The export passes discards down (`discard=unmap`); absent in records of older plugins.
+    #[serde(default)]
+    pub discard: bool,
+    /// The loop device's logical block size, when the volume asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_block_size: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Slot {
+pub(super) struct Slot {
     pub dir: PathBuf,
     pub key: String,
 }
@@ -27,41 +33,41 @@ pub struct Slot {
 const MAX_SOCKET_PATH: usize = 107;
 
 impl Slot {
-    pub fn new(state_dir: &Path, key: &str) -> Slot {
+    pub(super) fn new(state_dir: &Path, key: &str) -> Slot {
         Slot {
             dir: state_dir.join(key),
             key: key.to_string(),
         }
     }
 
-    pub fn record_path(&self) -> PathBuf {
+    pub(super) fn record_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
 
-    pub fn pid_path(&self) -> PathBuf {
+    pub(super) fn pid_path(&self) -> PathBuf {
         self.dir.join("qsd.pid")
     }
 
-    pub fn qmp_path(&self) -> PathBuf {
+    pub(super) fn qmp_path(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
 
     /// The FUSE export: a regular file the daemon mounts the image on.
-    pub fn export_path(&self, serial: &str) -> PathBuf {
+    pub(super) fn export_path(&self, serial: &str) -> PathBuf {
         self.dir.join(serial)
     }
 
-    pub fn serial(&self) -> String {
+    pub(super) fn serial(&self) -> String {
         format!("vd-{}", self.key)
     }
 
     /// Blocking.
-    pub fn read_record(&self) -> Result<Option<Record>> {
+    pub(super) fn read_record(&self) -> Result<Option<Record>> {
         crate::fsutil::read_json(&self.record_path())
     }
 
     /// Paths go into the daemon's command line: they must be plain and short enough.
-    pub fn check_paths(&self) -> Result<()> {
+    pub(super) fn check_paths(&self) -> Result<()> {
         let qmp = self.qmp_path();
         let s = qmp.to_string_lossy();
         if s.len() > MAX_SOCKET_PATH {
@@ -76,7 +82,7 @@ impl Slot {
 }
 
 /// Slot keys in the state directory (16 hex digits). Blocking.
-pub fn list(state_dir: &Path) -> Result<Vec<Slot>> {
+pub(super) fn list(state_dir: &Path) -> Result<Vec<Slot>> {
     let rd = match std::fs::read_dir(state_dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 /// Binds now (so a busy port fails the start) and serves in the background. Returns the bound
 /// address (useful with port 0).
-pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
+pub(crate) async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("binding the metrics address {addr}"), e))?;

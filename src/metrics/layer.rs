@@ -31,7 +31,7 @@ const SERVICES: &[&str] = &[
 ];
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RpcLayer;
+pub(crate) struct RpcLayer;
 
 impl<S> tower::Layer<S> for RpcLayer {
     type Service = RpcService<S>;
@@ -41,13 +41,13 @@ impl<S> tower::Layer<S> for RpcLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct RpcService<S> {
+pub(crate) struct RpcService<S> {
     inner: S,
 }
 
 /// `/csi.v1.Controller/CreateVolume` → (`Controller`, `CreateVolume`). Anything else is
 /// labelled `other` so a stray path cannot grow the label set.
-pub fn rpc_labels(path: &str) -> (&'static str, &str) {
+pub(crate) fn rpc_labels(path: &str) -> (&'static str, &str) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let service = parts.next().unwrap_or("");
     let method = parts.next().unwrap_or("");
@@ -62,7 +62,7 @@ pub fn rpc_labels(path: &str) -> (&'static str, &str) {
 }
 
 /// Go's names for the codes, as grpc-prometheus and CSI dashboards use them.
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "Canceled",

@@ -7,12 +7,12 @@ use std::sync::Mutex;
 
 static WATCHED: Mutex<Option<Pools>> = Mutex::new(None);
 
-pub fn watch(pools: Pools) {
+pub(super) fn watch(pools: Pools) {
     *WATCHED.lock().unwrap_or_else(|e| e.into_inner()) = Some(pools);
 }
 
 /// Blocking (statvfs and record reads): call from a blocking thread.
-pub fn refresh() {
+pub(super) fn refresh() {
     let Some(pools) = WATCHED.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return;
     };

@@ -13,7 +13,7 @@ const RPC_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-pub struct Metrics {
+pub(super) struct Metrics {
     registry: Registry,
     pub rpc_requests: IntCounterVec,
     pub rpc_errors: IntCounterVec,
@@ -159,7 +159,7 @@ impl Metrics {
         m
     }
 
-    pub fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -170,7 +170,7 @@ impl Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-pub fn get() -> &'static Metrics {
+pub(super) fn get() -> &'static Metrics {
     &METRICS
 }
 

@@ -9,7 +9,7 @@ use prost::Message;
 const MAX_ID_LEN: usize = 128;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     pub volume_id: Option<String>,
     pub node_id: Option<String>,
     pub snapshot_id: Option<String>,
@@ -48,7 +48,7 @@ fn ids(volume: String, node: String, snapshot: String) -> RequestIds {
 
 /// The payload of the first gRPC frame of a unary request body: `[flag:1][len:4][message]`.
 /// None for a compressed or truncated frame (then the span simply carries no ids).
-pub fn grpc_message(body: &[u8]) -> Option<&[u8]> {
+pub(super) fn grpc_message(body: &[u8]) -> Option<&[u8]> {
     let header = body.get(..5)?;
     if header[0] != 0 {
         return None;
@@ -58,7 +58,7 @@ pub fn grpc_message(body: &[u8]) -> Option<&[u8]> {
 }
 
 /// Decodes `message` as the request type of `method` and picks out its ids.
-pub fn extract(method: &str, message: &[u8]) -> RequestIds {
+pub(super) fn extract(method: &str, message: &[u8]) -> RequestIds {
     fn dec<M: Message + Default>(b: &[u8]) -> Option<M> {
         M::decode(b).ok()
     }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 /// What the controller told us about the disk.
 #[derive(Debug, Clone, Default)]
-pub struct DeviceQuery {
-    pub serial: String,
+pub(crate) struct DeviceQuery {
+    pub(crate) serial: String,
     /// `scsi`, `virtio`, `sata` or `local`.
-    pub bus: String,
+    pub(crate) bus: String,
     /// Local attach: the host block device (checked, never trusted blindly).
-    pub device_path: Option<String>,
+    pub(crate) device_path: Option<String>,
 }
 
 /// The device node exists and is that device. Fake trees in unit tests use plain files.
@@ -45,7 +45,7 @@ fn local_device(sysfs: &Sysfs, path: &str, serial: &str) -> Option<BlockDevice> 
 }
 
 /// One look, no waiting: the disk with this serial, if present. Blocking.
-pub fn find_now(sysfs: &Sysfs, q: &DeviceQuery) -> Result<Option<BlockDevice>> {
+pub(crate) fn find_now(sysfs: &Sysfs, q: &DeviceQuery) -> Result<Option<BlockDevice>> {
     if let Some(path) = &q.device_path {
         if let Some(dev) = local_device(sysfs, path, &q.serial) {
             return Ok(Some(dev));
@@ -67,7 +67,7 @@ pub fn find_now(sysfs: &Sysfs, q: &DeviceQuery) -> Result<Option<BlockDevice>> {
 }
 
 /// Waits up to `timeout` for the disk, rescanning SCSI hosts after 1 s and then every 5 s.
-pub async fn wait_for_device(
+pub(crate) async fn wait_for_device(
     sysfs: &Sysfs,
     q: &DeviceQuery,
     timeout: Duration,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 impl NodeOps {
     /// Returns the device's size after expansion.
-    pub async fn expand(&self, r: ExpandRequest) -> Result<u64> {
+    pub(crate) async fn expand(&self, r: ExpandRequest) -> Result<u64> {
         let _g = self.guard(&r.volume_id)?;
         let path = resolve(&r.volume_path).await?;
         if matches!(lstat(&path).await, Ok(None)) {
@@ -64,6 +64,7 @@ impl NodeOps {
                 r.volume_id
             )));
         }
+        self.refuse_dead(&r.volume_id, dev.dev()).await?;
         let dev = self.refresh_size(&dev, r.required_bytes).await?;
         if r.block.unwrap_or(block_mount) {
             return Ok(dev.size_bytes);

@@ -1,14 +1,14 @@
 //! Filesystems and mounts through the system tools (blkid, mkfs, mount, umount, resize2fs,
 //! xfs_growfs), run through `exec` so nothing blocks the runtime.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exec;
 use std::ffi::OsString;
 use std::path::Path;
 
 /// What a device holds, by `blkid -p` (a low-level probe that ignores the cache).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     /// No signature at all: safe to format.
     Blank,
     Filesystem(String),
@@ -16,7 +16,7 @@ pub enum Content {
     Other(String),
 }
 
-pub fn parse_blkid_export(out: &str) -> Content {
+pub(crate) fn parse_blkid_export(out: &str) -> Content {
     let get = |key: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
@@ -32,7 +32,7 @@ pub fn parse_blkid_export(out: &str) -> Content {
     }
 }
 
-pub async fn probe(dev: &Path) -> Result<Content> {
+pub(crate) async fn probe(dev: &Path) -> Result<Content> {
     let args: Vec<OsString> = vec!["-p".into(), "-o".into(), "export".into(), dev.into()];
     let out = exec::run_unchecked("blkid", args).await?;
     match out.code {
@@ -41,17 +41,13 @@ pub async fn probe(dev: &Path) -> Result<Content> {
         Some(2) => Ok(Content::Blank),
         // 8: several conflicting signatures.
         Some(8) => Ok(Content::Other("several conflicting signatures".into())),
-        code => Err(Error::internal(format!(
-            "blkid -p {} failed (exit {code:?}): {}",
-            dev.display(),
-            out.stderr.trim()
-        ))),
+        _ => Err(exec::tool_error("blkid", &out)),
     }
 }
 
 /// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:
 /// a fresh image is unallocated already, and discarding through layers is slow.
-pub async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
+pub(crate) async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     let d: OsString = dev.into();
     match fs_type {
         // -m 0: no root reserve on a data volume; -F: whole device, no prompt.
@@ -79,7 +75,12 @@ pub async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     }
 }
 
-pub async fn mount(dev: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
+pub(crate) async fn mount(
+    dev: &Path,
+    target: &Path,
+    fs_type: &str,
+    options: &[String],
+) -> Result<()> {
     let mut args: Vec<OsString> = vec!["-t".into(), fs_type.into()];
     if !options.is_empty() {
         args.push("-o".into());
@@ -90,7 +91,7 @@ pub async fn mount(dev: &Path, target: &Path, fs_type: &str, options: &[String])
     exec::run("mount", args).await.map(drop)
 }
 
-pub async fn bind(source: &Path, target: &Path) -> Result<()> {
+pub(crate) async fn bind(source: &Path, target: &Path) -> Result<()> {
     exec::run(
         "mount",
         [OsString::from("--bind"), source.into(), target.into()],
@@ -102,7 +103,7 @@ pub async fn bind(source: &Path, target: &Path) -> Result<()> {
 /// A read-only bind mount (the filesystem stays writable elsewhere), made read-only before it
 /// appears at `target` (see `robind`); on kernels without the new mount API, bind and then
 /// remount, never leaving a writable mount behind if the remount fails.
-pub async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
+pub(crate) async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
     let (s, t) = (source.to_path_buf(), target.to_path_buf());
     if exec::blocking(move || super::robind::bind_read_only(&s, &t)).await? {
         return Ok(());
@@ -116,7 +117,7 @@ pub async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
 }
 
 /// A bind mount's own read-only flag (the filesystem stays writable elsewhere).
-pub async fn remount_read_only(target: &Path) -> Result<()> {
+pub(crate) async fn remount_read_only(target: &Path) -> Result<()> {
     exec::run(
         "mount",
         [
@@ -130,41 +131,43 @@ pub async fn remount_read_only(target: &Path) -> Result<()> {
 }
 
 /// Shared, so every bind of it joins its peer group and can be counted at unstage.
-pub async fn make_shared(target: &Path) -> Result<()> {
+pub(crate) async fn make_shared(target: &Path) -> Result<()> {
     exec::run("mount", [OsString::from("--make-shared"), target.into()])
         .await
         .map(drop)
 }
 
-pub async fn unmount(target: &Path) -> Result<()> {
-    exec::run("umount", [OsString::from(target)])
-        .await
-        .map(drop)
-        .map_err(|e| match e {
-            Error::Internal(m) if m.contains("busy") => Error::FailedPrecondition(format!(
-                "{} is busy (a process still uses it); stop it and retry: {m}",
-                target.display()
-            )),
-            e => e,
+/// Unmounts `target` by the system call (umount2), so the failure is told by its errno: a
+/// mount still in use (EBUSY) is FAILED_PRECONDITION, whatever the host's language.
+pub(crate) async fn unmount(target: &Path) -> Result<()> {
+    let t = target.to_path_buf();
+    exec::blocking(move || {
+        nix::mount::umount2(&t, nix::mount::MntFlags::empty()).map_err(|errno| {
+            let advice = if errno == nix::errno::Errno::EBUSY {
+                " (a process still uses it; stop it and retry)"
+            } else {
+                ""
+            };
+            Error::sys(format!("unmounting {}{advice}", t.display()), errno)
         })
+    })
+    .await
 }
 
 /// Grows a mounted filesystem to the size of its device.
-pub async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
+pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
     match fs_type {
         "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
             .await
             .map(drop)
-            .map_err(|e| match e {
+            .map_err(|e| match e.kind() {
                 // The kernel demands CAP_SYS_RESOURCE for ext4 online resize.
-                Error::Internal(m) if m.contains("Permission denied") => {
-                    Error::FailedPrecondition(format!(
-                        "the kernel refused to grow the ext4 filesystem on {}: the plugin \
-                         needs CAP_SYS_RESOURCE for that (run it privileged): {m}",
-                        dev.display()
-                    ))
-                }
-                e => e,
+                Some(Kind::PermissionDenied) => Error::FailedPrecondition(format!(
+                    "the kernel refused to grow the ext4 filesystem on {}: the plugin needs \
+                     CAP_SYS_RESOURCE for that (run it privileged): {e}",
+                    dev.display()
+                )),
+                _ => e,
             }),
         "xfs" => exec::run("xfs_growfs", [OsString::from(mount_point)])
             .await
@@ -195,5 +198,196 @@ mod tests {
             parse_blkid_export("TYPE=crypto_LUKS\nUSAGE=crypto\n"),
             Content::Other("crypto_LUKS".into())
         );
+    }
+
+    /// Set for the run of `tool_failures_in_one_locale` that the locale test starts.
+    const LOCALE_RUN: &str = "VIRTDISK_LOCALE_RUN";
+
+    /// Issue 17 defect 4: on a host whose language is not English, a busy unmount, a full
+    /// filesystem under mkfs and the kernel refusing an ext4 online resize get the same gRPC
+    /// codes as in the C locale. The test runs `tool_failures_in_one_locale` again, in this
+    /// test binary, under `LANG=LC_ALL=de_DE.UTF-8` and then under `C`. Needs root (mount,
+    /// loop devices) and the German locale (`scripts/setup-host.sh` generates it).
+    #[test]
+    fn tool_failures_get_the_same_codes_in_any_locale() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root (mount, loop devices)");
+            return;
+        }
+        let locales = std::process::Command::new("locale")
+            .arg("-a")
+            .output()
+            .unwrap();
+        if !String::from_utf8_lossy(&locales.stdout)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("de_DE.utf8"))
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no de_DE.UTF-8 locale: scripts/setup-host.sh generates it"
+            );
+            eprintln!("SKIPPED: no de_DE.UTF-8 locale (run scripts/setup-host.sh)");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        for locale in ["de_DE.UTF-8", "C"] {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "node::fs::tests::tool_failures_in_one_locale",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("LANG", locale)
+                .env("LC_ALL", locale)
+                .env("LANGUAGE", "de")
+                .env(LOCALE_RUN, locale)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            eprintln!("--- under {locale}:\n{stdout}{stderr}");
+            assert!(out.status.success(), "under {locale}");
+            assert!(
+                stdout.contains("1 passed"),
+                "under {locale}: the run tested nothing"
+            );
+        }
+    }
+
+    /// Unmounts (lazily) on drop.
+    struct Mounted(std::path::PathBuf);
+
+    impl Mounted {
+        fn tmpfs(dir: &Path, size: &str) -> Mounted {
+            std::fs::create_dir_all(dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            Mounted(dir.to_path_buf())
+        }
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Detaches the loop device on drop.
+    struct Loop(String);
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    fn sh(cmd: &mut std::process::Command) -> String {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The body of `tool_failures_get_the_same_codes_in_any_locale`; does nothing unless
+    /// that test started it.
+    #[tokio::test]
+    async fn tool_failures_in_one_locale() {
+        let Some(locale) = std::env::var_os(LOCALE_RUN) else {
+            return;
+        };
+        use tonic::Code;
+        // The locale is real: a child started outside the exec door speaks German.
+        let direct = std::process::Command::new("ls")
+            .arg("/nonexistent-virtdisk-locale-probe")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&direct.stderr);
+        eprintln!("ls outside the door: {said}");
+        if locale != "C" {
+            assert!(!said.contains("No such file or directory"), "{said}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+
+        // A busy mount: a file in it is open.
+        let busy = Mounted::tmpfs(&dir.path().join("busy"), "1m");
+        let held = std::fs::File::create(busy.0.join("held")).unwrap();
+        let err = unmount(&busy.0).await.unwrap_err();
+        eprintln!("busy unmount: {err}");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        drop(held);
+        unmount(&busy.0).await.unwrap();
+
+        // mkfs on a 64 MiB image in a 256 KiB filesystem.
+        let full = Mounted::tmpfs(&dir.path().join("full"), "256k");
+        let image = full.0.join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let err = mkfs(&image, "ext4").await.unwrap_err();
+        eprintln!("mkfs on a full filesystem: {err}");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        drop(full);
+
+        // ext4 online grow without CAP_SYS_RESOURCE (dropped from the bounding set, so the
+        // tools this process starts lack it): the kernel answers EPERM.
+        const CAP_SYS_RESOURCE: u32 = 24;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let bounding = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        if bounding & (1 << CAP_SYS_RESOURCE) != 0 {
+            // SAFETY: prctl with integer arguments only; it changes this test process alone.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAPBSET_DROP,
+                    libc::c_ulong::from(CAP_SYS_RESOURCE),
+                    0,
+                    0,
+                    0,
+                )
+            };
+            if rc != 0 {
+                eprintln!("NOTE: cannot drop CAP_SYS_RESOURCE: ext4 grow not checked");
+                return;
+            }
+        }
+        let image = dir.path().join("ext4.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        sh(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image));
+        let dev = Loop(sh(std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        sh(std::process::Command::new("mount").arg(&dev.0).arg(&mnt));
+        let mounted = Mounted(mnt.clone());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        sh(std::process::Command::new("losetup").args(["-c", &dev.0]));
+        let err = grow("ext4", Path::new(&dev.0), &mnt).await.unwrap_err();
+        eprintln!("ext4 grow without CAP_SYS_RESOURCE: {err}");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.to_string().contains("CAP_SYS_RESOURCE"), "{err}");
+        drop(mounted);
     }
 }

@@ -2,19 +2,20 @@
 //! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
 //! sysfs), so a restarted plugin picks up exactly where the last one stopped.
 
-pub mod discover;
+pub(crate) mod discover;
 mod expand;
-pub mod fs;
+pub(crate) mod fs;
 pub mod mountinfo;
-pub mod paths;
+mod owner;
+pub(crate) mod paths;
 mod publish;
 mod robind;
 mod stage;
 mod stats;
-pub mod sysfs;
+pub(crate) mod sysfs;
 
-pub use discover::DeviceQuery;
-pub use stats::{Condition, Usage, UsageUnit, VolumeStats};
+pub(crate) use discover::DeviceQuery;
+pub(crate) use stats::UsageUnit;
 pub use sysfs::Sysfs;
 
 use crate::config::NodeConfig;
@@ -33,45 +34,51 @@ pub const BLOCK_STAGE_FILE: &str = "virtdisk-block-device";
 
 /// NodeStageVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct StageRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub capability: Capability,
-    pub device: DeviceQuery,
+pub(crate) struct StageRequest {
+    pub(crate) volume_id: String,
+    pub(crate) staging_path: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) device: DeviceQuery,
     /// The volume's file system when the capability names none (volume_context `fsType`).
-    pub default_fs: Option<String>,
+    pub(crate) default_fs: Option<String>,
+    /// Owner and mode of a fresh file system's root (volume_context `rootUid`/…).
+    pub(crate) root: crate::params::RootOwnership,
+    /// The CO's `volume_mount_group` (Kubernetes fsGroup): the file system becomes the group's.
+    pub(crate) mount_group: Option<u32>,
 }
 
 /// NodePublishVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct PublishRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub target_path: PathBuf,
-    pub capability: Capability,
-    pub readonly: bool,
+pub(crate) struct PublishRequest {
+    pub(crate) volume_id: String,
+    pub(crate) staging_path: PathBuf,
+    pub(crate) target_path: PathBuf,
+    pub(crate) capability: Capability,
+    pub(crate) readonly: bool,
+    /// The CO's `volume_mount_group` (Kubernetes fsGroup).
+    pub(crate) mount_group: Option<u32>,
 }
 
 /// NodeExpandVolume in domain terms.
 #[derive(Debug, Clone)]
-pub struct ExpandRequest {
-    pub volume_id: String,
-    pub volume_path: PathBuf,
-    pub staging_path: Option<PathBuf>,
-    pub required_bytes: u64,
+pub(crate) struct ExpandRequest {
+    pub(crate) volume_id: String,
+    pub(crate) volume_path: PathBuf,
+    pub(crate) staging_path: Option<PathBuf>,
+    pub(crate) required_bytes: u64,
     /// From the capability when given; else read from what is mounted.
-    pub block: Option<bool>,
+    pub(crate) block: Option<bool>,
 }
 
 #[derive(Clone)]
-pub struct NodeOps {
+pub(crate) struct NodeOps {
     sysfs: Sysfs,
     device_wait: Duration,
     guards: OpGuards,
 }
 
 impl NodeOps {
-    pub fn new(cfg: &NodeConfig) -> Self {
+    pub(crate) fn new(cfg: &NodeConfig) -> Self {
         NodeOps {
             sysfs: Sysfs::new(cfg.sysfs_root(), cfg.dev_root()),
             device_wait: cfg.device_wait(),
@@ -85,7 +92,7 @@ impl NodeOps {
 
     /// The serial to look for: the publish_context's, else the one derived from the volume id
     /// (Nomad keeps publish_context in memory only and may lose it).
-    pub fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
+    pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
         if q.serial.is_empty() {
             q.serial = ObjectId::parse_volume(volume_id)?
                 .map(|o| o.serial())
@@ -98,6 +105,30 @@ impl NodeOps {
         }
         Ok(q)
     }
+}
+
+/// Who may write the file system mounted read-write at `root`: a fresh root's owner and mode,
+/// then the mount group (see `owner`).
+async fn settle_ownership(
+    root: &Path,
+    fresh: crate::params::RootOwnership,
+    formatted: bool,
+    mount_group: Option<u32>,
+) -> Result<()> {
+    let root = root.to_path_buf();
+    exec::blocking(move || {
+        if owner::set_fresh_root(&root, &fresh, formatted)? {
+            tracing::info!(root = %root.display(), uid = ?fresh.uid, gid = ?fresh.gid, mode = ?fresh.mode.map(|m| format!("{m:o}")), "fresh file system root owner set");
+        }
+        if let Some(gid) = mount_group {
+            let n = owner::apply_group(&root, gid)?;
+            if n > 0 {
+                tracing::info!(root = %root.display(), gid, entries = n, "file system made the mount group's");
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn mount_table() -> Result<MountTable> {

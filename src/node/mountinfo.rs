@@ -6,33 +6,36 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// One line of mountinfo (see proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
-    pub id: u32,
-    pub parent: u32,
-    pub major: u32,
-    pub minor: u32,
+    pub(crate) id: u32,
+    pub(crate) parent: u32,
+    pub(crate) major: u32,
+    pub(crate) minor: u32,
     /// The directory of the filesystem mounted here (not `/` for bind mounts of a subtree).
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
+    /// Where it is mounted.
     pub mount_point: PathBuf,
     /// Per-mount options (`rw`/`ro`, `nosuid`, …).
-    pub options: Vec<String>,
+    pub(crate) options: Vec<String>,
     /// Peer group when the mount is shared (`shared:N`).
-    pub shared_group: Option<u32>,
+    pub(crate) shared_group: Option<u32>,
+    /// Filesystem type (`ext4`, `xfs`, `fuse`, …).
     pub fs_type: String,
-    pub source: String,
+    pub(crate) source: String,
+    /// Per-superblock options (shared by every mount of the filesystem).
     pub super_options: Vec<String>,
 }
 
 impl MountEntry {
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
     }
 
-    pub fn dev(&self) -> (u32, u32) {
+    pub(crate) fn dev(&self) -> (u32, u32) {
         (self.major, self.minor)
     }
 }
@@ -94,13 +97,14 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
+/// The mounts of this process's mount namespace, from `/proc/self/mountinfo`.
 #[derive(Debug, Clone, Default)]
 pub struct MountTable {
-    pub entries: Vec<MountEntry>,
+    pub(crate) entries: Vec<MountEntry>,
 }
 
 impl MountTable {
-    pub fn parse(text: &str) -> Result<MountTable> {
+    pub(crate) fn parse(text: &str) -> Result<MountTable> {
         let mut entries = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             entries.push(
@@ -124,12 +128,12 @@ impl MountTable {
         self.entries.iter().rev().find(|e| e.mount_point == path)
     }
 
-    pub fn by_id(&self, id: u32) -> Option<&MountEntry> {
+    pub(crate) fn by_id(&self, id: u32) -> Option<&MountEntry> {
         self.entries.iter().find(|e| e.id == id)
     }
 
     /// Every mount of the block device `major:minor`.
-    pub fn of_device(&self, dev: (u32, u32)) -> Vec<&MountEntry> {
+    pub(crate) fn of_device(&self, dev: (u32, u32)) -> Vec<&MountEntry> {
         self.entries.iter().filter(|e| e.dev() == dev).collect()
     }
 
@@ -174,7 +178,7 @@ impl MountTable {
     /// group is not the stage's alone (a block device node bound from a shared `/dev` joins
     /// `/dev`'s group) or the stage is not shared, every other mount of the same device and
     /// subtree counts, except other block staging files (named `other_stage_name`).
-    pub fn users_of(&self, stage: &MountEntry, other_stage_name: &str) -> Vec<&MountEntry> {
+    pub(crate) fn users_of(&self, stage: &MountEntry, other_stage_name: &str) -> Vec<&MountEntry> {
         let same = |e: &&MountEntry| e.dev() == stage.dev() && e.root == stage.root;
         let own_group = stage.shared_group.filter(|g| {
             self.entries

@@ -4,10 +4,10 @@ use crate::error::{Error, Result};
 use std::path::{Component, Path, PathBuf};
 
 /// Paths longer than this are refused (PATH_MAX is 4096 including the NUL).
-pub const MAX_PATH_LEN: usize = 4000;
+pub(crate) const MAX_PATH_LEN: usize = 4000;
 
 /// An absolute path without `..`, `.` or NUL, bounded in length, not `/` itself.
-pub fn check(what: &str, raw: &str) -> Result<PathBuf> {
+pub(crate) fn check(what: &str, raw: &str) -> Result<PathBuf> {
     if raw.is_empty() {
         return Err(Error::invalid(format!("{what} is required")));
     }
@@ -56,7 +56,7 @@ pub fn check(what: &str, raw: &str) -> Result<PathBuf> {
 
 /// The path as the kernel reports it in mountinfo: the parent resolved through symlinks, the
 /// leaf kept as is (it may be a dead mount that cannot be stat'ed). Blocking.
-pub fn resolve(path: &Path) -> Result<PathBuf> {
+pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
     let (Some(parent), Some(leaf)) = (path.parent(), path.file_name()) else {
         return Ok(path.to_path_buf());
     };
@@ -69,7 +69,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// Where `path` leads now: its longest ancestor that can be resolved, through symlinks, plus
 /// the rest as given (a dead mount on the way is not followed). Blocking.
-pub fn real_location(path: &Path) -> PathBuf {
+pub(crate) fn real_location(path: &Path) -> PathBuf {
     let mut existing = path.to_path_buf();
     let mut rest = Vec::new();
     loop {
@@ -88,7 +88,7 @@ pub fn real_location(path: &Path) -> PathBuf {
 
 /// With `roots` configured, `path` must lead strictly below one of them (symlinks on the way,
 /// the leaf included, are followed). Blocking.
-pub fn check_within(what: &str, path: &Path, roots: &[PathBuf]) -> Result<()> {
+pub(crate) fn check_within(what: &str, path: &Path, roots: &[PathBuf]) -> Result<()> {
     if roots.is_empty() {
         return Ok(());
     }
@@ -118,7 +118,7 @@ pub fn check_within(what: &str, path: &Path, roots: &[PathBuf]) -> Result<()> {
 }
 
 /// The leaf must not be a symlink: mount(8) would follow it somewhere else. Blocking.
-pub fn refuse_symlink(what: &str, path: &Path) -> Result<()> {
+pub(crate) fn refuse_symlink(what: &str, path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(format!(
             "{what} {} is a symbolic link; give the real path",

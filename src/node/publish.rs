@@ -49,7 +49,7 @@ async fn ensure_target(target: &Path, block: bool) -> Result<()> {
 }
 
 impl NodeOps {
-    pub async fn publish(&self, r: PublishRequest) -> Result<()> {
+    pub(crate) async fn publish(&self, r: PublishRequest) -> Result<()> {
         let _g = self.guard(&r.volume_id)?;
         let block = r.capability.is_block();
         let readonly = r.readonly || r.capability.access_mode.is_read_only();
@@ -69,6 +69,14 @@ impl NodeOps {
                 if block { "block" } else { "mount" }
             )));
         };
+        if let Some(dev) = super::mounted_dev(&stage).await {
+            self.refuse_dead(&r.volume_id, dev).await?;
+        }
+        if !block && !readonly && !stage.read_only() {
+            if let Some(gid) = r.mount_group {
+                super::settle_ownership(&staging, Default::default(), false, Some(gid)).await?;
+            }
+        }
         if let Some(m) = table.at(&target) {
             if m.dev() == stage.dev() && m.root == stage.root {
                 if m.read_only() == readonly {
@@ -117,7 +125,7 @@ impl NodeOps {
         Ok(())
     }
 
-    pub async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+    pub(crate) async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
         let _g = self.guard(volume_id)?;
         let target = resolve(target_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.

@@ -29,7 +29,7 @@ fn c_path(p: &Path) -> Result<CString> {
 
 /// Binds `source` onto `target` read-only in one step. `Ok(false)` when the kernel lacks the
 /// new mount API (nothing was mounted; the caller falls back). Blocking.
-pub fn bind_read_only(source: &Path, target: &Path) -> Result<bool> {
+pub(super) fn bind_read_only(source: &Path, target: &Path) -> Result<bool> {
     let (src, dst) = (c_path(source)?, c_path(target)?);
     let empty = c"";
     let fail = |what: &str| {

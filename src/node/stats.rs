@@ -10,29 +10,29 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UsageUnit {
+pub(crate) enum UsageUnit {
     Bytes,
     Inodes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Usage {
-    pub unit: UsageUnit,
-    pub total: u64,
-    pub available: u64,
-    pub used: u64,
+pub(crate) struct Usage {
+    pub(crate) unit: UsageUnit,
+    pub(crate) total: u64,
+    pub(crate) available: u64,
+    pub(crate) used: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Condition {
-    pub abnormal: bool,
-    pub message: String,
+pub(crate) struct Condition {
+    pub(crate) abnormal: bool,
+    pub(crate) message: String,
 }
 
 #[derive(Debug, Clone)]
-pub struct VolumeStats {
-    pub usage: Vec<Usage>,
-    pub condition: Condition,
+pub(crate) struct VolumeStats {
+    pub(crate) usage: Vec<Usage>,
+    pub(crate) condition: Condition,
 }
 
 fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
@@ -61,21 +61,61 @@ fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
     ])
 }
 
-/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN) fails
-/// every I/O: say so. Other errors (a path outside this mount namespace) prove nothing.
-fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN), or
+/// that reads a file other than the one now at its backing path (a dead export someone
+/// detached), fails every I/O: say so. Other errors (a path outside this mount namespace)
+/// prove nothing.
+pub(super) fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
     let backing = sysfs.loop_backing_file(name)?;
     match std::fs::metadata(&backing) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
             "the export behind /dev/{name} ({}) is disconnected: its storage daemon is gone",
             backing.display()
         )),
-        _ => None,
+        Ok(m) => {
+            let now = (libc::major(m.dev()), libc::minor(m.dev()));
+            match sysfs.loop_backing_identity(name) {
+                Ok((dev, ino)) if dev != now || ino != m.ino() => Some(format!(
+                    "/dev/{name} reads a file that is gone (device {}:{}), not {} (device \
+                     {}:{}): its storage daemon is gone",
+                    dev.0,
+                    dev.1,
+                    backing.display(),
+                    now.0,
+                    now.1
+                )),
+                _ => None,
+            }
+        }
+        Err(_) => None,
     }
 }
 
 impl NodeOps {
-    pub async fn stats(
+    /// Refuses to use a disk whose attachment is dead (a loop device over a FUSE export whose
+    /// storage daemon is gone fails every I/O): a mount, bind or grow on it would fail half-way
+    /// or, worse, be taken for a blank disk. The controller repairs such an attachment at the
+    /// next ControllerPublishVolume once nothing on this node uses it.
+    pub(crate) async fn refuse_dead(&self, volume_id: &str, dev: (u32, u32)) -> Result<()> {
+        let sysfs = self.sysfs.clone();
+        let reason = exec::blocking(move || {
+            Ok(sysfs
+                .by_dev(dev)?
+                .filter(|d| d.kind == DeviceKind::Loop)
+                .and_then(|d| dead_loop_backing(&sysfs, &d.name)))
+        })
+        .await?;
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot be used on this node: {reason}; unpublish and \
+                 unstage it here, then ControllerPublishVolume it again (that attaches it afresh)"
+            ))),
+        }
+    }
+
+    pub(crate) async fn stats(
         &self,
         volume_id: &str,
         volume_path: &Path,

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
+pub(crate) enum DeviceKind {
     /// virtio-blk: `/sys/block/vd*/serial`.
     Virtio,
     /// SCSI disk (virtio-scsi, SATA through libata): `device/vpd_pg80` or `device/wwid`.
@@ -19,26 +19,27 @@ pub enum DeviceKind {
 
 /// A whole-disk block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockDevice {
+pub(crate) struct BlockDevice {
     /// Kernel name, e.g. `sda`, `vdb`, `loop3`.
-    pub name: String,
-    pub kind: DeviceKind,
-    pub major: u32,
-    pub minor: u32,
-    pub size_bytes: u64,
-    pub read_only: bool,
+    pub(crate) name: String,
+    pub(crate) kind: DeviceKind,
+    pub(crate) major: u32,
+    pub(crate) minor: u32,
+    pub(crate) size_bytes: u64,
+    pub(crate) read_only: bool,
 }
 
 impl BlockDevice {
-    pub fn dev(&self) -> (u32, u32) {
+    pub(crate) fn dev(&self) -> (u32, u32) {
         (self.major, self.minor)
     }
 }
 
+/// The kernel's view of block devices: a sysfs root and a `/dev` root (a fake tree in unit tests).
 #[derive(Debug, Clone)]
 pub struct Sysfs {
-    pub sys_root: PathBuf,
-    pub dev_root: PathBuf,
+    pub(crate) sys_root: PathBuf,
+    pub(crate) dev_root: PathBuf,
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -50,7 +51,7 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 /// The serial in a SCSI VPD page 0x80: byte 1 is the page code, bytes 2–3 the big-endian
 /// length of the serial that follows the 4-byte header, padded with spaces or NULs.
-pub fn parse_vpd_pg80(page: &[u8]) -> Option<String> {
+pub(crate) fn parse_vpd_pg80(page: &[u8]) -> Option<String> {
     if page.len() < 4 || page[1] != 0x80 {
         return None;
     }
@@ -73,20 +74,41 @@ fn kind_of(name: &str) -> DeviceKind {
     }
 }
 
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+
 impl Sysfs {
-    pub fn new(sys_root: impl Into<PathBuf>, dev_root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(sys_root: impl Into<PathBuf>, dev_root: impl Into<PathBuf>) -> Self {
         Sysfs {
             sys_root: sys_root.into(),
             dev_root: dev_root.into(),
         }
     }
 
+    /// The real `/sys` and `/dev`.
     pub fn host() -> Self {
         Self::new("/sys", "/dev")
     }
 
     /// `/dev/<name>`.
-    pub fn dev_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn dev_path(&self, name: &str) -> PathBuf {
         self.dev_root.join(name)
     }
 
@@ -95,7 +117,7 @@ impl Sysfs {
     }
 
     /// Names under `/sys/block`, sorted.
-    pub fn names(&self) -> Result<Vec<String>> {
+    pub(crate) fn names(&self) -> Result<Vec<String>> {
         let dir = self.sys_root.join("block");
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
@@ -111,7 +133,7 @@ impl Sysfs {
     }
 
     /// The device called `name`, or None when it is gone.
-    pub fn device(&self, name: &str) -> Option<BlockDevice> {
+    pub(crate) fn device(&self, name: &str) -> Option<BlockDevice> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return None;
         }
@@ -130,7 +152,7 @@ impl Sysfs {
     }
 
     /// The whole disk with device number `major:minor`.
-    pub fn by_dev(&self, dev: (u32, u32)) -> Result<Option<BlockDevice>> {
+    pub(crate) fn by_dev(&self, dev: (u32, u32)) -> Result<Option<BlockDevice>> {
         Ok(self
             .names()?
             .iter()
@@ -139,8 +161,25 @@ impl Sysfs {
     }
 
     /// The backing file of a loop device, as the kernel reports it.
-    pub fn loop_backing_file(&self, name: &str) -> Option<PathBuf> {
+    pub(crate) fn loop_backing_file(&self, name: &str) -> Option<PathBuf> {
         read_trimmed(&self.block_dir(name).join("loop/backing_file")).map(PathBuf::from)
+    }
+
+    /// The device number and inode of the file the loop device reads: the identity of the open
+    /// file, not its path (a dead FUSE export and a live one at the same path differ here).
+    /// Blocking.
+    pub(crate) fn loop_backing_identity(&self, name: &str) -> Result<((u32, u32), u64)> {
+        let node = self.dev_path(name);
+        let f = std::fs::File::open(&node)
+            .map_err(|e| Error::io(format!("opening {}", node.display()), e))?;
+        // SAFETY: all-zero is a valid LoopInfo64 (integers and byte arrays).
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64, which LoopInfo64 mirrors.
+        unsafe { loop_get_status64(std::os::fd::AsRawFd::as_raw_fd(&f), &mut info) }
+            .map_err(|e| Error::sys(format!("LOOP_GET_STATUS64 on {}", node.display()), e))?;
+        // The kernel encodes dev_t as glibc does (huge_encode_dev).
+        let dev = info.lo_device as libc::dev_t;
+        Ok(((libc::major(dev), libc::minor(dev)), info.lo_inode))
     }
 
     /// Every bound loop device with its backing file.
@@ -154,7 +193,7 @@ impl Sysfs {
     }
 
     /// The serial a disk reports, read the way its bus exposes it.
-    pub fn serial_of(&self, name: &str) -> Option<String> {
+    pub(crate) fn serial_of(&self, name: &str) -> Option<String> {
         let dir = self.block_dir(name);
         match kind_of(name) {
             DeviceKind::Virtio => read_trimmed(&dir.join("serial")),
@@ -174,7 +213,7 @@ impl Sysfs {
     }
 
     /// Every disk whose serial is `serial`.
-    pub fn find_by_serial(&self, serial: &str) -> Result<Vec<BlockDevice>> {
+    pub(crate) fn find_by_serial(&self, serial: &str) -> Result<Vec<BlockDevice>> {
         Ok(self
             .names()?
             .iter()
@@ -185,7 +224,7 @@ impl Sysfs {
 
     /// Asks every SCSI host to scan for new disks (`- - -` = all channels, targets, LUNs):
     /// the recovery when a hot-plugged disk was missed. Returns how many hosts were asked.
-    pub fn rescan_scsi_hosts(&self) -> usize {
+    pub(crate) fn rescan_scsi_hosts(&self) -> usize {
         let dir = self.sys_root.join("class/scsi_host");
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return 0;
@@ -205,7 +244,7 @@ impl Sysfs {
 
     /// Makes a SCSI disk re-read its capacity (after the hypervisor grew it). Other disks
     /// learn it on their own (virtio-blk) or need a tool (loop). Returns whether it rescanned.
-    pub fn rescan_capacity(&self, name: &str) -> Result<bool> {
+    pub(crate) fn rescan_capacity(&self, name: &str) -> Result<bool> {
         let path = self.block_dir(name).join("device/rescan");
         if kind_of(name) != DeviceKind::Scsi || !path.exists() {
             return Ok(false);
@@ -217,12 +256,12 @@ impl Sysfs {
 }
 
 #[cfg(test)]
-pub mod fake {
+pub(crate) mod fake {
     //! A fake sysfs + /dev tree for tests.
     use super::*;
 
-    pub struct FakeTree {
-        pub dir: tempfile::TempDir,
+    pub(crate) struct FakeTree {
+        pub(crate) dir: tempfile::TempDir,
     }
 
     impl Default for FakeTree {
@@ -232,19 +271,19 @@ pub mod fake {
     }
 
     impl FakeTree {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(dir.path().join("sys/block")).unwrap();
             std::fs::create_dir_all(dir.path().join("dev")).unwrap();
             FakeTree { dir }
         }
 
-        pub fn sysfs(&self) -> Sysfs {
+        pub(crate) fn sysfs(&self) -> Sysfs {
             Sysfs::new(self.dir.path().join("sys"), self.dir.path().join("dev"))
         }
 
         /// Adds a disk: `dev`, `size` (sectors), `ro`, and a /dev node (a plain file).
-        pub fn disk(&self, name: &str, dev: &str, sectors: u64) -> PathBuf {
+        pub(crate) fn disk(&self, name: &str, dev: &str, sectors: u64) -> PathBuf {
             let d = self.dir.path().join("sys/block").join(name);
             std::fs::create_dir_all(d.join("device")).unwrap();
             std::fs::write(d.join("dev"), format!("{dev}\n")).unwrap();
@@ -254,7 +293,7 @@ pub mod fake {
             d
         }
 
-        pub fn scsi_host(&self, host: &str) -> PathBuf {
+        pub(crate) fn scsi_host(&self, host: &str) -> PathBuf {
             let d = self.dir.path().join("sys/class/scsi_host").join(host);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("scan"), "").unwrap();
@@ -263,7 +302,7 @@ pub mod fake {
     }
 
     /// A VPD page 0x80 as a QEMU scsi-hd returns it.
-    pub fn vpd_pg80(serial: &str) -> Vec<u8> {
+    pub(crate) fn vpd_pg80(serial: &str) -> Vec<u8> {
         let mut page = vec![0x00, 0x80, 0x00, serial.len() as u8];
         page.extend_from_slice(serial.as_bytes());
         page

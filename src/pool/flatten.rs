@@ -15,7 +15,7 @@ use super::layers::sync_file;
 use super::record::{now_secs, FlattenJob, FlattenState, RecordState, SCHEMA};
 use super::store::{ObjectLock, Slot};
 use super::{qemu_img, Pool, Pools};
-use crate::error::Result;
+use crate::error::{Kind, Result};
 use crate::exec;
 use crate::fsutil;
 use crate::model::ImageFormat;
@@ -30,6 +30,13 @@ const SLOW_RETRY: Duration = Duration::from_secs(30);
 const IDLE_PASS: Duration = Duration::from_secs(300);
 /// How long the switch waits for an RPC on the volume to finish before giving up this round.
 const SWITCH_WAIT: Duration = Duration::from_secs(60);
+
+/// How long to wait after `failures` failed passes in a row: `SLOW_RETRY`, doubling, at most
+/// `IDLE_PASS`.
+fn failure_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(8);
+    (SLOW_RETRY * 2u32.pow(doublings)).min(IDLE_PASS)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Outcome {
@@ -65,11 +72,12 @@ impl Pool {
 }
 
 /// Another process (qemu-io, a backup tool) holding the image open for a moment makes the
-/// switch fail on qemu's image lock: the Switching job stays and a later round finishes it.
+/// switch fail on qemu's image lock (`Kind::Locked`, decided where qemu-img failed): the
+/// Switching job stays and a later round finishes it. Any other failure is a real one.
 fn busy_if_locked(volume_id: &str, result: Result<()>) -> Result<Option<Outcome>> {
     match result {
         Ok(()) => Ok(None),
-        Err(e) if e.to_string().contains("lock") => {
+        Err(e) if e.kind() == Some(Kind::Locked) => {
             tracing::info!(volume = %volume_id, error = %e,
                 "image busy; finishing the flattening later");
             Ok(Some(Outcome::Busy))
@@ -86,20 +94,36 @@ async fn try_lock(pool: &Arc<Pool>, slot: Slot) -> Result<Option<ObjectLock>> {
 
 impl Pools {
     /// Starts the background flattener; it runs until the runtime stops.
-    pub fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
         let pools = self.clone();
         tokio::spawn(async move { pools.flatten_loop().await })
     }
 
     async fn flatten_loop(self) {
+        let mut failures: u32 = 0;
         loop {
             let wait = match self.flatten_pass().await {
-                Ok(None | Some(Outcome::Done)) => IDLE_PASS,
-                Ok(Some(Outcome::Busy)) => BUSY_RETRY,
-                Ok(Some(Outcome::Attached)) => SLOW_RETRY,
+                Ok(outcome) => {
+                    failures = 0;
+                    match outcome {
+                        None | Some(Outcome::Done) => IDLE_PASS,
+                        Some(Outcome::Busy) => BUSY_RETRY,
+                        Some(Outcome::Attached) => SLOW_RETRY,
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "chain flattening failed; retrying later");
-                    SLOW_RETRY
+                    // A real failure (not a busy image): back off, and say so louder when it
+                    // keeps failing.
+                    failures = failures.saturating_add(1);
+                    let wait = failure_backoff(failures);
+                    if failures >= 3 {
+                        tracing::error!(error = %e, failures, retry_in_secs = wait.as_secs(),
+                            "chain flattening keeps failing");
+                    } else {
+                        tracing::warn!(error = %e, failures, retry_in_secs = wait.as_secs(),
+                            "chain flattening failed; retrying later");
+                    }
+                    wait
                 }
             };
             tokio::select! {
@@ -312,5 +336,54 @@ impl Pools {
             tracing::warn!(pool = %pool.name(), error = %e,
                 "could not drop a flattening job; the next start will");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    fn qemu_img_failure(stderr: &str) -> Error {
+        crate::exec::tool_error(
+            "qemu-img",
+            &crate::exec::Finished {
+                code: Some(1),
+                stdout: String::new(),
+                stderr: stderr.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn only_qemus_image_lock_is_a_busy_image() {
+        let locked = qemu_img_failure(
+            "qemu-img: Could not open '/srv/pool/images/a.qcow2': Failed to get \"write\" lock\n\
+             Is another process using the image [/srv/pool/images/a.qcow2]?",
+        );
+        assert_eq!(
+            busy_if_locked("p.a", Err(locked)).unwrap(),
+            Some(Outcome::Busy)
+        );
+        // A real failure in a pool whose path says "block" (and "lock") surfaces.
+        let real = qemu_img_failure(
+            "qemu-img: Could not open '/srv/blockpool/images/a.qcow2': Could not open backing \
+             file: No such file or directory",
+        );
+        assert!(busy_if_locked("p.a", Err(real)).is_err());
+        let io = Error::io(
+            "syncing /srv/blockpool/images/a.qcow2",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert!(busy_if_locked("p.a", Err(io)).is_err());
+        assert_eq!(busy_if_locked("p.a", Ok(())).unwrap(), None);
+    }
+
+    #[test]
+    fn failures_back_off_up_to_the_idle_pass() {
+        assert_eq!(failure_backoff(1), SLOW_RETRY);
+        assert_eq!(failure_backoff(2), SLOW_RETRY * 2);
+        assert_eq!(failure_backoff(3), SLOW_RETRY * 4);
+        assert_eq!(failure_backoff(50), IDLE_PASS);
     }
 }

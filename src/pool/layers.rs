@@ -29,13 +29,15 @@ use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
+use tonic::Code;
 
+/// How many layers a volume's chain may reach before it is flattened (`[snapshots] max_chain_depth`).
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
 
 /// What snapshots, clones and the flattener need besides the pools: who holds a volume live
 /// and the chain depth limit.
 #[derive(Clone)]
-pub struct LayerContext {
+pub(super) struct LayerContext {
     pub(super) attachments: Attachments,
     pub(super) max_chain_depth: usize,
     /// Wakes the background flattener when a chain grew past the limit.
@@ -254,7 +256,7 @@ impl Pools {
             });
         let live = match live {
             Ok(l) => l,
-            Err(e @ (Error::Unavailable(_) | Error::Timeout(_))) => {
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) => {
                 // Unknown outcome: the node may already write to the overlay, so it must not be
                 // deleted. The record keeps the pending switch; recovery completes it.
                 tracing::error!(volume = %rec.id, overlay = %overlay, error = %e,

@@ -14,19 +14,21 @@ use std::sync::Arc;
 
 /// What a CSI `Volume` says of a volume.
 #[derive(Debug, Clone, PartialEq)]
-pub struct VolumeSummary {
-    pub id: String,
-    pub pool: String,
-    pub format: ImageFormat,
-    pub capacity_bytes: u64,
+pub(crate) struct VolumeSummary {
+    pub(crate) id: String,
+    pub(crate) pool: String,
+    pub(crate) format: ImageFormat,
+    pub(crate) capacity_bytes: u64,
     /// The file system of the first mount capability, if any.
-    pub fs_type: Option<String>,
-    pub content_source: Option<ContentSource>,
-    pub accessible_topology: BTreeMap<String, String>,
+    pub(crate) fs_type: Option<String>,
+    pub(crate) content_source: Option<ContentSource>,
+    pub(crate) accessible_topology: BTreeMap<String, String>,
+    /// The parameters the node gets in the volume context (`params::ROOT_KEYS`).
+    pub(crate) root: BTreeMap<String, String>,
 }
 
 impl VolumeRecord {
-    pub fn summary(&self) -> VolumeSummary {
+    pub(crate) fn summary(&self) -> VolumeSummary {
         VolumeSummary {
             id: self.id.clone(),
             pool: self.pool.clone(),
@@ -35,24 +37,28 @@ impl VolumeRecord {
             fs_type: self.fs_type().map(str::to_string),
             content_source: self.content_source.clone(),
             accessible_topology: self.accessible_topology.clone(),
+            root: crate::params::ROOT_KEYS
+                .iter()
+                .filter_map(|k| self.parameters.get(*k).map(|v| (k.to_string(), v.clone())))
+                .collect(),
         }
     }
 }
 
 /// Whether a volume's image and backing layers are in its pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VolumeCondition {
+pub(crate) enum VolumeCondition {
     Healthy,
     MissingImage { image: String, pool: String },
     MissingLayer { layer: String, pool: String },
 }
 
 impl VolumeCondition {
-    pub fn abnormal(&self) -> bool {
+    pub(crate) fn abnormal(&self) -> bool {
         *self != VolumeCondition::Healthy
     }
 
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             VolumeCondition::Healthy => "ok".into(),
             VolumeCondition::MissingImage { image, pool } => {
@@ -67,18 +73,18 @@ impl VolumeCondition {
 
 /// What a CSI `Snapshot` says of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotSummary {
-    pub id: String,
-    pub source_volume_id: String,
-    pub size_bytes: u64,
+pub(crate) struct SnapshotSummary {
+    pub(crate) id: String,
+    pub(crate) source_volume_id: String,
+    pub(crate) size_bytes: u64,
     /// Seconds and nanoseconds since the Unix epoch.
-    pub created_at: u64,
-    pub created_at_nanos: u32,
-    pub ready_to_use: bool,
+    pub(crate) created_at: u64,
+    pub(crate) created_at_nanos: u32,
+    pub(crate) ready_to_use: bool,
 }
 
 impl SnapshotRecord {
-    pub fn summary(&self) -> SnapshotSummary {
+    pub(crate) fn summary(&self) -> SnapshotSummary {
         SnapshotSummary {
             id: self.id.clone(),
             source_volume_id: self.source_volume_id.clone(),
@@ -93,9 +99,9 @@ impl SnapshotRecord {
 
 /// Which snapshots ListSnapshots asks for.
 #[derive(Debug, Clone, Default)]
-pub struct SnapshotFilter {
-    pub snapshot_id: Option<String>,
-    pub source_volume_id: Option<String>,
+pub(crate) struct SnapshotFilter {
+    pub(crate) snapshot_id: Option<String>,
+    pub(crate) source_volume_id: Option<String>,
 }
 
 /// A volume's files to check for its condition.
@@ -143,6 +149,7 @@ fn summary_of(pool: &Pool, index: &Index, key: u64, v: &VolumeEntry) -> VolumeSu
         fs_type: index.fs_type(v).map(str::to_string),
         content_source: v.content_source.as_deref().cloned(),
         accessible_topology: index.topology(v).clone(),
+        root: index.root(v).clone(),
     }
 }
 
@@ -167,7 +174,7 @@ impl Pools {
     /// One page of ListVolumes: up to `max` Ready volumes in id order from the first id at or
     /// after `start` ("" = the beginning), each with its condition, and the id to continue
     /// from ("" at the end). Reads the index and stats the page's layers: O(page).
-    pub async fn list_page(
+    pub(crate) async fn list_page(
         &self,
         start: &str,
         max: usize,
@@ -207,7 +214,7 @@ impl Pools {
     }
 
     /// ControllerGetVolume: a Ready volume's summary and condition, from the index.
-    pub async fn describe(&self, id: &str) -> Result<(VolumeSummary, VolumeCondition)> {
+    pub(crate) async fn describe(&self, id: &str) -> Result<(VolumeSummary, VolumeCondition)> {
         let not_found = || Error::NotFound(format!("volume {id} does not exist"));
         let Some((pool, key)) = self.locate_volume(id)? else {
             return Err(not_found());
@@ -227,7 +234,7 @@ impl Pools {
     }
 
     /// One page of ListSnapshots: Ready snapshots in id order, filtered, from `start`.
-    pub async fn snapshot_page(
+    pub(crate) async fn snapshot_page(
         &self,
         filter: SnapshotFilter,
         start: &str,

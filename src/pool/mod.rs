@@ -7,7 +7,7 @@ mod flatten;
 mod layers;
 mod listing;
 pub(crate) mod qcow2;
-pub mod qemu_img;
+pub(crate) mod qemu_img;
 pub mod record;
 mod recover;
 mod snapshots;
@@ -16,12 +16,12 @@ pub(crate) mod store;
 mod volumes;
 
 pub use layers::DEFAULT_MAX_CHAIN_DEPTH;
-pub use listing::{SnapshotFilter, SnapshotSummary, VolumeCondition, VolumeSummary};
+pub(crate) use listing::{SnapshotFilter, SnapshotSummary, VolumeCondition, VolumeSummary};
 pub use record::{RecordState, SnapshotRecord, VolumeRecord};
 pub use snapshots::CreateSnapshot;
-pub use volumes::{
-    topology_fits, CapacityQuery, CreateVolume, Pools, TopologyRequirement, VolumeLock, MIB,
-};
+pub use volumes::TopologyRequirement;
+pub(crate) use volumes::{CapacityQuery, MIB};
+pub use volumes::{CreateVolume, Pools};
 
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
@@ -41,76 +41,76 @@ impl Pool {
     /// Creates the directories if needed, reads every record into the index, and finishes or
     /// undoes what a crash interrupted (skipping what a live process is working on).
     /// Blocking: call through `exec::blocking`.
-    pub fn open(cfg: PoolConfig) -> Result<Pool> {
+    pub(crate) fn open(cfg: PoolConfig) -> Result<Pool> {
         let store = Store::open(&cfg.name, &cfg.path)?;
         let pool = Pool { cfg, store };
         pool.recover()?;
         Ok(pool)
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.cfg.name
     }
 
-    pub fn config(&self) -> &PoolConfig {
+    pub(crate) fn config(&self) -> &PoolConfig {
         &self.cfg
     }
 
-    pub fn topology(&self) -> &BTreeMap<String, String> {
+    pub(crate) fn topology(&self) -> &BTreeMap<String, String> {
         &self.cfg.topology
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.cfg.path
     }
 
-    pub fn volumes_dir(&self) -> PathBuf {
+    pub(crate) fn volumes_dir(&self) -> PathBuf {
         self.cfg.path.join(Kind::Volume.dir())
     }
 
-    pub fn images_dir(&self) -> PathBuf {
+    pub(crate) fn images_dir(&self) -> PathBuf {
         self.store.images_dir()
     }
 
     /// Absolute path of an image file of this pool.
-    pub fn image_path(&self, file: &str) -> PathBuf {
+    pub(crate) fn image_path(&self, file: &str) -> PathBuf {
         self.images_dir().join(file)
     }
 
     /// The id of the volume with `key` in this pool.
-    pub fn volume_id(&self, key: u64) -> String {
+    pub(crate) fn volume_id(&self, key: u64) -> String {
         format!("{}.{}", self.cfg.name, Kind::Volume.file_key(key))
     }
 
     /// The id of the snapshot with `key` in this pool.
-    pub fn snapshot_id(&self, key: u64) -> String {
+    pub(crate) fn snapshot_id(&self, key: u64) -> String {
         format!("{}.{}", self.cfg.name, Kind::Snapshot.file_key(key))
     }
 
     /// Reads one volume record (any state) from its file.
-    pub fn read_volume(&self, key: u64) -> Result<Option<VolumeRecord>> {
+    pub(crate) fn read_volume(&self, key: u64) -> Result<Option<VolumeRecord>> {
         self.store.read(key)
     }
 
     /// Writes a volume record as one commit, whatever it says (repair tools and tests; the
-    /// operations check their preconditions under the pool lock).
+    /// operations check their preconditions under the pool lock). Blocking.
     pub fn write_volume(&self, rec: &VolumeRecord) -> Result<()> {
         self.store.put(rec, |_| Ok(())).map(drop)
     }
 
-    /// Writes a snapshot record as one commit (repair tools and tests).
+    /// Writes a snapshot record as one commit (repair tools and tests). Blocking.
     pub fn write_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
         self.store.put(rec, |_| Ok(())).map(drop)
     }
 
     /// How many volumes the pool holds (not being deleted) and the sum of their sizes.
-    pub fn usage(&self) -> Result<(usize, u64)> {
+    pub(crate) fn usage(&self) -> Result<(usize, u64)> {
         let index = self.store.index()?;
         Ok((index.volume_count(), index.provisioned()))
     }
 
     /// Free bytes of the filesystem holding the pool.
-    pub fn free_bytes(&self) -> Result<u64> {
+    pub(crate) fn free_bytes(&self) -> Result<u64> {
         let st = nix::sys::statvfs::statvfs(self.dir()).map_err(|e| {
             Error::io(
                 format!("statvfs {}", self.dir().display()),
@@ -121,7 +121,7 @@ impl Pool {
     }
 
     /// Whether the pool directory accepts new files (Probe's readiness check).
-    pub fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         let probe = tempfile::Builder::new()
             .prefix(".probe-")
             .tempfile_in(self.volumes_dir())

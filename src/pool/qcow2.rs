@@ -139,13 +139,9 @@ fn header_cluster(size: u64, l: &Layout, backing: Option<&str>) -> Vec<u8> {
     h
 }
 
+/// A full file system (ENOSPC) or a file past its largest size (EFBIG) keep their errno, and
+/// so their gRPC code (`Error::code`).
 fn map_err(path: &Path, e: std::io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::EFBIG) {
-        return Error::OutOfRange(format!(
-            "an image at {} cannot be that large on this file system: {e}",
-            path.display()
-        ));
-    }
     Error::io(format!("writing image {}", path.display()), e)
 }
 

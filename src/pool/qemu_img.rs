@@ -4,18 +4,14 @@
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::model::ImageFormat;
-use serde::Deserialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct ImageInfo {
+/// What `qemu-img info` reports (only what the plugin reads). Only the hypervisor backend uses it.
+#[cfg(feature = "libvirt")]
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(crate) struct ImageInfo {
     #[serde(rename = "virtual-size")]
-    pub virtual_size: u64,
-    #[serde(rename = "actual-size", default)]
-    pub actual_size: u64,
-    pub format: String,
-    #[serde(rename = "backing-filename", default)]
-    pub backing_filename: Option<String>,
+    pub(crate) virtual_size: u64,
 }
 
 fn path_arg(p: &Path) -> Result<&str> {
@@ -23,7 +19,7 @@ fn path_arg(p: &Path) -> Result<&str> {
         .ok_or_else(|| Error::internal(format!("path {} is not UTF-8", p.display())))
 }
 
-pub async fn resize(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+pub(crate) async fn resize(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
     exec::run(
         "qemu-img",
         [
@@ -40,27 +36,15 @@ pub async fn resize(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
 }
 
 /// `-U` (force share) so info works while a domain holds the image open.
-pub async fn info(path: &Path) -> Result<ImageInfo> {
+#[cfg(feature = "libvirt")]
+pub(crate) async fn info(path: &Path) -> Result<ImageInfo> {
     let out = exec::run("qemu-img", ["info", "-U", "--output=json", path_arg(path)?]).await?;
     serde_json::from_str(&out.stdout)
         .map_err(|e| Error::internal(format!("parsing qemu-img info of {}: {e}", path.display())))
 }
 
-/// `qemu-img check` (qcow2 only; raw has nothing to check).
-pub async fn check(path: &Path, format: ImageFormat) -> Result<()> {
-    if format == ImageFormat::Raw {
-        return Ok(());
-    }
-    exec::run(
-        "qemu-img",
-        ["check", "-q", "-U", "-f", "qcow2", path_arg(path)?],
-    )
-    .await
-    .map(drop)
-}
-
 /// Copies what `src` shows (its whole backing chain) into a new standalone qcow2 image.
-pub async fn convert_flat(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) async fn convert_flat(src: &Path, dst: &Path) -> Result<()> {
     exec::run(
         "qemu-img",
         [
@@ -81,22 +65,21 @@ pub async fn convert_flat(src: &Path, dst: &Path) -> Result<()> {
 /// Points `image`'s header at `backing` without touching data: right exactly when the old
 /// and the new backing show the same content. Blocking (pool recovery runs it while the pool
 /// opens): call through `exec::blocking`.
-pub fn rebase_unsafe_blocking(image: &Path, backing: &str) -> Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2",
-        ])
-        .arg(image)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::io("starting qemu-img rebase", e))?;
-    if !out.status.success() {
-        return Err(Error::internal(format!(
-            "qemu-img rebase of {} onto {backing} failed ({}): {}",
-            image.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+pub(crate) fn rebase_unsafe_blocking(image: &Path, backing: &str) -> Result<()> {
+    exec::run_blocking(
+        "qemu-img",
+        [
+            "rebase",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            path_arg(image)?,
+        ],
+    )
+    .map(drop)
 }

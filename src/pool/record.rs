@@ -5,7 +5,7 @@ use crate::params::DiskOptions;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub const SCHEMA: u32 = 1;
+pub(crate) const SCHEMA: u32 = 1;
 
 /// Where a multi-step operation stands; a restarted controller finishes or undoes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,34 +13,39 @@ pub const SCHEMA: u32 = 1;
 pub enum RecordState {
     /// Record written, image maybe partial: undone on start, redone by a retried create.
     Creating,
+    /// Complete and usable.
     Ready,
     /// Delete began: finished on start or by a retried delete.
     Deleting,
 }
 
+/// A volume: its record `volumes/<key>.json` in its pool, the durable truth about it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeRecord {
-    pub schema: u32,
+    pub(crate) schema: u32,
+    /// The CSI volume id (`<pool>.<key>`).
     pub id: String,
+    /// The CSI name it was created with.
     pub name: String,
+    /// The pool holding it.
     pub pool: String,
-    pub state: RecordState,
-    pub format: ImageFormat,
-    pub capacity_bytes: u64,
+    pub(crate) state: RecordState,
+    pub(crate) format: ImageFormat,
+    pub(crate) capacity_bytes: u64,
     /// File name (in the pool's `images/`) of the volume's active, writable layer.
     pub image: String,
     /// The capabilities requested at creation.
-    pub capabilities: Vec<Capability>,
+    pub(crate) capabilities: Vec<Capability>,
     /// The CreateVolume parameters as given (minus orchestrator metadata), for idempotency.
-    pub parameters: BTreeMap<String, String>,
+    pub(crate) parameters: BTreeMap<String, String>,
     /// Hot-plug options parsed from the parameters (QoS may change later).
-    pub disk: DiskOptions,
+    pub(crate) disk: DiskOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_source: Option<ContentSource>,
+    pub(crate) content_source: Option<ContentSource>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub accessible_topology: BTreeMap<String, String>,
+    pub(crate) accessible_topology: BTreeMap<String, String>,
     /// Seconds since the Unix epoch.
-    pub created_at: u64,
+    pub(crate) created_at: u64,
     /// The read-only layers under `image` (snapshots, clones) and any layer switch in flight.
     #[serde(default, skip_serializing_if = "Chain::is_empty")]
     pub chain: Chain,
@@ -48,16 +53,16 @@ pub struct VolumeRecord {
 
 impl VolumeRecord {
     /// Images a read of the volume may touch: the active layer plus its backing layers.
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         1 + self.chain.backing.len()
     }
 
-    pub fn is_block_only(&self) -> bool {
+    pub(crate) fn is_block_only(&self) -> bool {
         !self.capabilities.is_empty() && self.capabilities.iter().all(|c| c.is_block())
     }
 
     /// The file system the node should create: the first mount capability's fs_type.
-    pub fn fs_type(&self) -> Option<&str> {
+    pub(crate) fn fs_type(&self) -> Option<&str> {
         self.capabilities.iter().find_map(|c| match &c.access_type {
             crate::model::AccessType::Mount { fs_type, .. } if !fs_type.is_empty() => {
                 Some(fs_type.as_str())
@@ -81,11 +86,12 @@ pub struct Chain {
 }
 
 impl Chain {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.backing.is_empty() && self.freezing.is_none()
     }
 }
 
+/// A live snapshot in progress: the active layer is being frozen under a new overlay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Freezing {
     /// File name of the new overlay (backed by the current active layer).
@@ -100,11 +106,17 @@ pub struct Freezing {
 /// `snapshots/<key>.json` of the source volume's pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
+    /// Record format version.
     pub schema: u32,
+    /// The CSI snapshot id (`<pool>.<key>`).
     pub id: String,
+    /// The CSI name it was created with.
     pub name: String,
+    /// The pool holding it (the source volume's pool).
     pub pool: String,
+    /// Where its creation or deletion stands.
     pub state: RecordState,
+    /// The volume it was taken of.
     pub source_volume_id: String,
     /// File name in `images/` of the frozen layer holding the snapshot's point in time.
     pub layer: String,
@@ -113,10 +125,12 @@ pub struct SnapshotRecord {
     pub backing: Vec<String>,
     /// The source volume's size when the snapshot was taken.
     pub size_bytes: u64,
+    /// The CreateSnapshot parameters as given.
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
     /// Seconds and nanoseconds since the Unix epoch.
     pub created_at: u64,
+    /// Nanoseconds past `created_at`.
     #[serde(default)]
     pub created_at_nanos: u32,
     /// Live snapshots only: whether the guest's file systems were frozen (guest agent).
@@ -128,7 +142,9 @@ pub struct SnapshotRecord {
 /// (`flatten/<volume key>.json`): the job names every file it reads or writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlattenJob {
+    /// Record format version.
     pub schema: u32,
+    /// The volume whose chain is flattened.
     pub volume_id: String,
     /// The volume's active layer, whose backing is switched to `layer`.
     pub image: String,
@@ -136,11 +152,15 @@ pub struct FlattenJob {
     pub source: Vec<String>,
     /// The new standalone layer.
     pub layer: String,
+    /// Where the job stands.
     pub state: FlattenState,
+    /// When the job started (seconds since the Unix epoch).
     pub started_at: u64,
+    /// When the job last changed state (seconds since the Unix epoch).
     pub updated_at: u64,
 }
 
+/// The steps of a flatten job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FlattenState {
@@ -151,7 +171,7 @@ pub enum FlattenState {
     Switching,
 }
 
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -12,10 +12,14 @@ use crate::ids::{self, ObjectId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// A CreateSnapshot request, validated by the caller.
 #[derive(Debug, Clone)]
 pub struct CreateSnapshot {
+    /// The CSI snapshot name.
     pub name: String,
+    /// The volume to snapshot.
     pub source_volume_id: String,
+    /// The CreateSnapshot parameters.
     pub parameters: BTreeMap<String, String>,
 }
 
@@ -166,7 +170,7 @@ impl Pools {
     }
 
     /// A Ready snapshot by id; `Ok(None)` when it does not exist.
-    pub async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+    pub(crate) async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
         let Some((pool, key)) = self.locate_snapshot(id)? else {
             return Ok(None);
         };
@@ -190,7 +194,7 @@ impl Pools {
     /// DeleteSnapshot: OK for unknown ids; ABORTED while another operation holds the
     /// snapshot. The record goes at once; the layer stays while a volume still reads through
     /// it and is removed with the last of them.
-    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+    pub(crate) async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let Some((pool, key)) = self.locate_snapshot(id)? else {
             return Ok(());
         };

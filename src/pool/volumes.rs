@@ -15,41 +15,52 @@ use crate::params::VolumeParams;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// The largest volume: qcow2 with 64 KiB clusters stops at 2 PiB, and sizes near 2^63 overflow
 /// QEMU's arithmetic, so anything above 1 PiB is OUT_OF_RANGE up front.
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+pub(super) const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A topology: segment key → value.
-pub type Topology = BTreeMap<String, String>;
+pub(super) type Topology = BTreeMap<String, String>;
 
+/// CSI accessibility requirements: which topology segments a new volume must or should be in.
 #[derive(Debug, Clone, Default)]
 pub struct TopologyRequirement {
+    /// The volume must be accessible from one of these.
     pub requisite: Vec<Topology>,
+    /// Prefer these, in order.
     pub preferred: Vec<Topology>,
 }
 
+/// A CreateVolume request, validated by the caller.
 #[derive(Debug, Clone)]
 pub struct CreateVolume {
+    /// The CSI volume name (idempotency key).
     pub name: String,
+    /// At least this many bytes (0: the default size).
     pub required_bytes: u64,
+    /// At most this many bytes (0: no limit).
     pub limit_bytes: u64,
+    /// The capabilities the volume must support.
     pub capabilities: Vec<Capability>,
+    /// The CreateVolume parameters (pool, bus, QoS, …).
     pub parameters: BTreeMap<String, String>,
+    /// A snapshot or volume to start from.
     pub content_source: Option<ContentSource>,
+    /// Where the volume must be accessible.
     pub topology: TopologyRequirement,
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct CapacityQuery {
-    pub parameters: BTreeMap<String, String>,
-    pub topology: Option<Topology>,
+pub(crate) struct CapacityQuery {
+    pub(crate) parameters: BTreeMap<String, String>,
+    pub(crate) topology: Option<Topology>,
 }
 
 /// The lock of one volume (see `store`: it excludes every other operation on the volume, in
 /// this process and in others sharing the pool). Operations that change a volume take it.
 #[derive(Clone)]
-pub struct VolumeLock {
+pub(crate) struct VolumeLock {
     pub(super) pool: Arc<Pool>,
     pub(super) key: u64,
     id: String,
@@ -58,14 +69,9 @@ pub struct VolumeLock {
 }
 
 impl VolumeLock {
-    /// The volume's id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// Whether the volume existed (Ready) when the lock was taken; while the lock is held
     /// only its holder changes that.
-    pub fn existed(&self) -> bool {
+    pub(crate) fn existed(&self) -> bool {
         self.existed
     }
 }
@@ -87,7 +93,7 @@ pub struct Pools {
 
 /// Whether a pool with topology `pool` is reachable from `wanted` (a pool with no topology is
 /// reachable from everywhere).
-pub fn topology_fits(pool: &Topology, wanted: &Topology) -> bool {
+pub(crate) fn topology_fits(pool: &Topology, wanted: &Topology) -> bool {
     pool.is_empty() || wanted.iter().all(|(k, v)| pool.get(k) == Some(v))
 }
 
@@ -96,7 +102,7 @@ fn round_up(n: u64, to: u64) -> u64 {
 }
 
 /// The size a volume gets: the requirement (or the default) rounded up to 1 MiB, within limit.
-pub fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
+pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u64> {
     if limit > 0 && required > limit {
         return Err(Error::OutOfRange(format!(
             "required_bytes {required} is larger than limit_bytes {limit}"
@@ -152,10 +158,11 @@ impl Pools {
         })
     }
 
-    pub fn all(&self) -> &[Arc<Pool>] {
+    pub(crate) fn all(&self) -> &[Arc<Pool>] {
         &self.pools
     }
 
+    /// The pool named `name`, if configured.
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.iter().find(|p| p.name() == name)
     }
@@ -174,7 +181,7 @@ impl Pools {
     /// Takes the lock of a volume: ABORTED while another operation (of any process sharing
     /// the pool) holds it, `Ok(None)` when the id cannot name a volume of ours. Finishes or
     /// undoes a change to the volume that a crashed process left half done.
-    pub async fn lock_volume(&self, id: &str) -> Result<Option<VolumeLock>> {
+    pub(crate) async fn lock_volume(&self, id: &str) -> Result<Option<VolumeLock>> {
         let pools = self.clone();
         let id = id.to_string();
         exec::blocking(move || pools.lock_volume_blocking(&id)).await
@@ -217,7 +224,8 @@ impl Pools {
             .collect()
     }
 
-    /// Looks a volume up by id. `Ok(None)` when it does not exist (or is not Ready).
+    /// Looks a volume up by id (index, then its record file). `Ok(None)` when it does not
+    /// exist (or is not Ready).
     pub async fn volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
         let Some((pool, key)) = self.locate_volume(id)? else {
             return Ok(None);
@@ -226,14 +234,14 @@ impl Pools {
     }
 
     /// Like `volume`, but NOT_FOUND when absent.
-    pub async fn require_volume(&self, id: &str) -> Result<VolumeRecord> {
+    pub(crate) async fn require_volume(&self, id: &str) -> Result<VolumeRecord> {
         self.volume(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
     /// The record of a locked volume; NOT_FOUND when it does not exist.
-    pub async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
+    pub(crate) async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
         let (pool, key) = (lock.pool.clone(), lock.key);
         exec::blocking(move || pool.ready_volume(key))
             .await?
@@ -241,7 +249,7 @@ impl Pools {
     }
 
     /// The absolute path of a volume's active image.
-    pub fn image_path(&self, rec: &VolumeRecord) -> Result<std::path::PathBuf> {
+    pub(crate) fn image_path(&self, rec: &VolumeRecord) -> Result<std::path::PathBuf> {
         let pool = self
             .get(&rec.pool)
             .ok_or_else(|| Error::internal(format!("pool {} is not configured", rec.pool)))?;
@@ -268,7 +276,7 @@ impl Pools {
     }
 
     /// GetCapacity: the most a single new volume matching the query could get.
-    pub async fn capacity(&self, q: CapacityQuery) -> Result<u64> {
+    pub(crate) async fn capacity(&self, q: CapacityQuery) -> Result<u64> {
         let params = VolumeParams::parse(&q.parameters)?;
         let candidates: Vec<Arc<Pool>> = self
             .pools
@@ -561,13 +569,13 @@ impl Pools {
 
     /// DeleteVolume of a locked volume: one commit removes the record; the layers nobody else
     /// names go with it. OK when it is already gone. The caller checks it is not published.
-    pub async fn delete(&self, lock: &VolumeLock) -> Result<()> {
+    pub(crate) async fn delete(&self, lock: &VolumeLock) -> Result<()> {
         let lock = lock.clone();
         exec::blocking(move || discard(&lock)).await
     }
 
     /// Offline expansion with `qemu-img resize`. Returns the new record.
-    pub async fn expand_offline(
+    pub(crate) async fn expand_offline(
         &self,
         lock: &VolumeLock,
         required: u64,
@@ -588,7 +596,7 @@ impl Pools {
     }
 
     /// The size an expansion should reach (≥ current), checked against the pool cap.
-    pub async fn expansion_target(
+    pub(crate) async fn expansion_target(
         &self,
         rec: &VolumeRecord,
         required: u64,
@@ -638,7 +646,7 @@ impl Pools {
     }
 
     /// Rewrites a locked volume's record (one commit).
-    pub async fn save(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
+    pub(crate) async fn save(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
         if rec.id != lock.id {
             return Err(Error::internal(format!(
                 "saving volume {} under the lock of {}",
@@ -655,7 +663,7 @@ impl Pools {
     }
 
     /// Readiness: every pool directory is writable.
-    pub async fn check_writable(&self) -> Result<()> {
+    pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
         exec::blocking(move || pools.iter().try_for_each(|p| p.check_writable())).await
     }

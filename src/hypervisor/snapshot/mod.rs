@@ -47,7 +47,7 @@ struct Switch {
 }
 
 /// See the module documentation. The caller made `overlay` durable and recorded the intent.
-pub async fn snapshot_live(
+pub(super) async fn snapshot_live(
     hv: &Hypervisor,
     node_id: &str,
     volume_id: &str,
@@ -76,15 +76,15 @@ pub async fn snapshot_live(
         {
             // libvirtd went away mid-switch: the next attempt reads what happened and
             // finishes or repeats the switch.
-            Err(Error::Unavailable(msg)) if started.elapsed() < RETRY_FOR => {
-                tracing::warn!(volume = %volume_id, node = %node_id, error = %msg,
+            Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < RETRY_FOR => {
+                tracing::warn!(volume = %volume_id, node = %node_id, error = %e,
                     "libvirt unreachable during a live snapshot; retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
-            Err(Error::NotFound(msg)) => {
+            Err(e) if e.code() == tonic::Code::NotFound => {
                 return Err(Error::Aborted(format!(
                     "node {node_id} went away during the snapshot of volume {volume_id} \
-                     ({msg}); retry"
+                     ({e}); retry"
                 )))
             }
             Ok(live) => {

@@ -23,7 +23,7 @@ fn finish(w: Writer<Cursor<Vec<u8>>>) -> Result<String> {
 /// An external disk-only snapshot of disk `target` onto `overlay` (qcow2, created by the
 /// caller); every disk in `others` is named with `snapshot='no'`, since libvirt would
 /// otherwise give each of them a new overlay of its own choosing.
-pub fn snapshot_xml(target: &str, overlay: &str, others: &[String]) -> Result<String> {
+pub(super) fn snapshot_xml(target: &str, overlay: &str, others: &[String]) -> Result<String> {
     let mut w = Writer::new(Cursor::new(Vec::new()));
     w.create_element("domainsnapshot")
         .write_inner_content(|w| {
@@ -60,11 +60,11 @@ pub fn snapshot_xml(target: &str, overlay: &str, others: &[String]) -> Result<St
 
 /// What a live snapshot needs to know about the running domain besides its disks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LiveFacts {
+pub(super) struct LiveFacts {
     /// A qemu-guest-agent channel is connected: file systems can be frozen.
-    pub agent_connected: bool,
+    pub(crate) agent_connected: bool,
     /// The target of every `<disk>` (any device: cdroms too).
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,7 +112,7 @@ struct ChannelTargetDoc {
 }
 
 /// Reads the guest agent state and the disk targets from a live domain XML.
-pub fn live_facts(xml: &str) -> Result<LiveFacts> {
+pub(super) fn live_facts(xml: &str) -> Result<LiveFacts> {
     let doc: DomainDoc = quick_xml::de::from_str(xml)
         .map_err(|e| Error::internal(format!("cannot parse libvirt domain XML: {e}")))?;
     let devices = doc.devices.unwrap_or_default();
@@ -136,9 +136,9 @@ pub fn live_facts(xml: &str) -> Result<LiveFacts> {
 
 /// A `<disk>` of a domain definition: as it is, and pointed at a new source.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepointedDisk {
-    pub original: String,
-    pub repointed: String,
+pub(super) struct RepointedDisk {
+    pub(crate) original: String,
+    pub(crate) repointed: String,
 }
 
 fn parse_err(e: impl std::fmt::Display) -> Error {
@@ -149,7 +149,7 @@ fn parse_err(e: impl std::fmt::Display) -> Error {
 /// `<source file>` is `new_source` and that has no `<backingStore>` (the new image's header
 /// names its backing file; libvirt reads the chain from there). None when no disk has that
 /// serial. Everything else of the element (driver, target, iotune, alias, …) is kept as is.
-pub fn repoint_disk(
+pub(super) fn repoint_disk(
     domain_xml: &str,
     serial: &str,
     new_source: &str,

@@ -119,6 +119,8 @@ pub(crate) struct VolumeHead<'a> {
     accessible_topology: Topology,
     #[serde(default, borrow)]
     chain: ChainHead<'a>,
+    #[serde(default, borrow)]
+    parameters: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +153,18 @@ struct FreezingHead<'a> {
 }
 
 impl VolumeHead<'_> {
+    /// The parameters the volume context repeats to the node (`params::ROOT_KEYS`).
+    fn root(&self) -> Topology {
+        crate::params::ROOT_KEYS
+            .iter()
+            .filter_map(|k| {
+                self.parameters
+                    .get(*k)
+                    .map(|v| (k.to_string(), v.to_string()))
+            })
+            .collect()
+    }
+
     /// The file system of the first mount capability, as `VolumeRecord::fs_type`.
     fn fs_type(&self) -> Option<&str> {
         self.capabilities.iter().find_map(|c| {
@@ -201,6 +215,12 @@ impl VolumeRecord {
                     overlay: Cow::Borrowed(&f.overlay),
                 }),
             },
+            parameters: self
+                .parameters
+                .iter()
+                .filter(|(k, _)| crate::params::ROOT_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                .collect(),
         }
     }
 }
@@ -254,6 +274,8 @@ pub(crate) struct VolumeEntry {
     fs_type: u16,
     /// Index into `Index::topologies`.
     topology: u16,
+    /// Index into `Index::topologies` of the parameters the volume context repeats.
+    root: u16,
     pub capacity: u64,
     pub image: Layer,
     pub backing: Box<[Layer]>,
@@ -382,12 +404,14 @@ impl Index {
     pub(crate) fn insert_volume(&mut self, key: u64, rec: &VolumeHead<'_>) {
         let fs_type = self.intern_fs_type(rec.fs_type());
         let topology = self.intern_topology(&rec.accessible_topology);
+        let root = self.intern_topology(&rec.root());
         let entry = VolumeEntry {
             name: ids::name_hash(ids::VOLUME, &rec.name),
             state: rec.state,
             format: rec.format,
             fs_type,
             topology,
+            root,
             capacity: rec.capacity_bytes,
             image: Layer::parse(&rec.image),
             backing: layers(&rec.chain.backing),
@@ -577,6 +601,12 @@ impl Index {
     pub(crate) fn topology(&self, v: &VolumeEntry) -> &Topology {
         static EMPTY: Topology = BTreeMap::new();
         self.topologies.get(v.topology as usize).unwrap_or(&EMPTY)
+    }
+
+    /// The parameters of `v` the volume context repeats (`params::ROOT_KEYS`).
+    pub(crate) fn root(&self, v: &VolumeEntry) -> &Topology {
+        static EMPTY: Topology = BTreeMap::new();
+        self.topologies.get(v.root as usize).unwrap_or(&EMPTY)
     }
 }
 

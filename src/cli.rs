@@ -1,0 +1,164 @@
+//! The command line of the `virtdisk-csi` binary: `serve`, `client` and `doctor`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::attach::{Attacher, Attachments};
+use crate::config::{Config, Mode, Overrides};
+use crate::server::{self, ServeOptions};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "virtdisk-csi",
+    version,
+    about = "CSI plugin: qcow2 volumes hot-plugged into libvirt domains"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CSI gRPC API on a unix socket.
+    Serve(ServeArgs),
+    /// Call a CSI plugin's RPCs (any plugin's socket): identity, volume, node, snapshot.
+    Client(crate::client::ClientArgs),
+    /// Check that this host has what the plugin needs; exits non-zero on a FAIL.
+    Doctor(crate::doctor::DoctorArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, value_enum, default_value = "monolith")]
+    mode: Mode,
+    /// unix:///path/to/csi.sock (or tcp://ip:port, unauthenticated: for isolated test guests only)
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// Where the embedded default pool lives (<data-dir>/pools/default).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (pools, node limits, libvirt).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id reported by NodeGetInfo (default: DMI product UUID, else /etc/machine-id).
+    #[arg(long)]
+    node_id: Option<String>,
+    #[arg(long)]
+    driver_name: Option<String>,
+    /// Make the socket 0660 and owned by this group (default: 0600).
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// libvirt URI of the hypervisor whose domains are the nodes (default qemu:///system).
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// Logs as JSON lines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9808).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> crate::error::Result<()> {
+    let cfg = Config::load(
+        args.mode,
+        args.config.as_deref(),
+        Overrides {
+            driver_name: args.driver_name,
+            data_dir: args.data_dir,
+            node_id: args.node_id,
+            libvirt_uri: args.libvirt_uri,
+        },
+    )?;
+    let listen = server::listen_address(&args.endpoint)?;
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr).await?;
+    }
+    let attachers = attachments(&cfg).await?;
+    server::serve(
+        cfg,
+        ServeOptions {
+            listen,
+            socket_group: args.socket_group,
+        },
+        attachers,
+    )
+    .await
+}
+
+/// The attach backends of this process: libvirt first, then local attach (a node id that names a
+/// VM belongs to the hypervisor backend).
+async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
+    let mut backends: Vec<Arc<dyn Attacher>> = Vec::new();
+    #[cfg(feature = "libvirt")]
+    if cfg.mode.runs_controller() && cfg.libvirt.enabled {
+        use crate::hypervisor::{Hypervisor, HypervisorConfig};
+        backends.push(Arc::new(Hypervisor::new(HypervisorConfig::from_config(
+            cfg,
+        ))));
+    }
+    if let Some(local) = crate::localattach::from_config(cfg).await? {
+        backends.push(local);
+    }
+    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
+        .with_ledgers(&cfg.data_dir.join("attach-ledger")))
+}
+
+/// Parses the command line and runs the command: the whole `virtdisk-csi` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            runtime.block_on(serve(args))
+        }
+        Command::Client(args) => {
+            return match runtime.block_on(crate::client::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Doctor(args) => {
+            return if runtime.block_on(crate::doctor::run(args)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("virtdisk-csi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
