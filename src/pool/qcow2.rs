@@ -6,9 +6,10 @@
 //! 64 KiB clusters, 16-bit refcounts, zlib compression type, no lazy refcounts, no extended
 //! L2, the feature name table, and for overlays the backing file and its format), byte for
 //! byte: `tests/qcow2_header.rs` compares the files and `qemu-img info`/`check` against
-//! `qemu-img create`. The zero regions are left as holes, so the file is sparse where QEMU's
-//! has written zero blocks; QEMU reads holes as zeros. A raw image is a sparse file of the
-//! size with its first 4 KiB written, as `qemu-img create -f raw` leaves it.
+//! `qemu-img create`. Like QEMU's, every byte of the file is written (zeros included), so the
+//! metadata's space is taken at create time: a full file system fails the create, not a later
+//! guest write. A raw image is a sparse file of the size with its first 4 KiB written, as
+//! `qemu-img create -f raw` leaves it.
 //!
 //! Resizing, converting and rebasing stay with `qemu-img` (`qemu_img`): they are not on a hot
 //! path and change images that hold data.
@@ -192,15 +193,24 @@ pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
     Ok(len > layout(size).len)
 }
 
-fn write_qcow2(file: &File, size: u64, backing: Option<&str>) -> std::io::Result<()> {
+/// The whole file's bytes: header cluster, refcount table, refcount block, zeroed L1 table.
+fn qcow2_bytes(size: u64, backing: Option<&str>) -> Vec<u8> {
     let l = layout(size);
-    file.write_all_at(&header_cluster(size, &l, backing), 0)?;
-    file.write_all_at(&REFCOUNT_BLOCK.to_be_bytes(), REFCOUNT_TABLE)?;
+    let mut out = vec![0u8; l.len as usize];
+    let header = header_cluster(size, &l, backing);
+    out[..header.len()].copy_from_slice(&header);
+    let table = REFCOUNT_TABLE as usize;
+    out[table..table + 8].copy_from_slice(&REFCOUNT_BLOCK.to_be_bytes());
     // Header, refcount table, refcount block and the L1 table: one reference each.
-    let used = 3 + l.l1_clusters;
-    let refcounts: Vec<u8> = (0..used).flat_map(|_| 1u16.to_be_bytes()).collect();
-    file.write_all_at(&refcounts, REFCOUNT_BLOCK)?;
-    file.set_len(l.len)
+    let block = REFCOUNT_BLOCK as usize;
+    for i in 0..(3 + l.l1_clusters) as usize {
+        out[block + 2 * i..block + 2 * i + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    out
+}
+
+fn write_qcow2(file: &File, size: u64, backing: Option<&str>) -> std::io::Result<()> {
+    file.write_all_at(&qcow2_bytes(size, backing), 0)
 }
 
 fn write_raw(file: &File, size: u64) -> std::io::Result<()> {
@@ -247,6 +257,7 @@ mod tests {
         let p = dir.path().join("x.qcow2");
         create(&p, ImageFormat::Qcow2, 1 << 20, None).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), layout(1 << 20).len);
+        assert_eq!(qcow2_bytes(1 << 20, None).len() as u64, layout(1 << 20).len);
         assert!(create(&p, ImageFormat::Qcow2, 1 << 20, None).is_err());
         assert!(create(
             &dir.path().join("y.raw"),
