@@ -355,43 +355,15 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
     let mut ours_s: [Samples; 3] = Default::default();
     let mut theirs_s: [Samples; 3] = Default::default();
     for r in 0..rounds {
-        // Ours.
-        let src = create(&mut a, &mut sink, &format!("peer-src-{r}")).await;
-        fill(&image_of(&ours, &src), data);
-        let snap = snapshot(&mut a, &mut ours_s[0], &format!("peer-snap-{r}"), &src).await;
-        let restored = from(
-            &mut a,
-            &mut ours_s[1],
-            &format!("peer-restore-{r}"),
-            from_snapshot(&snap),
-        )
-        .await;
-        let cloned = from(
-            &mut a,
-            &mut ours_s[2],
-            &format!("peer-clone-{r}"),
-            from_volume(&src),
-        )
+        let (restored, cloned) = round(&mut a, &mut ours_s, r, |id| {
+            fill(&image_of(&ours, id), data)
+        })
         .await;
         assert!(reads_back(&image_of(&ours, &restored), 0));
         assert!(reads_back(&image_of(&ours, &cloned), 0));
-        // hostpath.
-        let src = create(&mut b, &mut sink, &format!("peer-src-{r}")).await;
-        fill_dir(&theirs.volume_dir(&src), data);
-        let snap = snapshot(&mut b, &mut theirs_s[0], &format!("peer-snap-{r}"), &src).await;
-        let restored = from(
-            &mut b,
-            &mut theirs_s[1],
-            &format!("peer-restore-{r}"),
-            from_snapshot(&snap),
-        )
-        .await;
-        let cloned = from(
-            &mut b,
-            &mut theirs_s[2],
-            &format!("peer-clone-{r}"),
-            from_volume(&src),
-        )
+        let (restored, cloned) = round(&mut b, &mut theirs_s, r, |id| {
+            fill_dir(&theirs.volume_dir(id), data)
+        })
         .await;
         for id in [&restored, &cloned] {
             let len = std::fs::metadata(theirs.volume_dir(id).join("data")).map(|m| m.len());
@@ -419,6 +391,28 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
         );
     }
     rows
+}
+
+/// One round on one driver: a source volume filled by `fill`, then CreateSnapshot, a restore
+/// and a clone, each timed into `s`; returns the restored and the cloned volume.
+async fn round(
+    c: &mut ControllerClient<Channel>,
+    s: &mut [Samples; 3],
+    r: usize,
+    fill: impl Fn(&str),
+) -> (String, String) {
+    let src = create(c, &mut Samples::default(), &format!("peer-src-{r}")).await;
+    fill(&src);
+    let snap = snapshot(c, &mut s[0], &format!("peer-snap-{r}"), &src).await;
+    let restored = from(
+        c,
+        &mut s[1],
+        &format!("peer-restore-{r}"),
+        from_snapshot(&snap),
+    )
+    .await;
+    let cloned = from(c, &mut s[2], &format!("peer-clone-{r}"), from_volume(&src)).await;
+    (restored, cloned)
 }
 
 async fn snapshot(

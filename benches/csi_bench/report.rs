@@ -59,14 +59,15 @@ impl Report {
                 "| figure | virtdisk-csi | hostpath | hostpath / ours | target | met? | how |"
             );
             let _ = writeln!(o, "|---|---|---|---|---|---|---|");
-            for r in &self.peer {
+            for p in &self.peer {
+                let r = &p.row;
                 let _ = writeln!(
                     o,
                     "| {} | {} | {} | {} | {} | {} | {} |",
                     r.figure,
-                    r.ours,
-                    r.theirs,
-                    r.ratio.map_or("–".into(), |x| format!("{x:.2}")),
+                    r.value,
+                    p.theirs,
+                    p.ratio.map_or("–".into(), |x| format!("{x:.2}")),
                     r.target.as_deref().unwrap_or("–"),
                     met(r.met),
                     r.note
@@ -96,12 +97,17 @@ impl Report {
                 met(r.met)
             );
         }
-        for r in self.peer.iter().filter(|r| r.target.is_some()) {
+        for r in self
+            .peer
+            .iter()
+            .map(|p| &p.row)
+            .filter(|r| r.target.is_some())
+        {
             let _ = writeln!(
                 o,
                 "| {} (side by side) | {} | {} | {} |",
                 r.figure,
-                r.ours,
+                r.value,
                 r.target.as_deref().unwrap_or(""),
                 met(r.met)
             );

@@ -185,17 +185,14 @@ impl ValueRow {
     }
 }
 
-/// One figure measured on the plugin and on the reference driver in the same run.
+/// One figure measured on the plugin and on the reference driver in the same run: `row` holds
+/// the figure, the plugin's value, the target and the note.
 #[derive(Debug, Clone)]
 pub struct PeerRow {
-    pub figure: String,
-    pub ours: String,
+    pub row: ValueRow,
     pub theirs: String,
     /// hostpath's figure over ours: above 1, the plugin is faster.
     pub ratio: Option<f64>,
-    pub target: Option<String>,
-    pub met: Option<bool>,
-    pub note: String,
 }
 
 impl PeerRow {
@@ -205,13 +202,9 @@ impl PeerRow {
         theirs: impl Into<String>,
     ) -> Self {
         PeerRow {
-            figure: figure.into(),
-            ours: ours.into(),
+            row: ValueRow::new(figure, ours),
             theirs: theirs.into(),
             ratio: None,
-            target: None,
-            met: None,
-            note: String::new(),
         }
     }
 
@@ -220,15 +213,18 @@ impl PeerRow {
         self
     }
 
-    pub fn target(mut self, describe: impl Into<String>, met: bool) -> Self {
-        self.target = Some(describe.into());
-        self.met = Some(met);
-        self
+    pub fn target(self, describe: impl Into<String>, met: bool) -> Self {
+        PeerRow {
+            row: self.row.target(describe, met),
+            ..self
+        }
     }
 
-    pub fn note(mut self, n: impl Into<String>) -> Self {
-        self.note = n.into();
-        self
+    pub fn note(self, n: impl Into<String>) -> Self {
+        PeerRow {
+            row: self.row.note(n),
+            ..self
+        }
     }
 }
 

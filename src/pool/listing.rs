@@ -160,6 +160,33 @@ fn by_name(pools: &[Arc<Pool>]) -> Vec<Arc<Pool>> {
     sorted
 }
 
+/// A page being filled: up to `max` entries, then the id of the first one that did not fit.
+struct Page<E> {
+    entries: Vec<E>,
+    max: usize,
+    next: String,
+}
+
+impl<E> Page<E> {
+    fn new(max: usize) -> Self {
+        Page {
+            entries: Vec::new(),
+            max,
+            next: String::new(),
+        }
+    }
+
+    /// Adds the entry with id `id`; false (and the id kept as the next token) when full.
+    fn offer(&mut self, id: impl FnOnce() -> String, entry: impl FnOnce() -> E) -> bool {
+        if self.entries.len() >= self.max {
+            self.next = id();
+            return false;
+        }
+        self.entries.push(entry());
+        true
+    }
+}
+
 /// Where a page starts in `pool`: `None` to skip the pool (it sorts before the token's).
 fn start_in(pool: &Pool, token: Option<&(String, u64)>) -> Option<u64> {
     match token {
@@ -186,29 +213,29 @@ impl Pools {
         };
         let pools = by_name(self.all());
         exec::blocking(move || {
-            let mut page = Vec::new();
-            let mut next = String::new();
+            let mut page = Page::new(max);
             'pools: for pool in &pools {
                 let Some(from) = start_in(pool, token.as_ref()) else {
                     continue;
                 };
                 let index = pool.store.index()?;
                 for (key, v) in index.volumes_from(from) {
-                    if v.state != RecordState::Ready {
-                        continue;
-                    }
-                    if page.len() >= max {
-                        next = pool.volume_id(key);
+                    let fits = v.state != RecordState::Ready
+                        || page.offer(
+                            || pool.volume_id(key),
+                            || (summary_of(pool, &index, key, v), Files::of(pool, v)),
+                        );
+                    if !fits {
                         break 'pools;
                     }
-                    page.push((summary_of(pool, &index, key, v), Files::of(pool, v)));
                 }
             }
-            let page = page
+            let entries = page
+                .entries
                 .into_iter()
                 .map(|(s, files)| (s, files.condition()))
                 .collect();
-            Ok((page, next))
+            Ok((entries, page.next))
         })
         .await
     }
@@ -272,8 +299,7 @@ impl Pools {
             .filter(|p| only_pool.as_deref().is_none_or(|n| n == p.name()))
             .collect();
         exec::blocking(move || {
-            let mut page = Vec::new();
-            let mut next = String::new();
+            let mut page = Page::new(max);
             'pools: for pool in &pools {
                 let Some(from) = start_in(pool, token.as_ref()) else {
                     continue;
@@ -298,21 +324,23 @@ impl Pools {
                     {
                         continue;
                     }
-                    if page.len() >= max {
-                        next = pool.snapshot_id(key);
+                    let fits = page.offer(
+                        || pool.snapshot_id(key),
+                        || SnapshotSummary {
+                            id: pool.snapshot_id(key),
+                            source_volume_id: s.source.to_string(),
+                            size_bytes: s.size,
+                            created_at: s.created,
+                            created_at_nanos: s.created_nanos,
+                            ready_to_use: true,
+                        },
+                    );
+                    if !fits {
                         break 'pools;
                     }
-                    page.push(SnapshotSummary {
-                        id: pool.snapshot_id(key),
-                        source_volume_id: s.source.to_string(),
-                        size_bytes: s.size,
-                        created_at: s.created,
-                        created_at_nanos: s.created_nanos,
-                        ready_to_use: true,
-                    });
                 }
             }
-            Ok((page, next))
+            Ok((page.entries, page.next))
         })
         .await
     }

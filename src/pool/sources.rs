@@ -3,9 +3,9 @@
 //! but with no snapshot record: the layer lives as long as a chain reaches it), then overlays
 //! it. Either way nothing is copied, and the new volume lives in the source's pool.
 
-use super::record::{now_secs, Chain, RecordState, SnapshotRecord, VolumeRecord, SCHEMA};
+use super::record::{Chain, RecordState, SnapshotRecord, VolumeRecord};
 use super::store::{Index, Layer};
-use super::volumes::{size_for, CreateVolume, VolumeLock};
+use super::volumes::{new_record, size_for, CreateVolume, VolumeLock};
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -67,35 +67,24 @@ impl Pools {
             _lock: source_lock,
         } = self.source_layer(base).await?;
         let p = pool.clone();
-        let (key, lock) = exec::blocking(move || p.new_volume_key()).await?;
-        let image = Layer::Std {
-            key,
-            stamp: None,
-            raw: false,
-        }
-        .to_string();
+        let (key, lock, image) = exec::blocking(move || {
+            let (key, lock) = p.new_volume_key()?;
+            Ok((key, lock, p.first_image_name(key, ImageFormat::Qcow2)?))
+        })
+        .await?;
         let mut backing = vec![layer];
         backing.extend(below);
-        let rec = VolumeRecord {
-            schema: SCHEMA,
-            id: pool.volume_id(key),
-            name: req.name.clone(),
-            pool: pool.name().to_string(),
-            state: RecordState::Ready,
-            format: ImageFormat::Qcow2,
-            capacity_bytes: size,
-            image,
-            capabilities: req.capabilities.clone(),
-            parameters: req.parameters.clone(),
-            disk: params.disk.clone(),
-            content_source: Some(source.clone()),
-            accessible_topology: pool.topology().clone(),
-            created_at: now_secs(),
-            chain: Chain {
+        let rec = new_record(
+            &pool,
+            key,
+            req,
+            params,
+            (ImageFormat::Qcow2, size, image),
+            Chain {
                 backing,
                 freezing: None,
             },
-        };
+        );
         let name_free = pool.name_free_check(&req.name);
         let rec = self
             .materialize(&pool, lock, rec, move |index| {

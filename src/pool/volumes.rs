@@ -2,7 +2,7 @@
 //! offline expansion and capacity, and the per-volume lock every operation on a volume holds.
 
 use super::layers::LayerContext;
-use super::record::{now_secs, RecordState, VolumeRecord, SCHEMA};
+use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
 use super::store::{Index, Layer, ObjectLock, Slot};
 use super::{qcow2, qemu_img, Pool};
 use crate::config::PoolConfig;
@@ -381,23 +381,14 @@ impl Pools {
         }
         let (key, lock) = pool.new_volume_key()?;
         let image = pool.first_image_name(key, format)?;
-        let rec = VolumeRecord {
-            schema: SCHEMA,
-            id: pool.volume_id(key),
-            name: req.name.clone(),
-            pool: pool.name().to_string(),
-            state: RecordState::Ready,
-            format,
-            capacity_bytes: size,
-            image,
-            capabilities: req.capabilities.clone(),
-            parameters: req.parameters.clone(),
-            disk: params.disk.clone(),
-            content_source: None,
-            accessible_topology: pool.topology().clone(),
-            created_at: now_secs(),
-            chain: Default::default(),
-        };
+        let rec = new_record(
+            &pool,
+            key,
+            req,
+            params,
+            (format, size, image),
+            Chain::default(),
+        );
         let name_free = pool.name_free_check(&req.name);
         materialize(&pool, lock, rec, name_free)
     }
@@ -666,6 +657,35 @@ impl Pools {
     pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
         exec::blocking(move || pools.iter().try_for_each(|p| p.check_writable())).await
+    }
+}
+
+/// The record of new volume `key` in `pool` for `req`: its format, size and image file name,
+/// and the chain under the image.
+pub(super) fn new_record(
+    pool: &Pool,
+    key: u64,
+    req: &CreateVolume,
+    params: &VolumeParams,
+    (format, size, image): (ImageFormat, u64, String),
+    chain: Chain,
+) -> VolumeRecord {
+    VolumeRecord {
+        schema: SCHEMA,
+        id: pool.volume_id(key),
+        name: req.name.clone(),
+        pool: pool.name().to_string(),
+        state: RecordState::Ready,
+        format,
+        capacity_bytes: size,
+        image,
+        capabilities: req.capabilities.clone(),
+        parameters: req.parameters.clone(),
+        disk: params.disk.clone(),
+        content_source: req.content_source.clone(),
+        accessible_topology: pool.topology().clone(),
+        created_at: now_secs(),
+        chain,
     }
 }
 
