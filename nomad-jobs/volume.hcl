@@ -1,5 +1,9 @@
 # A virtdisk-csi volume:  nomad volume create volume.hcl
 #
+# For the controller and node plugins (plugin id "virtdisk"); volume-local.hcl is the same for
+# the monolith. Every Nomad version the jobs support (1.1.0 and later; Nomad < 1.3 ignores
+# topology_request, Nomad 1.1.0 sends no mount_options at creation: see README.md).
+#
 # Nomad sends CreateVolume{name, capacity_range, capabilities, parameters, topology}; the
 # plugin answers with the volume id (<pool>.<16 hex>) Nomad stores as the external id.
 # `name` is the idempotency key: re-running the command returns the same volume.
@@ -10,7 +14,8 @@ type      = "csi"
 plugin_id = "virtdisk"
 
 # "10GiB" is 10 * 2^30 bytes, "20G" is 20 * 10^9. The image is thin: it takes space as data
-# is written. Re-running `volume create` with a larger capacity_min expands the volume.
+# is written. Re-running `volume create` with a larger capacity_min expands the volume (Nomad
+# >= 1.6.3). Nomad 1.1 needs capacity_max whenever capacity_min is set.
 capacity_min = "10GiB"
 capacity_max = "20GiB"
 
@@ -47,10 +52,10 @@ parameters {
   writeBytesSec = "52428800"
 }
 
-# Only for pools that declare topology (e.g. the hypervisor host): the volume is created in
-# a pool whose segments match, and Nomad places allocations on nodes whose NodeGetInfo
-# reports the same segments (set [node] topology in the VMs' config). Remove this block
-# when the pools have no topology.
+# Only for pools that declare topology (e.g. the hypervisor host; Nomad >= 1.3): the volume is
+# created in a pool whose segments match, and Nomad places allocations on nodes whose
+# NodeGetInfo reports the same segments (set [node] topology in the VMs' config). Remove this
+# block when the pools have no topology.
 topology_request {
   required {
     topology {

@@ -56,7 +56,14 @@ fn manifests_and_jobs_validate() {
     assert!(t.contains(" 0 failed"), "{t}");
     for expected in [
         "nomad-jobs/plugin-controller.nomad.hcl: parses as HCL2",
+        "nomad-jobs/nomad-1.1/plugin-monolith.nomad.hcl: parses as HCL2",
         "nomad-jobs/volume.hcl: parses as HCL2",
+        "nomad-jobs/volume-local.hcl: plugin_id 'hv1-virtdisk' is the csi_plugin id of a plugin job",
+        "raw_exec plugin gets host paths (stage_publish_base_dir = /opt/nomad/data/client/csi/node/virtdisk",
+        "raw_exec mount_dir /opt/nomad/data/client/csi/monolith/<host>-virtdisk is Nomad's directory",
+        "--config local/config.toml is rendered by a template",
+        "uses no stage_publish_base_dir (Nomad 1.3.3)",
+        "does not start with plugin id",
         "CSIDriver virtdisk.csi.io validates against Kubernetes",
         "VolumeSnapshotClass virtdisk validates against the embedded",
         "controller has the csi-resizer sidecar",
@@ -115,6 +122,27 @@ fn broken_files_are_caught() {
     )
     .unwrap();
 
+    // The paths of Nomad < 1.3 in the 1.1 node job's place (state_dir without /client), a
+    // config file that exists on no fresh host, and a monolith id that starts with "virtdisk".
+    let node11 = root.join("nomad-jobs/nomad-1.1/plugin-node.nomad.hcl");
+    let t11 = std::fs::read_to_string(&node11).unwrap();
+    std::fs::write(
+        &node11,
+        t11.replace("\"${var.nomad_data_dir}/client\"", "var.nomad_data_dir")
+            .replace(
+                "\"local/config.toml\",",
+                "\"/etc/virtdisk-csi/config.toml\",",
+            ),
+    )
+    .unwrap();
+    let mono = root.join("nomad-jobs/plugin-monolith.nomad.hcl");
+    let tm = std::fs::read_to_string(&mono).unwrap();
+    std::fs::write(
+        &mono,
+        tm.replace("\"${var.host}-virtdisk\"", "\"virtdisk-local-${var.host}\""),
+    )
+    .unwrap();
+
     let Some(out) = validate(root) else { return };
     let t = text(&out);
     assert!(!out.status.success(), "broken files passed:\n{t}");
@@ -123,6 +151,9 @@ fn broken_files_are_caught() {
         "unknown: ['speed']",
         "CSIDriver virtdisk.csi.io against Kubernetes",
         "unknown: ['--log-fmt']",
+        "FAIL  nomad-jobs/nomad-1.1/plugin-node.nomad.hcl: job plugin-virtdisk-node task plugin: raw_exec mount_dir /opt/nomad/data/csi/node/virtdisk is Nomad's directory /opt/nomad/data/client/csi/node/virtdisk",
+        "FAIL  nomad-jobs/nomad-1.1/plugin-node.nomad.hcl: job plugin-virtdisk-node task plugin: --config /etc/virtdisk-csi/config.toml is rendered by a template",
+        "FAIL  nomad-jobs: plugin id 'virtdisk-local-<host>' does not start with plugin id 'virtdisk'",
     ] {
         assert!(t.contains(expected), "missing {expected:?}:\n{t}");
     }
