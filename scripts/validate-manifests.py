@@ -286,6 +286,7 @@ class Checker:
             self.fail(os.path.join(self.root, "nomad-jobs"), "no .hcl files")
             return
         plugins = {}  # (directory, id, type) -> path
+        shapes = {}  # job file -> what must be the same in its variant for other versions
         volume_specs = []
         consumers = []
         for path in files:
@@ -303,6 +304,8 @@ class Checker:
             scope = self.scope_of(doc)
             for job_name, job in self.blocks(doc, "job"):
                 self.check_job(path, job_name, job, scope, plugins, consumers)
+            shapes[path] = self.shape(doc, scope)
+        self.check_variants(shapes)
         # In each directory, controller and node must share the plugin id (the monolith is
         # separate).
         for d in sorted({os.path.dirname(p) for p in files}):
@@ -373,6 +376,66 @@ class Checker:
             path,
             f"default datacenters {dcs} has no wildcard (Nomad >= 1.5)",
         )
+
+    # The arguments that differ between a job and its nomad-1.1/ variant, and why: the socket
+    # Nomad < 1.3 dials is in the plugin's directory (no CSI_ENDPOINT before 1.1.13/1.2.7).
+    VARIANT_ARGS = {"--endpoint"}
+    # The controller of Nomad < 1.3 needs the plugin's host directory for that socket.
+    VARIANT_VARIABLES = {"nomad_data_dir", "nomad_state_dir"}
+
+    def shape(self, doc, scope):
+        """What a job file and its variant for other Nomad versions must share: variables,
+        jobs, their groups, tasks, drivers, csi_plugin ids and types, and the plugin's
+        arguments (but for VARIANT_ARGS)."""
+        out = {
+            "variables": sorted(
+                n for n, _ in self.blocks(doc, "variable") if n not in self.VARIANT_VARIABLES
+            )
+        }
+        for job_name, job in self.blocks(doc, "job"):
+            for group_name, group in self.blocks(job, "group"):
+                for task_name, task in self.blocks(group, "task"):
+                    config = (self.one(task, "config") or [{}])[0]
+                    args = [str(self.resolve(self.unquote(a), scope)) for a in config.get("args", [])]
+                    kept = []
+                    skip = False
+                    for a in args:
+                        if skip:
+                            skip = False
+                            continue
+                        if a in self.VARIANT_ARGS:
+                            skip = True
+                            continue
+                        kept.append(a)
+                    plugin = [
+                        (str(self.resolve(self.unquote(p.get("id", "")), scope)), self.unquote(p.get("type", "")))
+                        for p in self.one(task, "csi_plugin")
+                    ]
+                    out[f"{job_name}/{group_name}/{task_name}"] = {
+                        "driver": self.unquote(task.get("driver")),
+                        "args": kept,
+                        "csi_plugin": plugin,
+                        "templates": len(self.one(task, "template")),
+                    }
+        return out
+
+    def check_variants(self, shapes):
+        """nomad-1.1/X and X describe the same deployment: only the documented differences."""
+        for path, shape in shapes.items():
+            if os.path.basename(os.path.dirname(path)) != "nomad-1.1":
+                continue
+            main = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
+            if not self.expect(main in shapes, path, f"is a variant of {self.rel(main)}"):
+                continue
+            diff = sorted(
+                k for k in set(shape) | set(shapes[main]) if shape.get(k) != shapes[main].get(k)
+            )
+            self.expect(
+                not diff,
+                path,
+                f"differs from {self.rel(main)} only where Nomad 1.1 needs it"
+                + (f" (also: {diff}: {[shape.get(k) for k in diff]} / {[shapes[main].get(k) for k in diff]})" if diff else ""),
+            )
 
     def check_job(self, path, job_name, job, scope, plugins, consumers):
         jtype = self.unquote(job.get("type", "service"))
