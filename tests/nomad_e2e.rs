@@ -463,6 +463,12 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     assert_eq!(agent.wait_line(&alloc, "app", "write:"), "refused");
     let out = agent.task_stdout(&alloc, "app");
     assert!(out.contains("Read-only file system"), "{out}");
+    // volume-local.hcl's mount_options reach the mount: ext4, noatime, and ro for this claim.
+    let mount = agent.wait_line(&alloc, "app", "mount:");
+    assert!(
+        mount.contains(" ext4 ro,") && mount.contains("noatime"),
+        "{mount}"
+    );
     agent.stop_job("local-ro-reader");
     assert_released(&agent, &dep, &vol);
 
@@ -553,10 +559,15 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     let device = agent.wait_line(&alloc, "app", "device:");
     let loops = host::loop_devices_of(block.key());
     assert_eq!(loops.len(), 1, "{loops:?}");
-    let numbers = host::dev_numbers(&loops[0]).replace(':', ", ");
-    assert!(
-        device.starts_with('b') && device.contains(&numbers),
-        "{device} is not {} ({numbers})",
+    // `ls -l` of a device: "brw------- 1 root root 7, 1 <date> /dev/xvdz".
+    let words: Vec<&str> = device.split_whitespace().collect();
+    let major = words.iter().position(|w| w.ends_with(','));
+    let seen = major.map(|i| format!("{}:{}", words[i].trim_end_matches(','), words[i + 1]));
+    assert!(device.starts_with('b'), "{device} is not a block device");
+    assert_eq!(
+        seen.as_deref(),
+        Some(host::dev_numbers(&loops[0]).as_str()),
+        "{device} is not {}",
         loops[0]
     );
     agent.stop_job("local-block-user");

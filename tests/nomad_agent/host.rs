@@ -209,3 +209,31 @@ pub fn remove_new_cgroups(before: &[PathBuf]) -> Vec<PathBuf> {
         .filter(|d| std::fs::remove_dir(d).is_err())
         .collect()
 }
+
+/// Removes what crashed earlier runs left: every `<tmp>/<prefix>*` directory older than ten
+/// minutes that no process names any more is swept (as [`sweep`]) and deleted.
+pub fn sweep_stale_runs(prefix: &str) -> Vec<String> {
+    let tmp = std::env::temp_dir();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(600));
+        if !name.starts_with(prefix) || !old {
+            continue;
+        }
+        let dir = e.path();
+        if !processes_with(&[&dir.display().to_string()]).is_empty() {
+            continue;
+        }
+        found.extend(sweep(&dir));
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            found.push(format!("stale run dir {}", dir.display()));
+        }
+    }
+    found
+}

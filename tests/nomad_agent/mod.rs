@@ -244,6 +244,10 @@ impl Agent {
             String::from_utf8_lossy(&version.stdout).trim(),
             nomad.display()
         ));
+        let stale = host::sweep_stale_runs("vdt-nomad-");
+        if !stale.is_empty() {
+            step(format!("removed what crashed runs left: {stale:?}"));
+        }
         let dir = tempfile::Builder::new()
             .prefix("vdt-nomad-")
             .tempdir()
