@@ -226,6 +226,17 @@ fn create(agent: &Agent, file: &std::path::Path, id: &str) -> Vol {
     vol
 }
 
+/// `nomad volume delete`: the plugin deletes the image (its ListVolumes no longer has it).
+fn delete(agent: &Agent, dep: &Deployment, vol: &Vol) {
+    assert!(dep.volume_ids().contains(&vol.external_id));
+    agent.nomad_ok(&["volume", "delete", &vol.id]);
+    assert!(
+        !dep.volume_ids().contains(&vol.external_id),
+        "{} is still in the pool",
+        vol.external_id
+    );
+}
+
 /// Waits until Nomad has released every claim on `vol` (its ControllerUnpublish answered)
 /// and nothing of it is left on the host: no mount of its disk or below Nomad's directories
 /// for it, no loop device, no storage daemon.
@@ -575,13 +586,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
 
     step("volume delete: the plugin deletes the images");
     for v in [&vol, &restored, &xfs, &block] {
-        assert!(dep.volume_ids().contains(&v.external_id));
-        agent.nomad_ok(&["volume", "delete", &v.id]);
-        assert!(
-            !dep.volume_ids().contains(&v.external_id),
-            "{} still in the pool",
-            v.external_id
-        );
+        delete(&agent, &dep, v);
     }
 }
 
@@ -709,15 +714,7 @@ fn controller_and_node_jobs_with_the_example_files() {
             "cat /data/starts.log",
         ),
     );
-    agent.wait_for(
-        "batch-reader complete",
-        Duration::from_secs(60),
-        || match agent.allocs("batch-reader").first() {
-            Some(a) if a["ClientStatus"] == "complete" => Ok(()),
-            Some(a) => Err(format!("{}", a["ClientStatus"])),
-            None => Err("no allocation".into()),
-        },
-    );
+    agent.wait_ended("batch-reader", "complete");
     let node = agent.node_id();
     agent.wait_for("claims released", Duration::from_secs(30), || {
         let v = agent.get("/v1/volume/csi/pgdata-again")?;
@@ -736,12 +733,7 @@ fn controller_and_node_jobs_with_the_example_files() {
 
     step("volume delete: both volumes leave the pool");
     for v in [&vol, &again] {
-        agent.nomad_ok(&["volume", "delete", &v.id]);
-        assert!(
-            !dep.volume_ids().contains(&v.external_id),
-            "{}",
-            v.external_id
-        );
+        delete(&agent, &dep, v);
     }
 }
 
@@ -798,12 +790,12 @@ fn wrong_inputs_name_the_problem() {
         "tiny-xfs-user",
         &consumer_job("tiny-xfs-user", &tiny.id, Claim::Write, "echo never"),
     );
-    let events = agent.wait_failed("tiny-xfs-user");
+    let events = agent.wait_ended("tiny-xfs-user", "failed");
     assert!(events.contains("too small for xfs"), "{events}");
     assert!(events.contains("300 MiB"), "{events}");
     // Nomad 1.1.0 does not unpublish a volume whose claim failed (nomad#14484): detach it.
     agent.nomad_ok(&["job", "stop", "-purge", "tiny-xfs-user"]);
     agent.nomad_ok(&["volume", "detach", &tiny.id, &agent.node_id()]);
     assert_released(&agent, &dep, &tiny);
-    agent.nomad_ok(&["volume", "delete", &tiny.id]);
+    delete(&agent, &dep, &tiny);
 }

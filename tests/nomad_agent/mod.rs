@@ -503,49 +503,46 @@ impl Agent {
         a
     }
 
+    /// Waits until `check` accepts the job's newest allocation (API JSON) and its client
+    /// status; what it returns.
+    pub fn wait_alloc<T>(
+        &self,
+        job: &str,
+        what: &str,
+        check: impl Fn(&Value, &str) -> Result<T, String>,
+    ) -> T {
+        self.wait_for(&format!("job {job} {what}"), Duration::from_secs(90), || {
+            let allocs = self.allocs(job);
+            let a = allocs.first().ok_or("no allocation yet")?;
+            check(a, a["ClientStatus"].as_str().unwrap_or(""))
+        })
+    }
+
     /// Waits for the job's newest allocation to run (its tasks started); its id. Panics with
     /// the task events when it fails instead.
     pub fn wait_running(&self, job: &str) -> String {
-        self.wait_for(
-            &format!("job {job} running"),
-            Duration::from_secs(90),
-            || {
-                let allocs = self.allocs(job);
-                let Some(a) = allocs.first() else {
-                    return Err("no allocation yet".into());
-                };
-                match a["ClientStatus"].as_str().unwrap_or("") {
-                    "running" => Ok(a["ID"].as_str().unwrap().to_string()),
-                    "failed" | "lost" => panic!(
-                        "job {job}: allocation {} {}: {}\n{}",
-                        a["ID"],
-                        a["ClientStatus"],
-                        task_events(a),
-                        self.plugin_logs()
-                    ),
-                    other => Err(format!("allocation is {other}: {}", task_events(a))),
-                }
-            },
-        )
+        self.wait_alloc(job, "running", |a, status| match status {
+            "running" => Ok(a["ID"].as_str().unwrap().to_string()),
+            "failed" | "lost" => panic!(
+                "job {job}: allocation {} {status}: {}\n{}",
+                a["ID"],
+                task_events(a),
+                self.plugin_logs()
+            ),
+            other => Err(format!("allocation is {other}: {}", task_events(a))),
+        })
     }
 
-    /// Waits for the job's newest allocation to fail; the task events (what Nomad tells the
-    /// operator).
-    pub fn wait_failed(&self, job: &str) -> String {
-        self.wait_for(
-            &format!("job {job} failed"),
-            Duration::from_secs(90),
-            || {
-                let allocs = self.allocs(job);
-                let Some(a) = allocs.first() else {
-                    return Err("no allocation yet".into());
-                };
-                match a["ClientStatus"].as_str().unwrap_or("") {
-                    "failed" => Ok(task_events(a)),
-                    other => Err(format!("allocation is {other}: {}", task_events(a))),
-                }
-            },
-        )
+    /// Waits for the job's newest allocation to end with `status` (complete, failed); the
+    /// task events (what Nomad tells the operator).
+    pub fn wait_ended(&self, job: &str, status: &str) -> String {
+        self.wait_alloc(job, status, |a, now| {
+            if now == status {
+                Ok(task_events(a))
+            } else {
+                Err(format!("allocation is {now}: {}", task_events(a)))
+            }
+        })
     }
 
     /// A task's stdout so far (API: /v1/client/fs/logs).
