@@ -363,9 +363,19 @@ impl Agent {
         out
     }
 
-    /// `nomad ARGS`, which must succeed; its stdout and stderr.
+    /// `nomad ARGS`, which must succeed; its stdout and stderr. A plugin answer ABORTED
+    /// ("an operation on the volume is in progress; retry later") is retried, as an operator
+    /// would: Nomad 1.1 sends each ControllerUnpublish twice at once (client and volume
+    /// watcher), and the second can still be running when the next command arrives.
     pub fn nomad_ok(&self, args: &[&str]) -> String {
-        let out = self.nomad(args);
+        let mut out = self.nomad(args);
+        for _ in 0..10 {
+            if out.status.success() || !text(&out).contains("code = Aborted") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            out = self.nomad(args);
+        }
         assert!(
             out.status.success(),
             "nomad {args:?} failed:\n{}\n{}",
@@ -404,20 +414,29 @@ impl Agent {
         r.json().map_err(|e| format!("GET {path}: {e}"))
     }
 
-    /// PUT of a JSON body on the HTTP API; the JSON answer.
+    /// PUT of a JSON body on the HTTP API; the JSON answer. ABORTED from the plugin is
+    /// retried, as in [`Agent::nomad_ok`].
     pub fn put(&self, path: &str, body: &Value) -> Result<Value, String> {
         step(format!("PUT {path} {body}"));
-        let r = minreq::put(format!("{}{path}", self.addr))
-            .with_timeout(150)
-            .with_body(body.to_string())
-            .send()
-            .map_err(|e| format!("PUT {path}: {e}"))?;
-        let answer = r.as_str().unwrap_or("").to_string();
-        for line in answer.lines().take(10) {
-            say(&format!("    | {line}"));
-        }
-        if r.status_code != 200 {
-            return Err(format!("PUT {path}: {} {answer}", r.status_code));
+        let mut tries = 0;
+        let (status, answer) = loop {
+            let r = minreq::put(format!("{}{path}", self.addr))
+                .with_timeout(150)
+                .with_body(body.to_string())
+                .send()
+                .map_err(|e| format!("PUT {path}: {e}"))?;
+            let answer = r.as_str().unwrap_or("").to_string();
+            for line in answer.lines().take(10) {
+                say(&format!("    | {line}"));
+            }
+            tries += 1;
+            if r.status_code == 200 || !answer.contains("code = Aborted") || tries > 10 {
+                break (r.status_code, answer);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        if status != 200 {
+            return Err(format!("PUT {path}: {status} {answer}"));
         }
         if answer.trim().is_empty() {
             return Ok(Value::Null);
