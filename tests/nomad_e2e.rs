@@ -11,12 +11,15 @@
 //! probes a plugin socket every 5 s until it answers) and every claim or release goes
 //! through the server's and the client's own loops.
 
-mod nomad_agent;
-
-use nomad_agent::{host, repo, step, Agent, Deployment, NODE_NAME, PLUGIN_BIN};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use virtdisk_test_support::nomad_agent::{self, host, repo, step, Agent, Deployment, NODE_NAME};
+
+/// The plugin binary cargo built, for the jobs' `binary` variable.
+fn plugin_bin() -> String {
+    virtdisk_test_support::plugin::bin().display().to_string()
+}
 
 /// The monolith job (Nomad 1.1 variant) with no configuration at all: the plugin runs on its
 /// embedded default (one pool `default` under its data dir).
@@ -29,7 +32,7 @@ fn monolith(agent: &Agent) -> Arc<Deployment> {
             &repo().join("nomad-jobs/nomad-1.1/plugin-monolith.nomad.hcl"),
             &[
                 ("host", NODE_NAME),
-                ("binary", PLUGIN_BIN),
+                ("binary", &plugin_bin()),
                 ("data_dir", &data_dir.display().to_string()),
                 ("nomad_data_dir", &a.data_dir.display().to_string()),
                 ("metrics_port", &port),
@@ -72,7 +75,7 @@ fn controller_and_node(agent: &Agent) -> Arc<Deployment> {
         a.run_job(
             &repo().join("nomad-jobs/nomad-1.1/plugin-controller.nomad.hcl"),
             &[
-                ("binary", PLUGIN_BIN),
+                ("binary", &plugin_bin()),
                 ("config", &config),
                 ("data_dir", &data_dir.display().to_string()),
                 ("nomad_data_dir", &nomad_data_dir),
@@ -82,7 +85,7 @@ fn controller_and_node(agent: &Agent) -> Arc<Deployment> {
         );
         a.run_job(
             &repo().join("nomad-jobs/nomad-1.1/plugin-node.nomad.hcl"),
-            &[("binary", PLUGIN_BIN), ("nomad_data_dir", &nomad_data_dir)],
+            &[("binary", &plugin_bin()), ("nomad_data_dir", &nomad_data_dir)],
         );
         wait_healthy(a, "virtdisk");
         Deployment {

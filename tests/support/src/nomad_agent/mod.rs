@@ -3,8 +3,16 @@
 //! driven through the `nomad` CLI and the HTTP API, every command printed. One agent serves
 //! the tests of a binary that run at the same time (they share it through [`Agent::shared`]);
 //! the last one out stops it and removes what the run left below its temp dir.
-
-#![allow(dead_code)]
+//!
+//! ```ignore
+//! let Some(agent) = Agent::shared() else { return };      // SKIPPED (or required in CI)
+//! agent.run_job(&repo().join("nomad-jobs/nomad-1.1/plugin-monolith.nomad.hcl"), &vars);
+//! agent.wait_for("healthy", Duration::from_secs(60), || agent.plugin_health("hv1-virtdisk")…);
+//! agent.nomad_ok(&["volume", "create", "volume-local.hcl"]);
+//! let alloc = agent.wait_running("my-job");
+//! let line = agent.wait_line(&alloc, "app", "wrote");
+//! agent.stop_job("my-job");
+//! ```
 
 pub mod host;
 
@@ -14,16 +22,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-/// The plugin binary cargo built for these tests.
-pub const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_virtdisk-csi");
-
 /// The Nomad node name of the agent: the `host` the monolith job is pinned to, as in the
 /// examples (`-var host=hv1`, plugin id `hv1-virtdisk`).
 pub const NODE_NAME: &str = "hv1";
 
-/// The repository root.
+/// The repository root (the support crate lives in `tests/support`).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// `$VIRTDISK_NOMAD`, else `shared/tools/nomad` next to the project root or one of its
@@ -530,11 +535,15 @@ impl Agent {
         what: &str,
         check: impl Fn(&Value, &str) -> Result<T, String>,
     ) -> T {
-        self.wait_for(&format!("job {job} {what}"), Duration::from_secs(90), || {
-            let allocs = self.allocs(job);
-            let a = allocs.first().ok_or("no allocation yet")?;
-            check(a, a["ClientStatus"].as_str().unwrap_or(""))
-        })
+        self.wait_for(
+            &format!("job {job} {what}"),
+            Duration::from_secs(90),
+            || {
+                let allocs = self.allocs(job);
+                let a = allocs.first().ok_or("no allocation yet")?;
+                check(a, a["ClientStatus"].as_str().unwrap_or(""))
+            },
+        )
     }
 
     /// Waits for the job's newest allocation to run (its tasks started); its id. Panics with
@@ -668,7 +677,7 @@ impl Deployment {
     /// The plugin's volume ids, asked through its controller socket with the built-in client
     /// (`virtdisk-csi client volume list --all`).
     pub fn volume_ids(&self) -> Vec<String> {
-        let out = Command::new(PLUGIN_BIN)
+        let out = Command::new(crate::plugin::bin())
             .args(["client", "--endpoint"])
             .arg(format!("unix://{}", self.controller_socket.display()))
             .args(["-o", "json", "volume", "list", "--all"])

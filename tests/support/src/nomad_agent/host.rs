@@ -7,23 +7,13 @@ use std::path::{Path, PathBuf};
 /// (`…/vd-<key>`, the local-attach serial).
 pub fn loop_devices_of(key: &str) -> Vec<String> {
     let needle = format!("vd-{key}");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/block")
+    virtdisk_csi::node::Sysfs::host()
+        .loop_devices()
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let backing =
-            std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-        if backing.trim_end().ends_with(&needle) {
-            out.push(name);
-        }
-    }
-    out
+        .filter(|(_, backing)| backing.ends_with(&needle))
+        .map(|(name, _)| name)
+        .collect()
 }
 
 /// `major:minor` of a block device (`loop3`), from sysfs.
@@ -52,17 +42,6 @@ pub fn mounts_matching(needle: &str, devices: &[String]) -> Vec<String> {
         }
     }
     out
-}
-
-/// Every mount point below `dir`, deepest first.
-pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let mut all: Vec<PathBuf> = mounts_matching(&dir.display().to_string(), &[])
-        .into_iter()
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    all
 }
 
 fn unescape(s: &str) -> String {
@@ -134,8 +113,9 @@ pub fn leftovers(key: &str, nomad_volume_id: &str, plugin_dirs: &[PathBuf]) -> V
 }
 
 /// Removes what a run left below `dir` (its own temp dir, never anything else): processes
-/// whose command line names `dir`, then mounts below it (deepest first), then loop devices
-/// whose backing file is below it. Returns what it found, for the log.
+/// whose command line names `dir` (the agent's executors, plugin tasks), then, as
+/// [`crate::local_attach::cleanup`], mounts, loop devices and storage daemons below it.
+/// Returns what it found, for the log.
 pub fn sweep(dir: &Path) -> Vec<String> {
     let d = dir.display().to_string();
     let mut found = Vec::new();
@@ -149,25 +129,8 @@ pub fn sweep(dir: &Path) -> Vec<String> {
     if !found.is_empty() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    for m in mounts_below(dir) {
-        found.push(format!("mount {}", m.display()));
-        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-    }
-    for e in std::fs::read_dir("/sys/block")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let backing =
-            std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-        if name.starts_with("loop") && backing.starts_with(&d) {
-            found.push(format!("loop device {name} ({})", backing.trim_end()));
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", &format!("/dev/{name}")])
-                .status();
-        }
-    }
+    found.extend(crate::local_attach::leftovers(dir));
+    crate::local_attach::cleanup(dir);
     found
 }
 
