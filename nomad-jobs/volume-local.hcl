@@ -37,4 +37,8 @@ mount_options {
 parameters {
   pool   = "default" # a pool of the monolith's config (the embedded default pool: "default")
   format = "qcow2"   # qcow2 (thin, snapshots) | raw
+  # The owner of the fresh file system's root: the exec driver runs tasks as nobody (65534),
+  # who could not write into a root-owned 0755 root.
+  rootUid = "65534"
+  rootGid = "65534"
 }

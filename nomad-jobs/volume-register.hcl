@@ -29,3 +29,10 @@ capability {
 mount_options {
   fs_type = "ext4"
 }
+
+# Only for a volume that was never formatted: the owner of its fresh file system's root (as
+# rootUid/rootGid/rootMode in CreateVolume parameters; a registered volume has none).
+# context {
+#   rootUid = "65534"
+#   rootGid = "65534"
+# }

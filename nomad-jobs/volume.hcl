@@ -46,6 +46,12 @@ parameters {
   discard = "unmap"    # unmap (trim frees pool space) | ignore
   persist = "true"     # true: the attachment survives a guest reboot; false: live only
 
+  # The owner of the fresh file system's root: the exec driver runs tasks as nobody (65534),
+  # who could not write into a root-owned 0755 root. rootMode = "2770" (with rootGid) gives
+  # a group instead.
+  rootUid = "65534"
+  rootGid = "65534"
+
   # QoS as libvirt <iotune>; total* cannot be combined with read*/write* of the same kind.
   totalIopsSec  = "2000"
   readBytesSec  = "104857600"

@@ -367,31 +367,6 @@ fn target_on_host(dep: &Deployment, alloc: &str, vol: &Vol) -> PathBuf {
     entries.pop().unwrap()
 }
 
-/// Until the owner/mode CreateVolume parameters exist, a fresh file system's root is root's
-/// and 0755, and the `exec` tasks run as nobody: this stands in for them. A job claims the
-/// volume, the test makes the staged root nobody's through the host's view of it, the job
-/// sees it writable and is stopped.
-fn make_root_writable_for_nobody(agent: &Agent, dep: &Deployment, vol: &Vol) {
-    let job = format!("prep-{}", vol.id);
-    let alloc = run_consumer(
-        agent,
-        &job,
-        &vol.id,
-        Claim::Write,
-        "until touch /data/.writable 2>/dev/null; do sleep 0.1; done; rm /data/.writable; echo writable",
-    );
-    let target = target_on_host(dep, &alloc, vol);
-    nix::unistd::chown(
-        &target,
-        Some(nix::unistd::Uid::from_raw(65534)),
-        Some(nix::unistd::Gid::from_raw(65534)),
-    )
-    .unwrap();
-    agent.wait_line(&alloc, "app", "writable");
-    agent.stop_job(&job);
-    assert_released(agent, dep, vol);
-}
-
 /// The monolith with no config: an ext4 volume from volume-local.hcl is claimed by a writer
 /// (the task's file is read on the host through the plugin's mount, and a file the host
 /// writes there is read by the task), released, read back by a second job, claimed read-only
@@ -402,7 +377,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     let Some(agent) = Agent::shared() else { return };
     let dep = monolith(&agent);
 
-    step("volume-local.hcl: ext4, 10-20 GiB, embedded default pool");
+    step("volume-local.hcl: ext4, 10-20 GiB, root owned by nobody, embedded default pool");
     let file = spec(
         &agent,
         "volume-local.hcl",
@@ -417,9 +392,8 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     let v = agent.get("/v1/volume/csi/local-fs").unwrap();
     assert_eq!(v["Context"]["pool"], "default", "{v}");
     assert_eq!(v["Context"]["format"], "qcow2", "{v}");
-    make_root_writable_for_nobody(&agent, &dep, &vol);
 
-    step("a writer task and the host see the same file system, both ways");
+    step("a writer task (nobody: the volume's rootUid) and the host see the same files, both ways");
     let token = format!("token-{}", std::process::id());
     let alloc = run_consumer(
         &agent,
@@ -605,9 +579,8 @@ fn controller_and_node_jobs_with_the_example_files() {
 
     step("volume.hcl as it is (id pgdata, parameters, topology_request)");
     let vol = create(&agent, &repo().join("nomad-jobs/volume.hcl"), "pgdata");
-    make_root_writable_for_nobody(&agent, &dep, &vol);
 
-    step("example-job.nomad.hcl, twice: the second run finds the first one's line");
+    step("example-job.nomad.hcl (exec, user nobody), twice: the second run finds the first's line");
     let example = repo().join("nomad-jobs/example-job.nomad.hcl");
     let mut lines = Vec::new();
     for run in 1..=2 {
