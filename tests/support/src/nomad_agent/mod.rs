@@ -674,6 +674,23 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// Whether the plugin answers Probe on its controller socket now (the built-in client,
+    /// `virtdisk-csi client identity probe`): Nomad's own view of a plugin's health lags by
+    /// up to 30 s.
+    pub fn answers(&self) -> Result<(), String> {
+        let out = Command::new(crate::plugin::bin())
+            .args(["client", "--timeout", "2", "--endpoint"])
+            .arg(format!("unix://{}", self.controller_socket.display()))
+            .args(["identity", "probe"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(text(&out))
+        }
+    }
+
     /// The plugin's volume ids, asked through its controller socket with the built-in client
     /// (`virtdisk-csi client volume list --all`).
     pub fn volume_ids(&self) -> Vec<String> {
