@@ -80,6 +80,10 @@ locals {
 }
 
 job "plugin-virtdisk-local" {
+  # One job per host, so the job's id follows the plugin id (plugin-hv1-virtdisk, …): a second
+  # `nomad job run -var host=hv2` adds a job instead of replacing hv1's.
+  id          = "plugin-${local.plugin_id}"
+  name        = "plugin-${local.plugin_id}"
   datacenters = var.datacenters
   type        = "system"
 

@@ -22,29 +22,35 @@ fn plugin_bin() -> String {
 }
 
 /// The monolith job (Nomad 1.1 variant) with no configuration at all: the plugin runs on its
-/// embedded default (one pool `default` under its data dir).
+/// embedded default (one pool `default` under its data dir), plugin id hv1-virtdisk.
 fn monolith(agent: &Agent) -> Arc<Deployment> {
-    agent.deployment("monolith", |a| {
-        let plugin_id = format!("{NODE_NAME}-virtdisk");
-        let data_dir = a.dir.path().join("virtdisk-local");
+    monolith_as(agent, &format!("{NODE_NAME}-virtdisk"), "virtdisk-local")
+}
+
+/// A monolith of the same file with another plugin id (a second job, as for a second host),
+/// with its data in `<run dir>/<data>`.
+fn monolith_as(agent: &Agent, plugin_id: &str, data: &str) -> Arc<Deployment> {
+    agent.deployment(plugin_id, |a| {
+        let data_dir = a.dir.path().join(data);
         let port = nomad_agent::free_port().to_string();
         a.run_job(
             &repo().join("nomad-jobs/nomad-1.1/plugin-monolith.nomad.hcl"),
             &[
                 ("host", NODE_NAME),
+                ("plugin_id", plugin_id),
                 ("binary", &plugin_bin()),
                 ("data_dir", &data_dir.display().to_string()),
                 ("nomad_data_dir", &a.data_dir.display().to_string()),
                 ("metrics_port", &port),
             ],
         );
-        wait_healthy(a, &plugin_id);
-        let dir = a.plugin_dir("monolith", &plugin_id);
+        wait_healthy(a, plugin_id);
+        let dir = a.plugin_dir("monolith", plugin_id);
         Deployment {
             controller_socket: dir.join("csi.sock"),
             node_dir: dir,
-            plugin_id,
-            jobs: vec!["plugin-virtdisk-local".into()],
+            plugin_id: plugin_id.to_string(),
+            jobs: vec![format!("plugin-{plugin_id}")],
         }
     })
 }
@@ -807,13 +813,15 @@ fn wrong_inputs_name_the_problem() {
 #[test]
 fn monolith_restarts_keep_a_claimed_volume_working() {
     let Some(agent) = Agent::shared() else { return };
-    let dep = monolith(&agent);
+    // Its own monolith: the restarts must not disturb the other tests' claims.
+    let dep = monolith_as(&agent, "survivor-virtdisk", "virtdisk-survivor");
     let file = spec(
         &agent,
         "volume-local.hcl",
         &[
             ("id", "local-survivor"),
             ("name", "local-survivor"),
+            ("plugin_id", "survivor-virtdisk"),
             ("capacity_min", "64MiB"),
             ("capacity_max", "64MiB"),
         ],
@@ -843,18 +851,14 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
     let daemon = || host::processes_with(&["qemu-storage-daemon", vol.key()]);
     let daemons = daemon();
     assert_eq!(daemons.len(), 1, "{daemons:?}");
-    let plugin_data = agent
-        .dir
-        .path()
-        .join("virtdisk-local")
-        .display()
-        .to_string();
+    let plugin_data = agent.dir.path().join("virtdisk-survivor");
+    let plugin_data = plugin_data.display().to_string();
     let plugin_pid = || {
         host::processes_with(&["virtdisk-csi", "--mode monolith", &plugin_data])
             .first()
             .map(|(pid, _)| *pid)
     };
-    let plugin_alloc = agent.allocs("plugin-virtdisk-local")[0]["ID"]
+    let plugin_alloc = agent.allocs(&dep.jobs[0])[0]["ID"]
         .as_str()
         .unwrap()
         .to_string();
@@ -915,7 +919,7 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
     // reconnects with a growing backoff, and an RPC made meanwhile fails at once ("connection
     // refused") and is not retried before the claim GC (5 min). Then `nomad volume detach`
     // (retried until Nomad's connection is back) has the restarted plugin release it.
-    let released = released_within(&agent, &dep, &vol, Duration::from_secs(10));
+    let released = released_within(&agent, &dep, &vol, Duration::from_secs(5));
     if !released {
         step("Nomad 1.1's NodeUnpublish hit its stale connection: nomad volume detach");
         let node = agent.node_id();
