@@ -104,34 +104,31 @@ fn broken_files_are_caught() {
             "\"--log-format\", \"json\"",
             "\"--log-fmt\", \"json\"",
         ),
+        // The paths of Nomad < 1.3 (state_dir without /client), a config file that exists on
+        // no fresh host, and a monolith id that starts with "virtdisk".
+        (
+            "nomad-jobs/nomad-1.1/plugin-node.nomad.hcl",
+            "\"${var.nomad_data_dir}/client\"",
+            "var.nomad_data_dir",
+        ),
+        (
+            "nomad-jobs/nomad-1.1/plugin-node.nomad.hcl",
+            "\"local/config.toml\",",
+            "\"/etc/virtdisk-csi/config.toml\",",
+        ),
+        (
+            "nomad-jobs/plugin-monolith.nomad.hcl",
+            "\"${var.host}-virtdisk\"",
+            "\"virtdisk-local-${var.host}\"",
+        ),
     ] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}");
         std::fs::write(root.join(file), text.replace(from, to)).unwrap();
     }
     std::fs::write(
         root.join("nomad-jobs/broken.hcl"),
         "job \"x\" {\n  group {\n",
-    )
-    .unwrap();
-
-    // The paths of Nomad < 1.3 in the 1.1 node job's place (state_dir without /client), a
-    // config file that exists on no fresh host, and a monolith id that starts with "virtdisk".
-    let node11 = root.join("nomad-jobs/nomad-1.1/plugin-node.nomad.hcl");
-    let t11 = std::fs::read_to_string(&node11).unwrap();
-    std::fs::write(
-        &node11,
-        t11.replace("\"${var.nomad_data_dir}/client\"", "var.nomad_data_dir")
-            .replace(
-                "\"local/config.toml\",",
-                "\"/etc/virtdisk-csi/config.toml\",",
-            ),
-    )
-    .unwrap();
-    let mono = root.join("nomad-jobs/plugin-monolith.nomad.hcl");
-    let tm = std::fs::read_to_string(&mono).unwrap();
-    std::fs::write(
-        &mono,
-        tm.replace("\"${var.host}-virtdisk\"", "\"virtdisk-local-${var.host}\""),
     )
     .unwrap();
 
