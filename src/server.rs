@@ -143,6 +143,7 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 pools,
                 attachments: attachers.clone(),
                 guards: guards.clone(),
+                get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
             })
         }));
     let node = if cfg.mode.runs_node() {

@@ -158,6 +158,7 @@ mod tests {
             image: "/pool/images/a\"b.qcow2".into(),
             format: ImageFormat::Qcow2,
             readonly: true,
+            shareable: false,
         };
         let a: Vec<String> = args(&slot, &rec, false)
             .into_iter()

@@ -114,6 +114,7 @@ impl LocalAttacher {
             // Placeholder: the context's `bus=local` is what the node reads.
             bus: Bus::default(),
             readonly: rec.readonly,
+            shareable: rec.shareable,
             context,
         }
     }
@@ -248,6 +249,7 @@ impl Attacher for LocalAttacher {
             image: spec.image.clone(),
             format: spec.format,
             readonly: spec.readonly,
+            shareable: spec.shareable,
         };
         match self.start(&slot, &rec, spec).await {
             Ok(name) => {
