@@ -190,10 +190,7 @@ pub(crate) const MUTABLE_KEYS: &[&str] = &[
 /// `mutable_parameters`) is one that may change after creation; the values are checked where
 /// they are applied.
 pub(crate) fn check_mutable(mutable: &BTreeMap<String, String>) -> Result<()> {
-    match mutable
-        .keys()
-        .find(|k| !MUTABLE_KEYS.contains(&k.as_str()))
-    {
+    match mutable.keys().find(|k| !MUTABLE_KEYS.contains(&k.as_str())) {
         None => Ok(()),
         Some(k) => Err(Error::invalid(format!(
             "mutable parameter {:?} is not supported; mutable parameters: {}",

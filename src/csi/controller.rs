@@ -97,15 +97,20 @@ impl Controller for ControllerService {
         ids::check_name("name", &r.name)?;
         convert::check_map("parameters", &r.parameters)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        // Every INVALID_ARGUMENT check before OUT_OF_RANGE, and both before any lookup.
+        let capabilities = convert::capabilities(&r.volume_capabilities)?;
+        let parameters = params::with_mutable(&r.parameters, &r.mutable_parameters)?;
+        let content_source = convert::content_source(r.volume_content_source.as_ref())?;
+        let topology = convert::topology_requirement(r.accessibility_requirements.as_ref())?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let create = CreateVolume {
             name: r.name.clone(),
             required_bytes: required,
             limit_bytes: limit,
-            capabilities: convert::capabilities(&r.volume_capabilities)?,
-            parameters: params::with_mutable(&r.parameters, &r.mutable_parameters)?,
-            content_source: convert::content_source(r.volume_content_source.as_ref())?,
-            topology: convert::topology_requirement(r.accessibility_requirements.as_ref())?,
+            capabilities,
+            parameters,
+            content_source,
+            topology,
         };
         let key = ids::volume_key_for_name(&r.name);
         let mut keys = vec![volume_guard_key(&key)];
@@ -441,12 +446,12 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let cap = r
             .volume_capability
             .as_ref()
             .map(convert::capability)
             .transpose()?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };

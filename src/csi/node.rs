@@ -87,6 +87,22 @@ impl NodeService {
         Ok(path)
     }
 
+    /// The path a request says the volume is at (NodeGetVolumeStats, NodeExpandVolume). A
+    /// missing or unreadable one (NUL, too long) is INVALID_ARGUMENT; one where no volume can
+    /// be (relative, with `.` or `..`, `/`) is NOT_FOUND: the volume does not exist there.
+    async fn volume_path(&self, volume_id: &str, raw: &str) -> Result<PathBuf> {
+        const WHAT: &str = "volume_path";
+        if raw.is_empty() || raw.len() > paths::MAX_PATH_LEN || raw.contains('\0') {
+            return paths::check(WHAT, raw);
+        }
+        if let Err(e) = paths::check(WHAT, raw) {
+            return Err(Error::NotFound(format!(
+                "volume {volume_id} is not at {raw:?}: no volume can be there ({e})"
+            )));
+        }
+        self.co_path(WHAT, raw).await
+    }
+
     async fn optional_co_path(&self, what: &'static str, raw: &str) -> Result<Option<PathBuf>> {
         if raw.is_empty() {
             return Ok(None);
@@ -138,24 +154,27 @@ impl Node for NodeService {
         req: Request<csi::NodePublishVolumeRequest>,
     ) -> RpcResult<csi::NodePublishVolumeResponse> {
         let r = req.into_inner();
+        // Every field first (INVALID_ARGUMENT), then the state: no staging path at all is
+        // FAILED_PRECONDITION ("staging target path not set", CSI).
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let target_path = self.co_path("target_path", &r.target_path).await?;
-        if r.staging_target_path.is_empty() {
+        let staging_path = self
+            .optional_co_path("staging_target_path", &r.staging_target_path)
+            .await?;
+        let capability = capability(r.volume_capability.as_ref())?;
+        convert::check_map("volume_context", &r.volume_context)?;
+        convert::check_map("publish_context", &r.publish_context)?;
+        let Some(staging_path) = staging_path else {
             return Err(Error::FailedPrecondition(
                 "staging_target_path is required: this plugin stages volumes \
-                 (STAGE_UNSTAGE_VOLUME)"
+                 (STAGE_UNSTAGE_VOLUME); NodeStageVolume the volume first"
                     .into(),
             )
             .into());
-        }
-        let staging_path = self
-            .co_path("staging_target_path", &r.staging_target_path)
-            .await?;
+        };
         if staging_path == target_path {
             return Err(Error::invalid("target_path must differ from staging_target_path").into());
         }
-        let capability = capability(r.volume_capability.as_ref())?;
-        convert::check_map("volume_context", &r.volume_context)?;
         self.ops
             .publish(node::PublishRequest {
                 volume_id: r.volume_id,
@@ -186,7 +205,7 @@ impl Node for NodeService {
         use csi::volume_usage::Unit;
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let volume_path = self.volume_path(&r.volume_id, &r.volume_path).await?;
         let staging = self
             .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
@@ -222,10 +241,16 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let volume_path = self.volume_path(&r.volume_id, &r.volume_path).await?;
         let staging_path = self
             .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
+        let block = r
+            .volume_capability
+            .as_ref()
+            .map(|c| capability(Some(c)))
+            .transpose()?
+            .map(|c| c.is_block());
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         if limit > 0 && required > limit {
             return Err(Error::OutOfRange(format!(
@@ -233,12 +258,6 @@ impl Node for NodeService {
             ))
             .into());
         }
-        let block = r
-            .volume_capability
-            .as_ref()
-            .map(|c| capability(Some(c)))
-            .transpose()?
-            .map(|c| c.is_block());
         let size = self
             .ops
             .expand(node::ExpandRequest {

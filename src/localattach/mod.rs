@@ -9,6 +9,7 @@
 //! crash interrupted are cleaned when the backend opens.
 
 mod daemon;
+mod limit;
 mod loopdev;
 mod qmp;
 mod slot;
@@ -33,6 +34,11 @@ pub(crate) struct LocalAttacher {
     node_id: String,
     state_dir: PathBuf,
     sysfs: Sysfs,
+    /// Most volumes attached here at once (`node_limit`).
+    limit: u64,
+    /// Held from counting the attachments to the end of an attach, so concurrent publishes
+    /// of different volumes never pass the limit together.
+    attaching: tokio::sync::Mutex<()>,
 }
 
 /// The backend for `cfg`, when local attach is on (default: monolith mode only).
@@ -42,8 +48,22 @@ pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>
         return Ok(None);
     }
     let node_id = crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?;
-    let attacher = LocalAttacher::open(node_id, cfg.data_dir.join("localattach")).await?;
+    let mut attacher = LocalAttacher::open(node_id, cfg.data_dir.join("localattach")).await?;
+    attacher.limit = node_limit(cfg).await?.unwrap_or(0);
     Ok(Some(Arc::new(attacher)))
+}
+
+/// With local attach on in this process, how many volumes this host holds attached at most:
+/// what its kernel allows (see `limit`), lowered by `node.max_volumes_per_node`. NodeGetInfo
+/// reports it and ControllerPublish enforces it. None when local attach is off.
+pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
+    if !cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith) || !cfg.mode.runs_controller() {
+        return Ok(None);
+    }
+    let host = exec::blocking(|| Ok(limit::HostBounds::read())).await?;
+    let limit = limit::effective(cfg.node.max_volumes_per_node, host.volumes());
+    tracing::debug!(?host, limit, "local attach: volumes per node");
+    Ok(Some(limit))
 }
 
 fn key_of(volume_id: &str) -> Result<String> {
@@ -65,6 +85,8 @@ impl LocalAttacher {
             node_id,
             state_dir,
             sysfs: Sysfs::host(),
+            limit: 0,
+            attaching: tokio::sync::Mutex::new(()),
         };
         me.recover().await?;
         Ok(me)
@@ -237,9 +259,15 @@ impl Attacher for LocalAttacher {
         if let Some((rec, name)) = self.complete(&slot).await? {
             return Ok(self.attachment(&rec, &name));
         }
+        let _counted = self.attaching.lock().await;
+        let max = match (max, self.limit) {
+            (0, l) | (l, 0) => l,
+            (m, l) => m.min(l),
+        };
         if max > 0 && self.attachments().await?.len() as u64 >= max {
             return Err(Error::ResourceExhausted(format!(
-                "this host already has {max} volumes attached (max_volumes_per_node)"
+                "this host already has {max} volumes attached locally, its limit \
+                 (max_volumes_per_node, reported by NodeGetInfo); unpublish one first"
             )));
         }
         self.teardown(&slot).await?;

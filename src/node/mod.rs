@@ -83,6 +83,54 @@ impl NodeOps {
         self.guards.try_acquire(&[format!("vol:{volume_id}")])
     }
 
+    /// The serial of this plugin's volume `volume_id` (`vd-<key>`); NOT_FOUND for an id
+    /// that is not one of this plugin's volumes (none of its disks can be that volume).
+    pub(crate) fn serial_for(volume_id: &str) -> Result<String> {
+        ObjectId::parse_volume(volume_id)?
+            .map(|o| o.serial())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "volume {volume_id} is not a volume of this plugin: none of its disks is it"
+                ))
+            })
+    }
+
+    /// Which disk mount `m` shows (a filesystem's device, or the device a bound device node
+    /// refers to), told by that disk's serial in sysfs, never by the path.
+    async fn holder(&self, m: &mountinfo::MountEntry, serial: &str) -> Result<Holder> {
+        let Some(dev) = mounted_dev(m).await else {
+            return Ok(Holder::Unknown(format!(
+                "a device node that cannot be read ({} from {})",
+                m.fs_type, m.source
+            )));
+        };
+        let sysfs = self.sysfs.clone();
+        let found = exec::blocking(move || {
+            Ok(sysfs.by_dev(dev)?.map(|d| {
+                let serial = sysfs.serial_of(&d.name);
+                (d, serial)
+            }))
+        })
+        .await?;
+        Ok(match found {
+            None => Holder::Unknown(format!(
+                "device {}:{}, which is gone from this node",
+                dev.0, dev.1
+            )),
+            Some((d, Some(s))) if s == serial => Holder::Volume(d),
+            Some((d, s)) => Holder::Other(match s {
+                Some(s) if s.starts_with("vd-") => {
+                    format!(
+                        "disk {} (serial {s}: another volume of this plugin)",
+                        d.name
+                    )
+                }
+                Some(s) => format!("disk {} (serial {s}: not a volume of this plugin)", d.name),
+                None => format!("disk {} (no serial: not a volume of this plugin)", d.name),
+            }),
+        })
+    }
+
     /// The serial to look for: the publish_context's, else the one derived from the volume id
     /// (Nomad keeps publish_context in memory only and may lose it).
     pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
@@ -98,6 +146,17 @@ impl NodeOps {
         }
         Ok(q)
     }
+}
+
+/// Whose disk a mount shows (see `NodeOps::holder`).
+#[derive(Debug)]
+enum Holder {
+    /// The disk of the volume asked about.
+    Volume(sysfs::BlockDevice),
+    /// Another disk, described for messages.
+    Other(String),
+    /// A disk that cannot be told: gone from the node (hot-unplugged, detached), described.
+    Unknown(String),
 }
 
 async fn mount_table() -> Result<MountTable> {

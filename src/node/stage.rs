@@ -10,7 +10,8 @@ use super::fs::{self, Content};
 use super::mountinfo::MountEntry;
 use super::sysfs::BlockDevice;
 use super::{
-    lstat, mount_table, mounted_dev, paths, resolve, NodeOps, StageRequest, BLOCK_STAGE_FILE,
+    lstat, mount_table, mounted_dev, paths, resolve, Holder, NodeOps, StageRequest,
+    BLOCK_STAGE_FILE,
 };
 use crate::error::{Error, Result};
 use crate::exec;
@@ -234,7 +235,13 @@ impl NodeOps {
         }
     }
 
+    /// Unmounts this volume from the staging path. A staging path where another volume is
+    /// mounted is left as it is (OK: this volume is not staged there).
     pub(crate) async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let Ok(serial) = Self::serial_for(volume_id) else {
+            // Not one of this plugin's volumes: it is staged nowhere.
+            return Ok(());
+        };
         let _g = self.guard(volume_id)?;
         let staging = resolve(staging_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.
@@ -248,6 +255,19 @@ impl NodeOps {
             let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
                 break;
             };
+            match self.holder(m, &serial).await? {
+                Holder::Volume(_) => {}
+                Holder::Other(what) => {
+                    tracing::warn!(volume = %volume_id, staging = %staging.display(), holds = %what,
+                        "unstage: the staging path holds another disk; left untouched");
+                    return Ok(());
+                }
+                // A dead mount of a disk that left the node: nobody's data is there any more.
+                Holder::Unknown(what) => {
+                    tracing::warn!(volume = %volume_id, staging = %staging.display(), holds = %what,
+                        "unstage: unmounting a mount whose disk is gone");
+                }
+            }
             let users = table.users_of(m, BLOCK_STAGE_FILE);
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
