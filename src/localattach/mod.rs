@@ -242,15 +242,31 @@ impl Attacher for LocalAttacher {
         Ok(node_id == self.node_id)
     }
 
+    /// One read of the loop devices for all slots (not one per slot: with hundreds of
+    /// volumes attached, a publish would read sysfs hundreds of times over).
     async fn attachments(&self) -> Result<Vec<Attachment>> {
-        let dir = self.state_dir.clone();
-        let mut out = Vec::new();
-        for slot in exec::blocking(move || slot::list(&dir)).await? {
-            if let Some((rec, name)) = self.complete(&slot).await? {
-                out.push(self.attachment(&rec, &name));
+        let (dir, sysfs) = (self.state_dir.clone(), self.sysfs.clone());
+        let complete = exec::blocking(move || {
+            let mut by_backing: BTreeMap<PathBuf, String> = BTreeMap::new();
+            for (name, backing) in sysfs.loop_devices()? {
+                by_backing.entry(backing).or_insert(name);
             }
-        }
-        Ok(out)
+            let mut out = Vec::new();
+            for slot in slot::list(&dir)? {
+                let Some(rec) = slot.read_record()? else {
+                    continue;
+                };
+                if let Some(name) = by_backing.get(&slot.export_path(&rec.serial)) {
+                    out.push((rec, name.clone()));
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(complete
+            .iter()
+            .map(|(rec, name)| self.attachment(rec, name))
+            .collect())
     }
 
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
