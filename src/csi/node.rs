@@ -88,19 +88,20 @@ impl NodeService {
     }
 
     /// The path a request says the volume is at (NodeGetVolumeStats, NodeExpandVolume). A
-    /// missing or unreadable one (NUL, too long) is INVALID_ARGUMENT; one where no volume can
-    /// be (relative, with `.` or `..`, `/`) is NOT_FOUND: the volume does not exist there.
-    async fn volume_path(&self, volume_id: &str, raw: &str) -> Result<PathBuf> {
+    /// missing or unreadable one (NUL, too long) or one outside `allowed_path_roots` is
+    /// INVALID_ARGUMENT now; one where no volume can be (relative, with `.` or `..`, `/`) is
+    /// the inner NOT_FOUND, for the caller to raise once every other field is checked.
+    async fn volume_path(&self, volume_id: &str, raw: &str) -> Result<Result<PathBuf>> {
         const WHAT: &str = "volume_path";
         if raw.is_empty() || raw.len() > paths::MAX_PATH_LEN || raw.contains('\0') {
-            return paths::check(WHAT, raw);
+            return paths::check(WHAT, raw).map(Ok);
         }
-        if let Err(e) = paths::check(WHAT, raw) {
-            return Err(Error::NotFound(format!(
+        match paths::check(WHAT, raw) {
+            Ok(_) => self.co_path(WHAT, raw).await.map(Ok),
+            Err(e) => Ok(Err(Error::NotFound(format!(
                 "volume {volume_id} is not at {raw:?}: no volume can be there ({e})"
-            )));
+            )))),
         }
-        self.co_path(WHAT, raw).await
     }
 
     async fn optional_co_path(&self, what: &'static str, raw: &str) -> Result<Option<PathBuf>> {
@@ -209,6 +210,7 @@ impl Node for NodeService {
         let staging = self
             .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
+        let volume_path = volume_path?;
         let stats = self
             .ops
             .stats(&r.volume_id, &volume_path, staging.as_deref())
@@ -258,6 +260,7 @@ impl Node for NodeService {
             ))
             .into());
         }
+        let volume_path = volume_path?;
         let size = self
             .ops
             .expand(node::ExpandRequest {
