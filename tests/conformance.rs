@@ -9,6 +9,8 @@
 //! Required in CI (`CI` set) and wherever csi-sanity is found: no SKIP there.
 
 mod common;
+// Shared with tests/local_attach.rs, which uses all of it.
+#[allow(dead_code)]
 #[path = "local_attach/env.rs"]
 mod env;
 

@@ -384,7 +384,11 @@ async fn stats_conditions_and_ext4_expand() {
     nix::mount::umount2(Path::new(&t1), nix::mount::MntFlags::MNT_DETACH).unwrap();
     let err = env.stats(&vol, &t1, &s).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{}", err.message());
-    assert!(err.message().contains("nothing is mounted"), "{}", err.message());
+    assert!(
+        err.message().contains("nothing is mounted"),
+        "{}",
+        err.message()
+    );
     // The staging fs lazily unmounted under a live target: abnormal too.
     nix::mount::umount2(Path::new(&s), nix::mount::MntFlags::MNT_DETACH).unwrap();
     let c = env

@@ -128,7 +128,11 @@ async fn plugin_start_fingerprint_and_stable_node_id() {
     assert!(fp.requires_staging, "STAGE_UNSTAGE_VOLUME");
     assert!(!fp.node_id.is_empty());
     // Local attach: this host's own limit (`localattach::limit`), never "unlimited".
-    assert!((1..i64::MAX).contains(&fp.max_volumes), "{}", fp.max_volumes);
+    assert!(
+        (1..i64::MAX).contains(&fp.max_volumes),
+        "{}",
+        fp.max_volumes
+    );
     bed.nomad.fingerprint_again().await.unwrap();
 
     bed.plugin.restart().await;
@@ -359,7 +363,10 @@ async fn ro_and_rw_usages_on_one_node() {
     refused(n, err, &b, "read-write");
     let r = n.stop(&b).await;
     r.assert_all_ok("cleanup of the refused reader");
-    assert!(r.controller_unpublish.is_none(), "the writer claims it here");
+    assert!(
+        r.controller_unpublish.is_none(),
+        "the writer claims it here"
+    );
     assert_eq!(read(&a.target, "data"), b"written by the writer");
     // A second writer alloc shares the rw usage: staging is a mount, NodeStage is skipped.
     n.take_calls();
@@ -402,7 +409,10 @@ async fn ro_and_rw_usages_on_one_node() {
     refused(n, err, &w, "read-only");
     let r = n.stop(&w).await;
     r.assert_all_ok("cleanup of the refused writer");
-    assert!(r.controller_unpublish.is_none(), "the reader claims it here");
+    assert!(
+        r.controller_unpublish.is_none(),
+        "the reader claims it here"
+    );
     assert_eq!(read(&b.target, "data"), b"written by the writer");
     let r = n.stop(&b).await;
     r.assert_all_ok("stop the reader");
