@@ -131,6 +131,31 @@ impl NodeOps {
         })
     }
 
+    /// NodeUnpublish and NodeUnstage: whether mount `m` may be taken down for `volume_id`:
+    /// it shows the volume's own disk, or a disk gone from the node (a dead mount: nobody's
+    /// data is there any more). Another volume's disk is left alone (false): the caller
+    /// answers OK and touches nothing, since this volume is not mounted there.
+    async fn may_take_down(
+        &self,
+        m: &mountinfo::MountEntry,
+        serial: &str,
+        volume_id: &str,
+    ) -> Result<bool> {
+        match self.holder(m, serial).await? {
+            Holder::Volume(_) => Ok(true),
+            Holder::Other(what) => {
+                tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
+                    "another disk is mounted here, not this volume's: left untouched");
+                Ok(false)
+            }
+            Holder::Unknown(what) => {
+                tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
+                    "taking down a mount whose disk is gone");
+                Ok(true)
+            }
+        }
+    }
+
     /// The serial to look for: the publish_context's, else the one derived from the volume id
     /// (Nomad keeps publish_context in memory only and may lose it).
     pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {

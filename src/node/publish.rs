@@ -153,18 +153,8 @@ impl NodeOps {
             let Some(m) = table.at(&target).cloned() else {
                 break;
             };
-            match self.holder(&m, &serial).await? {
-                Holder::Volume(_) => {}
-                Holder::Other(what) => {
-                    tracing::warn!(volume = %volume_id, target = %target.display(), holds = %what,
-                        "unpublish: the target holds another disk; left untouched");
-                    return Ok(());
-                }
-                // A dead mount of a disk that left the node: nobody's data is there any more.
-                Holder::Unknown(what) => {
-                    tracing::warn!(volume = %volume_id, target = %target.display(), holds = %what,
-                        "unpublish: unmounting a mount whose disk is gone");
-                }
+            if !self.may_take_down(&m, &serial, volume_id).await? {
+                return Ok(());
             }
             super::fs::unmount(&target).await?;
             crate::failpoint!("node-unpublish.unmounted");

@@ -10,8 +10,7 @@ use super::fs::{self, Content};
 use super::mountinfo::MountEntry;
 use super::sysfs::BlockDevice;
 use super::{
-    lstat, mount_table, mounted_dev, paths, resolve, Holder, NodeOps, StageRequest,
-    BLOCK_STAGE_FILE,
+    lstat, mount_table, mounted_dev, paths, resolve, NodeOps, StageRequest, BLOCK_STAGE_FILE,
 };
 use crate::error::{Error, Result};
 use crate::exec;
@@ -255,18 +254,8 @@ impl NodeOps {
             let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
                 break;
             };
-            match self.holder(m, &serial).await? {
-                Holder::Volume(_) => {}
-                Holder::Other(what) => {
-                    tracing::warn!(volume = %volume_id, staging = %staging.display(), holds = %what,
-                        "unstage: the staging path holds another disk; left untouched");
-                    return Ok(());
-                }
-                // A dead mount of a disk that left the node: nobody's data is there any more.
-                Holder::Unknown(what) => {
-                    tracing::warn!(volume = %volume_id, staging = %staging.display(), holds = %what,
-                        "unstage: unmounting a mount whose disk is gone");
-                }
+            if !self.may_take_down(m, &serial, volume_id).await? {
+                return Ok(());
             }
             let users = table.users_of(m, BLOCK_STAGE_FILE);
             if !users.is_empty() {
