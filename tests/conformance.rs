@@ -8,20 +8,13 @@
 //!
 //! Required in CI (`CI` set) and wherever csi-sanity is found: no SKIP there.
 
-mod common;
-// Shared with tests/local_attach.rs, which uses all of it.
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
-
-use common::*;
-use env::*;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::shared_tool;
 
 /// The per-host volume limit the tests configure: csi-sanity publishes that many, then one more.
 const LIMIT: i64 = 4;
@@ -46,21 +39,9 @@ fn ready() -> bool {
     false
 }
 
-/// `$VIRTDISK_CSI_SANITY`, else `shared/tools/csi-sanity` beside the project root or one of
-/// its parents (`../shared/tools` from a checkout; worktrees sit deeper), else PATH.
+/// csi-sanity: `$VIRTDISK_CSI_SANITY`, `../shared/tools/csi-sanity` or PATH.
 fn csi_sanity() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VIRTDISK_CSI_SANITY") {
-        return Some(PathBuf::from(p));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    root.ancestors()
-        .map(|d| d.join("shared/tools/csi-sanity"))
-        .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH")?)
-                .map(|d| d.join("csi-sanity"))
-                .find(|p| p.is_file())
-        })
+    shared_tool("csi-sanity", "VIRTDISK_CSI_SANITY")
 }
 
 /// csi-sanity, every spec (`-ginkgo.v`), with the attach-limit and mutable-parameter specs on.
@@ -81,14 +62,8 @@ async fn csi_sanity_passes() {
         return;
     }
     let env = Env::start(CONFIG).await;
-    let info = env
-        .plugin
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.max_volumes_per_node, LIMIT, "the configured limit");
+    let max = env.plugin.node().max_volumes().await;
+    assert_eq!(max, LIMIT, "the configured limit");
     let dir = env.dir().join("sanity");
     std::fs::create_dir_all(&dir).unwrap();
     // Valid QoS keys, applied at CreateVolume and by ControllerModifyVolume.
@@ -163,14 +138,7 @@ async fn node_reports_the_hosts_attach_limit() {
         return;
     }
     let env = Env::start("").await;
-    let max = env
-        .plugin
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .max_volumes_per_node;
+    let max = env.plugin.node().max_volumes().await;
     eprintln!("this host holds at most {max} locally attached volumes");
     assert!((1..=1 << 20).contains(&max), "{max}");
 }
@@ -198,59 +166,6 @@ where
 
 /// A valid volume id of this plugin that names no volume.
 const UNKNOWN: &str = "default.0123456789abcdef";
-
-fn stage_req(
-    vol: &str,
-    staging: &str,
-    cap: Option<csi::VolumeCapability>,
-) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: vol.into(),
-        staging_target_path: staging.into(),
-        volume_capability: cap,
-        ..Default::default()
-    }
-}
-
-fn node_publish_req(
-    vol: &str,
-    staging: &str,
-    target: &str,
-    cap: Option<csi::VolumeCapability>,
-) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: vol.into(),
-        staging_target_path: staging.into(),
-        target_path: target.into(),
-        volume_capability: cap,
-        ..Default::default()
-    }
-}
-
-fn stats_req(vol: &str, path: &str) -> csi::NodeGetVolumeStatsRequest {
-    csi::NodeGetVolumeStatsRequest {
-        volume_id: vol.into(),
-        volume_path: path.into(),
-        staging_target_path: String::new(),
-    }
-}
-
-fn node_expand_req(
-    vol: &str,
-    path: &str,
-    required: i64,
-    limit: i64,
-) -> csi::NodeExpandVolumeRequest {
-    csi::NodeExpandVolumeRequest {
-        volume_id: vol.into(),
-        volume_path: path.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: required,
-            limit_bytes: limit,
-        }),
-        ..Default::default()
-    }
-}
 
 /// Every RPC, requests with several faults at once: the code is the one of the fault the CSI
 /// error tables check first — a malformed or missing field (INVALID_ARGUMENT) before what the
@@ -302,6 +217,14 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             readonly: ro,
             ..Default::default()
         }
+    };
+    // NodeExpandVolume of X at its target, to more than the limit it gives.
+    let over_limit = csi::NodeExpandVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 64 * MIB,
+            limit_bytes: 32 * MIB,
+        }),
+        ..node_expand_req(&xid, &tx, 64 * MIB)
     };
     let cases = vec![
         // ---- Controller ----
@@ -645,20 +568,23 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
         case(
             "NodeStage: no volume id, relative staging path",
             Some(InvalidArgument),
-            node!(
-                node_stage_volume,
-                stage_req("", "rel/path", Some(cap.clone()))
-            ),
+            node!(node_stage_volume, stage_req("", "rel/path", cap.clone())),
         ),
         case(
             "NodeStage: unknown volume, no capability",
             Some(InvalidArgument),
-            node!(node_stage_volume, stage_req(UNKNOWN, &plain, None)),
+            node!(
+                node_stage_volume,
+                csi::NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..stage_req(UNKNOWN, &plain, cap.clone())
+                }
+            ),
         ),
         case(
             "NodeStage: X at Y's staging path",
             Some(AlreadyExists),
-            node!(node_stage_volume, stage_req(&xid, &sy, Some(cap.clone()))),
+            node!(node_stage_volume, stage_req(&xid, &sy, cap.clone())),
         ),
         case(
             "NodeUnstage: no volume id",
@@ -687,7 +613,10 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(InvalidArgument),
             node!(
                 node_publish_volume,
-                node_publish_req(&xid, "", &env.target("order-p1"), None)
+                csi::NodePublishVolumeRequest {
+                    volume_capability: None,
+                    ..node_publish_req(&xid, "", &env.target("order-p1"), cap.clone())
+                }
             ),
         ),
         case(
@@ -695,7 +624,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(InvalidArgument),
             node!(
                 node_publish_volume,
-                node_publish_req(&xid, "", &env.target("order-p2"), Some(no_cap.clone()))
+                node_publish_req(&xid, "", &env.target("order-p2"), no_cap.clone())
             ),
         ),
         case(
@@ -703,7 +632,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(FailedPrecondition),
             node!(
                 node_publish_volume,
-                node_publish_req(&xid, "", &env.target("order-p3"), Some(cap.clone()))
+                node_publish_req(&xid, "", &env.target("order-p3"), cap.clone())
             ),
         ),
         case(
@@ -711,7 +640,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(NotFound),
             node!(
                 node_publish_volume,
-                node_publish_req("not-ours", &sx, &env.target("order-p4"), Some(cap.clone()))
+                node_publish_req("not-ours", &sx, &env.target("order-p4"), cap.clone())
             ),
         ),
         case(
@@ -719,7 +648,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(FailedPrecondition),
             node!(
                 node_publish_volume,
-                node_publish_req(&xid, &sy, &env.target("order-p5"), Some(cap.clone()))
+                node_publish_req(&xid, &sy, &env.target("order-p5"), cap.clone())
             ),
         ),
         case(
@@ -729,7 +658,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
                 node_publish_volume,
                 csi::NodePublishVolumeRequest {
                     readonly: true,
-                    ..node_publish_req(&xid, &sx, &tx, Some(cap.clone()))
+                    ..node_publish_req(&xid, &sx, &tx, cap.clone())
                 }
             ),
         ),
@@ -758,53 +687,50 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
         case(
             "NodeGetVolumeStats: no volume path",
             Some(InvalidArgument),
-            node!(node_get_volume_stats, stats_req(UNKNOWN, "")),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, "", "")),
         ),
         case(
             "NodeGetVolumeStats: unknown volume, relative path",
             Some(NotFound),
-            node!(node_get_volume_stats, stats_req(UNKNOWN, "some/path")),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, "some/path", "")),
         ),
         case(
             "NodeGetVolumeStats: X, relative path",
             Some(NotFound),
-            node!(node_get_volume_stats, stats_req(&xid, "some/path")),
+            node!(node_get_volume_stats, stats_req(&xid, "some/path", "")),
         ),
         case(
             "NodeGetVolumeStats: X, a path that does not exist",
             Some(NotFound),
             node!(
                 node_get_volume_stats,
-                stats_req(&xid, &env.target("order-none"))
+                stats_req(&xid, &env.target("order-none"), "")
             ),
         ),
         case(
             "NodeGetVolumeStats: X, a directory with nothing mounted",
             Some(NotFound),
-            node!(node_get_volume_stats, stats_req(&xid, &plain)),
+            node!(node_get_volume_stats, stats_req(&xid, &plain, "")),
         ),
         case(
             "NodeGetVolumeStats: X at Y's target",
             Some(NotFound),
-            node!(node_get_volume_stats, stats_req(&xid, &ty)),
+            node!(node_get_volume_stats, stats_req(&xid, &ty, "")),
         ),
         case(
             "NodeGetVolumeStats: unknown volume at X's target",
             Some(NotFound),
-            node!(node_get_volume_stats, stats_req(UNKNOWN, &tx)),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, &tx, "")),
         ),
         case(
             "NodeGetVolumeStats: X at its target",
             None,
-            node!(node_get_volume_stats, stats_req(&xid, &tx)),
+            node!(node_get_volume_stats, stats_req(&xid, &tx, "")),
         ),
         case(
             "NodeExpandVolume: no volume path",
             Some(InvalidArgument),
-            node!(
-                node_expand_volume,
-                node_expand_req(UNKNOWN, "", 64 * MIB, 0)
-            ),
+            node!(node_expand_volume, node_expand_req(UNKNOWN, "", 64 * MIB)),
         ),
         case(
             "NodeExpandVolume: bad capability, required > limit",
@@ -813,7 +739,7 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
                 node_expand_volume,
                 csi::NodeExpandVolumeRequest {
                     volume_capability: Some(no_cap.clone()),
-                    ..node_expand_req(&xid, &tx, 64 * MIB, 32 * MIB)
+                    ..over_limit.clone()
                 }
             ),
         ),
@@ -822,37 +748,28 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             Some(NotFound),
             node!(
                 node_expand_volume,
-                node_expand_req(UNKNOWN, "some/path", 64 * MIB, 0)
+                node_expand_req(UNKNOWN, "some/path", 64 * MIB)
             ),
         ),
         case(
             "NodeExpandVolume: X, required > limit",
             Some(OutOfRange),
-            node!(
-                node_expand_volume,
-                node_expand_req(&xid, &tx, 64 * MIB, 32 * MIB)
-            ),
+            node!(node_expand_volume, over_limit.clone()),
         ),
         case(
             "NodeExpandVolume: X, a directory with nothing mounted",
             Some(NotFound),
-            node!(
-                node_expand_volume,
-                node_expand_req(&xid, &plain, 32 * MIB, 0)
-            ),
+            node!(node_expand_volume, node_expand_req(&xid, &plain, 32 * MIB)),
         ),
         case(
             "NodeExpandVolume: X at Y's target",
             Some(NotFound),
-            node!(node_expand_volume, node_expand_req(&xid, &ty, 32 * MIB, 0)),
+            node!(node_expand_volume, node_expand_req(&xid, &ty, 32 * MIB)),
         ),
         case(
             "NodeExpandVolume: unknown volume at X's target",
             Some(NotFound),
-            node!(
-                node_expand_volume,
-                node_expand_req(UNKNOWN, &tx, 32 * MIB, 0)
-            ),
+            node!(node_expand_volume, node_expand_req(UNKNOWN, &tx, 32 * MIB)),
         ),
     ];
     let mut wrong = Vec::new();
@@ -885,30 +802,6 @@ async fn finish_all(env: &Env, vols: &[&csi::Volume]) {
         env.delete(v).await;
     }
     assert_no_leftovers(env.dir());
-}
-
-/// The disk serial of a volume (`vd-<key>`).
-fn serial_of(vol: &csi::Volume) -> String {
-    format!("vd-{}", vol.volume_id.rsplit_once('.').unwrap().1)
-}
-
-/// Writes one MiB of `byte` at offset 1 MiB of a block device file.
-fn block_write(path: &str, byte: u8) {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(MIB as u64)).unwrap();
-    f.write_all(&vec![byte; MIB as usize]).unwrap();
-    f.sync_all().unwrap();
-}
-
-/// Whether one MiB at offset 1 MiB of a block device file reads back as `byte`.
-fn block_reads(path: &str, byte: u8) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(MIB as u64)).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    f.read_exact(&mut buf).unwrap();
-    buf.iter().all(|b| *b == byte)
 }
 
 /// Y's data, written through its target (a file, or a pattern on the block device).
@@ -989,7 +882,7 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
         Code::FailedPrecondition,
         "NodePublish(X) from Y's staging path",
     );
-    assert!(msg.contains(&serial_of(&y)), "{msg}");
+    assert!(msg.contains(&serial_of(&y.volume_id)), "{msg}");
     assert!(!is_mount(&tx), "X's target got a mount");
     // X's unpublish of Y's target and unstage of Y's staging path: OK, Y untouched.
     env.unpublish(&x, &ty).await.unwrap();
@@ -1006,7 +899,7 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
         Code::FailedPrecondition,
         "NodePublish(Y) from X's staging path",
     );
-    assert!(msg.contains(&serial_of(&x)), "{msg}");
+    assert!(msg.contains(&serial_of(&x.volume_id)), "{msg}");
     env.unpublish(&y, &tx).await.unwrap();
     env.unstage(&y, &sx).await.unwrap();
     assert!(is_mount(&tx) && is_mount(&staged(&sx)), "X lost a mount");
@@ -1042,23 +935,7 @@ async fn an_unreadable_disk_is_never_formatted() {
     let formats_before = env.plugin.log().matches("formatting blank disk").count();
     assert_eq!(formats_before, 1, "the first stage formats the new disk");
     // Kill the storage daemon: the loop device's backing FUSE file is disconnected.
-    let key = vol.volume_id.rsplit_once('.').unwrap().1;
-    let pid_file = env
-        .plugin
-        .data_dir()
-        .join("localattach")
-        .join(key)
-        .join("qsd.pid");
-    let pid: i32 = std::fs::read_to_string(pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    env.kill_daemon(&vol);
     // Cached pages keep answering until FUSE revalidates (about a second): wait for EIO.
     let dev = ctx["devicePath"].clone();
     let reads = || {
