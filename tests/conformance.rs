@@ -554,6 +554,45 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             ctl!(get_snapshot, csi::GetSnapshotRequest::default()),
         ),
         case(
+            "GetSnapshot: unknown snapshot",
+            Some(NotFound),
+            ctl!(
+                get_snapshot,
+                csi::GetSnapshotRequest {
+                    snapshot_id: "default.s0123456789abcdef".into()
+                }
+            ),
+        ),
+        case(
+            "DeleteSnapshot: no id",
+            Some(InvalidArgument),
+            ctl!(delete_snapshot, csi::DeleteSnapshotRequest::default()),
+        ),
+        case(
+            "ListSnapshots: negative max_entries, bad token",
+            Some(InvalidArgument),
+            ctl!(
+                list_snapshots,
+                csi::ListSnapshotsRequest {
+                    max_entries: -1,
+                    starting_token: "garbage".into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "GetCapacity: unknown parameter, bad capability",
+            Some(InvalidArgument),
+            ctl!(
+                get_capacity,
+                csi::GetCapacityRequest {
+                    parameters: params(&[("XXX_FakeKey", "x")]),
+                    volume_capabilities: vec![no_cap.clone()],
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
             "ListSnapshots: bad token",
             Some(Aborted),
             ctl!(

@@ -90,7 +90,8 @@ impl NodeOps {
             .map(|o| o.serial())
             .ok_or_else(|| {
                 Error::NotFound(format!(
-                    "volume {volume_id} is not a volume of this plugin: none of its disks is it"
+                    "volume {volume_id} is not a volume of this plugin, so it is not on this \
+                     node"
                 ))
             })
     }
