@@ -559,7 +559,8 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             ctl!(
                 get_snapshot,
                 csi::GetSnapshotRequest {
-                    snapshot_id: "default.s0123456789abcdef".into()
+                    snapshot_id: "default.s0123456789abcdef".into(),
+                    ..Default::default()
                 }
             ),
         ),
