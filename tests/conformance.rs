@@ -954,8 +954,8 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
 
 /// Issue 12 §4: an ext4 volume was staged, written and unstaged; then its storage daemon dies,
 /// so the disk answers every read with EIO — and `blkid` then reports no signature, as for a
-/// blank disk. NodeStage must fail without formatting (the disk holds data); once attached
-/// afresh the data reads back.
+/// blank disk. NodeStage must fail without formatting (the disk holds data: here the node
+/// sees the dead export and says so); once attached afresh the data reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_disk_is_never_formatted() {
     if !ready() {
@@ -1013,12 +1013,7 @@ async fn an_unreadable_disk_is_never_formatted() {
             .stage(&vol, &ctx, &s2, &mount_cap(fs, Mode::SingleNodeWriter))
             .await
             .expect_err("NodeStage of an unreadable disk");
-        assert!(
-            err.message().contains("may hold data"),
-            "fs {fs:?}: {:?} {}",
-            err.code(),
-            err.message()
-        );
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
         assert!(!is_mount(&s2));
         env.unstage_twice(&vol, &s2).await;
     }
@@ -1037,4 +1032,122 @@ async fn an_unreadable_disk_is_never_formatted() {
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
     finish_all(&env, &[&vol]).await;
+}
+
+/// Issue 12 §4, the whole kind: a disk whose every read fails while nothing says it is dead
+/// (its storage daemon lives and injects EIO: QEMU's blkdebug), so `blkid` reports no
+/// signature. NodeStage must not take it for blank: an error that says it may hold data, no
+/// mkfs, and the image unchanged to the byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_whose_reads_fail_is_not_blank() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    // An ext4 image served read-write by a daemon that fails every data read.
+    let dir = env.dir().join("faulty");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.raw");
+    let key = "00000000deadbeef";
+    let export = dir.join(format!("vd-{key}"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 * MIB as u64)
+        .unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+    let before = std::fs::read(&image).unwrap();
+    std::fs::write(&export, b"").unwrap();
+    let blockdev = |v: serde_json::Value| v.to_string();
+    run_ok(
+        "qemu-storage-daemon",
+        &[
+            "--daemonize",
+            "--pidfile",
+            dir.join("qsd.pid").to_str().unwrap(),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "file", "node-name": "f",
+                "filename": image})),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "blkdebug", "node-name": "eio",
+                "image": "f", "inject-error": [{"event": "read_aio", "errno": 5}]})),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "raw", "node-name": "d", "file": "eio"})),
+            "--export",
+            &blockdev(
+                serde_json::json!({"type": "fuse", "id": "e", "node-name": "d",
+                "mountpoint": export, "writable": true}),
+            ),
+        ],
+    );
+    let dev = run_ok(
+        "losetup",
+        &["-f", "--show", "--direct-io=off", export.to_str().unwrap()],
+    );
+    let dev = dev.trim().to_string();
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", &dev])
+        .output()
+        .unwrap();
+    eprintln!(
+        "blkid -p on a disk whose reads fail: exit {:?} (2 = \"nothing found\")",
+        blkid.status.code()
+    );
+
+    // What a local-attach publish_context says about such a disk.
+    let ctx: Map = [
+        ("serial", format!("vd-{key}")),
+        ("bus", "local".into()),
+        ("devicePath", dev.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let vol = csi::Volume {
+        volume_id: format!("default.{key}"),
+        ..Default::default()
+    };
+    for (fs, path) in [("ext4", "faulty-1"), ("", "faulty-2"), ("xfs", "faulty-3")] {
+        let s = env.staging(path);
+        let err = env
+            .stage(&vol, &ctx, &s, &mount_cap(fs, Mode::SingleNodeWriter))
+            .await
+            .expect_err("NodeStage of a disk whose reads fail");
+        assert!(
+            err.message().contains("may hold data"),
+            "fs {fs:?}: {:?} {}",
+            err.code(),
+            err.message()
+        );
+        assert!(!is_mount(&s));
+        env.unstage_twice(&vol, &s).await;
+    }
+    assert!(
+        !env.plugin.log().contains("formatting blank disk"),
+        "mkfs ran on a disk whose reads fail"
+    );
+    run_ok("losetup", &["-d", &dev]);
+    let pid: i32 = std::fs::read_to_string(dir.join("qsd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        let _ = nix::mount::umount2(&export, nix::mount::MntFlags::MNT_DETACH);
+        let left = leftovers(env.dir());
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("left behind: {left:?}"))
+        }
+    })
+    .await;
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the image changed"
+    );
 }

@@ -355,7 +355,7 @@ async fn node_errors() {
     };
     let mut n = env.plugin.node();
     let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {});
-    assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 5);
+    assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 6);
 
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let vol = env.create(&unique("errors"), 32 * MIB, cap.clone()).await;

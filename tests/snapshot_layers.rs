@@ -123,6 +123,7 @@ impl FakeNode {
             readonly,
             shareable: false,
             context: BTreeMap::new(),
+            abnormal: None,
         });
     }
 }

@@ -170,6 +170,7 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         readonly: disk.readonly,
         shareable: disk.shareable,
         context,
+        abnormal: None,
     }
 }
 
@@ -244,6 +245,10 @@ impl Attacher for Hypervisor {
 
     async fn check_health(&self) -> Result<()> {
         self.lv.ping().await
+    }
+
+    fn ledger_name(&self) -> Option<&'static str> {
+        Some("libvirt")
     }
 
     async fn snapshot_live(

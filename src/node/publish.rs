@@ -76,7 +76,7 @@ impl NodeOps {
         // NodeStage when the staging directory is already a mount point) would otherwise
         // publish another volume's data under this one's name.
         match self.holder(&stage, &serial).await? {
-            Holder::Volume(_) => {}
+            Holder::Volume(d) => self.refuse_dead(&r.volume_id, d.dev()).await?,
             Holder::Other(what) | Holder::Unknown(what) => {
                 return Err(Error::FailedPrecondition(format!(
                     "staging path {} holds {what}, not volume {}'s disk (serial {serial}); \
@@ -84,6 +84,11 @@ impl NodeOps {
                     staging.display(),
                     r.volume_id
                 )))
+            }
+        }
+        if !block && !readonly && !stage.read_only() {
+            if let Some(gid) = r.mount_group {
+                super::settle_ownership(&staging, Default::default(), false, Some(gid)).await?;
             }
         }
         if let Some(m) = table.at(&target) {

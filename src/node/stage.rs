@@ -84,6 +84,7 @@ impl NodeOps {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
         let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
+        self.refuse_dead(&r.volume_id, dev.dev()).await?;
         ensure_dir(&r.staging_path).await?;
         let staging = resolve(&r.staging_path).await?;
         let block_file = staging.join(BLOCK_STAGE_FILE);
@@ -161,10 +162,14 @@ impl NodeOps {
         };
         let requested = (!fs_type.is_empty()).then(|| fs_type.clone());
         if already_staged(r, dev, &at, requested.as_deref())? {
-            return fs::make_shared(&at.staging).await;
+            fs::make_shared(&at.staging).await?;
+            if at.here.as_ref().is_some_and(|m| !m.read_only()) {
+                super::settle_ownership(&at.staging, r.root, false, r.mount_group).await?;
+            }
+            return Ok(());
         }
         let read_only = dev.read_only || r.capability.access_mode.is_read_only();
-        let fs_type = self.ensure_filesystem(r, dev, requested, read_only).await?;
+        let (fs_type, formatted) = self.ensure_filesystem(r, dev, requested, read_only).await?;
         let ro_mount_only = superblock_read_only(r, dev, read_only).await?;
         let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
         let dev_path = self.sysfs.dev_path(&dev.name);
@@ -173,6 +178,8 @@ impl NodeOps {
         let finish = async {
             if ro_mount_only {
                 fs::remount_read_only(&at.staging).await?;
+            } else if !read_only {
+                super::settle_ownership(&at.staging, r.root, formatted, r.mount_group).await?;
             }
             fs::make_shared(&at.staging).await
         };
@@ -184,15 +191,15 @@ impl NodeOps {
         Ok(())
     }
 
-    /// The filesystem to mount: the one on the disk, or a new one when the disk reads and
-    /// carries no signature at all.
+    /// The filesystem to mount, and whether it was just made: the one on the disk, or a new
+    /// one when the disk reads and carries no signature at all.
     async fn ensure_filesystem(
         &self,
         r: &StageRequest,
         dev: &BlockDevice,
         requested: Option<String>,
         read_only: bool,
-    ) -> Result<String> {
+    ) -> Result<(String, bool)> {
         let dev_path = self.sysfs.dev_path(&dev.name);
         match fs::probe(&dev_path).await? {
             Content::Blank => {
@@ -214,7 +221,7 @@ impl NodeOps {
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
                 fs::mkfs(&dev_path, &fs_type).await?;
                 crate::failpoint!("stage.formatted");
-                Ok(fs_type)
+                Ok((fs_type, true))
             }
             Content::Filesystem(found) => {
                 if let Some(want) = requested.as_ref().filter(|w| **w != found) {
@@ -224,7 +231,7 @@ impl NodeOps {
                         r.volume_id
                     )));
                 }
-                Ok(found)
+                Ok((found, false))
             }
             Content::Other(what) => Err(Error::FailedPrecondition(format!(
                 "volume {}'s disk {} holds {what}, not a filesystem; refusing to format or \
