@@ -31,24 +31,10 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `$VIRTDISK_NOMAD`, else `shared/tools/nomad` next to the project root or one of its
-/// parents (`../shared/tools/nomad` from a checkout; worktrees sit one level deeper), else
-/// `nomad` on PATH.
+/// The Nomad CLI and agent: `$VIRTDISK_NOMAD`, `../shared/tools/nomad` or `nomad` on PATH
+/// ([`crate::shared_tool`]).
 pub fn nomad_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VIRTDISK_NOMAD") {
-        return Some(PathBuf::from(p));
-    }
-    for dir in repo().ancestors().skip(1) {
-        let p = dir.join("shared/tools/nomad");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("nomad"))
-            .find(|p| p.is_file())
-    })
+    crate::shared_tool("nomad", "VIRTDISK_NOMAD")
 }
 
 /// Whether this host can run the real-Nomad tests; otherwise says why (SKIPPED), or panics
