@@ -235,6 +235,24 @@ fn create(agent: &Agent, file: &std::path::Path, id: &str) -> Vol {
     vol
 }
 
+/// A spec of `nomad-jobs/` with its id and name set to `id` and `set` applied (as [`spec`]).
+fn spec_as(agent: &Agent, file: &str, id: &str, set: &[(&str, &str)]) -> PathBuf {
+    let mut all = vec![("id", id), ("name", id)];
+    all.extend_from_slice(set);
+    spec(agent, file, &all)
+}
+
+/// [`create`] from [`spec_as`].
+fn create_as(agent: &Agent, file: &str, id: &str, set: &[(&str, &str)]) -> Vol {
+    create(agent, &spec_as(agent, file, id, set), id)
+}
+
+/// `nomad job stop` of a consumer job, then [`assert_released`] of its volume.
+fn stop_and_release(agent: &Agent, dep: &Deployment, job: &str, vol: &Vol) {
+    agent.stop_job(job);
+    assert_released(agent, dep, vol);
+}
+
 /// `nomad volume delete`: the plugin deletes the image (its ListVolumes no longer has it).
 fn delete(agent: &Agent, dep: &Deployment, vol: &Vol) {
     assert!(dep.volume_ids().contains(&vol.external_id));
@@ -407,12 +425,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     let dep = monolith(&agent);
 
     step("volume-local.hcl: ext4, 10-20 GiB, root owned by nobody, embedded default pool");
-    let file = spec(
-        &agent,
-        "volume-local.hcl",
-        &[("id", "local-fs"), ("name", "local-fs")],
-    );
-    let vol = create(&agent, &file, "local-fs");
+    let vol = create_as(&agent, "volume-local.hcl", "local-fs", &[]);
     assert!(
         vol.external_id.starts_with("default."),
         "{}",
@@ -451,8 +464,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     assert!(agent
         .task_stdout(&alloc, "app")
         .contains("uid=65534(nobody)"));
-    agent.stop_job("local-writer");
-    assert_released(&agent, &dep, &vol);
+    stop_and_release(&agent, &dep, "local-writer", &vol);
 
     step("a second job reads the data back");
     let alloc = run_consumer(
@@ -463,8 +475,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
         "echo \"read $(cat /data/from-task)\"",
     );
     assert_eq!(agent.wait_line(&alloc, "app", "read"), token);
-    agent.stop_job("local-reader");
-    assert_released(&agent, &dep, &vol);
+    stop_and_release(&agent, &dep, "local-reader", &vol);
 
     step("a read-only claim reads and cannot write");
     let alloc = run_consumer(
@@ -486,8 +497,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
         mount.contains(" ext4 ro,") && mount.contains("noatime"),
         "{mount}"
     );
-    agent.stop_job("local-ro-reader");
-    assert_released(&agent, &dep, &vol);
+    stop_and_release(&agent, &dep, "local-ro-reader", &vol);
 
     step("snapshot create / list (CLI), restore with volume-from-snapshot.hcl, delete");
     let out = agent.nomad_ok(&["volume", "snapshot", "create", "local-fs", "local-snap"]);
@@ -505,17 +515,12 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     // -plugin P` of Nomad 1.1 refuses to run once two plugins exist ("Prefix matched multiple
     // plugins", nomad#12194): the API lists them.
     assert!(out.contains(&snap_id[..12]), "{out}");
-    let file = spec(
+    let restored = create_as(
         &agent,
         "volume-from-snapshot.hcl",
-        &[
-            ("id", "local-restored"),
-            ("name", "local-restored"),
-            ("plugin_id", &dep.plugin_id),
-            ("snapshot_id", &snap_id),
-        ],
+        "local-restored",
+        &[("plugin_id", &dep.plugin_id), ("snapshot_id", &snap_id)],
     );
-    let restored = create(&agent, &file, "local-restored");
     let alloc = run_consumer(
         &agent,
         "local-restored-reader",
@@ -524,23 +529,20 @@ fn monolith_lifecycle_with_volume_local_hcl() {
         "echo \"read $(cat /data/from-task)\"",
     );
     assert_eq!(agent.wait_line(&alloc, "app", "read"), token);
-    agent.stop_job("local-restored-reader");
-    assert_released(&agent, &dep, &restored);
+    stop_and_release(&agent, &dep, "local-restored-reader", &restored);
     agent.nomad_ok(&["volume", "snapshot", "delete", &dep.plugin_id, &snap_id]);
 
     step("xfs (300 MiB, the least mkfs.xfs takes)");
-    let file = spec(
+    let xfs = create_as(
         &agent,
         "volume-local.hcl",
+        "local-xfs",
         &[
-            ("id", "local-xfs"),
-            ("name", "local-xfs"),
             ("capacity_min", "300MiB"),
             ("capacity_max", "1GiB"),
             ("fs_type", "xfs"),
         ],
     );
-    let xfs = create(&agent, &file, "local-xfs");
     let alloc = run_consumer(
         &agent,
         "local-xfs-user",
@@ -550,8 +552,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     );
     let mount = agent.wait_line(&alloc, "app", "mount:");
     assert!(mount.contains(" xfs "), "{mount}");
-    agent.stop_job("local-xfs-user");
-    assert_released(&agent, &dep, &xfs);
+    stop_and_release(&agent, &dep, "local-xfs-user", &xfs);
 
     step("a block volume: the task sees the volume's block device");
     let block_spec = agent.dir.path().join("local-block.hcl");
@@ -587,8 +588,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
         "{device} is not {}",
         loops[0]
     );
-    agent.stop_job("local-block-user");
-    assert_released(&agent, &dep, &block);
+    stop_and_release(&agent, &dep, "local-block-user", &block);
 
     step("volume delete: the plugin deletes the images");
     for v in [&vol, &restored, &xfs, &block] {
@@ -628,8 +628,7 @@ fn controller_and_node_jobs_with_the_example_files() {
                 }
             },
         );
-        agent.stop_job("virtdisk-example");
-        assert_released(&agent, &dep, &vol);
+        stop_and_release(&agent, &dep, "virtdisk-example", &vol);
     }
 
     step("snapshot create (API: Nomad 1.1.0's CLI sends it to the first plugin by id) / list");
@@ -676,8 +675,7 @@ fn controller_and_node_jobs_with_the_example_files() {
         lines.len(),
         "{out}"
     );
-    agent.stop_job("restored-reader");
-    assert_released(&agent, &dep, &restored);
+    stop_and_release(&agent, &dep, "restored-reader", &restored);
     agent.nomad_ok(&["volume", "snapshot", "delete", "virtdisk", &snap_id]);
     let snaps = agent
         .get("/v1/volumes/snapshot?plugin_id=virtdisk")
@@ -748,9 +746,7 @@ fn wrong_inputs_name_the_problem() {
     let Some(agent) = Agent::shared() else { return };
     let dep = controller_and_node(&agent);
     let bad = |name: &str, set: &[(&str, &str)]| {
-        let mut all = vec![("id", name), ("name", name)];
-        all.extend_from_slice(set);
-        let file = spec(&agent, "volume.hcl", &all);
+        let file = spec_as(&agent, "volume.hcl", name, set);
         agent.nomad_err(&["volume", "create", &file.display().to_string()])
     };
 
@@ -779,18 +775,16 @@ fn wrong_inputs_name_the_problem() {
     );
 
     step("xfs on 64 MiB: the claim fails with the plugin's reason");
-    let file = spec(
+    let tiny = create_as(
         &agent,
         "volume.hcl",
+        "tiny-xfs",
         &[
-            ("id", "tiny-xfs"),
-            ("name", "tiny-xfs"),
             ("capacity_min", "64MiB"),
             ("capacity_max", "64MiB"),
             ("fs_type", "xfs"),
         ],
     );
-    let tiny = create(&agent, &file, "tiny-xfs");
     agent.run_job_text(
         "tiny-xfs-user",
         &consumer_job("tiny-xfs-user", &tiny.id, Claim::Write, "echo never"),
@@ -815,18 +809,16 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
     let Some(agent) = Agent::shared() else { return };
     // Its own monolith: the restarts must not disturb the other tests' claims.
     let dep = monolith_as(&agent, "survivor-virtdisk", "virtdisk-survivor");
-    let file = spec(
+    let vol = create_as(
         &agent,
         "volume-local.hcl",
+        "local-survivor",
         &[
-            ("id", "local-survivor"),
-            ("name", "local-survivor"),
             ("plugin_id", "survivor-virtdisk"),
             ("capacity_min", "64MiB"),
             ("capacity_max", "64MiB"),
         ],
     );
-    let vol = create(&agent, &file, "local-survivor");
     let alloc = run_consumer(
         &agent,
         "local-survivor-writer",
@@ -945,7 +937,6 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
     let out = agent.task_stdout(&alloc, "app");
     assert!(!out.contains("gap"), "{out}");
     assert!(lines > last, "{lines} lines, {last} acknowledged");
-    agent.stop_job("local-survivor-reader");
-    assert_released(&agent, &dep, &vol);
+    stop_and_release(&agent, &dep, "local-survivor-reader", &vol);
     delete(&agent, &dep, &vol);
 }
