@@ -32,17 +32,67 @@ pub(crate) fn parse_blkid_export(out: &str) -> Content {
     }
 }
 
+/// What `dev` holds. `Blank` only for a disk that reads and carries no signature: blkid also
+/// says "nothing found" (exit 2) when its reads fail, so that verdict stands only once the
+/// disk's first and last `PROBE_SPAN` bytes have been read back; a disk that cannot be read
+/// may hold data, and is an error, never blank.
 pub(crate) async fn probe(dev: &Path) -> Result<Content> {
     let args: Vec<OsString> = vec!["-p".into(), "-o".into(), "export".into(), dev.into()];
     let out = exec::run_unchecked("blkid", args).await?;
     match out.code {
         Some(0) => Ok(parse_blkid_export(&out.stdout)),
-        // 2: nothing found.
-        Some(2) => Ok(Content::Blank),
+        // 2: nothing found, or nothing could be read.
+        Some(2) => {
+            let d = dev.to_path_buf();
+            exec::blocking(move || read_ends(&d)).await?;
+            Ok(Content::Blank)
+        }
         // 8: several conflicting signatures.
         Some(8) => Ok(Content::Other("several conflicting signatures".into())),
         _ => Err(exec::tool_error("blkid", &out)),
     }
+}
+
+/// How much of each end of a disk must read back before it may be called blank: the
+/// signatures blkid looks for lie there (filesystem superblocks, LVM and RAID labels near the
+/// start; RAID superblocks, ZFS labels and the backup GPT near the end).
+const PROBE_SPAN: u64 = 1 << 20;
+
+/// Reads the first and the last `PROBE_SPAN` bytes of `dev` from the device itself (cached
+/// pages dropped first); any error or short read is an error. Blocking.
+fn read_ends(dev: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let why = "it may hold data, so it is neither formatted nor mounted while it cannot be \
+               read; check the disk's attachment (ControllerUnpublishVolume and publish it \
+               again)";
+    let failed = |what: String, e: std::io::Error| {
+        Error::io(
+            format!(
+                "reading {} {what} to tell whether it is blank ({why})",
+                dev.display()
+            ),
+            e,
+        )
+    };
+    let mut f = std::fs::File::open(dev).map_err(|e| failed("(open)".into(), e))?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| failed("(size)".into(), e))?;
+    // Advice only: a kernel that keeps the pages still reads the device when they go stale.
+    let _ = nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+    let span = size.min(PROBE_SPAN);
+    let mut buf = vec![0u8; span as usize];
+    for offset in [0, size - span] {
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| failed(format!("(bytes {offset}..{})", offset + span), e))?;
+    }
+    Ok(())
 }
 
 /// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:
@@ -72,6 +122,27 @@ pub(crate) async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
         other => Err(Error::invalid(format!(
             "cannot create a {other:?} filesystem: use ext4 or xfs"
         ))),
+    }
+}
+
+/// The smallest device `mkfs.xfs` formats (xfsprogs 5.19 and later refuse smaller ones with
+/// "Filesystem must be larger than 300MB").
+pub(crate) const XFS_MIN_BYTES: u64 = 300 << 20;
+
+/// What a failed [`mkfs`] of a `size_bytes` device tells the operator: a device too small for
+/// the file system becomes FAILED_PRECONDITION saying the sizes and what to do (instead of the
+/// tool's usage text); any other failure is returned as it is.
+pub(crate) fn mkfs_failure(e: Error, fs_type: &str, size_bytes: u64) -> Error {
+    if fs_type == "xfs" && size_bytes < XFS_MIN_BYTES {
+        Error::FailedPrecondition(format!(
+            "the volume is {} MiB, too small for xfs, which needs at least {} MiB: create the \
+             volume with a capacity of at least {} MiB, or use ext4",
+            size_bytes >> 20,
+            XFS_MIN_BYTES >> 20,
+            XFS_MIN_BYTES >> 20
+        ))
+    } else {
+        e
     }
 }
 
@@ -181,6 +252,38 @@ pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real mkfs.xfs on a 64 MiB image: refused by the tool, explained by us.
+    #[tokio::test]
+    async fn xfs_on_a_small_device_says_the_minimum() {
+        if std::process::Command::new("mkfs.xfs")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: no mkfs.xfs");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("small.img");
+        let size = 64u64 << 20;
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let e = mkfs(&img, "xfs").await.unwrap_err();
+        let e = mkfs_failure(e, "xfs", size);
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("64 MiB") && msg.contains("300 MiB") && msg.contains("ext4"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Usage"), "{msg}");
+        // Big enough: formats.
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(XFS_MIN_BYTES)
+            .unwrap();
+        mkfs(&img, "xfs").await.unwrap();
+    }
 
     #[test]
     fn blkid_output() {

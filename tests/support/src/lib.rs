@@ -14,6 +14,7 @@
 //! | [`local_attach`] | a monolith with local attach on this host, and proof that nothing leaks |
 //! | [`metrics`] | the plugin's metrics endpoint: its address from the log, HTTP GET, samples |
 //! | [`guestbed`] | Linux guests run by libvirt with the node plugin inside |
+//! | [`nomad_agent`] | a real Nomad agent (`../shared/tools/nomad`) driven by its CLI and HTTP API |
 //!
 //! A test starts with `use virtdisk_test_support::prelude::*;` and names the rest by module:
 //!
@@ -39,6 +40,7 @@ pub mod domain;
 pub mod guestbed;
 pub mod local_attach;
 pub mod metrics;
+pub mod nomad_agent;
 pub mod plugin;
 pub mod pool;
 pub mod qemu;
@@ -89,6 +91,24 @@ pub fn serial_of(volume_id: &str) -> String {
 pub fn open_for_qemu(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A tool of `shared/tools/` (csi-sanity, nomad, hostpathplugin): `$var` when set, else
+/// `shared/tools/<name>` beside the project root or one of its parents (`../shared/tools` from
+/// a checkout; worktrees sit deeper), else `<name>` on PATH.
+pub fn shared_tool(name: &str, var: &str) -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(p.into());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    root.ancestors()
+        .map(|d| d.join("shared/tools").join(name))
+        .find(|p| p.is_file())
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
 }
 
 /// Milliseconds since `t`, for the latency lines tests print.
