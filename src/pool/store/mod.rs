@@ -289,7 +289,10 @@ impl Store {
     /// holds the pool lock (shared or exclusive) and the log mutex.
     fn catch_up(&self, log: &mut ChangeLog) -> Result<()> {
         match log.read_new()? {
-            changes::News::None => Ok(()),
+            changes::News::None => {
+                self.changes.seen(log.seen);
+                Ok(())
+            }
             changes::News::Reset => {
                 tracing::info!(pool = %self.pool, "change log was reset; re-reading every record");
                 log.rewind()?;
