@@ -71,6 +71,41 @@ impl Attachment {
     }
 }
 
+/// A host whose nodes could not be read (its libvirtd is down): which pools' attachments
+/// are missing from a [`Scan`], and why.
+#[derive(Debug, Clone)]
+pub struct Unreachable {
+    /// The host's name.
+    pub host: String,
+    /// The pools its domains may hold volumes of.
+    pub pools: Vec<String>,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// Every attachment that could be read, and the hosts that could not be (their volumes'
+/// attachments are unknown, not absent).
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// The attachments read.
+    pub attachments: Vec<Attachment>,
+    /// The hosts that could not be read.
+    pub unreachable: Vec<Unreachable>,
+}
+
+impl Scan {
+    /// Why the attachments of a volume of `pool` may be incomplete, if they may.
+    pub(crate) fn missing(&self, pool: &str) -> Option<String> {
+        let hosts: Vec<String> = self
+            .unreachable
+            .iter()
+            .filter(|u| u.pools.iter().any(|p| p == pool))
+            .map(|u| format!("host {} ({})", u.host, u.error))
+            .collect();
+        (!hosts.is_empty()).then(|| hosts.join("; "))
+    }
+}
+
 /// What a live snapshot did on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LiveSnapshot {
@@ -90,6 +125,20 @@ pub trait Attacher: Send + Sync {
     }
     /// Every attachment of a plugin volume on every node this backend serves.
     async fn attachments(&self) -> Result<Vec<Attachment>>;
+    /// Every attachment that can be read now, and the hosts that cannot be read (for
+    /// listings: one host down leaves the others' attachments known).
+    async fn scan(&self) -> Result<Scan> {
+        Ok(Scan {
+            attachments: self.attachments().await?,
+            unreachable: Vec::new(),
+        })
+    }
+    /// The attachments of one volume; an error when a node that may hold it cannot be read.
+    async fn attachments_of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
+        let mut all = self.attachments().await?;
+        all.retain(|a| a.volume_id == volume_id);
+        Ok(all)
+    }
     /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment>;
     /// Detaches and confirms the disk is gone; OK when it was not attached.
@@ -141,16 +190,16 @@ pub struct Attachments {
 /// so a read is never reused across a change made here.
 #[derive(Default)]
 struct RecentScan {
-    last: std::sync::Mutex<Option<Scan>>,
+    last: std::sync::Mutex<Option<RecentRead>>,
     changes: AtomicU64,
 }
 
-struct Scan {
+struct RecentRead {
     /// When the read began.
     at: Instant,
     /// `RecentScan::changes` when the read began.
     changes: u64,
-    list: Arc<Vec<Attachment>>,
+    list: Arc<Scan>,
 }
 
 /// How long ListVolumes pages may share one read of the nodes.
@@ -171,7 +220,7 @@ impl Attachments {
     /// ListVolumes walk then cost one read of every domain instead of one each): decisions
     /// (publish, unpublish, delete, snapshots) read the nodes now with `all`. Nothing
     /// outlives the process, and a change made elsewhere shows within `max_age`.
-    pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Vec<Attachment>>> {
+    pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Scan>> {
         let changes = self.recent.changes.load(Ordering::SeqCst);
         {
             let last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,11 +231,11 @@ impl Attachments {
             }
         }
         let started = Instant::now();
-        let list = Arc::new(self.all().await?);
+        let list = Arc::new(self.scan().await?);
         let mut last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
         // A change made while reading may be missing from `list`: then do not keep it.
         if self.recent.changes.load(Ordering::SeqCst) == changes {
-            *last = Some(Scan {
+            *last = Some(RecentRead {
                 at: started,
                 changes,
                 list: list.clone(),
@@ -204,16 +253,27 @@ impl Attachments {
         !self.backends.is_empty()
     }
 
+    /// The backend that serves `node_id`. A backend that cannot tell (its host is down) does
+    /// not stop the others from claiming the node; its error is returned only when none does.
     async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
+        let mut failed = None;
         for b in &self.backends {
-            if b.serves(node_id).await? {
-                return Ok(Some(b));
+            match b.serves(node_id).await {
+                Ok(true) => return Ok(Some(b)),
+                Ok(false) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(None)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
     /// Every attachment of every backend.
+    #[cfg(test)]
     pub(crate) async fn all(&self) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for b in &self.backends {
@@ -222,13 +282,32 @@ impl Attachments {
         Ok(out)
     }
 
+    /// What every backend can read now, and the hosts it cannot read.
+    async fn scan(&self) -> Result<Scan> {
+        let mut out = Scan::default();
+        for b in &self.backends {
+            let s = b.scan().await?;
+            out.attachments.extend(s.attachments);
+            out.unreachable.extend(s.unreachable);
+        }
+        Ok(out)
+    }
+
+    /// The attachments of one volume, read from the nodes now.
+    async fn of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            out.extend(b.attachments_of(volume_id).await?);
+        }
+        Ok(out)
+    }
+
     /// Nodes a volume is attached to, read from the nodes themselves.
     pub(crate) async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
         let mut nodes: Vec<String> = self
-            .all()
+            .of(volume_id)
             .await?
             .into_iter()
-            .filter(|a| a.volume_id == volume_id)
             .map(|a| a.node_id)
             .collect();
         nodes.sort();
@@ -239,10 +318,10 @@ impl Attachments {
     /// Nodes holding the volume writable, i.e. that may be writing its active image now.
     pub(crate) async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
         let mut nodes: Vec<String> = self
-            .all()
+            .of(volume_id)
             .await?
             .into_iter()
-            .filter(|a| a.volume_id == volume_id && !a.readonly)
+            .filter(|a| !a.readonly)
             .map(|a| a.node_id)
             .collect();
         nodes.sort();
@@ -290,8 +369,8 @@ impl Attachments {
         })?;
         let readonly = req.readonly || req.capability.access_mode.is_read_only();
         let node = backend.canonical_node_id(&req.node_id).await?;
-        let all = self.all().await?;
-        let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
+        let all = self.of(&vol.id).await?;
+        let mine: Vec<&Attachment> = all.iter().collect();
         if let Some(here) = mine.iter().find(|a| a.node_id == node) {
             // A read-write disk serves a read-only publish too (the node mounts it read-only):
             // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
@@ -549,7 +628,7 @@ mod tests {
         a.recent(Duration::ZERO).await.unwrap();
         assert_eq!(reads(), 3, "read again when too old");
         // Decisions never reuse a read.
-        a.all().await.unwrap();
+        a.nodes_of("default.0123456789abcdef").await.unwrap();
         assert_eq!(reads(), 4);
     }
 }

@@ -40,6 +40,17 @@ impl ControllerService {
         Ok(Some((oid, g)))
     }
 
+    /// A volume as CSI reports it; accessible from the topologies of its pool as configured now
+    /// (a shared pool: every host that lists it).
+    fn volume(&self, rec: &VolumeRecord) -> csi::Volume {
+        let topologies = match self.pools.get(&rec.pool) {
+            Some(p) => p.config().accessible_topologies(),
+            None if rec.accessible_topology.is_empty() => Vec::new(),
+            None => vec![rec.accessible_topology.clone()],
+        };
+        convert::volume(rec, &topologies)
+    }
+
     /// The condition of each volume (are its image and backing layers in the pool?), checked
     /// in one blocking call.
     async fn volume_conditions(&self, recs: &[&VolumeRecord]) -> Result<Vec<csi::VolumeCondition>> {
@@ -116,7 +127,7 @@ impl Controller for ControllerService {
         let _g = self.guards.try_acquire(&keys)?;
         let rec = self.pools.create(create).await?;
         ok(csi::CreateVolumeResponse {
-            volume: Some(convert::volume(&rec)),
+            volume: Some(self.volume(&rec)),
         })
     }
 
@@ -248,8 +259,19 @@ impl Controller for ControllerService {
         let page: Vec<&VolumeRecord> = page.iter().collect();
         let conditions = self.volume_conditions(&page).await?;
         let mut entries = Vec::with_capacity(page.len());
-        for (rec, condition) in page.into_iter().zip(conditions) {
+        for (rec, mut condition) in page.into_iter().zip(conditions) {
+            if let Some(why) = attachments.missing(&rec.pool) {
+                // A host that attaches the pool is down: say so rather than under-report.
+                condition = csi::VolumeCondition {
+                    abnormal: true,
+                    message: format!(
+                        "published nodes may be incomplete: cannot read {why}; {}",
+                        condition.message
+                    ),
+                };
+            }
             let mut published_node_ids: Vec<String> = attachments
+                .attachments
                 .iter()
                 .filter(|a| a.volume_id == rec.id)
                 .map(|a| a.node_id.clone())
@@ -257,7 +279,7 @@ impl Controller for ControllerService {
             published_node_ids.sort();
             published_node_ids.dedup();
             entries.push(csi::list_volumes_response::Entry {
-                volume: Some(convert::volume(rec)),
+                volume: Some(self.volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids,
                     volume_condition: Some(condition),
@@ -474,7 +496,7 @@ impl Controller for ControllerService {
             .pop()
             .ok_or_else(|| Error::internal("no volume condition"))?;
         ok(csi::ControllerGetVolumeResponse {
-            volume: Some(convert::volume(&rec)),
+            volume: Some(self.volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(condition),
