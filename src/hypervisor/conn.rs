@@ -383,4 +383,63 @@ mod tests {
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.to_string().contains("libvirtd"), "{err}");
     }
+
+    /// A closure that sleeps `ms` like a slow libvirt call, then notes that it ended.
+    fn slow(ms: u64, ended: &Arc<std::sync::atomic::AtomicBool>) -> impl Fn() + Send + Sync {
+        let ended = ended.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Issue 17 defect 6: a caller that gives up (an RPC cancelled: its future dropped) while
+    /// its libvirt call runs does not free the call's permit; the next call starts only once
+    /// the first call has returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_call_keeps_its_permit_until_the_call_returns() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let lv = Libvirt::with_permits("t", "test:///default", 1);
+        let ended = Arc::new(AtomicBool::new(false));
+        let call = slow(400, &ended);
+        let first = lv.read(move |_, _| {
+            call();
+            Ok(())
+        });
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), first).await;
+        assert!(gave_up.is_err(), "the first call is still running when cancelled");
+        let first_ended_before_second_started = lv
+            .read({
+                let ended = ended.clone();
+                move |_, _| Ok(ended.load(Ordering::SeqCst))
+            })
+            .await
+            .unwrap();
+        assert!(first_ended_before_second_started);
+    }
+
+    /// Issue 17 defect 6: the domain lock moved into a change's blocking closure is held until
+    /// the closure returns, even when the caller gave up meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_change_keeps_the_domain_locked_until_its_call_returns() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let lv = Libvirt::with_permits("t", "test:///default", 4);
+        let locks = DomainLocks::default();
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = locks.lock("u").await;
+        let call = slow(400, &ended);
+        let change = lv.write(move |_, _| {
+            let _held = guard;
+            call();
+            Ok(())
+        });
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), change).await;
+        assert!(gave_up.is_err(), "the change is still running when cancelled");
+        assert!(!ended.load(Ordering::SeqCst));
+        let _next = locks.lock("u").await;
+        assert!(
+            ended.load(Ordering::SeqCst),
+            "the next change got the domain before the cancelled one's call returned"
+        );
+    }
 }

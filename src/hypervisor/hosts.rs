@@ -453,4 +453,103 @@ mod tests {
         assert!(e.to_string().contains("shut off, on hv1"), "{e}");
         assert!(decided(vec![copy(0, "u", Run::Running)], vec![down(1)]).is_ok());
     }
+
+    /// A libvirt test-driver host (in process, no libvirtd) holding `domains`:
+    /// (name, uuid, runstate: 1 running, 3 paused, 5 shut off).
+    fn test_host(dir: &std::path::Path, name: &str, domains: &[(&str, &str, u8)]) -> HostSpec {
+        let mut xml = String::from("<node>");
+        for (dom, uuid, state) in domains {
+            xml.push_str(&format!(
+                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+                 <name>{dom}</name><uuid>{uuid}</uuid><memory>65536</memory>\
+                 <os><type>hvm</type></os><test:runstate>{state}</test:runstate></domain>"
+            ));
+        }
+        xml.push_str("</node>");
+        let file = dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        HostSpec {
+            name: name.into(),
+            uri: format!("test://{}", file.display()),
+            pools: vec![],
+        }
+    }
+
+    const U: &str = "5dad5d3c-6e12-466e-9b43-47a61f27de97";
+
+    /// Stops the domain on one host and starts it on another, as a live migration leaves them.
+    async fn migrate(hosts: &Hosts, from: usize, to: usize) {
+        let lv = hosts.host(from).lv.clone();
+        lv.write(|c, l| {
+            let d = c.lookup_domain_by_uuid_string(U).unwrap();
+            d.destroy().map_err(|e| l.error("destroy", e))
+        })
+        .await
+        .unwrap();
+        let lv = hosts.host(to).lv.clone();
+        lv.write(|c, l| {
+            let d = c.lookup_domain_by_uuid_string(U).unwrap();
+            d.create().map_err(|e| l.error("start", e))
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_is_found_on_its_host_and_again_after_it_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = Hosts::new(&[
+            test_host(dir.path(), "hv1", &[("other", "11111111-2222-3333-4444-555555555555", 1)]),
+            test_host(dir.path(), "hv2", &[("vm", U, 1)]),
+            test_host(dir.path(), "hv3", &[("vm", U, 5)]),
+        ]);
+        for id in [U, "vm"] {
+            let at = hosts.locate(id).await.unwrap().unwrap();
+            assert_eq!(at.host.name, "hv2", "{id}");
+            assert_eq!(at.copy.uuid, U);
+        }
+        let p = hosts.placement("vm").await.unwrap();
+        assert_eq!(p.others.len(), 1, "the shut-off copy on hv3");
+        assert!(hosts.locate("nowhere").await.unwrap().is_none());
+
+        migrate(&hosts, 1, 2).await;
+        let at = hosts.locate(U).await.unwrap().unwrap();
+        assert_eq!(at.host.name, "hv3", "found on its new host");
+        migrate(&hosts, 2, 1).await;
+        assert_eq!(hosts.locate(U).await.unwrap().unwrap().host.name, "hv2");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_down_host_fails_only_the_nodes_that_may_run_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut down = test_host(dir.path(), "hv2", &[]);
+        down.uri = format!(
+            "qemu+unix:///system?socket={}/nothing/libvirt-sock",
+            dir.path().display()
+        );
+        let hosts = Hosts::new(&[test_host(dir.path(), "hv1", &[("vm", U, 1)]), down]);
+        assert_eq!(hosts.locate(U).await.unwrap().unwrap().host.name, "hv1");
+        let e = hosts.locate("elsewhere").await.err().unwrap();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert!(e.to_string().contains("host(s) hv2 cannot be asked"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_uuid_running_on_two_hosts_is_an_error_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = Hosts::new(&[
+            test_host(dir.path(), "hv1", &[("vm", U, 1)]),
+            test_host(dir.path(), "hv2", &[("vm-clone", U, 1)]),
+        ]);
+        let e = hosts.locate(U).await.err().unwrap();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains("hv1 and hv2"), "{e}");
+        // Paused on one of them: a live migration in progress, retry later.
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = Hosts::new(&[
+            test_host(dir.path(), "hv1", &[("vm", U, 1)]),
+            test_host(dir.path(), "hv2", &[("vm", U, 3)]),
+        ]);
+        assert_eq!(hosts.locate(U).await.err().unwrap().code(), Code::Aborted);
+    }
 }
