@@ -407,7 +407,10 @@ mod tests {
             Ok(())
         });
         let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), first).await;
-        assert!(gave_up.is_err(), "the first call is still running when cancelled");
+        assert!(
+            gave_up.is_err(),
+            "the first call is still running when cancelled"
+        );
         let first_ended_before_second_started = lv
             .read({
                 let ended = ended.clone();
@@ -434,7 +437,10 @@ mod tests {
             Ok(())
         });
         let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), change).await;
-        assert!(gave_up.is_err(), "the change is still running when cancelled");
+        assert!(
+            gave_up.is_err(),
+            "the change is still running when cancelled"
+        );
         assert!(!ended.load(Ordering::SeqCst));
         let _next = locks.lock("u").await;
         assert!(

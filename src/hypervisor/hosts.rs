@@ -499,7 +499,11 @@ mod tests {
     async fn a_node_is_found_on_its_host_and_again_after_it_moved() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = Hosts::new(&[
-            test_host(dir.path(), "hv1", &[("other", "11111111-2222-3333-4444-555555555555", 1)]),
+            test_host(
+                dir.path(),
+                "hv1",
+                &[("other", "11111111-2222-3333-4444-555555555555", 1)],
+            ),
             test_host(dir.path(), "hv2", &[("vm", U, 1)]),
             test_host(dir.path(), "hv3", &[("vm", U, 5)]),
         ]);
