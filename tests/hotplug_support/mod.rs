@@ -13,15 +13,25 @@ pub const URI: &str = "qemu:///system";
 const PREFIX: &str = "vdt-hv-";
 
 fn virsh(args: &[&str]) -> std::process::Output {
+    virsh_at(URI, args)
+}
+
+/// `virsh -q -c <uri> <args>`.
+pub fn virsh_at(uri: &str, args: &[&str]) -> std::process::Output {
     Command::new("virsh")
-        .args(["-q", "-c", URI])
+        .args(["-q", "-c", uri])
         .args(args)
         .output()
         .expect("run virsh")
 }
 
 fn virsh_ok(args: &[&str]) -> String {
-    let out = virsh(args);
+    virsh_ok_at(URI, args)
+}
+
+/// `virsh -q -c <uri> <args>` that must succeed; its stdout.
+pub fn virsh_ok_at(uri: &str, args: &[&str]) -> String {
+    let out = virsh_at(uri, args);
     assert!(
         out.status.success(),
         "virsh {}: {}",
@@ -51,7 +61,12 @@ pub fn ensure_libvirtd() {
 }
 
 fn sweep_stale_domains() {
-    let names = virsh_ok(&["list", "--all", "--name"]);
+    sweep_stale_domains_at(URI);
+}
+
+/// Destroys and undefines the test domains on `uri` whose test process is gone.
+pub fn sweep_stale_domains_at(uri: &str) {
+    let names = virsh_ok_at(uri, &["list", "--all", "--name"]);
     for name in names
         .lines()
         .map(str::trim)
@@ -64,8 +79,8 @@ fn sweep_stale_domains() {
         let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
         if !alive {
             eprintln!("sweeping stale test domain {name}");
-            let _ = virsh(&["destroy", name]);
-            let _ = virsh(&["undefine", name]);
+            let _ = virsh_at(uri, &["destroy", name]);
+            let _ = virsh_at(uri, &["undefine", name]);
         }
     }
 }
@@ -74,6 +89,10 @@ fn sweep_stale_domains() {
 pub struct TestDomain {
     pub name: String,
     pub uuid: String,
+    /// The libvirt connection the domain runs on now.
+    pub uri: String,
+    /// Every connection it was on (a live migration leaves a definition behind).
+    seen: Vec<String>,
 }
 
 impl TestDomain {
@@ -88,8 +107,17 @@ impl TestDomain {
         Self::boot(tag, root_ports, false)
     }
 
+    /// Like [`TestDomain::start`], on the libvirtd at `uri` (e.g. a second host's).
+    pub fn start_on(uri: &str, tag: &str, root_ports: usize) -> TestDomain {
+        Self::boot_on(uri, tag, root_ports, true)
+    }
+
     fn boot(tag: &str, root_ports: usize, persistent: bool) -> TestDomain {
         ensure_libvirtd();
+        Self::boot_on(URI, tag, root_ports, persistent)
+    }
+
+    fn boot_on(uri: &str, tag: &str, root_ports: usize, persistent: bool) -> TestDomain {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "{PREFIX}{}-{}-{tag}",
@@ -107,23 +135,47 @@ impl TestDomain {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), xml).unwrap();
         let path = file.path().to_str().unwrap();
-        virsh_ok(&[if persistent { "define" } else { "create" }, path]);
+        virsh_ok_at(uri, &[if persistent { "define" } else { "create" }, path]);
         let dom = TestDomain {
-            uuid: virsh_ok(&["domuuid", &name]).trim().to_string(),
+            uuid: virsh_ok_at(uri, &["domuuid", &name]).trim().to_string(),
             name,
+            uri: uri.to_string(),
+            seen: vec![uri.to_string()],
         };
         if persistent {
-            virsh_ok(&["start", &dom.name]);
+            virsh_ok_at(uri, &["start", &dom.name]);
         }
         dom
     }
 
+    /// `virsh -c <uri of the domain now> <args>`, must succeed.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        virsh_ok_at(&self.uri, args)
+    }
+
+    /// `virsh migrate --live` to the libvirtd at `to` (`--unsafe`: the test pools lie on a
+    /// local filesystem that libvirt cannot know both hosts share). Returns how long it took.
+    pub fn migrate_live(&mut self, to: &str) -> Duration {
+        let started = Instant::now();
+        self.virsh_ok(&["migrate", "--live", "--unsafe", &self.name, to]);
+        self.uri = to.to_string();
+        if !self.seen.iter().any(|u| u == to) {
+            self.seen.push(to.to_string());
+        }
+        started.elapsed()
+    }
+
     pub fn live(&self) -> DomainXml {
-        DomainXml::parse(&virsh_ok(&["dumpxml", &self.name])).unwrap()
+        DomainXml::parse(&self.virsh_ok(&["dumpxml", &self.name])).unwrap()
     }
 
     pub fn inactive(&self) -> DomainXml {
-        DomainXml::parse(&virsh_ok(&["dumpxml", "--inactive", &self.name])).unwrap()
+        DomainXml::parse(&self.virsh_ok(&["dumpxml", "--inactive", &self.name])).unwrap()
+    }
+
+    /// The persistent definition of the domain on `uri` (e.g. the one a migration left).
+    pub fn inactive_at(&self, uri: &str) -> DomainXml {
+        DomainXml::parse(&virsh_ok_at(uri, &["dumpxml", "--inactive", &self.name])).unwrap()
     }
 
     pub fn live_disk(&self, serial: &str) -> Option<DiskXml> {
@@ -136,7 +188,7 @@ impl TestDomain {
 
     /// The capacity the domain reports for a disk (`virsh domblkinfo`).
     pub fn capacity(&self, target: &str) -> u64 {
-        let out = virsh_ok(&["domblkinfo", &self.name, target]);
+        let out = self.virsh_ok(&["domblkinfo", &self.name, target]);
         out.lines()
             .find_map(|l| l.strip_prefix("Capacity:"))
             .and_then(|v| v.trim().parse().ok())
@@ -145,7 +197,7 @@ impl TestDomain {
 
     /// Powers the domain off (its persistent definition stays).
     pub fn power_off(&self) {
-        virsh_ok(&["destroy", &self.name]);
+        self.virsh_ok(&["destroy", &self.name]);
     }
 
     pub fn has_scsi_controller(&self) -> bool {
@@ -155,8 +207,10 @@ impl TestDomain {
 
 impl Drop for TestDomain {
     fn drop(&mut self) {
-        let _ = virsh(&["destroy", &self.name]);
-        let _ = virsh(&["undefine", &self.name]);
+        for uri in &self.seen {
+            let _ = virsh_at(uri, &["destroy", &self.name]);
+            let _ = virsh_at(uri, &["undefine", &self.name]);
+        }
     }
 }
 
