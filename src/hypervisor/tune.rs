@@ -121,6 +121,7 @@ pub(super) async fn set_qos(
             ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_LIVE)
                 .map_err(|e| l.error(&what(&disk.target), e))?;
         }
+        crate::failpoint!("libvirt.iotune-set");
         if let Some(disk) = v.config_disk(&serial) {
             ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_CONFIG)
                 .map_err(|e| l.error(&what(&disk.target), e))?;
