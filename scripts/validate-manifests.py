@@ -129,7 +129,10 @@ class Checker:
     def param_keys(self):
         """The CreateVolume parameter keys, read from src/params.rs KEYS."""
         text = open(os.path.join(self.root, "src/params.rs")).read()
-        block = text[text.index("pub const KEYS") :]
+        match = re.search(r"\bconst KEYS\b", text)
+        if not match:
+            raise RuntimeError("no KEYS found in src/params.rs")
+        block = text[match.start() :]
         block = block[: block.index("];")]
         keys = set(re.findall(r'\(\s*"([A-Za-z]+)"\s*,', block))
         if not keys:

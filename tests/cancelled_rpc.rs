@@ -10,26 +10,12 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod hotplug_support;
-
-use common::*;
-use hotplug_support::*;
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::prelude::*;
 
 /// How long the QoS change's libvirt closure is held.
 const PAUSE: Duration = Duration::from_secs(4);
-
-fn publish_req(volume: &str, node: &str) -> csi::ControllerPublishVolumeRequest {
-    csi::ControllerPublishVolumeRequest {
-        volume_id: volume.into(),
-        node_id: node.into(),
-        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns() {
@@ -39,32 +25,20 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
     }
     let dom = TestDomain::start("cancel", 3);
     let pause = PAUSE.as_millis().to_string();
-    let p = Plugin::start_with_env(
-        "controller",
-        "",
-        &[],
-        &[(ENV, "libvirt.iotune-set"), (PAUSE_ENV, &pause)],
-    )
-    .await;
-    open_for_qemu(p.dir.path());
+    let launch =
+        Plugin::launch("controller").env(&[(ENV, "libvirt.iotune-set"), (PAUSE_ENV, &pause)]);
+    let p = launch.readable_by_qemu().start().await;
     // Two volumes, the first attached to the domain: the per-volume operation guard must not
     // be what serializes the two calls below; the domain's lock must.
     let mut vols = Vec::new();
     for name in ["cancel-qos", "cancel-other"] {
-        let vol = p
-            .controller()
-            .create_volume(create_req(name, 64 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
+        let vol = p.controller().create(create_req(name, 64 * MIB)).await;
+        let vol = vol.expect("create").volume_id;
         vols.push(vol);
     }
     let (vol, other) = (vols[0].clone(), vols[1].clone());
     p.controller()
-        .controller_publish_volume(publish_req(&vol, &dom.uuid))
+        .publish(publish_req(&vol, &dom.uuid))
         .await
         .expect("publish");
 
@@ -86,7 +60,7 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
     // Attaching the other volume to the same domain waits until the cancelled call's closure
     // has returned, not just until the RPC was cancelled.
     p.controller()
-        .controller_publish_volume(publish_req(&other, &dom.uuid))
+        .publish(publish_req(&other, &dom.uuid))
         .await
         .expect("the second call succeeds once the first call returned");
     let waited = started.elapsed();

@@ -1,48 +1,21 @@
 //! `virtdisk-csi client` against the real plugin binary: tables for people, JSON for
 //! programs, paging, idempotency, and errors that name the gRPC code.
 
-mod common;
-
-use common::{Plugin, BIN};
 use serde_json::Value;
 use std::process::{Command, Output};
-
-fn client(p: &Plugin, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("client")
-        .arg("--endpoint")
-        .arg(format!("unix://{}", p.socket.display()))
-        .args(args)
-        .env_remove("CSI_ENDPOINT")
-        .output()
-        .expect("run virtdisk-csi client")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use virtdisk_test_support::plugin::bin;
+use virtdisk_test_support::Plugin;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Runs and expects success; returns stdout.
-fn ok(p: &Plugin, args: &[&str]) -> String {
-    let o = client(p, args);
-    assert!(
-        o.status.success(),
-        "client {args:?} failed: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
-    stdout(&o)
-}
-
-fn json(p: &Plugin, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["--output", "json"]);
-    let out = ok(p, &all);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+/// The command failed, and its stderr passes `check`: returns the stderr.
+fn failed(o: &Output, check: impl Fn(&str) -> bool) -> String {
+    let err = stderr(o);
+    assert!(!o.status.success(), "succeeded: {err}");
+    assert!(check(&err), "stderr: {err}");
+    err
 }
 
 fn ids(list: &Value) -> Vec<String> {
@@ -57,22 +30,22 @@ fn ids(list: &Value) -> Vec<String> {
 #[tokio::test]
 async fn identity_info_caps_probe() {
     let p = Plugin::start("controller", &[]).await;
-    let info = json(&p, &["identity", "info"]);
+    let info = p.client_json(&["identity", "info"]);
     assert_eq!(info["name"], "virtdisk.csi.io");
     assert_eq!(info["vendor_version"], env!("CARGO_PKG_VERSION"));
-    let table = ok(&p, &["identity", "info"]);
+    let table = p.client_ok(&["identity", "info"]);
     assert!(
         table.contains("name:") && table.contains("virtdisk.csi.io"),
         "{table}"
     );
-    let caps = json(&p, &["identity", "caps"]);
+    let caps = p.client_json(&["identity", "caps"]);
     assert!(caps["capabilities"]
         .as_array()
         .unwrap()
         .contains(&Value::from("controller-service")));
-    assert_eq!(ok(&p, &["identity", "probe"]).trim(), "ready");
-    assert_eq!(json(&p, &["identity", "probe"])["ready"], true);
-    let vcaps = json(&p, &["volume", "caps"]);
+    assert_eq!(p.client_ok(&["identity", "probe"]).trim(), "ready");
+    assert_eq!(p.client_json(&["identity", "probe"])["ready"], true);
+    let vcaps = p.client_json(&["volume", "caps"]);
     assert!(vcaps["capabilities"]
         .as_array()
         .unwrap()
@@ -84,53 +57,32 @@ async fn volume_lifecycle_with_paging() {
     let p = Plugin::start("controller", &[]).await;
 
     // Sizes as Nomad writes them: decimal and binary units.
-    let created = json(
-        &p,
-        &[
-            "volume",
-            "create",
-            "--name",
-            "cli-0",
-            "--size",
-            "20M",
-            "--fs",
-            "ext4",
-            "--param",
-            "bus=scsi",
-            "--param",
-            "cache=none",
-        ],
-    );
+    let create = [
+        "volume",
+        "create",
+        "--name",
+        "cli-0",
+        "--size",
+        "20M",
+        "--fs",
+        "ext4",
+        "--param",
+        "bus=scsi",
+        "--param",
+        "cache=none",
+    ];
+    let created = p.client_json(&create);
     let first = created["volume"]["volume_id"].as_str().unwrap().to_string();
     assert!(created["volume"]["capacity_bytes"].as_i64().unwrap() >= 20_000_000);
     assert_eq!(created["volume"]["volume_context"]["fsType"], "ext4");
     // Idempotent by name.
-    let again = json(
-        &p,
-        &[
-            "volume",
-            "create",
-            "--name",
-            "cli-0",
-            "--size",
-            "20M",
-            "--fs",
-            "ext4",
-            "--param",
-            "bus=scsi",
-            "--param",
-            "cache=none",
-        ],
-    );
+    let again = p.client_json(&create);
     assert_eq!(again["volume"]["volume_id"], first.as_str());
     for i in 1..5 {
         let name = format!("cli-{i}");
-        let out = ok(
-            &p,
-            &[
-                "volume", "create", "--name", &name, "--size", "10MiB", "--block",
-            ],
-        );
+        let out = p.client_ok(&[
+            "volume", "create", "--name", &name, "--size", "10MiB", "--block",
+        ]);
         assert!(
             out.contains("volume id:") && out.contains("10 MiB"),
             "{out}"
@@ -138,34 +90,31 @@ async fn volume_lifecycle_with_paging() {
     }
 
     // One page of 2, then follow next_token by hand.
-    let page = json(&p, &["volume", "list", "--max-entries", "2"]);
+    let page = p.client_json(&["volume", "list", "--max-entries", "2"]);
     assert_eq!(ids(&page).len(), 2);
     let mut walked = ids(&page);
     let mut token = page["next_token"].as_str().unwrap().to_string();
     while !token.is_empty() {
-        let page = json(
-            &p,
-            &[
-                "volume",
-                "list",
-                "--max-entries",
-                "2",
-                "--starting-token",
-                &token,
-            ],
-        );
+        let page = p.client_json(&[
+            "volume",
+            "list",
+            "--max-entries",
+            "2",
+            "--starting-token",
+            &token,
+        ]);
         walked.extend(ids(&page));
         token = page["next_token"].as_str().unwrap().to_string();
     }
     assert_eq!(walked.len(), 5);
     // --all does the same loop.
-    let all = json(&p, &["volume", "list", "--max-entries", "2", "--all"]);
+    let all = p.client_json(&["volume", "list", "--max-entries", "2", "--all"]);
     assert_eq!(ids(&all), walked);
     assert_eq!(all["next_token"], "");
-    let unpaged = json(&p, &["volume", "list"]);
+    let unpaged = p.client_json(&["volume", "list"]);
     assert_eq!(ids(&unpaged), walked);
     // The table: a header, one row per volume, the next token when there is one.
-    let table = ok(&p, &["volume", "list", "--max-entries", "3"]);
+    let table = p.client_ok(&["volume", "list", "--max-entries", "3"]);
     assert!(table.starts_with("VOLUME ID"), "{table}");
     assert_eq!(
         table.lines().filter(|l| l.starts_with("default.")).count(),
@@ -174,57 +123,41 @@ async fn volume_lifecycle_with_paging() {
     assert!(table.contains("next token: "), "{table}");
 
     // get, validate, expand.
-    let got = json(&p, &["volume", "get", &first]);
+    let got = p.client_json(&["volume", "get", &first]);
     assert_eq!(got["volume"]["volume_id"], first.as_str());
     assert_eq!(got["status"]["volume_condition"]["abnormal"], false);
     // Nomad's register: mount{} without fs_type.
-    let v = json(&p, &["volume", "validate", &first]);
+    let v = p.client_json(&["volume", "validate", &first]);
     assert_eq!(v["confirmed"], true);
-    let grown = json(&p, &["volume", "expand", &first, "--size", "30M"]);
+    let grown = p.client_json(&["volume", "expand", &first, "--size", "30M"]);
     assert!(grown["capacity_bytes"].as_i64().unwrap() >= 30_000_000);
     assert_eq!(grown["node_expansion_required"], true);
 
     // delete everything; deleting again is OK.
     for id in &walked {
-        ok(&p, &["volume", "delete", id]);
+        p.client_ok(&["volume", "delete", id]);
     }
-    ok(&p, &["volume", "delete", &first]);
-    assert!(ids(&json(&p, &["volume", "list", "--all"])).is_empty());
-    let gone = client(&p, &["volume", "get", &first]);
-    assert!(!gone.status.success());
-    assert!(
-        stderr(&gone).contains("NotFound:"),
-        "stderr: {}",
-        stderr(&gone)
-    );
+    p.client_ok(&["volume", "delete", &first]);
+    assert!(ids(&p.client_json(&["volume", "list", "--all"])).is_empty());
+    let gone = p.client(&["volume", "get", &first]);
+    failed(&gone, |e| e.contains("NotFound:"));
 }
 
 #[tokio::test]
 async fn errors_name_the_grpc_code_and_exit_non_zero() {
     let p = Plugin::start("controller", &[]).await;
-    let bad_token = client(&p, &["volume", "list", "--starting-token", "garbage"]);
-    assert!(!bad_token.status.success());
-    assert!(
-        stderr(&bad_token).starts_with("error: Aborted:"),
-        "{}",
-        stderr(&bad_token)
-    );
-    let bad_param = client(
-        &p,
-        &["volume", "create", "--name", "x", "--param", "speed=fast"],
-    );
-    assert!(!bad_param.status.success());
-    assert!(
-        stderr(&bad_param).contains("InvalidArgument:") && stderr(&bad_param).contains("speed"),
-        "{}",
-        stderr(&bad_param)
-    );
+    let bad_token = p.client(&["volume", "list", "--starting-token", "garbage"]);
+    failed(&bad_token, |e| e.starts_with("error: Aborted:"));
+    let bad_param = p.client(&["volume", "create", "--name", "x", "--param", "speed=fast"]);
+    failed(&bad_param, |e| {
+        e.contains("InvalidArgument:") && e.contains("speed")
+    });
     // A size the client cannot read is a usage error (clap), before any RPC.
-    let bad_size = client(&p, &["volume", "create", "--name", "x", "--size", "10XB"]);
+    let bad_size = p.client(&["volume", "create", "--name", "x", "--size", "10XB"]);
     assert_eq!(bad_size.status.code(), Some(2), "{}", stderr(&bad_size));
     assert!(stderr(&bad_size).contains("unknown unit"));
     // Nothing listening.
-    let nowhere = Command::new(BIN)
+    let nowhere = Command::new(bin())
         .args([
             "client",
             "--endpoint",
@@ -233,24 +166,19 @@ async fn errors_name_the_grpc_code_and_exit_non_zero() {
         .args(["identity", "probe"])
         .output()
         .unwrap();
-    assert!(!nowhere.status.success());
-    assert!(
-        stderr(&nowhere).contains("Unavailable"),
-        "{}",
-        stderr(&nowhere)
-    );
+    failed(&nowhere, |e| e.contains("Unavailable"));
 }
 
 #[tokio::test]
 async fn node_info_from_a_monolith() {
     let p = Plugin::start("monolith", &["--node-id", "vdt-ops-node-1"]).await;
-    let info = json(&p, &["node", "info"]);
+    let info = p.client_json(&["node", "info"]);
     assert_eq!(info["node_id"], "vdt-ops-node-1");
-    let table = ok(&p, &["node", "info"]);
+    let table = p.client_ok(&["node", "info"]);
     assert!(
         table.contains("node id:") && table.contains("vdt-ops-node-1"),
         "{table}"
     );
     // caps is a table with a header, whatever the node offers.
-    assert!(ok(&p, &["node", "caps"]).starts_with("CAPABILITY"));
+    assert!(p.client_ok(&["node", "caps"]).starts_with("CAPABILITY"));
 }

@@ -1,70 +1,82 @@
 //! Issue 2: the controller volume lifecycle on real qcow2 images, driven through the real binary.
 
-mod common;
-
-use common::*;
 use std::collections::HashSet;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::*;
 
 fn image_of(p: &Plugin, volume_id: &str) -> std::path::PathBuf {
-    let key = volume_id.rsplit_once('.').unwrap().1;
+    let key = key_of(volume_id);
     p.pool_dir().join("images").join(format!("{key}.qcow2"))
+}
+
+/// CreateVolume, which must succeed.
+async fn create(p: &Plugin, req: csi::CreateVolumeRequest) -> csi::Volume {
+    p.controller().create(req).await.unwrap()
+}
+
+/// Volumes `<prefix>-0` … `<prefix>-<n-1>` of 1 MiB: their ids, sorted.
+async fn create_many(p: &Plugin, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let req = create_req(&format!("{prefix}-{i}"), MIB);
+        ids.push(create(p, req).await.volume_id);
+    }
+    ids.sort();
+    ids
+}
+
+/// Asserts CreateVolume of `req` fails with `code`.
+async fn create_fails(p: &Plugin, req: csi::CreateVolumeRequest, code: Code) {
+    let what = format!("CreateVolume {}", req.name);
+    expect_code(p.controller().create(req).await, code, &what);
+}
+
+/// Every page of ListVolumes with `max` entries per page; each page holds at most `max`.
+async fn list_pages(
+    c: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    max: i32,
+    mut token: String,
+) -> Vec<csi::list_volumes_response::Entry> {
+    let mut seen = Vec::new();
+    loop {
+        let req = csi::ListVolumesRequest {
+            max_entries: max,
+            starting_token: token,
+        };
+        let page = c.list_volumes(req).await.unwrap().into_inner();
+        assert!(page.entries.len() <= max as usize);
+        seen.extend(page.entries);
+        if page.next_token.is_empty() {
+            return seen;
+        }
+        token = page.next_token;
+    }
+}
+
+fn ids_of(entries: &[csi::list_volumes_response::Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e.volume.as_ref().expect("volume is set").volume_id.clone())
+        .collect()
 }
 
 #[tokio::test]
 async fn identity_answers() {
     let p = Plugin::start("controller", &[]).await;
-    let info = p
-        .identity()
-        .get_plugin_info(csi::GetPluginInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = p.identity().info().await;
     assert_eq!(info.name, "virtdisk.csi.io");
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
-    let caps = p
-        .identity()
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let has_controller = caps.capabilities.iter().any(|c| {
-        matches!(
-            c.r#type,
-            Some(csi::plugin_capability::Type::Service(s))
-                if s.r#type == csi::plugin_capability::service::Type::ControllerService as i32
-        )
-    });
-    assert!(has_controller);
-    let ready = p
-        .identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(ready.ready, Some(true));
+    let caps = p.identity().capabilities().await;
+    use csi::plugin_capability::service::Type as Service;
+    assert!(has_service(&caps, Service::ControllerService));
+    assert_eq!(p.identity().ready().await.unwrap(), Some(true));
 }
 
 #[tokio::test]
 async fn create_is_idempotent_and_makes_a_real_qcow2() {
     let p = Plugin::start("controller", &[]).await;
-    let mut c = p.controller();
-    let v1 = c
-        .create_volume(create_req("vol-a", 10 * MIB + 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v1 = create(&p, create_req("vol-a", 10 * MIB + 1)).await;
     assert_eq!(v1.capacity_bytes, 11 * MIB, "rounded up to 1 MiB");
-    let v2 = c
-        .create_volume(create_req("vol-a", 10 * MIB + 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v2 = create(&p, create_req("vol-a", 10 * MIB + 1)).await;
     assert_eq!(v1, v2);
     let image = image_of(&p, &v1.volume_id);
     let info = qemu_img_info(&image);
@@ -81,58 +93,36 @@ async fn create_is_idempotent_and_makes_a_real_qcow2() {
     );
 
     // Same name, incompatible request → ALREADY_EXISTS.
-    let err = c
-        .create_volume(create_req("vol-a", 100 * MIB))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    let mut other = create_req("vol-a", 10 * MIB + 1);
-    other.parameters = params(&[("bus", "virtio")]);
-    assert_eq!(
-        c.create_volume(other).await.unwrap_err().code(),
-        Code::AlreadyExists
-    );
+    create_fails(&p, create_req("vol-a", 100 * MIB), Code::AlreadyExists).await;
+    let other = csi::CreateVolumeRequest {
+        parameters: params(&[("bus", "virtio")]),
+        ..create_req("vol-a", 10 * MIB + 1)
+    };
+    create_fails(&p, other, Code::AlreadyExists).await;
 
     // Default size without capacity_range (as Nomad sends it), empty topology requirement.
-    let mut nomad = create_req("vol-default", 0);
-    nomad.accessibility_requirements = Some(csi::TopologyRequirement::default());
-    let v = c
-        .create_volume(nomad)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    assert_eq!(v.capacity_bytes, GIB);
+    let nomad = csi::CreateVolumeRequest {
+        accessibility_requirements: Some(csi::TopologyRequirement::default()),
+        ..create_req("vol-default", 0)
+    };
+    assert_eq!(create(&p, nomad).await.capacity_bytes, GIB);
 }
 
 #[tokio::test]
 async fn names_of_any_utf8_are_stored_not_used_as_paths() {
     let p = Plugin::start("controller", &[]).await;
-    let mut c = p.controller();
     for name in [
         "../../etc/passwd",
         "tëst/ün icode ✓",
         "<disk>&'\"",
         &"n".repeat(128),
     ] {
-        let v = c
-            .create_volume(create_req(name, MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create(&p, create_req(name, MIB)).await;
         assert!(image_of(&p, &v.volume_id).exists());
     }
     assert!(!p.dir.path().join("etc").exists());
-    let err = c
-        .create_volume(create_req(&"n".repeat(129), MIB))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c.create_volume(create_req("", MIB)).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    create_fails(&p, create_req(&"n".repeat(129), MIB), Code::InvalidArgument).await;
+    create_fails(&p, create_req("", MIB), Code::InvalidArgument).await;
 }
 
 #[tokio::test]
@@ -144,168 +134,110 @@ async fn capacity_limits_give_the_right_codes() {
         capacity_bytes = 104857600
     "#;
     let p = Plugin::start_with_config("controller", config, &[]).await;
-    let mut c = p.controller();
     let mut r = create_req("range", 10 * MIB);
     r.capacity_range.as_mut().unwrap().limit_bytes = 5 * MIB;
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::OutOfRange
-    );
+    create_fails(&p, r, Code::OutOfRange).await;
 
     // Bigger than the pool's cap can ever hold.
-    let err = c
-        .create_volume(create_req("huge", 200 * MIB))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    create_fails(&p, create_req("huge", 200 * MIB), Code::OutOfRange).await;
 
     // Fits the cap, but the pool is already mostly provisioned.
-    c.create_volume(create_req("first", 80 * MIB))
-        .await
-        .unwrap();
-    let err = c
-        .create_volume(create_req("second", 30 * MIB))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    create(&p, create_req("first", 80 * MIB)).await;
+    create_fails(&p, create_req("second", 30 * MIB), Code::ResourceExhausted).await;
 
-    let cap = c
+    let cap = p
+        .controller()
         .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cap.available_capacity, 20 * MIB);
+        .await;
+    assert_eq!(cap.unwrap().into_inner().available_capacity, 20 * MIB);
 
     // Unknown pool parameter → INVALID_ARGUMENT; negative sizes → OUT_OF_RANGE.
-    let mut r = create_req("nopool", MIB);
-    r.parameters = params(&[("pool", "missing")]);
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    let r = csi::CreateVolumeRequest {
+        parameters: params(&[("pool", "missing")]),
+        ..create_req("nopool", MIB)
+    };
+    create_fails(&p, r, Code::InvalidArgument).await;
     let mut r = create_req("neg", MIB);
     r.capacity_range.as_mut().unwrap().required_bytes = -1;
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::OutOfRange
-    );
+    create_fails(&p, r, Code::OutOfRange).await;
 }
 
 #[tokio::test]
 async fn capabilities_and_parameters_are_validated() {
     let p = Plugin::start("controller", &[]).await;
-    let mut c = p.controller();
-    let mut r = create_req("btrfs", MIB);
-    r.volume_capabilities = vec![mount_cap("btrfs", Mode::SingleNodeWriter)];
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    let with =
+        |name: &str, cap: csi::VolumeCapability, kv: &[(&str, &str)]| csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            parameters: params(kv),
+            ..create_req(name, MIB)
+        };
+    let btrfs = with("btrfs", mount_cap("btrfs", Mode::SingleNodeWriter), &[]);
+    create_fails(&p, btrfs, Code::InvalidArgument).await;
+    let mnmw = block_cap(Mode::MultiNodeMultiWriter);
+    create_fails(
+        &p,
+        with("mnmw-qcow2", mnmw.clone(), &[]),
+        Code::InvalidArgument,
+    )
+    .await;
 
-    let mut r = create_req("mnmw-qcow2", MIB);
-    r.volume_capabilities = vec![block_cap(Mode::MultiNodeMultiWriter)];
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
-
-    let mut r = create_req("mnmw-raw", MIB);
-    r.volume_capabilities = vec![block_cap(Mode::MultiNodeMultiWriter)];
-    r.parameters = params(&[("format", "raw")]);
-    let v = c
-        .create_volume(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create(&p, with("mnmw-raw", mnmw, &[("format", "raw")])).await;
     assert_eq!(v.volume_context["format"], "raw");
     let raw = p
         .pool_dir()
         .join("images")
-        .join(format!("{}.raw", v.volume_id.rsplit_once('.').unwrap().1));
+        .join(format!("{}.raw", key_of(&v.volume_id)));
     assert_eq!(qemu_img_info(&raw)["format"], "raw");
 
-    let mut r = create_req("badparam", MIB);
-    r.parameters = params(&[("cache", "turbo")]);
-    let err = c.create_volume(r).await.unwrap_err();
+    let r = with("badparam", ext4_cap(), &[("cache", "turbo")]);
+    let err = p.controller().create(r).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("cache"), "{}", err.message());
 
     let mut r = create_req("nocap", MIB);
     r.volume_capabilities.clear();
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    create_fails(&p, r, Code::InvalidArgument).await;
 }
 
 #[tokio::test]
 async fn validate_confirms_a_bare_mount_and_rejects_what_cannot_work() {
     let p = Plugin::start("controller", &[]).await;
-    let mut c = p.controller();
-    let v = c
-        .create_volume(create_req("val", MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let c = p.controller();
+    let v = create(&p, create_req("val", MIB)).await;
     let bare = mount_cap("", Mode::SingleNodeWriter);
-    let resp = c
-        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
-            volume_id: v.volume_id.clone(),
-            volume_capabilities: vec![bare.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let validate = |id: &str, cap: csi::VolumeCapability| {
+        let (mut c, req) = (c.clone(), validate_req(id, cap));
+        async move {
+            c.validate_volume_capabilities(req)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let resp = validate(&v.volume_id, bare.clone()).await.unwrap();
     assert_eq!(resp.confirmed.unwrap().volume_capabilities, vec![bare]);
 
-    let resp = c
-        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
-            volume_id: v.volume_id.clone(),
-            volume_capabilities: vec![block_cap(Mode::MultiNodeMultiWriter)],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = validate(&v.volume_id, block_cap(Mode::MultiNodeMultiWriter)).await;
+    let resp = resp.unwrap();
     assert!(resp.confirmed.is_none());
     assert!(!resp.message.is_empty());
 
-    let err = c
-        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
-            volume_id: "default.0000000000000000".into(),
-            volume_capabilities: vec![mount_cap("", Mode::SingleNodeWriter)],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let err = validate(
+        "default.0000000000000000",
+        mount_cap("", Mode::SingleNodeWriter),
+    )
+    .await;
+    assert_eq!(err.unwrap_err().code(), Code::NotFound);
 }
 
 #[tokio::test]
 async fn delete_is_ok_for_unknown_and_twice() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let v = c
-        .create_volume(create_req("del", MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create(&p, create_req("del", MIB)).await;
     let image = image_of(&p, &v.volume_id);
     assert!(image.exists());
     for _ in 0..2 {
-        c.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.delete(&v.volume_id).await.unwrap();
     }
     assert!(!image.exists());
     assert_eq!(
@@ -319,15 +251,10 @@ async fn delete_is_ok_for_unknown_and_twice() {
         "nope",
         "other-pool.0123456789abcdef",
     ] {
-        c.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: unknown.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.delete(unknown).await.unwrap();
     }
     // The name is free again.
-    c.create_volume(create_req("del", 2 * MIB)).await.unwrap();
+    create(&p, create_req("del", 2 * MIB)).await;
 }
 
 #[tokio::test]
@@ -335,46 +262,14 @@ async fn bad_ids_are_invalid_argument_everywhere() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
     for bad in ["../x", "a/b", "a\0b", "..", &"x".repeat(129), ""] {
-        let code = c
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: bad.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err()
-            .code();
-        assert_eq!(code, Code::InvalidArgument, "delete {bad:?}");
-        let code = c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: bad.into(),
-            })
-            .await
-            .unwrap_err()
-            .code();
-        assert_eq!(code, Code::InvalidArgument, "get {bad:?}");
-        let code = c
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: bad.into(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err()
-            .code();
-        assert_eq!(code, Code::InvalidArgument, "expand {bad:?}");
-        let code = c
-            .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
-                volume_id: bad.into(),
-                volume_capabilities: vec![mount_cap("", Mode::SingleNodeWriter)],
-                ..Default::default()
-            })
-            .await
-            .unwrap_err()
-            .code();
-        assert_eq!(code, Code::InvalidArgument, "validate {bad:?}");
+        let what = |rpc: &str| format!("{rpc} {bad:?}");
+        expect_code(c.delete(bad).await, Code::InvalidArgument, &what("delete"));
+        expect_code(c.volume(bad).await, Code::InvalidArgument, &what("get"));
+        let expand = c.expand(expand_req(bad, MIB)).await;
+        expect_code(expand, Code::InvalidArgument, &what("expand"));
+        let req = validate_req(bad, mount_cap("", Mode::SingleNodeWriter));
+        let validate = c.validate_volume_capabilities(req).await;
+        expect_code(validate, Code::InvalidArgument, &what("validate"));
     }
 }
 
@@ -382,70 +277,28 @@ async fn bad_ids_are_invalid_argument_everywhere() {
 async fn list_pages_through_every_volume_in_stable_order() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let mut ids = Vec::new();
-    for i in 0..7 {
-        let v = c
-            .create_volume(create_req(&format!("list-{i}"), MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-        ids.push(v.volume_id);
-    }
-    ids.sort();
+    let ids = create_many(&p, "list", 7).await;
     for max in 1..=8 {
-        let mut seen = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = c
-                .list_volumes(csi::ListVolumesRequest {
-                    max_entries: max,
-                    starting_token: token.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(page.entries.len() <= max as usize);
-            for e in &page.entries {
-                let status = e.status.as_ref().expect("status is set");
-                let cond = status.volume_condition.as_ref().expect("condition is set");
-                assert!(!cond.abnormal);
-                seen.push(e.volume.as_ref().expect("volume is set").volume_id.clone());
-            }
-            if page.next_token.is_empty() {
-                break;
-            }
-            token = page.next_token;
+        let entries = list_pages(&mut c, max, String::new()).await;
+        for e in &entries {
+            let status = e.status.as_ref().expect("status is set");
+            let cond = status.volume_condition.as_ref().expect("condition is set");
+            assert!(!cond.abnormal);
         }
-        assert_eq!(seen, ids, "max_entries {max}");
+        assert_eq!(ids_of(&entries), ids, "max_entries {max}");
     }
-    let err = c
-        .list_volumes(csi::ListVolumesRequest {
-            max_entries: 2,
-            starting_token: "garbage!".into(),
-        })
-        .await
-        .unwrap_err();
+    let list = |max_entries: i32, starting_token: &str| csi::ListVolumesRequest {
+        max_entries,
+        starting_token: starting_token.into(),
+    };
+    let err = c.list_volumes(list(2, "garbage!")).await.unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
-    let err = c
-        .list_volumes(csi::ListVolumesRequest {
-            max_entries: -1,
-            starting_token: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = c.list_volumes(list(-1, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // A missing image shows as an abnormal condition.
     std::fs::remove_file(image_of(&p, &ids[0])).unwrap();
-    let got = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: ids[0].clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = c.volume(&ids[0]).await.unwrap();
     assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
 }
 
@@ -453,25 +306,8 @@ async fn list_pages_through_every_volume_in_stable_order() {
 async fn offline_expansion_grows_the_image() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let v = c
-        .create_volume(create_req("grow", 10 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    let r = c
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 64 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = create(&p, create_req("grow", 10 * MIB)).await;
+    let r = c.expand(expand_req(&v.volume_id, 64 * MIB)).await.unwrap();
     assert_eq!(r.capacity_bytes, 64 * MIB);
     assert!(
         r.node_expansion_required,
@@ -485,59 +321,31 @@ async fn offline_expansion_grows_the_image() {
     qemu_img_check(&image);
 
     // Smaller request: nothing to do, current size reported.
-    let r = c
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 20 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let smaller = csi::ControllerExpandVolumeRequest {
+        volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
+        ..expand_req(&v.volume_id, 20 * MIB)
+    };
+    let r = c.expand(smaller).await.unwrap();
     assert_eq!(r.capacity_bytes, 64 * MIB);
     assert!(!r.node_expansion_required);
 
-    let err = c
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: "default.0123456789abcdef".into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let err = c.expand(expand_req("default.0123456789abcdef", MIB)).await;
+    assert_eq!(err.unwrap_err().code(), Code::NotFound);
 
-    let got = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = c.volume(&v.volume_id).await.unwrap();
     assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_keeps_every_volume_and_cleans_half_made_ones() {
     let mut p = Plugin::start("controller", &[]).await;
-    let mut c = p.controller();
     let mut ids = HashSet::new();
     for i in 0..5 {
-        let v = c
-            .create_volume(create_req(&format!("keep-{i}"), MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-        ids.insert(v.volume_id);
+        ids.insert(
+            create(&p, create_req(&format!("keep-{i}"), MIB))
+                .await
+                .volume_id,
+        );
     }
     p.kill();
     // Simulate a crash in the middle of a create: a Creating record and a partial image.
@@ -548,35 +356,22 @@ async fn restart_keeps_every_volume_and_cleans_half_made_ones() {
         "image": format!("{key}.qcow2"), "capabilities": [], "parameters": {},
         "disk": {"bus": "scsi", "persist": true, "qos": {}}, "created_at": 0
     });
-    std::fs::write(
-        p.pool_dir().join(format!("volumes/{key}.json")),
-        serde_json::to_vec(&rec).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        p.pool_dir().join(format!("images/{key}.qcow2.part")),
-        b"junk",
-    )
-    .unwrap();
-    std::fs::write(p.pool_dir().join(format!("images/{key}.qcow2")), b"junk").unwrap();
+    let pool = p.pool_dir();
+    let record = pool.join(format!("volumes/{key}.json"));
+    let (image, part) = (
+        pool.join(format!("images/{key}.qcow2")),
+        pool.join(format!("images/{key}.qcow2.part")),
+    );
+    std::fs::write(&record, serde_json::to_vec(&rec).unwrap()).unwrap();
+    std::fs::write(&part, b"junk").unwrap();
+    std::fs::write(&image, b"junk").unwrap();
     p.restart().await;
-    let listed: HashSet<String> = p
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect();
+    let listed = p.controller().all_volumes().await;
+    let listed: HashSet<String> = ids_of(&listed).into_iter().collect();
     assert_eq!(listed, ids);
-    assert!(!p.pool_dir().join(format!("volumes/{key}.json")).exists());
-    assert!(!p.pool_dir().join(format!("images/{key}.qcow2")).exists());
-    assert!(!p
-        .pool_dir()
-        .join(format!("images/{key}.qcow2.part"))
-        .exists());
+    assert!(!record.exists());
+    assert!(!image.exists());
+    assert!(!part.exists());
 }
 
 #[tokio::test]
@@ -586,14 +381,14 @@ async fn fifty_concurrent_creates_of_one_name_make_one_image() {
     for _ in 0..50 {
         let mut c = p.controller();
         tasks.push(tokio::spawn(async move {
-            c.create_volume(create_req("same-name", 4 * MIB)).await
+            c.create(create_req("same-name", 4 * MIB)).await
         }));
     }
     let mut ids = HashSet::new();
     for t in tasks {
         match t.await.unwrap() {
-            Ok(r) => {
-                ids.insert(r.into_inner().volume.unwrap().volume_id);
+            Ok(v) => {
+                ids.insert(v.volume_id);
             }
             Err(s) => assert_eq!(s.code(), Code::Aborted, "{s:?}"),
         }
@@ -605,14 +400,7 @@ async fn fifty_concurrent_creates_of_one_name_make_one_image() {
     assert_eq!(images, 1);
     let id = ids.into_iter().next().unwrap();
     // Once the storm is over the same name still resolves to that volume.
-    let again = p
-        .controller()
-        .create_volume(create_req("same-name", 4 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let again = create(&p, create_req("same-name", 4 * MIB)).await;
     assert_eq!(again.volume_id, id);
     qemu_img_check(&image_of(&p, &id));
 }
@@ -630,85 +418,66 @@ async fn topology_chooses_the_pool_and_fills_accessible_topology() {
         topology = { "topology.virtdisk.csi.io/host" = "hv2" }
     "#;
     let p = Plugin::start_with_config("controller", config, &[]).await;
-    let caps = p
-        .identity()
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(caps.capabilities.iter().any(|c| matches!(
-        c.r#type,
-        Some(csi::plugin_capability::Type::Service(s))
-            if s.r#type == csi::plugin_capability::service::Type::VolumeAccessibilityConstraints as i32
-    )));
+    let caps = p.identity().capabilities().await;
+    use csi::plugin_capability::service::Type as Service;
+    assert!(has_service(&caps, Service::VolumeAccessibilityConstraints));
     let topo = |host: &str| csi::Topology {
         segments: params(&[("topology.virtdisk.csi.io/host", host)]),
     };
-    let mut c = p.controller();
-    let mut r = create_req("on-hv2", MIB);
-    r.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![topo("hv1"), topo("hv2")],
-        preferred: vec![topo("hv2")],
-    });
-    let v = c
-        .create_volume(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let on = |name: &str, requisite: Vec<csi::Topology>, preferred: Vec<csi::Topology>| {
+        csi::CreateVolumeRequest {
+            accessibility_requirements: Some(csi::TopologyRequirement {
+                requisite,
+                preferred,
+            }),
+            ..create_req(name, MIB)
+        }
+    };
+    let v = create(
+        &p,
+        on("on-hv2", vec![topo("hv1"), topo("hv2")], vec![topo("hv2")]),
+    )
+    .await;
     assert!(v.volume_id.starts_with("hv2."));
     assert_eq!(v.accessible_topology, vec![topo("hv2")]);
+    create_fails(
+        &p,
+        on("nowhere", vec![topo("hv9")], vec![]),
+        Code::ResourceExhausted,
+    )
+    .await;
 
-    let mut r = create_req("nowhere", MIB);
-    r.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![topo("hv9")],
-        preferred: vec![],
-    });
-    assert_eq!(
-        c.create_volume(r).await.unwrap_err().code(),
-        Code::ResourceExhausted
-    );
-
-    let cap = c
-        .get_capacity(csi::GetCapacityRequest {
-            accessible_topology: Some(topo("hv9")),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(cap.available_capacity, 0);
-    let cap = c
-        .get_capacity(csi::GetCapacityRequest {
-            accessible_topology: Some(topo("hv1")),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(cap.available_capacity > 0);
+    let capacity = |host: &str| {
+        let (mut c, t) = (p.controller(), topo(host));
+        async move {
+            let req = csi::GetCapacityRequest {
+                accessible_topology: Some(t),
+                ..Default::default()
+            };
+            c.get_capacity(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .available_capacity
+        }
+    };
+    assert_eq!(capacity("hv9").await, 0);
+    assert!(capacity("hv1").await > 0);
 }
 
 #[tokio::test]
 async fn probe_is_not_ready_when_a_pool_is_unusable() {
     let p = Plugin::start("controller", &[]).await;
-    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    p.identity().ready().await.unwrap();
     // Root ignores permissions, so make the pool unusable by taking its directory away.
     let volumes = p.pool_dir().join("volumes");
     let aside = p.pool_dir().join("volumes-aside");
     std::fs::rename(&volumes, &aside).unwrap();
-    let err = p.identity().probe(csi::ProbeRequest {}).await.unwrap_err();
+    let err = p.identity().ready().await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("not writable"), "{}", err.message());
     std::fs::rename(&aside, &volumes).unwrap();
-    let ready = p
-        .identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(ready.ready, Some(true));
+    assert_eq!(p.identity().ready().await.unwrap(), Some(true));
 }
 
 /// ListVolumes reads only the page's records: a half-made record (a create in flight, or one a
@@ -718,24 +487,11 @@ async fn probe_is_not_ready_when_a_pool_is_unusable() {
 async fn list_pages_skip_half_made_records_and_survive_deletes() {
     let p = Plugin::start("controller", &[]).await;
     let mut c = p.controller();
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        let v = c
-            .create_volume(create_req(&format!("page-{i}"), MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-        ids.push(v.volume_id);
-    }
-    ids.sort();
+    let ids = create_many(&p, "page", 6).await;
     // A record in state `creating`, sorted between the others.
-    let key = ids[2].rsplit_once('.').unwrap().1;
+    let key = key_of(&ids[2]);
     let records = p.pool_dir().join("volumes");
-    let mut half: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(records.join(format!("{key}.json"))).unwrap())
-            .unwrap();
+    let mut half = virtdisk_test_support::pool::volume_record(&p.pool_dir(), &ids[2]);
     let last = if key.ends_with('0') { '1' } else { '0' };
     let half_key = format!("{}{last}", &key[..15]);
     half["id"] = format!("default.{half_key}").into();
@@ -747,49 +503,20 @@ async fn list_pages_skip_half_made_records_and_survive_deletes() {
     )
     .unwrap();
 
-    let lister = c.clone();
-    let page = |token: String| {
-        let mut c = lister.clone();
-        async move {
-            c.list_volumes(csi::ListVolumesRequest {
-                max_entries: 2,
-                starting_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
-    let first = page(String::new()).await;
-    let mut seen: Vec<String> = first
-        .entries
-        .iter()
-        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
-        .collect();
+    let first = c
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = ids_of(&first.entries);
     assert_eq!(seen, ids[..2]);
     // The volume the token names goes away before the next page.
-    let token = first.next_token;
-    let deleted = token.clone();
-    c.delete_volume(csi::DeleteVolumeRequest {
-        volume_id: token.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut token = token;
-    loop {
-        let next = page(token).await;
-        assert!(next.entries.len() <= 2);
-        seen.extend(
-            next.entries
-                .iter()
-                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
-        );
-        if next.next_token.is_empty() {
-            break;
-        }
-        token = next.next_token;
-    }
+    let deleted = first.next_token.clone();
+    c.delete(&deleted).await.unwrap();
+    seen.extend(ids_of(&list_pages(&mut c, 2, first.next_token).await));
     let mut want: Vec<String> = ids.clone();
     want.retain(|id| *id != deleted);
     assert_eq!(seen, want);

@@ -5,10 +5,10 @@
 //! Needs `pip install python-hcl2 kubernetes-validate`; without them the validation is skipped
 //! with a printed reason (the script exits 77).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use virtdisk_test_support::output_text as text;
+use virtdisk_test_support::plugin::bin;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +21,7 @@ fn validate(root: &Path) -> Option<Output> {
         .arg("--root")
         .arg(root)
         .arg("--binary")
-        .arg(common::BIN)
+        .arg(bin())
         .output();
     let out = match out {
         Ok(o) => o,
@@ -38,14 +38,6 @@ fn validate(root: &Path) -> Option<Output> {
         return None;
     }
     Some(out)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
@@ -88,30 +80,30 @@ fn broken_files_are_caught() {
     std::fs::create_dir_all(root.join("src")).unwrap();
     std::fs::copy(repo().join("src/params.rs"), root.join("src/params.rs")).unwrap();
 
-    let sc = root.join("deploy/kubernetes/storageclass.yaml");
-    let text_sc = std::fs::read_to_string(&sc).unwrap();
-    std::fs::write(
-        &sc,
-        text_sc.replace("  bus: scsi\n", "  bus: scsi\n  speed: fast\n"),
-    )
-    .unwrap();
-    let drv = root.join("deploy/kubernetes/csidriver.yaml");
-    let text_drv = std::fs::read_to_string(&drv).unwrap();
-    std::fs::write(
-        &drv,
-        text_drv.replace("attachRequired: true", "attachRequired: \"yes\""),
-    )
-    .unwrap();
+    // Each file with one text replaced.
+    for (file, from, to) in [
+        (
+            "deploy/kubernetes/storageclass.yaml",
+            "  bus: scsi\n",
+            "  bus: scsi\n  speed: fast\n",
+        ),
+        (
+            "deploy/kubernetes/csidriver.yaml",
+            "attachRequired: true",
+            "attachRequired: \"yes\"",
+        ),
+        (
+            "nomad-jobs/plugin-node.nomad.hcl",
+            "\"--log-format\", \"json\"",
+            "\"--log-fmt\", \"json\"",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        std::fs::write(root.join(file), text.replace(from, to)).unwrap();
+    }
     std::fs::write(
         root.join("nomad-jobs/broken.hcl"),
         "job \"x\" {\n  group {\n",
-    )
-    .unwrap();
-    let node = root.join("nomad-jobs/plugin-node.nomad.hcl");
-    let text_node = std::fs::read_to_string(&node).unwrap();
-    std::fs::write(
-        &node,
-        text_node.replace("\"--log-format\", \"json\"", "\"--log-fmt\", \"json\""),
     )
     .unwrap();
 

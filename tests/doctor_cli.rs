@@ -1,25 +1,16 @@
 //! `virtdisk-csi doctor` on this machine: the CI host is set up like it, so it must pass.
 
-mod common;
-
-use common::BIN;
 use serde_json::Value;
 use std::process::{Command, Output};
+use virtdisk_test_support::output_text as text;
+use virtdisk_test_support::plugin::bin;
 
 fn doctor(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .arg("doctor")
         .args(args)
         .output()
         .expect("run virtdisk-csi doctor")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

@@ -2,9 +2,6 @@
 //! (src/server/authority.rs): a real Python grpcio client, and a raw HTTP/2 client written
 //! here, which sends exactly the header encodings such clients use.
 
-mod common;
-
-use common::Plugin;
 use prost::Message;
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::Plugin;
 
 /// The authorities the plugin's JSON log says it replaced (the first one of each connection).
 fn replaced_authorities(p: &Plugin) -> Vec<String> {

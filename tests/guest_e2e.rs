@@ -1,11 +1,10 @@
 //! End to end inside a real Linux guest run by libvirt (issue 7). Needs root, libvirtd and
-//! Debian's apt sources; otherwise each test prints SKIPPED with the reason.
+//! Debian's apt sources; otherwise each test prints SKIPPED with the reason. Also the guest
+//! bed's own checks (initramfs archive, module order, XML), which need nothing.
 
-mod guestbed;
-
-use guestbed::{Bus, Guest};
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::guestbed::{self, Bus, Guest};
+use virtdisk_test_support::prelude::*;
 
 /// One guest: NodeGetInfo reports the domain UUID (DMI, no --node-id); disks hot-plugged on
 /// virtio-blk and on virtio-scsi appear in the guest under their serial, take a filesystem
@@ -29,14 +28,8 @@ async fn guest_boots_reports_its_uuid_and_sees_hotplugged_disks() {
     guestbed::show(&prep);
 
     let mut guest = Guest::boot(&bed, "smoke").await;
-    let info = guest
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .expect("NodeGetInfo")
-        .into_inner();
     assert_eq!(
-        info.node_id,
+        guest.node().node_id().await,
         guest.uuid(),
         "NodeGetInfo must report the DMI product UUID, which is the domain UUID"
     );
@@ -133,13 +126,7 @@ async fn two_guests_have_their_own_ids_and_survive_reset_and_power_cycle() {
     let (mut a, mut b) = tokio::join!(Guest::boot(&bed, "a"), Guest::boot(&bed, "b"));
     assert_ne!(a.uuid(), b.uuid());
     for guest in [&a, &b] {
-        let id = guest
-            .node()
-            .node_get_info(csi::NodeGetInfoRequest {})
-            .await
-            .expect("NodeGetInfo")
-            .into_inner()
-            .node_id;
+        let id = guest.node().node_id().await;
         assert_eq!(id, guest.uuid(), "{} reports its own UUID", guest.name());
     }
     let serial = "vd-00000000000000b1";
@@ -159,10 +146,8 @@ async fn two_guests_have_their_own_ids_and_survive_reset_and_power_cycle() {
             serial
         );
     });
-    let id = b
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
+    let id = b.node().node_get_info(csi::NodeGetInfoRequest {}).await;
+    let id = id
         .expect("NodeGetInfo after the reset")
         .into_inner()
         .node_id;
@@ -189,7 +174,7 @@ async fn node_plugin_serves_on_a_tcp_endpoint() {
         }
     }
     let _plugin = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_virtdisk-csi"))
+        std::process::Command::new(virtdisk_test_support::plugin::bin())
             .args([
                 "serve",
                 "--mode",
@@ -219,4 +204,71 @@ async fn node_plugin_serves_on_a_tcp_endpoint() {
         }
     };
     assert_eq!(info.node_id, "tcp-node");
+}
+
+/// The guest bed's own checks: what it builds, without booting anything.
+mod guestbed_checks {
+    use std::path::Path;
+    use virtdisk_test_support::guestbed::cpio::Archive;
+    use virtdisk_test_support::guestbed::initramfs::{modinfo_depends, module_load_order};
+    use virtdisk_test_support::guestbed::xml::{disk, free_target};
+    use virtdisk_test_support::guestbed::Bus;
+
+    #[test]
+    fn cpio_parents_come_first_and_records_are_aligned() {
+        let mut a = Archive::default();
+        a.bytes("/usr/bin/tool", "#!/bin/sh\n", 0o755);
+        a.symlink("/etc/mtab", "/proc/self/mounts");
+        let mut buf = Vec::new();
+        a.write_to(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        let usr = text.find("usr\0").unwrap();
+        let bin = text.find("usr/bin\0").unwrap();
+        let tool = text.find("usr/bin/tool\0").unwrap();
+        assert!(usr < bin && bin < tool);
+        assert!(text.ends_with("TRAILER!!!\0\0\0\0") || text.contains("TRAILER!!!"));
+        assert_eq!(buf.len() % 4, 0);
+    }
+
+    #[test]
+    fn initramfs_modinfo_depends_is_parsed() {
+        let data = b"junk\0license=GPL\0depends=virtio_ring,virtio\0name=virtio_blk\0";
+        assert_eq!(modinfo_depends(data), vec!["virtio_ring", "virtio"]);
+        assert!(modinfo_depends(b"\0depends=\0name=x\0").is_empty());
+        assert!(modinfo_depends(b"no modinfo here").is_empty());
+    }
+
+    #[test]
+    fn initramfs_dependencies_load_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("kernel/drivers");
+        std::fs::create_dir_all(&k).unwrap();
+        std::fs::write(k.join("virtio_blk.ko"), b"\0depends=virtio,virtio_ring\0").unwrap();
+        std::fs::write(k.join("virtio.ko"), b"\0depends=virtio_ring\0").unwrap();
+        std::fs::write(k.join("virtio_ring.ko"), b"\0depends=\0").unwrap();
+        std::fs::write(k.join("crc-t10dif.ko"), b"\0depends=\0").unwrap();
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/fs/ext4/ext4.ko\n",
+        )
+        .unwrap();
+        let order = module_load_order(dir.path(), &["virtio_blk", "ext4", "crc_t10dif"]).unwrap();
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["virtio_ring", "virtio", "virtio_blk", "crc_t10dif"]);
+        assert!(module_load_order(dir.path(), &["nosuch"]).is_err());
+    }
+
+    #[test]
+    fn xml_values_are_escaped() {
+        let xml = disk(Path::new("/tmp/a'b<c>.qcow2"), "vdb", Bus::Virtio, "vd-&x");
+        assert!(xml.contains("/tmp/a&apos;b&lt;c&gt;.qcow2"));
+        assert!(xml.contains("<serial>vd-&amp;x</serial>"));
+    }
+
+    #[test]
+    fn xml_free_target_skips_used_names() {
+        let live = "<target dev='vda' bus='virtio'/><target dev='sda' bus='scsi'/>";
+        assert_eq!(free_target(live, Bus::Virtio), "vdb");
+        assert_eq!(free_target(live, Bus::Scsi), "sdb");
+    }
 }

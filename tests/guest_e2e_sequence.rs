@@ -5,14 +5,13 @@
 //! One test, because booting guests under TCG is what costs: A and B boot once, in parallel,
 //! and every step runs against them in order. The controller knows two hypervisor hosts: the
 //! machine's libvirtd (`hv-a`, where the guests boot) and a second libvirtd
-//! (`tests/second_libvirtd`, `hv-b`) sharing the pool; A live-migrates there with a volume
+//! (`virtdisk_test_support::second_libvirtd`, `hv-b`) sharing the pool; A live-migrates there with a volume
 //! mounted. Needs root, libvirtd and Debian's apt sources;
 //! otherwise it prints SKIPPED with the reason (`VIRTDISK_GUEST_REQUIRED=1` makes that a
 //! failure).
 
-mod common;
-mod guestbed;
-mod second_libvirtd;
+#[cfg(not(feature = "libvirt"))]
+use virtdisk_test_support::guestbed;
 
 const TEST: &str = "volume_moves_between_guests_grows_snapshots_restores_and_survives_reboot";
 
@@ -27,14 +26,15 @@ fn volume_moves_between_guests_grows_snapshots_restores_and_survives_reboot() {
 
 #[cfg(feature = "libvirt")]
 mod sequence {
-    use super::common::*;
-    use super::guestbed::{self, Guest, GuestOptions, Timeline};
-    use super::second_libvirtd::SecondLibvirtd;
     use super::TEST;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use std::time::Instant;
-    use virtdisk_csi::csi::proto as csi;
+    use virtdisk_test_support::guestbed::{self, Guest, GuestOptions, Timeline};
+    use virtdisk_test_support::pool::volume_image;
+    use virtdisk_test_support::prelude::*;
+    use virtdisk_test_support::qemu::{qemu_io, Read};
+    use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
 
     /// The node topology key, and the hosts' names.
     const HOST_KEY: &str = "topology.virtdisk.csi.io/host";
@@ -82,25 +82,19 @@ mod sequence {
             size: i64,
             parameters: &[(&str, &str)],
             cap: csi::VolumeCapability,
-            source: Option<csi::VolumeContentSource>,
+            source: Option<Source>,
         ) -> Volume {
-            let mut req = create_req(name, size);
-            req.parameters = params(parameters);
-            req.volume_capabilities = vec![cap.clone()];
-            req.volume_content_source = source;
-            let v = self
-                .controller
-                .controller()
-                .create_volume(req)
-                .await
-                .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
-                .into_inner()
-                .volume
-                .expect("a volume");
+            let req = csi::CreateVolumeRequest {
+                parameters: params(parameters),
+                volume_capabilities: vec![cap.clone()],
+                volume_content_source: source.and_then(content),
+                ..create_req(name, size)
+            };
+            let v = self.controller.controller().create(req).await;
+            let v = v.unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"));
             self.mark(format!("CreateVolume {name} → {}", v.volume_id));
-            let key = v.volume_id.rsplit('.').next().unwrap().to_string();
             Volume {
-                serial: format!("vd-{key}"),
+                serial: serial_of(&v.volume_id),
                 id: v.volume_id,
                 context: v.volume_context,
                 cap,
@@ -108,17 +102,7 @@ mod sequence {
         }
 
         async fn published_nodes(&self, vol: &Volume) -> Vec<String> {
-            self.controller
-                .controller()
-                .controller_get_volume(csi::ControllerGetVolumeRequest {
-                    volume_id: vol.id.clone(),
-                })
-                .await
-                .expect("ControllerGetVolume")
-                .into_inner()
-                .status
-                .expect("a volume status")
-                .published_node_ids
+            self.controller.controller().published_nodes(&vol.id).await
         }
 
         /// ControllerPublish to the guest, wait until its kernel sees the disk, NodeStage,
@@ -127,21 +111,14 @@ mod sequence {
             let node_id = node_id(guest).await;
             let mark = guest.console_mark();
             let t = Instant::now();
-            let publish_context = self
-                .controller
-                .controller()
-                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    node_id: node_id.clone(),
-                    volume_capability: Some(vol.cap.clone()),
-                    readonly: false,
-                    volume_context: vol.context.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| panic!("ControllerPublish {} → {}: {e}", vol.id, guest.name()))
-                .into_inner()
-                .publish_context;
+            let req = csi::ControllerPublishVolumeRequest {
+                volume_capability: Some(vol.cap.clone()),
+                volume_context: vol.context.clone(),
+                ..publish_req(&vol.id, &node_id)
+            };
+            let publish_context = self.controller.controller().publish(req).await;
+            let publish_context = publish_context
+                .unwrap_or_else(|e| panic!("ControllerPublish {} → {}: {e}", vol.id, guest.name()));
             let attached = t.elapsed();
             assert_eq!(
                 publish_context.get("serial"),
@@ -155,9 +132,9 @@ mod sequence {
             );
             let dev = guest.wait_disk_added(mark, &vol.serial).await;
             let visible = t.elapsed();
-            let key = vol.id.rsplit('.').next().unwrap();
+            let key = key_of(&vol.id);
             let staging = format!("{PLUGIN_DIR}/{key}/globalmount");
-            let leaf = if is_block(vol) { "dev" } else { "mount" };
+            let leaf = if is_block(&vol.cap) { "dev" } else { "mount" };
             let target = format!("{PODS_DIR}/{pod}/volumes/kubernetes.io~csi/{key}/{leaf}");
             self.stage(vol, guest, &publish_context, &staging).await;
             let staged = t.elapsed();
@@ -195,34 +172,22 @@ mod sequence {
             publish_context: &BTreeMap<String, String>,
             staging: &str,
         ) {
-            guest
-                .node()
-                .node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    publish_context: publish_context.clone(),
-                    staging_target_path: staging.to_string(),
-                    volume_capability: Some(vol.cap.clone()),
-                    volume_context: vol.context.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| guest.fail(&format!("NodeStage {}: {e}", vol.id)));
+            let req = csi::NodeStageVolumeRequest {
+                publish_context: publish_context.clone(),
+                volume_context: vol.context.clone(),
+                ..stage_req(&vol.id, staging, vol.cap.clone())
+            };
+            let r = guest.node().stage(req).await;
+            r.unwrap_or_else(|e| guest.fail(&format!("NodeStage {}: {e}", vol.id)));
         }
 
         async fn publish(&mut self, vol: &Volume, guest: &Guest, staging: &str, target: &str) {
-            guest
-                .node()
-                .node_publish_volume(csi::NodePublishVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    staging_target_path: staging.to_string(),
-                    target_path: target.to_string(),
-                    volume_capability: Some(vol.cap.clone()),
-                    volume_context: vol.context.clone(),
-                    readonly: false,
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| guest.fail(&format!("NodePublish {}: {e}", vol.id)));
+            let req = csi::NodePublishVolumeRequest {
+                volume_context: vol.context.clone(),
+                ..node_publish_req(&vol.id, staging, target, vol.cap.clone())
+            };
+            let r = guest.node().publish(req).await;
+            r.unwrap_or_else(|e| guest.fail(&format!("NodePublish {}: {e}", vol.id)));
         }
 
         /// After a reboot the guest's mounts are gone: the CO stages and publishes again with
@@ -272,18 +237,12 @@ mod sequence {
         /// the live XML, gone from the guest's kernel, not published to the node any more.
         async fn remove(&mut self, vol: &Volume, guest: &Guest, placed: Placed, label: &str) {
             let mut node = guest.node();
-            node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: vol.id.clone(),
-                target_path: placed.target.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| guest.fail(&format!("NodeUnpublish {}: {e}", vol.id)));
-            node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: vol.id.clone(),
-                staging_target_path: placed.staging.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| guest.fail(&format!("NodeUnstage {}: {e}", vol.id)));
+            let r = node
+                .unpublish(node_unpublish_req(&vol.id, &placed.target))
+                .await;
+            r.unwrap_or_else(|e| guest.fail(&format!("NodeUnpublish {}: {e}", vol.id)));
+            let r = node.unstage(unstage_req(&vol.id, &placed.staging)).await;
+            r.unwrap_or_else(|e| guest.fail(&format!("NodeUnstage {}: {e}", vol.id)));
             let mounted = guest
                 .sh(&format!(
                     "grep -c ' {} ' /proc/self/mountinfo || true",
@@ -294,15 +253,9 @@ mod sequence {
 
             let mark = guest.console_mark();
             let t = Instant::now();
-            self.controller
-                .controller()
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    node_id: placed.node_id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| guest.fail(&format!("ControllerUnpublish {}: {e}", vol.id)));
+            let req = unpublish_req(&vol.id, &placed.node_id);
+            let r = self.controller.controller().unpublish(req).await;
+            r.unwrap_or_else(|e| guest.fail(&format!("ControllerUnpublish {}: {e}", vol.id)));
             let returned = t.elapsed();
             // The controller returns only once the disk is gone (virtio-blk: the guest acked
             // the PCI unplug), so the live XML must not list it any more right now.
@@ -333,35 +286,21 @@ mod sequence {
         }
     }
 
-    fn is_block(vol: &Volume) -> bool {
-        matches!(
-            vol.cap.access_type,
-            Some(csi::volume_capability::AccessType::Block(_))
-        )
-    }
-
     /// NodeGetInfo inside the guest: the host its topology names.
     async fn node_host(guest: &Guest) -> String {
-        guest
-            .node()
-            .node_get_info(csi::NodeGetInfoRequest {})
-            .await
-            .unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")))
-            .into_inner()
-            .accessible_topology
+        let info = guest.node().node_get_info(csi::NodeGetInfoRequest {}).await;
+        let info = info.unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")));
+        let topology = info.into_inner().accessible_topology;
+        topology
             .and_then(|t| t.segments.get(HOST_KEY).cloned())
             .unwrap_or_default()
     }
 
     /// NodeGetInfo inside the guest: the node id the CO hands to ControllerPublish.
     async fn node_id(guest: &Guest) -> String {
-        guest
-            .node()
-            .node_get_info(csi::NodeGetInfoRequest {})
-            .await
-            .unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")))
-            .into_inner()
-            .node_id
+        let info = guest.node().node_get_info(csi::NodeGetInfoRequest {}).await;
+        let info = info.unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")));
+        info.into_inner().node_id
     }
 
     /// `df` in the guest: the filesystem's size in bytes.
@@ -375,14 +314,7 @@ mod sequence {
 
     /// The active image of a volume, from the controller's record.
     fn image_of(co: &Co, vol: &Volume) -> PathBuf {
-        let key = vol.id.rsplit('.').next().unwrap();
-        let pool = co.controller.pool_dir();
-        let rec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(pool.join(format!("volumes/{key}.json"))).expect("volume record"),
-        )
-        .unwrap();
-        pool.join("images")
-            .join(rec["image"].as_str().expect("image in the record"))
+        volume_image(&co.controller.pool_dir(), &vol.id)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,21 +350,17 @@ mod sequence {
         // The controller as deployed: the real binary, libvirt hot-plug on two hosts that
         // share the pool (QEMU can read it). Unpublish waits up to 60 s for the guest's
         // unplug ack (TCG guests are slow).
-        let controller = Plugin::start_with_config(
-            "controller",
-            &format!(
-                "[[pool]]\nname = \"default\"\npath = \"{{dir}}/data/pools/default\"\n\
-                 [[host]]\nname = \"{HV_A}\"\nuri = \"{}\"\npools = [\"default\"]\n\
-                 [[host]]\nname = \"{HV_B}\"\nuri = \"{}\"\npools = [\"default\"]\n\
-                 [libvirt]\ndetach_timeout_secs = 60\n",
-                guestbed::libvirt_uri(),
-                second.uri()
-            ),
-            &[],
-        )
-        .await;
+        let config = format!(
+            "[[pool]]\nname = \"default\"\npath = \"{{dir}}/data/pools/default\"\n\
+             [[host]]\nname = \"{HV_A}\"\nuri = \"{}\"\npools = [\"default\"]\n\
+             [[host]]\nname = \"{HV_B}\"\nuri = \"{}\"\npools = [\"default\"]\n\
+             [libvirt]\ndetach_timeout_secs = 60\n",
+            guestbed::libvirt_uri(),
+            second.uri()
+        );
         // QEMU (another user) opens the images under the controller's temp dir.
-        guestbed::world_readable_dir(controller.dir.path());
+        let launch = Plugin::launch("controller").config(&config);
+        let controller = launch.readable_by_qemu().start().await;
         let mut co = Co {
             controller,
             timeline: Timeline::new("end to end: controller on the host, node plugin in A and B"),
@@ -491,40 +419,22 @@ mod sequence {
         //    disk) + NodeExpand (resize2fs / xfs_growfs); df in B shows the new size.
         for (vol, placed, fs, _) in &in_b {
             let before = df_size(&b, &placed.target).await;
-            let grown = co
-                .controller
-                .controller()
-                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    capacity_range: Some(csi::CapacityRange {
-                        required_bytes: GIB,
-                        limit_bytes: 0,
-                    }),
-                    volume_capability: Some(vol.cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .expect("ControllerExpandVolume")
-                .into_inner();
+            let req = csi::ControllerExpandVolumeRequest {
+                volume_capability: Some(vol.cap.clone()),
+                ..expand_req(&vol.id, GIB)
+            };
+            let grown = co.controller.controller().expand(req).await;
+            let grown = grown.expect("ControllerExpandVolume");
             assert_eq!(grown.capacity_bytes, GIB);
             assert!(grown.node_expansion_required);
-            let node_size = b
-                .node()
-                .node_expand_volume(csi::NodeExpandVolumeRequest {
-                    volume_id: vol.id.clone(),
-                    volume_path: placed.target.clone(),
-                    staging_target_path: placed.staging.clone(),
-                    capacity_range: Some(csi::CapacityRange {
-                        required_bytes: GIB,
-                        limit_bytes: 0,
-                    }),
-                    volume_capability: Some(vol.cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| b.fail(&format!("NodeExpandVolume {}: {e}", vol.id)))
-                .into_inner()
-                .capacity_bytes;
+            let req = csi::NodeExpandVolumeRequest {
+                staging_target_path: placed.staging.clone(),
+                volume_capability: Some(vol.cap.clone()),
+                ..node_expand_req(&vol.id, &placed.target, GIB)
+            };
+            let node_size = b.node().expand(req).await;
+            let node_size =
+                node_size.unwrap_or_else(|e| b.fail(&format!("NodeExpandVolume {}: {e}", vol.id)));
             assert_eq!(node_size, GIB);
             let dev_size = b
                 .sh(&format!("blockdev --getsize64 /dev/{}", placed.dev))
@@ -540,16 +450,10 @@ mod sequence {
                 "{fs} in B grew online: df {before} → {after} bytes"
             );
             // The CO's view (kubelet's volume stats) agrees with df.
-            let stats = b
-                .node()
-                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                    volume_id: vol.id.clone(),
-                    volume_path: placed.target.clone(),
-                    staging_target_path: placed.staging.clone(),
-                })
-                .await
-                .unwrap_or_else(|e| b.fail(&format!("NodeGetVolumeStats {}: {e}", vol.id)))
-                .into_inner();
+            let req = stats_req(&vol.id, &placed.target, &placed.staging);
+            let stats = b.node().stats(req).await;
+            let stats =
+                stats.unwrap_or_else(|e| b.fail(&format!("NodeGetVolumeStats {}: {e}", vol.id)));
             let total = stats
                 .usage
                 .iter()
@@ -567,21 +471,10 @@ mod sequence {
         // 3. A snapshot of the attached volume (virtio/ext4, mounted in B).
         let (vol, placed, _, content) = in_b.remove(0);
         b.sh("sync").await;
-        let snap_req = csi::CreateSnapshotRequest {
-            name: "e2e-snap".into(),
-            source_volume_id: vol.id.clone(),
-            ..Default::default()
-        };
         // Live: the domain switches to a new overlay while B keeps the file system mounted.
-        let snapshot = co
-            .controller
-            .controller()
-            .create_snapshot(snap_req)
-            .await
-            .expect("CreateSnapshot of the attached volume (live)")
-            .into_inner()
-            .snapshot
-            .expect("a snapshot");
+        let mut ctl = co.controller.controller();
+        let snapshot = ctl.snapshot(snapshot_req("e2e-snap", &vol.id)).await;
+        let snapshot = snapshot.expect("CreateSnapshot of the attached volume (live)");
         co.mark("CreateSnapshot of the volume while attached to B (live)");
         // B keeps writing after the snapshot; the snapshot must not see it.
         b.sh(&format!(
@@ -602,13 +495,7 @@ mod sequence {
                 GIB,
                 &[("bus", "scsi")],
                 mount_cap("ext4", Mode::SingleNodeWriter),
-                Some(csi::VolumeContentSource {
-                    r#type: Some(csi::volume_content_source::Type::Snapshot(
-                        csi::volume_content_source::SnapshotSource {
-                            snapshot_id: snapshot.snapshot_id.clone(),
-                        },
-                    )),
-                }),
+                Some(from_snapshot(&snapshot.snapshot_id)),
             )
             .await;
         let mut restored_in_a = co
@@ -674,18 +561,10 @@ mod sequence {
         co.remove(&block, &b, placed, "block: B").await;
         // No -U: opening the image also proves QEMU let go of it.
         let image = image_of(&co, &block);
-        let out = std::process::Command::new("qemu-io")
-            .args(["-r", "-f", "qcow2"])
-            .args(["-c", "read -P 0xa5 0 1M"])
-            .args(["-c", "read -P 0 1M 2M"])
-            .args(["-c", "read -P 0x5a 3M 1M"])
-            .arg(&image)
-            .output()
-            .expect("qemu-io");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        let reads = ["read -P 0xa5 0 1M", "read -P 0 1M 2M", "read -P 0x5a 3M 1M"];
+        let (ok, text) = qemu_io(&image, &reads, Read::LockedNow);
         assert!(
-            out.status.success() && !text.contains("failed") && text.matches("read ").count() == 3,
+            ok && text.matches("read ").count() == 3,
             "qemu-io finds the guest's pattern in {}:\n{text}",
             image.display()
         );
@@ -837,19 +716,11 @@ mod sequence {
         co.remove(&scsi_vol, &b, scsi_in_b, "scsi: B").await;
         let mut ctl = co.controller.controller();
         for v in [&vol, &restored, &scsi_vol, &block] {
-            ctl.delete_volume(csi::DeleteVolumeRequest {
-                volume_id: v.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("DeleteVolume {}: {e}", v.id));
+            let r = ctl.delete(&v.id).await;
+            r.unwrap_or_else(|e| panic!("DeleteVolume {}: {e}", v.id));
         }
-        ctl.delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: snapshot.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("DeleteSnapshot");
+        let r = ctl.remove_snapshot(&snapshot.snapshot_id).await;
+        r.expect("DeleteSnapshot");
         let left: Vec<_> = std::fs::read_dir(co.controller.pool_dir().join("volumes"))
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -6,24 +6,16 @@
 //! up, and nothing may change outside the pool: no file, no mount. A libvirt test checks that
 //! names and parameters full of XML never change the shape of a domain's XML.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
-#[cfg(feature = "libvirt")]
-mod hotplug_support;
-mod reliability_support;
-
-use common::*;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use reliability_support::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::calls::{create_volume, delete_volume, list_volumes};
+use virtdisk_test_support::local_attach as env;
+use virtdisk_test_support::pool::{assert_pool_clean, volume_image, wait_flattening_settled};
+use virtdisk_test_support::prelude::*;
 
 /// Strings that have broken parsers, paths and XML writers before.
 const NASTY: &[&str] = &[
@@ -236,38 +228,23 @@ fn requests(real: String, node: String, canary: PathBuf) -> impl Strategy<Value 
                     volume_capabilities: cap.into_iter().collect(),
                     parameters,
                     secrets,
-                    volume_content_source: source.map(|s| csi::VolumeContentSource {
-                        r#type: Some(csi::volume_content_source::Type::Snapshot(
-                            csi::volume_content_source::SnapshotSource { snapshot_id: s },
-                        )),
-                    }),
+                    volume_content_source: source.and_then(|s| content(from_snapshot(&s))),
                     ..Default::default()
                 })
             }),
         // Never the real volume: it stays to be published and staged at hostile paths.
-        id(String::new()).prop_map(|volume_id| Req::DeleteVolume(csi::DeleteVolumeRequest {
-            volume_id,
-            ..Default::default()
-        })),
+        id(String::new()).prop_map(|v| Req::DeleteVolume(delete_req(&v))),
         (vid(), node_id.clone(), cap(), any::<bool>(), map()).prop_map(
-            |(volume_id, node_id, volume_capability, readonly, volume_context)| {
+            |(v, n, volume_capability, readonly, volume_context)| {
                 Req::Publish(csi::ControllerPublishVolumeRequest {
-                    volume_id,
-                    node_id,
                     volume_capability,
                     readonly,
                     volume_context,
-                    ..Default::default()
+                    ..publish_req(&v, &n)
                 })
             }
         ),
-        (vid(), node_id).prop_map(|(volume_id, node_id)| Req::Unpublish(
-            csi::ControllerUnpublishVolumeRequest {
-                volume_id,
-                node_id,
-                ..Default::default()
-            }
-        )),
+        (vid(), node_id).prop_map(|(v, n)| Req::Unpublish(unpublish_req(&v, &n))),
         (vid(), cap(), map()).prop_map(|(volume_id, cap, parameters)| Req::Validate(
             csi::ValidateVolumeCapabilitiesRequest {
                 volume_id,
@@ -286,12 +263,11 @@ fn requests(real: String, node: String, canary: PathBuf) -> impl Strategy<Value 
             parameters,
             ..Default::default()
         })),
-        (vid(), range(), cap()).prop_map(|(volume_id, capacity_range, volume_capability)| {
+        (vid(), range(), cap()).prop_map(|(v, capacity_range, volume_capability)| {
             Req::Expand(csi::ControllerExpandVolumeRequest {
-                volume_id,
                 capacity_range,
                 volume_capability,
-                ..Default::default()
+                ..expand_req(&v, 0)
             })
         }),
         vid().prop_map(|volume_id| Req::GetVolume(csi::ControllerGetVolumeRequest { volume_id })),
@@ -302,20 +278,13 @@ fn requests(real: String, node: String, canary: PathBuf) -> impl Strategy<Value 
                 ..Default::default()
             }
         )),
-        (text(), vid(), map()).prop_map(|(name, source_volume_id, parameters)| {
+        (text(), vid(), map()).prop_map(|(name, source, parameters)| {
             Req::CreateSnapshot(csi::CreateSnapshotRequest {
-                name,
-                source_volume_id,
                 parameters,
-                ..Default::default()
+                ..snapshot_req(&name, &source)
             })
         }),
-        id(String::new()).prop_map(
-            |snapshot_id| Req::DeleteSnapshot(csi::DeleteSnapshotRequest {
-                snapshot_id,
-                ..Default::default()
-            })
-        ),
+        id(String::new()).prop_map(|s| Req::DeleteSnapshot(delete_snapshot_req(&s))),
         (text(), vid(), text(), any::<i32>()).prop_map(
             |(snapshot_id, source_volume_id, starting_token, max_entries)| {
                 Req::ListSnapshots(csi::ListSnapshotsRequest {
@@ -332,64 +301,31 @@ fn requests(real: String, node: String, canary: PathBuf) -> impl Strategy<Value 
             ..Default::default()
         })),
         (vid(), p(), cap(), map(), map()).prop_map(
-            |(
-                volume_id,
-                staging_target_path,
-                volume_capability,
-                publish_context,
-                volume_context,
-            )| {
+            |(v, staging, volume_capability, publish_context, volume_context)| {
                 Req::Stage(csi::NodeStageVolumeRequest {
-                    volume_id,
                     publish_context,
-                    staging_target_path,
                     volume_capability,
                     volume_context,
-                    ..Default::default()
+                    ..stage_req(&v, &staging, ext4_cap())
                 })
             }
         ),
-        (vid(), p()).prop_map(|(volume_id, staging_target_path)| Req::Unstage(
-            csi::NodeUnstageVolumeRequest {
-                volume_id,
-                staging_target_path,
-            }
-        )),
+        (vid(), p()).prop_map(|(v, staging)| Req::Unstage(unstage_req(&v, &staging))),
         (vid(), p(), p(), cap(), any::<bool>()).prop_map(
-            |(volume_id, staging_target_path, target_path, volume_capability, readonly)| {
+            |(v, staging, target, volume_capability, readonly)| {
                 Req::NodePublish(csi::NodePublishVolumeRequest {
-                    volume_id,
-                    staging_target_path,
-                    target_path,
                     volume_capability,
                     readonly,
-                    ..Default::default()
+                    ..node_publish_req(&v, &staging, &target, ext4_cap())
                 })
             }
         ),
-        (vid(), p()).prop_map(|(volume_id, target_path)| Req::NodeUnpublish(
-            csi::NodeUnpublishVolumeRequest {
-                volume_id,
-                target_path,
-            }
-        )),
-        (vid(), p(), p()).prop_map(|(volume_id, volume_path, staging_target_path)| {
-            Req::Stats(csi::NodeGetVolumeStatsRequest {
-                volume_id,
-                volume_path,
-                staging_target_path,
-            })
-        }),
-        (vid(), p(), p(), size()).prop_map(|(volume_id, volume_path, staging_target_path, s)| {
+        (vid(), p()).prop_map(|(v, target)| Req::NodeUnpublish(node_unpublish_req(&v, &target))),
+        (vid(), p(), p()).prop_map(|(v, path, staging)| Req::Stats(stats_req(&v, &path, &staging))),
+        (vid(), p(), p(), size()).prop_map(|(v, path, staging, s)| {
             Req::NodeExpand(csi::NodeExpandVolumeRequest {
-                volume_id,
-                volume_path,
-                staging_target_path,
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: s,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
+                staging_target_path: staging,
+                ..node_expand_req(&v, &path, s)
             })
         }),
     ]
@@ -500,21 +436,10 @@ async fn send(p: &Plugin, r: Req) -> Result<(), tonic::Status> {
 /// Every path under `dir` (not following symlinks) with its size and mtime.
 fn tree(dir: &Path) -> BTreeMap<PathBuf, (u64, i64)> {
     use std::os::unix::fs::MetadataExt;
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.filter_map(|e| e.ok()) {
-            let m = e.path().symlink_metadata().unwrap();
-            out.insert(e.path(), (m.size(), m.mtime()));
-            if m.is_dir() {
-                todo.push(e.path());
-            }
-        }
-    }
-    out
+    let all = virtdisk_test_support::walk(dir);
+    all.into_iter()
+        .map(|(path, m)| (path, (m.size(), m.mtime())))
+        .collect()
 }
 
 /// Mount points under any of `dirs` (tests run in parallel: only their own dirs count).
@@ -568,13 +493,7 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
         canary_dir.display()
     );
     let mut p = Plugin::start_with_config("monolith", &config, &[]).await;
-    let node = p
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .node_id;
+    let node = p.node().node_id().await;
     // The target of the generated requests (it gets attached, formatted, staged, published),
     // and a bystander no request names, whose data must survive whatever happens.
     let real = create_volume(&p, "hostile-target", 16 * MIB, &[])
@@ -583,12 +502,8 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     let bystander = create_volume(&p, "hostile-bystander", 16 * MIB, &[])
         .await
         .unwrap();
-    write_pattern(
-        &volume_image(&p.pool_dir(), &bystander),
-        0x5a,
-        0,
-        MIB as u64,
-    );
+    let bystander_image = volume_image(&p.pool_dir(), &bystander);
+    write_pattern(&bystander_image, 0x5a, 0, MIB as u64);
     let outside_before = tree(&canary_dir.join("outside"));
     let data_dir = p.data_dir();
     // The real volume may get attached (its export under localattach/) and staged or
@@ -666,10 +581,7 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
         p.wait_exit(Duration::ZERO).await.is_none(),
         "the plugin died"
     );
-    p.identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .expect("still ready");
+    p.identity().ready().await.expect("still ready");
     assert!(!p.log().contains("panicked"), "a handler panicked");
     // Nothing but pools and local-attach state in the data dir; the pool is consistent and
     // the volume that was there keeps its data.
@@ -683,20 +595,11 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     wait_flattening_settled(&p, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
     assert_pool_clean(&p.pool_dir());
     assert!(list_volumes(&p).await.contains_key(&real));
-    assert_pattern(
-        &volume_image(&p.pool_dir(), &bystander),
-        0x5a,
-        0,
-        MIB as u64,
-    );
+    assert_pattern(&bystander_image, 0x5a, 0, MIB as u64);
     assert_eq!(
         std::fs::read(canary_dir.join("outside/keep.txt")).unwrap(),
         b"untouched"
     );
-}
-
-fn code_of(r: Result<(), tonic::Status>) -> Code {
-    r.err().map_or(Code::Ok, |s| s.code())
 }
 
 /// A real, attached volume and paths that lead outside the allowed root, through symlinks, or
@@ -719,59 +622,26 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
         csi_dir.display()
     );
     let p = Plugin::start_with_config("monolith", &config, &[]).await;
-    let node = p
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .node_id;
-    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let node = p.node().node_id().await;
     let vol = create_volume(&p, "hostile-paths", 32 * MIB, &[])
         .await
         .unwrap();
-    let ctx = p
-        .controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: node.clone(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
+    let ctx = p.controller().publish(publish_req(&vol, &node)).await;
+    let ctx = ctx.unwrap();
     let outside_before = tree(&cd.join("outside"));
+    let s = |path: &Path| path.display().to_string();
     let stage = |path: &Path| {
-        let (mut n, vol, ctx, cap) = (p.node(), vol.clone(), ctx.clone(), cap.clone());
-        let path = path.display().to_string();
-        async move {
-            n.node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: vol,
-                publish_context: ctx,
-                staging_target_path: path,
-                volume_capability: Some(cap),
-                ..Default::default()
-            })
-            .await
-            .map(drop)
-        }
+        let req = csi::NodeStageVolumeRequest {
+            publish_context: ctx.clone(),
+            ..stage_req(&vol, &s(path), ext4_cap())
+        };
+        let mut n = p.node();
+        async move { n.stage(req).await }
     };
     let publish = |staging: &Path, target: &Path| {
-        let (mut n, vol, cap) = (p.node(), vol.clone(), cap.clone());
-        let (staging, target) = (staging.display().to_string(), target.display().to_string());
-        async move {
-            n.node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: vol,
-                staging_target_path: staging,
-                target_path: target,
-                volume_capability: Some(cap),
-                ..Default::default()
-            })
-            .await
-            .map(drop)
-        }
+        let req = node_publish_req(&vol, &s(staging), &s(target), ext4_cap());
+        let mut n = p.node();
+        async move { n.publish(req).await }
     };
     for bad in [
         csi_dir.join("link-out/stage"),
@@ -781,7 +651,7 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
     ] {
         let r = stage(&bad).await;
         assert_eq!(
-            code_of(r),
+            code_of(&r),
             Code::InvalidArgument,
             "stage at {}",
             bad.display()
@@ -789,7 +659,7 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
     }
     // Inside the root but a symlink leaf: refused too (mount would follow it).
     assert_eq!(
-        code_of(stage(&csi_dir.join("inner-link")).await),
+        code_of(&stage(&csi_dir.join("inner-link")).await),
         Code::InvalidArgument
     );
     let staging = csi_dir.join("staging/ok");
@@ -802,7 +672,7 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
     ] {
         let r = publish(&staging, &bad).await;
         assert_eq!(
-            code_of(r),
+            code_of(&r),
             Code::InvalidArgument,
             "publish at {}",
             bad.display()
@@ -817,18 +687,9 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
     // A path that holds a file of the CO, not a mount: OK (nothing of ours is there), and the
     // file stays.
     let mut n = p.node();
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: vol.clone(),
-        target_path: csi_dir.join("notes.txt").display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: vol.clone(),
-        staging_target_path: csi_dir.join("notes.txt").display().to_string(),
-    })
-    .await
-    .unwrap();
+    let notes = s(&csi_dir.join("notes.txt"));
+    n.unpublish(node_unpublish_req(&vol, &notes)).await.unwrap();
+    n.unstage(unstage_req(&vol, &notes)).await.unwrap();
     assert_eq!(
         std::fs::read(csi_dir.join("notes.txt")).unwrap(),
         b"the CO's file"
@@ -845,26 +706,12 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
         "a mount outside the root"
     );
 
-    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: vol.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: vol.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
-    p.controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: node,
-            ..Default::default()
-        })
+    n.unpublish(node_unpublish_req(&vol, &s(&target)))
         .await
         .unwrap();
+    n.unstage(unstage_req(&vol, &s(&staging))).await.unwrap();
+    let r = p.controller().unpublish(unpublish_req(&vol, &node)).await;
+    r.unwrap();
     delete_volume(&p, &vol).await.unwrap();
     assert!(!mounts()
         .iter()
@@ -877,13 +724,11 @@ async fn paths_outside_the_root_or_through_symlinks_are_refused_for_a_real_volum
 #[cfg(feature = "libvirt")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xml_metacharacters_never_reach_the_domain_xml() {
-    use hotplug_support::*;
     let dom = TestDomain::start("xml", 3);
-    let p =
-        Plugin::start_with_config("controller", "[libvirt]\ndetach_timeout_secs = 5\n", &[]).await;
-    open_for_qemu(p.dir.path());
+    let launch = Plugin::launch("controller").config("[libvirt]\ndetach_timeout_secs = 5\n");
+    let p = launch.readable_by_qemu().start().await;
     let evil = "'/><disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='hdz'/></disk><x a='";
-    let before = virsh_dumpxml(&dom.name);
+    let before = dom.live_xml();
     for (k, v) in [
         ("bus", "scsi'/><disk"),
         ("cache", "none\"/><disk device=\"cdrom\""),
@@ -912,27 +757,13 @@ async fn xml_metacharacters_never_reach_the_domain_xml() {
     )
     .await
     .expect("a name is any UTF-8; it never reaches XML");
-    let err = p
-        .controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: evil.into(),
-            volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let mut c = p.controller();
+    let err = c.publish(publish_req(&vol, evil)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    p.controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: dom.uuid.clone(),
-            volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
+    c.publish(publish_req(&vol, &dom.uuid))
         .await
         .expect("publish");
-    for xml in [virsh_dumpxml(&dom.name), virsh_dumpxml_inactive(&dom.name)] {
+    for xml in [dom.live_xml(), dom.inactive_xml()] {
         assert_eq!(xml.matches("<disk ").count(), 1, "{xml}");
         assert!(!xml.contains("cdrom") && !xml.contains("/etc/shadow") && !xml.contains("hdz"));
         assert!(!xml.contains("CDATA"), "{xml}");
@@ -954,36 +785,13 @@ async fn xml_metacharacters_never_reach_the_domain_xml() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    p.controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: dom.uuid.clone(),
-            ..Default::default()
-        })
+    c.unpublish(unpublish_req(&vol, &dom.uuid))
         .await
         .expect("unpublish");
-    let after = virsh_dumpxml(&dom.name);
+    let after = dom.live_xml();
     assert_eq!(
         after.matches("<disk ").count(),
         before.matches("<disk ").count()
     );
     delete_volume(&p, &vol).await.unwrap();
-}
-
-#[cfg(feature = "libvirt")]
-fn virsh_dumpxml(name: &str) -> String {
-    let out = std::process::Command::new("virsh")
-        .args(["-q", "-c", "qemu:///system", "dumpxml", name])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
-#[cfg(feature = "libvirt")]
-fn virsh_dumpxml_inactive(name: &str) -> String {
-    let out = std::process::Command::new("virsh")
-        .args(["-q", "-c", "qemu:///system", "dumpxml", "--inactive", name])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }

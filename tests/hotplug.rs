@@ -5,36 +5,36 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod hotplug_support;
-
-use common::*;
-use hotplug_support::*;
-use std::collections::BTreeMap;
 use std::time::Instant;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::virsh::{ensure_libvirtd, virsh_ok};
 
 /// A controller whose unpublish gives up after 2 s, with `extra` TOML appended.
 async fn controller(extra: &str) -> Plugin {
     let config = format!("[libvirt]\ndetach_timeout_secs = 2\n{extra}");
-    let p = Plugin::start_with_config("controller", &config, &[]).await;
-    open_for_qemu(p.dir.path());
-    p
+    let launch = Plugin::launch("controller").config(&config);
+    launch.readable_by_qemu().start().await
 }
 
-async fn create(p: &Plugin, name: &str, kv: &[(&str, &str)], cap: csi::VolumeCapability) -> String {
-    let mut req = create_req(name, 64 * MIB);
-    req.parameters = params(kv);
-    req.volume_capabilities = vec![cap];
-    p.controller()
-        .create_volume(req)
-        .await
-        .expect("create volume")
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+/// CreateVolume (64 MiB) with parameters and one capability → the volume id.
+async fn create_with(
+    p: &Plugin,
+    name: &str,
+    kv: &[(&str, &str)],
+    cap: csi::VolumeCapability,
+) -> String {
+    let req = csi::CreateVolumeRequest {
+        parameters: params(kv),
+        volume_capabilities: vec![cap],
+        ..create_req(name, 64 * MIB)
+    };
+    let vol = p.controller().create(req).await.expect("create volume");
+    vol.volume_id
+}
+
+/// [`create_with`] an ext4 single-node-writer capability.
+async fn create(p: &Plugin, name: &str, kv: &[(&str, &str)]) -> String {
+    create_with(p, name, kv, ext4_cap()).await
 }
 
 async fn publish_cap(
@@ -43,109 +43,58 @@ async fn publish_cap(
     node: &str,
     cap: csi::VolumeCapability,
     readonly: bool,
-) -> Result<BTreeMap<String, String>, tonic::Status> {
+) -> Result<Map, Status> {
     let t = Instant::now();
-    let r = p
-        .controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            volume_capability: Some(cap),
-            readonly,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().publish_context.into_iter().collect());
-    eprintln!(
-        "publish {volume} → {node}: {} ms ({:?})",
-        ms(t),
-        r.as_ref().err().map(|e| e.code())
-    );
+    let req = csi::ControllerPublishVolumeRequest {
+        volume_capability: Some(cap),
+        readonly,
+        ..publish_req(volume, node)
+    };
+    let r = p.controller().publish(req).await;
+    let code = r.as_ref().err().map(|e| e.code());
+    eprintln!("publish {volume} → {node}: {} ms ({code:?})", ms(t));
     r
 }
 
-async fn publish(
-    p: &Plugin,
-    volume: &str,
-    node: &str,
-) -> Result<BTreeMap<String, String>, tonic::Status> {
-    publish_cap(
-        p,
-        volume,
-        node,
-        mount_cap("ext4", Mode::SingleNodeWriter),
-        false,
-    )
-    .await
+async fn publish(p: &Plugin, volume: &str, node: &str) -> Result<Map, Status> {
+    publish_cap(p, volume, node, ext4_cap(), false).await
 }
 
-async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
+async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
     let t = Instant::now();
-    let r = p
-        .controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await
-        .map(drop);
-    eprintln!(
-        "unpublish {volume} ← {node}: {} ms ({:?})",
-        ms(t),
-        r.as_ref().err().map(|e| e.code())
-    );
+    let r = p.controller().unpublish(unpublish_req(volume, node)).await;
+    let code = r.as_ref().err().map(|e| e.code());
+    eprintln!("unpublish {volume} ← {node}: {} ms ({code:?})", ms(t));
     r
 }
 
 async fn published_nodes(p: &Plugin, volume: &str) -> Vec<String> {
-    p.controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: volume.into(),
-        })
-        .await
-        .expect("get volume")
-        .into_inner()
-        .status
-        .unwrap()
-        .published_node_ids
+    p.controller().published_nodes(volume).await
 }
 
 async fn listed_nodes(p: &Plugin, volume: &str) -> Vec<String> {
-    let list = p
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .expect("list volumes")
-        .into_inner();
-    list.entries
+    let entries = p.controller().all_volumes().await;
+    let entry = entries
         .into_iter()
         .find(|e| e.volume.as_ref().unwrap().volume_id == volume)
-        .expect("volume listed")
-        .status
-        .unwrap()
-        .published_node_ids
+        .expect("volume listed");
+    entry.status.unwrap().published_node_ids
 }
 
 #[tokio::test]
 async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
     let dom = TestDomain::start("scsi", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "scsi-all-options",
-        &[
-            ("cache", "none"),
-            ("io", "native"),
-            ("discard", "unmap"),
-            ("logicalBlockSize", "512"),
-            ("physicalBlockSize", "4096"),
-            ("readBytesSec", "1048576"),
-            ("writeIopsSec", "200"),
-        ],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let options = [
+        ("cache", "none"),
+        ("io", "native"),
+        ("discard", "unmap"),
+        ("logicalBlockSize", "512"),
+        ("physicalBlockSize", "4096"),
+        ("readBytesSec", "1048576"),
+        ("writeIopsSec", "200"),
+    ];
+    let vol = create(&p, "scsi-all-options", &options).await;
     let serial = serial_of(&vol);
     assert!(!dom.has_scsi_controller());
 
@@ -163,11 +112,8 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
     assert_eq!(disk.iotune.read_bytes_sec, Some(1048576));
     assert_eq!(disk.iotune.write_iops_sec, Some(200));
     assert_eq!(disk.iotune.total_bytes_sec, None);
-    assert!(disk
-        .source
-        .as_ref()
-        .unwrap()
-        .starts_with(p.pool_dir().join("images")));
+    let images = p.pool_dir().join("images");
+    assert!(disk.source.as_ref().unwrap().starts_with(images));
     assert!(
         dom.has_scsi_controller(),
         "a virtio-scsi controller was added"
@@ -184,16 +130,8 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
     assert_eq!(again, ctx);
     assert_eq!(dom.live().disks.len(), 1);
     // A read-only publish joins the read-write disk (Nomad: a reader alloc on the same node).
-    let ro = publish_cap(
-        &p,
-        &vol,
-        &dom.uuid,
-        mount_cap("ext4", Mode::SingleNodeWriter),
-        true,
-    )
-    .await
-    .expect("read-only re-publish");
-    assert_eq!(ro, ctx);
+    let ro = publish_cap(&p, &vol, &dom.uuid, ext4_cap(), true).await;
+    assert_eq!(ro.expect("read-only re-publish"), ctx);
     assert_eq!(dom.live().disks.len(), 1);
 
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
@@ -205,9 +143,8 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
         dom.inactive_disk(&serial).is_none(),
         "gone from the inactive XML"
     );
-    unpublish(&p, &vol, &dom.uuid)
-        .await
-        .expect("second unpublish is OK");
+    let again = unpublish(&p, &vol, &dom.uuid).await;
+    again.expect("second unpublish is OK");
     assert!(published_nodes(&p, &vol).await.is_empty());
 }
 
@@ -215,35 +152,17 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
 async fn readonly_and_persist_false() {
     let dom = TestDomain::start("ro", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "ro-live-only",
-        &[("persist", "false"), ("cache", "writeback")],
-        mount_cap("ext4", Mode::SingleNodeReaderOnly),
-    )
-    .await;
+    let reader = mount_cap("ext4", Mode::SingleNodeReaderOnly);
+    let kv = [("persist", "false"), ("cache", "writeback")];
+    let vol = create_with(&p, "ro-live-only", &kv, reader.clone()).await;
     let serial = serial_of(&vol);
-    publish_cap(
-        &p,
-        &vol,
-        &dom.uuid,
-        mount_cap("ext4", Mode::SingleNodeReaderOnly),
-        false,
-    )
-    .await
-    .expect("publish");
+    let r = publish_cap(&p, &vol, &dom.uuid, reader, false).await;
+    r.expect("publish");
     let disk = dom.live_disk(&serial).expect("disk in the live XML");
     assert!(disk.readonly, "READER_ONLY mode attaches read-only");
     // Incompatible: read-write onto the read-only disk.
-    let err = publish_cap(
-        &p,
-        &vol,
-        &dom.uuid,
-        mount_cap("ext4", Mode::SingleNodeWriter),
-        false,
-    )
-    .await
-    .unwrap_err();
+    let err = publish_cap(&p, &vol, &dom.uuid, ext4_cap(), false).await;
+    let err = err.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert_eq!(disk.cache.as_deref(), Some("writeback"));
     assert!(
@@ -259,13 +178,7 @@ async fn single_node_volume_on_a_second_node_is_refused() {
     let a = TestDomain::start("sn-a", 3);
     let b = TestDomain::start("sn-b", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "single-node",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "single-node", &[]).await;
     publish(&p, &vol, &a.uuid).await.expect("publish to a");
     let err = publish(&p, &vol, &b.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -276,9 +189,8 @@ async fn single_node_volume_on_a_second_node_is_refused() {
     );
     assert!(b.live_disk(&serial_of(&vol)).is_none());
     unpublish(&p, &vol, &a.uuid).await.unwrap();
-    publish(&p, &vol, &b.uuid)
-        .await
-        .expect("publish to b once a let go");
+    let r = publish(&p, &vol, &b.uuid).await;
+    r.expect("publish to b once a let go");
     unpublish(&p, &vol, &b.uuid).await.unwrap();
 }
 
@@ -288,14 +200,12 @@ async fn multi_node_raw_volume_is_shared_by_two_domains() {
     let b = TestDomain::start("mn-b", 3);
     let p = controller("").await;
     let cap = block_cap(Mode::MultiNodeMultiWriter);
-    let vol = create(&p, "shared-raw", &[("format", "raw")], cap.clone()).await;
+    let vol = create_with(&p, "shared-raw", &[("format", "raw")], cap.clone()).await;
     let serial = serial_of(&vol);
-    publish_cap(&p, &vol, &a.uuid, cap.clone(), false)
-        .await
-        .expect("a");
-    publish_cap(&p, &vol, &b.uuid, cap.clone(), false)
-        .await
-        .expect("b");
+    for (d, what) in [(&a, "a"), (&b, "b")] {
+        let r = publish_cap(&p, &vol, &d.uuid, cap.clone(), false).await;
+        r.expect(what);
+    }
     for d in [&a, &b] {
         let disk = d.live_disk(&serial).expect("disk in the live XML");
         assert!(disk.shareable, "{}", d.name);
@@ -305,14 +215,7 @@ async fn multi_node_raw_volume_is_shared_by_two_domains() {
     want.sort();
     assert_eq!(listed_nodes(&p, &vol).await, want);
     // Deleting while attached is refused.
-    let err = p
-        .controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: vol.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = p.controller().delete(&vol).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // An empty node id unpublishes everywhere.
     unpublish(&p, &vol, "").await.expect("unpublish from all");
@@ -323,37 +226,23 @@ async fn multi_node_raw_volume_is_shared_by_two_domains() {
 async fn unknown_node_is_not_found_on_publish_and_ok_on_unpublish() {
     ensure_libvirtd();
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "nowhere",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
-    let err = publish(&p, &vol, "vdt-hv-no-such-domain")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let err = publish(&p, &vol, "00000000-1111-2222-3333-444444444444")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    unpublish(&p, &vol, "vdt-hv-no-such-domain")
-        .await
-        .expect("node gone → OK");
+    let vol = create(&p, "nowhere", &[]).await;
+    for node in [
+        "vdt-hv-no-such-domain",
+        "00000000-1111-2222-3333-444444444444",
+    ] {
+        let err = publish(&p, &vol, node).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    let r = unpublish(&p, &vol, "vdt-hv-no-such-domain").await;
+    r.expect("node gone → OK");
 }
 
 #[tokio::test]
 async fn virtio_detach_without_a_guest_is_not_reported_ok() {
     let dom = TestDomain::start("virtio", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "virtio-stuck",
-        &[("bus", "virtio")],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "virtio-stuck", &[("bus", "virtio")]).await;
     let serial = serial_of(&vol);
     let ctx = publish(&p, &vol, &dom.uuid).await.expect("publish");
     assert_eq!(ctx.get("bus").map(String::as_str), Some("virtio"));
@@ -378,21 +267,12 @@ async fn virtio_detach_without_a_guest_is_not_reported_ok() {
 
     // The device goes away for real (dropped from the definition, domain restarted): the
     // very next retry succeeds and nothing of the disk is left.
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh")
-            .args(["-q", "-c", URI])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "virsh {args:?}: {out:?}");
-    };
-    virsh(&["detach-disk", &dom.name, &disk.target, "--config"]);
-    virsh(&["destroy", &dom.name]);
-    virsh(&["start", &dom.name]);
+    virsh_ok(&["detach-disk", &dom.name, &disk.target, "--config"]);
+    dom.power_off();
+    dom.power_on();
     assert!(dom.live_disk(&serial).is_none());
-    unpublish(&p, &vol, &dom.uuid)
-        .await
-        .expect("OK once the disk is gone");
+    let r = unpublish(&p, &vol, &dom.uuid).await;
+    r.expect("OK once the disk is gone");
     assert!(dom.inactive_disk(&serial).is_none());
     assert!(published_nodes(&p, &vol).await.is_empty());
 }
@@ -401,41 +281,26 @@ async fn virtio_detach_without_a_guest_is_not_reported_ok() {
 async fn online_expand_and_modify_qos_act_on_the_running_domain() {
     let dom = TestDomain::start("grow", 3);
     let p = controller("").await;
-    let vol = create(
+    let block = block_cap(Mode::SingleNodeWriter);
+    let vol = create_with(
         &p,
         "grow-and-tune",
         &[("totalIopsSec", "500")],
-        block_cap(Mode::SingleNodeWriter),
+        block.clone(),
     )
     .await;
     let serial = serial_of(&vol);
-    publish_cap(
-        &p,
-        &vol,
-        &dom.uuid,
-        block_cap(Mode::SingleNodeWriter),
-        false,
-    )
-    .await
-    .expect("publish");
+    let r = publish_cap(&p, &vol, &dom.uuid, block.clone(), false).await;
+    r.expect("publish");
     let target = dom.live_disk(&serial).unwrap().target;
     assert_eq!(dom.capacity(&target), 64 * MIB as u64);
 
     let t = Instant::now();
-    let resp = p
-        .controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(block_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .expect("expand")
-        .into_inner();
+    let req = csi::ControllerExpandVolumeRequest {
+        volume_capability: Some(block),
+        ..expand_req(&vol, 128 * MIB)
+    };
+    let resp = p.controller().expand(req).await.expect("expand");
     eprintln!("online expand: {} ms", ms(t));
     assert_eq!(resp.capacity_bytes, 128 * MIB);
     assert!(!resp.node_expansion_required, "block volume");
@@ -448,16 +313,18 @@ async fn online_expand_and_modify_qos_act_on_the_running_domain() {
     assert_eq!(qemu_img_info(&image)["virtual-size"], 128 * MIB);
 
     let t = Instant::now();
+    let qos = [
+        ("totalIopsSec", "0"),
+        ("readIopsSec", "300"),
+        ("totalBytesSec", "2097152"),
+    ];
+    let req = csi::ControllerModifyVolumeRequest {
+        volume_id: vol.clone(),
+        mutable_parameters: params(&qos),
+        ..Default::default()
+    };
     p.controller()
-        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
-            volume_id: vol.clone(),
-            mutable_parameters: params(&[
-                ("totalIopsSec", "0"),
-                ("readIopsSec", "300"),
-                ("totalBytesSec", "2097152"),
-            ]),
-            ..Default::default()
-        })
+        .controller_modify_volume(req)
         .await
         .expect("modify");
     eprintln!("modify qos: {} ms", ms(t));
@@ -476,69 +343,39 @@ async fn online_expand_and_modify_qos_act_on_the_running_domain() {
 async fn publications_survive_a_plugin_restart_and_names_work_as_node_ids() {
     let dom = TestDomain::start("restart", 3);
     let mut p = controller("").await;
-    let vol = create(
-        &p,
-        "survivor",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "survivor", &[]).await;
     // Published by the domain name; reported by UUID (the default node id kind).
     let ctx = publish(&p, &vol, &dom.name).await.expect("publish by name");
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
-    assert_eq!(
-        publish(&p, &vol, &dom.name).await.expect("again by name"),
-        ctx
-    );
-    assert_eq!(
-        publish(&p, &vol, &dom.uuid).await.expect("again by uuid"),
-        ctx
-    );
+    for (node, what) in [(&dom.name, "again by name"), (&dom.uuid, "again by uuid")] {
+        assert_eq!(publish(&p, &vol, node).await.expect(what), ctx);
+    }
 
     // A crash: nothing the plugin knew survives but the pools and the domains.
     p.kill();
     p.restart().await;
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
     assert_eq!(listed_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
-    assert_eq!(
-        publish(&p, &vol, &dom.uuid)
-            .await
-            .expect("idempotent after restart"),
-        ctx
-    );
-    let err = p
-        .controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: vol.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let again = publish(&p, &vol, &dom.uuid).await;
+    assert_eq!(again.expect("idempotent after restart"), ctx);
+    let err = p.controller().delete(&vol).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    unpublish(&p, &vol, &dom.name)
-        .await
-        .expect("unpublish by name");
+    let r = unpublish(&p, &vol, &dom.name).await;
+    r.expect("unpublish by name");
     assert!(dom.live_disk(&serial_of(&vol)).is_none());
-    p.controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: vol.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete once detached");
+    let r = p.controller().delete(&vol).await;
+    r.expect("delete once detached");
 }
 
 #[tokio::test]
 async fn node_id_kind_name_reports_domain_names() {
     let dom = TestDomain::start("byname", 3);
     let p = controller("node_id = \"name\"\n").await;
-    let vol = create(&p, "named", &[], mount_cap("ext4", Mode::SingleNodeWriter)).await;
+    let vol = create(&p, "named", &[]).await;
     let ctx = publish(&p, &vol, &dom.uuid).await.expect("publish by uuid");
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.name.clone()]);
-    assert_eq!(
-        publish(&p, &vol, &dom.name).await.expect("again by name"),
-        ctx
-    );
+    let again = publish(&p, &vol, &dom.name).await;
+    assert_eq!(again.expect("again by name"), ctx);
     unpublish(&p, &vol, &dom.name).await.unwrap();
 }
 
@@ -546,32 +383,18 @@ async fn node_id_kind_name_reports_domain_names() {
 async fn node_at_its_disk_limit_is_resource_exhausted() {
     let dom = TestDomain::start("limit", 3);
     let p = controller("[node]\nmax_volumes_per_node = 1\n").await;
-    let one = create(
-        &p,
-        "limit-one",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
-    let two = create(
-        &p,
-        "limit-two",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let one = create(&p, "limit-one", &[]).await;
+    let two = create(&p, "limit-two", &[]).await;
     publish(&p, &one, &dom.uuid).await.expect("first fits");
     let err = publish(&p, &two, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(dom.live_disk(&serial_of(&two)).is_none());
     // The one already attached is still OK to publish again.
-    publish(&p, &one, &dom.uuid)
-        .await
-        .expect("idempotent at the limit");
+    let r = publish(&p, &one, &dom.uuid).await;
+    r.expect("idempotent at the limit");
     unpublish(&p, &one, &dom.uuid).await.unwrap();
-    publish(&p, &two, &dom.uuid)
-        .await
-        .expect("fits after an unpublish");
+    let r = publish(&p, &two, &dom.uuid).await;
+    r.expect("fits after an unpublish");
     unpublish(&p, &two, &dom.uuid).await.unwrap();
 }
 
@@ -579,26 +402,12 @@ async fn node_at_its_disk_limit_is_resource_exhausted() {
 async fn persistent_only_leftover_is_cleaned_by_unpublish() {
     let dom = TestDomain::start("leftover", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "leftover",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "leftover", &[]).await;
     let serial = serial_of(&vol);
     publish(&p, &vol, &dom.uuid).await.expect("publish");
     // Someone detached the live disk behind our back; the persistent copy stays.
     let target = dom.live_disk(&serial).unwrap().target;
-    let out = std::process::Command::new("virsh")
-        .args(["-c", URI, "detach-disk", &dom.name, &target, "--live"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    virsh_ok(&["detach-disk", &dom.name, &target, "--live"]);
     assert!(dom.live_disk(&serial).is_none() && dom.inactive_disk(&serial).is_some());
     assert_eq!(
         published_nodes(&p, &vol).await,
@@ -614,29 +423,16 @@ async fn persistent_only_leftover_is_cleaned_by_unpublish() {
 async fn transient_domain_gets_live_only_disks_and_sata_is_refused() {
     let dom = TestDomain::start_transient("transient", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "on-transient",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
-    publish(&p, &vol, &dom.uuid)
-        .await
-        .expect("persist=true on a transient domain: live only");
+    let vol = create(&p, "on-transient", &[]).await;
+    let r = publish(&p, &vol, &dom.uuid).await;
+    r.expect("persist=true on a transient domain: live only");
     assert!(dom.live_disk(&serial_of(&vol)).is_some());
     // The scan of every domain sees disks of transient domains too.
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
     unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
     assert!(dom.live_disk(&serial_of(&vol)).is_none());
 
-    let sata = create(
-        &p,
-        "sata",
-        &[("bus", "sata")],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let sata = create(&p, "sata", &[("bus", "sata")]).await;
     let err = publish(&p, &sata, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("sata"), "{}", err.message());
@@ -647,38 +443,14 @@ async fn virtio_without_a_free_pci_slot_is_resource_exhausted() {
     // One free root port: the first virtio disk takes it.
     let dom = TestDomain::start("pcifull", 1);
     let p = controller("").await;
-    let one = create(
-        &p,
-        "pci-one",
-        &[("bus", "virtio")],
-        block_cap(Mode::SingleNodeWriter),
-    )
-    .await;
-    let two = create(
-        &p,
-        "pci-two",
-        &[("bus", "virtio")],
-        block_cap(Mode::SingleNodeWriter),
-    )
-    .await;
-    publish_cap(
-        &p,
-        &one,
-        &dom.uuid,
-        block_cap(Mode::SingleNodeWriter),
-        false,
-    )
-    .await
-    .expect("first virtio disk");
-    let err = publish_cap(
-        &p,
-        &two,
-        &dom.uuid,
-        block_cap(Mode::SingleNodeWriter),
-        false,
-    )
-    .await
-    .unwrap_err();
+    let block = block_cap(Mode::SingleNodeWriter);
+    let virtio = [("bus", "virtio")];
+    let one = create_with(&p, "pci-one", &virtio, block.clone()).await;
+    let two = create_with(&p, "pci-two", &virtio, block.clone()).await;
+    let r = publish_cap(&p, &one, &dom.uuid, block.clone(), false).await;
+    r.expect("first virtio disk");
+    let err = publish_cap(&p, &two, &dom.uuid, block, false).await;
+    let err = err.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(dom.live_disk(&serial_of(&two)).is_none());
     assert!(
@@ -691,13 +463,7 @@ async fn virtio_without_a_free_pci_slot_is_resource_exhausted() {
 async fn failed_attach_leaves_nothing_behind() {
     let dom = TestDomain::start("badimage", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "broken-image",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "broken-image", &[]).await;
     // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails.
     let images: Vec<_> = std::fs::read_dir(p.pool_dir().join("images"))
         .unwrap()
@@ -716,20 +482,8 @@ async fn failed_attach_leaves_nothing_behind() {
 async fn shut_off_domain_keeps_persistent_disks() {
     let dom = TestDomain::start("shutoff", 3);
     let p = controller("").await;
-    let vol = create(
-        &p,
-        "sleeper",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
-    let other = create(
-        &p,
-        "latecomer",
-        &[],
-        mount_cap("ext4", Mode::SingleNodeWriter),
-    )
-    .await;
+    let vol = create(&p, "sleeper", &[]).await;
+    let other = create(&p, "latecomer", &[]).await;
     let serial = serial_of(&vol);
     publish(&p, &vol, &dom.uuid).await.expect("publish");
     dom.power_off();
@@ -738,17 +492,8 @@ async fn shut_off_domain_keeps_persistent_disks() {
     let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Expansion while the domain is off grows the image file.
-    p.controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 96 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("expand");
+    let r = p.controller().expand(expand_req(&vol, 96 * MIB)).await;
+    r.expect("expand");
     let image = dom.inactive_disk(&serial).unwrap().source.unwrap();
     assert_eq!(qemu_img_info(&image)["virtual-size"], 96 * MIB);
     unpublish(&p, &vol, &dom.uuid).await.expect("unpublish");
@@ -759,6 +504,7 @@ async fn shut_off_domain_keeps_persistent_disks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_removed_events_wake_detach_waiters() {
     use virtdisk_csi::hypervisor::conn::{device_removed, Libvirt};
+    use virtdisk_test_support::virsh::URI;
     let dom = TestDomain::start("events", 3);
     let lv = Libvirt::new(URI);
     lv.ping()
@@ -768,37 +514,26 @@ async fn device_removed_events_wake_detach_waiters() {
     open_for_qemu(dir.path());
     let image = dir.path().join("e.raw");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh")
-            .args(["-c", URI])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let controller = dir.path().join("scsi.xml");
     std::fs::write(&controller, "<controller type='scsi' model='virtio-scsi'/>").unwrap();
-    virsh(&[
+    let (name, image) = (dom.name.as_str(), image.to_str().unwrap());
+    virsh_ok(&[
         "attach-device",
-        &dom.name,
+        name,
         controller.to_str().unwrap(),
         "--live",
     ]);
-    virsh(&[
+    virsh_ok(&[
         "attach-disk",
-        &dom.name,
-        image.to_str().unwrap(),
+        name,
+        image,
         "sdq",
         "--targetbus",
         "scsi",
         "--live",
     ]);
     let removed = device_removed();
-    virsh(&["detach-disk", &dom.name, "sdq", "--live"]);
+    virsh_ok(&["detach-disk", name, "sdq", "--live"]);
     tokio::time::timeout(std::time::Duration::from_secs(10), removed)
         .await
         .expect("a DEVICE_REMOVED event arrived");

@@ -10,16 +10,10 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod hotplug_support;
-
-use common::*;
-use hotplug_support::*;
 use std::path::{Path, PathBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::*;
 
 const LIBVIRT_SOCK: &str = "/run/libvirt/libvirt-sock";
 
@@ -66,59 +60,50 @@ impl Relay {
     }
 }
 
-async fn probe(p: &Plugin) -> Result<(), tonic::Status> {
-    p.identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .map(|r| assert_eq!(r.into_inner().ready, Some(true)))
+async fn probe(p: &Plugin) -> Result<(), Status> {
+    let ready = p.identity().ready().await?;
+    assert_eq!(ready, Some(true));
+    Ok(())
 }
 
-async fn publish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
-    p.controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+async fn publish(p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
+    let req = publish_req(volume, node);
+    p.controller().publish(req).await.map(drop)
 }
 
-async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
-    p.controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
+    p.controller().unpublish(unpublish_req(volume, node)).await
+}
+
+async fn create_with(p: &Plugin, name: &str, kv: &[(&str, &str)]) -> String {
+    let req = csi::CreateVolumeRequest {
+        parameters: params(kv),
+        ..create_req(name, 64 * MIB)
+    };
+    p.controller().create(req).await.expect("create").volume_id
 }
 
 async fn create(p: &Plugin, name: &str) -> String {
-    p.controller()
-        .create_volume(create_req(name, 64 * MIB))
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    create_with(p, name, &[]).await
+}
+
+/// A relay to libvirtd, and a controller that reaches libvirtd through it.
+async fn controller_behind_relay(detach_timeout_secs: u64) -> (Relay, Plugin, tempfile::TempDir) {
+    let relay_dir = tempfile::tempdir().unwrap();
+    let sock = relay_dir.path().join("libvirt-sock");
+    let relay = Relay::new(&sock);
+    let config = format!(
+        "[libvirt]\nuri = \"qemu+unix:///system?socket={}\"\ndetach_timeout_secs = {detach_timeout_secs}\n",
+        sock.display()
+    );
+    let launch = Plugin::launch("controller").config(&config);
+    (relay, launch.readable_by_qemu().start().await, relay_dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
     let dom = TestDomain::start("reconnect", 3);
-    let relay_dir = tempfile::tempdir().unwrap();
-    let sock = relay_dir.path().join("libvirt-sock");
-    let mut relay = Relay::new(&sock);
-    let config = format!(
-        "[libvirt]\nuri = \"qemu+unix:///system?socket={}\"\ndetach_timeout_secs = 5\n",
-        sock.display()
-    );
-    let p = Plugin::start_with_config("controller", &config, &[]).await;
-    open_for_qemu(p.dir.path());
+    let (mut relay, p, _relay_dir) = controller_behind_relay(5).await;
     let one = create(&p, "reconnect-one").await;
     let two = create(&p, "reconnect-two").await;
     probe(&p).await.expect("ready");
@@ -147,17 +132,10 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
     let err = p
         .controller()
         .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap_err();
+        .await;
+    let err = err.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let err = p
-        .controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: one.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = p.controller().delete(&one).await.unwrap_err();
     assert_eq!(
         err.code(),
         Code::Unavailable,
@@ -184,26 +162,8 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let dom = TestDomain::start("reconnect-mid", 3);
-    let relay_dir = tempfile::tempdir().unwrap();
-    let sock = relay_dir.path().join("libvirt-sock");
-    let mut relay = Relay::new(&sock);
-    let config = format!(
-        "[libvirt]\nuri = \"qemu+unix:///system?socket={}\"\ndetach_timeout_secs = 120\n",
-        sock.display()
-    );
-    let p = Plugin::start_with_config("controller", &config, &[]).await;
-    open_for_qemu(p.dir.path());
-    let mut req = create_req("reconnect-virtio", 64 * MIB);
-    req.parameters = params(&[("bus", "virtio")]);
-    let stuck = p
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let (mut relay, p, _relay_dir) = controller_behind_relay(120).await;
+    let stuck = create_with(&p, "reconnect-virtio", &[("bus", "virtio")]).await;
     let other = create(&p, "reconnect-scsi").await;
     publish(&p, &stuck, &dom.uuid).await.expect("publish");
 
@@ -211,13 +171,8 @@ async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let waiting = {
         let (ch, vol, node) = (p.channel.clone(), stuck.clone(), dom.uuid.clone());
         tokio::spawn(async move {
-            csi::controller_client::ControllerClient::new(ch)
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: vol,
-                    node_id: node,
-                    ..Default::default()
-                })
-                .await
+            let mut c = csi::controller_client::ControllerClient::new(ch);
+            c.unpublish(unpublish_req(&vol, &node)).await
         })
     };
     // libvirt holds a guest-less virtio-blk detach request ~5 s, and the plugin then waits up
@@ -239,31 +194,15 @@ async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("libvirtd"), "{}", err.message());
-    let err = p
-        .controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: stuck.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = p.controller().volume(&stuck).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // Back, same process: the disk is still there and reported; publishing works again.
     relay.up();
     probe(&p).await.expect("ready again");
     assert!(dom.live_disk(&serial_of(&stuck)).is_some());
-    let got = p
-        .controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: stuck.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        got.status.unwrap().published_node_ids,
-        vec![dom.uuid.clone()]
-    );
+    let nodes = p.controller().published_nodes(&stuck).await;
+    assert_eq!(nodes, vec![dom.uuid.clone()]);
     publish(&p, &other, &dom.uuid)
         .await
         .expect("publish after recovery");

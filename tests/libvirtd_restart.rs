@@ -8,15 +8,10 @@
 
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod hotplug_support;
-
-use common::*;
-use hotplug_support::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::virsh::{ensure_libvirtd, virsh};
 
 fn libvirtd_running() -> bool {
     Command::new("pgrep")
@@ -41,13 +36,7 @@ fn start_libvirtd() {
         .expect("libvirtd");
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
-    let answers = || {
-        Command::new("virsh")
-            .args(["-c", "qemu:///system", "version"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    while !answers() {
+    while !virsh(&["version"]).status.success() {
         assert!(Instant::now() < deadline, "libvirtd did not come back");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -64,31 +53,17 @@ impl Drop for Restore {
     }
 }
 
-async fn probe(p: &Plugin) -> Result<(), tonic::Status> {
-    p.identity().probe(csi::ProbeRequest {}).await.map(drop)
+async fn probe(p: &Plugin) -> Result<(), Status> {
+    p.identity().ready().await.map(drop)
 }
 
-async fn publish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
-    p.controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+async fn publish(p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
+    let req = publish_req(volume, node);
+    p.controller().publish(req).await.map(drop)
 }
 
-async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
-    p.controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+async fn unpublish(p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
+    p.controller().unpublish(unpublish_req(volume, node)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,20 +78,12 @@ async fn a_real_libvirtd_restart_does_not_break_the_plugin() {
     ensure_libvirtd();
     let _restore = Restore;
     let dom = TestDomain::start("restart", 3);
-    let p =
-        Plugin::start_with_config("controller", "[libvirt]\ndetach_timeout_secs = 10\n", &[]).await;
-    open_for_qemu(p.dir.path());
+    let launch = Plugin::launch("controller").config("[libvirt]\ndetach_timeout_secs = 10\n");
+    let p = launch.readable_by_qemu().start().await;
     let mut ids = Vec::new();
     for name in ["restart-one", "restart-two"] {
-        let v = p
-            .controller()
-            .create_volume(create_req(name, 64 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
-        ids.push(v.volume_id);
+        let v = p.controller().create(create_req(name, 64 * MIB)).await;
+        ids.push(v.unwrap().volume_id);
     }
     probe(&p).await.expect("ready");
     publish(&p, &ids[0], &dom.uuid).await.expect("publish");
@@ -145,13 +112,7 @@ async fn a_real_libvirtd_restart_does_not_break_the_plugin() {
         "still attached"
     );
     probe(&p).await.expect("ready again");
-    let listed = p
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    for e in &listed.entries {
+    for e in &p.controller().all_volumes().await {
         assert_eq!(
             e.status.as_ref().unwrap().published_node_ids,
             vec![dom.uuid.clone()]

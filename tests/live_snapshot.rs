@@ -7,185 +7,95 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod live_snapshot_support;
-
-use common::*;
-use live_snapshot_support::*;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::pool::{check_all_layers, layer_files, snapshot_layer, volume_image};
+use virtdisk_test_support::pool::{snapshot_record, volume_record};
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::qemu::backing_of;
+use virtdisk_test_support::virsh::virsh_ok;
 
 const VOL: i64 = 64 * MIB;
 const K64: u64 = 64 * 1024;
 
 async fn controller() -> Plugin {
-    let p =
-        Plugin::start_with_config("controller", "[libvirt]\ndetach_timeout_secs = 2\n", &[]).await;
-    open_for_qemu(p.dir.path());
-    p
+    let launch = Plugin::launch("controller").config("[libvirt]\ndetach_timeout_secs = 2\n");
+    launch.readable_by_qemu().start().await
 }
 
-fn record(p: &Plugin, dir: &str, id: &str) -> Value {
-    let path = p.pool_dir().join(format!("{dir}/{}.json", key_of(id)));
-    serde_json::from_slice(&std::fs::read(&path).expect("record")).unwrap()
+/// A domain, a controller, and a volume `name` (not attached) whose first 64 KiB are 0xaa.
+async fn setup(tag: &str, name: &str) -> (TestDomain, Plugin, String, String, PathBuf) {
+    let dom = TestDomain::with_guest_agent(tag);
+    let p = controller().await;
+    let vol = create(&p, name, None).await;
+    let serial = serial_of(&vol);
+    let first = image_of(&p, &vol);
+    write_pattern(&first, 0xaa, 0, K64);
+    (dom, p, vol, serial, first)
 }
 
 fn image_of(p: &Plugin, volume_id: &str) -> PathBuf {
-    let rec = record(p, "volumes", volume_id);
-    p.pool_dir()
-        .join("images")
-        .join(rec["image"].as_str().unwrap())
+    volume_image(&p.pool_dir(), volume_id)
 }
 
 fn layer_of(p: &Plugin, snapshot_id: &str) -> PathBuf {
-    let rec = record(p, "snapshots", snapshot_id);
-    p.pool_dir()
-        .join("images")
-        .join(rec["layer"].as_str().unwrap())
+    snapshot_layer(&p.pool_dir(), snapshot_id)
 }
 
-fn layer_files(p: &Plugin) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(p.pool_dir().join("images"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    v.sort();
-    v
-}
-
-async fn create(
-    p: &Plugin,
-    name: &str,
-    source: Option<csi::volume_content_source::Type>,
-) -> String {
-    let mut req = create_req(name, VOL);
-    req.volume_content_source = source.map(|s| csi::VolumeContentSource { r#type: Some(s) });
-    p.controller()
-        .create_volume(req)
-        .await
-        .unwrap_or_else(|e| panic!("create volume {name}: {e:?}"))
-        .into_inner()
-        .volume
-        .unwrap()
+async fn create(p: &Plugin, name: &str, source: Option<Source>) -> String {
+    let req = match source {
+        Some(source) => create_from_req(name, VOL, source),
+        None => create_req(name, VOL),
+    };
+    let vol = p.controller().create(req).await;
+    vol.unwrap_or_else(|e| panic!("create volume {name}: {e:?}"))
         .volume_id
-}
-
-fn from_snapshot(id: &str) -> Option<csi::volume_content_source::Type> {
-    Some(csi::volume_content_source::Type::Snapshot(
-        csi::volume_content_source::SnapshotSource {
-            snapshot_id: id.to_string(),
-        },
-    ))
-}
-
-fn from_volume(id: &str) -> Option<csi::volume_content_source::Type> {
-    Some(csi::volume_content_source::Type::Volume(
-        csi::volume_content_source::VolumeSource {
-            volume_id: id.to_string(),
-        },
-    ))
 }
 
 async fn snapshot(p: &Plugin, name: &str, source: &str) -> csi::Snapshot {
     let t = Instant::now();
-    let snap = p
-        .controller()
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: source.to_string(),
-            name: name.to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("snapshot {name}: {e:?}"))
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = p.controller().snapshot(snapshot_req(name, source)).await;
+    let snap = snap.unwrap_or_else(|e| panic!("snapshot {name}: {e:?}"));
     eprintln!("snapshot {name} of {source}: {} ms", ms(t));
     snap
 }
 
 async fn publish(p: &Plugin, volume: &str, node: &str) {
-    p.controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
-        .await
-        .expect("publish");
+    let r = p.controller().publish(publish_req(volume, node)).await;
+    r.expect("publish");
 }
 
 async fn unpublish(p: &Plugin, volume: &str, node: &str) {
-    p.controller()
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("unpublish");
+    let r = p.controller().unpublish(unpublish_req(volume, node)).await;
+    r.expect("unpublish");
 }
 
 async fn published_nodes(p: &Plugin, volume: &str) -> Vec<String> {
-    p.controller()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: volume.into(),
-        })
-        .await
-        .expect("get volume")
-        .into_inner()
-        .status
-        .unwrap()
-        .published_node_ids
+    p.controller().published_nodes(volume).await
 }
 
-async fn delete_volume(p: &Plugin, id: &str) {
-    p.controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("delete volume {id}: {e:?}"));
-}
-
-async fn delete_snapshot(p: &Plugin, id: &str) {
-    p.controller()
-        .delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("delete snapshot {id}: {e:?}"));
-}
-
-fn backing_of(image: &Path) -> Option<String> {
-    qemu_img_info(image)["backing-filename"]
-        .as_str()
-        .map(str::to_string)
-}
-
-/// `qemu-img check` on every layer file of the pool; returns how many there are.
-fn check_all_layers(p: &Plugin) -> usize {
-    let files = layer_files(p);
-    for f in &files {
-        qemu_img_check(f);
+/// Deletes the volumes and snapshots; then no layer file is left.
+async fn delete_all(p: &Plugin, volumes: &[&String], snapshots: &[&String]) {
+    let mut c = p.controller();
+    for id in volumes {
+        let r = c.delete(id).await;
+        r.unwrap_or_else(|e| panic!("delete volume {id}: {e:?}"));
     }
-    files.len()
+    for id in snapshots {
+        let r = c.remove_snapshot(id).await;
+        r.unwrap_or_else(|e| panic!("delete snapshot {id}: {e:?}"));
+    }
+    assert_eq!(
+        layer_files(&p.pool_dir()),
+        Vec::<PathBuf>::new(),
+        "images/ is empty"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_restore_and_clone_of_an_attached_volume() {
-    let dom = TestDomain::start("main");
-    let mut p = controller().await;
-    let vol = create(&p, "live-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    // Written before the volume is attached.
-    write_pattern(&first, 0xaa, 0, K64);
+    // 0xaa written before the volume is attached.
+    let (dom, mut p, vol, serial, first) = setup("main", "live-src").await;
     publish(&p, &vol, &dom.uuid).await;
     let disk = dom.live_disk(&serial).expect("attached");
     assert_eq!(disk.source.as_deref(), Some(first.as_path()));
@@ -201,10 +111,8 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
         "the image the domain wrote is the snapshot's layer"
     );
     // No guest agent answers in a domain without an OS: a crash-consistent snapshot.
-    assert_eq!(
-        record(&p, "snapshots", &snap.snapshot_id)["quiesced"],
-        false
-    );
+    let record = snapshot_record(&p.pool_dir(), &snap.snapshot_id);
+    assert_eq!(record["quiesced"], false);
 
     // The domain now writes to the new overlay, live and after a restart.
     let overlay = image_of(&p, &vol);
@@ -229,32 +137,32 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
     // Written by the domain after the snapshot: only the overlay sees it.
     dom.qemu_io(&serial, &format!("write -P 0xbb 0 {K64}"));
     dom.qemu_io(&serial, "flush");
-    assert_reads(&overlay, 0xbb, 0, K64);
-    assert_reads(&layer, 0xaa, 0, K64);
-    assert_reads(&layer, 0xcc, K64, K64);
+    assert_pattern(&overlay, 0xbb, 0, K64);
+    assert_pattern(&layer, 0xaa, 0, K64);
+    assert_pattern(&layer, 0xcc, K64, K64);
 
-    let restored = create(&p, "live-restored", from_snapshot(&snap.snapshot_id)).await;
+    let restored = create(&p, "live-restored", Some(from_snapshot(&snap.snapshot_id))).await;
     let restored_image = image_of(&p, &restored);
-    assert_reads(&restored_image, 0xaa, 0, K64);
-    assert_reads(&restored_image, 0xcc, K64, K64);
+    assert_pattern(&restored_image, 0xaa, 0, K64);
+    assert_pattern(&restored_image, 0xcc, K64, K64);
     // The frozen layer stays readable by QEMU: the restore, which reads through it, attaches
     // to the same domain while the source (whose chain holds it too) stays attached.
     publish(&p, &restored, &dom.uuid).await;
     let restored_serial = serial_of(&restored);
     dom.qemu_io(&restored_serial, &format!("write -P 0xee 0 {K64}"));
     dom.qemu_io(&restored_serial, "flush");
-    assert_reads(&restored_image, 0xee, 0, K64);
-    assert_reads(&restored_image, 0xcc, K64, K64);
-    assert_reads(&layer, 0xaa, 0, K64);
+    assert_pattern(&restored_image, 0xee, 0, K64);
+    assert_pattern(&restored_image, 0xcc, K64, K64);
+    assert_pattern(&layer, 0xaa, 0, K64);
     unpublish(&p, &restored, &dom.uuid).await;
 
     // A clone of the attached volume freezes it live as well and sees its current data.
     let t = Instant::now();
-    let clone = create(&p, "live-clone", from_volume(&vol)).await;
+    let clone = create(&p, "live-clone", Some(from_volume(&vol))).await;
     eprintln!("clone of the attached volume: {} ms", ms(t));
     let clone_image = image_of(&p, &clone);
-    assert_reads(&clone_image, 0xbb, 0, K64);
-    assert_reads(&clone_image, 0xcc, K64, K64);
+    assert_pattern(&clone_image, 0xbb, 0, K64);
+    assert_pattern(&clone_image, 0xcc, K64, K64);
     let top = image_of(&p, &vol);
     assert_ne!(top, overlay);
     assert_eq!(
@@ -267,17 +175,8 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
     );
 
     // Online expansion after live snapshots grows the top layer the domain writes to.
-    p.controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 2 * VOL,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("expand online");
+    let r = p.controller().expand(expand_req(&vol, 2 * VOL)).await;
+    r.expect("expand online");
     assert_eq!(dom.capacity(&disk.target), 2 * VOL as u64);
     assert_eq!(qemu_img_info(&top)["virtual-size"], 2 * VOL);
 
@@ -297,7 +196,7 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
     let snap2 = snapshot(&p, "live-snap-2", &vol).await;
     assert!(snap2.ready_to_use);
     assert_eq!(snap2.size_bytes, 2 * VOL);
-    assert_reads(&layer_of(&p, &snap2.snapshot_id), 0xdd, 0, K64);
+    assert_pattern(&layer_of(&p, &snap2.snapshot_id), 0xdd, 0, K64);
     assert_eq!(
         dom.live_disk(&serial).unwrap().source.as_deref(),
         Some(image_of(&p, &vol).as_path())
@@ -308,9 +207,9 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
     assert!(dom.live_disk(&serial).is_none());
     assert!(dom.inactive_disk(&serial).is_none());
     assert!(published_nodes(&p, &vol).await.is_empty());
-    let layers = check_all_layers(&p);
+    let layers = check_all_layers(&p.pool_dir());
     eprintln!("{layers} layer files, all clean");
-    for f in layer_files(&p) {
+    for f in layer_files(&p.pool_dir()) {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&f).unwrap();
         eprintln!(
@@ -322,32 +221,18 @@ async fn snapshot_restore_and_clone_of_an_attached_volume() {
         );
     }
     // The source's chain after two snapshots and a clone: four layers.
-    assert_eq!(
-        record(&p, "volumes", &vol)["chain"]["backing"]
-            .as_array()
-            .map(Vec::len),
-        Some(3)
-    );
-    assert_reads(&image_of(&p, &vol), 0xdd, 0, K64);
-    assert_reads(&image_of(&p, &vol), 0xcc, K64, K64);
+    let record = volume_record(&p.pool_dir(), &vol);
+    assert_eq!(record["chain"]["backing"].as_array().map(Vec::len), Some(3));
+    assert_pattern(&image_of(&p, &vol), 0xdd, 0, K64);
+    assert_pattern(&image_of(&p, &vol), 0xcc, K64, K64);
 
-    for v in [&vol, &restored, &clone] {
-        delete_volume(&p, v).await;
-    }
-    for s in [&snap.snapshot_id, &snap2.snapshot_id] {
-        delete_snapshot(&p, s).await;
-    }
-    assert_eq!(layer_files(&p), Vec::<PathBuf>::new(), "images/ is empty");
+    let snapshots = [&snap.snapshot_id, &snap2.snapshot_id];
+    delete_all(&p, &[&vol, &restored, &clone], &snapshots).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shut_off_domain_gets_its_persistent_definition_switched() {
-    let dom = TestDomain::start("off");
-    let p = controller().await;
-    let vol = create(&p, "off-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    write_pattern(&first, 0xaa, 0, K64);
+    let (dom, p, vol, serial, first) = setup("off", "off-src").await;
     publish(&p, &vol, &dom.uuid).await;
     dom.power_off();
     // persist=true: still attached to the shut-off node.
@@ -368,26 +253,19 @@ async fn shut_off_domain_gets_its_persistent_definition_switched() {
     assert_eq!(live.source.as_deref(), Some(overlay.as_path()));
     dom.qemu_io(&serial, &format!("write -P 0xbb 0 {K64}"));
     dom.qemu_io(&serial, "flush");
-    assert_reads(&overlay, 0xbb, 0, K64);
-    assert_reads(&first, 0xaa, 0, K64);
+    assert_pattern(&overlay, 0xbb, 0, K64);
+    assert_pattern(&first, 0xaa, 0, K64);
 
     unpublish(&p, &vol, &dom.uuid).await;
-    check_all_layers(&p);
-    delete_volume(&p, &vol).await;
-    delete_snapshot(&p, &snap.snapshot_id).await;
-    assert_eq!(layer_files(&p), Vec::<PathBuf>::new());
+    check_all_layers(&p.pool_dir());
+    delete_all(&p, &[&vol], &[&snap.snapshot_id]).await;
 }
 
 /// A disk whose persistent copy sits on another target than the live one (attached by hand,
 /// or by another tool) is not followed by libvirt: the plugin repoints it itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_copy_on_another_target_is_repointed() {
-    let dom = TestDomain::start("repoint");
-    let p = controller().await;
-    let vol = create(&p, "repoint-src", None).await;
-    let serial = serial_of(&vol);
-    let first = image_of(&p, &vol);
-    write_pattern(&first, 0xaa, 0, K64);
+    let (dom, p, vol, serial, first) = setup("repoint", "repoint-src").await;
     virsh_ok(&[
         "attach-device",
         &dom.name,
@@ -421,11 +299,9 @@ async fn persistent_copy_on_another_target_is_repointed() {
 
     unpublish(&p, &vol, &dom.uuid).await;
     assert!(dom.live_disk(&serial).is_none() && dom.inactive_disk(&serial).is_none());
-    check_all_layers(&p);
-    assert_reads(&layer_of(&p, &snap.snapshot_id), 0xaa, 0, K64);
-    delete_volume(&p, &vol).await;
-    delete_snapshot(&p, &snap.snapshot_id).await;
-    assert_eq!(layer_files(&p), Vec::<PathBuf>::new());
+    check_all_layers(&p.pool_dir());
+    assert_pattern(&layer_of(&p, &snap.snapshot_id), 0xaa, 0, K64);
+    delete_all(&p, &[&vol], &[&snap.snapshot_id]).await;
 }
 
 /// A `<disk>` file for `virsh attach-device`, written into the test's temp dir.

@@ -6,14 +6,14 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod live_snapshot_support;
-
-use live_snapshot_support::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use virtdisk_csi::attach::Attacher;
 use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig, NodeIdKind, PoolImages};
+use virtdisk_test_support::qemu::{create_overlay, create_qcow2};
+use virtdisk_test_support::virsh::{virsh_ok, URI};
+use virtdisk_test_support::{open_for_qemu, TestDomain};
 
 const SIZE: u64 = 64 << 20;
 
@@ -52,30 +52,19 @@ impl Bed {
     }
 }
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An overlay as the pool makes it: qcow2, backing named relative to its directory.
 fn overlay(path: &Path, backing: &str, size: u64) {
-    let p = path.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing,
-        "-F",
-        "qcow2",
-        p,
-        &size.to_string(),
-    ]);
+    create_overlay(path, backing, Some(size));
+}
+
+/// A domain with the volume's base image attached, in a bed.
+fn attached(tag: &str) -> (TestDomain, Bed, PathBuf) {
+    let dom = TestDomain::with_guest_agent(tag);
+    let bed = Bed::new();
+    let base = bed.image("0123456789abcdef.qcow2");
+    create_qcow2(&base, SIZE);
+    attach(&dom, &bed.images, &base, SERIAL);
+    (dom, bed, base)
 }
 
 /// Attaches `image` as a persistent SCSI disk with the volume's serial.
@@ -105,18 +94,7 @@ const SERIAL: &str = "vd-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_then_repeat_is_a_no_op() {
-    let dom = TestDomain::start("repeat");
-    let bed = Bed::new();
-    let base = bed.image("0123456789abcdef.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &SIZE.to_string(),
-    ]);
-    attach(&dom, &bed.images, &base, SERIAL);
+    let (dom, bed, _) = attached("repeat");
     let next = bed.image("0123456789abcdef-1.qcow2");
     overlay(&next, "0123456789abcdef.qcow2", SIZE);
 
@@ -148,18 +126,7 @@ async fn switch_then_repeat_is_a_no_op() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
-    let dom = TestDomain::start("refuse");
-    let bed = Bed::new();
-    let base = bed.image("0123456789abcdef.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &SIZE.to_string(),
-    ]);
-    attach(&dom, &bed.images, &base, SERIAL);
+    let (dom, bed, base) = attached("refuse");
     let snapshot = |o: PathBuf| {
         let hv = bed.hv.clone();
         let uuid = dom.uuid.clone();
@@ -167,15 +134,7 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
     };
 
     // Backed by another image than the one the disk reads.
-    let other = bed.image("ffffffffffffffff.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        other.to_str().unwrap(),
-        &SIZE.to_string(),
-    ]);
+    create_qcow2(&bed.image("ffffffffffffffff.qcow2"), SIZE);
     let wrong = bed.image("0123456789abcdef-1.qcow2");
     overlay(&wrong, "ffffffffffffffff.qcow2", SIZE);
     let err = snapshot(wrong).await.unwrap_err();

@@ -1,37 +1,22 @@
 //! The whole node path on this host, against the real things: a monolith with local attach
 //! (qemu-storage-daemon FUSE export + loop device), real mkfs, real mounts. Needs root.
 
-mod common;
-#[path = "local_attach/env.rs"]
-mod env;
-
-use common::*;
-use env::*;
 use std::path::Path;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::qemu::{qemu_io, Read};
 
 const SHORT_WAIT: &str = "[node]\ndevice_wait_secs = 2\n";
-
-fn bytes_total(s: &csi::NodeGetVolumeStatsResponse) -> i64 {
-    s.usage
-        .iter()
-        .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
-        .expect("bytes usage")
-        .total
-}
 
 /// create → publish → stage (ext4) → stage again and under a second path → publish twice →
 /// write → restart the plugin → unpublish/unstage → stage again → data reads back → teardown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext4_lifecycle_two_targets_two_staging_paths_and_restart() {
-    if !can_run() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let mut env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = env.create(&unique("ext4"), 64 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("ext4", 64 * MIB, &cap).await;
     assert_eq!(ctx.get("bus").map(String::as_str), Some("local"));
     assert!(ctx["devicePath"].starts_with("/dev/loop"), "{ctx:?}");
     assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
@@ -79,15 +64,8 @@ async fn ext4_lifecycle_two_targets_two_staging_paths_and_restart() {
     // A restarted plugin knows the attachment and the mounts from the system alone.
     env.plugin.restart().await;
     assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
-    let listed = env
-        .plugin
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = env.plugin.controller().all_volumes().await;
     let entry = listed
-        .entries
         .iter()
         .find(|e| e.volume.as_ref().unwrap().volume_id == vol.volume_id)
         .unwrap();
@@ -137,14 +115,12 @@ async fn ext4_lifecycle_two_targets_two_staging_paths_and_restart() {
 /// xfs: format, mount (nouuid), grow online through ControllerExpand + NodeExpand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfs_stage_and_online_expand() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("xfs", Mode::SingleNodeWriter);
     // mkfs.xfs wants at least 300 MiB; the image stays sparse.
-    let vol = env.create(&unique("xfs"), 320 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("xfs", 320 * MIB, &cap).await;
     let s = env.staging("xfs");
     let t = env.target("xfs-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
@@ -157,21 +133,9 @@ async fn xfs_stage_and_online_expand() {
     let before = bytes_total(&env.stats(&vol, &t, &s).await.unwrap());
 
     // NodeExpand names another volume: this disk is not its disk, so nothing is grown.
-    let err = env
-        .plugin
-        .node()
-        .node_expand_volume(csi::NodeExpandVolumeRequest {
-            volume_id: "default.0123456789abcdef".into(),
-            volume_path: t.to_string(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 480 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let req = node_expand_req("default.0123456789abcdef", &t, 480 * MIB);
+    let err = env.plugin.node().expand(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     grow(&env, &vol, &t, &s, 480 * MIB).await;
     let after = env.stats(&vol, &t, &s).await.unwrap();
@@ -214,49 +178,26 @@ async fn try_grow(
     staging: &str,
     size: i64,
 ) -> Result<i64, tonic::Status> {
-    let r = env
-        .plugin
-        .controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: size,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let req = expand_req(&vol.volume_id, size);
+    let r = env.plugin.controller().expand(req).await.unwrap();
     assert_eq!(r.capacity_bytes, size);
     assert!(r.node_expansion_required);
-    env.plugin
-        .node()
-        .node_expand_volume(csi::NodeExpandVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            volume_path: target.to_string(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: size,
-                limit_bytes: 0,
-            }),
-            staging_target_path: staging.to_string(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().capacity_bytes)
+    let req = csi::NodeExpandVolumeRequest {
+        staging_target_path: staging.to_string(),
+        ..node_expand_req(&vol.volume_id, target, size)
+    };
+    env.plugin.node().expand(req).await
 }
 
 /// Block volume: a byte pattern written through the published device file reads back, and
 /// reaches the qcow2 image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_volume_byte_pattern() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = block_cap(Mode::SingleNodeWriter);
-    let vol = env.create(&unique("block"), 32 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("block", 32 * MIB, &cap).await;
     let s = env.staging("block");
     let t = env.target("block-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
@@ -307,12 +248,7 @@ async fn block_volume_byte_pattern() {
         .unwrap()
         .unwrap()
         .path();
-    let out = std::process::Command::new("qemu-io")
-        .args(["-r", "-f", "qcow2", "-c", "read -v 1048576 16"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (_, text) = qemu_io(&image, &["read -v 1048576 16"], Read::LockedNow);
     assert!(
         text.contains("00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"),
         "{text}"
@@ -324,13 +260,11 @@ async fn block_volume_byte_pattern() {
 /// missing path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_conditions_and_ext4_expand() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("", Mode::SingleNodeMultiWriter);
-    let vol = env.create(&unique("stats"), 64 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("stats", 64 * MIB, &cap).await;
     let s = env.staging("stats");
     let t1 = env.target("stats-1");
     let t2 = env.target("stats-2");
@@ -419,18 +353,12 @@ async fn stats_conditions_and_ext4_expand() {
 /// and unpublish/unstage of paths never used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_errors() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
-    let caps = env
-        .plugin
-        .node()
-        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(caps.capabilities.len(), 5);
+    };
+    let mut n = env.plugin.node();
+    let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {});
+    assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 5);
 
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let vol = env.create(&unique("errors"), 32 * MIB, cap.clone()).await;
@@ -486,18 +414,16 @@ async fn node_errors() {
 /// ControllerUnpublish still clean up everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
-    if !can_run() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let env = Env::start(SHORT_WAIT).await;
+    };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let vol = env.create(&unique("crash"), 32 * MIB, cap.clone()).await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("crash", 32 * MIB, &cap).await;
     let s = env.staging("crash");
     let t = env.target("crash-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
     env.publish(&vol, &s, &t, &cap, false).await.unwrap();
-    let key = vol.volume_id.rsplit_once('.').unwrap().1;
+    let key = key_of(&vol.volume_id);
     let pid_file = env
         .plugin
         .data_dir()
@@ -538,15 +464,11 @@ async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
 /// plugin starts again, and the volume can be published afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_cleans_an_interrupted_attach() {
-    if !can_run() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
         return;
-    }
-    let mut env = Env::start(SHORT_WAIT).await;
+    };
     let cap = block_cap(Mode::SingleNodeWriter);
-    let vol = env
-        .create(&unique("interrupted"), 16 * MIB, cap.clone())
-        .await;
-    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (vol, ctx) = env.attached("interrupted", 16 * MIB, &cap).await;
     env.plugin.kill();
     let status = std::process::Command::new("losetup")
         .args(["-d", &ctx["devicePath"]])
@@ -557,7 +479,7 @@ async fn restart_cleans_an_interrupted_attach() {
         .plugin
         .data_dir()
         .join("localattach")
-        .join(vol.volume_id.rsplit_once('.').unwrap().1);
+        .join(key_of(&vol.volume_id));
     assert!(slot.exists());
     env.plugin.restart().await;
     assert!(!slot.exists(), "the interrupted attach was not cleaned up");

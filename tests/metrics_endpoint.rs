@@ -1,65 +1,17 @@
 //! Prometheus metrics and JSON logs of a running plugin: per-RPC counters by code, latency
 //! histograms, pool gauges; every RPC's span carries its volume id; secrets appear nowhere.
 
-mod common;
-
-use common::{create_req, Plugin, MIB};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
+use virtdisk_test_support::prelude::*;
 
 const SECRET: &str = "vdt-ops-s3cr3t-value";
-
-/// `GET path` over plain HTTP/1.1; returns (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
 
 fn json_lines(log: &str) -> Vec<Value> {
     log.lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON log line ({e}): {l}")))
         .collect()
-}
-
-/// The address the plugin bound for `--metrics-addr 127.0.0.1:0`, from its log.
-async fn metrics_addr(p: &Plugin) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        for line in json_lines(&p.log()) {
-            if line["fields"]["message"] == "serving metrics on /metrics" {
-                return line["fields"]["address"].as_str().unwrap().to_string();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics address in the log:\n{}",
-            p.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The value of the sample whose line starts with `series` exactly.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 #[tokio::test]
@@ -73,35 +25,17 @@ async fn metrics_count_rpcs_by_code_and_logs_carry_the_volume_id() {
     let mut ctl = p.controller();
     let mut id = p.identity();
 
-    id.probe(csi::ProbeRequest {}).await.unwrap();
-    let mut with_secret = create_req("vdt-ops-metrics-a", 16 * MIB);
-    with_secret.secrets.insert("password".into(), SECRET.into());
-    let a = ctl
-        .create_volume(with_secret)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let b = ctl
-        .create_volume(create_req("vdt-ops-metrics-b", 8 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let missing = ctl
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: "default.0000000000000000".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(missing.code(), tonic::Code::NotFound);
-    ctl.list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap();
+    id.ready().await.unwrap();
+    let with_secret = csi::CreateVolumeRequest {
+        secrets: params(&[("password", SECRET)]),
+        ..create_req("vdt-ops-metrics-a", 16 * MIB)
+    };
+    let a = ctl.create(with_secret).await.unwrap().volume_id;
+    let b = ctl.create(create_req("vdt-ops-metrics-b", 8 * MIB)).await;
+    let b = b.unwrap().volume_id;
+    let missing = ctl.volume("default.0000000000000000").await;
+    expect_code(missing, Code::NotFound, "ControllerGetVolume of nothing");
+    ctl.all_volumes().await;
     ctl.delete_volume(csi::DeleteVolumeRequest {
         volume_id: b.clone(),
         secrets: [("token".to_string(), SECRET.to_string())].into(),

@@ -7,17 +7,11 @@
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
-mod common;
-mod hotplug_support;
-mod second_libvirtd;
-
-use common::*;
-use hotplug_support::*;
-use second_libvirtd::SecondLibvirtd;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
+use virtdisk_test_support::virsh::URI;
 
 const HOST_KEY: &str = "topology.virtdisk.csi.io/host";
 
@@ -59,84 +53,54 @@ detach_timeout_secs = 5
 "#,
             b.uri()
         );
-        let p = Plugin::start_with_config("controller", &config, &[]).await;
-        open_for_qemu(p.dir.path());
+        let launch = Plugin::launch("controller").config(&config);
+        let p = launch.readable_by_qemu().start().await;
         let dom_a = TestDomain::start(&format!("{tag}-a"), 4);
-        let dom_b = TestDomain::start_on(b.uri(), &format!("{tag}-b"), 4);
+        let dom_b = on_b(&b, &format!("{tag}-b"));
         Cluster { dom_a, dom_b, p, b }
     }
 
-    async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume, tonic::Status> {
-        self.p
-            .controller()
-            .create_volume(req)
-            .await
-            .map(|r| r.into_inner().volume.unwrap())
+    async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume, Status> {
+        self.p.controller().create(req).await
     }
 
     async fn create_in(&self, name: &str, pool: &str) -> String {
-        let mut req = create_req(name, 64 * MIB);
-        req.parameters = params(&[("pool", pool)]);
+        let req = csi::CreateVolumeRequest {
+            parameters: params(&[("pool", pool)]),
+            ..create_req(name, 64 * MIB)
+        };
         self.create(req).await.expect("create").volume_id
     }
 
-    async fn publish(&self, volume: &str, node: &str) -> Result<(), tonic::Status> {
+    async fn publish(&self, volume: &str, node: &str) -> Result<(), Status> {
         let t = Instant::now();
-        let r = self
-            .p
-            .controller()
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: volume.into(),
-                node_id: node.into(),
-                volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-                ..Default::default()
-            })
-            .await
-            .map(drop);
+        let r = self.p.controller().publish(publish_req(volume, node)).await;
+        let r = r.map(drop);
         eprintln!("publish {volume} → {node}: {} ms ({r:?})", ms(t));
         r
     }
 
-    async fn unpublish(&self, volume: &str, node: &str) -> Result<(), tonic::Status> {
+    async fn unpublish(&self, volume: &str, node: &str) -> Result<(), Status> {
         let t = Instant::now();
         let r = self
             .p
             .controller()
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume.into(),
-                node_id: node.into(),
-                ..Default::default()
-            })
-            .await
-            .map(drop);
+            .unpublish(unpublish_req(volume, node))
+            .await;
         eprintln!("unpublish {volume} ← {node}: {} ms ({r:?})", ms(t));
         r
     }
 
     async fn published_nodes(&self, volume: &str) -> Vec<String> {
-        self.p
-            .controller()
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: volume.into(),
-            })
-            .await
-            .expect("get volume")
-            .into_inner()
-            .status
-            .unwrap()
-            .published_node_ids
+        self.p.controller().published_nodes(volume).await
     }
 
     /// ListVolumes: (published nodes, condition) of every volume.
     async fn listing(&self) -> BTreeMap<String, (Vec<String>, csi::VolumeCondition)> {
-        let list = self
-            .p
+        self.p
             .controller()
-            .list_volumes(csi::ListVolumesRequest::default())
+            .all_volumes()
             .await
-            .expect("list volumes")
-            .into_inner();
-        list.entries
             .into_iter()
             .map(|e| {
                 let status = e.status.unwrap();
@@ -162,21 +126,21 @@ fn hosts_of(v: &csi::Volume) -> Vec<String> {
         .collect()
 }
 
-/// `qemu-io` inside the domain's QEMU, on the disk with this alias (HMP); what it printed
-/// (QEMU prints it on its stdout: the domain's log on whichever host runs it).
-fn qemu_io(c: &Cluster, dom: &TestDomain, alias: &str, command: &str) -> String {
+/// A domain on the second host.
+fn on_b(b: &SecondLibvirtd, tag: &str) -> TestDomain {
+    TestDomain::builder(tag).on(b.uri()).root_ports(5).start()
+}
+
+/// `qemu-io` inside the domain's QEMU, on the volume's disk (HMP); what it printed (QEMU
+/// prints it on its stdout: the domain's log on whichever host runs it).
+fn qemu_io(c: &Cluster, dom: &TestDomain, serial: &str, command: &str) -> String {
     let log = if dom.uri == URI {
         std::path::PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", dom.name))
     } else {
         c.b.domain_log(&dom.name)
     };
     let before = std::fs::read_to_string(&log).unwrap_or_default().len();
-    dom.virsh_ok(&[
-        "qemu-monitor-command",
-        &dom.name,
-        "--hmp",
-        &format!("qemu-io -d {alias} \"{command}\""),
-    ]);
+    dom.qemu_io(serial, command);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -191,13 +155,6 @@ fn qemu_io(c: &Cluster, dom: &TestDomain, alias: &str, command: &str) -> String 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn alias_of(dom: &TestDomain, serial: &str) -> String {
-    dom.live_disk(serial)
-        .unwrap_or_else(|| panic!("disk {serial} not in the live XML of {}", dom.name))
-        .alias
-        .expect("live disks have an alias")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,12 +291,11 @@ async fn topology_places_volumes_and_publishes_reach_either_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_keeps_the_volume_and_every_later_rpc_follows_the_domain() {
     let c = Cluster::start("mig").await;
-    let mut dom = TestDomain::start_on(c.b.uri(), "mig-vm", 4);
+    let mut dom = on_b(&c.b, "mig-vm");
     let vol = c.create_in("mh-mig", "shared").await;
     let serial = serial_of(&vol);
     c.publish(&vol, &dom.uuid).await.expect("publish on hv-b");
-    let alias = alias_of(&dom, &serial);
-    let wrote = qemu_io(&c, &dom, &alias, "write -P 0xab 0 1M");
+    let wrote = qemu_io(&c, &dom, &serial, "write -P 0xab 0 1M");
     assert!(wrote.contains("wrote 1048576"), "{wrote}");
 
     // hv-b → hv-a: the disk moves with the domain; the data reads back through its new QEMU.
@@ -349,26 +305,19 @@ async fn live_migration_keeps_the_volume_and_every_later_rpc_follows_the_domain(
         dom.live_disk(&serial).is_some(),
         "disk attached after migration"
     );
-    let read = qemu_io(&c, &dom, &alias_of(&dom, &serial), "read -P 0xab 0 1M");
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
     assert!(
         read.contains("read 1048576") && !read.contains("Pattern verification failed"),
         "{read}"
     );
     // hv-b keeps the shut-off definition (with the disk in it); the node is the running copy.
-    assert!(dom.inactive_at(c.b.uri()).disk_by_serial(&serial).is_some());
+    assert!(dom.inactive_xml_at(c.b.uri()).contains(&serial));
     assert_eq!(c.published_nodes(&vol).await, vec![dom.uuid.clone()]);
     assert_eq!(c.listing().await[&vol].0, vec![dom.uuid.clone()]);
 
     // Expand: the running domain on hv-a sees the new size.
     c.p.controller()
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 96 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
+        .expand(expand_req(&vol, 96 * MIB))
         .await
         .expect("expand after migration");
     let target = dom.live_disk(&serial).unwrap().target;
@@ -389,22 +338,18 @@ async fn live_migration_keeps_the_volume_and_every_later_rpc_follows_the_domain(
     // Live snapshot: the domain on hv-a switches to a new overlay.
     let before = dom.live_disk(&serial).unwrap().source.unwrap();
     c.p.controller()
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: vol.clone(),
-            name: "mh-mig-snap".into(),
-            ..Default::default()
-        })
+        .snapshot(snapshot_req("mh-mig-snap", &vol))
         .await
         .expect("live snapshot after migration");
     let after = dom.live_disk(&serial).unwrap().source.unwrap();
     assert_ne!(before, after, "the disk continues in the new overlay");
-    let read = qemu_io(&c, &dom, &alias_of(&dom, &serial), "read -P 0xab 0 1M");
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
     assert!(!read.contains("Pattern verification failed"), "{read}");
 
     // And back hv-a → hv-b, then unpublish finds it there and cleans every definition.
     let took = dom.migrate_live(c.b.uri());
     eprintln!("live migration hv-a → hv-b: {} ms", took.as_millis());
-    let read = qemu_io(&c, &dom, &alias_of(&dom, &serial), "read -P 0xab 0 1M");
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
     assert!(!read.contains("Pattern verification failed"), "{read}");
     c.unpublish(&vol, &dom.uuid)
         .await

@@ -4,17 +4,12 @@
 //! daemon, loop devices, real mkfs and mounts). Needs root, /dev/fuse and loop devices; the last
 //! test also a KVM domain as a second node.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
 mod nomad;
 
-use common::*;
 use nomad::{Attachment, ClaimError, JobVolume, MountOptions, Nomad, Volume, VolumeSpec};
 use std::path::Path;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach as env;
+use virtdisk_test_support::prelude::*;
 
 use csi::controller_service_capability::rpc::Type as CtrlCap;
 
@@ -80,6 +75,15 @@ fn spec(tag: &str, caps: &[(Mode, Attachment)], fs: &str) -> VolumeSpec {
         secrets: params(&[("token", SECRET)]),
         ..Default::default()
     }
+}
+
+/// A file-system volume for one writer node, ext4.
+fn rw_spec(tag: &str) -> VolumeSpec {
+    spec(
+        tag,
+        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
+        "ext4",
+    )
 }
 
 fn rw() -> JobVolume {
@@ -162,11 +166,7 @@ async fn create_register_claim_stop_and_repeat() {
     };
     let n = &mut bed.nomad;
     // (a) No capacity_range, empty accessibility_requirements, parameters and secrets.
-    let spec = spec(
-        "web-data",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let spec = rw_spec("web-data");
     let vol = n.volume_create(&spec).await.unwrap();
     assert!(
         vol.external_id.starts_with("default."),
@@ -434,11 +434,7 @@ async fn failure_path_leaves_nothing_behind() {
         return;
     };
     let n = &mut bed.nomad;
-    let spec = spec(
-        "fails",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let spec = rw_spec("fails");
     let vol = n.volume_create(&spec).await.unwrap();
     // Format it (ext4) once.
     let first = claim_ok(n, &vol, &rw()).await;
@@ -543,11 +539,7 @@ async fn snapshots_create_list_paged_delete_restore() {
         return;
     };
     let n = &mut bed.nomad;
-    let mut spec = spec(
-        "snapped",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let mut spec = rw_spec("snapped");
     spec.capacity_min = 64 * MIB;
     let vol = n.volume_create(&spec).await.unwrap();
     let a = claim_ok(n, &vol, &rw()).await;
@@ -740,14 +732,10 @@ async fn second_node_is_a_libvirt_domain() {
     let Some(mut bed) = Bed::start().await else {
         return;
     };
-    nomad::domain::open_for_qemu(bed.dir());
-    let dom = nomad::domain::TestDomain::start("node2");
+    open_for_qemu(bed.dir());
+    let dom = TestDomain::start("node2", 2);
     let n = &mut bed.nomad;
-    let mut spec = spec(
-        "roaming",
-        &[(Mode::SingleNodeWriter, Attachment::FileSystem)],
-        "ext4",
-    );
+    let mut spec = rw_spec("roaming");
     spec.capacity_min = 64 * MIB;
     spec.parameters = params(&[("bus", "scsi")]);
     let vol = n.volume_create(&spec).await.unwrap();
@@ -805,22 +793,7 @@ async fn operator_client_node_and_snapshot_verbs() {
     let Some(bed) = Bed::start().await else {
         return;
     };
-    let endpoint = format!("unix://{}", bed.plugin.socket.display());
-    let run = |args: &[&str]| -> serde_json::Value {
-        let out = std::process::Command::new(BIN)
-            .args(["client", "--endpoint", &endpoint, "--output", "json"])
-            .args(args)
-            .env_remove("CSI_ENDPOINT")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "client {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| bed.plugin.client_json(args);
     let node_id = run(&["node", "info"])["node_id"]
         .as_str()
         .unwrap()

@@ -8,21 +8,14 @@
 //! the tables and `failpoint::POINTS` in step. Failpoints exist in debug builds only (what
 //! `cargo test` builds); a release-mode run skips these tests loudly.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
-#[cfg(feature = "libvirt")]
-mod hotplug_support;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::failpoint::{ENV, POINTS};
+use virtdisk_test_support::calls::*;
+use virtdisk_test_support::local_attach::{self as env, block_reads, block_write};
+use virtdisk_test_support::pool::{assert_pool_clean, depth_of, volume_image, PoolView};
+use virtdisk_test_support::prelude::*;
 
 const M: u64 = 1 << 20;
 
@@ -245,23 +238,18 @@ impl PoolOp {
 /// Waits until the background flattener has brought the volume's chain within the limit (2)
 /// and no job is left.
 async fn wait_flattened(p: &Plugin, volume: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually(Duration::from_secs(120), || async {
         let view = PoolView::read(&p.pool_dir());
-        let depth = view
-            .volume(volume)
-            .map(|v| 1 + v["chain"]["backing"].as_array().map_or(0, Vec::len))
-            .expect("volume record");
+        let depth = depth_of(view.volume(volume).expect("volume record"));
         if depth <= 2 && view.flatten_jobs.is_empty() {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "volume {volume} still {depth} layers deep; jobs {:?}",
-            view.flatten_jobs
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let jobs = &view.flatten_jobs;
+        Err(format!(
+            "volume {volume} still {depth} layers deep; jobs {jobs:?}"
+        ))
+    })
+    .await
 }
 
 /// Calls `f` again while it answers ABORTED, as a CO does: the background flattener holds a
@@ -390,43 +378,17 @@ const LOCAL_CONFIG: &str = "[libvirt]\nenabled = false\n[node]\ndevice_wait_secs
 struct Local {
     vol: csi::Volume,
     cap: csi::VolumeCapability,
-    ctx: std::collections::BTreeMap<String, String>,
+    ctx: Map,
     staging: String,
     target: String,
 }
 
-async fn attach(
-    e: &env::Env,
-    l: &Local,
-) -> Result<std::collections::BTreeMap<String, String>, tonic::Status> {
-    e.plugin
-        .controller()
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: l.vol.volume_id.clone(),
-            node_id: e.node_id.clone(),
-            volume_capability: Some(l.cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().publish_context)
-}
-
-fn block_write(path: &str, byte: u8) {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.write_all(&vec![byte; M as usize]).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn block_reads(path: &str, byte: u8) -> bool {
-    use std::io::Read;
-    let mut buf = vec![0u8; M as usize];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact(&mut buf)
-        .unwrap();
-    buf.iter().all(|b| *b == byte)
+async fn attach(e: &env::Env, l: &Local) -> Result<Map, Status> {
+    let req = csi::ControllerPublishVolumeRequest {
+        volume_capability: Some(l.cap.clone()),
+        ..publish_req(&l.vol.volume_id, &e.node_id)
+    };
+    e.plugin.controller().publish(req).await
 }
 
 impl LocalOp {
@@ -631,26 +593,11 @@ const MODIFIED_IOPS: u64 = 300;
 
 #[cfg(feature = "libvirt")]
 impl LibvirtOp {
-    async fn act(self, p: &Plugin, volume: &str, node: &str) -> Result<(), tonic::Status> {
+    async fn act(self, p: &Plugin, volume: &str, node: &str) -> Result<(), Status> {
         let mut c = p.controller();
         match self {
-            LibvirtOp::Publish => c
-                .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                    volume_id: volume.into(),
-                    node_id: node.into(),
-                    volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-                    ..Default::default()
-                })
-                .await
-                .map(drop),
-            LibvirtOp::Unpublish => c
-                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                    volume_id: volume.into(),
-                    node_id: node.into(),
-                    ..Default::default()
-                })
-                .await
-                .map(drop),
+            LibvirtOp::Publish => c.publish(publish_req(volume, node)).await.map(drop),
+            LibvirtOp::Unpublish => c.unpublish(unpublish_req(volume, node)).await,
             LibvirtOp::Modify => c
                 .controller_modify_volume(csi::ControllerModifyVolumeRequest {
                     volume_id: volume.into(),
@@ -673,12 +620,11 @@ fn disks_with(xml: virtdisk_csi::hypervisor::domxml::DomainXml, serial: &str) ->
 }
 
 #[cfg(feature = "libvirt")]
-async fn libvirt_case(dom: &hotplug_support::TestDomain, op: LibvirtOp, point: &str, n: usize) {
-    use hotplug_support::*;
+async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
     let t = Instant::now();
     let config = "[libvirt]\ndetach_timeout_secs = 10\n";
-    let mut p = Plugin::start_with_config("controller", config, &[]).await;
-    open_for_qemu(p.dir.path());
+    let launch = Plugin::launch("controller").config(config);
+    let mut p = launch.readable_by_qemu().start().await;
     // Default options: bus=scsi, persist=true (live and persistent definitions).
     let vol = create_volume(&p, &format!("hp-{n}"), 16 * MIB, &[])
         .await
@@ -736,7 +682,7 @@ async fn crash_after_each_durable_step_of_hot_plug() {
     if !failpoints_compiled_in() {
         return;
     }
-    let dom = hotplug_support::TestDomain::start("crash", 3);
+    let dom = TestDomain::start("crash", 3);
     for (n, (op, point)) in LIBVIRT_CASES.iter().enumerate() {
         libvirt_case(&dom, *op, point, n).await;
     }

@@ -4,15 +4,13 @@
 //! switch), and the volumes already there keep their data; once space is freed the same calls
 //! succeed without restarting the plugin. Needs root (mount, loop devices).
 
-mod common;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tonic::Code;
+use virtdisk_test_support::calls::*;
+use virtdisk_test_support::pool::{assert_pool_clean, volume_image, PoolView};
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::run_cmd as run;
 
 const M: u64 = 1 << 20;
 
@@ -125,11 +123,6 @@ impl Drop for SmallFs {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
     }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("run");
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
 }
 
 fn can_run() -> bool {

@@ -10,22 +10,18 @@
 //!
 //! The sequence is random but reproducible: `VDT_STORM_SEED=<n>` replays a run.
 
-mod common;
-#[allow(dead_code)]
-#[path = "local_attach/env.rs"]
-mod env;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::csi::proto::controller_client::ControllerClient;
 use virtdisk_csi::ids;
+use virtdisk_test_support::calls::{delete_snapshot, list_snapshots};
+use virtdisk_test_support::local_attach as env;
+use virtdisk_test_support::pool::{
+    assert_pool_clean, volume_image, wait_flattening_settled, PoolView,
+};
+use virtdisk_test_support::prelude::*;
 
 const CLIENTS: usize = 16;
 const CALLS_PER_CLIENT: usize = 40;
@@ -133,79 +129,43 @@ async fn perform(
     c: &mut ControllerClient<Channel>,
     node: &str,
     call: &Call,
-) -> Result<Option<i64>, tonic::Status> {
-    let cap = || mount_cap("ext4", Mode::SingleNodeWriter);
+) -> Result<Option<i64>, Status> {
+    let none = |_| None;
     match call {
         Call::Create { name, raw } => {
-            let mut req = create_req(NAMES[*name], 16 * MIB);
-            if *raw {
-                req.parameters = params(&[("format", "raw")]);
-            }
-            c.create_volume(req)
-                .await
-                .map(|r| Some(r.into_inner().volume.unwrap().capacity_bytes))
+            let format: &[(&str, &str)] = if *raw { &[("format", "raw")] } else { &[] };
+            let req = csi::CreateVolumeRequest {
+                parameters: params(format),
+                ..create_req(NAMES[*name], 16 * MIB)
+            };
+            c.create(req).await.map(|v| Some(v.capacity_bytes))
         }
-        Call::Delete(v) => c
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: volume_id(*v),
-                ..Default::default()
-            })
-            .await
-            .map(|_| None),
-        Call::Expand(v, size) => c
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: volume_id(*v),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: *size,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(cap()),
-                ..Default::default()
-            })
-            .await
-            .map(|r| Some(r.into_inner().capacity_bytes)),
-        Call::Snapshot { snap, source } => c
-            .create_snapshot(csi::CreateSnapshotRequest {
-                name: SNAPSHOTS[*snap].into(),
-                source_volume_id: volume_id(*source),
-                ..Default::default()
-            })
-            .await
-            .map(|_| None),
-        Call::DeleteSnapshot(s) => c
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: snapshot_id(*s),
-                ..Default::default()
-            })
-            .await
-            .map(|_| None),
+        Call::Delete(v) => c.delete(&volume_id(*v)).await.map(none),
+        Call::Expand(v, size) => {
+            let req = csi::ControllerExpandVolumeRequest {
+                volume_capability: Some(ext4_cap()),
+                ..expand_req(&volume_id(*v), *size)
+            };
+            c.expand(req).await.map(|r| Some(r.capacity_bytes))
+        }
+        Call::Snapshot { snap, source } => {
+            let req = snapshot_req(SNAPSHOTS[*snap], &volume_id(*source));
+            c.snapshot(req).await.map(|_| None)
+        }
+        Call::DeleteSnapshot(s) => c.remove_snapshot(&snapshot_id(*s)).await.map(none),
         Call::Publish(v) => c
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: volume_id(*v),
-                node_id: node.into(),
-                volume_capability: Some(cap()),
-                ..Default::default()
-            })
+            .publish(publish_req(&volume_id(*v), node))
             .await
             .map(|_| None),
         Call::Unpublish(v) => c
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: volume_id(*v),
-                node_id: node.into(),
-                ..Default::default()
-            })
+            .unpublish(unpublish_req(&volume_id(*v), node))
             .await
-            .map(|_| None),
-        Call::Get(v) => c
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: volume_id(*v),
-            })
-            .await
-            .map(|_| None),
-        Call::List => c
-            .list_volumes(csi::ListVolumesRequest::default())
-            .await
-            .map(|_| None),
+            .map(none),
+        Call::Get(v) => c.volume(&volume_id(*v)).await.map(|_| None),
+        Call::List => {
+            let req = csi::ListVolumesRequest::default();
+            c.list_volumes(req).await.map(|_| None)
+        }
     }
 }
 
@@ -333,11 +293,8 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
             "too few {kind} to prove anything (try another VDT_STORM_SEED)"
         );
     }
-    e.plugin
-        .identity()
-        .probe(csi::ProbeRequest {})
-        .await
-        .expect("the plugin is still up and ready");
+    let ready = e.plugin.identity().ready().await;
+    ready.expect("the plugin is still up and ready");
     assert!(!e.plugin.log().contains("panicked"), "a handler panicked");
 
     // Let background flattening settle before reading the pool.
@@ -345,16 +302,9 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
     wait_flattening_settled(&e.plugin, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
 
     // The end state, as the plugin reports it.
-    let listed = e
-        .plugin
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
     let mut exists = BTreeMap::new();
     let mut attached = BTreeMap::new();
-    for entry in &listed.entries {
+    for entry in &e.plugin.controller().all_volumes().await {
         let v = entry.volume.as_ref().unwrap();
         exists.insert(v.volume_id.clone(), v.capacity_bytes);
         let nodes = &entry.status.as_ref().unwrap().published_node_ids;

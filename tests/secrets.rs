@@ -4,17 +4,13 @@
 //! no metric, no file of the data dir (records, local-attach state) and no error message.
 //! (The socket's 0600 mode is proven in tests/server_lifecycle.rs and checked here again.)
 
-mod common;
-mod reliability_support;
-
-use common::*;
-use reliability_support::*;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::metrics::{http_get_raw, metrics_addr};
+use virtdisk_test_support::pool::assert_pool_clean;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::walk;
 
 fn marker() -> String {
     let nanos = std::time::SystemTime::now()
@@ -32,180 +28,83 @@ fn secrets(m: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// The metrics address the plugin logged for `--metrics-addr 127.0.0.1:0` (text or JSON).
-async fn metrics_addr(p: &Plugin) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = p.log();
-        // Only the process started with the marker's environment counts: the last such line.
-        if let Some(line) = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("serving metrics on /metrics"))
-        {
-            let at = line.find("127.0.0.1:").unwrap();
-            let addr: String = line[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect();
-            return addr;
-        }
-        assert!(Instant::now() < deadline, "no metrics address in the log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw
-}
-
 /// Every file under `dir` whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.filter_map(|e| e.ok()) {
-            let path = e.path();
-            let Ok(m) = path.symlink_metadata() else {
-                continue;
-            };
-            if m.is_dir() {
-                todo.push(path);
-            } else if m.is_file() && m.len() < 64 << 20 {
-                if let Ok(bytes) = std::fs::read(&path) {
-                    if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                        hits.push(path.display().to_string());
-                    }
-                }
-            }
-        }
-    }
-    hits
+    walk(dir)
+        .into_iter()
+        .filter(|(_, m)| m.is_file() && m.len() < 64 << 20)
+        .filter(|(path, _)| {
+            std::fs::read(path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .map(|(path, _)| path.display().to_string())
+        .collect()
 }
 
 /// Runs every secret-carrying RPC with the marker; returns the error messages seen.
 async fn exercise(p: &Plugin, m: &str, node_rpcs: bool) -> Vec<String> {
     let mut errors = Vec::new();
-    let mut note = |r: Result<(), tonic::Status>| {
+    let mut note = |r: Result<(), Status>| {
         if let Err(e) = r {
             errors.push(format!("{:?}: {}", e.code(), e.message()));
         }
     };
     let s = secrets(m);
     let mut c = p.controller();
-    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut req = create_req("secret-vol", 16 * MIB);
-    req.secrets = s.clone();
-    let vol = c
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let cap = ext4_cap();
+    let req = csi::CreateVolumeRequest {
+        secrets: s.clone(),
+        ..create_req("secret-vol", 16 * MIB)
+    };
+    let vol = c.create(req).await.unwrap().volume_id;
     // Failing calls carry secrets too: their errors must not echo them.
-    let mut bad = create_req("secret-bad", -1);
-    bad.capacity_range = Some(csi::CapacityRange {
-        required_bytes: -5,
-        limit_bytes: 0,
-    });
-    bad.secrets = s.clone();
-    note(c.create_volume(bad).await.map(drop));
-    let mut bad = create_req("secret-bad2", 16 * MIB);
-    bad.parameters = params(&[("bus", "bogus")]);
-    bad.secrets = s.clone();
-    note(c.create_volume(bad).await.map(drop));
-    note(
-        c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
-            volume_id: vol.clone(),
-            volume_capabilities: vec![cap.clone()],
-            secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .map(drop),
-    );
-    note(
-        c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: vol.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 32 * MIB,
-                limit_bytes: 0,
-            }),
-            secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .map(drop),
-    );
-    note(
-        c.controller_modify_volume(csi::ControllerModifyVolumeRequest {
+    let bad = csi::CreateVolumeRequest {
+        capacity_range: capacity(-5),
+        secrets: s.clone(),
+        ..create_req("secret-bad", -1)
+    };
+    note(c.create(bad).await.map(drop));
+    let bad = csi::CreateVolumeRequest {
+        parameters: params(&[("bus", "bogus")]),
+        secrets: s.clone(),
+        ..create_req("secret-bad2", 16 * MIB)
+    };
+    note(c.create(bad).await.map(drop));
+    let validate = csi::ValidateVolumeCapabilitiesRequest {
+        secrets: s.clone(),
+        ..validate_req(&vol, cap.clone())
+    };
+    note(c.validate_volume_capabilities(validate).await.map(drop));
+    let expand = csi::ControllerExpandVolumeRequest {
+        secrets: s.clone(),
+        ..expand_req(&vol, 32 * MIB)
+    };
+    note(c.expand(expand).await.map(drop));
+    for qos in [("totalIopsSec", "100"), ("nope", "1")] {
+        let modify = csi::ControllerModifyVolumeRequest {
             volume_id: vol.clone(),
             secrets: s.clone(),
-            mutable_parameters: params(&[("totalIopsSec", "100")]),
-        })
-        .await
-        .map(drop),
-    );
-    note(
-        c.controller_modify_volume(csi::ControllerModifyVolumeRequest {
-            volume_id: vol.clone(),
+            mutable_parameters: params(&[qos]),
+        };
+        note(c.controller_modify_volume(modify).await.map(drop));
+    }
+    let req = csi::CreateSnapshotRequest {
+        secrets: s.clone(),
+        ..snapshot_req("secret-snap", &vol)
+    };
+    let snap = c.snapshot(req).await.unwrap().snapshot_id;
+    let list = csi::ListSnapshotsRequest {
+        secrets: s.clone(),
+        ..Default::default()
+    };
+    note(c.list_snapshots(list).await.map(drop));
+    for id in [snap.as_str(), "default.s0000000000000000"] {
+        let get = csi::GetSnapshotRequest {
+            snapshot_id: id.into(),
             secrets: s.clone(),
-            mutable_parameters: params(&[("nope", "1")]),
-        })
-        .await
-        .map(drop),
-    );
-    let snap = c
-        .create_snapshot(csi::CreateSnapshotRequest {
-            name: "secret-snap".into(),
-            source_volume_id: vol.clone(),
-            secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
-    note(
-        c.list_snapshots(csi::ListSnapshotsRequest {
-            secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .map(drop),
-    );
-    note(
-        c.get_snapshot(csi::GetSnapshotRequest {
-            snapshot_id: snap.clone(),
-            secrets: s.clone(),
-        })
-        .await
-        .map(drop),
-    );
-    note(
-        c.get_snapshot(csi::GetSnapshotRequest {
-            snapshot_id: "default.s0000000000000000".into(),
-            secrets: s.clone(),
-        })
-        .await
-        .map(drop),
-    );
+        };
+        note(c.get_snapshot(get).await.map(drop));
+    }
     // A service this plugin does not offer, with secrets: Unimplemented, nothing logged.
     let mut g = csi::group_controller_client::GroupControllerClient::new(p.channel.clone());
     note(
@@ -220,116 +119,58 @@ async fn exercise(p: &Plugin, m: &str, node_rpcs: bool) -> Vec<String> {
     );
 
     if node_rpcs {
-        let node = p
-            .node()
-            .node_get_info(csi::NodeGetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .node_id;
-        let ctx = c
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: vol.clone(),
-                node_id: node.clone(),
-                volume_capability: Some(cap.clone()),
-                secrets: s.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
-        let staging = p.dir.path().join("csi/staging/s");
-        let target = p.dir.path().join("csi/target/t");
+        let node = p.node().node_id().await;
+        let publish = csi::ControllerPublishVolumeRequest {
+            secrets: s.clone(),
+            ..publish_req(&vol, &node)
+        };
+        let ctx = c.publish(publish).await.unwrap();
+        let staging = p.dir.path().join("csi/staging/s").display().to_string();
+        let target = p.dir.path().join("csi/target/t").display().to_string();
         let mut n = p.node();
-        n.node_stage_volume(csi::NodeStageVolumeRequest {
-            volume_id: vol.clone(),
+        let stage = |cap| csi::NodeStageVolumeRequest {
             publish_context: ctx.clone(),
-            staging_target_path: staging.display().to_string(),
-            volume_capability: Some(cap.clone()),
             secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        n.node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: vol.clone(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(cap.clone()),
+            ..stage_req(&vol, &staging, cap)
+        };
+        n.stage(stage(cap.clone())).await.unwrap();
+        let publish = csi::NodePublishVolumeRequest {
             secrets: s.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        note(
-            n.node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: vol.clone(),
-                volume_path: target.display().to_string(),
-                staging_target_path: staging.display().to_string(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 32 * MIB,
-                    limit_bytes: 0,
-                }),
-                secrets: s.clone(),
-                ..Default::default()
-            })
-            .await
-            .map(drop),
-        );
+            ..node_publish_req(&vol, &staging, &target, cap.clone())
+        };
+        n.publish(publish).await.unwrap();
+        let expand = csi::NodeExpandVolumeRequest {
+            staging_target_path: staging.clone(),
+            secrets: s.clone(),
+            ..node_expand_req(&vol, &target, 32 * MIB)
+        };
+        note(n.expand(expand).await.map(drop));
         // A failing stage (wrong fs type on an existing filesystem) with secrets.
         note(
-            n.node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: vol.clone(),
-                publish_context: ctx,
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(mount_cap("xfs", Mode::SingleNodeWriter)),
-                secrets: s.clone(),
-                ..Default::default()
-            })
-            .await
-            .map(drop),
+            n.stage(stage(mount_cap("xfs", Mode::SingleNodeWriter)))
+                .await,
         );
-        n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-            volume_id: vol.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .unwrap();
-        c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: node,
+        n.unpublish(node_unpublish_req(&vol, &target))
+            .await
+            .unwrap();
+        n.unstage(unstage_req(&vol, &staging)).await.unwrap();
+        let unpublish = csi::ControllerUnpublishVolumeRequest {
             secrets: s.clone(),
-        })
-        .await
-        .unwrap();
+            ..unpublish_req(&vol, &node)
+        };
+        c.unpublish(unpublish).await.unwrap();
     }
-    c.delete_snapshot(csi::DeleteSnapshotRequest {
+    let delete_snapshot = csi::DeleteSnapshotRequest {
         snapshot_id: snap,
         secrets: s.clone(),
-    })
-    .await
-    .unwrap();
-    note(
-        c.delete_volume(csi::DeleteVolumeRequest {
-            volume_id: "../../etc".into(),
-            secrets: s.clone(),
-        })
-        .await
-        .map(drop),
-    );
-    c.delete_volume(csi::DeleteVolumeRequest {
-        volume_id: vol,
-        secrets: s,
-    })
-    .await
-    .unwrap();
+    };
+    c.delete_snapshot(delete_snapshot).await.unwrap();
+    let delete = |id: &str| csi::DeleteVolumeRequest {
+        volume_id: id.into(),
+        secrets: s.clone(),
+    };
+    note(c.delete_volume(delete("../../etc")).await.map(drop));
+    c.delete_volume(delete(&vol)).await.unwrap();
     errors
 }
 
@@ -356,7 +197,7 @@ async fn secrets_stay_secret(log_format: &str) {
     for e in &errors {
         assert!(!e.contains(&m), "an error message carries the secret: {e}");
     }
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = http_get_raw(&addr, "/metrics");
     assert!(metrics.contains("virtdisk_csi_rpc_requests_total"));
     assert!(!metrics.contains(&m), "the metrics carry the secret");
     let log = p.log();

@@ -1,11 +1,9 @@
 //! Issue 2: socket handling, signals and the CLI.
 
-mod common;
-
-use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::plugin::bin;
+use virtdisk_test_support::prelude::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_is_private_stale_socket_replaced_and_sigterm_exits_cleanly() {
@@ -16,7 +14,7 @@ async fn socket_is_private_stale_socket_replaced_and_sigterm_exits_cleanly() {
     p.kill();
     assert!(p.socket.exists());
     p.restart().await;
-    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    p.identity().ready().await.unwrap();
     let status = p.stop();
     assert!(status.success(), "exit status {status:?}");
     assert!(!p.socket.exists(), "socket removed on shutdown");
@@ -26,7 +24,7 @@ async fn socket_is_private_stale_socket_replaced_and_sigterm_exits_cleanly() {
 async fn csi_endpoint_environment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("env.sock");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["serve", "--mode", "controller", "--data-dir"])
         .arg(dir.path().join("data"))
         .env("CSI_ENDPOINT", format!("unix://{}", sock.display()))
@@ -42,11 +40,7 @@ async fn csi_endpoint_environment_is_honoured() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let ch = virtdisk_csi::csi::channel::connect(&sock).await.unwrap();
-    let info = csi::identity_client::IdentityClient::new(ch)
-        .get_plugin_info(csi::GetPluginInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = csi::identity_client::IdentityClient::new(ch).info().await;
     assert_eq!(info.name, "virtdisk.csi.io");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -54,14 +48,14 @@ async fn csi_endpoint_environment_is_honoured() {
 
 #[test]
 fn version_and_bad_config_are_reported() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = Command::new(bin()).arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[[pool]]\nname = 'x'\npath = 'relative'\n").unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--mode", "controller", "--endpoint"])
         .arg(format!("unix://{}/s.sock", dir.path().display()))
         .arg("--config")
@@ -75,11 +69,5 @@ fn version_and_bad_config_are_reported() {
 #[tokio::test]
 async fn driver_name_flag_is_used() {
     let p = Plugin::start("controller", &["--driver-name", "disks.example.org"]).await;
-    let info = p
-        .identity()
-        .get_plugin_info(csi::GetPluginInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.name, "disks.example.org");
+    assert_eq!(p.identity().info().await.name, "disks.example.org");
 }

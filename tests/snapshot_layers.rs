@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use virtdisk_csi::attach::{Attacher, Attachment, Attachments, DiskSpec, LiveSnapshot};
 use virtdisk_csi::config::PoolConfig;
@@ -13,6 +12,8 @@ use virtdisk_csi::model::{AccessMode, AccessType, Capability, ImageFormat};
 use virtdisk_csi::params::Bus;
 use virtdisk_csi::pool::record::{FlattenJob, FlattenState, Freezing, SnapshotRecord};
 use virtdisk_csi::pool::{CreateSnapshot, CreateVolume, Pools, RecordState, VolumeRecord};
+use virtdisk_test_support::key_of as key;
+use virtdisk_test_support::qemu::*;
 
 const MIB: u64 = 1 << 20;
 const NODE: &str = "vdt-snap-node";
@@ -34,6 +35,20 @@ async fn open(dir: &Path, attachments: Attachments) -> Pools {
         .await
         .unwrap()
         .with_layers(attachments, OpGuards::default(), 3)
+}
+
+/// Pools in `dir` with one attach backend, a volume `name` and the backend's node holding it
+/// read-write.
+async fn attached(
+    dir: &Path,
+    backend: Arc<dyn Attacher>,
+    node: &FakeNode,
+    name: &str,
+) -> (Pools, VolumeRecord) {
+    let pools = open(dir, Attachments::new(vec![backend], 0)).await;
+    let vol = pools.create(volume_req(name)).await.unwrap();
+    node.attach(&vol.id, false);
+    (pools, vol)
 }
 
 fn volume_req(name: &str) -> CreateVolume {
@@ -75,53 +90,13 @@ fn files(dir: &Path) -> Vec<String> {
     v
 }
 
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The first MiB of an image is all `pattern`.
+fn write(image: &Path, pattern: u8) {
+    write_pattern(image, pattern, 0, MIB);
 }
 
-fn backing_of(image: &Path) -> Option<String> {
-    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "-U",
-        "--output=json",
-        image.to_str().unwrap(),
-    ]))
-    .unwrap();
-    info["backing-filename"].as_str().map(str::to_string)
-}
-
-fn write_pattern(image: &Path, pattern: u8) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", &format!("write -P {pattern:#x} 0 1M")])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-}
-
-fn reads_pattern(image: &Path, pattern: u8) -> bool {
-    let out = Command::new("qemu-io")
-        .args([
-            "-r",
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("read -P {pattern:#x} 0 1M"),
-        ])
-        .arg(image)
-        .output()
-        .unwrap();
-    out.status.success()
-}
-
-fn key(id: &str) -> &str {
-    id.rsplit_once('.').unwrap().1
+fn reads(image: &Path, pattern: u8) -> bool {
+    reads_pattern(image, pattern, 0, MIB, Read::LockedNow).is_ok()
 }
 
 /// A node that reports one attachment and records what it was asked to switch to.
@@ -152,58 +127,45 @@ impl FakeNode {
     }
 }
 
+/// `impl Attacher for $backend` forwarding to its FakeNode (`.0`), with the extra methods
+/// given (none: the trait's default `snapshot_live`).
+macro_rules! fake_attacher {
+    ($backend:ident $($extra:tt)*) => {
+        #[async_trait::async_trait]
+        impl Attacher for $backend {
+            async fn serves(&self, node_id: &str) -> Result<bool> {
+                Ok(node_id == NODE)
+            }
+            async fn attachments(&self) -> Result<Vec<Attachment>> {
+                Ok(self.0.attachments.lock().unwrap().clone())
+            }
+            async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+                Err(Error::Unimplemented("fake".into()))
+            }
+            async fn detach(&self, _: &str, _: &str) -> Result<()> {
+                Ok(())
+            }
+            async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+                Ok(())
+            }
+            async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+                Ok(())
+            }
+            async fn check_health(&self) -> Result<()> {
+                Ok(())
+            }
+            $($extra)*
+        }
+    };
+}
+
 /// Forwards to a FakeNode; the one without live snapshots keeps the trait's default.
 struct OldBackend(Arc<FakeNode>);
 struct LiveBackend(Arc<FakeNode>);
 
-#[async_trait::async_trait]
-impl Attacher for OldBackend {
-    async fn serves(&self, node_id: &str) -> Result<bool> {
-        Ok(node_id == NODE)
-    }
-    async fn attachments(&self) -> Result<Vec<Attachment>> {
-        Ok(self.0.attachments.lock().unwrap().clone())
-    }
-    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
-        Err(Error::Unimplemented("fake".into()))
-    }
-    async fn detach(&self, _: &str, _: &str) -> Result<()> {
-        Ok(())
-    }
-    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
-        Ok(())
-    }
-    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
-        Ok(())
-    }
-    async fn check_health(&self) -> Result<()> {
-        Ok(())
-    }
-}
+fake_attacher!(OldBackend);
 
-#[async_trait::async_trait]
-impl Attacher for LiveBackend {
-    async fn serves(&self, node_id: &str) -> Result<bool> {
-        Ok(node_id == NODE)
-    }
-    async fn attachments(&self) -> Result<Vec<Attachment>> {
-        Ok(self.0.attachments.lock().unwrap().clone())
-    }
-    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
-        Err(Error::Unimplemented("fake".into()))
-    }
-    async fn detach(&self, _: &str, _: &str) -> Result<()> {
-        Ok(())
-    }
-    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
-        Ok(())
-    }
-    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
-        Ok(())
-    }
-    async fn check_health(&self) -> Result<()> {
-        Ok(())
-    }
+fake_attacher!(LiveBackend
     async fn snapshot_live(
         &self,
         node_id: &str,
@@ -221,19 +183,14 @@ impl Attacher for LiveBackend {
             .push(new_overlay.to_path_buf());
         Ok(LiveSnapshot { quiesced: true })
     }
-}
+);
 
 #[tokio::test]
 async fn attached_volume_snapshots_go_through_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(true);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(LiveBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("live-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(LiveBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "live-vol").await;
 
     let snap = pools
         .create_snapshot(snap_req("live-snap", &vol))
@@ -266,13 +223,8 @@ async fn attached_volume_snapshots_go_through_the_backend() {
 async fn attached_volumes_need_a_backend_that_snapshots_live() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(false);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(OldBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("old-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(OldBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "old-vol").await;
     let before = files(dir.path());
 
     let err = pools
@@ -311,19 +263,9 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 
         // An offline freeze interrupted before the switch: undone.
         let mut v_off = pools.create(volume_req("rec-offline")).await.unwrap();
-        write_pattern(&img.join(&v_off.image), 0xa1);
+        write(&img.join(&v_off.image), 0xa1);
         let overlay = format!("{}-1.qcow2", key(&v_off.id));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &v_off.image,
-            "-F",
-            "qcow2",
-            img.join(&overlay).to_str().unwrap(),
-        ]);
+        create_overlay(&img.join(&overlay), &v_off.image, None);
         v_off.chain.freezing = Some(Freezing {
             overlay,
             handed_to_domain: false,
@@ -332,19 +274,9 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 
         // A live freeze interrupted after the domain was asked to switch: finished.
         let mut v_live = pools.create(volume_req("rec-live")).await.unwrap();
-        write_pattern(&img.join(&v_live.image), 0xa2);
+        write(&img.join(&v_live.image), 0xa2);
         let overlay = format!("{}-2.qcow2", key(&v_live.id));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &v_live.image,
-            "-F",
-            "qcow2",
-            img.join(&overlay).to_str().unwrap(),
-        ]);
+        create_overlay(&img.join(&overlay), &v_live.image, None);
         v_live.chain.freezing = Some(Freezing {
             overlay,
             handed_to_domain: true,
@@ -359,14 +291,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
             .unwrap();
         let v_conv = pools.volume(&v_conv.id).await.unwrap().unwrap();
         let partial = format!("{}-3.qcow2", key(&v_conv.id));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            img.join(&partial).to_str().unwrap(),
-            "1M",
-        ]);
+        create_qcow2(&img.join(&partial), MIB);
         let job = FlattenJob {
             schema: 1,
             volume_id: v_conv.id.clone(),
@@ -385,7 +310,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 
         // A flattening interrupted while switching: finished.
         let v_switch = pools.create(volume_req("rec-switch")).await.unwrap();
-        write_pattern(&img.join(&v_switch.image), 0xa4);
+        write(&img.join(&v_switch.image), 0xa4);
         pools
             .create_snapshot(snap_req("rec-switch-1", &v_switch))
             .await
@@ -444,13 +369,13 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
     assert_eq!(off.image, v_off.image);
     assert_eq!(off.chain.freezing, None);
     assert!(off.chain.backing.is_empty());
-    assert!(reads_pattern(&img.join(&off.image), 0xa1));
+    assert!(reads(&img.join(&off.image), 0xa1));
 
     let live = pools.volume(&v_live.id).await.unwrap().unwrap();
     let overlay = v_live.chain.freezing.as_ref().unwrap().overlay.clone();
     assert_eq!(live.image, overlay);
     assert_eq!(live.chain.backing, vec![v_live.image.clone()]);
-    assert!(reads_pattern(&img.join(&live.image), 0xa2));
+    assert!(reads(&img.join(&live.image), 0xa2));
 
     let conv = pools.volume(&v_conv.id).await.unwrap().unwrap();
     assert_eq!(conv, v_conv);
@@ -459,7 +384,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
     let flat = format!("{}-4.qcow2", key(&v_switch.id));
     assert_eq!(switched.chain.backing, vec![flat.clone()]);
     assert_eq!(backing_of(&img.join(&switched.image)), Some(flat));
-    assert!(reads_pattern(&img.join(&switched.image), 0xa4));
+    assert!(reads(&img.join(&switched.image), 0xa4));
 
     // The half-made snapshot is gone, the finished one kept.
     let snaps = pools.list_snapshots().await.unwrap();
@@ -485,52 +410,25 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
     expected.dedup();
     assert_eq!(files(dir.path()), expected);
     for f in files(dir.path()).iter().filter(|f| f.ends_with(".qcow2")) {
-        qemu_img(&["check", "-q", img.join(f).to_str().unwrap()]);
+        qemu_img_check(&img.join(f));
     }
 }
 
 /// A node whose switch outcome is unknown (libvirtd vanished mid-call).
 struct UnsureBackend(Arc<FakeNode>);
 
-#[async_trait::async_trait]
-impl Attacher for UnsureBackend {
-    async fn serves(&self, node_id: &str) -> Result<bool> {
-        Ok(node_id == NODE)
-    }
-    async fn attachments(&self) -> Result<Vec<Attachment>> {
-        Ok(self.0.attachments.lock().unwrap().clone())
-    }
-    async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
-        unimplemented!()
-    }
-    async fn detach(&self, _: &str, _: &str) -> Result<()> {
-        Ok(())
-    }
-    async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
-        Ok(())
-    }
-    async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
-        Ok(())
-    }
-    async fn check_health(&self) -> Result<()> {
-        Ok(())
-    }
+fake_attacher!(UnsureBackend
     async fn snapshot_live(&self, _: &str, _: &str, _: &Path) -> Result<LiveSnapshot> {
         Err(Error::Unavailable("libvirt connection lost".into()))
     }
-}
+);
 
 #[tokio::test]
 async fn an_unknown_live_switch_outcome_keeps_the_overlay_for_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::new(true);
-    let pools = open(
-        dir.path(),
-        Attachments::new(vec![Arc::new(UnsureBackend(node.clone()))], 0),
-    )
-    .await;
-    let vol = pools.create(volume_req("unsure-vol")).await.unwrap();
-    node.attach(&vol.id, false);
+    let backend = Arc::new(UnsureBackend(node.clone()));
+    let (pools, vol) = attached(dir.path(), backend, &node, "unsure-vol").await;
     let err = pools
         .create_snapshot(snap_req("unsure-snap", &vol))
         .await

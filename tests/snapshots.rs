@@ -1,194 +1,91 @@
 //! Snapshots, restores and clones against the real binary and real qemu-img/qemu-io: data is
 //! written into volume images with qemu-io (volumes are unattached) and read back by pattern.
 
-mod common;
-
-use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-use tonic::Code;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::pool::{check_all_layers, layer_files, volume_depth, volume_image};
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::qemu::{assert_reads as reads, Read};
 
 const VOL: i64 = 64 * MIB;
-
-fn key_of(id: &str) -> &str {
-    id.rsplit_once('.').unwrap().1
-}
-
-fn volume_record(p: &Plugin, id: &str) -> Value {
-    let path = p.pool_dir().join(format!("volumes/{}.json", key_of(id)));
-    serde_json::from_slice(&std::fs::read(&path).expect("volume record")).unwrap()
-}
+const M: u64 = MIB as u64;
 
 fn image_of(p: &Plugin, id: &str) -> PathBuf {
-    let rec = volume_record(p, id);
-    p.pool_dir()
-        .join("images")
-        .join(rec["image"].as_str().unwrap())
+    volume_image(&p.pool_dir(), id)
 }
 
-fn depth_of(p: &Plugin, id: &str) -> usize {
-    let rec = volume_record(p, id);
-    1 + rec["chain"]["backing"]
-        .as_array()
-        .map(|a| a.len())
-        .unwrap_or(0)
-}
-
-/// Runs one qemu-io command (reads open the image read-only). The background flattener may
-/// hold an image's lock for a moment while it switches a volume: then try again.
-fn qemu_io(image: &Path, cmd: &str) -> (bool, String) {
-    let mut tries = 0;
-    loop {
-        let mut c = Command::new("qemu-io");
-        if cmd.starts_with("read") {
-            c.arg("-r");
-        }
-        let out = c
-            .args(["-f", "qcow2", "-c", cmd])
-            .arg(image)
-            .output()
-            .expect("qemu-io");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if text.contains("lock") && tries < 50 {
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        return (out.status.success() && !text.contains("failed"), text);
-    }
-}
-
-/// Writes `pattern` over [offset, offset+len) of an unattached volume's image.
-fn write_pattern(image: &Path, pattern: u8, offset: u64, len: u64) {
-    let (ok, text) = qemu_io(image, &format!("write -P {pattern:#x} {offset} {len}"));
-    assert!(ok, "qemu-io write into {}: {text}", image.display());
-}
-
-/// Whether [offset, offset+len) of the image reads back as `pattern`.
-fn reads_pattern(image: &Path, pattern: u8, offset: u64, len: u64) -> bool {
-    qemu_io(image, &format!("read -P {pattern:#x} {offset} {len}")).0
-}
-
+/// Reads take the image's lock (no force-share): the background flattener may hold it for a
+/// moment while it switches a volume, and then the read waits.
 fn assert_reads(image: &Path, pattern: u8, offset: u64, len: u64) {
-    let (ok, text) = qemu_io(image, &format!("read -P {pattern:#x} {offset} {len}"));
-    assert!(
-        ok,
-        "{} should read {pattern:#x} at {offset}: {text}",
-        image.display()
-    );
-}
-
-/// `qemu-img check` on every layer file of the pool.
-fn check_all_layers(p: &Plugin) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir(p.pool_dir().join("images")).unwrap() {
-        let path = entry.unwrap().path();
-        qemu_img_check(&path);
-        n += 1;
-    }
-    n
-}
-
-fn layer_files(p: &Plugin) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(p.pool_dir().join("images"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    reads(image, pattern, offset, len, Read::Locked);
 }
 
 async fn create(p: &Plugin, name: &str, size: i64) -> csi::Volume {
     p.controller()
-        .create_volume(create_req(name, size))
+        .create(create_req(name, size))
         .await
         .expect("create volume")
-        .into_inner()
-        .volume
-        .unwrap()
+}
+
+/// A plugin and a volume whose first MiB is all `byte`.
+async fn plugin_with_volume(name: &str, byte: u8) -> (Plugin, csi::Volume) {
+    let p = Plugin::start("controller", &[]).await;
+    let vol = create(&p, name, VOL).await;
+    write_pattern(&image_of(&p, &vol.volume_id), byte, 0, M);
+    (p, vol)
 }
 
 async fn create_from(
     p: &Plugin,
     name: &str,
     size: i64,
-    source: csi::volume_content_source::Type,
-) -> Result<csi::Volume, tonic::Status> {
-    let mut req = create_req(name, size);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(source),
-    });
+    source: Source,
+) -> Result<csi::Volume, Status> {
     p.controller()
-        .create_volume(req)
+        .create(create_from_req(name, size, source))
         .await
-        .map(|r| r.into_inner().volume.unwrap())
 }
 
-fn from_snapshot(id: &str) -> csi::volume_content_source::Type {
-    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-        snapshot_id: id.to_string(),
-    })
-}
-
-fn from_volume(id: &str) -> csi::volume_content_source::Type {
-    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
-        volume_id: id.to_string(),
-    })
-}
-
-async fn snapshot(p: &Plugin, name: &str, source: &str) -> Result<csi::Snapshot, tonic::Status> {
-    p.controller()
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: source.to_string(),
-            name: name.to_string(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().snapshot.unwrap())
+async fn snapshot(p: &Plugin, name: &str, source: &str) -> Result<csi::Snapshot, Status> {
+    p.controller().snapshot(snapshot_req(name, source)).await
 }
 
 async fn delete_volume(p: &Plugin, id: &str) {
-    p.controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: id.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete volume");
-}
-
-async fn delete_snapshot(p: &Plugin, id: &str) -> Result<(), tonic::Status> {
-    p.controller()
-        .delete_snapshot(csi::DeleteSnapshotRequest {
-            snapshot_id: id.to_string(),
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+    p.controller().delete(id).await.expect("delete volume");
 }
 
 async fn list_snapshots(
     p: &Plugin,
     req: csi::ListSnapshotsRequest,
-) -> Result<csi::ListSnapshotsResponse, tonic::Status> {
+) -> Result<csi::ListSnapshotsResponse, Status> {
     p.controller()
         .list_snapshots(req)
         .await
         .map(|r| r.into_inner())
 }
 
+/// Every snapshot id of a ListSnapshots answer, in order.
+fn snapshot_ids(list: &csi::ListSnapshotsResponse) -> Vec<String> {
+    list.entries
+        .iter()
+        .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+        .collect()
+}
+
+/// Waits (up to `secs`) until `done`; the plugin's log goes into the failure.
+async fn wait_until(p: &Plugin, secs: u64, what: &str, done: impl Fn() -> bool) {
+    let check = || async {
+        done()
+            .then_some(())
+            .ok_or_else(|| format!("{what}: {}", p.log()))
+    };
+    eventually(Duration::from_secs(secs), check).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_restore_keeps_the_point_in_time() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "snap-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0xaa, 0, MIB as u64);
+    let (p, vol) = plugin_with_volume("snap-src", 0xaa).await;
 
     let snap = snapshot(&p, "snap-1", &vol.volume_id).await.unwrap();
     assert!(snap.ready_to_use);
@@ -205,7 +102,7 @@ async fn snapshot_then_restore_keeps_the_point_in_time() {
         !info["backing-filename"].as_str().unwrap().contains('/'),
         "backing names are relative so pools can move: {info}"
     );
-    write_pattern(&src_image, 0xbb, 0, MIB as u64);
+    write_pattern(&src_image, 0xbb, 0, M);
 
     let restored = create_from(&p, "snap-restored", 0, from_snapshot(&snap.snapshot_id))
         .await
@@ -213,54 +110,37 @@ async fn snapshot_then_restore_keeps_the_point_in_time() {
     assert_eq!(restored.capacity_bytes, VOL);
     assert_eq!(
         restored.content_source,
-        Some(csi::VolumeContentSource {
-            r#type: Some(from_snapshot(&snap.snapshot_id))
-        })
+        content(from_snapshot(&snap.snapshot_id))
     );
-    assert_reads(&image_of(&p, &restored.volume_id), 0xaa, 0, MIB as u64);
-    assert_reads(&src_image, 0xbb, 0, MIB as u64);
+    assert_reads(&image_of(&p, &restored.volume_id), 0xaa, 0, M);
+    assert_reads(&src_image, 0xbb, 0, M);
 
     // Writes to the restore stay there.
-    write_pattern(&image_of(&p, &restored.volume_id), 0xcc, 0, MIB as u64);
-    assert_reads(&src_image, 0xbb, 0, MIB as u64);
+    write_pattern(&image_of(&p, &restored.volume_id), 0xcc, 0, M);
+    assert_reads(&src_image, 0xbb, 0, M);
     let again = create_from(&p, "snap-restored-2", 0, from_snapshot(&snap.snapshot_id))
         .await
         .unwrap();
-    assert_reads(&image_of(&p, &again.volume_id), 0xaa, 0, MIB as u64);
+    assert_reads(&image_of(&p, &again.volume_id), 0xaa, 0, M);
 
     // Idempotent restore.
     let same = create_from(&p, "snap-restored", 0, from_snapshot(&snap.snapshot_id))
         .await
         .unwrap();
     assert_eq!(same.volume_id, restored.volume_id);
-    assert_reads(&image_of(&p, &restored.volume_id), 0xcc, 0, MIB as u64);
+    assert_reads(&image_of(&p, &restored.volume_id), 0xcc, 0, M);
 
     // GetSnapshot.
-    let got = p
-        .controller()
-        .get_snapshot(csi::GetSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
-    assert_eq!(got, snap);
-    assert!(check_all_layers(&p) >= 4);
+    let got = p.controller().snapshot_by_id(&snap.snapshot_id).await;
+    assert_eq!(got.unwrap(), snap);
+    assert!(check_all_layers(&p.pool_dir()) >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_sizes() {
     let p = Plugin::start("controller", &[]).await;
     let vol = create(&p, "size-src", VOL).await;
-    write_pattern(
-        &image_of(&p, &vol.volume_id),
-        0x11,
-        VOL as u64 - MIB as u64,
-        MIB as u64,
-    );
+    write_pattern(&image_of(&p, &vol.volume_id), 0x11, VOL as u64 - M, M);
     let snap = snapshot(&p, "size-snap", &vol.volume_id).await.unwrap();
 
     // Larger: the overlay grows, the old data is there and the new tail reads zeros.
@@ -270,8 +150,8 @@ async fn restore_sizes() {
     assert_eq!(big.capacity_bytes, 4 * VOL);
     let big_image = image_of(&p, &big.volume_id);
     assert_eq!(qemu_img_info(&big_image)["virtual-size"], 4 * VOL);
-    assert_reads(&big_image, 0x11, VOL as u64 - MIB as u64, MIB as u64);
-    assert_reads(&big_image, 0x00, VOL as u64, MIB as u64);
+    assert_reads(&big_image, 0x11, VOL as u64 - M, M);
+    assert_reads(&big_image, 0x00, VOL as u64, M);
 
     // A request below the snapshot's size but without a limit gets the snapshot's size.
     let small_ok = create_from(&p, "size-small", MIB, from_snapshot(&snap.snapshot_id))
@@ -279,40 +159,32 @@ async fn restore_sizes() {
         .unwrap();
     assert_eq!(small_ok.capacity_bytes, VOL);
 
-    // A limit below the snapshot's size cannot be met.
-    let mut req = create_req("size-too-small", MIB);
-    req.capacity_range.as_mut().unwrap().limit_bytes = 2 * MIB;
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(from_snapshot(&snap.snapshot_id)),
-    });
-    let err = p.controller().create_volume(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-
-    // Clone too.
-    let mut req = create_req("clone-too-small", MIB);
-    req.capacity_range.as_mut().unwrap().limit_bytes = 2 * MIB;
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(from_volume(&vol.volume_id)),
-    });
-    let err = p.controller().create_volume(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // A limit below the snapshot's size cannot be met; for a clone neither.
+    for (name, source) in [
+        ("size-too-small", from_snapshot(&snap.snapshot_id)),
+        ("clone-too-small", from_volume(&vol.volume_id)),
+    ] {
+        let mut req = create_from_req(name, MIB, source);
+        req.capacity_range.as_mut().unwrap().limit_bytes = 2 * MIB;
+        expect_code(p.controller().create(req).await, Code::OutOfRange, name);
+    }
 
     // A restore is qcow2: format=raw cannot be honoured.
-    let mut req = create_req("size-raw", 0);
-    req.parameters = params(&[("format", "raw")]);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(from_snapshot(&snap.snapshot_id)),
-    });
-    let err = p.controller().create_volume(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    check_all_layers(&p);
+    let req = csi::CreateVolumeRequest {
+        parameters: params(&[("format", "raw")]),
+        ..create_from_req("size-raw", 0, from_snapshot(&snap.snapshot_id))
+    };
+    expect_code(
+        p.controller().create(req).await,
+        Code::InvalidArgument,
+        "raw restore",
+    );
+    check_all_layers(&p.pool_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_is_independent_of_its_source() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "clone-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0xaa, 0, MIB as u64);
+    let (p, vol) = plugin_with_volume("clone-src", 0xaa).await;
 
     let clone = create_from(&p, "clone-1", 0, from_volume(&vol.volume_id))
         .await
@@ -321,14 +193,14 @@ async fn clone_is_independent_of_its_source() {
     let clone_image = image_of(&p, &clone.volume_id);
     let src_image = image_of(&p, &vol.volume_id);
     assert_ne!(clone_image, src_image);
-    assert_reads(&clone_image, 0xaa, 0, MIB as u64);
+    assert_reads(&clone_image, 0xaa, 0, M);
 
-    write_pattern(&src_image, 0xbb, 0, MIB as u64);
-    write_pattern(&clone_image, 0xcc, MIB as u64, MIB as u64);
-    assert_reads(&clone_image, 0xaa, 0, MIB as u64);
-    assert_reads(&clone_image, 0xcc, MIB as u64, MIB as u64);
-    assert_reads(&src_image, 0xbb, 0, MIB as u64);
-    assert_reads(&src_image, 0x00, MIB as u64, MIB as u64);
+    write_pattern(&src_image, 0xbb, 0, M);
+    write_pattern(&clone_image, 0xcc, M, M);
+    assert_reads(&clone_image, 0xaa, 0, M);
+    assert_reads(&clone_image, 0xcc, M, M);
+    assert_reads(&src_image, 0xbb, 0, M);
+    assert_reads(&src_image, 0x00, M, M);
 
     // Idempotent; the clone's frozen layer is hidden: no snapshot appears.
     let same = create_from(&p, "clone-1", 0, from_volume(&vol.volume_id))
@@ -340,8 +212,8 @@ async fn clone_is_independent_of_its_source() {
 
     // Deleting the source keeps the clone readable.
     delete_volume(&p, &vol.volume_id).await;
-    assert_reads(&clone_image, 0xaa, 0, MIB as u64);
-    check_all_layers(&p);
+    assert_reads(&clone_image, 0xaa, 0, M);
+    check_all_layers(&p.pool_dir());
 
     // A missing source.
     let err = create_from(&p, "clone-2", 0, from_volume(&vol.volume_id))
@@ -355,14 +227,12 @@ async fn clone_is_independent_of_its_source() {
 
     // Deleting the clone leaves no layer behind.
     delete_volume(&p, &clone.volume_id).await;
-    assert_eq!(layer_files(&p), Vec::<String>::new());
+    assert_eq!(layer_files(&p.pool_dir()), Vec::<PathBuf>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_restores_outlive_their_sources() {
-    let p = Plugin::start("controller", &[]).await;
-    let vol = create(&p, "indep-src", VOL).await;
-    write_pattern(&image_of(&p, &vol.volume_id), 0x5a, 0, MIB as u64);
+    let (p, vol) = plugin_with_volume("indep-src", 0x5a).await;
     let snap = snapshot(&p, "indep-snap", &vol.volume_id).await.unwrap();
     let r1 = create_from(&p, "indep-r1", 0, from_snapshot(&snap.snapshot_id))
         .await
@@ -370,63 +240,44 @@ async fn snapshots_and_restores_outlive_their_sources() {
 
     // Delete the source volume: the snapshot and the restore are intact.
     delete_volume(&p, &vol.volume_id).await;
-    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, MIB as u64);
+    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
     let r2 = create_from(&p, "indep-r2", 0, from_snapshot(&snap.snapshot_id))
         .await
         .unwrap();
-    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, MIB as u64);
+    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, M);
 
     // A new volume with the source's old name does not clobber the frozen layer.
     let reborn = create(&p, "indep-src", VOL).await;
     assert_eq!(reborn.volume_id, vol.volume_id);
-    assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, MIB as u64);
-    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, MIB as u64);
+    assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, M);
+    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
     delete_volume(&p, &reborn.volume_id).await;
 
     // Delete the snapshot while restores use its layer: OK, and they still read.
-    delete_snapshot(&p, &snap.snapshot_id).await.unwrap();
-    delete_snapshot(&p, &snap.snapshot_id).await.unwrap();
-    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, MIB as u64);
-    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, MIB as u64);
-    let err = p
-        .controller()
-        .get_snapshot(csi::GetSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let mut c = p.controller();
+    c.remove_snapshot(&snap.snapshot_id).await.unwrap();
+    c.remove_snapshot(&snap.snapshot_id).await.unwrap();
+    assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
+    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, M);
+    let err = c.snapshot_by_id(&snap.snapshot_id).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = create_from(&p, "indep-r3", 0, from_snapshot(&snap.snapshot_id))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    check_all_layers(&p);
+    check_all_layers(&p.pool_dir());
 
     // The layer goes with the last volume that reads through it.
     delete_volume(&p, &r1.volume_id).await;
-    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, MIB as u64);
+    assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, M);
     delete_volume(&p, &r2.volume_id).await;
-    assert_eq!(layer_files(&p), Vec::<String>::new());
+    assert_eq!(layer_files(&p.pool_dir()), Vec::<PathBuf>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_rules_paging_and_restart() {
     let mut p = Plugin::start("controller", &[]).await;
-    let caps = p
-        .controller()
-        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let rpcs: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            _ => None,
-        })
-        .collect();
+    let rpcs = p.controller().rpc_types().await;
     use csi::controller_service_capability::rpc::Type;
     for t in [
         Type::CreateDeleteSnapshot,
@@ -445,37 +296,31 @@ async fn snapshot_rules_paging_and_restart() {
     let again = snapshot(&p, "rules-s1", &a.volume_id).await.unwrap();
     assert_eq!(s1, again);
     assert_eq!(
-        depth_of(&p, &a.volume_id),
+        volume_depth(&p.pool_dir(), &a.volume_id),
         2,
         "a repeat must not freeze again"
     );
-    let err = snapshot(&p, "rules-s1", &b.volume_id).await.unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    let err = snapshot(&p, "rules-x", "default.0123456789abcdef")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let err = snapshot(&p, "rules-x", "not-ours").await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let err = snapshot(&p, "", &a.volume_id).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let err = snapshot(&p, "rules-x", "").await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    for (name, source, code) in [
+        ("rules-s1", b.volume_id.as_str(), Code::AlreadyExists),
+        ("rules-x", "default.0123456789abcdef", Code::NotFound),
+        ("rules-x", "not-ours", Code::NotFound),
+        ("", a.volume_id.as_str(), Code::InvalidArgument),
+        ("rules-x", "", Code::InvalidArgument),
+    ] {
+        expect_code(
+            snapshot(&p, name, source).await,
+            code,
+            &format!("{name} of {source}"),
+        );
+    }
 
     // Nomad passes the volume's parameters and secrets along: accepted as they are.
-    let with_params = p
-        .controller()
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: a.volume_id.clone(),
-            name: "rules-s2".into(),
-            parameters: params(&[("nomad-param", "x")]),
-            secrets: params(&[("token", "s3cr3t")]),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let with_params = csi::CreateSnapshotRequest {
+        parameters: params(&[("nomad-param", "x")]),
+        secrets: params(&[("token", "s3cr3t")]),
+        ..snapshot_req("rules-s2", &a.volume_id)
+    };
+    let with_params = p.controller().snapshot(with_params).await.unwrap();
     assert!(with_params.ready_to_use);
     let mut ids = vec![s1.snapshot_id.clone(), with_params.snapshot_id];
     for (name, vol) in [("rules-s3", &b), ("rules-s4", &b)] {
@@ -492,22 +337,14 @@ async fn snapshot_rules_paging_and_restart() {
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
-        let page = list_snapshots(
-            &p,
-            csi::ListSnapshotsRequest {
-                max_entries: 3,
-                starting_token: token.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let req = csi::ListSnapshotsRequest {
+            max_entries: 3,
+            starting_token: token.clone(),
+            ..Default::default()
+        };
+        let page = list_snapshots(&p, req).await.unwrap();
         assert!(page.entries.len() <= 3);
-        seen.extend(
-            page.entries
-                .iter()
-                .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()),
-        );
+        seen.extend(snapshot_ids(&page));
         if page.next_token.is_empty() {
             break;
         }
@@ -516,25 +353,16 @@ async fn snapshot_rules_paging_and_restart() {
     assert_eq!(seen, ids, "every snapshot once, in a stable order");
 
     // Filters; unknown ids give an empty list, a bad token ABORTED.
-    let only_b = list_snapshots(
-        &p,
-        csi::ListSnapshotsRequest {
-            source_volume_id: b.volume_id.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(only_b.entries.len(), 2);
-    let one = list_snapshots(
-        &p,
-        csi::ListSnapshotsRequest {
-            snapshot_id: s1.snapshot_id.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let filtered = |snapshot_id: &str, source_volume_id: &str| csi::ListSnapshotsRequest {
+        snapshot_id: snapshot_id.into(),
+        source_volume_id: source_volume_id.into(),
+        ..Default::default()
+    };
+    let only_b = list_snapshots(&p, filtered("", &b.volume_id)).await;
+    assert_eq!(only_b.unwrap().entries.len(), 2);
+    let one = list_snapshots(&p, filtered(&s1.snapshot_id, ""))
+        .await
+        .unwrap();
     assert_eq!(one.entries.len(), 1);
     assert_eq!(one.entries[0].snapshot.as_ref().unwrap(), &s1);
     for (snapshot_id, source_volume_id) in [
@@ -543,53 +371,33 @@ async fn snapshot_rules_paging_and_restart() {
         ("", "default.0000000000000000"),
         ("", "nope"),
     ] {
-        let none = list_snapshots(
-            &p,
-            csi::ListSnapshotsRequest {
-                snapshot_id: snapshot_id.into(),
-                source_volume_id: source_volume_id.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let none = list_snapshots(&p, filtered(snapshot_id, source_volume_id)).await;
+        let none = none.unwrap();
         assert!(none.entries.is_empty(), "{snapshot_id} {source_volume_id}");
     }
-    let err = list_snapshots(
-        &p,
-        csi::ListSnapshotsRequest {
-            starting_token: "garbage token".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let garbage = csi::ListSnapshotsRequest {
+        starting_token: "garbage token".into(),
+        ..Default::default()
+    };
+    expect_code(
+        list_snapshots(&p, garbage).await,
+        Code::Aborted,
+        "garbage token",
+    );
 
     // Unknown ids: DeleteSnapshot OK, GetSnapshot NOT_FOUND.
-    delete_snapshot(&p, "default.s0000000000000000")
+    let mut c = p.controller();
+    c.remove_snapshot("default.s0000000000000000")
         .await
         .unwrap();
-    delete_snapshot(&p, "nope").await.unwrap();
-    let err = p
-        .controller()
-        .get_snapshot(csi::GetSnapshotRequest {
-            snapshot_id: "default.s0000000000000000".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    c.remove_snapshot("nope").await.unwrap();
+    let err = c.snapshot_by_id("default.s0000000000000000").await;
+    assert_eq!(err.unwrap_err().code(), Code::NotFound);
 
     // A restart keeps everything.
     p.restart().await;
     let after = list_snapshots(&p, Default::default()).await.unwrap();
-    let after_ids: Vec<String> = after
-        .entries
-        .iter()
-        .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
-        .collect();
-    assert_eq!(after_ids, ids);
+    assert_eq!(snapshot_ids(&after), ids);
     assert_eq!(
         snapshot(&p, "rules-s1", &a.volume_id).await.unwrap(),
         s1,
@@ -597,30 +405,26 @@ async fn snapshot_rules_paging_and_restart() {
     );
 
     // Nomad deletes by id.
+    let mut c = p.controller();
     for id in &ids {
-        delete_snapshot(&p, id).await.unwrap();
+        c.remove_snapshot(id).await.unwrap();
     }
     assert!(list_snapshots(&p, Default::default())
         .await
         .unwrap()
         .entries
         .is_empty());
-    check_all_layers(&p);
+    check_all_layers(&p.pool_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_volumes_cannot_be_snapshotted() {
     let p = Plugin::start("controller", &[]).await;
-    let mut req = create_req("raw-src", VOL);
-    req.parameters = params(&[("format", "raw")]);
-    let raw = p
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let req = csi::CreateVolumeRequest {
+        parameters: params(&[("format", "raw")]),
+        ..create_req("raw-src", VOL)
+    };
+    let raw = p.controller().create(req).await.unwrap();
     let err = snapshot(&p, "raw-snap", &raw.volume_id).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("qcow2"), "{}", err.message());
@@ -628,24 +432,20 @@ async fn raw_volumes_cannot_be_snapshotted() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(layer_files(&p).len(), 1);
+    assert_eq!(layer_files(&p.pool_dir()).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_chains_are_flattened_in_the_background_and_read_right() {
     let config = "[snapshots]\nmax_chain_depth = 3\n";
     let p = Plugin::start_with_config("controller", config, &[]).await;
+    let pool = p.pool_dir();
     let vol = create(&p, "deep-src", VOL).await;
 
     // Each generation writes its own MiB, then is snapshotted.
     let mut snaps = Vec::new();
     for gen in 0..6u64 {
-        write_pattern(
-            &image_of(&p, &vol.volume_id),
-            0x10 + gen as u8,
-            gen * MIB as u64,
-            MIB as u64,
-        );
+        write_pattern(&image_of(&p, &vol.volume_id), 0x10 + gen as u8, gen * M, M);
         // Snapshots may meet an in-flight flattening switch on the volume (ABORTED), or a chain
         // at twice the limit waiting for the flattener (UNAVAILABLE): retry, as a CO does.
         let snap = loop {
@@ -660,53 +460,49 @@ async fn deep_chains_are_flattened_in_the_background_and_read_right() {
         snaps.push(snap);
     }
     // Overwrite generation 0 in the live volume.
-    write_pattern(&image_of(&p, &vol.volume_id), 0xee, 0, MIB as u64);
+    write_pattern(&image_of(&p, &vol.volume_id), 0xee, 0, M);
 
     // The flattener brings the chain back within the limit.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while depth_of(&p, &vol.volume_id) > 3 {
-        assert!(
-            Instant::now() < deadline,
-            "chain not flattened: {}",
-            p.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(&p, 120, "chain not flattened", || {
+        volume_depth(&pool, &vol.volume_id) <= 3
+    })
+    .await;
     let image = image_of(&p, &vol.volume_id);
-    assert_reads(&image, 0xee, 0, MIB as u64);
+    assert_reads(&image, 0xee, 0, M);
     for gen in 1..6u64 {
-        assert_reads(&image, 0x10 + gen as u8, gen * MIB as u64, MIB as u64);
+        assert_reads(&image, 0x10 + gen as u8, gen * M, M);
     }
-    let chain = Command::new("qemu-img")
-        .args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let chain: Value = serde_json::from_slice(&chain.stdout).unwrap();
+    let chain = run_ok(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            image.to_str().unwrap(),
+        ],
+    );
+    let chain: Value = serde_json::from_str(&chain).unwrap();
     assert!(chain.as_array().unwrap().len() <= 3, "{chain}");
 
     // Every snapshot still shows its own point in time, at every depth; restores of deep
     // snapshots are flattened too.
     let mut restores = Vec::new();
     for (gen, snap) in snaps.iter().enumerate() {
-        let r = create_from(
-            &p,
-            &format!("deep-r{gen}"),
-            0,
-            from_snapshot(&snap.snapshot_id),
-        )
-        .await
-        .unwrap();
+        let name = format!("deep-r{gen}");
+        let r = create_from(&p, &name, 0, from_snapshot(&snap.snapshot_id))
+            .await
+            .unwrap();
         let img = image_of(&p, &r.volume_id);
         for g in 0..=gen as u64 {
-            assert_reads(&img, 0x10 + g as u8, g * MIB as u64, MIB as u64);
+            assert_reads(&img, 0x10 + g as u8, g * M, M);
         }
-        assert_reads(&img, 0x00, (gen as u64 + 1) * MIB as u64, MIB as u64);
+        assert_reads(&img, 0x00, (gen as u64 + 1) * M, M);
         restores.push((gen, r));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     for (gen, r) in &restores {
-        while depth_of(&p, &r.volume_id) > 3 {
+        while volume_depth(&pool, &r.volume_id) > 3 {
             assert!(
                 Instant::now() < deadline,
                 "restore not flattened: {}",
@@ -716,27 +512,24 @@ async fn deep_chains_are_flattened_in_the_background_and_read_right() {
         }
         let img = image_of(&p, &r.volume_id);
         for g in 0..=*gen as u64 {
-            assert_reads(&img, 0x10 + g as u8, g * MIB as u64, MIB as u64);
+            assert_reads(&img, 0x10 + g as u8, g * M, M);
         }
     }
-    check_all_layers(&p);
+    check_all_layers(&pool);
 
     // Delete everything: no layer is left behind.
     for (_, r) in &restores {
         delete_volume(&p, &r.volume_id).await;
     }
     for s in &snaps {
-        delete_snapshot(&p, &s.snapshot_id).await.unwrap();
+        p.controller()
+            .remove_snapshot(&s.snapshot_id)
+            .await
+            .unwrap();
     }
     delete_volume(&p, &vol.volume_id).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !layer_files(&p).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            layer_files(&p)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _ = reads_pattern;
+    wait_until(&p, 30, "layers left behind", || {
+        layer_files(&pool).is_empty()
+    })
+    .await;
 }

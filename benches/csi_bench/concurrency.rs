@@ -2,17 +2,15 @@
 //! bench domains, then unpublishing and deleting them, at several N. Every error counts,
 //! ABORTED included; the first message of each code is kept to say why.
 
-use super::domains::BenchDomain;
-use super::plugin::BenchPlugin;
 use super::stats::{ConcurrencyRow, Samples};
-use crate::common::{create_req, GIB};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use virtdisk_test_support::prelude::*;
 
 pub async fn run(
-    p: &BenchPlugin,
-    domains: &[BenchDomain],
+    p: &Plugin,
+    domains: &[TestDomain],
     clients: &[usize],
     volumes: usize,
 ) -> Vec<ConcurrencyRow> {
@@ -48,7 +46,7 @@ pub async fn run(
                     let id = r.into_inner().volume.unwrap().volume_id;
                     let _ = super::stats::timed(
                         &mut publish,
-                        c.controller_publish_volume(super::controller::publish_req(&id, node)),
+                        c.controller_publish_volume(publish_req(&id, node)),
                     )
                     .await;
                     made.push((id, node.clone()));
@@ -92,14 +90,11 @@ pub async fn run(
                     };
                     let _ = super::stats::timed(
                         &mut unpublish,
-                        c.controller_unpublish_volume(super::controller::unpublish_req(&id, &node)),
+                        c.controller_unpublish_volume(unpublish_req(&id, &node)),
                     )
                     .await;
-                    let _ = super::stats::timed(
-                        &mut delete,
-                        c.delete_volume(super::controller::delete_req(&id)),
-                    )
-                    .await;
+                    let _ =
+                        super::stats::timed(&mut delete, c.delete_volume(delete_req(&id))).await;
                 }
                 (unpublish, delete)
             }));

@@ -1,40 +1,14 @@
 //! Controller RPCs one after the other: CreateVolume, ControllerPublish, ControllerUnpublish
 //! (confirmed), DeleteVolume, beside the bare qemu-img and libvirt calls they wrap.
 
-use super::domains::BenchDomain;
 use super::floors;
-use super::plugin::BenchPlugin;
 use super::stats::{timed, LatencyRow, Samples, Target};
 use super::Settings;
-use crate::common::{create_req, mount_cap, Mode, GIB};
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::domain::count_all;
+use virtdisk_test_support::prelude::*;
 
-pub fn publish_req(volume_id: &str, node: &str) -> csi::ControllerPublishVolumeRequest {
-    csi::ControllerPublishVolumeRequest {
-        volume_id: volume_id.into(),
-        node_id: node.into(),
-        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
-        ..Default::default()
-    }
-}
-
-pub fn unpublish_req(volume_id: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest {
-    csi::ControllerUnpublishVolumeRequest {
-        volume_id: volume_id.into(),
-        node_id: node.into(),
-        ..Default::default()
-    }
-}
-
-pub fn delete_req(volume_id: &str) -> csi::DeleteVolumeRequest {
-    csi::DeleteVolumeRequest {
-        volume_id: volume_id.into(),
-        ..Default::default()
-    }
-}
-
-pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<LatencyRow> {
+pub async fn run(s: &Settings, p: &Plugin, domains: &[TestDomain]) -> Vec<LatencyRow> {
     let mut c = p.controller();
     let floor_dir = p.dir.path().join("floor");
     std::fs::create_dir_all(&floor_dir).unwrap();
@@ -95,20 +69,14 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
         let node = |i: usize| domains[i % domains.len()].uuid.clone();
         let t = Instant::now();
         for (i, id) in ids.iter().take(n).enumerate() {
-            let _ = timed(
-                &mut publish,
-                c.controller_publish_volume(publish_req(id, &node(i))),
-            )
-            .await;
+            let req = publish_req(id, &node(i));
+            let _ = timed(&mut publish, c.controller_publish_volume(req)).await;
         }
         publish.wall += t.elapsed();
         let t = Instant::now();
         for (i, id) in ids.iter().take(n).enumerate() {
-            let _ = timed(
-                &mut unpublish,
-                c.controller_unpublish_volume(unpublish_req(id, &node(i))),
-            )
-            .await;
+            let req = unpublish_req(id, &node(i));
+            let _ = timed(&mut unpublish, c.controller_unpublish_volume(req)).await;
         }
         unpublish.wall += t.elapsed();
     }
@@ -153,7 +121,7 @@ pub async fn run(s: &Settings, p: &BenchPlugin, domains: &[BenchDomain]) -> Vec<
         LatencyRow::new(
             format!(
                 "ControllerGetVolume (reads all {} domains on the host)",
-                super::domains::BenchDomain::count_all()
+                count_all()
             ),
             get,
         ),

@@ -3,26 +3,12 @@
 
 use super::stats::Samples;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use virtdisk_csi::attach::DiskSpec;
 use virtdisk_csi::hypervisor::diskxml;
 use virtdisk_csi::model::ImageFormat;
 use virtdisk_csi::params::{Bus, DiskOptions};
-
-pub fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use virtdisk_test_support::run_ok;
 
 fn timed_cmd(s: &mut Samples, program: &str, args: &[&str]) {
     let t = Instant::now();
@@ -30,44 +16,37 @@ fn timed_cmd(s: &mut Samples, program: &str, args: &[&str]) {
     s.push(t.elapsed());
 }
 
-/// `qemu-img create -f qcow2 <size>`, one process per image (what CreateVolume runs).
-pub fn qemu_img_create(dir: &Path, size: &str, n: usize) -> Samples {
+/// `n` times `qemu-img create -q -f qcow2 <args> <dir>/<name>-<i>.qcow2 [size]`, timed; each
+/// image is removed again.
+fn qemu_img_creates(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    size: Option<&str>,
+    n: usize,
+) -> Samples {
     let mut s = Samples::default();
     for i in 0..n {
-        let p = dir.join(format!("floor-{i}.qcow2"));
-        timed_cmd(
-            &mut s,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), size],
-        );
+        let p = dir.join(format!("{name}-{i}.qcow2"));
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend(args);
+        all.push(p.to_str().unwrap());
+        all.extend(size);
+        timed_cmd(&mut s, "qemu-img", &all);
         let _ = std::fs::remove_file(&p);
     }
     s
 }
 
+/// `qemu-img create -f qcow2 <size>`, one process per image (what CreateVolume runs).
+pub fn qemu_img_create(dir: &Path, size: &str, n: usize) -> Samples {
+    qemu_img_creates(dir, "floor", &[], Some(size), n)
+}
+
 /// `qemu-img create -b <base>`: an overlay, what snapshots, restores and clones create.
 pub fn qemu_img_overlay(dir: &Path, base: &Path, n: usize) -> Samples {
-    let mut s = Samples::default();
-    for i in 0..n {
-        let p = dir.join(format!("floor-overlay-{i}.qcow2"));
-        timed_cmd(
-            &mut s,
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                base.to_str().unwrap(),
-                p.to_str().unwrap(),
-            ],
-        );
-        let _ = std::fs::remove_file(&p);
-    }
-    s
+    let backing = ["-F", "qcow2", "-b", base.to_str().unwrap()];
+    qemu_img_creates(dir, "floor-overlay", &backing, None, n)
 }
 
 /// Bare libvirt hot-plug through the library the plugin uses (one open connection), in the
@@ -79,7 +58,7 @@ pub fn libvirt_attach_detach(plan: &[(String, std::path::PathBuf)]) -> (Samples,
     use virt::sys;
     let live = sys::VIR_DOMAIN_AFFECT_LIVE;
     let config = sys::VIR_DOMAIN_AFFECT_CONFIG;
-    let conn = Connect::open(Some(super::domains::URI)).expect("libvirt connection");
+    let conn = Connect::open(Some(virtdisk_test_support::virsh::URI)).expect("libvirt connection");
     let mut attach = Samples::default();
     let mut detach = Samples::default();
     let mut attached = Vec::new();

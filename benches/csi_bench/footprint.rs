@@ -1,10 +1,10 @@
 //! Resident memory of a freshly started plugin, in each mode, after it has served a few calls
 //! and settled.
 
-use super::plugin::{threads_of, BenchPlugin};
+use super::plugin::{memory, probe_ready, threads_of};
 use super::stats::{mib, ValueRow};
 use std::time::Duration;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::prelude::csi;
 
 pub const IDLE_TARGET: u64 = 8 << 20;
 
@@ -33,13 +33,13 @@ pub async fn run() -> Vec<ValueRow> {
         } else {
             &[]
         };
-        let p = BenchPlugin::start_bin(&bin, mode, "", args).await;
+        let p = super::plugin::start_bin(&bin, mode, "", args).await;
         // What a CO does at registration: identity, capabilities, a probe.
         let _ = p
             .identity()
             .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
             .await;
-        let _ = p.probe_ready().await;
+        let _ = probe_ready(&p).await;
         if mode != "node" {
             let _ = p
                 .controller()
@@ -47,9 +47,10 @@ pub async fn run() -> Vec<ValueRow> {
                 .await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let m = p.memory();
-        let threads = threads_of(p.pid());
-        let (anon, file, pss) = breakdown(p.pid());
+        let m = memory(&p);
+        let pid = p.pid().expect("plugin is running");
+        let threads = threads_of(pid);
+        let (anon, file, pss) = breakdown(pid);
         rows.push(
             ValueRow::new(
                 format!("idle RSS, {label} (VmRSS / VmHWM)"),

@@ -15,20 +15,22 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// What follows `prefix` on the first line of `file` that starts with it.
+fn line_after(file: &str, prefix: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(str::to_string)
+}
+
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
+    line_after("/proc/cpuinfo", "model name")
         .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_else(|| "?".into())
 }
 
 fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+    line_after("/proc/meminfo", "MemTotal:")
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| format!("{:.1} GiB", kib as f64 / (1u64 << 20) as f64))
         .unwrap_or_else(|| "?".into())
@@ -85,10 +87,7 @@ pub fn describe() -> Vec<String> {
 }
 
 fn os_release() -> String {
-    std::fs::read_to_string("/etc/os-release")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+    line_after("/etc/os-release", "PRETTY_NAME=")
         .map(|v| v.trim_matches('"').to_string())
         .unwrap_or_else(|| "?".into())
 }

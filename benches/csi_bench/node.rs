@@ -3,12 +3,11 @@
 //! back, for ext4 and xfs, beside bare mkfs + mount and a bare storage daemon + losetup.
 
 use super::floors;
-use super::plugin::BenchPlugin;
 use super::stats::{timed, LatencyRow, Samples, Target};
 use super::Settings;
-use crate::common::{create_req, mount_cap, Mode, GIB};
 use std::time::Duration;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::local_attach::cleanup;
+use virtdisk_test_support::prelude::*;
 
 #[derive(Default)]
 struct FsSamples {
@@ -32,20 +31,14 @@ pub async fn run(s: &Settings) -> Vec<LatencyRow> {
         eprintln!("node: SKIPPED (needs root, /dev/fuse and /dev/loop-control)");
         return Vec::new();
     }
-    let p = BenchPlugin::start("monolith", "[node]\ndevice_wait_secs = 30\n", &[]).await;
+    let p = super::plugin::start("monolith", "[node]\ndevice_wait_secs = 30\n", &[]).await;
     let rows = measure(s, &p).await;
-    crate::env::cleanup(p.dir.path());
+    cleanup(p.dir.path());
     rows
 }
 
-async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
-    let node_id = p
-        .node()
-        .node_get_info(csi::NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .node_id;
+async fn measure(s: &Settings, p: &Plugin) -> Vec<LatencyRow> {
+    let node_id = p.node().node_id().await;
     let floor_dir = p.dir.path().join("floor");
     std::fs::create_dir_all(&floor_dir).unwrap();
     let mut rows = Vec::new();
@@ -55,17 +48,13 @@ async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
         let cap = mount_cap(fs, Mode::SingleNodeWriter);
         let mut m = FsSamples::default();
         for round in 0..s.node_rounds {
-            let mut req = create_req(&format!("bench-n-{fs}-{round}"), GIB);
-            req.volume_capabilities = vec![cap.clone()];
-            let vol = c
-                .create_volume(req)
-                .await
-                .expect("create volume")
-                .into_inner()
-                .volume
-                .unwrap();
+            let req = csi::CreateVolumeRequest {
+                volume_capabilities: vec![cap.clone()],
+                ..create_req(&format!("bench-n-{fs}-{round}"), GIB)
+            };
+            let vol = c.create(req).await.expect("create volume");
             let id = vol.volume_id.clone();
-            let mut pr = super::controller::publish_req(&id, &node_id);
+            let mut pr = publish_req(&id, &node_id);
             pr.volume_capability = Some(cap.clone());
             let Ok(ctx) = timed(&mut m.publish, c.controller_publish_volume(pr)).await else {
                 continue;
@@ -75,57 +64,36 @@ async fn measure(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
             let target = p.dir.path().join(format!("target/{fs}-{round}/mount"));
             std::fs::create_dir_all(&staging).unwrap();
             std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            let staged = timed(
-                &mut m.stage,
-                n.node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: id.clone(),
-                    publish_context: ctx,
-                    staging_target_path: staging.display().to_string(),
-                    volume_capability: Some(cap.clone()),
-                    volume_context: vol.volume_context.clone(),
-                    ..Default::default()
-                }),
-            )
-            .await;
+            let (staging, target) = (staging.display().to_string(), target.display().to_string());
+            let stage = csi::NodeStageVolumeRequest {
+                publish_context: ctx,
+                volume_context: vol.volume_context.clone(),
+                ..stage_req(&id, &staging, cap.clone())
+            };
+            let staged = timed(&mut m.stage, n.node_stage_volume(stage)).await;
             if staged.is_ok() {
                 let pub_ms = *m.publish.ok.last().unwrap();
                 let stage_ms = *m.stage.ok.last().unwrap();
                 m.publish_and_stage.push(pub_ms + stage_ms);
-                let _ = timed(
-                    &mut m.node_publish,
-                    n.node_publish_volume(csi::NodePublishVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.display().to_string(),
-                        target_path: target.display().to_string(),
-                        volume_capability: Some(cap.clone()),
-                        volume_context: vol.volume_context.clone(),
-                        ..Default::default()
-                    }),
-                )
-                .await;
-                let _ = timed(
-                    &mut m.node_unpublish,
-                    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                        volume_id: id.clone(),
-                        target_path: target.display().to_string(),
-                    }),
-                )
-                .await;
+                let publish = csi::NodePublishVolumeRequest {
+                    volume_context: vol.volume_context.clone(),
+                    ..node_publish_req(&id, &staging, &target, cap.clone())
+                };
+                let _ = timed(&mut m.node_publish, n.node_publish_volume(publish)).await;
+                let unpublish = node_unpublish_req(&id, &target);
+                let _ = timed(&mut m.node_unpublish, n.node_unpublish_volume(unpublish)).await;
                 let _ = timed(
                     &mut m.unstage,
-                    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.display().to_string(),
-                    }),
+                    n.node_unstage_volume(unstage_req(&id, &staging)),
                 )
                 .await;
             }
             let _ = timed(
                 &mut m.unpublish,
-                c.controller_unpublish_volume(super::controller::unpublish_req(&id, &node_id)),
+                c.controller_unpublish_volume(unpublish_req(&id, &node_id)),
             )
             .await;
-            let _ = c.delete_volume(super::controller::delete_req(&id)).await;
+            let _ = c.delete_volume(delete_req(&id)).await;
         }
         let (qsd, mkfs) = tokio::task::spawn_blocking({
             let (dir, rounds) = (floor_dir.clone(), s.node_rounds.min(5));

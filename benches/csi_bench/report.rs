@@ -28,6 +28,12 @@ fn per_sec(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into())
 }
 
+/// A table's header row and its separator row.
+fn head(o: &mut String, columns: &[&str]) {
+    let _ = writeln!(o, "| {} |", columns.join(" | "));
+    let _ = writeln!(o, "|{}", "---|".repeat(columns.len()));
+}
+
 fn p50_p99(s: &Samples) -> String {
     format!("{} / {}", opt_ms(s.p50()), opt_ms(s.pct(99.0)))
 }
@@ -39,8 +45,7 @@ impl Report {
             let _ = writeln!(o, "{h}");
         }
         let _ = writeln!(o, "\n### Targets\n");
-        let _ = writeln!(o, "| figure | measured | target | met? |");
-        let _ = writeln!(o, "|---|---|---|---|");
+        head(&mut o, &["figure", "measured", "target", "met?"]);
         for r in self.latency.iter().filter(|r| r.target.is_some()) {
             let measured = format!("p50 {}", opt_ms(r.samples.p50()));
             let _ = writeln!(
@@ -81,11 +86,21 @@ impl Report {
              Floor: the same work done bare by the tool the plugin drives (no plugin, no gRPC), \
              measured in the same run; ratio = p50 / floor p50.\n"
         );
-        let _ = writeln!(
-            o,
-            "| call | n | p50 | p90 | p99 | calls/s | errors | floor (bare) | floor p50 | ratio |"
+        head(
+            &mut o,
+            &[
+                "call",
+                "n",
+                "p50",
+                "p90",
+                "p99",
+                "calls/s",
+                "errors",
+                "floor (bare)",
+                "floor p50",
+                "ratio",
+            ],
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.latency {
             let s = &r.samples;
             let (fname, fp50, ratio) = match &r.floor {
@@ -126,13 +141,23 @@ impl Report {
                  Latencies are p50 / p99.\n",
                 self.concurrency[0].domains
             );
-            let _ = writeln!(
-                o,
-                "| clients | volumes | create + publish | volumes/s | CreateVolume | \
-                 ControllerPublish | errors | unpublish + delete | volumes/s | \
-                 ControllerUnpublish | DeleteVolume | errors |"
+            head(
+                &mut o,
+                &[
+                    "clients",
+                    "volumes",
+                    "create + publish",
+                    "volumes/s",
+                    "CreateVolume",
+                    "ControllerPublish",
+                    "errors",
+                    "unpublish + delete",
+                    "volumes/s",
+                    "ControllerUnpublish",
+                    "DeleteVolume",
+                    "errors",
+                ],
             );
-            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
             for r in &self.concurrency {
                 let _ = writeln!(
                     o,
@@ -155,8 +180,7 @@ impl Report {
 
         if !self.values.is_empty() {
             let _ = writeln!(o, "\n### Scale and footprint\n");
-            let _ = writeln!(o, "| figure | value | target | met? | how |");
-            let _ = writeln!(o, "|---|---|---|---|---|");
+            head(&mut o, &["figure", "value", "target", "met?", "how"]);
             for r in &self.values {
                 let _ = writeln!(
                     o,

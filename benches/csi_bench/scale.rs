@@ -6,14 +6,13 @@
 //! hard-linked, so 10 000 volumes cost seconds and no disk space. The plugin reads them as
 //! its own; nothing here depends on how they were made.
 
-use super::plugin::BenchPlugin;
+use super::plugin::{memory, probe_ready};
 use super::stats::{ms, LatencyRow, Samples, ValueRow};
 use super::Settings;
-use crate::common::{create_req, GIB};
 use std::time::{Duration, Instant};
-use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::ids::{self, ObjectId};
 use virtdisk_csi::pool::VolumeRecord;
+use virtdisk_test_support::prelude::{create_req, csi, Plugin, GIB};
 
 pub struct ScaleResult {
     pub latency: Vec<LatencyRow>,
@@ -42,7 +41,7 @@ fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: us
 
 /// Pages through every volume with `page` entries per call; returns (per-call samples,
 /// volumes seen).
-async fn list_all(p: &BenchPlugin, page: i32) -> (Samples, usize) {
+async fn list_all(p: &Plugin, page: i32) -> (Samples, usize) {
     let mut c = p.controller();
     let mut s = Samples::default();
     let mut token = String::new();
@@ -70,13 +69,13 @@ async fn list_all(p: &BenchPlugin, page: i32) -> (Samples, usize) {
 }
 
 /// Median of a few start-ups (stop, start, first answer).
-async fn startup(p: &mut BenchPlugin, times: usize) -> (Duration, Duration) {
+async fn startup(p: &mut Plugin, times: usize) -> (Duration, Duration) {
     let mut serving = Vec::new();
     let mut ready = Vec::new();
     for _ in 0..times {
         let t0 = Instant::now();
         serving.push(p.restart().await);
-        while !p.probe_ready().await {
+        while !probe_ready(p).await {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         ready.push(t0.elapsed());
@@ -89,7 +88,7 @@ async fn startup(p: &mut BenchPlugin, times: usize) -> (Duration, Duration) {
 pub async fn run(s: &Settings) -> ScaleResult {
     let mut latency = Vec::new();
     let mut values = Vec::new();
-    let mut p = BenchPlugin::start("controller", "", &[]).await;
+    let mut p = super::plugin::start("controller", "", &[]).await;
     let template = {
         let id = p
             .controller()
@@ -104,7 +103,7 @@ pub async fn run(s: &Settings) -> ScaleResult {
         let bytes = std::fs::read(p.pool_dir().join(format!("volumes/{key}.json"))).unwrap();
         serde_json::from_slice::<VolumeRecord>(&bytes).unwrap()
     };
-    let domains = super::domains::BenchDomain::count_all();
+    let domains = virtdisk_test_support::domain::count_all();
     let mut have = 1;
     for &n in &s.list_scales {
         eprintln!("scale: seeding {n} volumes");
@@ -116,7 +115,7 @@ pub async fn run(s: &Settings) -> ScaleResult {
             format!("{} serving, {} ready", ms(serving), ms(ready)),
         )
         .note("spawn → first GetPluginInfo answer; → first ready Probe (libvirt connected); median of 3"));
-        let idle = p.memory();
+        let idle = memory(&p);
         // A first pass warms the page cache and the allocator; the second is reported.
         let (_, seen) = list_all(&p, s.list_page).await;
         assert_eq!(seen, n, "ListVolumes returned {seen} volumes, expected {n}");
@@ -127,7 +126,7 @@ pub async fn run(s: &Settings) -> ScaleResult {
             passes.push(calls.wall);
             last = calls;
         }
-        let after = p.memory();
+        let after = memory(&p);
         let total = passes.p50().unwrap();
         latency.push(LatencyRow::new(
             format!(

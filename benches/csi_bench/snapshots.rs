@@ -3,70 +3,36 @@
 //! must not grow with the size. The data is read back from the last restore and clone.
 
 use super::floors;
-use super::plugin::BenchPlugin;
 use super::stats::{timed, LatencyRow, Samples, Target};
 use super::Settings;
-use crate::common::{create_req, GIB};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-use virtdisk_csi::csi::proto as csi;
+use virtdisk_test_support::pool::volume_image;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::qemu::{qemu_io, reads_pattern, Read};
 
 const CHUNK: u64 = 64 << 20;
 
-fn image_of(p: &BenchPlugin, id: &str) -> PathBuf {
-    let key = id.rsplit_once('.').unwrap().1;
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(p.pool_dir().join(format!("volumes/{key}.json"))).unwrap(),
-    )
-    .unwrap();
-    p.pool_dir()
-        .join("images")
-        .join(rec["image"].as_str().unwrap())
+fn image_of(p: &Plugin, id: &str) -> PathBuf {
+    volume_image(&p.pool_dir(), id)
 }
 
 /// Writes `bytes` of pattern 0xaa at the start of the image.
 fn fill(image: &Path, bytes: u64) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    let mut off = 0;
-    while off < bytes {
-        let len = CHUNK.min(bytes - off);
-        cmd.args(["-c", &format!("write -P 0xaa {off} {len}")]);
-        off += len;
-    }
-    let out = cmd.arg(image).output().expect("qemu-io");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let writes: Vec<String> = (0..bytes)
+        .step_by(CHUNK as usize)
+        .map(|off| format!("write -P 0xaa {off} {}", CHUNK.min(bytes - off)))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let (ok, text) = qemu_io(image, &writes, Read::Locked);
+    assert!(ok, "{text}");
 }
 
 fn reads_back(image: &Path, offset: u64) -> bool {
-    Command::new("qemu-io")
-        .args([
-            "-r",
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("read -P 0xaa {offset} 64k"),
-        ])
-        .arg(image)
-        .output()
-        .map(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"))
-        .unwrap_or(false)
+    reads_pattern(image, 0xaa, offset, 64 << 10, Read::LockedNow).is_ok()
 }
 
-fn from_source(name: &str, source: csi::volume_content_source::Type) -> csi::CreateVolumeRequest {
-    let mut req = create_req(name, 0);
-    req.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(source),
-    });
-    req
-}
-
-pub async fn run(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
+pub async fn run(s: &Settings, p: &Plugin) -> Vec<LatencyRow> {
     let mut c = p.controller();
     let mut rows = Vec::new();
     let target = Target::P50AtMost(Duration::from_millis(50));
@@ -77,12 +43,9 @@ pub async fn run(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
             s.snapshot_rounds
         );
         let src = c
-            .create_volume(create_req(&format!("bench-s-{size_gib}g"), size_gib * GIB))
+            .create(create_req(&format!("bench-s-{size_gib}g"), size_gib * GIB))
             .await
             .expect("create the source volume")
-            .into_inner()
-            .volume
-            .unwrap()
             .volume_id;
         let src_image = image_of(p, &src);
         fill(&src_image, s.snapshot_data);
@@ -94,44 +57,20 @@ pub async fn run(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
         let mut made = Vec::new();
         let mut snaps = Vec::new();
         for round in 0..s.snapshot_rounds {
-            let r = timed(
-                &mut snap,
-                c.create_snapshot(csi::CreateSnapshotRequest {
-                    source_volume_id: src.clone(),
-                    name: format!("bench-s-{size_gib}g-s{round}"),
-                    ..Default::default()
-                }),
-            )
-            .await;
+            let name = format!("bench-s-{size_gib}g-s{round}");
+            let r = timed(&mut snap, c.create_snapshot(snapshot_req(&name, &src))).await;
             let Ok(r) = r else { continue };
             let snap_id = r.into_inner().snapshot.unwrap().snapshot_id;
             snaps.push(snap_id.clone());
-            use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
-            if let Ok(v) = timed(
-                &mut restore,
-                c.create_volume(from_source(
-                    &format!("bench-s-{size_gib}g-r{round}"),
-                    Type::Snapshot(SnapshotSource {
-                        snapshot_id: snap_id,
-                    }),
-                )),
-            )
-            .await
-            {
-                made.push(v.into_inner().volume.unwrap().volume_id);
-            }
-            if let Ok(v) = timed(
-                &mut clone,
-                c.create_volume(from_source(
-                    &format!("bench-s-{size_gib}g-c{round}"),
-                    Type::Volume(VolumeSource {
-                        volume_id: src.clone(),
-                    }),
-                )),
-            )
-            .await
-            {
-                made.push(v.into_inner().volume.unwrap().volume_id);
+            for (samples, what, source) in [
+                (&mut restore, "r", from_snapshot(&snap_id)),
+                (&mut clone, "c", from_volume(&src)),
+            ] {
+                let name = format!("bench-s-{size_gib}g-{what}{round}");
+                let req = create_from_req(&name, 0, source);
+                if let Ok(v) = timed(samples, c.create_volume(req)).await {
+                    made.push(v.into_inner().volume.unwrap().volume_id);
+                }
             }
         }
         // The last restore and clone hold the data (a wrong backing chain would not).
@@ -143,15 +82,10 @@ pub async fn run(s: &Settings, p: &BenchPlugin) -> Vec<LatencyRow> {
             );
         }
         for id in made.iter().chain([&src]) {
-            let _ = c.delete_volume(super::controller::delete_req(id)).await;
+            let _ = c.delete(id).await;
         }
         for id in snaps {
-            let _ = c
-                .delete_snapshot(csi::DeleteSnapshotRequest {
-                    snapshot_id: id,
-                    ..Default::default()
-                })
-                .await;
+            let _ = c.remove_snapshot(&id).await;
         }
         rows.push(
             LatencyRow::new(format!("CreateSnapshot ({size_gib} GiB)"), snap)

@@ -32,14 +32,10 @@ impl Nomad {
             secrets: vol.spec.secrets.clone(),
             volume_context: vol.context.clone(),
         };
-        let mut c = self.controller().await.map_err(ClaimError::Publish)?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.controller_publish_volume(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("ControllerPublishVolume", &r);
-        match r {
+        let r = self.controller_call("ControllerPublishVolume", |mut c| async move {
+            c.controller_publish_volume(deadlined(req)).await
+        });
+        match r.await {
             Ok(r) => Ok(r.publish_context),
             Err(e) if e.code() == Code::FailedPrecondition => Err(ClaimError::Retryable(e)),
             Err(e) => Err(ClaimError::Publish(e)),
@@ -298,15 +294,10 @@ impl Nomad {
             node_id: node_id.to_string(),
             secrets: Map::new(),
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.controller_unpublish_volume(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await
-        .map(drop);
-        self.log("ControllerUnpublishVolume", &r);
-        r
+        let r = self.controller_call("ControllerUnpublishVolume", |mut c| async move {
+            c.controller_unpublish_volume(deadlined(req)).await
+        });
+        r.await.map(drop)
     }
 
     /// Allocation stop (c), also the cleanup of a failed start: node steps, then the server's

@@ -68,7 +68,7 @@ fn matches(req: &csi::VolumeCapability, conf: &csi::VolumeCapability) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::{block_cap, mount_cap};
+    use virtdisk_test_support::rpc::{block_cap, mount_cap};
 
     fn one(c: &csi::VolumeCapability) -> &[csi::VolumeCapability] {
         std::slice::from_ref(c)

@@ -8,8 +8,6 @@
 
 mod allocs;
 pub mod caps;
-#[cfg(feature = "libvirt")]
-pub mod domain;
 mod snapshots;
 mod volumes;
 
@@ -290,6 +288,23 @@ fn request<T>(msg: T, deadline: Option<Duration>) -> Request<T> {
     r
 }
 
+/// A call with `deadline` set on the request and kept on this side too.
+async fn call_within<M, T, Fut>(
+    deadline: Duration,
+    msg: M,
+    call: impl FnOnce(Request<M>) -> Fut,
+) -> Result<T, Status>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    within(deadline, call(request(msg, Some(deadline)))).await
+}
+
+/// A controller request with Nomad's controller deadline.
+fn deadlined<T>(msg: T) -> Request<T> {
+    request(msg, Some(CONTROLLER_DEADLINE))
+}
+
 /// The call, bounded by `deadline` on this side too (a deadline is a promise both ways).
 async fn within<T>(
     deadline: Duration,
@@ -339,22 +354,15 @@ impl Nomad {
     pub async fn start(socket: &Path, base: &Path) -> Result<Nomad, Status> {
         assert!(socket.exists(), "Nomad stats the socket before dialing");
         let mut identity = IdentityClient::new(dial(socket).await?);
-        let probe = within(
-            PROBE_DEADLINE,
-            identity.probe(request(csi::ProbeRequest {}, Some(PROBE_DEADLINE))),
-        )
-        .await?;
+        let probe =
+            call_within(PROBE_DEADLINE, csi::ProbeRequest {}, |r| identity.probe(r)).await?;
         // An unset `ready` counts as ready.
         if probe.ready == Some(false) {
             return Err(Status::unavailable("plugin says it is not ready"));
         }
-        let info = within(
-            PLUGIN_INFO_DEADLINE,
-            identity.get_plugin_info(request(
-                csi::GetPluginInfoRequest {},
-                Some(PLUGIN_INFO_DEADLINE),
-            )),
-        )
+        let info = call_within(PLUGIN_INFO_DEADLINE, csi::GetPluginInfoRequest {}, |r| {
+            identity.get_plugin_info(r)
+        })
         .await?;
         if info.name.is_empty() {
             return Err(Status::internal("plugin returned empty name field"));
@@ -363,25 +371,21 @@ impl Nomad {
         // csimanager: each role its own connection; GetPluginCapabilities first.
         let ctrl_channel = dial(socket).await?;
         let node_channel = dial(socket).await?;
-        let plugin_caps = within(
-            FINGERPRINT_DEADLINE,
-            IdentityClient::new(ctrl_channel.clone()).get_plugin_capabilities(request(
-                csi::GetPluginCapabilitiesRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
-        )
+        let mut ctrl_identity = IdentityClient::new(ctrl_channel.clone());
+        let caps_req = csi::GetPluginCapabilitiesRequest {};
+        let plugin_caps = call_within(FINGERPRINT_DEADLINE, caps_req, |r| {
+            ctrl_identity.get_plugin_capabilities(r)
+        })
         .await?;
         use csi::plugin_capability::{service::Type as Svc, Type};
         let controller_required = plugin_caps.capabilities.iter().any(|c| {
             matches!(&c.r#type, Some(Type::Service(s)) if s.r#type == Svc::ControllerService as i32)
         });
-        let ctrl = within(
-            FINGERPRINT_DEADLINE,
-            ControllerClient::new(ctrl_channel).controller_get_capabilities(request(
-                csi::ControllerGetCapabilitiesRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
-        )
+        let mut controller = ControllerClient::new(ctrl_channel);
+        let caps_req = csi::ControllerGetCapabilitiesRequest {};
+        let ctrl = call_within(FINGERPRINT_DEADLINE, caps_req, |r| {
+            controller.controller_get_capabilities(r)
+        })
         .await?;
         let controller_caps = ctrl
             .capabilities
@@ -392,25 +396,19 @@ impl Nomad {
             })
             .collect();
         let mut node = NodeClient::new(node_channel);
-        let node_caps = within(
+        let node_caps = call_within(
             FINGERPRINT_DEADLINE,
-            node.node_get_capabilities(request(
-                csi::NodeGetCapabilitiesRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
+            csi::NodeGetCapabilitiesRequest {},
+            |r| node.node_get_capabilities(r),
         )
         .await?;
         use csi::node_service_capability::{rpc::Type as NodeCap, Type as NType};
         let requires_staging = node_caps.capabilities.iter().any(|c| {
             matches!(&c.r#type, Some(NType::Rpc(r)) if r.r#type == NodeCap::StageUnstageVolume as i32)
         });
-        let node_info = within(
-            FINGERPRINT_DEADLINE,
-            node.node_get_info(request(
-                csi::NodeGetInfoRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
-        )
+        let node_info = call_within(FINGERPRINT_DEADLINE, csi::NodeGetInfoRequest {}, |r| {
+            node.node_get_info(r)
+        })
         .await?;
         if node_info.node_id.is_empty() {
             return Err(Status::internal("plugin returned an empty node_id"));
@@ -444,26 +442,19 @@ impl Nomad {
     /// The periodic fingerprint pass (every 30 s): Probe plus both capability calls.
     pub async fn fingerprint_again(&mut self) -> Result<(), Status> {
         let ch = dial(&self.socket).await?;
-        within(
-            FINGERPRINT_DEADLINE,
-            IdentityClient::new(ch.clone())
-                .probe(request(csi::ProbeRequest {}, Some(FINGERPRINT_DEADLINE))),
-        )
+        let (mut identity, mut controller) =
+            (IdentityClient::new(ch.clone()), ControllerClient::new(ch));
+        let probe = csi::ProbeRequest {};
+        call_within(FINGERPRINT_DEADLINE, probe, |r| identity.probe(r)).await?;
+        let caps_req = csi::ControllerGetCapabilitiesRequest {};
+        call_within(FINGERPRINT_DEADLINE, caps_req, |r| {
+            controller.controller_get_capabilities(r)
+        })
         .await?;
-        within(
+        call_within(
             FINGERPRINT_DEADLINE,
-            ControllerClient::new(ch).controller_get_capabilities(request(
-                csi::ControllerGetCapabilitiesRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
-        )
-        .await?;
-        within(
-            FINGERPRINT_DEADLINE,
-            self.node.node_get_capabilities(request(
-                csi::NodeGetCapabilitiesRequest {},
-                Some(FINGERPRINT_DEADLINE),
-            )),
+            csi::NodeGetCapabilitiesRequest {},
+            |r| self.node.node_get_capabilities(r),
         )
         .await?;
         Ok(())
@@ -484,6 +475,19 @@ impl Nomad {
     /// A fresh connection for every controller RPC, closed afterwards (§0).
     async fn controller(&self) -> Result<ControllerClient<Channel>, Status> {
         Ok(ControllerClient::new(dial(&self.socket).await?))
+    }
+
+    /// One controller RPC as Nomad's server makes it: a fresh connection (a dial error is
+    /// returned as is), the call bounded by the controller deadline, logged as `rpc`.
+    async fn controller_call<T, F, Fut>(&mut self, rpc: &str, call: F) -> Result<T, Status>
+    where
+        F: FnOnce(ControllerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let c = self.controller().await?;
+        let r = within(CONTROLLER_DEADLINE, call(c)).await;
+        self.log(rpc, &r);
+        r
     }
 
     fn require(&self, cap: CtrlCap) {

@@ -19,14 +19,11 @@ impl Nomad {
             secrets: vol.spec.secrets.clone(),
             parameters,
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.create_snapshot(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("CreateSnapshot", &r);
-        let s = r?
+        let r = self.controller_call("CreateSnapshot", |mut c| async move {
+            c.create_snapshot(deadlined(req)).await
+        });
+        let s = r
+            .await?
             .snapshot
             .ok_or_else(|| Status::internal("CreateSnapshot answered without a snapshot"))?;
         Ok(snapshot_of(s))
@@ -39,15 +36,10 @@ impl Nomad {
             snapshot_id: id.to_string(),
             secrets: Map::new(),
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.delete_snapshot(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await
-        .map(drop);
-        self.log("DeleteSnapshot", &r);
-        r
+        let r = self.controller_call("DeleteSnapshot", |mut c| async move {
+            c.delete_snapshot(deadlined(req)).await
+        });
+        r.await.map(drop)
     }
 
     /// One page of `GET /v1/volumes/snapshot?per_page=N&next_token=T`, truncated to N.
@@ -62,14 +54,10 @@ impl Nomad {
             starting_token: next_token.to_string(),
             ..Default::default()
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.list_snapshots(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("ListSnapshots", &r);
-        let r = r?;
+        let r = self.controller_call("ListSnapshots", |mut c| async move {
+            c.list_snapshots(deadlined(req)).await
+        });
+        let r = r.await?;
         let mut out: Vec<Snapshot> = r
             .entries
             .into_iter()

@@ -44,14 +44,11 @@ impl Nomad {
             }),
             mutable_parameters: Default::default(),
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.create_volume(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("CreateVolume", &r);
-        let v = r?
+        let r = self.controller_call("CreateVolume", |mut c| async move {
+            c.create_volume(deadlined(req)).await
+        });
+        let v = r
+            .await?
             .volume
             .ok_or_else(|| Status::internal("CreateVolume answered without a volume"))?;
         Ok(Volume {
@@ -94,14 +91,12 @@ impl Nomad {
             secrets: spec.secrets.clone(),
             mutable_parameters: Default::default(),
         };
-        let mut c = self.controller().await.map_err(|e| e.to_string())?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.validate_volume_capabilities(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("ValidateVolumeCapabilities", &r);
-        let r = r.map_err(|e| format!("{:?}: {}", e.code(), e.message()))?;
+        let r = self.controller_call("ValidateVolumeCapabilities", |mut c| async move {
+            c.validate_volume_capabilities(deadlined(req)).await
+        });
+        let r = r
+            .await
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?;
         // An unset `confirmed` is accepted (the message is only debug-logged).
         if r.confirmed.is_none() {
             self.calls
@@ -124,15 +119,10 @@ impl Nomad {
             volume_id: vol.external_id.clone(),
             secrets: vol.spec.secrets.clone(),
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.delete_volume(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await
-        .map(drop);
-        self.log("DeleteVolume", &r);
-        r
+        let r = self.controller_call("DeleteVolume", |mut c| async move {
+            c.delete_volume(deadlined(req)).await
+        });
+        r.await.map(drop)
     }
 
     // ---------------------------------------------------------------- (f) external volumes
@@ -148,14 +138,10 @@ impl Nomad {
             max_entries: per_page,
             starting_token: next_token.to_string(),
         };
-        let mut c = self.controller().await?;
-        let r = within(
-            CONTROLLER_DEADLINE,
-            c.list_volumes(request(req, Some(CONTROLLER_DEADLINE))),
-        )
-        .await;
-        self.log("ListVolumes", &r);
-        let r = r?;
+        let r = self.controller_call("ListVolumes", |mut c| async move {
+            c.list_volumes(deadlined(req)).await
+        });
+        let r = r.await?;
         let mut out = Vec::new();
         for e in r.entries {
             // Nomad dereferences entry.volume: a missing one would panic the client.

@@ -12,15 +12,15 @@
 use super::bed::Testbed;
 use super::report::{show, Timeline};
 use super::xml::{self, Bus, DomainSpec};
-use std::os::unix::fs::PermissionsExt;
+use crate::domain::{destroy_and_undefine, sweep_stale, unique_name};
+use crate::virsh::virsh_async as virsh;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use virtdisk_csi::csi::proto as csi;
 use virtdisk_csi::csi::proto::{identity_client::IdentityClient, node_client::NodeClient};
 
-/// Every test guest's domain name starts with this (then `<name>-p<pid>-<n>`).
+/// Every test guest's domain name starts with this (then `<pid>-<n>-<name>`).
 pub const DOMAIN_PREFIX: &str = "vdt-guest-";
 /// The node plugin's TCP port inside the guest.
 pub const GUEST_NODE_PORT: u16 = 10000;
@@ -77,10 +77,8 @@ pub struct Exec {
     pub output: Vec<u8>,
 }
 
-static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-
 impl Guest {
-    /// Defines and starts `vdt-guest-<name>-…`, waits until its node plugin answers, and
+    /// Defines and starts `vdt-guest-…-<name>`, waits until its node plugin answers, and
     /// returns it. Panics (showing the console) when it does not come up.
     pub async fn boot(bed: &Testbed, name: &str) -> Guest {
         Self::boot_with(bed, name, GuestOptions::default()).await
@@ -91,18 +89,15 @@ impl Guest {
             !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "guest name {name:?}: use letters, digits and '-'"
         );
-        remove_stale_domains(&bed.uri).await;
-        let full = format!(
-            "{DOMAIN_PREFIX}{name}-p{}-{}",
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::SeqCst)
-        );
+        // Guests of test processes that are gone (a killed run).
+        sweep_stale(&bed.uri, DOMAIN_PREFIX);
+        let full = unique_name(DOMAIN_PREFIX, name);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{full}."))
             .tempdir()
             .expect("guest scratch dir");
         // QEMU (another user) writes the console log and opens disk images in here.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::open_for_qemu(dir.path());
         let console = dir.path().join("console.log");
         let domain_xml = xml::domain(&DomainSpec {
             name: &full,
@@ -662,65 +657,9 @@ impl Drop for Guest {
     }
 }
 
-fn destroy_and_undefine(uri: &str, name: &str) {
-    for args in [["destroy", name], ["undefine", name]] {
-        let _ = std::process::Command::new("virsh")
-            .args(["-c", uri])
-            .args(args)
-            .output();
-    }
-}
-
-/// Removes `vdt-guest-*-p<pid>-*` domains whose test process is gone (a killed run).
-async fn remove_stale_domains(uri: &str) {
-    let Ok(names) = virsh(uri, &["list", "--all", "--name"]).await else {
-        return;
-    };
-    for name in names.lines().map(str::trim) {
-        let Some(rest) = name.strip_prefix(DOMAIN_PREFIX) else {
-            continue;
-        };
-        let pid = rest
-            .rsplit('-')
-            .nth(1)
-            .and_then(|p| p.strip_prefix('p'))
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                show(&format!(
-                    "removing stale test guest {name} (process {pid} is gone)"
-                ));
-                destroy_and_undefine(uri, name);
-            }
-        }
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
-}
-
-pub async fn virsh(uri: &str, args: &[&str]) -> Result<String, String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("virsh")
-            .args(["-c", uri])
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| format!("virsh {args:?} timed out"))?
-    .map_err(|e| format!("virsh {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "virsh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }

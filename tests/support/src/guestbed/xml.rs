@@ -147,22 +147,3 @@ pub fn free_target(live_xml: &str, bus: Bus) -> String {
         .find(|dev| !live_xml.contains(&format!("dev='{dev}'")))
         .expect("a free disk target name")
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_are_escaped() {
-        let xml = disk(Path::new("/tmp/a'b<c>.qcow2"), "vdb", Bus::Virtio, "vd-&x");
-        assert!(xml.contains("/tmp/a&apos;b&lt;c&gt;.qcow2"));
-        assert!(xml.contains("<serial>vd-&amp;x</serial>"));
-    }
-
-    #[test]
-    fn free_target_skips_used_names() {
-        let live = "<target dev='vda' bus='virtio'/><target dev='sda' bus='scsi'/>";
-        assert_eq!(free_target(live, Bus::Virtio), "vdb");
-        assert_eq!(free_target(live, Bus::Scsi), "sdb");
-    }
-}

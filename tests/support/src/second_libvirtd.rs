@@ -19,10 +19,10 @@
 //!
 //! ```ignore
 //! let b = SecondLibvirtd::start();     // ~1 s (8 s the first time: QEMU capabilities)
-//! let dom = TestDomain::start_on(b.uri(), "x", 3);
+//! let mut dom = TestDomain::builder("x").on(b.uri()).start();
 //! b.stop_daemon(); /* … */ b.start_daemon();
+//! dom.migrate_live(virsh::URI);        // to the machine's libvirtd
 //! ```
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

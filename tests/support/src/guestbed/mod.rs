@@ -1,4 +1,5 @@
-//! A Linux guest test bed run by libvirt, with the node plugin inside.
+//! A Linux guest test bed run by libvirt, with the node plugin inside (see README.md next to
+//! this file for what a guest is, how the host reaches it, and the timings).
 //!
 //! ```ignore
 //! let Some(bed) = guestbed::testbed_or_skip("my_test").await else { return };
@@ -11,14 +12,13 @@
 //! hosts) q35 machine booting Debian's cloud kernel directly with an initramfs holding busybox,
 //! the needed modules, the filesystem tools and `virtdisk-csi serve --mode node`. See `bed.rs`
 //! for the cache, `initramfs.rs` for the guest's contents, `guest.rs` for the transport.
-#![allow(dead_code, unused_imports)]
 
 mod bed;
-mod cpio;
+pub mod cpio;
 mod guest;
-mod initramfs;
+pub mod initramfs;
 mod report;
-mod xml;
+pub mod xml;
 
 pub use bed::{libvirt_uri, world_readable_dir, Testbed, DEFAULT_CACHE};
 pub use guest::{Exec, Guest, GuestOptions, DOMAIN_PREFIX, GUEST_EXEC_PORT, GUEST_NODE_PORT};
@@ -40,17 +40,6 @@ pub async fn testbed_or_skip(test: &str) -> Option<Testbed> {
 /// Creates a qcow2 image of `size` bytes in `dir` (the guest's scratch dir is readable by QEMU).
 pub fn qcow2(dir: &std::path::Path, name: &str, size: u64) -> std::path::PathBuf {
     let path = dir.join(name);
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg(size.to_string())
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img create {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::qemu::create_qcow2(&path, size);
     path
 }

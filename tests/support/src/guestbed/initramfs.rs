@@ -311,7 +311,7 @@ fn module_name(name: &str) -> String {
 }
 
 /// The `depends=a,b` entry of a module's `.modinfo` section (NUL-separated `key=value`s).
-fn modinfo_depends(data: &[u8]) -> Vec<String> {
+pub fn modinfo_depends(data: &[u8]) -> Vec<String> {
     let key = b"\0depends=";
     let Some(start) = data.windows(key.len()).position(|w| w == key) else {
         return Vec::new();
@@ -323,37 +323,4 @@ fn modinfo_depends(data: &[u8]) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn modinfo_depends_is_parsed() {
-        let data = b"junk\0license=GPL\0depends=virtio_ring,virtio\0name=virtio_blk\0";
-        assert_eq!(modinfo_depends(data), vec!["virtio_ring", "virtio"]);
-        assert!(modinfo_depends(b"\0depends=\0name=x\0").is_empty());
-        assert!(modinfo_depends(b"no modinfo here").is_empty());
-    }
-
-    #[test]
-    fn dependencies_load_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let k = dir.path().join("kernel/drivers");
-        std::fs::create_dir_all(&k).unwrap();
-        std::fs::write(k.join("virtio_blk.ko"), b"\0depends=virtio,virtio_ring\0").unwrap();
-        std::fs::write(k.join("virtio.ko"), b"\0depends=virtio_ring\0").unwrap();
-        std::fs::write(k.join("virtio_ring.ko"), b"\0depends=\0").unwrap();
-        std::fs::write(k.join("crc-t10dif.ko"), b"\0depends=\0").unwrap();
-        std::fs::write(
-            dir.path().join("modules.builtin"),
-            "kernel/fs/ext4/ext4.ko\n",
-        )
-        .unwrap();
-        let order = module_load_order(dir.path(), &["virtio_blk", "ext4", "crc_t10dif"]).unwrap();
-        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["virtio_ring", "virtio", "virtio_blk", "crc_t10dif"]);
-        assert!(module_load_order(dir.path(), &["nosuch"]).is_err());
-    }
 }

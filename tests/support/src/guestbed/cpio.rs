@@ -210,24 +210,3 @@ fn pad(out: &mut impl Write, len: usize) -> io::Result<()> {
     let zeros = (4 - len % 4) % 4;
     out.write_all(&[0u8; 3][..zeros])
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parents_come_first_and_records_are_aligned() {
-        let mut a = Archive::default();
-        a.bytes("/usr/bin/tool", "#!/bin/sh\n", 0o755);
-        a.symlink("/etc/mtab", "/proc/self/mounts");
-        let mut buf = Vec::new();
-        a.write_to(&mut buf).unwrap();
-        let text = String::from_utf8_lossy(&buf);
-        let usr = text.find("usr\0").unwrap();
-        let bin = text.find("usr/bin\0").unwrap();
-        let tool = text.find("usr/bin/tool\0").unwrap();
-        assert!(usr < bin && bin < tool);
-        assert!(text.ends_with("TRAILER!!!\0\0\0\0") || text.contains("TRAILER!!!"));
-        assert_eq!(buf.len() % 4, 0);
-    }
-}

@@ -293,7 +293,7 @@ fn node_binary() -> Result<PathBuf, Skip> {
         "--target-dir",
     ])
     .arg(&target)
-    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .current_dir(repo_root())
     // Small and quick to link: the guest needs no debug info.
     .env("CARGO_PROFILE_DEV_DEBUG", "false")
     .env("CARGO_PROFILE_DEV_STRIP", "symbols");
@@ -311,7 +311,12 @@ fn target_dir() -> PathBuf {
         .ok()
         .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
         .filter(|t| t.join("debug").exists())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The plugin's checkout (this crate lives in its `tests/support`).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Runs `program args`, returning stdout or a message with stderr.

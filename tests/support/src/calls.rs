@@ -1,0 +1,74 @@
+//! Controller calls by name and id, each one line, answering ids and sizes: what scenario tests
+//! (crash recovery, storms, full file systems, hostile input) make many of.
+//!
+//! ```ignore
+//! let src = create_volume(&p, "src", 16 * MIB, &[("pool", "small")]).await?;
+//! let snap = snapshot(&p, "snap", &src).await?;
+//! let restored = create_from(&p, "restored", from_snapshot(&snap)).await?;
+//! assert_eq!(list_volumes(&p).await.get(&restored), Some(&(16 * MIB)));
+//! ```
+
+use crate::plugin::Plugin;
+use crate::rpc::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// CreateVolume of `name`, `size` bytes, with parameters → the volume id.
+pub async fn create_volume(
+    p: &Plugin,
+    name: &str,
+    size: i64,
+    kv: &[(&str, &str)],
+) -> Result<String, Status> {
+    let req = crate::csi::CreateVolumeRequest {
+        parameters: params(kv),
+        ..create_req(name, size)
+    };
+    p.controller().create(req).await.map(|v| v.volume_id)
+}
+
+/// CreateVolume of `name` from a snapshot or volume (its size) → the volume id.
+pub async fn create_from(p: &Plugin, name: &str, source: Source) -> Result<String, Status> {
+    let req = create_from_req(name, 0, source);
+    p.controller().create(req).await.map(|v| v.volume_id)
+}
+
+/// CreateSnapshot `name` of `source` → the snapshot id.
+pub async fn snapshot(p: &Plugin, name: &str, source: &str) -> Result<String, Status> {
+    let req = snapshot_req(name, source);
+    p.controller().snapshot(req).await.map(|s| s.snapshot_id)
+}
+
+pub async fn delete_volume(p: &Plugin, id: &str) -> Result<(), Status> {
+    p.controller().delete(id).await
+}
+
+pub async fn delete_snapshot(p: &Plugin, id: &str) -> Result<(), Status> {
+    p.controller().remove_snapshot(id).await
+}
+
+/// ControllerExpandVolume to `size` bytes → the capacity answered.
+pub async fn expand(p: &Plugin, id: &str, size: i64) -> Result<i64, Status> {
+    let r = p.controller().expand(expand_req(id, size)).await?;
+    Ok(r.capacity_bytes)
+}
+
+/// ListVolumes: volume id → capacity.
+pub async fn list_volumes(p: &Plugin) -> BTreeMap<String, i64> {
+    let entries = p.controller().all_volumes().await;
+    entries
+        .into_iter()
+        .map(|e| e.volume.unwrap())
+        .map(|v| (v.volume_id, v.capacity_bytes))
+        .collect()
+}
+
+/// ListSnapshots: every snapshot id.
+pub async fn list_snapshots(p: &Plugin) -> BTreeSet<String> {
+    let req = crate::csi::ListSnapshotsRequest::default();
+    let r = p.controller().list_snapshots(req).await;
+    let entries = r.expect("list snapshots").into_inner().entries;
+    entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect()
+}

@@ -1,0 +1,254 @@
+//! A pool directory's on-disk truth, read behind the plugin's back: the records
+//! (`volumes/`, `snapshots/`, `flatten/`), the layer files (`images/`), and the invariants a
+//! pool at rest keeps ([`assert_pool_clean`]).
+//!
+//! ```ignore
+//! let image = volume_image(&p.pool_dir(), &volume_id);     // the active layer, from the record
+//! let depth = volume_depth(&p.pool_dir(), &volume_id);     // 1 + backing layers
+//! assert_pool_clean(&p.pool_dir());
+//! ```
+
+use crate::plugin::Plugin;
+use crate::qemu::{qemu_img_check, qemu_img_info};
+use crate::rpc::ControllerExt;
+use crate::{eventually, key_of};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything a pool directory holds.
+#[derive(Debug)]
+pub struct PoolView {
+    pub volumes: Vec<Value>,
+    pub snapshots: Vec<Value>,
+    pub flatten_jobs: Vec<Value>,
+    /// File names in `images/`.
+    pub images: BTreeSet<String>,
+    /// Temp files (`.tmp-*`, `*.part`) anywhere in the pool.
+    pub temp_files: Vec<String>,
+}
+
+fn is_temp(name: &str) -> bool {
+    name.starts_with(".tmp-") || name.ends_with(".part")
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn records(dir: &Path) -> Vec<Value> {
+    names(dir)
+        .iter()
+        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+        .map(|n| read_record(&dir.join(n)))
+        .collect()
+}
+
+fn read_record(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("record {} is not valid JSON: {e}", path.display()))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+impl PoolView {
+    pub fn read(pool: &Path) -> PoolView {
+        let mut temp_files = Vec::new();
+        for sub in ["volumes", "images", "snapshots", "flatten"] {
+            for n in names(&pool.join(sub)).into_iter().filter(|n| is_temp(n)) {
+                temp_files.push(format!("{sub}/{n}"));
+            }
+        }
+        PoolView {
+            volumes: records(&pool.join("volumes")),
+            snapshots: records(&pool.join("snapshots")),
+            flatten_jobs: records(&pool.join("flatten")),
+            images: names(&pool.join("images"))
+                .into_iter()
+                .filter(|n| !is_temp(n))
+                .collect(),
+            temp_files,
+        }
+    }
+
+    /// Every layer file some record names.
+    pub fn referenced(&self) -> BTreeSet<String> {
+        let mut live = BTreeSet::new();
+        for v in &self.volumes {
+            live.insert(v["image"].as_str().unwrap().to_string());
+            live.extend(strings(&v["chain"]["backing"]));
+            if let Some(o) = v["chain"]["freezing"]["overlay"].as_str() {
+                live.insert(o.to_string());
+            }
+        }
+        for s in &self.snapshots {
+            live.insert(s["layer"].as_str().unwrap().to_string());
+            live.extend(strings(&s["backing"]));
+        }
+        for j in &self.flatten_jobs {
+            live.insert(j["image"].as_str().unwrap().to_string());
+            live.insert(j["layer"].as_str().unwrap().to_string());
+            live.extend(strings(&j["source"]));
+        }
+        live
+    }
+
+    pub fn volume(&self, id: &str) -> Option<&Value> {
+        self.volumes.iter().find(|v| v["id"] == id)
+    }
+}
+
+/// The pool's invariants at rest: no temp file, every record finished (Ready, no layer switch,
+/// no flattening job), exactly the referenced layers on disk (no orphan, none missing), each
+/// image passes `qemu-img check` and its qcow2 backing chain is the one its record names.
+pub fn assert_pool_clean(pool: &Path) {
+    let v = PoolView::read(pool);
+    assert!(
+        v.temp_files.is_empty(),
+        "temp files left: {:?}",
+        v.temp_files
+    );
+    for r in v.volumes.iter().chain(&v.snapshots) {
+        assert_eq!(r["state"], "ready", "unfinished record: {r}");
+    }
+    for r in &v.volumes {
+        assert!(
+            r["chain"]["freezing"].is_null(),
+            "unfinished layer switch: {r}"
+        );
+    }
+    assert!(
+        v.flatten_jobs.is_empty(),
+        "flattening jobs left: {:?}",
+        v.flatten_jobs
+    );
+    let live = v.referenced();
+    assert_eq!(
+        v.images, live,
+        "images on disk differ from the layers records name (orphans or missing files)"
+    );
+    let images = pool.join("images");
+    for file in v.images.iter().filter(|f| f.ends_with(".qcow2")) {
+        qemu_img_check(&images.join(file));
+    }
+    let chains = v
+        .volumes
+        .iter()
+        .map(|r| (&r["image"], &r["chain"]["backing"]));
+    let chains = chains.chain(v.snapshots.iter().map(|s| (&s["layer"], &s["backing"])));
+    for (top, backing) in chains {
+        let mut chain = vec![top.as_str().unwrap().to_string()];
+        chain.extend(strings(backing));
+        assert_backing_chain(&images, &chain);
+    }
+}
+
+/// Each layer's qcow2 header names the next one as its backing file; the last has none.
+pub fn assert_backing_chain(images: &Path, chain: &[String]) {
+    for (i, layer) in chain.iter().enumerate() {
+        if !layer.ends_with(".qcow2") {
+            assert_eq!(chain.len(), 1, "a raw image has no backing: {chain:?}");
+            continue;
+        }
+        let info = qemu_img_info(&images.join(layer));
+        let backing = info["backing-filename"].as_str().map(str::to_string);
+        assert_eq!(
+            backing.as_ref(),
+            chain.get(i + 1),
+            "backing file of {layer} (chain {chain:?})"
+        );
+    }
+}
+
+/// Waits (up to 2 minutes) until background flattening has nothing left to do: no job in
+/// progress, and no unattached volume deeper than `max_depth` (attached ones wait for their
+/// unpublish).
+pub async fn wait_flattening_settled(p: &Plugin, max_depth: usize) {
+    eventually(Duration::from_secs(120), || async {
+        let entries = p.controller().all_volumes().await;
+        let attached: BTreeSet<String> = entries
+            .into_iter()
+            .filter(|e| {
+                e.status
+                    .as_ref()
+                    .is_some_and(|s| !s.published_node_ids.is_empty())
+            })
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect();
+        let view = PoolView::read(&p.pool_dir());
+        let deep = view
+            .volumes
+            .iter()
+            .any(|v| depth_of(v) > max_depth && !attached.contains(v["id"].as_str().unwrap()));
+        if view.flatten_jobs.is_empty() && !deep {
+            return Ok(());
+        }
+        Err(format!(
+            "flattening did not settle: jobs {:?}",
+            view.flatten_jobs
+        ))
+    })
+    .await
+}
+
+/// A volume record's chain depth: its image plus its backing layers.
+pub fn depth_of(record: &Value) -> usize {
+    1 + record["chain"]["backing"].as_array().map_or(0, Vec::len)
+}
+
+/// A volume's record (`volumes/<key>.json`).
+pub fn volume_record(pool: &Path, volume_id: &str) -> Value {
+    read_record(&pool.join(format!("volumes/{}.json", key_of(volume_id))))
+}
+
+/// A snapshot's record (`snapshots/<key>.json`).
+pub fn snapshot_record(pool: &Path, snapshot_id: &str) -> Value {
+    read_record(&pool.join(format!("snapshots/{}.json", key_of(snapshot_id))))
+}
+
+/// The active image of a volume, from its record.
+pub fn volume_image(pool: &Path, volume_id: &str) -> PathBuf {
+    let rec = volume_record(pool, volume_id);
+    pool.join("images").join(rec["image"].as_str().unwrap())
+}
+
+/// A snapshot's frozen layer, from its record.
+pub fn snapshot_layer(pool: &Path, snapshot_id: &str) -> PathBuf {
+    let rec = snapshot_record(pool, snapshot_id);
+    pool.join("images").join(rec["layer"].as_str().unwrap())
+}
+
+/// A volume's chain depth, from its record.
+pub fn volume_depth(pool: &Path, volume_id: &str) -> usize {
+    depth_of(&volume_record(pool, volume_id))
+}
+
+/// Every file in `images/`, sorted.
+pub fn layer_files(pool: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = names(&pool.join("images"))
+        .iter()
+        .map(|n| pool.join("images").join(n))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `qemu-img check` on every file in `images/`; returns how many there are.
+pub fn check_all_layers(pool: &Path) -> usize {
+    let files = layer_files(pool);
+    for f in &files {
+        qemu_img_check(f);
+    }
+    files.len()
+}
