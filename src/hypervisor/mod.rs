@@ -321,8 +321,21 @@ impl Attacher for Hypervisor {
         }
     }
 
+    /// Every host that answers; when none does, nothing is known: UNAVAILABLE.
     async fn scan(&self) -> Result<Scan> {
-        Ok(self.read_hosts(self.hosts.all().to_vec()).await)
+        let scan = self.read_hosts(self.hosts.all().to_vec()).await;
+        if scan.unreachable.len() == self.hosts.all().len() {
+            let why: Vec<String> = scan
+                .unreachable
+                .iter()
+                .map(|u| format!("host {}: {}", u.host, u.error))
+                .collect();
+            return Err(Error::Unavailable(format!(
+                "no hypervisor host can be read: {}",
+                why.join("; ")
+            )));
+        }
+        Ok(scan)
     }
 
     async fn attachments_of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
