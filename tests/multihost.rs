@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
 use virtdisk_test_support::virsh::URI;
@@ -54,6 +55,7 @@ detach_timeout_secs = 5
             b.uri()
         );
         let launch = Plugin::launch("controller").config(&config);
+        let launch = launch.args(&["--metrics-addr", "127.0.0.1:0"]);
         let p = launch.readable_by_qemu().start().await;
         let dom_a = TestDomain::start(&format!("{tag}-a"), 4);
         let dom_b = on_b(&b, &format!("{tag}-b"));
@@ -387,6 +389,24 @@ async fn a_host_whose_libvirtd_stops_fails_only_its_own_operations() {
         .probe(csi::ProbeRequest {})
         .await
         .expect("ready while one host answers");
+    // Metrics by host: hv-b is down, hv-a up and attaching.
+    let (_, body) = http_get(&metrics_addr(&c.p).await, "/metrics");
+    assert_eq!(
+        sample(&body, "virtdisk_csi_host_up{host=\"hv-a\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "virtdisk_csi_host_up{host=\"hv-b\"}"),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &body,
+            "virtdisk_csi_attach_duration_seconds_count{host=\"hv-a\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{body}"
+    );
     // hv-b's nodes: UNAVAILABLE, naming the host.
     for (what, r) in [
         ("publish", c.publish(&vb2, &b.uuid).await),
