@@ -665,33 +665,20 @@ mod sequence {
              host {reported} (SMBIOS is built at boot)"
         ));
         let grown = 3 * GIB / 2;
-        co.controller
-            .controller()
-            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: restored.id.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: grown,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(restored.cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .expect("ControllerExpandVolume after the migration");
-        a.node()
-            .node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: restored.id.clone(),
-                volume_path: restored_in_a.target.clone(),
-                staging_target_path: restored_in_a.staging.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: grown,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(restored.cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| a.fail(&format!("NodeExpandVolume after the migration: {e}")));
+        let cap = Some(restored.cap.clone());
+        let req = csi::ControllerExpandVolumeRequest {
+            volume_capability: cap.clone(),
+            ..expand_req(&restored.id, grown)
+        };
+        let expanded = co.controller.controller().expand(req).await;
+        expanded.expect("ControllerExpandVolume after the migration");
+        let req = csi::NodeExpandVolumeRequest {
+            staging_target_path: restored_in_a.staging.clone(),
+            volume_capability: cap,
+            ..node_expand_req(&restored.id, &restored_in_a.target, grown)
+        };
+        let expanded = a.node().node_expand_volume(req).await;
+        expanded.unwrap_or_else(|e| a.fail(&format!("NodeExpandVolume after the migration: {e}")));
         let dev_size = a
             .sh(&format!("blockdev --getsize64 /dev/{}", restored_in_a.dev))
             .await;

@@ -274,6 +274,16 @@ impl Hypervisor {
     }
 }
 
+/// "host NAME: why; …" of the hosts a scan could not read.
+fn unreachable_hosts(scan: &Scan) -> String {
+    let why: Vec<String> = scan
+        .unreachable
+        .iter()
+        .map(|u| format!("host {}: {}", u.host, u.error))
+        .collect();
+    why.join("; ")
+}
+
 /// The attachment a plugin disk stands for.
 fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
     let mut context = BTreeMap::new();
@@ -325,14 +335,9 @@ impl Attacher for Hypervisor {
     async fn scan(&self) -> Result<Scan> {
         let scan = self.read_hosts(self.hosts.all().to_vec()).await;
         if scan.unreachable.len() == self.hosts.all().len() {
-            let why: Vec<String> = scan
-                .unreachable
-                .iter()
-                .map(|u| format!("host {}: {}", u.host, u.error))
-                .collect();
             return Err(Error::Unavailable(format!(
                 "no hypervisor host can be read: {}",
-                why.join("; ")
+                unreachable_hosts(&scan)
             )));
         }
         Ok(scan)
@@ -343,15 +348,10 @@ impl Attacher for Hypervisor {
         let hosts: Vec<Arc<Host>> = self.hosts.attaching(&pool).into_iter().cloned().collect();
         let scan = self.read_hosts(hosts).await;
         if !scan.unreachable.is_empty() {
-            let why: Vec<String> = scan
-                .unreachable
-                .iter()
-                .map(|u| format!("host {}: {}", u.host, u.error))
-                .collect();
             return Err(Error::Unavailable(format!(
                 "cannot tell which nodes hold volume {volume_id}: pool {pool} is attached by \
                  host(s) that cannot be read ({})",
-                why.join("; ")
+                unreachable_hosts(&scan)
             )));
         }
         Ok(scan

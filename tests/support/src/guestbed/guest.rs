@@ -145,13 +145,19 @@ impl Guest {
             .await
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.name));
         self.timeline.mark("domain running (QEMU started)");
+        self.forward().await;
+        self.wait_for_plugin(mark, opts.boot_timeout).await;
+    }
+
+    /// Port forwards to the plugin and the command channel on the running QEMU, and a lazy
+    /// channel through the first.
+    async fn forward(&mut self) {
         self.port = self.forward_port(GUEST_NODE_PORT).await;
         self.exec_port = self.forward_port(GUEST_EXEC_PORT).await;
         self.channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))
             .unwrap()
             .connect_timeout(Duration::from_secs(3))
             .connect_lazy();
-        self.wait_for_plugin(mark, opts.boot_timeout).await;
     }
 
     /// The libvirt URI of the host the guest runs on now.
@@ -175,12 +181,7 @@ impl Guest {
         }
         self.timeline
             .mark(format!("live-migrated to {to} ({} ms)", took.as_millis()));
-        self.port = self.forward_port(GUEST_NODE_PORT).await;
-        self.exec_port = self.forward_port(GUEST_EXEC_PORT).await;
-        self.channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(3))
-            .connect_lazy();
+        self.forward().await;
         let mut identity = IdentityClient::new(self.channel.clone());
         let probe = tokio::time::timeout(
             Duration::from_secs(30),
