@@ -286,6 +286,30 @@ async fn topology_places_volumes_and_publishes_reach_either_host() {
     ] {
         c.unpublish(v, n).await.unwrap();
     }
+
+    // doctor with the same config checks each host, by name.
+    let config = c.p.dir.path().join("config.toml");
+    let out = std::process::Command::new(virtdisk_test_support::plugin::bin())
+        .args(["doctor", "--mode", "controller", "-o", "json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ok = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == name && c["status"] == "OK")
+    };
+    for check in [
+        "libvirt (hv-a)",
+        "libvirt (hv-b)",
+        "domains (hv-b)",
+        "domain UUIDs",
+    ] {
+        assert!(ok(check), "no OK check {check:?}: {report:#}");
+    }
     assert!(b.live_disk(&serial_of(&vb.volume_id)).is_none());
     assert!(b.inactive_disk(&serial_of(&vb.volume_id)).is_none());
 }
