@@ -150,6 +150,19 @@ pub(crate) struct NodeConfig {
     /// e.g. the CO's plugin directory; empty: any absolute path.
     #[serde(default)]
     pub(crate) allowed_path_roots: Vec<PathBuf>,
+    /// Local attach: the storage daemons' cgroup, relative to each hierarchy's root (default
+    /// `virtdisk-csi`), so that stopping the plugin's task or container does not stop them;
+    /// `""` leaves them in the plugin's cgroup.
+    #[serde(default)]
+    pub(crate) daemon_cgroup: Option<String>,
+    /// Only these hierarchies (directory names under `cgroup_root`, e.g. `freezer`,
+    /// `unified`); empty: every hierarchy.
+    #[serde(default)]
+    pub(crate) daemon_cgroup_hierarchies: Vec<String>,
+    /// Where the cgroup hierarchies are mounted (default `/sys/fs/cgroup`; in a container, the
+    /// host's cgroupfs mounted elsewhere).
+    #[serde(default)]
+    pub(crate) cgroup_root: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -222,6 +235,11 @@ pub(crate) struct SnapshotConfig {
     /// chains are flattened in the background. At least 2.
     #[serde(default = "default_max_chain_depth")]
     pub(crate) max_chain_depth: usize,
+    /// Advertise the controller capability GET_SNAPSHOT (alpha in CSI 1.12). The GetSnapshot
+    /// RPC answers either way; no CO calls it, and clients that check capabilities against
+    /// the ones they know (csi-sanity v5) fail on it, so it is off unless asked for.
+    #[serde(default)]
+    pub(crate) get_snapshot_capability: bool,
 }
 
 fn default_max_chain_depth() -> usize {
@@ -232,6 +250,7 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         SnapshotConfig {
             max_chain_depth: default_max_chain_depth(),
+            get_snapshot_capability: false,
         }
     }
 }

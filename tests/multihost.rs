@@ -440,14 +440,14 @@ async fn a_host_whose_libvirtd_stops_fails_only_its_own_operations() {
         assert_eq!(e.code(), Code::Unavailable, "{what}: {e:?}");
         assert!(e.message().contains("hv-b"), "{what}: {}", e.message());
     }
-    let e =
-        c.p.controller()
-            .controller_get_volume(csi::ControllerGetVolumeRequest {
-                volume_id: vb.clone(),
-            })
-            .await
-            .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // ControllerGetVolume answers what hv-b's attach ledger says, flagged unconfirmed.
+    let got = c.p.controller().volume(&vb).await.expect("get volume");
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, vec![b.uuid.clone()]);
+    let cond = status.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("hv-b"), "{cond:?}");
+    // A volume of hv-b's pool that its ledger never saw attached can still be deleted.
+    c.p.controller().delete(&vb2).await.expect("delete vb2");
 
     // hv-b back: its connection reopens by itself, and its node is served again.
     c.b.start_daemon();

@@ -2,6 +2,8 @@
 //! this host itself (local attach). `Attachments` holds the rules every backend shares:
 //! idempotent publish, single-node exclusivity, per-node limits, confirmed detach.
 
+mod ledger;
+
 use crate::error::{Error, Result};
 use crate::model::Capability;
 use crate::params::{Bus, DiskOptions};
@@ -50,8 +52,14 @@ pub struct Attachment {
     pub bus: Bus,
     /// Attached read-only.
     pub readonly: bool,
+    /// Attached shareable (several nodes may write it: multi-node writer modes).
+    pub shareable: bool,
     /// Extra publish_context entries (e.g. a local device path).
     pub context: BTreeMap<String, String>,
+    /// Why the attachment cannot serve I/O (e.g. the local storage daemon died); None when it
+    /// is healthy. Reported as an abnormal volume condition; a publish repairs it or says why
+    /// it cannot.
+    pub abnormal: Option<String>,
 }
 
 impl Attachment {
@@ -71,8 +79,8 @@ impl Attachment {
     }
 }
 
-/// A host whose nodes could not be read (its libvirtd is down): which pools' attachments
-/// are missing from a [`Scan`], and why.
+/// A hypervisor host whose nodes could not be read (its libvirtd is down): which pools'
+/// attachments are missing from a [`HostScan`], and why.
 #[derive(Debug, Clone)]
 pub struct Unreachable {
     /// The host's name.
@@ -83,27 +91,14 @@ pub struct Unreachable {
     pub error: String,
 }
 
-/// Every attachment that could be read, and the hosts that could not be (their volumes'
-/// attachments are unknown, not absent).
+/// What a backend of several hosts could read: the attachments of the hosts that answered,
+/// and the hosts that did not (their volumes' attachments are unknown, not absent).
 #[derive(Debug, Clone, Default)]
-pub struct Scan {
+pub struct HostScan {
     /// The attachments read.
-    pub attachments: Vec<Attachment>,
+    pub known: Vec<Attachment>,
     /// The hosts that could not be read.
     pub unreachable: Vec<Unreachable>,
-}
-
-impl Scan {
-    /// Why the attachments of a volume of `pool` may be incomplete, if they may.
-    pub(crate) fn missing(&self, pool: &str) -> Option<String> {
-        let hosts: Vec<String> = self
-            .unreachable
-            .iter()
-            .filter(|u| u.pools.iter().any(|p| p == pool))
-            .map(|u| format!("host {} ({})", u.host, u.error))
-            .collect();
-        (!hosts.is_empty()).then(|| hosts.join("; "))
-    }
 }
 
 /// What a live snapshot did on the node.
@@ -118,6 +113,12 @@ pub struct LiveSnapshot {
 pub trait Attacher: Send + Sync {
     /// Whether this backend serves `node_id` (a libvirt domain UUID or name, or this host).
     async fn serves(&self, node_id: &str) -> Result<bool>;
+    /// Asked before the other backends: its node ids can name nothing another backend
+    /// serves (e.g. this host's own id on a host that is no VM), so a node of its own never
+    /// waits for, or fails with, another backend (libvirtd down).
+    fn serves_first(&self) -> bool {
+        false
+    }
     /// The id `attachments()` reports for `node_id` (e.g. a domain name → its UUID), so a
     /// publish by another id of the same node is recognized.
     async fn canonical_node_id(&self, node_id: &str) -> Result<String> {
@@ -125,19 +126,13 @@ pub trait Attacher: Send + Sync {
     }
     /// Every attachment of a plugin volume on every node this backend serves.
     async fn attachments(&self) -> Result<Vec<Attachment>>;
-    /// Every attachment that can be read now, and the hosts that cannot be read (for
-    /// listings: one host down leaves the others' attachments known).
-    async fn scan(&self) -> Result<Scan> {
-        Ok(Scan {
-            attachments: self.attachments().await?,
+    /// Every attachment that can be read now, and the hosts that cannot be read: one host
+    /// down leaves the others' attachments known. UNAVAILABLE when no host can be read.
+    async fn scan_hosts(&self) -> Result<HostScan> {
+        Ok(HostScan {
+            known: self.attachments().await?,
             unreachable: Vec::new(),
         })
-    }
-    /// The attachments of one volume; an error when a node that may hold it cannot be read.
-    async fn attachments_of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
-        let mut all = self.attachments().await?;
-        all.retain(|a| a.volume_id == volume_id);
-        Ok(all)
     }
     /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment>;
@@ -150,6 +145,11 @@ pub trait Attacher: Send + Sync {
         -> Result<()>;
     /// Ready to serve (e.g. libvirtd reachable).
     async fn check_health(&self) -> Result<()>;
+    /// A backend that can be unreachable (libvirtd restarting, a remote host down) names the
+    /// ledger that records what it may hold, so RPCs about other volumes never need it.
+    fn ledger_name(&self) -> Option<&'static str> {
+        None
+    }
     /// Live snapshot of an attached disk: the node stops writing the volume's current image and
     /// continues in `new_overlay`, which the caller created (qcow2, backed by the current image
     /// under a relative name) and made durable. libvirt: an external disk-only snapshot with
@@ -169,6 +169,15 @@ pub trait Attacher: Send + Sync {
     }
 }
 
+/// How a disk is attached, in words.
+fn describe_disk(readonly: bool, shareable: bool) -> &'static str {
+    match (readonly, shareable) {
+        (true, _) => "read-only",
+        (false, true) => "read-write and shareable (multi-node)",
+        (false, false) => "read-write (single node)",
+    }
+}
+
 /// The publish request, in domain terms.
 #[derive(Debug, Clone)]
 pub(crate) struct Publish {
@@ -181,6 +190,8 @@ pub(crate) struct Publish {
 #[derive(Clone, Default)]
 pub struct Attachments {
     backends: Vec<Arc<dyn Attacher>>,
+    /// Per backend (same order): the ledger of a backend that can be unreachable.
+    ledgers: Vec<Option<ledger::Ledger>>,
     max_per_node: u64,
     /// One recent read of every node, shared by listings (see `recent`).
     recent: Arc<RecentScan>,
@@ -190,16 +201,75 @@ pub struct Attachments {
 /// so a read is never reused across a change made here.
 #[derive(Default)]
 struct RecentScan {
-    last: std::sync::Mutex<Option<RecentRead>>,
+    last: std::sync::Mutex<Option<Kept>>,
     changes: AtomicU64,
 }
 
-struct RecentRead {
+struct Kept {
     /// When the read began.
     at: Instant,
     /// `RecentScan::changes` when the read began.
     changes: u64,
-    list: Arc<Scan>,
+    scan: Arc<Scan>,
+}
+
+/// One read of every backend: the attachments they report, and for each backend that could
+/// not be asked, why and what its ledger says it may hold.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub(crate) known: Vec<Attachment>,
+    gaps: Vec<Gap>,
+}
+
+#[derive(Debug)]
+struct Gap {
+    reason: String,
+    may_hold: std::collections::BTreeMap<String, ledger::Entry>,
+    /// A host that could not be read and keeps no ledger: it may hold any volume of these
+    /// pools (nodes unknown).
+    pools: Vec<String>,
+}
+
+/// The pool of a volume id (`<pool>.<key>`).
+fn pool_of(volume_id: &str) -> &str {
+    volume_id.split_once('.').map_or("", |(pool, _)| pool)
+}
+
+impl Scan {
+    /// The volume's attachments; UNAVAILABLE when a backend that could not be asked may hold
+    /// the volume (its ledger says so).
+    pub(crate) fn of_volume(&self, volume_id: &str) -> Result<Vec<&Attachment>> {
+        if let Some((nodes, reason)) = self.unconfirmed(volume_id) {
+            return Err(Error::Unavailable(format!(
+                "{reason}; volume {volume_id} may be attached through it{}, so this cannot be \
+                 decided until it is back",
+                if nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (to {})", nodes.join(", "))
+                }
+            )));
+        }
+        Ok(self
+            .known
+            .iter()
+            .filter(|a| a.volume_id == volume_id)
+            .collect())
+    }
+
+    /// Nodes a backend that could not be asked may hold the volume on (empty: unknown), and
+    /// why it could not be asked; None when every backend that may hold it answered.
+    pub(crate) fn unconfirmed(&self, volume_id: &str) -> Option<(Vec<String>, String)> {
+        self.gaps.iter().find_map(|g| {
+            let by_ledger = g.may_hold.get(volume_id).map(|e| e.nodes.iter().cloned());
+            let by_pool = g.pools.iter().any(|p| p == pool_of(volume_id));
+            match by_ledger {
+                Some(nodes) => Some((nodes.collect(), g.reason.clone())),
+                None if by_pool => Some((Vec::new(), g.reason.clone())),
+                None => None,
+            }
+        })
+    }
 }
 
 /// How long ListVolumes pages may share one read of the nodes.
@@ -209,39 +279,70 @@ impl Attachments {
     /// Backends in the order they are asked; `max_per_node` caps the volumes on one node (0: no cap).
     pub fn new(backends: Vec<Arc<dyn Attacher>>, max_per_node: u64) -> Self {
         Attachments {
+            ledgers: vec![None; backends.len()],
             backends,
             max_per_node,
             recent: Arc::default(),
         }
     }
 
+    /// Keeps a ledger under `dir/<name>` for every backend that names one
+    /// (`Attacher::ledger_name`); `init_ledgers` starts them.
+    pub fn with_ledgers(mut self, dir: &Path) -> Self {
+        self.ledgers = self
+            .backends
+            .iter()
+            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(dir.join(n))))
+            .collect();
+        self
+    }
+
+    /// Starts the ledgers once (at server start): `existing` (every volume the pools hold now)
+    /// may be attached from before the ledger existed, until a read of the backend says.
+    pub(crate) async fn init_ledgers(&self, existing: Vec<String>) -> Result<()> {
+        if existing.is_empty() && !self.ledgers_need_init() {
+            return Ok(());
+        }
+        for l in self.ledgers.iter().flatten() {
+            let (l, existing) = (l.clone(), existing.clone());
+            crate::exec::blocking(move || l.init(&existing)).await?;
+        }
+        Ok(())
+    }
+
+    /// Some ledger has not started yet (`init_ledgers` needs the pools' volumes). Blocking but
+    /// quick (one stat per ledger).
+    pub(crate) fn ledgers_need_init(&self) -> bool {
+        self.ledgers.iter().flatten().any(|l| !l.ready())
+    }
+
     /// Every attachment, as read from the nodes at most `max_age` ago and after the last
     /// publish or unpublish made by this process. For listings only (the pages of one
     /// ListVolumes walk then cost one read of every domain instead of one each): decisions
-    /// (publish, unpublish, delete, snapshots) read the nodes now with `all`. Nothing
+    /// (publish, unpublish, delete, snapshots) read the nodes now with `scan`. Nothing
     /// outlives the process, and a change made elsewhere shows within `max_age`.
     pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Scan>> {
         let changes = self.recent.changes.load(Ordering::SeqCst);
         {
             let last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(scan) = &*last {
-                if scan.changes == changes && scan.at.elapsed() <= max_age {
-                    return Ok(scan.list.clone());
+            if let Some(kept) = &*last {
+                if kept.changes == changes && kept.at.elapsed() <= max_age {
+                    return Ok(kept.scan.clone());
                 }
             }
         }
         let started = Instant::now();
-        let list = Arc::new(self.scan().await?);
+        let scan = Arc::new(self.scan().await?);
         let mut last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
-        // A change made while reading may be missing from `list`: then do not keep it.
+        // A change made while reading may be missing from `scan`: then do not keep it.
         if self.recent.changes.load(Ordering::SeqCst) == changes {
-            *last = Some(RecentRead {
+            *last = Some(Kept {
                 at: started,
                 changes,
-                list: list.clone(),
+                scan: scan.clone(),
             });
         }
-        Ok(list)
+        Ok(scan)
     }
 
     /// Called around every attach change made here: reads kept by `recent` are stale.
@@ -253,13 +354,18 @@ impl Attachments {
         !self.backends.is_empty()
     }
 
-    /// The backend that serves `node_id`. A backend that cannot tell (its host is down) does
-    /// not stop the others from claiming the node; its error is returned only when none does.
-    async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
+    /// The index of the backend serving `node_id`: first those that serve their own ids first
+    /// (this host), then the others in order. A backend that cannot tell (its host is down)
+    /// does not stop the others from claiming the node; its error is returned only when none
+    /// does.
+    async fn backend_index(&self, node_id: &str) -> Result<Option<usize>> {
+        let order = (0..self.backends.len())
+            .filter(|i| self.backends[*i].serves_first())
+            .chain((0..self.backends.len()).filter(|i| !self.backends[*i].serves_first()));
         let mut failed = None;
-        for b in &self.backends {
-            match b.serves(node_id).await {
-                Ok(true) => return Ok(Some(b)),
+        for i in order {
+            match self.backends[i].serves(node_id).await {
+                Ok(true) => return Ok(Some(i)),
                 Ok(false) => {}
                 Err(e) => {
                     failed.get_or_insert(e);
@@ -272,43 +378,89 @@ impl Attachments {
         }
     }
 
-    /// Every attachment of every backend.
-    #[cfg(test)]
-    pub(crate) async fn all(&self) -> Result<Vec<Attachment>> {
-        let mut out = Vec::new();
-        for b in &self.backends {
-            out.extend(b.attachments().await?);
-        }
-        Ok(out)
+    async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
+        Ok(self
+            .backend_index(node_id)
+            .await?
+            .map(|i| &self.backends[i]))
     }
 
-    /// What every backend can read now, and the hosts it cannot read.
-    async fn scan(&self) -> Result<Scan> {
-        let mut out = Scan::default();
-        for b in &self.backends {
-            let s = b.scan().await?;
-            out.attachments.extend(s.attachments);
-            out.unreachable.extend(s.unreachable);
+    /// Reads every backend now. A backend that cannot be asked (UNAVAILABLE) but keeps a
+    /// ready ledger leaves a gap instead of failing the read: decisions about the volumes it
+    /// may hold fail (`Scan::of_volume`), the others go on. A host of a backend that cannot be
+    /// read leaves a gap too: the volumes its ledger places there, or (without a ledger) any
+    /// volume of the pools that host attaches. A complete read of a backend brings its ledger
+    /// in line.
+    pub(crate) async fn scan(&self) -> Result<Scan> {
+        let mut scan = Scan::default();
+        for (b, l) in self.backends.iter().zip(&self.ledgers) {
+            let started = std::time::SystemTime::now();
+            match b.scan_hosts().await {
+                Ok(read) if read.unreachable.is_empty() => {
+                    if let Some(l) = l {
+                        let (l, found) = (l.clone(), read.known.clone());
+                        if let Err(e) =
+                            crate::exec::blocking(move || l.reconcile(&found, started)).await
+                        {
+                            tracing::warn!(error = %e, "cannot update the attach ledger");
+                        }
+                    }
+                    scan.known.extend(read.known);
+                }
+                Ok(read) => {
+                    // Part of the backend answered: its ledger stays as it is (it may only
+                    // claim too much), and each host that did not answer leaves a gap.
+                    let entries = match l.clone() {
+                        Some(l) => crate::exec::blocking(move || l.entries()).await?,
+                        None => None,
+                    };
+                    for u in read.unreachable {
+                        let reason = format!("host {} cannot be read: {}", u.host, u.error);
+                        scan.gaps.push(match &entries {
+                            Some(all) => Gap {
+                                reason,
+                                may_hold: all
+                                    .iter()
+                                    .filter(|(v, _)| u.pools.iter().any(|p| p == pool_of(v)))
+                                    .map(|(v, e)| (v.clone(), e.clone()))
+                                    .collect(),
+                                pools: Vec::new(),
+                            },
+                            None => Gap {
+                                reason,
+                                may_hold: Default::default(),
+                                pools: u.pools,
+                            },
+                        });
+                    }
+                    scan.known.extend(read.known);
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    let Some(l) = l.clone() else {
+                        return Err(e);
+                    };
+                    let Some(may_hold) = crate::exec::blocking(move || l.entries()).await? else {
+                        return Err(e);
+                    };
+                    scan.gaps.push(Gap {
+                        reason: e.to_string(),
+                        may_hold,
+                        pools: Vec::new(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(out)
-    }
-
-    /// The attachments of one volume, read from the nodes now.
-    async fn of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
-        let mut out = Vec::new();
-        for b in &self.backends {
-            out.extend(b.attachments_of(volume_id).await?);
-        }
-        Ok(out)
+        Ok(scan)
     }
 
     /// Nodes a volume is attached to, read from the nodes themselves.
     pub(crate) async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
-        let mut nodes: Vec<String> = self
-            .of(volume_id)
-            .await?
+        let scan = self.scan().await?;
+        let mut nodes: Vec<String> = scan
+            .of_volume(volume_id)?
             .into_iter()
-            .map(|a| a.node_id)
+            .map(|a| a.node_id.clone())
             .collect();
         nodes.sort();
         nodes.dedup();
@@ -317,12 +469,12 @@ impl Attachments {
 
     /// Nodes holding the volume writable, i.e. that may be writing its active image now.
     pub(crate) async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
-        let mut nodes: Vec<String> = self
-            .of(volume_id)
-            .await?
+        let scan = self.scan().await?;
+        let mut nodes: Vec<String> = scan
+            .of_volume(volume_id)?
             .into_iter()
             .filter(|a| !a.readonly)
-            .map(|a| a.node_id)
+            .map(|a| a.node_id.clone())
             .collect();
         nodes.sort();
         nodes.dedup();
@@ -345,11 +497,26 @@ impl Attachments {
         backend.snapshot_live(node_id, volume_id, new_overlay).await
     }
 
+    /// Ready when every backend is, or when at least one is and the others can only be
+    /// unreachable for now (each keeps a ledger): a monolith serves this host's volumes while
+    /// libvirtd restarts, and its libvirt RPCs answer UNAVAILABLE meanwhile.
     pub(crate) async fn check_health(&self) -> Result<()> {
-        for b in &self.backends {
-            b.check_health().await?;
+        let mut first_err = None;
+        let mut healthy = 0;
+        for (b, l) in self.backends.iter().zip(&self.ledgers) {
+            match b.check_health().await {
+                Ok(()) => healthy += 1,
+                Err(e) if l.is_some() && e.code() == tonic::Code::Unavailable => {
+                    tracing::warn!(error = %e, "an attach backend is unreachable; serving the others");
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        match first_err {
+            Some(e) if healthy == 0 => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// ControllerPublishVolume.
@@ -360,32 +527,44 @@ impl Attachments {
         req: &Publish,
     ) -> Result<BTreeMap<String, String>> {
         req.capability.check(vol.format)?;
-        let backend = self.backend_for(&req.node_id).await?.ok_or_else(|| {
+        let index = self.backend_index(&req.node_id).await?.ok_or_else(|| {
             Error::NotFound(format!(
                 "node {} is not known: no libvirt domain has that UUID or name, and it is not \
                  this host",
                 req.node_id
             ))
         })?;
+        let backend = &self.backends[index];
         let readonly = req.readonly || req.capability.access_mode.is_read_only();
+        let shareable = req.capability.access_mode.is_multi_node() && !readonly;
         let node = backend.canonical_node_id(&req.node_id).await?;
-        let all = self.of(&vol.id).await?;
-        let mine: Vec<&Attachment> = all.iter().collect();
-        if let Some(here) = mine.iter().find(|a| a.node_id == node) {
-            // A read-write disk serves a read-only publish too (the node mounts it read-only):
-            // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
-            // The reverse needs a re-attach under the reader's feet: refused.
-            if here.readonly && !readonly {
+        let scan = self.scan().await?;
+        let mine: Vec<&Attachment> = scan.of_volume(&vol.id)?;
+        let here = mine.iter().find(|a| a.node_id == node);
+        if let Some(here) = here {
+            // Idempotent only for the same disk: a publish that would attach it otherwise
+            // (read-only vs read-write, shared vs exclusive) is incompatible, as the spec says;
+            // a dead attachment too (its repair would change the disk under the node's mounts).
+            if here.readonly != readonly || here.shareable != shareable {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {} is already attached to node {} read-only; a read-write publish \
-                     needs it unpublished there first",
-                    vol.id, req.node_id
+                    "volume {} is already published to node {} {}; this publish asks for it \
+                     {} ({:?}, readonly={}): ControllerUnpublishVolume it there first, or \
+                     publish it as it is",
+                    vol.id,
+                    req.node_id,
+                    describe_disk(here.readonly, here.shareable),
+                    describe_disk(readonly, shareable),
+                    req.capability.access_mode,
+                    req.readonly
                 )));
             }
-            return Ok(here.publish_context());
+            if here.abnormal.is_none() {
+                return Ok(here.publish_context());
+            }
         }
         if !req.capability.access_mode.is_multi_node() {
-            if let Some(other) = mine.first() {
+            // A dead attachment on this very node is the backend's to repair.
+            if let Some(other) = mine.iter().find(|a| a.node_id != node) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is attached to node {}; its access mode allows one node at a \
                      time, so unpublish it there first",
@@ -402,8 +581,13 @@ impl Attachments {
             format: vol.format,
             options: vol.disk.clone(),
             readonly,
-            shareable: req.capability.access_mode.is_multi_node() && !readonly,
+            shareable,
         };
+        if let Some(l) = self.ledgers[index].clone() {
+            // Durably before the attach: the ledger must never miss an attachment.
+            let (v, n) = (vol.id.clone(), node.clone());
+            crate::exec::blocking(move || l.add(&v, &n)).await?;
+        }
         self.changed();
         let att = backend.attach(&req.node_id, &spec, self.max_per_node).await;
         self.changed();
@@ -415,13 +599,28 @@ impl Attachments {
 
     /// ControllerUnpublishVolume: OK when not attached or when the node is gone.
     pub(crate) async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
-        let Some(backend) = self.backend_for(node_id).await? else {
+        let Some(index) = self.backend_index(node_id).await? else {
             return Ok(());
         };
+        let backend = &self.backends[index];
         self.changed();
         let detached = backend.detach(node_id, volume_id).await;
         self.changed();
         detached?;
+        if let Some(l) = self.ledgers[index].clone() {
+            // Under either id of the node; a failure only keeps the entry (too much, never
+            // too little) until the next full read.
+            let mut ids = vec![node_id.to_string()];
+            if let Ok(canonical) = backend.canonical_node_id(node_id).await {
+                ids.push(canonical);
+            }
+            let v = volume_id.to_string();
+            let res =
+                crate::exec::blocking(move || ids.iter().try_for_each(|n| l.remove(&v, n))).await;
+            if let Err(e) = res {
+                tracing::warn!(volume = %volume_id, error = %e, "cannot update the attach ledger");
+            }
+        }
         tracing::info!(volume = %volume_id, node = %node_id, "volume unpublished");
         Ok(())
     }
@@ -479,7 +678,9 @@ mod tests {
                 serial: spec.serial.clone(),
                 bus: Bus::default(),
                 readonly: spec.readonly,
+                shareable: spec.shareable,
                 context: BTreeMap::new(),
+                abnormal: None,
             };
             self.attached.lock().unwrap().push(att.clone());
             Ok(att)
@@ -568,47 +769,60 @@ mod tests {
         }
     }
 
-    /// Nomad publishes once per claim: a reader alloc joining a writer on the same node gets
-    /// the read-write attachment; a writer joining a read-only attachment is refused.
+    /// A repeated publish to the same node is OK only when it would attach the same disk
+    /// (read-only or not, shared or not); any other is ALREADY_EXISTS, whichever came first.
     #[tokio::test]
-    async fn read_only_publish_joins_a_read_write_attachment_not_the_reverse() {
-        let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
-        let vol = volume();
-        let img = PathBuf::from("/nonexistent/v.qcow2");
-        let rw = att
-            .publish(
-                &vol,
-                img.clone(),
-                &publish(AccessMode::SingleNodeWriter, false),
-            )
-            .await
-            .unwrap();
-        for (mode, readonly) in [
-            (AccessMode::SingleNodeWriter, true),
-            (AccessMode::SingleNodeReaderOnly, true),
-            (AccessMode::SingleNodeReaderOnly, false),
-        ] {
+    async fn republish_to_a_node_is_ok_only_for_the_same_disk() {
+        use AccessMode::*;
+        // (mode, readonly) → the disk it attaches: (read-only, shareable).
+        let cases = [
+            (SingleNodeWriter, false),
+            (SingleNodeWriter, true),
+            (SingleNodeReaderOnly, false),
+            (MultiNodeReaderOnly, true),
+            (MultiNodeMultiWriter, false),
+            (MultiNodeSingleWriter, false),
+            (SingleNodeMultiWriter, false),
+        ];
+        let disk = |(mode, ro): (AccessMode, bool)| {
+            let ro = ro || mode.is_read_only();
+            (ro, mode.is_multi_node() && !ro)
+        };
+        // Multi-node writers need a raw block volume.
+        let vol = VolumeRecord {
+            format: ImageFormat::Raw,
+            ..volume()
+        };
+        let publish = |mode, readonly| Publish {
+            capability: Capability {
+                access_type: AccessType::Block,
+                access_mode: mode,
+            },
+            ..publish(mode, readonly)
+        };
+        let img = PathBuf::from("/nonexistent/v.raw");
+        for first in cases {
+            let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
             let ctx = att
-                .publish(&vol, img.clone(), &publish(mode, readonly))
+                .publish(&vol, img.clone(), &publish(first.0, first.1))
                 .await
                 .unwrap();
-            assert_eq!(ctx, rw, "{mode:?} readonly={readonly}");
+            for again in cases {
+                let res = att
+                    .publish(&vol, img.clone(), &publish(again.0, again.1))
+                    .await;
+                if disk(again) == disk(first) {
+                    assert_eq!(res.unwrap(), ctx, "{first:?} then {again:?}");
+                } else {
+                    let err = res.unwrap_err();
+                    assert!(
+                        matches!(err, Error::AlreadyExists(_)),
+                        "{first:?} then {again:?}: {err:?}"
+                    );
+                }
+            }
+            assert_eq!(att.scan().await.unwrap().known.len(), 1, "attached once");
         }
-        assert_eq!(att.all().await.unwrap().len(), 1, "attached once");
-
-        att.unpublish(&vol.id, "n1").await.unwrap();
-        att.publish(
-            &vol,
-            img.clone(),
-            &publish(AccessMode::SingleNodeWriter, true),
-        )
-        .await
-        .unwrap();
-        let err = att
-            .publish(&vol, img, &publish(AccessMode::SingleNodeWriter, false))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
     }
 
     #[tokio::test]
@@ -628,7 +842,94 @@ mod tests {
         a.recent(Duration::ZERO).await.unwrap();
         assert_eq!(reads(), 3, "read again when too old");
         // Decisions never reuse a read.
-        a.nodes_of("default.0123456789abcdef").await.unwrap();
+        a.scan().await.unwrap();
         assert_eq!(reads(), 4);
+    }
+
+    /// Two hosts, one of them down: it attaches pools `a` and `shared`; `b` is elsewhere.
+    struct HalfDown;
+
+    #[async_trait::async_trait]
+    impl Attacher for HalfDown {
+        async fn serves(&self, _: &str) -> Result<bool> {
+            Ok(true)
+        }
+        async fn attachments(&self) -> Result<Vec<Attachment>> {
+            Err(Error::Unavailable("host hv1 is down".into()))
+        }
+        async fn scan_hosts(&self) -> Result<HostScan> {
+            let mut on_b = FakeNode::default().attach_now("b.0123456789abcdef");
+            on_b.node_id = "vm-b".into();
+            Ok(HostScan {
+                known: vec![on_b],
+                unreachable: vec![Unreachable {
+                    host: "hv1".into(),
+                    pools: vec!["a".into(), "shared".into()],
+                    error: "connection refused".into(),
+                }],
+            })
+        }
+        async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+            Err(Error::internal("not in this test"))
+        }
+        async fn detach(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+            Ok(())
+        }
+        async fn check_health(&self) -> Result<()> {
+            Ok(())
+        }
+        fn ledger_name(&self) -> Option<&'static str> {
+            Some("libvirt")
+        }
+    }
+
+    impl FakeNode {
+        fn attach_now(&self, volume_id: &str) -> Attachment {
+            Attachment {
+                node_id: "n1".into(),
+                volume_id: volume_id.into(),
+                serial: String::new(),
+                bus: Bus::default(),
+                readonly: false,
+                shareable: false,
+                context: BTreeMap::new(),
+                abnormal: None,
+            }
+        }
+    }
+
+    /// A host that is down makes decisions fail only for the volumes it may hold: by its
+    /// ledger when there is one, else every volume of its pools.
+    #[tokio::test]
+    async fn a_host_down_leaves_a_gap_for_its_own_volumes_only() {
+        // Without a ledger: every volume of hv1's pools is unknown, the rest decidable.
+        let a = Attachments::new(vec![Arc::new(HalfDown)], 0);
+        let scan = a.scan().await.unwrap();
+        assert_eq!(scan.of_volume("b.0123456789abcdef").unwrap().len(), 1);
+        for v in ["a.0123456789abcdef", "shared.0123456789abcdef"] {
+            let e = scan.of_volume(v).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+            assert!(e.to_string().contains("host hv1 cannot be read"), "{e}");
+        }
+        // With a ledger: only what it places on hv1's pools.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Attachments::new(vec![Arc::new(HalfDown)], 0).with_ledgers(dir.path());
+        a.init_ledgers(vec![]).await.unwrap();
+        let l = a.ledgers[0].clone().unwrap();
+        l.add("shared.0123456789abcdef", "vm-a").unwrap();
+        l.add("b.1123456789abcdef", "vm-b").unwrap();
+        let scan = a.scan().await.unwrap();
+        assert!(scan.of_volume("a.0123456789abcdef").unwrap().is_empty());
+        assert!(scan.of_volume("b.1123456789abcdef").unwrap().is_empty());
+        let (nodes, _) = scan.unconfirmed("shared.0123456789abcdef").unwrap();
+        assert_eq!(nodes, ["vm-a"]);
+        // A partial read leaves the ledger as it was.
+        assert_eq!(l.entries().unwrap().unwrap().len(), 2);
     }
 }

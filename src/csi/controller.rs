@@ -18,6 +18,8 @@ pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
     pub guards: OpGuards,
+    /// Advertise the alpha GET_SNAPSHOT capability (`[snapshots] get_snapshot_capability`).
+    pub get_snapshot_capability: bool,
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
@@ -68,6 +70,56 @@ impl ControllerService {
     }
 }
 
+/// published_node_ids of a volume: the nodes the backends report, plus those a backend that
+/// could not be asked last held it on (its ledger), with why they are unconfirmed.
+fn published(scan: &crate::attach::Scan, volume_id: &str) -> (Vec<String>, Option<String>) {
+    let mut nodes: Vec<String> = scan
+        .known
+        .iter()
+        .filter(|a| a.volume_id == volume_id)
+        .map(|a| a.node_id.clone())
+        .collect();
+    let unconfirmed = scan.unconfirmed(volume_id).map(|(more, reason)| {
+        let msg = if more.is_empty() {
+            format!("whether the volume is attached to a VM is unknown: {reason}")
+        } else {
+            format!(
+                "its attachment to {} is not confirmed: {reason}",
+                more.join(", ")
+            )
+        };
+        nodes.extend(more);
+        msg
+    });
+    nodes.sort();
+    nodes.dedup();
+    (nodes, unconfirmed)
+}
+
+/// `condition`, made abnormal by every attachment of the volume that cannot serve I/O and by
+/// attachments that cannot be confirmed now.
+fn with_attachments<'a>(
+    mut condition: csi::VolumeCondition,
+    attachments: impl Iterator<Item = &'a crate::attach::Attachment>,
+    unconfirmed: Option<String>,
+) -> csi::VolumeCondition {
+    let dead: Vec<String> = attachments
+        .filter_map(|a| a.abnormal.clone())
+        .chain(unconfirmed)
+        .collect();
+    if dead.is_empty() {
+        return condition;
+    }
+    let mut problems: Vec<String> = Vec::new();
+    if condition.abnormal {
+        problems.push(condition.message.clone());
+    }
+    problems.extend(dead);
+    condition.abnormal = true;
+    condition.message = problems.join("; ");
+    condition
+}
+
 /// Whether a volume's image and backing layers are in its pool. Blocking.
 fn volume_condition(rec: &VolumeRecord, image: &std::path::Path) -> csi::VolumeCondition {
     let dir = image.parent().unwrap_or(std::path::Path::new(""));
@@ -105,15 +157,21 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_name("name", &r.name)?;
         convert::check_map("parameters", &r.parameters)?;
+        convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        // Every INVALID_ARGUMENT check before OUT_OF_RANGE, and both before any lookup.
+        let capabilities = convert::capabilities(&r.volume_capabilities)?;
+        let parameters = params::with_mutable(&r.parameters, &r.mutable_parameters)?;
+        let content_source = convert::content_source(r.volume_content_source.as_ref())?;
+        let topology = convert::topology_requirement(r.accessibility_requirements.as_ref())?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let create = CreateVolume {
             name: r.name.clone(),
             required_bytes: required,
             limit_bytes: limit,
-            capabilities: convert::capabilities(&r.volume_capabilities)?,
-            parameters: r.parameters.clone(),
-            content_source: convert::content_source(r.volume_content_source.as_ref())?,
-            topology: convert::topology_requirement(r.accessibility_requirements.as_ref())?,
+            capabilities,
+            parameters,
+            content_source,
+            topology,
         };
         let key = ids::volume_key_for_name(&r.name);
         let mut keys = vec![volume_guard_key(&key)];
@@ -216,11 +274,16 @@ impl Controller for ControllerService {
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let caps = convert::capabilities(&r.volume_capabilities)?;
         convert::check_map("parameters", &r.parameters)?;
+        convert::check_map("mutable_parameters", &r.mutable_parameters)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
         let problem = caps
             .iter()
             .find_map(|c| c.check(rec.format).err())
-            .or_else(|| VolumeParams::parse(&r.parameters).err());
+            .or_else(|| {
+                params::with_mutable(&r.parameters, &r.mutable_parameters)
+                    .and_then(|all| VolumeParams::parse(&all))
+                    .err()
+            });
         let (confirmed, message) = match problem {
             Some(e) => (None, e.to_string()),
             None => (
@@ -259,25 +322,13 @@ impl Controller for ControllerService {
         let page: Vec<&VolumeRecord> = page.iter().collect();
         let conditions = self.volume_conditions(&page).await?;
         let mut entries = Vec::with_capacity(page.len());
-        for (rec, mut condition) in page.into_iter().zip(conditions) {
-            if let Some(why) = attachments.missing(&rec.pool) {
-                // A host that attaches the pool is down: say so rather than under-report.
-                condition = csi::VolumeCondition {
-                    abnormal: true,
-                    message: format!(
-                        "published nodes may be incomplete: cannot read {why}; {}",
-                        condition.message
-                    ),
-                };
-            }
-            let mut published_node_ids: Vec<String> = attachments
-                .attachments
-                .iter()
-                .filter(|a| a.volume_id == rec.id)
-                .map(|a| a.node_id.clone())
-                .collect();
-            published_node_ids.sort();
-            published_node_ids.dedup();
+        for (rec, condition) in page.into_iter().zip(conditions) {
+            let (published_node_ids, unconfirmed) = published(&attachments, &rec.id);
+            let condition = with_attachments(
+                condition,
+                attachments.known.iter().filter(|a| a.volume_id == rec.id),
+                unconfirmed,
+            );
             entries.push(csi::list_volumes_response::Entry {
                 volume: Some(self.volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
@@ -332,9 +383,13 @@ impl Controller for ControllerService {
             Type::SingleNodeMultiWriter,
             Type::CreateDeleteSnapshot,
             Type::ListSnapshots,
-            Type::GetSnapshot,
             Type::CloneVolume,
         ];
+        // Alpha, known to no CO; the other alpha capabilities above (VOLUME_CONDITION,
+        // GET_VOLUME, SINGLE_NODE_MULTI_WRITER) are read by Kubernetes and Nomad.
+        if self.get_snapshot_capability {
+            types.push(Type::GetSnapshot);
+        }
         if self.attachments.is_enabled() {
             types.push(Type::PublishUnpublishVolume);
             types.push(Type::PublishReadonly);
@@ -451,12 +506,12 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let cap = r
             .volume_capability
             .as_ref()
             .map(convert::capability)
             .transpose()?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
@@ -489,12 +544,19 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
-        let published_node_ids = self.attachments.nodes_of(&rec.id).await?;
+        let scan = self.attachments.scan().await?;
+        let attachments: Vec<&crate::attach::Attachment> = scan
+            .known
+            .iter()
+            .filter(|a| a.volume_id == rec.id)
+            .collect();
+        let (published_node_ids, unconfirmed) = published(&scan, &rec.id);
         let condition = self
             .volume_conditions(&[&rec])
             .await?
             .pop()
             .ok_or_else(|| Error::internal("no volume condition"))?;
+        let condition = with_attachments(condition, attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(self.volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
@@ -511,19 +573,17 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        params::check_mutable(&r.mutable_parameters)?;
+        // The values too, before anything is looked up.
+        for (k, v) in &r.mutable_parameters {
+            params::apply_qos(&mut params::Qos::default(), k, v)?;
+        }
         let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
         let mut rec = self.pools.require_volume(&r.volume_id).await?;
         let mut qos = rec.disk.qos;
         for (k, v) in &r.mutable_parameters {
-            if !params::MUTABLE_KEYS.contains(&k.as_str()) {
-                return Err(Error::invalid(format!(
-                    "parameter {k:?} cannot be modified; mutable parameters: {}",
-                    params::MUTABLE_KEYS.join(", ")
-                ))
-                .into());
-            }
             params::apply_qos(&mut qos, k, v)?;
         }
         qos.validate()?;

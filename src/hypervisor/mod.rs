@@ -35,7 +35,7 @@ pub(crate) use conn::{DomainLocks, Libvirt};
 pub use hosts::HostSpec;
 pub use view::{NodeIdKind, PoolImages};
 
-use crate::attach::{Attacher, Attachment, DiskSpec, LiveSnapshot, Scan, Unreachable, CTX_BUS};
+use crate::attach::{Attacher, Attachment, DiskSpec, HostScan, LiveSnapshot, Unreachable, CTX_BUS};
 use crate::error::{Error, Result};
 use crate::params::Qos;
 use domxml::DiskXml;
@@ -220,20 +220,29 @@ impl Hypervisor {
             .await
     }
 
-    /// The attachments of `hosts`, read at once; the hosts that could not be read apart.
-    async fn read_hosts(&self, hosts: Vec<Arc<Host>>) -> Scan {
+    /// The attachments of `hosts`, read at once; the hosts that could not be read (or did not
+    /// answer within [`READ_TIMEOUT`]) apart.
+    async fn read_hosts(&self, hosts: Vec<Arc<Host>>) -> HostScan {
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let this = self.clone();
             tasks.spawn(async move {
-                let read = this.host_attachments(&host).await;
+                let read = tokio::time::timeout(READ_TIMEOUT, this.host_attachments(&host)).await;
+                let read = read.unwrap_or_else(|_| {
+                    Err(Error::Unavailable(format!(
+                        "libvirt of host {} at {} did not answer within {}s",
+                        host.name,
+                        host.lv.uri(),
+                        READ_TIMEOUT.as_secs()
+                    )))
+                });
                 (host, read)
             });
         }
-        let mut scan = Scan::default();
+        let mut scan = HostScan::default();
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((_, Ok(list))) => scan.attachments.extend(list),
+                Ok((_, Ok(list))) => scan.known.extend(list),
                 Ok((host, Err(e))) => scan.unreachable.push(Unreachable {
                     host: host.name.clone(),
                     pools: host.pool_names(),
@@ -274,8 +283,12 @@ impl Hypervisor {
     }
 }
 
+/// How long reading one host's domains may take before the host counts as unreachable for
+/// that read (its call goes on, on its own permits).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// "host NAME: why; …" of the hosts a scan could not read.
-fn unreachable_hosts(scan: &Scan) -> String {
+fn unreachable_hosts(scan: &HostScan) -> String {
     let why: Vec<String> = scan
         .unreachable
         .iter()
@@ -298,7 +311,9 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         serial: disk.serial.clone().unwrap_or_default(),
         bus,
         readonly: disk.readonly,
+        shareable: disk.shareable,
         context,
+        abnormal: None,
     }
 }
 
@@ -321,9 +336,9 @@ impl Attacher for Hypervisor {
     }
 
     async fn attachments(&self) -> Result<Vec<Attachment>> {
-        let scan = self.scan().await?;
+        let scan = self.scan_hosts().await?;
         match scan.unreachable.into_iter().next() {
-            None => Ok(scan.attachments),
+            None => Ok(scan.known),
             Some(u) => Err(Error::Unavailable(format!(
                 "cannot read the domains of host {}: {}",
                 u.host, u.error
@@ -332,7 +347,7 @@ impl Attacher for Hypervisor {
     }
 
     /// Every host that answers; when none does, nothing is known: UNAVAILABLE.
-    async fn scan(&self) -> Result<Scan> {
+    async fn scan_hosts(&self) -> Result<HostScan> {
         let scan = self.read_hosts(self.hosts.all().to_vec()).await;
         if scan.unreachable.len() == self.hosts.all().len() {
             return Err(Error::Unavailable(format!(
@@ -341,24 +356,6 @@ impl Attacher for Hypervisor {
             )));
         }
         Ok(scan)
-    }
-
-    async fn attachments_of(&self, volume_id: &str) -> Result<Vec<Attachment>> {
-        let pool = pool_of(volume_id)?;
-        let hosts: Vec<Arc<Host>> = self.hosts.attaching(&pool).into_iter().cloned().collect();
-        let scan = self.read_hosts(hosts).await;
-        if !scan.unreachable.is_empty() {
-            return Err(Error::Unavailable(format!(
-                "cannot tell which nodes hold volume {volume_id}: pool {pool} is attached by \
-                 host(s) that cannot be read ({})",
-                unreachable_hosts(&scan)
-            )));
-        }
-        Ok(scan
-            .attachments
-            .into_iter()
-            .filter(|a| a.volume_id == volume_id)
-            .collect())
     }
 
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
@@ -455,6 +452,10 @@ impl Attacher for Hypervisor {
             }
         }
         Err(first_error.unwrap_or_else(|| Error::internal("no hypervisor host is configured")))
+    }
+
+    fn ledger_name(&self) -> Option<&'static str> {
+        Some("libvirt")
     }
 
     async fn snapshot_live(

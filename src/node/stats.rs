@@ -3,7 +3,7 @@
 
 use super::discover::{find_now, DeviceQuery};
 use super::sysfs::DeviceKind;
-use super::{lstat, mount_table, mounted_dev, resolve, NodeOps, BLOCK_STAGE_FILE};
+use super::{lstat, mount_table, resolve, Holder, NodeOps, BLOCK_STAGE_FILE};
 use crate::error::{Error, Result};
 use crate::exec;
 use std::os::unix::fs::FileTypeExt;
@@ -61,77 +61,111 @@ fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
     ])
 }
 
-/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN) fails
-/// every I/O: say so. Other errors (a path outside this mount namespace) prove nothing.
-fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN), or
+/// that reads a file other than the one now at its backing path (a dead export someone
+/// detached), fails every I/O: say so. Other errors (a path outside this mount namespace)
+/// prove nothing.
+pub(super) fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
     let backing = sysfs.loop_backing_file(name)?;
     match std::fs::metadata(&backing) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
             "the export behind /dev/{name} ({}) is disconnected: its storage daemon is gone",
             backing.display()
         )),
-        _ => None,
+        Ok(m) => {
+            let now = (libc::major(m.dev()), libc::minor(m.dev()));
+            match sysfs.loop_backing_identity(name) {
+                Ok((dev, ino)) if dev != now || ino != m.ino() => Some(format!(
+                    "/dev/{name} reads a file that is gone (device {}:{}), not {} (device \
+                     {}:{}): its storage daemon is gone",
+                    dev.0,
+                    dev.1,
+                    backing.display(),
+                    now.0,
+                    now.1
+                )),
+                _ => None,
+            }
+        }
+        Err(_) => None,
     }
 }
 
 impl NodeOps {
+    /// Refuses to use a disk whose attachment is dead (a loop device over a FUSE export whose
+    /// storage daemon is gone fails every I/O): a mount, bind or grow on it would fail half-way
+    /// or, worse, be taken for a blank disk. The controller repairs such an attachment at the
+    /// next ControllerPublishVolume once nothing on this node uses it.
+    pub(crate) async fn refuse_dead(&self, volume_id: &str, dev: (u32, u32)) -> Result<()> {
+        let sysfs = self.sysfs.clone();
+        let reason = exec::blocking(move || {
+            Ok(sysfs
+                .by_dev(dev)?
+                .filter(|d| d.kind == DeviceKind::Loop)
+                .and_then(|d| dead_loop_backing(&sysfs, &d.name)))
+        })
+        .await?;
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot be used on this node: {reason}; unpublish and \
+                 unstage it here, then ControllerPublishVolume it again (that attaches it afresh)"
+            ))),
+        }
+    }
+
+    /// Usage and condition of the volume at `volume_path`. NOT_FOUND unless that path shows
+    /// this volume's disk (told by its serial); a path that does but whose disk or staging
+    /// is broken is an abnormal condition.
     pub(crate) async fn stats(
         &self,
         volume_id: &str,
         volume_path: &Path,
         staging_path: Option<&Path>,
     ) -> Result<VolumeStats> {
+        let serial = Self::serial_for(volume_id)?;
         let path = resolve(volume_path).await?;
+        let not_here = |why: String| {
+            Error::NotFound(format!(
+                "volume {volume_id} is not at {}: {why}",
+                path.display()
+            ))
+        };
         let meta = match lstat(&path).await {
             Ok(Some(m)) => Some(m),
-            Ok(None) => {
-                return Err(Error::NotFound(format!(
-                    "volume path {} does not exist",
-                    path.display()
-                )))
-            }
+            Ok(None) => return Err(not_here("the path does not exist".into())),
             // e.g. ENOTCONN: a dead mount is there; report it, not fail.
             Err(_) => None,
         };
-        let query = Self::query_for(volume_id, DeviceQuery::default())?;
-        let sysfs = self.sysfs.clone();
-        let q = query.clone();
-        let expected = exec::blocking(move || find_now(&sysfs, &q)).await?;
         let table = mount_table().await?;
-        let mount = table.at(&path).cloned();
-        let block = meta
-            .as_ref()
-            .is_some_and(|m| m.file_type().is_block_device())
-            || mount.as_ref().is_some_and(|m| {
-                matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") && m.root != Path::new("/")
-            });
-
+        let Some(mount) = table.at(&path).cloned() else {
+            return Err(not_here("nothing is mounted there".into()));
+        };
         let mut problems: Vec<String> = Vec::new();
-        let mounted = match &mount {
-            None => {
+        let mounted = match self.holder(&mount, &serial).await? {
+            Holder::Volume(d) => Some(d),
+            Holder::Other(what) => return Err(not_here(format!("it shows {what}"))),
+            Holder::Unknown(what) => {
                 problems.push(format!(
-                    "{} is not a mount point: the volume is not mounted there",
+                    "{} shows {what}: the volume's disk (serial {serial}) is gone from under it",
                     path.display()
                 ));
                 None
             }
-            Some(m) => mounted_dev(m).await,
         };
-        match (&expected, mounted) {
-            (None, _) => problems.push(format!(
-                "the volume's disk (serial {}) is gone from this node",
-                query.serial
-            )),
-            (Some(d), Some(dev)) if d.dev() != dev => problems.push(format!(
-                "{} shows device {}:{}, not the volume's disk {} ({}:{})",
-                path.display(),
-                dev.0,
-                dev.1,
-                d.name,
-                d.major,
-                d.minor
-            )),
-            _ => {}
+        let block = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device())
+            || (matches!(mount.fs_type.as_str(), "devtmpfs" | "tmpfs")
+                && mount.root != Path::new("/"));
+        let query = Self::query_for(volume_id, DeviceQuery::default())?;
+        let sysfs = self.sysfs.clone();
+        let expected = exec::blocking(move || find_now(&sysfs, &query)).await?;
+        if expected.is_none() && mounted.is_some() {
+            problems.push(format!(
+                "the volume's disk (serial {serial}) is not ready on this node"
+            ));
         }
         if let Some(d) = expected.as_ref().filter(|d| d.kind == DeviceKind::Loop) {
             let (sysfs, name) = (self.sysfs.clone(), d.name.clone());
@@ -151,19 +185,15 @@ impl NodeOps {
 
         let mut usage = Vec::new();
         if block {
-            let dev = mounted.or(expected.as_ref().map(|d| d.dev()));
-            if let Some(dev) = dev {
-                let sysfs = self.sysfs.clone();
-                if let Some(d) = exec::blocking(move || sysfs.by_dev(dev)).await? {
-                    usage.push(Usage {
-                        unit: UsageUnit::Bytes,
-                        total: d.size_bytes,
-                        available: 0,
-                        used: 0,
-                    });
-                }
+            if let Some(d) = mounted.as_ref().or(expected.as_ref()) {
+                usage.push(Usage {
+                    unit: UsageUnit::Bytes,
+                    total: d.size_bytes,
+                    available: 0,
+                    used: 0,
+                });
             }
-        } else if mount.is_some() {
+        } else {
             let p = path.clone();
             match exec::blocking(move || statvfs_usage(&p)).await {
                 Ok(u) => usage = u,

@@ -200,6 +200,35 @@ impl Env {
             .unwrap();
     }
 
+    /// The pid of `vol`'s storage daemon (from its pid file), while that process lives.
+    pub fn daemon_pid(&self, vol: &csi::Volume) -> Option<i32> {
+        let pid_file = self
+            .plugin
+            .data_dir()
+            .join("localattach")
+            .join(crate::key_of(&vol.volume_id))
+            .join("qsd.pid");
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        (!stat.contains(") Z")).then_some(pid)
+    }
+
+    /// SIGKILLs the storage daemon serving `vol`: its FUSE export disconnects, and the
+    /// volume's loop device fails every read once FUSE stops answering from its cache (about a
+    /// second later).
+    pub fn kill_daemon(&self, vol: &csi::Volume) {
+        let pid = self.daemon_pid(vol).expect("a live storage daemon");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     /// ControllerUnpublish twice, delete, and nothing left on the host.
     pub async fn finish(&self, vol: &csi::Volume) {
         self.controller_unpublish(vol).await.unwrap();
