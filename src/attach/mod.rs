@@ -703,10 +703,12 @@ mod tests {
         }
     }
 
-    /// A backend that counts how often its nodes are read.
+    /// A backend that counts how often its nodes are read. `half_down`: two hosts, one of them
+    /// down (it attaches pools `a` and `shared`; `b` is on the other), with a ledger.
     #[derive(Default)]
     struct Counting {
         reads: AtomicUsize,
+        half_down: bool,
     }
 
     #[async_trait::async_trait]
@@ -717,6 +719,27 @@ mod tests {
         async fn attachments(&self) -> Result<Vec<Attachment>> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(Vec::new())
+        }
+        async fn scan_hosts(&self) -> Result<HostScan> {
+            if !self.half_down {
+                return Ok(HostScan {
+                    known: self.attachments().await?,
+                    unreachable: Vec::new(),
+                });
+            }
+            let mut on_b = FakeNode::default().attach_now("b.0123456789abcdef");
+            on_b.node_id = "vm-b".into();
+            Ok(HostScan {
+                known: vec![on_b],
+                unreachable: vec![Unreachable {
+                    host: "hv1".into(),
+                    pools: vec!["a".into(), "shared".into()],
+                    error: "connection refused".into(),
+                }],
+            })
+        }
+        fn ledger_name(&self) -> Option<&'static str> {
+            self.half_down.then_some("libvirt")
         }
         async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
             Err(Error::internal("not in this test"))
@@ -846,49 +869,6 @@ mod tests {
         assert_eq!(reads(), 4);
     }
 
-    /// Two hosts, one of them down: it attaches pools `a` and `shared`; `b` is elsewhere.
-    struct HalfDown;
-
-    #[async_trait::async_trait]
-    impl Attacher for HalfDown {
-        async fn serves(&self, _: &str) -> Result<bool> {
-            Ok(true)
-        }
-        async fn attachments(&self) -> Result<Vec<Attachment>> {
-            Err(Error::Unavailable("host hv1 is down".into()))
-        }
-        async fn scan_hosts(&self) -> Result<HostScan> {
-            let mut on_b = FakeNode::default().attach_now("b.0123456789abcdef");
-            on_b.node_id = "vm-b".into();
-            Ok(HostScan {
-                known: vec![on_b],
-                unreachable: vec![Unreachable {
-                    host: "hv1".into(),
-                    pools: vec!["a".into(), "shared".into()],
-                    error: "connection refused".into(),
-                }],
-            })
-        }
-        async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
-            Err(Error::internal("not in this test"))
-        }
-        async fn detach(&self, _: &str, _: &str) -> Result<()> {
-            Ok(())
-        }
-        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
-            Ok(())
-        }
-        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
-            Ok(())
-        }
-        async fn check_health(&self) -> Result<()> {
-            Ok(())
-        }
-        fn ledger_name(&self) -> Option<&'static str> {
-            Some("libvirt")
-        }
-    }
-
     impl FakeNode {
         fn attach_now(&self, volume_id: &str) -> Attachment {
             Attachment {
@@ -909,7 +889,13 @@ mod tests {
     #[tokio::test]
     async fn a_host_down_leaves_a_gap_for_its_own_volumes_only() {
         // Without a ledger: every volume of hv1's pools is unknown, the rest decidable.
-        let a = Attachments::new(vec![Arc::new(HalfDown)], 0);
+        let half_down = || {
+            Arc::new(Counting {
+                half_down: true,
+                ..Default::default()
+            })
+        };
+        let a = Attachments::new(vec![half_down()], 0);
         let scan = a.scan().await.unwrap();
         assert_eq!(scan.of_volume("b.0123456789abcdef").unwrap().len(), 1);
         for v in ["a.0123456789abcdef", "shared.0123456789abcdef"] {
@@ -919,7 +905,7 @@ mod tests {
         }
         // With a ledger: only what it places on hv1's pools.
         let dir = tempfile::tempdir().unwrap();
-        let a = Attachments::new(vec![Arc::new(HalfDown)], 0).with_ledgers(dir.path());
+        let a = Attachments::new(vec![half_down()], 0).with_ledgers(dir.path());
         a.init_ledgers(vec![]).await.unwrap();
         let l = a.ledgers[0].clone().unwrap();
         l.add("shared.0123456789abcdef", "vm-a").unwrap();
