@@ -41,8 +41,9 @@ pub const POINTS: &[&str] = &[
     "snapshot.deleted",
     // ControllerExpandVolume (offline).
     "expand.resized",
-    // ControllerPublish / Unpublish, libvirt hot-plug.
+    // ControllerPublish / Unpublish / ModifyVolume, libvirt hot-plug.
     "libvirt.attached",
+    "libvirt.iotune-set",
     "libvirt.detach-requested",
     "libvirt.live-detached",
     // ControllerPublish, any backend: attached, reply not sent.

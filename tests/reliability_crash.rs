@@ -589,6 +589,8 @@ enum LibvirtOp {
     Unpublish,
     /// CreateSnapshot of a volume attached read-write: the domain switches live.
     LiveSnapshot,
+    /// ControllerModifyVolume of an attached volume (QoS).
+    Modify,
 }
 
 const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
@@ -597,7 +599,11 @@ const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
     (LibvirtOp::Unpublish, "libvirt.detach-requested"),
     (LibvirtOp::Unpublish, "libvirt.live-detached"),
     (LibvirtOp::LiveSnapshot, "freeze.intent"),
+    (LibvirtOp::Modify, "libvirt.iotune-set"),
 ];
+
+/// The QoS the Modify case sets.
+const MODIFIED_IOPS: u64 = 300;
 
 #[cfg(feature = "libvirt")]
 impl LibvirtOp {
@@ -607,6 +613,14 @@ impl LibvirtOp {
             LibvirtOp::Publish => c.publish(publish_req(volume, node)).await.map(drop),
             LibvirtOp::Unpublish => c.unpublish(unpublish_req(volume, node)).await,
             LibvirtOp::LiveSnapshot => snapshot(p, "hp-live-snap", volume).await.map(drop),
+            LibvirtOp::Modify => c
+                .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                    volume_id: volume.into(),
+                    mutable_parameters: params(&[("totalIopsSec", &MODIFIED_IOPS.to_string())]),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
         }
     }
 }
@@ -656,6 +670,16 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
     );
     if op == LibvirtOp::LiveSnapshot {
         assert_eq!(list_snapshots(&p).await.len(), 1);
+    }
+    if op == LibvirtOp::Modify {
+        for (xml, which) in [(dom.live(), "live"), (dom.inactive(), "persistent")] {
+            let disk = xml.disk_by_serial(&serial).unwrap().clone();
+            assert_eq!(
+                disk.iotune.total_iops_sec,
+                Some(MODIFIED_IOPS),
+                "{point}: {which} definition"
+            );
+        }
     }
     if op != LibvirtOp::Unpublish {
         LibvirtOp::Unpublish.act(&p, &vol, &dom.uuid).await.unwrap();

@@ -27,6 +27,19 @@ fn ok<T>(v: T) -> RpcResult<T> {
     Ok(Response::new(v))
 }
 
+impl ControllerService {
+    /// A volume as CSI reports it; accessible from the topologies of its pool as configured now
+    /// (a shared pool: every host that lists it).
+    fn volume(&self, v: &crate::pool::VolumeSummary) -> csi::Volume {
+        let topologies = match self.pools.get(&v.pool) {
+            Some(p) => p.config().accessible_topologies(),
+            None if v.accessible_topology.is_empty() => Vec::new(),
+            None => vec![v.accessible_topology.clone()],
+        };
+        convert::volume(v, &topologies)
+    }
+}
+
 /// published_node_ids of a volume: the nodes the backends report, plus those a backend that
 /// could not be asked last held it on (its ledger), with why they are unconfirmed.
 fn published(scan: &crate::attach::Scan, volume_id: &str) -> (Vec<String>, Option<String>) {
@@ -121,7 +134,7 @@ impl Controller for ControllerService {
         // Holds the name's lock, and a clone its source's lock.
         let rec = self.pools.create(create).await?;
         ok(csi::CreateVolumeResponse {
-            volume: Some(convert::volume(&rec.summary())),
+            volume: Some(self.volume(&rec.summary())),
         })
     }
 
@@ -261,7 +274,7 @@ impl Controller for ControllerService {
                     unconfirmed,
                 );
                 csi::list_volumes_response::Entry {
-                    volume: Some(convert::volume(&volume)),
+                    volume: Some(self.volume(&volume)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
                         published_node_ids,
                         volume_condition: Some(condition),
@@ -461,7 +474,7 @@ impl Controller for ControllerService {
         let (published_node_ids, unconfirmed) = published(&scan, &volume.id);
         let condition = with_attachments(condition(&cond), attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
-            volume: Some(convert::volume(&volume)),
+            volume: Some(self.volume(&volume)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(condition),
