@@ -1025,8 +1025,7 @@ async fn node_rpcs_never_take_down_a_mount_with_no_disk_behind_it() {
     }
     let env = Env::start(CONFIG).await;
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let x = env.create(&unique("nodisk-x"), 32 * MIB, cap.clone()).await;
-    let _ctx = env.controller_publish(&x, &cap, false).await;
+    let (x, _ctx) = env.attached("nodisk-x", 32 * MIB, &cap).await;
     // Someone else's tmpfs, and a bind of a directory of it (a subPath-like mount), both
     // where a Nomad staging path and target would be.
     let tmpfs = env.staging("someone-elses-tmpfs");
