@@ -770,6 +770,7 @@ mod tests {
             image: "v.qcow2".into(),
             capabilities: vec![],
             parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
             disk: DiskOptions::default(),
             content_source: None,
             accessible_topology: BTreeMap::new(),

@@ -674,6 +674,7 @@ pub(super) fn new_record(
         image,
         capabilities: req.capabilities.clone(),
         parameters: req.parameters.clone(),
+        mutable_parameters: BTreeMap::new(),
         disk: params.disk.clone(),
         content_source: req.content_source.clone(),
         accessible_topology: pool.topology().clone(),
