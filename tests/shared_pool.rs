@@ -33,11 +33,12 @@ async fn two(pool: &Path) -> (Plugin, Plugin) {
     (a, b)
 }
 
-/// Waits until the plugin's log shows the armed failpoint pausing.
-async fn wait_paused(p: &Plugin, point: &str) {
+/// Waits until the plugin's log (which keeps every run's lines) shows the armed failpoint
+/// pausing the `n`th time.
+async fn wait_paused(p: &Plugin, point: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let line = format!("failpoint {point}: pausing");
-    while !p.log().contains(&line) {
+    while p.log().matches(&line).count() < n {
         assert!(Instant::now() < deadline, "{point} never paused");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -124,7 +125,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
             .await
             .map(|r| r.into_inner().volume.unwrap().volume_id)
     });
-    wait_paused(&a, "create.image-made").await;
+    wait_paused(&a, "create.image-made", 1).await;
     let refused = create_volume(&b, "held", 16 * MIB, &[]).await;
     assert_eq!(code(&refused), Code::Aborted, "{refused:?}");
     let id = first.await.unwrap().unwrap();
@@ -141,7 +142,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
             .create_volume(create_req("orphaned", 16 * MIB))
             .await
     });
-    wait_paused(&a, "create.image-made").await;
+    wait_paused(&a, "create.image-made", 2).await;
     a.kill();
     assert!(doomed.await.unwrap().is_err());
     let id = create_volume(&b, "orphaned", 16 * MIB, &[]).await.unwrap();
@@ -181,7 +182,7 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
             .await
             .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
     });
-    wait_paused(&a, "freeze.overlay-made").await;
+    wait_paused(&a, "freeze.overlay-made", 1).await;
     assert_eq!(code(&snapshot(&b, "from-b", &vol).await), Code::Aborted);
     assert_eq!(code(&expand(&b, &vol, 32 * MIB).await), Code::Aborted);
     assert_eq!(code(&delete_volume(&b, &vol).await), Code::Aborted);
