@@ -158,6 +158,53 @@ async fn a_repeated_create_after_modify_is_the_same_volume() {
     assert_eq!(rec["disk"]["qos"]["read_bytes_sec"], 2097152, "{rec}");
 }
 
+/// xfs needs 300 MiB: a smaller xfs volume is made 300 MiB when limit_bytes allows it (the
+/// spec asks for at least required_bytes), OUT_OF_RANGE when it does not; at CreateVolume, not
+/// at the node's NodeStageVolume.
+#[tokio::test]
+async fn xfs_volumes_are_at_least_the_xfs_minimum() {
+    let p = Plugin::start("controller", &[]).await;
+    let xfs = |name: &str, required: i64, limit: i64| csi::CreateVolumeRequest {
+        volume_capabilities: vec![mount_cap("xfs", Mode::SingleNodeWriter)],
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..create_req(name, required)
+    };
+    let small = create(&p, xfs("xfs-small", 64 * MIB, 0)).await;
+    assert_eq!(small.capacity_bytes, 300 * MIB);
+    assert_eq!(
+        qemu_img_info(&image_of(&p, &small.volume_id))["virtual-size"],
+        300 * MIB
+    );
+    // The same request again is the same volume.
+    assert_eq!(create(&p, xfs("xfs-small", 64 * MIB, 0)).await, small);
+    let within = create(&p, xfs("xfs-within", 100 * MIB, 400 * MIB)).await;
+    assert_eq!(within.capacity_bytes, 300 * MIB);
+    // No size asked for, a limit that leaves room: the default size within the limit.
+    let unsized_ = create(&p, xfs("xfs-unsized", 0, 512 * MIB)).await;
+    assert_eq!(unsized_.capacity_bytes, 512 * MIB);
+    let err = p
+        .controller()
+        .create(xfs("xfs-capped", 64 * MIB, 200 * MIB))
+        .await;
+    let msg = expect_code(err, Code::OutOfRange, "xfs limited below its minimum");
+    assert!(msg.contains("xfs"), "{msg}");
+    // ext4 and block volumes keep their small sizes.
+    assert_eq!(
+        create(&p, create_req("ext4-small", 64 * MIB))
+            .await
+            .capacity_bytes,
+        64 * MIB
+    );
+    let block = csi::CreateVolumeRequest {
+        volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+        ..create_req("block-small", 64 * MIB)
+    };
+    assert_eq!(create(&p, block).await.capacity_bytes, 64 * MIB);
+}
+
 #[tokio::test]
 async fn names_of_any_utf8_are_stored_not_used_as_paths() {
     let p = Plugin::start("controller", &[]).await;
