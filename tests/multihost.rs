@@ -538,7 +538,8 @@ fn code_of_result<T>(r: &Result<T, Status>) -> Code {
 /// Issue 14: two controller processes, both hosts, one shared pool. One name makes one
 /// volume; one single-node volume published at once to VMs on different hosts, through
 /// different processes, lands in exactly one VM (the other call answers FAILED_PRECONDITION
-/// or ABORTED); a process killed while it holds the volume frees it.
+/// or ABORTED); a process killed while it holds the volume frees it; with a host down, each
+/// process knows from the pool's attach ledger what the other attached there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
     if !cfg!(debug_assertions) {
@@ -701,11 +702,73 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
         .await
         .unwrap();
     c.pa.restart().await;
+
+    // The attach ledger is the pool's: with hv-b's libvirtd down, B knows what A attached
+    // there (after B's last read of hv-b), so B refuses to decide about that volume instead
+    // of deleting it or attaching it a second time.
+    let other = csi::CreateVolumeRequest {
+        parameters: params(&[("pool", "shared"), ("bus", "scsi")]),
+        ..create_req("mh-race-free", 64 * MIB)
+    };
+    let free = c.pb.controller().create(other).await.unwrap().volume_id;
+    assert!(c.pb.controller().published_nodes(&vol).await.is_empty());
+    c.pa.controller()
+        .publish(publish_req(&vol, &c.dom_b.uuid))
+        .await
+        .expect("A publishes to B");
+    c.b.stop_daemon();
+    let delete = c.pb.controller().delete(&vol).await;
+    expect_code(
+        delete,
+        Code::Unavailable,
+        "B deletes what A attached on hv-b",
+    );
+    let publish =
+        c.pb.controller()
+            .publish(publish_req(&vol, &c.dom_a.uuid))
+            .await;
+    expect_code(
+        publish,
+        Code::Unavailable,
+        "B publishes to A what A attached on hv-b",
+    );
+    let got =
+        c.pb.controller()
+            .volume(&vol)
+            .await
+            .expect("B's ControllerGetVolume");
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, [c.dom_b.uuid.clone()]);
+    assert!(status.volume_condition.unwrap().abnormal);
+    // A volume the ledger places nowhere is still decided.
+    c.pb.controller()
+        .publish(publish_req(&free, &c.dom_a.uuid))
+        .await
+        .expect("a volume on no host of the pool");
+    c.b.start_daemon();
+    assert_eq!(c.holders(&vol), ["B"], "the disk stayed where A put it");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r =
+            c.pb.controller()
+                .unpublish(unpublish_req(&vol, &c.dom_b.uuid))
+                .await;
+        match r {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("unpublish after hv-b came back: {e:?}"),
+        }
+    }
+    c.pb.controller()
+        .unpublish(unpublish_req(&free, &c.dom_a.uuid))
+        .await
+        .unwrap();
     c.pa.controller()
         .delete(&vol)
         .await
         .expect("delete through the restarted A");
-    let _ = &c.b;
 }
 
 /// Waits until the plugin's log (of all its runs) shows the armed failpoint pausing the
