@@ -94,14 +94,20 @@ async fn paused_at(point: &str, pause: Duration) -> Plugin {
     launch.readable_by_qemu().start().await
 }
 
-/// Waits (at most 10 s) until the plugin's log shows `point` pausing for the `n`th time.
-async fn wait_paused(p: &Plugin, point: &str, n: usize) {
-    let line = format!("failpoint {point}: pausing");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.log().matches(&line).count() < n {
-        assert!(Instant::now() < deadline, "{point} did not pause");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// A domain, a controller whose libvirt step `point` pauses, and a volume `tag`, published
+/// to the domain when `publish`.
+async fn volume_on_paused(tag: &str, point: &str, publish: bool) -> (TestDomain, Plugin, String) {
+    let dom = TestDomain::start(tag, 3);
+    let p = paused_at(point, PAUSE).await;
+    let vol = p.controller().create(create_req(tag, 64 * MIB)).await;
+    let vol = vol.expect("create").volume_id;
+    if publish {
+        p.controller()
+            .publish(publish_req(&vol, &dom.uuid))
+            .await
+            .expect("publish");
     }
+    (dom, p, vol)
 }
 
 fn modify_req(volume_id: &str, iops: &str) -> csi::ControllerModifyVolumeRequest {
@@ -121,24 +127,14 @@ async fn a_cancelled_modify_keeps_the_volume_locked_until_it_is_done() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let dom = TestDomain::start("cancel-mod", 3);
-    let p = paused_at("libvirt.iotune-set", PAUSE).await;
-    let vol = p
-        .controller()
-        .create(create_req("cancel-mod", 64 * MIB))
-        .await;
-    let vol = vol.expect("create").volume_id;
-    p.controller()
-        .publish(publish_req(&vol, &dom.uuid))
-        .await
-        .expect("publish");
+    let (dom, p, vol) = volume_on_paused("cancel-mod", "libvirt.iotune-set", true).await;
 
     let started = Instant::now();
     let mut c = p.controller();
     let modify = c.controller_modify_volume(modify_req(&vol, "700"));
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
     assert!(gave_up.is_err(), "the QoS change returned during the pause");
-    wait_paused(&p, "libvirt.iotune-set", 1).await;
+    p.wait_paused("libvirt.iotune-set", 1).await;
 
     // The client is gone; the change is not: every other operation on the volume is refused.
     let other = p
@@ -198,20 +194,14 @@ async fn a_cancelled_publish_completes_and_its_retry_gets_its_answer() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let dom = TestDomain::start("cancel-pub", 3);
-    let p = paused_at("libvirt.attached", PAUSE).await;
-    let vol = p
-        .controller()
-        .create(create_req("cancel-pub", 64 * MIB))
-        .await;
-    let vol = vol.expect("create").volume_id;
+    let (dom, p, vol) = volume_on_paused("cancel-pub", "libvirt.attached", false).await;
 
     let started = Instant::now();
     let mut c = p.controller();
     let publish = c.controller_publish_volume(publish_req(&vol, &dom.uuid));
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), publish).await;
     assert!(gave_up.is_err(), "the publish returned during the pause");
-    wait_paused(&p, "libvirt.attached", 1).await;
+    p.wait_paused("libvirt.attached", 1).await;
 
     let unpublish = p
         .controller()
@@ -258,17 +248,7 @@ async fn identical_unpublishes_in_flight_share_one_detach() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let dom = TestDomain::start("dup-unpub", 3);
-    let p = paused_at("libvirt.detach-requested", PAUSE).await;
-    let vol = p
-        .controller()
-        .create(create_req("dup-unpub", 64 * MIB))
-        .await;
-    let vol = vol.expect("create").volume_id;
-    p.controller()
-        .publish(publish_req(&vol, &dom.uuid))
-        .await
-        .expect("publish");
+    let (dom, p, vol) = volume_on_paused("dup-unpub", "libvirt.detach-requested", true).await;
     let serial = serial_of(&vol);
     assert!(dom.live_disk(&serial).is_some());
 
@@ -280,7 +260,7 @@ async fn identical_unpublishes_in_flight_share_one_detach() {
             tokio::spawn(async move { c.controller_unpublish_volume(req).await })
         })
         .collect();
-    wait_paused(&p, "libvirt.detach-requested", 1).await;
+    p.wait_paused("libvirt.detach-requested", 1).await;
     let mut short = tonic::Request::new(unpublish_req(&vol, &dom.uuid));
     short.set_timeout(Duration::from_millis(300));
     let impatient = p.controller().controller_unpublish_volume(short).await;

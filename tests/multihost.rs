@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::calls::race_create;
 use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
@@ -520,6 +521,31 @@ detach_timeout_secs = 5
         }
     }
 
+    /// Restarts process A with its attach pausing `pause_ms` after libvirt attached, starts a
+    /// publish of `volume` to A's VM through it, and returns once that publish pauses (the
+    /// `nth` pause of A's log).
+    async fn paused_publish_by_a(
+        &mut self,
+        volume: &str,
+        pause_ms: &str,
+        nth: usize,
+    ) -> tokio::task::JoinHandle<
+        Result<tonic::Response<csi::ControllerPublishVolumeResponse>, Status>,
+    > {
+        self.pa
+            .restart_with_env(&[(ENV, "libvirt.attached"), (PAUSE_ENV, pause_ms)])
+            .await;
+        let ch = self.pa.channel.clone();
+        let req = publish_req(volume, &self.dom_a.uuid);
+        let call = tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(ch)
+                .controller_publish_volume(req)
+                .await
+        });
+        self.pa.wait_paused("libvirt.attached", nth).await;
+        call
+    }
+
     /// Where the volume's disk is, as the two libvirtds report their domains' live XML.
     fn holders(&self, volume: &str) -> Vec<&str> {
         let serial = serial_of(volume);
@@ -549,34 +575,12 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
     let mut c = TwoControllers::start("race2").await;
 
     // One name from both processes at once: one volume.
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..8 {
-        let ch = [&c.pa, &c.pb][i % 2].channel.clone();
-        calls.spawn(async move {
-            let req = csi::CreateVolumeRequest {
-                parameters: params(&[("pool", "shared"), ("bus", "scsi")]),
-                ..create_req("mh-race", 64 * MIB)
-            };
-            csi::controller_client::ControllerClient::new(ch)
-                .create_volume(req)
-                .await
-                .map(|r| r.into_inner().volume.unwrap().volume_id)
-        });
-    }
-    let mut ids = std::collections::BTreeSet::new();
-    while let Some(r) = calls.join_next().await {
-        match r.unwrap() {
-            Ok(id) => {
-                ids.insert(id);
-            }
-            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
-        }
-    }
-    assert!(ids.len() <= 1, "several volumes for one name: {ids:?}");
     let again = csi::CreateVolumeRequest {
         parameters: params(&[("pool", "shared"), ("bus", "scsi")]),
         ..create_req("mh-race", 64 * MIB)
     };
+    let ids = race_create(&[&c.pa, &c.pb], 8, again.clone()).await;
+    assert!(ids.len() <= 1, "several volumes for one name: {ids:?}");
     let vol =
         c.pa.controller()
             .create(again.clone())
@@ -636,16 +640,7 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
 
     // Process A holds the volume (its attach to A paused): B's publish to B is refused while
     // it runs, and B sees A's attachment once it is done.
-    c.pa.restart_with_env(&[(ENV, "libvirt.attached"), (PAUSE_ENV, "3000")])
-        .await;
-    let ch = c.pa.channel.clone();
-    let (v, node) = (vol.clone(), c.dom_a.uuid.clone());
-    let first = tokio::spawn(async move {
-        csi::controller_client::ControllerClient::new(ch)
-            .controller_publish_volume(publish_req(&v, &node))
-            .await
-    });
-    wait_paused(&c.pa, "libvirt.attached", 1).await;
+    let first = c.paused_publish_by_a(&vol, "3000", 1).await;
     let refused =
         c.pb.controller()
             .publish(publish_req(&vol, &c.dom_b.uuid))
@@ -665,16 +660,7 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
 
     // Process A is killed while it holds the volume (paused after attaching): its lock goes
     // with it, so B decides at once, from the live XML.
-    c.pa.restart_with_env(&[(ENV, "libvirt.attached"), (PAUSE_ENV, "60000")])
-        .await;
-    let ch = c.pa.channel.clone();
-    let (v, node) = (vol.clone(), c.dom_a.uuid.clone());
-    let doomed = tokio::spawn(async move {
-        csi::controller_client::ControllerClient::new(ch)
-            .controller_publish_volume(publish_req(&v, &node))
-            .await
-    });
-    wait_paused(&c.pa, "libvirt.attached", 2).await;
+    let doomed = c.paused_publish_by_a(&vol, "60000", 2).await;
     c.pa.kill();
     assert!(doomed.await.unwrap().is_err());
     let t = Instant::now();
@@ -769,15 +755,4 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
         .delete(&vol)
         .await
         .expect("delete through the restarted A");
-}
-
-/// Waits until the plugin's log (of all its runs) shows the armed failpoint pausing the
-/// `n`th time.
-async fn wait_paused(p: &Plugin, point: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let line = format!("failpoint {point}: pausing");
-    while p.log().matches(&line).count() < n {
-        assert!(Instant::now() < deadline, "{point} never paused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

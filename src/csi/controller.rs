@@ -216,12 +216,7 @@ impl Controller for ControllerService {
         let op = format!("publish {publish:?}");
         let this = self.clone();
         self.change(object, op, async move {
-            let Some(lock) = this.pools.lock_volume(&r.volume_id).await? else {
-                return Err(
-                    Error::NotFound(format!("volume {} does not exist", r.volume_id)).into(),
-                );
-            };
-            let rec = this.pools.locked_volume(&lock).await?;
+            let (_lock, rec) = this.pools.lock_existing(&r.volume_id).await?;
             let image = this.pools.image_path(&rec)?;
             let ctx = this.attachments.publish(&rec, image, &publish).await?;
             Ok(csi::ControllerPublishVolumeResponse {
@@ -490,12 +485,7 @@ impl Controller for ControllerService {
         let op = format!("expand {required} {limit} {cap:?}");
         let this = self.clone();
         self.change(object, op, async move {
-            let Some(lock) = this.pools.lock_volume(&r.volume_id).await? else {
-                return Err(
-                    Error::NotFound(format!("volume {} does not exist", r.volume_id)).into(),
-                );
-            };
-            let mut rec = this.pools.locked_volume(&lock).await?;
+            let (lock, mut rec) = this.pools.lock_existing(&r.volume_id).await?;
             let target = this.pools.expansion_target(&rec, required, limit).await?;
             if target > rec.capacity_bytes {
                 if this.attachments.nodes_of(&rec.id).await?.is_empty() {
@@ -559,12 +549,7 @@ impl Controller for ControllerService {
         let op = format!("modify {:?}", r.mutable_parameters);
         let this = self.clone();
         self.change(object, op, async move {
-            let Some(lock) = this.pools.lock_volume(&r.volume_id).await? else {
-                return Err(
-                    Error::NotFound(format!("volume {} does not exist", r.volume_id)).into(),
-                );
-            };
-            let mut rec = this.pools.locked_volume(&lock).await?;
+            let (lock, mut rec) = this.pools.lock_existing(&r.volume_id).await?;
             let mut qos = rec.disk.qos;
             for (k, v) in &r.mutable_parameters {
                 params::apply_qos(&mut qos, k, v)?;

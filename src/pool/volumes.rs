@@ -266,6 +266,17 @@ impl Pools {
             .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", lock.id)))
     }
 
+    /// Takes the lock of a volume that must exist and reads its record: NOT_FOUND when it
+    /// does not, ABORTED while another operation holds it (see `lock_volume`).
+    pub(crate) async fn lock_existing(&self, id: &str) -> Result<(VolumeLock, VolumeRecord)> {
+        let lock = self
+            .lock_volume(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let rec = self.locked_volume(&lock).await?;
+        Ok((lock, rec))
+    }
+
     /// The absolute path of a volume's active image.
     pub(crate) fn image_path(&self, rec: &VolumeRecord) -> Result<std::path::PathBuf> {
         let pool = self
