@@ -1208,6 +1208,18 @@ async fn own_kind_of_mount(cap: csi::VolumeCapability) {
     env.publish(&x, &s, &t, &cap, false).await.unwrap();
     write_data(&t, block);
     let staged = staged_at(&s, block);
+    if !block {
+        // The publish is a bind the staging mount propagates to, not a peer of it: a mount
+        // made inside the consumer's target stays there, out of the staging mount (and so out
+        // of every other target of the volume).
+        let sub = format!("{t}/sub");
+        std::fs::create_dir(&sub).unwrap();
+        run_ok("mount", &["-t", "tmpfs", "vdt-inside-target", &sub]);
+        let seen_in_stage = is_mount(&format!("{s}/sub"));
+        nix::mount::umount(Path::new(&sub)).unwrap();
+        std::fs::remove_dir(&sub).unwrap();
+        assert!(!seen_in_stage, "a mount inside the target showed in the staging mount");
+    }
     let intact = |what: &str| {
         assert!(
             is_mount(&staged),
