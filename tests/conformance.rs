@@ -1218,7 +1218,10 @@ async fn own_kind_of_mount(cap: csi::VolumeCapability) {
         let seen_in_stage = is_mount(&format!("{s}/sub"));
         nix::mount::umount(Path::new(&sub)).unwrap();
         std::fs::remove_dir(&sub).unwrap();
-        assert!(!seen_in_stage, "a mount inside the target showed in the staging mount");
+        assert!(
+            !seen_in_stage,
+            "a mount inside the target showed in the staging mount"
+        );
     }
     let intact = |what: &str| {
         assert!(
