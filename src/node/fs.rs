@@ -163,12 +163,12 @@ pub(crate) async fn mount(
 }
 
 /// A publish: `source` (a staging mount) bound onto `target` as a slave of its peer group
-/// (see `robind`), read-only when asked (the filesystem stays writable elsewhere). On kernels
+/// (see `bindmount`), read-only when asked (the filesystem stays writable elsewhere). On kernels
 /// without the new mount API: bind, then make it a slave and read-only, never leaving a
 /// writable mount behind if the remount fails.
 pub(crate) async fn bind_publish(source: &Path, target: &Path, read_only: bool) -> Result<()> {
     let (s, t) = (source.to_path_buf(), target.to_path_buf());
-    if exec::blocking(move || super::robind::bind_slave(&s, &t, read_only)).await? {
+    if exec::blocking(move || super::bindmount::bind_slave(&s, &t, read_only)).await? {
         return Ok(());
     }
     bind(source, target).await?;

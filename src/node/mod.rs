@@ -2,6 +2,7 @@
 //! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
 //! sysfs), so a restarted plugin picks up exactly where the last one stopped.
 
+mod bindmount;
 pub(crate) mod discover;
 mod expand;
 pub(crate) mod fs;
@@ -11,7 +12,6 @@ mod owner;
 pub(crate) mod paths;
 mod publish;
 mod record;
-mod robind;
 mod stage;
 mod stats;
 pub(crate) mod sysfs;
