@@ -1082,16 +1082,21 @@ async fn node_rpcs_act_only_on_the_volume_they_name_block() {
     only_the_named_volume(block_cap(Mode::SingleNodeWriter)).await;
 }
 
-async fn only_the_named_volume(cap: csi::VolumeCapability) {
+/// The environment of a test run for a mount and a block capability (None: SKIPPED), whether
+/// `cap` is the block one, and a tag for the paths and names: `<base>-block` or `<base>-mount`.
+async fn env_for(cap: &csi::VolumeCapability, base: &str) -> Option<(Env, bool, String)> {
     if !ready() {
-        return;
+        return None;
     }
-    let block = matches!(
-        cap.access_type,
-        Some(csi::volume_capability::AccessType::Block(_))
-    );
-    let tag = if block { "block" } else { "mount" };
-    let env = Env::start(CONFIG).await;
+    let block = is_block(cap);
+    let tag = format!("{base}-{}", if block { "block" } else { "mount" });
+    Some((Env::start(CONFIG).await, block, tag))
+}
+
+async fn only_the_named_volume(cap: csi::VolumeCapability) {
+    let Some((env, block, tag)) = env_for(&cap, "named").await else {
+        return;
+    };
     let x = env
         .create(&unique(&format!("{tag}-x")), 32 * MIB, cap.clone())
         .await;
@@ -1196,14 +1201,11 @@ async fn unpublish_and_unstage_take_down_only_their_own_kind_of_mount_block() {
 }
 
 async fn own_kind_of_mount(cap: csi::VolumeCapability) {
-    if !ready() {
+    let Some((env, block, tag)) = env_for(&cap, "roles").await else {
         return;
-    }
-    let block = is_block(&cap);
-    let tag = if block { "roles-block" } else { "roles-mount" };
-    let env = Env::start(CONFIG).await;
-    let (x, ctx) = env.attached(tag, 32 * MIB, &cap).await;
-    let (s, t) = (env.staging(tag), env.target(tag));
+    };
+    let (x, ctx) = env.attached(&tag, 32 * MIB, &cap).await;
+    let (s, t) = (env.staging(&tag), env.target(&tag));
     env.stage(&x, &ctx, &s, &cap).await.unwrap();
     env.publish(&x, &s, &t, &cap, false).await.unwrap();
     write_data(&t, block);
@@ -1319,16 +1321,9 @@ async fn paths_inside_a_volume_are_refused_block() {
 }
 
 async fn paths_inside_a_volume(cap: csi::VolumeCapability) {
-    if !ready() {
+    let Some((env, block, tag)) = env_for(&cap, "inside").await else {
         return;
-    }
-    let block = is_block(&cap);
-    let tag = if block {
-        "inside-block"
-    } else {
-        "inside-mount"
     };
-    let env = Env::start(CONFIG).await;
     let ycap = mount_cap("ext4", Mode::SingleNodeWriter);
     let (x, ctx) = env.attached(&format!("{tag}-x"), 32 * MIB, &cap).await;
     let (y, ctx_y) = env.attached(&format!("{tag}-y"), 32 * MIB, &ycap).await;

@@ -362,7 +362,9 @@ mod tests {
 
     #[test]
     fn propagation_copies_are_not_users() {
-        // /a and /b are peers (shared:9); staging under /a propagated a copy under /b.
+        // /a and /b are peers (shared:9); staging under /a propagated a copy under /b. 22 is a
+        // publish of an older version (a peer of the stage); 23 a slave publish, which became
+        // shared too under the shared /a, with its copy 24 under /b.
         let text = "\
 1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
 10 1 0:40 / /a rw shared:9 - tmpfs t rw
@@ -370,6 +372,8 @@ mod tests {
 20 10 7:3 / /a/stage rw shared:12 - xfs /dev/loop3 rw
 21 11 7:3 / /b/stage rw shared:12 - xfs /dev/loop3 rw
 22 10 7:3 / /a/target rw shared:12 - xfs /dev/loop3 rw
+23 10 7:3 / /a/t2 rw shared:13 master:12 - xfs /dev/loop3 rw
+24 11 7:3 / /b/t2 rw shared:13 master:12 - xfs /dev/loop3 rw
 ";
         let t = MountTable::parse(text).unwrap();
         let stage = t.at(Path::new("/a/stage")).unwrap();
@@ -378,7 +382,17 @@ mod tests {
             .iter()
             .map(|e| e.id)
             .collect();
-        assert_eq!(users, vec![22]);
+        assert_eq!(users, vec![22, 23, 24]);
+        let role = |p: &str| t.role(t.at(Path::new(p)).unwrap(), "device");
+        for (p, want) in [
+            ("/a/stage", Role::Stage),
+            ("/b/stage", Role::Stage),
+            ("/a/target", Role::Publish),
+            ("/a/t2", Role::Publish),
+            ("/b/t2", Role::Publish),
+        ] {
+            assert_eq!(role(p), want, "{p}");
+        }
     }
 
     #[test]
@@ -459,33 +473,6 @@ mod tests {
         assert_eq!(ids("/s"), vec![41, 42]);
         assert_eq!(ids("/s2"), Vec::<u32>::new());
         assert_eq!(ids("/b/device"), vec![51]);
-    }
-
-    #[test]
-    fn copies_of_a_stage_are_stages_and_copies_of_a_publish_are_publishes() {
-        // /a and /b are peers (shared:9): the stage under /a has a copy under /b; the slave
-        // publish under /a became shared too (its parent is), with a copy under /b.
-        let text = "\
-1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
-10 1 0:40 / /a rw shared:9 - tmpfs t rw
-11 1 0:40 / /b rw shared:9 - tmpfs t rw
-20 10 7:3 / /a/stage rw shared:12 - xfs /dev/loop3 rw
-21 11 7:3 / /b/stage rw shared:12 - xfs /dev/loop3 rw
-22 10 7:3 / /a/target rw shared:13 master:12 - xfs /dev/loop3 rw
-23 11 7:3 / /b/target rw shared:13 master:12 - xfs /dev/loop3 rw
-";
-        let t = MountTable::parse(text).unwrap();
-        let role = |p: &str| t.role(t.at(Path::new(p)).unwrap(), "device");
-        assert_eq!(role("/a/stage"), Role::Stage);
-        assert_eq!(role("/b/stage"), Role::Stage);
-        assert_eq!(role("/a/target"), Role::Publish);
-        assert_eq!(role("/b/target"), Role::Publish);
-        let users: Vec<_> = t
-            .publishes_of(t.at(Path::new("/a/stage")).unwrap(), "device")
-            .iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(users, vec![22, 23]);
     }
 
     #[test]

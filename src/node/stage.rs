@@ -171,7 +171,15 @@ impl NodeOps {
         }
         let differs = match self.recalled(m).await {
             Some(before) => asked.differs_from(&before),
-            None => asked.differs_from_mount(m, dev.read_only && !asked.block),
+            None => {
+                let differs = asked.differs_from_mount(m, dev.read_only && !asked.block);
+                if differs.is_none() {
+                    // A staging mount whose record a crash or an older version left out:
+                    // this repeat stands for its request from now on.
+                    self.remember(&m.mount_point, asked).await;
+                }
+                differs
+            }
         };
         match differs {
             None => Ok(()),
