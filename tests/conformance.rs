@@ -1306,6 +1306,55 @@ async fn own_kind_of_mount(cap: csi::VolumeCapability) {
     finish_all(&env, &[&x]).await;
 }
 
+/// A staging mount and a publish whose records are lost (a crash between the mount and its
+/// record, or mounts an older version made): the first repeat the kernel's view matches is
+/// OK and becomes the record, so a later repeat with other mount flags (which the kernel does
+/// not show) is ALREADY_EXISTS, as it is for a mount made with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_without_its_record_takes_the_first_matching_repeat_as_its_record() {
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let Some((env, _, tag)) = env_for(&cap, "adopt").await else {
+        return;
+    };
+    let (x, ctx) = env.attached(&tag, 32 * MIB, &cap).await;
+    let (s, t) = (env.staging(&tag), env.target(&tag));
+    env.stage(&x, &ctx, &s, &cap).await.unwrap();
+    env.publish(&x, &s, &t, &cap, false).await.unwrap();
+    let records = env.plugin.data_dir().join("node");
+    let lose_records = || {
+        for e in std::fs::read_dir(&records).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+    };
+    lose_records();
+    let other = with_flags(&cap, &["discard"]);
+    // Without a record, the first repeat is compared with what the kernel shows only: the
+    // flags cannot be told, so it is OK, and from now on it stands for the request.
+    env.stage(&x, &ctx, &s, &cap).await.unwrap();
+    env.publish(&x, &s, &t, &cap, false).await.unwrap();
+    expect_code(
+        env.stage(&x, &ctx, &s, &other).await,
+        Code::AlreadyExists,
+        "NodeStage(X) again with other flags, its record taken from a repeat",
+    );
+    expect_code(
+        env.publish(&x, &s, &t, &other, false).await,
+        Code::AlreadyExists,
+        "NodePublish(X) again with other flags, its record taken from a repeat",
+    );
+    // A repeat the kernel's view tells apart (read-only) is refused and records nothing.
+    lose_records();
+    expect_code(
+        env.publish(&x, &s, &t, &cap, true).await,
+        Code::AlreadyExists,
+        "NodePublish(X) again read-only, no record",
+    );
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+    env.unpublish_twice(&x, &t).await;
+    env.unstage_twice(&x, &s).await;
+    finish_all(&env, &[&x]).await;
+}
+
 /// Issue 12 §3, the kind "a path inside a volume": a staging or target path whose containing
 /// mount is one of this plugin's disks (any volume's, this volume's own too) is refused with
 /// FAILED_PRECONDITION, before anything is created there. X as a mount volume.

@@ -1,6 +1,7 @@
 //! The node side: find the volume's disk, format it once, mount it at the staging path, bind it
-//! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
-//! sysfs), so a restarted plugin picks up exactly where the last one stopped.
+//! to each target, report its health and grow it. State lives in the kernel (mountinfo,
+//! sysfs), so a restarted plugin picks up exactly where the last one stopped; beside it the
+//! node keeps only what each mount was asked for (`record`), valid while that very mount is.
 
 mod bindmount;
 pub(crate) mod discover;
@@ -117,11 +118,12 @@ impl NodeOps {
 
     /// NOT_FOUND unless the volume's disk is on this node now (no waiting: for the RPCs that
     /// come after NodeStageVolume found it).
-    async fn present(&self, volume_id: &str) -> Result<sysfs::BlockDevice> {
+    async fn present(&self, volume_id: &str) -> Result<()> {
         let query = Self::query_for(volume_id, DeviceQuery::default())?;
         let (s, q) = (self.sysfs.clone(), query.clone());
         exec::blocking(move || discover::find_now(&s, &q))
             .await?
+            .map(drop)
             .ok_or_else(|| {
                 Error::NotFound(format!(
                     "volume {volume_id} is not on this node: no disk with serial {} is \
@@ -310,13 +312,31 @@ impl NodeOps {
         .await;
     }
 
-    /// What was asked for mount `m`, when its record is there.
-    async fn recalled(&self, m: &mountinfo::MountEntry) -> Option<record::Asked> {
-        let (records, m) = (self.records.clone(), m.clone());
-        exec::blocking(move || Ok(records.load(&m)))
-            .await
-            .ok()
-            .flatten()
+    /// How a repeated request (`asked`) differs from the one that made mount `m`; None when
+    /// it is the same. Compared with `m`'s record when there is one, else with what the kernel
+    /// shows (`read_only_anyway`: see `Asked::differs_from_mount`); a repeat that matches a
+    /// mount with no record (a crash, an older version) becomes its record from now on.
+    async fn differs_from_made(
+        &self,
+        m: &mountinfo::MountEntry,
+        asked: &record::Asked,
+        read_only_anyway: bool,
+    ) -> Option<String> {
+        let (records, mc, a) = (self.records.clone(), m.clone(), asked.clone());
+        let before = exec::blocking(move || {
+            let before = records.load(&mc);
+            if before.is_none() && a.differs_from_mount(&mc, read_only_anyway).is_none() {
+                records.save(&mc, &a);
+            }
+            Ok(before)
+        })
+        .await
+        .ok()
+        .flatten();
+        match before {
+            Some(before) => asked.differs_from(&before),
+            None => asked.differs_from_mount(m, read_only_anyway),
+        }
     }
 
     /// Drops the record of the mount taken down at `mount_point`.

@@ -189,18 +189,7 @@ impl NodeOps {
         }
         // A publish over a read-only staging mount is read-only whatever was asked.
         let stage_read_only = stage.is_some_and(|s| s.read_only() && s.dev() == m.dev());
-        let differs = match self.recalled(m).await {
-            Some(before) => asked.differs_from(&before),
-            None => {
-                let differs = asked.differs_from_mount(m, stage_read_only);
-                if differs.is_none() {
-                    // A publish whose record a crash or an older version left out: this
-                    // repeat stands for its request from now on.
-                    self.remember(&m.mount_point, asked).await;
-                }
-                differs
-            }
-        };
+        let differs = self.differs_from_made(m, asked, stage_read_only).await;
         match differs {
             None => Ok(()),
             Some(how) => Err(Error::AlreadyExists(format!(

@@ -7,9 +7,10 @@
 //! The kernel stays the truth: a record names its mount (mountinfo id, device, boot), and one
 //! whose mount is gone is stale and ignored. Without a record (lost, or a mount an older
 //! version made) the comparison falls back to what the kernel shows (see
-//! `Asked::differs_from_mount`). Records live until the mount is taken down; they are not
-//! made durable (a crash of the host takes the mounts with it) and a failure to keep one
-//! costs only the exact comparison, never the RPC.
+//! `Asked::differs_from_mount`), and a repeat that matches it becomes its record. Records
+//! live until the mount is taken down; they are not made durable (a crash of the host takes
+//! the mounts with it) and a failure to keep one costs only the exact comparison, never the
+//! RPC.
 
 use super::mountinfo::MountEntry;
 use crate::error::{Error, Result};

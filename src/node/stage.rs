@@ -169,18 +169,9 @@ impl NodeOps {
                     .unwrap_or_default()
             )));
         }
-        let differs = match self.recalled(m).await {
-            Some(before) => asked.differs_from(&before),
-            None => {
-                let differs = asked.differs_from_mount(m, dev.read_only && !asked.block);
-                if differs.is_none() {
-                    // A staging mount whose record a crash or an older version left out:
-                    // this repeat stands for its request from now on.
-                    self.remember(&m.mount_point, asked).await;
-                }
-                differs
-            }
-        };
+        let differs = self
+            .differs_from_made(m, asked, dev.read_only && !asked.block)
+            .await;
         match differs {
             None => Ok(()),
             Some(how) => Err(Error::AlreadyExists(format!(
