@@ -167,15 +167,6 @@ where
 /// A valid volume id of this plugin that names no volume.
 const UNKNOWN: &str = "default.0123456789abcdef";
 
-/// `cap` (a mount capability) with these mount flags.
-fn with_flags(cap: &csi::VolumeCapability, flags: &[&str]) -> csi::VolumeCapability {
-    let mut cap = cap.clone();
-    if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
-        m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
-    }
-    cap
-}
-
 /// Every RPC, requests with several faults at once: the code is the one of the fault the CSI
 /// error tables check first — a malformed or missing field (INVALID_ARGUMENT) before what the
 /// request names (NOT_FOUND), before the state of things (ALREADY_EXISTS, FAILED_PRECONDITION,
