@@ -1058,19 +1058,33 @@ fn data_intact(target: &str, block: bool) -> bool {
     }
 }
 
-/// Issue 12 §3, mount volumes: Nomad skips NodeStage when the staging directory is already a
-/// mount point, so a path mix-up reaches the plugin. With X and Y published to this node and
-/// only Y staged, X's NodePublish from Y's staging path is refused, naming what is there; X's
-/// NodeUnpublish and NodeUnstage of Y's paths answer OK and leave Y mounted; and the reverse.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_rpcs_act_only_on_the_volume_they_name_mount() {
-    only_the_named_volume(mount_cap("ext4", Mode::SingleNodeWriter)).await;
+/// Two tests that run `$body` (an async fn taking the capability): `$mount` with an ext4
+/// mount volume, `$block` with a block volume; both single-node-writer.
+macro_rules! mount_and_block {
+    ($(#[$doc:meta])* $mount:ident, $block:ident, $body:ident) => {
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mount() {
+            $body(mount_cap("ext4", Mode::SingleNodeWriter)).await;
+        }
+
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $block() {
+            $body(block_cap(Mode::SingleNodeWriter)).await;
+        }
+    };
 }
 
-/// The same for block volumes (device nodes bound onto the staging file and the targets).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_rpcs_act_only_on_the_volume_they_name_block() {
-    only_the_named_volume(block_cap(Mode::SingleNodeWriter)).await;
+mount_and_block! {
+    /// Issue 12 §3: Nomad skips NodeStage when the staging directory is already a mount
+    /// point, so a path mix-up reaches the plugin. With X and Y published to this node and
+    /// only Y staged, X's NodePublish from Y's staging path is refused, naming what is there;
+    /// X's NodeUnpublish and NodeUnstage of Y's paths answer OK and leave Y mounted; and the
+    /// reverse. For block volumes, device nodes are bound onto the staging file and targets.
+    node_rpcs_act_only_on_the_volume_they_name_mount,
+    node_rpcs_act_only_on_the_volume_they_name_block,
+    only_the_named_volume
 }
 
 /// The environment of a test run for a mount and a block capability (None: SKIPPED), whether
@@ -1176,19 +1190,15 @@ fn staged_at(staging: &str, block: bool) -> String {
     }
 }
 
-/// Issue 12 §3, the kind "a path of the wrong role": a path mix-up on ONE volume never takes
-/// the consumer's mount away. NodeUnpublish takes down only a publish (a bind of the volume at
-/// a target), NodeUnstage only a staging mount; which one a path holds is told from what is
-/// mounted there, not from which RPC names it. Mount volumes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpublish_and_unstage_take_down_only_their_own_kind_of_mount_mount() {
-    own_kind_of_mount(mount_cap("ext4", Mode::SingleNodeWriter)).await;
-}
-
-/// The same for block volumes (the staging mount is the device file in the staging directory).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpublish_and_unstage_take_down_only_their_own_kind_of_mount_block() {
-    own_kind_of_mount(block_cap(Mode::SingleNodeWriter)).await;
+mount_and_block! {
+    /// Issue 12 §3, the kind "a path of the wrong role": a path mix-up on ONE volume never
+    /// takes the consumer's mount away. NodeUnpublish takes down only a publish (a bind of the
+    /// volume at a target), NodeUnstage only a staging mount (for a block volume, the device
+    /// file in the staging directory); which one a path holds is told from what is mounted
+    /// there, not from which RPC names it.
+    unpublish_and_unstage_take_down_only_their_own_kind_of_mount_mount,
+    unpublish_and_unstage_take_down_only_their_own_kind_of_mount_block,
+    own_kind_of_mount
 }
 
 async fn own_kind_of_mount(cap: csi::VolumeCapability) {
@@ -1346,18 +1356,14 @@ async fn a_mount_without_its_record_takes_the_first_matching_repeat_as_its_recor
     finish_all(&env, &[&x]).await;
 }
 
-/// Issue 12 §3, the kind "a path inside a volume": a staging or target path whose containing
-/// mount is one of this plugin's disks (any volume's, this volume's own too) is refused with
-/// FAILED_PRECONDITION, before anything is created there. X as a mount volume.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paths_inside_a_volume_are_refused_mount() {
-    paths_inside_a_volume(mount_cap("ext4", Mode::SingleNodeWriter)).await;
-}
-
-/// The same with X a block volume (its target a device file inside Y's file system).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paths_inside_a_volume_are_refused_block() {
-    paths_inside_a_volume(block_cap(Mode::SingleNodeWriter)).await;
+mount_and_block! {
+    /// Issue 12 §3, the kind "a path inside a volume": a staging or target path whose
+    /// containing mount is one of this plugin's disks (any volume's, this volume's own too)
+    /// is refused with FAILED_PRECONDITION, before anything is created there. X as a mount
+    /// volume, then as a block volume (its target a device file inside Y's file system).
+    paths_inside_a_volume_are_refused_mount,
+    paths_inside_a_volume_are_refused_block,
+    paths_inside_a_volume
 }
 
 async fn paths_inside_a_volume(cap: csi::VolumeCapability) {
