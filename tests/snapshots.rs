@@ -683,11 +683,15 @@ async fn a_pool_of_an_earlier_version_keeps_its_ids() {
         let gone = list_snapshots(&p, of(&old_id)).await.unwrap();
         assert_eq!(
             snapshot_ids(&gone),
-            [s.snapshot_id.clone()],
+            vec![s.snapshot_id.clone()],
             "round {round}"
         );
         let by_old = list_snapshots(&p, of(&other.volume_id)).await.unwrap();
-        assert_eq!(snapshot_ids(&by_old), [snap_id.clone()], "round {round}");
+        assert_eq!(
+            snapshot_ids(&by_old),
+            vec![snap_id.clone()],
+            "round {round}"
+        );
         p.restart().await;
     }
     virtdisk_test_support::pool::assert_pool_clean(&pool);
