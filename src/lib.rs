@@ -30,3 +30,4 @@ mod nodeid;
 pub mod params;
 pub mod pool;
 mod server;
+mod shutdown;
