@@ -143,19 +143,13 @@ async fn caps(ctx: &Ctx) -> Result<Report, ClientError> {
         .node_get_capabilities(ctx.request(csi::NodeGetCapabilitiesRequest {}))
         .await?
         .into_inner();
-    let names: Vec<String> = r
-        .capabilities
-        .iter()
-        .map(|c| {
-            use csi::node_service_capability::{rpc, Type};
-            match &c.r#type {
-                Some(Type::Rpc(r)) => rpc::Type::try_from(r.r#type)
-                    .map(|t| enum_name(t.as_str_name()))
-                    .unwrap_or_else(|_| format!("rpc-{}", r.r#type)),
-                None => "unknown".into(),
-            }
-        })
-        .collect();
+    use csi::node_service_capability::{rpc, Type};
+    let names = view::rpc_capability_names(
+        r.capabilities
+            .iter()
+            .map(|c| c.r#type.as_ref().map(|Type::Rpc(r)| r.r#type)),
+        |t| rpc::Type::try_from(t).ok().map(|t| t.as_str_name()),
+    );
     Ok(Report::capabilities(names))
 }
 

@@ -1,9 +1,9 @@
 //! `client volume …`: the Controller service's volume RPCs.
 
-use super::args::{bytes_i64, key_value, size, to_map, CapArgs};
+use super::args::{bytes_i64, key_value, size, to_map, CapArgs, PageArgs};
 use super::render::{map_text, Report};
-use super::view::{self, capacity_text, condition, condition_text, enum_name, nodes_text};
-use super::{ClientError, Ctx};
+use super::view::{self, capacity_text, condition, condition_text, nodes_text};
+use super::{pages, ClientError, Ctx};
 use crate::csi::proto as csi;
 use serde_json::{json, Value};
 
@@ -12,7 +12,7 @@ pub(crate) enum VolumeCmd {
     /// CreateVolume (idempotent by name).
     Create(CreateArgs),
     /// ListVolumes, one page (--max-entries, --starting-token) or every page (--all).
-    List(ListArgs),
+    List(PageArgs),
     /// ControllerGetVolume.
     Get { volume_id: String },
     /// DeleteVolume (OK when it does not exist).
@@ -63,18 +63,6 @@ pub(crate) struct CreateArgs {
     /// Required topology segment (repeatable; all of them form one topology).
     #[arg(long = "topology", value_name = "KEY=VALUE", value_parser = key_value)]
     topology: Vec<(String, String)>,
-}
-
-#[derive(Debug, clap::Args)]
-pub(crate) struct ListArgs {
-    /// Page size (0: the plugin decides).
-    #[arg(long, default_value_t = 0)]
-    max_entries: i32,
-    #[arg(long, default_value = "")]
-    starting_token: String,
-    /// Follow next_token until the last page.
-    #[arg(long)]
-    all: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,29 +153,20 @@ async fn create(ctx: &Ctx, a: CreateArgs) -> Result<Report, ClientError> {
     ))
 }
 
-/// One page, or every page with `--all` (stopping if the plugin repeats a token).
-async fn list(ctx: &Ctx, a: ListArgs) -> Result<Report, ClientError> {
-    let mut c = ctx.controller();
-    let mut token = a.starting_token;
-    let mut entries = Vec::new();
-    loop {
+async fn list(ctx: &Ctx, a: PageArgs) -> Result<Report, ClientError> {
+    let (entries, token) = pages(a.starting_token, a.all, |starting_token| async move {
         let req = csi::ListVolumesRequest {
             max_entries: a.max_entries,
-            starting_token: token.clone(),
+            starting_token,
         };
-        let r = c.list_volumes(ctx.request(req)).await?.into_inner();
-        entries.extend(r.entries);
-        if !a.all || r.next_token.is_empty() {
-            token = r.next_token;
-            break;
-        }
-        if r.next_token == token {
-            return Err(ClientError::Failed(format!(
-                "the plugin returned next_token {token:?} again; stopping to avoid a loop"
-            )));
-        }
-        token = r.next_token;
-    }
+        let r = ctx
+            .controller()
+            .list_volumes(ctx.request(req))
+            .await?
+            .into_inner();
+        Ok((r.entries, r.next_token))
+    })
+    .await?;
     Ok(list_report(&entries, &token))
 }
 
@@ -336,19 +315,13 @@ async fn caps(ctx: &Ctx) -> Result<Report, ClientError> {
         .controller_get_capabilities(ctx.request(csi::ControllerGetCapabilitiesRequest {}))
         .await?
         .into_inner();
-    let names: Vec<String> = r
-        .capabilities
-        .iter()
-        .map(|cap| {
-            use csi::controller_service_capability::{rpc, Type};
-            match &cap.r#type {
-                Some(Type::Rpc(r)) => rpc::Type::try_from(r.r#type)
-                    .map(|t| enum_name(t.as_str_name()))
-                    .unwrap_or_else(|_| format!("rpc-{}", r.r#type)),
-                None => "unknown".into(),
-            }
-        })
-        .collect();
+    use csi::controller_service_capability::{rpc, Type};
+    let names = view::rpc_capability_names(
+        r.capabilities
+            .iter()
+            .map(|c| c.r#type.as_ref().map(|Type::Rpc(r)| r.r#type)),
+        |t| rpc::Type::try_from(t).ok().map(|t| t.as_str_name()),
+    );
     Ok(Report::capabilities(names))
 }
 
