@@ -21,6 +21,27 @@ fn sigterm(p: &Plugin) {
     .unwrap();
 }
 
+/// Creates volume `name` and publishes it to a node the plugin must look up in libvirt, whose
+/// call never comes back: returns the volume id and the publish, still in flight.
+async fn hung_publish(
+    p: &Plugin,
+    mute: &MuteLibvirtd,
+    name: &str,
+) -> (String, tokio::task::JoinHandle<Result<Map, tonic::Status>>) {
+    let vol = p
+        .controller()
+        .create(create_req(name, 8 * MIB))
+        .await
+        .unwrap();
+    let mut ctl = p.controller();
+    let req = publish_req(&vol.volume_id, "0b6c1e52-6a4f-4c3e-9d64-1f2a3b4c5d6e");
+    let publish = tokio::spawn(async move { ctl.publish(req).await });
+    mute.wait_connected(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!publish.is_finished(), "the publish should hang in libvirt");
+    (vol.volume_id, publish)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_within_the_grace_period_while_a_libvirt_call_hangs() {
     let mute = MuteLibvirtd::start();
@@ -38,18 +59,7 @@ async fn sigterm_exits_within_the_grace_period_while_a_libvirt_call_hangs() {
     )
     .await;
     let addr = metrics_addr(&p).await;
-    let vol = p
-        .controller()
-        .create(create_req("vdt-shutdown-hang", 16 * MIB))
-        .await
-        .unwrap();
-    // The publish looks for the node in libvirt: its call never comes back.
-    let mut ctl = p.controller();
-    let req = publish_req(&vol.volume_id, "0b6c1e52-6a4f-4c3e-9d64-1f2a3b4c5d6e");
-    let publish = tokio::spawn(async move { ctl.publish(req).await });
-    mute.wait_connected(Duration::from_secs(20)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!publish.is_finished(), "the publish should hang in libvirt");
+    let (volume_id, publish) = hung_publish(&p, &mute, "vdt-shutdown-hang").await;
 
     let asked = Instant::now();
     sigterm(&p);
@@ -69,7 +79,7 @@ async fn sigterm_exits_within_the_grace_period_while_a_libvirt_call_hangs() {
         .find(|l| l.contains("abandoned"))
         .unwrap_or_else(|| panic!("no abandoned work in the log:\n{log}"));
     assert!(
-        abandoned.contains("ControllerPublishVolume") && abandoned.contains(&vol.volume_id),
+        abandoned.contains("ControllerPublishVolume") && abandoned.contains(&volume_id),
         "{abandoned}"
     );
     // The client saw its call end (the connection closed), not hang forever.
@@ -121,15 +131,7 @@ async fn a_second_signal_ends_the_grace_period() {
         &["--libvirt-uri", &mute.uri, "--shutdown-grace", "300"],
     )
     .await;
-    let vol = p
-        .controller()
-        .create(create_req("vdt-shutdown-twice", 8 * MIB))
-        .await
-        .unwrap();
-    let mut ctl = p.controller();
-    let req = publish_req(&vol.volume_id, "1b6c1e52-6a4f-4c3e-9d64-1f2a3b4c5d6e");
-    let _publish = tokio::spawn(async move { ctl.publish(req).await });
-    mute.wait_connected(Duration::from_secs(20)).await;
+    let _publish = hung_publish(&p, &mute, "vdt-shutdown-twice").await;
     sigterm(&p);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
