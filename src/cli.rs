@@ -156,7 +156,8 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
     if let Some(local) = crate::localattach::from_config(cfg).await? {
         backends.push(local);
     }
-    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node))
+    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
+        .with_ledgers(&cfg.data_dir.join("attach-ledger")))
 }
 
 /// Parses the command line and runs the command: the whole `virtdisk-csi` binary.

@@ -83,6 +83,19 @@ pub(crate) struct NodeConfig {
     /// e.g. the CO's plugin directory; empty: any absolute path.
     #[serde(default)]
     pub(crate) allowed_path_roots: Vec<PathBuf>,
+    /// Local attach: the storage daemons' cgroup, relative to each hierarchy's root (default
+    /// `virtdisk-csi`), so that stopping the plugin's task or container does not stop them;
+    /// `""` leaves them in the plugin's cgroup.
+    #[serde(default)]
+    pub(crate) daemon_cgroup: Option<String>,
+    /// Only these hierarchies (directory names under `cgroup_root`, e.g. `freezer`,
+    /// `unified`); empty: every hierarchy.
+    #[serde(default)]
+    pub(crate) daemon_cgroup_hierarchies: Vec<String>,
+    /// Where the cgroup hierarchies are mounted (default `/sys/fs/cgroup`; in a container, the
+    /// host's cgroupfs mounted elsewhere).
+    #[serde(default)]
+    pub(crate) cgroup_root: Option<PathBuf>,
 }
 
 impl NodeConfig {

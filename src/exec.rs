@@ -135,6 +135,43 @@ where
     Ok(finished(out))
 }
 
+/// [`run`] for a child that must leave the plugin's cgroups before it runs anything of its
+/// own (a daemon that outlives the plugin): between fork and exec the child writes `0` (itself)
+/// to each of `cgroup_procs`, the `cgroup.procs` files of the cgroups it belongs in. A write
+/// that fails leaves the child where it was; the caller reads the cgroups back and reports.
+pub(crate) async fn run_in_cgroups<I, S>(
+    program: &str,
+    args: I,
+    cgroup_procs: &[std::fs::File],
+) -> Result<CmdOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std_command(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let fds: Vec<std::os::fd::RawFd> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the hook runs in the forked child before exec. It only calls write(2), which is
+    // async-signal-safe, on descriptors the caller keeps open until the spawn returns, and it
+    // neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                libc::write(*fd, b"0".as_ptr().cast(), 1);
+            }
+            Ok(())
+        });
+    }
+    let out = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| spawn_error(program, e))?;
+    checked(program, finished(out))
+}
+
 /// [`run`] for code that is already on a blocking thread (e.g. pool recovery, which runs
 /// while the pool opens): the same child setup and the same error mapping.
 pub(crate) fn run_blocking<I, S>(program: &str, args: I) -> Result<CmdOutput>

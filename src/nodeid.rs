@@ -27,6 +27,26 @@ pub(crate) fn resolve(flag: Option<&str>, root: &Path) -> Result<String> {
     }
 }
 
+/// This host is a QEMU/KVM guest (DMI says so): its DMI UUID may be a libvirt domain's.
+pub(crate) fn is_qemu_guest(root: &Path) -> bool {
+    let dmi = root.join("sys/class/dmi/id");
+    ["sys_vendor", "product_name"].iter().any(|f| {
+        std::fs::read_to_string(dmi.join(f)).is_ok_and(|v| {
+            let v = v.trim();
+            v.starts_with("QEMU") || v.contains("KVM")
+        })
+    })
+}
+
+/// The process runs in the host's PID namespace (the initial one has a fixed inode number,
+/// PROC_PID_INIT_INO). In a PID namespace of its own, everything the plugin starts dies with
+/// that namespace's init.
+pub(crate) fn in_initial_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == PROC_PID_INIT_INO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +63,8 @@ mod tests {
         std::fs::write(r.join("sys/class/dmi/id/product_uuid"), "AAAA-BB\n").unwrap();
         assert_eq!(resolve(None, r).unwrap(), "aaaa-bb");
         assert_eq!(resolve(Some("n1"), r).unwrap(), "n1");
+        assert!(!is_qemu_guest(r));
+        std::fs::write(r.join("sys/class/dmi/id/sys_vendor"), "QEMU\n").unwrap();
+        assert!(is_qemu_guest(r));
     }
 }

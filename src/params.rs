@@ -149,6 +149,74 @@ pub(crate) struct VolumeParams {
     pub(crate) pool: Option<String>,
     pub(crate) format: Option<ImageFormat>,
     pub(crate) disk: DiskOptions,
+    pub(crate) root: RootOwnership,
+}
+
+/// Owner and mode of a fresh file system's root directory (`rootUid`, `rootGid`, `rootMode`),
+/// set by the node right after it formats the volume: a task that runs as a non-root user
+/// (Nomad's `exec` driver runs tasks as `nobody`) can then write. Nomad sends no fsGroup, so
+/// these are its way; Kubernetes uses fsGroup (`volume_mount_group`) instead. They travel to
+/// the node in the volume_context under the same keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RootOwnership {
+    pub(crate) uid: Option<u32>,
+    pub(crate) gid: Option<u32>,
+    /// Permission bits, setuid/setgid/sticky included (at most 0o7777).
+    pub(crate) mode: Option<u32>,
+}
+
+/// The keys of `RootOwnership` (parameters and volume_context alike).
+pub(crate) const ROOT_KEYS: [&str; 3] = ["rootUid", "rootGid", "rootMode"];
+
+impl RootOwnership {
+    pub(crate) fn is_empty(&self) -> bool {
+        *self == RootOwnership::default()
+    }
+
+    /// Applies one key; `Ok(false)` if `key` is not one of `ROOT_KEYS`.
+    pub(crate) fn apply(&mut self, key: &str, value: &str) -> Result<bool> {
+        match key {
+            "rootUid" => self.uid = Some(id_number(key, value)?),
+            "rootGid" => self.gid = Some(id_number(key, value)?),
+            "rootMode" => self.mode = Some(mode_bits(key, value)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// From a volume_context (the node's view); unknown keys are not its business.
+    pub(crate) fn from_context(ctx: &BTreeMap<String, String>) -> Result<Self> {
+        let mut r = RootOwnership::default();
+        for key in ROOT_KEYS {
+            if let Some(v) = ctx.get(key) {
+                r.apply(key, v)?;
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A user or group id: decimal, 0 to 4294967294 (4294967295 is the kernel's "no id").
+pub(crate) fn id_number(key: &str, value: &str) -> Result<u32> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n != u32::MAX && !value.trim().starts_with('+') => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "{key}={value:?} is invalid: use a numeric id from 0 to 4294967294"
+        ))),
+    }
+}
+
+/// Octal permission bits such as `0775` or `2770`, at most `7777`.
+fn mode_bits(key: &str, value: &str) -> Result<u32> {
+    let v = value.trim();
+    let ok = !v.is_empty() && v.len() <= 5 && v.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(v, 8) {
+        Ok(n) if ok && n <= 0o7777 => Ok(n),
+        _ => Err(Error::invalid(format!(
+            "parameter {key}={value:?} is invalid: use octal permission bits such as 0775 \
+             (at most 7777)"
+        ))),
+    }
 }
 
 /// The parameter keys and what they take; shown in errors and documented in README.md.
@@ -168,6 +236,12 @@ pub(crate) const KEYS: &[(&str, &str)] = &[
         "512..65536, power of two, >= logicalBlockSize",
     ),
     ("persist", "true | false"),
+    ("rootUid", "numeric uid owning a fresh file system's root"),
+    ("rootGid", "numeric gid owning a fresh file system's root"),
+    (
+        "rootMode",
+        "octal mode of a fresh file system's root, e.g. 0775",
+    ),
     ("totalBytesSec", "bytes/s"),
     ("readBytesSec", "bytes/s"),
     ("writeBytesSec", "bytes/s"),
@@ -282,6 +356,7 @@ impl VolumeParams {
                         }
                     }
                 }
+                other if p.root.apply(other, value)? => {}
                 other => {
                     if !apply_qos(&mut d.qos, other, value)? {
                         let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
@@ -352,6 +427,14 @@ mod tests {
         assert!(!p.disk.persist);
         assert_eq!(p.disk.qos.read_bytes_sec, Some(1048576));
         assert_eq!(p.disk.qos.total_iops_sec, Some(100));
+        let r = VolumeParams::parse(&map(&[
+            ("rootUid", "65534"),
+            ("rootGid", "0"),
+            ("rootMode", "2775"),
+        ]))
+        .unwrap()
+        .root;
+        assert_eq!((r.uid, r.gid, r.mode), (Some(65534), Some(0), Some(0o2775)));
     }
 
     #[test]
@@ -369,6 +452,13 @@ mod tests {
             vec![("persist", "yes")],
             vec![("totalBytesSec", "1000000000000001")],
             vec![("writeIopsSec", "18446744073709551615")],
+            vec![("rootUid", "nobody")],
+            vec![("rootUid", "-1")],
+            vec![("rootGid", "4294967295")],
+            vec![("rootMode", "0778")],
+            vec![("rootMode", "17777")],
+            vec![("rootMode", "rwx")],
+            vec![("rootMode", "")],
         ] {
             let err = VolumeParams::parse(&map(&bad)).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");

@@ -137,6 +137,13 @@ pub(crate) async fn serve(
                 guards.clone(),
                 cfg.snapshots.max_chain_depth,
             );
+        if attachers.ledgers_need_init() {
+            // The volumes that exist before the attach ledger does may be attached anywhere.
+            let (existing, _) = pools.list_page("", usize::MAX).await?;
+            attachers
+                .init_ledgers(existing.into_iter().map(|v| v.id).collect())
+                .await?;
+        }
         pools.start_flattener(shutdown);
         Some(pools)
     } else {

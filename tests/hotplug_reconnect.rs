@@ -129,12 +129,13 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
         dom.live_disk(&serial_of(&two)).is_some(),
         "nothing was detached"
     );
-    let err = p
-        .controller()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await;
-    let err = err.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Listings still answer, from the attach ledger: the last known nodes, marked unconfirmed.
+    for e in &p.controller().all_volumes().await {
+        let st = e.status.as_ref().unwrap();
+        assert_eq!(st.published_node_ids, vec![dom.uuid.clone()], "{e:?}");
+        let c = st.volume_condition.as_ref().unwrap();
+        assert!(c.abnormal && c.message.contains("not confirmed"), "{c:?}");
+    }
     let err = p.controller().delete(&one).await.unwrap_err();
     assert_eq!(
         err.code(),
@@ -157,8 +158,9 @@ async fn libvirtd_going_away_and_back_does_not_break_the_plugin() {
 
 /// libvirtd goes away in the middle of an RPC: an unpublish waiting for a virtio-blk disk to
 /// leave (a guest-less domain never lets go). The call answers UNAVAILABLE, never OK; every
-/// call meanwhile is UNAVAILABLE and Probe not ready; once libvirtd is back the same plugin
-/// process works again, and the disk never left behind the plugin's back.
+/// decision meanwhile is UNAVAILABLE (reads answer from the attach ledger) and Probe not
+/// ready; once libvirtd is back the same plugin process works again, and the disk never left
+/// behind the plugin's back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let dom = TestDomain::start("reconnect-mid", 3);
@@ -194,8 +196,15 @@ async fn libvirtd_going_away_during_an_unpublish_is_unavailable_never_ok() {
     let err = publish(&p, &other, &dom.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("libvirtd"), "{}", err.message());
-    let err = p.controller().volume(&stuck).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let st = p
+        .controller()
+        .volume(&stuck)
+        .await
+        .expect("ControllerGetVolume answers from the ledger")
+        .status
+        .unwrap();
+    assert_eq!(st.published_node_ids, vec![dom.uuid.clone()]);
+    assert!(st.volume_condition.unwrap().abnormal);
 
     // Back, same process: the disk is still there and reported; publishing works again.
     relay.up();

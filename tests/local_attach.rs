@@ -358,7 +358,7 @@ async fn node_errors() {
     };
     let mut n = env.plugin.node();
     let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {});
-    assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 5);
+    assert_eq!(caps.await.unwrap().into_inner().capabilities.len(), 6);
 
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
     let vol = env.create(&unique("errors"), 32 * MIB, cap.clone()).await;
@@ -423,18 +423,7 @@ async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
     let t = env.target("crash-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
     env.publish(&vol, &s, &t, &cap, false).await.unwrap();
-    let key = key_of(&vol.volume_id);
-    let pid_file = env
-        .plugin
-        .data_dir()
-        .join("localattach")
-        .join(key)
-        .join("qsd.pid");
-    let pid: i32 = std::fs::read_to_string(pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = env.daemon_pid(&vol).expect("storage daemon");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

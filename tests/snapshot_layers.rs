@@ -122,6 +122,7 @@ impl FakeNode {
             bus: Bus::Scsi,
             readonly,
             context: BTreeMap::new(),
+            abnormal: None,
         });
     }
 }

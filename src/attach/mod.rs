@@ -2,6 +2,8 @@
 //! this host itself (local attach). `Attachments` holds the rules every backend shares:
 //! idempotent publish, single-node exclusivity, per-node limits, confirmed detach.
 
+mod ledger;
+
 use crate::error::{Error, Result};
 use crate::model::Capability;
 use crate::params::{Bus, DiskOptions};
@@ -52,6 +54,10 @@ pub struct Attachment {
     pub readonly: bool,
     /// Extra publish_context entries (e.g. a local device path).
     pub context: BTreeMap<String, String>,
+    /// Why the attachment cannot serve I/O (e.g. the local storage daemon died); None when it
+    /// is healthy. Reported as an abnormal volume condition; a publish repairs it or says why
+    /// it cannot.
+    pub abnormal: Option<String>,
 }
 
 impl Attachment {
@@ -83,6 +89,12 @@ pub struct LiveSnapshot {
 pub trait Attacher: Send + Sync {
     /// Whether this backend serves `node_id` (a libvirt domain UUID or name, or this host).
     async fn serves(&self, node_id: &str) -> Result<bool>;
+    /// Asked before the other backends: its node ids can name nothing another backend
+    /// serves (e.g. this host's own id on a host that is no VM), so a node of its own never
+    /// waits for, or fails with, another backend (libvirtd down).
+    fn serves_first(&self) -> bool {
+        false
+    }
     /// The id `attachments()` reports for `node_id` (e.g. a domain name → its UUID), so a
     /// publish by another id of the same node is recognized.
     async fn canonical_node_id(&self, node_id: &str) -> Result<String> {
@@ -101,6 +113,11 @@ pub trait Attacher: Send + Sync {
         -> Result<()>;
     /// Ready to serve (e.g. libvirtd reachable).
     async fn check_health(&self) -> Result<()>;
+    /// A backend that can be unreachable (libvirtd restarting, a remote host down) names the
+    /// ledger that records what it may hold, so RPCs about other volumes never need it.
+    fn ledger_name(&self) -> Option<&'static str> {
+        None
+    }
     /// Live snapshot of an attached disk: the node stops writing the volume's current image and
     /// continues in `new_overlay`, which the caller created (qcow2, backed by the current image
     /// under a relative name) and made durable. libvirt: an external disk-only snapshot with
@@ -132,6 +149,8 @@ pub(crate) struct Publish {
 #[derive(Clone, Default)]
 pub struct Attachments {
     backends: Vec<Arc<dyn Attacher>>,
+    /// Per backend (same order): the ledger of a backend that can be unreachable.
+    ledgers: Vec<Option<ledger::Ledger>>,
     max_per_node: u64,
     /// One recent read of every node, shared by listings (see `recent`).
     recent: Arc<RecentScan>,
@@ -141,16 +160,63 @@ pub struct Attachments {
 /// so a read is never reused across a change made here.
 #[derive(Default)]
 struct RecentScan {
-    last: std::sync::Mutex<Option<Scan>>,
+    last: std::sync::Mutex<Option<Kept>>,
     changes: AtomicU64,
 }
 
-struct Scan {
+struct Kept {
     /// When the read began.
     at: Instant,
     /// `RecentScan::changes` when the read began.
     changes: u64,
-    list: Arc<Vec<Attachment>>,
+    scan: Arc<Scan>,
+}
+
+/// One read of every backend: the attachments they report, and for each backend that could
+/// not be asked, why and what its ledger says it may hold.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub(crate) known: Vec<Attachment>,
+    gaps: Vec<Gap>,
+}
+
+#[derive(Debug)]
+struct Gap {
+    reason: String,
+    may_hold: std::collections::BTreeMap<String, ledger::Entry>,
+}
+
+impl Scan {
+    /// The volume's attachments; UNAVAILABLE when a backend that could not be asked may hold
+    /// the volume (its ledger says so).
+    pub(crate) fn of_volume(&self, volume_id: &str) -> Result<Vec<&Attachment>> {
+        if let Some((nodes, reason)) = self.unconfirmed(volume_id) {
+            return Err(Error::Unavailable(format!(
+                "{reason}; volume {volume_id} may be attached through it{}, so this cannot be \
+                 decided until it is back",
+                if nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (to {})", nodes.join(", "))
+                }
+            )));
+        }
+        Ok(self
+            .known
+            .iter()
+            .filter(|a| a.volume_id == volume_id)
+            .collect())
+    }
+
+    /// Nodes a backend that could not be asked may hold the volume on (empty: unknown), and
+    /// why it could not be asked; None when every backend that may hold it answered.
+    pub(crate) fn unconfirmed(&self, volume_id: &str) -> Option<(Vec<String>, String)> {
+        self.gaps.iter().find_map(|g| {
+            g.may_hold
+                .get(volume_id)
+                .map(|e| (e.nodes.iter().cloned().collect(), g.reason.clone()))
+        })
+    }
 }
 
 /// How long ListVolumes pages may share one read of the nodes.
@@ -160,39 +226,70 @@ impl Attachments {
     /// Backends in the order they are asked; `max_per_node` caps the volumes on one node (0: no cap).
     pub fn new(backends: Vec<Arc<dyn Attacher>>, max_per_node: u64) -> Self {
         Attachments {
+            ledgers: vec![None; backends.len()],
             backends,
             max_per_node,
             recent: Arc::default(),
         }
     }
 
+    /// Keeps a ledger under `dir/<name>` for every backend that names one
+    /// (`Attacher::ledger_name`); `init_ledgers` starts them.
+    pub fn with_ledgers(mut self, dir: &Path) -> Self {
+        self.ledgers = self
+            .backends
+            .iter()
+            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(dir.join(n))))
+            .collect();
+        self
+    }
+
+    /// Starts the ledgers once (at server start): `existing` (every volume the pools hold now)
+    /// may be attached from before the ledger existed, until a read of the backend says.
+    pub(crate) async fn init_ledgers(&self, existing: Vec<String>) -> Result<()> {
+        if existing.is_empty() && !self.ledgers_need_init() {
+            return Ok(());
+        }
+        for l in self.ledgers.iter().flatten() {
+            let (l, existing) = (l.clone(), existing.clone());
+            crate::exec::blocking(move || l.init(&existing)).await?;
+        }
+        Ok(())
+    }
+
+    /// Some ledger has not started yet (`init_ledgers` needs the pools' volumes). Blocking but
+    /// quick (one stat per ledger).
+    pub(crate) fn ledgers_need_init(&self) -> bool {
+        self.ledgers.iter().flatten().any(|l| !l.ready())
+    }
+
     /// Every attachment, as read from the nodes at most `max_age` ago and after the last
     /// publish or unpublish made by this process. For listings only (the pages of one
     /// ListVolumes walk then cost one read of every domain instead of one each): decisions
-    /// (publish, unpublish, delete, snapshots) read the nodes now with `all`. Nothing
+    /// (publish, unpublish, delete, snapshots) read the nodes now with `scan`. Nothing
     /// outlives the process, and a change made elsewhere shows within `max_age`.
-    pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Vec<Attachment>>> {
+    pub(crate) async fn recent(&self, max_age: Duration) -> Result<Arc<Scan>> {
         let changes = self.recent.changes.load(Ordering::SeqCst);
         {
             let last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(scan) = &*last {
-                if scan.changes == changes && scan.at.elapsed() <= max_age {
-                    return Ok(scan.list.clone());
+            if let Some(kept) = &*last {
+                if kept.changes == changes && kept.at.elapsed() <= max_age {
+                    return Ok(kept.scan.clone());
                 }
             }
         }
         let started = Instant::now();
-        let list = Arc::new(self.all().await?);
+        let scan = Arc::new(self.scan().await?);
         let mut last = self.recent.last.lock().unwrap_or_else(|p| p.into_inner());
-        // A change made while reading may be missing from `list`: then do not keep it.
+        // A change made while reading may be missing from `scan`: then do not keep it.
         if self.recent.changes.load(Ordering::SeqCst) == changes {
-            *last = Some(Scan {
+            *last = Some(Kept {
                 at: started,
                 changes,
-                list: list.clone(),
+                scan: scan.clone(),
             });
         }
-        Ok(list)
+        Ok(scan)
     }
 
     /// Called around every attach change made here: reads kept by `recent` are stale.
@@ -204,32 +301,72 @@ impl Attachments {
         !self.backends.is_empty()
     }
 
-    async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
-        for b in &self.backends {
-            if b.serves(node_id).await? {
-                return Ok(Some(b));
+    /// The index of the backend serving `node_id`: first those that serve their own ids first
+    /// (this host), then the others in order.
+    async fn backend_index(&self, node_id: &str) -> Result<Option<usize>> {
+        let order = (0..self.backends.len())
+            .filter(|i| self.backends[*i].serves_first())
+            .chain((0..self.backends.len()).filter(|i| !self.backends[*i].serves_first()));
+        for i in order {
+            if self.backends[i].serves(node_id).await? {
+                return Ok(Some(i));
             }
         }
         Ok(None)
     }
 
-    /// Every attachment of every backend.
-    pub(crate) async fn all(&self) -> Result<Vec<Attachment>> {
-        let mut out = Vec::new();
-        for b in &self.backends {
-            out.extend(b.attachments().await?);
+    async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
+        Ok(self
+            .backend_index(node_id)
+            .await?
+            .map(|i| &self.backends[i]))
+    }
+
+    /// Reads every backend now. A backend that cannot be asked (UNAVAILABLE) but keeps a
+    /// ready ledger leaves a gap instead of failing the read: decisions about the volumes it
+    /// may hold fail (`Scan::of_volume`), the others go on. A successful read of a backend
+    /// brings its ledger in line.
+    pub(crate) async fn scan(&self) -> Result<Scan> {
+        let mut scan = Scan::default();
+        for (b, l) in self.backends.iter().zip(&self.ledgers) {
+            let started = std::time::SystemTime::now();
+            match b.attachments().await {
+                Ok(list) => {
+                    if let Some(l) = l {
+                        let (l, found) = (l.clone(), list.clone());
+                        if let Err(e) =
+                            crate::exec::blocking(move || l.reconcile(&found, started)).await
+                        {
+                            tracing::warn!(error = %e, "cannot update the attach ledger");
+                        }
+                    }
+                    scan.known.extend(list);
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    let Some(l) = l.clone() else {
+                        return Err(e);
+                    };
+                    let Some(may_hold) = crate::exec::blocking(move || l.entries()).await? else {
+                        return Err(e);
+                    };
+                    scan.gaps.push(Gap {
+                        reason: e.to_string(),
+                        may_hold,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(out)
+        Ok(scan)
     }
 
     /// Nodes a volume is attached to, read from the nodes themselves.
     pub(crate) async fn nodes_of(&self, volume_id: &str) -> Result<Vec<String>> {
-        let mut nodes: Vec<String> = self
-            .all()
-            .await?
+        let scan = self.scan().await?;
+        let mut nodes: Vec<String> = scan
+            .of_volume(volume_id)?
             .into_iter()
-            .filter(|a| a.volume_id == volume_id)
-            .map(|a| a.node_id)
+            .map(|a| a.node_id.clone())
             .collect();
         nodes.sort();
         nodes.dedup();
@@ -238,12 +375,12 @@ impl Attachments {
 
     /// Nodes holding the volume writable, i.e. that may be writing its active image now.
     pub(crate) async fn writers_of(&self, volume_id: &str) -> Result<Vec<String>> {
-        let mut nodes: Vec<String> = self
-            .all()
-            .await?
+        let scan = self.scan().await?;
+        let mut nodes: Vec<String> = scan
+            .of_volume(volume_id)?
             .into_iter()
-            .filter(|a| a.volume_id == volume_id && !a.readonly)
-            .map(|a| a.node_id)
+            .filter(|a| !a.readonly)
+            .map(|a| a.node_id.clone())
             .collect();
         nodes.sort();
         nodes.dedup();
@@ -266,11 +403,26 @@ impl Attachments {
         backend.snapshot_live(node_id, volume_id, new_overlay).await
     }
 
+    /// Ready when every backend is, or when at least one is and the others can only be
+    /// unreachable for now (each keeps a ledger): a monolith serves this host's volumes while
+    /// libvirtd restarts, and its libvirt RPCs answer UNAVAILABLE meanwhile.
     pub(crate) async fn check_health(&self) -> Result<()> {
-        for b in &self.backends {
-            b.check_health().await?;
+        let mut first_err = None;
+        let mut healthy = 0;
+        for (b, l) in self.backends.iter().zip(&self.ledgers) {
+            match b.check_health().await {
+                Ok(()) => healthy += 1,
+                Err(e) if l.is_some() && e.code() == tonic::Code::Unavailable => {
+                    tracing::warn!(error = %e, "an attach backend is unreachable; serving the others");
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        match first_err {
+            Some(e) if healthy == 0 => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// ControllerPublishVolume.
@@ -281,18 +433,20 @@ impl Attachments {
         req: &Publish,
     ) -> Result<BTreeMap<String, String>> {
         req.capability.check(vol.format)?;
-        let backend = self.backend_for(&req.node_id).await?.ok_or_else(|| {
+        let index = self.backend_index(&req.node_id).await?.ok_or_else(|| {
             Error::NotFound(format!(
                 "node {} is not known: no libvirt domain has that UUID or name, and it is not \
                  this host",
                 req.node_id
             ))
         })?;
+        let backend = &self.backends[index];
         let readonly = req.readonly || req.capability.access_mode.is_read_only();
         let node = backend.canonical_node_id(&req.node_id).await?;
-        let all = self.all().await?;
-        let mine: Vec<&Attachment> = all.iter().filter(|a| a.volume_id == vol.id).collect();
-        if let Some(here) = mine.iter().find(|a| a.node_id == node) {
+        let scan = self.scan().await?;
+        let mine: Vec<&Attachment> = scan.of_volume(&vol.id)?;
+        let here = mine.iter().find(|a| a.node_id == node);
+        if let Some(here) = here.filter(|a| a.abnormal.is_none()) {
             // A read-write disk serves a read-only publish too (the node mounts it read-only):
             // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
             // The reverse needs a re-attach under the reader's feet: refused.
@@ -306,7 +460,8 @@ impl Attachments {
             return Ok(here.publish_context());
         }
         if !req.capability.access_mode.is_multi_node() {
-            if let Some(other) = mine.first() {
+            // A dead attachment on this very node is the backend's to repair.
+            if let Some(other) = mine.iter().find(|a| a.node_id != node) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is attached to node {}; its access mode allows one node at a \
                      time, so unpublish it there first",
@@ -325,6 +480,11 @@ impl Attachments {
             readonly,
             shareable: req.capability.access_mode.is_multi_node() && !readonly,
         };
+        if let Some(l) = self.ledgers[index].clone() {
+            // Durably before the attach: the ledger must never miss an attachment.
+            let (v, n) = (vol.id.clone(), node.clone());
+            crate::exec::blocking(move || l.add(&v, &n)).await?;
+        }
         self.changed();
         let att = backend.attach(&req.node_id, &spec, self.max_per_node).await;
         self.changed();
@@ -336,13 +496,28 @@ impl Attachments {
 
     /// ControllerUnpublishVolume: OK when not attached or when the node is gone.
     pub(crate) async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
-        let Some(backend) = self.backend_for(node_id).await? else {
+        let Some(index) = self.backend_index(node_id).await? else {
             return Ok(());
         };
+        let backend = &self.backends[index];
         self.changed();
         let detached = backend.detach(node_id, volume_id).await;
         self.changed();
         detached?;
+        if let Some(l) = self.ledgers[index].clone() {
+            // Under either id of the node; a failure only keeps the entry (too much, never
+            // too little) until the next full read.
+            let mut ids = vec![node_id.to_string()];
+            if let Ok(canonical) = backend.canonical_node_id(node_id).await {
+                ids.push(canonical);
+            }
+            let v = volume_id.to_string();
+            let res =
+                crate::exec::blocking(move || ids.iter().try_for_each(|n| l.remove(&v, n))).await;
+            if let Err(e) = res {
+                tracing::warn!(volume = %volume_id, error = %e, "cannot update the attach ledger");
+            }
+        }
         tracing::info!(volume = %volume_id, node = %node_id, "volume unpublished");
         Ok(())
     }
@@ -401,6 +576,7 @@ mod tests {
                 bus: Bus::default(),
                 readonly: spec.readonly,
                 context: BTreeMap::new(),
+                abnormal: None,
             };
             self.attached.lock().unwrap().push(att.clone());
             Ok(att)
@@ -515,7 +691,7 @@ mod tests {
                 .unwrap();
             assert_eq!(ctx, rw, "{mode:?} readonly={readonly}");
         }
-        assert_eq!(att.all().await.unwrap().len(), 1, "attached once");
+        assert_eq!(att.scan().await.unwrap().known.len(), 1, "attached once");
 
         att.unpublish(&vol.id, "n1").await.unwrap();
         att.publish(
@@ -549,7 +725,7 @@ mod tests {
         a.recent(Duration::ZERO).await.unwrap();
         assert_eq!(reads(), 3, "read again when too old");
         // Decisions never reuse a read.
-        a.all().await.unwrap();
+        a.scan().await.unwrap();
         assert_eq!(reads(), 4);
     }
 }

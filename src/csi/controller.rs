@@ -57,6 +57,56 @@ impl ControllerService {
     }
 }
 
+/// published_node_ids of a volume: the nodes the backends report, plus those a backend that
+/// could not be asked last held it on (its ledger), with why they are unconfirmed.
+fn published(scan: &crate::attach::Scan, volume_id: &str) -> (Vec<String>, Option<String>) {
+    let mut nodes: Vec<String> = scan
+        .known
+        .iter()
+        .filter(|a| a.volume_id == volume_id)
+        .map(|a| a.node_id.clone())
+        .collect();
+    let unconfirmed = scan.unconfirmed(volume_id).map(|(more, reason)| {
+        let msg = if more.is_empty() {
+            format!("whether the volume is attached to a VM is unknown: {reason}")
+        } else {
+            format!(
+                "its attachment to {} is not confirmed: {reason}",
+                more.join(", ")
+            )
+        };
+        nodes.extend(more);
+        msg
+    });
+    nodes.sort();
+    nodes.dedup();
+    (nodes, unconfirmed)
+}
+
+/// `condition`, made abnormal by every attachment of the volume that cannot serve I/O and by
+/// attachments that cannot be confirmed now.
+fn with_attachments<'a>(
+    mut condition: csi::VolumeCondition,
+    attachments: impl Iterator<Item = &'a crate::attach::Attachment>,
+    unconfirmed: Option<String>,
+) -> csi::VolumeCondition {
+    let dead: Vec<String> = attachments
+        .filter_map(|a| a.abnormal.clone())
+        .chain(unconfirmed)
+        .collect();
+    if dead.is_empty() {
+        return condition;
+    }
+    let mut problems: Vec<String> = Vec::new();
+    if condition.abnormal {
+        problems.push(condition.message.clone());
+    }
+    problems.extend(dead);
+    condition.abnormal = true;
+    condition.message = problems.join("; ");
+    condition
+}
+
 /// Whether a volume's image and backing layers are in its pool. Blocking.
 fn volume_condition(rec: &VolumeRecord, image: &std::path::Path) -> csi::VolumeCondition {
     let dir = image.parent().unwrap_or(std::path::Path::new(""));
@@ -249,13 +299,12 @@ impl Controller for ControllerService {
         let conditions = self.volume_conditions(&page).await?;
         let mut entries = Vec::with_capacity(page.len());
         for (rec, condition) in page.into_iter().zip(conditions) {
-            let mut published_node_ids: Vec<String> = attachments
-                .iter()
-                .filter(|a| a.volume_id == rec.id)
-                .map(|a| a.node_id.clone())
-                .collect();
-            published_node_ids.sort();
-            published_node_ids.dedup();
+            let (published_node_ids, unconfirmed) = published(&attachments, &rec.id);
+            let condition = with_attachments(
+                condition,
+                attachments.known.iter().filter(|a| a.volume_id == rec.id),
+                unconfirmed,
+            );
             entries.push(csi::list_volumes_response::Entry {
                 volume: Some(convert::volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
@@ -467,12 +516,19 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
-        let published_node_ids = self.attachments.nodes_of(&rec.id).await?;
+        let scan = self.attachments.scan().await?;
+        let attachments: Vec<&crate::attach::Attachment> = scan
+            .known
+            .iter()
+            .filter(|a| a.volume_id == rec.id)
+            .collect();
+        let (published_node_ids, unconfirmed) = published(&scan, &rec.id);
         let condition = self
             .volume_conditions(&[&rec])
             .await?
             .pop()
             .ok_or_else(|| Error::internal("no volume condition"))?;
+        let condition = with_attachments(condition, attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(convert::volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {

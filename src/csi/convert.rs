@@ -135,6 +135,12 @@ pub(crate) fn volume(rec: &VolumeRecord) -> csi::Volume {
     let mut ctx = BTreeMap::new();
     ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
     ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
+    // The node sets a fresh file system's root owner and mode from these.
+    for key in crate::params::ROOT_KEYS {
+        if let Some(v) = rec.parameters.get(key) {
+            ctx.insert(key.to_string(), v.clone());
+        }
+    }
     if let Some(fs) = rec.fs_type() {
         ctx.insert(CTX_FS_TYPE.to_string(), fs.to_string());
     }

@@ -56,6 +56,17 @@ fn capability(c: Option<&csi::VolumeCapability>) -> Result<Capability> {
     Ok(cap)
 }
 
+/// The capability's `volume_mount_group` (VOLUME_MOUNT_GROUP): a numeric group id.
+fn mount_group(c: Option<&csi::VolumeCapability>) -> Result<Option<u32>> {
+    use csi::volume_capability::AccessType as At;
+    match c.and_then(|c| c.access_type.as_ref()) {
+        Some(At::Mount(m)) if !m.volume_mount_group.is_empty() => {
+            crate::params::id_number("volume_mount_group", &m.volume_mount_group).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 fn device_query(ctx: &BTreeMap<String, String>) -> Result<DeviceQuery> {
     convert::check_map("publish_context", ctx)?;
     let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
@@ -107,7 +118,9 @@ impl Node for NodeService {
             .co_path("staging_target_path", &r.staging_target_path)
             .await?;
         let capability = capability(r.volume_capability.as_ref())?;
+        let mount_group = mount_group(r.volume_capability.as_ref())?;
         convert::check_map("volume_context", &r.volume_context)?;
+        let root = crate::params::RootOwnership::from_context(&r.volume_context)?;
         self.ops
             .stage(node::StageRequest {
                 volume_id: r.volume_id,
@@ -115,6 +128,8 @@ impl Node for NodeService {
                 capability,
                 device: device_query(&r.publish_context)?,
                 default_fs: r.volume_context.get(convert::CTX_FS_TYPE).cloned(),
+                root,
+                mount_group,
             })
             .await?;
         ok(csi::NodeStageVolumeResponse {})
@@ -155,6 +170,7 @@ impl Node for NodeService {
             return Err(Error::invalid("target_path must differ from staging_target_path").into());
         }
         let capability = capability(r.volume_capability.as_ref())?;
+        let mount_group = mount_group(r.volume_capability.as_ref())?;
         convert::check_map("volume_context", &r.volume_context)?;
         self.ops
             .publish(node::PublishRequest {
@@ -163,6 +179,7 @@ impl Node for NodeService {
                 target_path,
                 capability,
                 readonly: r.readonly,
+                mount_group,
             })
             .await?;
         ok(csi::NodePublishVolumeResponse {})
@@ -265,6 +282,7 @@ impl Node for NodeService {
             Type::ExpandVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
+            Type::VolumeMountGroup,
         ]
         .into_iter()
         .map(|t| csi::NodeServiceCapability {

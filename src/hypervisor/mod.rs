@@ -169,6 +169,7 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         bus,
         readonly: disk.readonly,
         context,
+        abnormal: None,
     }
 }
 
@@ -243,6 +244,10 @@ impl Attacher for Hypervisor {
 
     async fn check_health(&self) -> Result<()> {
         self.lv.ping().await
+    }
+
+    fn ledger_name(&self) -> Option<&'static str> {
+        Some("libvirt")
     }
 
     async fn snapshot_live(

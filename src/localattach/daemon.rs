@@ -1,12 +1,18 @@
-//! The qemu-storage-daemon that opens a volume's image and exports it as a FUSE file. It runs
-//! daemonized (its own session, re-parented to init), so a restarted plugin leaves it running
-//! and finds it again through its pid file.
+//! The qemu-storage-daemon that opens a volume's image and exports it as a FUSE file. It is
+//! made to outlive the plugin: it daemonizes (its own session, re-parented to init, so a kill
+//! of the plugin's process group misses it) and leaves the plugin's cgroups before it execs
+//! (see `cgroup`), so a CO that kills every process of the plugin's cgroup misses it too. A
+//! restarted plugin adopts it: the pid file names it, and the pid is trusted only once a pidfd
+//! holds the process and its command line names this slot's pid file (QMP then confirms what
+//! it serves, see `LocalAttacher::adopt`). Every signal goes through the pidfd, so a recycled
+//! pid is never signalled.
 
 use super::slot::{Record, Slot};
 use crate::error::{Error, Result};
 use crate::exec;
 use serde_json::json;
 use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,7 +26,7 @@ fn opts_escape(s: &str) -> String {
 }
 
 /// The command line (arguments after the program name).
-pub(super) fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
+pub(super) fn args(slot: &Slot, rec: &Record) -> Vec<OsString> {
     let ro = rec.readonly;
     let mut file = json!({
         "driver": "file",
@@ -34,7 +40,7 @@ pub(super) fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
         "file": "file0",
         "read-only": ro,
     });
-    if discard {
+    if rec.discard {
         file["discard"] = json!("unmap");
         format["discard"] = json!("unmap");
     }
@@ -66,36 +72,74 @@ pub(super) fn args(slot: &Slot, rec: &Record, discard: bool) -> Vec<OsString> {
     ]
 }
 
-/// Starts the daemon; returns once the export is mounted (`--daemonize` waits for that).
-pub(super) async fn start(slot: &Slot, rec: &Record, discard: bool) -> Result<()> {
-    exec::run(PROGRAM, args(slot, rec, discard)).await?;
+/// Starts the daemon; returns once the export is mounted (`--daemonize` waits for that). The
+/// daemon joins the cgroups whose `cgroup.procs` are given before it runs.
+pub(super) async fn start(slot: &Slot, rec: &Record, cgroup_procs: &[std::fs::File]) -> Result<()> {
+    exec::run_in_cgroups(PROGRAM, args(slot, rec), cgroup_procs).await?;
     Ok(())
 }
 
-/// The daemon's pid, if its pid file names a live qemu-storage-daemon of this slot. Blocking.
-pub(super) fn running_pid(slot: &Slot) -> Option<i32> {
+/// A live storage daemon, held by a pidfd: its pid cannot be recycled under us.
+#[derive(Debug)]
+pub(super) struct Daemon {
+    pub(super) pid: i32,
+    fd: OwnedFd,
+}
+
+impl Daemon {
+    /// The process has not exited (not even as a zombie). Blocking, returns at once.
+    pub(super) fn alive(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        // A pidfd turns readable when its process exits.
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) -> std::io::Result<()> {
+        rustix::process::pidfd_send_signal(&self.fd, signal).map_err(std::io::Error::from)
+    }
+}
+
+/// The slot's daemon, if its pid file names a live qemu-storage-daemon started for this slot.
+/// The pidfd is opened first and checked again after the command line was read, so the
+/// command line read is that process's. Blocking.
+pub(super) fn find(slot: &Slot) -> Option<Daemon> {
     let pid: i32 = std::fs::read_to_string(slot.pid_path())
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    is_ours(pid, &slot.pid_path()).then_some(pid)
+    if pid <= 1 {
+        return None;
+    }
+    let fd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid)?,
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok()?;
+    let d = Daemon { pid, fd };
+    (is_ours(pid, &slot.pid_path()) && d.alive()).then_some(d)
 }
 
-/// Guards against a recycled pid: the process must be alive and carry our pid file path.
+/// The process carries our program name and this slot's pid file path, and is no zombie.
 fn is_ours(pid: i32, pid_file: &Path) -> bool {
-    if pid <= 1 || !alive(pid) {
+    if !running(pid) {
         return false;
     }
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
+    let mut args = cmdline.split(|b| *b == 0);
+    let program_ok = args
+        .next()
+        .and_then(|a| a.rsplit(|b| *b == b'/').next())
+        .is_some_and(|name| name == PROGRAM.as_bytes());
     let want = pid_file.as_os_str().as_encoded_bytes();
-    cmdline.split(|b| *b == 0).any(|arg| arg == want)
+    program_ok && args.any(|arg| arg == want)
 }
 
 /// Running and not a zombie.
-fn alive(pid: i32) -> bool {
+fn running(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state follows the last ')'.
         Ok(stat) => stat
@@ -106,30 +150,68 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// The daemon's image and export, as QMP reports them, match the slot's record, and the
+/// process answering QMP is `d`. Not an error when they differ: the reason is returned.
+pub(super) async fn confirm(slot: &Slot, rec: &Record, d: &Daemon) -> Result<Option<String>> {
+    let served = super::qmp::served(&slot.qmp_path()).await?;
+    if served.pid != Some(d.pid) {
+        return Ok(Some(format!(
+            "{} is served by pid {:?}, not by the daemon of pid {}",
+            slot.qmp_path().display(),
+            served.pid,
+            d.pid
+        )));
+    }
+    let image = rec.image.to_string_lossy();
+    if !served
+        .nodes
+        .iter()
+        .any(|(node, file)| node == "file0" && *file == image)
+    {
+        return Ok(Some(format!(
+            "storage daemon {} does not serve {image} (it serves {:?})",
+            d.pid, served.nodes
+        )));
+    }
+    if !served
+        .exports
+        .iter()
+        .any(|(id, node, kind)| id == "exp0" && node == DISK_NODE && kind == "fuse")
+    {
+        return Ok(Some(format!(
+            "storage daemon {} has no FUSE export of {DISK_NODE} (exports: {:?})",
+            d.pid, served.exports
+        )));
+    }
+    Ok(None)
+}
+
 /// Stops the slot's daemon (SIGTERM, then SIGKILL) and waits until it is gone. OK when none
 /// runs. On SIGTERM the daemon unmounts its export and closes the image cleanly.
 pub(super) async fn stop(slot: &Slot) -> Result<()> {
     let s = slot.clone();
-    let Some(pid) = exec::blocking(move || Ok(running_pid(&s))).await? else {
+    let Some(d) = exec::blocking(move || Ok(find(&s))).await? else {
         return Ok(());
     };
-    use nix::sys::signal::{kill, Signal};
-    let target = nix::unistd::Pid::from_raw(pid);
+    let d = std::sync::Arc::new(d);
+    let pid = d.pid;
+    use rustix::process::Signal;
     for (signal, wait) in [
-        (Signal::SIGTERM, Duration::from_secs(10)),
-        (Signal::SIGKILL, Duration::from_secs(5)),
+        (Signal::TERM, Duration::from_secs(10)),
+        (Signal::KILL, Duration::from_secs(5)),
     ] {
-        if let Err(e) = kill(target, signal) {
-            if e == nix::errno::Errno::ESRCH {
+        if let Err(e) = d.signal(signal) {
+            if e.raw_os_error() == Some(libc::ESRCH) {
                 return Ok(());
             }
-            return Err(Error::sys(format!("signalling {PROGRAM} {pid}"), e));
+            return Err(Error::io(format!("signalling {PROGRAM} {pid}"), e));
         }
         let start = Instant::now();
         // The daemon usually exits within milliseconds: look again soon, then less often.
         let mut nap = Duration::from_millis(1);
         while start.elapsed() < wait {
-            if !alive(pid) {
+            let dd = d.clone();
+            if !exec::blocking(move || Ok(dd.alive())).await? {
                 tracing::info!(pid, slot = %slot.key, "storage daemon stopped");
                 crate::failpoint!("localattach.daemon-stopped");
                 return Ok(());
@@ -158,8 +240,10 @@ mod tests {
             image: "/pool/images/a\"b.qcow2".into(),
             format: ImageFormat::Qcow2,
             readonly: true,
+            discard: false,
+            logical_block_size: None,
         };
-        let a: Vec<String> = args(&slot, &rec, false)
+        let a: Vec<String> = args(&slot, &rec)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect();
@@ -178,6 +262,6 @@ mod tests {
             a[10]
         );
         assert!(!is_ours(std::process::id() as i32, Path::new("/nope")));
-        assert!(alive(std::process::id() as i32));
+        assert!(running(std::process::id() as i32));
     }
 }

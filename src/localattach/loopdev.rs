@@ -33,16 +33,6 @@ pub(super) async fn attach(
         .ok_or_else(|| Error::internal(format!("losetup printed an unexpected device {dev:?}")))
 }
 
-/// Loop devices whose backing file is `file`. Blocking.
-pub(super) fn bound_to(sysfs: &Sysfs, file: &Path) -> Result<Vec<String>> {
-    Ok(sysfs
-        .loop_devices()?
-        .into_iter()
-        .filter(|(_, backing)| backing == file)
-        .map(|(name, _)| name)
-        .collect())
-}
-
 /// Who uses the device on this host: mounts of it, bind mounts of its node (block volumes),
 /// or an exclusive opener (a filesystem mounted in another mount namespace). Blocking.
 pub(super) fn users(sysfs: &Sysfs, name: &str) -> Result<Vec<String>> {

@@ -7,7 +7,15 @@
 //! Nothing is kept in memory: attachments are read back from the state directory and the
 //! kernel's loop devices, so a restarted controller knows them, and leftovers of an attach a
 //! crash interrupted are cleaned when the backend opens.
+//!
+//! Attached volumes outlive the plugin: the storage daemon runs in its own session and its own
+//! cgroups (`daemon`, `cgroup`), so killing the plugin, its process group or its cgroup (the
+//! way Nomad and container runtimes stop a task) leaves every attachment working. The
+//! restarted plugin adopts the daemons it finds (pidfd, command line, QMP). An attachment whose
+//! daemon died anyway is reported as such (`Attachment::abnormal`), never as healthy: it is
+//! attached afresh when nothing uses it, and refused with what to do when something does.
 
+mod cgroup;
 mod daemon;
 mod loopdev;
 mod qmp;
@@ -21,6 +29,7 @@ use crate::ids::ObjectId;
 use crate::node::mountinfo::MountTable;
 use crate::node::Sysfs;
 use crate::params::{Bus, Discard, Qos};
+use cgroup::Placement;
 use slot::{Record, Slot};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,10 +38,20 @@ use std::sync::Arc;
 /// publish_context `bus` of a locally attached volume.
 pub(crate) const BUS_LOCAL: &str = "local";
 
+/// `node.daemon_cgroup` when not configured.
+pub(crate) const DEFAULT_DAEMON_CGROUP: &str = "virtdisk-csi";
+/// `node.cgroup_root` when not configured.
+pub(crate) const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 pub(crate) struct LocalAttacher {
     node_id: String,
     state_dir: PathBuf,
     sysfs: Sysfs,
+    /// Where new daemons go in the cgroup tree; None leaves them in the plugin's cgroups.
+    placement: Option<Placement>,
+    /// The node id cannot name a libvirt domain (it is not a QEMU guest's DMI UUID, nor a
+    /// `--node-id` that might be a domain name): asked before the libvirt backend.
+    serves_first: bool,
 }
 
 /// The backend for `cfg`, when local attach is on (default: monolith mode only).
@@ -42,8 +61,43 @@ pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>
         return Ok(None);
     }
     let node_id = crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?;
-    let attacher = LocalAttacher::open(node_id, cfg.data_dir.join("localattach")).await?;
+    let placement = placement(&cfg.node)?;
+    let serves_first = cfg.node_id.is_none() && !crate::nodeid::is_qemu_guest(Path::new("/"));
+    let attacher = LocalAttacher::open(
+        node_id,
+        cfg.data_dir.join("localattach"),
+        placement,
+        serves_first,
+    )
+    .await?;
     Ok(Some(Arc::new(attacher)))
+}
+
+/// The daemons' cgroup placement from `[node]`; InvalidArgument names a bad setting.
+fn placement(node: &crate::config::NodeConfig) -> Result<Option<Placement>> {
+    let path = node
+        .daemon_cgroup
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DAEMON_CGROUP.to_string());
+    if path.is_empty() {
+        return Ok(None);
+    }
+    cgroup::check_path(Path::new(&path))?;
+    let root = node
+        .cgroup_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CGROUP_ROOT));
+    if !root.is_absolute() {
+        return Err(Error::invalid(format!(
+            "node.cgroup_root {} must be absolute",
+            root.display()
+        )));
+    }
+    Ok(Some(Placement {
+        root,
+        path: path.into(),
+        hierarchies: node.daemon_cgroup_hierarchies.clone(),
+    }))
 }
 
 fn key_of(volume_id: &str) -> Result<String> {
@@ -52,9 +106,66 @@ fn key_of(volume_id: &str) -> Result<String> {
         .ok_or_else(|| Error::NotFound(format!("volume {volume_id} is not one of ours")))
 }
 
+/// What a slot holds, read back from the host.
+#[derive(Debug)]
+enum State {
+    /// No record: nothing is attached (leftovers of a teardown at most).
+    Empty,
+    /// A record but no loop device: an attach that a crash interrupted.
+    Partial,
+    /// Attached. `dead` says why I/O through the loop device fails; None when it works.
+    Attached {
+        rec: Record,
+        loop_name: String,
+        dead: Option<String>,
+    },
+}
+
+/// Why the attachment's I/O fails, or None when the loop device reads through the slot's live
+/// daemon: the daemon is alive (pidfd + command line), its FUSE export is mounted, and the
+/// loop device's open file is on that very mount (device numbers, not paths). Blocking.
+fn dead_reason(
+    sysfs: &Sysfs,
+    slot: &Slot,
+    export: &Path,
+    loop_name: &str,
+    table: &MountTable,
+) -> Option<String> {
+    if daemon::find(slot).is_none() {
+        return Some(format!(
+            "its storage daemon is gone (pid file {}), so /dev/{loop_name} fails every I/O",
+            slot.pid_path().display()
+        ));
+    }
+    let Some(m) = table.at(export).filter(|m| m.fs_type.starts_with("fuse")) else {
+        return Some(format!(
+            "the FUSE export {} behind /dev/{loop_name} is not mounted",
+            export.display()
+        ));
+    };
+    match sysfs.loop_backing_identity(loop_name) {
+        Ok((dev, _)) if dev != m.dev() => Some(format!(
+            "/dev/{loop_name} reads an export that is gone (device {}:{}), not the live one at              {} (device {}:{})",
+            dev.0,
+            dev.1,
+            export.display(),
+            m.major,
+            m.minor
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot read the status of /dev/{loop_name}: {e}")),
+    }
+}
+
 impl LocalAttacher {
-    /// Opens the state directory and cleans up what an interrupted attach left behind.
-    pub(crate) async fn open(node_id: String, state_dir: PathBuf) -> Result<Self> {
+    /// Opens the state directory, prepares the daemons' cgroup, adopts the attachments a
+    /// previous plugin left and cleans up what an interrupted attach left behind.
+    pub(crate) async fn open(
+        node_id: String,
+        state_dir: PathBuf,
+        placement: Option<Placement>,
+        serves_first: bool,
+    ) -> Result<Self> {
         let dir = state_dir.clone();
         exec::blocking(move || {
             std::fs::create_dir_all(&dir)
@@ -65,42 +176,166 @@ impl LocalAttacher {
             node_id,
             state_dir,
             sysfs: Sysfs::host(),
+            placement,
+            serves_first,
         };
+        me.report_placement().await?;
         me.recover().await?;
         Ok(me)
+    }
+
+    /// Says once, at start, whether the daemons will outlive the plugin here.
+    async fn report_placement(&self) -> Result<()> {
+        let Some(p) = self.placement.clone() else {
+            tracing::warn!(
+                "node.daemon_cgroup is empty: storage daemons stay in the plugin's cgroup and                  die when the plugin's task or container is stopped"
+            );
+            return Ok(());
+        };
+        let (targets, problems) = exec::blocking(move || p.prepare()).await?;
+        for t in &targets {
+            tracing::debug!(hierarchy = %t.hierarchy, cgroup = %t.dir.display(), "storage daemon cgroup ready");
+        }
+        if !problems.is_empty() {
+            tracing::warn!(
+                problems = %problems.join("; "),
+                "storage daemons cannot leave the plugin's cgroup in every hierarchy: where they                  stay, stopping the plugin's task or container stops them too (see README,                  'Attached volumes survive the plugin')"
+            );
+        }
+        if !crate::nodeid::in_initial_pid_namespace() {
+            tracing::warn!(
+                "the plugin runs in its own PID namespace: the storage daemons die when that                  namespace's init exits; run it with the host's PID namespace (hostPID: true)"
+            );
+        }
+        Ok(())
     }
 
     async fn recover(&self) -> Result<()> {
         let dir = self.state_dir.clone();
         for slot in exec::blocking(move || slot::list(&dir)).await? {
-            if self.complete(&slot).await?.is_none() {
-                tracing::info!(slot = %slot.key, "cleaning up an interrupted local attach");
-                // Never fail startup over it: a detach or attach retries the cleanup.
-                if let Err(e) = self.teardown(&slot).await {
-                    tracing::warn!(slot = %slot.key, error = %e, "cleanup failed");
+            match self.inspect(&slot).await? {
+                State::Attached {
+                    rec,
+                    loop_name,
+                    dead: None,
+                } => self.adopt(&slot, &rec, &loop_name).await,
+                State::Attached {
+                    dead: Some(reason),
+                    loop_name,
+                    ..
+                } => {
+                    tracing::warn!(slot = %slot.key, device = %loop_name, %reason,
+                        "a local attachment is dead; it is attached afresh at the next publish                          once nothing uses it");
+                }
+                State::Empty | State::Partial => {
+                    tracing::info!(slot = %slot.key, "cleaning up an interrupted local attach");
+                    // Never fail startup over it: a detach or attach retries the cleanup.
+                    if let Err(e) = self.teardown(&slot).await {
+                        tracing::warn!(slot = %slot.key, error = %e, "cleanup failed");
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// The record and loop device of a fully attached slot.
-    async fn complete(&self, slot: &Slot) -> Result<Option<(Record, String)>> {
-        let (s, sysfs) = (slot.clone(), self.sysfs.clone());
+    /// Takes over a live attachment a previous plugin made: confirms through QMP that the
+    /// daemon serves this slot's image, and moves it out of the plugin's cgroups if an older
+    /// plugin left it there.
+    async fn adopt(&self, slot: &Slot, rec: &Record, loop_name: &str) {
+        let s = slot.clone();
+        let Ok(Some(d)) = exec::blocking(move || Ok(daemon::find(&s))).await else {
+            return;
+        };
+        match daemon::confirm(slot, rec, &d).await {
+            Ok(None) => {}
+            Ok(Some(mismatch)) => {
+                tracing::warn!(slot = %slot.key, %mismatch, "storage daemon does not serve what its slot records");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(slot = %slot.key, pid = d.pid, error = %e, "storage daemon does not answer QMP");
+                return;
+            }
+        }
+        self.place(slot, d.pid, true).await;
+        tracing::info!(volume = %rec.volume_id, pid = d.pid, device = %loop_name, "adopted a storage daemon left by a previous plugin");
+    }
+
+    /// Checks that daemon `pid` is in the daemons' cgroups (moving it there when `move_it`);
+    /// warns where it is not: there it dies with the plugin.
+    async fn place(&self, slot: &Slot, pid: i32, move_it: bool) {
+        let Some(p) = self.placement.clone() else {
+            return;
+        };
+        let res = exec::blocking(move || {
+            let (targets, _) = p.prepare()?;
+            let mut missing = cgroup::missing(&targets, pid);
+            if move_it && !missing.is_empty() {
+                cgroup::move_pid(&targets, pid);
+                missing = cgroup::missing(&targets, pid);
+            }
+            Ok(missing)
+        })
+        .await;
+        match res {
+            Ok(missing) if missing.is_empty() => {}
+            Ok(missing) => tracing::warn!(slot = %slot.key, pid, cgroups = %missing.join(", "),
+                "storage daemon is not in its cgroup here: it dies with the plugin's cgroup"),
+            Err(e) => {
+                tracing::warn!(slot = %slot.key, pid, error = %e, "cannot check the storage daemon's cgroups")
+            }
+        }
+    }
+
+    /// What the slot holds now.
+    async fn inspect(&self, slot: &Slot) -> Result<State> {
+        let mut all = self.inspect_all(vec![slot.clone()]).await?;
+        Ok(all.pop().map_or(State::Empty, |(_, st)| st))
+    }
+
+    /// What each slot holds now; the loop devices and the mount table are read once.
+    async fn inspect_all(&self, slots: Vec<Slot>) -> Result<Vec<(Slot, State)>> {
+        let sysfs = self.sysfs.clone();
         exec::blocking(move || {
-            let Some(rec) = s.read_record()? else {
-                return Ok(None);
-            };
-            let export = s.export_path(&rec.serial);
-            Ok(loopdev::bound_to(&sysfs, &export)?
-                .into_iter()
-                .next()
-                .map(|name| (rec, name)))
+            let loops = sysfs.loop_devices()?;
+            let mut table: Option<MountTable> = None;
+            let mut out = Vec::with_capacity(slots.len());
+            for s in slots {
+                let Some(rec) = s.read_record()? else {
+                    out.push((s, State::Empty));
+                    continue;
+                };
+                let export = s.export_path(&rec.serial);
+                let Some(loop_name) = loops
+                    .iter()
+                    .find(|(_, backing)| *backing == export)
+                    .map(|(name, _)| name.clone())
+                else {
+                    out.push((s, State::Partial));
+                    continue;
+                };
+                let t = match table.take() {
+                    Some(t) => t,
+                    None => MountTable::read()?,
+                };
+                let dead = dead_reason(&sysfs, &s, &export, &loop_name, &t);
+                table = Some(t);
+                out.push((
+                    s,
+                    State::Attached {
+                        rec,
+                        loop_name,
+                        dead,
+                    },
+                ));
+            }
+            Ok(out)
         })
         .await
     }
 
-    fn attachment(&self, rec: &Record, loop_name: &str) -> Attachment {
+    fn attachment(&self, rec: &Record, loop_name: &str, dead: Option<String>) -> Attachment {
         let mut context = BTreeMap::new();
         context.insert(CTX_BUS.to_string(), BUS_LOCAL.to_string());
         context.insert(
@@ -115,7 +350,14 @@ impl LocalAttacher {
             bus: Bus::default(),
             readonly: rec.readonly,
             context,
+            abnormal: dead.map(|reason| format!("local attachment on {}: {reason}", self.node_id)),
         }
+    }
+
+    /// Who uses the loop device (mounts, bind mounts, an exclusive opener).
+    async fn users(&self, loop_name: &str) -> Result<Vec<String>> {
+        let (sysfs, n) = (self.sysfs.clone(), loop_name.to_string());
+        exec::blocking(move || loopdev::users(&sysfs, &n)).await
     }
 
     /// Takes a slot apart in dependency order: loop devices (refused while the volume is in
@@ -131,8 +373,7 @@ impl LocalAttacher {
         })
         .await?;
         for (name, backing) in &loops {
-            let (sysfs, n) = (self.sysfs.clone(), name.clone());
-            let users = exec::blocking(move || loopdev::users(&sysfs, &n)).await?;
+            let users = self.users(name).await?;
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume is still in use on this host: /dev/{name} is used by {}; \
@@ -163,6 +404,22 @@ impl LocalAttacher {
         .await
     }
 
+    /// Why the slot's live daemon cannot be trusted with the attachment (QMP: another process
+    /// answers, another image, no export), or None when it serves `rec`.
+    async fn unconfirmed(&self, slot: &Slot, rec: &Record) -> Result<Option<String>> {
+        let s = slot.clone();
+        let Some(d) = exec::blocking(move || Ok(daemon::find(&s))).await? else {
+            return Ok(Some("its storage daemon is gone".into()));
+        };
+        match daemon::confirm(slot, rec, &d).await {
+            Ok(found) => Ok(found),
+            Err(e) => Ok(Some(format!(
+                "its storage daemon (pid {}) does not answer QMP: {e}",
+                d.pid
+            ))),
+        }
+    }
+
     fn check_node(&self, node_id: &str) -> Result<()> {
         if node_id == self.node_id {
             Ok(())
@@ -174,9 +431,11 @@ impl LocalAttacher {
         }
     }
 
-    async fn start(&self, slot: &Slot, rec: &Record, spec: &DiskSpec) -> Result<String> {
+    /// Attaches `rec` in an empty slot: record, daemon (in its own cgroups), loop device.
+    async fn start(&self, slot: &Slot, rec: &Record) -> Result<String> {
         let (s, r) = (slot.clone(), rec.clone());
-        exec::blocking(move || {
+        let placement = self.placement.clone();
+        let procs = exec::blocking(move || {
             for dev in ["/dev/fuse", "/dev/loop-control"] {
                 if !Path::new(dev).exists() {
                     return Err(Error::Unavailable(format!(
@@ -190,15 +449,24 @@ impl LocalAttacher {
             crate::fsutil::write_json(&s.record_path(), &r)?;
             let export = s.export_path(&r.serial);
             std::fs::write(&export, b"")
-                .map_err(|e| Error::io(format!("creating {}", export.display()), e))
+                .map_err(|e| Error::io(format!("creating {}", export.display()), e))?;
+            let Some(p) = placement else {
+                return Ok(Vec::new());
+            };
+            let (targets, _) = p.prepare()?;
+            Ok(cgroup::open_procs(&targets).0)
         })
         .await?;
         crate::failpoint!("localattach.recorded");
-        let discard = spec.options.discard == Some(Discard::Unmap);
-        daemon::start(slot, rec, discard).await?;
+        daemon::start(slot, rec, &procs).await?;
+        drop(procs);
         crate::failpoint!("localattach.daemon-started");
+        let s = slot.clone();
+        if let Some(d) = exec::blocking(move || Ok(daemon::find(&s))).await? {
+            self.place(slot, d.pid, false).await;
+        }
         let export = slot.export_path(&rec.serial);
-        let name = loopdev::attach(&export, rec.readonly, spec.options.logical_block_size).await?;
+        let name = loopdev::attach(&export, rec.readonly, rec.logical_block_size).await?;
         crate::failpoint!("localattach.loop-attached");
         // Confirm through sysfs, the way the node will look for it.
         let (sysfs, n) = (self.sysfs.clone(), name.clone());
@@ -211,6 +479,47 @@ impl LocalAttacher {
         }
         Ok(name)
     }
+
+    /// Attaches `rec` afresh (slot torn down first), cleaning up when that fails.
+    async fn attach_fresh(&self, slot: &Slot, rec: &Record) -> Result<String> {
+        self.teardown(slot).await?;
+        match self.start(slot, rec).await {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                if let Err(t) = self.teardown(slot).await {
+                    tracing::warn!(volume = %rec.volume_id, error = %t, "cleanup after a failed local attach failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A dead attachment: attached afresh when nothing uses its loop device; otherwise an
+    /// error that says what to do (a loop device's backing file cannot be swapped under a
+    /// read-write user).
+    async fn repair(
+        &self,
+        slot: &Slot,
+        had: &Record,
+        rec: &Record,
+        loop_name: &str,
+        reason: &str,
+    ) -> Result<String> {
+        let users = self.users(loop_name).await?;
+        if !users.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is attached to this host but the attachment is dead: {reason}; \
+                 /dev/{loop_name} is still used by {}: NodeUnpublishVolume and NodeUnstageVolume \
+                 it on this node (stop the workload that uses it), then publish it again",
+                had.volume_id,
+                users.join(", ")
+            )));
+        }
+        tracing::warn!(volume = %rec.volume_id, device = %loop_name, %reason, "dead local attachment unused: attaching it afresh");
+        let name = self.attach_fresh(slot, rec).await?;
+        tracing::info!(volume = %rec.volume_id, device = %name, "dead local attachment repaired");
+        Ok(name)
+    }
 }
 
 #[async_trait::async_trait]
@@ -219,12 +528,22 @@ impl Attacher for LocalAttacher {
         Ok(node_id == self.node_id)
     }
 
+    fn serves_first(&self) -> bool {
+        self.serves_first
+    }
+
     async fn attachments(&self) -> Result<Vec<Attachment>> {
         let dir = self.state_dir.clone();
+        let slots = exec::blocking(move || slot::list(&dir)).await?;
         let mut out = Vec::new();
-        for slot in exec::blocking(move || slot::list(&dir)).await? {
-            if let Some((rec, name)) = self.complete(&slot).await? {
-                out.push(self.attachment(&rec, &name));
+        for (_, st) in self.inspect_all(slots).await? {
+            if let State::Attached {
+                rec,
+                loop_name,
+                dead,
+            } = st
+            {
+                out.push(self.attachment(&rec, &loop_name, dead));
             }
         }
         Ok(out)
@@ -233,34 +552,41 @@ impl Attacher for LocalAttacher {
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
         self.check_node(node_id)?;
         let slot = Slot::new(&self.state_dir, &key_of(&spec.volume_id)?);
-        if let Some((rec, name)) = self.complete(&slot).await? {
-            return Ok(self.attachment(&rec, &name));
-        }
-        if max > 0 && self.attachments().await?.len() as u64 >= max {
-            return Err(Error::ResourceExhausted(format!(
-                "this host already has {max} volumes attached (max_volumes_per_node)"
-            )));
-        }
-        self.teardown(&slot).await?;
         let rec = Record {
             volume_id: spec.volume_id.clone(),
             serial: slot.serial(),
             image: spec.image.clone(),
             format: spec.format,
             readonly: spec.readonly,
+            discard: spec.options.discard == Some(Discard::Unmap),
+            logical_block_size: spec.options.logical_block_size,
         };
-        match self.start(&slot, &rec, spec).await {
-            Ok(name) => {
-                tracing::info!(volume = %spec.volume_id, device = %name, readonly = rec.readonly, "volume attached locally");
-                Ok(self.attachment(&rec, &name))
-            }
-            Err(e) => {
-                if let Err(t) = self.teardown(&slot).await {
-                    tracing::warn!(volume = %spec.volume_id, error = %t, "cleanup after a failed local attach failed");
-                }
-                Err(e)
-            }
+        if let State::Attached {
+            rec: had,
+            loop_name,
+            dead,
+        } = self.inspect(&slot).await?
+        {
+            // Alive by the host's state; the daemon must also say it serves this image.
+            let dead = match dead {
+                Some(reason) => Some(reason),
+                None => self.unconfirmed(&slot, &had).await?,
+            };
+            let Some(reason) = dead else {
+                return Ok(self.attachment(&had, &loop_name, None));
+            };
+            // Nothing may use the dead device for a repair: the request's settings apply.
+            let name = self.repair(&slot, &had, &rec, &loop_name, &reason).await?;
+            return Ok(self.attachment(&rec, &name, None));
         }
+        if max > 0 && self.attachments().await?.len() as u64 >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "this host already has {max} volumes attached (max_volumes_per_node)"
+            )));
+        }
+        let name = self.attach_fresh(&slot, &rec).await?;
+        tracing::info!(volume = %spec.volume_id, device = %name, readonly = rec.readonly, "volume attached locally");
+        Ok(self.attachment(&rec, &name, None))
     }
 
     async fn detach(&self, node_id: &str, volume_id: &str) -> Result<()> {
@@ -274,11 +600,22 @@ impl Attacher for LocalAttacher {
     async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()> {
         self.check_node(node_id)?;
         let slot = Slot::new(&self.state_dir, &key_of(volume_id)?);
-        let Some((rec, name)) = self.complete(&slot).await? else {
+        let State::Attached {
+            rec,
+            loop_name: name,
+            dead,
+        } = self.inspect(&slot).await?
+        else {
             return Err(Error::NotFound(format!(
                 "volume {volume_id} is not attached to this host"
             )));
         };
+        if let Some(reason) = dead {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot grow online: its attachment on this host is dead \
+                 ({reason}); unpublish it on this node and publish it again"
+            )));
+        }
         if rec.readonly {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is attached read-only here; unpublish it to expand it"

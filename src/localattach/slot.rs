@@ -15,6 +15,12 @@ pub(super) struct Record {
     pub image: PathBuf,
     pub format: ImageFormat,
     pub readonly: bool,
+    /// The export passes discards down (`discard=unmap`); absent in records of older plugins.
+    #[serde(default)]
+    pub discard: bool,
+    /// The loop device's logical block size, when the volume asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_block_size: Option<u32>,
 }
 
 #[derive(Debug, Clone)]

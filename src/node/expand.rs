@@ -64,6 +64,7 @@ impl NodeOps {
                 r.volume_id
             )));
         }
+        self.refuse_dead(&r.volume_id, dev.dev()).await?;
         let dev = self.refresh_size(&dev, r.required_bytes).await?;
         if r.block.unwrap_or(block_mount) {
             return Ok(dev.size_bytes);

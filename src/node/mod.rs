@@ -6,6 +6,7 @@ pub(crate) mod discover;
 mod expand;
 pub(crate) mod fs;
 pub mod mountinfo;
+mod owner;
 pub(crate) mod paths;
 mod publish;
 mod robind;
@@ -40,6 +41,10 @@ pub(crate) struct StageRequest {
     pub(crate) device: DeviceQuery,
     /// The volume's file system when the capability names none (volume_context `fsType`).
     pub(crate) default_fs: Option<String>,
+    /// Owner and mode of a fresh file system's root (volume_context `rootUid`/…).
+    pub(crate) root: crate::params::RootOwnership,
+    /// The CO's `volume_mount_group` (Kubernetes fsGroup): the file system becomes the group's.
+    pub(crate) mount_group: Option<u32>,
 }
 
 /// NodePublishVolume in domain terms.
@@ -50,6 +55,8 @@ pub(crate) struct PublishRequest {
     pub(crate) target_path: PathBuf,
     pub(crate) capability: Capability,
     pub(crate) readonly: bool,
+    /// The CO's `volume_mount_group` (Kubernetes fsGroup).
+    pub(crate) mount_group: Option<u32>,
 }
 
 /// NodeExpandVolume in domain terms.
@@ -98,6 +105,30 @@ impl NodeOps {
         }
         Ok(q)
     }
+}
+
+/// Who may write the file system mounted read-write at `root`: a fresh root's owner and mode,
+/// then the mount group (see `owner`).
+async fn settle_ownership(
+    root: &Path,
+    fresh: crate::params::RootOwnership,
+    formatted: bool,
+    mount_group: Option<u32>,
+) -> Result<()> {
+    let root = root.to_path_buf();
+    exec::blocking(move || {
+        if owner::set_fresh_root(&root, &fresh, formatted)? {
+            tracing::info!(root = %root.display(), uid = ?fresh.uid, gid = ?fresh.gid, mode = ?fresh.mode.map(|m| format!("{m:o}")), "fresh file system root owner set");
+        }
+        if let Some(gid) = mount_group {
+            let n = owner::apply_group(&root, gid)?;
+            if n > 0 {
+                tracing::info!(root = %root.display(), gid, entries = n, "file system made the mount group's");
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn mount_table() -> Result<MountTable> {

@@ -69,6 +69,14 @@ impl NodeOps {
                 if block { "block" } else { "mount" }
             )));
         };
+        if let Some(dev) = super::mounted_dev(&stage).await {
+            self.refuse_dead(&r.volume_id, dev).await?;
+        }
+        if !block && !readonly && !stage.read_only() {
+            if let Some(gid) = r.mount_group {
+                super::settle_ownership(&staging, Default::default(), false, Some(gid)).await?;
+            }
+        }
         if let Some(m) = table.at(&target) {
             if m.dev() == stage.dev() && m.root == stage.root {
                 if m.read_only() == readonly {

@@ -84,6 +84,7 @@ impl NodeOps {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
         let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
+        self.refuse_dead(&r.volume_id, dev.dev()).await?;
         ensure_dir(&r.staging_path).await?;
         let staging = resolve(&r.staging_path).await?;
         let block_file = staging.join(BLOCK_STAGE_FILE);
@@ -192,10 +193,14 @@ impl NodeOps {
                 }
             }
             fs::make_shared(&staging).await?;
+            if !m.read_only() {
+                super::settle_ownership(&staging, r.root, false, r.mount_group).await?;
+            }
             return Ok(());
         }
 
         let read_only = dev.read_only || r.capability.access_mode.is_read_only();
+        let mut formatted = false;
         let fs_type = match fs::probe(&dev_path).await? {
             Content::Blank => {
                 let fs_type = requested
@@ -216,6 +221,7 @@ impl NodeOps {
                 }
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
                 fs::mkfs(&dev_path, &fs_type).await?;
+                formatted = true;
                 crate::failpoint!("stage.formatted");
                 fs_type
             }
@@ -269,6 +275,8 @@ impl NodeOps {
         let finish = async {
             if ro_mount_only {
                 fs::remount_read_only(&staging).await?;
+            } else if !read_only {
+                super::settle_ownership(&staging, r.root, formatted, r.mount_group).await?;
             }
             fs::make_shared(&staging).await
         };

@@ -61,20 +61,60 @@ fn statvfs_usage(path: &Path) -> Result<Vec<Usage>> {
     ])
 }
 
-/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN) fails
-/// every I/O: say so. Other errors (a path outside this mount namespace) prove nothing.
-fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+/// A loop device whose backing file sits on a FUSE export whose daemon died (ENOTCONN), or
+/// that reads a file other than the one now at its backing path (a dead export someone
+/// detached), fails every I/O: say so. Other errors (a path outside this mount namespace)
+/// prove nothing.
+pub(super) fn dead_loop_backing(sysfs: &super::Sysfs, name: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
     let backing = sysfs.loop_backing_file(name)?;
     match std::fs::metadata(&backing) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
             "the export behind /dev/{name} ({}) is disconnected: its storage daemon is gone",
             backing.display()
         )),
-        _ => None,
+        Ok(m) => {
+            let now = (libc::major(m.dev()), libc::minor(m.dev()));
+            match sysfs.loop_backing_identity(name) {
+                Ok((dev, ino)) if dev != now || ino != m.ino() => Some(format!(
+                    "/dev/{name} reads a file that is gone (device {}:{}), not {} (device \
+                     {}:{}): its storage daemon is gone",
+                    dev.0,
+                    dev.1,
+                    backing.display(),
+                    now.0,
+                    now.1
+                )),
+                _ => None,
+            }
+        }
+        Err(_) => None,
     }
 }
 
 impl NodeOps {
+    /// Refuses to use a disk whose attachment is dead (a loop device over a FUSE export whose
+    /// storage daemon is gone fails every I/O): a mount, bind or grow on it would fail half-way
+    /// or, worse, be taken for a blank disk. The controller repairs such an attachment at the
+    /// next ControllerPublishVolume once nothing on this node uses it.
+    pub(crate) async fn refuse_dead(&self, volume_id: &str, dev: (u32, u32)) -> Result<()> {
+        let sysfs = self.sysfs.clone();
+        let reason = exec::blocking(move || {
+            Ok(sysfs
+                .by_dev(dev)?
+                .filter(|d| d.kind == DeviceKind::Loop)
+                .and_then(|d| dead_loop_backing(&sysfs, &d.name)))
+        })
+        .await?;
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot be used on this node: {reason}; unpublish and \
+                 unstage it here, then ControllerPublishVolume it again (that attaches it afresh)"
+            ))),
+        }
+    }
+
     pub(crate) async fn stats(
         &self,
         volume_id: &str,

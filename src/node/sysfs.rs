@@ -87,6 +87,26 @@ fn kind_of(name: &str) -> DeviceKind {
     }
 }
 
+/// `struct loop_info64` (linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+
 impl Sysfs {
     pub(crate) fn new(sys_root: impl Into<PathBuf>, dev_root: impl Into<PathBuf>) -> Self {
         Sysfs {
@@ -162,6 +182,23 @@ impl Sysfs {
     /// The backing file of a loop device, as the kernel reports it.
     pub(crate) fn loop_backing_file(&self, name: &str) -> Option<PathBuf> {
         read_trimmed(&self.block_dir(name).join("loop/backing_file")).map(PathBuf::from)
+    }
+
+    /// The device number and inode of the file the loop device reads: the identity of the open
+    /// file, not its path (a dead FUSE export and a live one at the same path differ here).
+    /// Blocking.
+    pub(crate) fn loop_backing_identity(&self, name: &str) -> Result<((u32, u32), u64)> {
+        let node = self.dev_path(name);
+        let f = std::fs::File::open(&node)
+            .map_err(|e| Error::io(format!("opening {}", node.display()), e))?;
+        // SAFETY: all-zero is a valid LoopInfo64 (integers and byte arrays).
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64, which LoopInfo64 mirrors.
+        unsafe { loop_get_status64(std::os::fd::AsRawFd::as_raw_fd(&f), &mut info) }
+            .map_err(|e| Error::sys(format!("LOOP_GET_STATUS64 on {}", node.display()), e))?;
+        // The kernel encodes dev_t as glibc does (huge_encode_dev).
+        let dev = info.lo_device as libc::dev_t;
+        Ok(((libc::major(dev), libc::minor(dev)), info.lo_inode))
     }
 
     /// Every bound loop device with its backing file.

@@ -200,6 +200,23 @@ impl Env {
             .unwrap();
     }
 
+    /// The pid of `vol`'s storage daemon (from its pid file), while that process lives.
+    pub fn daemon_pid(&self, vol: &csi::Volume) -> Option<i32> {
+        let pid_file = self
+            .plugin
+            .data_dir()
+            .join("localattach")
+            .join(crate::key_of(&vol.volume_id))
+            .join("qsd.pid");
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        (!stat.contains(") Z")).then_some(pid)
+    }
+
     /// ControllerUnpublish twice, delete, and nothing left on the host.
     pub async fn finish(&self, vol: &csi::Volume) {
         self.controller_unpublish(vol).await.unwrap();

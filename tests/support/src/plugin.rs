@@ -52,6 +52,8 @@ pub struct Launch {
     bin: PathBuf,
     dir_prefix: String,
     readable_by_qemu: bool,
+    /// The plugin leads a process group of its own (as a CO's executor starts a task).
+    own_process_group: bool,
     poll: Duration,
     timeout: Duration,
 }
@@ -180,6 +182,7 @@ impl Plugin {
             bin: bin(),
             dir_prefix: ".tmp".into(),
             readable_by_qemu: false,
+            own_process_group: false,
             poll: Duration::from_millis(20),
             timeout: Duration::from_secs(30),
         }
@@ -219,6 +222,10 @@ impl Plugin {
             .unwrap();
         let mut cmd = Command::new(&self.launch.bin);
         cmd.args(&self.args).env_remove("CSI_ENDPOINT");
+        if self.launch.own_process_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         match &self.launch.rust_log {
             Some(level) => cmd.env("RUST_LOG", level),
             None => cmd.env_remove("RUST_LOG"),
@@ -340,6 +347,20 @@ impl Plugin {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stops the plugin (if running) and starts the same command line leading a process group
+    /// of its own, as a CO's executor starts a task, so a test can kill that whole group
+    /// (`killpg`, then [`Plugin::reap`]); later restarts keep that. Returns spawn → serving.
+    pub async fn restart_in_own_group(&mut self) -> Duration {
+        self.launch.own_process_group = true;
+        self.restart().await
+    }
+
+    /// Reaps the plugin after something else killed it (its process group, its cgroup);
+    /// returns how it ended.
+    pub fn reap(&mut self) -> Option<ExitStatus> {
+        self.child.take().map(|mut c| c.wait().unwrap())
     }
 
     /// The pid of the running plugin process.
