@@ -34,6 +34,7 @@ use slot::{Record, Slot};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// publish_context `bus` of a locally attached volume.
 pub(crate) const BUS_LOCAL: &str = "local";
@@ -551,6 +552,7 @@ impl Attacher for LocalAttacher {
 
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
         self.check_node(node_id)?;
+        let started = Instant::now();
         let slot = Slot::new(&self.state_dir, &key_of(&spec.volume_id)?);
         let rec = Record {
             volume_id: spec.volume_id.clone(),
@@ -577,6 +579,7 @@ impl Attacher for LocalAttacher {
             };
             // Nothing may use the dead device for a repair: the request's settings apply.
             let name = self.repair(&slot, &had, &rec, &loop_name, &reason).await?;
+            crate::metrics::observe_attach(started.elapsed());
             return Ok(self.attachment(&rec, &name, None));
         }
         if max > 0 && self.attachments().await?.len() as u64 >= max {
@@ -585,6 +588,7 @@ impl Attacher for LocalAttacher {
             )));
         }
         let name = self.attach_fresh(&slot, &rec).await?;
+        crate::metrics::observe_attach(started.elapsed());
         tracing::info!(volume = %spec.volume_id, device = %name, readonly = rec.readonly, "volume attached locally");
         Ok(self.attachment(&rec, &name, None))
     }
@@ -594,7 +598,15 @@ impl Attacher for LocalAttacher {
         let Ok(key) = key_of(volume_id) else {
             return Ok(());
         };
-        self.teardown(&Slot::new(&self.state_dir, &key)).await
+        let started = Instant::now();
+        let slot = Slot::new(&self.state_dir, &key);
+        let dir = slot.dir.clone();
+        let attached = exec::blocking(move || Ok(dir.exists())).await?;
+        self.teardown(&slot).await?;
+        if attached {
+            crate::metrics::observe_detach(started.elapsed());
+        }
+        Ok(())
     }
 
     async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()> {
