@@ -1,5 +1,6 @@
-//! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
-//! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed). A `tcp://`
+//! The gRPC server on a unix socket: stale socket replaced, restrictive permissions from the
+//! start, graceful stop when the process's [`Shutdown`] begins (in-flight RPCs finish within
+//! its grace period, the socket is removed). A `tcp://`
 //! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
 //! Every accepted connection goes through [`authority::AuthorityFix`], so that clients which
 //! send the socket path as HTTP/2 `:authority` (Python grpcio, grpc-java, Nomad 1.0–1.2) get
