@@ -7,7 +7,7 @@
 //! | [`plugin`] | [`Plugin`]: the real binary on a temp socket and data dir, started, crashed, restarted |
 //! | [`rpc`] | CSI request builders with sensible defaults, and short calls on the gRPC clients |
 //! | [`calls`] | one-line controller calls by name and id, for scenario tests |
-//! | [`virsh`] | `virsh` on `qemu:///system`, and libvirtd started if it is not running |
+//! | [`virsh`] | `virsh` on `qemu:///system`, libvirtd started if it is not running, and a mute one |
 //! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into |
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
 //! | [`pool`] | a pool directory's on-disk truth (records, layers) and its invariants |
