@@ -56,6 +56,10 @@ struct ServeArgs {
     /// libvirt URI of the hypervisor whose domains are the nodes (default qemu:///system).
     #[arg(long)]
     libvirt_uri: Option<String>,
+    /// Staging and target paths must lead below this directory (repeatable; added to the
+    /// config's `[node] allowed_path_roots`), e.g. the CO's directory for this plugin.
+    #[arg(long, value_name = "DIR")]
+    allowed_path_root: Vec<PathBuf>,
     /// Log format: text, or JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -123,6 +127,7 @@ async fn start_and_serve(args: ServeArgs, shutdown: &Shutdown) -> crate::error::
             data_dir: args.data_dir,
             node_id: args.node_id,
             libvirt_uri: args.libvirt_uri,
+            allowed_path_roots: args.allowed_path_root,
         },
     )?;
     let listen = server::listen_address(&args.endpoint)?;

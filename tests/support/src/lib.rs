@@ -14,6 +14,7 @@
 //! | [`local_attach`] | a monolith with local attach on this host, and proof that nothing leaks |
 //! | [`metrics`] | the plugin's metrics endpoint: its address from the log, HTTP GET, samples |
 //! | [`guestbed`] | Linux guests run by libvirt with the node plugin inside |
+//! | [`nomad_agent`] | a real Nomad agent (`../shared/tools/nomad`) driven by its CLI and HTTP API |
 //!
 //! A test starts with `use virtdisk_test_support::prelude::*;` and names the rest by module:
 //!
@@ -39,6 +40,7 @@ pub mod domain;
 pub mod guestbed;
 pub mod local_attach;
 pub mod metrics;
+pub mod nomad_agent;
 pub mod plugin;
 pub mod pool;
 pub mod qemu;
