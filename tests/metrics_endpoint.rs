@@ -166,8 +166,9 @@ async fn attach_detach_and_operation_histograms_follow_what_happened() {
         return;
     };
     let addr = metrics_addr(&env.plugin).await;
-    let attaches = || count(&addr, "attach_duration_seconds", "");
-    let detaches = || count(&addr, "detach_duration_seconds", "");
+    // Local attach is this machine: host "local".
+    let attaches = || count(&addr, "attach_duration_seconds", "{host=\"local\"}");
+    let detaches = || count(&addr, "detach_duration_seconds", "{host=\"local\"}");
     let mkfs = || count(&addr, "operation_duration_seconds", "{operation=\"mkfs\"}");
     assert_eq!((attaches(), detaches(), mkfs()), (0.0, 0.0, 0.0));
 
@@ -195,4 +196,51 @@ async fn attach_detach_and_operation_histograms_follow_what_happened() {
         "one detach, and the second unpublish changed nothing"
     );
     assert_eq!(attaches(), 1.0);
+}
+
+/// The same for libvirt hot-plug: one attach and one detach of the implicit host ("local"),
+/// each confirmed in the domain's XML; repeats change nothing.
+#[cfg(feature = "libvirt")]
+#[tokio::test]
+async fn hot_plug_attach_and_detach_move_the_host_histograms() {
+    virtdisk_test_support::virsh::ensure_libvirtd();
+    let dom = TestDomain::start("metrics", 2);
+    let p = Plugin::launch("controller")
+        .config("[libvirt]\ndetach_timeout_secs = 5\n")
+        .args(&["--metrics-addr", "127.0.0.1:0"])
+        .readable_by_qemu()
+        .start()
+        .await;
+    let addr = metrics_addr(&p).await;
+    let attaches = || count(&addr, "attach_duration_seconds", "{host=\"local\"}");
+    let detaches = || count(&addr, "detach_duration_seconds", "{host=\"local\"}");
+    let (a0, d0) = (attaches(), detaches());
+
+    let vol = p
+        .controller()
+        .create(create_req("vdt-ops-metrics-hotplug", 16 * MIB))
+        .await
+        .unwrap();
+    let serial = serial_of(&vol.volume_id);
+    for _ in 0..2 {
+        p.controller()
+            .publish(publish_req(&vol.volume_id, &dom.uuid))
+            .await
+            .unwrap();
+    }
+    assert!(dom.live_disk(&serial).is_some());
+    assert_eq!(attaches(), a0 + 1.0, "one attach; the repeat found it done");
+    for _ in 0..2 {
+        p.controller()
+            .unpublish(unpublish_req(&vol.volume_id, &dom.uuid))
+            .await
+            .unwrap();
+    }
+    assert!(dom.live_disk(&serial).is_none());
+    assert_eq!(attaches(), a0 + 1.0);
+    assert_eq!(
+        detaches(),
+        d0 + 1.0,
+        "one detach; the repeat had nothing to detach"
+    );
 }

@@ -177,10 +177,23 @@ pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
                 Some(p) => format!("{} is valid", p.display()),
                 None => "no file: built-in defaults".to_string(),
             };
+            let hosts = if c.hosts_configured {
+                format!(
+                    "; {} host(s): {}",
+                    c.hosts.len(),
+                    c.hosts
+                        .iter()
+                        .map(|h| format!("{} ({})", h.name, h.pools.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                String::new()
+            };
             checks.push(Check::ok(
                 "config",
                 format!(
-                    "{source}; {} pool(s), data dir {}",
+                    "{source}; {} pool(s){hosts}, data dir {}",
                     c.pools.len(),
                     c.data_dir.display()
                 ),
@@ -204,8 +217,8 @@ pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
             let cfg = c.clone();
             let pools = async move { pools::check_pools(&cfg).await };
             checks.extend(group("pools", POOLS_FIX, Box::pin(pools)).await);
-            let uri = c.libvirt.uri.clone();
-            let libvirt = async move { libvirt::check(mode, &uri).await };
+            let (hosts, named) = (c.hosts.clone(), c.hosts_configured);
+            let libvirt = async move { libvirt::check(mode, &hosts, named).await };
             checks.extend(group("libvirt", LIBVIRT_FIX, Box::pin(libvirt)).await);
         }
     }

@@ -61,6 +61,9 @@ pub(crate) struct LocalAttacher {
     serves_first: bool,
 }
 
+/// The host label of local attaches and detaches in the metrics: this machine.
+const LOCAL_HOST: &str = crate::config::IMPLICIT_HOST;
+
 /// The backend for `cfg`, when local attach is on (default: monolith mode only).
 pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>>> {
     let enabled = cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith);
@@ -603,7 +606,7 @@ impl Attacher for LocalAttacher {
             };
             // Nothing may use the dead device for a repair: the request's settings apply.
             let name = self.repair(&slot, &had, &rec, &loop_name, &reason).await?;
-            crate::metrics::observe_attach(started.elapsed());
+            crate::metrics::observe_attach(LOCAL_HOST, started.elapsed());
             return Ok(self.attachment(&rec, &name, None));
         }
         let _counted = self.attaching.lock().await;
@@ -618,7 +621,7 @@ impl Attacher for LocalAttacher {
             )));
         }
         let name = self.attach_fresh(&slot, &rec).await?;
-        crate::metrics::observe_attach(started.elapsed());
+        crate::metrics::observe_attach(LOCAL_HOST, started.elapsed());
         tracing::info!(volume = %spec.volume_id, device = %name, readonly = rec.readonly, "volume attached locally");
         Ok(self.attachment(&rec, &name, None))
     }
@@ -634,7 +637,7 @@ impl Attacher for LocalAttacher {
         let attached = exec::blocking(move || Ok(dir.exists())).await?;
         self.teardown(&slot).await?;
         if attached {
-            crate::metrics::observe_detach(started.elapsed());
+            crate::metrics::observe_detach(LOCAL_HOST, started.elapsed());
         }
         Ok(())
     }

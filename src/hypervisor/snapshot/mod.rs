@@ -53,7 +53,7 @@ pub(super) async fn snapshot_live(
     volume_id: &str,
     overlay: &Path,
 ) -> Result<LiveSnapshot> {
-    if !view::in_pools(overlay, &hv.config().pools) || !overlay.is_absolute() {
+    if !view::in_pools(overlay, hv.pools()) || !overlay.is_absolute() {
         return Err(Error::internal(format!(
             "the overlay {} of volume {volume_id} is not in a pool's images directory",
             overlay.display()
