@@ -23,7 +23,6 @@ use std::time::Duration;
 
 /// A volume was attached to a node on hypervisor host `host` (the local host's name for local
 /// attach), confirmed, in `took`.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_attach(host: &str, took: Duration) {
     registry::get()
         .attach_seconds
@@ -32,7 +31,6 @@ pub(crate) fn observe_attach(host: &str, took: Duration) {
 }
 
 /// A volume was detached from a node on hypervisor host `host`, confirmed, in `took`.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_detach(host: &str, took: Duration) {
     registry::get()
         .detach_seconds
