@@ -17,7 +17,6 @@ use crate::csi::proto::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
-use crate::guard::OpGuards;
 use crate::pool::Pools;
 use crate::shutdown::Shutdown;
 use std::net::SocketAddr;
@@ -129,20 +128,15 @@ pub(crate) async fn serve(
     attachers: Attachments,
     shutdown: &Shutdown,
 ) -> Result<()> {
-    let guards = OpGuards::default();
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
-            .with_layers(
-                attachers.clone(),
-                guards.clone(),
-                cfg.snapshots.max_chain_depth,
-            );
+            .with_layers(attachers.clone(), cfg.snapshots.max_chain_depth);
         if attachers.ledgers_need_init() {
             // The volumes that exist before the attach ledger does may be attached anywhere.
             let (existing, _) = pools.list_page("", usize::MAX).await?;
             attachers
-                .init_ledgers(existing.into_iter().map(|v| v.id).collect())
+                .init_ledgers(existing.into_iter().map(|(v, _)| v.id).collect())
                 .await?;
         }
         pools.start_flattener(shutdown);
@@ -170,7 +164,6 @@ pub(crate) async fn serve(
             ControllerServer::new(ControllerService {
                 pools,
                 attachments: attachers.clone(),
-                guards: guards.clone(),
                 get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
             })
         }));

@@ -5,27 +5,27 @@
 //! read-only layer and lets the volume continue in a new qcow2 overlay on top of it: no data is
 //! copied, so the cost does not depend on the volume's size.
 //!
-//! References are counted from the records alone: a layer file lives while a volume record
-//! (image, backing, overlay being switched to), a snapshot record (layer, backing) or a
-//! flattening job names it. Every new file is named by a record before it is created, and a
-//! file is removed only once no record names it, so a crash at any step leaves nothing that
-//! `recover_layers` cannot finish, undo or collect.
+//! References are counted from the records, in the pool's index: a layer file lives while a
+//! volume record (image, backing, overlay being switched to), a snapshot record (layer,
+//! backing) or a flattening job names it, and goes with the commit that drops its last name.
+//! Every new layer file is made under the lock of the volume it is named after, before the
+//! commit that names it, so a crash leaves at most a file no record names, which the next
+//! open of the pool collects while that volume's lock is free.
 //!
 //! Raw volumes cannot be frozen (a raw image has no backing file): snapshots and clones of
 //! raw volumes are refused with INVALID_ARGUMENT, and restores/clones are always qcow2.
 
-use super::qemu_img;
-use super::record::{FlattenJob, Freezing, SnapshotRecord, VolumeRecord};
+use super::qcow2;
+use super::record::{Freezing, VolumeRecord};
+use super::store::Layer;
+use super::volumes::VolumeLock;
 use super::{Pool, Pools};
 use crate::attach::Attachments;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::fsutil;
-use crate::guard::OpGuards;
-use crate::ids::ObjectId;
 use crate::model::ImageFormat;
-use std::collections::HashSet;
-use std::fs;
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -34,12 +34,11 @@ use tonic::Code;
 /// How many layers a volume's chain may reach before it is flattened (`[snapshots] max_chain_depth`).
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
 
-/// What snapshots, clones and the flattener need besides the pools: who holds a volume live,
-/// the per-object guards shared with the RPCs, and the chain depth limit.
+/// What snapshots, clones and the flattener need besides the pools: who holds a volume live
+/// and the chain depth limit.
 #[derive(Clone)]
 pub(super) struct LayerContext {
     pub(super) attachments: Attachments,
-    pub(super) guards: OpGuards,
     pub(super) max_chain_depth: usize,
     /// Wakes the background flattener when a chain grew past the limit.
     pub(super) wake: Arc<Notify>,
@@ -49,7 +48,6 @@ impl Default for LayerContext {
     fn default() -> Self {
         LayerContext {
             attachments: Attachments::default(),
-            guards: OpGuards::default(),
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             wake: Arc::new(Notify::new()),
         }
@@ -67,206 +65,48 @@ impl std::fmt::Debug for LayerContext {
 /// A volume's former active layer, now read-only, and the chain under it.
 #[derive(Debug, Clone)]
 pub(super) struct Frozen {
-    pub(crate) layer: String,
-    pub(crate) backing: Vec<String>,
+    pub layer: String,
+    pub backing: Vec<String>,
     /// Live freezes only: whether the guest's file systems were quiesced.
-    pub(crate) quiesced: Option<bool>,
-}
-
-/// Whether `name` is a layer file this plugin made: `<16 hex>[-<hex>].(qcow2|raw)`.
-/// Anything else in `images/` is never touched by garbage collection.
-pub(super) fn is_layer_file(name: &str) -> bool {
-    let Some(stem) = name
-        .strip_suffix(".qcow2")
-        .or_else(|| name.strip_suffix(".raw"))
-    else {
-        return false;
-    };
-    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let (key, stamp) = match stem.split_once('-') {
-        Some((k, s)) => (k, Some(s)),
-        None => (stem, None),
-    };
-    key.len() == 16 && hex(key) && stamp.is_none_or(|s| s.len() <= 32 && hex(s))
-}
-
-/// Reads every `*.json` record of a directory; any unreadable record is an error, so that
-/// garbage collection never runs on a partial picture.
-fn read_all<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    let entries =
-        fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || !name.ends_with(".json") {
-            continue;
-        }
-        if let Some(rec) = fsutil::read_json(&entry.path())? {
-            out.push(rec);
-        }
-    }
-    Ok(out)
+    pub quiesced: Option<bool>,
 }
 
 /// fsync of a file's data (the frozen layer must be durable before a snapshot is ready).
 pub(super) fn sync_file(path: &Path) -> Result<()> {
-    fs::File::open(path)
+    std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(format!("syncing {}", path.display()), e))
 }
 
-pub(super) fn key_of_volume(id: &str) -> Result<String> {
-    Ok(ObjectId::parse_volume(id)?
-        .ok_or_else(|| Error::internal(format!("bad volume id {id}")))?
-        .key)
-}
-
 impl Pool {
-    pub(crate) fn snapshots_dir(&self) -> std::path::PathBuf {
-        self.dir().join("snapshots")
-    }
-
-    pub(crate) fn flatten_dir(&self) -> std::path::PathBuf {
-        self.dir().join("flatten")
-    }
-
-    /// Runs `f` while no garbage collection can run in this pool. Record writes that add a
-    /// reference to a layer that exists already (a restore naming a snapshot's layer) go
-    /// through here, so the layer cannot be collected between the check and the write.
-    pub(super) fn with_layers_locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _held = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
-        f()
-    }
-
-    /// A file name for a volume's first image: `<key>.<fmt>` unless a layer of an earlier
-    /// volume of the same name still holds it (its snapshots outlive it).
-    pub(super) fn fresh_image_name(&self, key: &str, format: ImageFormat) -> Result<String> {
-        let plain = format!("{key}.{}", format.as_str());
-        if !self.image_path(&plain).exists() {
-            return Ok(plain);
-        }
-        self.new_layer_name(key, format)
-    }
-
     /// A new, unused layer file name for volume `key`: `<key>-<hex time>.<fmt>`.
-    pub(super) fn new_layer_name(&self, key: &str, format: ImageFormat) -> Result<String> {
+    pub(super) fn new_layer_name(&self, key: u64, format: ImageFormat) -> Result<String> {
         let mut stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+            .unwrap_or(1)
+            .max(1);
         loop {
-            let name = format!("{key}-{stamp:x}.{}", format.as_str());
-            let path = self.image_path(&name);
-            if !path.exists() && !self.image_path(&format!("{name}.part")).exists() {
+            let layer = Layer::Std {
+                key,
+                stamp: NonZeroU64::new(stamp),
+                raw: format == ImageFormat::Raw,
+            };
+            let name = layer.to_string();
+            if !self.image_path(&name).exists() && !self.store.index()?.is_referenced(&layer) {
                 return Ok(name);
             }
-            stamp += 1;
+            stamp = stamp.wrapping_add(1).max(1);
         }
-    }
-
-    /// Every layer file some record names. Fails when a record cannot be read.
-    fn referenced_layers(&self) -> Result<HashSet<String>> {
-        let mut live = HashSet::new();
-        for rec in read_all::<VolumeRecord>(&self.volumes_dir())? {
-            live.insert(rec.image);
-            live.extend(rec.chain.backing);
-            if let Some(f) = rec.chain.freezing {
-                live.insert(f.overlay);
-            }
-        }
-        for snap in read_all::<SnapshotRecord>(&self.snapshots_dir())? {
-            live.insert(snap.layer);
-            live.extend(snap.backing);
-        }
-        for job in read_all::<FlattenJob>(&self.flatten_dir())? {
-            live.insert(job.image);
-            live.insert(job.layer);
-            live.extend(job.source);
-        }
-        Ok(live)
-    }
-
-    /// Removes the layer files no record names any more. Returns how many went.
-    /// Blocking: call through `exec::blocking`.
-    pub(crate) fn collect_garbage(&self) -> Result<usize> {
-        self.with_layers_locked(|| {
-            // Files first, records second: a file created after the listing is not
-            // considered, and one created before it was named by a record written earlier.
-            let dir = self.images_dir();
-            let mut files = Vec::new();
-            for entry in fs::read_dir(&dir)
-                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-            {
-                let entry =
-                    entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if is_layer_file(&name) {
-                    files.push(name);
-                }
-            }
-            let live = self.referenced_layers()?;
-            let mut removed = 0;
-            for name in files.into_iter().filter(|f| !live.contains(f)) {
-                tracing::info!(pool = %self.name(), layer = %name, "removing a layer nothing uses");
-                fsutil::remove_durable(&self.image_path(&name))?;
-                crate::failpoint!("gc.layer-removed");
-                removed += 1;
-            }
-            Ok(removed)
-        })
-    }
-
-    /// Pool open: finishes or undoes layer switches, snapshots and flattening that a crash
-    /// interrupted, then collects unreferenced layers.
-    pub(super) fn recover_layers(&self) -> Result<()> {
-        for mut rec in self.all_volumes()? {
-            let Some(f) = rec.chain.freezing.take() else {
-                continue;
-            };
-            let overlay = self.image_path(&f.overlay);
-            if f.handed_to_domain && overlay.exists() {
-                // The domain may already write to the overlay: the volume continues there.
-                tracing::warn!(pool = %self.name(), volume = %rec.id, overlay = %f.overlay,
-                    "a live snapshot was interrupted; the volume continues in its new overlay");
-                let old = std::mem::replace(&mut rec.image, f.overlay);
-                rec.chain.backing.insert(0, old);
-            } else {
-                tracing::info!(pool = %self.name(), volume = %rec.id, overlay = %f.overlay,
-                    "undoing an interrupted snapshot or clone");
-                fsutil::remove_durable(&overlay)?;
-            }
-            self.write_volume(&rec)?;
-        }
-        self.recover_snapshots()?;
-        self.recover_flatten_jobs()?;
-        if let Err(e) = self.collect_garbage() {
-            tracing::warn!(pool = %self.name(), error = %e,
-                "not collecting unused layers: a record could not be read");
-        }
-        Ok(())
     }
 }
 
 impl Pools {
-    /// Wires in the attach backends, the RPC guards and the chain depth limit.
-    pub fn with_layers(
-        mut self,
-        attachments: Attachments,
-        guards: OpGuards,
-        max_chain_depth: usize,
-    ) -> Self {
+    /// Wires in the attach backends and the chain depth limit.
+    pub fn with_layers(mut self, attachments: Attachments, max_chain_depth: usize) -> Self {
         self.layers.attachments = attachments;
-        self.layers.guards = guards;
         self.layers.max_chain_depth = max_chain_depth.max(2);
         self
-    }
-
-    pub(super) fn pool_of(&self, name: &str) -> Result<Arc<Pool>> {
-        self.get(name)
-            .cloned()
-            .ok_or_else(|| Error::internal(format!("pool {name} is not configured")))
     }
 
     /// Tells the flattener to look at chains when `rec` grew past the limit.
@@ -291,8 +131,12 @@ impl Pools {
 
     /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
     /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
-    /// the node switches live. The caller holds the volume's guard.
-    pub(super) async fn freeze(&self, rec: VolumeRecord) -> Result<(Frozen, VolumeRecord)> {
+    /// the node switches live.
+    pub(super) async fn freeze(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+    ) -> Result<(Frozen, VolumeRecord)> {
         if rec.format != ImageFormat::Qcow2 {
             return Err(Error::invalid(format!(
                 "volume {} is raw: snapshots and clones need qcow2 volumes (a raw image cannot \
@@ -311,137 +155,180 @@ impl Pools {
         }
         if let Some(f) = &rec.chain.freezing {
             return Err(Error::internal(format!(
-                "volume {} has an unfinished layer switch to {}; restart the controller to \
-                 recover it",
+                "volume {} has an unfinished layer switch to {}",
                 rec.id, f.overlay
             )));
         }
-        let pool = self.pool_of(&rec.pool)?;
         let writer = self.live_writer(&rec.id).await?;
-        let key = key_of_volume(&rec.id)?;
-        let p = pool.clone();
-        let overlay = exec::blocking(move || p.new_layer_name(&key, ImageFormat::Qcow2)).await?;
+        let (pool, key) = (lock.pool.clone(), lock.key);
+        let overlay = exec::blocking(move || pool.new_layer_name(key, ImageFormat::Qcow2)).await?;
+        let live = writer.is_some();
+        let (frozen, rec) = match writer {
+            None => self.freeze_offline(lock, rec, overlay).await?,
+            Some(node) => self.freeze_live(lock, rec, overlay, &node).await?,
+        };
+        crate::failpoint!("freeze.switched");
+        self.note_depth(&rec);
+        tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
+            depth = rec.depth(), live, "volume layer frozen");
+        Ok((frozen, rec))
+    }
 
-        let mut rec = rec;
-        rec.chain.freezing = Some(Freezing {
-            overlay: overlay.clone(),
-            handed_to_domain: false,
-        });
-        let (p, r) = (pool.clone(), rec.clone());
-        exec::blocking(move || p.write_volume(&r)).await?;
-        crate::failpoint!("freeze.intent");
-
-        match self
-            .switch_to_overlay(&pool, &mut rec, &overlay, writer.as_deref())
-            .await
-        {
-            Ok(frozen) => {
-                self.note_depth(&rec);
-                Ok((frozen, rec))
+    /// Not attached read-write: the overlay is made, then one commit switches the record.
+    async fn freeze_offline(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+        overlay: String,
+    ) -> Result<(Frozen, VolumeRecord)> {
+        let (pool, held) = (lock.pool.clone(), lock.held.clone());
+        exec::blocking(move || {
+            let _held = held;
+            let (overlay_path, file) = pool.make_overlay(&rec, &overlay)?;
+            let switched = switched(&rec, &overlay);
+            // The overlay, its directory entry, the frozen layer's data and the record's temp
+            // file become durable at once; then one commit switches the volume.
+            let (frozen, images) = (pool.image_path(&rec.image), pool.images_dir());
+            let done = std::fs::File::open(&frozen)
+                .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))
+                .and_then(|layer| Ok((layer, fsutil::open_dir(&images)?)))
+                .and_then(|(layer, dir)| {
+                    pool.store.put_with(
+                        &switched,
+                        &[(&file, &overlay_path), (&dir, &images), (&layer, &frozen)],
+                        |_| Ok(()),
+                    )
+                });
+            if let Err(e) = done {
+                let _ = std::fs::remove_file(&overlay_path);
+                return Err(e);
             }
-            Err(e)
-                if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
-                    && rec
-                        .chain
-                        .freezing
-                        .as_ref()
-                        .is_some_and(|f| f.handed_to_domain) =>
-            {
+            Ok((frozen_of(&rec, None), switched))
+        })
+        .await
+    }
+
+    /// Attached read-write to `node`: the overlay is made and named in the record (the node
+    /// may write there from the switch on), the node switches, then the record does.
+    async fn freeze_live(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+        overlay: String,
+        node: &str,
+    ) -> Result<(Frozen, VolumeRecord)> {
+        let (pool, held) = (lock.pool.clone(), lock.held.clone());
+        let mut intent = rec.clone();
+        intent.chain.freezing = Some(Freezing {
+            overlay: overlay.clone(),
+            handed_to_domain: true,
+        });
+        let (p, h, i, o) = (pool.clone(), held.clone(), intent.clone(), overlay.clone());
+        let overlay_path = exec::blocking(move || {
+            let _held = h;
+            let (path, file) = p.make_overlay(&i, &o)?;
+            let images = p.images_dir();
+            let named = fsutil::open_dir(&images).and_then(|dir| {
+                p.store
+                    .put_with(&i, &[(&file, &path), (&dir, &images)], |_| Ok(()))
+            });
+            if let Err(e) = named {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+            crate::failpoint!("freeze.intent");
+            Ok(path)
+        })
+        .await?;
+
+        let live = self
+            .layers
+            .attachments
+            .snapshot_live(node, &rec.id, &overlay_path)
+            .await
+            .map_err(|e| match e {
+                Error::Unimplemented(why) => Error::FailedPrecondition(format!(
+                    "volume {} is attached read-write to node {node} and {why}; unpublish \
+                     it first, then snapshot or clone it",
+                    rec.id
+                )),
+                other => other,
+            });
+        let live = match live {
+            Ok(l) => l,
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) => {
                 // Unknown outcome: the node may already write to the overlay, so it must not be
-                // deleted. The record keeps the pending switch; pool recovery completes it.
+                // deleted. The record keeps the pending switch; recovery completes it.
                 tracing::error!(volume = %rec.id, overlay = %overlay, error = %e,
                     "live snapshot outcome unknown; keeping the new overlay");
-                Err(Error::Unavailable(format!(
-                    "could not confirm the live snapshot of volume {} ({e}); the new layer is                      kept, and restarting the controller reconciles the volume",
+                return Err(Error::Unavailable(format!(
+                    "could not confirm the live snapshot of volume {} ({e}); the new layer is \
+                     kept, and the volume is reconciled when it is next used or the controller \
+                     restarts",
                     rec.id
-                )))
+                )));
             }
             Err(e) => {
-                rec.chain.freezing = None;
-                let (p, r) = (pool.clone(), rec.clone());
+                // The node still writes the old layer: back to the record as it was (the
+                // overlay goes with the commit that stops naming it).
+                let (p, h, r) = (pool.clone(), held.clone(), rec.clone());
                 let undo = exec::blocking(move || {
-                    fsutil::remove_durable(&p.image_path(&overlay))?;
-                    p.write_volume(&r)
+                    let _held = h;
+                    p.store.put(&r, |_| Ok(())).map(drop)
                 })
                 .await;
                 if let Err(u) = undo {
                     tracing::error!(volume = %rec.id, error = %u,
-                        "could not undo a failed freeze; the next controller start will");
+                        "could not undo a failed freeze; the next use of the volume will");
                 }
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        exec::blocking(move || {
+            let _held = held;
+            let switched = switched(&rec, &overlay);
+            sync_file(&pool.image_path(&rec.image))?;
+            pool.store.put(&switched, |_| Ok(()))?;
+            Ok((frozen_of(&rec, Some(live.quiesced)), switched))
+        })
+        .await
     }
+}
 
-    async fn switch_to_overlay(
+/// The record of a volume continuing in `overlay`, its old active layer first in the chain.
+fn switched(rec: &VolumeRecord, overlay: &str) -> VolumeRecord {
+    let mut out = rec.clone();
+    out.chain.freezing = None;
+    out.chain.backing.insert(0, rec.image.clone());
+    out.image = overlay.to_string();
+    out
+}
+
+fn frozen_of(rec: &VolumeRecord, quiesced: Option<bool>) -> Frozen {
+    Frozen {
+        layer: rec.image.clone(),
+        backing: rec.chain.backing.clone(),
+        quiesced,
+    }
+}
+
+impl Pool {
+    /// Writes `overlay`, a qcow2 overlay on the volume's active layer (not yet durable: the
+    /// commit that names it makes it so). Blocking; the caller holds the volume's lock.
+    fn make_overlay(
         &self,
-        pool: &Arc<Pool>,
-        rec: &mut VolumeRecord,
+        rec: &VolumeRecord,
         overlay: &str,
-        writer: Option<&str>,
-    ) -> Result<Frozen> {
-        let overlay_path = pool.image_path(overlay);
-        qemu_img::create(
-            &overlay_path,
+    ) -> Result<(std::path::PathBuf, std::fs::File)> {
+        let path = self.image_path(overlay);
+        let file = qcow2::create(
+            &path,
             ImageFormat::Qcow2,
             rec.capacity_bytes,
-            Some((rec.image.as_str(), ImageFormat::Qcow2)),
-        )
-        .await?;
-        let (p, o) = (pool.clone(), overlay_path.clone());
-        exec::blocking(move || {
-            sync_file(&o)?;
-            fsutil::sync_dir(&p.images_dir())
-        })
-        .await?;
+            Some(rec.image.as_str()),
+        )?;
         crate::failpoint!("freeze.overlay-made");
-
-        let mut quiesced = None;
-        if let Some(node) = writer {
-            if let Some(f) = rec.chain.freezing.as_mut() {
-                f.handed_to_domain = true;
-            }
-            let (p, r) = (pool.clone(), rec.clone());
-            exec::blocking(move || p.write_volume(&r)).await?;
-            let live = self
-                .layers
-                .attachments
-                .snapshot_live(node, &rec.id, &overlay_path)
-                .await
-                .map_err(|e| match e {
-                    Error::Unimplemented(why) => Error::FailedPrecondition(format!(
-                        "volume {} is attached read-write to node {node} and {why}; unpublish \
-                         it first, then snapshot or clone it",
-                        rec.id
-                    )),
-                    other => other,
-                })?;
-            quiesced = Some(live.quiesced);
-        }
-
-        // The frozen layer's data must be on disk before anyone relies on it.
-        let frozen_path = pool.image_path(&rec.image);
-        let old = rec.image.clone();
-        let mut switched = rec.clone();
-        switched.chain.freezing = None;
-        switched.chain.backing.insert(0, old.clone());
-        switched.image = overlay.to_string();
-        let (p, r) = (pool.clone(), switched.clone());
-        exec::blocking(move || {
-            sync_file(&frozen_path)?;
-            p.with_layers_locked(|| p.write_volume(&r))
-        })
-        .await?;
-        crate::failpoint!("freeze.switched");
-        let frozen = Frozen {
-            layer: old,
-            backing: rec.chain.backing.clone(),
-            quiesced,
-        };
-        *rec = switched;
-        tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
-            depth = rec.depth(), live = writer.is_some(), "volume layer frozen");
-        Ok(frozen)
+        Ok((path, file))
     }
 }
 
@@ -469,6 +356,7 @@ mod tests {
 
     #[test]
     fn layer_file_names() {
+        let is_layer_file = |n: &str| Layer::parse(n).volume_key().is_some();
         assert!(is_layer_file("0123456789abcdef.qcow2"));
         assert!(is_layer_file("0123456789abcdef.raw"));
         assert!(is_layer_file("0123456789abcdef-17f3a2b4c5d6e7f8.qcow2"));
