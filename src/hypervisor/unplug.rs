@@ -10,6 +10,7 @@ use super::diskxml;
 use super::plug::domain_by_uuid;
 use super::view;
 use crate::error::{Error, Kind, Result};
+use crate::ids::VolumeId;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use virt::sys;
@@ -31,10 +32,10 @@ pub(super) async fn detach(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
     timeout: Duration,
 ) -> Result<bool> {
-    let serial = view::serial_of(volume_id)?;
+    let serial = volume_id.serial();
     let started = Instant::now();
     let deadline = started + timeout;
     let (u, s, held) = (uuid.to_string(), serial.clone(), lock.clone());
@@ -80,9 +81,9 @@ pub(super) async fn remove_stale(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
 ) -> Result<()> {
-    let serial = view::serial_of(volume_id)?;
+    let serial = volume_id.serial();
     let (u, held) = (uuid.to_string(), lock.clone());
     match lv
         .write(move |c, l| {
