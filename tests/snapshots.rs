@@ -65,6 +65,14 @@ async fn list_snapshots(
         .map(|r| r.into_inner())
 }
 
+/// ListSnapshots of the snapshots of volume `id`.
+fn of_volume(id: &str) -> csi::ListSnapshotsRequest {
+    csi::ListSnapshotsRequest {
+        source_volume_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
 /// Every snapshot id of a ListSnapshots answer, in order.
 fn snapshot_ids(list: &csi::ListSnapshotsResponse) -> Vec<String> {
     list.entries
@@ -250,13 +258,11 @@ async fn snapshots_and_restores_outlive_their_sources() {
     // volume: a new id (ids are unique over time), and the old volume's snapshots are not its.
     let reborn = create(&p, "indep-src", VOL).await;
     assert_ne!(reborn.volume_id, vol.volume_id);
-    let of = |id: &str| csi::ListSnapshotsRequest {
-        source_volume_id: id.to_string(),
-        ..Default::default()
-    };
-    let of_reborn = list_snapshots(&p, of(&reborn.volume_id)).await.unwrap();
+    let of_reborn = list_snapshots(&p, of_volume(&reborn.volume_id))
+        .await
+        .unwrap();
     assert!(of_reborn.entries.is_empty(), "{of_reborn:?}");
-    let of_old = list_snapshots(&p, of(&vol.volume_id)).await.unwrap();
+    let of_old = list_snapshots(&p, of_volume(&vol.volume_id)).await.unwrap();
     assert_eq!(snapshot_ids(&of_old), vec![snap.snapshot_id.clone()]);
     assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, M);
     assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
@@ -572,14 +578,14 @@ async fn a_name_used_again_gets_a_new_id_and_no_foreign_snapshots() {
     // Idempotent under the name: the same new volume.
     assert_eq!(create(&p, "n", VOL).await.volume_id, again.volume_id);
 
-    let of = |id: &str| csi::ListSnapshotsRequest {
-        source_volume_id: id.to_string(),
-        ..Default::default()
-    };
     for round in 0..2 {
-        let mine = list_snapshots(&p, of(&again.volume_id)).await.unwrap();
+        let mine = list_snapshots(&p, of_volume(&again.volume_id))
+            .await
+            .unwrap();
         assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
-        let old = list_snapshots(&p, of(&first.volume_id)).await.unwrap();
+        let old = list_snapshots(&p, of_volume(&first.volume_id))
+            .await
+            .unwrap();
         assert_eq!(
             snapshot_ids(&old),
             vec![s.snapshot_id.clone()],
@@ -673,20 +679,18 @@ async fn a_pool_of_an_earlier_version_keeps_its_ids() {
     delete_volume(&p, &old_id).await;
     let new = create(&p, "old", VOL).await;
     assert_ne!(new.volume_id, old_id);
-    let of = |id: &str| csi::ListSnapshotsRequest {
-        source_volume_id: id.to_string(),
-        ..Default::default()
-    };
     for round in 0..2 {
-        let mine = list_snapshots(&p, of(&new.volume_id)).await.unwrap();
+        let mine = list_snapshots(&p, of_volume(&new.volume_id)).await.unwrap();
         assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
-        let gone = list_snapshots(&p, of(&old_id)).await.unwrap();
+        let gone = list_snapshots(&p, of_volume(&old_id)).await.unwrap();
         assert_eq!(
             snapshot_ids(&gone),
             vec![s.snapshot_id.clone()],
             "round {round}"
         );
-        let by_old = list_snapshots(&p, of(&other.volume_id)).await.unwrap();
+        let by_old = list_snapshots(&p, of_volume(&other.volume_id))
+            .await
+            .unwrap();
         assert_eq!(
             snapshot_ids(&by_old),
             vec![snap_id.clone()],
