@@ -302,6 +302,75 @@ async fn list_pages_through_every_volume_in_stable_order() {
     assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
 }
 
+/// A token is an id of the listing's own kind in a configured pool: a snapshot id given to
+/// ListVolumes, a volume id given to ListSnapshots or an id of a pool that is not configured
+/// is ABORTED (the error tables), never a silent restart from the first page.
+#[tokio::test]
+async fn list_tokens_of_another_kind_or_pool_are_aborted() {
+    let p = Plugin::start("controller", &[]).await;
+    let mut c = p.controller();
+    let ids = create_many(&p, "tok", 3).await;
+    let snap = c.snapshot(snapshot_req("tok-s", &ids[0])).await.unwrap();
+    let volumes = |token: &str| csi::ListVolumesRequest {
+        max_entries: 1,
+        starting_token: token.into(),
+    };
+    let snapshots = |token: &str| csi::ListSnapshotsRequest {
+        max_entries: 1,
+        starting_token: token.into(),
+        ..Default::default()
+    };
+    // Tokens we hand out work; a stale one (its volume deleted) continues after it.
+    let first = c.list_volumes(volumes("")).await.unwrap().into_inner();
+    assert_eq!(first.next_token, ids[1]);
+    c.delete(&ids[1]).await.unwrap();
+    let next = c.list_volumes(volumes(&ids[1])).await.unwrap().into_inner();
+    assert_eq!(ids_of(&next.entries), [ids[2].clone()]);
+    let key = key_of(&ids[0]);
+    for token in [
+        snap.snapshot_id.clone(),
+        format!("elsewhere.{key}"),
+        "default.s0000000000000000".into(),
+    ] {
+        let err = c.list_volumes(volumes(&token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "ListVolumes token {token}");
+    }
+    for token in [
+        ids[0].clone(),
+        format!("elsewhere.s{key}"),
+        "default.0000000000000000".into(),
+    ] {
+        let err = c.list_snapshots(snapshots(&token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "ListSnapshots token {token}");
+    }
+    let page = c.list_snapshots(snapshots("")).await.unwrap().into_inner();
+    assert_eq!(page.entries.len(), 1);
+}
+
+/// A capacity range no volume can satisfy is OUT_OF_RANGE for a name that exists too, as for
+/// a new one (not ALREADY_EXISTS: the request is wrong whatever the pool holds).
+#[tokio::test]
+async fn impossible_ranges_are_out_of_range_for_an_existing_name_too() {
+    let p = Plugin::start("controller", &[]).await;
+    create(&p, create_req("range", MIB)).await;
+    for (required, limit) in [
+        (2 * MIB, MIB),
+        (0, 100),
+        (MIB + 1, MIB + 1000),
+        (1 << 51, 0),
+    ] {
+        let mut r = create_req("range", 0);
+        r.capacity_range = Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        });
+        create_fails(&p, r, Code::OutOfRange).await;
+    }
+    // A range the volume is outside of, but that another volume could fit, is a conflict.
+    create_fails(&p, create_req("range", 2 * MIB), Code::AlreadyExists).await;
+    create(&p, create_req("range", MIB)).await;
+}
+
 #[tokio::test]
 async fn offline_expansion_grows_the_image() {
     let p = Plugin::start("controller", &[]).await;

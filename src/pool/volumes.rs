@@ -318,6 +318,9 @@ impl Pools {
         if req.capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities is required"));
         }
+        // A range no volume can satisfy is OUT_OF_RANGE whether or not the name exists (not
+        // ALREADY_EXISTS for a repeat): checked before the lookup.
+        size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
         let hash = ids::name_hash(ids::VOLUME, &req.name);
         let what = format!("the volume named {:?}", req.name);
         let Some(source) = req.content_source.clone() else {
