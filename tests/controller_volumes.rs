@@ -99,6 +99,23 @@ async fn create_is_idempotent_and_makes_a_real_qcow2() {
         ..create_req("vol-a", 10 * MIB + 1)
     };
     create_fails(&p, other, Code::AlreadyExists).await;
+    // Another access type or file system is another volume (its context names its fsType).
+    for cap in [
+        block_cap(Mode::SingleNodeWriter),
+        mount_cap("xfs", Mode::SingleNodeWriter),
+    ] {
+        let other = csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            ..create_req("vol-a", 10 * MIB + 1)
+        };
+        create_fails(&p, other, Code::AlreadyExists).await;
+    }
+    // A mount without fs_type asks for no particular file system: the same volume.
+    let any_fs = csi::CreateVolumeRequest {
+        volume_capabilities: vec![mount_cap("", Mode::SingleNodeWriter)],
+        ..create_req("vol-a", 10 * MIB + 1)
+    };
+    assert_eq!(create(&p, any_fs).await, v1);
 
     // Default size without capacity_range (as Nomad sends it), empty topology requirement.
     let nomad = csi::CreateVolumeRequest {
