@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 use virtdisk_csi::attach::Attacher;
 use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig, NodeIdKind, PoolImages};
+use virtdisk_csi::ids::VolumeId;
 use virtdisk_test_support::qemu::{create_overlay, create_qcow2};
 use virtdisk_test_support::virsh::{virsh_ok, URI};
 use virtdisk_test_support::{open_for_qemu, TestDomain};
@@ -92,6 +93,10 @@ fn source(dom: &TestDomain, serial: &str) -> Option<PathBuf> {
 const VOLUME: &str = "default.0123456789abcdef";
 const SERIAL: &str = "vd-0123456789abcdef";
 
+fn volume() -> VolumeId {
+    VolumeId::parse("volume id", VOLUME).unwrap().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_then_repeat_is_a_no_op() {
     let (dom, bed, _) = attached("repeat");
@@ -100,7 +105,7 @@ async fn switch_then_repeat_is_a_no_op() {
 
     let live = bed
         .hv
-        .snapshot_live(&dom.uuid, VOLUME, &next)
+        .snapshot_live(&dom.uuid, &volume(), &next)
         .await
         .unwrap();
     assert!(!live.quiesced, "no guest agent is connected");
@@ -111,7 +116,7 @@ async fn switch_then_repeat_is_a_no_op() {
     );
     // The same switch again (the reply was lost): Ok, nothing changes.
     bed.hv
-        .snapshot_live(&dom.uuid, VOLUME, &next)
+        .snapshot_live(&dom.uuid, &volume(), &next)
         .await
         .unwrap();
     assert_eq!(source(&dom, SERIAL), Some(next.clone()));
@@ -130,7 +135,7 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
     let snapshot = |o: PathBuf| {
         let hv = bed.hv.clone();
         let uuid = dom.uuid.clone();
-        async move { hv.snapshot_live(&uuid, VOLUME, &o).await }
+        async move { hv.snapshot_live(&uuid, &volume(), &o).await }
     };
 
     // Backed by another image than the one the disk reads.
@@ -184,7 +189,7 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
 
     // The same overlay works once nothing else holds it.
     bed.hv
-        .snapshot_live(&dom.uuid, VOLUME, &locked)
+        .snapshot_live(&dom.uuid, &volume(), &locked)
         .await
         .unwrap();
     assert_eq!(source(&dom, SERIAL), Some(locked));

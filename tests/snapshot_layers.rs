@@ -143,13 +143,13 @@ macro_rules! fake_attacher {
             async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
                 Err(Error::Unimplemented("fake".into()))
             }
-            async fn detach(&self, _: &str, _: &str) -> Result<()> {
+            async fn detach(&self, _: &str, _: &virtdisk_csi::ids::VolumeId) -> Result<()> {
                 Ok(())
             }
-            async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            async fn resize(&self, _: &str, _: &virtdisk_csi::ids::VolumeId, _: u64) -> Result<()> {
                 Ok(())
             }
-            async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+            async fn set_qos(&self, _: &str, _: &virtdisk_csi::ids::VolumeId, _: &virtdisk_csi::params::Qos) -> Result<()> {
                 Ok(())
             }
             async fn check_health(&self) -> Result<()> {
@@ -170,7 +170,7 @@ fake_attacher!(LiveBackend
     async fn snapshot_live(
         &self,
         node_id: &str,
-        _volume_id: &str,
+        _volume_id: &virtdisk_csi::ids::VolumeId,
         new_overlay: &Path,
     ) -> Result<LiveSnapshot> {
         assert_eq!(node_id, NODE);
@@ -438,7 +438,12 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 struct UnsureBackend(Arc<FakeNode>);
 
 fake_attacher!(UnsureBackend
-    async fn snapshot_live(&self, _: &str, _: &str, _: &Path) -> Result<LiveSnapshot> {
+    async fn snapshot_live(
+        &self,
+        _: &str,
+        _: &virtdisk_csi::ids::VolumeId,
+        _: &Path,
+    ) -> Result<LiveSnapshot> {
         Err(Error::Unavailable("libvirt connection lost".into()))
     }
 );

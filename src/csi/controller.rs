@@ -5,10 +5,11 @@ use super::proto::{self as csi, controller_server::Controller};
 use crate::attach::{Attachments, Publish};
 use crate::error::{Error, Result};
 use crate::guard::InFlight;
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, ObjectId, VolumeId};
 use crate::params::{self, VolumeParams};
 use crate::pool::{
     CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition,
+    VolumeLock, VolumeRecord,
 };
 use tonic::{Request, Response, Status};
 
@@ -59,6 +60,30 @@ impl ControllerService {
             None => vec![v.accessible_topology.clone()],
         };
         convert::volume(v, &topologies)
+    }
+
+    /// The lock of the volume a request names (its id parsed at the edge); `None` when no
+    /// volume of ours can have that id.
+    async fn lock_volume(&self, id: &Option<VolumeId>) -> Result<Option<VolumeLock>> {
+        match id {
+            Some(id) => self.pools.lock_volume(id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The lock and record of the volume a request names (`raw`, parsed as `id`): NOT_FOUND
+    /// when there is no such volume.
+    async fn lock_existing(
+        &self,
+        id: &Option<VolumeId>,
+        raw: &str,
+    ) -> Result<(VolumeLock, VolumeRecord)> {
+        let lock = self
+            .lock_volume(id)
+            .await?
+            .ok_or_else(|| convert::no_volume(raw))?;
+        let rec = self.pools.locked_volume(&lock).await?;
+        Ok((lock, rec))
     }
 }
 
@@ -170,10 +195,11 @@ impl Controller for ControllerService {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> RpcResult<csi::DeleteVolumeResponse> {
         let r = req.into_inner();
+        let id = convert::volume_id(&r.volume_id)?;
         let this = self.clone();
         let object = format!("vol:{}", r.volume_id);
         self.change(object, "delete".into(), async move {
-            let Some(lock) = this.pools.lock_volume(&r.volume_id).await? else {
+            let Some(lock) = this.lock_volume(&id).await? else {
                 return Ok(csi::DeleteVolumeResponse {});
             };
             if lock.existed() {
@@ -198,7 +224,7 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerPublishVolumeRequest>,
     ) -> RpcResult<csi::ControllerPublishVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         ids::check_name("node_id", &r.node_id)?;
         let capability = convert::required_capability(r.volume_capability.as_ref())?;
         if !self.attachments.is_enabled() {
@@ -216,9 +242,12 @@ impl Controller for ControllerService {
         let op = format!("publish {publish:?}");
         let this = self.clone();
         self.change(object, op, async move {
-            let (_lock, rec) = this.pools.lock_existing(&r.volume_id).await?;
+            let (lock, rec) = this.lock_existing(&id, &r.volume_id).await?;
             let image = this.pools.image_path(&rec)?;
-            let ctx = this.attachments.publish(&rec, image, &publish).await?;
+            let ctx = this
+                .attachments
+                .publish(lock.id(), &rec, image, &publish)
+                .await?;
             Ok(csi::ControllerPublishVolumeResponse {
                 publish_context: ctx,
             })
@@ -231,7 +260,7 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> RpcResult<csi::ControllerUnpublishVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         if !r.node_id.is_empty() {
             ids::check_name("node_id", &r.node_id)?;
         }
@@ -239,16 +268,16 @@ impl Controller for ControllerService {
         let op = format!("unpublish {:?}", r.node_id);
         let this = self.clone();
         self.change(object, op, async move {
-            let Some(_lock) = this.pools.lock_volume(&r.volume_id).await? else {
+            let Some(lock) = this.lock_volume(&id).await? else {
                 return Ok(csi::ControllerUnpublishVolumeResponse {});
             };
             if r.node_id.is_empty() {
                 // Spec: an empty node id means "from every node".
                 for node in this.attachments.nodes_of(&r.volume_id).await? {
-                    this.attachments.unpublish(&r.volume_id, &node).await?;
+                    this.attachments.unpublish(lock.id(), &node).await?;
                 }
             } else {
-                this.attachments.unpublish(&r.volume_id, &r.node_id).await?;
+                this.attachments.unpublish(lock.id(), &r.node_id).await?;
             }
             Ok(csi::ControllerUnpublishVolumeResponse {})
         })
@@ -260,11 +289,12 @@ impl Controller for ControllerService {
         req: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> RpcResult<csi::ValidateVolumeCapabilitiesResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         let caps = convert::capabilities(&r.volume_capabilities)?;
         convert::check_map("parameters", &r.parameters)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
-        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let id = id.ok_or_else(|| convert::no_volume(&r.volume_id))?;
+        let rec = self.pools.require_volume(&id).await?;
         let problem = caps
             .iter()
             .find_map(|c| c.check(rec.format).err())
@@ -294,7 +324,7 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ListVolumesResponse> {
         let r = req.into_inner();
         let take = page_size(r.max_entries)?;
-        check_token(&r.starting_token)?;
+        check_token(&self.pools, &r.starting_token, ObjectId::parse_volume)?;
         let (page, next_token) = self.pools.list_page(&r.starting_token, take).await?;
         // The pages of one walk share one read of the nodes (a listing is a moment's picture).
         let attachments = self
@@ -434,7 +464,7 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ListSnapshotsResponse> {
         let r = req.into_inner();
         let take = page_size(r.max_entries)?;
-        check_token(&r.starting_token)?;
+        check_token(&self.pools, &r.starting_token, ObjectId::parse_snapshot)?;
         let filter = SnapshotFilter {
             snapshot_id: (!r.snapshot_id.is_empty()).then_some(r.snapshot_id),
             source_volume_id: (!r.source_volume_id.is_empty()).then_some(r.source_volume_id),
@@ -474,7 +504,7 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         let cap = r
             .volume_capability
             .as_ref()
@@ -485,13 +515,13 @@ impl Controller for ControllerService {
         let op = format!("expand {required} {limit} {cap:?}");
         let this = self.clone();
         self.change(object, op, async move {
-            let (lock, mut rec) = this.pools.lock_existing(&r.volume_id).await?;
+            let (lock, mut rec) = this.lock_existing(&id, &r.volume_id).await?;
             let target = this.pools.expansion_target(&rec, required, limit).await?;
             if target > rec.capacity_bytes {
                 if this.attachments.nodes_of(&rec.id).await?.is_empty() {
                     rec = this.pools.expand_offline(&lock, target, 0).await?;
                 } else {
-                    this.attachments.resize_online(&rec.id, target).await?;
+                    this.attachments.resize_online(lock.id(), target).await?;
                     rec.capacity_bytes = target;
                     this.pools.save(&lock, &rec).await?;
                     tracing::info!(volume = %rec.id, size = target, "volume expanded online");
@@ -514,8 +544,9 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerGetVolumeRequest>,
     ) -> RpcResult<csi::ControllerGetVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
-        let (volume, cond) = self.pools.describe(&r.volume_id).await?;
+        let id =
+            convert::volume_id(&r.volume_id)?.ok_or_else(|| convert::no_volume(&r.volume_id))?;
+        let (volume, cond) = self.pools.describe(&id).await?;
         let scan = self.attachments.scan().await?;
         let attachments: Vec<&crate::attach::Attachment> = scan
             .known
@@ -538,7 +569,7 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> RpcResult<csi::ControllerModifyVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
         params::check_mutable(&r.mutable_parameters)?;
         // The values too, before anything is looked up.
@@ -549,14 +580,14 @@ impl Controller for ControllerService {
         let op = format!("modify {:?}", r.mutable_parameters);
         let this = self.clone();
         self.change(object, op, async move {
-            let (lock, mut rec) = this.pools.lock_existing(&r.volume_id).await?;
+            let (lock, mut rec) = this.lock_existing(&id, &r.volume_id).await?;
             let mut qos = rec.disk.qos;
             for (k, v) in &r.mutable_parameters {
                 params::apply_qos(&mut qos, k, v)?;
             }
             qos.validate()?;
             if qos != rec.disk.qos {
-                this.attachments.set_qos(&rec.id, &qos).await?;
+                this.attachments.set_qos(lock.id(), &qos).await?;
                 rec.disk.qos = qos;
                 // `parameters` stay what the volume was created with (a repeated
                 // CreateVolume is compared with them).
@@ -572,14 +603,21 @@ impl Controller for ControllerService {
     }
 }
 
-/// A paging token is empty or the id of a volume or snapshot of ours; anything else is
-/// ABORTED, as the spec asks.
-fn check_token(token: &str) -> Result<()> {
+/// A paging token is empty or the id of an object of the listing's kind (`parse`: volume or
+/// snapshot) in a configured pool, as the pages we hand out are; anything else (a snapshot id
+/// given to ListVolumes, a pool no longer configured) is ABORTED, as the spec asks.
+fn check_token(
+    pools: &Pools,
+    token: &str,
+    parse: fn(&str) -> Result<Option<ObjectId>>,
+) -> Result<()> {
     if token.is_empty() {
         return Ok(());
     }
-    let valid = ObjectId::parse_volume(token).ok().flatten().is_some()
-        || ObjectId::parse_snapshot(token).ok().flatten().is_some();
+    let valid = parse(token)
+        .ok()
+        .flatten()
+        .is_some_and(|o| pools.get(&o.pool).is_some());
     if !valid {
         return Err(Error::Aborted(format!(
             "starting_token {:?} is not valid; start again with an empty token",

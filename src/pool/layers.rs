@@ -244,7 +244,7 @@ impl Pools {
         let live = self
             .layers
             .attachments
-            .snapshot_live(node, &rec.id, &overlay_path)
+            .snapshot_live(node, lock.id(), &overlay_path)
             .await
             .map_err(|e| match e {
                 Error::Unimplemented(why) => Error::FailedPrecondition(format!(

@@ -21,6 +21,7 @@ use super::{diskxml, ffi, view, Hypervisor};
 use crate::attach::LiveSnapshot;
 use crate::error::{Error, Result};
 use crate::exec;
+use crate::ids::VolumeId;
 use serde::Deserialize;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -50,7 +51,7 @@ struct Switch {
 pub(super) async fn snapshot_live(
     hv: &Hypervisor,
     node_id: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
     overlay: &Path,
 ) -> Result<LiveSnapshot> {
     if !view::in_pools(overlay, hv.pools()) || !overlay.is_absolute() {
@@ -62,7 +63,7 @@ pub(super) async fn snapshot_live(
     let header = overlay_header(overlay).await?;
     let switch = Switch {
         volume_id: volume_id.to_string(),
-        serial: view::serial_of(volume_id)?,
+        serial: volume_id.serial(),
         overlay: overlay.to_path_buf(),
         backing: header.backing,
         size: header.size,
