@@ -180,8 +180,12 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
     if let Some(local) = crate::localattach::from_config(cfg).await? {
         backends.push(local);
     }
-    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
-        .with_ledgers(&cfg.data_dir.join("attach-ledger")))
+    let pools: Vec<(String, std::path::PathBuf)> = cfg
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), p.path.clone()))
+        .collect();
+    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node).with_ledgers(&pools))
 }
 
 /// Parses the command line and runs the command: the whole `virtdisk-csi` binary.

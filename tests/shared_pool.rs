@@ -8,7 +8,7 @@
 //! holding what it holds there.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::*;
 use virtdisk_test_support::pool::{
@@ -31,16 +31,6 @@ async fn two(pool: &Path) -> (Plugin, Plugin) {
     let a = Plugin::start_with_config("controller", &cfg, &[]).await;
     let b = Plugin::start_with_config("controller", &cfg, &[]).await;
     (a, b)
-}
-
-/// Waits until the plugin's log shows the armed failpoint pausing.
-async fn wait_paused(p: &Plugin, point: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let line = format!("failpoint {point}: pausing");
-    while !p.log().contains(&line) {
-        assert!(Instant::now() < deadline, "{point} never paused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn code<T>(r: &Result<T, tonic::Status>) -> Code {
@@ -80,31 +70,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
     // Free-for-all: both processes, many clients each, several names.
     for round in 0..6 {
         let name = format!("race-{round}");
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..12 {
-            let ch = if i % 2 == 0 {
-                a.channel.clone()
-            } else {
-                b.channel.clone()
-            };
-            let name = name.clone();
-            calls.spawn(async move {
-                let req = create_req(&name, 16 * MIB);
-                csi::controller_client::ControllerClient::new(ch)
-                    .create_volume(req)
-                    .await
-                    .map(|r| r.into_inner().volume.unwrap().volume_id)
-            });
-        }
-        let mut ids = std::collections::BTreeSet::new();
-        while let Some(r) = calls.join_next().await {
-            match r.unwrap() {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
-            }
-        }
+        let ids = race_create(&[&a, &b], 12, create_req(&name, 16 * MIB)).await;
         assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
         // Whoever lost retries and gets the same volume, from either process.
         let from_a = create_volume(&a, &name, 16 * MIB, &[]).await.unwrap();
@@ -124,7 +90,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
             .await
             .map(|r| r.into_inner().volume.unwrap().volume_id)
     });
-    wait_paused(&a, "create.image-made").await;
+    a.wait_paused("create.image-made", 1).await;
     let refused = create_volume(&b, "held", 16 * MIB, &[]).await;
     assert_eq!(code(&refused), Code::Aborted, "{refused:?}");
     let id = first.await.unwrap().unwrap();
@@ -141,7 +107,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
             .create_volume(create_req("orphaned", 16 * MIB))
             .await
     });
-    wait_paused(&a, "create.image-made").await;
+    a.wait_paused("create.image-made", 2).await;
     a.kill();
     assert!(doomed.await.unwrap().is_err());
     let id = create_volume(&b, "orphaned", 16 * MIB, &[]).await.unwrap();
@@ -181,7 +147,7 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
             .await
             .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
     });
-    wait_paused(&a, "freeze.overlay-made").await;
+    a.wait_paused("freeze.overlay-made", 1).await;
     assert_eq!(code(&snapshot(&b, "from-b", &vol).await), Code::Aborted);
     assert_eq!(code(&expand(&b, &vol, 32 * MIB).await), Code::Aborted);
     assert_eq!(code(&delete_volume(&b, &vol).await), Code::Aborted);

@@ -291,13 +291,14 @@ impl Attachments {
         }
     }
 
-    /// Keeps a ledger under `dir/<name>` for every backend that names one
-    /// (`Attacher::ledger_name`); `init_ledgers` starts them.
-    pub fn with_ledgers(mut self, dir: &Path) -> Self {
+    /// Keeps a ledger in `<pool dir>/attach-ledger/<name>` of every pool (name, directory)
+    /// for every backend that names one (`Attacher::ledger_name`); `init_ledgers` starts
+    /// them. Every process sharing a pool shares its ledger.
+    pub fn with_ledgers(mut self, pools: &[(String, PathBuf)]) -> Self {
         self.ledgers = self
             .backends
             .iter()
-            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(dir.join(n))))
+            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(n, pools)))
             .collect();
         self
     }
@@ -399,13 +400,23 @@ impl Attachments {
     pub(crate) async fn scan(&self) -> Result<Scan> {
         let mut scan = Scan::default();
         for (b, l) in self.backends.iter().zip(&self.ledgers) {
-            let started = std::time::SystemTime::now();
+            // Where the ledger stood when the read began, to bring it in line after.
+            let marks = match l.clone() {
+                Some(l) => match crate::exec::blocking(move || l.marks()).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the attach ledger");
+                        None
+                    }
+                },
+                None => None,
+            };
             match b.scan_hosts().await {
                 Ok(read) if read.unreachable.is_empty() => {
-                    if let Some(l) = l {
+                    if let (Some(l), Some(marks)) = (l, marks) {
                         let (l, found) = (l.clone(), read.known.clone());
                         if let Err(e) =
-                            crate::exec::blocking(move || l.reconcile(&found, started)).await
+                            crate::exec::blocking(move || l.reconcile(&found, &marks)).await
                         {
                             tracing::warn!(error = %e, "cannot update the attach ledger");
                         }
@@ -781,6 +792,7 @@ mod tests {
             image: "v.qcow2".into(),
             capabilities: vec![],
             parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
             disk: DiskOptions::default(),
             content_source: None,
             accessible_topology: BTreeMap::new(),
@@ -917,7 +929,11 @@ mod tests {
         }
         // With a ledger: only what it places on hv1's pools.
         let dir = tempfile::tempdir().unwrap();
-        let a = Attachments::new(vec![half_down()], 0).with_ledgers(dir.path());
+        let pools: Vec<(String, PathBuf)> = ["a", "b", "shared"]
+            .iter()
+            .map(|p| (p.to_string(), dir.path().join(p)))
+            .collect();
+        let a = Attachments::new(vec![half_down()], 0).with_ledgers(&pools);
         a.init_ledgers(vec![]).await.unwrap();
         let l = a.ledgers[0].clone().unwrap();
         l.add("shared.0123456789abcdef", "vm-a").unwrap();

@@ -26,6 +26,37 @@ pub async fn create_volume(
     p.controller().create(req).await.map(|v| v.volume_id)
 }
 
+/// `n` concurrent CreateVolume calls of `req`, spread over the plugins' channels in turn (one
+/// name raced by several controller processes); each answers a volume or ABORTED (asserted).
+/// The ids answered.
+pub async fn race_create(
+    plugins: &[&Plugin],
+    n: usize,
+    req: crate::csi::CreateVolumeRequest,
+) -> BTreeSet<String> {
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let ch = plugins[i % plugins.len()].channel.clone();
+        let req = req.clone();
+        calls.spawn(async move {
+            crate::csi::controller_client::ControllerClient::new(ch)
+                .create_volume(req)
+                .await
+                .map(|r| r.into_inner().volume.unwrap().volume_id)
+        });
+    }
+    let mut ids = BTreeSet::new();
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    }
+    ids
+}
+
 /// CreateVolume of `name` from a snapshot or volume (its size) → the volume id.
 pub async fn create_from(p: &Plugin, name: &str, source: Source) -> Result<String, Status> {
     let req = create_from_req(name, 0, source);
