@@ -17,12 +17,14 @@
 
 mod cgroup;
 mod daemon;
+mod fsfreeze;
 mod limit;
 mod loopdev;
 mod qmp;
 mod slot;
+mod snapshot;
 
-use crate::attach::{Attacher, Attachment, DiskSpec, CTX_BUS, CTX_DEVICE};
+use crate::attach::{Attacher, Attachment, DiskSpec, LiveSnapshot, CTX_BUS, CTX_DEVICE};
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -238,6 +240,7 @@ impl LocalAttacher {
     async fn recover(&self) -> Result<()> {
         let dir = self.state_dir.clone();
         for slot in exec::blocking(move || slot::list(&dir)).await? {
+            fsfreeze::thaw_left(&slot).await;
             match self.inspect(&slot).await? {
                 State::Attached {
                     rec,
@@ -265,16 +268,23 @@ impl LocalAttacher {
     }
 
     /// Takes over a live attachment a previous plugin made: confirms through QMP that the
-    /// daemon serves this slot's image, and moves it out of the plugin's cgroups if an older
-    /// plugin left it there.
+    /// daemon serves this slot's image (or a live snapshot's overlay on it: then the record
+    /// follows), deletes overlay nodes an interrupted snapshot left, and moves the daemon out
+    /// of the plugin's cgroups if an older plugin left it there.
     async fn adopt(&self, slot: &Slot, rec: &Record, loop_name: &str) {
         let s = slot.clone();
         let Ok(Some(d)) = exec::blocking(move || Ok(daemon::find(&s))).await else {
             return;
         };
         match daemon::confirm(slot, rec, &d).await {
-            Ok(None) => {}
-            Ok(Some(mismatch)) => {
+            Ok(Ok(active)) => {
+                snapshot::record_image(slot, rec, &active).await;
+                if let Err(e) = snapshot::drop_unswitched(slot, &active).await {
+                    tracing::warn!(slot = %slot.key, error = %e,
+                        "cannot delete the overlay nodes of an interrupted snapshot");
+                }
+            }
+            Ok(Err(mismatch)) => {
                 tracing::warn!(slot = %slot.key, %mismatch, "storage daemon does not serve what its slot records");
                 return;
             }
@@ -438,7 +448,7 @@ impl LocalAttacher {
             return Ok(Some("its storage daemon is gone".into()));
         };
         match daemon::confirm(slot, rec, &d).await {
-            Ok(found) => Ok(found),
+            Ok(found) => Ok(found.err()),
             Err(e) => Ok(Some(format!(
                 "its storage daemon (pid {}) does not answer QMP: {e}",
                 d.pid
@@ -662,10 +672,19 @@ impl Attacher for LocalAttacher {
                 "volume {volume_id} is attached read-only here; unpublish it to expand it"
             )));
         }
+        // The export's node: a live snapshot moved it onto its overlay.
+        let active = qmp::served(&slot.qmp_path())
+            .await?
+            .active()
+            .map_err(|why| {
+                Error::FailedPrecondition(format!(
+                    "volume {volume_id} cannot grow online: its storage daemon: {why}"
+                ))
+            })?;
         qmp::execute(
             &slot.qmp_path(),
             "block_resize",
-            serde_json::json!({"node-name": daemon::DISK_NODE, "size": size}),
+            serde_json::json!({"node-name": daemon::format_node(active.layer), "size": size}),
         )
         .await?;
         // The kernel caches the FUSE file's size for a second (the export's attribute
@@ -690,6 +709,67 @@ impl Attacher for LocalAttacher {
         }
         tracing::info!(volume = %volume_id, device = %name, size, "locally attached volume grown");
         Ok(())
+    }
+
+    /// In the volume's storage daemon (see `snapshot`), with the file system on the loop
+    /// device frozen around the switch when it is mounted on this host (see `fsfreeze`).
+    async fn snapshot_live(
+        &self,
+        node_id: &str,
+        volume_id: &VolumeId,
+        new_overlay: &Path,
+    ) -> Result<LiveSnapshot> {
+        self.check_node(node_id)?;
+        let started = Instant::now();
+        let slot = Slot::new(&self.state_dir, volume_id.key());
+        let State::Attached {
+            rec,
+            loop_name,
+            dead,
+        } = self.inspect(&slot).await?
+        else {
+            return Err(Error::Aborted(format!(
+                "volume {volume_id} was detached from this host meanwhile; retry"
+            )));
+        };
+        if let Some(reason) = dead {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot be snapshotted live: its attachment on this host is                  dead ({reason}); unpublish it on this node and publish it again"
+            )));
+        }
+        if rec.readonly {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is attached read-only to this host: nothing to switch"
+            )));
+        }
+        // A task of its own: a cancelled RPC must not leave the file system frozen.
+        let (sysfs, name, overlay) = (self.sysfs.clone(), loop_name.clone(), new_overlay.to_owned());
+        let id = volume_id.clone();
+        let (switched, quiesced) = tokio::spawn(async move {
+            let mount = exec::blocking(move || fsfreeze::mount_of(&sysfs, &name))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(volume = %id, error = %e, "cannot read the mount table");
+                    None
+                });
+            let frozen = match &mount {
+                Some(m) => fsfreeze::freeze(&slot, m).await,
+                None => None,
+            };
+            let quiesced = frozen.is_some();
+            let switched = snapshot::switch(&slot, &rec, &overlay).await;
+            if let Some(f) = frozen {
+                f.thaw().await;
+            }
+            (switched, quiesced)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("the live snapshot task ended: {e}")))?;
+        let active = switched?;
+        tracing::info!(volume = %volume_id, device = %loop_name, overlay = %active.image.display(),
+            layer = active.layer, quiesced, ms = started.elapsed().as_millis() as u64,
+            "live snapshot: the storage daemon writes to the new overlay");
+        Ok(LiveSnapshot { quiesced })
     }
 
     async fn set_qos(&self, node_id: &str, volume_id: &VolumeId, qos: &Qos) -> Result<()> {
