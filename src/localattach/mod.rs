@@ -743,7 +743,11 @@ impl Attacher for LocalAttacher {
             )));
         }
         // A task of its own: a cancelled RPC must not leave the file system frozen.
-        let (sysfs, name, overlay) = (self.sysfs.clone(), loop_name.clone(), new_overlay.to_owned());
+        let (sysfs, name, overlay) = (
+            self.sysfs.clone(),
+            loop_name.clone(),
+            new_overlay.to_owned(),
+        );
         let id = volume_id.clone();
         let (switched, quiesced) = tokio::spawn(async move {
             let mount = exec::blocking(move || fsfreeze::mount_of(&sysfs, &name))

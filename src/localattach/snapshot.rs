@@ -58,6 +58,7 @@ pub(super) async fn switch(slot: &Slot, rec: &Record, overlay: &Path) -> Result<
         }
         Prepared::Added { from, to } => (from, to),
     };
+    crate::failpoint!("localattach.overlay-added");
     let actions = json!({"actions": [{
         "type": "blockdev-snapshot",
         "data": {"node": format_node(from), "overlay": format_node(to)},
@@ -71,6 +72,7 @@ pub(super) async fn switch(slot: &Slot, rec: &Record, overlay: &Path) -> Result<
     let now = qmp::served(&socket).await.map(|s| s.active());
     match (done, now) {
         (_, Ok(Ok(active))) if active.image == overlay => {
+            crate::failpoint!("localattach.switched");
             record_image(slot, rec, &active).await;
             Ok(active)
         }

@@ -1,0 +1,214 @@
+//! Live snapshots of volumes attached to this host (monolith, local attach: a
+//! qemu-storage-daemon FUSE export + loop device per volume), against the real things: the
+//! daemon switches its export to the new overlay over QMP while the file system stays mounted,
+//! the snapshot restores what was synced before it and nothing written after, its file system
+//! is clean (frozen around the switch), the volume keeps working, a plugin killed afterwards
+//! adopts the daemon whose active layer changed, and everything comes apart cleanly. Needs
+//! root.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use virtdisk_test_support::calls::expand;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
+
+const SHORT_WAIT: &str = "[node]\ndevice_wait_secs = 2\n";
+
+/// CreateSnapshot of `vol`, which must succeed ready to use; prints how long it took.
+async fn snapshot(env: &Env, name: &str, vol: &csi::Volume) -> csi::Snapshot {
+    let started = Instant::now();
+    let snap = env
+        .plugin
+        .controller()
+        .snapshot(snapshot_req(&unique(name), &vol.volume_id))
+        .await
+        .unwrap();
+    eprintln!(
+        "CreateSnapshot {name} of an attached volume: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert!(snap.ready_to_use, "{snap:?}");
+    snap
+}
+
+/// The image the slot of `vol` records as attached.
+fn recorded_image(env: &Env, vol: &csi::Volume) -> String {
+    let state = env
+        .plugin
+        .data_dir()
+        .join("localattach")
+        .join(key_of(&vol.volume_id))
+        .join("state.json");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    rec["image"].as_str().unwrap().to_string()
+}
+
+fn read(dir: &str, name: &str) -> Option<Vec<u8>> {
+    std::fs::read(Path::new(dir).join(name)).ok()
+}
+
+/// e2fsck -fn exits 0: the file system on `device` is clean (no journal to replay either).
+fn assert_fsck_clean(device: &str) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", device])
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {device}: {:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (vol, ctx) = env.attached("snap", 64 * MIB, &cap).await;
+    let (s, t) = (env.staging("snap"), env.target("snap"));
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    write_file(&t, "a.txt", b"before the snapshot");
+    let pid = env.daemon_pid(&vol).expect("a storage daemon");
+    let first_image = recorded_image(&env, &vol);
+
+    let snap = snapshot(&env, "snap-1", &vol).await;
+    // Repeated (a lost reply): the same snapshot, no second switch.
+    let again = env
+        .plugin
+        .controller()
+        .snapshot(snapshot_req(&unique("snap-1"), &vol.volume_id))
+        .await
+        .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    assert_eq!(env.daemon_pid(&vol), Some(pid), "the same daemon serves on");
+    assert_ne!(
+        recorded_image(&env, &vol),
+        first_image,
+        "the slot records the overlay the daemon writes now"
+    );
+    let log = env.plugin.log();
+    assert!(
+        log.contains("the storage daemon writes to the new overlay")
+            && log.contains("quiesced=true"),
+        "the switch ran with the file system frozen: {log}"
+    );
+    write_file(&t, "b.txt", b"after the snapshot");
+
+    // The snapshot holds A, not B, in a clean file system.
+    let restored = env
+        .plugin
+        .controller()
+        .create(csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap.clone()],
+            ..create_from_req(&unique("snap-r"), 0, from_snapshot(&snap.snapshot_id))
+        })
+        .await
+        .unwrap();
+    let rctx = env.controller_publish(&restored, &cap, false).await;
+    assert_fsck_clean(&rctx["devicePath"]);
+    let rs = env.staging("snap-r");
+    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
+    assert_eq!(
+        read(&rs, "a.txt").as_deref(),
+        Some(&b"before the snapshot"[..])
+    );
+    assert_eq!(read(&rs, "b.txt"), None, "written after the snapshot");
+    env.unstage_twice(&restored, &rs).await;
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+
+    // The original goes on.
+    assert_eq!(
+        read(&t, "b.txt").as_deref(),
+        Some(&b"after the snapshot"[..])
+    );
+    write_file(&t, "c.txt", b"still writable");
+
+    // kill -9: the restarted plugin adopts the daemon whose export moved to the overlay
+    // (its command line still names the first image).
+    env.plugin.kill();
+    env.plugin.restart().await;
+    assert_eq!(env.daemon_pid(&vol), Some(pid), "adopted, not restarted");
+    assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
+    assert!(
+        !env.plugin
+            .log()
+            .contains("does not serve what its slot records"),
+        "{}",
+        env.plugin.log()
+    );
+    // A second snapshot on the adopted daemon (a second overlay node), then online growth
+    // of the layer the export serves now.
+    write_file(&t, "d.txt", b"before the second snapshot");
+    let snap2 = snapshot(&env, "snap-2", &vol).await;
+    write_file(&t, "e.txt", b"after the second snapshot");
+    let grown = expand(&env.plugin, &vol.volume_id, 96 * MIB).await.unwrap();
+    assert!(grown >= 96 * MIB);
+    let dev = ctx["devicePath"].trim_start_matches("/dev/").to_string();
+    let size: u64 = std::fs::read_to_string(format!("/sys/block/{dev}/size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        size * 512,
+        96 * MIB as u64,
+        "the loop device sees the new size"
+    );
+    for f in ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt"] {
+        assert!(read(&t, f).is_some(), "{f}");
+    }
+
+    // Teardown: nothing left (no daemon, loop device or FUSE mount); snapshots go too.
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    for id in [&snap.snapshot_id, &snap2.snapshot_id] {
+        env.plugin.controller().remove_snapshot(id).await.unwrap();
+    }
+    env.finish(&vol).await;
+}
+
+/// A raw block volume (nothing mounted on this host: no freeze, a crash-consistent cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_an_attached_block_volume() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let (vol, ctx) = env.attached("snapblk", 16 * MIB, &cap).await;
+    let dev = ctx["devicePath"].clone();
+    block_write(&dev, 0x11);
+    let snap = snapshot(&env, "snapblk-1", &vol).await;
+    block_write(&dev, 0x22);
+    assert!(block_reads(&dev, 0x22));
+
+    let restored = env
+        .plugin
+        .controller()
+        .create(csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap.clone()],
+            ..create_from_req(&unique("snapblk-r"), 0, from_snapshot(&snap.snapshot_id))
+        })
+        .await
+        .unwrap();
+    let rctx = env.controller_publish(&restored, &cap, false).await;
+    assert!(
+        block_reads(&rctx["devicePath"], 0x11),
+        "the snapshot's data"
+    );
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+    env.plugin
+        .controller()
+        .remove_snapshot(&snap.snapshot_id)
+        .await
+        .unwrap();
+    env.finish(&vol).await;
+}
