@@ -7,7 +7,6 @@
 //! root.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 use virtdisk_test_support::calls::expand;
 use virtdisk_test_support::local_attach::*;
@@ -48,22 +47,6 @@ fn read(dir: &str, name: &str) -> Option<Vec<u8>> {
     std::fs::read(Path::new(dir).join(name)).ok()
 }
 
-/// e2fsck -fn exits 0: the file system on `device` is clean (no journal to replay either).
-fn assert_fsck_clean(device: &str) {
-    let out = Command::new("e2fsck")
-        .args(["-fn", device])
-        .env("LC_ALL", "C")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {device}: {:?}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
@@ -102,16 +85,7 @@ async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     write_file(&t, "b.txt", b"after the snapshot");
 
     // The snapshot holds A, not B, in a clean file system.
-    let restored = env
-        .plugin
-        .controller()
-        .create(csi::CreateVolumeRequest {
-            volume_capabilities: vec![cap.clone()],
-            ..create_from_req(&unique("snap-r"), 0, from_snapshot(&snap.snapshot_id))
-        })
-        .await
-        .unwrap();
-    let rctx = env.controller_publish(&restored, &cap, false).await;
+    let (restored, rctx) = env.restored("snap-r", &snap.snapshot_id, &cap).await;
     assert_fsck_clean(&rctx["devicePath"]);
     let rs = env.staging("snap-r");
     env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
@@ -189,16 +163,7 @@ async fn snapshot_of_an_attached_block_volume() {
     block_write(&dev, 0x22);
     assert!(block_reads(&dev, 0x22));
 
-    let restored = env
-        .plugin
-        .controller()
-        .create(csi::CreateVolumeRequest {
-            volume_capabilities: vec![cap.clone()],
-            ..create_from_req(&unique("snapblk-r"), 0, from_snapshot(&snap.snapshot_id))
-        })
-        .await
-        .unwrap();
-    let rctx = env.controller_publish(&restored, &cap, false).await;
+    let (restored, rctx) = env.restored("snapblk-r", &snap.snapshot_id, &cap).await;
     assert!(
         block_reads(&rctx["devicePath"], 0x11),
         "the snapshot's data"
