@@ -308,7 +308,60 @@ pub(super) async fn stop(slot: &Slot) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::localattach::qmp::{Node, Served};
     use crate::model::ImageFormat;
+
+    fn node(name: &str, file: &str, size: u64) -> Node {
+        Node {
+            name: name.into(),
+            file: file.into(),
+            virtual_size: size,
+            backing_filename: None,
+        }
+    }
+
+    /// After a live snapshot the export serves `disk1` (whose own file name is a `json:`
+    /// description): the active image is read from `file1`; a node added above and never
+    /// switched (`disk2`) is found; an unnamed node QEMU made is ignored.
+    #[test]
+    fn the_active_layer_is_the_one_the_export_serves() {
+        let served = Served {
+            pid: Some(7),
+            exports: vec![("exp0".into(), "disk1".into(), "fuse".into())],
+            nodes: vec![
+                node("disk2", "json:{}", 64),
+                node("file2", "/p/c.qcow2", 1),
+                node("disk1", "json:{\"backing\": {}}", 64),
+                node("file1", "/p/b.qcow2", 1),
+                node("disk0", "/p/a.qcow2", 64),
+                node("file0", "/p/a.qcow2", 1),
+                node("#block123", "/p/a.qcow2", 64),
+            ],
+        };
+        let active = served.active().unwrap();
+        assert_eq!(
+            active,
+            Active {
+                layer: 1,
+                image: "/p/b.qcow2".into(),
+                size: 64
+            }
+        );
+        assert!(served.holds_below(1, Path::new("/p/a.qcow2")));
+        assert!(served.holds_below(1, Path::new("/p/b.qcow2")));
+        assert!(!served.holds_below(1, Path::new("/p/c.qcow2")));
+        assert_eq!(served.above(1), vec![2]);
+        assert_eq!(served.above(2), Vec::<u32>::new());
+        for bad in ["disk", "diskx", "disk-1", "file1", "#block1"] {
+            assert_eq!(layer_of(bad), None, "{bad}");
+        }
+        // No export, or an export of a node not ours: said, not guessed.
+        let mut none = served.clone();
+        none.exports.clear();
+        assert!(none.active().unwrap_err().contains("no FUSE export"));
+        none.exports = vec![("exp0".into(), "#block123".into(), "fuse".into())];
+        assert!(none.active().unwrap_err().contains("unknown node"));
+    }
 
     #[test]
     fn command_line_is_json_and_escaped() {
