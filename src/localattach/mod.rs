@@ -516,6 +516,38 @@ impl LocalAttacher {
         Ok(name)
     }
 
+    /// The live, read-write attachment in `slot` (its record and loop device); None when
+    /// nothing is attached. FAILED_PRECONDITION when it is dead or read-only: then the volume
+    /// cannot `what` (e.g. "grow online").
+    async fn writable(
+        &self,
+        slot: &Slot,
+        volume_id: &VolumeId,
+        what: &str,
+    ) -> Result<Option<(Record, String)>> {
+        let State::Attached {
+            rec,
+            loop_name,
+            dead,
+        } = self.inspect(slot).await?
+        else {
+            return Ok(None);
+        };
+        if let Some(reason) = dead {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot {what}: its attachment on this host is dead \
+                 ({reason}); unpublish it on this node and publish it again"
+            )));
+        }
+        if rec.readonly {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot {what}: it is attached read-only to this host; \
+                 unpublish it first"
+            )));
+        }
+        Ok(Some((rec, loop_name)))
+    }
+
     /// Attaches `rec` afresh (slot torn down first), cleaning up when that fails.
     async fn attach_fresh(&self, slot: &Slot, rec: &Record) -> Result<String> {
         self.teardown(slot).await?;
@@ -651,27 +683,11 @@ impl Attacher for LocalAttacher {
     async fn resize(&self, node_id: &str, volume_id: &VolumeId, size: u64) -> Result<()> {
         self.check_node(node_id)?;
         let slot = Slot::new(&self.state_dir, volume_id.key());
-        let State::Attached {
-            rec,
-            loop_name: name,
-            dead,
-        } = self.inspect(&slot).await?
-        else {
+        let Some((_, name)) = self.writable(&slot, volume_id, "grow online").await? else {
             return Err(Error::NotFound(format!(
                 "volume {volume_id} is not attached to this host"
             )));
         };
-        if let Some(reason) = dead {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} cannot grow online: its attachment on this host is dead \
-                 ({reason}); unpublish it on this node and publish it again"
-            )));
-        }
-        if rec.readonly {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is attached read-only here; unpublish it to expand it"
-            )));
-        }
         // The export's node: a live snapshot moved it onto its overlay.
         let active = qmp::served(&slot.qmp_path())
             .await?
@@ -722,26 +738,11 @@ impl Attacher for LocalAttacher {
         self.check_node(node_id)?;
         let started = Instant::now();
         let slot = Slot::new(&self.state_dir, volume_id.key());
-        let State::Attached {
-            rec,
-            loop_name,
-            dead,
-        } = self.inspect(&slot).await?
-        else {
+        let Some((rec, loop_name)) = self.writable(&slot, volume_id, "snapshot live").await? else {
             return Err(Error::Aborted(format!(
                 "volume {volume_id} was detached from this host meanwhile; retry"
             )));
         };
-        if let Some(reason) = dead {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} cannot be snapshotted live: its attachment on this host is                  dead ({reason}); unpublish it on this node and publish it again"
-            )));
-        }
-        if rec.readonly {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is attached read-only to this host: nothing to switch"
-            )));
-        }
         // A task of its own: a cancelled RPC must not leave the file system frozen.
         let (sysfs, name, overlay) = (
             self.sysfs.clone(),
