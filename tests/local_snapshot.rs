@@ -28,6 +28,14 @@ async fn snapshot(env: &Env, name: &str, vol: &csi::Volume) -> csi::Snapshot {
         started.elapsed().as_millis()
     );
     assert!(snap.ready_to_use, "{snap:?}");
+    if let Some(line) = env
+        .plugin
+        .log()
+        .lines()
+        .rfind(|l| l.contains("file system thawed"))
+    {
+        eprintln!("  {line}");
+    }
     snap
 }
 

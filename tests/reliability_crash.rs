@@ -604,6 +604,14 @@ async fn local_case(op: LocalOp, point: &str) {
     op.act(&e, &l)
         .await
         .unwrap_or_else(|err| panic!("{op:?} at {point}: the retry failed: {err:?}"));
+    if op == LocalOp::LiveSnapshot && point.starts_with("localattach.") {
+        // Killed while the file system was frozen: the restarted plugin thawed it.
+        let log = e.plugin.log();
+        assert!(
+            log.contains("left this file system frozen"),
+            "{point}: {log}"
+        );
+    }
     // Idempotent: the same call answers OK again.
     op.act(&e, &l)
         .await

@@ -757,14 +757,19 @@ impl Attacher for LocalAttacher {
                     tracing::warn!(volume = %id, error = %e, "cannot read the mount table");
                     None
                 });
+            let t0 = Instant::now();
             let frozen = match &mount {
                 Some(m) => fsfreeze::freeze(&slot, m).await,
                 None => None,
             };
-            let quiesced = frozen.is_some();
+            let (quiesced, t1) = (frozen.is_some(), Instant::now());
             let switched = snapshot::switch(&slot, &rec, &overlay).await;
             if let Some(f) = frozen {
                 f.thaw().await;
+                // How long the freeze took (writing out dirty data), then how long writers
+                // were held.
+                tracing::debug!(volume = %id, freeze_ms = (t1 - t0).as_millis() as u64,
+                    held_ms = t1.elapsed().as_millis() as u64, "file system thawed");
             }
             (switched, quiesced)
         })
