@@ -122,7 +122,10 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
         backends.push(local);
     }
     Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
-        .with_ledgers(&cfg.data_dir.join("attach-ledger")))
+        .with_ledgers(&cfg.data_dir.join("attach-ledger"))
+        .with_quiesce_timeout(std::time::Duration::from_secs(
+            cfg.snapshots.quiesce_timeout_secs,
+        )))
 }
 
 /// Parses the command line and runs the command: the whole `virtdisk-csi` binary.

@@ -127,6 +127,8 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 .await?;
         }
         pools.start_flattener();
+        // Guests a crashed controller left frozen or paused for a live snapshot.
+        attachers.release_left_quiesced().await;
         Some(pools)
     } else {
         None
