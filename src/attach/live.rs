@@ -530,6 +530,333 @@ impl Attachments {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attach::{Attachment, DiskSpec};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Nodes in memory that log every call; each node's behaviour is set per test.
+    #[derive(Default)]
+    struct Fake {
+        log: Mutex<Vec<String>>,
+        /// node → how its calls behave
+        nodes: BTreeMap<String, Behaviour>,
+    }
+
+    #[derive(Default, Clone)]
+    struct Behaviour {
+        agent: bool,
+        freeze_takes: Duration,
+        snapshot_takes: Duration,
+        snapshot_fails: bool,
+        pause_fails: bool,
+    }
+
+    impl Fake {
+        fn with(nodes: &[(&str, Behaviour)]) -> Arc<Fake> {
+            Arc::new(Fake {
+                log: Mutex::default(),
+                nodes: nodes
+                    .iter()
+                    .map(|(n, b)| (n.to_string(), b.clone()))
+                    .collect(),
+            })
+        }
+        fn note(&self, what: String) {
+            self.log.lock().unwrap().push(what);
+        }
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+        fn index(&self, entry: &str) -> usize {
+            self.log()
+                .iter()
+                .position(|e| e == entry)
+                .unwrap_or_else(|| panic!("{entry} not in {:?}", self.log()))
+        }
+        fn behaviour(&self, node: &str) -> Behaviour {
+            self.nodes.get(node).cloned().unwrap_or_default()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Attacher for Fake {
+        async fn serves(&self, node_id: &str) -> Result<bool> {
+            Ok(self.nodes.contains_key(node_id))
+        }
+        async fn attachments(&self) -> Result<Vec<Attachment>> {
+            Ok(Vec::new())
+        }
+        async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
+            Err(Error::internal("not in these tests"))
+        }
+        async fn detach(&self, _: &str, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+            Ok(())
+        }
+        async fn check_health(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
+            let b = self.behaviour(node_id);
+            self.note(format!("snapshot {node_id} {}", members.len()));
+            tokio::time::sleep(b.snapshot_takes).await;
+            self.note(format!("snapshot done {node_id}"));
+            if b.snapshot_fails {
+                return Err(Error::FailedPrecondition("the domain refused".into()));
+            }
+            Ok(())
+        }
+        async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+            let b = self.behaviour(node_id);
+            if !b.agent {
+                return Ok(FsFreeze::NoAgent);
+            }
+            tokio::time::sleep(b.freeze_takes).await;
+            self.note(format!("frozen {node_id}"));
+            Ok(FsFreeze::Frozen(2))
+        }
+        async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+            self.note(format!("thaw {node_id}"));
+            Ok(())
+        }
+        async fn pause(&self, node_id: &str) -> Result<bool> {
+            if self.behaviour(node_id).pause_fails {
+                return Err(Error::internal("cannot pause"));
+            }
+            self.note(format!("pause {node_id}"));
+            Ok(true)
+        }
+        async fn resume(&self, node_id: &str) -> Result<()> {
+            self.note(format!("resume {node_id}"));
+            Ok(())
+        }
+    }
+
+    fn attachments(fake: &Arc<Fake>, timeout: Duration, markers: Option<&Path>) -> Attachments {
+        let mut a = Attachments::new(vec![fake.clone() as Arc<dyn Attacher>], 0)
+            .with_quiesce_timeout(timeout);
+        a.quiesce.markers = markers.map(Path::to_path_buf);
+        a
+    }
+
+    fn plan(nodes: &[&str]) -> Vec<NodeMembers> {
+        nodes
+            .iter()
+            .map(|n| NodeMembers {
+                node_id: n.to_string(),
+                members: vec![
+                    LiveMember {
+                        volume_id: format!("p.{n}1"),
+                        overlay: PathBuf::from(format!("/p/images/{n}1.qcow2")),
+                    },
+                    LiveMember {
+                        volume_id: format!("p.{n}2"),
+                        overlay: PathBuf::from(format!("/p/images/{n}2.qcow2")),
+                    },
+                ],
+            })
+            .collect()
+    }
+
+    const SHORT: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn one_node_with_an_agent_is_frozen_around_one_cut() {
+        let agent = Behaviour {
+            agent: true,
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", agent)]);
+        let dir = tempfile::tempdir().unwrap();
+        let a = attachments(&fake, SHORT, Some(dir.path()));
+        let out = a.snapshot_live_together(plan(&["a"])).await.unwrap();
+        assert_eq!(
+            fake.log(),
+            ["frozen a", "snapshot a 2", "snapshot done a", "thaw a"],
+            "both disks in one call, no pause for one node"
+        );
+        assert_eq!(out.consistency, Some(Consistency::Application));
+        assert!(out.nodes[0].quiesced && out.nodes[0].result.is_ok());
+        assert!(a.quiesce.left().unwrap().is_empty(), "markers cleared");
+    }
+
+    #[tokio::test]
+    async fn without_an_agent_the_cut_is_crash_consistent() {
+        let fake = Fake::with(&[("a", Behaviour::default())]);
+        let a = attachments(&fake, SHORT, None);
+        let out = a.snapshot_live_together(plan(&["a"])).await.unwrap();
+        assert_eq!(fake.log(), ["snapshot a 2", "snapshot done a"]);
+        assert_eq!(out.consistency, Some(Consistency::Crash));
+        assert!(!out.nodes[0].quiesced);
+    }
+
+    #[tokio::test]
+    async fn several_nodes_are_frozen_and_paused_before_any_cut_and_released_after() {
+        let agent = Behaviour {
+            agent: true,
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", agent.clone()), ("b", agent), ("c", Behaviour::default())]);
+        let a = attachments(&fake, SHORT, None);
+        let out = a.snapshot_live_together(plan(&["a", "b", "c"])).await.unwrap();
+        let first_cut = ["snapshot a 2", "snapshot b 2", "snapshot c 2"]
+            .iter()
+            .map(|e| fake.index(e))
+            .min()
+            .unwrap();
+        let last_done = ["snapshot done a", "snapshot done b", "snapshot done c"]
+            .iter()
+            .map(|e| fake.index(e))
+            .max()
+            .unwrap();
+        for before in ["frozen a", "frozen b", "pause a", "pause b", "pause c"] {
+            assert!(fake.index(before) < first_cut, "{before}: {:?}", fake.log());
+        }
+        for after in ["resume a", "resume b", "resume c", "thaw a", "thaw b"] {
+            assert!(fake.index(after) > last_done, "{after}: {:?}", fake.log());
+        }
+        assert!(!fake.log().contains(&"thaw c".to_string()), "c had no agent");
+        // c had no agent: the write order holds (paused together), the file systems of c were
+        // not frozen.
+        assert_eq!(out.consistency, Some(Consistency::Crash));
+        assert_eq!(
+            out.nodes.iter().map(|n| n.quiesced).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_freeze_that_hangs_is_given_up_and_thawed_when_it_completes() {
+        let slow = Behaviour {
+            agent: true,
+            freeze_takes: Duration::from_millis(800),
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", slow)]);
+        let a = attachments(&fake, SHORT, None);
+        let t = Instant::now();
+        let out = a.snapshot_live_together(plan(&["a"])).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+        assert_eq!(out.consistency, Some(Consistency::Crash));
+        assert!(!out.nodes[0].quiesced);
+        assert_eq!(fake.log(), ["snapshot a 2", "snapshot done a"]);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(
+            fake.log(),
+            ["snapshot a 2", "snapshot done a", "frozen a", "thaw a"],
+            "the late freeze is thawed at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_cut_still_thaws_and_resumes() {
+        let bad = Behaviour {
+            agent: true,
+            snapshot_fails: true,
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", Behaviour::default()), ("b", bad)]);
+        let a = attachments(&fake, SHORT, None);
+        let out = a.snapshot_live_together(plan(&["a", "b"])).await.unwrap();
+        assert!(out.nodes[0].result.is_ok());
+        assert_eq!(
+            out.nodes[1].result.as_ref().unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        for e in ["resume a", "resume b", "thaw b"] {
+            assert!(fake.index(e) > fake.index("snapshot done b"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pause_that_fails_cuts_nothing_and_releases_the_others() {
+        let agent = Behaviour {
+            agent: true,
+            ..Default::default()
+        };
+        let stuck = Behaviour {
+            pause_fails: true,
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", agent), ("b", stuck)]);
+        let a = attachments(&fake, SHORT, None);
+        let err = a
+            .snapshot_live_together(plan(&["a", "b"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.to_string().contains("node b could not be paused"), "{err}");
+        let log = fake.log();
+        assert!(!log.iter().any(|e| e.starts_with("snapshot")), "{log:?}");
+        assert!(fake.index("resume a") > fake.index("pause a"));
+        assert!(fake.index("thaw a") > fake.index("frozen a"));
+    }
+
+    #[tokio::test]
+    async fn cuts_of_several_nodes_past_the_timeout_are_not_together() {
+        let slow = Behaviour {
+            snapshot_takes: Duration::from_millis(600),
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", Behaviour::default()), ("b", slow)]);
+        let a = attachments(&fake, SHORT, None);
+        let out = a.snapshot_live_together(plan(&["a", "b"])).await.unwrap();
+        assert_eq!(out.consistency, None);
+        assert!(out.nodes.iter().all(|n| n.result.is_ok()));
+        assert!(
+            fake.index("resume b") < fake.index("snapshot done b"),
+            "released at the timeout: {:?}",
+            fake.log()
+        );
+        assert!(out.held < Duration::from_millis(550), "{:?}", out.held);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_caller_does_not_leave_the_guest_frozen() {
+        let slow_cut = Behaviour {
+            agent: true,
+            snapshot_takes: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let fake = Fake::with(&[("a", slow_cut)]);
+        let a = attachments(&fake, Duration::from_secs(5), None);
+        let call = a.snapshot_live_together(plan(&["a"]));
+        assert!(tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            fake.log(),
+            ["frozen a", "snapshot a 2", "snapshot done a", "thaw a"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_controller_releases_what_a_marker_names() {
+        let fake = Fake::with(&[("a", Behaviour::default()), ("b", Behaviour::default())]);
+        let dir = tempfile::tempdir().unwrap();
+        let a = attachments(&fake, SHORT, Some(dir.path()));
+        for (node, frozen, paused) in [("a", true, true), ("b", true, false), ("gone", true, true)] {
+            a.quiesce
+                .note(&Marker {
+                    node_id: node.into(),
+                    frozen,
+                    paused,
+                })
+                .unwrap();
+        }
+        a.release_left_quiesced().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut log = fake.log();
+        log.sort();
+        assert_eq!(log, ["resume a", "thaw a", "thaw b"]);
+        assert!(a.quiesce.left().unwrap().is_empty());
+    }
 
     #[test]
     fn markers_round_trip_and_clear() {
