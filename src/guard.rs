@@ -48,10 +48,16 @@ pub(crate) fn snapshot_key(key: &str) -> String {
     format!("snap:{key}")
 }
 
+/// Guard key of a group snapshot, from its name-derived key.
+pub(crate) fn group_key(key: &str) -> String {
+    format!("group:{key}")
+}
+
 fn describe(key: &str) -> String {
     match key.split_once(':') {
         Some(("vol", id)) => format!("volume {id}"),
         Some(("snap", id)) => format!("snapshot {id}"),
+        Some(("group", id)) => format!("group snapshot {id}"),
         _ => key.to_string(),
     }
 }

@@ -86,6 +86,16 @@ pub fn snapshot_key_for_name(name: &str) -> String {
     format!("s{}", name_key("snapshot", name))
 }
 
+/// The key of the group snapshot with this name.
+pub fn group_key_for_name(name: &str) -> String {
+    format!("g{}", name_key("group snapshot", name))
+}
+
+/// The key of the member snapshot of volume `volume_id` in group snapshot `group_key`.
+pub fn member_key(group_key: &str, volume_id: &str) -> String {
+    format!("s{}", name_key("group member", &format!("{group_key}\0{volume_id}")))
+}
+
 /// A parsed object id: `<pool>.<key>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId {
@@ -105,14 +115,18 @@ impl ObjectId {
     /// Parses a volume id. `Err(InvalidArgument)` if unsafe; `Ok(None)` if safe but not one of
     /// ours (such a volume cannot exist).
     pub(crate) fn parse_volume(id: &str) -> Result<Option<ObjectId>> {
-        Self::parse(id, "volume id", false)
+        Self::parse(id, "volume id", None)
     }
 
     pub(crate) fn parse_snapshot(id: &str) -> Result<Option<ObjectId>> {
-        Self::parse(id, "snapshot id", true)
+        Self::parse(id, "snapshot id", Some('s'))
     }
 
-    fn parse(id: &str, what: &str, snapshot: bool) -> Result<Option<ObjectId>> {
+    pub(crate) fn parse_group(id: &str) -> Result<Option<ObjectId>> {
+        Self::parse(id, "group snapshot id", Some('g'))
+    }
+
+    fn parse(id: &str, what: &str, prefix: Option<char>) -> Result<Option<ObjectId>> {
         check_safe_id(what, id)?;
         let Some((pool, key)) = id.rsplit_once('.') else {
             return Ok(None);
@@ -120,13 +134,12 @@ impl ObjectId {
         if check_pool_name(pool).is_err() {
             return Ok(None);
         }
-        let hex = if snapshot {
-            match key.strip_prefix('s') {
+        let hex = match prefix {
+            Some(p) => match key.strip_prefix(p) {
                 Some(h) => h,
                 None => return Ok(None),
-            }
-        } else {
-            key
+            },
+            None => key,
         };
         let ok =
             hex.len() == KEY_HEX && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
@@ -171,6 +184,10 @@ mod tests {
         assert_eq!(ObjectId::parse_volume("pool.xyz").unwrap(), None);
     }
 
+    fn sid_string() -> String {
+        ObjectId::new("default", &snapshot_key_for_name("snap")).to_string()
+    }
+
     #[test]
     fn keys_round_trip_and_serial_fits() {
         let key = volume_key_for_name("my volume ✓");
@@ -187,6 +204,13 @@ mod tests {
             Some(sid)
         );
         assert_eq!(ObjectId::parse_snapshot(&id.to_string()).unwrap(), None);
+        let gkey = group_key_for_name("g");
+        let gid = ObjectId::new("default", &gkey);
+        assert_eq!(ObjectId::parse_group(&gid.to_string()).unwrap(), Some(gid));
+        assert_eq!(ObjectId::parse_group(&sid_string()).unwrap(), None);
+        let m = member_key(&gkey, "default.0123456789abcdef");
+        assert!(ObjectId::parse_snapshot(&format!("default.{m}")).unwrap().is_some());
+        assert_ne!(m, member_key(&gkey, "default.0123456789abcdee"));
         assert_ne!(volume_key_for_name("a"), volume_key_for_name("b"));
     }
 }

@@ -10,10 +10,12 @@ mod authority;
 use crate::attach::Attachments;
 use crate::config::Config;
 use crate::csi::controller::ControllerService;
+use crate::csi::group_controller::GroupControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::csi::proto::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
 use crate::guard::OpGuards;
@@ -147,6 +149,12 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
     let router = tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
+        .add_optional_service(pools.clone().map(|pools| {
+            GroupControllerServer::new(GroupControllerService {
+                pools,
+                guards: guards.clone(),
+            })
+        }))
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
                 pools,

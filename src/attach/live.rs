@@ -101,6 +101,17 @@ enum Freeze {
     Late,
 }
 
+impl std::fmt::Display for Freeze {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Freeze::NoAgent => write!(f, "no guest agent"),
+            Freeze::Frozen(n) => write!(f, "{n} file systems frozen"),
+            Freeze::Failed(why) => write!(f, "freeze failed ({why})"),
+            Freeze::Late => write!(f, "freeze too late"),
+        }
+    }
+}
+
 /// A node being held for a cut.
 struct Held {
     node_id: String,
@@ -337,7 +348,10 @@ impl Attachments {
         };
         let summary: Vec<String> = held
             .iter()
-            .map(|h| format!("{}: {:?}{}", h.node_id, h.freeze, if h.paused { ", paused" } else { "" }))
+            .map(|h| {
+                let paused = if h.paused { ", paused" } else { "" };
+                format!("{}: {}{paused}", h.node_id, h.freeze)
+            })
             .collect();
         tracing::info!(nodes = held.len(), consistency = consistency.map(|c| c.as_str()).unwrap_or("none"),
             held_ms = held_for.as_millis() as u64, cut_ms = cut_started.elapsed().as_millis() as u64,

@@ -6,7 +6,7 @@ mod ledger;
 mod live;
 
 pub use live::{FsFreeze, LiveMember, DEFAULT_QUIESCE_TIMEOUT};
-pub(crate) use live::{LiveOutcome, NodeMembers};
+pub(crate) use live::NodeMembers;
 
 use crate::error::{Error, Result};
 use crate::model::Capability;

@@ -289,10 +289,9 @@ impl Pools {
         Ok(writers.pop())
     }
 
-    /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
-    /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
-    /// the node switches live. The caller holds the volume's guard.
-    pub(super) async fn freeze(&self, rec: VolumeRecord) -> Result<(Frozen, VolumeRecord)> {
+    /// Whether the volume's active layer can be frozen now (qcow2, chain not too deep, no
+    /// switch pending).
+    pub(super) fn check_freezable(&self, rec: &VolumeRecord) -> Result<()> {
         if rec.format != ImageFormat::Qcow2 {
             return Err(Error::invalid(format!(
                 "volume {} is raw: snapshots and clones need qcow2 volumes (a raw image cannot \
@@ -316,12 +315,47 @@ impl Pools {
                 rec.id, f.overlay
             )));
         }
-        let pool = self.pool_of(&rec.pool)?;
+        Ok(())
+    }
+
+    /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
+    /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
+    /// the node switches live. The caller holds the volume's guard.
+    pub(super) async fn freeze(&self, rec: VolumeRecord) -> Result<(Frozen, VolumeRecord)> {
+        self.check_freezable(&rec)?;
         let writer = self.live_writer(&rec.id).await?;
+        let prepared = self.prepare_freeze(rec, writer.is_some()).await?;
+        let quiesced = match &writer {
+            None => None,
+            Some(node) => {
+                let live = self
+                    .layers
+                    .attachments
+                    .snapshot_live(node, &prepared.rec.id, &prepared.overlay_path)
+                    .await
+                    .map_err(|e| unsupported_live(e, &prepared.rec.id, node));
+                match live {
+                    Ok(l) => Some(l.quiesced),
+                    Err(e) => return Err(self.abandon_freeze(prepared, e).await),
+                }
+            }
+        };
+        let (frozen, rec) = self.commit_freezes(vec![(prepared, quiesced)]).await?.remove(0);
+        Ok((frozen, rec))
+    }
+
+    /// Step 1 of a freeze: names a new overlay in the volume's record (a pending switch), then
+    /// creates it, durably. `live`: a node writes the volume, and will be told to switch, so
+    /// the record says the overlay is handed to it (after a crash the volume continues there).
+    pub(super) async fn prepare_freeze(
+        &self,
+        rec: VolumeRecord,
+        live: bool,
+    ) -> Result<PreparedFreeze> {
+        let pool = self.pool_of(&rec.pool)?;
         let key = key_of_volume(&rec.id)?;
         let p = pool.clone();
         let overlay = exec::blocking(move || p.new_layer_name(&key, ImageFormat::Qcow2)).await?;
-
         let mut rec = rec;
         rec.chain.freezing = Some(Freezing {
             overlay: overlay.clone(),
@@ -330,118 +364,165 @@ impl Pools {
         let (p, r) = (pool.clone(), rec.clone());
         exec::blocking(move || p.write_volume(&r)).await?;
         crate::failpoint!("freeze.intent");
-
-        match self
-            .switch_to_overlay(&pool, &mut rec, &overlay, writer.as_deref())
-            .await
-        {
-            Ok(frozen) => {
-                self.note_depth(&rec);
-                Ok((frozen, rec))
-            }
-            Err(e)
-                if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
-                    && rec
-                        .chain
-                        .freezing
-                        .as_ref()
-                        .is_some_and(|f| f.handed_to_domain) =>
-            {
-                // Unknown outcome: the node may already write to the overlay, so it must not be
-                // deleted. The record keeps the pending switch; pool recovery completes it.
-                tracing::error!(volume = %rec.id, overlay = %overlay, error = %e,
-                    "live snapshot outcome unknown; keeping the new overlay");
-                Err(Error::Unavailable(format!(
-                    "could not confirm the live snapshot of volume {} ({e}); the new layer is                      kept, and restarting the controller reconciles the volume",
-                    rec.id
-                )))
-            }
-            Err(e) => {
-                rec.chain.freezing = None;
-                let (p, r) = (pool.clone(), rec.clone());
-                let undo = exec::blocking(move || {
-                    fsutil::remove_durable(&p.image_path(&overlay))?;
-                    p.write_volume(&r)
-                })
-                .await;
-                if let Err(u) = undo {
-                    tracing::error!(volume = %rec.id, error = %u,
-                        "could not undo a failed freeze; the next controller start will");
+        let overlay_path = pool.image_path(&overlay);
+        let made = async {
+            qemu_img::create(
+                &overlay_path,
+                ImageFormat::Qcow2,
+                rec.capacity_bytes,
+                Some((rec.image.as_str(), ImageFormat::Qcow2)),
+            )
+            .await?;
+            let (p, o) = (pool.clone(), overlay_path.clone());
+            exec::blocking(move || {
+                sync_file(&o)?;
+                fsutil::sync_dir(&p.images_dir())
+            })
+            .await?;
+            crate::failpoint!("freeze.overlay-made");
+            if live {
+                if let Some(f) = rec.chain.freezing.as_mut() {
+                    f.handed_to_domain = true;
                 }
-                Err(e)
+                let (p, r) = (pool.clone(), rec.clone());
+                exec::blocking(move || p.write_volume(&r)).await?;
             }
+            Ok(())
+        }
+        .await;
+        let prepared = PreparedFreeze {
+            pool,
+            rec,
+            overlay,
+            overlay_path,
+        };
+        match made {
+            Ok(()) => Ok(prepared),
+            Err(e) => Err(self.abandon_freeze(prepared, e).await),
         }
     }
 
-    async fn switch_to_overlay(
-        &self,
-        pool: &Arc<Pool>,
-        rec: &mut VolumeRecord,
-        overlay: &str,
-        writer: Option<&str>,
-    ) -> Result<Frozen> {
-        let overlay_path = pool.image_path(overlay);
-        qemu_img::create(
-            &overlay_path,
-            ImageFormat::Qcow2,
-            rec.capacity_bytes,
-            Some((rec.image.as_str(), ImageFormat::Qcow2)),
-        )
-        .await?;
-        let (p, o) = (pool.clone(), overlay_path.clone());
-        exec::blocking(move || {
-            sync_file(&o)?;
-            fsutil::sync_dir(&p.images_dir())
-        })
-        .await?;
-        crate::failpoint!("freeze.overlay-made");
-
-        let mut quiesced = None;
-        if let Some(node) = writer {
-            if let Some(f) = rec.chain.freezing.as_mut() {
-                f.handed_to_domain = true;
-            }
-            let (p, r) = (pool.clone(), rec.clone());
-            exec::blocking(move || p.write_volume(&r)).await?;
-            let live = self
-                .layers
-                .attachments
-                .snapshot_live(node, &rec.id, &overlay_path)
-                .await
-                .map_err(|e| match e {
-                    Error::Unimplemented(why) => Error::FailedPrecondition(format!(
-                        "volume {} is attached read-write to node {node} and {why}; unpublish \
-                         it first, then snapshot or clone it",
-                        rec.id
-                    )),
-                    other => other,
-                })?;
-            quiesced = Some(live.quiesced);
+    /// After a failed switch: an unknown outcome (UNAVAILABLE, DEADLINE_EXCEEDED after the
+    /// node was told) keeps the overlay and the pending switch, which pool recovery completes;
+    /// otherwise the overlay goes and the record is as before. Returns the error to report.
+    pub(super) async fn abandon_freeze(&self, p: PreparedFreeze, e: Error) -> Error {
+        let unknown = matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded);
+        let (id, handed) = (p.rec.id.clone(), p.handed());
+        self.undo_freeze(p, unknown).await;
+        if unknown && handed {
+            return Error::Unavailable(format!(
+                "could not confirm the live snapshot of volume {id} ({e}); the new layer is \
+                 kept, and restarting the controller reconciles the volume"
+            ));
         }
+        e
+    }
 
-        // The frozen layer's data must be on disk before anyone relies on it.
-        let frozen_path = pool.image_path(&rec.image);
-        let old = rec.image.clone();
-        let mut switched = rec.clone();
-        switched.chain.freezing = None;
-        switched.chain.backing.insert(0, old.clone());
-        switched.image = overlay.to_string();
-        let (p, r) = (pool.clone(), switched.clone());
-        exec::blocking(move || {
-            sync_file(&frozen_path)?;
-            p.with_layers_locked(|| p.write_volume(&r))
+    /// Takes a prepared freeze back: the overlay goes and the record is as before, unless
+    /// the node may already write to it (`outcome_unknown` and it was handed over): then the
+    /// record keeps the pending switch, which pool recovery completes.
+    pub(super) async fn undo_freeze(&self, p: PreparedFreeze, outcome_unknown: bool) {
+        if outcome_unknown && p.handed() {
+            tracing::error!(volume = %p.rec.id, overlay = %p.overlay,
+                "live snapshot outcome unknown; keeping the new overlay");
+            return;
+        }
+        let mut rec = p.rec;
+        rec.chain.freezing = None;
+        let (pool, r, path) = (p.pool, rec.clone(), p.overlay_path);
+        let undo = exec::blocking(move || {
+            fsutil::remove_durable(&path)?;
+            pool.write_volume(&r)
+        })
+        .await;
+        if let Err(u) = undo {
+            tracing::error!(volume = %rec.id, error = %u,
+                "could not undo a failed freeze; the next controller start will");
+        }
+    }
+
+    /// Last step of freezes whose nodes (if any) write to their overlays now: each frozen
+    /// layer made durable, then every volume's record switched to its overlay, all under one
+    /// hold of each pool's layer lock. `quiesced`: live freezes only, whether the guest's file
+    /// systems were frozen. Returns each volume's frozen layer and new record, in order.
+    pub(super) async fn commit_freezes(
+        &self,
+        prepared: Vec<(PreparedFreeze, Option<bool>)>,
+    ) -> Result<Vec<(Frozen, VolumeRecord)>> {
+        let out = exec::blocking(move || {
+            for (p, _) in &prepared {
+                sync_file(&p.pool.image_path(&p.rec.image))?;
+            }
+            let mut out = Vec::with_capacity(prepared.len());
+            let mut i = 0;
+            while i < prepared.len() {
+                // One hold of the lock for the run of volumes of one pool.
+                let pool = prepared[i].0.pool.clone();
+                let end = (i..prepared.len())
+                    .find(|j| !Arc::ptr_eq(&prepared[*j].0.pool, &pool))
+                    .unwrap_or(prepared.len());
+                pool.with_layers_locked(|| {
+                    for (p, quiesced) in &prepared[i..end] {
+                        let mut switched = p.rec.clone();
+                        switched.chain.freezing = None;
+                        switched.chain.backing.insert(0, p.rec.image.clone());
+                        switched.image = p.overlay.clone();
+                        pool.write_volume(&switched)?;
+                        let frozen = Frozen {
+                            layer: p.rec.image.clone(),
+                            backing: p.rec.chain.backing.clone(),
+                            quiesced: *quiesced,
+                        };
+                        out.push((frozen, switched));
+                    }
+                    Ok(())
+                })?;
+                i = end;
+            }
+            Ok(out)
         })
         .await?;
         crate::failpoint!("freeze.switched");
-        let frozen = Frozen {
-            layer: old,
-            backing: rec.chain.backing.clone(),
-            quiesced,
-        };
-        *rec = switched;
-        tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
-            depth = rec.depth(), live = writer.is_some(), "volume layer frozen");
-        Ok(frozen)
+        for (frozen, rec) in &out {
+            self.note_depth(rec);
+            tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
+                depth = rec.depth(), live = frozen.quiesced.is_some(), "volume layer frozen");
+        }
+        Ok(out)
+    }
+}
+
+/// A volume whose next overlay is made and named in its record, waiting for its switch.
+#[derive(Debug)]
+pub(super) struct PreparedFreeze {
+    pub(super) pool: Arc<Pool>,
+    /// The record as written, with the pending switch.
+    pub(super) rec: VolumeRecord,
+    /// File name of the new overlay.
+    pub(super) overlay: String,
+    pub(super) overlay_path: std::path::PathBuf,
+}
+
+impl PreparedFreeze {
+    /// A node was (or is about to be) told to switch to the overlay.
+    fn handed(&self) -> bool {
+        self.rec
+            .chain
+            .freezing
+            .as_ref()
+            .is_some_and(|f| f.handed_to_domain)
+    }
+}
+
+/// A live snapshot the volume's attach backend cannot take: FAILED_PRECONDITION, saying what
+/// to do.
+pub(super) fn unsupported_live(e: Error, volume_id: &str, node: &str) -> Error {
+    match e {
+        Error::Unimplemented(why) => Error::FailedPrecondition(format!(
+            "volume {volume_id} is attached read-write to node {node} and {why}; unpublish it \
+             first, then snapshot or clone it"
+        )),
+        other => other,
     }
 }
 

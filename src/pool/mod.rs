@@ -2,6 +2,7 @@
 //! everything the controller knows about a volume is read back from here after a restart.
 
 mod flatten;
+mod groups;
 mod layers;
 pub(crate) mod qemu_img;
 pub mod record;
@@ -9,8 +10,9 @@ mod snapshots;
 mod sources;
 mod volumes;
 
+pub use groups::{CreateGroupSnapshot, GroupSnapshot, MAX_GROUP_MEMBERS};
 pub use layers::DEFAULT_MAX_CHAIN_DEPTH;
-pub use record::{RecordState, SnapshotRecord, VolumeRecord};
+pub use record::{GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeRecord};
 pub use snapshots::CreateSnapshot;
 pub use volumes::TopologyRequirement;
 pub(crate) use volumes::{CapacityQuery, MIB};
@@ -26,7 +28,8 @@ use std::path::{Path, PathBuf};
 
 /// One pool directory:
 /// `volumes/<key>.json` records, `images/<file>` image layers, `snapshots/<key>.json`
-/// snapshot records, `flatten/<key>.json` background flattening jobs.
+/// snapshot records, `groups/<key>.json` group snapshot records, `flatten/<key>.json`
+/// background flattening jobs.
 #[derive(Debug)]
 pub struct Pool {
     cfg: PoolConfig,
@@ -47,6 +50,7 @@ impl Pool {
             pool.volumes_dir(),
             pool.images_dir(),
             pool.snapshots_dir(),
+            pool.groups_dir(),
             pool.flatten_dir(),
         ] {
             fs::create_dir_all(&dir)
@@ -187,6 +191,7 @@ impl Pool {
             self.volumes_dir(),
             self.images_dir(),
             self.snapshots_dir(),
+            self.groups_dir(),
             self.flatten_dir(),
         ] {
             for entry in fs::read_dir(&dir)

@@ -143,6 +143,7 @@ impl Pools {
             created_at: now.as_secs(),
             created_at_nanos: now.subsec_nanos(),
             quiesced: frozen.quiesced,
+            group_snapshot_id: None,
         };
         // The layer is in the volume's chain already, so it cannot be collected meanwhile.
         let (p, r) = (pool.clone(), rec.clone());
@@ -161,21 +162,44 @@ impl Pools {
         let Some(pool) = self.get(&oid.pool).cloned() else {
             return Ok(None);
         };
-        let rec = exec::blocking(move || pool.read_snapshot(&oid.key)).await?;
-        Ok(rec.filter(|r| r.state == RecordState::Ready))
+        let this = self.clone();
+        exec::blocking(move || {
+            let rec = pool.read_snapshot(&oid.key)?;
+            match rec.filter(|r| r.state == RecordState::Ready) {
+                Some(r) if this.member_visible(&r)? => Ok(Some(r)),
+                _ => Ok(None),
+            }
+        })
+        .await
     }
 
     /// Every Ready snapshot of every pool, sorted by id.
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
-        let pools = self.all().to_vec();
+        let this = self.clone();
         exec::blocking(move || {
             let mut all = Vec::new();
-            for p in &pools {
-                all.extend(
-                    p.all_snapshots()?
-                        .into_iter()
-                        .filter(|r| r.state == RecordState::Ready),
-                );
+            // Members are listed once their group is Ready: one read per group.
+            let mut groups: std::collections::HashMap<String, bool> = Default::default();
+            for p in this.all() {
+                for r in p.all_snapshots()? {
+                    if r.state != RecordState::Ready {
+                        continue;
+                    }
+                    let visible = match &r.group_snapshot_id {
+                        None => true,
+                        Some(g) => match groups.get(g) {
+                            Some(v) => *v,
+                            None => {
+                                let v = this.member_visible(&r)?;
+                                groups.insert(g.clone(), v);
+                                v
+                            }
+                        },
+                    };
+                    if visible {
+                        all.push(r);
+                    }
+                }
             }
             all.sort_by(|a, b| a.id.cmp(&b.id));
             Ok(all)
@@ -183,8 +207,9 @@ impl Pools {
         .await
     }
 
-    /// DeleteSnapshot: OK for unknown ids. The record goes at once; the layer stays while a
-    /// volume still reads through it and is removed with the last of them.
+    /// DeleteSnapshot: OK for unknown ids; INVALID_ARGUMENT for a member of a group snapshot
+    /// (the spec's "part of a group": it goes with its group). The record goes at once; the
+    /// layer stays while a volume still reads through it and is removed with the last of them.
     pub(crate) async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let Some(oid) = ObjectId::parse_snapshot(id)? else {
             return Ok(());
@@ -192,9 +217,20 @@ impl Pools {
         let Some(pool) = self.get(&oid.pool).cloned() else {
             return Ok(());
         };
+        let this = self.clone();
         exec::blocking(move || {
             let existed = pool.with_layers_locked(|| {
-                let existed = pool.read_snapshot(&oid.key)?.is_some();
+                let rec = pool.read_snapshot(&oid.key)?;
+                if let Some(r) = &rec {
+                    if let (Some(g), Some(_)) = (&r.group_snapshot_id, this.group_state(r)?) {
+                        return Err(Error::invalid(format!(
+                            "snapshot {} is a member of group snapshot {g} and cannot be \
+                             deleted alone; delete the group (DeleteVolumeGroupSnapshot)",
+                            r.id
+                        )));
+                    }
+                }
+                let existed = rec.is_some();
                 pool.remove_snapshot_record(&oid.key)?;
                 Ok(existed)
             })?;

@@ -12,6 +12,7 @@
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
 //! | [`pool`] | a pool directory's on-disk truth (records, layers) and its invariants |
 //! | [`local_attach`] | a monolith with local attach on this host, and proof that nothing leaks |
+//! | [`sequence`] | a write stream across volumes whose order any snapshot of them shows |
 //! | [`metrics`] | the plugin's metrics endpoint: its address from the log, HTTP GET, samples |
 //! | [`guestbed`] | Linux guests run by libvirt with the node plugin inside |
 //!
@@ -43,6 +44,7 @@ pub mod plugin;
 pub mod pool;
 pub mod qemu;
 pub mod rpc;
+pub mod sequence;
 pub mod virsh;
 
 use std::path::Path;
