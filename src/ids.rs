@@ -93,7 +93,10 @@ pub fn group_key_for_name(name: &str) -> String {
 
 /// The key of the member snapshot of volume `volume_id` in group snapshot `group_key`.
 pub fn member_key(group_key: &str, volume_id: &str) -> String {
-    format!("s{}", name_key("group member", &format!("{group_key}\0{volume_id}")))
+    format!(
+        "s{}",
+        name_key("group member", &format!("{group_key}\0{volume_id}"))
+    )
 }
 
 /// A parsed object id: `<pool>.<key>`.
@@ -209,7 +212,9 @@ mod tests {
         assert_eq!(ObjectId::parse_group(&gid.to_string()).unwrap(), Some(gid));
         assert_eq!(ObjectId::parse_group(&sid_string()).unwrap(), None);
         let m = member_key(&gkey, "default.0123456789abcdef");
-        assert!(ObjectId::parse_snapshot(&format!("default.{m}")).unwrap().is_some());
+        assert!(ObjectId::parse_snapshot(&format!("default.{m}"))
+            .unwrap()
+            .is_some());
         assert_ne!(m, member_key(&gkey, "default.0123456789abcdee"));
         assert_ne!(volume_key_for_name("a"), volume_key_for_name("b"));
     }

@@ -53,7 +53,9 @@ async fn guest_boots_reports_its_uuid_and_sees_hotplugged_disks() {
     );
     let log = guest.guest_agent_log().await;
     assert!(log.contains("guest-fsfreeze-freeze"), "agent log: {log}");
-    guest.timeline.mark("guest agent froze and thawed (virsh domfsfreeze/domfsthaw)");
+    guest
+        .timeline
+        .mark("guest agent froze and thawed (virsh domfsfreeze/domfsthaw)");
 
     let cases = [
         (Bus::Virtio, "vd-00000000000000a1", "ext4"),

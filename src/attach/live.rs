@@ -86,7 +86,7 @@ pub(crate) struct LiveOutcome {
     pub(crate) consistency: Option<Consistency>,
     /// When the cut began (every node frozen and paused as far as it would be).
     pub(crate) cut_at: SystemTime,
-    /// How long the guests were held (frozen or paused).
+    /// How long the guests were held (frozen or paused); zero when none was.
     pub(crate) held: Duration,
 }
 
@@ -302,9 +302,13 @@ impl Attachments {
             }
         }
         if pending > 0 {
-            tracing::warn!(timeout_s = timeout.as_secs(), nodes = held.len(), pending,
+            tracing::warn!(
+                timeout_s = timeout.as_secs(),
+                nodes = held.len(),
+                pending,
                 "a live snapshot did not finish within the quiesce timeout; releasing the \
-                 guests before it ends");
+                 guests before it ends"
+            );
         }
         let released_at = Instant::now();
         self.release(&held).await;
@@ -315,7 +319,14 @@ impl Attachments {
             results[i] = Some((done, ended));
             pending -= 1;
         }
-        let held_for = released_at.duration_since(frozen_at);
+        let held_any = held
+            .iter()
+            .any(|h| h.paused || !matches!(h.freeze, Freeze::NoAgent));
+        let held_for = if held_any {
+            released_at.duration_since(frozen_at)
+        } else {
+            Duration::ZERO
+        };
 
         // 4. What each node got, and the guarantee across them.
         let mut nodes = Vec::with_capacity(plan.len());
@@ -402,11 +413,13 @@ impl Attachments {
                 Freeze::Frozen(n)
             }
             Ok(FsFreeze::NoAgent) => {
-                if let Err(e) = self.quiesce.note_async(Marker {
-                    node_id: node.clone(),
-                    ..Marker::default()
-                })
-                .await
+                if let Err(e) = self
+                    .quiesce
+                    .note_async(Marker {
+                        node_id: node.clone(),
+                        ..Marker::default()
+                    })
+                    .await
                 {
                     tracing::warn!(node = %node, error = %e, "cannot clear a quiesce marker");
                 }
@@ -715,9 +728,16 @@ mod tests {
             agent: true,
             ..Default::default()
         };
-        let fake = Fake::with(&[("a", agent.clone()), ("b", agent), ("c", Behaviour::default())]);
+        let fake = Fake::with(&[
+            ("a", agent.clone()),
+            ("b", agent),
+            ("c", Behaviour::default()),
+        ]);
         let a = attachments(&fake, SHORT, None);
-        let out = a.snapshot_live_together(plan(&["a", "b", "c"])).await.unwrap();
+        let out = a
+            .snapshot_live_together(plan(&["a", "b", "c"]))
+            .await
+            .unwrap();
         let first_cut = ["snapshot a 2", "snapshot b 2", "snapshot c 2"]
             .iter()
             .map(|e| fake.index(e))
@@ -734,7 +754,10 @@ mod tests {
         for after in ["resume a", "resume b", "resume c", "thaw a", "thaw b"] {
             assert!(fake.index(after) > last_done, "{after}: {:?}", fake.log());
         }
-        assert!(!fake.log().contains(&"thaw c".to_string()), "c had no agent");
+        assert!(
+            !fake.log().contains(&"thaw c".to_string()),
+            "c had no agent"
+        );
         // c had no agent: the write order holds (paused together), the file systems of c were
         // not frozen.
         assert_eq!(out.consistency, Some(Consistency::Crash));
@@ -755,7 +778,11 @@ mod tests {
         let a = attachments(&fake, SHORT, None);
         let t = Instant::now();
         let out = a.snapshot_live_together(plan(&["a"])).await.unwrap();
-        assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(out.consistency, Some(Consistency::Crash));
         assert!(!out.nodes[0].quiesced);
         assert_eq!(fake.log(), ["snapshot a 2", "snapshot done a"]);
@@ -804,7 +831,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-        assert!(err.to_string().contains("node b could not be paused"), "{err}");
+        assert!(
+            err.to_string().contains("node b could not be paused"),
+            "{err}"
+        );
         let log = fake.log();
         assert!(!log.iter().any(|e| e.starts_with("snapshot")), "{log:?}");
         assert!(fake.index("resume a") > fake.index("pause a"));
@@ -855,7 +885,8 @@ mod tests {
         let fake = Fake::with(&[("a", Behaviour::default()), ("b", Behaviour::default())]);
         let dir = tempfile::tempdir().unwrap();
         let a = attachments(&fake, SHORT, Some(dir.path()));
-        for (node, frozen, paused) in [("a", true, true), ("b", true, false), ("gone", true, true)] {
+        for (node, frozen, paused) in [("a", true, true), ("b", true, false), ("gone", true, true)]
+        {
             a.quiesce
                 .note(&Marker {
                     node_id: node.into(),

@@ -5,8 +5,8 @@
 mod ledger;
 mod live;
 
-pub use live::{FsFreeze, LiveMember, DEFAULT_QUIESCE_TIMEOUT};
 pub(crate) use live::NodeMembers;
+pub use live::{FsFreeze, LiveMember, DEFAULT_QUIESCE_TIMEOUT};
 
 use crate::error::{Error, Result};
 use crate::model::Capability;

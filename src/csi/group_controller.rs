@@ -87,10 +87,9 @@ impl GroupController for GroupControllerService {
             }
         }
         convert::check_map("parameters", &r.parameters)?;
-        let _g = self.guards.try_acquire(&Pools::group_guard_keys(
-            &r.name,
-            &r.source_volume_ids,
-        )?)?;
+        let _g = self
+            .guards
+            .try_acquire(&Pools::group_guard_keys(&r.name, &r.source_volume_ids)?)?;
         let group = self
             .pools
             .create_group_snapshot(CreateGroupSnapshot {

@@ -159,9 +159,10 @@ impl Pools {
         }
         let mut vols = Vec::with_capacity(req.source_volume_ids.len());
         for id in &req.source_volume_ids {
-            let vol = self.volume(id).await?.ok_or_else(|| {
-                Error::NotFound(format!("source volume {id} does not exist"))
-            })?;
+            let vol = self
+                .volume(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
             if vol.format != ImageFormat::Qcow2 {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is raw and cannot be in a group snapshot: every member is a \
@@ -465,7 +466,9 @@ impl Pools {
             return Err(e);
         }
         let consistency = outcome.consistency.unwrap_or(Consistency::Crash);
-        crate::metrics::observe_quiesce_window(outcome.held);
+        if !outcome.held.is_zero() {
+            crate::metrics::observe_quiesce_window(outcome.held);
+        }
         Ok((
             frozen.into_iter().map(|(f, _)| f).collect(),
             consistency,

@@ -340,7 +340,10 @@ impl Pools {
                 }
             }
         };
-        let (frozen, rec) = self.commit_freezes(vec![(prepared, quiesced)]).await?.remove(0);
+        let (frozen, rec) = self
+            .commit_freezes(vec![(prepared, quiesced)])
+            .await?
+            .remove(0);
         Ok((frozen, rec))
     }
 

@@ -74,7 +74,7 @@ pub(super) async fn snapshot_live(
             // libvirtd went away mid-switch: the next attempt reads what happened and
             // finishes or repeats the switch.
             Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < RETRY_FOR => {
-                tracing::warn!(volumes = %what, node = %node_id, error = %e,
+                tracing::warn!(of = %what, node = %node_id, error = %e,
                     "libvirt unreachable during a live snapshot; retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
@@ -84,7 +84,7 @@ pub(super) async fn snapshot_live(
                 )))
             }
             Ok(()) => {
-                tracing::info!(volumes = %what, node = %node_id, disks = members.len(),
+                tracing::info!(of = %what, node = %node_id, disks = members.len(),
                     ms = started.elapsed().as_millis() as u64,
                     "live snapshot: the domain writes to the new overlay(s)");
                 return Ok(());

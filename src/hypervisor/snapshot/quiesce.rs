@@ -88,6 +88,5 @@ pub(crate) fn resume(dom: &Domain, lv: &Libvirt) -> Result<()> {
     if is_running(dom, lv)? != Some(false) {
         return Ok(());
     }
-    dom.resume()
-        .map_err(|e| lv.error("resuming the domain", e))
+    dom.resume().map_err(|e| lv.error("resuming the domain", e))
 }

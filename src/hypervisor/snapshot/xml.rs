@@ -358,7 +358,11 @@ mod tests {
         );
         assert!(xml.contains(r#"<disk name="sdb" snapshot="no"/>"#), "{xml}");
         assert!(xml.contains(r#"<disk name="vda" snapshot="no"/>"#), "{xml}");
-        assert_eq!(xml.matches("<disk ").count(), 4, "every disk named once: {xml}");
+        assert_eq!(
+            xml.matches("<disk ").count(),
+            4,
+            "every disk named once: {xml}"
+        );
         assert!(xml.contains("group of volumes"), "{xml}");
     }
 

@@ -291,8 +291,7 @@ fn ensure_guest_agent(cache: &Path) -> Result<PathBuf, Skip> {
     download_extract(GUEST_AGENT_PACKAGE, &root)?;
     let extracted = root.join("usr/sbin/qemu-ga");
     let part = dir.join("qemu-ga.part");
-    std::fs::copy(&extracted, &part)
-        .map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
+    std::fs::copy(&extracted, &part).map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
     std::fs::rename(&part, &binary).map_err(|e| Skip(format!("{}: {e}", binary.display())))?;
     let _ = std::fs::remove_dir_all(&root);
     Ok(binary)
