@@ -168,6 +168,11 @@ pub(crate) struct SnapshotConfig {
     /// chains are flattened in the background. At least 2.
     #[serde(default = "default_max_chain_depth")]
     pub(crate) max_chain_depth: usize,
+    /// Advertise the controller capability GET_SNAPSHOT (alpha in CSI 1.12). The GetSnapshot
+    /// RPC answers either way; no CO calls it, and clients that check capabilities against
+    /// the ones they know (csi-sanity v5) fail on it, so it is off unless asked for.
+    #[serde(default)]
+    pub(crate) get_snapshot_capability: bool,
     /// Live snapshots: how long a guest agent may take to freeze the file systems, and the
     /// longest the guests stay frozen (or paused, for a group on several domains) around the
     /// cut. 1 to 300 seconds.
@@ -187,6 +192,7 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         SnapshotConfig {
             max_chain_depth: default_max_chain_depth(),
+            get_snapshot_capability: false,
             quiesce_timeout_secs: default_quiesce_timeout_secs(),
         }
     }

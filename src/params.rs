@@ -260,6 +260,33 @@ pub(crate) const MUTABLE_KEYS: &[&str] = &[
     "writeIopsSec",
 ];
 
+/// Checks that every key of `mutable` (CreateVolume's or ControllerModifyVolume's
+/// `mutable_parameters`) is one that may change after creation; the values are checked where
+/// they are applied.
+pub(crate) fn check_mutable(mutable: &BTreeMap<String, String>) -> Result<()> {
+    match mutable.keys().find(|k| !MUTABLE_KEYS.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(Error::invalid(format!(
+            "mutable parameter {:?} is not supported; mutable parameters: {}",
+            k.chars().take(64).collect::<String>(),
+            MUTABLE_KEYS.join(", ")
+        ))),
+    }
+}
+
+/// CreateVolume's `parameters` with its `mutable_parameters` on top: the spec has the
+/// mutable ones take precedence. The result is what the volume is created with (and what a
+/// repeated CreateVolume is compared with).
+pub(crate) fn with_mutable(
+    parameters: &BTreeMap<String, String>,
+    mutable: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    check_mutable(mutable)?;
+    let mut all = parameters.clone();
+    all.extend(mutable.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(all)
+}
+
 fn enum_value<T: for<'de> Deserialize<'de>>(key: &str, value: &str) -> Result<T> {
     serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
         let allowed = KEYS
@@ -435,6 +462,23 @@ mod tests {
         .unwrap()
         .root;
         assert_eq!((r.uid, r.gid, r.mode), (Some(65534), Some(0), Some(0o2775)));
+    }
+
+    #[test]
+    fn mutable_parameters_are_qos_keys_and_take_precedence() {
+        let merged = with_mutable(
+            &map(&[("bus", "virtio"), ("readIopsSec", "10")]),
+            &map(&[("readIopsSec", "100"), ("writeBytesSec", "4096")]),
+        )
+        .unwrap();
+        let p = VolumeParams::parse(&merged).unwrap();
+        assert_eq!(p.disk.bus, Bus::Virtio);
+        assert_eq!(p.disk.qos.read_iops_sec, Some(100));
+        assert_eq!(p.disk.qos.write_bytes_sec, Some(4096));
+        for bad in [("XXX_FakeKey", "x"), ("bus", "scsi"), ("pool", "default")] {
+            let err = with_mutable(&BTreeMap::new(), &map(&[bad])).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
+        }
     }
 
     #[test]

@@ -160,12 +160,18 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 pools,
                 attachments: attachers.clone(),
                 guards: guards.clone(),
+                get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
             })
         }));
     let node = if cfg.mode.runs_node() {
+        let mut node_cfg = cfg.node.clone();
+        // This host is a node of its own controller: it reports what local attach allows.
+        if let Some(limit) = crate::localattach::node_limit(&cfg).await? {
+            node_cfg.max_volumes_per_node = limit;
+        }
         Some(NodeServer::new(NodeService::new(
             crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?,
-            cfg.node.clone(),
+            node_cfg,
         )))
     } else {
         None

@@ -365,6 +365,12 @@ fn outside(canary: &Path, s: &str) -> bool {
     }
 }
 
+/// Whether a volume_path must be INVALID_ARGUMENT: unreadable, or well-formed and outside the
+/// root.
+fn bad_volume_path(canary: &Path, s: &str) -> bool {
+    s.is_empty() || s.len() > 4000 || s.contains('\0') || (!bad_path(s) && outside(canary, s))
+}
+
 /// Whether a CO path must be INVALID_ARGUMENT: malformed, or leading outside the root.
 fn bad_co_path(canary: &Path, s: &str) -> bool {
     bad_path(s) || outside(canary, s)
@@ -397,11 +403,17 @@ fn must_be_invalid(canary: &Path, r: &Req) -> bool {
             bad_id(&c.volume_id) || bad(&c.target_path) || bad_opt(&c.staging_target_path)
         }
         Req::NodeUnpublish(c) => bad_id(&c.volume_id) || bad(&c.target_path),
+        // A volume_path where no volume can be (relative, `.`/`..`, `/`) is NOT_FOUND (CSI:
+        // the volume does not exist there); unreadable or outside the roots, INVALID_ARGUMENT.
         Req::Stats(c) => {
-            bad_id(&c.volume_id) || bad(&c.volume_path) || bad_opt(&c.staging_target_path)
+            bad_id(&c.volume_id)
+                || bad_volume_path(canary, &c.volume_path)
+                || bad_opt(&c.staging_target_path)
         }
         Req::NodeExpand(c) => {
-            bad_id(&c.volume_id) || bad(&c.volume_path) || bad_opt(&c.staging_target_path)
+            bad_id(&c.volume_id)
+                || bad_volume_path(canary, &c.volume_path)
+                || bad_opt(&c.staging_target_path)
         }
         Req::ListVolumes(_) | Req::Capacity(_) | Req::ListSnapshots(_) => false,
     }

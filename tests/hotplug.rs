@@ -129,10 +129,14 @@ async fn scsi_publish_sets_every_option_and_unpublish_removes_it() {
     let again = publish(&p, &vol, &dom.uuid).await.expect("re-publish");
     assert_eq!(again, ctx);
     assert_eq!(dom.live().disks.len(), 1);
-    // A read-only publish joins the read-write disk (Nomad: a reader alloc on the same node).
-    let ro = publish_cap(&p, &vol, &dom.uuid, ext4_cap(), true).await;
-    assert_eq!(ro.expect("read-only re-publish"), ctx);
+    // A read-only publish to the node that holds the disk read-write is incompatible (CSI:
+    // ALREADY_EXISTS), and leaves the disk as it was.
+    let ro = publish_cap(&p, &vol, &dom.uuid, ext4_cap(), true)
+        .await
+        .expect_err("read-only re-publish");
+    assert_eq!(ro.code(), Code::AlreadyExists, "{}", ro.message());
     assert_eq!(dom.live().disks.len(), 1);
+    assert!(!dom.live_disk(&serial).unwrap().readonly);
 
     assert_eq!(published_nodes(&p, &vol).await, vec![dom.uuid.clone()]);
     assert_eq!(listed_nodes(&p, &vol).await, vec![dom.uuid.clone()]);

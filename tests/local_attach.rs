@@ -132,10 +132,11 @@ async fn xfs_stage_and_online_expand() {
     write_file(&t, "data", b"xfs data");
     let before = bytes_total(&env.stats(&vol, &t, &s).await.unwrap());
 
-    // NodeExpand names another volume: this disk is not its disk, so nothing is grown.
+    // NodeExpand names another volume: this disk is not its disk, so nothing is grown, and
+    // that volume is not at this path (CSI: NOT_FOUND).
     let req = node_expand_req("default.0123456789abcdef", &t, 480 * MIB);
     let err = env.plugin.node().expand(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
     grow(&env, &vol, &t, &s, 480 * MIB).await;
     let after = env.stats(&vol, &t, &s).await.unwrap();
@@ -256,8 +257,8 @@ async fn block_volume_byte_pattern() {
     env.finish(&vol).await;
 }
 
-/// Stats: sizes for a healthy mount, grown ext4, abnormal for broken mounts, NOT_FOUND for a
-/// missing path.
+/// Stats: sizes for a healthy mount, grown ext4, abnormal for a broken staging mount under a
+/// live target, NOT_FOUND for a path without the volume (unmounted or missing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_conditions_and_ext4_expand() {
     let Some(env) = Env::try_start(SHORT_WAIT).await else {
@@ -313,18 +314,14 @@ async fn stats_conditions_and_ext4_expand() {
         assert!(df_size > 100 * MIB, "df shows {df_size}");
     }
 
-    // The target lazily unmounted: abnormal.
+    // The target lazily unmounted: the volume is not there any more (CSI: NOT_FOUND).
     nix::mount::umount2(Path::new(&t1), nix::mount::MntFlags::MNT_DETACH).unwrap();
-    let c = env
-        .stats(&vol, &t1, &s)
-        .await
-        .unwrap()
-        .volume_condition
-        .unwrap();
+    let err = env.stats(&vol, &t1, &s).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
     assert!(
-        c.abnormal && c.message.contains("not a mount point"),
+        err.message().contains("nothing is mounted"),
         "{}",
-        c.message
+        err.message()
     );
     // The staging fs lazily unmounted under a live target: abnormal too.
     nix::mount::umount2(Path::new(&s), nix::mount::MntFlags::MNT_DETACH).unwrap();
@@ -423,12 +420,7 @@ async fn daemon_crash_is_abnormal_and_cleanup_still_works() {
     let t = env.target("crash-alloc");
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
     env.publish(&vol, &s, &t, &cap, false).await.unwrap();
-    let pid = env.daemon_pid(&vol).expect("storage daemon");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    env.kill_daemon(&vol);
     let mut message = String::new();
     for _ in 0..50 {
         let c = env

@@ -131,7 +131,12 @@ async fn plugin_start_fingerprint_and_stable_node_id() {
     }
     assert!(fp.requires_staging, "STAGE_UNSTAGE_VOLUME");
     assert!(!fp.node_id.is_empty());
-    assert_eq!(fp.max_volumes, i64::MAX, "0 = unlimited");
+    // Local attach: this host's own limit (`localattach::limit`), never "unlimited".
+    assert!(
+        (1..i64::MAX).contains(&fp.max_volumes),
+        "{}",
+        fp.max_volumes
+    );
     bed.nomad.fingerprint_again().await.unwrap();
 
     bed.plugin.restart().await;
@@ -313,11 +318,14 @@ async fn create_register_claim_stop_and_repeat() {
     bed.assert_secret_never_logged();
 }
 
-/// The same volume used by two allocs on one node with different usages (ro and rw) is staged
-/// twice, at two staging paths with the same volume_id (§2.1); a third alloc shares the rw
-/// usage. Unstaging one usage leaves the other working; ControllerUnpublish only at the end.
+/// The same volume wanted by two allocs on one node with different usages (ro and rw, which
+/// Nomad would stage at two staging paths, §2.1): the disk is attached read-write or read-only,
+/// so the second usage's ControllerPublish is incompatible and rejected cleanly (CSI:
+/// ALREADY_EXISTS; the alloc fails, nothing else changes), while a third alloc sharing the
+/// first usage joins it (its NodeStage skipped). Unstaging happens with the last alloc of a
+/// usage, ControllerUnpublish with the last claim on the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_volume_staged_under_ro_and_rw_usages() {
+async fn ro_and_rw_usages_on_one_node() {
     let Some(mut bed) = Bed::start().await else {
         return;
     };
@@ -342,13 +350,24 @@ async fn same_volume_staged_under_ro_and_rw_usages() {
 
     let a = claim_ok(n, &vol, &writer).await;
     write(&a.target, "data", b"written by the writer");
-    // The reader's claim: ControllerPublish read-only to a node holding the disk read-write,
-    // then a second staging path.
-    let b = claim_ok(n, &vol, &reader).await;
-    assert_ne!(a.staging, b.staging);
-    assert_eq!(read(&b.target, "data"), b"written by the writer");
-    let ro = std::fs::write(b.target.join("nope"), b"x").unwrap_err();
-    assert_eq!(ro.raw_os_error(), Some(libc::EROFS), "{ro}");
+    // The reader's claim: a read-only publish to a node holding the disk read-write.
+    let refused = |n: &mut Nomad, err: ClaimError, alloc: &nomad::Alloc, held: &str| {
+        let ClaimError::Publish(status) = err else {
+            panic!("expected a terminal ControllerPublish error, got {err:?}");
+        };
+        assert_eq!(status.code(), Code::AlreadyExists, "{}", status.message());
+        assert!(status.message().contains(held), "{}", status.message());
+        assert!(n.has_claim(alloc));
+    };
+    let (b, err) = n.claim(&vol, &reader).await.unwrap_err();
+    refused(n, err, &b, "read-write");
+    let r = n.stop(&b).await;
+    r.assert_all_ok("cleanup of the refused reader");
+    assert!(
+        r.controller_unpublish.is_none(),
+        "the writer claims it here"
+    );
+    assert_eq!(read(&a.target, "data"), b"written by the writer");
     // A second writer alloc shares the rw usage: staging is a mount, NodeStage is skipped.
     n.take_calls();
     let c = claim_ok(n, &vol, &writer).await;
@@ -361,7 +380,7 @@ async fn same_volume_staged_under_ro_and_rw_usages() {
         ]
     );
 
-    // Stop a: another alloc holds the rw usage (no unstage), others claim it here (no
+    // Stop a: another alloc holds the rw usage (no unstage), and claims it here (no
     // ControllerUnpublish).
     let r = n.stop(&a).await;
     r.assert_all_ok("stop a");
@@ -369,57 +388,38 @@ async fn same_volume_staged_under_ro_and_rw_usages() {
         r.node_unstage.is_none() && r.controller_unpublish.is_none(),
         "{r:?}"
     );
-    // Stop c: the rw usage is released and unstaged; b still claims the volume here.
+    // Stop c: the rw usage is released and unstaged, the last claim here unpublished.
     let r = n.stop(&c).await;
     r.assert_all_ok("stop c");
-    assert!(
-        r.node_unstage.is_some() && r.controller_unpublish.is_none(),
-        "{r:?}"
-    );
-    assert!(!nomad::is_mount_point(&a.staging));
-    // The reader keeps working.
-    assert_eq!(read(&b.target, "data"), b"written by the writer");
-    assert!(nomad::is_mount_point(&b.staging));
-    let r = n.stop(&b).await;
-    r.assert_all_ok("stop b");
     assert!(
         r.node_unstage.is_some() && r.controller_unpublish.is_some(),
         "{r:?}"
     );
+    assert!(!nomad::is_mount_point(&a.staging));
     env::assert_no_leftovers(bed.dir());
 
-    // The race the other way round: a writer's ControllerPublish attached the disk read-write,
-    // but a reader staged it first (read-only). The writer's stage cannot make the shared
-    // file system writable under the reader: a clear error, not a silently read-only mount.
+    // The other way round: a reader holds the disk read-only; a writer is refused.
     let n = &mut bed.nomad;
-    let w = n.begin_claim(&vol, &writer, &n.fp.node_id.clone());
-    n.controller_publish(&vol, &writer, &w.node_id)
-        .await
-        .unwrap();
     let b = claim_ok(n, &vol, &reader).await;
-    let (w, err) = n.retry_claim(w).await.unwrap_err();
-    let ClaimError::Mount(status) = err else {
-        panic!("expected a NodeStage error, got {err:?}");
-    };
-    assert_eq!(
-        status.code(),
-        Code::FailedPrecondition,
-        "{}",
-        status.message()
-    );
-    assert!(
-        status.message().contains("read-only elsewhere"),
-        "{}",
-        status.message()
-    );
+    assert_ne!(a.staging, b.staging);
+    assert_eq!(read(&b.target, "data"), b"written by the writer");
+    let ro = std::fs::write(b.target.join("nope"), b"x").unwrap_err();
+    assert_eq!(ro.raw_os_error(), Some(libc::EROFS), "{ro}");
+    let (w, err) = n.claim(&vol, &writer).await.unwrap_err();
+    refused(n, err, &w, "read-only");
     let r = n.stop(&w).await;
-    r.assert_all_ok("cleanup of the failed writer");
+    r.assert_all_ok("cleanup of the refused writer");
     assert!(
         r.controller_unpublish.is_none(),
-        "the reader still claims it here"
+        "the reader claims it here"
     );
     assert_eq!(read(&b.target, "data"), b"written by the writer");
-    n.stop(&b).await.assert_all_ok("stop the reader");
+    let r = n.stop(&b).await;
+    r.assert_all_ok("stop the reader");
+    assert!(
+        r.node_unstage.is_some() && r.controller_unpublish.is_some(),
+        "{r:?}"
+    );
     env::assert_no_leftovers(bed.dir());
     bed.nomad.volume_delete(&vol).await.unwrap();
 }

@@ -121,6 +121,7 @@ impl FakeNode {
             serial: format!("vd-{}", key(volume_id)),
             bus: Bus::Scsi,
             readonly,
+            shareable: false,
             context: BTreeMap::new(),
             abnormal: None,
         });

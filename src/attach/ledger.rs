@@ -200,6 +200,7 @@ mod tests {
             serial: String::new(),
             bus: Default::default(),
             readonly: false,
+            shareable: false,
             context: BTreeMap::new(),
             abnormal: None,
         }

@@ -56,6 +56,8 @@ pub struct Attachment {
     pub bus: Bus,
     /// Attached read-only.
     pub readonly: bool,
+    /// Attached shareable (several nodes may write it: multi-node writer modes).
+    pub shareable: bool,
     /// Extra publish_context entries (e.g. a local device path).
     pub context: BTreeMap<String, String>,
     /// Why the attachment cannot serve I/O (e.g. the local storage daemon died); None when it
@@ -158,6 +160,15 @@ pub trait Attacher: Send + Sync {
     async fn resume(&self, node_id: &str) -> Result<()> {
         let _ = node_id;
         Ok(())
+    }
+}
+
+/// How a disk is attached, in words.
+fn describe_disk(readonly: bool, shareable: bool) -> &'static str {
+    match (readonly, shareable) {
+        (true, _) => "read-only",
+        (false, true) => "read-write and shareable (multi-node)",
+        (false, false) => "read-write (single node)",
     }
 }
 
@@ -490,22 +501,31 @@ impl Attachments {
         })?;
         let backend = &self.backends[index];
         let readonly = req.readonly || req.capability.access_mode.is_read_only();
+        let shareable = req.capability.access_mode.is_multi_node() && !readonly;
         let node = backend.canonical_node_id(&req.node_id).await?;
         let scan = self.scan().await?;
         let mine: Vec<&Attachment> = scan.of_volume(&vol.id)?;
         let here = mine.iter().find(|a| a.node_id == node);
-        if let Some(here) = here.filter(|a| a.abnormal.is_none()) {
-            // A read-write disk serves a read-only publish too (the node mounts it read-only):
-            // Nomad publishes once per claim, so a reader alloc joins a writer on the node.
-            // The reverse needs a re-attach under the reader's feet: refused.
-            if here.readonly && !readonly {
+        if let Some(here) = here {
+            // Idempotent only for the same disk: a publish that would attach it otherwise
+            // (read-only vs read-write, shared vs exclusive) is incompatible, as the spec says;
+            // a dead attachment too (its repair would change the disk under the node's mounts).
+            if here.readonly != readonly || here.shareable != shareable {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {} is already attached to node {} read-only; a read-write publish \
-                     needs it unpublished there first",
-                    vol.id, req.node_id
+                    "volume {} is already published to node {} {}; this publish asks for it \
+                     {} ({:?}, readonly={}): ControllerUnpublishVolume it there first, or \
+                     publish it as it is",
+                    vol.id,
+                    req.node_id,
+                    describe_disk(here.readonly, here.shareable),
+                    describe_disk(readonly, shareable),
+                    req.capability.access_mode,
+                    req.readonly
                 )));
             }
-            return Ok(here.publish_context());
+            if here.abnormal.is_none() {
+                return Ok(here.publish_context());
+            }
         }
         if !req.capability.access_mode.is_multi_node() {
             // A dead attachment on this very node is the backend's to repair.
@@ -526,7 +546,7 @@ impl Attachments {
             format: vol.format,
             options: vol.disk.clone(),
             readonly,
-            shareable: req.capability.access_mode.is_multi_node() && !readonly,
+            shareable,
         };
         if let Some(l) = self.ledgers[index].clone() {
             // Durably before the attach: the ledger must never miss an attachment.
@@ -623,6 +643,7 @@ mod tests {
                 serial: spec.serial.clone(),
                 bus: Bus::default(),
                 readonly: spec.readonly,
+                shareable: spec.shareable,
                 context: BTreeMap::new(),
                 abnormal: None,
             };
@@ -713,47 +734,60 @@ mod tests {
         }
     }
 
-    /// Nomad publishes once per claim: a reader alloc joining a writer on the same node gets
-    /// the read-write attachment; a writer joining a read-only attachment is refused.
+    /// A repeated publish to the same node is OK only when it would attach the same disk
+    /// (read-only or not, shared or not); any other is ALREADY_EXISTS, whichever came first.
     #[tokio::test]
-    async fn read_only_publish_joins_a_read_write_attachment_not_the_reverse() {
-        let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
-        let vol = volume();
-        let img = PathBuf::from("/nonexistent/v.qcow2");
-        let rw = att
-            .publish(
-                &vol,
-                img.clone(),
-                &publish(AccessMode::SingleNodeWriter, false),
-            )
-            .await
-            .unwrap();
-        for (mode, readonly) in [
-            (AccessMode::SingleNodeWriter, true),
-            (AccessMode::SingleNodeReaderOnly, true),
-            (AccessMode::SingleNodeReaderOnly, false),
-        ] {
+    async fn republish_to_a_node_is_ok_only_for_the_same_disk() {
+        use AccessMode::*;
+        // (mode, readonly) → the disk it attaches: (read-only, shareable).
+        let cases = [
+            (SingleNodeWriter, false),
+            (SingleNodeWriter, true),
+            (SingleNodeReaderOnly, false),
+            (MultiNodeReaderOnly, true),
+            (MultiNodeMultiWriter, false),
+            (MultiNodeSingleWriter, false),
+            (SingleNodeMultiWriter, false),
+        ];
+        let disk = |(mode, ro): (AccessMode, bool)| {
+            let ro = ro || mode.is_read_only();
+            (ro, mode.is_multi_node() && !ro)
+        };
+        // Multi-node writers need a raw block volume.
+        let vol = VolumeRecord {
+            format: ImageFormat::Raw,
+            ..volume()
+        };
+        let publish = |mode, readonly| Publish {
+            capability: Capability {
+                access_type: AccessType::Block,
+                access_mode: mode,
+            },
+            ..publish(mode, readonly)
+        };
+        let img = PathBuf::from("/nonexistent/v.raw");
+        for first in cases {
+            let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
             let ctx = att
-                .publish(&vol, img.clone(), &publish(mode, readonly))
+                .publish(&vol, img.clone(), &publish(first.0, first.1))
                 .await
                 .unwrap();
-            assert_eq!(ctx, rw, "{mode:?} readonly={readonly}");
+            for again in cases {
+                let res = att
+                    .publish(&vol, img.clone(), &publish(again.0, again.1))
+                    .await;
+                if disk(again) == disk(first) {
+                    assert_eq!(res.unwrap(), ctx, "{first:?} then {again:?}");
+                } else {
+                    let err = res.unwrap_err();
+                    assert!(
+                        matches!(err, Error::AlreadyExists(_)),
+                        "{first:?} then {again:?}: {err:?}"
+                    );
+                }
+            }
+            assert_eq!(att.scan().await.unwrap().known.len(), 1, "attached once");
         }
-        assert_eq!(att.scan().await.unwrap().known.len(), 1, "attached once");
-
-        att.unpublish(&vol.id, "n1").await.unwrap();
-        att.publish(
-            &vol,
-            img.clone(),
-            &publish(AccessMode::SingleNodeWriter, true),
-        )
-        .await
-        .unwrap();
-        let err = att
-            .publish(&vol, img, &publish(AccessMode::SingleNodeWriter, false))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
     }
 
     #[tokio::test]

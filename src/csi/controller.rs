@@ -18,6 +18,8 @@ pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
     pub guards: OpGuards,
+    /// Advertise the alpha GET_SNAPSHOT capability (`[snapshots] get_snapshot_capability`).
+    pub get_snapshot_capability: bool,
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
@@ -144,15 +146,21 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_name("name", &r.name)?;
         convert::check_map("parameters", &r.parameters)?;
+        convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        // Every INVALID_ARGUMENT check before OUT_OF_RANGE, and both before any lookup.
+        let capabilities = convert::capabilities(&r.volume_capabilities)?;
+        let parameters = params::with_mutable(&r.parameters, &r.mutable_parameters)?;
+        let content_source = convert::content_source(r.volume_content_source.as_ref())?;
+        let topology = convert::topology_requirement(r.accessibility_requirements.as_ref())?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let create = CreateVolume {
             name: r.name.clone(),
             required_bytes: required,
             limit_bytes: limit,
-            capabilities: convert::capabilities(&r.volume_capabilities)?,
-            parameters: r.parameters.clone(),
-            content_source: convert::content_source(r.volume_content_source.as_ref())?,
-            topology: convert::topology_requirement(r.accessibility_requirements.as_ref())?,
+            capabilities,
+            parameters,
+            content_source,
+            topology,
         };
         let key = ids::volume_key_for_name(&r.name);
         let mut keys = vec![volume_guard_key(&key)];
@@ -255,11 +263,16 @@ impl Controller for ControllerService {
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let caps = convert::capabilities(&r.volume_capabilities)?;
         convert::check_map("parameters", &r.parameters)?;
+        convert::check_map("mutable_parameters", &r.mutable_parameters)?;
         let rec = self.pools.require_volume(&r.volume_id).await?;
         let problem = caps
             .iter()
             .find_map(|c| c.check(rec.format).err())
-            .or_else(|| VolumeParams::parse(&r.parameters).err());
+            .or_else(|| {
+                params::with_mutable(&r.parameters, &r.mutable_parameters)
+                    .and_then(|all| VolumeParams::parse(&all))
+                    .err()
+            });
         let (confirmed, message) = match problem {
             Some(e) => (None, e.to_string()),
             None => (
@@ -359,9 +372,13 @@ impl Controller for ControllerService {
             Type::SingleNodeMultiWriter,
             Type::CreateDeleteSnapshot,
             Type::ListSnapshots,
-            Type::GetSnapshot,
             Type::CloneVolume,
         ];
+        // Alpha, known to no CO; the other alpha capabilities above (VOLUME_CONDITION,
+        // GET_VOLUME, SINGLE_NODE_MULTI_WRITER) are read by Kubernetes and Nomad.
+        if self.get_snapshot_capability {
+            types.push(Type::GetSnapshot);
+        }
         if self.attachments.is_enabled() {
             types.push(Type::PublishUnpublishVolume);
             types.push(Type::PublishReadonly);
@@ -478,12 +495,12 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let cap = r
             .volume_capability
             .as_ref()
             .map(convert::capability)
             .transpose()?;
+        let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
@@ -545,19 +562,17 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
+        params::check_mutable(&r.mutable_parameters)?;
+        // The values too, before anything is looked up.
+        for (k, v) in &r.mutable_parameters {
+            params::apply_qos(&mut params::Qos::default(), k, v)?;
+        }
         let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
         let mut rec = self.pools.require_volume(&r.volume_id).await?;
         let mut qos = rec.disk.qos;
         for (k, v) in &r.mutable_parameters {
-            if !params::MUTABLE_KEYS.contains(&k.as_str()) {
-                return Err(Error::invalid(format!(
-                    "parameter {k:?} cannot be modified; mutable parameters: {}",
-                    params::MUTABLE_KEYS.join(", ")
-                ))
-                .into());
-            }
             params::apply_qos(&mut qos, k, v)?;
         }
         qos.validate()?;

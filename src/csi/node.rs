@@ -98,6 +98,23 @@ impl NodeService {
         Ok(path)
     }
 
+    /// The path a request says the volume is at (NodeGetVolumeStats, NodeExpandVolume). A
+    /// missing or unreadable one (NUL, too long) or one outside `allowed_path_roots` is
+    /// INVALID_ARGUMENT now; one where no volume can be (relative, with `.` or `..`, `/`) is
+    /// the inner NOT_FOUND, for the caller to raise once every other field is checked.
+    async fn volume_path(&self, volume_id: &str, raw: &str) -> Result<Result<PathBuf>> {
+        const WHAT: &str = "volume_path";
+        if raw.is_empty() || raw.len() > paths::MAX_PATH_LEN || raw.contains('\0') {
+            return paths::check(WHAT, raw).map(Ok);
+        }
+        match paths::check(WHAT, raw) {
+            Ok(_) => self.co_path(WHAT, raw).await.map(Ok),
+            Err(e) => Ok(Err(Error::NotFound(format!(
+                "volume {volume_id} is not at {raw:?}: no volume can be there ({e})"
+            )))),
+        }
+    }
+
     async fn optional_co_path(&self, what: &'static str, raw: &str) -> Result<Option<PathBuf>> {
         if raw.is_empty() {
             return Ok(None);
@@ -153,25 +170,28 @@ impl Node for NodeService {
         req: Request<csi::NodePublishVolumeRequest>,
     ) -> RpcResult<csi::NodePublishVolumeResponse> {
         let r = req.into_inner();
+        // Every field first (INVALID_ARGUMENT), then the state: no staging path at all is
+        // FAILED_PRECONDITION ("staging target path not set", CSI).
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let target_path = self.co_path("target_path", &r.target_path).await?;
-        if r.staging_target_path.is_empty() {
-            return Err(Error::FailedPrecondition(
-                "staging_target_path is required: this plugin stages volumes \
-                 (STAGE_UNSTAGE_VOLUME)"
-                    .into(),
-            )
-            .into());
-        }
         let staging_path = self
-            .co_path("staging_target_path", &r.staging_target_path)
+            .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
-        if staging_path == target_path {
-            return Err(Error::invalid("target_path must differ from staging_target_path").into());
-        }
         let capability = capability(r.volume_capability.as_ref())?;
         let mount_group = mount_group(r.volume_capability.as_ref())?;
         convert::check_map("volume_context", &r.volume_context)?;
+        convert::check_map("publish_context", &r.publish_context)?;
+        let Some(staging_path) = staging_path else {
+            return Err(Error::FailedPrecondition(
+                "staging_target_path is required: this plugin stages volumes \
+                 (STAGE_UNSTAGE_VOLUME); NodeStageVolume the volume first"
+                    .into(),
+            )
+            .into());
+        };
+        if staging_path == target_path {
+            return Err(Error::invalid("target_path must differ from staging_target_path").into());
+        }
         self.ops
             .publish(node::PublishRequest {
                 volume_id: r.volume_id,
@@ -203,10 +223,11 @@ impl Node for NodeService {
         use csi::volume_usage::Unit;
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let volume_path = self.volume_path(&r.volume_id, &r.volume_path).await?;
         let staging = self
             .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
+        let volume_path = volume_path?;
         let stats = self
             .ops
             .stats(&r.volume_id, &volume_path, staging.as_deref())
@@ -239,10 +260,16 @@ impl Node for NodeService {
     ) -> RpcResult<csi::NodeExpandVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let volume_path = self.co_path("volume_path", &r.volume_path).await?;
+        let volume_path = self.volume_path(&r.volume_id, &r.volume_path).await?;
         let staging_path = self
             .optional_co_path("staging_target_path", &r.staging_target_path)
             .await?;
+        let block = r
+            .volume_capability
+            .as_ref()
+            .map(|c| capability(Some(c)))
+            .transpose()?
+            .map(|c| c.is_block());
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
         if limit > 0 && required > limit {
             return Err(Error::OutOfRange(format!(
@@ -250,12 +277,7 @@ impl Node for NodeService {
             ))
             .into());
         }
-        let block = r
-            .volume_capability
-            .as_ref()
-            .map(|c| capability(Some(c)))
-            .transpose()?
-            .map(|c| c.is_block());
+        let volume_path = volume_path?;
         let size = self
             .ops
             .expand(node::ExpandRequest {

@@ -184,6 +184,7 @@ fn attachment_of(node_id: &str, volume_id: &str, disk: &DiskXml) -> Attachment {
         serial: disk.serial.clone().unwrap_or_default(),
         bus,
         readonly: disk.readonly,
+        shareable: disk.shareable,
         context,
         abnormal: None,
     }

@@ -240,6 +240,7 @@ mod tests {
             image: "/pool/images/a\"b.qcow2".into(),
             format: ImageFormat::Qcow2,
             readonly: true,
+            shareable: false,
             discard: false,
             logical_block_size: None,
         };

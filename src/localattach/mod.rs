@@ -17,6 +17,7 @@
 
 mod cgroup;
 mod daemon;
+mod limit;
 mod loopdev;
 mod qmp;
 mod slot;
@@ -47,6 +48,11 @@ pub(crate) struct LocalAttacher {
     node_id: String,
     state_dir: PathBuf,
     sysfs: Sysfs,
+    /// Most volumes attached here at once (`node_limit`).
+    limit: u64,
+    /// Held from counting the attachments to the end of an attach, so concurrent publishes
+    /// of different volumes never pass the limit together.
+    attaching: tokio::sync::Mutex<()>,
     /// Where new daemons go in the cgroup tree; None leaves them in the plugin's cgroups.
     placement: Option<Placement>,
     /// The node id cannot name a libvirt domain (it is not a QEMU guest's DMI UUID, nor a
@@ -63,13 +69,14 @@ pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>
     let node_id = crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?;
     let placement = placement(&cfg.node)?;
     let serves_first = cfg.node_id.is_none() && !crate::nodeid::is_qemu_guest(Path::new("/"));
-    let attacher = LocalAttacher::open(
+    let mut attacher = LocalAttacher::open(
         node_id,
         cfg.data_dir.join("localattach"),
         placement,
         serves_first,
     )
     .await?;
+    attacher.limit = node_limit(cfg).await?.unwrap_or(0);
     Ok(Some(Arc::new(attacher)))
 }
 
@@ -98,6 +105,19 @@ fn placement(node: &crate::config::NodeConfig) -> Result<Option<Placement>> {
         path: path.into(),
         hierarchies: node.daemon_cgroup_hierarchies.clone(),
     }))
+}
+
+/// With local attach on in this process, how many volumes this host holds attached at most:
+/// what its kernel allows (see `limit`), lowered by `node.max_volumes_per_node`. NodeGetInfo
+/// reports it and ControllerPublish enforces it. None when local attach is off.
+pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
+    if !cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith) || !cfg.mode.runs_controller() {
+        return Ok(None);
+    }
+    let host = exec::blocking(|| Ok(limit::HostBounds::read())).await?;
+    let limit = limit::effective(cfg.node.max_volumes_per_node, host.volumes());
+    tracing::debug!(?host, limit, "local attach: volumes per node");
+    Ok(Some(limit))
 }
 
 fn key_of(volume_id: &str) -> Result<String> {
@@ -176,6 +196,8 @@ impl LocalAttacher {
             node_id,
             state_dir,
             sysfs: Sysfs::host(),
+            limit: 0,
+            attaching: tokio::sync::Mutex::new(()),
             placement,
             serves_first,
         };
@@ -349,6 +371,7 @@ impl LocalAttacher {
             // Placeholder: the context's `bus=local` is what the node reads.
             bus: Bus::default(),
             readonly: rec.readonly,
+            shareable: rec.shareable,
             context,
             abnormal: dead.map(|reason| format!("local attachment on {}: {reason}", self.node_id)),
         }
@@ -558,6 +581,7 @@ impl Attacher for LocalAttacher {
             image: spec.image.clone(),
             format: spec.format,
             readonly: spec.readonly,
+            shareable: spec.shareable,
             discard: spec.options.discard == Some(Discard::Unmap),
             logical_block_size: spec.options.logical_block_size,
         };
@@ -579,9 +603,15 @@ impl Attacher for LocalAttacher {
             let name = self.repair(&slot, &had, &rec, &loop_name, &reason).await?;
             return Ok(self.attachment(&rec, &name, None));
         }
+        let _counted = self.attaching.lock().await;
+        let max = match (max, self.limit) {
+            (0, l) | (l, 0) => l,
+            (m, l) => m.min(l),
+        };
         if max > 0 && self.attachments().await?.len() as u64 >= max {
             return Err(Error::ResourceExhausted(format!(
-                "this host already has {max} volumes attached (max_volumes_per_node)"
+                "this host already has {max} volumes attached locally, its limit \
+                 (max_volumes_per_node, reported by NodeGetInfo); unpublish one first"
             )));
         }
         let name = self.attach_fresh(&slot, &rec).await?;

@@ -15,6 +15,10 @@ pub(super) struct Record {
     pub image: PathBuf,
     pub format: ImageFormat,
     pub readonly: bool,
+    /// Published for several nodes' writers (multi-node modes): only echoed back, so a
+    /// repeated publish is compared with what was asked first.
+    #[serde(default)]
+    pub shareable: bool,
     /// The export passes discards down (`discard=unmap`); absent in records of older plugins.
     #[serde(default)]
     pub discard: bool,

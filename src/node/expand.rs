@@ -1,7 +1,7 @@
 //! NodeExpandVolume: make the node see the disk's new size, then grow the filesystem online.
 
 use super::sysfs::{BlockDevice, DeviceKind};
-use super::{lstat, mount_table, mounted_dev, resolve, ExpandRequest, NodeOps, BLOCK_STAGE_FILE};
+use super::{lstat, mount_table, resolve, ExpandRequest, Holder, NodeOps, BLOCK_STAGE_FILE};
 use crate::error::{Error, Result};
 use crate::exec;
 use std::ffi::OsString;
@@ -9,14 +9,22 @@ use std::time::{Duration, Instant};
 
 impl NodeOps {
     /// Returns the device's size after expansion.
+    /// Returns the device's size after expansion. Only ever grows this volume's own disk
+    /// (told by its serial), whatever path the request names: NOT_FOUND when the path (or the
+    /// staging path) does not show it.
     pub(crate) async fn expand(&self, r: ExpandRequest) -> Result<u64> {
+        let serial = Self::serial_for(&r.volume_id)?;
         let _g = self.guard(&r.volume_id)?;
         let path = resolve(&r.volume_path).await?;
-        if matches!(lstat(&path).await, Ok(None)) {
-            return Err(Error::NotFound(format!(
-                "volume path {} does not exist",
+        let not_here = |why: String| {
+            Error::NotFound(format!(
+                "volume {} is not at {}: {why}",
+                r.volume_id,
                 path.display()
-            )));
+            ))
+        };
+        if matches!(lstat(&path).await, Ok(None)) {
+            return Err(not_here("the path does not exist".into()));
         }
         let table = mount_table().await?;
         // The volume path, else the staging path (block: its device file).
@@ -27,43 +35,21 @@ impl NodeOps {
             candidates.push(s);
         }
         let Some(mount) = candidates.iter().find_map(|c| table.at(c)).cloned() else {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {} is not mounted at {}; stage and publish it first",
-                r.volume_id,
-                path.display()
-            )));
+            return Err(not_here(
+                "nothing is mounted there (nor at the staging path)".into(),
+            ));
         };
         let block_mount = matches!(mount.fs_type.as_str(), "devtmpfs" | "tmpfs")
             && mount.root != std::path::Path::new("/");
-        let dev_no = mounted_dev(&mount).await.ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "cannot tell which disk is mounted at {}",
-                mount.mount_point.display()
-            ))
-        })?;
-        let sysfs = self.sysfs.clone();
-        let dev = exec::blocking(move || sysfs.by_dev(dev_no))
-            .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "the disk of volume {} ({}:{}) is gone from this node",
-                    r.volume_id, dev_no.0, dev_no.1
-                ))
-            })?;
-        // Only ever grow this volume's own disk, whatever path the request names.
-        let expected = crate::ids::ObjectId::parse_volume(&r.volume_id)?.map(|o| o.serial());
-        let (s, name) = (self.sysfs.clone(), dev.name.clone());
-        let actual = exec::blocking(move || Ok(s.serial_of(&name))).await?;
-        if expected.is_none() || actual != expected {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds disk {} (serial {}), which is not the disk of volume {}; refusing to \
-                 grow it",
-                mount.mount_point.display(),
-                dev.name,
-                actual.as_deref().unwrap_or("unknown"),
-                r.volume_id
-            )));
-        }
+        let dev = match self.holder(&mount, &serial).await? {
+            Holder::Volume(d) => d,
+            Holder::Other(what) | Holder::Unknown(what) => {
+                return Err(not_here(format!(
+                    "{} shows {what}; refusing to grow it",
+                    mount.mount_point.display()
+                )))
+            }
+        };
         self.refuse_dead(&r.volume_id, dev.dev()).await?;
         let dev = self.refresh_size(&dev, r.required_bytes).await?;
         if r.block.unwrap_or(block_mount) {

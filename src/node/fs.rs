@@ -32,17 +32,67 @@ pub(crate) fn parse_blkid_export(out: &str) -> Content {
     }
 }
 
+/// What `dev` holds. `Blank` only for a disk that reads and carries no signature: blkid also
+/// says "nothing found" (exit 2) when its reads fail, so that verdict stands only once the
+/// disk's first and last `PROBE_SPAN` bytes have been read back; a disk that cannot be read
+/// may hold data, and is an error, never blank.
 pub(crate) async fn probe(dev: &Path) -> Result<Content> {
     let args: Vec<OsString> = vec!["-p".into(), "-o".into(), "export".into(), dev.into()];
     let out = exec::run_unchecked("blkid", args).await?;
     match out.code {
         Some(0) => Ok(parse_blkid_export(&out.stdout)),
-        // 2: nothing found.
-        Some(2) => Ok(Content::Blank),
+        // 2: nothing found, or nothing could be read.
+        Some(2) => {
+            let d = dev.to_path_buf();
+            exec::blocking(move || read_ends(&d)).await?;
+            Ok(Content::Blank)
+        }
         // 8: several conflicting signatures.
         Some(8) => Ok(Content::Other("several conflicting signatures".into())),
         _ => Err(exec::tool_error("blkid", &out)),
     }
+}
+
+/// How much of each end of a disk must read back before it may be called blank: the
+/// signatures blkid looks for lie there (filesystem superblocks, LVM and RAID labels near the
+/// start; RAID superblocks, ZFS labels and the backup GPT near the end).
+const PROBE_SPAN: u64 = 1 << 20;
+
+/// Reads the first and the last `PROBE_SPAN` bytes of `dev` from the device itself (cached
+/// pages dropped first); any error or short read is an error. Blocking.
+fn read_ends(dev: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let why = "it may hold data, so it is neither formatted nor mounted while it cannot be \
+               read; check the disk's attachment (ControllerUnpublishVolume and publish it \
+               again)";
+    let failed = |what: String, e: std::io::Error| {
+        Error::io(
+            format!(
+                "reading {} {what} to tell whether it is blank ({why})",
+                dev.display()
+            ),
+            e,
+        )
+    };
+    let mut f = std::fs::File::open(dev).map_err(|e| failed("(open)".into(), e))?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| failed("(size)".into(), e))?;
+    // Advice only: a kernel that keeps the pages still reads the device when they go stale.
+    let _ = nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+    let span = size.min(PROBE_SPAN);
+    let mut buf = vec![0u8; span as usize];
+    for offset in [0, size - span] {
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| failed(format!("(bytes {offset}..{})", offset + span), e))?;
+    }
+    Ok(())
 }
 
 /// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:

@@ -90,6 +90,80 @@ impl NodeOps {
         self.guards.try_acquire(&[format!("vol:{volume_id}")])
     }
 
+    /// The serial of this plugin's volume `volume_id` (`vd-<key>`); NOT_FOUND for an id
+    /// that is not one of this plugin's volumes (none of its disks can be that volume).
+    pub(crate) fn serial_for(volume_id: &str) -> Result<String> {
+        ObjectId::parse_volume(volume_id)?
+            .map(|o| o.serial())
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "volume {volume_id} is not a volume of this plugin, so it is not on this \
+                     node"
+                ))
+            })
+    }
+
+    /// Which disk mount `m` shows (a filesystem's device, or the device a bound device node
+    /// refers to), told by that disk's serial in sysfs, never by the path.
+    async fn holder(&self, m: &mountinfo::MountEntry, serial: &str) -> Result<Holder> {
+        let Some(dev) = mounted_dev(m).await else {
+            return Ok(Holder::Unknown(format!(
+                "a device node that cannot be read ({} from {})",
+                m.fs_type, m.source
+            )));
+        };
+        let sysfs = self.sysfs.clone();
+        let found = exec::blocking(move || {
+            Ok(sysfs.by_dev(dev)?.map(|d| {
+                let serial = sysfs.serial_of(&d.name);
+                (d, serial)
+            }))
+        })
+        .await?;
+        Ok(match found {
+            None => Holder::Unknown(format!(
+                "device {}:{}, which is gone from this node",
+                dev.0, dev.1
+            )),
+            Some((d, Some(s))) if s == serial => Holder::Volume(d),
+            Some((d, s)) => Holder::Other(match s {
+                Some(s) if s.starts_with("vd-") => {
+                    format!(
+                        "disk {} (serial {s}: another volume of this plugin)",
+                        d.name
+                    )
+                }
+                Some(s) => format!("disk {} (serial {s}: not a volume of this plugin)", d.name),
+                None => format!("disk {} (no serial: not a volume of this plugin)", d.name),
+            }),
+        })
+    }
+
+    /// NodeUnpublish and NodeUnstage: whether mount `m` may be taken down for `volume_id`:
+    /// it shows the volume's own disk, or a disk gone from the node (a dead mount: nobody's
+    /// data is there any more). Another volume's disk is left alone (false): the caller
+    /// answers OK and touches nothing, since this volume is not mounted there.
+    async fn may_take_down(
+        &self,
+        m: &mountinfo::MountEntry,
+        serial: &str,
+        volume_id: &str,
+    ) -> Result<bool> {
+        match self.holder(m, serial).await? {
+            Holder::Volume(_) => Ok(true),
+            Holder::Other(what) => {
+                tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
+                    "another disk is mounted here, not this volume's: left untouched");
+                Ok(false)
+            }
+            Holder::Unknown(what) => {
+                tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
+                    "taking down a mount whose disk is gone");
+                Ok(true)
+            }
+        }
+    }
+
     /// The serial to look for: the publish_context's, else the one derived from the volume id
     /// (Nomad keeps publish_context in memory only and may lose it).
     pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
@@ -105,6 +179,17 @@ impl NodeOps {
         }
         Ok(q)
     }
+}
+
+/// Whose disk a mount shows (see `NodeOps::holder`).
+#[derive(Debug)]
+enum Holder {
+    /// The disk of the volume asked about.
+    Volume(sysfs::BlockDevice),
+    /// Another disk, described for messages.
+    Other(String),
+    /// A disk that cannot be told: gone from the node (hot-unplugged, detached), described.
+    Unknown(String),
 }
 
 /// Who may write the file system mounted read-write at `root`: a fresh root's owner and mode,

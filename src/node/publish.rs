@@ -1,7 +1,9 @@
 //! NodePublishVolume / NodeUnpublishVolume: bind mounts of the staging mount onto targets.
 
 use super::stage::remove_leaves;
-use super::{lstat, mount_table, paths, resolve, NodeOps, PublishRequest, BLOCK_STAGE_FILE};
+use super::{
+    lstat, mount_table, paths, resolve, Holder, NodeOps, PublishRequest, BLOCK_STAGE_FILE,
+};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::model::AccessMode;
@@ -50,6 +52,7 @@ async fn ensure_target(target: &Path, block: bool) -> Result<()> {
 
 impl NodeOps {
     pub(crate) async fn publish(&self, r: PublishRequest) -> Result<()> {
+        let serial = Self::serial_for(&r.volume_id)?;
         let _g = self.guard(&r.volume_id)?;
         let block = r.capability.is_block();
         let readonly = r.readonly || r.capability.access_mode.is_read_only();
@@ -69,8 +72,19 @@ impl NodeOps {
                 if block { "block" } else { "mount" }
             )));
         };
-        if let Some(dev) = super::mounted_dev(&stage).await {
-            self.refuse_dead(&r.volume_id, dev).await?;
+        // The staging path must hold this volume: a CO that mixed up paths (Nomad skips
+        // NodeStage when the staging directory is already a mount point) would otherwise
+        // publish another volume's data under this one's name.
+        match self.holder(&stage, &serial).await? {
+            Holder::Volume(d) => self.refuse_dead(&r.volume_id, d.dev()).await?,
+            Holder::Other(what) | Holder::Unknown(what) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "staging path {} holds {what}, not volume {}'s disk (serial {serial}); \
+                     NodeStageVolume this volume at its own staging path first",
+                    staging.display(),
+                    r.volume_id
+                )))
+            }
         }
         if !block && !readonly && !stage.read_only() {
             if let Some(gid) = r.mount_group {
@@ -125,17 +139,27 @@ impl NodeOps {
         Ok(())
     }
 
+    /// Unmounts this volume from the target. A target where another volume is mounted is
+    /// left as it is (OK: this volume is not published there).
     pub(crate) async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+        let Ok(serial) = Self::serial_for(volume_id) else {
+            // Not one of this plugin's volumes: it is published nowhere.
+            return Ok(());
+        };
         let _g = self.guard(volume_id)?;
         let target = resolve(target_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.
         if matches!(lstat(&target).await, Ok(None)) {
             return Ok(());
         }
+        // Loop: a mount may be stacked on another (a CO that published twice by hand).
         for _ in 0..8 {
             let table = mount_table().await?;
-            if table.at(&target).is_none() {
+            let Some(m) = table.at(&target).cloned() else {
                 break;
+            };
+            if !self.may_take_down(&m, &serial, volume_id).await? {
+                return Ok(());
             }
             super::fs::unmount(&target).await?;
             crate::failpoint!("node-unpublish.unmounted");

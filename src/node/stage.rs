@@ -143,19 +143,14 @@ impl NodeOps {
         Ok(())
     }
 
+    /// A mount volume: reuse what is staged here already, else make sure the disk carries a
+    /// filesystem (formatting only a disk that reads and is blank), then mount it.
     async fn stage_mount(
         &self,
         r: &StageRequest,
         dev: &BlockDevice,
         at: StagingState,
     ) -> Result<()> {
-        let StagingState {
-            staging,
-            here,
-            here_block,
-            ..
-        } = at;
-        let dev_path = self.sysfs.dev_path(&dev.name);
         let AccessType::Mount {
             fs_type,
             mount_flags,
@@ -166,45 +161,49 @@ impl NodeOps {
             ));
         };
         let requested = (!fs_type.is_empty()).then(|| fs_type.clone());
-        if here_block.is_some() {
-            return Err(Error::AlreadyExists(format!(
-                "staging path {} holds a block volume; unstage it first",
-                staging.display()
-            )));
-        }
-        if let Some(m) = here {
-            if m.dev() != dev.dev() {
-                return Err(Error::AlreadyExists(format!(
-                    "staging path {} already has {} mounted, not this volume's disk {}; \
-                     unstage it first",
-                    staging.display(),
-                    describe(&m),
-                    dev.name
-                )));
-            }
-            if let Some(want) = &requested {
-                if *want != m.fs_type {
-                    return Err(Error::AlreadyExists(format!(
-                        "volume {} is staged at {} as {}, not {want}",
-                        r.volume_id,
-                        staging.display(),
-                        m.fs_type
-                    )));
-                }
-            }
-            fs::make_shared(&staging).await?;
-            if !m.read_only() {
-                super::settle_ownership(&staging, r.root, false, r.mount_group).await?;
+        if already_staged(r, dev, &at, requested.as_deref())? {
+            fs::make_shared(&at.staging).await?;
+            if at.here.as_ref().is_some_and(|m| !m.read_only()) {
+                super::settle_ownership(&at.staging, r.root, false, r.mount_group).await?;
             }
             return Ok(());
         }
-
         let read_only = dev.read_only || r.capability.access_mode.is_read_only();
-        let mut formatted = false;
-        let fs_type = match fs::probe(&dev_path).await? {
+        let (fs_type, formatted) = self.ensure_filesystem(r, dev, requested, read_only).await?;
+        let ro_mount_only = superblock_read_only(r, dev, read_only).await?;
+        let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
+        let dev_path = self.sysfs.dev_path(&dev.name);
+        fs::mount(&dev_path, &at.staging, &fs_type, &options).await?;
+        crate::failpoint!("stage.mounted");
+        let finish = async {
+            if ro_mount_only {
+                fs::remount_read_only(&at.staging).await?;
+            } else if !read_only {
+                super::settle_ownership(&at.staging, r.root, formatted, r.mount_group).await?;
+            }
+            fs::make_shared(&at.staging).await
+        };
+        if let Err(e) = finish.await {
+            let _ = fs::unmount(&at.staging).await;
+            return Err(e);
+        }
+        tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, staging = %at.staging.display(), "volume staged");
+        Ok(())
+    }
+
+    /// The filesystem to mount, and whether it was just made: the one on the disk, or a new
+    /// one when the disk reads and carries no signature at all.
+    async fn ensure_filesystem(
+        &self,
+        r: &StageRequest,
+        dev: &BlockDevice,
+        requested: Option<String>,
+        read_only: bool,
+    ) -> Result<(String, bool)> {
+        let dev_path = self.sysfs.dev_path(&dev.name);
+        match fs::probe(&dev_path).await? {
             Content::Blank => {
                 let fs_type = requested
-                    .clone()
                     .or_else(|| r.default_fs.clone().filter(|f| !f.is_empty()))
                     .unwrap_or_else(|| DEFAULT_FS_TYPE.to_string());
                 if !FS_TYPES.contains(&fs_type.as_str()) {
@@ -221,9 +220,8 @@ impl NodeOps {
                 }
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
                 fs::mkfs(&dev_path, &fs_type).await?;
-                formatted = true;
                 crate::failpoint!("stage.formatted");
-                fs_type
+                Ok((fs_type, true))
             }
             Content::Filesystem(found) => {
                 if let Some(want) = requested.as_ref().filter(|w| **w != found) {
@@ -233,62 +231,23 @@ impl NodeOps {
                         r.volume_id
                     )));
                 }
-                found
+                Ok((found, false))
             }
-            Content::Other(what) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {}'s disk {} holds {what}, not a filesystem; refusing to format or \
-                     mount it",
-                    r.volume_id, dev.name
-                )))
-            }
-        };
-        // The disk may be staged at another path already (Nomad stages once per usage, e.g.
-        // a reader next to a writer): the kernel shares one superblock per device, and mount
-        // refuses to flip its read-only state. A read-only stage of a disk mounted read-write
-        // gets the read-write superblock behind a read-only mount.
-        let others = mount_table().await?;
-        let sb_read_only = others
-            .of_device(dev.dev())
-            .first()
-            .map(|m| m.super_options.iter().any(|o| o == "ro"));
-        let ro_mount_only = match sb_read_only {
-            Some(false) => read_only,
-            Some(true) if !read_only => {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} is mounted read-only elsewhere on this node ({}); a read-write \
-                     stage needs those read-only stages unstaged first",
-                    r.volume_id,
-                    others
-                        .of_device(dev.dev())
-                        .iter()
-                        .map(|m| m.mount_point.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
-            }
-            _ => false,
-        };
-        let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
-        fs::mount(&dev_path, &staging, &fs_type, &options).await?;
-        crate::failpoint!("stage.mounted");
-        let finish = async {
-            if ro_mount_only {
-                fs::remount_read_only(&staging).await?;
-            } else if !read_only {
-                super::settle_ownership(&staging, r.root, formatted, r.mount_group).await?;
-            }
-            fs::make_shared(&staging).await
-        };
-        if let Err(e) = finish.await {
-            let _ = fs::unmount(&staging).await;
-            return Err(e);
+            Content::Other(what) => Err(Error::FailedPrecondition(format!(
+                "volume {}'s disk {} holds {what}, not a filesystem; refusing to format or \
+                 mount it",
+                r.volume_id, dev.name
+            ))),
         }
-        tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, staging = %staging.display(), "volume staged");
-        Ok(())
     }
 
+    /// Unmounts this volume from the staging path. A staging path where another volume is
+    /// mounted is left as it is (OK: this volume is not staged there).
     pub(crate) async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let Ok(serial) = Self::serial_for(volume_id) else {
+            // Not one of this plugin's volumes: it is staged nowhere.
+            return Ok(());
+        };
         let _g = self.guard(volume_id)?;
         let staging = resolve(staging_path).await?;
         // An error other than "not found" (e.g. a dead mount) still goes on to unmount.
@@ -302,6 +261,9 @@ impl NodeOps {
             let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
                 break;
             };
+            if !self.may_take_down(m, &serial, volume_id).await? {
+                return Ok(());
+            }
             let users = table.users_of(m, BLOCK_STAGE_FILE);
             if !users.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
@@ -321,6 +283,75 @@ impl NodeOps {
         remove_leaves(vec![block_file, staging.clone()]).await;
         tracing::info!(volume = %volume_id, staging = %staging.display(), "volume unstaged");
         Ok(())
+    }
+}
+
+/// Whether the staging path already holds this volume as asked (then there is nothing to
+/// mount); an error when it holds something else.
+fn already_staged(
+    r: &StageRequest,
+    dev: &BlockDevice,
+    at: &StagingState,
+    requested: Option<&str>,
+) -> Result<bool> {
+    if at.here_block.is_some() {
+        return Err(Error::AlreadyExists(format!(
+            "staging path {} holds a block volume; unstage it first",
+            at.staging.display()
+        )));
+    }
+    let Some(m) = &at.here else {
+        return Ok(false);
+    };
+    if m.dev() != dev.dev() {
+        return Err(Error::AlreadyExists(format!(
+            "staging path {} already has {} mounted, not this volume's disk {}; unstage it first",
+            at.staging.display(),
+            describe(m),
+            dev.name
+        )));
+    }
+    if let Some(want) = requested.filter(|w| *w != m.fs_type) {
+        return Err(Error::AlreadyExists(format!(
+            "volume {} is staged at {} as {}, not {want}",
+            r.volume_id,
+            at.staging.display(),
+            m.fs_type
+        )));
+    }
+    Ok(true)
+}
+
+/// Whether the mount must be made read-only on its own, over a read-write superblock.
+///
+/// The disk may be staged at another path already (Nomad stages once per usage, e.g. a reader
+/// next to a writer): the kernel shares one superblock per device, and mount refuses to flip
+/// its read-only state. A read-only stage of a disk mounted read-write gets the read-write
+/// superblock behind a read-only mount; a read-write stage of a disk mounted read-only
+/// elsewhere is refused.
+async fn superblock_read_only(
+    r: &StageRequest,
+    dev: &BlockDevice,
+    read_only: bool,
+) -> Result<bool> {
+    let others = mount_table().await?;
+    let mounts = others.of_device(dev.dev());
+    let sb_read_only = mounts
+        .first()
+        .map(|m| m.super_options.iter().any(|o| o == "ro"));
+    match sb_read_only {
+        Some(false) => Ok(read_only),
+        Some(true) if !read_only => Err(Error::FailedPrecondition(format!(
+            "volume {} is mounted read-only elsewhere on this node ({}); a read-write stage \
+             needs those read-only stages unstaged first",
+            r.volume_id,
+            mounts
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        _ => Ok(false),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::discover::{find_now, DeviceQuery};
 use super::sysfs::DeviceKind;
-use super::{lstat, mount_table, mounted_dev, resolve, NodeOps, BLOCK_STAGE_FILE};
+use super::{lstat, mount_table, resolve, Holder, NodeOps, BLOCK_STAGE_FILE};
 use crate::error::{Error, Result};
 use crate::exec;
 use std::os::unix::fs::FileTypeExt;
@@ -115,63 +115,57 @@ impl NodeOps {
         }
     }
 
+    /// Usage and condition of the volume at `volume_path`. NOT_FOUND unless that path shows
+    /// this volume's disk (told by its serial); a path that does but whose disk or staging
+    /// is broken is an abnormal condition.
     pub(crate) async fn stats(
         &self,
         volume_id: &str,
         volume_path: &Path,
         staging_path: Option<&Path>,
     ) -> Result<VolumeStats> {
+        let serial = Self::serial_for(volume_id)?;
         let path = resolve(volume_path).await?;
+        let not_here = |why: String| {
+            Error::NotFound(format!(
+                "volume {volume_id} is not at {}: {why}",
+                path.display()
+            ))
+        };
         let meta = match lstat(&path).await {
             Ok(Some(m)) => Some(m),
-            Ok(None) => {
-                return Err(Error::NotFound(format!(
-                    "volume path {} does not exist",
-                    path.display()
-                )))
-            }
+            Ok(None) => return Err(not_here("the path does not exist".into())),
             // e.g. ENOTCONN: a dead mount is there; report it, not fail.
             Err(_) => None,
         };
-        let query = Self::query_for(volume_id, DeviceQuery::default())?;
-        let sysfs = self.sysfs.clone();
-        let q = query.clone();
-        let expected = exec::blocking(move || find_now(&sysfs, &q)).await?;
         let table = mount_table().await?;
-        let mount = table.at(&path).cloned();
-        let block = meta
-            .as_ref()
-            .is_some_and(|m| m.file_type().is_block_device())
-            || mount.as_ref().is_some_and(|m| {
-                matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") && m.root != Path::new("/")
-            });
-
+        let Some(mount) = table.at(&path).cloned() else {
+            return Err(not_here("nothing is mounted there".into()));
+        };
         let mut problems: Vec<String> = Vec::new();
-        let mounted = match &mount {
-            None => {
+        let mounted = match self.holder(&mount, &serial).await? {
+            Holder::Volume(d) => Some(d),
+            Holder::Other(what) => return Err(not_here(format!("it shows {what}"))),
+            Holder::Unknown(what) => {
                 problems.push(format!(
-                    "{} is not a mount point: the volume is not mounted there",
+                    "{} shows {what}: the volume's disk (serial {serial}) is gone from under it",
                     path.display()
                 ));
                 None
             }
-            Some(m) => mounted_dev(m).await,
         };
-        match (&expected, mounted) {
-            (None, _) => problems.push(format!(
-                "the volume's disk (serial {}) is gone from this node",
-                query.serial
-            )),
-            (Some(d), Some(dev)) if d.dev() != dev => problems.push(format!(
-                "{} shows device {}:{}, not the volume's disk {} ({}:{})",
-                path.display(),
-                dev.0,
-                dev.1,
-                d.name,
-                d.major,
-                d.minor
-            )),
-            _ => {}
+        let block = meta
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device())
+            || (matches!(mount.fs_type.as_str(), "devtmpfs" | "tmpfs")
+                && mount.root != Path::new("/"));
+        let query = Self::query_for(volume_id, DeviceQuery::default())?;
+        let sysfs = self.sysfs.clone();
+        let expected = exec::blocking(move || find_now(&sysfs, &query)).await?;
+        if expected.is_none() && mounted.is_some() {
+            problems.push(format!(
+                "the volume's disk (serial {serial}) is not ready on this node"
+            ));
         }
         if let Some(d) = expected.as_ref().filter(|d| d.kind == DeviceKind::Loop) {
             let (sysfs, name) = (self.sysfs.clone(), d.name.clone());
@@ -191,19 +185,15 @@ impl NodeOps {
 
         let mut usage = Vec::new();
         if block {
-            let dev = mounted.or(expected.as_ref().map(|d| d.dev()));
-            if let Some(dev) = dev {
-                let sysfs = self.sysfs.clone();
-                if let Some(d) = exec::blocking(move || sysfs.by_dev(dev)).await? {
-                    usage.push(Usage {
-                        unit: UsageUnit::Bytes,
-                        total: d.size_bytes,
-                        available: 0,
-                        used: 0,
-                    });
-                }
+            if let Some(d) = mounted.as_ref().or(expected.as_ref()) {
+                usage.push(Usage {
+                    unit: UsageUnit::Bytes,
+                    total: d.size_bytes,
+                    available: 0,
+                    used: 0,
+                });
             }
-        } else if mount.is_some() {
+        } else {
             let p = path.clone();
             match exec::blocking(move || statvfs_usage(&p)).await {
                 Ok(u) => usage = u,

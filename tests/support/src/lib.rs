@@ -93,6 +93,24 @@ pub fn open_for_qemu(dir: &Path) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// A tool of `shared/tools/` (csi-sanity, nomad, hostpathplugin): `$var` when set, else
+/// `shared/tools/<name>` beside the project root or one of its parents (`../shared/tools` from
+/// a checkout; worktrees sit deeper), else `<name>` on PATH.
+pub fn shared_tool(name: &str, var: &str) -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(p.into());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    root.ancestors()
+        .map(|d| d.join("shared/tools").join(name))
+        .find(|p| p.is_file())
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+}
+
 /// Milliseconds since `t`, for the latency lines tests print.
 pub fn ms(t: Instant) -> u128 {
     t.elapsed().as_millis()

@@ -217,6 +217,18 @@ impl Env {
         (!stat.contains(") Z")).then_some(pid)
     }
 
+    /// SIGKILLs the storage daemon serving `vol`: its FUSE export disconnects, and the
+    /// volume's loop device fails every read once FUSE stops answering from its cache (about a
+    /// second later).
+    pub fn kill_daemon(&self, vol: &csi::Volume) {
+        let pid = self.daemon_pid(vol).expect("a live storage daemon");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     /// ControllerUnpublish twice, delete, and nothing left on the host.
     pub async fn finish(&self, vol: &csi::Volume) {
         self.controller_unpublish(vol).await.unwrap();

@@ -440,6 +440,8 @@ impl ControllerExt for ControllerClient<Channel> {
 pub trait NodeExt {
     /// NodeGetInfo, which must answer: the node id.
     async fn node_id(&mut self) -> String;
+    /// NodeGetInfo, which must answer: `max_volumes_per_node` (0: no limit).
+    async fn max_volumes(&mut self) -> i64;
     /// NodeStageVolume.
     async fn stage(&mut self, req: csi::NodeStageVolumeRequest) -> Result<(), Status>;
     /// NodeUnstageVolume.
@@ -462,6 +464,11 @@ impl NodeExt for NodeClient<Channel> {
     async fn node_id(&mut self) -> String {
         let info = self.node_get_info(csi::NodeGetInfoRequest {}).await;
         info.expect("NodeGetInfo").into_inner().node_id
+    }
+
+    async fn max_volumes(&mut self) -> i64 {
+        let info = self.node_get_info(csi::NodeGetInfoRequest {}).await;
+        info.expect("NodeGetInfo").into_inner().max_volumes_per_node
     }
 
     async fn stage(&mut self, req: csi::NodeStageVolumeRequest) -> Result<(), Status> {

@@ -1,0 +1,1156 @@
+//! CSI conformance against the monolith with local attach (the real binary, qemu-storage-daemon,
+//! loop devices, mkfs, mounts; root needed):
+//! - the community's suite, csi-sanity (kubernetes-csi/csi-test v5.4.0), passes;
+//! - every RPC answers a request with several faults with the code the CSI error tables put
+//!   first (arguments, then what the request names, then the state);
+//! - node RPCs act only on the volume they name, told by its disk's serial, never by the path;
+//! - a disk that cannot be read is never formatted.
+//!
+//! Required in CI (`CI` set) and wherever csi-sanity is found: no SKIP there.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::shared_tool;
+
+/// The per-host volume limit the tests configure: csi-sanity publishes that many, then one more.
+const LIMIT: i64 = 4;
+const CONFIG: &str = "[node]\ndevice_wait_secs = 2\nmax_volumes_per_node = 4\n";
+
+/// True when these tests must run: in CI, or wherever csi-sanity is there.
+fn required() -> bool {
+    std::env::var_os("CI").is_some() || csi_sanity().is_some()
+}
+
+/// Root, FUSE, loop devices and qemu-storage-daemon (`env::can_run`); a failure where the
+/// tests are required.
+fn ready() -> bool {
+    if can_run() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "conformance tests are required here (CI, or csi-sanity present) but the host lacks \
+         root, /dev/fuse, /dev/loop-control or qemu-storage-daemon"
+    );
+    false
+}
+
+/// csi-sanity: `$VIRTDISK_CSI_SANITY`, `../shared/tools/csi-sanity` or PATH.
+fn csi_sanity() -> Option<PathBuf> {
+    shared_tool("csi-sanity", "VIRTDISK_CSI_SANITY")
+}
+
+/// csi-sanity, every spec (`-ginkgo.v`), with the attach-limit and mutable-parameter specs on.
+/// Its summary line is printed. Every spec must run and pass, the GroupController ones
+/// (VolumeGroupSnapshot) included: none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_sanity_passes() {
+    let Some(tool) = csi_sanity() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "csi-sanity is required in CI: ../shared/tools/csi-sanity, $VIRTDISK_CSI_SANITY or PATH"
+        );
+        eprintln!("SKIPPED: csi-sanity not found (../shared/tools, $VIRTDISK_CSI_SANITY, PATH)");
+        return;
+    };
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    let max = env.plugin.node().max_volumes().await;
+    assert_eq!(max, LIMIT, "the configured limit");
+    let dir = env.dir().join("sanity");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Valid QoS keys, applied at CreateVolume and by ControllerModifyVolume.
+    let mutable = dir.join("mutable.yaml");
+    std::fs::write(
+        &mutable,
+        "readIopsSec: \"100\"\nwriteBytesSec: \"1048576\"\n",
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(&tool);
+    cmd.arg(format!(
+        "-csi.endpoint=unix://{}",
+        env.plugin.socket.display()
+    ))
+    .arg(format!("-csi.mountdir={}", dir.join("target").display()))
+    .arg(format!("-csi.stagingdir={}", dir.join("staging").display()))
+    .arg(format!("-csi.testvolumesize={}", 64 * MIB))
+    .arg("-csi.testnodevolumeattachlimit")
+    .arg(format!(
+        "-csi.testvolumemutableparameters={}",
+        mutable.display()
+    ))
+    .args(["-ginkgo.v", "-ginkgo.no-color"])
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+        .await
+        .expect("csi-sanity finishes within 10 minutes")
+        .expect("run csi-sanity");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::write(dir.join("csi-sanity.log"), &text).unwrap();
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("Ran ") || l.contains(" Passed | "))
+        .collect();
+    eprintln!("csi-sanity: {}", summary.join(" — "));
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("[FAIL]"))
+        .collect();
+    assert!(
+        out.status.success()
+            && failed.is_empty()
+            && summary.iter().any(|l| l.contains(" 0 Failed")),
+        "csi-sanity failed:\n{}\n{}\n(full output: {})",
+        failed.join("\n"),
+        String::from_utf8_lossy(&out.stderr),
+        text
+    );
+    // Each skipped spec is named on the line after its "S [SKIPPED]" marker.
+    let lines: Vec<&str> = text.lines().collect();
+    let skipped: Vec<&str> = lines
+        .windows(2)
+        .filter(|w| w[0].starts_with("S [SKIPPED]"))
+        .map(|w| w[1])
+        .collect();
+    assert!(skipped.is_empty(), "skipped specs: {skipped:?}");
+    for group_spec in [
+        "[GroupController Server] GroupControllerGetCapabilities",
+        "[GroupController VolumeGroupSnapshots] CreateVolumeGroupSnapshot",
+        "[GroupController VolumeGroupSnapshots] GetVolumeGroupSnapshot",
+        "[GroupController VolumeGroupSnapshots] DeleteVolumeGroupSnapshot",
+    ] {
+        assert!(
+            text.contains(group_spec),
+            "csi-sanity ran no {group_spec} spec:\n{text}"
+        );
+    }
+    drop(env);
+}
+
+/// Without `max_volumes_per_node`, NodeGetInfo reports this host's own limit (loop minors,
+/// mounts, tasks: `localattach::limit`), which ControllerPublish then enforces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_reports_the_hosts_attach_limit() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start("").await;
+    let max = env.plugin.node().max_volumes().await;
+    eprintln!("this host holds at most {max} locally attached volumes");
+    assert!((1..=1 << 20).contains(&max), "{max}");
+}
+
+type Call = Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>;
+
+/// One row: a request with one or more faults, and the answer the CSI error tables give
+/// (None: OK).
+struct Case {
+    what: &'static str,
+    want: Option<Code>,
+    call: Call,
+}
+
+fn case<F>(what: &'static str, want: Option<Code>, call: F) -> Case
+where
+    F: Future<Output = Result<(), tonic::Status>> + Send + 'static,
+{
+    Case {
+        what,
+        want,
+        call: Box::pin(call),
+    }
+}
+
+/// A valid volume id of this plugin that names no volume.
+const UNKNOWN: &str = "default.0123456789abcdef";
+
+/// Every RPC, requests with several faults at once: the code is the one of the fault the CSI
+/// error tables check first — a malformed or missing field (INVALID_ARGUMENT) before what the
+/// request names (NOT_FOUND), before the state of things (ALREADY_EXISTS, FAILED_PRECONDITION,
+/// RESOURCE_EXHAUSTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    // X is published at tx; Y at ty; a plain directory holds nothing.
+    let x_name = unique("order-x");
+    let x = env.create(&x_name, 32 * MIB, cap.clone()).await;
+    let y = env.create(&unique("order-y"), 32 * MIB, cap.clone()).await;
+    let (sx, tx) = (env.staging("order-x"), env.target("order-x"));
+    let (sy, ty) = (env.staging("order-y"), env.target("order-y"));
+    for (v, s, t) in [(&x, &sx, &tx), (&y, &sy, &ty)] {
+        let ctx = env.controller_publish(v, &cap, false).await;
+        env.stage(v, &ctx, s, &cap).await.unwrap();
+        env.publish(v, s, t, &cap, false).await.unwrap();
+    }
+    let plain = env.staging("order-plain");
+    let (c, n) = (env.plugin.controller(), env.plugin.node());
+    let node_id = env.node_id.clone();
+    let xid = x.volume_id.clone();
+    let no_cap = csi::VolumeCapability::default();
+    use Code::*;
+    macro_rules! ctl {
+        ($rpc:ident, $req:expr) => {{
+            let mut c = c.clone();
+            let req = $req;
+            async move { c.$rpc(req).await.map(drop) }
+        }};
+    }
+    macro_rules! node {
+        ($rpc:ident, $req:expr) => {{
+            let mut n = n.clone();
+            let req = $req;
+            async move { n.$rpc(req).await.map(drop) }
+        }};
+    }
+    let publish = |vol: &str, node: &str, cap: Option<csi::VolumeCapability>, ro: bool| {
+        csi::ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: node.into(),
+            volume_capability: cap,
+            readonly: ro,
+            ..Default::default()
+        }
+    };
+    // NodeExpandVolume of X at its target, to more than the limit it gives.
+    let over_limit = csi::NodeExpandVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 64 * MIB,
+            limit_bytes: 32 * MIB,
+        }),
+        ..node_expand_req(&xid, &tx, 64 * MIB)
+    };
+    let cases = vec![
+        // ---- Controller ----
+        case(
+            "CreateVolume: no name, no capabilities",
+            Some(InvalidArgument),
+            ctl!(create_volume, csi::CreateVolumeRequest::default()),
+        ),
+        case(
+            "CreateVolume: no capabilities, negative capacity",
+            Some(InvalidArgument),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    volume_capabilities: vec![],
+                    ..create_req("order-neg", -1)
+                }
+            ),
+        ),
+        case(
+            "CreateVolume: unknown mutable parameter, negative capacity",
+            Some(InvalidArgument),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    mutable_parameters: params(&[("XXX_FakeKey", "x")]),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: -1,
+                        limit_bytes: 0
+                    }),
+                    ..create_req("order-mut", 0)
+                }
+            ),
+        ),
+        case(
+            "CreateVolume: negative capacity",
+            Some(OutOfRange),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: -1,
+                        limit_bytes: 0
+                    }),
+                    ..create_req("order-range", 0)
+                }
+            ),
+        ),
+        case(
+            "CreateVolume: from a snapshot that does not exist",
+            Some(NotFound),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    volume_content_source: Some(csi::VolumeContentSource {
+                        r#type: Some(csi::volume_content_source::Type::Snapshot(
+                            csi::volume_content_source::SnapshotSource {
+                                snapshot_id: "default.s0123456789abcdef".into()
+                            },
+                        )),
+                    }),
+                    ..create_req("order-src", 32 * MIB)
+                }
+            ),
+        ),
+        case(
+            "CreateVolume: X's name, another size",
+            Some(AlreadyExists),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    volume_capabilities: vec![cap.clone()],
+                    ..create_req(&x_name, 64 * MIB)
+                }
+            ),
+        ),
+        case(
+            "DeleteVolume: no id",
+            Some(InvalidArgument),
+            ctl!(delete_volume, csi::DeleteVolumeRequest::default()),
+        ),
+        case(
+            "DeleteVolume: X, published",
+            Some(FailedPrecondition),
+            ctl!(
+                delete_volume,
+                csi::DeleteVolumeRequest {
+                    volume_id: xid.clone(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerPublish: unknown volume, no capability",
+            Some(InvalidArgument),
+            ctl!(
+                controller_publish_volume,
+                publish(UNKNOWN, &node_id, None, false)
+            ),
+        ),
+        case(
+            "ControllerPublish: unknown volume, unknown node",
+            Some(NotFound),
+            ctl!(
+                controller_publish_volume,
+                publish(UNKNOWN, "no-such-node", Some(cap.clone()), false)
+            ),
+        ),
+        case(
+            "ControllerPublish: X to an unknown node",
+            Some(NotFound),
+            ctl!(
+                controller_publish_volume,
+                publish(&xid, "no-such-node", Some(cap.clone()), false)
+            ),
+        ),
+        case(
+            "ControllerPublish: X again, read-only",
+            Some(AlreadyExists),
+            ctl!(
+                controller_publish_volume,
+                publish(&xid, &node_id, Some(cap.clone()), true)
+            ),
+        ),
+        case(
+            "ControllerPublish: X again, the same",
+            None,
+            ctl!(
+                controller_publish_volume,
+                publish(&xid, &node_id, Some(cap.clone()), false)
+            ),
+        ),
+        case(
+            "ControllerUnpublish: no volume id",
+            Some(InvalidArgument),
+            ctl!(
+                controller_unpublish_volume,
+                csi::ControllerUnpublishVolumeRequest {
+                    node_id: node_id.clone(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerUnpublish: unknown volume",
+            None,
+            ctl!(
+                controller_unpublish_volume,
+                csi::ControllerUnpublishVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    node_id: node_id.clone(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ValidateVolumeCapabilities: unknown volume, no capabilities",
+            Some(InvalidArgument),
+            ctl!(
+                validate_volume_capabilities,
+                csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: UNKNOWN.into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ValidateVolumeCapabilities: unknown volume",
+            Some(NotFound),
+            ctl!(
+                validate_volume_capabilities,
+                csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: UNKNOWN.into(),
+                    volume_capabilities: vec![cap.clone()],
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ListVolumes: negative max_entries, bad token",
+            Some(InvalidArgument),
+            ctl!(
+                list_volumes,
+                csi::ListVolumesRequest {
+                    max_entries: -1,
+                    starting_token: "garbage".into()
+                }
+            ),
+        ),
+        case(
+            "ListVolumes: bad token",
+            Some(Aborted),
+            ctl!(
+                list_volumes,
+                csi::ListVolumesRequest {
+                    max_entries: 1,
+                    starting_token: "garbage".into()
+                }
+            ),
+        ),
+        case(
+            "ControllerGetVolume: no id",
+            Some(InvalidArgument),
+            ctl!(
+                controller_get_volume,
+                csi::ControllerGetVolumeRequest::default()
+            ),
+        ),
+        case(
+            "ControllerGetVolume: unknown volume",
+            Some(NotFound),
+            ctl!(
+                controller_get_volume,
+                csi::ControllerGetVolumeRequest {
+                    volume_id: UNKNOWN.into()
+                }
+            ),
+        ),
+        case(
+            "ControllerExpandVolume: unknown volume, bad capability, negative capacity",
+            Some(InvalidArgument),
+            ctl!(
+                controller_expand_volume,
+                csi::ControllerExpandVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: -1,
+                        limit_bytes: 0
+                    }),
+                    volume_capability: Some(no_cap.clone()),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerExpandVolume: unknown volume, negative capacity",
+            Some(OutOfRange),
+            ctl!(
+                controller_expand_volume,
+                csi::ControllerExpandVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: -1,
+                        limit_bytes: 0
+                    }),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerExpandVolume: unknown volume",
+            Some(NotFound),
+            ctl!(
+                controller_expand_volume,
+                csi::ControllerExpandVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 64 * MIB,
+                        limit_bytes: 0
+                    }),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerModifyVolume: unknown volume, unknown key",
+            Some(InvalidArgument),
+            ctl!(
+                controller_modify_volume,
+                csi::ControllerModifyVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    mutable_parameters: params(&[("bus", "virtio")]),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerModifyVolume: unknown volume, bad value",
+            Some(InvalidArgument),
+            ctl!(
+                controller_modify_volume,
+                csi::ControllerModifyVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    mutable_parameters: params(&[("readIopsSec", "lots")]),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ControllerModifyVolume: unknown volume",
+            Some(NotFound),
+            ctl!(
+                controller_modify_volume,
+                csi::ControllerModifyVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    mutable_parameters: params(&[("readIopsSec", "100")]),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "CreateSnapshot: no name, unknown source",
+            Some(InvalidArgument),
+            ctl!(
+                create_snapshot,
+                csi::CreateSnapshotRequest {
+                    source_volume_id: UNKNOWN.into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "CreateSnapshot: unknown source",
+            Some(NotFound),
+            ctl!(
+                create_snapshot,
+                csi::CreateSnapshotRequest {
+                    source_volume_id: UNKNOWN.into(),
+                    name: "order-snap".into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "GetSnapshot: no id",
+            Some(InvalidArgument),
+            ctl!(get_snapshot, csi::GetSnapshotRequest::default()),
+        ),
+        case(
+            "GetSnapshot: unknown snapshot",
+            Some(NotFound),
+            ctl!(
+                get_snapshot,
+                csi::GetSnapshotRequest {
+                    snapshot_id: "default.s0123456789abcdef".into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "DeleteSnapshot: no id",
+            Some(InvalidArgument),
+            ctl!(delete_snapshot, csi::DeleteSnapshotRequest::default()),
+        ),
+        case(
+            "ListSnapshots: negative max_entries, bad token",
+            Some(InvalidArgument),
+            ctl!(
+                list_snapshots,
+                csi::ListSnapshotsRequest {
+                    max_entries: -1,
+                    starting_token: "garbage".into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "GetCapacity: unknown parameter, bad capability",
+            Some(InvalidArgument),
+            ctl!(
+                get_capacity,
+                csi::GetCapacityRequest {
+                    parameters: params(&[("XXX_FakeKey", "x")]),
+                    volume_capabilities: vec![no_cap.clone()],
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "ListSnapshots: bad token",
+            Some(Aborted),
+            ctl!(
+                list_snapshots,
+                csi::ListSnapshotsRequest {
+                    starting_token: "garbage".into(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        // ---- Node ----
+        case(
+            "NodeStage: no volume id, relative staging path",
+            Some(InvalidArgument),
+            node!(node_stage_volume, stage_req("", "rel/path", cap.clone())),
+        ),
+        case(
+            "NodeStage: unknown volume, no capability",
+            Some(InvalidArgument),
+            node!(
+                node_stage_volume,
+                csi::NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..stage_req(UNKNOWN, &plain, cap.clone())
+                }
+            ),
+        ),
+        case(
+            "NodeStage: X at Y's staging path",
+            Some(AlreadyExists),
+            node!(node_stage_volume, stage_req(&xid, &sy, cap.clone())),
+        ),
+        case(
+            "NodeUnstage: no volume id",
+            Some(InvalidArgument),
+            node!(
+                node_unstage_volume,
+                csi::NodeUnstageVolumeRequest {
+                    staging_target_path: sx.clone(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "NodeUnstage: unknown volume at X's staging path",
+            None,
+            node!(
+                node_unstage_volume,
+                csi::NodeUnstageVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    staging_target_path: sx.clone()
+                }
+            ),
+        ),
+        case(
+            "NodePublish: no capability, no staging path",
+            Some(InvalidArgument),
+            node!(
+                node_publish_volume,
+                csi::NodePublishVolumeRequest {
+                    volume_capability: None,
+                    ..node_publish_req(&xid, "", &env.target("order-p1"), cap.clone())
+                }
+            ),
+        ),
+        case(
+            "NodePublish: bad capability, no staging path",
+            Some(InvalidArgument),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, "", &env.target("order-p2"), no_cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: no staging path",
+            Some(FailedPrecondition),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, "", &env.target("order-p3"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: not a volume of this plugin",
+            Some(NotFound),
+            node!(
+                node_publish_volume,
+                node_publish_req("not-ours", &sx, &env.target("order-p4"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: X from Y's staging path",
+            Some(FailedPrecondition),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sy, &env.target("order-p5"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: X at its target, read-only",
+            Some(AlreadyExists),
+            node!(
+                node_publish_volume,
+                csi::NodePublishVolumeRequest {
+                    readonly: true,
+                    ..node_publish_req(&xid, &sx, &tx, cap.clone())
+                }
+            ),
+        ),
+        case(
+            "NodeUnpublish: no target",
+            Some(InvalidArgument),
+            node!(
+                node_unpublish_volume,
+                csi::NodeUnpublishVolumeRequest {
+                    volume_id: xid.clone(),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "NodeUnpublish: unknown volume at X's target",
+            None,
+            node!(
+                node_unpublish_volume,
+                csi::NodeUnpublishVolumeRequest {
+                    volume_id: UNKNOWN.into(),
+                    target_path: tx.clone()
+                }
+            ),
+        ),
+        case(
+            "NodeGetVolumeStats: no volume path",
+            Some(InvalidArgument),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, "", "")),
+        ),
+        case(
+            "NodeGetVolumeStats: unknown volume, relative path",
+            Some(NotFound),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, "some/path", "")),
+        ),
+        case(
+            "NodeGetVolumeStats: X, relative path",
+            Some(NotFound),
+            node!(node_get_volume_stats, stats_req(&xid, "some/path", "")),
+        ),
+        case(
+            "NodeGetVolumeStats: X, a path that does not exist",
+            Some(NotFound),
+            node!(
+                node_get_volume_stats,
+                stats_req(&xid, &env.target("order-none"), "")
+            ),
+        ),
+        case(
+            "NodeGetVolumeStats: X, a directory with nothing mounted",
+            Some(NotFound),
+            node!(node_get_volume_stats, stats_req(&xid, &plain, "")),
+        ),
+        case(
+            "NodeGetVolumeStats: X at Y's target",
+            Some(NotFound),
+            node!(node_get_volume_stats, stats_req(&xid, &ty, "")),
+        ),
+        case(
+            "NodeGetVolumeStats: unknown volume at X's target",
+            Some(NotFound),
+            node!(node_get_volume_stats, stats_req(UNKNOWN, &tx, "")),
+        ),
+        case(
+            "NodeGetVolumeStats: X at its target",
+            None,
+            node!(node_get_volume_stats, stats_req(&xid, &tx, "")),
+        ),
+        case(
+            "NodeExpandVolume: no volume path",
+            Some(InvalidArgument),
+            node!(node_expand_volume, node_expand_req(UNKNOWN, "", 64 * MIB)),
+        ),
+        case(
+            "NodeExpandVolume: bad capability, required > limit",
+            Some(InvalidArgument),
+            node!(
+                node_expand_volume,
+                csi::NodeExpandVolumeRequest {
+                    volume_capability: Some(no_cap.clone()),
+                    ..over_limit.clone()
+                }
+            ),
+        ),
+        case(
+            "NodeExpandVolume: unknown volume, relative path",
+            Some(NotFound),
+            node!(
+                node_expand_volume,
+                node_expand_req(UNKNOWN, "some/path", 64 * MIB)
+            ),
+        ),
+        case(
+            "NodeExpandVolume: X, required > limit",
+            Some(OutOfRange),
+            node!(node_expand_volume, over_limit.clone()),
+        ),
+        case(
+            "NodeExpandVolume: X, a directory with nothing mounted",
+            Some(NotFound),
+            node!(node_expand_volume, node_expand_req(&xid, &plain, 32 * MIB)),
+        ),
+        case(
+            "NodeExpandVolume: X at Y's target",
+            Some(NotFound),
+            node!(node_expand_volume, node_expand_req(&xid, &ty, 32 * MIB)),
+        ),
+        case(
+            "NodeExpandVolume: unknown volume at X's target",
+            Some(NotFound),
+            node!(node_expand_volume, node_expand_req(UNKNOWN, &tx, 32 * MIB)),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for Case { what, want, call } in cases {
+        let got = call.await;
+        let got_code = got.as_ref().err().map(|s| s.code());
+        if got_code != want {
+            wrong.push(format!(
+                "{what}: want {want:?}, got {got_code:?} {}",
+                got.err()
+                    .map(|s| s.message().to_string())
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "wrong codes:\n{}", wrong.join("\n"));
+    // Nothing above touched X or Y.
+    for (v, s, t) in [(&x, &sx, &tx), (&y, &sy, &ty)] {
+        assert!(is_mount(s) && is_mount(t), "{} lost a mount", v.volume_id);
+        env.unpublish_twice(v, t).await;
+        env.unstage_twice(v, s).await;
+    }
+    finish_all(&env, &[&x, &y]).await;
+}
+
+/// ControllerUnpublish and delete every volume; nothing is left on the host.
+async fn finish_all(env: &Env, vols: &[&csi::Volume]) {
+    for v in vols {
+        env.controller_unpublish(v).await.unwrap();
+        env.delete(v).await;
+    }
+    assert_no_leftovers(env.dir());
+}
+
+/// Y's data, written through its target (a file, or a pattern on the block device).
+fn write_data(target: &str, block: bool) {
+    if block {
+        block_write(target, 0x5a);
+    } else {
+        write_file(target, "y.txt", b"volume Y");
+    }
+}
+
+fn data_intact(target: &str, block: bool) -> bool {
+    if block {
+        block_reads(target, 0x5a)
+    } else {
+        std::fs::read(Path::new(target).join("y.txt"))
+            .ok()
+            .as_deref()
+            == Some(&b"volume Y"[..])
+    }
+}
+
+/// Issue 12 §3, mount volumes: Nomad skips NodeStage when the staging directory is already a
+/// mount point, so a path mix-up reaches the plugin. With X and Y published to this node and
+/// only Y staged, X's NodePublish from Y's staging path is refused, naming what is there; X's
+/// NodeUnpublish and NodeUnstage of Y's paths answer OK and leave Y mounted; and the reverse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_rpcs_act_only_on_the_volume_they_name_mount() {
+    only_the_named_volume(mount_cap("ext4", Mode::SingleNodeWriter)).await;
+}
+
+/// The same for block volumes (device nodes bound onto the staging file and the targets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_rpcs_act_only_on_the_volume_they_name_block() {
+    only_the_named_volume(block_cap(Mode::SingleNodeWriter)).await;
+}
+
+async fn only_the_named_volume(cap: csi::VolumeCapability) {
+    if !ready() {
+        return;
+    }
+    let block = matches!(
+        cap.access_type,
+        Some(csi::volume_capability::AccessType::Block(_))
+    );
+    let tag = if block { "block" } else { "mount" };
+    let env = Env::start(CONFIG).await;
+    let x = env
+        .create(&unique(&format!("{tag}-x")), 32 * MIB, cap.clone())
+        .await;
+    let y = env
+        .create(&unique(&format!("{tag}-y")), 32 * MIB, cap.clone())
+        .await;
+    let ctx_x = env.controller_publish(&x, &cap, false).await;
+    let ctx_y = env.controller_publish(&y, &cap, false).await;
+    let (sx, tx) = (
+        env.staging(&format!("{tag}-x")),
+        env.target(&format!("{tag}-x")),
+    );
+    let (sy, ty) = (
+        env.staging(&format!("{tag}-y")),
+        env.target(&format!("{tag}-y")),
+    );
+    let staged = |s: &str| {
+        if block {
+            format!("{s}/virtdisk-block-device")
+        } else {
+            s.to_string()
+        }
+    };
+    env.stage(&y, &ctx_y, &sy, &cap).await.unwrap();
+    env.publish(&y, &sy, &ty, &cap, false).await.unwrap();
+    write_data(&ty, block);
+
+    // X from Y's staging path: refused, naming Y's disk; nothing mounted at X's target.
+    let msg = expect_code(
+        env.publish(&x, &sy, &tx, &cap, false).await,
+        Code::FailedPrecondition,
+        "NodePublish(X) from Y's staging path",
+    );
+    assert!(msg.contains(&serial_of(&y.volume_id)), "{msg}");
+    assert!(!is_mount(&tx), "X's target got a mount");
+    // X's unpublish of Y's target and unstage of Y's staging path: OK, Y untouched.
+    env.unpublish(&x, &ty).await.unwrap();
+    env.unstage(&x, &sy).await.unwrap();
+    assert!(is_mount(&ty) && is_mount(&staged(&sy)), "Y lost a mount");
+    assert!(data_intact(&ty, block), "Y's data");
+
+    // The other way round, with both staged and published at their own paths.
+    env.stage(&x, &ctx_x, &sx, &cap).await.unwrap();
+    env.publish(&x, &sx, &tx, &cap, false).await.unwrap();
+    let msg = expect_code(
+        env.publish(&y, &sx, &env.target(&format!("{tag}-y2")), &cap, false)
+            .await,
+        Code::FailedPrecondition,
+        "NodePublish(Y) from X's staging path",
+    );
+    assert!(msg.contains(&serial_of(&x.volume_id)), "{msg}");
+    env.unpublish(&y, &tx).await.unwrap();
+    env.unstage(&y, &sx).await.unwrap();
+    assert!(is_mount(&tx) && is_mount(&staged(&sx)), "X lost a mount");
+    assert!(data_intact(&ty, block), "Y's data");
+
+    for (v, s, t) in [(&x, &sx, &tx), (&y, &sy, &ty)] {
+        env.unpublish_twice(v, t).await;
+        env.unstage_twice(v, s).await;
+    }
+    finish_all(&env, &[&x, &y]).await;
+}
+
+/// Issue 12 §4: an ext4 volume was staged, written and unstaged; then its storage daemon dies,
+/// so the disk answers every read with EIO — and `blkid` then reports no signature, as for a
+/// blank disk. NodeStage must fail without formatting (the disk holds data: here the node
+/// sees the dead export and says so); once attached afresh the data reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_disk_is_never_formatted() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vol = env.create(&unique("eio"), 32 * MIB, cap.clone()).await;
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    let (s, t) = (env.staging("eio"), env.target("eio"));
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    write_file(&t, "kept.txt", b"data that must survive");
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+
+    let formats_before = env.plugin.log().matches("formatting blank disk").count();
+    assert_eq!(formats_before, 1, "the first stage formats the new disk");
+    // Kill the storage daemon: the loop device's backing FUSE file is disconnected.
+    env.kill_daemon(&vol);
+    // Cached pages keep answering until FUSE revalidates (about a second): wait for EIO.
+    let dev = ctx["devicePath"].clone();
+    let reads = || {
+        std::process::Command::new("dd")
+            .args([
+                &format!("if={dev}"),
+                "of=/dev/null",
+                "bs=4096",
+                "count=1",
+                "iflag=direct",
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let mut waited = 0;
+    while reads() {
+        assert!(waited < 100, "{dev} still reads 10 s after its daemon died");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", &dev])
+        .output()
+        .unwrap();
+    eprintln!(
+        "blkid -p on the unreadable disk: exit {:?} (2 = \"nothing found\")",
+        blkid.status.code()
+    );
+
+    for (fs, path) in [("ext4", "eio-2"), ("", "eio-3"), ("xfs", "eio-4")] {
+        let s2 = env.staging(path);
+        let err = env
+            .stage(&vol, &ctx, &s2, &mount_cap(fs, Mode::SingleNodeWriter))
+            .await
+            .expect_err("NodeStage of an unreadable disk");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(!is_mount(&s2));
+        env.unstage_twice(&vol, &s2).await;
+    }
+    let formats = env.plugin.log().matches("formatting blank disk").count();
+    assert_eq!(formats, formats_before, "mkfs ran on the unreadable disk");
+
+    // Attached afresh, the filesystem and its file are there.
+    env.controller_unpublish(&vol).await.unwrap();
+    let ctx = env.controller_publish(&vol, &cap, false).await;
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    assert_eq!(
+        std::fs::read(Path::new(&t).join("kept.txt")).unwrap(),
+        b"data that must survive"
+    );
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    finish_all(&env, &[&vol]).await;
+}
+
+/// Issue 12 §4, the whole kind: a disk whose every read fails while nothing says it is dead
+/// (its storage daemon lives and injects EIO: QEMU's blkdebug), so `blkid` reports no
+/// signature. NodeStage must not take it for blank: an error that says it may hold data, no
+/// mkfs, and the image unchanged to the byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_whose_reads_fail_is_not_blank() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    // An ext4 image served read-write by a daemon that fails every data read.
+    let dir = env.dir().join("faulty");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.raw");
+    let key = "00000000deadbeef";
+    let export = dir.join(format!("vd-{key}"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 * MIB as u64)
+        .unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+    let before = std::fs::read(&image).unwrap();
+    std::fs::write(&export, b"").unwrap();
+    let blockdev = |v: serde_json::Value| v.to_string();
+    run_ok(
+        "qemu-storage-daemon",
+        &[
+            "--daemonize",
+            "--pidfile",
+            dir.join("qsd.pid").to_str().unwrap(),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "file", "node-name": "f",
+                "filename": image})),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "blkdebug", "node-name": "eio",
+                "image": "f", "inject-error": [{"event": "read_aio", "errno": 5}]})),
+            "--blockdev",
+            &blockdev(serde_json::json!({"driver": "raw", "node-name": "d", "file": "eio"})),
+            "--export",
+            &blockdev(
+                serde_json::json!({"type": "fuse", "id": "e", "node-name": "d",
+                "mountpoint": export, "writable": true}),
+            ),
+        ],
+    );
+    let dev = run_ok(
+        "losetup",
+        &["-f", "--show", "--direct-io=off", export.to_str().unwrap()],
+    );
+    let dev = dev.trim().to_string();
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", &dev])
+        .output()
+        .unwrap();
+    eprintln!(
+        "blkid -p on a disk whose reads fail: exit {:?} (2 = \"nothing found\")",
+        blkid.status.code()
+    );
+
+    // What a local-attach publish_context says about such a disk.
+    let ctx: Map = [
+        ("serial", format!("vd-{key}")),
+        ("bus", "local".into()),
+        ("devicePath", dev.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let vol = csi::Volume {
+        volume_id: format!("default.{key}"),
+        ..Default::default()
+    };
+    for (fs, path) in [("ext4", "faulty-1"), ("", "faulty-2"), ("xfs", "faulty-3")] {
+        let s = env.staging(path);
+        let err = env
+            .stage(&vol, &ctx, &s, &mount_cap(fs, Mode::SingleNodeWriter))
+            .await
+            .expect_err("NodeStage of a disk whose reads fail");
+        assert!(
+            err.message().contains("may hold data"),
+            "fs {fs:?}: {:?} {}",
+            err.code(),
+            err.message()
+        );
+        assert!(!is_mount(&s));
+        env.unstage_twice(&vol, &s).await;
+    }
+    assert!(
+        !env.plugin.log().contains("formatting blank disk"),
+        "mkfs ran on a disk whose reads fail"
+    );
+    run_ok("losetup", &["-d", &dev]);
+    let pid: i32 = std::fs::read_to_string(dir.join("qsd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        let _ = nix::mount::umount2(&export, nix::mount::MntFlags::MNT_DETACH);
+        let left = leftovers(env.dir());
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("left behind: {left:?}"))
+        }
+    })
+    .await;
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the image changed"
+    );
+}
