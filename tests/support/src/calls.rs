@@ -38,6 +38,24 @@ pub async fn snapshot(p: &Plugin, name: &str, source: &str) -> Result<String, St
     p.controller().snapshot(req).await.map(|s| s.snapshot_id)
 }
 
+/// CreateVolumeGroupSnapshot `name` of `sources` → the group snapshot id.
+pub async fn group_snapshot(p: &Plugin, name: &str, sources: &[&str]) -> Result<String, Status> {
+    let req = group_snapshot_req(name, sources);
+    let g = p.group_controller().create_group(req).await?;
+    Ok(g.group_snapshot_id)
+}
+
+/// GetVolumeGroupSnapshot of `id` → its member snapshot ids, in the group's order.
+pub async fn group_members(p: &Plugin, id: &str) -> Result<Vec<String>, Status> {
+    let g = p.group_controller().group(id, &[]).await?;
+    Ok(g.snapshots.into_iter().map(|s| s.snapshot_id).collect())
+}
+
+/// DeleteVolumeGroupSnapshot of `id`.
+pub async fn delete_group(p: &Plugin, id: &str) -> Result<(), Status> {
+    p.group_controller().delete_group(id, &[]).await
+}
+
 pub async fn delete_volume(p: &Plugin, id: &str) -> Result<(), Status> {
     p.controller().delete(id).await
 }
