@@ -379,6 +379,19 @@ impl Attachments {
     /// the background once it completes; a failed one is thawed too (it may have frozen some).
     async fn freeze_bounded(&self, h: &Held, timeout: Duration) -> Freeze {
         let node = h.node_id.clone();
+        match h.backend.guest_agent(&node).await {
+            Ok(false) => {
+                tracing::debug!(node = %node, "no guest agent connected: crash-consistent");
+                return Freeze::NoAgent;
+            }
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!(node = %node, error = %e,
+                    "cannot tell whether a guest agent is connected; taking a crash-consistent \
+                     snapshot");
+                return Freeze::Failed(e.to_string());
+            }
+        }
         let marker = Marker {
             node_id: node.clone(),
             frozen: true,
@@ -637,6 +650,9 @@ mod tests {
                 return Err(Error::FailedPrecondition("the domain refused".into()));
             }
             Ok(())
+        }
+        async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+            Ok(self.behaviour(node_id).agent)
         }
         async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
             let b = self.behaviour(node_id);

@@ -138,6 +138,12 @@ pub trait Attacher: Send + Sync {
             "this attach backend cannot snapshot attached volumes".into(),
         ))
     }
+    /// Whether a guest agent (qemu-guest-agent) is connected to the node, so that
+    /// `freeze_filesystems` can freeze anything. Quick: no guest round trip.
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        let _ = node_id;
+        Ok(false)
+    }
     /// Freezes the node's file systems through its guest agent (qemu-guest-agent), if one is
     /// connected. May take as long as the guest does: the caller bounds the wait.
     async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {

@@ -271,6 +271,11 @@ impl Attacher for Hypervisor {
         snapshot::snapshot_live(self, node_id, members).await
     }
 
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        self.with_domain_unlocked(node_id, snapshot::quiesce::agent_connected)
+            .await
+    }
+
     async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
         let frozen = self
             .with_domain_unlocked(node_id, snapshot::quiesce::freeze)

@@ -255,6 +255,14 @@ fn run_switch(dom: &Domain, lv: &Libvirt, switches: &[Switch]) -> Result<()> {
         }
     }
     for s in switches {
+        // libvirt follows the live switch in the persistent definition itself when the disk
+        // is the same there (target and source): nothing to do for those.
+        let followed = after
+            .config_disk(&s.serial)
+            .is_none_or(|d| d.source.as_deref() == Some(s.overlay.as_path()));
+        if followed {
+            continue;
+        }
         match (repoint_persistent(dom, lv, s), v.live_disk(&s.serial)) {
             (Ok(()), _) => {}
             // The domain writes to the overlay now: that is what the pool must record,
