@@ -1,9 +1,14 @@
 # virtdisk-csi controller: creates qcow2 volumes in the pools and hot-plugs them into the VMs
 # (libvirt domains) that run the node plugin. Runs on the hypervisor hosts, where the pools are.
 #
-#   nomad job run -var 'binary=/usr/local/bin/virtdisk-csi' plugin-controller.nomad.hcl
+# Nomad >= 1.3.2 (health_timeout, CSI_ENDPOINT; the default datacenters = ["*"] needs >= 1.5:
+# on older versions add -var 'datacenters=["dc1"]'). Nomad 1.1.0-1.2.x:
+# nomad-1.1/plugin-controller.nomad.hcl. See README.md.
 #
-# See README.md for why raw_exec, how libvirt is reached and what the config file holds.
+#   nomad job run -var 'binary=/usr/local/bin/virtdisk-csi' plugin-controller.nomad.hcl
+#   nomad job run -var-file=virtdisk.vars plugin-controller.nomad.hcl   # config = <<EOT ... EOT
+#
+# See README.md for why raw_exec, how libvirt is reached and what the config holds.
 
 variable "binary" {
   type        = string
@@ -19,14 +24,25 @@ variable "artifact_url" {
 
 variable "config" {
   type        = string
-  description = "TOML configuration on the hosts: pools and the libvirt URI"
-  default     = "/etc/virtdisk-csi/config.toml"
+  description = "The plugin's TOML configuration (pools, [libvirt], [snapshots]), the same on every host; empty: the embedded default, one pool `default` under <data_dir>/pools/default and qemu:///system"
+  default     = ""
+}
+
+variable "data_dir" {
+  type        = string
+  description = "The plugin's own state: home of the embedded default pool"
+  default     = "/var/lib/virtdisk"
 }
 
 variable "controller_count" {
   type        = number
   description = "Controller instances (>= 2 for high availability, each on another host)"
   default     = 2
+}
+
+variable "metrics_port" {
+  type    = number
+  default = 9808
 }
 
 variable "datacenters" {
@@ -71,12 +87,15 @@ job "plugin-virtdisk-controller" {
 
     network {
       port "metrics" {
-        static = 9808
+        static = var.metrics_port
       }
     }
 
     task "plugin" {
       driver = "raw_exec"
+
+      # Longer than the plugin's own 10 s grace for in-flight RPCs at SIGTERM.
+      kill_timeout = "15s"
 
       dynamic "artifact" {
         for_each = var.artifact_url == "" ? [] : [var.artifact_url]
@@ -86,13 +105,20 @@ job "plugin-virtdisk-controller" {
         }
       }
 
+      # Always present, so the plugin starts on a fresh host; empty means the defaults.
+      template {
+        destination = "local/config.toml"
+        data        = "# virtdisk-csi configuration (nothing below: the embedded default)\n${var.config}\n"
+      }
+
       config {
         command = var.artifact_url == "" ? var.binary : "local/bin/virtdisk-csi"
         args = [
           "serve",
           "--mode", "controller",
           "--endpoint", "${CSI_ENDPOINT}",
-          "--config", var.config,
+          "--config", "local/config.toml",
+          "--data-dir", var.data_dir,
           "--log-format", "json",
           "--metrics-addr", "${NOMAD_ADDR_metrics}",
         ]

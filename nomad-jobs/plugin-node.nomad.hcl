@@ -3,6 +3,10 @@
 # it into the allocations. The node id is the VM's DMI product_uuid, which equals its libvirt
 # domain UUID, so the controller finds the domain without any configuration.
 #
+# Nomad >= 1.3.3 (stage_publish_base_dir, CSI_ENDPOINT; the default datacenters = ["*"] needs
+# >= 1.5: on 1.3.3-1.4 add -var 'datacenters=["dc1"]'). Nomad 1.1.0-1.2.x:
+# nomad-1.1/plugin-node.nomad.hcl. See README.md.
+#
 #   nomad job run -var 'nomad_data_dir=/opt/nomad/data' plugin-node.nomad.hcl
 
 variable "binary" {
@@ -15,15 +19,35 @@ variable "artifact_url" {
   default = ""
 }
 
+variable "config" {
+  type        = string
+  description = "The node plugin's TOML configuration ([node] max_volumes_per_node, topology); empty: the defaults"
+  default     = ""
+}
+
 variable "nomad_data_dir" {
   type        = string
   description = "The Nomad client's data_dir (raw_exec sees host paths: see README.md)"
   default     = "/opt/nomad/data"
 }
 
+variable "nomad_state_dir" {
+  type        = string
+  description = "The Nomad client's state_dir, when its config sets one (default: <nomad_data_dir>/client)"
+  default     = ""
+}
+
 variable "datacenters" {
   type    = list(string)
   default = ["*"]
+}
+
+locals {
+  state_dir = var.nomad_state_dir != "" ? var.nomad_state_dir : "${var.nomad_data_dir}/client"
+  # The host directory where Nomad keeps this plugin's staging and per-alloc mount points:
+  # <client state_dir>/csi/<plugin type>/<plugin id>, the state_dir being <data_dir>/client
+  # unless the client config sets client.state_dir.
+  plugin_dir = "${local.state_dir}/csi/node/virtdisk"
 }
 
 job "plugin-virtdisk-node" {
@@ -54,6 +78,9 @@ job "plugin-virtdisk-node" {
       # are visible to Nomad without propagation settings (a privileged node plugin).
       driver = "raw_exec"
 
+      # Longer than the plugin's own 10 s grace for in-flight RPCs at SIGTERM.
+      kill_timeout = "15s"
+
       dynamic "artifact" {
         for_each = var.artifact_url == "" ? [] : [var.artifact_url]
         content {
@@ -62,25 +89,24 @@ job "plugin-virtdisk-node" {
         }
       }
 
+      # Always present, so the plugin starts on a fresh VM; empty means the defaults.
+      template {
+        destination = "local/config.toml"
+        data        = "# virtdisk-csi configuration (nothing below: the defaults)\n${var.config}\n"
+      }
+
       config {
         command = var.artifact_url == "" ? var.binary : "local/bin/virtdisk-csi"
         args = [
           "serve",
           "--mode", "node",
           "--endpoint", "${CSI_ENDPOINT}",
+          "--config", "local/config.toml",
+          # Staging and target paths must lead below this plugin's directory (after
+          # symlinks): a request can never mount, unmount or grow anything elsewhere.
+          "--allowed-path-root", local.plugin_dir,
           "--log-format", "json",
-          "--config", "local/node.toml",
         ]
-      }
-
-      # Staging and target paths must lead below this plugin's base dir (after symlinks), so a
-      # request can never mount, unmount or grow anything elsewhere on the node.
-      template {
-        destination = "local/node.toml"
-        data        = <<-EOT
-          [node]
-          allowed_path_roots = ["${var.nomad_data_dir}/csi/node/virtdisk"]
-        EOT
       }
 
       csi_plugin {
@@ -89,7 +115,7 @@ job "plugin-virtdisk-node" {
         mount_dir = "/csi"
         # raw_exec has no container: the staging and target paths Nomad sends must be host
         # paths, so the base dir is the host directory Nomad keeps for this plugin.
-        stage_publish_base_dir = "${var.nomad_data_dir}/csi/node/virtdisk"
+        stage_publish_base_dir = local.plugin_dir
         health_timeout         = "1m"
       }
 

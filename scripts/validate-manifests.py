@@ -208,62 +208,242 @@ class Checker:
         v = node.get(name, [])
         return v if isinstance(v, list) else [v]
 
-    def resolve(self, value, variables):
-        """`${var.x}` → the variable's default (inside strings too); the rest unchanged."""
+    # Nomad's HCL2 expressions the job files use: `var.x`, `local.x`, quoted strings and
+    # `a == "" ? b : c` / `a != "" ? b : c`. Runtime interpolations (`${CSI_ENDPOINT}`,
+    # `${NOMAD_ADDR_metrics}`, `${node.unique.name}` …) stay as they are.
+    INNER = re.compile(r"\$\{([^${}]*)\}")
+    COND = re.compile(r'\s*(\S+)\s*(==|!=)\s*""\s*\?\s*("[^"]*"|\S+)\s*:\s*("[^"]*"|\S+)\s*')
+
+    def operand(self, token, scope):
+        if len(token) >= 2 and token[0] == token[-1] == '"':
+            return token[1:-1]
+        if token in scope:
+            return scope[token]
+        return None
+
+    def evaluate(self, expr, scope):
+        """One `${...}` body; None when it is not ours to evaluate (runtime interpolation)."""
+        expr = expr.strip()
+        if expr in scope:
+            return scope[expr]
+        m = self.COND.fullmatch(expr)
+        if m:
+            a = self.operand(m.group(1), scope)
+            b = self.operand(m.group(3), scope)
+            c = self.operand(m.group(4), scope)
+            if a is None or b is None or c is None:
+                return None
+            empty = a == ""
+            return b if empty == (m.group(2) == "==") else c
+        return None
+
+    def resolve(self, value, scope):
+        """Variables, locals and conditionals replaced by their values, innermost first; a
+        string that is one whole reference to a list gives the list."""
         if not isinstance(value, str):
             return value
-        m = re.fullmatch(r"\$\{var\.([a-z_]+)\}", value)
-        if m and m.group(1) in variables:
-            return variables[m.group(1)]
+        whole = re.fullmatch(r"\$\{\s*((?:var|local)\.[a-z_]+)\s*\}", value)
+        if whole and whole.group(1) in scope and not isinstance(scope[whole.group(1)], str):
+            return scope[whole.group(1)]
+        while True:
+            kept = []
 
-        def sub(m):
-            v = variables.get(m.group(1))
-            return str(v) if isinstance(v, (str, int)) else m.group(0)
+            def sub(m):
+                v = self.evaluate(m.group(1), scope)
+                if v is None or not isinstance(v, (str, int)):
+                    kept.append(m.group(0))
+                    return "\x00%d\x00" % (len(kept) - 1)
+                return str(v)
 
-        return re.sub(r"\$\{var\.([a-z_]+)\}", sub, value)
+            new = self.INNER.sub(sub, value)
+            new = re.sub("\x00(\\d+)\x00", lambda m: kept[int(m.group(1))], new)
+            if new == value:
+                return value
+            value = new
+
+    def scope_of(self, doc):
+        """`var.<name>` → its default (`<name>` when it has none: the user must set it) and
+        `local.<name>` → its value, for one file."""
+        scope = {}
+        for name, body in self.blocks(doc, "variable"):
+            default = body.get("default", f"<{name}>")
+            scope[f"var.{name}"] = self.unquote(default)
+        pending = {}
+        for block in self.one(doc, "locals"):
+            pending.update(block)
+        for _ in range(len(pending) + 1):
+            for name, expr in list(pending.items()):
+                v = self.resolve(self.unquote(expr), scope)
+                if not (isinstance(v, str) and "${" in v):
+                    scope[f"local.{name}"] = v
+                    del pending[name]
+        for name in pending:
+            self.fail(self.current, f"local {name} could not be evaluated")
+        return scope
 
     def check_nomad(self):
-        files = sorted(glob.glob(os.path.join(self.root, "nomad-jobs", "*.hcl")))
+        files = sorted(
+            glob.glob(os.path.join(self.root, "nomad-jobs", "**", "*.hcl"), recursive=True)
+        )
         if not files:
             self.fail(os.path.join(self.root, "nomad-jobs"), "no .hcl files")
             return
-        plugins = {}
-        volume_ids = set()
+        plugins = {}  # (directory, id, type) -> path
+        shapes = {}  # job file -> what must be the same in its variant for other versions
+        volume_specs = []
         consumers = []
         for path in files:
+            self.current = path
             try:
                 doc = self.load_hcl(path)
             except Exception as e:  # the parser's own error text
                 self.fail(path, f"does not parse: {e}")
                 continue
             self.ok(path, "parses as HCL2")
-            variables = {}
-            for name, body in self.blocks(doc, "variable"):
-                variables[name] = self.unquote(body.get("default"))
             if self.unquote(doc.get("type")) == "csi":
-                volume_ids.add(self.check_volume_spec(path, doc))
+                volume_specs.append(self.check_volume_spec(path, doc))
                 continue
+            self.check_versions(path, doc)
+            scope = self.scope_of(doc)
             for job_name, job in self.blocks(doc, "job"):
-                self.check_job(path, job_name, job, variables, plugins, consumers)
-        # Controller and node must share the plugin id (the monolith is separate).
-        ctl = {pid for (pid, t) in plugins if t == "controller"}
-        node = {pid for (pid, t) in plugins if t == "node"}
-        self.expect(
-            ctl and ctl == node,
-            os.path.join(self.root, "nomad-jobs"),
-            f"controller and node jobs use the same csi_plugin id ({sorted(ctl)} / {sorted(node)})",
-        )
+                self.check_job(path, job_name, job, scope, plugins, consumers)
+            shapes[path] = self.shape(doc, scope)
+        self.check_variants(shapes)
+        # In each directory, controller and node must share the plugin id (the monolith is
+        # separate).
+        for d in sorted({os.path.dirname(p) for p in files}):
+            ctl = {pid for (dd, pid, t) in plugins if dd == d and t == "controller"}
+            node = {pid for (dd, pid, t) in plugins if dd == d and t == "node"}
+            if ctl or node:
+                self.expect(
+                    ctl and ctl == node,
+                    d,
+                    f"controller and node jobs use the same csi_plugin id ({sorted(ctl)} / {sorted(node)})",
+                )
+        ids = {pid for (_, pid, _) in plugins}
+        # Nomad 1.1.0-1.1.12 and 1.2.0-1.2.6 look plugins up by id prefix: no id may start
+        # with another (an unset variable, `<host>`, as the examples' hv1).
+        example = {pid: re.sub(r"<[a-z_]+>", "hv1", pid) for pid in ids}
+        for a in sorted(ids):
+            for b in sorted(ids):
+                if a != b:
+                    self.expect(
+                        not example[b].startswith(example[a]),
+                        os.path.join(self.root, "nomad-jobs"),
+                        f"plugin id {b!r} does not start with plugin id {a!r} (Nomad < 1.1.13 finds plugins by prefix)",
+                    )
+        for path, vid, plugin_id in volume_specs:
+            # A job's id with an unset variable in it (`<host>-virtdisk`) matches any value.
+            patterns = {
+                pid: "[A-Za-z0-9_.-]+".join(map(re.escape, re.split(r"<[a-z_]+>", pid)))
+                for pid in ids
+            }
+            matches = [pid for pid, pat in patterns.items() if re.fullmatch(pat, plugin_id)]
+            self.expect(
+                bool(matches),
+                path,
+                f"plugin_id {plugin_id!r} is the csi_plugin id of a plugin job ({sorted(ids)})",
+            )
         for path, source in consumers:
             self.expect(
-                source in volume_ids,
+                source in {vid for (_, vid, _) in volume_specs},
                 path,
                 f"volume source {source!r} is a volume spec in nomad-jobs/",
             )
 
-    def check_job(self, path, job_name, job, variables, plugins, consumers):
+    # What each Nomad version lacks (README.md of nomad-jobs says the same).
+    NEWER = {
+        "stage_publish_base_dir": "1.3.3",
+        "health_timeout": "1.1.15/1.2.9/1.3.2",
+        "${CSI_ENDPOINT}": "1.1.13/1.2.7/1.3.0",
+    }
+
+    def check_versions(self, path, doc):
+        """Files under nomad-1.1/ use nothing Nomad 1.1.0 lacks; every job file says which
+        Nomad versions it needs."""
+        text = open(path).read()
+        self.expect(
+            re.search(r"Nomad (>= ?1\.\d|1\.1\.0)", text) is not None,
+            path,
+            "says which Nomad versions it needs",
+        )
+        if os.path.basename(os.path.dirname(path)) != "nomad-1.1":
+            return
+        code = "\n".join(l.split("#", 1)[0] for l in text.splitlines())
+        for what, since in self.NEWER.items():
+            self.expect(what not in code, path, f"uses no {what} (Nomad {since})")
+        scope = self.scope_of(doc)
+        dcs = scope.get("var.datacenters")
+        self.expect(
+            isinstance(dcs, list) and "*" not in dcs,
+            path,
+            f"default datacenters {dcs} has no wildcard (Nomad >= 1.5)",
+        )
+
+    # The arguments that differ between a job and its nomad-1.1/ variant, and why: the socket
+    # Nomad < 1.3 dials is in the plugin's directory (no CSI_ENDPOINT before 1.1.13/1.2.7).
+    VARIANT_ARGS = {"--endpoint"}
+    # The controller of Nomad < 1.3 needs the plugin's host directory for that socket.
+    VARIANT_VARIABLES = {"nomad_data_dir", "nomad_state_dir"}
+
+    def shape(self, doc, scope):
+        """What a job file and its variant for other Nomad versions must share: variables,
+        jobs, their groups, tasks, drivers, csi_plugin ids and types, and the plugin's
+        arguments (but for VARIANT_ARGS)."""
+        out = {
+            "variables": sorted(
+                n for n, _ in self.blocks(doc, "variable") if n not in self.VARIANT_VARIABLES
+            )
+        }
+        for job_name, job in self.blocks(doc, "job"):
+            for group_name, group in self.blocks(job, "group"):
+                for task_name, task in self.blocks(group, "task"):
+                    config = (self.one(task, "config") or [{}])[0]
+                    args = [str(self.resolve(self.unquote(a), scope)) for a in config.get("args", [])]
+                    kept = []
+                    skip = False
+                    for a in args:
+                        if skip:
+                            skip = False
+                            continue
+                        if a in self.VARIANT_ARGS:
+                            skip = True
+                            continue
+                        kept.append(a)
+                    plugin = [
+                        (str(self.resolve(self.unquote(p.get("id", "")), scope)), self.unquote(p.get("type", "")))
+                        for p in self.one(task, "csi_plugin")
+                    ]
+                    out[f"{job_name}/{group_name}/{task_name}"] = {
+                        "driver": self.unquote(task.get("driver")),
+                        "args": kept,
+                        "csi_plugin": plugin,
+                        "templates": len(self.one(task, "template")),
+                    }
+        return out
+
+    def check_variants(self, shapes):
+        """nomad-1.1/X and X describe the same deployment: only the documented differences."""
+        for path, shape in shapes.items():
+            if os.path.basename(os.path.dirname(path)) != "nomad-1.1":
+                continue
+            main = os.path.join(os.path.dirname(os.path.dirname(path)), os.path.basename(path))
+            if not self.expect(main in shapes, path, f"is a variant of {self.rel(main)}"):
+                continue
+            diff = sorted(
+                k for k in set(shape) | set(shapes[main]) if shape.get(k) != shapes[main].get(k)
+            )
+            self.expect(
+                not diff,
+                path,
+                f"differs from {self.rel(main)} only where Nomad 1.1 needs it"
+                + (f" (also: {diff}: {[shape.get(k) for k in diff]} / {[shapes[main].get(k) for k in diff]})" if diff else ""),
+            )
+
+    def check_job(self, path, job_name, job, scope, plugins, consumers):
         jtype = self.unquote(job.get("type", "service"))
         for group_name, group in self.blocks(job, "group"):
-            count = self.resolve(group.get("count", 1), variables)
+            count = self.resolve(group.get("count", 1), scope)
             for vol_name, vol in self.blocks(group, "volume"):
                 self.check_consumer_volume(path, vol_name, vol)
                 consumers.append((path, self.unquote(vol.get("source"))))
@@ -271,54 +451,102 @@ class Checker:
                 where = f"job {job_name} task {task_name}"
                 driver = self.unquote(task.get("driver"))
                 config = (self.one(task, "config") or [{}])[0]
-                args = [self.resolve(self.unquote(a), variables) for a in config.get("args", [])]
+                args = [str(self.resolve(self.unquote(a), scope)) for a in config.get("args", [])]
                 if args and args[0] in ("serve", "doctor", "client"):
-                    self.check_args(path, [str(a) for a in args], where)
+                    self.check_args(path, args, where)
+                templates = {
+                    self.resolve(self.unquote(t.get("destination")), scope)
+                    for t in self.one(task, "template")
+                }
+                if "--config" in args:
+                    conf = args[args.index("--config") + 1]
+                    self.expect(
+                        conf in templates,
+                        path,
+                        f"{where}: --config {conf} is rendered by a template, so it exists on a fresh host",
+                    )
                 for plugin in self.one(task, "csi_plugin"):
-                    pid = self.unquote(plugin.get("id", ""))
-                    ptype = self.unquote(plugin.get("type", ""))
-                    plugins[(pid, ptype)] = path
-                    self.expect(bool(pid), path, f"{where}: csi_plugin has an id")
-                    self.expect(
-                        ptype in ("controller", "node", "monolith"),
-                        path,
-                        f"{where}: csi_plugin type {ptype!r} is controller, node or monolith",
-                    )
-                    mount_dir = self.unquote(plugin.get("mount_dir", "/csi")).rstrip("/")
-                    base = self.resolve(
-                        self.unquote(plugin.get("stage_publish_base_dir", "/local/csi")), variables
-                    )
-                    self.expect(
-                        not (base + "/").startswith(mount_dir + "/"),
-                        path,
-                        f"{where}: stage_publish_base_dir {base} is not inside mount_dir {mount_dir}",
-                    )
-                    self.expect(
-                        "--mode" in args and args[args.index("--mode") + 1] == ptype,
-                        path,
-                        f"{where}: runs `serve --mode {ptype}`",
-                    )
-                    if ptype == "controller":
-                        self.expect(jtype == "service", path, f"{where}: controller job is a service")
-                        self.expect(
-                            isinstance(count, int) and count >= 2,
-                            path,
-                            f"{where}: >= 2 controller instances (count = {count})",
-                        )
-                    else:
-                        self.expect(jtype == "system", path, f"{where}: {ptype} job is a system job")
-                        privileged = driver == "raw_exec" or config.get("privileged") is True
-                        self.expect(
-                            privileged,
-                            path,
-                            f"{where}: {ptype} plugin runs privileged (raw_exec or privileged=true)",
-                        )
-                        if driver == "raw_exec":
-                            self.expect(
-                                base.startswith("/") and not base.startswith("/local"),
-                                path,
-                                f"{where}: raw_exec plugin gets host paths (stage_publish_base_dir = {base})",
-                            )
+                    self.check_plugin(path, where, jtype, count, driver, config, args, plugin, scope, plugins)
+
+    def check_plugin(self, path, where, jtype, count, driver, config, args, plugin, scope, plugins):
+        pid = str(self.resolve(self.unquote(plugin.get("id", "")), scope))
+        ptype = self.unquote(plugin.get("type", ""))
+        plugins[(os.path.dirname(path), pid, ptype)] = path
+        self.expect(bool(pid), path, f"{where}: csi_plugin has an id")
+        self.expect(
+            ptype in ("controller", "node", "monolith"),
+            path,
+            f"{where}: csi_plugin type {ptype!r} is controller, node or monolith",
+        )
+        mount_dir = str(self.resolve(self.unquote(plugin.get("mount_dir", "/csi")), scope)).rstrip("/")
+        has_base = "stage_publish_base_dir" in plugin
+        base = str(self.resolve(self.unquote(plugin.get("stage_publish_base_dir", "/local/csi")), scope))
+        self.expect(
+            not (base + "/").startswith(mount_dir + "/"),
+            path,
+            f"{where}: stage_publish_base_dir {base} is not inside mount_dir {mount_dir}",
+        )
+        self.expect(
+            "--mode" in args and args[args.index("--mode") + 1] == ptype,
+            path,
+            f"{where}: runs `serve --mode {ptype}`",
+        )
+        if ptype == "controller":
+            self.expect(jtype == "service", path, f"{where}: controller job is a service")
+            self.expect(
+                isinstance(count, int) and count >= 2,
+                path,
+                f"{where}: >= 2 controller instances (count = {count})",
+            )
+        else:
+            self.expect(jtype == "system", path, f"{where}: {ptype} job is a system job")
+            privileged = driver == "raw_exec" or config.get("privileged") is True
+            self.expect(
+                privileged,
+                path,
+                f"{where}: {ptype} plugin runs privileged (raw_exec or privileged=true)",
+            )
+        if driver != "raw_exec":
+            return
+        # Where Nomad keeps this plugin on the host: <client state_dir>/csi/<type>/<id>, the
+        # state_dir being <data_dir>/client (client/allocrunner/taskrunner/
+        # plugin_supervisor_hook.go, command/agent/agent.go).
+        data_dir = scope.get("var.nomad_data_dir", "/opt/nomad/data")
+        host_dir = f"{data_dir}/client/csi/{ptype}/{pid}"
+        endpoint = args[args.index("--endpoint") + 1] if "--endpoint" in args else ""
+        if has_base:
+            # Nomad >= 1.3.3: paths under stage_publish_base_dir, socket at $CSI_ENDPOINT.
+            if ptype != "controller":
+                self.expect(
+                    base == host_dir,
+                    path,
+                    f"{where}: raw_exec plugin gets host paths (stage_publish_base_dir = {base}, Nomad's directory {host_dir})",
+                )
+            self.expect(
+                endpoint == "${CSI_ENDPOINT}",
+                path,
+                f"{where}: listens on ${{CSI_ENDPOINT}} (the host socket path under raw_exec)",
+            )
+        else:
+            # Nomad < 1.3 (or a controller): the socket in mount_dir, paths under mount_dir.
+            if ptype != "controller" or endpoint != "${CSI_ENDPOINT}":
+                self.expect(
+                    mount_dir == host_dir,
+                    path,
+                    f"{where}: raw_exec mount_dir {mount_dir} is Nomad's directory {host_dir} (Nomad < 1.3 sends paths under it)",
+                )
+                self.expect(
+                    endpoint == f"unix://{mount_dir}/csi.sock",
+                    path,
+                    f"{where}: listens on unix://<mount_dir>/csi.sock ({endpoint})",
+                )
+        if ptype != "controller":
+            roots = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--allowed-path-root"]
+            self.expect(
+                roots == [host_dir],
+                path,
+                f"{where}: --allowed-path-root {roots} is Nomad's directory for the plugin",
+            )
 
     def check_consumer_volume(self, path, name, vol):
         access = self.unquote(vol.get("access_mode"))
@@ -335,6 +563,7 @@ class Checker:
 
     def check_volume_spec(self, path, doc):
         vid = self.unquote(doc.get("id", ""))
+        plugin_id = self.unquote(doc.get("plugin_id", ""))
         for field in ("id", "name", "plugin_id"):
             self.expect(bool(self.unquote(doc.get(field, ""))), path, f"volume spec has {field}")
         caps = self.one(doc, "capability")
@@ -382,7 +611,7 @@ class Checker:
                             path,
                             f"topology_request {kind} segments {segs}",
                         )
-        return vid
+        return (path, vid, plugin_id)
 
     # -- Kubernetes -----------------------------------------------------------------------
 

@@ -54,6 +54,10 @@ struct ServeArgs {
     /// libvirt URI of the hypervisor whose domains are the nodes (default qemu:///system).
     #[arg(long)]
     libvirt_uri: Option<String>,
+    /// Staging and target paths must lead below this directory (repeatable; added to the
+    /// config's `[node] allowed_path_roots`), e.g. the CO's directory for this plugin.
+    #[arg(long, value_name = "DIR")]
+    allowed_path_root: Vec<PathBuf>,
     /// Logs as JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -89,6 +93,7 @@ async fn serve(args: ServeArgs) -> crate::error::Result<()> {
             data_dir: args.data_dir,
             node_id: args.node_id,
             libvirt_uri: args.libvirt_uri,
+            allowed_path_roots: args.allowed_path_root,
         },
     )?;
     let listen = server::listen_address(&args.endpoint)?;

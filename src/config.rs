@@ -241,6 +241,9 @@ pub struct Overrides {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) node_id: Option<String>,
     pub(crate) libvirt_uri: Option<String>,
+    /// Added to `[node] allowed_path_roots` (`--allowed-path-root`, repeatable): the CO's
+    /// plugin directory, which a job file knows and a shared config file does not.
+    pub(crate) allowed_path_roots: Vec<PathBuf>,
 }
 
 impl Config {
@@ -248,8 +251,18 @@ impl Config {
     pub fn load(mode: Mode, file: Option<&Path>, ov: Overrides) -> Result<Config> {
         let fc = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| Error::io(format!("reading config {}", p.display()), e))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Error::invalid(format!(
+                            "config file {} does not exist: create it, or leave --config out \
+                             for the embedded default (one pool `default` under \
+                             <data-dir>/pools/default)",
+                            p.display()
+                        ))
+                    } else {
+                        Error::io(format!("reading config {}", p.display()), e)
+                    }
+                })?;
                 toml::from_str::<FileConfig>(&text).map_err(|e| {
                     Error::invalid(format!("config {} is invalid: {e}", p.display()))
                 })?
@@ -259,7 +272,12 @@ impl Config {
         Self::from_file_config(mode, fc, ov)
     }
 
-    pub(crate) fn from_file_config(mode: Mode, fc: FileConfig, ov: Overrides) -> Result<Config> {
+    pub(crate) fn from_file_config(
+        mode: Mode,
+        mut fc: FileConfig,
+        ov: Overrides,
+    ) -> Result<Config> {
+        fc.node.allowed_path_roots.extend(ov.allowed_path_roots);
         let data_dir = ov
             .data_dir
             .or(fc.data_dir)
@@ -294,7 +312,7 @@ impl Config {
         }
         if let Some(r) = fc.node.allowed_path_roots.iter().find(|r| !r.is_absolute()) {
             return Err(Error::invalid(format!(
-                "node.allowed_path_roots: {} must be absolute",
+                "node.allowed_path_roots (or --allowed-path-root): {} must be absolute",
                 r.display()
             )));
         }
@@ -432,6 +450,51 @@ mod tests {
         assert_eq!(c.libvirt.node_id, NodeIdKind::Name);
         assert_eq!(c.libvirt.uri, "qemu:///session");
         assert!(toml::from_str::<FileConfig>("[libvirt]\nnode_id = \"mac\"\n").is_err());
+    }
+
+    #[test]
+    fn allowed_path_root_flags_add_to_the_file() {
+        let fc: FileConfig = toml::from_str("[node]\nallowed_path_roots = [\"/a\"]\n").unwrap();
+        let c = Config::from_file_config(
+            Mode::Node,
+            fc,
+            Overrides {
+                allowed_path_roots: vec!["/b".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c.node.allowed_path_roots,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        let relative = Config::from_file_config(
+            Mode::Node,
+            FileConfig::default(),
+            Overrides {
+                allowed_path_roots: vec!["rel".into()],
+                ..Default::default()
+            },
+        );
+        assert!(relative.is_err());
+    }
+
+    #[test]
+    fn a_missing_config_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("config.toml");
+        let e = Config::load(Mode::Monolith, Some(&missing), Overrides::default()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("does not exist") && msg.contains("leave --config out"),
+            "{msg}"
+        );
+        // An empty file is the embedded default, like no file.
+        std::fs::write(&missing, "").unwrap();
+        let c = Config::load(Mode::Monolith, Some(&missing), Overrides::default()).unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].name, "default");
     }
 
     #[test]

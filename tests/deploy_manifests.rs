@@ -48,7 +48,14 @@ fn manifests_and_jobs_validate() {
     assert!(t.contains(" 0 failed"), "{t}");
     for expected in [
         "nomad-jobs/plugin-controller.nomad.hcl: parses as HCL2",
+        "nomad-jobs/nomad-1.1/plugin-monolith.nomad.hcl: parses as HCL2",
         "nomad-jobs/volume.hcl: parses as HCL2",
+        "nomad-jobs/volume-local.hcl: plugin_id 'hv1-virtdisk' is the csi_plugin id of a plugin job",
+        "raw_exec plugin gets host paths (stage_publish_base_dir = /opt/nomad/data/client/csi/node/virtdisk",
+        "raw_exec mount_dir /opt/nomad/data/client/csi/monolith/<host>-virtdisk is Nomad's directory",
+        "--config local/config.toml is rendered by a template",
+        "uses no stage_publish_base_dir (Nomad 1.3.3)",
+        "does not start with plugin id",
         "CSIDriver virtdisk.csi.io validates against Kubernetes",
         "VolumeSnapshotClass virtdisk validates against the embedded",
         "controller has the csi-resizer sidecar",
@@ -97,8 +104,26 @@ fn broken_files_are_caught() {
             "\"--log-format\", \"json\"",
             "\"--log-fmt\", \"json\"",
         ),
+        // The paths of Nomad < 1.3 (state_dir without /client), a config file that exists on
+        // no fresh host, and a monolith id that starts with "virtdisk".
+        (
+            "nomad-jobs/nomad-1.1/plugin-node.nomad.hcl",
+            "\"${var.nomad_data_dir}/client\"",
+            "var.nomad_data_dir",
+        ),
+        (
+            "nomad-jobs/nomad-1.1/plugin-node.nomad.hcl",
+            "\"local/config.toml\",",
+            "\"/etc/virtdisk-csi/config.toml\",",
+        ),
+        (
+            "nomad-jobs/plugin-monolith.nomad.hcl",
+            "\"${var.host}-virtdisk\"",
+            "\"virtdisk-local-${var.host}\"",
+        ),
     ] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}");
         std::fs::write(root.join(file), text.replace(from, to)).unwrap();
     }
     std::fs::write(
@@ -115,6 +140,11 @@ fn broken_files_are_caught() {
         "unknown: ['speed']",
         "CSIDriver virtdisk.csi.io against Kubernetes",
         "unknown: ['--log-fmt']",
+        "FAIL  nomad-jobs/nomad-1.1/plugin-node.nomad.hcl: job plugin-virtdisk-node task plugin: raw_exec mount_dir /opt/nomad/data/csi/node/virtdisk is Nomad's directory /opt/nomad/data/client/csi/node/virtdisk",
+        "FAIL  nomad-jobs/nomad-1.1/plugin-node.nomad.hcl: job plugin-virtdisk-node task plugin: --config /etc/virtdisk-csi/config.toml is rendered by a template",
+        "FAIL  nomad-jobs: plugin id 'virtdisk-local-<host>' does not start with plugin id 'virtdisk'",
+        // plugin-node.nomad.hcl changed, its nomad-1.1/ variant not.
+        "FAIL  nomad-jobs/nomad-1.1/plugin-node.nomad.hcl: differs from nomad-jobs/plugin-node.nomad.hcl only where Nomad 1.1 needs it",
     ] {
         assert!(t.contains(expected), "missing {expected:?}:\n{t}");
     }

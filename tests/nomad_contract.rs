@@ -31,8 +31,9 @@ impl Bed {
             return None;
         }
         let plugin = Plugin::start_with_config("monolith", CONFIG, &[]).await;
-        // Nomad's layout: <data_dir>/csi/monolith/<plugin id>/{staging,per-alloc}.
-        let base = plugin.dir.path().join("nomad/csi/monolith/virtdisk");
+        // Nomad's layout: <client state_dir = data_dir/client>/csi/monolith/<plugin id>/
+        // {staging,per-alloc}.
+        let base = plugin.dir.path().join("nomad/client/csi/monolith/virtdisk");
         let nomad = Nomad::start(&plugin.socket, &base)
             .await
             .expect("plugin start");

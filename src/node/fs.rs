@@ -125,6 +125,27 @@ pub(crate) async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
     }
 }
 
+/// The smallest device `mkfs.xfs` formats (xfsprogs 5.19 and later refuse smaller ones with
+/// "Filesystem must be larger than 300MB").
+pub(crate) const XFS_MIN_BYTES: u64 = 300 << 20;
+
+/// What a failed [`mkfs`] of a `size_bytes` device tells the operator: a device too small for
+/// the file system becomes FAILED_PRECONDITION saying the sizes and what to do (instead of the
+/// tool's usage text); any other failure is returned as it is.
+pub(crate) fn mkfs_failure(e: Error, fs_type: &str, size_bytes: u64) -> Error {
+    if fs_type == "xfs" && size_bytes < XFS_MIN_BYTES {
+        Error::FailedPrecondition(format!(
+            "the volume is {} MiB, too small for xfs, which needs at least {} MiB: create the \
+             volume with a capacity of at least {} MiB, or use ext4",
+            size_bytes >> 20,
+            XFS_MIN_BYTES >> 20,
+            XFS_MIN_BYTES >> 20
+        ))
+    } else {
+        e
+    }
+}
+
 pub(crate) async fn mount(
     dev: &Path,
     target: &Path,
@@ -231,6 +252,38 @@ pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real mkfs.xfs on a 64 MiB image: refused by the tool, explained by us.
+    #[tokio::test]
+    async fn xfs_on_a_small_device_says_the_minimum() {
+        if std::process::Command::new("mkfs.xfs")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: no mkfs.xfs");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("small.img");
+        let size = 64u64 << 20;
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let e = mkfs(&img, "xfs").await.unwrap_err();
+        let e = mkfs_failure(e, "xfs", size);
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("64 MiB") && msg.contains("300 MiB") && msg.contains("ext4"),
+            "{msg}"
+        );
+        assert!(!msg.contains("Usage"), "{msg}");
+        // Big enough: formats.
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(XFS_MIN_BYTES)
+            .unwrap();
+        mkfs(&img, "xfs").await.unwrap();
+    }
 
     #[test]
     fn blkid_output() {

@@ -219,7 +219,9 @@ impl NodeOps {
                     )));
                 }
                 tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, "formatting blank disk");
-                fs::mkfs(&dev_path, &fs_type).await?;
+                fs::mkfs(&dev_path, &fs_type)
+                    .await
+                    .map_err(|e| fs::mkfs_failure(e, &fs_type, dev.size_bytes))?;
                 crate::failpoint!("stage.formatted");
                 Ok((fs_type, true))
             }

@@ -15,6 +15,7 @@
 //! | [`sequence`] | a write stream across volumes whose order any snapshot of them shows |
 //! | [`metrics`] | the plugin's metrics endpoint: its address from the log, HTTP GET, samples |
 //! | [`guestbed`] | Linux guests run by libvirt with the node plugin inside |
+//! | [`nomad_agent`] | a real Nomad agent (`../shared/tools/nomad`) driven by its CLI and HTTP API |
 //!
 //! A test starts with `use virtdisk_test_support::prelude::*;` and names the rest by module:
 //!
@@ -40,6 +41,7 @@ pub mod domain;
 pub mod guestbed;
 pub mod local_attach;
 pub mod metrics;
+pub mod nomad_agent;
 pub mod plugin;
 pub mod pool;
 pub mod qemu;
