@@ -544,7 +544,7 @@ impl Attachments {
                 loop {
                     match this.backend_for(&m.node_id).await {
                         Ok(Some(b)) => {
-                            if this.try_release(&b, &m.node_id, m.frozen, m.paused).await {
+                            if this.try_release(b, &m.node_id, m.frozen, m.paused).await {
                                 return;
                             }
                         }

@@ -9,6 +9,7 @@
 //! - members attached read-write: per node ONE live operation switches all of them (one QEMU
 //!   transaction); the guests' file systems are frozen around it where an agent answers, and
 //!   several nodes are paused together while theirs are cut (`attach::live`).
+//!
 //! The guarantee met (`Consistency`) is logged, counted and kept in the group's record.
 //!
 //! Records: `groups/<key>.json` in the pool of the first volume, key derived from the name
