@@ -64,18 +64,18 @@ fn attached(tag: &str) -> (TestDomain, Bed, PathBuf) {
     let bed = Bed::new();
     let base = bed.image("0123456789abcdef.qcow2");
     create_qcow2(&base, SIZE);
-    attach(&dom, &bed.images, &base, SERIAL);
+    attach(&dom, &bed.images, &base, SERIAL, "sda");
     (dom, bed, base)
 }
 
-/// Attaches `image` as a persistent SCSI disk with the volume's serial.
-fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str) {
+/// Attaches `image` as a persistent SCSI disk `target` with the volume's serial.
+fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str, target: &str) {
     let xml = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='sda' bus='scsi'/><serial>{serial}</serial></disk>",
+         <source file='{}'/><target dev='{target}' bus='scsi'/><serial>{serial}</serial></disk>",
         image.display()
     );
-    let file = dir.join("disk.xml");
+    let file = dir.join(format!("disk-{target}.xml"));
     std::fs::write(&file, xml).unwrap();
     virsh_ok(&[
         "attach-device",
@@ -84,6 +84,30 @@ fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str) {
         "--live",
         "--config",
     ]);
+}
+
+/// A qemu-io process holding the write lock of `overlay` until dropped: opened without its
+/// backing file (which the domain holds), it locks the overlay alone.
+struct LockHolder(std::process::Child);
+
+fn hold_write_lock(overlay: &Path) -> LockHolder {
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        overlay.display()
+    );
+    let holder = Command::new("qemu-io")
+        .args(["-c", "sleep 20000", &spec])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    LockHolder(holder)
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn source(dom: &TestDomain, serial: &str) -> Option<PathBuf> {
@@ -166,19 +190,9 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
     // libvirt/QEMU refuse the switch: another process holds the overlay's write lock.
     let locked = bed.image("0123456789abcdef-4.qcow2");
     overlay(&locked, "0123456789abcdef.qcow2", SIZE);
-    // Opened without its backing file (which the domain holds): locks the overlay alone.
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
-        locked.display()
-    );
-    let mut holder = Command::new("qemu-io")
-        .args(["-c", "sleep 20000", &spec])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let holder = hold_write_lock(&locked);
     let res = snapshot(locked.clone()).await;
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     let err = res.unwrap_err();
     eprintln!("locked overlay: {err}");
     assert_eq!(source(&dom, SERIAL), Some(base.clone()));
@@ -204,20 +218,7 @@ async fn two_disks_switch_together_or_not_at_all() {
     const SERIAL2: &str = "vd-0123456789abcdee";
     let base2 = bed.image("0123456789abcdee.qcow2");
     create_qcow2(&base2, SIZE);
-    let xml = format!(
-        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='sdb' bus='scsi'/><serial>{SERIAL2}</serial></disk>",
-        base2.display()
-    );
-    let file = bed.images.join("disk2.xml");
-    std::fs::write(&file, xml).unwrap();
-    virsh_ok(&[
-        "attach-device",
-        &dom.name,
-        file.to_str().unwrap(),
-        "--live",
-        "--config",
-    ]);
+    attach(&dom, &bed.images, &base2, SERIAL2, "sdb");
     let pair = |a: &Path, b: &Path| {
         vec![
             LiveMember {
@@ -236,18 +237,9 @@ async fn two_disks_switch_together_or_not_at_all() {
     overlay(&a1, "0123456789abcdef.qcow2", SIZE);
     let b1 = bed.image("0123456789abcdee-1.qcow2");
     overlay(&b1, "0123456789abcdee.qcow2", SIZE);
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
-        b1.display()
-    );
-    let mut holder = Command::new("qemu-io")
-        .args(["-c", "sleep 20000", &spec])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let holder = hold_write_lock(&b1);
     let res = bed.hv.snapshot_live(&dom.uuid, &pair(&a1, &b1)).await;
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     let err = res.unwrap_err();
     eprintln!("one overlay locked: {err}");
     assert_eq!(source(&dom, SERIAL), Some(base.clone()), "all or none");

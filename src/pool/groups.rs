@@ -83,27 +83,7 @@ impl Pool {
 
     /// Every group record of the pool, any state (unreadable ones skipped, logged).
     pub(crate) fn all_groups(&self) -> Result<Vec<GroupSnapshotRecord>> {
-        let dir = self.groups_dir();
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if key.starts_with('.') {
-                continue;
-            }
-            match self.read_group(key) {
-                Ok(Some(rec)) => out.push(rec),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(pool = %self.name(), key, error = %e,
-                    "skipping an unreadable group snapshot record"),
-            }
-        }
-        Ok(out)
+        self.read_records(&self.groups_dir(), "group snapshot")
     }
 }
 

@@ -47,8 +47,19 @@ impl Pool {
 
     /// Every snapshot record of the pool, any state, sorted by id (unreadable ones skipped).
     pub(crate) fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
-        let dir = self.snapshots_dir();
-        let entries = std::fs::read_dir(&dir)
+        let mut out: Vec<SnapshotRecord> = self.read_records(&self.snapshots_dir(), "snapshot")?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Every `<key>.json` record in `dir` (temp files skipped; unreadable ones skipped and
+    /// logged as `what` records): for listings, never for garbage collection.
+    pub(crate) fn read_records<T: serde::de::DeserializeOwned>(
+        &self,
+        dir: &std::path::Path,
+        what: &str,
+    ) -> Result<Vec<T>> {
+        let entries = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let mut out = Vec::new();
         for entry in entries {
@@ -60,15 +71,14 @@ impl Pool {
             if key.starts_with('.') {
                 continue;
             }
-            match self.read_snapshot(key) {
+            match fsutil::read_json(&entry.path()) {
                 Ok(Some(rec)) => out.push(rec),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(pool = %self.name(), key, error = %e, "skipping unreadable snapshot record")
+                    tracing::warn!(pool = %self.name(), key, error = %e, "skipping an unreadable {what} record")
                 }
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 

@@ -264,33 +264,27 @@ fn download_extract(package: &str, root: &Path) -> Result<(), Skip> {
 
 /// The static busybox from `busybox-static`, cached as `<cache>/busybox/busybox`.
 fn ensure_busybox(cache: &Path) -> Result<PathBuf, Skip> {
-    let dir = cache.join("busybox");
-    let binary = dir.join("busybox");
-    if binary.exists() {
-        return Ok(binary);
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
-    let root = dir.join("package");
-    download_extract(BUSYBOX_PACKAGE, &root)?;
-    let extracted = root.join("bin/busybox");
-    std::fs::copy(&extracted, &binary)
-        .map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
-    let _ = std::fs::remove_dir_all(&root);
-    Ok(binary)
+    ensure_binary(cache, BUSYBOX_PACKAGE, "bin/busybox", "busybox")
 }
 
 /// `qemu-ga` from Debian's `qemu-guest-agent`, cached as `<cache>/qemu-ga/qemu-ga`.
 fn ensure_guest_agent(cache: &Path) -> Result<PathBuf, Skip> {
-    let dir = cache.join("qemu-ga");
-    let binary = dir.join("qemu-ga");
+    ensure_binary(cache, GUEST_AGENT_PACKAGE, "usr/sbin/qemu-ga", "qemu-ga")
+}
+
+/// One binary (`path` in Debian package `package`) cached as `<cache>/<name>/<name>`; the
+/// package is downloaded and extracted the first time (and put in place atomically).
+fn ensure_binary(cache: &Path, package: &str, path: &str, name: &str) -> Result<PathBuf, Skip> {
+    let dir = cache.join(name);
+    let binary = dir.join(name);
     if binary.exists() {
         return Ok(binary);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
     let root = dir.join("package");
-    download_extract(GUEST_AGENT_PACKAGE, &root)?;
-    let extracted = root.join("usr/sbin/qemu-ga");
-    let part = dir.join("qemu-ga.part");
+    download_extract(package, &root)?;
+    let extracted = root.join(path);
+    let part = dir.join(format!("{name}.part"));
     std::fs::copy(&extracted, &part).map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
     std::fs::rename(&part, &binary).map_err(|e| Skip(format!("{}: {e}", binary.display())))?;
     let _ = std::fs::remove_dir_all(&root);
