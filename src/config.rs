@@ -11,6 +11,13 @@ pub(crate) const DEFAULT_DRIVER_NAME: &str = "virtdisk.csi.io";
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/virtdisk";
 pub(crate) const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 pub(crate) const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+/// The topology key of a hypervisor host: `topology.virtdisk.csi.io/host = <host name>`.
+pub const HOST_TOPOLOGY_KEY: &str = "topology.virtdisk.csi.io/host";
+/// The name of the one host when the file has no `[[host]]` (it announces no topology).
+pub const IMPLICIT_HOST: &str = "local";
+
+/// A topology: segment key → value.
+pub type Topology = BTreeMap<String, String>;
 
 /// Which CSI services the process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,6 +59,66 @@ pub struct PoolConfig {
     /// Thin provisioning: allow volumes whose virtual size exceeds the free space.
     #[serde(default = "default_true")]
     pub overcommit: bool,
+    /// The `[[host]]` entries that list this pool (filled in by [`Config`], never read from
+    /// the `[[pool]]` table): one host makes it local to that host, several make it shared.
+    #[serde(skip)]
+    pub hosts: Vec<String>,
+}
+
+impl PoolConfig {
+    /// Where the pool's volumes are accessible from: one topology per host that attaches the
+    /// pool (`{HOST_TOPOLOGY_KEY: host}` plus the pool's own `topology` keys), else the pool's
+    /// own `topology` alone; empty: from everywhere.
+    pub fn accessible_topologies(&self) -> Vec<Topology> {
+        if self.hosts.is_empty() {
+            return if self.topology.is_empty() {
+                Vec::new()
+            } else {
+                vec![self.topology.clone()]
+            };
+        }
+        self.hosts
+            .iter()
+            .map(|h| {
+                let mut t = self.topology.clone();
+                t.insert(HOST_TOPOLOGY_KEY.to_string(), h.clone());
+                t
+            })
+            .collect()
+    }
+
+    /// Whether the pool's volumes are accessible from `wanted` (a requisite or preferred
+    /// topology of CreateVolume, or GetCapacity's): every segment of `wanted` matches one of
+    /// the pool's topologies. A pool without topology is accessible from everywhere.
+    pub fn accessible_from(&self, wanted: &Topology) -> bool {
+        let all = self.accessible_topologies();
+        all.is_empty()
+            || all
+                .iter()
+                .any(|t| wanted.iter().all(|(k, v)| t.get(k) == Some(v)))
+    }
+
+    /// Whether the pool declares where it is accessible from (`[[host]]` or `topology`).
+    pub fn has_topology(&self) -> bool {
+        !self.hosts.is_empty() || !self.topology.is_empty()
+    }
+}
+
+/// `[[host]]`: one hypervisor host whose domains are nodes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The host's name: its topology segment value (`topology.virtdisk.csi.io/host`), used in
+    /// errors, logs and metrics. 1-63 letters, digits, '-', '_' or '.', alphanumeric at both
+    /// ends (a Kubernetes label value).
+    pub name: String,
+    /// libvirt URI: `qemu:///system`, `qemu+ssh://user@hv1/system`, `qemu+tls://hv1/system`,
+    /// `qemu+unix:///system?socket=/path/libvirt-sock`…
+    pub uri: String,
+    /// The pools whose image directories this host reaches (the same path on every host that
+    /// lists a pool: NFS, CephFS…). A pool listed by one host is local to it.
+    #[serde(default)]
+    pub pools: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -210,6 +277,8 @@ pub(crate) struct FileConfig {
     pub(crate) default_volume_size: Option<u64>,
     #[serde(default, rename = "pool")]
     pub(crate) pools: Vec<PoolConfig>,
+    #[serde(default, rename = "host")]
+    pub(crate) hosts: Vec<HostConfig>,
     #[serde(default)]
     pub(crate) node: NodeConfig,
     #[serde(default)]
@@ -231,6 +300,11 @@ pub struct Config {
     pub(crate) node: NodeConfig,
     /// `[libvirt]` settings.
     pub libvirt: LibvirtConfig,
+    /// The hypervisor hosts: the `[[host]]` entries, else one implicit host ([`IMPLICIT_HOST`]
+    /// at `[libvirt] uri`, attaching every pool, announcing no topology).
+    pub hosts: Vec<HostConfig>,
+    /// Whether the hosts come from `[[host]]` entries (then they are topology segments).
+    pub hosts_configured: bool,
     pub(crate) snapshots: SnapshotConfig,
 }
 
@@ -291,6 +365,7 @@ impl Config {
                 topology: BTreeMap::new(),
                 capacity_bytes: None,
                 overcommit: true,
+                hosts: Vec::new(),
             });
         }
         let mut seen = std::collections::HashSet::new();
@@ -317,9 +392,26 @@ impl Config {
             )));
         }
         let mut libvirt = fc.libvirt;
+        let hosts_configured = !fc.hosts.is_empty();
         if let Some(uri) = ov.libvirt_uri {
+            if hosts_configured {
+                return Err(Error::invalid(
+                    "--libvirt-uri cannot be used with [[host]] entries: set each host's uri in \
+                     the config file",
+                ));
+            }
             libvirt.uri = uri;
         }
+        let hosts = if hosts_configured {
+            check_hosts(&fc.hosts, &mut pools)?;
+            fc.hosts
+        } else {
+            vec![HostConfig {
+                name: IMPLICIT_HOST.to_string(),
+                uri: libvirt.uri.clone(),
+                pools: pools.iter().map(|p| p.name.clone()).collect(),
+            }]
+        };
         let driver_name = ov
             .driver_name
             .or(fc.driver_name)
@@ -346,13 +438,92 @@ impl Config {
             pools,
             node: fc.node,
             libvirt,
+            hosts,
+            hosts_configured,
             snapshots: fc.snapshots,
         })
     }
 
-    /// Whether any pool declares topology (then VOLUME_ACCESSIBILITY_CONSTRAINTS is offered).
+    /// Whether any pool declares topology, or `[[host]]` entries make hosts topology segments
+    /// (then VOLUME_ACCESSIBILITY_CONSTRAINTS is offered).
     pub fn has_topology(&self) -> bool {
-        self.pools.iter().any(|p| !p.topology.is_empty()) || !self.node.topology.is_empty()
+        self.hosts_configured
+            || self.pools.iter().any(PoolConfig::has_topology)
+            || !self.node.topology.is_empty()
+    }
+}
+
+/// Checks the `[[host]]` entries and records in each pool the hosts that list it.
+fn check_hosts(hosts: &[HostConfig], pools: &mut [PoolConfig]) -> Result<()> {
+    let mut names = std::collections::HashSet::new();
+    for h in hosts {
+        check_topology_value(&format!("host name {:?}", h.name), &h.name)?;
+        if !names.insert(h.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "host {:?} is declared twice",
+                h.name
+            )));
+        }
+        if h.uri.trim().is_empty() || h.uri.contains(char::is_whitespace) {
+            return Err(Error::invalid(format!(
+                "host {:?}: uri {:?} is not a libvirt URI (e.g. qemu+ssh://root@{}/system)",
+                h.name, h.uri, h.name
+            )));
+        }
+        let mut listed = std::collections::HashSet::new();
+        for name in &h.pools {
+            if !listed.insert(name.as_str()) {
+                return Err(Error::invalid(format!(
+                    "host {:?} lists pool {name:?} twice",
+                    h.name
+                )));
+            }
+            let pool = pools.iter_mut().find(|p| p.name == *name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "host {:?} lists pool {name:?}, which no [[pool]] declares",
+                    h.name
+                ))
+            })?;
+            pool.hosts.push(h.name.clone());
+        }
+    }
+    for p in pools.iter() {
+        if p.hosts.is_empty() {
+            return Err(Error::invalid(format!(
+                "pool {:?} is listed by no [[host]]: no node could attach its volumes; add it to \
+                 the pools of the hosts that reach {}",
+                p.name,
+                p.path.display()
+            )));
+        }
+        if p.topology.contains_key(HOST_TOPOLOGY_KEY) {
+            return Err(Error::invalid(format!(
+                "pool {:?}: topology key {HOST_TOPOLOGY_KEY} comes from the [[host]] entries \
+                 that list the pool; remove it from the pool's topology",
+                p.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A topology segment value (Kubernetes label value rules): 1-63 characters, letters, digits,
+/// '-', '_' and '.', alphanumeric at both ends.
+pub(crate) fn check_topology_value(what: &str, v: &str) -> Result<()> {
+    let b = v.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} is invalid: use 1-63 letters, digits, '-', '_' or '.', beginning and ending \
+             with a letter or digit"
+        )))
     }
 }
 
@@ -510,5 +681,115 @@ mod tests {
             let fc: FileConfig = toml::from_str(text).unwrap();
             assert!(Config::from_file_config(Mode::Controller, fc, Overrides::default()).is_err());
         }
+    }
+
+    fn hosts_config(text: &str) -> Result<Config> {
+        let fc: FileConfig = toml::from_str(text).map_err(|e| Error::invalid(e.to_string()))?;
+        Config::from_file_config(Mode::Controller, fc, Overrides::default())
+    }
+
+    const TWO_HOSTS: &str = r#"
+        [[pool]]
+        name = "local1"
+        path = "/srv/local1"
+        [[pool]]
+        name = "shared"
+        path = "/mnt/nfs/shared"
+        topology = { "topology.virtdisk.csi.io/zone" = "z1" }
+        [[host]]
+        name = "hv1"
+        uri = "qemu+ssh://root@hv1/system"
+        pools = ["local1", "shared"]
+        [[host]]
+        name = "hv2.example"
+        uri = "qemu+unix:///system?socket=/run/hv2/libvirt-sock"
+        pools = ["shared"]
+    "#;
+
+    fn topo(kv: &[(&str, &str)]) -> Topology {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hosts_make_pools_local_or_shared() {
+        let c = hosts_config(TWO_HOSTS).unwrap();
+        assert!(c.hosts_configured && c.has_topology());
+        assert_eq!(c.hosts.len(), 2);
+        let (local, shared) = (&c.pools[0], &c.pools[1]);
+        assert_eq!(local.hosts, ["hv1"]);
+        assert_eq!(
+            local.accessible_topologies(),
+            [topo(&[(HOST_TOPOLOGY_KEY, "hv1")])]
+        );
+        assert_eq!(
+            shared.accessible_topologies(),
+            [
+                topo(&[
+                    (HOST_TOPOLOGY_KEY, "hv1"),
+                    ("topology.virtdisk.csi.io/zone", "z1")
+                ]),
+                topo(&[
+                    (HOST_TOPOLOGY_KEY, "hv2.example"),
+                    ("topology.virtdisk.csi.io/zone", "z1")
+                ]),
+            ]
+        );
+        let on = |h: &str| topo(&[(HOST_TOPOLOGY_KEY, h)]);
+        assert!(local.accessible_from(&on("hv1")));
+        assert!(!local.accessible_from(&on("hv2.example")));
+        assert!(shared.accessible_from(&on("hv2.example")));
+        assert!(!shared.accessible_from(&on("hv3")));
+        assert!(shared.accessible_from(&topo(&[("topology.virtdisk.csi.io/zone", "z1")])));
+    }
+
+    #[test]
+    fn no_hosts_is_one_implicit_host_without_topology() {
+        let c = hosts_config("[[pool]]\nname='a'\npath='/a'\n").unwrap();
+        assert!(!c.hosts_configured && !c.has_topology());
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(c.hosts[0].name, IMPLICIT_HOST);
+        assert_eq!(c.hosts[0].uri, DEFAULT_LIBVIRT_URI);
+        assert_eq!(c.hosts[0].pools, ["a"]);
+        assert!(c.pools[0].accessible_topologies().is_empty());
+        assert!(c.pools[0].accessible_from(&topo(&[(HOST_TOPOLOGY_KEY, "x")])));
+    }
+
+    #[test]
+    fn bad_hosts_are_refused_with_the_reason() {
+        let pools = "[[pool]]\nname='a'\npath='/a'\n";
+        for (hosts, why) in [
+            ("[[host]]\nname='h'\nuri='qemu:///system'\npools=['b']\n", "no [[pool]]"),
+            ("[[host]]\nname='h'\nuri='qemu:///system'\npools=[]\n", "listed by no"),
+            (
+                "[[host]]\nname='h'\nuri='qemu:///system'\npools=['a']\n[[host]]\nname='h'\nuri='x'\n",
+                "declared twice",
+            ),
+            ("[[host]]\nname='-h'\nuri='qemu:///system'\npools=['a']\n", "host name"),
+            ("[[host]]\nname='h'\nuri=''\npools=['a']\n", "not a libvirt URI"),
+            ("[[host]]\nname='h'\nuri='qemu:///system'\npools=['a','a']\n", "twice"),
+            ("[[host]]\nname='h'\npools=['a']\n", "uri"),
+        ] {
+            let err = hosts_config(&format!("{pools}{hosts}")).unwrap_err();
+            assert!(err.to_string().contains(why), "{hosts}: {err}");
+        }
+        let err = hosts_config(
+            "[[pool]]\nname='a'\npath='/a'\ntopology={'topology.virtdisk.csi.io/host'='x'}\n\
+             [[host]]\nname='h'\nuri='qemu:///system'\npools=['a']\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("comes from the [[host]]"), "{err}");
+        let fc: FileConfig = toml::from_str(TWO_HOSTS).unwrap();
+        let err = Config::from_file_config(
+            Mode::Controller,
+            fc,
+            Overrides {
+                libvirt_uri: Some("qemu:///session".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--libvirt-uri"), "{err}");
     }
 }

@@ -77,10 +77,12 @@ pub enum Error {
         kind: Kind,
     },
     /// Cause: a libvirt call failed.
-    #[error("{}", libvirt_message(.op, .uri, .message, *.kind))]
+    #[error("{}", libvirt_message(.op, .host, .uri, .message, *.kind))]
     Libvirt {
         /// What was being done, e.g. `attaching disk sdb`.
         op: String,
+        /// The hypervisor host (`[[host]]` name) the connection reaches.
+        host: String,
         /// The libvirt URI of the connection.
         uri: String,
         /// libvirt's error code (`virErrorNumber`).
@@ -179,11 +181,11 @@ fn exit_status(status: Option<i32>) -> String {
 
 /// A libvirt error's message: what was done, libvirt's words, and what to do for the kinds
 /// where the plugin knows.
-fn libvirt_message(op: &str, uri: &str, message: &str, kind: Kind) -> String {
+fn libvirt_message(op: &str, host: &str, uri: &str, message: &str, kind: Kind) -> String {
     match kind {
         Kind::Unreachable => format!(
-            "{op}: libvirt at {uri} is unreachable ({message}); check that libvirtd is running \
-             and the URI is right (--libvirt-uri)"
+            "{op}: libvirt of host {host} at {uri} is unreachable ({message}); check that \
+             libvirtd is running there and the URI is right (the host's uri, or --libvirt-uri)"
         ),
         Kind::NoPciSlot => format!(
             "{op}: the domain has no free PCI slot for another disk ({message}); detach a disk, \
@@ -328,6 +330,7 @@ mod tests {
         );
         let lv = Error::Libvirt {
             op: "pinging libvirt".into(),
+            host: "hv2".into(),
             uri: "qemu:///system".into(),
             code: 38,
             domain: 7,
@@ -336,7 +339,9 @@ mod tests {
         };
         assert_eq!(lv.code(), Code::Unavailable);
         assert!(
-            lv.to_string().contains("check that libvirtd is running"),
+            lv.to_string()
+                .contains("libvirt of host hv2 at qemu:///system is unreachable")
+                && lv.to_string().contains("check that libvirtd is running"),
             "{lv}"
         );
         // A domain module that adds to the message keeps the code.

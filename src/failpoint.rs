@@ -12,6 +12,11 @@
 
 /// The environment variable that arms one point by name.
 pub const ENV: &str = "VIRTDISK_FAILPOINT";
+/// With this set to a number of milliseconds, the armed point pauses the calling thread that
+/// long instead of killing the process (each time it is reached): the tests of several
+/// processes sharing a pool use it to hold a lock while another process tries to take it.
+/// Arm points in blocking code (`exec::blocking`) only with it.
+pub const PAUSE_ENV: &str = "VIRTDISK_FAILPOINT_PAUSE_MS";
 
 /// Every point, in the order an operation reaches them. `tests/reliability_crash.rs` crashes
 /// at each of them; the unit test below keeps this list and the call sites in step.
@@ -44,8 +49,9 @@ pub const POINTS: &[&str] = &[
     "group.members-deleted",
     // ControllerExpandVolume (offline).
     "expand.resized",
-    // ControllerPublish / Unpublish, libvirt hot-plug.
+    // ControllerPublish / Unpublish / ModifyVolume, libvirt hot-plug.
     "libvirt.attached",
+    "libvirt.iotune-set",
     "libvirt.detach-requested",
     "libvirt.live-detached",
     // ControllerPublish, any backend: attached, reply not sent.
@@ -89,6 +95,13 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
+/// The pause instead of the kill, read once.
+#[cfg(debug_assertions)]
+fn pause_ms() -> Option<u64> {
+    static PAUSE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| std::env::var(PAUSE_ENV).ok().and_then(|v| v.parse().ok()))
+}
+
 #[cfg(debug_assertions)]
 #[doc(hidden)]
 pub(crate) fn hit(name: &'static str) {
@@ -97,6 +110,11 @@ pub(crate) fn hit(name: &'static str) {
         "failpoint {name} is missing from failpoint::POINTS"
     );
     if armed() == Some(name) {
+        if let Some(ms) = pause_ms() {
+            eprintln!("failpoint {name}: pausing {ms} ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            return;
+        }
         // Straight to stderr (the plugin's log): the tests check which point fired.
         eprintln!("failpoint {name}: killing the process");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

@@ -27,6 +27,7 @@ mod metrics;
 pub mod model;
 pub mod node;
 mod nodeid;
+mod nodetopo;
 pub mod params;
 pub mod pool;
 mod server;

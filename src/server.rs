@@ -142,7 +142,9 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: cfg.mode.runs_controller(),
-        topology: cfg.has_topology(),
+        topology: cfg.has_topology()
+            || (cfg.mode.runs_node()
+                && !crate::nodetopo::from_smbios(&cfg.node.sysfs_root()).is_empty()),
         pools: pools.clone(),
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };

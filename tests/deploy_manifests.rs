@@ -160,3 +160,17 @@ fn example_config_loads() {
     assert!(cfg.has_topology());
     assert_eq!(cfg.libvirt.uri, "qemu:///system");
 }
+
+#[test]
+fn two_host_config_loads() {
+    use virtdisk_csi::config::{Config, Mode, Overrides};
+    let path = repo().join("deploy/config.two-hosts.toml");
+    let cfg = Config::load(Mode::Controller, Some(&path), Overrides::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(cfg.hosts_configured && cfg.has_topology());
+    let hosts: Vec<&str> = cfg.hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(hosts, ["hv1", "hv2"]);
+    let shared = cfg.pools.iter().find(|p| p.name == "shared").unwrap();
+    assert_eq!(shared.hosts, ["hv1", "hv2"]);
+    assert_eq!(shared.accessible_topologies().len(), 2);
+}

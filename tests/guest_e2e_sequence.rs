@@ -3,7 +3,10 @@
 //! A and B (tests/guestbed), driven by this test the way a CO drives them.
 //!
 //! One test, because booting guests under TCG is what costs: A and B boot once, in parallel,
-//! and every step runs against them in order. Needs root, libvirtd and Debian's apt sources;
+//! and every step runs against them in order. The controller knows two hypervisor hosts: the
+//! machine's libvirtd (`hv-a`, where the guests boot) and a second libvirtd
+//! (`virtdisk_test_support::second_libvirtd`, `hv-b`) sharing the pool; A live-migrates there with a volume
+//! mounted. Needs root, libvirtd and Debian's apt sources;
 //! otherwise it prints SKIPPED with the reason (`VIRTDISK_GUEST_REQUIRED=1` makes that a
 //! failure).
 
@@ -27,10 +30,16 @@ mod sequence {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
     use std::time::Instant;
-    use virtdisk_test_support::guestbed::{self, Guest, Timeline};
+    use virtdisk_test_support::guestbed::{self, Guest, GuestOptions, Timeline};
     use virtdisk_test_support::pool::volume_image;
     use virtdisk_test_support::prelude::*;
     use virtdisk_test_support::qemu::{qemu_io, Read};
+    use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
+
+    /// The node topology key, and the hosts' names.
+    const HOST_KEY: &str = "topology.virtdisk.csi.io/host";
+    const HV_A: &str = "hv-a";
+    const HV_B: &str = "hv-b";
 
     /// How the CO (this test) names paths in a guest, as kubelet does.
     const PLUGIN_DIR: &str = "/var/lib/kubelet/plugins/kubernetes.io/csi/virtdisk.csi.io";
@@ -277,6 +286,16 @@ mod sequence {
         }
     }
 
+    /// NodeGetInfo inside the guest: the host its topology names.
+    async fn node_host(guest: &Guest) -> String {
+        let info = guest.node().node_get_info(csi::NodeGetInfoRequest {}).await;
+        let info = info.unwrap_or_else(|e| guest.fail(&format!("NodeGetInfo: {e}")));
+        let topology = info.into_inner().accessible_topology;
+        topology
+            .and_then(|t| t.segments.get(HOST_KEY).cloned())
+            .unwrap_or_default()
+    }
+
     /// NodeGetInfo inside the guest: the node id the CO hands to ControllerPublish.
     async fn node_id(guest: &Guest) -> String {
         let info = guest.node().node_get_info(csi::NodeGetInfoRequest {}).await;
@@ -310,11 +329,34 @@ mod sequence {
         }
         guestbed::show(&prep);
 
-        // The controller as deployed: the real binary, libvirt hot-plug, a pool QEMU can read.
-        // Unpublish waits up to 60 s for the guest's unplug ack (TCG guests are slow).
+        // A second hypervisor host, started while the guests boot below.
+        let second = tokio::task::spawn_blocking(SecondLibvirtd::start);
+        let oem = |host: &str| GuestOptions {
+            oem_strings: vec![format!("{HOST_KEY}={host}")],
+            ..GuestOptions::default()
+        };
+        let booting = tokio::spawn({
+            let bed = bed.clone();
+            let (oa, ob) = (oem(HV_A), oem(HV_A));
+            async move {
+                tokio::join!(
+                    Guest::boot_with(&bed, "a", oa),
+                    Guest::boot_with(&bed, "b", ob)
+                )
+            }
+        });
+        let second = second.await.expect("second libvirtd");
+
+        // The controller as deployed: the real binary, libvirt hot-plug on two hosts that
+        // share the pool (QEMU can read it). Unpublish waits up to 60 s for the guest's
+        // unplug ack (TCG guests are slow).
         let config = format!(
-            "[libvirt]\nuri = \"{}\"\ndetach_timeout_secs = 60\n",
-            guestbed::libvirt_uri()
+            "[[pool]]\nname = \"default\"\npath = \"{{dir}}/data/pools/default\"\n\
+             [[host]]\nname = \"{HV_A}\"\nuri = \"{}\"\npools = [\"default\"]\n\
+             [[host]]\nname = \"{HV_B}\"\nuri = \"{}\"\npools = [\"default\"]\n\
+             [libvirt]\ndetach_timeout_secs = 60\n",
+            guestbed::libvirt_uri(),
+            second.uri()
         );
         // QEMU (another user) opens the images under the controller's temp dir.
         let launch = Plugin::launch("controller").config(&config);
@@ -324,15 +366,17 @@ mod sequence {
             timeline: Timeline::new("end to end: controller on the host, node plugin in A and B"),
             figures: Vec::new(),
         };
-        let (mut a, mut b) = tokio::join!(Guest::boot(&bed, "a"), Guest::boot(&bed, "b"));
+        let (mut a, mut b) = booting.await.expect("guests boot");
         co.mark("guests A and B booted (in parallel), node plugins answer");
 
-        // NodeGetInfo in each guest, with no --node-id: the DMI product UUID = domain UUID.
+        // NodeGetInfo in each guest, with no --node-id: the DMI product UUID = domain UUID,
+        // and the host segment from the SMBIOS OEM string the domain XML carries.
         for guest in [&a, &b] {
             assert_eq!(node_id(guest).await, guest.uuid(), "{}", guest.name());
+            assert_eq!(node_host(guest).await, HV_A, "{}", guest.name());
         }
         assert_ne!(a.uuid(), b.uuid());
-        co.mark("NodeGetInfo in A and B = their domain UUIDs");
+        co.mark("NodeGetInfo in A and B = their domain UUIDs, topology host hv-a (SMBIOS)");
 
         // 1. On each bus: A writes a file, the volume moves to B, B reads it back.
         let mut in_b = Vec::new();
@@ -724,8 +768,72 @@ mod sequence {
         assert_eq!(read.trim(), "before-power-cycle");
         co.mark("after the reboots the data reads back in A and B");
 
-        // 7. Clean up through the CO's calls: nothing attached, nothing left in the pool.
-        co.remove(&restored, &a, restored_in_a, "restored: A").await;
+        // 7. Live migration: A, with the restored volume mounted (pool shared by both hosts),
+        //    moves to hv-b. The disk stays attached and the data reads back in A; the CO's
+        //    later calls (published nodes, expand, unpublish) find the domain on hv-b.
+        let took = a.migrate_live(second.uri()).await;
+        co.mark(format!(
+            "A live-migrated hv-a → hv-b with the volume mounted ({} ms)",
+            took.as_millis()
+        ));
+        assert!(a.has_disk(&restored.serial).await, "attached on hv-b");
+        let read = a
+            .sh(&format!(
+                "cat {t}/hello.txt {t}/reboot.txt && echo after-migration > {t}/migrated.txt \
+                 && sync && cat {t}/migrated.txt",
+                t = restored_in_a.target
+            ))
+            .await;
+        assert_eq!(read, format!("{content}\nbefore-reboot\nafter-migration\n"));
+        // The node plugin re-reads the SMBIOS OEM strings on every NodeGetInfo, but QEMU built
+        // that table when A booted on hv-a, and a live migration does not rebuild it: A still
+        // reports hv-a until it is restarted from a definition that names hv-b.
+        let reported = node_host(&a).await;
+        assert_eq!(reported, HV_A, "SMBIOS is fixed at boot");
+        assert!(co
+            .published_nodes(&restored)
+            .await
+            .contains(&a.uuid().to_string()));
+        co.mark(format!(
+            "after the migration A reads and writes the volume; NodeGetInfo still reports \
+             host {reported} (SMBIOS is built at boot)"
+        ));
+        let grown = 3 * GIB / 2;
+        let cap = Some(restored.cap.clone());
+        let req = csi::ControllerExpandVolumeRequest {
+            volume_capability: cap.clone(),
+            ..expand_req(&restored.id, grown)
+        };
+        let expanded = co.controller.controller().expand(req).await;
+        expanded.expect("ControllerExpandVolume after the migration");
+        let req = csi::NodeExpandVolumeRequest {
+            staging_target_path: restored_in_a.staging.clone(),
+            volume_capability: cap,
+            ..node_expand_req(&restored.id, &restored_in_a.target, grown)
+        };
+        let expanded = a.node().node_expand_volume(req).await;
+        expanded.unwrap_or_else(|e| a.fail(&format!("NodeExpandVolume after the migration: {e}")));
+        let dev_size = a
+            .sh(&format!("blockdev --getsize64 /dev/{}", restored_in_a.dev))
+            .await;
+        assert_eq!(
+            dev_size.trim(),
+            grown.to_string(),
+            "A on hv-b sees the new size"
+        );
+        co.mark("expanded online on hv-b (ControllerExpand + NodeExpand)");
+
+        // 8. Clean up through the CO's calls: nothing attached, nothing left in the pool. The
+        //    unpublish of A's volume finds A on hv-b, and also takes the disk out of the
+        //    shut-off definition the migration left on hv-a.
+        co.remove(&restored, &a, restored_in_a, "restored: A on hv-b")
+            .await;
+        let left_on_a = a.inactive_xml_at(&guestbed::libvirt_uri()).await;
+        assert!(
+            !left_on_a.contains(&restored.serial),
+            "the definition left on hv-a still holds {}",
+            restored.serial
+        );
         co.remove(&scsi_vol, &b, scsi_in_b, "scsi: B").await;
         let mut ctl = co.controller.controller();
         for v in [&vol, &restored, &scsi_vol, &block] {

@@ -32,15 +32,15 @@ impl Bed {
         let images = dir.path().join("images");
         std::fs::create_dir(&images).unwrap();
         open_for_qemu(&images);
-        let hv = Hypervisor::new(HypervisorConfig {
-            uri: URI.into(),
-            detach_timeout: Duration::from_secs(2),
-            pools: vec![PoolImages {
+        let hv = Hypervisor::new(HypervisorConfig::single(
+            URI,
+            vec![PoolImages {
                 pool: "default".into(),
                 images_dir: images.clone(),
             }],
-            node_id: NodeIdKind::Uuid,
-        });
+            Duration::from_secs(2),
+            NodeIdKind::Uuid,
+        ));
         Bed {
             _dir: dir,
             images,

@@ -625,6 +625,8 @@ async fn crash_after_each_durable_step_of_local_attach_and_node_operations() {
 enum LibvirtOp {
     Publish,
     Unpublish,
+    /// ControllerModifyVolume of an attached volume (QoS).
+    Modify,
 }
 
 const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
@@ -632,7 +634,11 @@ const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
     (LibvirtOp::Publish, "publish.attached"),
     (LibvirtOp::Unpublish, "libvirt.detach-requested"),
     (LibvirtOp::Unpublish, "libvirt.live-detached"),
+    (LibvirtOp::Modify, "libvirt.iotune-set"),
 ];
+
+/// The QoS the Modify case sets.
+const MODIFIED_IOPS: u64 = 300;
 
 #[cfg(feature = "libvirt")]
 impl LibvirtOp {
@@ -641,6 +647,14 @@ impl LibvirtOp {
         match self {
             LibvirtOp::Publish => c.publish(publish_req(volume, node)).await.map(drop),
             LibvirtOp::Unpublish => c.unpublish(unpublish_req(volume, node)).await,
+            LibvirtOp::Modify => c
+                .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                    volume_id: volume.into(),
+                    mutable_parameters: params(&[("totalIopsSec", &MODIFIED_IOPS.to_string())]),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
         }
     }
 }
@@ -665,7 +679,7 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
         .await
         .unwrap();
     let serial = serial_of(&vol);
-    if op == LibvirtOp::Unpublish {
+    if op != LibvirtOp::Publish {
         LibvirtOp::Publish.act(&p, &vol, &dom.uuid).await.unwrap();
     }
     arm(&mut p, point).await;
@@ -677,7 +691,7 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
         .unwrap_or_else(|e| panic!("{op:?} at {point}: the retry failed: {e:?}"));
     op.act(&p, &vol, &dom.uuid).await.unwrap();
     // Exactly one disk when published, none when not: in both definitions.
-    let want = usize::from(op == LibvirtOp::Publish);
+    let want = usize::from(op != LibvirtOp::Unpublish);
     assert_eq!(
         disks_with(dom.live(), &serial),
         want,
@@ -688,7 +702,17 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
         want,
         "{point}: persistent definition"
     );
-    if op == LibvirtOp::Publish {
+    if op == LibvirtOp::Modify {
+        for (xml, which) in [(dom.live(), "live"), (dom.inactive(), "persistent")] {
+            let disk = xml.disk_by_serial(&serial).unwrap().clone();
+            assert_eq!(
+                disk.iotune.total_iops_sec,
+                Some(MODIFIED_IOPS),
+                "{point}: {which} definition"
+            );
+        }
+    }
+    if op != LibvirtOp::Unpublish {
         LibvirtOp::Unpublish.act(&p, &vol, &dom.uuid).await.unwrap();
         assert_eq!(disks_with(dom.live(), &serial), 0);
         assert_eq!(disks_with(dom.inactive(), &serial), 0);

@@ -26,6 +26,7 @@ fn pool_config(dir: &Path) -> PoolConfig {
         topology: BTreeMap::new(),
         capacity_bytes: None,
         overcommit: true,
+        hosts: Vec::new(),
     }
 }
 

@@ -83,6 +83,28 @@ impl Attachment {
     }
 }
 
+/// A hypervisor host whose nodes could not be read (its libvirtd is down): which pools'
+/// attachments are missing from a [`HostScan`], and why.
+#[derive(Debug, Clone)]
+pub struct Unreachable {
+    /// The host's name.
+    pub host: String,
+    /// The pools its domains may hold volumes of.
+    pub pools: Vec<String>,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// What a backend of several hosts could read: the attachments of the hosts that answered,
+/// and the hosts that did not (their volumes' attachments are unknown, not absent).
+#[derive(Debug, Clone, Default)]
+pub struct HostScan {
+    /// The attachments read.
+    pub known: Vec<Attachment>,
+    /// The hosts that could not be read.
+    pub unreachable: Vec<Unreachable>,
+}
+
 /// What a live snapshot did on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LiveSnapshot {
@@ -108,6 +130,14 @@ pub trait Attacher: Send + Sync {
     }
     /// Every attachment of a plugin volume on every node this backend serves.
     async fn attachments(&self) -> Result<Vec<Attachment>>;
+    /// Every attachment that can be read now, and the hosts that cannot be read: one host
+    /// down leaves the others' attachments known. UNAVAILABLE when no host can be read.
+    async fn scan_hosts(&self) -> Result<HostScan> {
+        Ok(HostScan {
+            known: self.attachments().await?,
+            unreachable: Vec::new(),
+        })
+    }
     /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment>;
     /// Detaches and confirms the disk is gone; OK when it was not attached.
@@ -227,6 +257,14 @@ pub(crate) struct Scan {
 struct Gap {
     reason: String,
     may_hold: std::collections::BTreeMap<String, ledger::Entry>,
+    /// A host that could not be read and keeps no ledger: it may hold any volume of these
+    /// pools (nodes unknown).
+    pools: Vec<String>,
+}
+
+/// The pool of a volume id (`<pool>.<key>`).
+fn pool_of(volume_id: &str) -> &str {
+    volume_id.split_once('.').map_or("", |(pool, _)| pool)
 }
 
 impl Scan {
@@ -255,9 +293,13 @@ impl Scan {
     /// why it could not be asked; None when every backend that may hold it answered.
     pub(crate) fn unconfirmed(&self, volume_id: &str) -> Option<(Vec<String>, String)> {
         self.gaps.iter().find_map(|g| {
-            g.may_hold
-                .get(volume_id)
-                .map(|e| (e.nodes.iter().cloned().collect(), g.reason.clone()))
+            let by_ledger = g.may_hold.get(volume_id).map(|e| e.nodes.iter().cloned());
+            let by_pool = g.pools.iter().any(|p| p == pool_of(volume_id));
+            match by_ledger {
+                Some(nodes) => Some((nodes.collect(), g.reason.clone())),
+                None if by_pool => Some((Vec::new(), g.reason.clone())),
+                None => None,
+            }
         })
     }
 }
@@ -356,17 +398,27 @@ impl Attachments {
     }
 
     /// The index of the backend serving `node_id`: first those that serve their own ids first
-    /// (this host), then the others in order.
+    /// (this host), then the others in order. A backend that cannot tell (its host is down)
+    /// does not stop the others from claiming the node; its error is returned only when none
+    /// does.
     async fn backend_index(&self, node_id: &str) -> Result<Option<usize>> {
         let order = (0..self.backends.len())
             .filter(|i| self.backends[*i].serves_first())
             .chain((0..self.backends.len()).filter(|i| !self.backends[*i].serves_first()));
+        let mut failed = None;
         for i in order {
-            if self.backends[i].serves(node_id).await? {
-                return Ok(Some(i));
+            match self.backends[i].serves(node_id).await {
+                Ok(true) => return Ok(Some(i)),
+                Ok(false) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(None)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
     async fn backend_for(&self, node_id: &str) -> Result<Option<&Arc<dyn Attacher>>> {
@@ -378,23 +430,53 @@ impl Attachments {
 
     /// Reads every backend now. A backend that cannot be asked (UNAVAILABLE) but keeps a
     /// ready ledger leaves a gap instead of failing the read: decisions about the volumes it
-    /// may hold fail (`Scan::of_volume`), the others go on. A successful read of a backend
-    /// brings its ledger in line.
+    /// may hold fail (`Scan::of_volume`), the others go on. A host of a backend that cannot be
+    /// read leaves a gap too: the volumes its ledger places there, or (without a ledger) any
+    /// volume of the pools that host attaches. A complete read of a backend brings its ledger
+    /// in line.
     pub(crate) async fn scan(&self) -> Result<Scan> {
         let mut scan = Scan::default();
         for (b, l) in self.backends.iter().zip(&self.ledgers) {
             let started = std::time::SystemTime::now();
-            match b.attachments().await {
-                Ok(list) => {
+            match b.scan_hosts().await {
+                Ok(read) if read.unreachable.is_empty() => {
                     if let Some(l) = l {
-                        let (l, found) = (l.clone(), list.clone());
+                        let (l, found) = (l.clone(), read.known.clone());
                         if let Err(e) =
                             crate::exec::blocking(move || l.reconcile(&found, started)).await
                         {
                             tracing::warn!(error = %e, "cannot update the attach ledger");
                         }
                     }
-                    scan.known.extend(list);
+                    scan.known.extend(read.known);
+                }
+                Ok(read) => {
+                    // Part of the backend answered: its ledger stays as it is (it may only
+                    // claim too much), and each host that did not answer leaves a gap.
+                    let entries = match l.clone() {
+                        Some(l) => crate::exec::blocking(move || l.entries()).await?,
+                        None => None,
+                    };
+                    for u in read.unreachable {
+                        let reason = format!("host {} cannot be read: {}", u.host, u.error);
+                        scan.gaps.push(match &entries {
+                            Some(all) => Gap {
+                                reason,
+                                may_hold: all
+                                    .iter()
+                                    .filter(|(v, _)| u.pools.iter().any(|p| p == pool_of(v)))
+                                    .map(|(v, e)| (v.clone(), e.clone()))
+                                    .collect(),
+                                pools: Vec::new(),
+                            },
+                            None => Gap {
+                                reason,
+                                may_hold: Default::default(),
+                                pools: u.pools,
+                            },
+                        });
+                    }
+                    scan.known.extend(read.known);
                 }
                 Err(e) if e.code() == tonic::Code::Unavailable => {
                     let Some(l) = l.clone() else {
@@ -406,6 +488,7 @@ impl Attachments {
                     scan.gaps.push(Gap {
                         reason: e.to_string(),
                         may_hold,
+                        pools: Vec::new(),
                     });
                 }
                 Err(e) => return Err(e),
@@ -674,10 +757,12 @@ mod tests {
         }
     }
 
-    /// A backend that counts how often its nodes are read.
+    /// A backend that counts how often its nodes are read. `half_down`: two hosts, one of them
+    /// down (it attaches pools `a` and `shared`; `b` is on the other), with a ledger.
     #[derive(Default)]
     struct Counting {
         reads: AtomicUsize,
+        half_down: bool,
     }
 
     #[async_trait::async_trait]
@@ -688,6 +773,27 @@ mod tests {
         async fn attachments(&self) -> Result<Vec<Attachment>> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(Vec::new())
+        }
+        async fn scan_hosts(&self) -> Result<HostScan> {
+            if !self.half_down {
+                return Ok(HostScan {
+                    known: self.attachments().await?,
+                    unreachable: Vec::new(),
+                });
+            }
+            let mut on_b = FakeNode::default().attach_now("b.0123456789abcdef");
+            on_b.node_id = "vm-b".into();
+            Ok(HostScan {
+                known: vec![on_b],
+                unreachable: vec![Unreachable {
+                    host: "hv1".into(),
+                    pools: vec!["a".into(), "shared".into()],
+                    error: "connection refused".into(),
+                }],
+            })
+        }
+        fn ledger_name(&self) -> Option<&'static str> {
+            self.half_down.then_some("libvirt")
         }
         async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
             Err(Error::internal("not in this test"))
@@ -815,5 +921,55 @@ mod tests {
         // Decisions never reuse a read.
         a.scan().await.unwrap();
         assert_eq!(reads(), 4);
+    }
+
+    impl FakeNode {
+        fn attach_now(&self, volume_id: &str) -> Attachment {
+            Attachment {
+                node_id: "n1".into(),
+                volume_id: volume_id.into(),
+                serial: String::new(),
+                bus: Bus::default(),
+                readonly: false,
+                shareable: false,
+                context: BTreeMap::new(),
+                abnormal: None,
+            }
+        }
+    }
+
+    /// A host that is down makes decisions fail only for the volumes it may hold: by its
+    /// ledger when there is one, else every volume of its pools.
+    #[tokio::test]
+    async fn a_host_down_leaves_a_gap_for_its_own_volumes_only() {
+        // Without a ledger: every volume of hv1's pools is unknown, the rest decidable.
+        let half_down = || {
+            Arc::new(Counting {
+                half_down: true,
+                ..Default::default()
+            })
+        };
+        let a = Attachments::new(vec![half_down()], 0);
+        let scan = a.scan().await.unwrap();
+        assert_eq!(scan.of_volume("b.0123456789abcdef").unwrap().len(), 1);
+        for v in ["a.0123456789abcdef", "shared.0123456789abcdef"] {
+            let e = scan.of_volume(v).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+            assert!(e.to_string().contains("host hv1 cannot be read"), "{e}");
+        }
+        // With a ledger: only what it places on hv1's pools.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Attachments::new(vec![half_down()], 0).with_ledgers(dir.path());
+        a.init_ledgers(vec![]).await.unwrap();
+        let l = a.ledgers[0].clone().unwrap();
+        l.add("shared.0123456789abcdef", "vm-a").unwrap();
+        l.add("b.1123456789abcdef", "vm-b").unwrap();
+        let scan = a.scan().await.unwrap();
+        assert!(scan.of_volume("a.0123456789abcdef").unwrap().is_empty());
+        assert!(scan.of_volume("b.1123456789abcdef").unwrap().is_empty());
+        let (nodes, _) = scan.unconfirmed("shared.0123456789abcdef").unwrap();
+        assert_eq!(nodes, ["vm-a"]);
+        // A partial read leaves the ledger as it was.
+        assert_eq!(l.entries().unwrap().unwrap().len(), 2);
     }
 }

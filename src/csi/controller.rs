@@ -42,6 +42,17 @@ impl ControllerService {
         Ok(Some((oid, g)))
     }
 
+    /// A volume as CSI reports it; accessible from the topologies of its pool as configured now
+    /// (a shared pool: every host that lists it).
+    fn volume(&self, rec: &VolumeRecord) -> csi::Volume {
+        let topologies = match self.pools.get(&rec.pool) {
+            Some(p) => p.config().accessible_topologies(),
+            None if rec.accessible_topology.is_empty() => Vec::new(),
+            None => vec![rec.accessible_topology.clone()],
+        };
+        convert::volume(rec, &topologies)
+    }
+
     /// The condition of each volume (are its image and backing layers in the pool?), checked
     /// in one blocking call.
     async fn volume_conditions(&self, recs: &[&VolumeRecord]) -> Result<Vec<csi::VolumeCondition>> {
@@ -174,7 +185,7 @@ impl Controller for ControllerService {
         let _g = self.guards.try_acquire(&keys)?;
         let rec = self.pools.create(create).await?;
         ok(csi::CreateVolumeResponse {
-            volume: Some(convert::volume(&rec)),
+            volume: Some(self.volume(&rec)),
         })
     }
 
@@ -319,7 +330,7 @@ impl Controller for ControllerService {
                 unconfirmed,
             );
             entries.push(csi::list_volumes_response::Entry {
-                volume: Some(convert::volume(rec)),
+                volume: Some(self.volume(rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids,
                     volume_condition: Some(condition),
@@ -547,7 +558,7 @@ impl Controller for ControllerService {
             .ok_or_else(|| Error::internal("no volume condition"))?;
         let condition = with_attachments(condition, attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
-            volume: Some(convert::volume(&rec)),
+            volume: Some(self.volume(&rec)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(condition),

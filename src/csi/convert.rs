@@ -131,7 +131,8 @@ pub(crate) const CTX_FORMAT: &str = "format";
 pub(crate) const CTX_POOL: &str = "pool";
 pub(crate) const CTX_FS_TYPE: &str = "fsType";
 
-pub(crate) fn volume(rec: &VolumeRecord) -> csi::Volume {
+/// A volume record as CSI reports it, accessible from `topologies` (none: from everywhere).
+pub(crate) fn volume(rec: &VolumeRecord, topologies: &[crate::config::Topology]) -> csi::Volume {
     let mut ctx = BTreeMap::new();
     ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
     ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
@@ -149,13 +150,12 @@ pub(crate) fn volume(rec: &VolumeRecord) -> csi::Volume {
         volume_id: rec.id.clone(),
         volume_context: ctx,
         content_source: rec.content_source.as_ref().map(content_source_to_proto),
-        accessible_topology: if rec.accessible_topology.is_empty() {
-            vec![]
-        } else {
-            vec![csi::Topology {
-                segments: rec.accessible_topology.clone(),
-            }]
-        },
+        accessible_topology: topologies
+            .iter()
+            .map(|t| csi::Topology {
+                segments: t.clone(),
+            })
+            .collect(),
     }
 }
 

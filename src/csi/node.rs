@@ -318,12 +318,15 @@ impl Node for NodeService {
         &self,
         _req: Request<csi::NodeGetInfoRequest>,
     ) -> RpcResult<csi::NodeGetInfoResponse> {
+        // Read on every call: the host's SMBIOS OEM strings, over the configured segments.
+        let (sysfs, configured) = (self.config.sysfs_root(), self.config.topology.clone());
+        let segments =
+            crate::exec::blocking(move || Ok(crate::nodetopo::segments(&sysfs, &configured)))
+                .await?;
         ok(csi::NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: self.config.max_volumes_per_node.min(i64::MAX as u64) as i64,
-            accessible_topology: (!self.config.topology.is_empty()).then(|| csi::Topology {
-                segments: self.config.topology.clone(),
-            }),
+            accessible_topology: (!segments.is_empty()).then_some(csi::Topology { segments }),
         })
     }
 }

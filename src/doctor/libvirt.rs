@@ -1,8 +1,9 @@
-//! Hypervisor-side checks: KVM, libvirt reachable with versions, virtio-scsi available to the
-//! domains (the default bus), and the running domains' SCSI controllers.
+//! Hypervisor-side checks, for every host: KVM, libvirt reachable with versions, virtio-scsi
+//! available to the domains (the default bus), and the running domains' SCSI controllers;
+//! across hosts: no domain UUID running on two of them.
 
 use super::Check;
-use crate::config::Mode;
+use crate::config::{HostConfig, Mode};
 
 /// `qemu:///system`, `qemu+unix:///system` → local; `qemu+ssh://hv1/system` → remote.
 pub(super) fn is_local(uri: &str) -> bool {
@@ -17,11 +18,86 @@ pub(super) fn is_local(uri: &str) -> bool {
     transport_local && host.is_empty()
 }
 
-pub(super) async fn check(mode: Mode, uri: &str) -> Vec<Check> {
-    let local = is_local(uri);
-    let mut checks = vec![kvm(local)];
-    checks.extend(hypervisor(mode, uri, local).await);
+/// The checks of every host (all asked at once). `named`: the hosts come from `[[host]]`
+/// entries, so each check names its host.
+pub(super) async fn check(mode: Mode, hosts: &[HostConfig], named: bool) -> Vec<Check> {
+    let mut checks = vec![kvm(hosts.iter().any(|h| is_local(&h.uri)))];
+    let label = |h: &HostConfig, check: &str| {
+        if named {
+            format!("{check} ({})", h.name)
+        } else {
+            check.to_string()
+        }
+    };
+    let mut runs = tokio::task::JoinSet::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let host = h.clone();
+        runs.spawn(async move {
+            let local = is_local(&host.uri);
+            let (checks, running) = hypervisor(mode, &host.uri, local).await;
+            (i, host, checks, running)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(joined) = runs.join_next().await {
+        match joined {
+            Ok(r) => done.push(r),
+            Err(e) => checks.push(Check::fail(
+                "libvirt",
+                e.to_string(),
+                "report this as a bug",
+            )),
+        }
+    }
+    done.sort_by_key(|(i, ..)| *i);
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    for (_, host, host_checks, running) in done {
+        for mut c in host_checks {
+            c.name = label(&host, &c.name);
+            checks.push(c);
+        }
+        seen.extend(
+            running
+                .into_iter()
+                .map(|(uuid, name)| (uuid, name, host.name.clone())),
+        );
+    }
+    if named {
+        checks.push(duplicates_check(&seen));
+    }
     checks
+}
+
+/// FAIL when one domain UUID runs on two hosts: the controller refuses to attach to it.
+fn duplicates_check(running: &[(String, String, String)]) -> Check {
+    let mut by_uuid: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (uuid, name, host) in running {
+        by_uuid
+            .entry(uuid)
+            .or_default()
+            .push(format!("{name} on {host}"));
+    }
+    let dups: Vec<String> = by_uuid
+        .iter()
+        .filter(|(_, at)| at.len() > 1)
+        .map(|(uuid, at)| format!("{uuid}: {}", at.join(", ")))
+        .collect();
+    if dups.is_empty() {
+        Check::ok(
+            "domain UUIDs",
+            format!("{} running domain(s), each UUID on one host", running.len()),
+        )
+    } else {
+        Check::fail(
+            "domain UUIDs",
+            format!(
+                "running on several hosts at once: {} (the controller cannot tell which is the \
+                 node; a live migration in progress shows here too)",
+                dups.join("; ")
+            ),
+            "give cloned VMs their own UUID (virt-clone does), or re-run once the migration ended",
+        )
+    }
 }
 
 fn kvm(local: bool) -> Check {
@@ -80,8 +156,11 @@ async fn emulator_checks(emulators: &[String]) -> Vec<Check> {
     checks
 }
 
+/// Running domains of a host: (UUID, name).
+type Running = Vec<(String, String)>;
+
 #[cfg(not(feature = "libvirt"))]
-async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> Vec<Check> {
+async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running) {
     let mut checks = vec![Check::missing(
         mode == Mode::Controller,
         "libvirt",
@@ -93,11 +172,11 @@ async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> Vec<Check> {
             checks.extend(emulator_checks(&[p.display().to_string()]).await);
         }
     }
-    checks
+    (checks, Vec::new())
 }
 
 #[cfg(feature = "libvirt")]
-async fn hypervisor(mode: Mode, uri: &str, local: bool) -> Vec<Check> {
+async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running) {
     let owned = uri.to_string();
     let facts = tokio::time::timeout(
         std::time::Duration::from_secs(30),
@@ -107,22 +186,27 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> Vec<Check> {
     let facts = match facts {
         Ok(Ok(Ok(f))) => f,
         Ok(Ok(Err(e))) => {
-            return vec![Check::missing(
+            let check = Check::missing(
                 mode == Mode::Controller,
                 "libvirt",
                 format!("cannot use {uri}: {e}"),
                 "start libvirtd (systemctl start libvirtd, or libvirtd -d) and check the URI; \
                  qemu+ssh:// needs key-based ssh for the plugin's user, qemu+tls:// its certificates",
-            )]
+            );
+            return (vec![check], Vec::new());
         }
-        Ok(Err(e)) => return vec![Check::fail("libvirt", e.to_string(), "report this as a bug")],
+        Ok(Err(e)) => {
+            let check = Check::fail("libvirt", e.to_string(), "report this as a bug");
+            return (vec![check], Vec::new());
+        }
         Err(_) => {
-            return vec![Check::missing(
+            let check = Check::missing(
                 mode == Mode::Controller,
                 "libvirt",
                 format!("{uri} did not answer within 30 s"),
                 "check that libvirtd is running and responsive (virsh -c URI list)",
-            )]
+            );
+            return (vec![check], Vec::new());
         }
     };
     let mut checks = vec![Check::ok(
@@ -155,7 +239,12 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> Vec<Check> {
         ));
     }
     checks.push(domains_check(&facts.domains));
-    checks
+    let running = facts
+        .domains
+        .iter()
+        .map(|d| (d.uuid.clone(), d.name.clone()))
+        .collect();
+    (checks, running)
 }
 
 #[cfg(feature = "libvirt")]
@@ -199,6 +288,7 @@ mod facts {
 
     pub(super) struct DomainFacts {
         pub name: String,
+        pub uuid: String,
         pub emulator: Option<String>,
         pub virtio_scsi: bool,
     }
@@ -237,10 +327,15 @@ mod facts {
             .map_err(|e| e.to_string())?;
         for dom in active {
             let name = dom.name().unwrap_or_else(|_| "?".into());
+            let uuid = dom
+                .uuid_string()
+                .map(|u| u.to_ascii_lowercase())
+                .unwrap_or_else(|_| "?".into());
             // A domain may stop between the listing and this call: skip it then.
             let Ok(xml) = dom.xml_desc(0) else { continue };
             domains.push(DomainFacts {
                 name,
+                uuid,
                 emulator: element_text(&xml, "emulator"),
                 virtio_scsi: has_virtio_scsi_controller(&xml),
             });
@@ -309,6 +404,20 @@ mod facts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_uuid_on_two_hosts_fails() {
+        let r = |u: &str, n: &str, h: &str| (u.to_string(), n.to_string(), h.to_string());
+        let ok = duplicates_check(&[r("a", "vm1", "hv1"), r("b", "vm2", "hv2")]);
+        assert_eq!(ok.status, super::super::Status::Ok);
+        let dup = duplicates_check(&[r("a", "vm1", "hv1"), r("a", "vm1-clone", "hv2")]);
+        assert_eq!(dup.status, super::super::Status::Fail);
+        assert!(
+            dup.detail.contains("a: vm1 on hv1, vm1-clone on hv2"),
+            "{}",
+            dup.detail
+        );
+    }
 
     #[test]
     fn local_and_remote_uris() {

@@ -132,10 +132,23 @@ pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
                 Some(p) => format!("{} is valid", p.display()),
                 None => "no file: built-in defaults".to_string(),
             };
+            let hosts = if c.hosts_configured {
+                format!(
+                    "; {} host(s): {}",
+                    c.hosts.len(),
+                    c.hosts
+                        .iter()
+                        .map(|h| format!("{} ({})", h.name, h.pools.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                String::new()
+            };
             checks.push(Check::ok(
                 "config",
                 format!(
-                    "{source}; {} pool(s), data dir {}",
+                    "{source}; {} pool(s){hosts}, data dir {}",
                     c.pools.len(),
                     c.data_dir.display()
                 ),
@@ -155,7 +168,7 @@ pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
         checks.extend(tools::controller_tools(mode).await);
         if let Some(c) = &config {
             checks.extend(pools::check_pools(c).await);
-            checks.extend(libvirt::check(mode, &c.libvirt.uri).await);
+            checks.extend(libvirt::check(mode, &c.hosts, c.hosts_configured).await);
         }
     }
     if mode.runs_node() {

@@ -182,6 +182,7 @@ mod tests {
             topology: Default::default(),
             capacity_bytes: Some(1 << 30),
             overcommit: true,
+            hosts: Vec::new(),
         }
     }
 

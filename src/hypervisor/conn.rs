@@ -6,6 +6,10 @@
 //! errors per thread). libvirt connections are thread-safe, so calls on different domains run
 //! in parallel; `DomainLocks` serializes the changes to one domain.
 //!
+//! A call's permit and a domain's lock are moved into the blocking closure, so they are held
+//! until the libvirt call returns even when the RPC that started it is cancelled (its future
+//! dropped): a cancelled caller never lets another call past while its own still runs.
+//!
 //! The libvirt default event loop runs on its own thread: it notices a closed connection at
 //! once (so the next call reopens instead of failing), keeps the connection alive, and delivers
 //! DEVICE_REMOVED events that wake detach waiters.
@@ -98,11 +102,13 @@ fn subscribe_device_removed(conn: &Connect) {
     }
 }
 
-/// The error of a failed libvirt call: `what` was being done on the connection to `uri`.
-pub(crate) fn classify(what: &str, uri: &str, e: &virt::error::Error) -> Error {
+/// The error of a failed libvirt call: `what` was being done on the connection to `uri` of
+/// hypervisor host `host`.
+pub(crate) fn classify(what: &str, host: &str, uri: &str, e: &virt::error::Error) -> Error {
     let (code, domain, message) = (e.code().to_raw(), e.domain().to_raw(), e.message());
     Error::Libvirt {
         op: what.to_string(),
+        host: host.to_string(),
         uri: uri.to_string(),
         code: code as i32,
         domain: domain as i32,
@@ -142,9 +148,10 @@ fn libvirt_kind(code: sys::virErrorNumber, domain: sys::virErrorDomain, message:
 }
 
 struct Inner {
+    host: String,
     uri: String,
     slot: Mutex<Option<Connect>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
 /// A shared handle on one libvirt connection (cheap to clone).
@@ -155,19 +162,37 @@ pub struct Libvirt {
 
 impl Libvirt {
     /// Does not connect yet: the first call does, so the plugin starts while libvirtd is down.
+    /// The connection of the one implicit host (`config::IMPLICIT_HOST`).
     pub fn new(uri: &str) -> Libvirt {
+        Self::for_host(crate::config::IMPLICIT_HOST, uri)
+    }
+
+    /// The connection to hypervisor host `host` at `uri` (not opened yet). Each host has its
+    /// own connection, reconnection and call permits: one host going down never holds up
+    /// calls to another.
+    pub fn for_host(host: &str, uri: &str) -> Libvirt {
+        Self::with_permits(host, uri, MAX_CONCURRENT_CALLS)
+    }
+
+    fn with_permits(host: &str, uri: &str, permits: usize) -> Libvirt {
         start_event_loop();
         Libvirt {
             inner: Arc::new(Inner {
+                host: host.to_string(),
                 uri: uri.to_string(),
                 slot: Mutex::new(None),
-                permits: Semaphore::new(MAX_CONCURRENT_CALLS),
+                permits: Arc::new(Semaphore::new(permits)),
             }),
         }
     }
 
     pub(crate) fn uri(&self) -> &str {
         &self.inner.uri
+    }
+
+    /// The name of the host this connection reaches.
+    pub(crate) fn host(&self) -> &str {
+        &self.inner.host
     }
 
     /// Runs `f` with the connection on a blocking thread, (re)connecting first if needed.
@@ -179,14 +204,17 @@ impl Libvirt {
         F: Fn(&Connect, &Libvirt) -> Result<T> + Send + Sync + 'static,
         T: Send + 'static,
     {
-        let _permit = self
+        let permit = self
             .inner
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| Error::internal("libvirt call gate closed"))?;
         let this = self.clone();
-        exec::blocking(move || {
+        let result = exec::blocking(move || {
+            // Held until the calls end, even if the caller gives up first.
+            let _permit = permit;
             let conn = this.connection()?;
             match f(&conn, &this) {
                 Err(e) if e.code() == Code::Unavailable && !this.alive(&conn) => {
@@ -194,14 +222,18 @@ impl Libvirt {
                     if !retry_on_reconnect {
                         return Err(e);
                     }
-                    tracing::info!(uri = %this.uri(), "libvirt connection was lost; reconnecting");
+                    tracing::info!(host = %this.host(), uri = %this.uri(),
+                        "libvirt connection was lost; reconnecting");
                     let conn = this.connection()?;
                     f(&conn, &this)
                 }
                 other => other,
             }
         })
-        .await
+        .await;
+        let up = !matches!(&result, Err(e) if e.kind() == Some(Kind::Unreachable));
+        crate::metrics::set_host_up(self.host(), up);
+        result
     }
 
     /// Runs a read-only `f` (retried once on a fresh connection if the old one had died).
@@ -233,7 +265,7 @@ impl Libvirt {
 
     /// Maps a libvirt error of the current thread's last call.
     pub(crate) fn error(&self, what: &str, e: virt::error::Error) -> Error {
-        classify(what, self.uri(), &e)
+        classify(what, self.host(), self.uri(), &e)
     }
 
     /// Readiness: libvirtd answers a call.
@@ -261,11 +293,12 @@ impl Libvirt {
             if self.alive(conn) {
                 return Ok(conn.clone());
             }
-            tracing::info!(uri = %self.uri(), "libvirt connection closed; reconnecting");
+            tracing::info!(host = %self.host(), uri = %self.uri(),
+                "libvirt connection closed; reconnecting");
             *slot = None;
         }
         let conn = Connect::open(Some(self.uri())).map_err(|e| {
-            let mut err = classify("connecting", self.uri(), &e);
+            let mut err = classify("connecting", self.host(), self.uri(), &e);
             // Whatever libvirt says, a connection that cannot open is an unreachable libvirt.
             if let Error::Libvirt { kind, .. } = &mut err {
                 *kind = Kind::Unreachable;
@@ -273,7 +306,7 @@ impl Libvirt {
             err
         })?;
         subscribe_device_removed(&conn);
-        tracing::info!(uri = %self.uri(), "connected to libvirt");
+        tracing::info!(host = %self.host(), uri = %self.uri(), "connected to libvirt");
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -292,15 +325,21 @@ impl Libvirt {
     }
 }
 
-/// Serializes the changes to one domain; different domains proceed in parallel.
+/// Serializes the changes to one domain (by UUID, whichever host it runs on, so a domain that
+/// migrates keeps one lock); different domains proceed in parallel.
 #[derive(Default, Clone)]
 pub(crate) struct DomainLocks {
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
+/// A held domain lock. Every blocking closure of the change takes a clone, so the lock is
+/// released only once the caller is done *and* no libvirt call of the change still runs.
+pub(crate) type DomainLock = Arc<OwnedMutexGuard<()>>;
+
 impl DomainLocks {
-    /// Waits for the domain (by UUID) to be free and holds it until the guard drops.
-    pub(crate) async fn lock(&self, uuid: &str) -> OwnedMutexGuard<()> {
+    /// Waits for the domain (by UUID) to be free and holds it until every clone of the guard
+    /// drops.
+    pub(crate) async fn lock(&self, uuid: &str) -> DomainLock {
         let lock = {
             let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             // Forget locks nobody holds or waits for, so the map stays as small as the set
@@ -308,7 +347,7 @@ impl DomainLocks {
             map.retain(|_, l| Arc::strong_count(l) > 1);
             map.entry(uuid.to_string()).or_default().clone()
         };
-        lock.lock_owned().await
+        Arc::new(lock.lock_owned().await)
     }
 }
 
@@ -338,5 +377,70 @@ mod tests {
         let err = lv.ping().await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.to_string().contains("libvirtd"), "{err}");
+    }
+
+    /// A closure that sleeps `ms` like a slow libvirt call, then notes that it ended.
+    fn slow(ms: u64, ended: &Arc<std::sync::atomic::AtomicBool>) -> impl Fn() + Send + Sync {
+        let ended = ended.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Issue 17 defect 6: a caller that gives up (an RPC cancelled: its future dropped) while
+    /// its libvirt call runs does not free the call's permit; the next call starts only once
+    /// the first call has returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_call_keeps_its_permit_until_the_call_returns() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let lv = Libvirt::with_permits("t", "test:///default", 1);
+        let ended = Arc::new(AtomicBool::new(false));
+        let call = slow(400, &ended);
+        let first = lv.read(move |_, _| {
+            call();
+            Ok(())
+        });
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), first).await;
+        assert!(
+            gave_up.is_err(),
+            "the first call is still running when cancelled"
+        );
+        let first_ended_before_second_started = lv
+            .read({
+                let ended = ended.clone();
+                move |_, _| Ok(ended.load(Ordering::SeqCst))
+            })
+            .await
+            .unwrap();
+        assert!(first_ended_before_second_started);
+    }
+
+    /// Issue 17 defect 6: the domain lock moved into a change's blocking closure is held until
+    /// the closure returns, even when the caller gave up meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_change_keeps_the_domain_locked_until_its_call_returns() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let lv = Libvirt::with_permits("t", "test:///default", 4);
+        let locks = DomainLocks::default();
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = locks.lock("u").await;
+        let call = slow(400, &ended);
+        let change = lv.write(move |_, _| {
+            let _held = guard;
+            call();
+            Ok(())
+        });
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), change).await;
+        assert!(
+            gave_up.is_err(),
+            "the change is still running when cancelled"
+        );
+        assert!(!ended.load(Ordering::SeqCst));
+        let _next = locks.lock("u").await;
+        assert!(
+            ended.load(Ordering::SeqCst),
+            "the next change got the domain before the cancelled one's call returned"
+        );
     }
 }

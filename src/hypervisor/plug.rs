@@ -1,9 +1,10 @@
 //! Attaching a disk (blocking; runs inside `Libvirt::write` under the domain's lock).
 
+use super::attachment_of;
 use super::conn::Libvirt;
 use super::diskxml;
+use super::view::PoolImages;
 use super::view::{self, DomainView};
-use super::{attachment_of, HypervisorConfig};
 use crate::attach::{Attachment, DiskSpec};
 use crate::error::{Error, Result};
 use crate::params::Bus;
@@ -32,7 +33,7 @@ pub(super) fn domain_by_uuid(conn: &Connect, lv: &Libvirt, uuid: &str) -> Result
 pub(super) fn attach(
     conn: &Connect,
     lv: &Libvirt,
-    cfg: &HypervisorConfig,
+    pools: &[PoolImages],
     uuid: &str,
     node_id: &str,
     spec: &DiskSpec,
@@ -80,7 +81,7 @@ pub(super) fn attach(
         })?;
         v = view::read_view(&dom, lv)?;
     }
-    check_limit(&v, cfg, node_id, spec, max)?;
+    check_limit(&v, pools, node_id, spec, max)?;
     let bus = spec.options.bus;
     if bus == Bus::Sata {
         return Err(Error::FailedPrecondition(format!(
@@ -110,7 +111,7 @@ pub(super) fn attach(
 /// RESOURCE_EXHAUSTED when the domain already holds `max` plugin volumes.
 fn check_limit(
     v: &DomainView,
-    cfg: &HypervisorConfig,
+    pools: &[PoolImages],
     node_id: &str,
     spec: &DiskSpec,
     max: u64,
@@ -119,7 +120,7 @@ fn check_limit(
         return Ok(());
     }
     let held = v
-        .plugin_disks(&cfg.pools)
+        .plugin_disks(pools)
         .iter()
         .filter(|(vol, _)| *vol != spec.volume_id)
         .count() as u64;

@@ -1,10 +1,9 @@
 //! Changing an attached disk in place: online expansion and I/O limits.
 
-use super::conn::Libvirt;
+use super::conn::{DomainLock, Libvirt};
 use super::ffi;
 use super::plug::domain_by_uuid;
 use super::view;
-use super::Hypervisor;
 use crate::error::{Error, Result};
 use crate::model::ImageFormat;
 use crate::params::Qos;
@@ -20,13 +19,22 @@ enum Resized {
 }
 
 /// Grows the disk to `size` bytes: virDomainBlockResize on a running domain (the guest sees
-/// the new size at once), else `qemu-img resize` of the image.
-pub(super) async fn resize(hv: &Hypervisor, uuid: &str, volume_id: &str, size: u64) -> Result<()> {
+/// the new size at once), else `qemu-img resize` of the image. The libvirt call holds `lock`
+/// (the domain's) until it returns; `qemu-img` is killed if the caller gives up.
+pub(super) async fn resize(
+    lv: &Libvirt,
+    lock: &DomainLock,
+    uuid: &str,
+    volume_id: &str,
+    size: u64,
+) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
-    let (u, vol) = (uuid.to_string(), volume_id.to_string());
-    let outcome = hv
-        .libvirt()
-        .write(move |c, l| resize_live(c, l, &u, &vol, &serial, size))
+    let (u, vol, held) = (uuid.to_string(), volume_id.to_string(), lock.clone());
+    let outcome = lv
+        .write(move |c, l| {
+            let _held = held;
+            resize_live(c, l, &u, &vol, &serial, size)
+        })
         .await?;
     match outcome {
         Resized::Live { target, capacity } => {
@@ -93,34 +101,42 @@ fn resize_live(
 }
 
 /// Applies `qos` to the disk, live and in the persistent definition, and checks the live
-/// `<iotune>` reads back as `qos`.
-pub(super) async fn set_qos(hv: &Hypervisor, uuid: &str, volume_id: &str, qos: &Qos) -> Result<()> {
+/// `<iotune>` reads back as `qos`. The libvirt calls hold `lock` (the domain's) until they
+/// return.
+pub(super) async fn set_qos(
+    lv: &Libvirt,
+    lock: &DomainLock,
+    uuid: &str,
+    volume_id: &str,
+    qos: &Qos,
+) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
-    let (u, vol, q) = (uuid.to_string(), volume_id.to_string(), *qos);
-    hv.libvirt()
-        .write(move |c, l| {
-            let dom = domain_by_uuid(c, l, &u)?;
-            let v = view::read_view(&dom, l)?;
-            let what = |t: &str| format!("setting I/O limits of disk {t} of volume {vol}");
-            if let Some(disk) = v.live_disk(&serial) {
-                ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_LIVE)
-                    .map_err(|e| l.error(&what(&disk.target), e))?;
+    let (u, vol, q, held) = (uuid.to_string(), volume_id.to_string(), *qos, lock.clone());
+    lv.write(move |c, l| {
+        let _held = held;
+        let dom = domain_by_uuid(c, l, &u)?;
+        let v = view::read_view(&dom, l)?;
+        let what = |t: &str| format!("setting I/O limits of disk {t} of volume {vol}");
+        if let Some(disk) = v.live_disk(&serial) {
+            ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_LIVE)
+                .map_err(|e| l.error(&what(&disk.target), e))?;
+        }
+        crate::failpoint!("libvirt.iotune-set");
+        if let Some(disk) = v.config_disk(&serial) {
+            ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_CONFIG)
+                .map_err(|e| l.error(&what(&disk.target), e))?;
+        }
+        let after = view::read_view(&dom, l)?;
+        if let Some(disk) = after.live_disk(&serial) {
+            if disk.iotune != q {
+                return Err(Error::internal(format!(
+                    "disk {} of volume {vol} has I/O limits {:?} after setting {q:?}",
+                    disk.target, disk.iotune
+                )));
             }
-            if let Some(disk) = v.config_disk(&serial) {
-                ffi::set_block_iotune(&dom, &disk.target, &q, sys::VIR_DOMAIN_AFFECT_CONFIG)
-                    .map_err(|e| l.error(&what(&disk.target), e))?;
-            }
-            let after = view::read_view(&dom, l)?;
-            if let Some(disk) = after.live_disk(&serial) {
-                if disk.iotune != q {
-                    return Err(Error::internal(format!(
-                        "disk {} of volume {vol} has I/O limits {:?} after setting {q:?}",
-                        disk.target, disk.iotune
-                    )));
-                }
-            }
-            tracing::info!(volume = %vol, domain = %v.name, "I/O limits applied");
-            Ok(())
-        })
-        .await
+        }
+        tracing::info!(volume = %vol, domain = %v.name, "I/O limits applied");
+        Ok(())
+    })
+    .await
 }

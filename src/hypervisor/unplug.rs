@@ -5,11 +5,10 @@
 //! live XML is re-read (woken by DEVICE_REMOVED events, else polled) until the disk is gone
 //! or the detach timeout passes, which is a retryable error, never OK.
 
-use super::conn::{device_removed, Libvirt};
+use super::conn::{device_removed, DomainLock, Libvirt};
 use super::diskxml;
 use super::plug::domain_by_uuid;
 use super::view;
-use super::Hypervisor;
 use crate::error::{Error, Kind, Result};
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -24,13 +23,27 @@ struct Requested {
     domain: String,
 }
 
-pub(super) async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Result<()> {
+/// Detaches the volume's disk from the domain `uuid` of `lv`'s host, live and persistent,
+/// confirming it is gone from the live definition within `timeout`. Every libvirt call holds
+/// `lock` (the domain's) until it returns.
+pub(super) async fn detach(
+    lv: &Libvirt,
+    lock: &DomainLock,
+    uuid: &str,
+    volume_id: &str,
+    timeout: Duration,
+) -> Result<()> {
     let serial = view::serial_of(volume_id)?;
     let started = Instant::now();
-    let deadline = started + hv.cfg.detach_timeout;
-    let lv = hv.libvirt().clone();
-    let (u, s) = (uuid.to_string(), serial.clone());
-    let requested = match lv.write(move |c, l| request_live(c, l, &u, &s)).await {
+    let deadline = started + timeout;
+    let (u, s, held) = (uuid.to_string(), serial.clone(), lock.clone());
+    let requested = match lv
+        .write(move |c, l| {
+            let _held = held;
+            request_live(c, l, &u, &s)
+        })
+        .await
+    {
         Ok(r) => r,
         // The domain went away meanwhile: nothing is attached to it any more.
         Err(e) if e.code() == Code::NotFound => return Ok(()),
@@ -38,7 +51,7 @@ pub(super) async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Resu
     };
     crate::failpoint!("libvirt.detach-requested");
     if let Some(target) = &requested.live_target {
-        wait_gone(&lv, uuid, &serial, deadline)
+        wait_gone(lv, lock, uuid, &serial, deadline)
             .await
             .map_err(|e| match e.code() {
                 Code::DeadlineExceeded => Error::Timeout(format!(
@@ -55,8 +68,27 @@ pub(super) async fn detach(hv: &Hypervisor, uuid: &str, volume_id: &str) -> Resu
             ms = started.elapsed().as_millis() as u64, "disk detached from the live domain");
         crate::failpoint!("libvirt.live-detached");
     }
-    let (u, s) = (uuid.to_string(), serial.clone());
-    match lv.write(move |c, l| remove_persistent(c, l, &u, &s)).await {
+    remove_stale(lv, lock, uuid, volume_id).await
+}
+
+/// Removes the volume's disk from the persistent definition of domain `uuid` of `lv`'s host
+/// (a shut-off definition a live migration left behind, or the persistent half of a detach).
+/// OK when it is not there or the domain is gone.
+pub(super) async fn remove_stale(
+    lv: &Libvirt,
+    lock: &DomainLock,
+    uuid: &str,
+    volume_id: &str,
+) -> Result<()> {
+    let serial = view::serial_of(volume_id)?;
+    let (u, held) = (uuid.to_string(), lock.clone());
+    match lv
+        .write(move |c, l| {
+            let _held = held;
+            remove_persistent(c, l, &u, &serial)
+        })
+        .await
+    {
         Ok(()) => Ok(()),
         Err(e) if e.code() == Code::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -95,12 +127,19 @@ fn request_live(
 }
 
 /// Re-reads the live definition until the disk with `serial` is gone or `deadline` passes.
-async fn wait_gone(lv: &Libvirt, uuid: &str, serial: &str, deadline: Instant) -> Result<()> {
+async fn wait_gone(
+    lv: &Libvirt,
+    lock: &DomainLock,
+    uuid: &str,
+    serial: &str,
+    deadline: Instant,
+) -> Result<()> {
     loop {
         let removed = device_removed();
-        let (u, s) = (uuid.to_string(), serial.to_string());
+        let (u, s, held) = (uuid.to_string(), serial.to_string(), lock.clone());
         let present = lv
             .read(move |c, l| {
+                let _held = &held;
                 let dom = match domain_by_uuid(c, l, &u) {
                     Ok(d) => d,
                     Err(e) if e.code() == Code::NotFound => return Ok(false),

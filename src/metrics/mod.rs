@@ -4,7 +4,8 @@
 //!   gRPC code, times it, and runs it inside a span carrying the ids it concerns (volume, node,
 //!   snapshot). Only those ids are read from the request: secrets and whole messages never reach
 //!   a log line or a label.
-//! - hooks other modules call: [`observe_attach`], [`observe_detach`], [`observe_operation`].
+//! - hooks other modules call: [`observe_attach`], [`observe_detach`] (by hypervisor host),
+//!   [`set_host_up`], [`observe_operation`].
 //! - [`watch_pools`]: pool capacity gauges, refreshed on every scrape.
 //! - [`serve`]: `GET /metrics` on a TCP address (`serve --metrics-addr 127.0.0.1:9808`).
 
@@ -19,18 +20,38 @@ pub(crate) use layer::RpcLayer;
 
 use std::time::Duration;
 
-/// A volume was attached to a node (hot-plug or local attach), confirmed, in `took`.
-// Not fed yet: issue 17 defect 1 wires it up.
-#[allow(dead_code)]
-pub(crate) fn observe_attach(took: Duration) {
-    registry::get().attach_seconds.observe(took.as_secs_f64());
+/// A volume was attached to a node on hypervisor host `host` (the local host's name for local
+/// attach), confirmed, in `took`.
+pub(crate) fn observe_attach(host: &str, took: Duration) {
+    registry::get()
+        .attach_seconds
+        .with_label_values(&[host])
+        .observe(took.as_secs_f64());
 }
 
-/// A volume was detached from a node, confirmed, in `took`.
-// Not fed yet: issue 17 defect 1 wires it up.
-#[allow(dead_code)]
-pub(crate) fn observe_detach(took: Duration) {
-    registry::get().detach_seconds.observe(took.as_secs_f64());
+/// A volume was detached from a node on hypervisor host `host`, confirmed, in `took`.
+pub(crate) fn observe_detach(host: &str, took: Duration) {
+    registry::get()
+        .detach_seconds
+        .with_label_values(&[host])
+        .observe(took.as_secs_f64());
+}
+
+/// Makes the per-host series of hypervisor host `host` exist (at zero) before its first
+/// attach, detach or call, so a dashboard sees every configured host at once.
+pub(crate) fn register_host(host: &str) {
+    let m = registry::get();
+    m.attach_seconds.with_label_values(&[host]);
+    m.detach_seconds.with_label_values(&[host]);
+}
+
+/// Whether the last libvirt call to hypervisor host `host` reached its libvirtd
+/// (`virtdisk_csi_host_up`).
+pub(crate) fn set_host_up(host: &str, up: bool) {
+    registry::get()
+        .host_up
+        .with_label_values(&[host])
+        .set(i64::from(up));
 }
 
 /// Any other timed step worth a histogram (`"snapshot"`, `"resize"`, `"flatten"`, `"mkfs"`…).

@@ -1,8 +1,7 @@
 //! The one registry of the process and the metrics in it.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -19,8 +18,9 @@ pub(super) struct Metrics {
     pub rpc_errors: IntCounterVec,
     pub rpc_seconds: HistogramVec,
     pub rpc_in_flight: IntGaugeVec,
-    pub attach_seconds: Histogram,
-    pub detach_seconds: Histogram,
+    pub attach_seconds: HistogramVec,
+    pub detach_seconds: HistogramVec,
+    pub host_up: IntGaugeVec,
     pub operation_seconds: HistogramVec,
     pub group_snapshots: IntCounterVec,
     pub pool_size_bytes: prometheus::GaugeVec,
@@ -75,15 +75,30 @@ impl Metrics {
                 &rpc,
             )
             .unwrap(),
-            attach_seconds: Histogram::with_opts(hopts(
-                "attach_duration_seconds",
-                "Time to attach a volume to a node and confirm it",
-            ))
+            attach_seconds: HistogramVec::new(
+                hopts(
+                    "attach_duration_seconds",
+                    "Time to attach a volume to a node and confirm it, by hypervisor host",
+                ),
+                &["host"],
+            )
             .unwrap(),
-            detach_seconds: Histogram::with_opts(hopts(
-                "detach_duration_seconds",
-                "Time to detach a volume from a node and confirm it",
-            ))
+            detach_seconds: HistogramVec::new(
+                hopts(
+                    "detach_duration_seconds",
+                    "Time to detach a volume from a node and confirm it, by hypervisor host",
+                ),
+                &["host"],
+            )
+            .unwrap(),
+            host_up: IntGaugeVec::new(
+                opts(
+                    "host_up",
+                    "1 when the last libvirt call to the hypervisor host reached its libvirtd, 0 \
+                     when it could not",
+                ),
+                &["host"],
+            )
             .unwrap(),
             operation_seconds: HistogramVec::new(
                 hopts(
@@ -154,6 +169,7 @@ impl Metrics {
             Box::new(m.rpc_in_flight.clone()),
             Box::new(m.attach_seconds.clone()),
             Box::new(m.detach_seconds.clone()),
+            Box::new(m.host_up.clone()),
             Box::new(m.operation_seconds.clone()),
             Box::new(m.group_snapshots.clone()),
             Box::new(m.pool_size_bytes.clone()),
@@ -198,12 +214,12 @@ mod tests {
         m.rpc_seconds
             .with_label_values(&["Identity", "Probe"])
             .observe(0.002);
-        m.attach_seconds.observe(0.03);
+        m.attach_seconds.with_label_values(&["hv1"]).observe(0.03);
         let text = m.render();
         assert!(text.contains(
             "virtdisk_csi_rpc_requests_total{code=\"OK\",method=\"Probe\",service=\"Identity\"}"
         ));
         assert!(text.contains("virtdisk_csi_rpc_duration_seconds_bucket{method=\"Probe\""));
-        assert!(text.contains("virtdisk_csi_attach_duration_seconds_count"));
+        assert!(text.contains("virtdisk_csi_attach_duration_seconds_count{host=\"hv1\"}"));
     }
 }

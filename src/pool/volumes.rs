@@ -66,12 +66,6 @@ pub struct Pools {
     pub(super) layers: LayerContext,
 }
 
-/// Whether a pool with topology `pool` is reachable from `wanted` (a pool with no topology is
-/// reachable from everywhere).
-pub(crate) fn topology_fits(pool: &Topology, wanted: &Topology) -> bool {
-    pool.is_empty() || wanted.iter().all(|(k, v)| pool.get(k) == Some(v))
-}
-
 fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to).saturating_mul(to)
 }
@@ -240,7 +234,7 @@ impl Pools {
             .filter(|p| {
                 q.topology
                     .as_ref()
-                    .is_none_or(|t| topology_fits(p.topology(), t))
+                    .is_none_or(|t| p.config().accessible_from(t))
             })
             .cloned()
             .collect();
@@ -387,7 +381,7 @@ impl Pools {
                 req_topo
                     .requisite
                     .iter()
-                    .any(|t| topology_fits(p.topology(), t))
+                    .any(|t| p.config().accessible_from(t))
             });
         }
         if candidates.is_empty() {
@@ -402,7 +396,7 @@ impl Pools {
             req_topo
                 .preferred
                 .iter()
-                .position(|t| !p.topology().is_empty() && topology_fits(p.topology(), t))
+                .position(|t| p.config().has_topology() && p.config().accessible_from(t))
                 .unwrap_or(usize::MAX)
         };
         candidates.sort_by_key(rank);
@@ -495,11 +489,10 @@ impl Pools {
             }
         }
         if !req.topology.requisite.is_empty()
-            && !req
-                .topology
-                .requisite
-                .iter()
-                .any(|t| topology_fits(&existing.accessible_topology, t))
+            && !req.topology.requisite.iter().any(|t| {
+                self.get(&existing.pool)
+                    .is_some_and(|p| p.config().accessible_from(t))
+            })
         {
             return conflict("a topology outside the requisite one".into());
         }
@@ -651,15 +644,5 @@ mod tests {
             size_for(u64::MAX, 0, 0),
             Err(Error::OutOfRange(_))
         ));
-    }
-
-    #[test]
-    fn topology_matching() {
-        let pool: Topology = [("zone".to_string(), "a".to_string())].into();
-        let want_a: Topology = [("zone".to_string(), "a".to_string())].into();
-        let want_b: Topology = [("zone".to_string(), "b".to_string())].into();
-        assert!(topology_fits(&pool, &want_a));
-        assert!(!topology_fits(&pool, &want_b));
-        assert!(topology_fits(&Topology::new(), &want_b));
     }
 }

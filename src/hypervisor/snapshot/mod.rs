@@ -107,7 +107,7 @@ fn describe(members: &[LiveMember]) -> String {
 async fn read_switches(hv: &Hypervisor, members: &[LiveMember]) -> Result<Vec<Switch>> {
     let mut reads = tokio::task::JoinSet::new();
     for (i, m) in members.iter().enumerate() {
-        if !view::in_pools(&m.overlay, &hv.config().pools) || !m.overlay.is_absolute() {
+        if !view::in_pools(&m.overlay, hv.pools()) || !m.overlay.is_absolute() {
             return Err(Error::internal(format!(
                 "the overlay {} of volume {} is not in a pool's images directory",
                 m.overlay.display(),

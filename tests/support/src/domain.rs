@@ -5,6 +5,8 @@
 //! let dom = TestDomain::builder("live").root_ports(6).scsi_controllers(1).guest_agent().start();
 //! dom.live_disk(&serial);  dom.inactive_disk(&serial);     // parsed by the plugin's reader
 //! dom.power_off(); dom.power_on();
+//! let mut dom = TestDomain::builder("mig").on(second.uri()).start();   // another libvirtd
+//! dom.migrate_live(URI);                                    // follows the domain to URI
 //! ```
 //!
 //! Names are `<prefix><pid>-<n>[-<tag>]` (prefix `vdt-dom-` unless set): a domain is destroyed
@@ -12,7 +14,7 @@
 //! a prefix whose process is gone (a killed run) are swept the first time a test makes one.
 //! The guest bed names its guests the same way ([`unique_name`], [`sweep_stale`]).
 
-use crate::virsh::{ensure_libvirtd, virsh_at, virsh_ok, URI};
+use crate::virsh::{ensure_libvirtd, virsh_at, virsh_ok, virsh_ok_at, URI};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,9 +85,17 @@ pub struct DomainBuilder {
     scsi_controllers: usize,
     guest_agent: bool,
     persistent: bool,
+    uri: String,
 }
 
 impl DomainBuilder {
+    /// The libvirtd to define it on (default [`URI`], the machine's), e.g. a
+    /// [`crate::second_libvirtd::SecondLibvirtd`]'s.
+    pub fn on(mut self, uri: &str) -> DomainBuilder {
+        self.uri = uri.to_string();
+        self
+    }
+
     /// The name prefix (default [`PREFIX`]).
     pub fn prefix(mut self, prefix: &str) -> DomainBuilder {
         self.prefix = prefix.to_string();
@@ -145,10 +155,16 @@ impl DomainBuilder {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), self.xml(&name)).unwrap();
         let path = file.path().to_str().unwrap();
-        virsh_ok(&[if self.persistent { "define" } else { "create" }, path]);
+        let uri = self.uri.as_str();
+        virsh_ok_at(
+            uri,
+            &[if self.persistent { "define" } else { "create" }, path],
+        );
         let dom = TestDomain {
-            uuid: virsh_ok(&["domuuid", &name]).trim().to_string(),
+            uuid: virsh_ok_at(uri, &["domuuid", &name]).trim().to_string(),
             name,
+            uri: uri.to_string(),
+            seen: vec![uri.to_string()],
         };
         if self.persistent {
             dom.power_on();
@@ -157,10 +173,15 @@ impl DomainBuilder {
     }
 }
 
-/// A running KVM domain without an OS; destroyed and undefined when dropped.
+/// A running KVM domain without an OS; destroyed and undefined when dropped (on every
+/// libvirtd it was on).
 pub struct TestDomain {
     pub name: String,
     pub uuid: String,
+    /// The libvirt connection it runs on now.
+    pub uri: String,
+    /// Every connection it was on (a live migration leaves a definition behind).
+    seen: Vec<String>,
 }
 
 impl TestDomain {
@@ -174,6 +195,7 @@ impl TestDomain {
             scsi_controllers: 0,
             guest_agent: false,
             persistent: true,
+            uri: URI.to_string(),
         }
     }
 
@@ -201,14 +223,37 @@ impl TestDomain {
             .start()
     }
 
+    /// `virsh -c <its uri now> <args>`, which must succeed; stdout.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        virsh_ok_at(&self.uri, args)
+    }
+
+    /// `virsh migrate --live` to the libvirtd at `to` (`--unsafe`: test pools lie on a local
+    /// filesystem that libvirt cannot know both hosts share); from then on the domain is
+    /// addressed there. Returns how long the migration took.
+    pub fn migrate_live(&mut self, to: &str) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        self.virsh_ok(&["migrate", "--live", "--unsafe", &self.name, to]);
+        self.uri = to.to_string();
+        if !self.seen.iter().any(|u| u == to) {
+            self.seen.push(to.to_string());
+        }
+        started.elapsed()
+    }
+
     /// The live XML as text.
     pub fn live_xml(&self) -> String {
-        virsh_ok(&["dumpxml", &self.name])
+        self.virsh_ok(&["dumpxml", &self.name])
     }
 
     /// The persistent definition as text.
     pub fn inactive_xml(&self) -> String {
-        virsh_ok(&["dumpxml", "--inactive", &self.name])
+        self.virsh_ok(&["dumpxml", "--inactive", &self.name])
+    }
+
+    /// The persistent definition the domain has (or left) on `uri`, as text.
+    pub fn inactive_xml_at(&self, uri: &str) -> String {
+        virsh_ok_at(uri, &["dumpxml", "--inactive", &self.name])
     }
 
     /// Whether the live XML holds a disk with this serial.
@@ -219,7 +264,7 @@ impl TestDomain {
 
     /// The capacity the domain reports for a disk (`virsh domblkinfo`).
     pub fn capacity(&self, target: &str) -> u64 {
-        let out = virsh_ok(&["domblkinfo", &self.name, target]);
+        let out = self.virsh_ok(&["domblkinfo", &self.name, target]);
         out.lines()
             .find_map(|l| l.strip_prefix("Capacity:"))
             .and_then(|v| v.trim().parse().ok())
@@ -228,11 +273,11 @@ impl TestDomain {
 
     /// Powers the domain off (its persistent definition stays).
     pub fn power_off(&self) {
-        virsh_ok(&["destroy", &self.name]);
+        self.virsh_ok(&["destroy", &self.name]);
     }
 
     pub fn power_on(&self) {
-        virsh_ok(&["start", &self.name]);
+        self.virsh_ok(&["start", &self.name]);
     }
 }
 
@@ -277,12 +322,14 @@ impl TestDomain {
     pub fn qemu_io(&self, serial: &str, cmd: &str) {
         let dev = self.disk_alias(serial);
         let hmp = format!("qemu-io -d {dev} \"{cmd}\"");
-        virsh_ok(&["qemu-monitor-command", &self.name, "--hmp", &hmp]);
+        self.virsh_ok(&["qemu-monitor-command", &self.name, "--hmp", &hmp]);
     }
 }
 
 impl Drop for TestDomain {
     fn drop(&mut self) {
-        destroy_and_undefine(URI, &self.name);
+        for uri in &self.seen {
+            destroy_and_undefine(uri, &self.name);
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! | [`rpc`] | CSI request builders with sensible defaults, and short calls on the gRPC clients |
 //! | [`calls`] | one-line controller calls by name and id, for scenario tests |
 //! | [`virsh`] | `virsh` on `qemu:///system`, and libvirtd started if it is not running |
-//! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into |
+//! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into, on any libvirtd, following live migrations |
+//! | [`second_libvirtd`] | [`second_libvirtd::SecondLibvirtd`]: a second, independent libvirtd (a second hypervisor host) in its own mount namespace |
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
 //! | [`pool`] | a pool directory's on-disk truth (records, layers) and its invariants |
 //! | [`local_attach`] | a monolith with local attach on this host, and proof that nothing leaks |
@@ -46,6 +47,7 @@ pub mod plugin;
 pub mod pool;
 pub mod qemu;
 pub mod rpc;
+pub mod second_libvirtd;
 pub mod sequence;
 pub mod virsh;
 

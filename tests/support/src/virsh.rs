@@ -33,7 +33,12 @@ pub fn virsh_at(uri: &str, args: &[&str]) -> Output {
 
 /// [`virsh`] that must succeed; returns its stdout.
 pub fn virsh_ok(args: &[&str]) -> String {
-    let out = virsh(args);
+    virsh_ok_at(URI, args)
+}
+
+/// [`virsh_at`] that must succeed; returns its stdout.
+pub fn virsh_ok_at(uri: &str, args: &[&str]) -> String {
+    let out = virsh_at(uri, args);
     assert!(
         out.status.success(),
         "virsh {}: {}",

@@ -36,6 +36,9 @@ pub struct GuestOptions {
     pub rust_log: String,
     /// Kernel start → node plugin answering.
     pub boot_timeout: Duration,
+    /// SMBIOS OEM strings (type 11) the domain hands the guest, e.g. the node topology
+    /// `topology.virtdisk.csi.io/host=hv1`.
+    pub oem_strings: Vec<String>,
 }
 
 impl Default for GuestOptions {
@@ -45,6 +48,7 @@ impl Default for GuestOptions {
             hotplug_ports: 6,
             rust_log: "info".to_string(),
             boot_timeout: Duration::from_secs(180),
+            oem_strings: Vec::new(),
         }
     }
 }
@@ -52,7 +56,10 @@ impl Default for GuestOptions {
 pub struct Guest {
     name: String,
     uuid: String,
+    /// The libvirt connection the domain runs on now.
     uri: String,
+    /// Every connection it ran on (a live migration leaves its definition behind).
+    seen: Vec<String>,
     dir: tempfile::TempDir,
     console: PathBuf,
     port: u16,
@@ -100,6 +107,7 @@ impl Guest {
             cmdline: &format!("VDT_RUST_LOG={}", opts.rust_log),
             console_log: &console,
             hotplug_ports: opts.hotplug_ports,
+            oem_strings: &opts.oem_strings,
         });
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, &domain_xml).unwrap();
@@ -115,6 +123,7 @@ impl Guest {
             name: full.clone(),
             uuid,
             uri: bed.uri.clone(),
+            seen: vec![bed.uri.clone()],
             dir,
             console,
             port: 0,
@@ -136,13 +145,63 @@ impl Guest {
             .await
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.name));
         self.timeline.mark("domain running (QEMU started)");
+        self.forward().await;
+        self.wait_for_plugin(mark, opts.boot_timeout).await;
+    }
+
+    /// Port forwards to the plugin and the command channel on the running QEMU, and a lazy
+    /// channel through the first.
+    async fn forward(&mut self) {
         self.port = self.forward_port(GUEST_NODE_PORT).await;
         self.exec_port = self.forward_port(GUEST_EXEC_PORT).await;
         self.channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))
             .unwrap()
             .connect_timeout(Duration::from_secs(3))
             .connect_lazy();
-        self.wait_for_plugin(mark, opts.boot_timeout).await;
+    }
+
+    /// The libvirt URI of the host the guest runs on now.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// `virsh migrate --live` to the libvirtd at `to` (`--unsafe`: the test's images lie on a
+    /// filesystem libvirt cannot know both hosts share), then the port forwards again on the
+    /// new QEMU (they are not migrated) and the node plugin probed through them. Returns how
+    /// long the migration itself took.
+    pub async fn migrate_live(&mut self, to: &str) -> Duration {
+        let started = Instant::now();
+        self.virsh(&["migrate", "--live", "--unsafe", &self.name, to])
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("migrating to {to}: {e}")));
+        let took = started.elapsed();
+        self.uri = to.to_string();
+        if !self.seen.iter().any(|u| u == to) {
+            self.seen.push(to.to_string());
+        }
+        self.timeline
+            .mark(format!("live-migrated to {to} ({} ms)", took.as_millis()));
+        self.forward().await;
+        let mut identity = IdentityClient::new(self.channel.clone());
+        let probe = tokio::time::timeout(
+            Duration::from_secs(30),
+            identity.probe(csi::ProbeRequest {}),
+        )
+        .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            self.fail(&format!(
+                "the node plugin does not answer after the migration: {probe:?}"
+            ));
+        }
+        self.timeline.mark("node plugin answers on the new host");
+        took
+    }
+
+    /// The persistent definition of the domain on `uri` (e.g. the one a migration left).
+    pub async fn inactive_xml_at(&self, uri: &str) -> String {
+        virsh(uri, &["dumpxml", "--inactive", &self.name])
+            .await
+            .unwrap_or_else(|e| self.fail(&format!("dumpxml --inactive on {uri}: {e}")))
     }
 
     /// Adds a host → guest TCP forward on a free loopback port (retrying if another process
@@ -621,7 +680,9 @@ impl Drop for Guest {
                 self.console_tail(40)
             ));
         }
-        destroy_and_undefine(&self.uri, &self.name);
+        for uri in &self.seen {
+            destroy_and_undefine(uri, &self.name);
+        }
     }
 }
 

@@ -58,6 +58,8 @@ pub struct DomainSpec<'a> {
     pub console_log: &'a Path,
     /// PCIe root ports left free for virtio-blk hot-plug.
     pub hotplug_ports: u32,
+    /// SMBIOS OEM strings (type 11), e.g. `topology.virtdisk.csi.io/host=hv1`.
+    pub oem_strings: &'a [String],
 }
 
 /// A TCG (`type='qemu'`) q35 guest booting the kernel and initramfs directly.
@@ -68,6 +70,19 @@ pub fn domain(spec: &DomainSpec) -> String {
     for _ in 0..spec.hotplug_ports + 4 {
         ports.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
     }
+    let (smbios, sysinfo) = if spec.oem_strings.is_empty() {
+        (String::new(), String::new())
+    } else {
+        let entries: String = spec
+            .oem_strings
+            .iter()
+            .map(|e| format!("<entry>{}</entry>", escape(e)))
+            .collect();
+        (
+            "    <smbios mode='sysinfo'/>\n".to_string(),
+            format!("  <sysinfo type='smbios'><oemStrings>{entries}</oemStrings></sysinfo>\n"),
+        )
+    };
     let mut xml = String::new();
     write!(
         xml,
@@ -80,8 +95,8 @@ pub fn domain(spec: &DomainSpec) -> String {
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
     <cmdline>console=ttyS0 rdinit=/init {cmdline}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
+{smbios}  </os>
+{sysinfo}  <features><acpi/><apic/></features>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>

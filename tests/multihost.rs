@@ -1,0 +1,466 @@
+//! One controller, two hypervisor hosts: the machine's libvirtd (host `hv-a`) and a second,
+//! independent libvirtd in its own mount namespace (host `hv-b`, `second_libvirtd`). Pools:
+//! `local-a` (hv-a only), `local-b` (hv-b only), `shared` (both). Real KVM domains (no guest
+//! OS) on each host; everything is checked in the domains' XML as each libvirtd reports it,
+//! and data through the domains' own QEMU (`qemu-io` over the monitor).
+
+// Needs the libvirt backend; a --no-default-features build has none.
+#![cfg(feature = "libvirt")]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
+use virtdisk_test_support::prelude::*;
+use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
+use virtdisk_test_support::virsh::URI;
+
+const HOST_KEY: &str = "topology.virtdisk.csi.io/host";
+
+/// Two hosts, a controller that knows both, a domain on each.
+struct Cluster {
+    // Dropped in this order: domains, controller, then the second libvirtd.
+    dom_a: TestDomain,
+    dom_b: TestDomain,
+    p: Plugin,
+    b: SecondLibvirtd,
+}
+
+impl Cluster {
+    async fn start(tag: &str) -> Cluster {
+        let t = Instant::now();
+        let b = SecondLibvirtd::start();
+        eprintln!("second libvirtd up in {} ms at {}", ms(t), b.uri());
+        let config = format!(
+            r#"
+[[pool]]
+name = "local-a"
+path = "{{dir}}/pools/local-a"
+[[pool]]
+name = "local-b"
+path = "{{dir}}/pools/local-b"
+[[pool]]
+name = "shared"
+path = "{{dir}}/pools/shared"
+[[host]]
+name = "hv-a"
+uri = "{URI}"
+pools = ["local-a", "shared"]
+[[host]]
+name = "hv-b"
+uri = "{}"
+pools = ["local-b", "shared"]
+[libvirt]
+detach_timeout_secs = 5
+"#,
+            b.uri()
+        );
+        let launch = Plugin::launch("controller").config(&config);
+        let launch = launch.args(&["--metrics-addr", "127.0.0.1:0"]);
+        let p = launch.readable_by_qemu().start().await;
+        let dom_a = TestDomain::start(&format!("{tag}-a"), 4);
+        let dom_b = on_b(&b, &format!("{tag}-b"));
+        Cluster { dom_a, dom_b, p, b }
+    }
+
+    async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume, Status> {
+        self.p.controller().create(req).await
+    }
+
+    async fn create_in(&self, name: &str, pool: &str) -> String {
+        let req = csi::CreateVolumeRequest {
+            parameters: params(&[("pool", pool)]),
+            ..create_req(name, 64 * MIB)
+        };
+        self.create(req).await.expect("create").volume_id
+    }
+
+    async fn publish(&self, volume: &str, node: &str) -> Result<(), Status> {
+        let t = Instant::now();
+        let r = self.p.controller().publish(publish_req(volume, node)).await;
+        let r = r.map(drop);
+        eprintln!("publish {volume} → {node}: {} ms ({r:?})", ms(t));
+        r
+    }
+
+    async fn unpublish(&self, volume: &str, node: &str) -> Result<(), Status> {
+        let t = Instant::now();
+        let r = self
+            .p
+            .controller()
+            .unpublish(unpublish_req(volume, node))
+            .await;
+        eprintln!("unpublish {volume} ← {node}: {} ms ({r:?})", ms(t));
+        r
+    }
+
+    async fn published_nodes(&self, volume: &str) -> Vec<String> {
+        self.p.controller().published_nodes(volume).await
+    }
+
+    /// ListVolumes: (published nodes, condition) of every volume.
+    async fn listing(&self) -> BTreeMap<String, (Vec<String>, csi::VolumeCondition)> {
+        self.p
+            .controller()
+            .all_volumes()
+            .await
+            .into_iter()
+            .map(|e| {
+                let status = e.status.unwrap();
+                (
+                    e.volume.unwrap().volume_id,
+                    (status.published_node_ids, status.volume_condition.unwrap()),
+                )
+            })
+            .collect()
+    }
+}
+
+fn on(host: &str) -> csi::Topology {
+    csi::Topology {
+        segments: [(HOST_KEY.to_string(), host.to_string())].into(),
+    }
+}
+
+fn hosts_of(v: &csi::Volume) -> Vec<String> {
+    v.accessible_topology
+        .iter()
+        .map(|t| t.segments[HOST_KEY].clone())
+        .collect()
+}
+
+/// A domain on the second host.
+fn on_b(b: &SecondLibvirtd, tag: &str) -> TestDomain {
+    TestDomain::builder(tag).on(b.uri()).root_ports(5).start()
+}
+
+/// `qemu-io` inside the domain's QEMU, on the volume's disk (HMP); what it printed (QEMU
+/// prints it on its stdout: the domain's log on whichever host runs it).
+fn qemu_io(c: &Cluster, dom: &TestDomain, serial: &str, command: &str) -> String {
+    let log = if dom.uri == URI {
+        std::path::PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", dom.name))
+    } else {
+        c.b.domain_log(&dom.name)
+    };
+    let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    dom.qemu_io(serial, command);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let new = text.get(before..).unwrap_or_default();
+        if new.contains(" ops;") {
+            return new.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no qemu-io output in {}: {new}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_places_volumes_and_publishes_reach_either_host() {
+    let c = Cluster::start("topo").await;
+    let caps =
+        c.p.identity()
+            .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    use csi::plugin_capability::{service::Type, Type as Cap};
+    assert!(
+        caps.capabilities.iter().any(|cap| matches!(
+            &cap.r#type,
+            Some(Cap::Service(s)) if s.r#type == Type::VolumeAccessibilityConstraints as i32
+        )),
+        "{caps:?}"
+    );
+
+    // Requisite hv-b: a pool hv-b reaches, reported accessible from hv-b only.
+    let mut req = create_req("mh-topo-b", 64 * MIB);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on("hv-b")],
+        preferred: vec![on("hv-b")],
+    });
+    let vb = c.create(req).await.expect("create on hv-b");
+    assert!(vb.volume_id.starts_with("local-b."), "{}", vb.volume_id);
+    assert_eq!(hosts_of(&vb), ["hv-b"]);
+    // Either host, hv-a preferred: hv-a's local pool.
+    let mut req = create_req("mh-topo-a", 64 * MIB);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on("hv-a"), on("hv-b")],
+        preferred: vec![on("hv-a")],
+    });
+    let va = c.create(req).await.expect("create on hv-a");
+    assert!(va.volume_id.starts_with("local-a."), "{}", va.volume_id);
+    assert_eq!(hosts_of(&va), ["hv-a"]);
+    // The shared pool is accessible from both.
+    let mut req = create_req("mh-topo-s", 64 * MIB);
+    req.parameters = params(&[("pool", "shared")]);
+    let vs = c.create(req).await.expect("create shared");
+    assert_eq!(hosts_of(&vs), ["hv-a", "hv-b"]);
+    // Nothing is accessible from an unknown host; the shared pool from hv-b only with
+    // requisite hv-b and pool=shared.
+    let mut req = create_req("mh-topo-none", 64 * MIB);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on("hv-c")],
+        preferred: vec![],
+    });
+    let err = c.create(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let mut req = create_req("mh-topo-local-a-on-b", 64 * MIB);
+    req.parameters = params(&[("pool", "local-a")]);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![on("hv-b")],
+        preferred: vec![],
+    });
+    let err = c.create(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // GetCapacity per topology.
+    for (host, some) in [("hv-a", true), ("hv-b", true), ("hv-c", false)] {
+        let cap =
+            c.p.controller()
+                .get_capacity(csi::GetCapacityRequest {
+                    accessible_topology: Some(on(host)),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .available_capacity;
+        assert_eq!(cap > 0, some, "{host}: {cap}");
+    }
+
+    // Publish to a VM on either host: the disk lands in that host's domain.
+    let (a, b) = (&c.dom_a, &c.dom_b);
+    c.publish(&va.volume_id, &a.uuid)
+        .await
+        .expect("local-a → A");
+    c.publish(&vb.volume_id, &b.uuid)
+        .await
+        .expect("local-b → B");
+    assert!(a.live_disk(&serial_of(&va.volume_id)).is_some());
+    assert!(b.live_disk(&serial_of(&vb.volume_id)).is_some());
+    assert!(b.live_disk(&serial_of(&va.volume_id)).is_none());
+    // By domain name too.
+    c.publish(&vb.volume_id, &b.name)
+        .await
+        .expect("idempotent by name");
+
+    // A local volume of hv-a to a VM on hv-b: refused, naming both hosts; nothing attached.
+    let va2 = c.create_in("mh-topo-a2", "local-a").await;
+    let err = c.publish(&va2, &b.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("hv-a") && err.message().contains("hv-b"),
+        "{}",
+        err.message()
+    );
+    assert!(b.live_disk(&serial_of(&va2)).is_none());
+    let vb2 = c.create_in("mh-topo-b2", "local-b").await;
+    let err = c.publish(&vb2, &a.uuid).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(a.live_disk(&serial_of(&vb2)).is_none());
+
+    // A shared volume goes to either: A, then (after unpublish) B.
+    c.publish(&vs.volume_id, &a.uuid).await.expect("shared → A");
+    assert_eq!(c.published_nodes(&vs.volume_id).await, vec![a.uuid.clone()]);
+    c.unpublish(&vs.volume_id, &a.uuid).await.unwrap();
+    c.publish(&vs.volume_id, &b.uuid).await.expect("shared → B");
+    assert!(b.live_disk(&serial_of(&vs.volume_id)).is_some());
+    assert!(a.live_disk(&serial_of(&vs.volume_id)).is_none());
+
+    // ListVolumes sees both hosts' attachments.
+    let listing = c.listing().await;
+    assert_eq!(listing[&va.volume_id].0, vec![a.uuid.clone()]);
+    assert_eq!(listing[&vb.volume_id].0, vec![b.uuid.clone()]);
+    assert_eq!(listing[&vs.volume_id].0, vec![b.uuid.clone()]);
+    assert!(listing.values().all(|(_, cond)| !cond.abnormal));
+
+    for (v, n) in [
+        (&va.volume_id, &a.uuid),
+        (&vb.volume_id, &b.uuid),
+        (&vs.volume_id, &b.uuid),
+    ] {
+        c.unpublish(v, n).await.unwrap();
+    }
+
+    // doctor with the same config checks each host, by name.
+    let config = c.p.dir.path().join("config.toml");
+    let out = std::process::Command::new(virtdisk_test_support::plugin::bin())
+        .args(["doctor", "--mode", "controller", "-o", "json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ok = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == name && c["status"] == "OK")
+    };
+    for check in [
+        "libvirt (hv-a)",
+        "libvirt (hv-b)",
+        "domains (hv-b)",
+        "domain UUIDs",
+    ] {
+        assert!(ok(check), "no OK check {check:?}: {report:#}");
+    }
+    assert!(b.live_disk(&serial_of(&vb.volume_id)).is_none());
+    assert!(b.inactive_disk(&serial_of(&vb.volume_id)).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_keeps_the_volume_and_every_later_rpc_follows_the_domain() {
+    let c = Cluster::start("mig").await;
+    let mut dom = on_b(&c.b, "mig-vm");
+    let vol = c.create_in("mh-mig", "shared").await;
+    let serial = serial_of(&vol);
+    c.publish(&vol, &dom.uuid).await.expect("publish on hv-b");
+    let wrote = qemu_io(&c, &dom, &serial, "write -P 0xab 0 1M");
+    assert!(wrote.contains("wrote 1048576"), "{wrote}");
+
+    // hv-b → hv-a: the disk moves with the domain; the data reads back through its new QEMU.
+    let took = dom.migrate_live(URI);
+    eprintln!("live migration hv-b → hv-a: {} ms", took.as_millis());
+    assert!(
+        dom.live_disk(&serial).is_some(),
+        "disk attached after migration"
+    );
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
+    assert!(
+        read.contains("read 1048576") && !read.contains("Pattern verification failed"),
+        "{read}"
+    );
+    // hv-b keeps the shut-off definition (with the disk in it); the node is the running copy.
+    assert!(dom.inactive_xml_at(c.b.uri()).contains(&serial));
+    assert_eq!(c.published_nodes(&vol).await, vec![dom.uuid.clone()]);
+    assert_eq!(c.listing().await[&vol].0, vec![dom.uuid.clone()]);
+
+    // Expand: the running domain on hv-a sees the new size.
+    c.p.controller()
+        .expand(expand_req(&vol, 96 * MIB))
+        .await
+        .expect("expand after migration");
+    let target = dom.live_disk(&serial).unwrap().target;
+    assert_eq!(dom.capacity(&target), 96 << 20);
+    // QoS change: applied to the live disk on hv-a.
+    c.p.controller()
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: vol.clone(),
+            mutable_parameters: params(&[("totalIopsSec", "500")]),
+            ..Default::default()
+        })
+        .await
+        .expect("modify after migration");
+    assert_eq!(
+        dom.live_disk(&serial).unwrap().iotune.total_iops_sec,
+        Some(500)
+    );
+    // Live snapshot: the domain on hv-a switches to a new overlay.
+    let before = dom.live_disk(&serial).unwrap().source.unwrap();
+    c.p.controller()
+        .snapshot(snapshot_req("mh-mig-snap", &vol))
+        .await
+        .expect("live snapshot after migration");
+    let after = dom.live_disk(&serial).unwrap().source.unwrap();
+    assert_ne!(before, after, "the disk continues in the new overlay");
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+
+    // And back hv-a → hv-b, then unpublish finds it there and cleans every definition.
+    let took = dom.migrate_live(c.b.uri());
+    eprintln!("live migration hv-a → hv-b: {} ms", took.as_millis());
+    let read = qemu_io(&c, &dom, &serial, "read -P 0xab 0 1M");
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    c.unpublish(&vol, &dom.uuid)
+        .await
+        .expect("unpublish on hv-b");
+    assert!(dom.live_disk(&serial).is_none(), "gone from the live XML");
+    assert!(
+        dom.inactive_disk(&serial).is_none(),
+        "gone from the definition"
+    );
+    assert!(c.published_nodes(&vol).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_libvirtd_stops_fails_only_its_own_operations() {
+    let c = Cluster::start("down").await;
+    let (a, b) = (&c.dom_a, &c.dom_b);
+    let va = c.create_in("mh-down-a", "local-a").await;
+    let va2 = c.create_in("mh-down-a2", "local-a").await;
+    let vb = c.create_in("mh-down-b", "local-b").await;
+    let vb2 = c.create_in("mh-down-b2", "local-b").await;
+    c.publish(&va, &a.uuid).await.unwrap();
+    c.publish(&vb, &b.uuid).await.unwrap();
+
+    c.b.stop_daemon();
+    // hv-a keeps serving: publish, unpublish, listing, readiness.
+    c.publish(&va2, &a.uuid).await.expect("hv-a serves");
+    c.unpublish(&va2, &a.uuid).await.expect("hv-a serves");
+    assert_eq!(c.published_nodes(&va).await, vec![a.uuid.clone()]);
+    let listing = c.listing().await;
+    assert_eq!(listing[&va].0, vec![a.uuid.clone()]);
+    assert!(!listing[&va].1.abnormal);
+    let (_, cond) = &listing[&vb];
+    assert!(cond.abnormal && cond.message.contains("hv-b"), "{cond:?}");
+    c.p.identity()
+        .probe(csi::ProbeRequest {})
+        .await
+        .expect("ready while one host answers");
+    // Metrics by host: hv-b is down, hv-a up and attaching.
+    let (_, body) = http_get(&metrics_addr(&c.p).await, "/metrics");
+    assert_eq!(
+        sample(&body, "virtdisk_csi_host_up{host=\"hv-a\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "virtdisk_csi_host_up{host=\"hv-b\"}"),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &body,
+            "virtdisk_csi_attach_duration_seconds_count{host=\"hv-a\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{body}"
+    );
+    // hv-b's nodes: UNAVAILABLE, naming the host.
+    for (what, r) in [
+        ("publish", c.publish(&vb2, &b.uuid).await),
+        ("unpublish", c.unpublish(&vb, &b.uuid).await),
+    ] {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{what}: {e:?}");
+        assert!(e.message().contains("hv-b"), "{what}: {}", e.message());
+    }
+    // ControllerGetVolume answers what hv-b's attach ledger says, flagged unconfirmed.
+    let got = c.p.controller().volume(&vb).await.expect("get volume");
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, vec![b.uuid.clone()]);
+    let cond = status.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("hv-b"), "{cond:?}");
+    // A volume of hv-b's pool that its ledger never saw attached can still be deleted.
+    c.p.controller().delete(&vb2).await.expect("delete vb2");
+
+    // hv-b back: its connection reopens by itself, and its node is served again.
+    c.b.start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.unpublish(&vb, &b.uuid).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("unpublish after hv-b came back: {e:?}"),
+        }
+    }
+    assert!(b.live_disk(&serial_of(&vb)).is_none());
+    c.unpublish(&va, &a.uuid).await.unwrap();
+}
