@@ -83,7 +83,7 @@ async fn volumes_of_one_domain_are_cut_in_one_transaction_under_a_writer() {
     let seq = Sequence::new(vols.len(), BLOCK);
     let disks = vols
         .iter()
-        .map(|v| (dom.name.clone(), dom.disk_alias(&serial_of(v))))
+        .map(|v| dom.monitor_disk(&serial_of(v)))
         .collect();
     let writer = MonitorWriter::start(seq, disks);
     writer.wait_for(10).await;
@@ -195,7 +195,7 @@ async fn volumes_of_two_domains_and_an_unattached_one_share_one_point() {
     let seq = Sequence::new(attached.len(), BLOCK);
     let disks = attached
         .iter()
-        .map(|(v, d)| (d.name.clone(), d.disk_alias(&serial_of(v))))
+        .map(|(v, d)| d.monitor_disk(&serial_of(v)))
         .collect();
     let writer = MonitorWriter::start(seq, disks);
     writer.wait_for(10).await;

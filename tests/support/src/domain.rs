@@ -314,7 +314,16 @@ impl TestDomain {
 
     /// The domain's run state (`virsh domstate`: running, paused, shut off…).
     pub fn state(&self) -> String {
-        virsh_ok(&["domstate", &self.name]).trim().to_string()
+        self.virsh_ok(&["domstate", &self.name]).trim().to_string()
+    }
+
+    /// Where [`crate::sequence::MonitorWriter`] writes to the disk with this serial.
+    pub fn monitor_disk(&self, serial: &str) -> crate::sequence::MonitorDisk {
+        crate::sequence::MonitorDisk {
+            uri: self.uri.clone(),
+            domain: self.name.clone(),
+            device: self.disk_alias(serial),
+        }
     }
 
     /// Runs a qemu-io command inside the domain's QEMU on the disk with this serial, as the

@@ -129,6 +129,15 @@ mod tests {
     }
 }
 
+/// A disk the writer writes to: its domain (on the libvirtd at `uri`) and its device id (the
+/// disk's alias in the live XML). `TestDomain::monitor_disk` makes one.
+#[derive(Debug, Clone)]
+pub struct MonitorDisk {
+    pub uri: String,
+    pub domain: String,
+    pub device: String,
+}
+
 /// The stream written by the QEMU of running domains, as their guests would write: HMP
 /// `qemu-io -d <device>` on each volume's disk, one write after the other, from a thread.
 pub struct MonitorWriter {
@@ -138,31 +147,33 @@ pub struct MonitorWriter {
 }
 
 impl MonitorWriter {
-    /// Starts writing `seq` to `disks`: per volume of the sequence, (domain name, device id
-    /// of its disk: the disk's alias in the live XML).
-    pub fn start(seq: Sequence, disks: Vec<(String, String)>) -> MonitorWriter {
+    /// Starts writing `seq` to `disks`, one per volume of the sequence.
+    pub fn start(seq: Sequence, disks: Vec<MonitorDisk>) -> MonitorWriter {
         use std::sync::atomic::Ordering;
         assert_eq!(disks.len(), seq.volumes);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, d) = (stop.clone(), done.clone());
+        let (s, count) = (stop.clone(), done.clone());
         let thread = std::thread::spawn(move || {
             let mut i = 0;
             while !s.load(Ordering::SeqCst) {
                 let (v, offset, byte) = seq.step(i);
-                let (domain, device) = &disks[v];
+                let d = &disks[v];
                 let cmd = format!(
-                    "qemu-io -d {device} \"write -P {byte:#x} {offset} {}\"",
-                    seq.block
+                    "qemu-io -d {} \"write -P {byte:#x} {offset} {}\"",
+                    d.device, seq.block
                 );
-                let out = crate::virsh::virsh_ok(&["qemu-monitor-command", domain, "--hmp", &cmd]);
+                let args = ["qemu-monitor-command", &d.domain, "--hmp", &cmd];
+                let out = crate::virsh::virsh_ok_at(&d.uri, &args);
                 // HMP's qemu-io prints nothing on success, the failure otherwise.
                 assert!(
                     out.trim().is_empty() || out.contains("wrote"),
-                    "write {i} to {domain}/{device}: {out}"
+                    "write {i} to {}/{}: {out}",
+                    d.domain,
+                    d.device
                 );
                 i += 1;
-                d.store(i, Ordering::SeqCst);
+                count.store(i, Ordering::SeqCst);
             }
         });
         MonitorWriter {
