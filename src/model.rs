@@ -150,20 +150,50 @@ impl Capability {
     }
 }
 
-/// Mount flags go to mount(8) as one `-o` list: no separators or control characters.
+/// Options mount(8) acts on itself instead of passing them to the file system: with one of
+/// these, it would mount something else than the volume's disk (a new loop device over it:
+/// `loop`, `offset`, `sizelimit`, `encryption`), do another operation on what is at the path
+/// (`bind`, `rbind`, `move`, `remount`), run another helper (`helper`, `uhelper`) or create
+/// and chown paths (`X-mount.*`). Matched on the name before `=`, ignoring case.
+const MOUNT_OPERATION_OPTIONS: &[&str] = &[
+    "bind",
+    "rbind",
+    "move",
+    "remount",
+    "loop",
+    "offset",
+    "sizelimit",
+    "encryption",
+    "helper",
+    "uhelper",
+];
+
+/// Mount flags go to mount(8) as one `-o` list: no separators or control characters, and none
+/// of the options that change what mount(8) does ([`MOUNT_OPERATION_OPTIONS`], `X-mount.*`):
+/// the plugin alone decides what is mounted where.
 pub(crate) fn check_mount_flag(flag: &str) -> Result<()> {
     let ok = !flag.is_empty()
         && flag.len() <= 256
         && flag
             .bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'\\' | b'"' | b'\''));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
+    if !ok {
+        return Err(Error::invalid(format!(
             "mount flag {flag:?} is invalid: one printable option per entry, without commas or quotes"
-        )))
+        )));
     }
+    let name = flag
+        .split_once('=')
+        .map_or(flag, |(n, _)| n)
+        .to_ascii_lowercase();
+    if MOUNT_OPERATION_OPTIONS.contains(&name.as_str()) || name.starts_with("x-mount.") {
+        return Err(Error::invalid(format!(
+            "mount flag {flag:?} is not allowed: it makes mount(8) mount something else, or \
+             elsewhere, than this volume's disk at the path the CO gave; use file system \
+             options (e.g. noatime, discard, nodev)"
+        )));
+    }
+    Ok(())
 }
 
 /// The source a volume was created from.
@@ -201,6 +231,49 @@ impl Consistency {
             Consistency::Offline => "offline",
             Consistency::Crash => "crash-consistent",
             Consistency::Application => "application-consistent",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_flags_that_change_what_mount_does_are_invalid() {
+        for ok in [
+            "noatime",
+            "ro",
+            "discard",
+            "nouuid",
+            "commit=30",
+            "data=ordered",
+            "x-systemd.automount",
+        ] {
+            check_mount_flag(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "loop",
+            "loop=/dev/loop7",
+            "offset=4096",
+            "sizelimit=1",
+            "bind",
+            "rbind",
+            "move",
+            "remount",
+            "REMOUNT",
+            "helper=foo",
+            "uhelper=udisks2",
+            "X-mount.mkdir",
+            "x-mount.mkdir=0777",
+            "X-mount.owner=0",
+            "a,b",
+            "",
+        ] {
+            assert!(
+                matches!(check_mount_flag(bad), Err(Error::InvalidArgument(_))),
+                "{bad:?} accepted"
+            );
         }
     }
 }

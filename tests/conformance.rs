@@ -221,6 +221,19 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             ..Default::default()
         }
     };
+    // A mount capability with one flag: flags that make mount(8) do something else than
+    // mount the volume's disk (loop another device over it, bind, move or remount what is at
+    // the path, create paths) are invalid fields.
+    let flagged = |flag: &str| csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: "ext4".into(),
+                mount_flags: vec!["noatime".into(), flag.into()],
+                volume_mount_group: String::new(),
+            },
+        )),
+        ..cap.clone()
+    };
     // NodeExpandVolume of X at its target, to more than the limit it gives.
     let over_limit = csi::NodeExpandVolumeRequest {
         capacity_range: Some(csi::CapacityRange {
@@ -625,6 +638,38 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             ),
         ),
         case(
+            "NodeStage: X with mount flag `loop` at a plain directory",
+            Some(InvalidArgument),
+            node!(node_stage_volume, stage_req(&xid, &plain, flagged("loop"))),
+        ),
+        case(
+            "NodeStage: X with mount flag `X-mount.mkdir` at Y's staging path",
+            Some(InvalidArgument),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sy, flagged("X-mount.mkdir"))
+            ),
+        ),
+        case(
+            "NodePublish: X with mount flag `remount`",
+            Some(InvalidArgument),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sx, &tx, flagged("remount"))
+            ),
+        ),
+        case(
+            "CreateVolume: mount flag `bind`",
+            Some(InvalidArgument),
+            ctl!(
+                create_volume,
+                csi::CreateVolumeRequest {
+                    volume_capabilities: vec![flagged("bind")],
+                    ..create_req("order-bind", 32 * MIB)
+                }
+            ),
+        ),
+        case(
             "NodeStage: X at Y's staging path",
             Some(AlreadyExists),
             node!(node_stage_volume, stage_req(&xid, &sy, cap.clone())),
@@ -919,6 +964,21 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
     env.publish(&y, &sy, &ty, &cap, false).await.unwrap();
     write_data(&ty, block);
 
+    // X staged with Y's publish_context (a CO that mixed up its records): refused before
+    // anything is mounted, naming both disks. Taking the publish_context's serial would mount
+    // Y's disk at X's staging path, under X's name.
+    let s_mixed = env.staging(&format!("{tag}-x-ctx-y"));
+    let msg = expect_code(
+        env.stage(&x, &ctx_y, &s_mixed, &cap).await,
+        Code::InvalidArgument,
+        "NodeStage(X) with Y's publish_context",
+    );
+    assert!(
+        msg.contains(&serial_of(&y.volume_id)) && msg.contains(&serial_of(&x.volume_id)),
+        "{msg}"
+    );
+    assert!(!is_mount(&staged(&s_mixed)), "X's staging path got a mount");
+
     // X from Y's staging path: refused, naming Y's disk; nothing mounted at X's target.
     let msg = expect_code(
         env.publish(&x, &sy, &tx, &cap, false).await,
@@ -953,6 +1013,67 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
         env.unstage_twice(v, s).await;
     }
     finish_all(&env, &[&x, &y]).await;
+}
+
+/// Issue 12 §3, mounts with no disk behind them: a tmpfs (and a bind of one of its
+/// directories) that some other user mounted where a node RPC points. Their device is the
+/// kernel's unnamed one (major 0), never found in sysfs, so they must not pass for a volume
+/// "whose disk is gone": NodeUnpublish and NodeUnstage answer OK and leave them mounted with
+/// their data (unmounting a tmpfs destroys it); NodePublish from one is refused; stats and
+/// expand answer NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_rpcs_never_take_down_a_mount_with_no_disk_behind_it() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start(CONFIG).await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (x, _ctx) = env.attached("nodisk-x", 32 * MIB, &cap).await;
+    // Someone else's tmpfs, and a bind of a directory of it (a subPath-like mount), both
+    // where a Nomad staging path and target would be.
+    let tmpfs = env.staging("someone-elses-tmpfs");
+    let bind = env.target("someone-elses-bind");
+    let mount = |args: &[&str]| {
+        let st = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {args:?}");
+    };
+    mount(&["-t", "tmpfs", "vdt-tmpfs", &tmpfs]);
+    write_file(&tmpfs, "precious.txt", b"only in memory");
+    std::fs::create_dir(Path::new(&tmpfs).join("sub")).unwrap();
+    std::fs::create_dir_all(&bind).unwrap();
+    mount(&["--bind", &format!("{tmpfs}/sub"), &bind]);
+    for path in [&tmpfs, &bind] {
+        env.unpublish(&x, path).await.unwrap();
+        env.unstage(&x, path).await.unwrap();
+        assert!(
+            is_mount(path),
+            "{path} was unmounted for volume {}",
+            x.volume_id
+        );
+        expect_code(
+            env.stats(&x, path, "").await,
+            Code::NotFound,
+            "NodeGetVolumeStats(X) of a tmpfs",
+        );
+    }
+    let msg = expect_code(
+        env.publish(&x, &tmpfs, &env.target("nodisk-x"), &cap, false)
+            .await,
+        Code::FailedPrecondition,
+        "NodePublish(X) from a tmpfs",
+    );
+    assert!(msg.contains("tmpfs"), "{msg}");
+    assert_eq!(
+        std::fs::read(Path::new(&tmpfs).join("precious.txt")).unwrap(),
+        b"only in memory"
+    );
+    for path in [&bind, &tmpfs] {
+        nix::mount::umount(Path::new(path)).unwrap();
+    }
+    finish_all(&env, &[&x]).await;
 }
 
 /// Issue 12 §4: an ext4 volume was staged, written and unstaged; then its storage daemon dies,

@@ -480,7 +480,7 @@ impl Drop for Cleanup {
 
 /// The canary: `csi/` is the allowed root; `outside/` must never change; `csi/link-out`
 /// leads outside, `csi/leaf-link` is a symlink leaf, `csi/foreign-mount` a mount that no
-/// volume of the plugin owns.
+/// volume of the plugin owns (a tmpfs, mounted by the test that uses it).
 fn canary() -> tempfile::TempDir {
     let c = tempfile::tempdir().unwrap();
     let root = c.path();
@@ -517,6 +517,19 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     let bystander_image = volume_image(&p.pool_dir(), &bystander);
     write_pattern(&bystander_image, 0x5a, 0, MIB as u64);
     let outside_before = tree(&canary_dir.join("outside"));
+    // The foreign mount: a tmpfs no volume owns (its data lives only as long as it is
+    // mounted), below the allowed root where requests point.
+    let foreign = canary_dir.join("csi/foreign-mount");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "vdt-foreign"])
+        .arg(&foreign)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting the foreign tmpfs");
+    std::fs::write(foreign.join("keep.txt"), b"untouched").unwrap();
+    let foreign_intact =
+        || std::fs::read(foreign.join("keep.txt")).ok().as_deref() == Some(&b"untouched"[..]);
     let data_dir = p.data_dir();
     // The real volume may get attached (its export under localattach/) and staged or
     // published below the allowed root: mounts may appear there, and nowhere else.
@@ -568,6 +581,11 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
                 if invalid && code != Code::InvalidArgument {
                     return Err(TestCaseError::fail(format!(
                         "{code:?}, not InvalidArgument, for {what}: {answer:?}"
+                    )));
+                }
+                if !foreign_intact() {
+                    return Err(TestCaseError::fail(format!(
+                        "the foreign tmpfs was taken down after {what}"
                     )));
                 }
                 if tree(&canary_dir.join("outside")) != outside_before {

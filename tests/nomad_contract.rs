@@ -481,8 +481,9 @@ async fn failure_path_leaves_nothing_behind() {
     env::assert_no_leftovers(bed.dir());
     assert!(!bed.nomad.has_claim(&alloc));
 
-    // 2. A publish_context whose serial names no disk (the device path is a real one, of
-    // this volume: it must not be trusted blindly).
+    // 2. A publish_context whose serial names another disk than the volume's (the device
+    // path is a real one, of this volume: it must not be trusted blindly either): an invalid
+    // field, refused before any disk is looked for.
     let n = &mut bed.nomad;
     let mut alloc = n.begin_claim(&vol, &rw(), &n.fp.node_id.clone());
     alloc.publish_context = n
@@ -493,9 +494,10 @@ async fn failure_path_leaves_nothing_behind() {
         .publish_context
         .insert("serial".into(), "vd-0000000000000000".into());
     let status = n.mount_volume(&alloc).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "{}", status.message());
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
     assert!(
-        status.message().contains("vd-0000000000000000"),
+        status.message().contains("vd-0000000000000000")
+            && status.message().contains(&serial_of(&vol.external_id)),
         "{}",
         status.message()
     );

@@ -638,6 +638,7 @@ const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
 ];
 
 /// The QoS the Modify case sets.
+#[cfg(feature = "libvirt")]
 const MODIFIED_IOPS: u64 = 300;
 
 #[cfg(feature = "libvirt")]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 /// A volume was attached to a node on hypervisor host `host` (the local host's name for local
 /// attach), confirmed, in `took`.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_attach(host: &str, took: Duration) {
     registry::get()
         .attach_seconds
@@ -30,6 +31,7 @@ pub(crate) fn observe_attach(host: &str, took: Duration) {
 }
 
 /// A volume was detached from a node on hypervisor host `host`, confirmed, in `took`.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_detach(host: &str, took: Duration) {
     registry::get()
         .detach_seconds
@@ -39,6 +41,7 @@ pub(crate) fn observe_detach(host: &str, took: Duration) {
 
 /// Makes the per-host series of hypervisor host `host` exist (at zero) before its first
 /// attach, detach or call, so a dashboard sees every configured host at once.
+#[cfg(feature = "libvirt")]
 pub(crate) fn register_host(host: &str) {
     let m = registry::get();
     m.attach_seconds.with_label_values(&[host]);
@@ -47,6 +50,7 @@ pub(crate) fn register_host(host: &str) {
 
 /// Whether the last libvirt call to hypervisor host `host` reached its libvirtd
 /// (`virtdisk_csi_host_up`).
+#[cfg(feature = "libvirt")]
 pub(crate) fn set_host_up(host: &str, up: bool) {
     registry::get()
         .host_up

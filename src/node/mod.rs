@@ -112,6 +112,14 @@ impl NodeOps {
                 m.fs_type, m.source
             )));
         };
+        // Major 0 is the kernel's unnamed device: tmpfs, proc, FUSE, NFS, overlay … have no
+        // disk behind them, so they are never a volume of this plugin, dead or alive.
+        if dev.0 == 0 {
+            return Ok(Holder::Other(format!(
+                "a {} file system from {} (no disk behind it: not a volume of this plugin)",
+                m.fs_type, m.source
+            )));
+        }
         let sysfs = self.sysfs.clone();
         let found = exec::blocking(move || {
             Ok(sysfs.by_dev(dev)?.map(|d| {
@@ -164,18 +172,28 @@ impl NodeOps {
         }
     }
 
-    /// The serial to look for: the publish_context's, else the one derived from the volume id
-    /// (Nomad keeps publish_context in memory only and may lose it).
+    /// The serial to look for: the one derived from the volume id (Nomad keeps
+    /// publish_context in memory only and may lose it). A publish_context serial that names
+    /// another disk is INVALID_ARGUMENT: staging it would mount another volume's data under
+    /// this volume's name. For an id that is not one of this plugin's, the publish_context's.
     pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
-        if q.serial.is_empty() {
-            q.serial = ObjectId::parse_volume(volume_id)?
-                .map(|o| o.serial())
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "volume {volume_id} is not a volume of this plugin and the \
-                         publish_context names no serial"
-                    ))
-                })?;
+        match ObjectId::parse_volume(volume_id)?.map(|o| o.serial()) {
+            Some(own) if q.serial.is_empty() => q.serial = own,
+            Some(own) if q.serial != own => {
+                return Err(Error::invalid(format!(
+                    "publish_context serial {} is not volume {volume_id}'s disk (serial {own}); \
+                     pass the publish_context ControllerPublishVolume returned for this volume",
+                    q.serial
+                )))
+            }
+            Some(_) => {}
+            None if q.serial.is_empty() => {
+                return Err(Error::NotFound(format!(
+                    "volume {volume_id} is not a volume of this plugin and the publish_context \
+                     names no serial"
+                )))
+            }
+            None => {}
         }
         Ok(q)
     }
@@ -237,21 +255,29 @@ async fn lstat(path: &Path) -> Result<Option<std::fs::Metadata>> {
     .await
 }
 
-/// The device number a block device node refers to. Blocking.
-fn rdev_of(path: &Path) -> Option<(u32, u32)> {
+/// The device number a block device node refers to; for anything else that is not a block
+/// device node, `fs_dev` (the file system's own device). None when `path` cannot be read.
+/// Blocking.
+fn rdev_of(path: &Path, fs_dev: (u32, u32)) -> Option<(u32, u32)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::metadata(path).ok()?;
-    m.file_type()
-        .is_block_device()
-        .then(|| (libc::major(m.rdev()), libc::minor(m.rdev())))
+    Some(if m.file_type().is_block_device() {
+        (libc::major(m.rdev()), libc::minor(m.rdev()))
+    } else {
+        fs_dev
+    })
 }
 
 /// The device number a mount stands for: the filesystem's device, or for a bind-mounted
-/// device node (block volumes) the device the node refers to.
+/// device node (block volumes) the device the node refers to. A bind of anything else from a
+/// devtmpfs or tmpfs (a directory, a file) stands for that file system's own (unnamed) device.
 async fn mounted_dev(m: &mountinfo::MountEntry) -> Option<(u32, u32)> {
     if m.root == Path::new("/") || !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs") {
         return Some(m.dev());
     }
-    let p = m.mount_point.clone();
-    exec::blocking(move || Ok(rdev_of(&p))).await.ok().flatten()
+    let (p, fs_dev) = (m.mount_point.clone(), m.dev());
+    exec::blocking(move || Ok(rdev_of(&p, fs_dev)))
+        .await
+        .ok()
+        .flatten()
 }
