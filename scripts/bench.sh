@@ -6,7 +6,7 @@
 # figures are latencies. A few minutes after the build; needs ~2 GiB free in $TMPDIR.
 #
 # Extra arguments go to the benchmark: --quick (small sizes) or --only <sections> print the
-# results without touching BENCHMARKS.md. Sections: footprint, controller, snapshots, node,
+# results without touching BENCHMARKS.md. Sections: footprint, controller, snapshots, groups, node,
 # concurrency, scale.
 set -eu
 cd "$(dirname "$0")/.."
