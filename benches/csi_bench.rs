@@ -2,8 +2,10 @@
 //! driven over its gRPC socket, on the real libvirt, KVM, qemu-img, loop devices and mounts.
 //!
 //! `scripts/bench.sh` runs it and writes the results into BENCHMARKS.md. By hand:
-//! `cargo bench --bench csi_bench -- [--quick] [--only a,b] [--update BENCHMARKS.md]`
-//! with sections footprint, controller, snapshots, groups, node, concurrency, scale. `--quick` uses
+//! `cargo bench --bench csi_bench -- [--quick] [--only a,b] [--scales 1000,100000]
+//! [--update BENCHMARKS.md]`
+//! with sections hostpath (side by side with the reference driver), footprint, controller,
+//! snapshots, groups, node, concurrency, scale. `--quick` uses
 //! small sizes (for development). Needs root, libvirtd, /dev/kvm, /dev/fuse, loop devices,
 //! qemu-img/qemu-io/qemu-storage-daemon, mkfs.ext4/xfs, and ~2 GiB free in $TMPDIR.
 //!
@@ -24,6 +26,8 @@ mod groups;
 mod machine;
 #[path = "csi_bench/node.rs"]
 mod node;
+#[path = "csi_bench/peer.rs"]
+mod peer;
 #[path = "csi_bench/plugin.rs"]
 mod plugin;
 #[path = "csi_bench/report.rs"]
@@ -75,7 +79,7 @@ impl Settings {
             snapshot_rounds: 10,
             snapshot_data: 256 << 20,
             node_rounds: 10,
-            list_scales: vec![1000, 10_000],
+            list_scales: vec![1000, 10_000, 100_000],
             list_page: 100,
             clients: vec![1, 8, 64],
             concurrent_volumes: 128,
@@ -101,6 +105,7 @@ impl Settings {
 }
 
 const SECTIONS: &[&str] = &[
+    "hostpath",
     "footprint",
     "controller",
     "snapshots",
@@ -112,6 +117,8 @@ const SECTIONS: &[&str] = &[
 
 struct Args {
     quick: bool,
+    /// `--scales 1000,100000`: the pool sizes of the scale section.
+    scales: Option<Vec<usize>>,
     only: Vec<String>,
     update: Option<std::path::PathBuf>,
 }
@@ -121,6 +128,7 @@ fn parse_args() -> Option<Args> {
     let mut bench = false;
     let mut out = Args {
         quick: false,
+        scales: None,
         only: SECTIONS.iter().map(|s| s.to_string()).collect(),
         update: None,
     };
@@ -142,6 +150,15 @@ fn parse_args() -> Option<Args> {
                     );
                 }
             }
+            "--scales" => {
+                out.scales = Some(
+                    args.next()
+                        .expect("--scales needs a list")
+                        .split(',')
+                        .map(|n| n.parse().expect("--scales takes numbers"))
+                        .collect(),
+                )
+            }
             "--update" => out.update = Some(args.next().expect("--update needs a file").into()),
             _ => {}
         }
@@ -156,11 +173,14 @@ async fn main() {
         println!("csi_bench: run it with `cargo bench --bench csi_bench` or scripts/bench.sh");
         return;
     };
-    let s = if args.quick {
+    let mut s = if args.quick {
         Settings::quick()
     } else {
         Settings::full()
     };
+    if let Some(scales) = &args.scales {
+        s.list_scales = scales.clone();
+    }
     let on = |name: &str| args.only.iter().any(|o| o == name);
     let started = Instant::now();
     let load_before = machine::load_average();
@@ -169,6 +189,9 @@ async fn main() {
         ..Default::default()
     };
 
+    if on("hostpath") {
+        r.peer = peer::run(&s).await;
+    }
     if on("footprint") {
         eprintln!("footprint: idle plugins");
         r.values.extend(footprint::run().await);

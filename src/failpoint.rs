@@ -21,22 +21,20 @@ pub const PAUSE_ENV: &str = "VIRTDISK_FAILPOINT_PAUSE_MS";
 /// Every point, in the order an operation reaches them. `tests/reliability_crash.rs` crashes
 /// at each of them; the unit test below keeps this list and the call sites in step.
 pub const POINTS: &[&str] = &[
-    // CreateVolume (and the volume half of a restore or clone): `Pools::materialize`.
-    "create.record-written",
-    "create.image-made",
-    "create.image-renamed",
-    "create.ready",
-    // Restore: the new volume's record names the snapshot's layer.
-    "restore.linked",
-    // DeleteVolume.
-    "delete.marked",
-    "delete.image-removed",
-    "delete.record-removed",
-    // Layer garbage collection (after DeleteVolume / DeleteSnapshot).
+    // Every commit of a record (`pool::store`): temp file durable (with the files the record
+    // names); change logged under the pool lock; record renamed (or removed), directory synced.
+    "store.temp-synced",
+    "store.change-logged",
+    "store.committed",
+    // Layer files no record names any more, removed after a commit.
     "gc.layer-removed",
+    // CreateVolume (and the volume half of a restore or clone): `materialize` (the image
+    // written, not yet durable; then the commit; then the answer).
+    "create.image-made",
+    "create.committed",
     // CreateSnapshot (and the source half of a clone): freezing the active layer.
-    "freeze.intent",
     "freeze.overlay-made",
+    "freeze.intent",
     "freeze.switched",
     "snapshot.recorded",
     // DeleteSnapshot.

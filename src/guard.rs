@@ -1,5 +1,7 @@
-//! Per-object operation guard: a second concurrent operation on the same volume, name or
-//! snapshot is rejected with ABORTED (CSI "operation pending"), as the spec allows.
+//! Per-object operation guard within one process: a second concurrent operation on the same
+//! object is rejected with ABORTED (CSI "operation pending"), as the spec allows. The node
+//! service uses it; the controller's volumes and snapshots are guarded by locks in their pool
+//! (`pool::store`), which also exclude other processes.
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;
@@ -35,22 +37,6 @@ impl OpGuards {
             keys: keys.to_vec(),
         })
     }
-}
-
-/// Guard key of a volume, from its name-derived key (the same before and after the pool is
-/// chosen).
-pub(crate) fn volume_key(key: &str) -> String {
-    format!("vol:{key}")
-}
-
-/// Guard key of a snapshot, from its name-derived key.
-pub(crate) fn snapshot_key(key: &str) -> String {
-    format!("snap:{key}")
-}
-
-/// Guard key of a group snapshot, from its name-derived key.
-pub(crate) fn group_key(key: &str) -> String {
-    format!("group:{key}")
 }
 
 fn describe(key: &str) -> String {

@@ -1,8 +1,11 @@
 //! Identifiers. Every id that reaches the filesystem or libvirt XML is checked here first.
 //!
-//! A volume id is `<pool>.<key>`, where `key` is 16 lower-case hex digits derived from the
-//! volume name, so a repeated CreateVolume finds its volume on disk without any index, and a
-//! crash can never create a second volume for one name. Snapshot keys start with `s`.
+//! A volume id is `<pool>.<key>`, where `key` is 16 lower-case hex digits, and a snapshot id
+//! `<pool>.s<key>`. Keys are 64 random bits, so ids are unique over time: a volume or snapshot
+//! created again under a name used before gets a new id. The name is the idempotency key;
+//! the pool's index finds a name's record through the name's hash (`name_hash`). Versions
+//! before this one derived keys from names (`<16 hex of sha256(kind NUL name)>`, the same
+//! value as `name_hash`): those ids look the same and stay valid.
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -68,35 +71,43 @@ pub(crate) fn check_pool_name(name: &str) -> Result<()> {
     }
 }
 
-fn name_key(kind: &str, name: &str) -> String {
-    let digest = Sha256::digest(format!("{kind}\0{name}").as_bytes());
-    digest[..KEY_HEX / 2]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The name-hash domain of volume names.
+pub const VOLUME: &str = "volume";
+/// The name-hash domain of snapshot names.
+pub const SNAPSHOT: &str = "snapshot";
+/// The name-hash domain of group snapshot names.
+pub const GROUP: &str = "group snapshot";
+
+/// A stable 64-bit hash of a name within a domain (`VOLUME`, `SNAPSHOT`): the first 8 bytes
+/// of sha256(`domain` NUL `name`). The same in every process and version, so processes
+/// sharing a pool lock a name at the same place; it was the key of ids of earlier versions.
+pub fn name_hash(domain: &str, name: &str) -> u64 {
+    let digest = Sha256::digest(format!("{domain}\0{name}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
-/// The key of the volume with this name (the same in every pool).
-pub fn volume_key_for_name(name: &str) -> String {
-    name_key("volume", name)
+/// 64 bits from the operating system's random source.
+pub fn random_u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        // No entropy source (never seen on Linux): time and pid still make repeats unlikely.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        t ^ (u64::from(std::process::id()) << 32)
+    })
 }
 
-/// The key of the snapshot with this name.
-pub fn snapshot_key_for_name(name: &str) -> String {
-    format!("s{}", name_key("snapshot", name))
+/// The key an id of an earlier version got from its volume name (tests and tools).
+pub fn legacy_volume_key(name: &str) -> String {
+    format!("{:016x}", name_hash(VOLUME, name))
 }
 
-/// The key of the group snapshot with this name.
-pub fn group_key_for_name(name: &str) -> String {
-    format!("g{}", name_key("group snapshot", name))
-}
-
-/// The key of the member snapshot of volume `volume_id` in group snapshot `group_key`.
-pub fn member_key(group_key: &str, volume_id: &str) -> String {
-    format!(
-        "s{}",
-        name_key("group member", &format!("{group_key}\0{volume_id}"))
-    )
+/// The key an id of an earlier version got from its snapshot name (tests and tools).
+pub fn legacy_snapshot_key(name: &str) -> String {
+    format!("s{:016x}", name_hash(SNAPSHOT, name))
 }
 
 /// A parsed object id: `<pool>.<key>`.
@@ -188,34 +199,43 @@ mod tests {
     }
 
     fn sid_string() -> String {
-        ObjectId::new("default", &snapshot_key_for_name("snap")).to_string()
+        ObjectId::new("default", &legacy_snapshot_key("snap")).to_string()
     }
 
     #[test]
     fn keys_round_trip_and_serial_fits() {
-        let key = volume_key_for_name("my volume ✓");
+        let key = legacy_volume_key("my volume ✓");
         let id = ObjectId::new("default", &key);
         assert_eq!(
             ObjectId::parse_volume(&id.to_string()).unwrap(),
             Some(id.clone())
         );
         assert!(id.serial().len() <= 20);
-        let skey = snapshot_key_for_name("snap");
+        let skey = legacy_snapshot_key("snap");
         let sid = ObjectId::new("default", &skey);
         assert_eq!(
             ObjectId::parse_snapshot(&sid.to_string()).unwrap(),
             Some(sid)
         );
         assert_eq!(ObjectId::parse_snapshot(&id.to_string()).unwrap(), None);
-        let gkey = group_key_for_name("g");
-        let gid = ObjectId::new("default", &gkey);
-        assert_eq!(ObjectId::parse_group(&gid.to_string()).unwrap(), Some(gid));
+        let gid = ObjectId::new("default", "g0123456789abcdef");
+        assert_eq!(
+            ObjectId::parse_group(&gid.to_string()).unwrap(),
+            Some(gid.clone())
+        );
         assert_eq!(ObjectId::parse_group(&sid_string()).unwrap(), None);
-        let m = member_key(&gkey, "default.0123456789abcdef");
-        assert!(ObjectId::parse_snapshot(&format!("default.{m}"))
-            .unwrap()
-            .is_some());
-        assert_ne!(m, member_key(&gkey, "default.0123456789abcdee"));
-        assert_ne!(volume_key_for_name("a"), volume_key_for_name("b"));
+        assert_eq!(ObjectId::parse_snapshot(&gid.to_string()).unwrap(), None);
+        assert_ne!(legacy_volume_key("a"), legacy_volume_key("b"));
+    }
+
+    #[test]
+    fn name_hashes_are_the_keys_earlier_versions_derived() {
+        // Pools made by earlier versions name this volume `<pool>.<this key>`.
+        assert_eq!(legacy_volume_key("data"), "3060d9f7a9d3a2a3");
+        assert_eq!(
+            format!("{:016x}", name_hash(VOLUME, "data")),
+            legacy_volume_key("data")
+        );
+        assert_ne!(random_u64(), random_u64());
     }
 }

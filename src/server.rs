@@ -18,7 +18,6 @@ use crate::csi::proto::{
     identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
-use crate::guard::OpGuards;
 use crate::pool::Pools;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -112,20 +111,15 @@ async fn shutdown_signal() {
 
 /// Builds the services for `cfg.mode` and serves until a signal arrives.
 pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
-    let guards = OpGuards::default();
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
-            .with_layers(
-                attachers.clone(),
-                guards.clone(),
-                cfg.snapshots.max_chain_depth,
-            );
+            .with_layers(attachers.clone(), cfg.snapshots.max_chain_depth);
         if attachers.ledgers_need_init() {
             // The volumes that exist before the attach ledger does may be attached anywhere.
             let (existing, _) = pools.list_page("", usize::MAX).await?;
             attachers
-                .init_ledgers(existing.into_iter().map(|v| v.id).collect())
+                .init_ledgers(existing.into_iter().map(|(v, _)| v.id).collect())
                 .await?;
         }
         pools.start_flattener();
@@ -151,17 +145,15 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
     let router = tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
-        .add_optional_service(pools.clone().map(|pools| {
-            GroupControllerServer::new(GroupControllerService {
-                pools,
-                guards: guards.clone(),
-            })
-        }))
+        .add_optional_service(
+            pools
+                .clone()
+                .map(|pools| GroupControllerServer::new(GroupControllerService { pools })),
+        )
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
                 pools,
                 attachments: attachers.clone(),
-                guards: guards.clone(),
                 get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
             })
         }));

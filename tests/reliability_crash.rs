@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use virtdisk_csi::failpoint::{ENV, POINTS};
 use virtdisk_test_support::calls::*;
 use virtdisk_test_support::local_attach::{self as env, block_reads, block_write};
-use virtdisk_test_support::pool::{assert_pool_clean, depth_of, volume_image, PoolView};
+use virtdisk_test_support::pool::{
+    assert_index_matches_pool, assert_pool_clean, depth_of, volume_image, PoolView,
+};
 use virtdisk_test_support::prelude::*;
 
 const M: u64 = 1 << 20;
@@ -43,31 +45,37 @@ enum PoolOp {
 
 use PoolOp::*;
 
+/// Each write step of each operation, in the order an operation reaches them. The `store.*`
+/// points are the steps of a record commit (the first commit of the operation dies there).
 const VOLUME_CASES: &[(PoolOp, &str)] = &[
-    (Create, "create.record-written"),
     (Create, "create.image-made"),
-    (Create, "create.image-renamed"),
-    (Create, "create.ready"),
-    (Restore, "restore.linked"),
-    (Restore, "create.record-written"),
+    (Create, "store.temp-synced"),
+    (Create, "store.change-logged"),
+    (Create, "store.committed"),
+    (Create, "create.committed"),
     (Restore, "create.image-made"),
-    (Restore, "create.image-renamed"),
-    (Restore, "create.ready"),
+    (Restore, "store.change-logged"),
+    (Restore, "create.committed"),
+    (Clone, "freeze.overlay-made"),
     (Clone, "freeze.switched"),
-    (Clone, "restore.linked"),
-    (Delete, "delete.marked"),
-    (Delete, "delete.image-removed"),
-    (Delete, "delete.record-removed"),
+    (Clone, "create.image-made"),
+    (Clone, "create.committed"),
+    (Delete, "store.change-logged"),
+    (Delete, "store.committed"),
+    (Delete, "gc.layer-removed"),
     (Expand, "expand.resized"),
+    (Expand, "store.committed"),
 ];
 
 const LAYER_CASES: &[(PoolOp, &str)] = &[
-    (Snapshot, "freeze.intent"),
     (Snapshot, "freeze.overlay-made"),
+    (Snapshot, "store.temp-synced"),
+    (Snapshot, "store.change-logged"),
     (Snapshot, "freeze.switched"),
     (Snapshot, "snapshot.recorded"),
-    (DeleteSnapshot, "snapshot.deleted"),
+    (DeleteSnapshot, "store.change-logged"),
     (DeleteSnapshot, "gc.layer-removed"),
+    (DeleteSnapshot, "snapshot.deleted"),
     (Flatten, "flatten.job-written"),
     (Flatten, "flatten.converted"),
     (Flatten, "flatten.switching"),
@@ -77,7 +85,6 @@ const LAYER_CASES: &[(PoolOp, &str)] = &[
 
 const GROUP_CASES: &[(PoolOp, &str)] = &[
     (Group, "group.intent"),
-    (Group, "freeze.intent"),
     (Group, "freeze.overlay-made"),
     (Group, "freeze.switched"),
     (Group, "group.members-recorded"),
@@ -326,6 +333,8 @@ async fn pool_case(op: PoolOp, point: &str) {
     expect_death(&mut p, point, &first).await;
     if !op.background() {
         assert!(first.is_err(), "{op:?} at {point}: answered {first:?}");
+        // The restarted plugin's index is what the pool holds.
+        assert_index_matches_pool(&p, &pool).await;
     }
     let answer = retry_aborted(|| op.act(&p, &ids))
         .await
@@ -336,6 +345,7 @@ async fn pool_case(op: PoolOp, point: &str) {
     assert_eq!(again, answer, "{op:?} at {point}");
     assert_pattern(&volume_image(&pool, &bystander), 0x5a, 0, M);
     assert_pool_clean(&pool);
+    assert_index_matches_pool(&p, &pool).await;
     eprintln!(
         "{op:?} crashed at {point}: converged ({} ms)",
         t.elapsed().as_millis()
@@ -625,6 +635,8 @@ async fn crash_after_each_durable_step_of_local_attach_and_node_operations() {
 enum LibvirtOp {
     Publish,
     Unpublish,
+    /// CreateSnapshot of a volume attached read-write: the domain switches live.
+    LiveSnapshot,
     /// ControllerModifyVolume of an attached volume (QoS).
     Modify,
 }
@@ -634,6 +646,7 @@ const LIBVIRT_CASES: &[(LibvirtOp, &str)] = &[
     (LibvirtOp::Publish, "publish.attached"),
     (LibvirtOp::Unpublish, "libvirt.detach-requested"),
     (LibvirtOp::Unpublish, "libvirt.live-detached"),
+    (LibvirtOp::LiveSnapshot, "freeze.intent"),
     (LibvirtOp::Modify, "libvirt.iotune-set"),
 ];
 
@@ -648,6 +661,7 @@ impl LibvirtOp {
         match self {
             LibvirtOp::Publish => c.publish(publish_req(volume, node)).await.map(drop),
             LibvirtOp::Unpublish => c.unpublish(unpublish_req(volume, node)).await,
+            LibvirtOp::LiveSnapshot => snapshot(p, "hp-live-snap", volume).await.map(drop),
             LibvirtOp::Modify => c
                 .controller_modify_volume(csi::ControllerModifyVolumeRequest {
                     volume_id: volume.into(),
@@ -703,6 +717,9 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
         want,
         "{point}: persistent definition"
     );
+    if op == LibvirtOp::LiveSnapshot {
+        assert_eq!(list_snapshots(&p).await.len(), 1);
+    }
     if op == LibvirtOp::Modify {
         for (xml, which) in [(dom.live(), "live"), (dom.inactive(), "persistent")] {
             let disk = xml.disk_by_serial(&serial).unwrap().clone();
@@ -718,6 +735,7 @@ async fn libvirt_case(dom: &TestDomain, op: LibvirtOp, point: &str, n: usize) {
         assert_eq!(disks_with(dom.live(), &serial), 0);
         assert_eq!(disks_with(dom.inactive(), &serial), 0);
     }
+    assert_index_matches_pool(&p, &p.pool_dir()).await;
     delete_volume(&p, &vol).await.unwrap();
     assert_pool_clean(&p.pool_dir());
     eprintln!(

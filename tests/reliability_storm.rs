@@ -8,6 +8,9 @@
 //! whose calls overlapped at the end), capacities come from a successful create or expand, and
 //! the pool holds no orphan file and only images that pass `qemu-img check`.
 //!
+//! Ids are unique over time (a name created again gets a new id), so clients learn each
+//! name's current id from the create answers, and the end state is checked per id.
+//!
 //! The sequence is random but reproducible: `VDT_STORM_SEED=<n>` replays a run.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,18 +108,42 @@ impl Call {
     }
 }
 
-fn volume_id(name: usize) -> String {
-    format!("default.{}", ids::volume_key_for_name(NAMES[name]))
+/// The id each name had in the latest successful create (shared by the clients, as a CO
+/// remembers what CreateVolume answered). A name never created yet has an id of the right
+/// shape that names nothing.
+#[derive(Default)]
+struct Known {
+    volumes: Mutex<BTreeMap<usize, String>>,
+    snapshots: Mutex<BTreeMap<usize, String>>,
 }
 
-fn snapshot_id(snap: usize) -> String {
-    format!("default.{}", ids::snapshot_key_for_name(SNAPSHOTS[snap]))
+impl Known {
+    fn volume(&self, name: usize) -> String {
+        self.volumes
+            .lock()
+            .unwrap()
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(|| format!("default.{}", ids::legacy_volume_key(NAMES[name])))
+    }
+
+    fn snapshot(&self, snap: usize) -> String {
+        self.snapshots
+            .lock()
+            .unwrap()
+            .get(&snap)
+            .cloned()
+            .unwrap_or_else(|| format!("default.{}", ids::legacy_snapshot_key(SNAPSHOTS[snap])))
+    }
 }
 
 /// One answered call.
 #[derive(Debug, Clone)]
 struct Answer {
     call: Call,
+    /// The volume (or snapshot) id the call acted on; for a successful create, the id it
+    /// answered.
+    target: String,
     start: Instant,
     end: Instant,
     code: Code,
@@ -125,12 +152,15 @@ struct Answer {
     capacity: Option<i64>,
 }
 
+/// Performs `call` on `target` (the volume or snapshot id it acts on); returns the capacity a
+/// create or expand answered and the id a create answered.
 async fn perform(
     c: &mut ControllerClient<Channel>,
     node: &str,
     call: &Call,
-) -> Result<Option<i64>, Status> {
-    let none = |_| None;
+    target: &str,
+) -> Result<(Option<i64>, Option<String>), Status> {
+    let none = |_| (None, None);
     match call {
         Call::Create { name, raw } => {
             let format: &[(&str, &str)] = if *raw { &[("format", "raw")] } else { &[] };
@@ -138,33 +168,32 @@ async fn perform(
                 parameters: params(format),
                 ..create_req(NAMES[*name], 16 * MIB)
             };
-            c.create(req).await.map(|v| Some(v.capacity_bytes))
+            c.create(req)
+                .await
+                .map(|v| (Some(v.capacity_bytes), Some(v.volume_id)))
         }
-        Call::Delete(v) => c.delete(&volume_id(*v)).await.map(none),
-        Call::Expand(v, size) => {
+        Call::Delete(_) => c.delete(target).await.map(none),
+        Call::Expand(_, size) => {
             let req = csi::ControllerExpandVolumeRequest {
                 volume_capability: Some(ext4_cap()),
-                ..expand_req(&volume_id(*v), *size)
+                ..expand_req(target, *size)
             };
-            c.expand(req).await.map(|r| Some(r.capacity_bytes))
+            c.expand(req).await.map(|r| (Some(r.capacity_bytes), None))
         }
-        Call::Snapshot { snap, source } => {
-            let req = snapshot_req(SNAPSHOTS[*snap], &volume_id(*source));
-            c.snapshot(req).await.map(|_| None)
+        Call::Snapshot { snap, .. } => {
+            let req = snapshot_req(SNAPSHOTS[*snap], target);
+            c.snapshot(req).await.map(|s| (None, Some(s.snapshot_id)))
         }
-        Call::DeleteSnapshot(s) => c.remove_snapshot(&snapshot_id(*s)).await.map(none),
-        Call::Publish(v) => c
-            .publish(publish_req(&volume_id(*v), node))
+        Call::DeleteSnapshot(_) => c.remove_snapshot(target).await.map(none),
+        Call::Publish(_) => c
+            .publish(publish_req(target, node))
             .await
-            .map(|_| None),
-        Call::Unpublish(v) => c
-            .unpublish(unpublish_req(&volume_id(*v), node))
-            .await
-            .map(none),
-        Call::Get(v) => c.volume(&volume_id(*v)).await.map(|_| None),
+            .map(|_| (None, None)),
+        Call::Unpublish(_) => c.unpublish(unpublish_req(target, node)).await.map(none),
+        Call::Get(_) => c.volume(target).await.map(|_| (None, None)),
         Call::List => {
             let req = csi::ListVolumesRequest::default();
-            c.list_volumes(req).await.map(|_| None)
+            c.list_volumes(req).await.map(|_| (None, None))
         }
     }
 }
@@ -193,12 +222,13 @@ fn tally_of(answers: &[Answer]) -> BTreeMap<String, usize> {
 }
 
 /// CLIENTS clients, each on its own connection, CALLS_PER_CLIENT random calls each.
-async fn storm_round(e: &env::Env, seed: u64, answers: Arc<Mutex<Vec<Answer>>>) {
+async fn storm_round(e: &env::Env, seed: u64, answers: Arc<Mutex<Vec<Answer>>>, known: Arc<Known>) {
     let mut clients = tokio::task::JoinSet::new();
     for n in 0..CLIENTS {
         let socket = e.plugin.socket.clone();
         let node = e.node_id.clone();
         let answers = answers.clone();
+        let known = known.clone();
         let mut rng = Rng(seed.wrapping_add((n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
         clients.spawn(async move {
             // Each client on its own connection, as separate COs/sidecars would be.
@@ -209,15 +239,39 @@ async fn storm_round(e: &env::Env, seed: u64, answers: Arc<Mutex<Vec<Answer>>>) 
                 let pause = rng.below(80) as u64;
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 let call = Call::random(&mut rng);
+                let mut target = match &call {
+                    Call::Create { .. } | Call::List => String::new(),
+                    Call::Delete(v)
+                    | Call::Expand(v, _)
+                    | Call::Publish(v)
+                    | Call::Unpublish(v)
+                    | Call::Get(v)
+                    | Call::Snapshot { source: v, .. } => known.volume(*v),
+                    Call::DeleteSnapshot(s) => known.snapshot(*s),
+                };
                 let start = Instant::now();
-                let r = perform(&mut c, &node, &call).await;
+                let r = perform(&mut c, &node, &call, &target).await;
                 let end = Instant::now();
                 let (code, message, capacity) = match r {
-                    Ok(cap) => (Code::Ok, String::new(), cap),
+                    Ok((cap, id)) => {
+                        match (&call, id) {
+                            (Call::Create { name, .. }, Some(id)) => {
+                                known.volumes.lock().unwrap().insert(*name, id.clone());
+                                target = id;
+                            }
+                            (Call::Snapshot { snap, .. }, Some(id)) => {
+                                known.snapshots.lock().unwrap().insert(*snap, id.clone());
+                                target = id;
+                            }
+                            _ => {}
+                        }
+                        (Code::Ok, String::new(), cap)
+                    }
                     Err(s) => (s.code(), s.message().to_string(), None),
                 };
                 answers.lock().unwrap().push(Answer {
                     call,
+                    target,
                     start,
                     end,
                     code,
@@ -257,12 +311,19 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
     eprintln!("storm seed {seed} (replay with VDT_STORM_SEED={seed})");
     let e = env::Env::start("[libvirt]\nenabled = false\n").await;
     let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+    let known: Arc<Known> = Arc::default();
     let started = Instant::now();
     // Rounds of the storm until every kind of change succeeded a few times (conflicts are
     // random: most rounds suffice alone).
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for round in 0..4u64 {
-        storm_round(&e, seed.wrapping_add(round << 32), answers.clone()).await;
+        storm_round(
+            &e,
+            seed.wrapping_add(round << 32),
+            answers.clone(),
+            known.clone(),
+        )
+        .await;
         tally = tally_of(&answers.lock().unwrap());
         if WANTED
             .iter()
@@ -312,12 +373,44 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
     }
     let snapshots = list_snapshots(&e.plugin).await;
 
+    // Every volume id any call acted on or a create answered, with its name.
+    let mut volume_ids: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &answers {
+        if let Call::Create { name, .. } = a.call {
+            if a.code == Code::Ok {
+                volume_ids.insert(a.target.clone(), name);
+            }
+        }
+    }
+    for id in exists.keys() {
+        assert!(
+            volume_ids.contains_key(id),
+            "volume {id} exists but no create answered it"
+        );
+    }
     for (i, name) in NAMES.iter().enumerate() {
-        let id = volume_id(i);
-        let mine = |a: &Answer| match &a.call {
-            Call::Create { name, .. } => *name == i,
-            Call::Delete(v) | Call::Publish(v) | Call::Unpublish(v) | Call::Expand(v, _) => *v == i,
-            _ => false,
+        let of_name: Vec<&String> = volume_ids
+            .iter()
+            .filter(|(id, n)| **n == i && exists.contains_key(*id))
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            of_name.len() <= 1,
+            "{name}: several volumes exist: {of_name:?}"
+        );
+    }
+    for (id, i) in &volume_ids {
+        let name = NAMES[*i];
+        let mine = |a: &Answer| {
+            a.target == *id
+                && matches!(
+                    a.call,
+                    Call::Create { .. }
+                        | Call::Delete(_)
+                        | Call::Publish(_)
+                        | Call::Unpublish(_)
+                        | Call::Expand(..)
+                )
         };
         let succeeded: Vec<&Answer> = answers.iter().filter(|a| ok(a) && mine(a)).collect();
         let existence: Vec<(&Answer, bool)> = succeeded
@@ -329,10 +422,10 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
             })
             .collect();
         let allowed = possible(&existence, false);
-        let now = exists.contains_key(&id);
+        let now = exists.contains_key(id);
         assert!(
             allowed.contains(&now),
-            "{name}: exists = {now}, the answers allow {allowed:?}"
+            "{name} ({id}): exists = {now}, the answers allow {allowed:?}"
         );
         let attachment: Vec<(&Answer, bool)> = succeeded
             .iter()
@@ -343,42 +436,55 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
             })
             .collect();
         let allowed = possible(&attachment, false);
-        let now = attached.get(&id).copied().unwrap_or(false);
+        let now = attached.get(id).copied().unwrap_or(false);
         assert!(
             allowed.contains(&now),
-            "{name}: attached = {now}, the answers allow {allowed:?}"
+            "{name} ({id}): attached = {now}, the answers allow {allowed:?}"
         );
-        if let Some(cap) = exists.get(&id) {
+        if let Some(cap) = exists.get(id) {
             let answered: BTreeSet<i64> = succeeded.iter().filter_map(|a| a.capacity).collect();
             assert!(
                 answered.contains(cap),
-                "{name}: capacity {cap} was never answered ({answered:?})"
+                "{name} ({id}): capacity {cap} was never answered ({answered:?})"
             );
-            let image = volume_image(&pool, &id);
+            let image = volume_image(&pool, id);
             assert_eq!(qemu_img_info(&image)["virtual-size"], *cap, "{name}");
         }
         eprintln!(
-            "{name}: exists {}, attached {}",
-            exists.contains_key(&id),
-            attached.get(&id).copied().unwrap_or(false)
+            "{name} ({id}): exists {}, attached {}",
+            exists.contains_key(id),
+            attached.get(id).copied().unwrap_or(false)
         );
     }
-    for (s, name) in SNAPSHOTS.iter().enumerate() {
-        let id = snapshot_id(s);
+    let mut snapshot_ids: BTreeMap<String, usize> = BTreeMap::new();
+    for a in answers.iter().filter(ok) {
+        if let Call::Snapshot { snap, .. } = a.call {
+            snapshot_ids.insert(a.target.clone(), snap);
+        }
+    }
+    for id in &snapshots {
+        assert!(
+            snapshot_ids.contains_key(id),
+            "snapshot {id} exists but no CreateSnapshot answered it"
+        );
+    }
+    for (id, s) in &snapshot_ids {
+        let name = SNAPSHOTS[*s];
         let history: Vec<(&Answer, bool)> = answers
             .iter()
             .filter(ok)
+            .filter(|a| a.target == *id)
             .filter_map(|a| match &a.call {
-                Call::Snapshot { snap, .. } if *snap == s => Some((a, true)),
-                Call::DeleteSnapshot(d) if *d == s => Some((a, false)),
+                Call::Snapshot { .. } => Some((a, true)),
+                Call::DeleteSnapshot(_) => Some((a, false)),
                 _ => None,
             })
             .collect();
         let allowed = possible(&history, false);
-        let now = snapshots.contains(&id);
+        let now = snapshots.contains(id);
         assert!(
             allowed.contains(&now),
-            "{name}: exists = {now}, the answers allow {allowed:?}"
+            "{name} ({id}): exists = {now}, the answers allow {allowed:?}"
         );
     }
     // Attachments on the host are exactly the attached volumes: one daemon and one loop
@@ -392,9 +498,10 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
     assert_pool_clean(&pool);
 
     // Everything can still be taken down cleanly.
-    let volumes: Vec<csi::Volume> = (0..NAMES.len())
-        .map(|i| csi::Volume {
-            volume_id: volume_id(i),
+    let volumes: Vec<csi::Volume> = exists
+        .keys()
+        .map(|id| csi::Volume {
+            volume_id: id.clone(),
             ..Default::default()
         })
         .collect();
@@ -405,8 +512,8 @@ async fn hundreds_of_conflicting_rpcs_give_correct_codes_and_a_consistent_end_st
         e.delete(vol).await;
     }
     env::assert_no_leftovers(e.dir());
-    for s in 0..SNAPSHOTS.len() {
-        delete_snapshot(&e.plugin, &snapshot_id(s)).await.unwrap();
+    for id in &snapshots {
+        delete_snapshot(&e.plugin, id).await.unwrap();
     }
     assert_pool_clean(&pool);
     assert!(PoolView::read(&pool).images.is_empty());

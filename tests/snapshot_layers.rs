@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use virtdisk_csi::attach::{Attacher, Attachment, Attachments, DiskSpec, FsFreeze, LiveMember};
 use virtdisk_csi::config::PoolConfig;
 use virtdisk_csi::error::{Error, Result};
-use virtdisk_csi::guard::OpGuards;
 use virtdisk_csi::model::{AccessMode, AccessType, Capability, ImageFormat};
 use virtdisk_csi::params::Bus;
 use virtdisk_csi::pool::record::{FlattenJob, FlattenState, Freezing, SnapshotRecord};
@@ -34,7 +33,7 @@ async fn open(dir: &Path, attachments: Attachments) -> Pools {
     Pools::open(vec![pool_config(dir)], 64 * MIB)
         .await
         .unwrap()
-        .with_layers(attachments, OpGuards::default(), 3)
+        .with_layers(attachments, 3)
 }
 
 /// Pools in `dir` with one attach backend, a volume `name` and the backend's node holding it
@@ -245,14 +244,16 @@ async fn attached_volumes_need_a_backend_that_snapshots_live() {
     assert_eq!(pools.volume(&vol.id).await.unwrap().unwrap(), vol);
     assert_eq!(files(dir.path()), before);
     assert!(pools.list_snapshots().await.unwrap().is_empty());
-    assert!(pools
-        .volume(&format!(
-            "default.{}",
-            virtdisk_csi::ids::volume_key_for_name("old-clone")
-        ))
-        .await
+    // No volume was made for the clone (ids are random: count the records).
+    let records = std::fs::read_dir(dir.path().join("pool/volumes"))
         .unwrap()
-        .is_none());
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".json") && !name.starts_with('.')
+        })
+        .count();
+    assert_eq!(records, 1);
 }
 
 #[tokio::test]
@@ -260,7 +261,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
     let dir = tempfile::tempdir().unwrap();
     let img = images(dir.path());
     let pool_dir = dir.path().join("pool");
-    let (v_off, v_live, v_conv, v_switch, snap) = {
+    let (v_off, v_live, v_unsent, v_conv, v_switch, snap) = {
         let pools = open(dir.path(), Attachments::default()).await;
         let pool = pools.get("default").unwrap().clone();
 
@@ -275,16 +276,30 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
         });
         pool.write_volume(&v_off).unwrap();
 
-        // A live freeze interrupted after the domain was asked to switch: finished.
+        // A live freeze interrupted after the domain switched (it wrote to the overlay, then
+        // let go of it): finished.
         let mut v_live = pools.create(volume_req("rec-live")).await.unwrap();
         write(&img.join(&v_live.image), 0xa2);
         let overlay = format!("{}-2.qcow2", key(&v_live.id));
         create_overlay(&img.join(&overlay), &v_live.image, None);
+        write(&img.join(&overlay), 0xa2);
         v_live.chain.freezing = Some(Freezing {
             overlay,
             handed_to_domain: true,
         });
         pool.write_volume(&v_live).unwrap();
+
+        // A live freeze interrupted before the domain switched (the overlay is untouched and
+        // nobody holds it): undone.
+        let mut v_unsent = pools.create(volume_req("rec-unsent")).await.unwrap();
+        write(&img.join(&v_unsent.image), 0xa5);
+        let overlay = format!("{}-5.qcow2", key(&v_unsent.id));
+        create_overlay(&img.join(&overlay), &v_unsent.image, None);
+        v_unsent.chain.freezing = Some(Freezing {
+            overlay,
+            handed_to_domain: true,
+        });
+        pool.write_volume(&v_unsent).unwrap();
 
         // A flattening interrupted while copying: undone.
         let v_conv = pools.create(volume_req("rec-conv")).await.unwrap();
@@ -351,10 +366,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
         // A half-made snapshot record, an orphan layer, a stranger's file, temp files.
         let half = SnapshotRecord {
             state: RecordState::Creating,
-            id: format!(
-                "default.{}",
-                virtdisk_csi::ids::snapshot_key_for_name("half")
-            ),
+            id: format!("default.{}", virtdisk_csi::ids::legacy_snapshot_key("half")),
             name: "half".into(),
             ..snap.clone()
         };
@@ -362,7 +374,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
         std::fs::write(img.join("0123456789abcdef-5.qcow2"), b"orphan").unwrap();
         std::fs::write(img.join("notes.txt"), b"not ours").unwrap();
         std::fs::write(img.join("0123456789abcdef.qcow2.part"), b"partial").unwrap();
-        (v_off, v_live, v_conv, v_switch, snap)
+        (v_off, v_live, v_unsent, v_conv, v_switch, snap)
     };
 
     // "Restart".
@@ -373,6 +385,12 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
     assert_eq!(off.chain.freezing, None);
     assert!(off.chain.backing.is_empty());
     assert!(reads(&img.join(&off.image), 0xa1));
+
+    let unsent = pools.volume(&v_unsent.id).await.unwrap().unwrap();
+    assert_eq!(unsent.image, v_unsent.image);
+    assert_eq!(unsent.chain.freezing, None);
+    assert!(unsent.chain.backing.is_empty());
+    assert!(reads(&img.join(&unsent.image), 0xa5));
 
     let live = pools.volume(&v_live.id).await.unwrap().unwrap();
     let overlay = v_live.chain.freezing.as_ref().unwrap().overlay.clone();
@@ -401,7 +419,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 
     // Exactly the referenced layers remain, plus the stranger's file.
     let mut expected: Vec<String> = vec!["notes.txt".into()];
-    for v in [&off, &live, &conv, &switched] {
+    for v in [&off, &live, &unsent, &conv, &switched] {
         expected.push(v.image.clone());
         expected.extend(v.chain.backing.iter().cloned());
     }
@@ -444,7 +462,9 @@ async fn an_unknown_live_switch_outcome_keeps_the_overlay_for_recovery() {
     assert!(images(dir.path()).join(&pending.overlay).exists());
     assert!(pools.list_snapshots().await.unwrap().is_empty());
 
-    // A restarted controller continues the volume in the overlay.
+    // A restarted controller continues the volume in the overlay once the node has written
+    // there (the images tell: see `pool::recover`).
+    write(&images(dir.path()).join(&pending.overlay), 0x6b);
     drop(pools);
     let pools = open(dir.path(), Attachments::default()).await;
     let rec = pools.volume(&vol.id).await.unwrap().unwrap();

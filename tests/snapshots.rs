@@ -246,9 +246,18 @@ async fn snapshots_and_restores_outlive_their_sources() {
         .unwrap();
     assert_reads(&image_of(&p, &r2.volume_id), 0x5a, 0, M);
 
-    // A new volume with the source's old name does not clobber the frozen layer.
+    // A new volume with the source's old name does not clobber the frozen layer. It is a new
+    // volume: a new id (ids are unique over time), and the old volume's snapshots are not its.
     let reborn = create(&p, "indep-src", VOL).await;
-    assert_eq!(reborn.volume_id, vol.volume_id);
+    assert_ne!(reborn.volume_id, vol.volume_id);
+    let of = |id: &str| csi::ListSnapshotsRequest {
+        source_volume_id: id.to_string(),
+        ..Default::default()
+    };
+    let of_reborn = list_snapshots(&p, of(&reborn.volume_id)).await.unwrap();
+    assert!(of_reborn.entries.is_empty(), "{of_reborn:?}");
+    let of_old = list_snapshots(&p, of(&vol.volume_id)).await.unwrap();
+    assert_eq!(snapshot_ids(&of_old), vec![snap.snapshot_id.clone()]);
     assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, M);
     assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
     delete_volume(&p, &reborn.volume_id).await;
@@ -546,4 +555,54 @@ async fn deep_chains_are_flattened_in_the_background_and_read_right() {
         layer_files(&pool).is_empty()
     })
     .await;
+}
+
+/// The scenario of a new user: create "n", snapshot it, delete "n", create "n" again. The new
+/// volume is a new volume (ids are unique over time), it reads empty, and the old volume's
+/// snapshot does not list under it; a snapshot name used again gets a new id too. The same
+/// answers after a restart (the index is rebuilt from the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_used_again_gets_a_new_id_and_no_foreign_snapshots() {
+    let (mut p, first) = plugin_with_volume("n", 0x3c).await;
+    let s = snapshot(&p, "s", &first.volume_id).await.unwrap();
+    delete_volume(&p, &first.volume_id).await;
+    let again = create(&p, "n", VOL).await;
+    assert_ne!(again.volume_id, first.volume_id);
+    assert_reads(&image_of(&p, &again.volume_id), 0x00, 0, M);
+    // Idempotent under the name: the same new volume.
+    assert_eq!(create(&p, "n", VOL).await.volume_id, again.volume_id);
+
+    let of = |id: &str| csi::ListSnapshotsRequest {
+        source_volume_id: id.to_string(),
+        ..Default::default()
+    };
+    for round in 0..2 {
+        let mine = list_snapshots(&p, of(&again.volume_id)).await.unwrap();
+        assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
+        let old = list_snapshots(&p, of(&first.volume_id)).await.unwrap();
+        assert_eq!(
+            snapshot_ids(&old),
+            vec![s.snapshot_id.clone()],
+            "round {round}"
+        );
+        p.restart().await;
+    }
+
+    // The snapshot name: deleted and taken again, it is a new snapshot of the new volume.
+    p.controller()
+        .remove_snapshot(&s.snapshot_id)
+        .await
+        .unwrap();
+    let s2 = snapshot(&p, "s", &again.volume_id).await.unwrap();
+    assert_ne!(s2.snapshot_id, s.snapshot_id);
+    assert_eq!(s2.source_volume_id, again.volume_id);
+    let err = p
+        .controller()
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }

@@ -71,7 +71,7 @@ pub async fn run() -> Vec<ValueRow> {
 
 /// (RssAnon, RssFile, Pss) in bytes: what of the RSS is the process's own memory, and what is
 /// mapped code shared with other processes.
-fn breakdown(pid: u32) -> (u64, u64, u64) {
+pub fn breakdown(pid: u32) -> (u64, u64, u64) {
     let kib = |text: &str, name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))

@@ -1,7 +1,7 @@
 //! The results as Markdown: the targets, the latency table, concurrency, scale and footprint,
 //! and the machine. `--update FILE` replaces the part of FILE between the markers.
 
-use super::stats::{ms, opt_ms, ConcurrencyRow, LatencyRow, Samples, ValueRow};
+use super::stats::{ms, opt_ms, ConcurrencyRow, LatencyRow, PeerRow, Samples, ValueRow};
 use std::fmt::Write;
 
 pub const BEGIN: &str = "<!-- bench:results:begin -->";
@@ -14,6 +14,8 @@ pub struct Report {
     pub latency: Vec<LatencyRow>,
     pub concurrency: Vec<ConcurrencyRow>,
     pub values: Vec<ValueRow>,
+    /// Side by side with the reference driver.
+    pub peer: Vec<PeerRow>,
 }
 
 fn met(m: Option<bool>) -> &'static str {
@@ -44,6 +46,34 @@ impl Report {
         for h in &self.header {
             let _ = writeln!(o, "{h}");
         }
+        if !self.peer.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n### Side by side with the reference driver (hostpathplugin)\n\n\
+                 The same RPCs from the same client, the two drivers taking turns, in this run; \
+                 neither attaches anything. hostpath / ours above 1: the plugin is \
+                 faster.\n"
+            );
+            let _ = writeln!(
+                o,
+                "| figure | virtdisk-csi | hostpath | hostpath / ours | target | met? | how |"
+            );
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+            for p in &self.peer {
+                let r = &p.row;
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.figure,
+                    r.value,
+                    p.theirs,
+                    p.ratio.map_or("–".into(), |x| format!("{x:.2}")),
+                    r.target.as_deref().unwrap_or("–"),
+                    met(r.met),
+                    r.note
+                );
+            }
+        }
         let _ = writeln!(o, "\n### Targets\n");
         head(&mut o, &["figure", "measured", "target", "met?"]);
         for r in self.latency.iter().filter(|r| r.target.is_some()) {
@@ -61,6 +91,21 @@ impl Report {
             let _ = writeln!(
                 o,
                 "| {} | {} | {} | {} |",
+                r.figure,
+                r.value,
+                r.target.as_deref().unwrap_or(""),
+                met(r.met)
+            );
+        }
+        for r in self
+            .peer
+            .iter()
+            .map(|p| &p.row)
+            .filter(|r| r.target.is_some())
+        {
+            let _ = writeln!(
+                o,
+                "| {} (side by side) | {} | {} | {} |",
                 r.figure,
                 r.value,
                 r.target.as_deref().unwrap_or(""),

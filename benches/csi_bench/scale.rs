@@ -1,10 +1,12 @@
-//! Scale: ListVolumes paging through 1 000 and 10 000 volumes, controller start-up with them
-//! in the pool, and the plugin's memory idle and after listing them.
+//! Scale: ListVolumes paging through 1 000, 10 000 and 100 000 volumes, controller start-up
+//! with them in the pool, CreateVolume and DeleteVolume among them, and the plugin's memory
+//! (RSS, RssAnon, Pss) after start-up and after listing them.
 //!
 //! The pool is seeded offline: one volume is made through CreateVolume, then its record is
-//! copied under new names (keys derived from the names, as the plugin does) with the image
-//! hard-linked, so 10 000 volumes cost seconds and no disk space. The plugin reads them as
-//! its own; nothing here depends on how they were made.
+//! copied under new names and random keys (as the plugin makes them) with the image
+//! hard-linked (a new copy every 50 000 links, below ext4's link limit), so 100 000 volumes
+//! cost seconds and no disk space. The plugin reads them as its own; nothing here depends on
+//! how they were made.
 
 use super::plugin::{memory, probe_ready};
 use super::stats::{ms, LatencyRow, Samples, ValueRow};
@@ -19,13 +21,21 @@ pub struct ScaleResult {
     pub values: Vec<ValueRow>,
 }
 
+/// Links per image file before a fresh copy is made (ext4 allows 65 000).
+const LINKS_PER_FILE: usize = 50_000;
+
 /// Adds volumes `from..to` to the pool by copying `template`'s record and linking its image.
 fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: usize) {
     let images = pool_dir.join("images");
-    let src = images.join(&template.image);
+    let first = images.join(&template.image);
+    let mut src = first.clone();
     for i in from..to {
+        if i % LINKS_PER_FILE == 0 && i > 0 {
+            src = images.join(format!("{}-copy-{i}", template.image));
+            std::fs::copy(&first, &src).unwrap();
+        }
         let name = format!("bench-list-{i:05}");
-        let key = ids::volume_key_for_name(&name);
+        let key = format!("{:016x}", ids::random_u64());
         let mut rec = template.clone();
         rec.id = ObjectId::new(&rec.pool, &key).to_string();
         rec.name = name;
@@ -37,6 +47,49 @@ fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: us
         )
         .unwrap();
     }
+}
+
+/// `n` CreateVolume calls and then DeleteVolume of each, one at a time.
+async fn create_delete(p: &Plugin, scale: usize, n: usize) -> (Samples, Samples) {
+    let mut c = p.controller();
+    let (mut creates, mut deletes) = (Samples::default(), Samples::default());
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = super::stats::timed(
+            &mut creates,
+            c.create_volume(create_req(&format!("bench-scale-{scale}-{i}"), GIB)),
+        )
+        .await
+        .expect("CreateVolume");
+        ids.push(r.into_inner().volume.unwrap().volume_id);
+    }
+    for id in ids {
+        super::stats::timed(
+            &mut deletes,
+            c.delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("DeleteVolume");
+    }
+    (creates, deletes)
+}
+
+/// "RSS / RssAnon / Pss" of the plugin now, and its RssAnon.
+fn memory_text(p: &Plugin) -> (String, u64) {
+    let rss = memory(p).rss;
+    let (anon, _, pss) = super::footprint::breakdown(p.pid().expect("plugin is running"));
+    (
+        format!(
+            "{} / {} / {}",
+            super::stats::mib(rss),
+            super::stats::mib(anon),
+            super::stats::mib(pss)
+        ),
+        anon,
+    )
 }
 
 /// Pages through every volume with `page` entries per call; returns (per-call samples,
@@ -105,36 +158,48 @@ pub async fn run(s: &Settings) -> ScaleResult {
     };
     let domains = virtdisk_test_support::domain::count_all();
     let mut have = 1;
+    // CreateVolume and DeleteVolume p50 at the first scale, for the later ones to compare.
+    let mut base: Option<(Duration, Duration)> = None;
+    let last = *s.list_scales.last().unwrap();
     for &n in &s.list_scales {
         eprintln!("scale: seeding {n} volumes");
         seed(&p.pool_dir(), &template, have - 1, n - 1);
         have = n;
         let (serving, ready) = startup(&mut p, 3).await;
-        values.push(ValueRow::new(
+        let mut row = ValueRow::new(
             format!("controller start-up, {n} volumes in the pool"),
             format!("{} serving, {} ready", ms(serving), ms(ready)),
         )
-        .note("spawn → first GetPluginInfo answer; → first ready Probe (libvirt connected); median of 3"));
-        let idle = memory(&p);
+        .note("spawn → first GetPluginInfo answer; → first ready Probe (libvirt connected); median of 3");
+        if n == last && n >= 100_000 {
+            row = row.target("ready ≤ 1 s", ready <= Duration::from_secs(1));
+        }
+        values.push(row);
+        let (idle, idle_anon) = memory_text(&p);
         // A first pass warms the page cache and the allocator; the second is reported.
         let (_, seen) = list_all(&p, s.list_page).await;
         assert_eq!(seen, n, "ListVolumes returned {seen} volumes, expected {n}");
         let mut passes = Samples::default();
-        let mut last = Samples::default();
+        let mut last_walk = Samples::default();
         for _ in 0..3 {
             let (calls, _) = list_all(&p, s.list_page).await;
             passes.push(calls.wall);
-            last = calls;
+            last_walk = calls;
         }
-        let after = memory(&p);
+        let (after, after_anon) = memory_text(&p);
         let total = passes.p50().unwrap();
-        latency.push(LatencyRow::new(
+        let page = last_walk.p50().unwrap_or_default();
+        let mut page_row = LatencyRow::new(
             format!(
                 "ListVolumes, {n} volumes, {} per page (per call)",
                 s.list_page
             ),
-            last,
-        ));
+            last_walk,
+        );
+        if n >= 100_000 {
+            page_row = page_row.target(super::stats::Target::P50AtMost(Duration::from_millis(2)));
+        }
+        latency.push(page_row);
         let mut total_row = ValueRow::new(
             format!(
                 "ListVolumes, all {n} volumes, {} per page (total)",
@@ -143,25 +208,53 @@ pub async fn run(s: &Settings) -> ScaleResult {
             ms(total),
         )
         .note(format!(
-            "{} calls; median of 3 passes; {domains} libvirt domains on the host",
-            n.div_ceil(s.list_page as usize)
+            "{} calls, p50 {} each; median of 3 passes; {domains} libvirt domains on the host",
+            n.div_ceil(s.list_page as usize),
+            ms(page)
         ));
         if n == 1000 {
             total_row = total_row.target("≤ 200 ms", total <= Duration::from_millis(200));
         }
         values.push(total_row);
-        values.push(ValueRow::new(
-            format!("RSS after start-up with {n} volumes (before listing)"),
-            super::stats::mib(idle.rss),
-        ));
-        values.push(ValueRow::new(
-            format!("RSS after listing {n} volumes (VmRSS / VmHWM)"),
-            format!(
-                "{} / {}",
-                super::stats::mib(after.rss),
-                super::stats::mib(after.hwm)
-            ),
-        ));
+        let mut idle_row = ValueRow::new(
+            format!("memory after start-up with {n} volumes: RSS / RssAnon / Pss"),
+            idle,
+        );
+        let mut after_row = ValueRow::new(
+            format!("memory after listing {n} volumes: RSS / RssAnon / Pss"),
+            after,
+        );
+        if n >= 100_000 {
+            let cap = 40 << 20;
+            idle_row = idle_row.target("RssAnon ≤ 40 MiB", idle_anon <= cap);
+            after_row = after_row.target("RssAnon ≤ 40 MiB", after_anon <= cap);
+        }
+        values.push(idle_row);
+        values.push(after_row);
+
+        let calls = if s.quick { 10 } else { 50 };
+        eprintln!("scale: {calls} CreateVolume and DeleteVolume among {n} volumes");
+        let (creates, deletes) = create_delete(&p, n, calls).await;
+        let (cp, dp) = (
+            creates.p50().unwrap_or_default(),
+            deletes.p50().unwrap_or_default(),
+        );
+        let mut crow = LatencyRow::new(format!("CreateVolume among {n} volumes"), creates);
+        let mut drow = LatencyRow::new(format!("DeleteVolume among {n} volumes"), deletes);
+        match base {
+            None => base = Some((cp, dp)),
+            // Within 20 % of the figure among the first scale's volumes.
+            Some((c0, d0)) => {
+                crow = crow.target(super::stats::Target::P50AtMost(Duration::from_secs_f64(
+                    c0.as_secs_f64() * 1.2,
+                )));
+                drow = drow.target(super::stats::Target::P50AtMost(Duration::from_secs_f64(
+                    d0.as_secs_f64() * 1.2,
+                )));
+            }
+        }
+        latency.push(crow);
+        latency.push(drow);
     }
     ScaleResult { latency, values }
 }

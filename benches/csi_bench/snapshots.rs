@@ -13,12 +13,12 @@ use virtdisk_test_support::qemu::{qemu_io, reads_pattern, Read};
 
 const CHUNK: u64 = 64 << 20;
 
-fn image_of(p: &Plugin, id: &str) -> PathBuf {
+pub fn image_of(p: &Plugin, id: &str) -> PathBuf {
     volume_image(&p.pool_dir(), id)
 }
 
 /// Writes `bytes` of pattern 0xaa at the start of the image.
-fn fill(image: &Path, bytes: u64) {
+pub fn fill(image: &Path, bytes: u64) {
     let writes: Vec<String> = (0..bytes)
         .step_by(CHUNK as usize)
         .map(|off| format!("write -P 0xaa {off} {}", CHUNK.min(bytes - off)))
@@ -28,7 +28,7 @@ fn fill(image: &Path, bytes: u64) {
     assert!(ok, "{text}");
 }
 
-fn reads_back(image: &Path, offset: u64) -> bool {
+pub fn reads_back(image: &Path, offset: u64) -> bool {
     reads_pattern(image, 0xaa, offset, 64 << 10, Read::LockedNow).is_ok()
 }
 

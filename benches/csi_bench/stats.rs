@@ -185,6 +185,49 @@ impl ValueRow {
     }
 }
 
+/// One figure measured on the plugin and on the reference driver in the same run: `row` holds
+/// the figure, the plugin's value, the target and the note.
+#[derive(Debug, Clone)]
+pub struct PeerRow {
+    pub row: ValueRow,
+    pub theirs: String,
+    /// hostpath's figure over ours: above 1, the plugin is faster.
+    pub ratio: Option<f64>,
+}
+
+impl PeerRow {
+    pub fn new(
+        figure: impl Into<String>,
+        ours: impl Into<String>,
+        theirs: impl Into<String>,
+    ) -> Self {
+        PeerRow {
+            row: ValueRow::new(figure, ours),
+            theirs: theirs.into(),
+            ratio: None,
+        }
+    }
+
+    pub fn ratio(mut self, r: Option<f64>) -> Self {
+        self.ratio = r;
+        self
+    }
+
+    pub fn target(self, describe: impl Into<String>, met: bool) -> Self {
+        PeerRow {
+            row: self.row.target(describe, met),
+            ..self
+        }
+    }
+
+    pub fn note(self, n: impl Into<String>) -> Self {
+        PeerRow {
+            row: self.row.note(n),
+            ..self
+        }
+    }
+}
+
 /// One concurrency level of the parallel-clients run.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyRow {

@@ -4,20 +4,19 @@ use super::convert;
 use super::proto::{self as csi, controller_server::Controller};
 use crate::attach::{Attachments, Publish};
 use crate::error::{Error, Result};
-use crate::exec;
-use crate::guard::{OpGuard, OpGuards};
 use crate::ids::{self, ObjectId};
-use crate::model::ContentSource;
 use crate::params::{self, VolumeParams};
 use crate::pool::{
-    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotRecord, VolumeRecord,
+    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition,
 };
 use tonic::{Request, Response, Status};
 
+/// The controller service. Every operation on a volume holds the volume's lock in its pool
+/// (`Pools::lock_volume`), which excludes concurrent operations of this and other processes
+/// sharing the pool: the loser gets ABORTED.
 pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
-    pub guards: OpGuards,
     /// Advertise the alpha GET_SNAPSHOT capability (`[snapshots] get_snapshot_capability`).
     pub get_snapshot_capability: bool,
 }
@@ -28,45 +27,16 @@ fn ok<T>(v: T) -> RpcResult<T> {
     Ok(Response::new(v))
 }
 
-/// Guard key of a volume: its name-derived key, the same before and after the pool is chosen.
-fn volume_guard_key(key: &str) -> String {
-    crate::guard::volume_key(key)
-}
-
 impl ControllerService {
-    fn guard_volume_id(&self, id: &str) -> Result<Option<(ObjectId, OpGuard)>> {
-        let Some(oid) = ObjectId::parse_volume(id)? else {
-            return Ok(None);
-        };
-        let g = self.guards.try_acquire(&[volume_guard_key(&oid.key)])?;
-        Ok(Some((oid, g)))
-    }
-
     /// A volume as CSI reports it; accessible from the topologies of its pool as configured now
     /// (a shared pool: every host that lists it).
-    fn volume(&self, rec: &VolumeRecord) -> csi::Volume {
-        let topologies = match self.pools.get(&rec.pool) {
+    fn volume(&self, v: &crate::pool::VolumeSummary) -> csi::Volume {
+        let topologies = match self.pools.get(&v.pool) {
             Some(p) => p.config().accessible_topologies(),
-            None if rec.accessible_topology.is_empty() => Vec::new(),
-            None => vec![rec.accessible_topology.clone()],
+            None if v.accessible_topology.is_empty() => Vec::new(),
+            None => vec![v.accessible_topology.clone()],
         };
-        convert::volume(rec, &topologies)
-    }
-
-    /// The condition of each volume (are its image and backing layers in the pool?), checked
-    /// in one blocking call.
-    async fn volume_conditions(&self, recs: &[&VolumeRecord]) -> Result<Vec<csi::VolumeCondition>> {
-        let checks = recs
-            .iter()
-            .map(|rec| Ok(((*rec).clone(), self.pools.image_path(rec)?)))
-            .collect::<Result<Vec<_>>>()?;
-        exec::blocking(move || {
-            Ok(checks
-                .iter()
-                .map(|(rec, image)| volume_condition(rec, image))
-                .collect())
-        })
-        .await
+        convert::volume(v, &topologies)
     }
 }
 
@@ -120,31 +90,19 @@ fn with_attachments<'a>(
     condition
 }
 
-/// Whether a volume's image and backing layers are in its pool. Blocking.
-fn volume_condition(rec: &VolumeRecord, image: &std::path::Path) -> csi::VolumeCondition {
-    let dir = image.parent().unwrap_or(std::path::Path::new(""));
-    let missing = std::iter::once(&rec.image)
-        .chain(rec.chain.backing.iter())
-        .find(|l| !dir.join(l).exists());
-    match missing {
-        None => csi::VolumeCondition {
-            abnormal: false,
-            message: "ok".into(),
-        },
-        Some(layer) if *layer == rec.image => csi::VolumeCondition {
-            abnormal: true,
-            message: format!(
-                "image {} of the volume is missing from pool {}",
-                rec.image, rec.pool
-            ),
-        },
-        Some(layer) => csi::VolumeCondition {
-            abnormal: true,
-            message: format!(
-                "backing layer {layer} of the volume is missing from pool {}",
-                rec.pool
-            ),
-        },
+fn condition(c: &VolumeCondition) -> csi::VolumeCondition {
+    csi::VolumeCondition {
+        abnormal: c.abnormal(),
+        message: c.message(),
+    }
+}
+
+/// `max_entries` as a page size (0: everything).
+fn page_size(max_entries: i32) -> Result<usize> {
+    match max_entries {
+        n if n < 0 => Err(Error::invalid("max_entries must not be negative")),
+        0 => Ok(usize::MAX),
+        n => Ok(n as usize),
     }
 }
 
@@ -173,19 +131,10 @@ impl Controller for ControllerService {
             content_source,
             topology,
         };
-        let key = ids::volume_key_for_name(&r.name);
-        let mut keys = vec![volume_guard_key(&key)];
-        // A clone freezes its source: no other operation may run on the source meanwhile.
-        if let Some(ContentSource::Volume(src)) = &create.content_source {
-            if let Some(src) = ObjectId::parse_volume(src)? {
-                keys.push(volume_guard_key(&src.key));
-                keys.dedup();
-            }
-        }
-        let _g = self.guards.try_acquire(&keys)?;
+        // Holds the name's lock, and a clone its source's lock.
         let rec = self.pools.create(create).await?;
         ok(csi::CreateVolumeResponse {
-            volume: Some(self.volume(&rec)),
+            volume: Some(self.volume(&rec.summary())),
         })
     }
 
@@ -194,10 +143,10 @@ impl Controller for ControllerService {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> RpcResult<csi::DeleteVolumeResponse> {
         let r = req.into_inner();
-        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
             return ok(csi::DeleteVolumeResponse {});
         };
-        if self.pools.volume(&r.volume_id).await?.is_some() {
+        if lock.existed() {
             let nodes = self.attachments.nodes_of(&r.volume_id).await?;
             if !nodes.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
@@ -208,7 +157,7 @@ impl Controller for ControllerService {
                 .into());
             }
         }
-        self.pools.delete(&r.volume_id).await?;
+        self.pools.delete(&lock).await?;
         ok(csi::DeleteVolumeResponse {})
     }
 
@@ -226,10 +175,10 @@ impl Controller for ControllerService {
             )
             .into());
         }
-        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
-        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let rec = self.pools.locked_volume(&lock).await?;
         let image = self.pools.image_path(&rec)?;
         let publish = Publish {
             node_id: r.node_id.clone(),
@@ -250,7 +199,7 @@ impl Controller for ControllerService {
         ids::check_safe_id("volume_id", &r.volume_id)?;
         if r.node_id.is_empty() {
             // Spec: an empty node id means "from every node".
-            let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+            let Some(_lock) = self.pools.lock_volume(&r.volume_id).await? else {
                 return ok(csi::ControllerUnpublishVolumeResponse {});
             };
             for node in self.attachments.nodes_of(&r.volume_id).await? {
@@ -259,7 +208,7 @@ impl Controller for ControllerService {
             return ok(csi::ControllerUnpublishVolumeResponse {});
         }
         ids::check_name("node_id", &r.node_id)?;
-        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+        let Some(_lock) = self.pools.lock_volume(&r.volume_id).await? else {
             return ok(csi::ControllerUnpublishVolumeResponse {});
         };
         self.attachments.unpublish(&r.volume_id, &r.node_id).await?;
@@ -304,39 +253,35 @@ impl Controller for ControllerService {
         req: Request<csi::ListVolumesRequest>,
     ) -> RpcResult<csi::ListVolumesResponse> {
         let r = req.into_inner();
-        if r.max_entries < 0 {
-            return Err(Error::invalid("max_entries must not be negative").into());
-        }
+        let take = page_size(r.max_entries)?;
         check_token(&r.starting_token)?;
-        let take = if r.max_entries == 0 {
-            usize::MAX
-        } else {
-            r.max_entries as usize
-        };
         let (page, next_token) = self.pools.list_page(&r.starting_token, take).await?;
         // The pages of one walk share one read of the nodes (a listing is a moment's picture).
         let attachments = self
             .attachments
             .recent(crate::attach::LISTING_MAX_AGE)
             .await?;
-        let page: Vec<&VolumeRecord> = page.iter().collect();
-        let conditions = self.volume_conditions(&page).await?;
-        let mut entries = Vec::with_capacity(page.len());
-        for (rec, condition) in page.into_iter().zip(conditions) {
-            let (published_node_ids, unconfirmed) = published(&attachments, &rec.id);
-            let condition = with_attachments(
-                condition,
-                attachments.known.iter().filter(|a| a.volume_id == rec.id),
-                unconfirmed,
-            );
-            entries.push(csi::list_volumes_response::Entry {
-                volume: Some(self.volume(rec)),
-                status: Some(csi::list_volumes_response::VolumeStatus {
-                    published_node_ids,
-                    volume_condition: Some(condition),
-                }),
-            });
-        }
+        let entries = page
+            .into_iter()
+            .map(|(volume, cond)| {
+                let (published_node_ids, unconfirmed) = published(&attachments, &volume.id);
+                let condition = with_attachments(
+                    condition(&cond),
+                    attachments
+                        .known
+                        .iter()
+                        .filter(|a| a.volume_id == volume.id),
+                    unconfirmed,
+                );
+                csi::list_volumes_response::Entry {
+                    volume: Some(self.volume(&volume)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids,
+                        volume_condition: Some(condition),
+                    }),
+                }
+            })
+            .collect();
         ok(csi::ListVolumesResponse {
             entries,
             next_token,
@@ -411,9 +356,7 @@ impl Controller for ControllerService {
         ids::check_name("name", &r.name)?;
         ids::check_safe_id("source_volume_id", &r.source_volume_id)?;
         convert::check_map("parameters", &r.parameters)?;
-        let _g = self
-            .guards
-            .try_acquire(&Pools::snapshot_guard_keys(&r.name, &r.source_volume_id)?)?;
+        // Holds the name's lock and the source volume's lock.
         let rec = self
             .pools
             .create_snapshot(CreateSnapshot {
@@ -423,7 +366,7 @@ impl Controller for ControllerService {
             })
             .await?;
         ok(csi::CreateSnapshotResponse {
-            snapshot: Some(convert::snapshot(&rec)),
+            snapshot: Some(convert::snapshot(&rec.summary())),
         })
     }
 
@@ -432,12 +375,7 @@ impl Controller for ControllerService {
         req: Request<csi::DeleteSnapshotRequest>,
     ) -> RpcResult<csi::DeleteSnapshotResponse> {
         let r = req.into_inner();
-        let Some(oid) = ObjectId::parse_snapshot(&r.snapshot_id)? else {
-            return ok(csi::DeleteSnapshotResponse {});
-        };
-        let _g = self
-            .guards
-            .try_acquire(&[crate::guard::snapshot_key(&oid.key)])?;
+        ObjectId::parse_snapshot(&r.snapshot_id)?;
         self.pools.delete_snapshot(&r.snapshot_id).await?;
         ok(csi::DeleteSnapshotResponse {})
     }
@@ -447,36 +385,19 @@ impl Controller for ControllerService {
         req: Request<csi::ListSnapshotsRequest>,
     ) -> RpcResult<csi::ListSnapshotsResponse> {
         let r = req.into_inner();
-        if r.max_entries < 0 {
-            return Err(Error::invalid("max_entries must not be negative").into());
-        }
-        let mut all: Vec<SnapshotRecord> = if r.snapshot_id.is_empty() {
-            self.pools.list_snapshots().await?
-        } else {
-            // An id that cannot be ours names no snapshot: an empty list, not an error.
-            match self.pools.snapshot(&r.snapshot_id).await {
-                Ok(found) => found.into_iter().collect(),
-                Err(Error::InvalidArgument(_)) => Vec::new(),
-                Err(e) => return Err(e.into()),
-            }
+        let take = page_size(r.max_entries)?;
+        check_token(&r.starting_token)?;
+        let filter = SnapshotFilter {
+            snapshot_id: (!r.snapshot_id.is_empty()).then_some(r.snapshot_id),
+            source_volume_id: (!r.source_volume_id.is_empty()).then_some(r.source_volume_id),
         };
-        if !r.source_volume_id.is_empty() {
-            all.retain(|s| s.source_volume_id == r.source_volume_id);
-        }
-        let start = page_start(&all, &r.starting_token, |s| &s.id)?;
-        let take = if r.max_entries == 0 {
-            usize::MAX
-        } else {
-            r.max_entries as usize
-        };
-        let page: Vec<&SnapshotRecord> = all[start..].iter().take(take).collect();
-        let next_token = all
-            .get(start + page.len())
-            .map(|s| s.id.clone())
-            .unwrap_or_default();
+        let (page, next_token) = self
+            .pools
+            .snapshot_page(filter, &r.starting_token, take)
+            .await?;
         ok(csi::ListSnapshotsResponse {
             entries: page
-                .into_iter()
+                .iter()
                 .map(|s| csi::list_snapshots_response::Entry {
                     snapshot: Some(convert::snapshot(s)),
                 })
@@ -496,7 +417,7 @@ impl Controller for ControllerService {
                 Error::NotFound(format!("snapshot {} does not exist", r.snapshot_id))
             })?;
         ok(csi::GetSnapshotResponse {
-            snapshot: Some(convert::snapshot(&rec)),
+            snapshot: Some(convert::snapshot(&rec.summary())),
         })
     }
 
@@ -512,18 +433,18 @@ impl Controller for ControllerService {
             .map(convert::capability)
             .transpose()?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
-        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
-        let mut rec = self.pools.require_volume(&r.volume_id).await?;
+        let mut rec = self.pools.locked_volume(&lock).await?;
         let target = self.pools.expansion_target(&rec, required, limit).await?;
         if target > rec.capacity_bytes {
             if self.attachments.nodes_of(&rec.id).await?.is_empty() {
-                rec = self.pools.expand_offline(&rec.id, target, 0).await?;
+                rec = self.pools.expand_offline(&lock, target, 0).await?;
             } else {
                 self.attachments.resize_online(&rec.id, target).await?;
                 rec.capacity_bytes = target;
-                self.pools.save(&rec).await?;
+                self.pools.save(&lock, &rec).await?;
                 tracing::info!(volume = %rec.id, size = target, "volume expanded online");
             }
         }
@@ -543,22 +464,17 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ControllerGetVolumeResponse> {
         let r = req.into_inner();
         ids::check_safe_id("volume_id", &r.volume_id)?;
-        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let (volume, cond) = self.pools.describe(&r.volume_id).await?;
         let scan = self.attachments.scan().await?;
         let attachments: Vec<&crate::attach::Attachment> = scan
             .known
             .iter()
-            .filter(|a| a.volume_id == rec.id)
+            .filter(|a| a.volume_id == volume.id)
             .collect();
-        let (published_node_ids, unconfirmed) = published(&scan, &rec.id);
-        let condition = self
-            .volume_conditions(&[&rec])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::internal("no volume condition"))?;
-        let condition = with_attachments(condition, attachments.into_iter(), unconfirmed);
+        let (published_node_ids, unconfirmed) = published(&scan, &volume.id);
+        let condition = with_attachments(condition(&cond), attachments.into_iter(), unconfirmed);
         ok(csi::ControllerGetVolumeResponse {
-            volume: Some(self.volume(&rec)),
+            volume: Some(self.volume(&volume)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(condition),
@@ -578,10 +494,10 @@ impl Controller for ControllerService {
         for (k, v) in &r.mutable_parameters {
             params::apply_qos(&mut params::Qos::default(), k, v)?;
         }
-        let Some((_oid, _g)) = self.guard_volume_id(&r.volume_id)? else {
+        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         };
-        let mut rec = self.pools.require_volume(&r.volume_id).await?;
+        let mut rec = self.pools.locked_volume(&lock).await?;
         let mut qos = rec.disk.qos;
         for (k, v) in &r.mutable_parameters {
             params::apply_qos(&mut qos, k, v)?;
@@ -593,18 +509,11 @@ impl Controller for ControllerService {
             for (k, v) in &r.mutable_parameters {
                 rec.parameters.insert(k.clone(), v.clone());
             }
-            self.pools.save(&rec).await?;
+            self.pools.save(&lock, &rec).await?;
             tracing::info!(volume = %rec.id, "volume QoS modified");
         }
         ok(csi::ControllerModifyVolumeResponse {})
     }
-}
-
-/// Index of the first entry at or after `token` (the id of the next entry to return).
-/// A token that is not a volume id of ours is invalid: ABORTED, as the spec asks.
-pub(crate) fn page_start<T>(all: &[T], token: &str, id: impl Fn(&T) -> &String) -> Result<usize> {
-    check_token(token)?;
-    Ok(all.partition_point(|v| id(v).as_str() < token))
 }
 
 /// A paging token is empty or the id of a volume or snapshot of ours; anything else is

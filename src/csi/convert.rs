@@ -3,7 +3,7 @@
 use super::proto as csi;
 use crate::error::{Error, Result};
 use crate::model::{AccessMode, AccessType, Capability, ContentSource};
-use crate::pool::{TopologyRequirement, VolumeRecord};
+use crate::pool::{SnapshotSummary, TopologyRequirement, VolumeSummary};
 use std::collections::BTreeMap;
 
 pub(crate) fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
@@ -131,19 +131,15 @@ pub(crate) const CTX_FORMAT: &str = "format";
 pub(crate) const CTX_POOL: &str = "pool";
 pub(crate) const CTX_FS_TYPE: &str = "fsType";
 
-/// A volume record as CSI reports it, accessible from `topologies` (none: from everywhere).
-pub(crate) fn volume(rec: &VolumeRecord, topologies: &[crate::config::Topology]) -> csi::Volume {
+/// A volume as CSI reports it, accessible from `topologies` (none: from everywhere).
+pub(crate) fn volume(rec: &VolumeSummary, topologies: &[crate::config::Topology]) -> csi::Volume {
     let mut ctx = BTreeMap::new();
     ctx.insert(CTX_POOL.to_string(), rec.pool.clone());
     ctx.insert(CTX_FORMAT.to_string(), rec.format.as_str().to_string());
     // The node sets a fresh file system's root owner and mode from these.
-    for key in crate::params::ROOT_KEYS {
-        if let Some(v) = rec.parameters.get(key) {
-            ctx.insert(key.to_string(), v.clone());
-        }
-    }
-    if let Some(fs) = rec.fs_type() {
-        ctx.insert(CTX_FS_TYPE.to_string(), fs.to_string());
+    ctx.extend(rec.root.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(fs) = &rec.fs_type {
+        ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
     }
     csi::Volume {
         capacity_bytes: rec.capacity_bytes as i64,
@@ -178,7 +174,7 @@ pub(crate) fn check_map(what: &str, m: &BTreeMap<String, String>) -> Result<()> 
     Ok(())
 }
 
-pub(crate) fn snapshot(rec: &crate::pool::SnapshotRecord) -> csi::Snapshot {
+pub(crate) fn snapshot(rec: &SnapshotSummary) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: rec.size_bytes as i64,
         snapshot_id: rec.id.clone(),
@@ -187,15 +183,14 @@ pub(crate) fn snapshot(rec: &crate::pool::SnapshotRecord) -> csi::Snapshot {
             seconds: rec.created_at as i64,
             nanos: rec.created_at_nanos as i32,
         }),
-        // Records are written Ready only once the layer is durable.
-        ready_to_use: rec.state == crate::pool::RecordState::Ready,
+        ready_to_use: rec.ready_to_use,
         group_snapshot_id: rec.group_snapshot_id.clone().unwrap_or_default(),
     }
 }
 
 /// A group snapshot and its members; ready when every member is.
 pub(crate) fn group_snapshot(g: &crate::pool::GroupSnapshot) -> csi::VolumeGroupSnapshot {
-    let snapshots: Vec<csi::Snapshot> = g.members.iter().map(snapshot).collect();
+    let snapshots: Vec<csi::Snapshot> = g.members.iter().map(|m| snapshot(&m.summary())).collect();
     csi::VolumeGroupSnapshot {
         group_snapshot_id: g.record.id.clone(),
         ready_to_use: g.record.state == crate::pool::RecordState::Ready

@@ -3,32 +3,30 @@
 use super::convert;
 use super::proto::{self as csi, group_controller_server::GroupController};
 use crate::error::{Error, Result};
-use crate::guard::OpGuards;
 use crate::ids::{self, ObjectId};
-use crate::pool::{CreateGroupSnapshot, GroupSnapshot, Pools, MAX_GROUP_MEMBERS};
+use crate::pool::{CreateGroupSnapshot, GroupSnapshotRecord, Pools, MAX_GROUP_MEMBERS};
 use std::collections::BTreeSet;
 use tonic::{Request, Response, Status};
 
 pub(crate) struct GroupControllerService {
     pub pools: Pools,
-    pub guards: OpGuards,
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
 
 /// The CO's `snapshot_ids`, when it sent any, must be the group's members (as a set): the
 /// spec's "snapshot list mismatch", INVALID_ARGUMENT.
-fn check_members(group: &GroupSnapshot, snapshot_ids: &[String]) -> Result<()> {
+fn check_members(group: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result<()> {
     if snapshot_ids.is_empty() {
         return Ok(());
     }
     let sent: BTreeSet<&String> = snapshot_ids.iter().collect();
-    let have: BTreeSet<&String> = group.record.snapshot_ids.iter().collect();
+    let have: BTreeSet<&String> = group.snapshot_ids.iter().collect();
     if sent != have {
         return Err(Error::invalid(format!(
             "snapshot_ids do not match the members of group snapshot {}: it holds {}",
-            group.record.id,
-            group.record.snapshot_ids.join(", ")
+            group.id,
+            group.snapshot_ids.join(", ")
         )));
     }
     Ok(())
@@ -87,9 +85,7 @@ impl GroupController for GroupControllerService {
             }
         }
         convert::check_map("parameters", &r.parameters)?;
-        let _g = self
-            .guards
-            .try_acquire(&Pools::group_guard_keys(&r.name, &r.source_volume_ids)?)?;
+        // Holds the name's lock and every volume's lock.
         let group = self
             .pools
             .create_group_snapshot(CreateGroupSnapshot {
@@ -110,17 +106,12 @@ impl GroupController for GroupControllerService {
         let r = req.into_inner();
         ids::check_safe_id("group_snapshot_id", &r.group_snapshot_id)?;
         check_snapshot_ids(&r.snapshot_ids)?;
-        let Some(oid) = ObjectId::parse_group(&r.group_snapshot_id)? else {
+        if ObjectId::parse_group(&r.group_snapshot_id)?.is_none() {
             return Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}));
-        };
-        let _g = self
-            .guards
-            .try_acquire(&[crate::guard::group_key(&oid.key)])?;
-        if let Some(group) = self.pools.group_snapshot(&r.group_snapshot_id).await? {
-            check_members(&group, &r.snapshot_ids)?;
         }
+        let sent = r.snapshot_ids;
         self.pools
-            .delete_group_snapshot(&r.group_snapshot_id)
+            .delete_group_snapshot(&r.group_snapshot_id, move |g| check_members(g, &sent))
             .await?;
         Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}))
     }
@@ -142,7 +133,7 @@ impl GroupController for GroupControllerService {
                     r.group_snapshot_id
                 ))
             })?;
-        check_members(&group, &r.snapshot_ids)?;
+        check_members(&group.record, &r.snapshot_ids)?;
         Ok(Response::new(csi::GetVolumeGroupSnapshotResponse {
             group_snapshot: Some(convert::group_snapshot(&group)),
         }))

@@ -1,8 +1,8 @@
-//! Pool capacity gauges, read from the pools' directories on every scrape (no background task:
-//! a scrape sees the state of that moment, and an idle plugin does no work).
+//! Pool capacity gauges, read from the pools' indexes and file systems on every scrape (no
+//! background task: a scrape sees the state of that moment, and an idle plugin does no work).
 
 use super::registry;
-use crate::pool::{Pool, Pools, RecordState};
+use crate::pool::{Pool, Pools};
 use std::sync::Mutex;
 
 static WATCHED: Mutex<Option<Pools>> = Mutex::new(None);
@@ -47,17 +47,11 @@ fn refresh_one(pool: &Pool) -> crate::error::Result<()> {
     m.pool_free_bytes
         .with_label_values(&name)
         .set(st.blocks_available() as f64 * fragment);
-    let volumes: Vec<_> = pool
-        .all_volumes()?
-        .into_iter()
-        .filter(|r| r.state != RecordState::Deleting)
-        .collect();
-    m.pool_volumes
-        .with_label_values(&name)
-        .set(volumes.len() as i64);
+    let (volumes, provisioned) = pool.usage()?;
+    m.pool_volumes.with_label_values(&name).set(volumes as i64);
     m.pool_provisioned_bytes
         .with_label_values(&name)
-        .set(volumes.iter().map(|r| r.capacity_bytes as f64).sum());
+        .set(provisioned as f64);
     if let Some(limit) = pool.config().capacity_bytes {
         m.pool_limit_bytes
             .with_label_values(&name)

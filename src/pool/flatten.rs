@@ -1,26 +1,28 @@
 //! Bounded chains. Every snapshot or clone adds a layer under a volume; once a volume's chain
 //! is deeper than `max_chain_depth`, a background task copies what the backing chain shows
-//! into one new standalone layer (`qemu-img convert`, no guard held: backing layers never
-//! change) and then, briefly under the volume's guard, points the active layer at it
-//! (`qemu-img rebase -u`: the content is the same) and switches the record. Snapshot layers
+//! into one new standalone layer (`qemu-img convert`, without the volume's lock: backing
+//! layers never change) and then, briefly under the volume's lock, points the active layer at
+//! it (`qemu-img rebase -u`: the content is the same) and switches the record. Snapshot layers
 //! are left as they are; the old layers go when nothing references them.
 //!
-//! Progress is recorded in `flatten/<volume key>.json` (Converting → Switching); after a
-//! crash a Converting job is undone and a Switching job finished. Attached volumes wait until
-//! they are unpublished (a live block-stream belongs to the hypervisor backend).
+//! Progress is recorded in `flatten/<volume key>.json` (Converting → Switching), and the job's
+//! own lock is held for the whole run, so the flatteners of several processes sharing a pool
+//! never work on one volume at once. After a crash a Converting job is undone and a Switching
+//! job finished. Attached volumes wait until they are unpublished (a live block-stream belongs
+//! to the hypervisor backend).
 
-use super::layers::{key_of_volume, sync_file};
+use super::layers::sync_file;
 use super::record::{now_secs, FlattenJob, FlattenState, RecordState, SCHEMA};
+use super::store::{ObjectLock, Slot};
 use super::{qemu_img, Pool, Pools};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Kind, Result};
 use crate::exec;
 use crate::fsutil;
 use crate::model::ImageFormat;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How soon to look again after a volume's guard was busy.
+/// How soon to look again after a volume's lock was busy.
 const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// How soon to look again at attached volumes or after a failure.
 const SLOW_RETRY: Duration = Duration::from_secs(30);
@@ -40,72 +42,17 @@ fn failure_backoff(failures: u32) -> Duration {
 enum Outcome {
     /// Flattened, or nothing to do any more.
     Done,
-    /// An RPC held the volume: try again soon.
+    /// An RPC (or another process) held the volume: try again soon.
     Busy,
     /// Attached to a node: try again later.
     Attached,
 }
 
 impl Pool {
-    fn flatten_job_path(&self, key: &str) -> PathBuf {
-        self.flatten_dir().join(format!("{key}.json"))
-    }
-
-    fn read_flatten_job(&self, key: &str) -> Result<Option<FlattenJob>> {
-        fsutil::read_json(&self.flatten_job_path(key))
-    }
-
-    fn write_flatten_job(&self, key: &str, job: &FlattenJob) -> Result<()> {
-        fsutil::write_json(&self.flatten_job_path(key), job)
-    }
-
-    fn remove_flatten_job(&self, key: &str) -> Result<()> {
-        fsutil::remove_durable(&self.flatten_job_path(key))
-    }
-
-    /// Every job record of the pool.
-    fn all_flatten_jobs(&self) -> Result<Vec<FlattenJob>> {
-        let dir = self.flatten_dir();
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let mut jobs = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if !key.starts_with('.') {
-                jobs.extend(self.read_flatten_job(key)?);
-            }
-        }
-        Ok(jobs)
-    }
-
-    /// Pool open: undoes copies in progress, finishes switches in progress.
-    pub(super) fn recover_flatten_jobs(&self) -> Result<()> {
-        for job in self.all_flatten_jobs()? {
-            let key = key_of_volume(&job.volume_id)?;
-            let key = key.as_str();
-            match job.state {
-                FlattenState::Converting => {
-                    tracing::info!(pool = %self.name(), volume = %job.volume_id,
-                        "undoing an interrupted chain flattening");
-                    self.remove_flatten_job(key)?;
-                }
-                FlattenState::Switching => {
-                    tracing::info!(pool = %self.name(), volume = %job.volume_id,
-                        "finishing an interrupted chain flattening");
-                    self.finish_flatten_switch(key, &job)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Points the volume's active layer at the flat layer and records it; idempotent, so a
-    /// crash anywhere in here is finished by running it again. Blocking.
-    fn finish_flatten_switch(&self, key: &str, job: &FlattenJob) -> Result<()> {
+    /// Points the volume's active layer at the flat layer and records it, then drops the job;
+    /// idempotent, so a crash anywhere in here is finished by running it again. The caller
+    /// holds the job's and the volume's locks. Blocking.
+    pub(super) fn finish_flatten_switch(&self, key: u64, job: &FlattenJob) -> Result<()> {
         if let Some(mut rec) = self.read_volume(key)? {
             if rec.state == RecordState::Ready
                 && rec.image == job.image
@@ -116,11 +63,11 @@ impl Pool {
                 sync_file(&image)?;
                 crate::failpoint!("flatten.rebased");
                 rec.chain.backing = vec![job.layer.clone()];
-                self.write_volume(&rec)?;
+                self.store.put(&rec, |_| Ok(()))?;
                 crate::failpoint!("flatten.recorded");
             }
         }
-        self.remove_flatten_job(key)
+        self.store.remove::<FlattenJob>(key, |_| Ok(())).map(drop)
     }
 }
 
@@ -137,6 +84,12 @@ fn busy_if_locked(volume_id: &str, result: Result<()>) -> Result<Option<Outcome>
         }
         Err(e) => Err(e),
     }
+}
+
+/// Takes an object lock without waiting (`None`: busy).
+async fn try_lock(pool: &Arc<Pool>, slot: Slot) -> Result<Option<ObjectLock>> {
+    let p = pool.clone();
+    exec::blocking(move || p.store.try_lock(slot)).await
 }
 
 impl Pools {
@@ -187,26 +140,28 @@ impl Pools {
         let mut failure = None;
         for pool in self.all().to_vec() {
             let p = pool.clone();
-            // Deep chains, plus volumes whose job a failed round left behind.
-            let todo: Vec<String> = exec::blocking(move || {
-                let mut ids: Vec<String> = p
-                    .all_volumes()?
-                    .into_iter()
-                    .filter(|r| r.state == RecordState::Ready && r.depth() > max)
-                    .map(|r| r.id)
+            // Deep chains, plus volumes whose job a failed round left behind (from the index:
+            // no record is read).
+            let todo: Vec<u64> = exec::blocking(move || {
+                let index = p.store.index()?;
+                let mut keys: Vec<u64> = index
+                    .volumes_from(0)
+                    .filter(|(_, v)| v.state == RecordState::Ready && v.depth() > max)
+                    .map(|(k, _)| k)
                     .collect();
-                ids.extend(p.all_flatten_jobs()?.into_iter().map(|j| j.volume_id));
-                ids.sort();
-                ids.dedup();
-                Ok(ids)
+                keys.extend(index.jobs().map(|(k, _)| k));
+                keys.sort_unstable();
+                keys.dedup();
+                Ok(keys)
             })
             .await?;
-            for id in todo {
-                match self.flatten_volume(&pool, &id).await {
+            for key in todo {
+                match self.flatten_volume(&pool, key).await {
                     Ok(Outcome::Done) => {}
                     Ok(o) => again = Some(again.map_or(o, |a| a.min(o))),
                     Err(e) => {
-                        tracing::warn!(volume = %id, error = %e, "could not flatten the chain");
+                        tracing::warn!(volume = %pool.volume_id(key), error = %e,
+                            "could not flatten the chain");
                         failure = Some(e);
                     }
                 }
@@ -219,135 +174,167 @@ impl Pools {
         }
     }
 
-    async fn flatten_volume(&self, pool: &Arc<Pool>, id: &str) -> Result<Outcome> {
-        let key = key_of_volume(id)?;
-        let guard_key = [crate::guard::volume_key(&key)];
-        let Ok(guard) = self.layers.guards.try_acquire(&guard_key) else {
+    /// Flattens one volume's chain, step by step, holding the job's lock throughout.
+    async fn flatten_volume(&self, pool: &Arc<Pool>, key: u64) -> Result<Outcome> {
+        let Some(_job_lock) = try_lock(pool, Slot::Flatten(key)).await? else {
             return Ok(Outcome::Busy);
         };
-        let (p, k) = (pool.clone(), key.clone());
-        if let Some(job) = exec::blocking(move || p.read_flatten_job(&k)).await? {
-            // Left by an earlier round that failed half-way.
-            let (p, k) = (pool.clone(), key.clone());
-            let finished = exec::blocking(move || {
-                match job.state {
-                    FlattenState::Switching => p.finish_flatten_switch(&k, &job)?,
-                    FlattenState::Converting => p.remove_flatten_job(&k)?,
-                }
-                p.collect_garbage().map(drop)
-            })
-            .await;
-            if let Some(outcome) = busy_if_locked(id, finished)? {
-                return Ok(outcome);
-            }
+        if let Some(outcome) = self.settle_leftover_job(pool, key).await? {
+            return Ok(outcome);
         }
-        let Some(rec) = self.volume(id).await? else {
-            return Ok(Outcome::Done);
+        let mut job = match self.start_job(pool, key).await? {
+            Ok(job) => job,
+            Err(outcome) => return Ok(outcome),
         };
-        if rec.depth() <= self.layers.max_chain_depth || rec.chain.freezing.is_some() {
-            return Ok(Outcome::Done);
-        }
-        if !self.layers.attachments.nodes_of(id).await?.is_empty() {
-            tracing::debug!(volume = %id, "chain flattening waits until the volume is unpublished");
-            return Ok(Outcome::Attached);
-        }
-        let (p, k) = (pool.clone(), key.clone());
-        let layer = exec::blocking(move || p.new_layer_name(&k, ImageFormat::Qcow2)).await?;
-        let now = now_secs();
-        let mut job = FlattenJob {
-            schema: SCHEMA,
-            volume_id: rec.id.clone(),
-            image: rec.image.clone(),
-            source: rec.chain.backing.clone(),
-            layer,
-            state: FlattenState::Converting,
-            started_at: now,
-            updated_at: now,
-        };
-        let (p, k, j) = (pool.clone(), key.clone(), job.clone());
-        exec::blocking(move || p.write_flatten_job(&k, &j)).await?;
-        crate::failpoint!("flatten.job-written");
-        drop(guard);
-
-        tracing::info!(volume = %id, depth = rec.depth(), into = %job.layer, "flattening the backing chain");
-        let (src, dst) = (pool.image_path(&job.source[0]), pool.image_path(&job.layer));
-        let copied = async {
-            qemu_img::convert_flat(&src, &dst).await?;
-            let p = pool.clone();
-            exec::blocking(move || {
-                sync_file(&dst)?;
-                fsutil::sync_dir(&p.images_dir())
-            })
-            .await
-        }
-        .await;
-        if let Err(e) = copied {
-            self.abandon_flatten(pool, &key).await;
+        if let Err(e) = self.convert(pool, &job).await {
+            self.abandon_flatten(pool, key).await;
             return Err(e);
         }
-        crate::failpoint!("flatten.converted");
+        self.switch(pool, key, &mut job).await
+    }
 
-        // The switch: brief, under the volume's guard, and only if nothing changed meanwhile.
+    /// Step 1: a job an earlier round left half-way is finished or undone first.
+    async fn settle_leftover_job(&self, pool: &Arc<Pool>, key: u64) -> Result<Option<Outcome>> {
+        let p = pool.clone();
+        let leftover = exec::blocking(move || Ok(p.store.index()?.job(key).is_some())).await?;
+        if !leftover {
+            return Ok(None);
+        }
+        let Some(held) = try_lock(pool, Slot::Volume(key)).await? else {
+            return Ok(Some(Outcome::Busy));
+        };
+        let p = pool.clone();
+        let settled = exec::blocking(move || {
+            let _held = held;
+            p.settle_job(key)
+        })
+        .await;
+        busy_if_locked(&pool.volume_id(key), settled)
+    }
+
+    /// Step 2: under the volume's lock, whether the chain still needs flattening, and if so
+    /// the job that names the new layer, committed before the layer is made.
+    async fn start_job(
+        &self,
+        pool: &Arc<Pool>,
+        key: u64,
+    ) -> Result<std::result::Result<FlattenJob, Outcome>> {
+        let Some(held) = try_lock(pool, Slot::Volume(key)).await? else {
+            return Ok(Err(Outcome::Busy));
+        };
+        let p = pool.clone();
+        let Some(rec) = exec::blocking(move || p.ready_volume(key)).await? else {
+            return Ok(Err(Outcome::Done));
+        };
+        if rec.depth() <= self.layers.max_chain_depth || rec.chain.freezing.is_some() {
+            return Ok(Err(Outcome::Done));
+        }
+        if !self.layers.attachments.nodes_of(&rec.id).await?.is_empty() {
+            tracing::debug!(volume = %rec.id, "chain flattening waits until the volume is unpublished");
+            return Ok(Err(Outcome::Attached));
+        }
+        let p = pool.clone();
+        let job = exec::blocking(move || {
+            let _held = held;
+            let now = now_secs();
+            let job = FlattenJob {
+                schema: SCHEMA,
+                volume_id: rec.id.clone(),
+                image: rec.image.clone(),
+                source: rec.chain.backing.clone(),
+                layer: p.new_layer_name(key, ImageFormat::Qcow2)?,
+                state: FlattenState::Converting,
+                started_at: now,
+                updated_at: now,
+            };
+            p.store.put(&job, |_| Ok(()))?;
+            crate::failpoint!("flatten.job-written");
+            Ok(job)
+        })
+        .await?;
+        tracing::info!(volume = %job.volume_id, depth = 1 + job.source.len(), into = %job.layer,
+            "flattening the backing chain");
+        Ok(Ok(job))
+    }
+
+    /// Step 3: the copy, without the volume's lock (the backing layers never change).
+    async fn convert(&self, pool: &Arc<Pool>, job: &FlattenJob) -> Result<()> {
+        let (src, dst) = (pool.image_path(&job.source[0]), pool.image_path(&job.layer));
+        qemu_img::convert_flat(&src, &dst).await?;
+        let p = pool.clone();
+        exec::blocking(move || {
+            sync_file(&dst)?;
+            fsutil::sync_dir(&p.images_dir())
+        })
+        .await?;
+        crate::failpoint!("flatten.converted");
+        Ok(())
+    }
+
+    /// Step 4: the switch, briefly under the volume's lock, and only if the volume did not
+    /// change meanwhile.
+    async fn switch(&self, pool: &Arc<Pool>, key: u64, job: &mut FlattenJob) -> Result<Outcome> {
         let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
-        let guard = loop {
-            match self.layers.guards.try_acquire(&guard_key) {
-                Ok(g) => break g,
-                Err(_) if tokio::time::Instant::now() < deadline => {
+        let held = loop {
+            match try_lock(pool, Slot::Volume(key)).await? {
+                Some(held) => break held,
+                None if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
-                Err(_) => {
-                    self.abandon_flatten(pool, &key).await;
+                None => {
+                    self.abandon_flatten(pool, key).await;
                     return Ok(Outcome::Busy);
                 }
             }
         };
-        let current = self.volume(id).await?;
+        let p = pool.clone();
+        let current = exec::blocking(move || p.ready_volume(key)).await?;
         let unchanged = current.as_ref().is_some_and(|r| {
             r.image == job.image && r.chain.backing == job.source && r.chain.freezing.is_none()
         });
         if !unchanged {
-            self.abandon_flatten(pool, &key).await;
+            self.abandon_flatten(pool, key).await;
             return Ok(if current.is_some() {
                 Outcome::Busy
             } else {
                 Outcome::Done
             });
         }
-        if !self.layers.attachments.nodes_of(id).await?.is_empty() {
-            self.abandon_flatten(pool, &key).await;
+        if !self
+            .layers
+            .attachments
+            .nodes_of(&job.volume_id)
+            .await?
+            .is_empty()
+        {
+            self.abandon_flatten(pool, key).await;
             return Ok(Outcome::Attached);
         }
         job.state = FlattenState::Switching;
         job.updated_at = now_secs();
-        let (p, k) = (pool.clone(), key.clone());
+        let (p, j) = (pool.clone(), job.clone());
         let switched = exec::blocking(move || {
-            p.write_flatten_job(&k, &job)?;
+            let _held = held;
+            p.store.put(&j, |_| Ok(()))?;
             crate::failpoint!("flatten.switching");
-            p.finish_flatten_switch(&k, &job)?;
-            if let Err(e) = p.collect_garbage() {
-                tracing::warn!(pool = %p.name(), error = %e, "layer cleanup deferred");
-            }
-            Ok(())
+            p.finish_flatten_switch(key, &j)
         })
         .await;
-        drop(guard);
-        if let Some(outcome) = busy_if_locked(id, switched)? {
+        if let Some(outcome) = busy_if_locked(&job.volume_id, switched)? {
             return Ok(outcome);
         }
-        tracing::info!(volume = %id, "backing chain flattened");
+        tracing::info!(volume = %job.volume_id, "backing chain flattened");
         Ok(Outcome::Done)
     }
 
-    /// Drops a job that did not finish; its copy is collected as garbage.
-    async fn abandon_flatten(&self, pool: &Arc<Pool>, key: &str) {
-        let (p, k) = (pool.clone(), key.to_string());
-        let undone = exec::blocking(move || {
-            p.remove_flatten_job(&k)?;
-            p.collect_garbage().map(drop)
-        })
-        .await;
+    /// Drops a job that did not finish; its copy goes with the commit that stops naming it.
+    async fn abandon_flatten(&self, pool: &Arc<Pool>, key: u64) {
+        let p = pool.clone();
+        let undone =
+            exec::blocking(move || p.store.remove::<FlattenJob>(key, |_| Ok(())).map(drop)).await;
         if let Err(e) = undone {
-            tracing::warn!(pool = %pool.name(), error = %e, "could not drop a flattening job; the next start will");
+            tracing::warn!(pool = %pool.name(), error = %e,
+                "could not drop a flattening job; the next start will");
         }
     }
 }
@@ -355,6 +342,7 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     fn qemu_img_failure(stderr: &str) -> Error {
         crate::exec::tool_error(

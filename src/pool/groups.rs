@@ -5,32 +5,34 @@
 //! Every member is a frozen layer, as a single snapshot is: constant time whatever the sizes.
 //! How the members are cut at one point:
 //! - members nobody writes (not attached read-write): their layers are frozen offline, their
-//!   records switched under one hold of each pool's layer lock;
+//!   records switched in one batch under one hold of each pool's lock;
 //! - members attached read-write: per node ONE live operation switches all of them (one QEMU
 //!   transaction); the guests' file systems are frozen around it where an agent answers, and
 //!   several nodes are paused together while theirs are cut (`attach::live`).
 //!
 //! The guarantee met (`Consistency`) is logged, counted and kept in the group's record.
 //!
-//! Records: `groups/<key>.json` in the pool of the first volume, key derived from the name
-//! (a repeated request finds it without an index); members `snapshots/<key>.json` in their
-//! volumes' pools, keys derived from the group's key and the volume id. The group record is
-//! written Creating (naming every member) before anything is made, members are recorded once
-//! every volume is switched, and the group turns Ready last: a member is listed only once its
-//! group is Ready, and a restarted controller removes what a Creating or Deleting group names.
+//! Records: `groups/g<key>.json` in the pool of the first volume (a new random key each time;
+//! the name is the idempotency key, found through the index), members `snapshots/s<key>.json`
+//! in their volumes' pools. The group record is written Creating (naming every member) before
+//! anything is made, the members are recorded once every volume is switched, and the group
+//! turns Ready last: a member is listed only once its group is Ready, and whoever next holds
+//! the group's lock (an open of the pool, a retry) removes what a Creating or Deleting group
+//! names. The operation holds the group name's lock, the group's lock and every volume's lock.
 
-use super::layers::{key_of_volume, Frozen, PreparedFreeze};
-use super::record::{GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeRecord, SCHEMA};
+use super::layers::{Frozen, PreparedFreeze};
+use super::record::{GroupSnapshotRecord, RecordState, SnapshotRecord, SCHEMA};
+use super::store::{Kind, Slot, Staged};
+use super::volumes::VolumeLock;
 use super::{Pool, Pools};
 use crate::attach::{LiveMember, NodeMembers};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::fsutil;
 use crate::ids::{self, ObjectId};
 use crate::model::{Consistency, ImageFormat};
 use futures_util::future::join_all;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The most volumes one group snapshot may hold.
@@ -57,39 +59,45 @@ pub struct GroupSnapshot {
 }
 
 impl Pool {
-    pub(crate) fn groups_dir(&self) -> PathBuf {
-        self.dir().join("groups")
+    /// The id of the group snapshot with `key` in this pool.
+    pub fn group_id(&self, key: u64) -> String {
+        format!("{}.{}", self.name(), Kind::Group.file_key(key))
     }
 
-    fn group_path(&self, key: &str) -> PathBuf {
-        self.groups_dir().join(format!("{key}.json"))
+    /// The record (any state) of the group snapshot named `name` in this pool.
+    fn group_named(&self, name: &str) -> Result<Option<(u64, GroupSnapshotRecord)>> {
+        let keys: Vec<u64> = self
+            .store
+            .index()?
+            .groups_named(ids::name_hash(ids::GROUP, name))
+            .collect();
+        for key in keys {
+            if let Some(rec) = self
+                .store
+                .read::<GroupSnapshotRecord>(key)?
+                .filter(|r| r.name == name)
+            {
+                return Ok(Some((key, rec)));
+            }
+        }
+        Ok(None)
     }
 
-    pub(crate) fn read_group(&self, key: &str) -> Result<Option<GroupSnapshotRecord>> {
-        fsutil::read_json(&self.group_path(key))
-    }
-
-    /// Writes a group snapshot record atomically. Blocking.
-    pub fn write_group(&self, rec: &GroupSnapshotRecord) -> Result<()> {
-        let key = ObjectId::parse_group(&rec.id)?
-            .ok_or_else(|| Error::internal(format!("bad group snapshot id {}", rec.id)))?
-            .key;
-        fsutil::write_json(&self.group_path(&key), rec)
-    }
-
-    fn remove_group_record(&self, key: &str) -> Result<()> {
-        fsutil::remove_durable(&self.group_path(key))
-    }
-
-    /// Every group record of the pool, any state (unreadable ones skipped, logged).
-    pub(crate) fn all_groups(&self) -> Result<Vec<GroupSnapshotRecord>> {
-        self.read_records(&self.groups_dir(), "group snapshot")
+    /// A key no group snapshot of this pool has.
+    fn new_group_key(&self) -> Result<u64> {
+        loop {
+            let key = ids::random_u64();
+            if self.store.index()?.group(key).is_none() {
+                return Ok(key);
+            }
+        }
     }
 }
 
 /// A volume of the group, as planned.
 struct Member {
-    vol: VolumeRecord,
+    lock: VolumeLock,
+    vol: super::record::VolumeRecord,
     /// The node writing it (attached read-write), if any.
     writer: Option<String>,
     snapshot_id: String,
@@ -108,42 +116,37 @@ fn now_parts(t: SystemTime) -> (u64, u32) {
 }
 
 impl Pools {
-    /// The guard keys of a CreateVolumeGroupSnapshot: the group's name and every volume.
-    pub(crate) fn group_guard_keys(name: &str, volume_ids: &[String]) -> Result<Vec<String>> {
-        let mut keys = vec![crate::guard::group_key(&ids::group_key_for_name(name))];
-        for id in volume_ids {
-            if ObjectId::parse_volume(id)?.is_some() {
-                keys.push(crate::guard::volume_key(&key_of_volume(id)?));
-            }
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
-    }
-
     /// The pool and key of a group snapshot id; `None` when it cannot be one of ours.
-    fn locate_group(&self, id: &str) -> Result<Option<(std::sync::Arc<Pool>, String)>> {
+    fn locate_group(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
         let Some(oid) = ObjectId::parse_group(id)? else {
             return Ok(None);
         };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), oid.key)))
+        let Some(key) = Kind::Group.parse_file_key(&oid.key) else {
+            return Ok(None);
+        };
+        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
     }
 
     /// CreateVolumeGroupSnapshot. Idempotent by name: the same name, volumes (in any order)
     /// and parameters give the same group; the same name with other volumes or parameters is
-    /// ALREADY_EXISTS. The caller holds the guards of `group_guard_keys`.
+    /// ALREADY_EXISTS. ABORTED while another operation holds the name or a volume.
     pub async fn create_group_snapshot(&self, req: CreateGroupSnapshot) -> Result<GroupSnapshot> {
         let started = Instant::now();
-        let key = ids::group_key_for_name(&req.name);
-        if let Some(existing) = self.existing_group(&req, &key).await? {
+        let hash = ids::name_hash(ids::GROUP, &req.name);
+        let _name = self
+            .lock_name(
+                Slot::GroupName(hash),
+                format!("the group snapshot named {:?}", req.name),
+            )
+            .await?;
+        if let Some(existing) = self.existing_group(&req).await? {
             return Ok(existing);
         }
-        let mut vols = Vec::with_capacity(req.source_volume_ids.len());
+        let mut members = Vec::with_capacity(req.source_volume_ids.len());
         for id in &req.source_volume_ids {
-            let vol = self
-                .volume(id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
+            let missing = || Error::NotFound(format!("source volume {id} does not exist"));
+            let lock = self.lock_volume(id).await?.ok_or_else(missing)?;
+            let vol = self.locked_volume(&lock).await.map_err(|_| missing())?;
             if vol.format != ImageFormat::Qcow2 {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is raw and cannot be in a group snapshot: every member is a \
@@ -151,12 +154,13 @@ impl Pools {
                 )));
             }
             self.check_freezable(&vol)?;
-            vols.push(vol);
+            members.push((lock, vol));
         }
         // One read of every node decides who writes each volume now.
         let scan = self.layers.attachments.scan().await?;
-        let mut members = Vec::with_capacity(vols.len());
-        for vol in vols {
+        let mut planned = Vec::with_capacity(members.len());
+        let mut taken: BTreeSet<(String, u64)> = BTreeSet::new();
+        for (lock, vol) in members {
             let mut writers: Vec<String> = scan
                 .of_volume(&vol.id)?
                 .into_iter()
@@ -173,143 +177,180 @@ impl Pools {
                     writers.join(", ")
                 )));
             }
-            let snapshot_id = ObjectId::new(&vol.pool, &ids::member_key(&key, &vol.id)).to_string();
-            members.push(Member {
+            let pool = lock.pool.clone();
+            let key = loop {
+                let p = pool.clone();
+                let key = exec::blocking(move || p.new_snapshot_key()).await?;
+                if taken.insert((pool.name().to_string(), key)) {
+                    break key;
+                }
+            };
+            planned.push(Member {
+                snapshot_id: pool.snapshot_id(key),
                 writer: writers.pop(),
+                lock,
                 vol,
-                snapshot_id,
             });
         }
 
-        let group_pool = self.pool_of(&members[0].vol.pool)?;
+        let group_pool = planned[0].lock.pool.clone();
+        let gp = group_pool.clone();
+        let key = exec::blocking(move || gp.new_group_key()).await?;
+        let id = group_pool.group_id(key);
+        let (gp, gid) = (group_pool.clone(), id.clone());
+        let _group = exec::blocking(move || {
+            gp.store
+                .lock(Slot::Group(key), &|| format!("group snapshot {gid}"))
+        })
+        .await?;
         let mut group = GroupSnapshotRecord {
             schema: SCHEMA,
-            id: ObjectId::new(group_pool.name(), &key).to_string(),
+            id,
             name: req.name.clone(),
             pool: group_pool.name().to_string(),
             state: RecordState::Creating,
             source_volume_ids: req.source_volume_ids.clone(),
-            snapshot_ids: members.iter().map(|m| m.snapshot_id.clone()).collect(),
+            snapshot_ids: planned.iter().map(|m| m.snapshot_id.clone()).collect(),
             parameters: req.parameters.clone(),
             created_at: 0,
             created_at_nanos: 0,
             consistency: None,
         };
-        let (p, g) = (group_pool.clone(), group.clone());
-        exec::blocking(move || p.write_group(&g)).await?;
+        let (gp, g) = (group_pool.clone(), group.clone());
+        exec::blocking(move || gp.store.put(&g, |_| Ok(())).map(drop)).await?;
         crate::failpoint!("group.intent");
 
-        match self.cut_members(&group, &members).await {
-            Ok((frozen, consistency, cut_at)) => {
-                let (secs, nanos) = now_parts(cut_at);
-                let records: Vec<SnapshotRecord> = members
-                    .iter()
-                    .zip(frozen)
-                    .map(|(m, f)| SnapshotRecord {
-                        schema: SCHEMA,
-                        id: m.snapshot_id.clone(),
-                        name: format!("{}/{}", req.name, m.vol.id),
-                        pool: m.vol.pool.clone(),
-                        state: RecordState::Ready,
-                        source_volume_id: m.vol.id.clone(),
-                        layer: f.layer,
-                        backing: f.backing,
-                        size_bytes: m.vol.capacity_bytes,
-                        parameters: BTreeMap::new(),
-                        created_at: secs,
-                        created_at_nanos: nanos,
-                        quiesced: f.quiesced,
-                        group_snapshot_id: Some(group.id.clone()),
-                    })
-                    .collect();
-                group.state = RecordState::Ready;
-                group.created_at = secs;
-                group.created_at_nanos = nanos;
-                group.consistency = Some(consistency);
-                let pools: Vec<_> = records
-                    .iter()
-                    .map(|r| self.pool_of(&r.pool))
-                    .collect::<Result<_>>()?;
-                let (rs, g, gp) = (records.clone(), group.clone(), group_pool.clone());
-                exec::blocking(move || {
-                    // The layers are in the volumes' chains already: nothing collects them.
-                    for (p, r) in pools.iter().zip(&rs) {
-                        p.write_snapshot(r)?;
-                    }
-                    crate::failpoint!("group.members-recorded");
-                    gp.write_group(&g)
-                })
-                .await?;
-                crate::failpoint!("group.ready");
-                crate::metrics::observe_group_snapshot(consistency, started.elapsed());
-                tracing::info!(group_snapshot = %group.id, name = %group.name,
-                    members = records.len(), consistency = consistency.as_str(),
-                    ms = started.elapsed().as_millis() as u64, "group snapshot created");
-                Ok(GroupSnapshot {
-                    record: group,
-                    members: records,
-                })
-            }
+        let cut = self.cut_members(&group, &planned).await;
+        let (frozen, consistency, cut_at) = match cut {
+            Ok(c) => c,
             Err(e) => {
-                let (p, k) = (group_pool.clone(), key.clone());
-                if let Err(u) = exec::blocking(move || p.remove_group_record(&k)).await {
-                    tracing::error!(group_snapshot = %group.id, error = %u,
+                let (gp, g) = (group_pool.clone(), group.id.clone());
+                let removed = exec::blocking(move || {
+                    gp.store
+                        .remove::<GroupSnapshotRecord>(key, |_| Ok(()))
+                        .map(drop)
+                })
+                .await;
+                if let Err(u) = removed {
+                    tracing::error!(group_snapshot = %g, error = %u,
                         "could not remove a failed group snapshot's record; the next start will");
                 }
                 tracing::warn!(group_snapshot = %group.id, error = %e, "group snapshot failed");
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        let (secs, nanos) = now_parts(cut_at);
+        let records: Vec<SnapshotRecord> = planned
+            .iter()
+            .zip(frozen)
+            .map(|(m, f)| SnapshotRecord {
+                schema: SCHEMA,
+                id: m.snapshot_id.clone(),
+                name: format!("{}/{}", req.name, m.vol.id),
+                pool: m.vol.pool.clone(),
+                state: RecordState::Ready,
+                source_volume_id: m.vol.id.clone(),
+                layer: f.layer,
+                backing: f.backing,
+                size_bytes: m.vol.capacity_bytes,
+                parameters: BTreeMap::new(),
+                created_at: secs,
+                created_at_nanos: nanos,
+                quiesced: f.quiesced,
+                group_snapshot_id: Some(group.id.clone()),
+            })
+            .collect();
+        group.state = RecordState::Ready;
+        group.created_at = secs;
+        group.created_at_nanos = nanos;
+        group.consistency = Some(consistency);
+        let pools: Vec<Arc<Pool>> = planned.iter().map(|m| m.lock.pool.clone()).collect();
+        let (rs, g, gp) = (records.clone(), group.clone(), group_pool.clone());
+        exec::blocking(move || {
+            // Each pool's members in one batch. Their layers are in the volumes' chains
+            // already: nothing collects them meanwhile.
+            let mut done: Vec<&Arc<Pool>> = Vec::new();
+            for pool in &pools {
+                if done.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                    continue;
+                }
+                done.push(pool);
+                let staged = rs
+                    .iter()
+                    .zip(&pools)
+                    .filter(|(_, p)| Arc::ptr_eq(p, pool))
+                    .map(|(r, _)| Staged::of(r))
+                    .collect::<Result<Vec<_>>>()?;
+                pool.store.put_batch(staged, &[], |_| Ok(()))?;
+            }
+            crate::failpoint!("group.members-recorded");
+            gp.store.put(&g, |_| Ok(())).map(drop)
+        })
+        .await?;
+        crate::failpoint!("group.ready");
+        crate::metrics::observe_group_snapshot(consistency, started.elapsed());
+        tracing::info!(group_snapshot = %group.id, name = %group.name,
+            members = records.len(), consistency = consistency.as_str(),
+            ms = started.elapsed().as_millis() as u64, "group snapshot created");
+        Ok(GroupSnapshot {
+            record: group,
+            members: records,
+        })
     }
 
     /// A group of this name that answers the request (Ready, same volumes and parameters),
     /// ALREADY_EXISTS for another request; a leftover of an interrupted attempt is removed.
-    async fn existing_group(
-        &self,
-        req: &CreateGroupSnapshot,
-        key: &str,
-    ) -> Result<Option<GroupSnapshot>> {
-        for pool in self.all() {
-            let (p, k) = (pool.clone(), key.to_string());
-            let Some(existing) = exec::blocking(move || p.read_group(&k)).await? else {
-                continue;
-            };
-            if existing.name != req.name {
-                return Err(Error::AlreadyExists(format!(
-                    "group snapshot id {} is taken by the group snapshot named {:?}; choose \
-                     another name",
-                    existing.id, existing.name
-                )));
+    /// The caller holds the name's lock.
+    async fn existing_group(&self, req: &CreateGroupSnapshot) -> Result<Option<GroupSnapshot>> {
+        let pools = self.all().to_vec();
+        let name = req.name.clone();
+        let found = exec::blocking(move || {
+            for pool in &pools {
+                if let Some((key, rec)) = pool.group_named(&name)? {
+                    return Ok(Some((pool.clone(), key, rec)));
+                }
             }
-            if existing.state != RecordState::Ready {
-                self.discard_group(pool, &existing).await?;
-                continue;
-            }
-            let want: BTreeSet<&String> = req.source_volume_ids.iter().collect();
-            let have: BTreeSet<&String> = existing.source_volume_ids.iter().collect();
-            if want != have {
-                return Err(Error::AlreadyExists(format!(
-                    "a group snapshot named {:?} already exists ({}) of other volumes ({}); use \
-                     another name",
-                    req.name,
-                    existing.id,
-                    existing.source_volume_ids.join(", ")
-                )));
-            }
-            if own_parameters(&existing.parameters) != own_parameters(&req.parameters) {
-                return Err(Error::AlreadyExists(format!(
-                    "a group snapshot named {:?} already exists ({}) with other parameters; use \
-                     another name or the same request",
-                    req.name, existing.id
-                )));
-            }
-            let members = self.members_of(&existing).await?;
-            return Ok(Some(GroupSnapshot {
-                record: existing,
-                members,
-            }));
+            Ok(None)
+        })
+        .await?;
+        let Some((pool, key, existing)) = found else {
+            return Ok(None);
+        };
+        if existing.state != RecordState::Ready {
+            let this = self.clone();
+            exec::blocking(move || {
+                let id = existing.id.clone();
+                let _held = pool
+                    .store
+                    .lock(Slot::Group(key), &|| format!("group snapshot {id}"))?;
+                this.discard_group(&pool, key, &existing)
+            })
+            .await?;
+            return Ok(None);
         }
-        Ok(None)
+        let want: BTreeSet<&String> = req.source_volume_ids.iter().collect();
+        let have: BTreeSet<&String> = existing.source_volume_ids.iter().collect();
+        if want != have {
+            return Err(Error::AlreadyExists(format!(
+                "a group snapshot named {:?} already exists ({}) of other volumes ({}); use \
+                 another name",
+                req.name,
+                existing.id,
+                existing.source_volume_ids.join(", ")
+            )));
+        }
+        if own_parameters(&existing.parameters) != own_parameters(&req.parameters) {
+            return Err(Error::AlreadyExists(format!(
+                "a group snapshot named {:?} already exists ({}) with other parameters; use \
+                 another name or the same request",
+                req.name, existing.id
+            )));
+        }
+        let members = self.members_of(&existing).await?;
+        Ok(Some(GroupSnapshot {
+            record: existing,
+            members,
+        }))
     }
 
     /// Freezes every member's layer at one point: prepares every overlay, cuts the live ones
@@ -323,7 +364,7 @@ impl Pools {
         let prepares = join_all(
             members
                 .iter()
-                .map(|m| self.prepare_freeze(m.vol.clone(), m.writer.is_some())),
+                .map(|m| self.prepare_freeze(&m.lock, m.vol.clone(), m.writer.is_some())),
         )
         .await;
         let mut prepared = Vec::with_capacity(members.len());
@@ -401,14 +442,14 @@ impl Pools {
             )),
             None => Err(false),
         };
-        let mut commit = Vec::new();
-        let mut undo = Vec::new();
         let all_switched = members
             .iter()
             .all(|m| m.writer.as_deref().is_none_or(|n| switched(n).is_ok()));
         let together = all_switched && outcome.consistency.is_some();
         // Switched volumes are committed whatever happens to the group: their nodes write to
         // the new overlays now. The others are undone, or kept when the outcome is unknown.
+        let mut commit = Vec::new();
+        let mut undo = Vec::new();
         for (m, p) in members.iter().zip(prepared) {
             match m.writer.as_deref().map(switched) {
                 Some(Ok(quiesced)) => commit.push((p, Some(quiesced))),
@@ -446,13 +487,12 @@ impl Pools {
         if let Some(e) = group_error {
             return Err(e);
         }
-        let consistency = outcome.consistency.unwrap_or(Consistency::Crash);
         if !outcome.held.is_zero() {
             crate::metrics::observe_quiesce_window(outcome.held);
         }
         Ok((
             frozen.into_iter().map(|(f, _)| f).collect(),
-            consistency,
+            outcome.consistency.unwrap_or(Consistency::Crash),
             outcome.cut_at,
         ))
     }
@@ -466,17 +506,16 @@ impl Pools {
     async fn members_of(&self, group: &GroupSnapshotRecord) -> Result<Vec<SnapshotRecord>> {
         let mut out = Vec::with_capacity(group.snapshot_ids.len());
         for id in &group.snapshot_ids {
-            let oid = ObjectId::parse_snapshot(id)?
-                .ok_or_else(|| Error::internal(format!("bad member snapshot id {id}")))?;
-            let pool = self.pool_of(&oid.pool)?;
-            let rec = exec::blocking(move || pool.read_snapshot(&oid.key))
+            let missing = || {
+                Error::internal(format!(
+                    "member snapshot {id} of group snapshot {} is missing from its pool",
+                    group.id
+                ))
+            };
+            let (pool, key) = self.locate_snapshot(id)?.ok_or_else(missing)?;
+            let rec = exec::blocking(move || pool.store.read::<SnapshotRecord>(key))
                 .await?
-                .ok_or_else(|| {
-                    Error::internal(format!(
-                        "member snapshot {id} of group snapshot {} is missing from its pool",
-                        group.id
-                    ))
-                })?;
+                .ok_or_else(missing)?;
             out.push(rec);
         }
         Ok(out)
@@ -487,12 +526,21 @@ impl Pools {
         let Some((pool, key)) = self.locate_group(id)? else {
             return Ok(None);
         };
-        let Some(rec) = exec::blocking(move || pool.read_group(&key)).await? else {
+        let rec = exec::blocking(move || {
+            let ready = pool
+                .store
+                .index()?
+                .group(key)
+                .is_some_and(|g| g.state == RecordState::Ready);
+            if !ready {
+                return Ok(None);
+            }
+            pool.store.read::<GroupSnapshotRecord>(key)
+        })
+        .await?;
+        let Some(rec) = rec.filter(|r| r.state == RecordState::Ready) else {
             return Ok(None);
         };
-        if rec.state != RecordState::Ready {
-            return Ok(None);
-        }
         let members = self.members_of(&rec).await?;
         Ok(Some(GroupSnapshot {
             record: rec,
@@ -500,58 +548,88 @@ impl Pools {
         }))
     }
 
-    /// DeleteVolumeGroupSnapshot: OK for unknown ids. The members' records go, then the
-    /// group's; layers stay while volumes read through them. The caller holds the group's
-    /// guard and checked `snapshot_ids`.
-    pub async fn delete_group_snapshot(&self, id: &str) -> Result<()> {
+    /// DeleteVolumeGroupSnapshot: OK for unknown ids; ABORTED while another operation holds
+    /// the group. The members' records go, then the group's; layers stay while volumes read
+    /// through them. `check` sees the group (Ready) first and may refuse (a snapshot list
+    /// mismatch).
+    pub async fn delete_group_snapshot(
+        &self,
+        id: &str,
+        check: impl FnOnce(&GroupSnapshotRecord) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
         let Some((pool, key)) = self.locate_group(id)? else {
             return Ok(());
         };
-        let (p, k) = (pool.clone(), key.clone());
-        let Some(rec) = exec::blocking(move || p.read_group(&k)).await? else {
-            return Ok(());
-        };
-        self.discard_group(&pool, &rec).await?;
-        tracing::info!(group_snapshot = %id, members = rec.snapshot_ids.len(),
-            "group snapshot deleted");
-        Ok(())
+        let (this, id) = (self.clone(), id.to_string());
+        exec::blocking(move || {
+            let _held = pool
+                .store
+                .lock(Slot::Group(key), &|| format!("group snapshot {id}"))?;
+            let Some(rec) = pool.store.read::<GroupSnapshotRecord>(key)? else {
+                return Ok(());
+            };
+            if rec.state == RecordState::Ready {
+                check(&rec)?;
+            }
+            this.discard_group(&pool, key, &rec)?;
+            tracing::info!(group_snapshot = %id, members = rec.snapshot_ids.len(),
+                "group snapshot deleted");
+            Ok(())
+        })
+        .await
     }
 
-    /// Marks the group Deleting, removes its members' records, then its own; collects the
-    /// layers nothing uses any more.
-    async fn discard_group(
-        &self,
-        pool: &std::sync::Arc<Pool>,
-        rec: &GroupSnapshotRecord,
-    ) -> Result<()> {
-        let mut members = Vec::new();
+    /// Marks the group Deleting, removes its members' records (each under its lock), then
+    /// its own. The caller holds the group's lock. Blocking.
+    fn discard_group(&self, pool: &Arc<Pool>, key: u64, rec: &GroupSnapshotRecord) -> Result<()> {
+        if rec.state == RecordState::Ready {
+            let mut deleting = rec.clone();
+            deleting.state = RecordState::Deleting;
+            pool.store.put(&deleting, |_| Ok(()))?;
+        }
         for id in &rec.snapshot_ids {
-            if let Some(oid) = ObjectId::parse_snapshot(id)? {
-                if let Some(p) = self.get(&oid.pool) {
-                    members.push((p.clone(), oid.key));
-                }
+            let Some((p, k)) = self.locate_snapshot(id)? else {
+                continue;
+            };
+            let _held = p
+                .store
+                .lock(Slot::Snapshot(k), &|| format!("snapshot {id}"))?;
+            if p.store.index()?.snapshot(k).is_some() {
+                p.store.remove::<SnapshotRecord>(k, |_| Ok(()))?;
             }
         }
-        let key = ObjectId::parse_group(&rec.id)?
-            .ok_or_else(|| Error::internal(format!("bad group snapshot id {}", rec.id)))?
-            .key;
-        let (pool, rec) = (pool.clone(), rec.clone());
+        crate::failpoint!("group.members-deleted");
+        pool.store
+            .remove::<GroupSnapshotRecord>(key, |_| Ok(()))
+            .map(drop)
+    }
+
+    /// Pool open: removes what a group snapshot a crash interrupted (Creating or Deleting)
+    /// names, unless a live process holds the group. Runs once every pool is open (members
+    /// may live in other pools).
+    pub(super) async fn recover_groups(&self) -> Result<()> {
+        let this = self.clone();
         exec::blocking(move || {
-            if rec.state == RecordState::Ready {
-                let mut deleting = rec.clone();
-                deleting.state = RecordState::Deleting;
-                pool.write_group(&deleting)?;
-            }
-            for (p, k) in &members {
-                p.with_layers_locked(|| p.remove_snapshot_record(k))?;
-            }
-            crate::failpoint!("group.members-deleted");
-            pool.remove_group_record(&key)?;
-            let mut pools: Vec<&std::sync::Arc<Pool>> = members.iter().map(|(p, _)| p).collect();
-            pools.dedup_by(|a, b| std::sync::Arc::ptr_eq(a, b));
-            for p in pools {
-                if let Err(e) = p.collect_garbage() {
-                    tracing::warn!(pool = %p.name(), error = %e, "layer cleanup deferred");
+            for pool in this.all() {
+                let unsettled: Vec<u64> = pool
+                    .store
+                    .index()?
+                    .groups()
+                    .filter(|(_, g)| g.state != RecordState::Ready)
+                    .map(|(k, _)| k)
+                    .collect();
+                for key in unsettled {
+                    let Some(_held) = pool.store.try_lock(Slot::Group(key))? else {
+                        tracing::info!(pool = %pool.name(), group_snapshot = %pool.group_id(key),
+                            "a live process is working on this group snapshot; leaving it");
+                        continue;
+                    };
+                    let Some(rec) = pool.store.read::<GroupSnapshotRecord>(key)? else {
+                        continue;
+                    };
+                    tracing::info!(pool = %pool.name(), group_snapshot = %rec.id,
+                        state = ?rec.state, "removing a group snapshot a crash interrupted");
+                    this.discard_group(pool, key, &rec)?;
                 }
             }
             Ok(())
@@ -559,42 +637,21 @@ impl Pools {
         .await
     }
 
-    /// Pool open: removes what a group snapshot a crash interrupted (Creating or Deleting)
-    /// names. Runs once every pool is open (members may live in other pools).
-    pub(super) async fn recover_groups(&self) -> Result<()> {
-        for pool in self.all() {
-            let p = pool.clone();
-            for rec in exec::blocking(move || p.all_groups()).await? {
-                if rec.state != RecordState::Ready {
-                    tracing::info!(pool = %pool.name(), group_snapshot = %rec.id, state = ?rec.state,
-                        "removing a group snapshot a crash interrupted");
-                    self.discard_group(pool, &rec).await?;
-                }
-            }
+    /// Whether a snapshot that is a member of `group` (none: not a member) is visible: its
+    /// group is Ready. Blocking.
+    pub(super) fn member_visible(&self, group: Option<&str>) -> Result<bool> {
+        match group {
+            None => Ok(true),
+            Some(g) => Ok(self.group_state(g)? == Some(RecordState::Ready)),
         }
-        Ok(())
     }
 
-    /// Whether `rec` is visible: not a member, or a member of a Ready group. Blocking.
-    pub(super) fn member_visible(&self, rec: &SnapshotRecord) -> Result<bool> {
-        if rec.group_snapshot_id.is_none() {
-            return Ok(true);
-        }
-        Ok(self.group_state(rec)? == Some(RecordState::Ready))
-    }
-
-    /// The state of the group `rec` is a member of; `None` when it names none, or one that
-    /// does not exist (any more). Blocking.
-    pub(super) fn group_state(&self, rec: &SnapshotRecord) -> Result<Option<RecordState>> {
-        let Some(gid) = &rec.group_snapshot_id else {
+    /// The state of the group snapshot `id`; `None` when it does not exist. Blocking.
+    pub(super) fn group_state(&self, id: &str) -> Result<Option<RecordState>> {
+        let Some((pool, key)) = self.locate_group(id)? else {
             return Ok(None);
         };
-        let Some(oid) = ObjectId::parse_group(gid)? else {
-            return Ok(None);
-        };
-        let Some(pool) = self.get(&oid.pool) else {
-            return Ok(None);
-        };
-        Ok(pool.read_group(&oid.key)?.map(|g| g.state))
+        let state = pool.store.index()?.group(key).map(|g| g.state);
+        Ok(state)
     }
 }

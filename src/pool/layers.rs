@@ -5,27 +5,27 @@
 //! read-only layer and lets the volume continue in a new qcow2 overlay on top of it: no data is
 //! copied, so the cost does not depend on the volume's size.
 //!
-//! References are counted from the records alone: a layer file lives while a volume record
-//! (image, backing, overlay being switched to), a snapshot record (layer, backing) or a
-//! flattening job names it. Every new file is named by a record before it is created, and a
-//! file is removed only once no record names it, so a crash at any step leaves nothing that
-//! `recover_layers` cannot finish, undo or collect.
+//! References are counted from the records, in the pool's index: a layer file lives while a
+//! volume record (image, backing, overlay being switched to), a snapshot record (layer,
+//! backing) or a flattening job names it, and goes with the commit that drops its last name.
+//! Every new layer file is made under the lock of the volume it is named after, before the
+//! commit that names it, so a crash leaves at most a file no record names, which the next
+//! open of the pool collects while that volume's lock is free.
 //!
 //! Raw volumes cannot be frozen (a raw image has no backing file): snapshots and clones of
 //! raw volumes are refused with INVALID_ARGUMENT, and restores/clones are always qcow2.
 
-use super::qemu_img;
-use super::record::{FlattenJob, Freezing, SnapshotRecord, VolumeRecord};
+use super::qcow2;
+use super::record::{Freezing, VolumeRecord};
+use super::store::{Layer, Staged};
+use super::volumes::VolumeLock;
 use super::{Pool, Pools};
 use crate::attach::Attachments;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::fsutil;
-use crate::guard::OpGuards;
-use crate::ids::ObjectId;
 use crate::model::ImageFormat;
-use std::collections::HashSet;
-use std::fs;
+use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -34,12 +34,11 @@ use tonic::Code;
 /// How many layers a volume's chain may reach before it is flattened (`[snapshots] max_chain_depth`).
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
 
-/// What snapshots, clones and the flattener need besides the pools: who holds a volume live,
-/// the per-object guards shared with the RPCs, and the chain depth limit.
+/// What snapshots, clones and the flattener need besides the pools: who holds a volume live
+/// and the chain depth limit.
 #[derive(Clone)]
 pub(super) struct LayerContext {
     pub(super) attachments: Attachments,
-    pub(super) guards: OpGuards,
     pub(super) max_chain_depth: usize,
     /// Wakes the background flattener when a chain grew past the limit.
     pub(super) wake: Arc<Notify>,
@@ -49,7 +48,6 @@ impl Default for LayerContext {
     fn default() -> Self {
         LayerContext {
             attachments: Attachments::default(),
-            guards: OpGuards::default(),
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             wake: Arc::new(Notify::new()),
         }
@@ -67,206 +65,48 @@ impl std::fmt::Debug for LayerContext {
 /// A volume's former active layer, now read-only, and the chain under it.
 #[derive(Debug, Clone)]
 pub(super) struct Frozen {
-    pub(crate) layer: String,
-    pub(crate) backing: Vec<String>,
+    pub layer: String,
+    pub backing: Vec<String>,
     /// Live freezes only: whether the guest's file systems were quiesced.
-    pub(crate) quiesced: Option<bool>,
-}
-
-/// Whether `name` is a layer file this plugin made: `<16 hex>[-<hex>].(qcow2|raw)`.
-/// Anything else in `images/` is never touched by garbage collection.
-pub(super) fn is_layer_file(name: &str) -> bool {
-    let Some(stem) = name
-        .strip_suffix(".qcow2")
-        .or_else(|| name.strip_suffix(".raw"))
-    else {
-        return false;
-    };
-    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let (key, stamp) = match stem.split_once('-') {
-        Some((k, s)) => (k, Some(s)),
-        None => (stem, None),
-    };
-    key.len() == 16 && hex(key) && stamp.is_none_or(|s| s.len() <= 32 && hex(s))
-}
-
-/// Reads every `*.json` record of a directory; any unreadable record is an error, so that
-/// garbage collection never runs on a partial picture.
-fn read_all<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    let entries =
-        fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') || !name.ends_with(".json") {
-            continue;
-        }
-        if let Some(rec) = fsutil::read_json(&entry.path())? {
-            out.push(rec);
-        }
-    }
-    Ok(out)
+    pub quiesced: Option<bool>,
 }
 
 /// fsync of a file's data (the frozen layer must be durable before a snapshot is ready).
 pub(super) fn sync_file(path: &Path) -> Result<()> {
-    fs::File::open(path)
+    std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(format!("syncing {}", path.display()), e))
 }
 
-pub(super) fn key_of_volume(id: &str) -> Result<String> {
-    Ok(ObjectId::parse_volume(id)?
-        .ok_or_else(|| Error::internal(format!("bad volume id {id}")))?
-        .key)
-}
-
 impl Pool {
-    pub(crate) fn snapshots_dir(&self) -> std::path::PathBuf {
-        self.dir().join("snapshots")
-    }
-
-    pub(crate) fn flatten_dir(&self) -> std::path::PathBuf {
-        self.dir().join("flatten")
-    }
-
-    /// Runs `f` while no garbage collection can run in this pool. Record writes that add a
-    /// reference to a layer that exists already (a restore naming a snapshot's layer) go
-    /// through here, so the layer cannot be collected between the check and the write.
-    pub(super) fn with_layers_locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _held = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
-        f()
-    }
-
-    /// A file name for a volume's first image: `<key>.<fmt>` unless a layer of an earlier
-    /// volume of the same name still holds it (its snapshots outlive it).
-    pub(super) fn fresh_image_name(&self, key: &str, format: ImageFormat) -> Result<String> {
-        let plain = format!("{key}.{}", format.as_str());
-        if !self.image_path(&plain).exists() {
-            return Ok(plain);
-        }
-        self.new_layer_name(key, format)
-    }
-
     /// A new, unused layer file name for volume `key`: `<key>-<hex time>.<fmt>`.
-    pub(super) fn new_layer_name(&self, key: &str, format: ImageFormat) -> Result<String> {
+    pub(super) fn new_layer_name(&self, key: u64, format: ImageFormat) -> Result<String> {
         let mut stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+            .unwrap_or(1)
+            .max(1);
         loop {
-            let name = format!("{key}-{stamp:x}.{}", format.as_str());
-            let path = self.image_path(&name);
-            if !path.exists() && !self.image_path(&format!("{name}.part")).exists() {
+            let layer = Layer::Std {
+                key,
+                stamp: NonZeroU64::new(stamp),
+                raw: format == ImageFormat::Raw,
+            };
+            let name = layer.to_string();
+            if !self.image_path(&name).exists() && !self.store.index()?.is_referenced(&layer) {
                 return Ok(name);
             }
-            stamp += 1;
+            stamp = stamp.wrapping_add(1).max(1);
         }
-    }
-
-    /// Every layer file some record names. Fails when a record cannot be read.
-    fn referenced_layers(&self) -> Result<HashSet<String>> {
-        let mut live = HashSet::new();
-        for rec in read_all::<VolumeRecord>(&self.volumes_dir())? {
-            live.insert(rec.image);
-            live.extend(rec.chain.backing);
-            if let Some(f) = rec.chain.freezing {
-                live.insert(f.overlay);
-            }
-        }
-        for snap in read_all::<SnapshotRecord>(&self.snapshots_dir())? {
-            live.insert(snap.layer);
-            live.extend(snap.backing);
-        }
-        for job in read_all::<FlattenJob>(&self.flatten_dir())? {
-            live.insert(job.image);
-            live.insert(job.layer);
-            live.extend(job.source);
-        }
-        Ok(live)
-    }
-
-    /// Removes the layer files no record names any more. Returns how many went.
-    /// Blocking: call through `exec::blocking`.
-    pub(crate) fn collect_garbage(&self) -> Result<usize> {
-        self.with_layers_locked(|| {
-            // Files first, records second: a file created after the listing is not
-            // considered, and one created before it was named by a record written earlier.
-            let dir = self.images_dir();
-            let mut files = Vec::new();
-            for entry in fs::read_dir(&dir)
-                .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-            {
-                let entry =
-                    entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if is_layer_file(&name) {
-                    files.push(name);
-                }
-            }
-            let live = self.referenced_layers()?;
-            let mut removed = 0;
-            for name in files.into_iter().filter(|f| !live.contains(f)) {
-                tracing::info!(pool = %self.name(), layer = %name, "removing a layer nothing uses");
-                fsutil::remove_durable(&self.image_path(&name))?;
-                crate::failpoint!("gc.layer-removed");
-                removed += 1;
-            }
-            Ok(removed)
-        })
-    }
-
-    /// Pool open: finishes or undoes layer switches, snapshots and flattening that a crash
-    /// interrupted, then collects unreferenced layers.
-    pub(super) fn recover_layers(&self) -> Result<()> {
-        for mut rec in self.all_volumes()? {
-            let Some(f) = rec.chain.freezing.take() else {
-                continue;
-            };
-            let overlay = self.image_path(&f.overlay);
-            if f.handed_to_domain && overlay.exists() {
-                // The domain may already write to the overlay: the volume continues there.
-                tracing::warn!(pool = %self.name(), volume = %rec.id, overlay = %f.overlay,
-                    "a live snapshot was interrupted; the volume continues in its new overlay");
-                let old = std::mem::replace(&mut rec.image, f.overlay);
-                rec.chain.backing.insert(0, old);
-            } else {
-                tracing::info!(pool = %self.name(), volume = %rec.id, overlay = %f.overlay,
-                    "undoing an interrupted snapshot or clone");
-                fsutil::remove_durable(&overlay)?;
-            }
-            self.write_volume(&rec)?;
-        }
-        self.recover_snapshots()?;
-        self.recover_flatten_jobs()?;
-        if let Err(e) = self.collect_garbage() {
-            tracing::warn!(pool = %self.name(), error = %e,
-                "not collecting unused layers: a record could not be read");
-        }
-        Ok(())
     }
 }
 
 impl Pools {
-    /// Wires in the attach backends, the RPC guards and the chain depth limit.
-    pub fn with_layers(
-        mut self,
-        attachments: Attachments,
-        guards: OpGuards,
-        max_chain_depth: usize,
-    ) -> Self {
+    /// Wires in the attach backends and the chain depth limit.
+    pub fn with_layers(mut self, attachments: Attachments, max_chain_depth: usize) -> Self {
         self.layers.attachments = attachments;
-        self.layers.guards = guards;
         self.layers.max_chain_depth = max_chain_depth.max(2);
         self
-    }
-
-    pub(super) fn pool_of(&self, name: &str) -> Result<Arc<Pool>> {
-        self.get(name)
-            .cloned()
-            .ok_or_else(|| Error::internal(format!("pool {name} is not configured")))
     }
 
     /// Tells the flattener to look at chains when `rec` grew past the limit.
@@ -310,8 +150,7 @@ impl Pools {
         }
         if let Some(f) = &rec.chain.freezing {
             return Err(Error::internal(format!(
-                "volume {} has an unfinished layer switch to {}; restart the controller to \
-                 recover it",
+                "volume {} has an unfinished layer switch to {}",
                 rec.id, f.overlay
             )));
         }
@@ -320,11 +159,15 @@ impl Pools {
 
     /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
     /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
-    /// the node switches live. The caller holds the volume's guard.
-    pub(super) async fn freeze(&self, rec: VolumeRecord) -> Result<(Frozen, VolumeRecord)> {
+    /// the node switches live.
+    pub(super) async fn freeze(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+    ) -> Result<(Frozen, VolumeRecord)> {
         self.check_freezable(&rec)?;
         let writer = self.live_writer(&rec.id).await?;
-        let prepared = self.prepare_freeze(rec, writer.is_some()).await?;
+        let prepared = self.prepare_freeze(lock, rec, writer.is_some()).await?;
         let quiesced = match &writer {
             None => None,
             Some(node) => {
@@ -340,149 +183,166 @@ impl Pools {
                 }
             }
         };
-        let (frozen, rec) = self
-            .commit_freezes(vec![(prepared, quiesced)])
-            .await?
-            .remove(0);
-        Ok((frozen, rec))
+        let mut done = self.commit_freezes(vec![(prepared, quiesced)]).await?;
+        Ok(done.remove(0))
     }
 
-    /// Step 1 of a freeze: names a new overlay in the volume's record (a pending switch), then
-    /// creates it, durably. `live`: a node writes the volume, and will be told to switch, so
-    /// the record says the overlay is handed to it (after a crash the volume continues there).
+    /// Step 1 of a freeze: writes the new overlay (on the volume's active layer). `live`: a
+    /// node writes the volume and will be told to switch, so one commit names the overlay in
+    /// the record first (the node may write there from the switch on); offline, nothing is
+    /// recorded yet (a crash leaves an unnamed file, collected at the next open).
     pub(super) async fn prepare_freeze(
         &self,
+        lock: &VolumeLock,
         rec: VolumeRecord,
         live: bool,
     ) -> Result<PreparedFreeze> {
-        let pool = self.pool_of(&rec.pool)?;
-        let key = key_of_volume(&rec.id)?;
-        let p = pool.clone();
-        let overlay = exec::blocking(move || p.new_layer_name(&key, ImageFormat::Qcow2)).await?;
-        let mut rec = rec;
-        rec.chain.freezing = Some(Freezing {
-            overlay: overlay.clone(),
-            handed_to_domain: false,
-        });
-        let (p, r) = (pool.clone(), rec.clone());
-        exec::blocking(move || p.write_volume(&r)).await?;
-        crate::failpoint!("freeze.intent");
-        let overlay_path = pool.image_path(&overlay);
-        let made = async {
-            qemu_img::create(
-                &overlay_path,
-                ImageFormat::Qcow2,
-                rec.capacity_bytes,
-                Some((rec.image.as_str(), ImageFormat::Qcow2)),
-            )
-            .await?;
-            let (p, o) = (pool.clone(), overlay_path.clone());
-            exec::blocking(move || {
-                sync_file(&o)?;
-                fsutil::sync_dir(&p.images_dir())
-            })
-            .await?;
-            crate::failpoint!("freeze.overlay-made");
+        let (pool, key) = (lock.pool.clone(), lock.key);
+        let overlay = exec::blocking(move || pool.new_layer_name(key, ImageFormat::Qcow2)).await?;
+        let (pool, held) = (lock.pool.clone(), lock.held.clone());
+        let mut intent = rec.clone();
+        if live {
+            intent.chain.freezing = Some(Freezing {
+                overlay: overlay.clone(),
+                handed_to_domain: true,
+            });
+        }
+        let (o, i) = (overlay.clone(), intent.clone());
+        let (path, file) = exec::blocking(move || {
+            let _held = held;
+            let (path, file) = pool.make_overlay(&i, &o)?;
             if live {
-                if let Some(f) = rec.chain.freezing.as_mut() {
-                    f.handed_to_domain = true;
+                let images = pool.images_dir();
+                let named = fsutil::open_dir(&images).and_then(|dir| {
+                    pool.store
+                        .put_with(&i, &[(&file, &path), (&dir, &images)], |_| Ok(()))
+                });
+                if let Err(e) = named {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
                 }
-                let (p, r) = (pool.clone(), rec.clone());
-                exec::blocking(move || p.write_volume(&r)).await?;
+                crate::failpoint!("freeze.intent");
             }
-            Ok(())
-        }
-        .await;
-        let prepared = PreparedFreeze {
-            pool,
-            rec,
+            Ok((path, file))
+        })
+        .await?;
+        Ok(PreparedFreeze {
+            lock: lock.clone(),
+            rec: intent,
             overlay,
-            overlay_path,
-        };
-        match made {
-            Ok(()) => Ok(prepared),
-            Err(e) => Err(self.abandon_freeze(prepared, e).await),
-        }
+            overlay_path: path,
+            file,
+            live,
+        })
     }
 
     /// After a failed switch: an unknown outcome (UNAVAILABLE, DEADLINE_EXCEEDED after the
-    /// node was told) keeps the overlay and the pending switch, which pool recovery completes;
-    /// otherwise the overlay goes and the record is as before. Returns the error to report.
+    /// node was told) keeps the overlay and the pending switch, which recovery completes;
+    /// otherwise the record is as before. Returns the error to report.
     pub(super) async fn abandon_freeze(&self, p: PreparedFreeze, e: Error) -> Error {
         let unknown = matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded);
-        let (id, handed) = (p.rec.id.clone(), p.handed());
+        let (id, live) = (p.rec.id.clone(), p.live);
         self.undo_freeze(p, unknown).await;
-        if unknown && handed {
+        if unknown && live {
             return Error::Unavailable(format!(
                 "could not confirm the live snapshot of volume {id} ({e}); the new layer is \
-                 kept, and restarting the controller reconciles the volume"
+                 kept, and the volume is reconciled when it is next used or the controller \
+                 restarts"
             ));
         }
         e
     }
 
-    /// Takes a prepared freeze back: the overlay goes and the record is as before, unless
-    /// the node may already write to it (`outcome_unknown` and it was handed over): then the
-    /// record keeps the pending switch, which pool recovery completes.
+    /// Takes a prepared freeze back: the volume's record as before (the overlay goes with the
+    /// commit that stops naming it, or, never named, at once), unless a node may already
+    /// write to it (`outcome_unknown` of a live switch): then the record keeps the pending
+    /// switch, which recovery completes.
     pub(super) async fn undo_freeze(&self, p: PreparedFreeze, outcome_unknown: bool) {
-        if outcome_unknown && p.handed() {
+        if outcome_unknown && p.live {
             tracing::error!(volume = %p.rec.id, overlay = %p.overlay,
                 "live snapshot outcome unknown; keeping the new overlay");
             return;
         }
+        let (pool, held) = (p.lock.pool.clone(), p.lock.held.clone());
+        let (id, live, path) = (p.rec.id.clone(), p.live, p.overlay_path);
         let mut rec = p.rec;
         rec.chain.freezing = None;
-        let (pool, r, path) = (p.pool, rec.clone(), p.overlay_path);
         let undo = exec::blocking(move || {
-            fsutil::remove_durable(&path)?;
-            pool.write_volume(&r)
+            let _held = held;
+            if live {
+                pool.store.put(&rec, |_| Ok(())).map(drop)
+            } else {
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("removing {}", path.display()), e))
+            }
         })
         .await;
         if let Err(u) = undo {
-            tracing::error!(volume = %rec.id, error = %u,
-                "could not undo a failed freeze; the next controller start will");
+            tracing::error!(volume = %id, error = %u,
+                "could not undo a failed freeze; the next use of the volume will");
         }
     }
 
-    /// Last step of freezes whose nodes (if any) write to their overlays now: each frozen
-    /// layer made durable, then every volume's record switched to its overlay, all under one
-    /// hold of each pool's layer lock. `quiesced`: live freezes only, whether the guest's file
-    /// systems were frozen. Returns each volume's frozen layer and new record, in order.
+    /// Last step of freezes whose nodes (if any) write to their overlays now: the frozen
+    /// layers (and offline overlays) made durable, then each pool's volume records switched
+    /// in ONE batch under one hold of its pool lock. `quiesced`: live freezes only, whether
+    /// the guest's file systems were frozen. Each volume's frozen layer and new record, in
+    /// order.
     pub(super) async fn commit_freezes(
         &self,
         prepared: Vec<(PreparedFreeze, Option<bool>)>,
     ) -> Result<Vec<(Frozen, VolumeRecord)>> {
         let out = exec::blocking(move || {
+            let mut out: Vec<Option<(Frozen, VolumeRecord)>> = std::iter::repeat_with(|| None)
+                .take(prepared.len())
+                .collect();
+            // By pool, in order of first appearance.
+            let mut pools: Vec<Arc<Pool>> = Vec::new();
             for (p, _) in &prepared {
-                sync_file(&p.pool.image_path(&p.rec.image))?;
+                if !pools.iter().any(|q| Arc::ptr_eq(q, &p.lock.pool)) {
+                    pools.push(p.lock.pool.clone());
+                }
             }
-            let mut out = Vec::with_capacity(prepared.len());
-            let mut i = 0;
-            while i < prepared.len() {
-                // One hold of the lock for the run of volumes of one pool.
-                let pool = prepared[i].0.pool.clone();
-                let end = (i..prepared.len())
-                    .find(|j| !Arc::ptr_eq(&prepared[*j].0.pool, &pool))
-                    .unwrap_or(prepared.len());
-                pool.with_layers_locked(|| {
-                    for (p, quiesced) in &prepared[i..end] {
-                        let mut switched = p.rec.clone();
-                        switched.chain.freezing = None;
-                        switched.chain.backing.insert(0, p.rec.image.clone());
-                        switched.image = p.overlay.clone();
-                        pool.write_volume(&switched)?;
-                        let frozen = Frozen {
-                            layer: p.rec.image.clone(),
-                            backing: p.rec.chain.backing.clone(),
-                            quiesced: *quiesced,
-                        };
-                        out.push((frozen, switched));
+            for pool in pools {
+                let mine: Vec<usize> = (0..prepared.len())
+                    .filter(|i| Arc::ptr_eq(&prepared[*i].0.lock.pool, &pool))
+                    .collect();
+                let switched: Vec<VolumeRecord> = mine
+                    .iter()
+                    .map(|i| switched(&prepared[*i].0.rec, &prepared[*i].0.overlay))
+                    .collect();
+                let mut opened = Vec::new();
+                for i in &mine {
+                    let p = &prepared[*i].0;
+                    let frozen = pool.image_path(&p.rec.image);
+                    let layer = std::fs::File::open(&frozen)
+                        .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))?;
+                    opened.push((layer, frozen));
+                }
+                let images = pool.images_dir();
+                let dir = fsutil::open_dir(&images)?;
+                // The frozen layers' data, and the offline overlays with their directory
+                // entries, durable at once with the records' temp files.
+                let mut alongside: Vec<(&std::fs::File, &std::path::Path)> =
+                    opened.iter().map(|(f, p)| (f, p.as_path())).collect();
+                for i in &mine {
+                    let p = &prepared[*i].0;
+                    if !p.live {
+                        alongside.push((&p.file, p.overlay_path.as_path()));
                     }
-                    Ok(())
-                })?;
-                i = end;
+                }
+                alongside.push((&dir, images.as_path()));
+                let staged = switched
+                    .iter()
+                    .map(Staged::of)
+                    .collect::<Result<Vec<_>>>()?;
+                pool.store.put_batch(staged, &alongside, |_| Ok(()))?;
+                for (i, rec) in mine.iter().zip(switched) {
+                    let (p, quiesced) = &prepared[*i];
+                    out[*i] = Some((frozen_of(&p.rec, *quiesced), rec));
+                }
             }
-            Ok(out)
+            Ok(out.into_iter().flatten().collect::<Vec<_>>())
         })
         .await?;
         crate::failpoint!("freeze.switched");
@@ -495,26 +355,19 @@ impl Pools {
     }
 }
 
-/// A volume whose next overlay is made and named in its record, waiting for its switch.
-#[derive(Debug)]
+/// A volume whose next overlay is written (and, live, named in its record), waiting for its
+/// switch. Holds the volume's lock.
 pub(super) struct PreparedFreeze {
-    pub(super) pool: Arc<Pool>,
-    /// The record as written, with the pending switch.
+    pub(super) lock: VolumeLock,
+    /// The record as it stands (live: with the pending switch).
     pub(super) rec: VolumeRecord,
     /// File name of the new overlay.
     pub(super) overlay: String,
     pub(super) overlay_path: std::path::PathBuf,
-}
-
-impl PreparedFreeze {
-    /// A node was (or is about to be) told to switch to the overlay.
-    fn handed(&self) -> bool {
-        self.rec
-            .chain
-            .freezing
-            .as_ref()
-            .is_some_and(|f| f.handed_to_domain)
-    }
+    /// The overlay, open: offline freezes make it durable with the commit that names it.
+    file: std::fs::File,
+    /// A node writes the volume and is told to switch.
+    pub(super) live: bool,
 }
 
 /// A live snapshot the volume's attach backend cannot take: FAILED_PRECONDITION, saying what
@@ -526,6 +379,43 @@ pub(super) fn unsupported_live(e: Error, volume_id: &str, node: &str) -> Error {
              first, then snapshot or clone it"
         )),
         other => other,
+    }
+}
+
+/// The record of a volume continuing in `overlay`, its old active layer first in the chain.
+fn switched(rec: &VolumeRecord, overlay: &str) -> VolumeRecord {
+    let mut out = rec.clone();
+    out.chain.freezing = None;
+    out.chain.backing.insert(0, rec.image.clone());
+    out.image = overlay.to_string();
+    out
+}
+
+fn frozen_of(rec: &VolumeRecord, quiesced: Option<bool>) -> Frozen {
+    Frozen {
+        layer: rec.image.clone(),
+        backing: rec.chain.backing.clone(),
+        quiesced,
+    }
+}
+
+impl Pool {
+    /// Writes `overlay`, a qcow2 overlay on the volume's active layer (not yet durable: the
+    /// commit that names it makes it so). Blocking; the caller holds the volume's lock.
+    fn make_overlay(
+        &self,
+        rec: &VolumeRecord,
+        overlay: &str,
+    ) -> Result<(std::path::PathBuf, std::fs::File)> {
+        let path = self.image_path(overlay);
+        let file = qcow2::create(
+            &path,
+            ImageFormat::Qcow2,
+            rec.capacity_bytes,
+            Some(rec.image.as_str()),
+        )?;
+        crate::failpoint!("freeze.overlay-made");
+        Ok((path, file))
     }
 }
 
@@ -553,6 +443,7 @@ mod tests {
 
     #[test]
     fn layer_file_names() {
+        let is_layer_file = |n: &str| Layer::parse(n).volume_key().is_some();
         assert!(is_layer_file("0123456789abcdef.qcow2"));
         assert!(is_layer_file("0123456789abcdef.raw"));
         assert!(is_layer_file("0123456789abcdef-17f3a2b4c5d6e7f8.qcow2"));

@@ -1,9 +1,9 @@
-//! Thin async wrappers around `qemu-img`.
+//! Thin async wrappers around `qemu-img`, for what changes images holding data (resize,
+//! flatten, rebase). New images are written by `qcow2` without a process.
 
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::model::ImageFormat;
-
 use std::path::Path;
 
 /// What `qemu-img info` reports (only what the plugin reads). Only the hypervisor backend uses it.
@@ -17,28 +17,6 @@ pub(crate) struct ImageInfo {
 fn path_arg(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::internal(format!("path {} is not UTF-8", p.display())))
-}
-
-/// Creates an image; with `backing`, a copy-on-write overlay on that file (relative names are
-/// resolved against the overlay's directory by QEMU).
-pub(crate) async fn create(
-    path: &Path,
-    format: ImageFormat,
-    size: u64,
-    backing: Option<(&str, ImageFormat)>,
-) -> Result<()> {
-    let mut args: Vec<String> = vec![
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        format.as_str().into(),
-    ];
-    if let Some((file, bfmt)) = backing {
-        args.extend(["-b".into(), file.into(), "-F".into(), bfmt.as_str().into()]);
-    }
-    args.push(path_arg(path)?.into());
-    args.push(size.to_string());
-    exec::run("qemu-img", &args).await.map(drop)
 }
 
 pub(crate) async fn resize(path: &Path, format: ImageFormat, size: u64) -> Result<()> {

@@ -3,53 +3,133 @@
 //! but with no snapshot record: the layer lives as long as a chain reaches it), then overlays
 //! it. Either way nothing is copied, and the new volume lives in the source's pool.
 
-use super::record::{Chain, RecordState, SnapshotRecord, VolumeRecord, SCHEMA};
-use super::volumes::{size_for, CreateVolume};
-use super::Pools;
+use super::record::{Chain, RecordState, SnapshotRecord, VolumeRecord};
+use super::store::{Index, Layer};
+use super::volumes::{new_record, size_for, CreateVolume, VolumeLock};
+use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::ObjectId;
 use crate::model::{ContentSource, ImageFormat};
 use crate::params::VolumeParams;
+use std::sync::Arc;
 
+/// What the new volume is made from.
 enum Base {
     Snapshot(SnapshotRecord),
-    Volume(VolumeRecord),
+    /// A clone's source, locked for the whole clone.
+    Volume(Box<VolumeRecord>, VolumeLock),
+}
+
+impl Base {
+    fn pool(&self) -> &str {
+        match self {
+            Base::Snapshot(s) => &s.pool,
+            Base::Volume(v, _) => &v.pool,
+        }
+    }
+
+    /// The smallest size the new volume may have.
+    fn size(&self) -> u64 {
+        match self {
+            Base::Snapshot(s) => s.size_bytes,
+            Base::Volume(v, _) => v.capacity_bytes,
+        }
+    }
+}
+
+/// A precondition checked under the pool lock when the new record is committed.
+type Check = Box<dyn FnOnce(&Index) -> Result<()> + Send>;
+
+/// The read-only layer the new volume is an overlay on, the chain under it, and what must
+/// still hold when the new record is committed.
+struct Source {
+    layer: String,
+    below: Vec<String>,
+    check: Check,
+    /// A clone's source lock, held until the new volume is committed.
+    _lock: Option<VolumeLock>,
 }
 
 impl Pools {
-    /// Creates volume `key` from `source`. The caller holds the new volume's guard and, for a
-    /// clone, the source volume's guard.
+    /// Creates a volume from `source`. The caller holds the new volume's name lock.
     pub(super) async fn create_from_source(
         &self,
         req: &CreateVolume,
         params: &VolumeParams,
-        key: &str,
         source: &ContentSource,
     ) -> Result<VolumeRecord> {
-        let (base, pool_name, min_size) = match source {
+        let base = self.resolve_source(source).await?;
+        let (pool, size) = self.place(req, params, &base).await?;
+        let Source {
+            layer,
+            below,
+            check: source_check,
+            _lock: source_lock,
+        } = self.source_layer(base).await?;
+        let p = pool.clone();
+        let (key, lock, image) = exec::blocking(move || {
+            let (key, lock) = p.new_volume_key()?;
+            Ok((key, lock, p.first_image_name(key, ImageFormat::Qcow2)?))
+        })
+        .await?;
+        let mut backing = vec![layer];
+        backing.extend(below);
+        let rec = new_record(
+            &pool,
+            key,
+            req,
+            params,
+            (ImageFormat::Qcow2, size, image),
+            Chain {
+                backing,
+                freezing: None,
+            },
+        );
+        let name_free = pool.name_free_check(&req.name);
+        let rec = self
+            .materialize(&pool, lock, rec, move |index| {
+                source_check(index)?;
+                name_free(index)
+            })
+            .await?;
+        drop(source_lock);
+        self.note_depth(&rec);
+        Ok(rec)
+    }
+
+    /// Step 1: the snapshot to restore, or the volume to clone (locked).
+    async fn resolve_source(&self, source: &ContentSource) -> Result<Base> {
+        match source {
             ContentSource::Snapshot(id) => {
                 let snap = self.snapshot(id).await?.ok_or_else(|| {
                     Error::NotFound(format!("source snapshot {id} does not exist"))
                 })?;
-                let (pool, size) = (snap.pool.clone(), snap.size_bytes);
-                (Base::Snapshot(snap), pool, size)
+                Ok(Base::Snapshot(snap))
             }
             ContentSource::Volume(id) => {
-                let vol = self
-                    .volume(id)
-                    .await?
-                    .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
+                let missing = || Error::NotFound(format!("source volume {id} does not exist"));
+                let lock = self.lock_volume(id).await?.ok_or_else(missing)?;
+                let vol = self.locked_volume(&lock).await.map_err(|_| missing())?;
                 if vol.format != ImageFormat::Qcow2 {
                     return Err(Error::invalid(format!(
                         "source volume {id} is raw and cannot be cloned; clones need a qcow2 \
                          source"
                     )));
                 }
-                let (pool, size) = (vol.pool.clone(), vol.capacity_bytes);
-                (Base::Volume(vol), pool, size)
+                Ok(Base::Volume(Box::new(vol), lock))
             }
-        };
+        }
+    }
+
+    /// Step 2: the pool (the source's) and the size of the new volume, checked against the
+    /// request.
+    async fn place(
+        &self,
+        req: &CreateVolume,
+        params: &VolumeParams,
+        base: &Base,
+    ) -> Result<(Arc<Pool>, u64)> {
+        let (pool_name, min_size) = (base.pool().to_string(), base.size());
         if params.format == Some(ImageFormat::Raw) {
             return Err(Error::invalid(
                 "a volume made from a snapshot or another volume is a qcow2 overlay on it; \
@@ -78,64 +158,57 @@ impl Pools {
         for cap in &req.capabilities {
             cap.check(ImageFormat::Qcow2)?;
         }
+        Ok((pool, size))
+    }
 
-        let (layer, below, snapshot_key) = match base {
+    /// Step 3: the layer to overlay. A restore uses the snapshot's layer, which must still be
+    /// the snapshot's when the new record is committed (a DeleteSnapshot may run meanwhile);
+    /// a clone freezes its source first.
+    async fn source_layer(&self, base: Base) -> Result<Source> {
+        match base {
             Base::Snapshot(s) => {
-                let k = ObjectId::parse_snapshot(&s.id)?.map(|o| o.key);
-                (s.layer, s.backing, k)
+                let key = super::store::Kind::Snapshot
+                    .parse_file_key(s.id.rsplit_once('.').map_or("", |(_, k)| k))
+                    .ok_or_else(|| Error::internal(format!("bad snapshot id {}", s.id)))?;
+                let layer = Layer::parse(&s.layer);
+                Ok(Source {
+                    layer: s.layer,
+                    below: s.backing,
+                    check: Box::new(move |index: &Index| {
+                        let still = index
+                            .snapshot(key)
+                            .is_some_and(|e| e.state == RecordState::Ready && e.layer == layer);
+                        if still {
+                            Ok(())
+                        } else {
+                            Err(Error::NotFound(
+                                "the source snapshot was deleted while the volume was being \
+                                 created"
+                                    .into(),
+                            ))
+                        }
+                    }),
+                    _lock: None,
+                })
             }
-            Base::Volume(v) => {
-                let (frozen, _) = self.freeze(v).await?;
-                (frozen.layer, frozen.backing, None)
+            Base::Volume(v, lock) => {
+                let (frozen, _) = self.freeze(&lock, *v).await?;
+                let layer = Layer::parse(&frozen.layer);
+                Ok(Source {
+                    layer: frozen.layer,
+                    below: frozen.backing,
+                    check: Box::new(move |index: &Index| {
+                        if index.is_referenced(&layer) {
+                            Ok(())
+                        } else {
+                            Err(Error::internal(
+                                "the frozen layer of the clone's source vanished",
+                            ))
+                        }
+                    }),
+                    _lock: Some(lock),
+                })
             }
-        };
-        let (p, k) = (pool.clone(), key.to_string());
-        let image = exec::blocking(move || p.fresh_image_name(&k, ImageFormat::Qcow2)).await?;
-        let mut backing = vec![layer.clone()];
-        backing.extend(below);
-        let rec = VolumeRecord {
-            schema: SCHEMA,
-            id: pool.volume_id(key),
-            name: req.name.clone(),
-            pool: pool.name().to_string(),
-            state: RecordState::Creating,
-            format: ImageFormat::Qcow2,
-            capacity_bytes: size,
-            image,
-            capabilities: req.capabilities.clone(),
-            parameters: req.parameters.clone(),
-            disk: params.disk.clone(),
-            content_source: Some(source.clone()),
-            accessible_topology: pool.topology().clone(),
-            created_at: super::record::now_secs(),
-            chain: Chain {
-                backing,
-                freezing: None,
-            },
-        };
-        // Name the source layer in our record while the snapshot still holds it: from then on
-        // deleting the snapshot keeps the layer for us.
-        let (p, r) = (pool.clone(), rec.clone());
-        exec::blocking(move || {
-            p.with_layers_locked(|| {
-                if let Some(skey) = &snapshot_key {
-                    let still = p
-                        .read_snapshot(skey)?
-                        .is_some_and(|s| s.state == RecordState::Ready && s.layer == layer);
-                    if !still {
-                        return Err(Error::NotFound(
-                            "the source snapshot was deleted while the volume was being created"
-                                .into(),
-                        ));
-                    }
-                }
-                p.write_volume(&r)
-            })
-        })
-        .await?;
-        crate::failpoint!("restore.linked");
-        let rec = self.materialize(&pool, rec).await?;
-        self.note_depth(&rec);
-        Ok(rec)
+        }
     }
 }

@@ -1,16 +1,16 @@
 //! The volume lifecycle across all configured pools: create (idempotent by name), delete,
-//! offline expansion, listing and capacity.
+//! offline expansion and capacity, and the per-volume lock every operation on a volume holds.
 
 use super::layers::LayerContext;
-use super::qemu_img;
-use super::record::{now_secs, RecordState, VolumeRecord, SCHEMA};
-use super::Pool;
+use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
+use super::store::{Index, Layer, ObjectLock, Slot};
+use super::{qcow2, qemu_img, Pool};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::fsutil;
 use crate::ids::{self, ObjectId};
-use crate::model::{Capability, ContentSource};
+use crate::model::{Capability, ContentSource, ImageFormat};
 use crate::params::VolumeParams;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +55,31 @@ pub struct CreateVolume {
 pub(crate) struct CapacityQuery {
     pub(crate) parameters: BTreeMap<String, String>,
     pub(crate) topology: Option<Topology>,
+}
+
+/// The lock of one volume (see `store`: it excludes every other operation on the volume, in
+/// this process and in others sharing the pool). Operations that change a volume take it.
+#[derive(Clone)]
+pub(crate) struct VolumeLock {
+    pub(super) pool: Arc<Pool>,
+    pub(super) key: u64,
+    id: String,
+    pub(super) held: ObjectLock,
+    existed: bool,
+}
+
+impl VolumeLock {
+    /// Whether the volume existed (Ready) when the lock was taken; while the lock is held
+    /// only its holder changes that.
+    pub(crate) fn existed(&self) -> bool {
+        self.existed
+    }
+}
+
+impl std::fmt::Debug for VolumeLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VolumeLock({})", self.id)
+    }
 }
 
 /// All pools of this controller.
@@ -109,13 +134,15 @@ pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u
 }
 
 impl Pools {
-    /// Opens every pool (creating directories, recovering from crashes).
+    /// Opens every pool (creating directories, reading the records, recovering from crashes).
     pub async fn open(configs: Vec<PoolConfig>, default_size: u64) -> Result<Pools> {
         let pools = exec::blocking(move || {
-            configs
+            let pools = configs
                 .into_iter()
                 .map(|c| Pool::open(c).map(Arc::new))
-                .collect::<Result<Vec<_>>>()
+                .collect::<Result<Vec<_>>>()?;
+            super::store::release_free_memory();
+            Ok(pools)
         })
         .await?;
         let pools = Pools {
@@ -136,16 +163,70 @@ impl Pools {
         self.pools.iter().find(|p| p.name() == name)
     }
 
-    /// Looks a volume up by id. `Ok(None)` when it does not exist (or is not Ready).
-    pub async fn volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
+    /// The pool and key a volume id names; `Ok(None)` when it cannot be a volume of ours.
+    pub(super) fn locate_volume(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
         let Some(oid) = ObjectId::parse_volume(id)? else {
             return Ok(None);
         };
-        let Some(pool) = self.get(&oid.pool).cloned() else {
+        let Some(key) = super::store::parse_key(&oid.key) else {
             return Ok(None);
         };
-        let rec = exec::blocking(move || pool.read_volume(&oid.key)).await?;
-        Ok(rec.filter(|r| r.state == RecordState::Ready))
+        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+    }
+
+    /// Takes the lock of a volume: ABORTED while another operation (of any process sharing
+    /// the pool) holds it, `Ok(None)` when the id cannot name a volume of ours. Finishes or
+    /// undoes a change to the volume that a crashed process left half done.
+    pub(crate) async fn lock_volume(&self, id: &str) -> Result<Option<VolumeLock>> {
+        let pools = self.clone();
+        let id = id.to_string();
+        exec::blocking(move || pools.lock_volume_blocking(&id)).await
+    }
+
+    /// `lock_volume`, blocking.
+    pub(super) fn lock_volume_blocking(&self, id: &str) -> Result<Option<VolumeLock>> {
+        let Some((pool, key)) = self.locate_volume(id)? else {
+            return Ok(None);
+        };
+        let held = pool
+            .store
+            .lock(Slot::Volume(key), &|| format!("volume {id}"))?;
+        pool.settle_volume(key)?;
+        let existed = pool
+            .store
+            .index()?
+            .volume(key)
+            .is_some_and(|v| v.state == RecordState::Ready);
+        Ok(Some(VolumeLock {
+            pool,
+            key,
+            id: id.to_string(),
+            held,
+            existed,
+        }))
+    }
+
+    /// Takes the lock of a name in every pool (a name is unique across pools).
+    pub(super) async fn lock_name(&self, slot: Slot, what: String) -> Result<Vec<ObjectLock>> {
+        let pools = self.clone();
+        exec::blocking(move || pools.lock_name_blocking(slot, &what)).await
+    }
+
+    /// `lock_name`, blocking.
+    fn lock_name_blocking(&self, slot: Slot, what: &str) -> Result<Vec<ObjectLock>> {
+        self.pools
+            .iter()
+            .map(|p| p.store.lock(slot, &|| what.to_string()))
+            .collect()
+    }
+
+    /// Looks a volume up by id (index, then its record file). `Ok(None)` when it does not
+    /// exist (or is not Ready).
+    pub async fn volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        let Some((pool, key)) = self.locate_volume(id)? else {
+            return Ok(None);
+        };
+        exec::blocking(move || pool.ready_volume(key)).await
     }
 
     /// Like `volume`, but NOT_FOUND when absent.
@@ -153,6 +234,14 @@ impl Pools {
         self.volume(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
+    }
+
+    /// The record of a locked volume; NOT_FOUND when it does not exist.
+    pub(crate) async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
+        let (pool, key) = (lock.pool.clone(), lock.key);
+        exec::blocking(move || pool.ready_volume(key))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", lock.id)))
     }
 
     /// The absolute path of a volume's active image.
@@ -163,51 +252,9 @@ impl Pools {
         Ok(pool.image_path(&rec.image))
     }
 
-    /// One page of ListVolumes: up to `max` Ready volumes in id order, from the first id at or
-    /// after `start` ("" = the beginning), and the id to continue from ("" at the end). Only
-    /// the directory listings are read in full; records are read for the page alone, so paging
-    /// through N volumes reads each record once instead of N/page times.
-    pub(crate) async fn list_page(
-        &self,
-        start: &str,
-        max: usize,
-    ) -> Result<(Vec<VolumeRecord>, String)> {
-        let pools = self.pools.clone();
-        let start = start.to_string();
-        exec::blocking(move || {
-            let mut ids: Vec<(String, usize, String)> = Vec::new();
-            for (i, p) in pools.iter().enumerate() {
-                for key in p.volume_keys()? {
-                    ids.push((p.volume_id(&key), i, key));
-                }
-            }
-            ids.sort_unstable();
-            let from = ids.partition_point(|(id, _, _)| id.as_str() < start.as_str());
-            let mut page = Vec::new();
-            let mut rest = ids[from..].iter();
-            for (_, i, key) in rest.by_ref() {
-                let ready = pools[*i]
-                    .read_volume_for_listing(key)
-                    .filter(|r| r.state == RecordState::Ready);
-                page.extend(ready);
-                if page.len() >= max {
-                    break;
-                }
-            }
-            let next = rest.next().map(|(id, _, _)| id.clone()).unwrap_or_default();
-            Ok((page, next))
-        })
-        .await
-    }
-
-    /// Sum of the virtual sizes of a pool's volumes.
+    /// Sum of the virtual sizes of a pool's volumes (from the index).
     fn provisioned(pool: &Pool) -> Result<u64> {
-        Ok(pool
-            .all_volumes()?
-            .iter()
-            .filter(|r| r.state != RecordState::Deleting)
-            .map(|r| r.capacity_bytes)
-            .sum())
+        Ok(pool.usage()?.1)
     }
 
     /// Bytes a new volume may still take in `pool`: what the cap leaves (thin provisioning)
@@ -246,120 +293,128 @@ impl Pools {
         .await
     }
 
-    /// CreateVolume. Idempotent by name: the volume's key is derived from its name.
+    /// CreateVolume. Idempotent by name: the name's lock (in every pool) is held while its
+    /// volume is looked up and, if there is none, made under a new id. A new empty volume is
+    /// made in one blocking call (no handoffs between threads on the hot path).
     pub async fn create(&self, req: CreateVolume) -> Result<VolumeRecord> {
         ids::check_name("volume name", &req.name)?;
         let params = VolumeParams::parse(&req.parameters)?;
         if req.capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities is required"));
         }
-        let key = ids::volume_key_for_name(&req.name);
-
-        // An existing volume of that name, in any pool?
-        for pool in self.pools.iter() {
-            let p = pool.clone();
-            let k = key.clone();
-            let Some(existing) = exec::blocking(move || p.read_volume(&k)).await? else {
-                continue;
-            };
-            if existing.name != req.name {
-                return Err(Error::AlreadyExists(format!(
-                    "volume id {} is taken by the volume named {:?}; choose another name",
-                    existing.id, existing.name
-                )));
-            }
-            match existing.state {
-                RecordState::Ready => {
-                    self.check_compatible(&existing, &req, &params)?;
+        let hash = ids::name_hash(ids::VOLUME, &req.name);
+        let what = format!("the volume named {:?}", req.name);
+        let Some(source) = req.content_source.clone() else {
+            let pools = self.clone();
+            return exec::blocking(move || {
+                let _name = pools.lock_name_blocking(Slot::VolumeName(hash), &what)?;
+                if let Some(existing) = pools.existing_volume(&req, &params)? {
                     return Ok(existing);
                 }
-                // A crash (or a failed attempt) left it half-made or half-deleted: start over.
-                RecordState::Creating | RecordState::Deleting => {
-                    let p = pool.clone();
-                    exec::blocking(move || p.discard_volume(&existing)).await?;
-                }
+                pools.create_blank(&req, &params)
+            })
+            .await;
+        };
+        let _name = self.lock_name(Slot::VolumeName(hash), what).await?;
+        let existing = {
+            let (pools, r, p) = (self.clone(), req.clone(), params.clone());
+            exec::blocking(move || pools.existing_volume(&r, &p)).await?
+        };
+        if let Some(existing) = existing {
+            return Ok(existing);
+        }
+        self.create_from_source(&req, &params, &source).await
+    }
+
+    /// The volume a repeated CreateVolume names, if it exists and matches the request;
+    /// ALREADY_EXISTS if it does not match. A half-made volume of an earlier version is
+    /// discarded (then `None`). The caller holds the name's lock. Blocking.
+    fn existing_volume(
+        &self,
+        req: &CreateVolume,
+        params: &VolumeParams,
+    ) -> Result<Option<VolumeRecord>> {
+        let Some(existing) = self.find_by_name(&req.name)? else {
+            return Ok(None);
+        };
+        let lock = self
+            .lock_volume_blocking(&existing.id)?
+            .ok_or_else(|| Error::internal(format!("volume id {} does not parse", existing.id)))?;
+        // Locking settles the volume: read it again.
+        let Some(existing) = lock.pool.read_volume(lock.key)? else {
+            return Ok(None);
+        };
+        match existing.state {
+            RecordState::Ready => {
+                self.check_compatible(&existing, req, params)?;
+                Ok(Some(existing))
+            }
+            RecordState::Creating | RecordState::Deleting => {
+                discard(&lock)?;
+                Ok(None)
             }
         }
+    }
 
-        if let Some(source) = &req.content_source {
-            return self.create_from_source(&req, &params, &key, source).await;
+    /// The record (any state) of the volume named `name`, in any pool. Blocking.
+    fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        for pool in self.pools.iter() {
+            if let Some(rec) = pool.volume_named(name)? {
+                return Ok(Some(rec));
+            }
         }
+        Ok(None)
+    }
+
+    /// A new empty volume: choose the pool, write the image header, commit the record.
+    /// Blocking.
+    fn create_blank(&self, req: &CreateVolume, params: &VolumeParams) -> Result<VolumeRecord> {
         let size = size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
-        let pool = self.choose_pool(&req, &params, size).await?;
+        let pool = self.choose_pool_blocking(req, params, size)?;
         let format = params.format.unwrap_or(pool.config().format);
         for cap in &req.capabilities {
             cap.check(format)?;
         }
-        let (p, k) = (pool.clone(), key.clone());
-        let image = exec::blocking(move || p.fresh_image_name(&k, format)).await?;
-        let rec = VolumeRecord {
-            schema: SCHEMA,
-            id: pool.volume_id(&key),
-            name: req.name.clone(),
-            pool: pool.name().to_string(),
-            state: RecordState::Creating,
-            format,
-            capacity_bytes: size,
-            image,
-            capabilities: req.capabilities.clone(),
-            parameters: req.parameters.clone(),
-            disk: params.disk.clone(),
-            content_source: req.content_source.clone(),
-            accessible_topology: pool.topology().clone(),
-            created_at: now_secs(),
-            chain: Default::default(),
-        };
-        self.materialize(&pool, rec).await
+        let (key, lock) = pool.new_volume_key()?;
+        let image = pool.first_image_name(key, format)?;
+        let rec = new_record(
+            &pool,
+            key,
+            req,
+            params,
+            (format, size, image),
+            Chain::default(),
+        );
+        let name_free = pool.name_free_check(&req.name);
+        materialize(&pool, lock, rec, name_free)
     }
 
-    /// Writes the Creating record, creates the image, then marks the record Ready. On failure
-    /// everything made so far is removed.
+    /// `materialize`, from async code.
     pub(super) async fn materialize(
         &self,
         pool: &Arc<Pool>,
-        mut rec: VolumeRecord,
+        lock: ObjectLock,
+        rec: VolumeRecord,
+        check: impl FnOnce(&Index) -> Result<()> + Send + 'static,
     ) -> Result<VolumeRecord> {
         let p = pool.clone();
-        let r = rec.clone();
-        exec::blocking(move || p.write_volume(&r)).await?;
-        crate::failpoint!("create.record-written");
-        let image = pool.image_path(&rec.image);
-        let part = pool.image_path(&format!("{}.part", rec.image));
-        let made = async {
-            // Restores and clones are overlays on their source's layer (always qcow2).
-            let backing = rec
-                .chain
-                .backing
-                .first()
-                .map(|b| (b.as_str(), crate::model::ImageFormat::Qcow2));
-            qemu_img::create(&part, rec.format, rec.capacity_bytes, backing).await?;
-            crate::failpoint!("create.image-made");
-            let (part, image) = (part.clone(), image.clone());
-            exec::blocking(move || fsutil::rename_durable(&part, &image)).await?;
-            crate::failpoint!("create.image-renamed");
-            Ok(())
-        }
-        .await;
-        if let Err(e) = made {
-            let p = pool.clone();
-            let r = rec.clone();
-            if let Err(cleanup) = exec::blocking(move || p.discard_volume(&r)).await {
-                tracing::error!(volume = %rec.id, error = %cleanup, "cleanup after failed create");
-            }
-            return Err(e);
-        }
-        rec.state = RecordState::Ready;
-        let p = pool.clone();
-        let r = rec.clone();
-        exec::blocking(move || p.write_volume(&r)).await?;
-        crate::failpoint!("create.ready");
-        tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
-        Ok(rec)
+        exec::blocking(move || materialize(&p, lock, rec, check)).await
     }
 
     /// The pool for a new volume: the one named in parameters, else the first that fits the
     /// topology (preferred first) and has room.
     pub(super) async fn choose_pool(
+        &self,
+        req: &CreateVolume,
+        params: &VolumeParams,
+        size: u64,
+    ) -> Result<Arc<Pool>> {
+        let (pools, r, p) = (self.clone(), req.clone(), params.clone());
+        exec::blocking(move || pools.choose_pool_blocking(&r, &p, size)).await
+    }
+
+    /// `choose_pool`, blocking (it reads the pools' free space).
+    fn choose_pool_blocking(
         &self,
         req: &CreateVolume,
         params: &VolumeParams,
@@ -401,7 +456,7 @@ impl Pools {
         };
         candidates.sort_by_key(rank);
 
-        let checked = exec::blocking(move || {
+        let checked = {
             let mut out_of_range = 0;
             let mut reasons = Vec::new();
             for p in &candidates {
@@ -427,11 +482,10 @@ impl Pools {
                     reasons.push(format!("pool {} has {free} bytes free", p.name()));
                     continue;
                 }
-                return Ok(Ok(p.clone()));
+                return Ok(p.clone());
             }
-            Ok(Err((out_of_range == candidates.len(), reasons)))
-        })
-        .await?;
+            Err((out_of_range == candidates.len(), reasons))
+        };
         match checked {
             Ok(p) => Ok(p),
             Err((true, reasons)) => Err(Error::OutOfRange(format!(
@@ -499,43 +553,21 @@ impl Pools {
         Ok(existing)
     }
 
-    /// DeleteVolume: OK for unknown ids. The caller checks that the volume is not published.
-    pub(crate) async fn delete(&self, id: &str) -> Result<()> {
-        let Some(oid) = ObjectId::parse_volume(id)? else {
-            return Ok(());
-        };
-        let Some(pool) = self.get(&oid.pool).cloned() else {
-            return Ok(());
-        };
-        exec::blocking(move || {
-            let Some(mut rec) = pool.read_volume(&oid.key)? else {
-                return Ok(());
-            };
-            if rec.state == RecordState::Ready {
-                rec.state = RecordState::Deleting;
-                pool.write_volume(&rec)?;
-                crate::failpoint!("delete.marked");
-            }
-            pool.discard_volume(&rec)?;
-            crate::failpoint!("delete.record-removed");
-            tracing::info!(volume = %rec.id, "volume deleted");
-            // Backing layers nobody else needs go now; a failure only delays that.
-            if let Err(e) = pool.collect_garbage() {
-                tracing::warn!(pool = %pool.name(), error = %e, "layer cleanup deferred");
-            }
-            Ok(())
-        })
-        .await
+    /// DeleteVolume of a locked volume: one commit removes the record; the layers nobody else
+    /// names go with it. OK when it is already gone. The caller checks it is not published.
+    pub(crate) async fn delete(&self, lock: &VolumeLock) -> Result<()> {
+        let lock = lock.clone();
+        exec::blocking(move || discard(&lock)).await
     }
 
     /// Offline expansion with `qemu-img resize`. Returns the new record.
     pub(crate) async fn expand_offline(
         &self,
-        id: &str,
+        lock: &VolumeLock,
         required: u64,
         limit: u64,
     ) -> Result<VolumeRecord> {
-        let mut rec = self.require_volume(id).await?;
+        let mut rec = self.locked_volume(lock).await?;
         let new_size = self.expansion_target(&rec, required, limit).await?;
         if new_size <= rec.capacity_bytes {
             return Ok(rec);
@@ -544,7 +576,7 @@ impl Pools {
         qemu_img::resize(&path, rec.format, new_size).await?;
         crate::failpoint!("expand.resized");
         rec.capacity_bytes = new_size;
-        self.save(&rec).await?;
+        self.save(lock, &rec).await?;
         tracing::info!(volume = %rec.id, size = new_size, "volume expanded offline");
         Ok(rec)
     }
@@ -599,20 +631,194 @@ impl Pools {
         Ok(new_size)
     }
 
-    /// Rewrites a volume's record.
-    pub(crate) async fn save(&self, rec: &VolumeRecord) -> Result<()> {
-        let pool = self
-            .get(&rec.pool)
-            .cloned()
-            .ok_or_else(|| Error::internal(format!("pool {} is not configured", rec.pool)))?;
+    /// Rewrites a locked volume's record (one commit).
+    pub(crate) async fn save(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
+        if rec.id != lock.id {
+            return Err(Error::internal(format!(
+                "saving volume {} under the lock of {}",
+                rec.id, lock.id
+            )));
+        }
+        let (pool, held) = (lock.pool.clone(), lock.held.clone());
         let r = rec.clone();
-        exec::blocking(move || pool.write_volume(&r)).await
+        exec::blocking(move || {
+            let _held = held;
+            pool.store.put(&r, |_| Ok(())).map(drop)
+        })
+        .await
     }
 
     /// Readiness: every pool directory is writable.
     pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
         exec::blocking(move || pools.iter().try_for_each(|p| p.check_writable())).await
+    }
+}
+
+/// The record of new volume `key` in `pool` for `req`: its format, size and image file name,
+/// and the chain under the image.
+pub(super) fn new_record(
+    pool: &Pool,
+    key: u64,
+    req: &CreateVolume,
+    params: &VolumeParams,
+    (format, size, image): (ImageFormat, u64, String),
+    chain: Chain,
+) -> VolumeRecord {
+    VolumeRecord {
+        schema: SCHEMA,
+        id: pool.volume_id(key),
+        name: req.name.clone(),
+        pool: pool.name().to_string(),
+        state: RecordState::Ready,
+        format,
+        capacity_bytes: size,
+        image,
+        capabilities: req.capabilities.clone(),
+        parameters: req.parameters.clone(),
+        disk: params.disk.clone(),
+        content_source: req.content_source.clone(),
+        accessible_topology: pool.topology().clone(),
+        created_at: now_secs(),
+        chain,
+    }
+}
+
+/// Writes the volume's image (empty, or an overlay on its first backing layer) and commits
+/// its record: the image is durable before the one commit that names it. `check` runs under
+/// the pool lock before the commit. On failure the image is removed again. Blocking.
+fn materialize(
+    pool: &Arc<Pool>,
+    lock: ObjectLock,
+    rec: VolumeRecord,
+    check: impl FnOnce(&Index) -> Result<()>,
+) -> Result<VolumeRecord> {
+    let _held = lock;
+    let image = pool.image_path(&rec.image);
+    let backing = rec.chain.backing.first().map(String::as_str);
+    let file = qcow2::create(&image, rec.format, rec.capacity_bytes, backing)?;
+    crate::failpoint!("create.image-made");
+    let images = pool.images_dir();
+    // The image, its directory entry and the record's temp file become durable at once; then
+    // the one commit names the image.
+    let committed = fsutil::open_dir(&images).and_then(|dir| {
+        pool.store
+            .put_with(&rec, &[(&file, &image), (&dir, &images)], check)
+    });
+    if let Err(e) = committed {
+        // Keep the image if the record made it to disk after all (a late failure).
+        let named = matches!(pool.read_volume(rec.key_u64()?), Ok(Some(_)));
+        if !named {
+            let _ = std::fs::remove_file(&image);
+        }
+        return Err(e);
+    }
+    crate::failpoint!("create.committed");
+    tracing::info!(volume = %rec.id, pool = %rec.pool, size = rec.capacity_bytes, "volume created");
+    Ok(rec)
+}
+
+/// Removes a locked volume's record in one commit (the layers nobody else names go with it);
+/// OK when it is already gone. Blocking.
+fn discard(lock: &VolumeLock) -> Result<()> {
+    if lock.pool.store.index()?.volume(lock.key).is_none() {
+        return Ok(());
+    }
+    lock.pool
+        .store
+        .remove::<VolumeRecord>(lock.key, |_| Ok(()))?;
+    tracing::info!(volume = %lock.id, "volume deleted");
+    Ok(())
+}
+
+impl VolumeRecord {
+    /// The record's key (from its id).
+    pub(super) fn key_u64(&self) -> Result<u64> {
+        super::store::Record::key(self)
+    }
+}
+
+impl Pool {
+    /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an
+    /// unknown id costs no file access.
+    pub(super) fn ready_volume(&self, key: u64) -> Result<Option<VolumeRecord>> {
+        let known = self
+            .store
+            .index()?
+            .volume(key)
+            .is_some_and(|v| v.state == RecordState::Ready);
+        if !known {
+            return Ok(None);
+        }
+        Ok(self
+            .read_volume(key)?
+            .filter(|r| r.state == RecordState::Ready))
+    }
+
+    /// The record (any state) of the volume named `name` in this pool.
+    pub(super) fn volume_named(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        let keys: Vec<u64> = self
+            .store
+            .index()?
+            .volumes_named(ids::name_hash(ids::VOLUME, name))
+            .collect();
+        for key in keys {
+            if let Some(rec) = self.read_volume(key)?.filter(|r| r.name == name) {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A commit check: no volume of this pool has the name (as the pool is at commit time).
+    pub(super) fn name_free_check(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> impl FnOnce(&Index) -> Result<()> + Send + 'static {
+        let (pool, name) = (self.clone(), name.to_string());
+        move |index: &Index| {
+            for key in index.volumes_named(ids::name_hash(ids::VOLUME, &name)) {
+                if pool.read_volume(key)?.is_some_and(|r| r.name == name) {
+                    return Err(Error::AlreadyExists(format!(
+                        "a volume named {name:?} was created meanwhile ({}); retry to get it",
+                        pool.volume_id(key)
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A key no volume of this pool has, nor had while snapshots of it remain, locked.
+    pub(super) fn new_volume_key(&self) -> Result<(u64, ObjectLock)> {
+        loop {
+            let key = ids::random_u64();
+            let unused = {
+                let index = self.store.index()?;
+                index.volume(key).is_none() && index.snapshots_of(key).next().is_none()
+            };
+            if !unused {
+                continue;
+            }
+            if let Some(lock) = self.store.try_lock(Slot::Volume(key))? {
+                return Ok((key, lock));
+            }
+        }
+    }
+
+    /// The file name of a new volume's image: `<key>.<format>`, or a fresh layer name in the
+    /// unlikely case that a file has it already.
+    pub(super) fn first_image_name(&self, key: u64, format: ImageFormat) -> Result<String> {
+        let plain = Layer::Std {
+            key,
+            stamp: None,
+            raw: format == ImageFormat::Raw,
+        }
+        .to_string();
+        if !self.image_path(&plain).exists() {
+            return Ok(plain);
+        }
+        self.new_layer_name(key, format)
     }
 }
 

@@ -27,7 +27,6 @@ use super::{diskxml, ffi, view, Hypervisor};
 use crate::attach::LiveMember;
 use crate::error::{Error, Result};
 use crate::exec;
-use serde::Deserialize;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -143,40 +142,21 @@ struct Header {
     size: u64,
 }
 
-#[derive(Deserialize)]
-struct InfoDoc {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-    #[serde(rename = "backing-filename-format", default)]
-    backing_format: Option<String>,
-}
-
-/// Reads and checks the overlay: qcow2 with a qcow2 backing file named in its header (a
-/// relative name is relative to the overlay's directory, as QEMU resolves it).
+/// Reads and checks the overlay's header (without a process: `pool::qcow2`): qcow2 with a
+/// qcow2 backing file (a relative name is relative to the overlay's directory, as QEMU
+/// resolves it).
 async fn overlay_header(overlay: &Path) -> Result<Header> {
-    let path = overlay
-        .to_str()
-        .ok_or_else(|| Error::internal(format!("{} is not UTF-8", overlay.display())))?;
-    let out = exec::run("qemu-img", ["info", "-U", "--output=json", path]).await?;
-    let info: InfoDoc = serde_json::from_str(&out.stdout)
-        .map_err(|e| Error::internal(format!("parsing qemu-img info of {path}: {e}")))?;
-    let bad = |why: &str| Error::internal(format!("overlay {path} {why}"));
-    if info.format != "qcow2" {
-        return Err(bad("is not qcow2"));
-    }
-    let name = info
-        .backing_filename
-        .ok_or_else(|| bad("has no backing file"))?;
-    if info.backing_format.as_deref() != Some("qcow2") {
+    let path = overlay.to_path_buf();
+    let header = exec::blocking(move || crate::pool::qcow2::read_header(&path)).await?;
+    let bad = |why: &str| Error::internal(format!("overlay {} {why}", overlay.display()));
+    let name = header.backing.ok_or_else(|| bad("has no backing file"))?;
+    if header.backing_format.as_deref() != Some("qcow2") {
         return Err(bad("does not name its backing file's format (qcow2)"));
     }
     let dir = overlay.parent().unwrap_or(Path::new("/"));
     Ok(Header {
         backing: dir.join(name),
-        size: info.virtual_size,
+        size: header.size,
     })
 }
 

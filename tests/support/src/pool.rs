@@ -278,3 +278,45 @@ pub fn check_all_layers(pool: &Path) -> usize {
     }
     files.len()
 }
+
+/// What the plugin answers (its in-memory index) is what the pool at `pool` holds: the volumes
+/// and snapshots ListVolumes/ListSnapshots report are exactly the Ready records on disk, with
+/// the records' sizes, and ControllerGetVolume finds each.
+pub async fn assert_index_matches_pool(p: &Plugin, pool: &Path) {
+    let view = PoolView::read(pool);
+    let on_disk: std::collections::BTreeMap<String, i64> = view
+        .volumes
+        .iter()
+        .filter(|v| v["state"] == "ready")
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["capacity_bytes"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        crate::calls::list_volumes(p).await,
+        on_disk,
+        "ListVolumes differs from the records"
+    );
+    let snapshots: BTreeSet<String> = view
+        .snapshots
+        .iter()
+        .filter(|s| s["state"] == "ready")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        crate::calls::list_snapshots(p).await,
+        snapshots,
+        "ListSnapshots differs from the records"
+    );
+    for id in on_disk.keys() {
+        p.controller()
+            .controller_get_volume(crate::csi::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ControllerGetVolume {id}: {e:?}"));
+    }
+}

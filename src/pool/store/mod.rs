@@ -1,0 +1,739 @@
+//! The pool store: every record of one pool (volumes, snapshots, flattening jobs), written
+//! durably to the pool directory and indexed in memory.
+//!
+//! # Design
+//!
+//! **The pool is the only durable truth; memory indexes it.** Each record is one JSON file,
+//! `<kind dir>/<key>.json` (`volumes/`, `snapshots/`, `flatten/`), in the layout every earlier
+//! version wrote, so existing pools open unchanged. The [`Index`] holds a compact entry per
+//! record (what listings, name lookups, capacity sums and layer garbage collection need; not
+//! parameters or disk options, which are read from the record file when an operation needs
+//! them). It is built once when the pool opens — each record file is read once — and kept
+//! exact by the code that writes records: a change enters the index only after it is durable.
+//!
+//! **One record layout, one listing, one commit.** A record kind is a [`Record`] type: its
+//! directory, its change-log tag, how its key is spelt, and the index entry it makes. Reading,
+//! listing, writing and removing are generic over it ([`Store::put`], [`Store::remove`],
+//! [`Store::read`], the start-up listing in [`Store::open`]). Adding a kind — the group
+//! snapshots of a later change, whose records name several snapshots — is a new [`Kind`]
+//! variant, a record type with its `Record` impl and an index table; the commit protocol,
+//! the change log, locking, recovery and listing need no change.
+//!
+//! **A commit is one durable write**, the floor of any crash-safe store: the record goes to a
+//! temp file in its directory, which is fsynced; then, under the pool lock, the change is
+//! logged, the temp file is renamed over the record, the directory fsynced and the index
+//! updated. A removal unlinks the record and fsyncs the directory. Image layers that no record
+//! names any more after a commit (reference counts in the index) are unlinked right after it.
+//! A new image is written and fsynced *before* the commit that names it, so a crash leaves at
+//! most an unnamed file, which the next open collects: CreateVolume is one image header
+//! (written here, see `qcow2`, no `qemu-img` process) plus one commit.
+//!
+//! **Ids unique over time.** Volume and snapshot keys are 64 random bits (`ids`); the name is
+//! the idempotency key, found through the index (a name hash → key map, confirmed against the
+//! record). A volume created again under a reused name gets a new id, so snapshots of the old
+//! volume never list under the new one. Ids made by earlier versions (keys derived from names)
+//! look the same and stay valid.
+//!
+//! **Several processes on one pool** (controller instances on a shared pool, as Nomad runs
+//! them). Locks live in the pool, as fcntl open-file-description byte-range locks on the
+//! `changes` file (NFS honours them; the kernel frees a dead process's locks):
+//! - the *pool lock* (one byte, exclusive, waited for briefly) covers every commit;
+//! - an *object lock* per volume, snapshot, volume name and snapshot name (one byte each, at
+//!   an offset derived from the key or the name's hash) is held for a whole operation; an
+//!   operation that cannot get it at once answers ABORTED. The same lock excludes threads of
+//!   one process, so it is also the per-volume operation guard.
+//! - The `changes` file is also a change log: every commit appends `<tag> <key>` under the
+//!   pool lock before its rename. A process compares the log's size with what it has read
+//!   before it answers (one `fstat`) and, when another process committed, re-reads just the
+//!   records named since (under the pool lock shared, so never half a commit). Commits catch up
+//!   the same way under the exclusive lock, so name uniqueness, restore preconditions and
+//!   garbage collection are always decided on the pool's current state. The log is reset when
+//!   it passes 8 MiB; a process that sees the reset re-reads every record.
+//! - Recovery never touches what a live process is doing: a half-done record is finished or
+//!   undone only by whoever holds its object lock (at open, or when an operation takes the
+//!   lock and finds it), an unnamed layer file is collected only while its volume's lock is
+//!   free, and a temp file only when its writer's lock on it is gone.
+//!
+//! **Blocking I/O** runs on `exec::blocking` (the async methods of `Pools`); everything in this
+//! module is blocking and cheap to call from there.
+//!
+//! On NFS, a process's own commits and every decision taken under the pool lock see the other
+//! processes' writes at once (taking a lock revalidates NFS caches); plain reads (listings,
+//! lookups) see them as soon as the client's attribute cache for `changes` expires (`actimeo`).
+
+mod changes;
+mod index;
+mod kinds;
+mod locks;
+
+pub(crate) use index::{Index, Layer, VolumeEntry};
+pub(crate) use kinds::{parse_key, Kind, Record};
+pub(crate) use locks::{file_is_locked, ObjectLock, Slot};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use changes::{ChangeLog, Changes};
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+/// One record of a `put_batch`: its kind, key and bytes, and how it enters the index.
+pub(crate) struct Staged<'a> {
+    kind: Kind,
+    key: u64,
+    bytes: Vec<u8>,
+    apply: Box<dyn FnOnce(&mut Index) + 'a>,
+}
+
+impl<'a> Staged<'a> {
+    /// `rec`, ready for a batch.
+    pub(crate) fn of<R: Record>(rec: &'a R) -> Result<Staged<'a>> {
+        let key = rec.key()?;
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|e| Error::internal(format!("serializing a {} record: {e}", R::KIND.dir())))?;
+        Ok(Staged {
+            kind: R::KIND,
+            key,
+            bytes,
+            apply: Box::new(move |index| rec.insert_into(index, key)),
+        })
+    }
+}
+
+/// What a commit left for the caller: layer files nothing names any more (already unlinked
+/// unless unlinking failed, which only delays them to the next open).
+#[derive(Debug, Default)]
+pub(crate) struct Committed {
+    pub freed: Vec<String>,
+}
+
+/// The records of one pool, on disk and in memory.
+pub(crate) struct Store {
+    dir: PathBuf,
+    pool: String,
+    index: RwLock<Index>,
+    /// The change log and the pool lock share one file descriptor; the mutex orders this
+    /// process's commits and catch-ups (one open file description holds one lock state).
+    log: Mutex<ChangeLog>,
+    changes: Changes,
+    locks: locks::Locks,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record file's bytes, if it exists.
+type RecordBytes = Option<Vec<u8>>;
+
+/// Records read by a helper thread at start-up: their bytes back to back, and per key where
+/// its bytes are (or that it vanished, or why it could not be read).
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    items: Vec<(u64, std::io::Result<Option<std::ops::Range<usize>>>)>,
+}
+
+impl Batch {
+    fn push(&mut self, key: u64, read: std::io::Result<Option<&[u8]>>) {
+        let item = read.map(|bytes| {
+            bytes.map(|b| {
+                let start = self.data.len();
+                self.data.extend_from_slice(b);
+                start..self.data.len()
+            })
+        });
+        self.items.push((key, item));
+    }
+}
+
+/// Reads the files of one directory by name, through the directory's descriptor and one
+/// buffer (start-up reads every record: no path walk, no allocation per file).
+struct DirReader {
+    dir: fs::File,
+    buf: Vec<u8>,
+}
+
+impl DirReader {
+    fn open(dir: &Path) -> Result<DirReader> {
+        let dir =
+            fs::File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        Ok(DirReader {
+            dir,
+            buf: vec![0; 16 << 10],
+        })
+    }
+
+    /// The bytes of file `name`, or `None` when it vanished meanwhile.
+    fn read(&mut self, name: &str) -> std::io::Result<Option<&[u8]>> {
+        use nix::fcntl::{openat, OFlag};
+        use std::io::Read;
+        let fd = match openat(
+            &self.dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // A record fits the buffer: one read returns all of it (a regular file reads short
+        // only at its end); a bigger one is read on to the end.
+        let mut file = fs::File::from(fd);
+        let mut len = 0;
+        loop {
+            if len == self.buf.len() {
+                self.buf.resize(len * 2, 0);
+            }
+            let n = match file.read(&mut self.buf[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            len += n;
+            if n == 0 || len < self.buf.len() {
+                break;
+            }
+        }
+        Ok(Some(&self.buf[..len]))
+    }
+}
+
+/// The temp file names this store writes: `.tmp-<random>` in a record directory.
+const TEMP_PREFIX: &str = ".tmp-";
+
+impl Store {
+    /// Opens the store of the pool at `dir`: creates the directories, reads every record once
+    /// into the index. Recovery of half-done work is the caller's (it knows the kinds' rules);
+    /// see [`Store::unsettled`] and [`Store::sweep`].
+    pub(crate) fn open(pool: &str, dir: &Path) -> Result<Store> {
+        for kind in Kind::ALL {
+            let d = dir.join(kind.dir());
+            fs::create_dir_all(&d)
+                .map_err(|e| Error::io(format!("creating pool directory {}", d.display()), e))?;
+        }
+        let images = dir.join("images");
+        fs::create_dir_all(&images)
+            .map_err(|e| Error::io(format!("creating pool directory {}", images.display()), e))?;
+        let (log, changes, locks) = changes::open(dir)?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            pool: pool.to_string(),
+            index: RwLock::new(Index::default()),
+            log: Mutex::new(log),
+            changes,
+            locks,
+        };
+        store.reload_all()?;
+        Ok(store)
+    }
+
+    pub(crate) fn images_dir(&self) -> PathBuf {
+        self.dir.join("images")
+    }
+
+    fn record_path(&self, kind: Kind, key: u64) -> PathBuf {
+        self.dir
+            .join(kind.dir())
+            .join(format!("{}.json", kind.file_key(key)))
+    }
+
+    /// Reads every record of every kind into a fresh index (start-up, or after the change log
+    /// was reset under us). Unreadable records are logged and left out; their layers are then
+    /// unknown, so the open-time collection of unused layers stays off until they are fixed.
+    fn reload_all(&self) -> Result<()> {
+        let mut log = self.lock_log();
+        {
+            // Where the log stands, taken between commits: commits after it are caught up
+            // later (a record read twice is harmless). The listing itself holds no pool lock.
+            let _shared = self.locks.pool_shared()?;
+            log.rewind()?;
+        }
+        self.rebuild(&mut log)
+    }
+
+    /// The one directory listing: keys of every record file of `kind` (temp files and names
+    /// that are not keys of this kind are skipped).
+    pub(crate) fn list_keys(&self, kind: Kind) -> Result<Vec<u64>> {
+        let dir = self.dir.join(kind.dir());
+        let entries =
+            fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut keys = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            match kind.parse_file_key(stem) {
+                Some(key) => keys.push(key),
+                None if stem.starts_with('.') => {}
+                None => tracing::warn!(pool = %self.pool, file = %stem, dir = %dir.display(),
+                    "ignoring a record file whose name is not a key"),
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Reads one record file; `Ok(None)` when there is none.
+    pub(crate) fn read<R: Record>(&self, key: u64) -> Result<Option<R>> {
+        fsutil::read_json(&self.record_path(R::KIND, key))
+    }
+
+    /// The index, brought up to date with other processes' commits first.
+    pub(crate) fn index(&self) -> Result<RwLockReadGuard<'_, Index>> {
+        self.sync()?;
+        Ok(self.index.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Catches up with commits of other processes (a no-op costing one `fstat` when there were
+    /// none).
+    pub(crate) fn sync(&self) -> Result<()> {
+        if !self.changes.changed()? {
+            return Ok(());
+        }
+        let mut log = self.lock_log();
+        let _shared = self.locks.pool_shared()?;
+        self.catch_up(&mut log)
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, ChangeLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads what was logged since our last look and re-reads the records it names. The caller
+    /// holds the pool lock (shared or exclusive) and the log mutex.
+    fn catch_up(&self, log: &mut ChangeLog) -> Result<()> {
+        match log.read_new()? {
+            changes::News::None => {
+                self.changes.seen(log.seen);
+                Ok(())
+            }
+            changes::News::Reset => {
+                tracing::info!(pool = %self.pool, "change log was reset; re-reading every record");
+                log.rewind()?;
+                self.rebuild(log)
+            }
+            changes::News::Keys(keys) => {
+                let mut fresh: Vec<(Kind, u64, Result<RecordBytes>)> =
+                    Vec::with_capacity(keys.len());
+                let mut seen = HashSet::new();
+                for (kind, key) in keys {
+                    if seen.insert((kind, key)) {
+                        fresh.push((kind, key, self.read_bytes(kind, key)));
+                    }
+                }
+                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                for (kind, key, bytes) in fresh {
+                    let inserted = match bytes {
+                        Ok(Some(bytes)) => kind.insert_bytes(&mut index, key, &bytes),
+                        Ok(None) => {
+                            kind.remove_from(&mut index, key);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = inserted {
+                        tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
+                            error = %e, "a record another process wrote is unreadable");
+                        kind.remove_from(&mut index, key);
+                        index.set_unreadable(kind, key);
+                    }
+                }
+                // Layers another process freed are its to unlink.
+                index.take_freed();
+                self.changes.seen(log.seen);
+                Ok(())
+            }
+        }
+    }
+
+    /// One record file's bytes; `Ok(None)` when there is none.
+    fn read_bytes(&self, kind: Kind, key: u64) -> Result<RecordBytes> {
+        let path = self.record_path(kind, key);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Lists and reads every record into a new index, which replaces the current one.
+    fn rebuild(&self, log: &mut ChangeLog) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut index = Index::default();
+        for kind in Kind::ALL {
+            let keys = self.list_keys(kind)?;
+            self.load(kind, &keys, &mut index)?;
+        }
+        index.take_freed();
+        index.shrink();
+        tracing::info!(pool = %self.pool, volumes = index.volume_count(),
+            ms = started.elapsed().as_millis() as u64, "read every record into the index");
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        self.changes.seen(log.seen);
+        Ok(())
+    }
+
+    /// Reads the records `keys` of `kind` into `index`. Reading runs on helper threads, in
+    /// batches, while this thread parses and indexes what they read: start-up time is the
+    /// file system's, not the sum of both.
+    fn load(&self, kind: Kind, keys: &[u64], index: &mut Index) -> Result<()> {
+        const BATCH: usize = 512;
+        let dir = self.dir.join(kind.dir());
+        let batches: Vec<&[u64]> = keys.chunks(BATCH).collect();
+        let readers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, 4)
+            .min(batches.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(readers * 2);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..readers {
+                let (tx, next, batches, dir) = (tx.clone(), &next, &batches, &dir);
+                scope.spawn(move || {
+                    let Ok(mut reader) = DirReader::open(dir) else {
+                        return;
+                    };
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(keys) = batches.get(i) else {
+                            return;
+                        };
+                        let mut batch = Batch::default();
+                        for &key in *keys {
+                            let read = reader.read(&format!("{}.json", kind.file_key(key)));
+                            batch.push(key, read);
+                        }
+                        if tx.send(batch).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut got = 0;
+            for batch in rx {
+                for (key, item) in batch.items {
+                    got += 1;
+                    let indexed = match item {
+                        Ok(Some(range)) => kind.insert_bytes(index, key, &batch.data[range]),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(Error::io(
+                            format!("reading a record in {}", dir.display()),
+                            e,
+                        )),
+                    };
+                    if let Err(e) = indexed {
+                        tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
+                            error = %e, "skipping an unreadable record");
+                        index.set_unreadable(kind, key);
+                    }
+                }
+            }
+            if got != keys.len() {
+                return Err(Error::internal(format!(
+                    "read {got} of the {} records in {}",
+                    keys.len(),
+                    dir.display()
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes `rec` as one durable commit. `check` runs under the pool lock on the index as
+    /// it is then (after catching up with other processes) and may refuse the commit.
+    pub(crate) fn put<R: Record>(
+        &self,
+        rec: &R,
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        self.put_with(rec, &[], check)
+    }
+
+    /// `put`, making `alongside` (files the record will name, and their directory) durable at
+    /// the same time as the record's temp file, before the commit.
+    pub(crate) fn put_with<R: Record>(
+        &self,
+        rec: &R,
+        alongside: &[(&fs::File, &Path)],
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        self.put_batch(vec![Staged::of(rec)?], alongside, check)
+    }
+
+    /// Removes a record as one durable commit (no error when it is already gone).
+    pub(crate) fn remove<R: Record>(
+        &self,
+        key: u64,
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        let path = self.record_path(R::KIND, key);
+        self.commit(
+            R::KIND,
+            key,
+            check,
+            || fsutil::remove_durable(&path),
+            |index| R::KIND.remove_from(index, key),
+        )
+    }
+
+    /// Writes several records (of any kinds) as one commit, under one hold of the pool lock:
+    /// each temp file, and `alongside`, made durable at once first; then (if `check` allows)
+    /// every change logged, renamed into place, each directory synced once, and the index
+    /// updated. Another process catching up
+    /// sees all of them or none (it reads the log under the pool lock). Each record's rename
+    /// is atomic on its own: a crash may land some of them, as separate `put`s would.
+    pub(crate) fn put_batch(
+        &self,
+        items: Vec<Staged<'_>>,
+        alongside: &[(&fs::File, &Path)],
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        if items.is_empty() {
+            return Ok(Committed::default());
+        }
+        let mut temps = Vec::with_capacity(items.len());
+        for it in &items {
+            temps.push(temp_file(&self.dir.join(it.kind.dir()), &it.bytes)?);
+        }
+        let mut files: Vec<(&fs::File, &Path)> = temps
+            .iter()
+            .map(|t| (t.file.as_file(), t.file.path()))
+            .collect();
+        files.extend_from_slice(alongside);
+        fsutil::sync_all_at_once(&files)?;
+        crate::failpoint!("store.temp-synced");
+        let keys: Vec<(Kind, u64)> = items.iter().map(|it| (it.kind, it.key)).collect();
+        let paths: Vec<PathBuf> = keys
+            .iter()
+            .map(|(k, key)| self.record_path(*k, *key))
+            .collect();
+        let dirs: std::collections::BTreeSet<Kind> = keys.iter().map(|(k, _)| *k).collect();
+        self.commit_keys(
+            &keys,
+            check,
+            || {
+                for (tmp, path) in temps.into_iter().zip(&paths) {
+                    tmp.persist(path)
+                        .map_err(|e| Error::io(format!("writing {}", path.display()), e.error))?;
+                }
+                for kind in &dirs {
+                    fsutil::sync_dir(&self.dir.join(kind.dir()))?;
+                }
+                Ok(())
+            },
+            |index| {
+                for it in items {
+                    (it.apply)(index);
+                }
+            },
+        )
+    }
+
+    /// The commit protocol shared by writes and removals: pool lock, catch up, check, log the
+    /// change, make it durable, update the index, unlock, unlink the layers it freed.
+    fn commit(
+        &self,
+        kind: Kind,
+        key: u64,
+        check: impl FnOnce(&Index) -> Result<()>,
+        durable: impl FnOnce() -> Result<()>,
+        apply: impl FnOnce(&mut Index),
+    ) -> Result<Committed> {
+        self.commit_keys(&[(kind, key)], check, durable, apply)
+    }
+
+    /// `commit` of the changes to the records `keys`, logged together.
+    fn commit_keys(
+        &self,
+        keys: &[(Kind, u64)],
+        check: impl FnOnce(&Index) -> Result<()>,
+        durable: impl FnOnce() -> Result<()>,
+        apply: impl FnOnce(&mut Index),
+    ) -> Result<Committed> {
+        let freed = {
+            let mut log = self.lock_log();
+            let _pool = self.locks.pool_exclusive()?;
+            self.catch_up(&mut log)?;
+            check(&self.index.read().unwrap_or_else(|p| p.into_inner()))?;
+            // Logged before the rename: a reader holds the pool lock shared while it reads the
+            // log, so it never sees the line without the record that goes with it.
+            for (kind, key) in keys {
+                log.append(*kind, *key)?;
+            }
+            crate::failpoint!("store.change-logged");
+            durable()?;
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            apply(&mut index);
+            let freed = index.take_freed();
+            if log.needs_reset() {
+                log.reset()?;
+            }
+            self.changes.seen(log.seen);
+            freed
+        };
+        crate::failpoint!("store.committed");
+        let mut out = Committed::default();
+        for layer in freed {
+            let name = layer.to_string();
+            self.unlink_layer(&name);
+            out.freed.push(name);
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` on the index as it is now in the pool (under the pool lock, shared, after
+    /// catching up): for decisions that must not miss another process's last commit.
+    pub(crate) fn with_current<T>(&self, f: impl FnOnce(&Index) -> T) -> Result<T> {
+        let mut log = self.lock_log();
+        let _pool = self.locks.pool_shared()?;
+        self.catch_up(&mut log)?;
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&index))
+    }
+
+    /// Unlinks a layer file that no record names (its directory entry is not fsynced: if the
+    /// unlink is lost in a crash, the next open collects the file again).
+    fn unlink_layer(&self, name: &str) {
+        let path = self.images_dir().join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(pool = %self.pool, layer = %name, "removed a layer nothing uses");
+                crate::failpoint!("gc.layer-removed");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(pool = %self.pool, layer = %name, error = %e,
+                    "could not remove an unused layer; the next start will")
+            }
+        }
+    }
+
+    /// Takes the lock of one object (a volume, a snapshot, a name) at once, or answers
+    /// ABORTED naming `what`.
+    pub(crate) fn lock(&self, slot: Slot, what: &dyn Fn() -> String) -> Result<ObjectLock> {
+        self.locks.object(slot)?.ok_or_else(|| {
+            Error::Aborted(format!(
+                "an operation on {} is already in progress (in this or another controller \
+                 process); retry later",
+                what()
+            ))
+        })
+    }
+
+    /// Like [`Store::lock`], but `None` when the object is busy.
+    pub(crate) fn try_lock(&self, slot: Slot) -> Result<Option<ObjectLock>> {
+        self.locks.object(slot)
+    }
+
+    /// Open-time housekeeping, blocking: removes temp files whose writer is gone, and layer
+    /// files of this store's naming that no record names and no live operation is making.
+    /// Returns how many layer files went. Skipped (with a warning) while a record is unreadable.
+    pub(crate) fn sweep(&self) -> Result<usize> {
+        for kind in Kind::ALL {
+            self.remove_stale_temp_files(&self.dir.join(kind.dir()))?;
+        }
+        let images = self.images_dir();
+        self.remove_stale_temp_files(&images)?;
+        if self.index()?.unreadable() > 0 {
+            tracing::warn!(pool = %self.pool,
+                "not collecting unused layers: a record could not be read; fix or move it aside");
+            return Ok(0);
+        }
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&images)
+            .map_err(|e| Error::io(format!("listing {}", images.display()), e))?
+        {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", images.display()), e))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        let candidates: Vec<(String, u64)> = {
+            let index = self.index()?;
+            names
+                .into_iter()
+                .filter_map(|name| {
+                    let layer = Layer::parse(&name);
+                    let volume_key = layer.volume_key()?;
+                    (!index.is_referenced(&layer)).then_some((name, volume_key))
+                })
+                .collect()
+        };
+        let mut removed = 0;
+        for (name, volume_key) in candidates {
+            // A live operation on that volume may be making the file right now.
+            let Some(_held) = self.try_lock(Slot::Volume(volume_key))? else {
+                continue;
+            };
+            let layer = Layer::parse(&name);
+            let unused = self.with_current(|index| !index.is_referenced(&layer))?;
+            if unused {
+                self.unlink_layer(&name);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes `.tmp-*` files (and `.part` files of earlier versions) whose writer is gone:
+    /// a writer holds a lock on its temp file until the rename.
+    fn remove_stale_temp_files(&self, dir: &Path) -> Result<()> {
+        for entry in
+            fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+        {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(TEMP_PREFIX) || name.ends_with(".part")) {
+                continue;
+            }
+            let path = entry.path();
+            if locks::file_is_locked(&path)? {
+                continue;
+            }
+            tracing::info!(pool = %self.pool, file = %path.display(), "removing a leftover temp file");
+            fsutil::remove_durable(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// A record's bytes in a temp file of `dir` (not yet fsynced), locked until it is renamed or
+/// dropped.
+struct Temp {
+    file: tempfile::NamedTempFile,
+}
+
+impl Temp {
+    fn persist(self, path: &Path) -> std::result::Result<fs::File, tempfile::PersistError> {
+        self.file.persist(path)
+    }
+}
+
+fn temp_file(dir: &Path, bytes: &[u8]) -> Result<Temp> {
+    let ctx = || format!("writing a record in {}", dir.display());
+    let mut file = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(ctx(), e))?;
+    locks::lock_whole_file(file.as_file()).map_err(|e| Error::io(ctx(), e))?;
+    file.write_all(bytes).map_err(|e| Error::io(ctx(), e))?;
+    Ok(Temp { file })
+}
+
+/// Hands the memory that start-up's reading freed back to the system (glibc keeps freed
+/// memory in its arenas otherwise, so the resident size would stay at the start-up peak).
+pub(crate) fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own allocator state; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
