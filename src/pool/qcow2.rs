@@ -197,6 +197,8 @@ pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
 }
 
 /// What a qcow2 image's header says of its size and backing file.
+// Read only by live cuts (hypervisor::snapshot), which need libvirt.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Header {
     /// Virtual size in bytes.
@@ -209,6 +211,7 @@ pub(crate) struct Header {
 
 /// Reads a qcow2 image's header (any qcow2, not only those `create` made): what `qemu-img
 /// info` reports of size and backing file, without a process. Blocking.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn read_header(path: &Path) -> Result<Header> {
     let bad =
         |why: &str| Error::internal(format!("{} is not a qcow2 image: {why}", path.display()));
