@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::time::Instant;
+use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
 use virtdisk_test_support::pool::{assert_pool_clean, group_record, snapshot_record, volume_image};
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::sequence::{MonitorWriter, Sequence};
@@ -20,7 +21,26 @@ const BLOCK: u64 = 4096;
 
 async fn controller() -> Plugin {
     let launch = Plugin::launch("controller").config("[libvirt]\ndetach_timeout_secs = 2\n");
+    let launch = launch.args(&["--metrics-addr", "127.0.0.1:0"]);
     launch.readable_by_qemu().start().await
+}
+
+/// The guarantee a group met, as the operator sees it: the "group snapshot created" log line
+/// of `group_id` names it, and the metrics count `groups` groups of that kind.
+async fn assert_guarantee_reported(p: &Plugin, group_id: &str, consistency: &str, groups: f64) {
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("group snapshot created") && l.contains(group_id))
+        .unwrap_or_else(|| panic!("no \"group snapshot created\" line for {group_id}:\n{log}"));
+    assert!(
+        line.contains(consistency),
+        "the log names the guarantee {consistency}: {line}"
+    );
+    let (status, body) = http_get(&metrics_addr(p).await, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let series = format!("virtdisk_csi_group_snapshots_total{{consistency=\"{consistency}\"}}");
+    assert_eq!(sample(&body, &series), Some(groups), "{series}:\n{body}");
 }
 
 async fn create(p: &Plugin, name: &str, parameters: &[(&str, &str)]) -> String {
@@ -122,6 +142,7 @@ async fn volumes_of_one_domain_are_cut_in_one_transaction_under_a_writer() {
     // No guest agent answers in a domain without an OS: crash-consistent, one transaction.
     let record = group_record(&p.pool_dir(), &group.group_snapshot_id);
     assert_eq!(record["consistency"], "crash");
+    assert_guarantee_reported(&p, &group.group_snapshot_id, "crash-consistent", 1.0).await;
     assert_eq!(
         p.log()
             .matches("live snapshot: the domain writes to the new overlay(s)")
@@ -308,11 +329,14 @@ async fn group_snapshot_contract() {
         group_record(&p.pool_dir(), &group.group_snapshot_id)["consistency"],
         "offline"
     );
+    assert_guarantee_reported(&p, &group.group_snapshot_id, "offline", 1.0).await;
     let again = g
         .create_group(group_snapshot_req("c", &[&b, &a]))
         .await
         .expect("the same group again, volumes in another order");
     assert_eq!(again, group);
+    // A replay answers the group already made: no second group counted.
+    assert_guarantee_reported(&p, &group.group_snapshot_id, "offline", 1.0).await;
     let members: Vec<String> = group
         .snapshots
         .iter()
