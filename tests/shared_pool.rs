@@ -7,6 +7,8 @@
 //! pause mode (`VIRTDISK_FAILPOINT_PAUSE_MS`): the operation stops for a while at that step,
 //! holding what it holds there.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
@@ -63,6 +65,31 @@ async fn assert_agree(a: &Plugin, b: &Plugin, pool: &Path) {
     assert_pool_clean(pool);
 }
 
+/// `n` calls of `call` at once, alternating between the processes `a` and `b`: each answers
+/// an id or ABORTED (another holds the name). The ids answered; at most one.
+async fn race<F, Fut>(a: &Plugin, b: &Plugin, n: usize, call: F) -> BTreeSet<String>
+where
+    F: Fn(tonic::transport::Channel) -> Fut,
+    Fut: Future<Output = Result<String, tonic::Status>> + Send + 'static,
+{
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let p = if i % 2 == 0 { a } else { b };
+        calls.spawn(call(p.channel.clone()));
+    }
+    let mut ids = BTreeSet::new();
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    }
+    assert!(ids.len() <= 1, "several ids answered: {ids:?}");
+    ids
+}
+
 fn shared_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
@@ -81,32 +108,16 @@ async fn two_processes_creating_one_name_make_one_volume() {
     // Free-for-all: both processes, many clients each, several names.
     for round in 0..6 {
         let name = format!("race-{round}");
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..12 {
-            let ch = if i % 2 == 0 {
-                a.channel.clone()
-            } else {
-                b.channel.clone()
-            };
-            let name = name.clone();
-            calls.spawn(async move {
-                let req = create_req(&name, 16 * MIB);
+        let ids = race(&a, &b, 12, |ch| {
+            let req = create_req(&name, 16 * MIB);
+            async move {
                 csi::controller_client::ControllerClient::new(ch)
                     .create_volume(req)
                     .await
                     .map(|r| r.into_inner().volume.unwrap().volume_id)
-            });
-        }
-        let mut ids = std::collections::BTreeSet::new();
-        while let Some(r) = calls.join_next().await {
-            match r.unwrap() {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
             }
-        }
-        assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
+        })
+        .await;
         // Whoever lost retries and gets the same volume, from either process.
         let from_a = create_volume(&a, &name, 16 * MIB, &[]).await.unwrap();
         let from_b = create_volume(&b, &name, 16 * MIB, &[]).await.unwrap();
@@ -308,26 +319,11 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
     // Free-for-all on one name from both processes: one group, whoever answers.
     for round in 0..3 {
         let name = format!("group-race-{round}");
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..8 {
-            let ch = if i % 2 == 0 {
-                a.channel.clone()
-            } else {
-                b.channel.clone()
-            };
+        let ids = race(&a, &b, 8, |ch| {
             let (name, x, y) = (name.clone(), x.clone(), y.clone());
-            calls.spawn(async move { create_group_on(ch, &name, &[&x, &y]).await });
-        }
-        let mut ids = std::collections::BTreeSet::new();
-        while let Some(r) = calls.join_next().await {
-            match r.unwrap() {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
-            }
-        }
-        assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
+            async move { create_group_on(ch, &name, &[&x, &y]).await }
+        })
+        .await;
         let from_a = group_snapshot(&a, &name, &[&y, &x]).await.unwrap();
         let from_b = group_snapshot(&b, &name, &[&x, &y]).await.unwrap();
         assert_eq!(from_a, from_b);
