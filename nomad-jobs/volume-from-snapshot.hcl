@@ -3,6 +3,7 @@
 # Every Nomad version the jobs support (1.1.0 and later). Take the snapshot first:
 #   nomad volume snapshot create pgdata pgdata-before-upgrade
 #   nomad volume snapshot list -plugin virtdisk -verbose  # the full snapshot id
+# (a monolith: -plugin <host>-virtdisk, e.g. hv1-virtdisk; with a wrong id Nomad lists nothing)
 # (without -verbose, Nomad 1.1 cuts the id to 12 characters, which the plugin does not know.)
 #
 # The restore is a new qcow2 overlay on the snapshot's layer: constant time at any size.
@@ -11,6 +12,8 @@
 id        = "pgdata-restored"
 name      = "pgdata-restored"
 type      = "csi"
+# The plugin that holds the snapshot: "virtdisk" (controller + node jobs); with the monolith,
+# "<host>-virtdisk" (e.g. "hv1-virtdisk"), in the snapshot commands above too.
 plugin_id = "virtdisk"
 
 snapshot_id = "default.s0123456789abcdef" # from `nomad volume snapshot list -verbose`

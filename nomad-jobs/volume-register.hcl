@@ -14,6 +14,8 @@
 id        = "pgdata"
 name      = "pgdata"
 type      = "csi"
+# "virtdisk" (controller + node jobs); with the monolith, "<host>-virtdisk" (e.g.
+# "hv1-virtdisk"): the volume is in that host's pools.
 plugin_id = "virtdisk"
 
 # The plugin's volume id, <pool>.<16 hex>: `virtdisk-csi client volume list --all`, or the

@@ -8,6 +8,8 @@
 - deploy/kubernetes/**/*.yaml validate against the Kubernetes JSON schemas shipped by
   kubernetes-validate (strict, two versions); the snapshot CRDs against small schemas
   embedded below; plus the CSI-specific settings (CSIDriver fields, sidecars, privileges).
+- The docs these files rely on: the top README installs the binary the jobs default to, and
+  where the docs name plugin id `virtdisk` they name the monolith's `<host>-virtdisk` too.
 - With --binary, every `--flag` the jobs, manifests and systemd unit pass to virtdisk-csi
   must be a flag of that subcommand (read from its --help).
 
@@ -739,6 +741,45 @@ class Checker:
                     )
                     self.check_args(path, words[1:], key)
 
+    # -- documentation that the files rely on ---------------------------------------------
+
+    def check_docs(self):
+        """What a new user follows: the binary path the jobs default to is installed by a
+        command of the top README; wherever the docs name plugin id `virtdisk`, the monolith's
+        id (`<host>-virtdisk`, which Nomad needs exactly: a wrong id lists nothing) is said
+        too."""
+        readme = os.path.join(self.root, "README.md")
+        jobs = sorted(glob.glob(os.path.join(self.root, "nomad-jobs", "**", "plugin-*.hcl"), recursive=True))
+        binaries = set()
+        for path in jobs:
+            binaries |= set(re.findall(r'default\s*=\s*"(/[^"]*/virtdisk-csi)"', open(path).read()))
+        text = open(readme).read()
+        for binary in sorted(binaries):
+            directory = os.path.dirname(binary)
+            installed = re.search(
+                rf"(cargo install --path \. --root {re.escape(os.path.dirname(directory))}\b"
+                rf"|install [^\n]*target/release/virtdisk-csi {re.escape(directory)}/?)",
+                text,
+            )
+            self.expect(installed, readme, f"a command installs the jobs' binary {binary}")
+        guide = os.path.join(self.root, "nomad-jobs", "README.md")
+        sections = re.split(r"^#+ ", open(guide).read(), flags=re.M)
+        for section in sections:
+            if re.search(r"(-plugin|snapshot delete) virtdisk\b", section):
+                self.expect(
+                    "<host>-virtdisk" in section,
+                    guide,
+                    f"section '{section.splitlines()[0]}' names the monolith's plugin id too",
+                )
+        for path in sorted(glob.glob(os.path.join(self.root, "nomad-jobs", "volume*.hcl"))):
+            spec = open(path).read()
+            if re.search(r'^plugin_id\s*=\s*"virtdisk"', spec, re.M) and "two-host" not in spec:
+                self.expect(
+                    "<host>-virtdisk" in spec or "volume-local.hcl" in spec,
+                    path,
+                    "says what the monolith uses instead of plugin id virtdisk",
+                )
+
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
@@ -750,6 +791,7 @@ def main():
     c.check_nomad()
     c.check_kubernetes()
     c.check_systemd()
+    c.check_docs()
     print(f"manifests: {c.passed} passed, {c.failed} failed")
     sys.exit(1 if c.failed else 0)
 

@@ -46,6 +46,8 @@ struct ServeArgs {
     /// Node id reported by NodeGetInfo (default: DMI product UUID, else /etc/machine-id).
     #[arg(long)]
     node_id: Option<String>,
+    /// CSI driver name reported by GetPluginInfo [default: the config file's driver_name,
+    /// else virtdisk.csi.io].
     #[arg(long)]
     driver_name: Option<String>,
     /// Make the socket 0660 and owned by this group (default: 0600).
@@ -75,8 +77,12 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log written to a file or a pipe (Nomad, systemd, docker)
+    // gets plain text.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -163,6 +163,10 @@ pub(crate) struct NodeConfig {
     /// host's cgroupfs mounted elsewhere).
     #[serde(default)]
     pub(crate) cgroup_root: Option<PathBuf>,
+    /// Where the node keeps what each stage and publish asked for (`<data_dir>/node`, set at
+    /// startup; not a config key).
+    #[serde(skip)]
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {

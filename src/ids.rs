@@ -166,6 +166,14 @@ impl ObjectId {
     }
 }
 
+/// Whether a disk serial is one this plugin gives its volumes' disks (`vd-<16 hex digits>`,
+/// see [`ObjectId::serial`]).
+pub(crate) fn is_volume_serial(serial: &str) -> bool {
+    serial.strip_prefix("vd-").is_some_and(|hex| {
+        hex.len() == KEY_HEX && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 impl std::fmt::Display for ObjectId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.pool, self.key)

@@ -159,6 +159,8 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
         }));
     let node = if cfg.mode.runs_node() {
         let mut node_cfg = cfg.node.clone();
+        node_cfg.local_attach = Some(crate::localattach::enabled(&cfg));
+        node_cfg.state_dir = Some(cfg.data_dir.join("node"));
         // This host is a node of its own controller: it reports what local attach allows.
         if let Some(limit) = crate::localattach::node_limit(&cfg).await? {
             node_cfg.max_volumes_per_node = limit;

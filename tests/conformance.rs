@@ -670,9 +670,94 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             ),
         ),
         case(
+            "NodeStage: X with a mount option the file system does not know",
+            Some(InvalidArgument),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &plain, flagged("no_such_option"))
+            ),
+        ),
+        case(
+            "NodeStage: X with a mount option value the file system refuses",
+            Some(InvalidArgument),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &plain, flagged("commit=soon"))
+            ),
+        ),
+        case(
             "NodeStage: X at Y's staging path",
             Some(AlreadyExists),
             node!(node_stage_volume, stage_req(&xid, &sy, cap.clone())),
+        ),
+        case(
+            "NodeStage: unknown volume at Y's staging path",
+            Some(NotFound),
+            node!(node_stage_volume, stage_req(UNKNOWN, &sy, cap.clone())),
+        ),
+        case(
+            "NodeStage: unknown volume inside Y's target",
+            Some(NotFound),
+            node!(
+                node_stage_volume,
+                stage_req(UNKNOWN, &format!("{ty}/inner"), cap.clone())
+            ),
+        ),
+        case(
+            "NodeStage: not a volume of this plugin, publish_context with a serial",
+            Some(NotFound),
+            node!(
+                node_stage_volume,
+                csi::NodeStageVolumeRequest {
+                    publish_context: params(&[("serial", "vd-0123456789abcdef")]),
+                    ..stage_req("not-ours", &plain, cap.clone())
+                }
+            ),
+        ),
+        case(
+            "NodeStage: X at its staging path, the same",
+            None,
+            node!(node_stage_volume, stage_req(&xid, &sx, cap.clone())),
+        ),
+        case(
+            "NodeStage: X at its staging path, fs_type xfs",
+            Some(AlreadyExists),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sx, mount_cap("xfs", Mode::SingleNodeWriter))
+            ),
+        ),
+        case(
+            "NodeStage: X at its staging path, read-only",
+            Some(AlreadyExists),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sx, mount_cap("ext4", Mode::SingleNodeReaderOnly))
+            ),
+        ),
+        case(
+            "NodeStage: X at its staging path, mount flag noatime",
+            Some(AlreadyExists),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sx, with_flags(&cap, &["noatime"]))
+            ),
+        ),
+        case(
+            "NodeStage: X at its staging path, mount flag discard",
+            Some(AlreadyExists),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sx, with_flags(&cap, &["discard"]))
+            ),
+        ),
+        case(
+            "NodeStage: X at its staging path as a block volume",
+            Some(AlreadyExists),
+            node!(
+                node_stage_volume,
+                stage_req(&xid, &sx, block_cap(Mode::SingleNodeWriter))
+            ),
         ),
         case(
             "NodeUnstage: no volume id",
@@ -737,6 +822,70 @@ async fn every_rpc_checks_in_the_order_of_the_csi_error_tables() {
             node!(
                 node_publish_volume,
                 node_publish_req(&xid, &sy, &env.target("order-p5"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: unknown volume from Y's staging path",
+            Some(NotFound),
+            node!(
+                node_publish_volume,
+                node_publish_req(UNKNOWN, &sy, &env.target("order-p6"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: unknown volume, no staging path",
+            Some(NotFound),
+            node!(
+                node_publish_volume,
+                node_publish_req(UNKNOWN, "", &env.target("order-p7"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: unknown volume at X's target",
+            Some(NotFound),
+            node!(
+                node_publish_volume,
+                node_publish_req(UNKNOWN, &sx, &tx, cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: unknown volume, target inside Y's target",
+            Some(NotFound),
+            node!(
+                node_publish_volume,
+                node_publish_req(UNKNOWN, &sy, &format!("{ty}/inner"), cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: X at its target, the same",
+            None,
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sx, &tx, cap.clone())
+            ),
+        ),
+        case(
+            "NodePublish: X at its target, fs_type xfs",
+            Some(AlreadyExists),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sx, &tx, mount_cap("xfs", Mode::SingleNodeWriter))
+            ),
+        ),
+        case(
+            "NodePublish: X at its target, mount flag noatime",
+            Some(AlreadyExists),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sx, &tx, with_flags(&cap, &["noatime"]))
+            ),
+        ),
+        case(
+            "NodePublish: X at its target as a block volume",
+            Some(AlreadyExists),
+            node!(
+                node_publish_volume,
+                node_publish_req(&xid, &sx, &tx, block_cap(Mode::SingleNodeWriter))
             ),
         ),
         case(
@@ -912,31 +1061,50 @@ fn data_intact(target: &str, block: bool) -> bool {
     }
 }
 
-/// Issue 12 §3, mount volumes: Nomad skips NodeStage when the staging directory is already a
-/// mount point, so a path mix-up reaches the plugin. With X and Y published to this node and
-/// only Y staged, X's NodePublish from Y's staging path is refused, naming what is there; X's
-/// NodeUnpublish and NodeUnstage of Y's paths answer OK and leave Y mounted; and the reverse.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_rpcs_act_only_on_the_volume_they_name_mount() {
-    only_the_named_volume(mount_cap("ext4", Mode::SingleNodeWriter)).await;
+/// Two tests that run `$body` (an async fn taking the capability): `$mount` with an ext4
+/// mount volume, `$block` with a block volume; both single-node-writer.
+macro_rules! mount_and_block {
+    ($(#[$doc:meta])* $mount:ident, $block:ident, $body:ident) => {
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mount() {
+            $body(mount_cap("ext4", Mode::SingleNodeWriter)).await;
+        }
+
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $block() {
+            $body(block_cap(Mode::SingleNodeWriter)).await;
+        }
+    };
 }
 
-/// The same for block volumes (device nodes bound onto the staging file and the targets).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_rpcs_act_only_on_the_volume_they_name_block() {
-    only_the_named_volume(block_cap(Mode::SingleNodeWriter)).await;
+mount_and_block! {
+    /// Issue 12 §3: Nomad skips NodeStage when the staging directory is already a mount
+    /// point, so a path mix-up reaches the plugin. With X and Y published to this node and
+    /// only Y staged, X's NodePublish from Y's staging path is refused, naming what is there;
+    /// X's NodeUnpublish and NodeUnstage of Y's paths answer OK and leave Y mounted; and the
+    /// reverse. For block volumes, device nodes are bound onto the staging file and targets.
+    node_rpcs_act_only_on_the_volume_they_name_mount,
+    node_rpcs_act_only_on_the_volume_they_name_block,
+    only_the_named_volume
+}
+
+/// The environment of a test run for a mount and a block capability (None: SKIPPED), whether
+/// `cap` is the block one, and a tag for the paths and names: `<base>-block` or `<base>-mount`.
+async fn env_for(cap: &csi::VolumeCapability, base: &str) -> Option<(Env, bool, String)> {
+    if !ready() {
+        return None;
+    }
+    let block = is_block(cap);
+    let tag = format!("{base}-{}", if block { "block" } else { "mount" });
+    Some((Env::start(CONFIG).await, block, tag))
 }
 
 async fn only_the_named_volume(cap: csi::VolumeCapability) {
-    if !ready() {
+    let Some((env, block, tag)) = env_for(&cap, "named").await else {
         return;
-    }
-    let block = matches!(
-        cap.access_type,
-        Some(csi::volume_capability::AccessType::Block(_))
-    );
-    let tag = if block { "block" } else { "mount" };
-    let env = Env::start(CONFIG).await;
+    };
     let x = env
         .create(&unique(&format!("{tag}-x")), 32 * MIB, cap.clone())
         .await;
@@ -1013,6 +1181,343 @@ async fn only_the_named_volume(cap: csi::VolumeCapability) {
         env.unstage_twice(v, s).await;
     }
     finish_all(&env, &[&x, &y]).await;
+}
+
+/// Where a volume's staging mount is: the staging directory (mount) or the device file in it
+/// (block).
+fn staged_at(staging: &str, block: bool) -> String {
+    if block {
+        format!("{staging}/virtdisk-block-device")
+    } else {
+        staging.to_string()
+    }
+}
+
+mount_and_block! {
+    /// Issue 12 §3, the kind "a path of the wrong role": a path mix-up on ONE volume never
+    /// takes the consumer's mount away. NodeUnpublish takes down only a publish (a bind of the
+    /// volume at a target), NodeUnstage only a staging mount (for a block volume, the device
+    /// file in the staging directory); which one a path holds is told from what is mounted
+    /// there, not from which RPC names it.
+    unpublish_and_unstage_take_down_only_their_own_kind_of_mount_mount,
+    unpublish_and_unstage_take_down_only_their_own_kind_of_mount_block,
+    own_kind_of_mount
+}
+
+async fn own_kind_of_mount(cap: csi::VolumeCapability) {
+    let Some((env, block, tag)) = env_for(&cap, "roles").await else {
+        return;
+    };
+    let (x, ctx) = env.attached(&tag, 32 * MIB, &cap).await;
+    let (s, t) = (env.staging(&tag), env.target(&tag));
+    env.stage(&x, &ctx, &s, &cap).await.unwrap();
+    env.publish(&x, &s, &t, &cap, false).await.unwrap();
+    write_data(&t, block);
+    let staged = staged_at(&s, block);
+    if !block {
+        // The publish is a bind the staging mount propagates to, not a peer of it: a mount
+        // made inside the consumer's target stays there, out of the staging mount (and so out
+        // of every other target of the volume).
+        let sub = format!("{t}/sub");
+        std::fs::create_dir(&sub).unwrap();
+        run_ok("mount", &["-t", "tmpfs", "vdt-inside-target", &sub]);
+        let seen_in_stage = is_mount(&format!("{s}/sub"));
+        nix::mount::umount(Path::new(&sub)).unwrap();
+        std::fs::remove_dir(&sub).unwrap();
+        assert!(
+            !seen_in_stage,
+            "a mount inside the target showed in the staging mount"
+        );
+    }
+    let intact = |what: &str| {
+        assert!(
+            is_mount(&staged),
+            "{what}: the staging mount {staged} is gone"
+        );
+        assert!(is_mount(&t), "{what}: the consumer's mount {t} is gone");
+        assert!(data_intact(&t, block), "{what}: the consumer's data");
+    };
+
+    // NodeUnpublish of the staging mount: it is no publish; refused, saying what it is.
+    let msg = expect_code(
+        env.unpublish(&x, &staged).await,
+        Code::FailedPrecondition,
+        "NodeUnpublish(X, its staging mount)",
+    );
+    assert!(msg.contains("staging") && msg.contains(&staged), "{msg}");
+    intact("NodeUnpublish(X, its staging mount)");
+    if block {
+        // The staging directory itself holds no mount: nothing is published there.
+        env.unpublish(&x, &s).await.unwrap();
+        intact("NodeUnpublish(X, its staging directory)");
+    }
+
+    // NodeUnstage of the target: X is published there, not staged; refused, and the message
+    // calls the target a publish (never the staging path).
+    let msg = expect_code(
+        env.unstage(&x, &t).await,
+        Code::FailedPrecondition,
+        "NodeUnstage(X, its target)",
+    );
+    assert!(
+        msg.contains(&format!("published at {t}")) && msg.contains("NodeUnpublishVolume"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(&format!("published at {staged}")),
+        "the staging mount called a publish: {msg}"
+    );
+    intact("NodeUnstage(X, its target)");
+
+    // NodeStage at the target (it holds a publish, not a staging mount): refused.
+    expect_code(
+        env.stage(&x, &ctx, &t, &cap).await,
+        Code::AlreadyExists,
+        "NodeStage(X, its target)",
+    );
+    intact("NodeStage(X, its target)");
+    // NodePublish from the target as if it were the staging path: refused.
+    let t2 = env.target(&format!("{tag}-2"));
+    expect_code(
+        env.publish(&x, &t, &t2, &cap, false).await,
+        Code::FailedPrecondition,
+        "NodePublish(X) from its target",
+    );
+    assert!(!is_mount(&t2), "a publish from a publish");
+
+    // A second staging path of X: a publish onto it is refused (it holds X's staging mount,
+    // not a publish); unpublishing it is refused; unstaging it works and leaves X's first
+    // staging mount and the consumer alone.
+    let s2 = env.staging(&format!("{tag}-2"));
+    env.stage(&x, &ctx, &s2, &cap).await.unwrap();
+    let staged2 = staged_at(&s2, block);
+    expect_code(
+        env.publish(&x, &s, &staged2, &cap, false).await,
+        Code::AlreadyExists,
+        "NodePublish(X) onto its second staging mount",
+    );
+    expect_code(
+        env.unpublish(&x, &staged2).await,
+        Code::FailedPrecondition,
+        "NodeUnpublish(X, its second staging mount)",
+    );
+    env.unstage_twice(&x, &s2).await;
+    intact("NodeUnstage(X, its second staging path)");
+
+    // The CO's order: the target, then the staging path.
+    env.unpublish_twice(&x, &t).await;
+    env.unstage_twice(&x, &s).await;
+    finish_all(&env, &[&x]).await;
+}
+
+/// A staging mount and a publish whose records are lost (a crash between the mount and its
+/// record, or mounts an older version made): the first repeat the kernel's view matches is
+/// OK and becomes the record, so a later repeat with other mount flags (which the kernel does
+/// not show) is ALREADY_EXISTS, as it is for a mount made with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_without_its_record_takes_the_first_matching_repeat_as_its_record() {
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let Some((env, _, tag)) = env_for(&cap, "adopt").await else {
+        return;
+    };
+    let (x, ctx) = env.attached(&tag, 32 * MIB, &cap).await;
+    let (s, t) = (env.staging(&tag), env.target(&tag));
+    env.stage(&x, &ctx, &s, &cap).await.unwrap();
+    env.publish(&x, &s, &t, &cap, false).await.unwrap();
+    let records = env.plugin.data_dir().join("node");
+    let lose_records = || {
+        for e in std::fs::read_dir(&records).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+    };
+    lose_records();
+    let other = with_flags(&cap, &["discard"]);
+    // Without a record, the first repeat is compared with what the kernel shows only: the
+    // flags cannot be told, so it is OK, and from now on it stands for the request.
+    env.stage(&x, &ctx, &s, &cap).await.unwrap();
+    env.publish(&x, &s, &t, &cap, false).await.unwrap();
+    expect_code(
+        env.stage(&x, &ctx, &s, &other).await,
+        Code::AlreadyExists,
+        "NodeStage(X) again with other flags, its record taken from a repeat",
+    );
+    expect_code(
+        env.publish(&x, &s, &t, &other, false).await,
+        Code::AlreadyExists,
+        "NodePublish(X) again with other flags, its record taken from a repeat",
+    );
+    // A repeat the kernel's view tells apart (read-only) is refused and records nothing.
+    lose_records();
+    expect_code(
+        env.publish(&x, &s, &t, &cap, true).await,
+        Code::AlreadyExists,
+        "NodePublish(X) again read-only, no record",
+    );
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+    env.unpublish_twice(&x, &t).await;
+    env.unstage_twice(&x, &s).await;
+    finish_all(&env, &[&x]).await;
+}
+
+mount_and_block! {
+    /// Issue 12 §3, the kind "a path inside a volume": a staging or target path whose
+    /// containing mount is one of this plugin's disks (any volume's, this volume's own too)
+    /// is refused with FAILED_PRECONDITION, before anything is created there. X as a mount
+    /// volume, then as a block volume (its target a device file inside Y's file system).
+    paths_inside_a_volume_are_refused_mount,
+    paths_inside_a_volume_are_refused_block,
+    paths_inside_a_volume
+}
+
+async fn paths_inside_a_volume(cap: csi::VolumeCapability) {
+    let Some((env, block, tag)) = env_for(&cap, "inside").await else {
+        return;
+    };
+    let ycap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (x, ctx) = env.attached(&format!("{tag}-x"), 32 * MIB, &cap).await;
+    let (y, ctx_y) = env.attached(&format!("{tag}-y"), 32 * MIB, &ycap).await;
+    let (sx, tx) = (
+        env.staging(&format!("{tag}-x")),
+        env.target(&format!("{tag}-x")),
+    );
+    let (sy, ty) = (
+        env.staging(&format!("{tag}-y")),
+        env.target(&format!("{tag}-y")),
+    );
+    env.stage(&x, &ctx, &sx, &cap).await.unwrap();
+    env.publish(&x, &sx, &tx, &cap, false).await.unwrap();
+    env.stage(&y, &ctx_y, &sy, &ycap).await.unwrap();
+    env.publish(&y, &sy, &ty, &ycap, false).await.unwrap();
+    write_data(&ty, false);
+    let listing = |dir: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let y_before = listing(&ty);
+
+    let mut inside = vec![
+        (format!("{ty}/inner"), &y, "Y's target"),
+        (
+            format!("{ty}/a/b/inner"),
+            &y,
+            "a new directory in Y's target",
+        ),
+        (format!("{sy}/inner"), &y, "Y's staging mount"),
+    ];
+    if !block {
+        inside.push((format!("{tx}/inner"), &x, "X's own target"));
+        inside.push((format!("{sx}/inner"), &x, "X's own staging mount"));
+    }
+    for (path, holder, what) in &inside {
+        let msg = expect_code(
+            env.publish(&x, &sx, path, &cap, false).await,
+            Code::FailedPrecondition,
+            &format!("NodePublish(X) at a target inside {what}"),
+        );
+        assert!(msg.contains(&serial_of(&holder.volume_id)), "{msg}");
+        assert!(!Path::new(path).exists(), "{path} was created");
+        let msg = expect_code(
+            env.stage(&x, &ctx, path, &cap).await,
+            Code::FailedPrecondition,
+            &format!("NodeStage(X) at a staging path inside {what}"),
+        );
+        assert!(msg.contains(&serial_of(&holder.volume_id)), "{msg}");
+        assert!(!Path::new(path).exists(), "{path} was created");
+    }
+    assert_eq!(listing(&ty), y_before, "Y's file system changed");
+    assert_eq!(
+        listing(&sy),
+        y_before,
+        "Y's file system, seen from its staging path"
+    );
+    assert!(data_intact(&ty, false), "Y's data");
+
+    for (v, s, t) in [(&x, &sx, &tx), (&y, &sy, &ty)] {
+        env.unpublish_twice(v, t).await;
+        env.unstage_twice(v, s).await;
+    }
+    finish_all(&env, &[&x, &y]).await;
+}
+
+/// Issue 12, "answer at once": NodeStage of a volume this node can know is not attached
+/// answers NOT_FOUND without waiting for a disk to appear — a local-attach publish_context
+/// (the loop device is there when ControllerPublishVolume returns, or never), none at all on a
+/// host that attaches locally, an id that is not this plugin's — and rescans no SCSI bus. The
+/// plugin runs with the default 30 s device wait: an answer in a fraction of it shows that no
+/// wait happened (the figures are printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_of_a_volume_not_on_this_node_answers_at_once() {
+    if !ready() {
+        return;
+    }
+    let env = Env::start("[node]\nmax_volumes_per_node = 4\n").await;
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    // A volume that was attached here and no longer is: its real publish_context.
+    let (gone, gone_ctx) = env.attached("at-once", 32 * MIB, &cap).await;
+    env.controller_unpublish(&gone).await.unwrap();
+    let local_ctx = |serial: &str| {
+        params(&[
+            ("serial", serial),
+            ("bus", "local"),
+            ("devicePath", "/dev/loop0"),
+        ])
+    };
+    let unknown = csi::Volume {
+        volume_id: UNKNOWN.into(),
+        ..Default::default()
+    };
+    let foreign = csi::Volume {
+        volume_id: "not-ours".into(),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, &csi::Volume, Map)> = vec![
+        (
+            "detached volume, its publish_context",
+            &gone,
+            gone_ctx.clone(),
+        ),
+        ("detached volume, no publish_context", &gone, Map::new()),
+        (
+            "unknown volume, a local publish_context",
+            &unknown,
+            local_ctx(&serial_of(UNKNOWN)),
+        ),
+        ("unknown volume, no publish_context", &unknown, Map::new()),
+        (
+            "not a volume of this plugin, a serial",
+            &foreign,
+            local_ctx("vd-0123456789abcdef"),
+        ),
+    ];
+    for (i, (what, vol, ctx)) in cases.into_iter().enumerate() {
+        let s = env.staging(&format!("at-once-{i}"));
+        let start = std::time::Instant::now();
+        let msg = expect_code(
+            env.stage(vol, &ctx, &s, &cap).await,
+            Code::NotFound,
+            &format!("NodeStage: {what}"),
+        );
+        let took = start.elapsed();
+        eprintln!(
+            "NodeStage, {what}: NOT_FOUND in {} ms: {msg}",
+            took.as_millis()
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "NodeStage, {what}: {took:?}, as if it waited for the disk"
+        );
+        assert!(!is_mount(&s));
+    }
+    assert!(
+        !env.plugin.log().contains("rescanned SCSI hosts"),
+        "the host's SCSI buses were rescanned"
+    );
+    env.delete(&gone).await;
+    assert_no_leftovers(env.dir());
 }
 
 /// Issue 12 §3, mounts with no disk behind them: a tmpfs (and a bind of one of its

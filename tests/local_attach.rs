@@ -372,10 +372,11 @@ async fn node_errors() {
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
     let s = env.staging("errors");
+    // Not attached to this node: as far as the node can tell, the volume does not exist.
     expect_code(
         env.publish(&vol, &s, &t, &cap, false).await,
-        Code::FailedPrecondition,
-        "publish before stage",
+        Code::NotFound,
+        "publish before ControllerPublish",
     );
     for bad in ["relative/path", "/a/../b", "/a\0b"] {
         expect_code(env.unpublish(&vol, bad).await, Code::InvalidArgument, bad);
@@ -385,13 +386,14 @@ async fn node_errors() {
             bad,
         );
     }
-    expect_code(
-        env.publish(&vol, &s, &t, &cap, false).await.and(Ok(())),
-        Code::FailedPrecondition,
-        "still not staged",
-    );
 
     let ctx = env.controller_publish(&vol, &cap, false).await;
+    // Attached, not staged.
+    expect_code(
+        env.publish(&vol, &s, &t, &cap, false).await,
+        Code::FailedPrecondition,
+        "publish before stage",
+    );
     env.stage(&vol, &ctx, &s, &cap).await.unwrap();
     env.unstage_twice(&vol, &s).await;
     // An ext4 volume is never reformatted as xfs.

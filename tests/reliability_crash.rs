@@ -531,6 +531,13 @@ impl LocalOp {
                     l.staging.clone()
                 };
                 assert!(env::is_mount(&staged), "{staged} is not mounted");
+                if !self.block() {
+                    // The crash came before the mount's record: the retry's request became
+                    // it, so a repeat with other mount flags is told apart.
+                    let other = with_flags(&l.cap, &["discard"]);
+                    let differs = e.stage(&l.vol, &l.ctx, &l.staging, &other).await;
+                    assert_eq!(differs.unwrap_err().code(), tonic::Code::AlreadyExists);
+                }
                 e.publish(&l.vol, &l.staging, &l.target, &l.cap, false)
                     .await
                     .unwrap();
@@ -556,6 +563,13 @@ impl LocalOp {
             NodePublish | NodePublishReadOnly => {
                 assert!(env::is_mount(&l.target));
                 assert_eq!(kept(&l.target).as_deref(), Some(&b"before the crash"[..]));
+                // The crash came before the publish's record: the retry's request became it.
+                let other = with_flags(&l.cap, &["discard"]);
+                let readonly = self == NodePublishReadOnly;
+                let differs = e
+                    .publish(&l.vol, &l.staging, &l.target, &other, readonly)
+                    .await;
+                assert_eq!(differs.unwrap_err().code(), tonic::Code::AlreadyExists);
                 let write = std::fs::write(format!("{}/probe.txt", l.target), b"x");
                 if self == NodePublishReadOnly {
                     let err = write.expect_err("a read-only publish must not be writable");

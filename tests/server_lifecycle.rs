@@ -71,3 +71,34 @@ async fn driver_name_flag_is_used() {
     let p = Plugin::start("controller", &["--driver-name", "disks.example.org"]).await;
     assert_eq!(p.identity().info().await.name, "disks.example.org");
 }
+
+/// `serve --help` says every flag's default, `--driver-name`'s too.
+#[test]
+fn help_names_the_driver_name_default() {
+    let out = Command::new(bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let entry: String = help
+        .split("--driver-name")
+        .nth(1)
+        .expect("--driver-name in the help")
+        .split("\n  -")
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(entry.contains("virtdisk.csi.io"), "{entry}");
+}
+
+/// Text logs written to a file (as Nomad, systemd and docker keep them) carry no terminal
+/// colour codes; the launcher's plugin writes its stderr to a file.
+#[tokio::test]
+async fn logs_to_a_file_have_no_colour_codes() {
+    let p = Plugin::start("controller", &[]).await;
+    p.identity().ready().await.unwrap();
+    let log = p.log();
+    assert!(log.contains("serving"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape sequences in {log:?}");
+}

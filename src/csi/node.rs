@@ -170,8 +170,9 @@ impl Node for NodeService {
         req: Request<csi::NodePublishVolumeRequest>,
     ) -> RpcResult<csi::NodePublishVolumeResponse> {
         let r = req.into_inner();
-        // Every field first (INVALID_ARGUMENT), then the state: no staging path at all is
-        // FAILED_PRECONDITION ("staging target path not set", CSI).
+        // Every field first (INVALID_ARGUMENT), then whether the volume is here (NOT_FOUND),
+        // then the state: no staging path at all is FAILED_PRECONDITION ("staging target path
+        // not set", CSI), checked in the domain once the volume is known to be on this node.
         ids::check_safe_id("volume_id", &r.volume_id)?;
         let target_path = self.co_path("target_path", &r.target_path).await?;
         let staging_path = self
@@ -181,15 +182,7 @@ impl Node for NodeService {
         let mount_group = mount_group(r.volume_capability.as_ref())?;
         convert::check_map("volume_context", &r.volume_context)?;
         convert::check_map("publish_context", &r.publish_context)?;
-        let Some(staging_path) = staging_path else {
-            return Err(Error::FailedPrecondition(
-                "staging_target_path is required: this plugin stages volumes \
-                 (STAGE_UNSTAGE_VOLUME); NodeStageVolume the volume first"
-                    .into(),
-            )
-            .into());
-        };
-        if staging_path == target_path {
+        if staging_path.as_ref() == Some(&target_path) {
             return Err(Error::invalid("target_path must differ from staging_target_path").into());
         }
         self.ops

@@ -60,10 +60,15 @@ pub(crate) struct LocalAttacher {
     serves_first: bool,
 }
 
+/// Whether this process attaches volumes locally: `[node] local_attach`, by default in
+/// monolith mode (a controller that serves this host as a node).
+pub(crate) fn enabled(cfg: &Config) -> bool {
+    cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith) && cfg.mode.runs_controller()
+}
+
 /// The backend for `cfg`, when local attach is on (default: monolith mode only).
 pub(crate) async fn from_config(cfg: &Config) -> Result<Option<Arc<dyn Attacher>>> {
-    let enabled = cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith);
-    if !enabled || !cfg.mode.runs_controller() {
+    if !enabled(cfg) {
         return Ok(None);
     }
     let node_id = crate::nodeid::resolve(cfg.node_id.as_deref(), Path::new("/"))?;
@@ -111,7 +116,7 @@ fn placement(node: &crate::config::NodeConfig) -> Result<Option<Placement>> {
 /// what its kernel allows (see `limit`), lowered by `node.max_volumes_per_node`. NodeGetInfo
 /// reports it and ControllerPublish enforces it. None when local attach is off.
 pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
-    if !cfg.node.local_attach.unwrap_or(cfg.mode == Mode::Monolith) || !cfg.mode.runs_controller() {
+    if !enabled(cfg) {
         return Ok(None);
     }
     let host = exec::blocking(|| Ok(limit::HostBounds::read())).await?;

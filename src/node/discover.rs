@@ -66,7 +66,9 @@ pub(crate) fn find_now(sysfs: &Sysfs, q: &DeviceQuery) -> Result<Option<BlockDev
     }
 }
 
-/// Waits up to `timeout` for the disk, rescanning SCSI hosts after 1 s and then every 5 s.
+/// Waits up to `timeout` for the disk (zero: one look), rescanning SCSI hosts after 1 s and
+/// then at growing intervals (5 s, 10 s, 20 s …: a rescan recovers a missed hot-plug event,
+/// and repeating it every few seconds only loads the bus).
 pub(crate) async fn wait_for_device(
     sysfs: &Sysfs,
     q: &DeviceQuery,
@@ -74,6 +76,7 @@ pub(crate) async fn wait_for_device(
 ) -> Result<BlockDevice> {
     let start = Instant::now();
     let mut next_rescan = Duration::from_secs(1);
+    let mut rescan_gap = Duration::from_secs(5);
     let mut pause = Duration::from_millis(50);
     let mut rescans = 0;
     loop {
@@ -89,17 +92,27 @@ pub(crate) async fn wait_for_device(
             if let Some(path) = &q.device_path {
                 tracing::warn!(serial = %q.serial, device = %path, "the publish_context device is not this volume's disk");
             }
+            let bus = if q.bus.is_empty() {
+                "unknown"
+            } else {
+                q.bus.as_str()
+            };
+            let waited = if timeout.is_zero() {
+                format!(
+                    "is attached to this node (bus {bus}: a disk that is not there now will \
+                     not appear later)"
+                )
+            } else {
+                format!(
+                    "appeared within {}s (bus {bus}; SCSI hosts rescanned {rescans} times)",
+                    timeout.as_secs()
+                )
+            };
             return Err(Error::NotFound(format!(
-                "no disk with serial {} appeared within {}s (bus {}; looked for virtio serials, \
-                 SCSI vpd_pg80/wwid and loop backing files under {}/block; SCSI hosts rescanned \
-                 {rescans} times); check that ControllerPublishVolume succeeded for this node",
+                "no disk with serial {} {waited}; looked for virtio serials, SCSI \
+                 vpd_pg80/wwid and loop backing files under {}/block; check that \
+                 ControllerPublishVolume succeeded for this node",
                 q.serial,
-                timeout.as_secs(),
-                if q.bus.is_empty() {
-                    "unknown"
-                } else {
-                    q.bus.as_str()
-                },
                 sysfs.sys_root.display()
             )));
         }
@@ -108,7 +121,8 @@ pub(crate) async fn wait_for_device(
             let hosts = exec::blocking(move || Ok(s.rescan_scsi_hosts())).await?;
             tracing::info!(serial = %q.serial, hosts, "disk not found yet: rescanned SCSI hosts");
             rescans += 1;
-            next_rescan = elapsed + Duration::from_secs(5);
+            next_rescan = elapsed + rescan_gap;
+            rescan_gap *= 2;
         }
         tokio::time::sleep(pause.min(timeout.saturating_sub(elapsed))).await;
         pause = (pause * 2).min(Duration::from_millis(500));
@@ -168,6 +182,22 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::NotFound(_)));
         assert!(err.to_string().contains("vd-ffffffffffffffff"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_wait_is_one_look() {
+        let t = FakeTree::new();
+        let scan = t.scsi_host("host0");
+        let q = DeviceQuery {
+            serial: "vd-eeeeeeeeeeeeeeee".into(),
+            ..Default::default()
+        };
+        let err = wait_for_device(&t.sysfs(), &q, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)));
+        assert!(err.to_string().contains("not appear later"), "{err}");
+        assert_eq!(std::fs::read_to_string(scan).unwrap(), "", "a SCSI rescan");
     }
 
     #[tokio::test]

@@ -39,8 +39,7 @@ impl NodeOps {
                 "nothing is mounted there (nor at the staging path)".into(),
             ));
         };
-        let block_mount = matches!(mount.fs_type.as_str(), "devtmpfs" | "tmpfs")
-            && mount.root != std::path::Path::new("/");
+        let block_mount = mount.is_device_bind();
         let dev = match self.holder(&mount, &serial).await? {
             Holder::Volume(d) => d,
             Holder::Other(what) | Holder::Unknown(what) => {

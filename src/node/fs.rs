@@ -162,6 +162,31 @@ pub(crate) async fn mount(
     exec::run("mount", args).await.map(drop)
 }
 
+/// A publish: `source` (a staging mount) bound onto `target` as a slave of its peer group
+/// (see `bindmount`), read-only when asked (the filesystem stays writable elsewhere). On kernels
+/// without the new mount API: bind, then make it a slave and read-only, never leaving a
+/// writable mount behind if the remount fails.
+pub(crate) async fn bind_publish(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    let (s, t) = (source.to_path_buf(), target.to_path_buf());
+    if exec::blocking(move || super::bindmount::bind_slave(&s, &t, read_only)).await? {
+        return Ok(());
+    }
+    bind(source, target).await?;
+    let settle = async {
+        exec::run("mount", [OsString::from("--make-slave"), target.into()]).await?;
+        if read_only {
+            remount_read_only(target).await?;
+        }
+        Ok(())
+    };
+    if let Err(e) = settle.await {
+        let _ = unmount(target).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// A plain bind mount (a block volume's device node onto its staging file).
 pub(crate) async fn bind(source: &Path, target: &Path) -> Result<()> {
     exec::run(
         "mount",
@@ -169,22 +194,6 @@ pub(crate) async fn bind(source: &Path, target: &Path) -> Result<()> {
     )
     .await
     .map(drop)
-}
-
-/// A read-only bind mount (the filesystem stays writable elsewhere), made read-only before it
-/// appears at `target` (see `robind`); on kernels without the new mount API, bind and then
-/// remount, never leaving a writable mount behind if the remount fails.
-pub(crate) async fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
-    let (s, t) = (source.to_path_buf(), target.to_path_buf());
-    if exec::blocking(move || super::robind::bind_read_only(&s, &t)).await? {
-        return Ok(());
-    }
-    bind(source, target).await?;
-    if let Err(e) = remount_read_only(target).await {
-        let _ = unmount(target).await;
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// A bind mount's own read-only flag (the filesystem stays writable elsewhere).

@@ -1,15 +1,18 @@
 //! The node side: find the volume's disk, format it once, mount it at the staging path, bind it
-//! to each target, report its health and grow it. State lives in the kernel only (mountinfo,
-//! sysfs), so a restarted plugin picks up exactly where the last one stopped.
+//! to each target, report its health and grow it. State lives in the kernel (mountinfo,
+//! sysfs), so a restarted plugin picks up exactly where the last one stopped; beside it the
+//! node keeps only what each mount was asked for (`record`), valid while that very mount is.
 
+mod bindmount;
 pub(crate) mod discover;
 mod expand;
 pub(crate) mod fs;
+mod fsopts;
 pub mod mountinfo;
 mod owner;
 pub(crate) mod paths;
 mod publish;
-mod robind;
+mod record;
 mod stage;
 mod stats;
 pub(crate) mod sysfs;
@@ -22,9 +25,10 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::guard::{OpGuard, OpGuards};
-use crate::ids::ObjectId;
+use crate::ids::{self, ObjectId};
 use crate::model::Capability;
-use mountinfo::MountTable;
+use mountinfo::{MountTable, Role};
+use record::Records;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -51,7 +55,8 @@ pub(crate) struct StageRequest {
 #[derive(Debug, Clone)]
 pub(crate) struct PublishRequest {
     pub(crate) volume_id: String,
-    pub(crate) staging_path: PathBuf,
+    /// None: the CO sent none (FAILED_PRECONDITION, once the volume is known to be here).
+    pub(crate) staging_path: Option<PathBuf>,
     pub(crate) target_path: PathBuf,
     pub(crate) capability: Capability,
     pub(crate) readonly: bool,
@@ -74,7 +79,13 @@ pub(crate) struct ExpandRequest {
 pub(crate) struct NodeOps {
     sysfs: Sysfs,
     device_wait: Duration,
+    /// Disks may be hot-plugged into this node (a VM): one that is not there yet may still be
+    /// appearing. False on a host whose volumes are attached locally, which are there when
+    /// ControllerPublishVolume returns, or never.
+    hotplug: bool,
     guards: OpGuards,
+    /// What each stage and publish asked for (see `record`).
+    records: Records,
 }
 
 impl NodeOps {
@@ -82,8 +93,78 @@ impl NodeOps {
         NodeOps {
             sysfs: Sysfs::new(cfg.sysfs_root(), cfg.dev_root()),
             device_wait: cfg.device_wait(),
+            hotplug: cfg.local_attach != Some(true) || crate::nodeid::is_qemu_guest(Path::new("/")),
             guards: OpGuards::default(),
+            records: Records::new(cfg.state_dir.clone()),
         }
+    }
+
+    /// The disk of a volume, `q` checked: found at once when it cannot still be appearing (a
+    /// locally attached volume, or no publish_context on a node that attaches locally), else
+    /// within the bounded wait for a hot-plugged disk. NOT_FOUND when it is not there.
+    async fn find_device(&self, q: &DeviceQuery) -> Result<sysfs::BlockDevice> {
+        let may_still_appear = match q.bus.as_str() {
+            "local" => false,
+            "" => self.hotplug,
+            _ => true,
+        };
+        let wait = if may_still_appear {
+            self.device_wait
+        } else {
+            Duration::ZERO
+        };
+        discover::wait_for_device(&self.sysfs, q, wait).await
+    }
+
+    /// NOT_FOUND unless the volume's disk is on this node now (no waiting: for the RPCs that
+    /// come after NodeStageVolume found it).
+    async fn present(&self, volume_id: &str) -> Result<()> {
+        let query = Self::query_for(volume_id, DeviceQuery::default())?;
+        let (s, q) = (self.sysfs.clone(), query.clone());
+        exec::blocking(move || discover::find_now(&s, &q))
+            .await?
+            .map(drop)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "volume {volume_id} is not on this node: no disk with serial {} is \
+                     attached here; ControllerPublishVolume it to this node and \
+                     NodeStageVolume it first",
+                    query.serial
+                ))
+            })
+    }
+
+    /// FAILED_PRECONDITION when `path` (a staging or target path) lies in the file system of
+    /// one of this plugin's disks — any volume's, this one's too: the CO's directory would
+    /// become a directory in that volume, and the volume mounted there would show through
+    /// its staging path and every publish. Told by the disk behind the mount that holds the
+    /// path's parent, never by the path's spelling.
+    async fn refuse_inside_a_volume(
+        &self,
+        what: &str,
+        path: &Path,
+        table: &MountTable,
+    ) -> Result<()> {
+        let Some(parent) = path.parent().map(Path::to_path_buf) else {
+            return Ok(());
+        };
+        let real = exec::blocking(move || Ok(paths::real_location(&parent))).await?;
+        let Some(m) = table.containing(&real).cloned() else {
+            return Ok(());
+        };
+        if let Behind::Disk(d, Some(serial)) = self.behind(&m).await? {
+            if ids::is_volume_serial(&serial) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{what} {} lies inside the file system of volume disk {} (serial {serial}), \
+                     mounted at {}: a path there would create files in that volume and mount \
+                     one volume inside another; give a path in the CO's own directory",
+                    path.display(),
+                    d.name,
+                    m.mount_point.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn guard(&self, volume_id: &str) -> Result<OpGuard> {
@@ -103,11 +184,11 @@ impl NodeOps {
             })
     }
 
-    /// Which disk mount `m` shows (a filesystem's device, or the device a bound device node
-    /// refers to), told by that disk's serial in sysfs, never by the path.
-    async fn holder(&self, m: &mountinfo::MountEntry, serial: &str) -> Result<Holder> {
+    /// The disk behind mount `m` (a filesystem's device, or the device a bound device node
+    /// refers to), told by sysfs, never by the path.
+    async fn behind(&self, m: &mountinfo::MountEntry) -> Result<Behind> {
         let Some(dev) = mounted_dev(m).await else {
-            return Ok(Holder::Unknown(format!(
+            return Ok(Behind::Gone(format!(
                 "a device node that cannot be read ({} from {})",
                 m.fs_type, m.source
             )));
@@ -115,7 +196,7 @@ impl NodeOps {
         // Major 0 is the kernel's unnamed device: tmpfs, proc, FUSE, NFS, overlay … have no
         // disk behind them, so they are never a volume of this plugin, dead or alive.
         if dev.0 == 0 {
-            return Ok(Holder::Other(format!(
+            return Ok(Behind::NoDisk(format!(
                 "a {} file system from {} (no disk behind it: not a volume of this plugin)",
                 m.fs_type, m.source
             )));
@@ -129,13 +210,22 @@ impl NodeOps {
         })
         .await?;
         Ok(match found {
-            None => Holder::Unknown(format!(
+            None => Behind::Gone(format!(
                 "device {}:{}, which is gone from this node",
                 dev.0, dev.1
             )),
-            Some((d, Some(s))) if s == serial => Holder::Volume(d),
-            Some((d, s)) => Holder::Other(match s {
-                Some(s) if s.starts_with("vd-") => {
+            Some((d, serial)) => Behind::Disk(d, serial),
+        })
+    }
+
+    /// Which disk mount `m` shows, against the volume whose serial is `serial`.
+    async fn holder(&self, m: &mountinfo::MountEntry, serial: &str) -> Result<Holder> {
+        Ok(match self.behind(m).await? {
+            Behind::NoDisk(what) => Holder::Other(what),
+            Behind::Gone(what) => Holder::Unknown(what),
+            Behind::Disk(d, Some(s)) if s == serial => Holder::Volume(d),
+            Behind::Disk(d, s) => Holder::Other(match s {
+                Some(s) if ids::is_volume_serial(&s) => {
                     format!(
                         "disk {} (serial {s}: another volume of this plugin)",
                         d.name
@@ -147,35 +237,122 @@ impl NodeOps {
         })
     }
 
-    /// NodeUnpublish and NodeUnstage: whether mount `m` may be taken down for `volume_id`:
-    /// it shows the volume's own disk, or a disk gone from the node (a dead mount: nobody's
-    /// data is there any more). Another volume's disk is left alone (false): the caller
-    /// answers OK and touches nothing, since this volume is not mounted there.
+    /// NodeUnpublish (`takes_down` = [`Role::Publish`]) and NodeUnstage ([`Role::Stage`]):
+    /// whether mount `m` may be taken down for `volume_id`. It must show the volume's own
+    /// disk, or a disk gone from the node (a dead mount: nobody's data is there any more);
+    /// another volume's disk is left alone (false: the caller answers OK and touches nothing,
+    /// since this volume is not mounted there). And it must be a mount of the kind the RPC
+    /// takes down, told from the mount table (`MountTable::role`): a NodeUnpublish naming the
+    /// volume's staging mount, or a NodeUnstage naming one of its publishes, would take the
+    /// consumer's data away — FAILED_PRECONDITION, saying what is there.
     async fn may_take_down(
         &self,
+        table: &MountTable,
         m: &mountinfo::MountEntry,
         serial: &str,
         volume_id: &str,
+        takes_down: Role,
     ) -> Result<bool> {
         match self.holder(m, serial).await? {
-            Holder::Volume(_) => Ok(true),
+            Holder::Volume(_) => {}
             Holder::Other(what) => {
                 tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
                     "another disk is mounted here, not this volume's: left untouched");
-                Ok(false)
+                return Ok(false);
             }
             Holder::Unknown(what) => {
                 tracing::warn!(volume = %volume_id, path = %m.mount_point.display(), holds = %what,
-                    "taking down a mount whose disk is gone");
-                Ok(true)
+                    "a mount whose disk is gone");
             }
         }
+        let role = table.role(m, BLOCK_STAGE_FILE);
+        if role == Role::Either || role == takes_down {
+            return Ok(true);
+        }
+        let here = m.mount_point.display();
+        Err(Error::FailedPrecondition(match takes_down {
+            Role::Publish => {
+                let publishes = list(&table.publishes_of(m, BLOCK_STAGE_FILE));
+                format!(
+                    "{here} is volume {volume_id}'s staging mount, not a publish of it (a bind \
+                     at a target): NodeUnpublishVolume takes down publishes only; \
+                     NodeUnstageVolume {here}{}",
+                    if publishes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" once its publishes at {publishes} are unpublished")
+                    }
+                )
+            }
+            _ => format!(
+                "volume {volume_id} is published at {here} (a bind of its staging mount{}), \
+                 not staged there: NodeUnpublishVolume {here} first, then NodeUnstageVolume the \
+                 staging path NodeStageVolume staged it at",
+                table
+                    .stage_of(m, BLOCK_STAGE_FILE)
+                    .map(|s| format!(" at {}", s.mount_point.display()))
+                    .unwrap_or_default()
+            ),
+        }))
+    }
+
+    /// Keeps what was asked for the mount just made at `mount_point` (see `record`).
+    async fn remember(&self, mount_point: &Path, asked: &record::Asked) {
+        let (records, p, a) = (
+            self.records.clone(),
+            mount_point.to_path_buf(),
+            asked.clone(),
+        );
+        let _ = exec::blocking(move || {
+            if let Some(m) = MountTable::read()?.at(&p) {
+                records.save(m, &a);
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    /// How a repeated request (`asked`) differs from the one that made mount `m`; None when
+    /// it is the same. Compared with `m`'s record when there is one, else with what the kernel
+    /// shows (`read_only_anyway`: see `Asked::differs_from_mount`); a repeat that matches a
+    /// mount with no record (a crash, an older version) becomes its record from now on.
+    async fn differs_from_made(
+        &self,
+        m: &mountinfo::MountEntry,
+        asked: &record::Asked,
+        read_only_anyway: bool,
+    ) -> Option<String> {
+        let (records, mc, a) = (self.records.clone(), m.clone(), asked.clone());
+        let before = exec::blocking(move || {
+            let before = records.load(&mc);
+            if before.is_none() && a.differs_from_mount(&mc, read_only_anyway).is_none() {
+                records.save(&mc, &a);
+            }
+            Ok(before)
+        })
+        .await
+        .ok()
+        .flatten();
+        match before {
+            Some(before) => asked.differs_from(&before),
+            None => asked.differs_from_mount(m, read_only_anyway),
+        }
+    }
+
+    /// Drops the record of the mount taken down at `mount_point`.
+    async fn forget(&self, mount_point: &Path) {
+        let (records, p) = (self.records.clone(), mount_point.to_path_buf());
+        let _ = exec::blocking(move || {
+            records.forget(&p);
+            Ok(())
+        })
+        .await;
     }
 
     /// The serial to look for: the one derived from the volume id (Nomad keeps
     /// publish_context in memory only and may lose it). A publish_context serial that names
     /// another disk is INVALID_ARGUMENT: staging it would mount another volume's data under
-    /// this volume's name. For an id that is not one of this plugin's, the publish_context's.
+    /// this volume's name. An id that is not one of this plugin's is NOT_FOUND at once.
     pub(crate) fn query_for(volume_id: &str, mut q: DeviceQuery) -> Result<DeviceQuery> {
         match ObjectId::parse_volume(volume_id)?.map(|o| o.serial()) {
             Some(own) if q.serial.is_empty() => q.serial = own,
@@ -187,16 +364,26 @@ impl NodeOps {
                 )))
             }
             Some(_) => {}
-            None if q.serial.is_empty() => {
+            None => {
                 return Err(Error::NotFound(format!(
-                    "volume {volume_id} is not a volume of this plugin and the publish_context \
-                     names no serial"
+                    "volume {volume_id} is not a volume of this plugin (ids are \
+                     <pool>.<16 hex digits>), so none of its disks is on this node"
                 )))
             }
-            None => {}
         }
         Ok(q)
     }
+}
+
+/// What is behind a mount (see `NodeOps::behind`).
+#[derive(Debug)]
+enum Behind {
+    /// A file system with no disk (tmpfs, proc, FUSE …), described.
+    NoDisk(String),
+    /// A disk that cannot be told: gone from the node (hot-unplugged, detached), described.
+    Gone(String),
+    /// A disk of this node, with the serial it reports.
+    Disk(sysfs::BlockDevice, Option<String>),
 }
 
 /// Whose disk a mount shows (see `NodeOps::holder`).
@@ -232,6 +419,15 @@ async fn settle_ownership(
         Ok(())
     })
     .await
+}
+
+/// Mount points, comma separated, for messages.
+fn list(mounts: &[&mountinfo::MountEntry]) -> String {
+    mounts
+        .iter()
+        .map(|m| m.mount_point.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn mount_table() -> Result<MountTable> {

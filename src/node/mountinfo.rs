@@ -23,6 +23,8 @@ pub struct MountEntry {
     pub(crate) options: Vec<String>,
     /// Peer group when the mount is shared (`shared:N`).
     pub(crate) shared_group: Option<u32>,
+    /// The peer group this mount receives propagation from when it is a slave (`master:N`).
+    pub(crate) master_group: Option<u32>,
     /// Filesystem type (`ext4`, `xfs`, `fuse`, …).
     pub fs_type: String,
     pub(crate) source: String,
@@ -37,6 +39,12 @@ impl MountEntry {
 
     pub(crate) fn dev(&self) -> (u32, u32) {
         (self.major, self.minor)
+    }
+
+    /// A device node bound here (a block volume's staging file or target): a bind of one file
+    /// of a devtmpfs or tmpfs, not a file system mounted whole.
+    pub(crate) fn is_device_bind(&self) -> bool {
+        matches!(self.fs_type.as_str(), "devtmpfs" | "tmpfs") && self.root != Path::new("/")
     }
 }
 
@@ -75,10 +83,13 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         return None;
     }
     let (major, minor) = fields[2].split_once(':')?;
-    let shared_group = fields[6..sep]
-        .iter()
-        .find_map(|f| f.strip_prefix("shared:"))
-        .and_then(|g| g.parse().ok());
+    let tag = |name: &str| {
+        fields[6..sep]
+            .iter()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|g| g.parse().ok())
+    };
+    let (shared_group, master_group) = (tag("shared:"), tag("master:"));
     Some(MountEntry {
         id: fields[0].parse().ok()?,
         parent: fields[1].parse().ok()?,
@@ -88,6 +99,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
         mount_point: unescape(fields[4]),
         options: fields[5].split(',').map(str::to_string).collect(),
         shared_group,
+        master_group,
         fs_type: fields[sep + 1].to_string(),
         source: unescape(fields[sep + 2]).to_string_lossy().into_owned(),
         super_options: fields
@@ -169,34 +181,121 @@ impl MountTable {
             && srel == orel
     }
 
-    /// The bind mounts that still use a staging mount (its publishes), never counting itself
-    /// or the copies mount propagation made of it (they go away with it).
+    /// What `m` (a mount of a volume's disk) is to the plugin, told from the mount table
+    /// alone, never from the RPC that names its path. A block volume's staging mount is the
+    /// device node bound onto the file named `stage_file` in the staging directory; any
+    /// other bind of a device node is a publish. A file system mounted whole is a publish when
+    /// it is a slave of the peer group of another mount of the same file system (how
+    /// NodePublishVolume binds, see `fs::bind_publish`), or — made by versions that bound without
+    /// `slave` — when it joined such a group after another member (mountinfo lists the mounts
+    /// of a namespace in the order they were made, so a staging mount precedes its binds); the
+    /// copies mount propagation makes of a staging mount are staging mounts. A bind of a
+    /// directory inside the file system is a publish (the plugin stages whole file systems).
+    pub(crate) fn role(&self, m: &MountEntry, stage_file: &str) -> Role {
+        if m.is_device_bind() {
+            return if m.mount_point.file_name() == Some(std::ffi::OsStr::new(stage_file)) {
+                Role::Stage
+            } else {
+                Role::Publish
+            };
+        }
+        if m.root != Path::new("/") {
+            return Role::Publish;
+        }
+        let same = |e: &MountEntry| e.id != m.id && e.dev() == m.dev() && e.root == m.root;
+        if let Some(g) = m.master_group {
+            if self
+                .entries
+                .iter()
+                .any(|e| same(e) && e.shared_group == Some(g))
+            {
+                return Role::Publish;
+            }
+        }
+        match m.shared_group {
+            Some(g) => {
+                let after_its_stage = self.entries.iter().take_while(|e| e.id != m.id).any(|e| {
+                    same(e) && e.shared_group == Some(g) && !self.is_propagated_copy(e, m)
+                });
+                if after_its_stage {
+                    Role::Publish
+                } else {
+                    Role::Stage
+                }
+            }
+            None => Role::Either,
+        }
+    }
+
+    /// The publishes that still use a staging mount: the binds of it at targets (and the
+    /// copies mount propagation made of those), never itself, another staging mount of the
+    /// same disk, or the copies propagation made of it (they go away with it).
     ///
-    /// Every bind of a shared mount joins its peer group, so when the stage owns its group
-    /// (all members are the same filesystem subtree) the peers are exactly its binds; another
-    /// staging path of the same volume, mounted on its own, has a group of its own. When the
-    /// group is not the stage's alone (a block device node bound from a shared `/dev` joins
-    /// `/dev`'s group) or the stage is not shared, every other mount of the same device and
-    /// subtree counts, except other block staging files (named `other_stage_name`).
-    pub(crate) fn users_of(&self, stage: &MountEntry, other_stage_name: &str) -> Vec<&MountEntry> {
-        let same = |e: &&MountEntry| e.dev() == stage.dev() && e.root == stage.root;
+    /// When the stage owns its peer group (all members are the same filesystem subtree), its
+    /// publishes are the slaves of that group, and the members that are not copies of it
+    /// (binds made before publishes were slaves). When the group is not the stage's alone (a
+    /// block device node bound from a shared `/dev` joins `/dev`'s group) or the stage is not
+    /// shared, every other mount of the same device and subtree whose [`role`](Self::role) is
+    /// not a staging mount counts.
+    pub(crate) fn publishes_of(&self, stage: &MountEntry, stage_file: &str) -> Vec<&MountEntry> {
+        let same = |e: &MountEntry| e.dev() == stage.dev() && e.root == stage.root;
         let own_group = stage.shared_group.filter(|g| {
             self.entries
                 .iter()
                 .filter(|e| e.shared_group == Some(*g))
-                .all(|e| same(&e))
+                .all(same)
         });
         self.entries
             .iter()
-            .filter(|e| e.id != stage.id)
-            .filter(same)
+            .filter(|e| e.id != stage.id && same(e))
             .filter(|e| match own_group {
-                Some(g) => e.shared_group == Some(g),
-                None => e.mount_point.file_name() != Some(std::ffi::OsStr::new(other_stage_name)),
+                Some(g) => {
+                    e.master_group == Some(g)
+                        || (e.shared_group == Some(g) && !self.is_propagated_copy(stage, e))
+                }
+                None => self.role(e, stage_file) != Role::Stage,
             })
-            .filter(|e| !self.is_propagated_copy(stage, e))
             .collect()
     }
+
+    /// The staging mount a publish `m` was bound from, when the table tells.
+    pub(crate) fn stage_of(&self, m: &MountEntry, stage_file: &str) -> Option<&MountEntry> {
+        self.entries.iter().find(|e| {
+            e.id != m.id
+                && e.dev() == m.dev()
+                && e.root == m.root
+                && self.role(e, stage_file) == Role::Stage
+                && (m.is_device_bind()
+                    || (e.shared_group.is_some()
+                        && (m.master_group == e.shared_group || m.shared_group == e.shared_group)))
+        })
+    }
+
+    /// The mount a path that may not exist yet would be in: the topmost mount on the deepest
+    /// mount point that is `path` or above it. `path` must be resolved (see
+    /// `paths::real_location`).
+    pub(crate) fn containing(&self, path: &Path) -> Option<&MountEntry> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| path.starts_with(&e.mount_point))
+            .max_by_key(|(i, e)| (e.mount_point.components().count(), *i))
+            .map(|(_, e)| e)
+    }
+}
+
+/// What a mount of a volume's disk is to the plugin (see [`MountTable::role`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A staging mount: the file system mounted at a staging path, or the device node bound
+    /// onto a block volume's staging file.
+    Stage,
+    /// A publish: a bind of a staging mount at a target.
+    Publish,
+    /// Cannot be told: a whole file system in no peer group and no slave of one (a staging
+    /// mount whose `--make-shared` a crash interrupted, or a publish whose staging mount was
+    /// unmounted behind the plugin's back). Either kind of RPC may take it down.
+    Either,
 }
 
 #[cfg(test)]
@@ -248,18 +347,24 @@ mod tests {
     fn users_are_peers_not_other_stagings() {
         let t = MountTable::parse(SAMPLE).unwrap();
         let stage = t.at(Path::new("/var/csi/staging/v1")).unwrap();
-        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
+        let users: Vec<_> = t
+            .publishes_of(stage, "device")
+            .iter()
+            .map(|e| e.id)
+            .collect();
         assert_eq!(users, vec![60]);
         let second = t.at(Path::new("/var/csi/staging/v1-second")).unwrap();
-        assert!(t.users_of(second, "device").is_empty());
+        assert!(t.publishes_of(second, "device").is_empty());
         let blk = t.at(Path::new("/var/csi/staging/b1/device")).unwrap();
-        assert_eq!(t.users_of(blk, "device").len(), 1);
+        assert_eq!(t.publishes_of(blk, "device").len(), 1);
         assert_eq!(t.of_device((7, 0)).len(), 3);
     }
 
     #[test]
     fn propagation_copies_are_not_users() {
-        // /a and /b are peers (shared:9); staging under /a propagated a copy under /b.
+        // /a and /b are peers (shared:9); staging under /a propagated a copy under /b. 22 is a
+        // publish of an older version (a peer of the stage); 23 a slave publish, which became
+        // shared too under the shared /a, with its copy 24 under /b.
         let text = "\
 1 0 254:0 / / rw shared:1 - ext4 /dev/vda rw
 10 1 0:40 / /a rw shared:9 - tmpfs t rw
@@ -267,11 +372,27 @@ mod tests {
 20 10 7:3 / /a/stage rw shared:12 - xfs /dev/loop3 rw
 21 11 7:3 / /b/stage rw shared:12 - xfs /dev/loop3 rw
 22 10 7:3 / /a/target rw shared:12 - xfs /dev/loop3 rw
+23 10 7:3 / /a/t2 rw shared:13 master:12 - xfs /dev/loop3 rw
+24 11 7:3 / /b/t2 rw shared:13 master:12 - xfs /dev/loop3 rw
 ";
         let t = MountTable::parse(text).unwrap();
         let stage = t.at(Path::new("/a/stage")).unwrap();
-        let users: Vec<_> = t.users_of(stage, "device").iter().map(|e| e.id).collect();
-        assert_eq!(users, vec![22]);
+        let users: Vec<_> = t
+            .publishes_of(stage, "device")
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(users, vec![22, 23, 24]);
+        let role = |p: &str| t.role(t.at(Path::new(p)).unwrap(), "device");
+        for (p, want) in [
+            ("/a/stage", Role::Stage),
+            ("/b/stage", Role::Stage),
+            ("/a/target", Role::Publish),
+            ("/a/t2", Role::Publish),
+            ("/b/t2", Role::Publish),
+        ] {
+            assert_eq!(role(p), want, "{p}");
+        }
     }
 
     #[test]
@@ -284,7 +405,7 @@ mod tests {
 ";
         let t = MountTable::parse(text).unwrap();
         let users: Vec<_> = t
-            .users_of(t.at(Path::new("/s")).unwrap(), "device")
+            .publishes_of(t.at(Path::new("/s")).unwrap(), "device")
             .iter()
             .map(|e| e.id)
             .collect();
@@ -308,11 +429,66 @@ mod tests {
 ";
         let t = MountTable::parse(text).unwrap();
         let users: Vec<_> = t
-            .users_of(t.at(Path::new("/s1/device")).unwrap(), "device")
+            .publishes_of(t.at(Path::new("/s1/device")).unwrap(), "device")
             .iter()
             .map(|e| e.id)
             .collect();
         assert_eq!(users, vec![32]);
+    }
+
+    #[test]
+    fn roles_are_told_by_what_is_mounted() {
+        // 40 stage of loop4 at /s; 41 a publish bound as a slave of its group; 42 a publish of
+        // an older version (a peer, made after the stage); 43 a second stage of the same disk
+        // (a group of its own); 44 a bind of a directory inside the file system; 45 a private
+        // mount of the same disk (cannot be told). Block: 50 the stage file, 51 its publish.
+        let text = "\
+1 0 254:0 / / rw - ext4 /dev/vda rw
+2 1 0:6 / /dev rw - devtmpfs devtmpfs rw
+40 1 7:4 / /s rw shared:20 - ext4 /dev/loop4 rw
+41 1 7:4 / /t1 rw master:20 - ext4 /dev/loop4 rw
+42 1 7:4 / /t2 rw shared:20 - ext4 /dev/loop4 rw
+43 1 7:4 / /s2 rw shared:21 - ext4 /dev/loop4 rw
+44 1 7:4 /dir /t3 rw master:20 - ext4 /dev/loop4 rw
+45 1 7:4 / /p rw - ext4 /dev/loop4 rw
+50 1 0:6 /loop5 /b/device rw shared:30 - devtmpfs devtmpfs rw
+51 1 0:6 /loop5 /bt rw master:30 - devtmpfs devtmpfs rw
+";
+        let t = MountTable::parse(text).unwrap();
+        let role = |p: &str| t.role(t.at(Path::new(p)).unwrap(), "device");
+        assert_eq!(role("/s"), Role::Stage);
+        assert_eq!(role("/t1"), Role::Publish);
+        assert_eq!(role("/t2"), Role::Publish);
+        assert_eq!(role("/s2"), Role::Stage);
+        assert_eq!(role("/t3"), Role::Publish);
+        assert_eq!(role("/p"), Role::Either);
+        assert_eq!(role("/b/device"), Role::Stage);
+        assert_eq!(role("/bt"), Role::Publish);
+        let ids = |stage: &str| -> Vec<u32> {
+            t.publishes_of(t.at(Path::new(stage)).unwrap(), "device")
+                .iter()
+                .map(|e| e.id)
+                .collect()
+        };
+        assert_eq!(ids("/s"), vec![41, 42]);
+        assert_eq!(ids("/s2"), Vec::<u32>::new());
+        assert_eq!(ids("/b/device"), vec![51]);
+    }
+
+    #[test]
+    fn the_containing_mount_is_the_deepest_topmost_one() {
+        let t = MountTable::parse(SAMPLE).unwrap();
+        let within = |p: &str| t.containing(Path::new(p)).unwrap().id;
+        assert_eq!(within("/var/csi/staging/v1/new/dir"), 59);
+        assert_eq!(within("/var/csi/staging/v1"), 59);
+        assert_eq!(within("/var/csi/staging/v1-other"), 27);
+        assert_eq!(within("/proc/x"), 22);
+        let stacked = MountTable::parse(
+            "1 0 254:0 / / rw - ext4 /dev/vda rw\n5 1 7:1 / /m rw - ext4 /dev/loop1 rw\n\
+             6 5 7:2 / /m rw - ext4 /dev/loop2 rw\n",
+        )
+        .unwrap();
+        assert_eq!(stacked.containing(Path::new("/m/x")).unwrap().id, 6);
     }
 
     #[test]

@@ -8,10 +8,10 @@
 
 use super::fs::{self, Content};
 use super::mountinfo::MountEntry;
+use super::mountinfo::{MountTable, Role};
+use super::record::Asked;
 use super::sysfs::BlockDevice;
-use super::{
-    lstat, mount_table, mounted_dev, paths, resolve, NodeOps, StageRequest, BLOCK_STAGE_FILE,
-};
+use super::{lstat, mount_table, paths, resolve, Holder, NodeOps, StageRequest, BLOCK_STAGE_FILE};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::model::{AccessType, DEFAULT_FS_TYPE, FS_TYPES};
@@ -60,16 +60,6 @@ async fn ensure_file(path: &Path) -> Result<()> {
     .await
 }
 
-/// What the staging path holds now.
-struct StagingState {
-    staging: PathBuf,
-    block_file: PathBuf,
-    /// A filesystem mounted at the staging path.
-    here: Option<MountEntry>,
-    /// A device node bound onto `<staging>/BLOCK_STAGE_FILE`.
-    here_block: Option<MountEntry>,
-}
-
 fn describe(m: &MountEntry) -> String {
     format!(
         "{} ({} from {})",
@@ -80,76 +70,143 @@ fn describe(m: &MountEntry) -> String {
 }
 
 impl NodeOps {
+    /// Mounts the volume's disk at the staging path (a mount volume) or binds its device node
+    /// onto the staging file (block). Checked in the order of the CSI error tables: the
+    /// publish_context (INVALID_ARGUMENT), the disk (NOT_FOUND, at once where it cannot still
+    /// be appearing), then the state: a dead attachment and a staging path inside a volume
+    /// (FAILED_PRECONDITION), what the staging path holds (this stage as asked: OK; anything
+    /// else: ALREADY_EXISTS), the disk's content.
     pub(crate) async fn stage(&self, r: StageRequest) -> Result<()> {
         let _g = self.guard(&r.volume_id)?;
         let query = Self::query_for(&r.volume_id, r.device.clone())?;
-        let dev = super::discover::wait_for_device(&self.sysfs, &query, self.device_wait).await?;
+        let dev = self.find_device(&query).await?;
         self.refuse_dead(&r.volume_id, dev.dev()).await?;
+        let staging = resolve(&r.staging_path).await?;
+        let table = mount_table().await?;
+        self.refuse_inside_a_volume("staging_target_path", &staging, &table)
+            .await?;
+        let block = r.capability.is_block();
+        // A block volume's staging file is bound read-write whatever the mode (the publishes
+        // are what the consumers see).
+        let read_only = !block && (dev.read_only || r.capability.access_mode.is_read_only());
+        let asked = Asked::of(&r.volume_id, &r.capability, read_only);
+        let block_file = staging.join(BLOCK_STAGE_FILE);
+        let (point, elsewhere) = if block {
+            (&block_file, &staging)
+        } else {
+            (&staging, &block_file)
+        };
+        if let Some(m) = table.at(elsewhere) {
+            return Err(Error::AlreadyExists(format!(
+                "staging path {} already holds {}, where a {} volume is not staged; unstage \
+                 it, or stage this volume at another staging path",
+                staging.display(),
+                describe(m),
+                if block { "block" } else { "mount" }
+            )));
+        }
+        if let Some(m) = table.at(point).cloned() {
+            self.already_staged(&r, &query.serial, &dev, &m, &asked, &table)
+                .await?;
+            fs::make_shared(point).await?;
+            if !block && !m.read_only() {
+                super::settle_ownership(&staging, r.root, false, r.mount_group).await?;
+            }
+            return Ok(());
+        }
         ensure_dir(&r.staging_path).await?;
         let staging = resolve(&r.staging_path).await?;
-        let block_file = staging.join(BLOCK_STAGE_FILE);
-        let table = mount_table().await?;
-        let here = table.at(&staging).cloned();
-        let here_block = table.at(&block_file).cloned();
-        let at = StagingState {
-            staging,
-            block_file,
-            here,
-            here_block,
-        };
-        if r.capability.is_block() {
-            self.stage_block(&r, &dev, at).await
+        let point = if block {
+            let block_file = staging.join(BLOCK_STAGE_FILE);
+            self.stage_block(&r, &dev, &block_file).await?;
+            block_file
         } else {
-            self.stage_mount(&r, &dev, at).await
+            self.stage_mount(&r, &dev, &staging, read_only).await?;
+            staging
+        };
+        self.remember(&point, &asked).await;
+        Ok(())
+    }
+
+    /// NodeStage at a staging path that holds a mount already: OK when it is this volume's
+    /// staging mount, made as asked now; ALREADY_EXISTS when it is another disk, a publish of
+    /// this volume, or this volume staged otherwise (file system, flags, read-only).
+    async fn already_staged(
+        &self,
+        r: &StageRequest,
+        serial: &str,
+        dev: &BlockDevice,
+        m: &MountEntry,
+        asked: &Asked,
+        table: &MountTable,
+    ) -> Result<()> {
+        let here = m.mount_point.display();
+        match self.holder(m, serial).await? {
+            Holder::Volume(d) if d.dev() == dev.dev() => {}
+            Holder::Volume(d) => {
+                return Err(Error::AlreadyExists(format!(
+                    "staging path {here} already has disk {} mounted, not this volume's disk \
+                     {}; unstage it first",
+                    d.name, dev.name
+                )))
+            }
+            Holder::Other(what) | Holder::Unknown(what) => {
+                return Err(Error::AlreadyExists(format!(
+                    "staging path {here} already has {what} mounted, not this volume's disk \
+                     {}; unstage it first",
+                    dev.name
+                )))
+            }
+        }
+        if table.role(m, BLOCK_STAGE_FILE) == Role::Publish {
+            return Err(Error::AlreadyExists(format!(
+                "{here} holds a publish of volume {} (a bind of its staging mount{}), not a \
+                 staging mount; stage the volume at a staging path of its own",
+                r.volume_id,
+                table
+                    .stage_of(m, BLOCK_STAGE_FILE)
+                    .map(|s| format!(" at {}", s.mount_point.display()))
+                    .unwrap_or_default()
+            )));
+        }
+        let differs = self
+            .differs_from_made(m, asked, dev.read_only && !asked.block)
+            .await;
+        match differs {
+            None => Ok(()),
+            Some(how) => Err(Error::AlreadyExists(format!(
+                "volume {} is already staged at {here} {how}; NodeUnstageVolume it first to \
+                 stage it otherwise",
+                r.volume_id
+            ))),
         }
     }
 
+    /// Binds the disk's device node onto the (new) staging file, shared so its publishes can
+    /// be told and counted.
     async fn stage_block(
         &self,
         r: &StageRequest,
         dev: &BlockDevice,
-        at: StagingState,
+        block_file: &Path,
     ) -> Result<()> {
-        let StagingState {
-            staging,
-            block_file,
-            here,
-            here_block,
-        } = at;
         let dev_path = self.sysfs.dev_path(&dev.name);
-        if let Some(m) = here {
-            return Err(Error::AlreadyExists(format!(
-                "staging path {} holds a mounted filesystem {}; a block volume cannot be \
-                 staged there",
-                staging.display(),
-                describe(&m)
-            )));
-        }
-        if let Some(m) = here_block {
-            if mounted_dev(&m).await == Some(dev.dev()) {
-                fs::make_shared(&block_file).await?;
-                return Ok(());
-            }
-            return Err(Error::AlreadyExists(format!(
-                "staging path {} already holds another device; unstage it first",
-                staging.display()
-            )));
-        }
-        ensure_file(&block_file).await?;
-        fs::bind(&dev_path, &block_file).await?;
+        ensure_file(block_file).await?;
+        fs::bind(&dev_path, block_file).await?;
         crate::failpoint!("stage.block-bound");
-        fs::make_shared(&block_file).await?;
-        tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %staging.display(), "block volume staged");
+        fs::make_shared(block_file).await?;
+        tracing::info!(volume = %r.volume_id, device = %dev.name, staging = %block_file.display(), "block volume staged");
         Ok(())
     }
 
-    /// A mount volume: reuse what is staged here already, else make sure the disk carries a
-    /// filesystem (formatting only a disk that reads and is blank), then mount it.
+    /// A mount volume at a staging path where nothing is mounted: make sure the disk carries
+    /// a filesystem (formatting only a disk that reads and is blank), then mount it.
     async fn stage_mount(
         &self,
         r: &StageRequest,
         dev: &BlockDevice,
-        at: StagingState,
+        staging: &Path,
+        read_only: bool,
     ) -> Result<()> {
         let AccessType::Mount {
             fs_type,
@@ -161,33 +218,27 @@ impl NodeOps {
             ));
         };
         let requested = (!fs_type.is_empty()).then(|| fs_type.clone());
-        if already_staged(r, dev, &at, requested.as_deref())? {
-            fs::make_shared(&at.staging).await?;
-            if at.here.as_ref().is_some_and(|m| !m.read_only()) {
-                super::settle_ownership(&at.staging, r.root, false, r.mount_group).await?;
-            }
-            return Ok(());
-        }
-        let read_only = dev.read_only || r.capability.access_mode.is_read_only();
         let (fs_type, formatted) = self.ensure_filesystem(r, dev, requested, read_only).await?;
         let ro_mount_only = superblock_read_only(r, dev, read_only).await?;
         let options = mount_options(mount_flags, &fs_type, read_only && !ro_mount_only);
         let dev_path = self.sysfs.dev_path(&dev.name);
-        fs::mount(&dev_path, &at.staging, &fs_type, &options).await?;
+        if let Err(e) = fs::mount(&dev_path, staging, &fs_type, &options).await {
+            return Err(refused_option(&fs_type, mount_flags, e).await);
+        }
         crate::failpoint!("stage.mounted");
         let finish = async {
             if ro_mount_only {
-                fs::remount_read_only(&at.staging).await?;
+                fs::remount_read_only(staging).await?;
             } else if !read_only {
-                super::settle_ownership(&at.staging, r.root, formatted, r.mount_group).await?;
+                super::settle_ownership(staging, r.root, formatted, r.mount_group).await?;
             }
-            fs::make_shared(&at.staging).await
+            fs::make_shared(staging).await
         };
         if let Err(e) = finish.await {
-            let _ = fs::unmount(&at.staging).await;
+            let _ = fs::unmount(staging).await;
             return Err(e);
         }
-        tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, staging = %at.staging.display(), "volume staged");
+        tracing::info!(volume = %r.volume_id, device = %dev.name, fs = %fs_type, staging = %staging.display(), "volume staged");
         Ok(())
     }
 
@@ -244,7 +295,9 @@ impl NodeOps {
     }
 
     /// Unmounts this volume from the staging path. A staging path where another volume is
-    /// mounted is left as it is (OK: this volume is not staged there).
+    /// mounted is left as it is (OK: this volume is not staged there); a publish of this
+    /// volume is never taken down here, nor a staging mount its publishes still use
+    /// (FAILED_PRECONDITION).
     pub(crate) async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let Ok(serial) = Self::serial_for(volume_id) else {
             // Not one of this plugin's volumes: it is staged nowhere.
@@ -260,26 +313,30 @@ impl NodeOps {
         // Loop: a mount may be stacked on another (a CO that staged twice by hand).
         for _ in 0..8 {
             let table = mount_table().await?;
-            let Some(m) = table.at(&block_file).or_else(|| table.at(&staging)) else {
+            let Some(m) = table
+                .at(&block_file)
+                .or_else(|| table.at(&staging))
+                .cloned()
+            else {
                 break;
             };
-            if !self.may_take_down(m, &serial, volume_id).await? {
+            if !self
+                .may_take_down(&table, &m, &serial, volume_id, Role::Stage)
+                .await?
+            {
                 return Ok(());
             }
-            let users = table.users_of(m, BLOCK_STAGE_FILE);
-            if !users.is_empty() {
+            let publishes = table.publishes_of(&m, BLOCK_STAGE_FILE);
+            if !publishes.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
-                    "volume {volume_id} is still published at {}; NodeUnpublishVolume those \
-                     targets before unstaging {}",
-                    users
-                        .iter()
-                        .map(|u| u.mount_point.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    staging.display()
+                    "volume {volume_id} is still published at {} (binds of its staging mount \
+                     at {}); NodeUnpublishVolume those targets before unstaging it",
+                    super::list(&publishes),
+                    m.mount_point.display()
                 )));
             }
-            fs::unmount(&m.mount_point.clone()).await?;
+            fs::unmount(&m.mount_point).await?;
+            self.forget(&m.mount_point).await;
             crate::failpoint!("unstage.unmounted");
         }
         remove_leaves(vec![block_file, staging.clone()]).await;
@@ -288,40 +345,18 @@ impl NodeOps {
     }
 }
 
-/// Whether the staging path already holds this volume as asked (then there is nothing to
-/// mount); an error when it holds something else.
-fn already_staged(
-    r: &StageRequest,
-    dev: &BlockDevice,
-    at: &StagingState,
-    requested: Option<&str>,
-) -> Result<bool> {
-    if at.here_block.is_some() {
-        return Err(Error::AlreadyExists(format!(
-            "staging path {} holds a block volume; unstage it first",
-            at.staging.display()
-        )));
+/// A failed mount explained: an option the file system refuses is INVALID_ARGUMENT with the
+/// kernel's reason (mount(8) says only "wrong fs type, bad option, bad superblock …");
+/// anything else stays as it was.
+async fn refused_option(fs_type: &str, flags: &[String], failed: Error) -> Error {
+    let (fs, f) = (fs_type.to_string(), flags.to_vec());
+    match exec::blocking(move || Ok(super::fsopts::refused(&fs, &f))).await {
+        Ok(Some((flag, why))) => Error::invalid(format!(
+            "mount flag {flag:?} is refused by the {fs_type} file system ({why}); nothing was \
+             mounted: fix or remove the flag"
+        )),
+        _ => failed,
     }
-    let Some(m) = &at.here else {
-        return Ok(false);
-    };
-    if m.dev() != dev.dev() {
-        return Err(Error::AlreadyExists(format!(
-            "staging path {} already has {} mounted, not this volume's disk {}; unstage it first",
-            at.staging.display(),
-            describe(m),
-            dev.name
-        )));
-    }
-    if let Some(want) = requested.filter(|w| *w != m.fs_type) {
-        return Err(Error::AlreadyExists(format!(
-            "volume {} is staged at {} as {}, not {want}",
-            r.volume_id,
-            at.staging.display(),
-            m.fs_type
-        )));
-    }
-    Ok(true)
 }
 
 /// Whether the mount must be made read-only on its own, over a read-write superblock.

@@ -157,8 +157,7 @@ impl NodeOps {
         let block = meta
             .as_ref()
             .is_some_and(|m| m.file_type().is_block_device())
-            || (matches!(mount.fs_type.as_str(), "devtmpfs" | "tmpfs")
-                && mount.root != Path::new("/"));
+            || mount.is_device_bind();
         let query = Self::query_for(volume_id, DeviceQuery::default())?;
         let sysfs = self.sysfs.clone();
         let expected = exec::blocking(move || find_now(&sysfs, &query)).await?;

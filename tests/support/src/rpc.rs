@@ -43,6 +43,15 @@ pub fn mount_cap(fs_type: &str, mode: Mode) -> csi::VolumeCapability {
     }
 }
 
+/// `cap` with these mount flags (a block capability is returned as it is: it has none).
+pub fn with_flags(cap: &csi::VolumeCapability, flags: &[&str]) -> csi::VolumeCapability {
+    let mut cap = cap.clone();
+    if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+    }
+    cap
+}
+
 /// A block capability with an access mode.
 pub fn block_cap(mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {

@@ -1,8 +1,14 @@
-//! A read-only bind mount made in one step. `mount --bind` followed by a read-only remount
-//! leaves a writable mount at the target between the two calls; a crash there left it behind
-//! a read-only NodePublishVolume, and the retry then met "already published read-write"
-//! forever. The new mount API clones the source mount detached, makes the clone read-only and
-//! only then attaches it at the target (open_tree + mount_setattr + move_mount, Linux 5.12+).
+//! A publish's bind mount made in one step, read-only when asked and a slave of the staging
+//! mount's peer group. `mount --bind` followed by a remount leaves the bind as it was cloned
+//! (writable, a peer of the staging mount) between the calls; a crash there left a writable
+//! mount behind a read-only NodePublishVolume, and the retry then met "already published
+//! read-write" forever. The new mount API clones the source mount detached, sets the clone's
+//! attributes and only then attaches it at the target (open_tree + mount_setattr +
+//! move_mount, Linux 5.12+).
+//!
+//! A slave, not a peer: the mount table then tells a publish from the staging mount it was
+//! bound from (see `MountTable::role`), and a mount made inside one consumer's target never
+//! propagates back into the staging mount or the other targets.
 
 use crate::error::{Error, Result};
 use std::ffi::CString;
@@ -21,22 +27,24 @@ struct MountAttr {
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOUNT_ATTR_RDONLY: u64 = 1;
+const MS_SLAVE: u64 = 1 << 19;
 
 fn c_path(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| Error::invalid(format!("{} contains NUL", p.display())))
 }
 
-/// Binds `source` onto `target` read-only in one step. `Ok(false)` when the kernel lacks the
-/// new mount API (nothing was mounted; the caller falls back). Blocking.
-pub(super) fn bind_read_only(source: &Path, target: &Path) -> Result<bool> {
+/// Binds `source` onto `target` in one step: a slave of `source`'s peer group, read-only when
+/// `read_only`. `Ok(false)` when the kernel lacks the new mount API (nothing was mounted; the
+/// caller falls back). Blocking.
+pub(super) fn bind_slave(source: &Path, target: &Path, read_only: bool) -> Result<bool> {
     let (src, dst) = (c_path(source)?, c_path(target)?);
     let empty = c"";
     let fail = |what: &str| {
         let e = std::io::Error::last_os_error();
         Error::io(
             format!(
-                "{what} for a read-only bind of {} on {}",
+                "{what} for a bind of {} on {}",
                 source.display(),
                 target.display()
             ),
@@ -64,9 +72,9 @@ pub(super) fn bind_read_only(source: &Path, target: &Path) -> Result<bool> {
     // without move_mount dissolves the detached clone.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
+        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
-        propagation: 0,
+        propagation: MS_SLAVE,
         userns_fd: 0,
     };
     // SAFETY: `attr` lives across the call and its size is passed along.
