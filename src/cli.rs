@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use crate::attach::{Attacher, Attachments};
 use crate::config::{Config, Mode, Overrides};
 use crate::server::{self, ServeOptions};
+use crate::shutdown::Shutdown;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the CSI gRPC API on a unix socket.
+    /// Serve the CSI gRPC API (on a unix socket; tcp:// only for isolated test guests).
     Serve(ServeArgs),
     /// Call a CSI plugin's RPCs (any plugin's socket): identity, volume, node, snapshot.
     Client(crate::client::ClientArgs),
@@ -60,12 +62,23 @@ struct ServeArgs {
     /// config's `[node] allowed_path_roots`), e.g. the CO's directory for this plugin.
     #[arg(long, value_name = "DIR")]
     allowed_path_root: Vec<PathBuf>,
-    /// Logs as JSON lines.
+    /// Log format: text, or JSON lines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9808).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// After SIGTERM/SIGINT, how long in-flight RPCs may finish before the plugin exits
+    /// without them (a second signal ends it at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = grace_secs)]
+    shutdown_grace: f64,
+}
+
+fn grace_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0 to 3600")),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,7 +103,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Serves until SIGTERM/SIGINT, then shuts down within the grace period (see
+/// [`crate::shutdown`]): in-flight RPCs finish, background tasks stop and are joined, and
+/// whatever still runs when the grace period is over is given up.
 async fn serve(args: ServeArgs) -> crate::error::Result<()> {
+    let shutdown = Shutdown::new(Duration::from_secs_f64(args.shutdown_grace));
+    shutdown.on_signals()?;
+    // Starting (opening pools, binding) counts too: a signal during it is obeyed in time.
+    let served = tokio::select! {
+        served = start_and_serve(args, &shutdown) => served,
+        _ = shutdown.grace_over() => {
+            tracing::warn!("RPCs still running after the grace period: stopping without them");
+            Ok(())
+        }
+    };
+    if let Err(e) = &served {
+        tracing::error!(error = %e, "serving failed");
+    }
+    shutdown.join("serving ended").await;
+    served
+}
+
+async fn start_and_serve(args: ServeArgs, shutdown: &Shutdown) -> crate::error::Result<()> {
     let cfg = Config::load(
         args.mode,
         args.config.as_deref(),
@@ -104,7 +138,7 @@ async fn serve(args: ServeArgs) -> crate::error::Result<()> {
     )?;
     let listen = server::listen_address(&args.endpoint)?;
     if let Some(addr) = args.metrics_addr {
-        crate::metrics::serve(addr).await?;
+        crate::metrics::serve(addr, shutdown).await?;
     }
     let attachers = attachments(&cfg).await?;
     server::serve(
@@ -114,6 +148,7 @@ async fn serve(args: ServeArgs) -> crate::error::Result<()> {
             socket_group: args.socket_group,
         },
         attachers,
+        shutdown,
     )
     .await
 }
@@ -140,39 +175,44 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
 }
 
 /// Parses the command line and runs the command: the whole `virtdisk-csi` binary.
+///
+/// Exit status: 0 when the command succeeded (for `serve`: after a signal, also when blocking
+/// work had to be abandoned at the end of the grace period, which the log names); 1 when it
+/// failed (`serve` could not start or serve, a `client` call failed, a `doctor` check FAILed);
+/// 2 for a bad command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = match cli.command {
+    let ok = match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            runtime.block_on(serve(args))
-        }
-        Command::Client(args) => {
-            return match runtime.block_on(crate::client::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
+            match runtime.block_on(serve(args)) {
+                Ok(()) => true,
                 Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
+                    eprintln!("virtdisk-csi: {e}");
+                    false
                 }
-            };
+            }
         }
-        Command::Doctor(args) => {
-            return if runtime.block_on(crate::doctor::run(args)) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
+        Command::Client(args) => match runtime.block_on(crate::client::run(args)) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("error: {e}");
+                false
+            }
+        },
+        Command::Doctor(args) => runtime.block_on(crate::doctor::run(args)),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("virtdisk-csi: {e}");
-            ExitCode::FAILURE
-        }
+    // Dropping the runtime would wait for every blocking closure, also one stuck in a call
+    // that never returns (a libvirtd that accepts and never answers): name them and go.
+    crate::exec::log_unfinished();
+    runtime.shutdown_timeout(crate::shutdown::ABANDON_WAIT);
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

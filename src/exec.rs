@@ -8,10 +8,18 @@
 //! decided once, here, by [`tool_kind`].
 
 use crate::error::{Error, Kind, Result};
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
 
 /// Runs blocking code (file I/O with fsync, statvfs, FFI) off the async runtime.
+///
+/// The closure runs to its end even when the caller stops waiting (a cancelled RPC, the
+/// shutdown): whatever it holds (a permit, a lock) is held until then. At exit,
+/// [`log_unfinished`] names the closures that still run.
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
 where
     F: FnOnce() -> Result<T> + Send + 'static,
@@ -19,9 +27,60 @@ where
 {
     // Keep the caller's span (volume id…) on logs written inside the closure.
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+    let running = Running::enter(span.clone(), std::any::type_name::<F>());
+    tokio::task::spawn_blocking(move || {
+        let _running = running;
+        span.in_scope(f)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+/// A blocking closure running now: its caller's span, what it is (the closure's type name:
+/// module and function) and since when.
+type RunningNow = (tracing::Span, &'static str, Instant);
+
+/// Every blocking closure running now, by a sequence number.
+static RUNNING: LazyLock<Mutex<BTreeMap<u64, RunningNow>>> = LazyLock::new(Mutex::default);
+
+/// One entry of [`RUNNING`], removed when the closure ends (or is dropped unrun).
+struct Running(u64);
+
+impl Running {
+    fn enter(span: tracing::Span, what: &'static str) -> Running {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        running().insert(id, (span, what, Instant::now()));
+        Running(id)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+fn running() -> std::sync::MutexGuard<'static, BTreeMap<u64, RunningNow>> {
+    // A panic while the map is held cannot leave it half-changed: go on with it.
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Logs every blocking closure still running (a warning in its caller's span: the RPC, the
+/// volume) as abandoned; called at exit, before the runtime stops waiting for them. Returns
+/// how many there were.
+pub(crate) fn log_unfinished() -> usize {
+    let now: Vec<_> = running()
+        .values()
+        .map(|(span, what, since)| (span.clone(), *what, since.elapsed()))
+        .collect();
+    for (span, what, running_for) in &now {
+        span.in_scope(|| {
+            tracing::warn!(work = %what, running_ms = running_for.as_millis() as u64,
+                "blocking call still running at exit: abandoned");
+        });
+    }
+    now.len()
 }
 
 /// Output of a finished command.
@@ -210,6 +269,22 @@ pub(crate) fn tool_kind(program: &str, said: &str) -> Kind {
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[tokio::test]
+    async fn running_blocking_work_is_known_until_it_ends() {
+        let mine = |what: &str| what.contains("running_blocking_work_is_known");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let call = tokio::spawn(blocking(move || {
+            rx.recv().ok();
+            Ok(())
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(running().values().any(|(_, what, _)| mine(what)));
+        assert!(log_unfinished() >= 1);
+        tx.send(()).unwrap();
+        call.await.unwrap().unwrap();
+        assert!(!running().values().any(|(_, what, _)| mine(what)));
+    }
 
     #[tokio::test]
     async fn children_run_in_the_c_locale() {

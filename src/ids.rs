@@ -166,6 +166,41 @@ impl ObjectId {
     }
 }
 
+/// A volume id of this plugin (`<pool>.<key>`, the scheme above), parsed once where it enters
+/// (a request, at the gRPC edge in `csi/`) and passed inward as this type, so nothing behind
+/// the edge parses it again. Its text form (`Display`) is the CSI volume id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeId(ObjectId);
+
+impl VolumeId {
+    /// Parses the volume id in request field `field`: `Err(InvalidArgument)` when it is empty or
+    /// unsafe; `Ok(None)` when it is safe but not one of ours (no volume of ours has it).
+    pub fn parse(field: &str, id: &str) -> Result<Option<VolumeId>> {
+        Ok(ObjectId::parse(id, field, None)?.map(VolumeId))
+    }
+
+    /// The pool the volume is in.
+    pub(crate) fn pool(&self) -> &str {
+        &self.0.pool
+    }
+
+    /// The volume's key in its pool (16 lower-case hex digits).
+    pub(crate) fn key(&self) -> &str {
+        &self.0.key
+    }
+
+    /// The serial of the volume's disk (`vd-<key>`, see [`ObjectId::serial`]).
+    pub(crate) fn serial(&self) -> String {
+        self.0.serial()
+    }
+}
+
+impl std::fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Whether a disk serial is one this plugin gives its volumes' disks (`vd-<16 hex digits>`,
 /// see [`ObjectId::serial`]).
 pub(crate) fn is_volume_serial(serial: &str) -> bool {
@@ -234,6 +269,23 @@ mod tests {
         assert_eq!(ObjectId::parse_group(&sid_string()).unwrap(), None);
         assert_eq!(ObjectId::parse_snapshot(&gid.to_string()).unwrap(), None);
         assert_ne!(legacy_volume_key("a"), legacy_volume_key("b"));
+    }
+
+    #[test]
+    fn volume_ids_parse_once_into_pool_key_and_serial() {
+        let id = VolumeId::parse("volume_id", "fast-1.0123456789abcdef")
+            .unwrap()
+            .unwrap();
+        assert_eq!((id.pool(), id.key()), ("fast-1", "0123456789abcdef"));
+        assert_eq!(id.serial(), "vd-0123456789abcdef");
+        assert_eq!(id.to_string(), "fast-1.0123456789abcdef");
+        // Safe but not ours: no volume has it. A snapshot id is not a volume id.
+        for foreign in ["nope", "pool.xyz", "default.s0123456789abcdef"] {
+            assert_eq!(VolumeId::parse("volume_id", foreign).unwrap(), None);
+        }
+        let err = VolumeId::parse("volume_id", "../x").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("volume_id"), "{err}");
     }
 
     #[test]

@@ -31,3 +31,4 @@ mod nodetopo;
 pub mod params;
 pub mod pool;
 mod server;
+mod shutdown;

@@ -1,5 +1,6 @@
-//! The gRPC server on a unix socket: stale socket removed, restrictive permissions, graceful
-//! shutdown on SIGTERM/SIGINT (in-flight RPCs finish, the socket is removed). A `tcp://`
+//! The gRPC server on a unix socket: stale socket replaced, restrictive permissions from the
+//! start, graceful stop when the process's [`Shutdown`] begins (in-flight RPCs finish within
+//! its grace period, the socket is removed). A `tcp://`
 //! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
 //! Every accepted connection goes through [`authority::AuthorityFix`], so that clients which
 //! send the socket path as HTTP/2 `:authority` (Python grpcio, grpc-java, Nomad 1.0–1.2) get
@@ -19,15 +20,13 @@ use crate::csi::proto::{
 };
 use crate::error::{Error, Result};
 use crate::pool::Pools;
+use crate::shutdown::Shutdown;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
-
-/// How long in-flight RPCs may run after SIGTERM/SIGINT.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `unix:///csi/csi.sock` or `/csi/csi.sock` → the socket path.
 pub(crate) fn socket_path(endpoint: &str) -> Result<PathBuf> {
@@ -66,51 +65,71 @@ pub(crate) struct ServeOptions {
     pub socket_group: Option<String>,
 }
 
+/// Binds the socket at `path` with its final mode and group before anyone can reach it: the
+/// socket is made in a fresh 0700 directory next to `path`, given its mode (0600, or 0660 and
+/// the group), then renamed over `path` (which also replaces a stale socket atomically).
+/// Nothing changes the process-wide umask.
 fn bind(path: &Path, opts: &ServeOptions) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!(socket = %path.display(), "removed stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("removing stale socket {}", path.display()),
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
+    // tempfile makes the directory 0700.
+    let private = tempfile::Builder::new()
+        .prefix(".virtdisk-csi-bind-")
+        .tempdir_in(dir)
+        .map_err(|e| {
+            Error::io(
+                format!("creating a private directory in {}", dir.display()),
                 e,
-            ))
+            )
+        })?;
+    let fresh = private.path().join("csi.sock");
+    let listener = UnixListener::bind(&fresh)
+        .map_err(|e| Error::io(format!("binding {}", fresh.display()), e))?;
+    let mode = match &opts.socket_group {
+        Some(group) => {
+            let gid = nix::unistd::Group::from_name(group)
+                .map_err(|e| Error::sys(format!("looking up group {group}"), e))?
+                .ok_or_else(|| Error::invalid(format!("group {group:?} does not exist")))?
+                .gid;
+            nix::unistd::chown(&fresh, None, Some(gid))
+                .map_err(|e| Error::sys(format!("chown {}", fresh.display()), e))?;
+            0o660
         }
+        None => 0o600,
+    };
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("chmod {}", fresh.display()), e))?;
+    if path.exists() {
+        tracing::info!(socket = %path.display(), "replacing a stale socket");
     }
-    // Bind under a restrictive umask so the socket is never briefly world-accessible.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-    if let Some(group) = &opts.socket_group {
-        let gid = nix::unistd::Group::from_name(group)
-            .map_err(|e| Error::internal(format!("looking up group {group}: {e}")))?
-            .ok_or_else(|| Error::invalid(format!("group {group:?} does not exist")))?
-            .gid;
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| Error::internal(format!("chown {}: {e}", path.display())))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-    }
+    std::fs::rename(&fresh, path)
+        .map_err(|e| Error::io(format!("moving the socket to {}", path.display()), e))?;
     Ok(listener)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+/// The socket file, removed when serving ends (also when the serving future is dropped at the
+/// end of the grace period).
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(socket = %self.0.display(), error = %e, "could not remove socket");
+            }
+        }
     }
 }
 
-/// Builds the services for `cfg.mode` and serves until a signal arrives.
-pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachments) -> Result<()> {
+/// Builds the services for `cfg.mode` and serves until the shutdown begins; then in-flight
+/// RPCs finish (the caller bounds this by the grace period) and the socket is removed.
+pub(crate) async fn serve(
+    cfg: Config,
+    opts: ServeOptions,
+    attachers: Attachments,
+    shutdown: &Shutdown,
+) -> Result<()> {
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
@@ -122,7 +141,7 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 .init_ledgers(existing.into_iter().map(|(v, _)| v.id).collect())
                 .await?;
         }
-        pools.start_flattener();
+        pools.start_flattener(shutdown);
         // Guests a crashed controller left frozen or paused for a live snapshot.
         attachers.release_left_quiesced().await;
         Some(pools)
@@ -173,24 +192,15 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
         None
     };
     let router = router.add_optional_service(node);
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown_signal().await;
-        let _ = stopping_tx.send(());
-    };
-    type Serving = std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = std::result::Result<(), tonic::transport::Error>>
-                + Send,
-        >,
-    >;
-    let server: Serving = match &opts.listen {
+    let stop = shutdown.begun();
+    let served = match &opts.listen {
         Listen::Unix(path) => {
             let listener = bind(path, &opts)?;
+            let _socket = SocketFile(path.clone());
             tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
             let incoming = UnixListenerStream::new(listener)
                 .map(|conn| conn.map(authority::AuthorityFix::new));
-            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            router.serve_with_incoming_shutdown(incoming, stop).await
         }
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
@@ -205,37 +215,10 @@ pub(crate) async fn serve(cfg: Config, opts: ServeOptions, attachers: Attachment
                 })
                 .map(authority::AuthorityFix::new)
             });
-            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            router.serve_with_incoming_shutdown(incoming, stop).await
         }
     };
-    // In-flight RPCs get a grace period; a client that never closes its connection must not
-    // keep the plugin alive forever.
-    let grace = async {
-        if stopping_rx.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let result = tokio::select! {
-        r = server => r,
-        _ = grace => {
-            tracing::warn!("connections still open after the shutdown grace period; exiting");
-            Ok(())
-        }
-    };
-    if let Listen::Unix(path) = &opts.listen {
-        remove_socket(path);
-    }
-    result.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
-}
-
-fn remove_socket(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
-        }
-    }
+    served.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 
 #[cfg(test)]

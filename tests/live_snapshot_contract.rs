@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 use virtdisk_csi::attach::{Attacher, LiveMember};
 use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig, NodeIdKind, PoolImages};
+use virtdisk_csi::ids::VolumeId;
 use virtdisk_test_support::qemu::{create_overlay, create_qcow2};
 use virtdisk_test_support::virsh::{virsh_ok, URI};
 use virtdisk_test_support::{open_for_qemu, TestDomain};
@@ -117,10 +118,14 @@ fn source(dom: &TestDomain, serial: &str) -> Option<PathBuf> {
 const VOLUME: &str = "default.0123456789abcdef";
 const SERIAL: &str = "vd-0123456789abcdef";
 
+fn volume(id: &str) -> VolumeId {
+    VolumeId::parse("volume id", id).unwrap().unwrap()
+}
+
 /// The one member `snapshot_live` switches: VOLUME onto `overlay`.
 fn onto(overlay: &Path) -> Vec<LiveMember> {
     vec![LiveMember {
-        volume_id: VOLUME.into(),
+        volume_id: volume(VOLUME),
         overlay: overlay.to_path_buf(),
     }]
 }
@@ -222,11 +227,11 @@ async fn two_disks_switch_together_or_not_at_all() {
     let pair = |a: &Path, b: &Path| {
         vec![
             LiveMember {
-                volume_id: VOLUME.into(),
+                volume_id: volume(VOLUME),
                 overlay: a.to_path_buf(),
             },
             LiveMember {
-                volume_id: VOLUME2.into(),
+                volume_id: volume(VOLUME2),
                 overlay: b.to_path_buf(),
             },
         ]

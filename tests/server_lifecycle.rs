@@ -21,6 +21,28 @@ async fn socket_is_private_stale_socket_replaced_and_sigterm_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn socket_group_gets_0660_and_the_bind_leaves_nothing_behind() {
+    use std::os::unix::fs::MetadataExt;
+    let group = nix::unistd::Group::from_name("daemon")
+        .unwrap()
+        .expect("group daemon (Debian's base system has it)");
+    let p = Plugin::start("controller", &["--socket-group", "daemon"]).await;
+    let meta = std::fs::metadata(&p.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    // The socket was made in a private directory and moved into place: nothing else is left.
+    let names: Vec<String> = std::fs::read_dir(p.socket.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".virtdisk-csi-bind")),
+        "{names:?}"
+    );
+    p.identity().ready().await.unwrap();
+}
+
+#[tokio::test]
 async fn csi_endpoint_environment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("env.sock");

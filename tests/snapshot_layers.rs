@@ -143,13 +143,13 @@ macro_rules! fake_attacher {
             async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
                 Err(Error::Unimplemented("fake".into()))
             }
-            async fn detach(&self, _: &str, _: &str) -> Result<()> {
+            async fn detach(&self, _: &str, _: &virtdisk_csi::ids::VolumeId) -> Result<()> {
                 Ok(())
             }
-            async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+            async fn resize(&self, _: &str, _: &virtdisk_csi::ids::VolumeId, _: u64) -> Result<()> {
                 Ok(())
             }
-            async fn set_qos(&self, _: &str, _: &str, _: &virtdisk_csi::params::Qos) -> Result<()> {
+            async fn set_qos(&self, _: &str, _: &virtdisk_csi::ids::VolumeId, _: &virtdisk_csi::params::Qos) -> Result<()> {
                 Ok(())
             }
             async fn check_health(&self) -> Result<()> {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use virtdisk_csi::attach::DiskSpec;
 use virtdisk_csi::hypervisor::diskxml;
+use virtdisk_csi::ids::VolumeId;
 use virtdisk_csi::model::ImageFormat;
 use virtdisk_csi::params::{Bus, DiskOptions};
 pub use virtdisk_test_support::run_ok;
@@ -70,9 +71,12 @@ pub fn libvirt_attach_detach(plan: &[(String, std::path::PathBuf)]) -> (Samples,
         let n = per_domain.entry(domain.as_str()).or_default();
         let target = diskxml::target_name(Bus::Scsi, *n);
         *n += 1;
-        let serial = format!("vd-f{i:015x}");
+        let key = format!("f{i:015x}");
+        let serial = format!("vd-{key}");
         let spec = DiskSpec {
-            volume_id: format!("floor.{i}"),
+            volume_id: VolumeId::parse("volume id", &format!("floor.{key}"))
+                .unwrap()
+                .expect("an id of ours"),
             serial: serial.clone(),
             image: image.clone(),
             format: ImageFormat::Qcow2,

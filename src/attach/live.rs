@@ -20,6 +20,7 @@
 
 use super::{Attacher, Attachments};
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::model::Consistency;
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -43,7 +44,7 @@ const RELEASE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveMember {
     /// The CSI volume id.
-    pub volume_id: String,
+    pub volume_id: VolumeId,
     /// Absolute path of the new overlay, in the volume's pool.
     pub overlay: PathBuf,
 }
@@ -226,7 +227,7 @@ impl Attachments {
                      more; unpublish them first",
                     n.members
                         .iter()
-                        .map(|m| m.volume_id.as_str())
+                        .map(|m| m.volume_id.to_string())
                         .collect::<Vec<_>>()
                         .join(", "),
                     n.node_id
@@ -629,13 +630,13 @@ mod tests {
         async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
             Err(Error::internal("not in these tests"))
         }
-        async fn detach(&self, _: &str, _: &str) -> Result<()> {
+        async fn detach(&self, _: &str, _: &VolumeId) -> Result<()> {
             Ok(())
         }
-        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        async fn resize(&self, _: &str, _: &VolumeId, _: u64) -> Result<()> {
             Ok(())
         }
-        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+        async fn set_qos(&self, _: &str, _: &VolumeId, _: &crate::params::Qos) -> Result<()> {
             Ok(())
         }
         async fn check_health(&self) -> Result<()> {
@@ -687,6 +688,12 @@ mod tests {
         a
     }
 
+    /// Volume `i` of node `n` (a one-letter name, which is a hex digit): `p.<n>00…0<i>`.
+    fn volume(n: &str, i: u8) -> VolumeId {
+        let id = format!("p.{n}{i:015x}");
+        VolumeId::parse("volume id", &id).unwrap().unwrap()
+    }
+
     fn plan(nodes: &[&str]) -> Vec<NodeMembers> {
         nodes
             .iter()
@@ -694,11 +701,11 @@ mod tests {
                 node_id: n.to_string(),
                 members: vec![
                     LiveMember {
-                        volume_id: format!("p.{n}1"),
+                        volume_id: volume(n, 1),
                         overlay: PathBuf::from(format!("/p/images/{n}1.qcow2")),
                     },
                     LiveMember {
-                        volume_id: format!("p.{n}2"),
+                        volume_id: volume(n, 2),
                         overlay: PathBuf::from(format!("/p/images/{n}2.qcow2")),
                     },
                 ],

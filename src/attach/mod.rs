@@ -9,6 +9,7 @@ pub(crate) use live::NodeMembers;
 pub use live::{FsFreeze, LiveMember, DEFAULT_QUIESCE_TIMEOUT};
 
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::model::Capability;
 use crate::params::{Bus, DiskOptions};
 use crate::pool::VolumeRecord;
@@ -28,7 +29,7 @@ pub(crate) const CTX_DEVICE: &str = "devicePath";
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     /// The CSI volume id (`<pool>.<key>`).
-    pub volume_id: String,
+    pub volume_id: VolumeId,
     /// The disk serial the guest sees (`vd-<key>`): how the node finds the device.
     pub serial: String,
     /// Absolute path of the image to attach (the volume's active layer).
@@ -141,12 +142,16 @@ pub trait Attacher: Send + Sync {
     /// Attaches and confirms the disk is there. `max` > 0 bounds the node's disk count.
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment>;
     /// Detaches and confirms the disk is gone; OK when it was not attached.
-    async fn detach(&self, node_id: &str, volume_id: &str) -> Result<()>;
+    async fn detach(&self, node_id: &str, volume_id: &VolumeId) -> Result<()>;
     /// Grows an attached disk so the node sees the new size now.
-    async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()>;
+    async fn resize(&self, node_id: &str, volume_id: &VolumeId, size: u64) -> Result<()>;
     /// Applies QoS to an attached disk.
-    async fn set_qos(&self, node_id: &str, volume_id: &str, qos: &crate::params::Qos)
-        -> Result<()>;
+    async fn set_qos(
+        &self,
+        node_id: &str,
+        volume_id: &VolumeId,
+        qos: &crate::params::Qos,
+    ) -> Result<()>;
     /// Ready to serve (e.g. libvirtd reachable).
     async fn check_health(&self) -> Result<()>;
     /// A backend that can be unreachable (libvirtd restarting, a remote host down) names the
@@ -529,13 +534,13 @@ impl Attachments {
     pub(crate) async fn snapshot_live(
         &self,
         node_id: &str,
-        volume_id: &str,
+        volume_id: &VolumeId,
         new_overlay: &Path,
     ) -> Result<LiveSnapshot> {
         let plan = vec![NodeMembers {
             node_id: node_id.to_string(),
             members: vec![LiveMember {
-                volume_id: volume_id.to_string(),
+                volume_id: volume_id.clone(),
                 overlay: new_overlay.to_path_buf(),
             }],
         }];
@@ -573,9 +578,10 @@ impl Attachments {
         }
     }
 
-    /// ControllerPublishVolume.
+    /// ControllerPublishVolume of volume `id` (`vol` is its record).
     pub(crate) async fn publish(
         &self,
+        id: &VolumeId,
         vol: &VolumeRecord,
         image: PathBuf,
         req: &Publish,
@@ -627,10 +633,8 @@ impl Attachments {
             }
         }
         let spec = DiskSpec {
-            volume_id: vol.id.clone(),
-            serial: crate::ids::ObjectId::parse_volume(&vol.id)?
-                .map(|o| o.serial())
-                .ok_or_else(|| Error::internal(format!("bad volume id {}", vol.id)))?,
+            volume_id: id.clone(),
+            serial: id.serial(),
             image,
             format: vol.format,
             options: vol.disk.clone(),
@@ -652,7 +656,7 @@ impl Attachments {
     }
 
     /// ControllerUnpublishVolume: OK when not attached or when the node is gone.
-    pub(crate) async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
+    pub(crate) async fn unpublish(&self, volume_id: &VolumeId, node_id: &str) -> Result<()> {
         let Some(index) = self.backend_index(node_id).await? else {
             return Ok(());
         };
@@ -680,8 +684,8 @@ impl Attachments {
     }
 
     /// Online expansion on every node holding the volume; false when it is attached nowhere.
-    pub(crate) async fn resize_online(&self, volume_id: &str, size: u64) -> Result<bool> {
-        let nodes = self.nodes_of(volume_id).await?;
+    pub(crate) async fn resize_online(&self, volume_id: &VolumeId, size: u64) -> Result<bool> {
+        let nodes = self.nodes_of(&volume_id.to_string()).await?;
         for node in &nodes {
             if let Some(b) = self.backend_for(node).await? {
                 b.resize(node, volume_id, size).await?;
@@ -691,8 +695,12 @@ impl Attachments {
     }
 
     /// Applies QoS on every node holding the volume.
-    pub(crate) async fn set_qos(&self, volume_id: &str, qos: &crate::params::Qos) -> Result<()> {
-        for node in self.nodes_of(volume_id).await? {
+    pub(crate) async fn set_qos(
+        &self,
+        volume_id: &VolumeId,
+        qos: &crate::params::Qos,
+    ) -> Result<()> {
+        for node in self.nodes_of(&volume_id.to_string()).await? {
             if let Some(b) = self.backend_for(&node).await? {
                 b.set_qos(&node, volume_id, qos).await?;
             }
@@ -711,6 +719,11 @@ mod tests {
 
     use std::sync::atomic::AtomicUsize;
 
+    /// The id of `vol`, as the gRPC edge parses it.
+    fn vid(vol: &VolumeRecord) -> VolumeId {
+        VolumeId::parse("volume id", &vol.id).unwrap().unwrap()
+    }
+
     /// One node, attachments in memory.
     #[derive(Default)]
     struct FakeNode {
@@ -728,7 +741,7 @@ mod tests {
         async fn attach(&self, node_id: &str, spec: &DiskSpec, _max: u64) -> Result<Attachment> {
             let att = Attachment {
                 node_id: node_id.into(),
-                volume_id: spec.volume_id.clone(),
+                volume_id: spec.volume_id.to_string(),
                 serial: spec.serial.clone(),
                 bus: Bus::default(),
                 readonly: spec.readonly,
@@ -739,17 +752,15 @@ mod tests {
             self.attached.lock().unwrap().push(att.clone());
             Ok(att)
         }
-        async fn detach(&self, _node_id: &str, volume_id: &str) -> Result<()> {
-            self.attached
-                .lock()
-                .unwrap()
-                .retain(|a| a.volume_id != volume_id);
+        async fn detach(&self, _node_id: &str, volume_id: &VolumeId) -> Result<()> {
+            let id = volume_id.to_string();
+            self.attached.lock().unwrap().retain(|a| a.volume_id != id);
             Ok(())
         }
-        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        async fn resize(&self, _: &str, _: &VolumeId, _: u64) -> Result<()> {
             Ok(())
         }
-        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+        async fn set_qos(&self, _: &str, _: &VolumeId, _: &crate::params::Qos) -> Result<()> {
             Ok(())
         }
         async fn check_health(&self) -> Result<()> {
@@ -798,13 +809,13 @@ mod tests {
         async fn attach(&self, _: &str, _: &DiskSpec, _: u64) -> Result<Attachment> {
             Err(Error::internal("not in this test"))
         }
-        async fn detach(&self, _: &str, _: &str) -> Result<()> {
+        async fn detach(&self, _: &str, _: &VolumeId) -> Result<()> {
             Ok(())
         }
-        async fn resize(&self, _: &str, _: &str, _: u64) -> Result<()> {
+        async fn resize(&self, _: &str, _: &VolumeId, _: u64) -> Result<()> {
             Ok(())
         }
-        async fn set_qos(&self, _: &str, _: &str, _: &crate::params::Qos) -> Result<()> {
+        async fn set_qos(&self, _: &str, _: &VolumeId, _: &crate::params::Qos) -> Result<()> {
             Ok(())
         }
         async fn check_health(&self) -> Result<()> {
@@ -881,12 +892,12 @@ mod tests {
         for first in cases {
             let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
             let ctx = att
-                .publish(&vol, img.clone(), &publish(first.0, first.1))
+                .publish(&vid(&vol), &vol, img.clone(), &publish(first.0, first.1))
                 .await
                 .unwrap();
             for again in cases {
                 let res = att
-                    .publish(&vol, img.clone(), &publish(again.0, again.1))
+                    .publish(&vid(&vol), &vol, img.clone(), &publish(again.0, again.1))
                     .await;
                 if disk(again) == disk(first) {
                     assert_eq!(res.unwrap(), ctx, "{first:?} then {again:?}");
@@ -911,9 +922,10 @@ mod tests {
         a.recent(Duration::from_secs(60)).await.unwrap();
         assert_eq!(reads(), 1, "a second listing reuses the read");
         // An unpublish made here (a no-op detach) makes the read stale.
-        a.unpublish("default.0123456789abcdef", "node")
-            .await
+        let id = VolumeId::parse("volume id", "default.0123456789abcdef")
+            .unwrap()
             .unwrap();
+        a.unpublish(&id, "node").await.unwrap();
         a.recent(Duration::from_secs(60)).await.unwrap();
         assert_eq!(reads(), 2, "read again after a change");
         a.recent(Duration::ZERO).await.unwrap();

@@ -31,6 +31,19 @@ impl AccessModeArg {
     }
 }
 
+/// Which page of a listing: one page (`--max-entries`, `--starting-token`) or all (`--all`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct PageArgs {
+    /// Page size (0: the plugin decides).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_entries: i32,
+    #[arg(long, default_value = "")]
+    pub(crate) starting_token: String,
+    /// Follow next_token until the last page.
+    #[arg(long)]
+    pub(crate) all: bool,
+}
+
 /// One volume capability: `--block`, or a file system (`--fs ext4 --mount-flag noatime`).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct CapArgs {

@@ -92,6 +92,36 @@ impl Ctx {
     }
 }
 
+/// A listing RPC's pages from `start`: one page, or every page when `all` (following
+/// `next_token`, and stopping with an error if the plugin repeats one). `page` asks for one
+/// page at a token and returns its entries and next token. Returns the entries and the last
+/// next token.
+pub(crate) async fn pages<E, F, Fut>(
+    start: String,
+    all: bool,
+    mut page: F,
+) -> Result<(Vec<E>, String), ClientError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<E>, String), ClientError>>,
+{
+    let mut token = start;
+    let mut entries = Vec::new();
+    loop {
+        let (more, next) = page(token.clone()).await?;
+        entries.extend(more);
+        if !all || next.is_empty() {
+            return Ok((entries, next));
+        }
+        if next == token {
+            return Err(ClientError::Failed(format!(
+                "the plugin returned next_token {token:?} again; stopping to avoid a loop"
+            )));
+        }
+        token = next;
+    }
+}
+
 /// Runs one command; prints its report to stdout. Errors are for the caller to print.
 pub(crate) async fn run(args: ClientArgs) -> Result<(), ClientError> {
     let socket = crate::server::socket_path(&args.endpoint)

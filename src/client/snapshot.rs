@@ -1,9 +1,9 @@
 //! `client snapshot …`: the Controller service's snapshot RPCs.
 
-use super::args::{key_value, to_map};
+use super::args::{key_value, to_map, PageArgs};
 use super::render::Report;
 use super::view::{self, SNAPSHOT_COLUMNS};
-use super::{ClientError, Ctx};
+use super::{pages, ClientError, Ctx};
 use crate::csi::proto as csi;
 use serde_json::json;
 
@@ -28,12 +28,8 @@ pub(crate) enum SnapshotCmd {
         /// Only this snapshot.
         #[arg(long, default_value = "")]
         id: String,
-        #[arg(long, default_value_t = 0)]
-        max_entries: i32,
-        #[arg(long, default_value = "")]
-        starting_token: String,
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// GetSnapshot.
     Get { snapshot_id: String },
@@ -64,38 +60,26 @@ pub(super) async fn run(cmd: SnapshotCmd, ctx: &Ctx) -> Result<Report, ClientErr
                 json!({ "snapshot": view::snapshot(&s) }),
             )
         }
-        SnapshotCmd::List {
-            source,
-            id,
-            max_entries,
-            starting_token,
-            all,
-        } => {
-            let mut token = starting_token;
-            let mut snaps = Vec::new();
-            loop {
-                let r = c
-                    .list_snapshots(ctx.request(csi::ListSnapshotsRequest {
-                        max_entries,
-                        starting_token: token.clone(),
-                        source_volume_id: source.clone(),
-                        snapshot_id: id.clone(),
-                        ..Default::default()
-                    }))
-                    .await?
-                    .into_inner();
-                snaps.extend(r.entries.into_iter().filter_map(|e| e.snapshot));
-                if !all || r.next_token.is_empty() {
-                    token = r.next_token;
-                    break;
+        SnapshotCmd::List { source, id, page } => {
+            let max_entries = page.max_entries;
+            let (snaps, token) = pages(page.starting_token, page.all, |starting_token| {
+                let (source, id, mut c) = (source.clone(), id.clone(), c.clone());
+                async move {
+                    let r = c
+                        .list_snapshots(ctx.request(csi::ListSnapshotsRequest {
+                            max_entries,
+                            starting_token,
+                            source_volume_id: source,
+                            snapshot_id: id,
+                            ..Default::default()
+                        }))
+                        .await?
+                        .into_inner();
+                    let snaps: Vec<_> = r.entries.into_iter().filter_map(|e| e.snapshot).collect();
+                    Ok((snaps, r.next_token))
                 }
-                if r.next_token == token {
-                    return Err(ClientError::Failed(format!(
-                        "the plugin returned next_token {token:?} again; stopping to avoid a loop"
-                    )));
-                }
-                token = r.next_token;
-            }
+            })
+            .await?;
             let footer = if token.is_empty() {
                 vec![]
             } else {

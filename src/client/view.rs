@@ -123,6 +123,20 @@ pub(super) fn snapshot_fields(s: &csi::Snapshot) -> Vec<(&'static str, String)> 
         .collect()
 }
 
+/// The names of a GetCapabilities answer: `rpc_types` holds each capability's RPC type
+/// (None: a capability of another kind), `name` the proto enum name of a known type.
+pub(super) fn rpc_capability_names(
+    rpc_types: impl Iterator<Item = Option<i32>>,
+    name: impl Fn(i32) -> Option<&'static str>,
+) -> Vec<String> {
+    rpc_types
+        .map(|t| match t {
+            Some(t) => name(t).map_or_else(|| format!("rpc-{t}"), enum_name),
+            None => "unknown".into(),
+        })
+        .collect()
+}
+
 /// `SINGLE_NODE_WRITER` → `single-node-writer`: the names the flags take.
 pub(super) fn enum_name(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")

@@ -4,10 +4,10 @@ use super::convert;
 use super::proto::{self as csi, controller_server::Controller};
 use crate::attach::{Attachments, Publish};
 use crate::error::{Error, Result};
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, ObjectId, VolumeId};
 use crate::params::{self, VolumeParams};
 use crate::pool::{
-    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition,
+    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition, VolumeLock,
 };
 use tonic::{Request, Response, Status};
 
@@ -37,6 +37,15 @@ impl ControllerService {
             None => vec![v.accessible_topology.clone()],
         };
         convert::volume(v, &topologies)
+    }
+
+    /// The lock of the volume a request names (its id parsed at the edge); `None` when no
+    /// volume of ours can have that id.
+    async fn lock_volume(&self, id: &Option<VolumeId>) -> Result<Option<VolumeLock>> {
+        match id {
+            Some(id) => self.pools.lock_volume(id).await,
+            None => Ok(None),
+        }
     }
 }
 
@@ -143,7 +152,8 @@ impl Controller for ControllerService {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> RpcResult<csi::DeleteVolumeResponse> {
         let r = req.into_inner();
-        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
+        let id = convert::volume_id(&r.volume_id)?;
+        let Some(lock) = self.lock_volume(&id).await? else {
             return ok(csi::DeleteVolumeResponse {});
         };
         if lock.existed() {
@@ -166,7 +176,7 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerPublishVolumeRequest>,
     ) -> RpcResult<csi::ControllerPublishVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         ids::check_name("node_id", &r.node_id)?;
         let capability = convert::required_capability(r.volume_capability.as_ref())?;
         if !self.attachments.is_enabled() {
@@ -175,8 +185,8 @@ impl Controller for ControllerService {
             )
             .into());
         }
-        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
-            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        let Some(lock) = self.lock_volume(&id).await? else {
+            return Err(convert::no_volume(&r.volume_id).into());
         };
         let rec = self.pools.locked_volume(&lock).await?;
         let image = self.pools.image_path(&rec)?;
@@ -185,7 +195,10 @@ impl Controller for ControllerService {
             capability,
             readonly: r.readonly,
         };
-        let ctx = self.attachments.publish(&rec, image, &publish).await?;
+        let ctx = self
+            .attachments
+            .publish(lock.id(), &rec, image, &publish)
+            .await?;
         ok(csi::ControllerPublishVolumeResponse {
             publish_context: ctx,
         })
@@ -196,22 +209,22 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> RpcResult<csi::ControllerUnpublishVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         if r.node_id.is_empty() {
             // Spec: an empty node id means "from every node".
-            let Some(_lock) = self.pools.lock_volume(&r.volume_id).await? else {
+            let Some(lock) = self.lock_volume(&id).await? else {
                 return ok(csi::ControllerUnpublishVolumeResponse {});
             };
             for node in self.attachments.nodes_of(&r.volume_id).await? {
-                self.attachments.unpublish(&r.volume_id, &node).await?;
+                self.attachments.unpublish(lock.id(), &node).await?;
             }
             return ok(csi::ControllerUnpublishVolumeResponse {});
         }
         ids::check_name("node_id", &r.node_id)?;
-        let Some(_lock) = self.pools.lock_volume(&r.volume_id).await? else {
+        let Some(lock) = self.lock_volume(&id).await? else {
             return ok(csi::ControllerUnpublishVolumeResponse {});
         };
-        self.attachments.unpublish(&r.volume_id, &r.node_id).await?;
+        self.attachments.unpublish(lock.id(), &r.node_id).await?;
         ok(csi::ControllerUnpublishVolumeResponse {})
     }
 
@@ -220,11 +233,12 @@ impl Controller for ControllerService {
         req: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> RpcResult<csi::ValidateVolumeCapabilitiesResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         let caps = convert::capabilities(&r.volume_capabilities)?;
         convert::check_map("parameters", &r.parameters)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
-        let rec = self.pools.require_volume(&r.volume_id).await?;
+        let id = id.ok_or_else(|| convert::no_volume(&r.volume_id))?;
+        let rec = self.pools.require_volume(&id).await?;
         let problem = caps
             .iter()
             .find_map(|c| c.check(rec.format).err())
@@ -426,15 +440,15 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> RpcResult<csi::ControllerExpandVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         let cap = r
             .volume_capability
             .as_ref()
             .map(convert::capability)
             .transpose()?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
-        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
-            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        let Some(lock) = self.lock_volume(&id).await? else {
+            return Err(convert::no_volume(&r.volume_id).into());
         };
         let mut rec = self.pools.locked_volume(&lock).await?;
         let target = self.pools.expansion_target(&rec, required, limit).await?;
@@ -442,7 +456,7 @@ impl Controller for ControllerService {
             if self.attachments.nodes_of(&rec.id).await?.is_empty() {
                 rec = self.pools.expand_offline(&lock, target, 0).await?;
             } else {
-                self.attachments.resize_online(&rec.id, target).await?;
+                self.attachments.resize_online(lock.id(), target).await?;
                 rec.capacity_bytes = target;
                 self.pools.save(&lock, &rec).await?;
                 tracing::info!(volume = %rec.id, size = target, "volume expanded online");
@@ -463,8 +477,9 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerGetVolumeRequest>,
     ) -> RpcResult<csi::ControllerGetVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
-        let (volume, cond) = self.pools.describe(&r.volume_id).await?;
+        let id =
+            convert::volume_id(&r.volume_id)?.ok_or_else(|| convert::no_volume(&r.volume_id))?;
+        let (volume, cond) = self.pools.describe(&id).await?;
         let scan = self.attachments.scan().await?;
         let attachments: Vec<&crate::attach::Attachment> = scan
             .known
@@ -487,15 +502,15 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> RpcResult<csi::ControllerModifyVolumeResponse> {
         let r = req.into_inner();
-        ids::check_safe_id("volume_id", &r.volume_id)?;
+        let id = convert::volume_id(&r.volume_id)?;
         convert::check_map("mutable_parameters", &r.mutable_parameters)?;
         params::check_mutable(&r.mutable_parameters)?;
         // The values too, before anything is looked up.
         for (k, v) in &r.mutable_parameters {
             params::apply_qos(&mut params::Qos::default(), k, v)?;
         }
-        let Some(lock) = self.pools.lock_volume(&r.volume_id).await? else {
-            return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
+        let Some(lock) = self.lock_volume(&id).await? else {
+            return Err(convert::no_volume(&r.volume_id).into());
         };
         let mut rec = self.pools.locked_volume(&lock).await?;
         let mut qos = rec.disk.qos;
@@ -504,7 +519,7 @@ impl Controller for ControllerService {
         }
         qos.validate()?;
         if qos != rec.disk.qos {
-            self.attachments.set_qos(&rec.id, &qos).await?;
+            self.attachments.set_qos(lock.id(), &qos).await?;
             rec.disk.qos = qos;
             for (k, v) in &r.mutable_parameters {
                 rec.parameters.insert(k.clone(), v.clone());

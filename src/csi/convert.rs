@@ -2,9 +2,24 @@
 
 use super::proto as csi;
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::model::{AccessMode, AccessType, Capability, ContentSource};
 use crate::pool::{SnapshotSummary, TopologyRequirement, VolumeSummary};
 use std::collections::BTreeMap;
+
+/// A request's `volume_id`, parsed once here and passed inward as a [`VolumeId`]:
+/// INVALID_ARGUMENT when it is missing or unsafe; `None` when it is well-formed but no volume
+/// of this plugin can have it. Each RPC answers `None` as `csi-error-tables.md` says for it:
+/// NOT_FOUND ("volume does not exist"), or success for DeleteVolume and
+/// ControllerUnpublishVolume (nothing to delete or detach).
+pub(crate) fn volume_id(id: &str) -> Result<Option<VolumeId>> {
+    VolumeId::parse("volume_id", id)
+}
+
+/// NOT_FOUND for volume `id`.
+pub(crate) fn no_volume(id: &str) -> Error {
+    Error::NotFound(format!("volume {id} does not exist"))
+}
 
 pub(crate) fn access_mode(m: Option<&csi::volume_capability::AccessMode>) -> Result<AccessMode> {
     use csi::volume_capability::access_mode::Mode;

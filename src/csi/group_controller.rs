@@ -3,7 +3,7 @@
 use super::convert;
 use super::proto::{self as csi, group_controller_server::GroupController};
 use crate::error::{Error, Result};
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, ObjectId, VolumeId};
 use crate::pool::{CreateGroupSnapshot, GroupSnapshotRecord, Pools, MAX_GROUP_MEMBERS};
 use std::collections::BTreeSet;
 use tonic::{Request, Response, Status};
@@ -76,13 +76,16 @@ impl GroupController for GroupControllerService {
             .into());
         }
         let mut seen = BTreeSet::new();
+        let mut volumes = Vec::with_capacity(r.source_volume_ids.len());
         for id in &r.source_volume_ids {
-            ids::check_safe_id("source_volume_ids entry", id)?;
+            let volume = VolumeId::parse("source_volume_ids entry", id)?
+                .ok_or_else(|| Error::NotFound(format!("source volume {id} does not exist")))?;
             if !seen.insert(id) {
                 return Err(
                     Error::invalid(format!("source_volume_ids names volume {id} twice")).into(),
                 );
             }
+            volumes.push(volume);
         }
         convert::check_map("parameters", &r.parameters)?;
         // Holds the name's lock and every volume's lock.
@@ -90,7 +93,7 @@ impl GroupController for GroupControllerService {
             .pools
             .create_group_snapshot(CreateGroupSnapshot {
                 name: r.name,
-                source_volume_ids: r.source_volume_ids,
+                source_volume_ids: volumes,
                 parameters: r.parameters,
             })
             .await?;

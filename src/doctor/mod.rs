@@ -9,7 +9,10 @@ mod tools;
 
 use crate::config::{Config, Mode, Overrides};
 use serde::Serialize;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DoctorArgs {
@@ -27,6 +30,10 @@ pub(crate) struct DoctorArgs {
     /// table (for people) or json (for programs).
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: crate::client::OutputFormat,
+    /// How long each group of checks (tools, pools, libvirt, host) may take; one that takes
+    /// longer (a libvirtd that never answers, a hung mount) is a FAIL.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub check_timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -113,7 +120,45 @@ impl Report {
     }
 }
 
-/// Runs every check that applies to `args.mode`.
+const TOOLS_FIX: &str =
+    "find the program that hangs (run each with --version) and fix or replace it";
+const POOLS_FIX: &str = "check the filesystem of the directory (a hung network mount?): \
+                         `stat` it, `df` it";
+const LIBVIRT_FIX: &str = "check that libvirtd answers: virsh -c URI version (a libvirtd that \
+                           accepts connections and never answers hangs here)";
+const HOST_FIX: &str = "check /sys, /proc/self/mountinfo and /dev on this host: one of them \
+                        does not answer";
+
+type Checks = Pin<Box<dyn Future<Output = Vec<Check>> + Send>>;
+
+/// Runs one group of checks on its own task for at most `limit`. A group stuck in a call that
+/// never returns becomes one FAIL named after it, and the doctor goes on; what is stuck on the
+/// blocking pool is left behind at exit (`cli::main` does not wait for it).
+async fn bounded(group: &str, fix: &str, limit: Duration, checks: Checks) -> Vec<Check> {
+    let task = tokio::spawn(checks);
+    let abort = task.abort_handle();
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(checks)) => checks,
+        Ok(Err(e)) => vec![Check::fail(
+            group,
+            format!("the checks failed: {e}"),
+            "report this as a bug",
+        )],
+        Err(_) => {
+            abort.abort();
+            vec![Check::fail(
+                group,
+                format!(
+                    "the {group} checks did not finish within {} s (--check-timeout)",
+                    limit.as_secs()
+                ),
+                fix,
+            )]
+        }
+    }
+}
+
+/// Runs every check that applies to `args.mode`, each group bounded by `args.check_timeout`.
 pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
     let mode = args.mode;
     let mut checks = Vec::new();
@@ -164,19 +209,27 @@ pub(crate) async fn diagnose(args: &DoctorArgs) -> Report {
             None
         }
     };
+    let limit = Duration::from_secs(args.check_timeout);
+    let group = |name, fix, checks: Checks| bounded(name, fix, limit, checks);
     if mode.runs_controller() {
-        checks.extend(tools::controller_tools(mode).await);
+        checks.extend(group("tools", TOOLS_FIX, Box::pin(tools::controller_tools(mode))).await);
         if let Some(c) = &config {
-            checks.extend(pools::check_pools(c).await);
-            checks.extend(libvirt::check(mode, &c.hosts, c.hosts_configured).await);
+            let cfg = c.clone();
+            let pools = async move { pools::check_pools(&cfg).await };
+            checks.extend(group("pools", POOLS_FIX, Box::pin(pools)).await);
+            let (hosts, named) = (c.hosts.clone(), c.hosts_configured);
+            let libvirt = async move { libvirt::check(mode, &hosts, named).await };
+            checks.extend(group("libvirt", LIBVIRT_FIX, Box::pin(libvirt)).await);
         }
     }
     if mode.runs_node() {
-        checks.extend(host::node_checks(mode).await);
-        checks.extend(tools::node_tools(mode).await);
+        checks.extend(group("host", HOST_FIX, Box::pin(host::node_checks(mode))).await);
+        checks.extend(group("node tools", TOOLS_FIX, Box::pin(tools::node_tools(mode))).await);
     }
     if let Some(c) = &config {
-        checks.push(pools::check_data_dir(&c.data_dir).await);
+        let dir = c.data_dir.clone();
+        let data_dir = async move { vec![pools::check_data_dir(&dir).await] };
+        checks.extend(group("data dir", POOLS_FIX, Box::pin(data_dir)).await);
     }
     Report {
         mode: format!("{mode:?}").to_lowercase(),

@@ -213,7 +213,9 @@ mod tests {
 
     fn spec() -> DiskSpec {
         DiskSpec {
-            volume_id: "default.0123456789abcdef".into(),
+            volume_id: crate::ids::VolumeId::parse("volume id", "default.0123456789abcdef")
+                .unwrap()
+                .unwrap(),
             serial: "vd-0123456789abcdef".into(),
             image: "/pools/a'b<c>&\"d/images/x.qcow2".into(),
             format: ImageFormat::Qcow2,

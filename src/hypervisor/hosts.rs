@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 use virt::connect::Connect;
 use virt::sys;
 
@@ -260,19 +261,23 @@ impl Hosts {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, h) in self.hosts.iter().enumerate() {
             let (lv, node) = (h.lv.clone(), node_id.to_string());
-            tasks.spawn(async move {
-                let asked = lv.read(move |c, l| lookup(c, l, &node, i));
-                let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, asked).await {
-                    Ok(a) => a,
-                    Err(_) => Err(Error::Unavailable(format!(
-                        "libvirt of host {} at {} did not answer within {}s",
-                        lv.host(),
-                        lv.uri(),
-                        LOOKUP_TIMEOUT.as_secs()
-                    ))),
-                };
-                (i, answer)
-            });
+            tasks.spawn(
+                async move {
+                    let asked = lv.read(move |c, l| lookup(c, l, &node, i));
+                    let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, asked).await {
+                        Ok(a) => a,
+                        Err(_) => Err(Error::Unavailable(format!(
+                            "libvirt of host {} at {} did not answer within {}s",
+                            lv.host(),
+                            lv.uri(),
+                            LOOKUP_TIMEOUT.as_secs()
+                        ))),
+                    };
+                    (i, answer)
+                }
+                // The RPC's span (volume, node) follows the lookup into its task.
+                .in_current_span(),
+            );
         }
         let mut found = Findings::default();
         while let Some(joined) = tasks.join_next().await {

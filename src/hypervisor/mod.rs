@@ -40,6 +40,7 @@ use crate::attach::{
     Attacher, Attachment, DiskSpec, FsFreeze, HostScan, LiveMember, Unreachable, CTX_BUS,
 };
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::params::Qos;
 use domxml::DiskXml;
 use hosts::{Host, Hosts, Located};
@@ -47,6 +48,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
+use tracing::Instrument;
 use virt::domain::Domain;
 
 /// The hypervisor hosts the controller attaches to, and how.
@@ -127,13 +129,6 @@ pub struct Hypervisor {
     /// [`HypervisorConfig::pools`].
     pools: Arc<Vec<PoolImages>>,
     locks: DomainLocks,
-}
-
-/// The pool of a volume id (`<pool>.<key>`).
-fn pool_of(volume_id: &str) -> Result<String> {
-    crate::ids::ObjectId::parse_volume(volume_id)?
-        .map(|o| o.pool)
-        .ok_or_else(|| Error::NotFound(format!("volume {volume_id} does not exist")))
 }
 
 impl Hypervisor {
@@ -249,18 +244,22 @@ impl Hypervisor {
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let this = self.clone();
-            tasks.spawn(async move {
-                let read = tokio::time::timeout(READ_TIMEOUT, this.host_attachments(&host)).await;
-                let read = read.unwrap_or_else(|_| {
-                    Err(Error::Unavailable(format!(
-                        "libvirt of host {} at {} did not answer within {}s",
-                        host.name,
-                        host.lv.uri(),
-                        READ_TIMEOUT.as_secs()
-                    )))
-                });
-                (host, read)
-            });
+            tasks.spawn(
+                async move {
+                    let read =
+                        tokio::time::timeout(READ_TIMEOUT, this.host_attachments(&host)).await;
+                    let read = read.unwrap_or_else(|_| {
+                        Err(Error::Unavailable(format!(
+                            "libvirt of host {} at {} did not answer within {}s",
+                            host.name,
+                            host.lv.uri(),
+                            READ_TIMEOUT.as_secs()
+                        )))
+                    });
+                    (host, read)
+                }
+                .in_current_span(),
+            );
         }
         let mut scan = HostScan::default();
         while let Some(joined) = tasks.join_next().await {
@@ -279,14 +278,14 @@ impl Hypervisor {
     }
 
     /// Refuses a volume whose pool the host of `at` cannot reach (a local pool of another host).
-    fn check_reach(&self, node_id: &str, at: &Located, volume_id: &str) -> Result<()> {
-        let pool = pool_of(volume_id)?;
-        if at.host.attaches(&pool) {
+    fn check_reach(&self, node_id: &str, at: &Located, volume_id: &VolumeId) -> Result<()> {
+        let pool = volume_id.pool();
+        if at.host.attaches(pool) {
             return Ok(());
         }
         let owners: Vec<String> = self
             .hosts
-            .attaching(&pool)
+            .attaching(pool)
             .iter()
             .map(|h| h.name.clone())
             .collect();
@@ -406,7 +405,7 @@ impl Attacher for Hypervisor {
         Ok(att)
     }
 
-    async fn detach(&self, node_id: &str, volume_id: &str) -> Result<()> {
+    async fn detach(&self, node_id: &str, volume_id: &VolumeId) -> Result<()> {
         // Every copy: the running domain, and the definitions a migration left elsewhere.
         let placement = self.hosts.placement(node_id).await;
         let placement = self.settle(node_id, placement)?;
@@ -425,8 +424,9 @@ impl Attacher for Hypervisor {
             let host = self.hosts.host(primary.host);
             let detached =
                 unplug::detach(&host.lv, &guard, &uuid, volume_id, self.cfg.detach_timeout).await;
-            self.settle(node_id, detached)?;
-            crate::metrics::observe_detach(&host.name, started.elapsed());
+            if self.settle(node_id, detached)? {
+                crate::metrics::observe_detach(&host.name, started.elapsed());
+            }
         }
         for stale in &placement.others {
             let host = self.hosts.host(stale.host);
@@ -440,14 +440,14 @@ impl Attacher for Hypervisor {
         Ok(())
     }
 
-    async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()> {
+    async fn resize(&self, node_id: &str, volume_id: &VolumeId, size: u64) -> Result<()> {
         let at = self.require(node_id).await?;
         let guard = self.locks.lock(&at.copy.uuid).await;
         let resized = tune::resize(&at.host.lv, &guard, &at.copy.uuid, volume_id, size).await;
         self.settle(node_id, resized)
     }
 
-    async fn set_qos(&self, node_id: &str, volume_id: &str, qos: &Qos) -> Result<()> {
+    async fn set_qos(&self, node_id: &str, volume_id: &VolumeId, qos: &Qos) -> Result<()> {
         let at = self.require(node_id).await?;
         let guard = self.locks.lock(&at.copy.uuid).await;
         let set = tune::set_qos(&at.host.lv, &guard, &at.copy.uuid, volume_id, qos).await;
@@ -460,7 +460,7 @@ impl Attacher for Hypervisor {
         let mut tasks = tokio::task::JoinSet::new();
         for host in self.hosts.all() {
             let lv = host.lv.clone();
-            tasks.spawn(async move { lv.ping().await });
+            tasks.spawn(async move { lv.ping().await }.in_current_span());
         }
         let mut first_error = None;
         while let Some(joined) = tasks.join_next().await {

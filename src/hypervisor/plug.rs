@@ -67,7 +67,7 @@ pub(super) fn attach(
                 })?;
             }
         }
-        return Ok(attachment_of(node_id, &spec.volume_id, disk));
+        return Ok(attachment_of(node_id, &spec.volume_id.to_string(), disk));
     }
     let mut v = v;
     if let Some(stale) = v.config_disk(&spec.serial) {
@@ -119,10 +119,11 @@ fn check_limit(
     if max == 0 {
         return Ok(());
     }
+    let this = spec.volume_id.to_string();
     let held = v
         .plugin_disks(pools)
         .iter()
-        .filter(|(vol, _)| *vol != spec.volume_id)
+        .filter(|(vol, _)| *vol != this)
         .count() as u64;
     if held >= max {
         return Err(Error::ResourceExhausted(format!(
@@ -167,7 +168,7 @@ fn confirm(
     let live = after.live_disk(&spec.serial);
     let complete = live.is_some() && (!persist || after.config_disk(&spec.serial).is_some());
     match live {
-        Some(disk) if complete => Ok(attachment_of(node_id, &spec.volume_id, disk)),
+        Some(disk) if complete => Ok(attachment_of(node_id, &spec.volume_id.to_string(), disk)),
         _ => {
             let err = Error::Unavailable(format!(
                 "libvirt accepted volume {} for node {node_id} but the disk is not in the \

@@ -5,6 +5,7 @@ use super::ffi;
 use super::plug::domain_by_uuid;
 use super::view;
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::model::ImageFormat;
 use crate::params::Qos;
 use crate::pool::qemu_img;
@@ -25,10 +26,10 @@ pub(super) async fn resize(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
     size: u64,
 ) -> Result<()> {
-    let serial = view::serial_of(volume_id)?;
+    let serial = volume_id.serial();
     let (u, vol, held) = (uuid.to_string(), volume_id.to_string(), lock.clone());
     let outcome = lv
         .write(move |c, l| {
@@ -107,10 +108,10 @@ pub(super) async fn set_qos(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
     qos: &Qos,
 ) -> Result<()> {
-    let serial = view::serial_of(volume_id)?;
+    let serial = volume_id.serial();
     let (u, vol, q, held) = (uuid.to_string(), volume_id.to_string(), *qos, lock.clone());
     lv.write(move |c, l| {
         let _held = held;

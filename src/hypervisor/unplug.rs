@@ -10,6 +10,7 @@ use super::diskxml;
 use super::plug::domain_by_uuid;
 use super::view;
 use crate::error::{Error, Kind, Result};
+use crate::ids::VolumeId;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use virt::sys;
@@ -25,15 +26,16 @@ struct Requested {
 
 /// Detaches the volume's disk from the domain `uuid` of `lv`'s host, live and persistent,
 /// confirming it is gone from the live definition within `timeout`. Every libvirt call holds
-/// `lock` (the domain's) until it returns.
+/// `lock` (the domain's) until it returns. Returns whether the disk was in the live definition
+/// (false: there was nothing to detach live).
 pub(super) async fn detach(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
     timeout: Duration,
-) -> Result<()> {
-    let serial = view::serial_of(volume_id)?;
+) -> Result<bool> {
+    let serial = volume_id.serial();
     let started = Instant::now();
     let deadline = started + timeout;
     let (u, s, held) = (uuid.to_string(), serial.clone(), lock.clone());
@@ -46,7 +48,7 @@ pub(super) async fn detach(
     {
         Ok(r) => r,
         // The domain went away meanwhile: nothing is attached to it any more.
-        Err(e) if e.code() == Code::NotFound => return Ok(()),
+        Err(e) if e.code() == Code::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
     crate::failpoint!("libvirt.detach-requested");
@@ -68,7 +70,8 @@ pub(super) async fn detach(
             ms = started.elapsed().as_millis() as u64, "disk detached from the live domain");
         crate::failpoint!("libvirt.live-detached");
     }
-    remove_stale(lv, lock, uuid, volume_id).await
+    remove_stale(lv, lock, uuid, volume_id).await?;
+    Ok(requested.live_target.is_some())
 }
 
 /// Removes the volume's disk from the persistent definition of domain `uuid` of `lv`'s host
@@ -78,9 +81,9 @@ pub(super) async fn remove_stale(
     lv: &Libvirt,
     lock: &DomainLock,
     uuid: &str,
-    volume_id: &str,
+    volume_id: &VolumeId,
 ) -> Result<()> {
-    let serial = view::serial_of(volume_id)?;
+    let serial = volume_id.serial();
     let (u, held) = (uuid.to_string(), lock.clone());
     match lv
         .write(move |c, l| {

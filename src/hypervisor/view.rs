@@ -89,13 +89,6 @@ pub(crate) fn volume_of(disk: &DiskXml, pools: &[PoolImages]) -> Option<String> 
     ObjectId::parse_volume(&id).ok().flatten().map(|_| id)
 }
 
-/// The serial of a volume's disk.
-pub(crate) fn serial_of(volume_id: &str) -> Result<String> {
-    ObjectId::parse_volume(volume_id)?
-        .map(|o| o.serial())
-        .ok_or_else(|| Error::NotFound(format!("volume {volume_id} does not exist")))
-}
-
 /// Whether `s` looks like a UUID (libvirt accepts dashes anywhere; we want the usual form).
 fn looks_like_uuid(s: &str) -> bool {
     let hex = s.bytes().filter(|b| *b != b'-').count();

@@ -26,7 +26,7 @@ use crate::attach::{Attacher, Attachment, DiskSpec, CTX_BUS, CTX_DEVICE};
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::ObjectId;
+use crate::ids::VolumeId;
 use crate::node::mountinfo::MountTable;
 use crate::node::Sysfs;
 use crate::params::{Bus, Discard, Qos};
@@ -35,6 +35,7 @@ use slot::{Record, Slot};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// publish_context `bus` of a locally attached volume.
 pub(crate) const BUS_LOCAL: &str = "local";
@@ -59,6 +60,9 @@ pub(crate) struct LocalAttacher {
     /// `--node-id` that might be a domain name): asked before the libvirt backend.
     serves_first: bool,
 }
+
+/// The host label of local attaches and detaches in the metrics: this machine.
+const LOCAL_HOST: &str = crate::config::IMPLICIT_HOST;
 
 /// Whether this process attaches volumes locally: `[node] local_attach`, by default in
 /// monolith mode (a controller that serves this host as a node).
@@ -123,12 +127,6 @@ pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
     let limit = limit::effective(cfg.node.max_volumes_per_node, host.volumes());
     tracing::debug!(?host, limit, "local attach: volumes per node");
     Ok(Some(limit))
-}
-
-fn key_of(volume_id: &str) -> Result<String> {
-    ObjectId::parse_volume(volume_id)?
-        .map(|o| o.key)
-        .ok_or_else(|| Error::NotFound(format!("volume {volume_id} is not one of ours")))
 }
 
 /// What a slot holds, read back from the host.
@@ -579,9 +577,10 @@ impl Attacher for LocalAttacher {
 
     async fn attach(&self, node_id: &str, spec: &DiskSpec, max: u64) -> Result<Attachment> {
         self.check_node(node_id)?;
-        let slot = Slot::new(&self.state_dir, &key_of(&spec.volume_id)?);
+        let started = Instant::now();
+        let slot = Slot::new(&self.state_dir, spec.volume_id.key());
         let rec = Record {
-            volume_id: spec.volume_id.clone(),
+            volume_id: spec.volume_id.to_string(),
             serial: slot.serial(),
             image: spec.image.clone(),
             format: spec.format,
@@ -606,6 +605,7 @@ impl Attacher for LocalAttacher {
             };
             // Nothing may use the dead device for a repair: the request's settings apply.
             let name = self.repair(&slot, &had, &rec, &loop_name, &reason).await?;
+            crate::metrics::observe_attach(LOCAL_HOST, started.elapsed());
             return Ok(self.attachment(&rec, &name, None));
         }
         let _counted = self.attaching.lock().await;
@@ -620,21 +620,27 @@ impl Attacher for LocalAttacher {
             )));
         }
         let name = self.attach_fresh(&slot, &rec).await?;
+        crate::metrics::observe_attach(LOCAL_HOST, started.elapsed());
         tracing::info!(volume = %spec.volume_id, device = %name, readonly = rec.readonly, "volume attached locally");
         Ok(self.attachment(&rec, &name, None))
     }
 
-    async fn detach(&self, node_id: &str, volume_id: &str) -> Result<()> {
+    async fn detach(&self, node_id: &str, volume_id: &VolumeId) -> Result<()> {
         self.check_node(node_id)?;
-        let Ok(key) = key_of(volume_id) else {
-            return Ok(());
-        };
-        self.teardown(&Slot::new(&self.state_dir, &key)).await
+        let started = Instant::now();
+        let slot = Slot::new(&self.state_dir, volume_id.key());
+        let dir = slot.dir.clone();
+        let attached = exec::blocking(move || Ok(dir.exists())).await?;
+        self.teardown(&slot).await?;
+        if attached {
+            crate::metrics::observe_detach(LOCAL_HOST, started.elapsed());
+        }
+        Ok(())
     }
 
-    async fn resize(&self, node_id: &str, volume_id: &str, size: u64) -> Result<()> {
+    async fn resize(&self, node_id: &str, volume_id: &VolumeId, size: u64) -> Result<()> {
         self.check_node(node_id)?;
-        let slot = Slot::new(&self.state_dir, &key_of(volume_id)?);
+        let slot = Slot::new(&self.state_dir, volume_id.key());
         let State::Attached {
             rec,
             loop_name: name,
@@ -686,7 +692,7 @@ impl Attacher for LocalAttacher {
         Ok(())
     }
 
-    async fn set_qos(&self, node_id: &str, volume_id: &str, qos: &Qos) -> Result<()> {
+    async fn set_qos(&self, node_id: &str, volume_id: &VolumeId, qos: &Qos) -> Result<()> {
         self.check_node(node_id)?;
         if !qos.is_empty() {
             tracing::warn!(volume = %volume_id, "local attach does not enforce QoS limits; they apply when the volume is attached to a VM");

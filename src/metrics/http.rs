@@ -1,15 +1,16 @@
 //! `GET /metrics` over plain HTTP/1 on a TCP address. Anything else is 404.
 
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 
-/// Binds now (so a busy port fails the start) and serves in the background. Returns the bound
-/// address (useful with port 0).
-pub(crate) async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
+/// Binds now (so a busy port fails the start) and serves in the background until the shutdown
+/// begins. Returns the bound address (useful with port 0).
+pub(crate) async fn serve(addr: SocketAddr, shutdown: &Shutdown) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("binding the metrics address {addr}"), e))?;
@@ -17,26 +18,34 @@ pub(crate) async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
         .local_addr()
         .map_err(|e| Error::io("reading the metrics address", e))?;
     tracing::info!(address = %bound, "serving metrics on /metrics");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
+    shutdown.spawn("metrics server", accept_loop(listener));
+    Ok(bound)
+}
+
+/// Accepts until dropped; the connections it serves are dropped with it.
+async fn accept_loop(listener: tokio::net::TcpListener) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            conn = listener.accept() => match conn {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics: accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
-            };
-            tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "metrics: connection ended with an error");
-                }
-            });
-        }
-    });
-    Ok(bound)
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next() => continue,
+        };
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle));
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics: connection ended with an error");
+            }
+        });
+    }
 }
 
 async fn handle<B>(req: Request<B>) -> std::result::Result<Response<Full<Bytes>>, hyper::Error> {

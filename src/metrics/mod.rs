@@ -4,8 +4,9 @@
 //!   gRPC code, times it, and runs it inside a span carrying the ids it concerns (volume, node,
 //!   snapshot). Only those ids are read from the request: secrets and whole messages never reach
 //!   a log line or a label.
-//! - hooks other modules call: [`observe_attach`], [`observe_detach`] (by hypervisor host),
-//!   [`set_host_up`], [`observe_operation`].
+//! - hooks other modules call: [`observe_attach`], [`observe_detach`] (by the attach backends,
+//!   by hypervisor host, once the change is confirmed), [`set_host_up`], [`observe_operation`] /
+//!   [`timed`] (domain steps: `mkfs`, `grow-fs`, …).
 //! - [`watch_pools`]: pool capacity gauges, refreshed on every scrape.
 //! - [`serve`]: `GET /metrics` on a TCP address (`serve --metrics-addr 127.0.0.1:9808`).
 
@@ -22,7 +23,6 @@ use std::time::Duration;
 
 /// A volume was attached to a node on hypervisor host `host` (the local host's name for local
 /// attach), confirmed, in `took`.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_attach(host: &str, took: Duration) {
     registry::get()
         .attach_seconds
@@ -31,7 +31,6 @@ pub(crate) fn observe_attach(host: &str, took: Duration) {
 }
 
 /// A volume was detached from a node on hypervisor host `host`, confirmed, in `took`.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn observe_detach(host: &str, took: Duration) {
     registry::get()
         .detach_seconds
@@ -60,8 +59,6 @@ pub(crate) fn set_host_up(host: &str, up: bool) {
 
 /// Any other timed step worth a histogram (`"snapshot"`, `"resize"`, `"flatten"`, `"mkfs"`…).
 /// Use a fixed, small set of names: each becomes a label value.
-// Not fed yet: issue 17 defect 1 wires it up.
-#[allow(dead_code)]
 pub(crate) fn observe_operation(operation: &'static str, took: Duration) {
     registry::get()
         .operation_seconds
@@ -86,6 +83,20 @@ pub(crate) fn observe_quiesce_window(took: Duration) {
         .operation_seconds
         .with_label_values(&["quiesce_window"])
         .observe(took.as_secs_f64());
+}
+
+/// Runs `step`; when it succeeds, observes how long it took as `operation`
+/// ([`observe_operation`]).
+pub(crate) async fn timed<T>(
+    operation: &'static str,
+    step: impl std::future::Future<Output = crate::error::Result<T>>,
+) -> crate::error::Result<T> {
+    let started = std::time::Instant::now();
+    let done = step.await;
+    if done.is_ok() {
+        observe_operation(operation, started.elapsed());
+    }
+    done
 }
 
 /// Lets the pool gauges follow these pools (controller modes call this once at start).

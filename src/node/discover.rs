@@ -4,7 +4,6 @@
 use super::sysfs::{BlockDevice, DeviceKind, Sysfs};
 use crate::error::{Error, Result};
 use crate::exec;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,18 +17,6 @@ pub(crate) struct DeviceQuery {
     pub(crate) device_path: Option<String>,
 }
 
-/// The device node exists and is that device. Fake trees in unit tests use plain files.
-fn node_ready(sysfs: &Sysfs, dev: &BlockDevice) -> bool {
-    match std::fs::metadata(sysfs.dev_path(&dev.name)) {
-        Ok(m) if m.file_type().is_block_device() => {
-            let rdev = m.rdev();
-            (libc::major(rdev), libc::minor(rdev)) == dev.dev()
-        }
-        Ok(_) => cfg!(test),
-        Err(_) => false,
-    }
-}
-
 /// The local-attach device named in the publish_context, if it is a loop device whose
 /// backing file is this volume's export (named after the serial).
 fn local_device(sysfs: &Sysfs, path: &str, serial: &str) -> Option<BlockDevice> {
@@ -40,7 +27,7 @@ fn local_device(sysfs: &Sysfs, path: &str, serial: &str) -> Option<BlockDevice> 
     let dev = sysfs.device(name)?;
     (dev.kind == DeviceKind::Loop
         && sysfs.serial_of(name).as_deref() == Some(serial)
-        && node_ready(sysfs, &dev))
+        && sysfs.has_node(&dev))
     .then_some(dev)
 }
 
@@ -54,7 +41,7 @@ pub(crate) fn find_now(sysfs: &Sysfs, q: &DeviceQuery) -> Result<Option<BlockDev
     let found = sysfs.find_by_serial(&q.serial)?;
     match found.as_slice() {
         [] => Ok(None),
-        [one] => Ok(node_ready(sysfs, one).then(|| one.clone())),
+        [one] => Ok(sysfs.has_node(one).then(|| one.clone())),
         many => Err(Error::FailedPrecondition(format!(
             "several disks report serial {}: {}; detach the duplicates",
             q.serial,
@@ -155,7 +142,7 @@ mod tests {
                     std::fs::write(d.join("size"), "2048").unwrap();
                     std::fs::write(d.join("device/vpd_pg80"), vpd_pg80("vd-0123456789abcdef"))
                         .unwrap();
-                    std::fs::write(sys.join("dev/sdc"), "").unwrap();
+                    std::fs::write(sys.join("dev/sdc"), "8:32").unwrap();
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

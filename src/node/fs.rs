@@ -96,8 +96,13 @@ fn read_ends(dev: &Path) -> Result<()> {
 }
 
 /// Creates a filesystem on a device the caller has checked is blank. Discards are skipped:
-/// a fresh image is unallocated already, and discarding through layers is slow.
+/// a fresh image is unallocated already, and discarding through layers is slow. Timed as the
+/// operation `mkfs`.
 pub(crate) async fn mkfs(dev: &Path, fs_type: &str) -> Result<()> {
+    crate::metrics::timed("mkfs", make_fs(dev, fs_type)).await
+}
+
+async fn make_fs(dev: &Path, fs_type: &str) -> Result<()> {
     let d: OsString = dev.into();
     match fs_type {
         // -m 0: no root reserve on a data volume; -F: whole device, no prompt.
@@ -234,8 +239,12 @@ pub(crate) async fn unmount(target: &Path) -> Result<()> {
     .await
 }
 
-/// Grows a mounted filesystem to the size of its device.
+/// Grows a mounted filesystem to the size of its device. Timed as the operation `grow-fs`.
 pub(crate) async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
+    crate::metrics::timed("grow-fs", grow_fs(fs_type, dev, mount_point)).await
+}
+
+async fn grow_fs(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
     match fs_type {
         "ext4" | "ext3" | "ext2" => exec::run("resize2fs", [OsString::from(dev)])
             .await

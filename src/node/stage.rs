@@ -1,7 +1,7 @@
 //! NodeStageVolume / NodeUnstageVolume.
 //!
 //! A mount volume is mounted at the staging path; a block volume has its device node bound onto
-//! `<staging>/device`. Either way the staging mount is made shared, so every bind of it (each
+//! `<staging>/virtdisk-block-device` ([`BLOCK_STAGE_FILE`]). Either way the staging mount is made shared, so every bind of it (each
 //! publish) joins its peer group: unstage counts the peers and refuses while any remain.
 //! Staging the same volume under a second path mounts the same device there too; the kernel
 //! reuses the superblock, so both paths show one filesystem and each unstages on its own.

@@ -40,6 +40,19 @@ impl BlockDevice {
 pub struct Sysfs {
     pub(crate) sys_root: PathBuf,
     pub(crate) dev_root: PathBuf,
+    /// The device number of a node under `dev_root`: [`block_node_dev`] on a host; the fake
+    /// tree of unit tests has its own (its nodes are plain files).
+    node_dev: fn(&Path) -> Option<(u32, u32)>,
+}
+
+/// The device number of `path` if it is a block device node.
+fn block_node_dev(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    m.file_type().is_block_device().then(|| {
+        let rdev = m.rdev();
+        (libc::major(rdev), libc::minor(rdev))
+    })
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -99,6 +112,7 @@ impl Sysfs {
         Sysfs {
             sys_root: sys_root.into(),
             dev_root: dev_root.into(),
+            node_dev: block_node_dev,
         }
     }
 
@@ -110,6 +124,11 @@ impl Sysfs {
     /// `/dev/<name>`.
     pub(crate) fn dev_path(&self, name: &str) -> PathBuf {
         self.dev_root.join(name)
+    }
+
+    /// Whether `/dev/<name>` is the node of `dev` (a block device with its device number).
+    pub(crate) fn has_node(&self, dev: &BlockDevice) -> bool {
+        (self.node_dev)(&self.dev_path(&dev.name)) == Some(dev.dev())
     }
 
     fn block_dir(&self, name: &str) -> PathBuf {
@@ -278,18 +297,23 @@ pub(crate) mod fake {
             FakeTree { dir }
         }
 
+        /// The tree's sysfs; its /dev nodes are plain files holding `major:minor`.
         pub(crate) fn sysfs(&self) -> Sysfs {
-            Sysfs::new(self.dir.path().join("sys"), self.dir.path().join("dev"))
+            Sysfs {
+                node_dev: plain_file_dev,
+                ..Sysfs::new(self.dir.path().join("sys"), self.dir.path().join("dev"))
+            }
         }
 
-        /// Adds a disk: `dev`, `size` (sectors), `ro`, and a /dev node (a plain file).
+        /// Adds a disk: `dev`, `size` (sectors), `ro`, and a /dev node (a plain file holding
+        /// `dev`).
         pub(crate) fn disk(&self, name: &str, dev: &str, sectors: u64) -> PathBuf {
             let d = self.dir.path().join("sys/block").join(name);
             std::fs::create_dir_all(d.join("device")).unwrap();
             std::fs::write(d.join("dev"), format!("{dev}\n")).unwrap();
             std::fs::write(d.join("size"), format!("{sectors}\n")).unwrap();
             std::fs::write(d.join("ro"), "0\n").unwrap();
-            std::fs::write(self.dir.path().join("dev").join(name), "").unwrap();
+            std::fs::write(self.dir.path().join("dev").join(name), dev).unwrap();
             d
         }
 
@@ -299,6 +323,13 @@ pub(crate) mod fake {
             std::fs::write(d.join("scan"), "").unwrap();
             d.join("scan")
         }
+    }
+
+    /// A fake /dev node's device number: the `major:minor` it holds.
+    fn plain_file_dev(path: &Path) -> Option<(u32, u32)> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let (major, minor) = text.trim().split_once(':')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
     }
 
     /// A VPD page 0x80 as a QEMU scsi-hd returns it.
@@ -374,6 +405,35 @@ mod tests {
         assert_eq!(s.loop_devices().unwrap().len(), 1);
         assert_eq!(s.dev_path("sda"), t.dir.path().join("dev/sda"));
         assert!(s.device("../etc").is_none());
+    }
+
+    #[test]
+    fn only_a_block_device_with_the_right_number_is_a_node() {
+        let t = FakeTree::new();
+        t.disk("vdb", "254:16", 8);
+        let fake = t.sysfs();
+        let dev = fake.device("vdb").unwrap();
+        assert!(fake.has_node(&dev));
+        let moved = BlockDevice {
+            minor: 17,
+            ..dev.clone()
+        };
+        assert!(!fake.has_node(&moved), "another device number");
+        // Read as on a host, the same tree's plain file is no device node.
+        let host = Sysfs::new(t.dir.path().join("sys"), t.dir.path().join("dev"));
+        assert!(!host.has_node(&dev));
+        // A real block device node is one, with its own number only.
+        if let Some(loop_dev) = (0..8).find_map(|n| {
+            let name = format!("loop{n}");
+            Sysfs::host().device(&name)
+        }) {
+            assert!(Sysfs::host().has_node(&loop_dev), "{loop_dev:?}");
+            let other = BlockDevice {
+                minor: loop_dev.minor + 1000,
+                ..loop_dev
+            };
+            assert!(!Sysfs::host().has_node(&other));
+        }
     }
 
     #[test]

@@ -93,10 +93,11 @@ async fn try_lock(pool: &Arc<Pool>, slot: Slot) -> Result<Option<ObjectLock>> {
 }
 
 impl Pools {
-    /// Starts the background flattener; it runs until the runtime stops.
-    pub(crate) fn start_flattener(&self) -> tokio::task::JoinHandle<()> {
+    /// Starts the background flattener; it runs until the shutdown begins (a pass in progress
+    /// stops like a crash would: its job record says how to finish or undo it).
+    pub(crate) fn start_flattener(&self, shutdown: &crate::shutdown::Shutdown) {
         let pools = self.clone();
-        tokio::spawn(async move { pools.flatten_loop().await })
+        shutdown.spawn("chain flattener", async move { pools.flatten_loop().await });
     }
 
     async fn flatten_loop(self) {

@@ -28,7 +28,7 @@ use super::{Pool, Pools};
 use crate::attach::{LiveMember, NodeMembers};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, ObjectId, VolumeId};
 use crate::model::{Consistency, ImageFormat};
 use futures_util::future::join_all;
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,8 +43,8 @@ pub const MAX_GROUP_MEMBERS: usize = 64;
 pub struct CreateGroupSnapshot {
     /// The CSI group snapshot name.
     pub name: String,
-    /// The volumes to snapshot together.
-    pub source_volume_ids: Vec<String>,
+    /// The volumes to snapshot together (parsed at the edge: each can be one of ours).
+    pub source_volume_ids: Vec<VolumeId>,
     /// The CreateVolumeGroupSnapshot parameters.
     pub parameters: BTreeMap<String, String>,
 }
@@ -209,7 +209,11 @@ impl Pools {
             name: req.name.clone(),
             pool: group_pool.name().to_string(),
             state: RecordState::Creating,
-            source_volume_ids: req.source_volume_ids.clone(),
+            source_volume_ids: req
+                .source_volume_ids
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             snapshot_ids: planned.iter().map(|m| m.snapshot_id.clone()).collect(),
             parameters: req.parameters.clone(),
             created_at: 0,
@@ -328,8 +332,12 @@ impl Pools {
             .await?;
             return Ok(None);
         }
-        let want: BTreeSet<&String> = req.source_volume_ids.iter().collect();
-        let have: BTreeSet<&String> = existing.source_volume_ids.iter().collect();
+        let want: BTreeSet<String> = req
+            .source_volume_ids
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let have: BTreeSet<String> = existing.source_volume_ids.iter().cloned().collect();
         if want != have {
             return Err(Error::AlreadyExists(format!(
                 "a group snapshot named {:?} already exists ({}) of other volumes ({}); use \
@@ -387,7 +395,7 @@ impl Pools {
         for (m, p) in members.iter().zip(&prepared) {
             let Some(node) = &m.writer else { continue };
             let member = LiveMember {
-                volume_id: m.vol.id.clone(),
+                volume_id: m.lock.id().clone(),
                 overlay: p.overlay_path.clone(),
             };
             match plan.iter_mut().find(|n| n.node_id == *node) {

@@ -174,7 +174,7 @@ impl Pools {
                 let live = self
                     .layers
                     .attachments
-                    .snapshot_live(node, &prepared.rec.id, &prepared.overlay_path)
+                    .snapshot_live(node, prepared.lock.id(), &prepared.overlay_path)
                     .await
                     .map_err(|e| unsupported_live(e, &prepared.rec.id, node));
                 match live {

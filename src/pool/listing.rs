@@ -6,7 +6,7 @@ use super::store::{Index, Layer, VolumeEntry};
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::ObjectId;
+use crate::ids::{ObjectId, VolumeId};
 use crate::model::{ContentSource, ImageFormat};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -244,9 +244,9 @@ impl Pools {
     }
 
     /// ControllerGetVolume: a Ready volume's summary and condition, from the index.
-    pub(crate) async fn describe(&self, id: &str) -> Result<(VolumeSummary, VolumeCondition)> {
+    pub(crate) async fn describe(&self, id: &VolumeId) -> Result<(VolumeSummary, VolumeCondition)> {
         let not_found = || Error::NotFound(format!("volume {id} does not exist"));
-        let Some((pool, key)) = self.locate_volume(id)? else {
+        let Some((pool, key)) = self.locate_volume(id) else {
             return Err(not_found());
         };
         let found = exec::blocking(move || {

@@ -8,7 +8,7 @@ use super::store::{Kind, Slot};
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, ObjectId, VolumeId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -71,7 +71,8 @@ impl Pools {
     /// source volume's lock.
     pub async fn create_snapshot(&self, req: CreateSnapshot) -> Result<SnapshotRecord> {
         ids::check_name("snapshot name", &req.name)?;
-        ids::check_safe_id("source_volume_id", &req.source_volume_id)?;
+        // Parsed once; an id that is not ours is NOT_FOUND below, after the name's lookup.
+        let source = VolumeId::parse("source_volume_id", &req.source_volume_id)?;
         let hash = ids::name_hash(ids::SNAPSHOT, &req.name);
         let _name = self
             .lock_name(
@@ -88,10 +89,11 @@ impl Pools {
                 req.source_volume_id
             ))
         };
-        let lock = self
-            .lock_volume(&req.source_volume_id)
-            .await?
-            .ok_or_else(missing)?;
+        let lock = match &source {
+            Some(source) => self.lock_volume(source).await?,
+            None => None,
+        }
+        .ok_or_else(missing)?;
         let vol = self.locked_volume(&lock).await.map_err(|_| missing())?;
         let size = vol.capacity_bytes;
         let (frozen, _vol) = self.freeze(&lock, vol).await?;

@@ -108,7 +108,8 @@ impl Pools {
             }
             ContentSource::Volume(id) => {
                 let missing = || Error::NotFound(format!("source volume {id} does not exist"));
-                let lock = self.lock_volume(id).await?.ok_or_else(missing)?;
+                let vid = Self::own_volume_id("source volume_id", id, missing)?;
+                let lock = self.lock_volume(&vid).await?.ok_or_else(missing)?;
                 let vol = self.locked_volume(&lock).await.map_err(|_| missing())?;
                 if vol.format != ImageFormat::Qcow2 {
                     return Err(Error::invalid(format!(

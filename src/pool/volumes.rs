@@ -9,7 +9,7 @@ use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::fsutil;
-use crate::ids::{self, ObjectId};
+use crate::ids::{self, VolumeId};
 use crate::model::{Capability, ContentSource, ImageFormat};
 use crate::params::VolumeParams;
 use std::collections::BTreeMap;
@@ -63,7 +63,7 @@ pub(crate) struct CapacityQuery {
 pub(crate) struct VolumeLock {
     pub(super) pool: Arc<Pool>,
     pub(super) key: u64,
-    id: String,
+    id: VolumeId,
     pub(super) held: ObjectLock,
     existed: bool,
 }
@@ -73,6 +73,11 @@ impl VolumeLock {
     /// only its holder changes that.
     pub(crate) fn existed(&self) -> bool {
         self.existed
+    }
+
+    /// The id of the locked volume.
+    pub(crate) fn id(&self) -> &VolumeId {
+        &self.id
     }
 }
 
@@ -163,29 +168,34 @@ impl Pools {
         self.pools.iter().find(|p| p.name() == name)
     }
 
-    /// The pool and key a volume id names; `Ok(None)` when it cannot be a volume of ours.
-    pub(super) fn locate_volume(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
-        let Some(oid) = ObjectId::parse_volume(id)? else {
-            return Ok(None);
-        };
-        let Some(key) = super::store::parse_key(&oid.key) else {
-            return Ok(None);
-        };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+    /// The pool and key of volume `id`; `None` when its pool is not configured here.
+    pub(super) fn locate_volume(&self, id: &VolumeId) -> Option<(Arc<Pool>, u64)> {
+        let key = super::store::parse_key(id.key())?;
+        self.get(id.pool()).map(|p| (p.clone(), key))
+    }
+
+    /// The volume id of a record or request field `field` that must name a volume of ours:
+    /// INVALID_ARGUMENT when unsafe, NOT_FOUND (`missing`) when it cannot be one of ours.
+    pub(super) fn own_volume_id(
+        field: &str,
+        id: &str,
+        missing: impl FnOnce() -> Error,
+    ) -> Result<VolumeId> {
+        VolumeId::parse(field, id)?.ok_or_else(missing)
     }
 
     /// Takes the lock of a volume: ABORTED while another operation (of any process sharing
-    /// the pool) holds it, `Ok(None)` when the id cannot name a volume of ours. Finishes or
+    /// the pool) holds it, `Ok(None)` when its pool is not configured here. Finishes or
     /// undoes a change to the volume that a crashed process left half done.
-    pub(crate) async fn lock_volume(&self, id: &str) -> Result<Option<VolumeLock>> {
+    pub(crate) async fn lock_volume(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
         let pools = self.clone();
-        let id = id.to_string();
+        let id = id.clone();
         exec::blocking(move || pools.lock_volume_blocking(&id)).await
     }
 
     /// `lock_volume`, blocking.
-    pub(super) fn lock_volume_blocking(&self, id: &str) -> Result<Option<VolumeLock>> {
-        let Some((pool, key)) = self.locate_volume(id)? else {
+    pub(super) fn lock_volume_blocking(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
+        let Some((pool, key)) = self.locate_volume(id) else {
             return Ok(None);
         };
         let held = pool
@@ -200,7 +210,7 @@ impl Pools {
         Ok(Some(VolumeLock {
             pool,
             key,
-            id: id.to_string(),
+            id: id.clone(),
             held,
             existed,
         }))
@@ -220,18 +230,26 @@ impl Pools {
             .collect()
     }
 
-    /// Looks a volume up by id (index, then its record file). `Ok(None)` when it does not
-    /// exist (or is not Ready).
+    /// Looks a volume up by its id (index, then its record file). `Ok(None)` when it does
+    /// not exist (or is not Ready); INVALID_ARGUMENT for an unsafe id.
     pub async fn volume(&self, id: &str) -> Result<Option<VolumeRecord>> {
-        let Some((pool, key)) = self.locate_volume(id)? else {
+        match VolumeId::parse("volume id", id)? {
+            Some(id) => self.volume_by_id(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// `volume`, for a parsed id.
+    async fn volume_by_id(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+        let Some((pool, key)) = self.locate_volume(id) else {
             return Ok(None);
         };
         exec::blocking(move || pool.ready_volume(key)).await
     }
 
     /// Like `volume`, but NOT_FOUND when absent.
-    pub(crate) async fn require_volume(&self, id: &str) -> Result<VolumeRecord> {
-        self.volume(id)
+    pub(crate) async fn require_volume(&self, id: &VolumeId) -> Result<VolumeRecord> {
+        self.volume_by_id(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
@@ -337,9 +355,9 @@ impl Pools {
         let Some(existing) = self.find_by_name(&req.name)? else {
             return Ok(None);
         };
-        let lock = self
-            .lock_volume_blocking(&existing.id)?
-            .ok_or_else(|| Error::internal(format!("volume id {} does not parse", existing.id)))?;
+        let bad = || Error::internal(format!("volume id {} does not parse", existing.id));
+        let id = Self::own_volume_id("volume id", &existing.id, bad)?;
+        let lock = self.lock_volume_blocking(&id)?.ok_or_else(bad)?;
         // Locking settles the volume: read it again.
         let Some(existing) = lock.pool.read_volume(lock.key)? else {
             return Ok(None);
@@ -633,7 +651,7 @@ impl Pools {
 
     /// Rewrites a locked volume's record (one commit).
     pub(crate) async fn save(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
-        if rec.id != lock.id {
+        if rec.id != lock.id.to_string() {
             return Err(Error::internal(format!(
                 "saving volume {} under the lock of {}",
                 rec.id, lock.id

@@ -95,7 +95,7 @@ pub(super) async fn snapshot_live(
 
 /// "volume v" or "volumes a, b, c", for messages.
 fn describe(members: &[LiveMember]) -> String {
-    let ids: Vec<&str> = members.iter().map(|m| m.volume_id.as_str()).collect();
+    let ids: Vec<String> = members.iter().map(|m| m.volume_id.to_string()).collect();
     match ids.as_slice() {
         [one] => format!("volume {one}"),
         many => format!("volumes {}", many.join(", ")),
@@ -119,8 +119,8 @@ async fn read_switches(hv: &Hypervisor, members: &[LiveMember]) -> Result<Vec<Sw
             Ok::<_, Error>((
                 i,
                 Switch {
-                    serial: view::serial_of(&m.volume_id)?,
-                    volume_id: m.volume_id,
+                    serial: m.volume_id.serial(),
+                    volume_id: m.volume_id.to_string(),
                     overlay: m.overlay,
                     backing: header.backing,
                     size: header.size,

@@ -103,7 +103,26 @@ impl Drop for PoolLock<'_> {
 /// blocking call made under it, so a cancelled RPC cannot release it while that call runs).
 #[derive(Clone)]
 pub(crate) struct ObjectLock {
-    _file: Arc<File>,
+    _held: Arc<HeldRange>,
+}
+
+/// One locked byte, released explicitly on drop. Closing the descriptor alone is not enough:
+/// an OFD lock lasts until the last descriptor of its open file description closes, and a
+/// child process forked at that moment holds a copy of every descriptor until its `exec`
+/// (close-on-exec), so the lock would outlive its holder by that window and a following
+/// operation on the object would be refused as "in progress".
+struct HeldRange {
+    file: File,
+    offset: i64,
+}
+
+impl Drop for HeldRange {
+    fn drop(&mut self) {
+        let unlock = range(libc::F_UNLCK, self.offset, 1);
+        if let Err(e) = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&unlock)) {
+            tracing::error!(error = %e, "could not release an object lock");
+        }
+    }
 }
 
 impl std::fmt::Debug for ObjectLock {
@@ -168,7 +187,10 @@ impl Locks {
         let got = try_set(&file, &range(libc::F_WRLCK, slot.offset(), 1))
             .map_err(|e| Error::io(format!("locking {slot:?} in {}", self.path.display()), e))?;
         Ok(got.then(|| ObjectLock {
-            _file: Arc::new(file),
+            _held: Arc::new(HeldRange {
+                file,
+                offset: slot.offset(),
+            }),
         }))
     }
 }
@@ -224,6 +246,21 @@ mod tests {
         assert!(locks.object(Slot::Volume(7)).unwrap().is_none());
         drop(clone);
         assert!(locks.object(Slot::Volume(7)).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_object_lock_ends_with_its_holder_even_while_a_copy_of_its_descriptor_lives() {
+        // A child forked while the lock is held keeps a copy of the descriptor until exec:
+        // the same open file description, here through a duplicate.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("changes");
+        std::fs::write(&path, b"").unwrap();
+        let locks = Locks::open(&path).unwrap();
+        let held = locks.object(Slot::Volume(9)).unwrap().expect("free");
+        let inherited = held._held.file.try_clone().unwrap();
+        drop(held);
+        assert!(locks.object(Slot::Volume(9)).unwrap().is_some());
+        drop(inherited);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! | [`plugin`] | [`Plugin`]: the real binary on a temp socket and data dir, started, crashed, restarted |
 //! | [`rpc`] | CSI request builders with sensible defaults, and short calls on the gRPC clients |
 //! | [`calls`] | one-line controller calls by name and id, for scenario tests |
-//! | [`virsh`] | `virsh` on `qemu:///system`, and libvirtd started if it is not running |
+//! | [`virsh`] | `virsh` on `qemu:///system`, libvirtd started if it is not running, and a mute one |
 //! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into, on any libvirtd, following live migrations |
 //! | [`second_libvirtd`] | [`second_libvirtd::SecondLibvirtd`]: a second, independent libvirtd (a second hypervisor host) in its own mount namespace |
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |

@@ -51,7 +51,12 @@ pub fn unique(tag: &str) -> String {
 impl Env {
     /// A monolith with `config` (TOML, `{dir}` = the temp dir).
     pub async fn start(config: &str) -> Env {
-        let plugin = Plugin::start_with_config("monolith", config, &[]).await;
+        Env::start_with_args(config, &[]).await
+    }
+
+    /// [`Env::start`] with more `serve` arguments (e.g. `--metrics-addr 127.0.0.1:0`).
+    pub async fn start_with_args(config: &str, args: &[&str]) -> Env {
+        let plugin = Plugin::start_with_config("monolith", config, args).await;
         let node_id = plugin.node().node_id().await;
         assert!(!node_id.is_empty());
         Env { plugin, node_id }
@@ -59,10 +64,15 @@ impl Env {
 
     /// [`Env::start`] where [`can_run`] (else `None`, SKIPPED printed).
     pub async fn try_start(config: &str) -> Option<Env> {
+        Env::try_start_with_args(config, &[]).await
+    }
+
+    /// [`Env::start_with_args`] where [`can_run`] (else `None`, SKIPPED printed).
+    pub async fn try_start_with_args(config: &str, args: &[&str]) -> Option<Env> {
         if !can_run() {
             return None;
         }
-        Some(Env::start(config).await)
+        Some(Env::start_with_args(config, args).await)
     }
 
     /// A new volume named [`unique`]`(tag)`, published to this host: (volume, publish_context).

@@ -90,3 +90,80 @@ pub fn ensure_libvirtd() {
         }
     });
 }
+
+/// A libvirtd that never answers: a unix socket that accepts connections and keeps them open
+/// without a word, as a stuck or SIGSTOPped daemon does. A libvirt client pointed at
+/// [`MuteLibvirtd::uri`] blocks in its first call (`virConnectOpen`) for good.
+///
+/// ```ignore
+/// let mute = MuteLibvirtd::start();
+/// let p = Plugin::start("controller", &["--libvirt-uri", &mute.uri]).await;
+/// // … a call that reaches libvirt hangs; mute.accepted() says it got there
+/// ```
+pub struct MuteLibvirtd {
+    /// `qemu+unix:///system?socket=<the socket>`.
+    pub uri: String,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _dir: tempfile::TempDir,
+}
+
+impl MuteLibvirtd {
+    /// Listens on a socket in a fresh temp dir, accepting on a thread until dropped.
+    pub fn start() -> MuteLibvirtd {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::Builder::new()
+            .prefix("vdt-mute-libvirtd-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("libvirt-sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        held.push(conn);
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        MuteLibvirtd {
+            uri: format!("qemu+unix:///system?socket={}", path.display()),
+            accepted,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// How many connections were accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until a client connected (the call is in flight), at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.accepted() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing connected to {}",
+                self.uri
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for MuteLibvirtd {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
