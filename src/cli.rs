@@ -137,6 +137,19 @@ async fn start_and_serve(args: ServeArgs, shutdown: &Shutdown) -> crate::error::
         },
     )?;
     let listen = server::listen_address(&args.endpoint)?;
+    // Held until serving ends: one instance of each role per data directory.
+    let mut _claims = Vec::new();
+    for (runs, role) in [
+        (cfg.mode.runs_controller(), "controller"),
+        (cfg.mode.runs_node(), "node"),
+    ] {
+        if runs {
+            let dir = cfg.data_dir.clone();
+            _claims.push(
+                crate::exec::blocking(move || crate::fsutil::claim_data_dir(&dir, role)).await?,
+            );
+        }
+    }
     if let Some(addr) = args.metrics_addr {
         crate::metrics::serve(addr, shutdown).await?;
     }

@@ -185,3 +185,57 @@ mod tests {
         remove_durable(&p).unwrap();
     }
 }
+
+/// A role's claim on a data directory (`<data_dir>/<role>.lock`, an exclusive `flock`), held
+/// for as long as the value lives; the kernel drops it when the process dies.
+#[derive(Debug)]
+pub(crate) struct DataDirClaim {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Claims `data_dir` for `role` ("controller", "node"): two processes of one role on one data
+/// directory would share its attach ledger or node mount records and undo each other's work.
+/// FAILED_PRECONDITION naming the directory when another live process holds it. Blocking.
+pub(crate) fn claim_data_dir(data_dir: &Path, role: &str) -> Result<DataDirClaim> {
+    use nix::fcntl::{Flock, FlockArg};
+    fs::create_dir_all(data_dir).map_err(|e| {
+        Error::io(
+            format!("creating the data directory {}", data_dir.display()),
+            e,
+        )
+    })?;
+    let path = data_dir.join(format!("{role}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DataDirClaim { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::FailedPrecondition(format!(
+            "another virtdisk-csi {role} is running with the data directory {}: give each \
+                 instance its own --data-dir (instances share pools, never a data directory)",
+            data_dir.display()
+        ))),
+        Err((_, e)) => Err(Error::sys(format!("locking {}", path.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+
+    #[test]
+    fn one_claim_per_role_and_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = claim_data_dir(dir.path(), "controller").unwrap();
+        let second = claim_data_dir(dir.path(), "controller").unwrap_err();
+        assert_eq!(second.code(), tonic::Code::FailedPrecondition);
+        assert!(second.to_string().contains("--data-dir"), "{second}");
+        // Another role on the same directory (a controller and a node on one host) is fine.
+        let _node = claim_data_dir(dir.path(), "node").unwrap();
+        drop(first);
+        claim_data_dir(dir.path(), "controller").unwrap();
+    }
+}

@@ -99,6 +99,23 @@ async fn create_is_idempotent_and_makes_a_real_qcow2() {
         ..create_req("vol-a", 10 * MIB + 1)
     };
     create_fails(&p, other, Code::AlreadyExists).await;
+    // Another access type or file system is another volume (its context names its fsType).
+    for cap in [
+        block_cap(Mode::SingleNodeWriter),
+        mount_cap("xfs", Mode::SingleNodeWriter),
+    ] {
+        let other = csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            ..create_req("vol-a", 10 * MIB + 1)
+        };
+        create_fails(&p, other, Code::AlreadyExists).await;
+    }
+    // A mount without fs_type asks for no particular file system: the same volume.
+    let any_fs = csi::CreateVolumeRequest {
+        volume_capabilities: vec![mount_cap("", Mode::SingleNodeWriter)],
+        ..create_req("vol-a", 10 * MIB + 1)
+    };
+    assert_eq!(create(&p, any_fs).await, v1);
 
     // Default size without capacity_range (as Nomad sends it), empty topology requirement.
     let nomad = csi::CreateVolumeRequest {
@@ -300,6 +317,75 @@ async fn list_pages_through_every_volume_in_stable_order() {
     std::fs::remove_file(image_of(&p, &ids[0])).unwrap();
     let got = c.volume(&ids[0]).await.unwrap();
     assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+}
+
+/// A token is an id of the listing's own kind in a configured pool: a snapshot id given to
+/// ListVolumes, a volume id given to ListSnapshots or an id of a pool that is not configured
+/// is ABORTED (the error tables), never a silent restart from the first page.
+#[tokio::test]
+async fn list_tokens_of_another_kind_or_pool_are_aborted() {
+    let p = Plugin::start("controller", &[]).await;
+    let mut c = p.controller();
+    let ids = create_many(&p, "tok", 3).await;
+    let snap = c.snapshot(snapshot_req("tok-s", &ids[0])).await.unwrap();
+    let volumes = |token: &str| csi::ListVolumesRequest {
+        max_entries: 1,
+        starting_token: token.into(),
+    };
+    let snapshots = |token: &str| csi::ListSnapshotsRequest {
+        max_entries: 1,
+        starting_token: token.into(),
+        ..Default::default()
+    };
+    // Tokens we hand out work; a stale one (its volume deleted) continues after it.
+    let first = c.list_volumes(volumes("")).await.unwrap().into_inner();
+    assert_eq!(first.next_token, ids[1]);
+    c.delete(&ids[1]).await.unwrap();
+    let next = c.list_volumes(volumes(&ids[1])).await.unwrap().into_inner();
+    assert_eq!(ids_of(&next.entries), [ids[2].clone()]);
+    let key = key_of(&ids[0]);
+    for token in [
+        snap.snapshot_id.clone(),
+        format!("elsewhere.{key}"),
+        "default.s0000000000000000".into(),
+    ] {
+        let err = c.list_volumes(volumes(&token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "ListVolumes token {token}");
+    }
+    for token in [
+        ids[0].clone(),
+        format!("elsewhere.s{key}"),
+        "default.0000000000000000".into(),
+    ] {
+        let err = c.list_snapshots(snapshots(&token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "ListSnapshots token {token}");
+    }
+    let page = c.list_snapshots(snapshots("")).await.unwrap().into_inner();
+    assert_eq!(page.entries.len(), 1);
+}
+
+/// A capacity range no volume can satisfy is OUT_OF_RANGE for a name that exists too, as for
+/// a new one (not ALREADY_EXISTS: the request is wrong whatever the pool holds).
+#[tokio::test]
+async fn impossible_ranges_are_out_of_range_for_an_existing_name_too() {
+    let p = Plugin::start("controller", &[]).await;
+    create(&p, create_req("range", MIB)).await;
+    for (required, limit) in [
+        (2 * MIB, MIB),
+        (0, 100),
+        (MIB + 1, MIB + 1000),
+        (1 << 51, 0),
+    ] {
+        let mut r = create_req("range", 0);
+        r.capacity_range = Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        });
+        create_fails(&p, r, Code::OutOfRange).await;
+    }
+    // A range the volume is outside of, but that another volume could fit, is a conflict.
+    create_fails(&p, create_req("range", 2 * MIB), Code::AlreadyExists).await;
+    create(&p, create_req("range", MIB)).await;
 }
 
 #[tokio::test]

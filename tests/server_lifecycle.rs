@@ -124,3 +124,30 @@ async fn logs_to_a_file_have_no_colour_codes() {
     assert!(log.contains("serving"), "{log}");
     assert!(!log.contains('\u{1b}'), "escape sequences in {log:?}");
 }
+
+/// Two instances of one role on one data directory would share its attach ledger (controller)
+/// or mount records (node): the second is refused at start with a message naming the fix; a
+/// node beside a controller on the same directory is fine.
+#[tokio::test]
+async fn a_second_instance_of_a_role_on_one_data_dir_is_refused() {
+    let p = Plugin::start("controller", &[]).await;
+    let second = |mode: &str| {
+        Command::new(bin())
+            .args(["serve", "--mode", mode, "--endpoint"])
+            .arg(format!("unix://{}/second.sock", p.dir.path().display()))
+            .arg("--data-dir")
+            .arg(p.data_dir())
+            .output()
+            .unwrap()
+    };
+    for mode in ["controller", "monolith"] {
+        let out = second(mode);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("another virtdisk-csi controller") && stderr.contains("--data-dir"),
+            "{mode}: {stderr}"
+        );
+    }
+    p.identity().ready().await.unwrap();
+}

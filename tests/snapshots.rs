@@ -65,6 +65,14 @@ async fn list_snapshots(
         .map(|r| r.into_inner())
 }
 
+/// ListSnapshots of the snapshots of volume `id`.
+fn of_volume(id: &str) -> csi::ListSnapshotsRequest {
+    csi::ListSnapshotsRequest {
+        source_volume_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
 /// Every snapshot id of a ListSnapshots answer, in order.
 fn snapshot_ids(list: &csi::ListSnapshotsResponse) -> Vec<String> {
     list.entries
@@ -250,13 +258,11 @@ async fn snapshots_and_restores_outlive_their_sources() {
     // volume: a new id (ids are unique over time), and the old volume's snapshots are not its.
     let reborn = create(&p, "indep-src", VOL).await;
     assert_ne!(reborn.volume_id, vol.volume_id);
-    let of = |id: &str| csi::ListSnapshotsRequest {
-        source_volume_id: id.to_string(),
-        ..Default::default()
-    };
-    let of_reborn = list_snapshots(&p, of(&reborn.volume_id)).await.unwrap();
+    let of_reborn = list_snapshots(&p, of_volume(&reborn.volume_id))
+        .await
+        .unwrap();
     assert!(of_reborn.entries.is_empty(), "{of_reborn:?}");
-    let of_old = list_snapshots(&p, of(&vol.volume_id)).await.unwrap();
+    let of_old = list_snapshots(&p, of_volume(&vol.volume_id)).await.unwrap();
     assert_eq!(snapshot_ids(&of_old), vec![snap.snapshot_id.clone()]);
     assert_reads(&image_of(&p, &reborn.volume_id), 0x00, 0, M);
     assert_reads(&image_of(&p, &r1.volume_id), 0x5a, 0, M);
@@ -572,14 +578,14 @@ async fn a_name_used_again_gets_a_new_id_and_no_foreign_snapshots() {
     // Idempotent under the name: the same new volume.
     assert_eq!(create(&p, "n", VOL).await.volume_id, again.volume_id);
 
-    let of = |id: &str| csi::ListSnapshotsRequest {
-        source_volume_id: id.to_string(),
-        ..Default::default()
-    };
     for round in 0..2 {
-        let mine = list_snapshots(&p, of(&again.volume_id)).await.unwrap();
+        let mine = list_snapshots(&p, of_volume(&again.volume_id))
+            .await
+            .unwrap();
         assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
-        let old = list_snapshots(&p, of(&first.volume_id)).await.unwrap();
+        let old = list_snapshots(&p, of_volume(&first.volume_id))
+            .await
+            .unwrap();
         assert_eq!(
             snapshot_ids(&old),
             vec![s.snapshot_id.clone()],
@@ -605,4 +611,99 @@ async fn a_name_used_again_gets_a_new_id_and_no_foreign_snapshots() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Moves a record of the running version to the key an earlier version gave the same name
+/// (keys were derived from names): the record file, its `id`, and for a volume its image.
+fn make_legacy(pool: &Path, dir: &str, id: &str, legacy_key: &str) -> String {
+    let key = key_of(id);
+    let legacy_id = format!("{}.{legacy_key}", id.rsplit_once('.').unwrap().0);
+    let path = pool.join(format!("{dir}/{key}.json"));
+    let mut rec: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec["id"] = legacy_id.clone().into();
+    if dir == "volumes" {
+        let image = format!("{legacy_key}.qcow2");
+        std::fs::rename(
+            pool.join("images").join(rec["image"].as_str().unwrap()),
+            pool.join("images").join(&image),
+        )
+        .unwrap();
+        rec["image"] = image.into();
+    }
+    std::fs::remove_file(&path).unwrap();
+    let legacy = pool.join(format!("{dir}/{legacy_key}.json"));
+    std::fs::write(legacy, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    legacy_id
+}
+
+/// A pool an earlier version made (ids derived from names) keeps working: its volumes and
+/// snapshots list and answer under their old ids, a repeated CreateVolume/CreateSnapshot of an
+/// old name returns the old id, and an old name used again after delete gets a new id with no
+/// foreign snapshots. The same after a restart (the index rebuilt from the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_an_earlier_version_keeps_its_ids() {
+    use virtdisk_csi::ids::{legacy_snapshot_key, legacy_volume_key};
+    let (mut p, old) = plugin_with_volume("old", 0x5a).await;
+    let other = create(&p, "other", VOL).await;
+    let old_snap = snapshot(&p, "old-s", &other.volume_id).await.unwrap();
+    p.kill();
+    let pool = p.pool_dir();
+    let old_id = make_legacy(&pool, "volumes", &old.volume_id, &legacy_volume_key("old"));
+    let snap_id = make_legacy(
+        &pool,
+        "snapshots",
+        &old_snap.snapshot_id,
+        &legacy_snapshot_key("old-s"),
+    );
+    p.restart().await;
+
+    let mut c = p.controller();
+    assert_eq!(create(&p, "old", VOL).await.volume_id, old_id);
+    assert_eq!(
+        c.volume(&old_id).await.unwrap().volume.unwrap().volume_id,
+        old_id
+    );
+    assert_reads(&image_of(&p, &old_id), 0x5a, 0, M);
+    let again = snapshot(&p, "old-s", &other.volume_id).await.unwrap();
+    assert_eq!(again.snapshot_id, snap_id);
+    assert_eq!(
+        c.snapshot_by_id(&snap_id).await.unwrap().snapshot_id,
+        snap_id
+    );
+    let listed: Vec<String> = ids_of_volumes(&c.all_volumes().await);
+    assert!(listed.contains(&old_id), "{listed:?}");
+
+    // A snapshot of the old volume, the old volume deleted, its name used again.
+    let s = snapshot(&p, "of-old", &old_id).await.unwrap();
+    assert_eq!(s.source_volume_id, old_id);
+    delete_volume(&p, &old_id).await;
+    let new = create(&p, "old", VOL).await;
+    assert_ne!(new.volume_id, old_id);
+    for round in 0..2 {
+        let mine = list_snapshots(&p, of_volume(&new.volume_id)).await.unwrap();
+        assert!(mine.entries.is_empty(), "round {round}: {mine:?}");
+        let gone = list_snapshots(&p, of_volume(&old_id)).await.unwrap();
+        assert_eq!(
+            snapshot_ids(&gone),
+            vec![s.snapshot_id.clone()],
+            "round {round}"
+        );
+        let by_old = list_snapshots(&p, of_volume(&other.volume_id))
+            .await
+            .unwrap();
+        assert_eq!(
+            snapshot_ids(&by_old),
+            vec![snap_id.clone()],
+            "round {round}"
+        );
+        p.restart().await;
+    }
+    virtdisk_test_support::pool::assert_pool_clean(&pool);
+}
+
+fn ids_of_volumes(entries: &[csi::list_volumes_response::Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect()
 }

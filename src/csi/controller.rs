@@ -268,7 +268,7 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ListVolumesResponse> {
         let r = req.into_inner();
         let take = page_size(r.max_entries)?;
-        check_token(&r.starting_token)?;
+        check_token(&self.pools, &r.starting_token, ObjectId::parse_volume)?;
         let (page, next_token) = self.pools.list_page(&r.starting_token, take).await?;
         // The pages of one walk share one read of the nodes (a listing is a moment's picture).
         let attachments = self
@@ -400,7 +400,7 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ListSnapshotsResponse> {
         let r = req.into_inner();
         let take = page_size(r.max_entries)?;
-        check_token(&r.starting_token)?;
+        check_token(&self.pools, &r.starting_token, ObjectId::parse_snapshot)?;
         let filter = SnapshotFilter {
             snapshot_id: (!r.snapshot_id.is_empty()).then_some(r.snapshot_id),
             source_volume_id: (!r.source_volume_id.is_empty()).then_some(r.source_volume_id),
@@ -531,14 +531,21 @@ impl Controller for ControllerService {
     }
 }
 
-/// A paging token is empty or the id of a volume or snapshot of ours; anything else is
-/// ABORTED, as the spec asks.
-fn check_token(token: &str) -> Result<()> {
+/// A paging token is empty or the id of an object of the listing's kind (`parse`: volume or
+/// snapshot) in a configured pool, as the pages we hand out are; anything else (a snapshot id
+/// given to ListVolumes, a pool no longer configured) is ABORTED, as the spec asks.
+fn check_token(
+    pools: &Pools,
+    token: &str,
+    parse: fn(&str) -> Result<Option<ObjectId>>,
+) -> Result<()> {
     if token.is_empty() {
         return Ok(());
     }
-    let valid = ObjectId::parse_volume(token).ok().flatten().is_some()
-        || ObjectId::parse_snapshot(token).ok().flatten().is_some();
+    let valid = parse(token)
+        .ok()
+        .flatten()
+        .is_some_and(|o| pools.get(&o.pool).is_some());
     if !valid {
         return Err(Error::Aborted(format!(
             "starting_token {:?} is not valid; start again with an empty token",

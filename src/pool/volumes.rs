@@ -320,6 +320,9 @@ impl Pools {
         if req.capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities is required"));
         }
+        // A range no volume can satisfy is OUT_OF_RANGE whether or not the name exists (not
+        // ALREADY_EXISTS for a repeat): checked before the lookup.
+        size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
         let hash = ids::name_hash(ids::VOLUME, &req.name);
         let what = format!("the volume named {:?}", req.name);
         let Some(source) = req.content_source.clone() else {
@@ -551,6 +554,30 @@ impl Pools {
         }
         if existing.content_source != req.content_source {
             return conflict("another content source".into());
+        }
+        // The access type (and the file system a mount asks for) is part of what was made:
+        // the answer's volume_context names the fsType, and a node formats by it.
+        let kinds = |caps: &[crate::model::Capability]| {
+            (
+                caps.iter().any(|c| c.is_block()),
+                caps.iter().any(|c| !c.is_block()),
+            )
+        };
+        if !existing.capabilities.is_empty()
+            && kinds(&req.capabilities) != kinds(&existing.capabilities)
+        {
+            return conflict("other access types (block and mount differ)".into());
+        }
+        let asked_fs = req.capabilities.iter().find_map(|c| match &c.access_type {
+            crate::model::AccessType::Mount { fs_type, .. } if !fs_type.is_empty() => {
+                Some(fs_type.as_str())
+            }
+            _ => None,
+        });
+        if let (Some(asked), Some(made)) = (asked_fs, existing.fs_type()) {
+            if asked != made {
+                return conflict(format!("file system {made}"));
+            }
         }
         for c in &req.capabilities {
             if c.check(existing.format).is_err() {
