@@ -180,8 +180,14 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
     if let Some(local) = crate::localattach::from_config(cfg).await? {
         backends.push(local);
     }
+    let pools: Vec<(String, std::path::PathBuf)> = cfg
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), p.path.clone()))
+        .collect();
     Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
-        .with_ledgers(&cfg.data_dir.join("attach-ledger"))
+        .with_ledgers(&pools)
+        .with_quiesce_markers(&cfg.data_dir.join("quiesced"))
         .with_quiesce_timeout(std::time::Duration::from_secs(
             cfg.snapshots.quiesce_timeout_secs,
         )))

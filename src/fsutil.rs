@@ -194,7 +194,9 @@ pub(crate) struct DataDirClaim {
 }
 
 /// Claims `data_dir` for `role` ("controller", "node"): two processes of one role on one data
-/// directory would share its attach ledger or node mount records and undo each other's work.
+/// directory would share its state (the node's mount records) and undo each other's work.
+/// (Controllers share what they must share through their pools: records, locks, the attach
+/// ledger.)
 /// FAILED_PRECONDITION naming the directory when another live process holds it. Blocking.
 pub(crate) fn claim_data_dir(data_dir: &Path, role: &str) -> Result<DataDirClaim> {
     use nix::fcntl::{Flock, FlockArg};

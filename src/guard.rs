@@ -2,10 +2,20 @@
 //! object is rejected with ABORTED (CSI "operation pending"), as the spec allows. The node
 //! service uses it; the controller's volumes and snapshots are guarded by locks in their pool
 //! (`pool::store`), which also exclude other processes.
+//!
+//! [`InFlight`] runs the controller's changes: each as a task of its own that owns its locks
+//! and its work, so a cancelled RPC (deadline, disconnect) neither releases a lock while the
+//! work goes on nor stops the work half way; and a request identical to one in flight waits
+//! for that one's result instead of being refused.
 
 use crate::error::{Error, Result};
-use std::collections::HashSet;
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tracing::Instrument;
 
 /// The set of objects (volumes, snapshots) with an operation in flight, shared by the services of one process.
 #[derive(Clone, Default)]
@@ -57,6 +67,94 @@ impl Drop for OpGuard {
     }
 }
 
+/// The operations in flight on objects (`vol:<id>`, `volname:<name>`, …), each run by a task
+/// of its own; shared by the clones of one service.
+#[derive(Clone, Default)]
+pub(crate) struct InFlight {
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// One operation in flight: what it is, and where its result will appear (a
+/// `watch::Receiver<Option<V>>` of the operation's result type).
+struct Running {
+    op: String,
+    id: u64,
+    result: Box<dyn Any + Send + Sync>,
+}
+
+impl InFlight {
+    /// Runs `work` on `object` as a task of its own and waits for its result; a caller that
+    /// gives up (its future is dropped) leaves the task running to its end, with whatever
+    /// locks `work` took. While it runs, a call with the same `object` and `op` (the whole
+    /// request, as the caller describes it: an identical retry) does not start `work` again
+    /// but waits for the running one's result. A call with another `op` starts its own `work`,
+    /// whose locks decide (ABORTED while the first holds them). Errs (INTERNAL) only when the
+    /// task died without a result (a panic).
+    pub(crate) async fn run<V, F>(&self, object: String, op: String, work: F) -> Result<V>
+    where
+        V: Clone + Send + Sync + 'static,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut rx = self.join_or_start(object, op, work);
+        let got = rx.wait_for(Option::is_some).await;
+        match got {
+            Ok(v) => Ok(v.clone().expect("waited for a result")),
+            Err(_) => Err(Error::internal(
+                "the task running the operation ended without a result; see the log",
+            )),
+        }
+    }
+
+    fn join_or_start<V, F>(&self, object: String, op: String, work: F) -> watch::Receiver<Option<V>>
+    where
+        V: Clone + Send + Sync + 'static,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let same = running
+            .get(&object)
+            .filter(|r| r.op == op)
+            .and_then(|r| r.result.downcast_ref::<watch::Receiver<Option<V>>>());
+        if let Some(rx) = same {
+            tracing::info!(object = %object, "an identical request is in flight: waiting for its result");
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Another operation in flight keeps its entry: this one's locks will refuse it.
+        let registered = !running.contains_key(&object);
+        if registered {
+            running.insert(
+                object.clone(),
+                Running {
+                    op,
+                    id,
+                    result: Box::new(rx.clone()),
+                },
+            );
+        }
+        drop(running);
+        let all = self.running.clone();
+        tokio::spawn(
+            async move {
+                let v = work.await;
+                // The result first, then the entry goes: a caller that joined in between
+                // finds it.
+                tx.send_replace(Some(v));
+                if registered {
+                    let mut running = all.lock().unwrap_or_else(|p| p.into_inner());
+                    if running.get(&object).is_some_and(|r| r.id == id) {
+                        running.remove(&object);
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        rx
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +169,48 @@ mod tests {
         assert!(g.try_acquire(&["vol:b".into(), "vol:a".into()]).is_err());
         drop(a);
         g.try_acquire(&["vol:b".into(), "vol:a".into()]).unwrap();
+    }
+
+    /// A caller that gives up does not stop the work; an identical request joins it and gets
+    /// its result; another request on the same object runs its own work.
+    #[tokio::test]
+    async fn work_outlives_its_caller_and_identical_requests_share_it() {
+        let f = InFlight::default();
+        let runs = Arc::new(AtomicU64::new(0));
+        let (release_tx, release_rx) = watch::channel(false);
+        let slow = |runs: Arc<AtomicU64>, mut release: watch::Receiver<bool>| async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            release.wait_for(|r| *r).await.unwrap();
+            "done"
+        };
+        let first = f.run(
+            "vol:a".into(),
+            "unpublish n1".into(),
+            slow(runs.clone(), release_rx.clone()),
+        );
+        // Started, then abandoned by its caller.
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(50), first).await;
+        assert!(gave_up.is_err());
+        let joined = tokio::spawn({
+            let (f, runs, rx) = (f.clone(), runs.clone(), release_rx.clone());
+            async move {
+                f.run("vol:a".into(), "unpublish n1".into(), slow(runs, rx))
+                    .await
+            }
+        });
+        let other = f.run("vol:a".into(), "unpublish n2".into(), async { "other" });
+        assert_eq!(other.await.unwrap(), "other");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!joined.is_finished());
+        release_tx.send_replace(true);
+        assert_eq!(joined.await.unwrap().unwrap(), "done");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "the identical request ran no work"
+        );
+        // Finished: the same request runs anew.
+        let again = f.run("vol:a".into(), "unpublish n1".into(), async { "again" });
+        assert_eq!(again.await.unwrap(), "again");
     }
 }

@@ -174,6 +174,7 @@ pub(crate) async fn serve(
                 pools,
                 attachments: attachers.clone(),
                 get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
+                inflight: Default::default(),
             })
         }));
     let node = if cfg.mode.runs_node() {

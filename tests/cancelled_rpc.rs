@@ -3,6 +3,11 @@
 //! permit) are held by the blocking closure that makes the call, not by the RPC's future,
 //! which the server drops when the client gives up.
 //!
+//! The same for the volume: a controller change runs as a task of its own that holds the
+//! volume's lock until the work is done, whatever the client does; meanwhile another operation
+//! on the volume answers ABORTED, and a request identical to the one in flight waits for its
+//! result (Nomad repeats ControllerUnpublish while the first is still detaching).
+//!
 //! The libvirt call is made long with the failpoint `libvirt.iotune-set` armed to pause (a
 //! debug build's `VIRTDISK_FAILPOINT_PAUSE_MS`): ControllerModifyVolume's blocking closure
 //! sleeps right after setting the disk's live I/O limits, as a slow libvirtd would keep it.
@@ -12,6 +17,7 @@
 
 use std::time::{Duration, Instant};
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::pool::volume_record;
 use virtdisk_test_support::prelude::*;
 
 /// How long the QoS change's libvirt closure is held.
@@ -78,5 +84,212 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
     assert_eq!(
         dom.live_disk(&serial).unwrap().iotune.total_iops_sec,
         Some(700)
+    );
+}
+
+/// A controller whose libvirt step `point` pauses `pause` each time it is reached.
+async fn paused_at(point: &str, pause: Duration) -> Plugin {
+    let pause = pause.as_millis().to_string();
+    let launch = Plugin::launch("controller").env(&[(ENV, point), (PAUSE_ENV, &pause)]);
+    launch.readable_by_qemu().start().await
+}
+
+/// A domain, a controller whose libvirt step `point` pauses, and a volume `tag`, published
+/// to the domain when `publish`.
+async fn volume_on_paused(tag: &str, point: &str, publish: bool) -> (TestDomain, Plugin, String) {
+    let dom = TestDomain::start(tag, 3);
+    let p = paused_at(point, PAUSE).await;
+    let vol = p.controller().create(create_req(tag, 64 * MIB)).await;
+    let vol = vol.expect("create").volume_id;
+    if publish {
+        p.controller()
+            .publish(publish_req(&vol, &dom.uuid))
+            .await
+            .expect("publish");
+    }
+    (dom, p, vol)
+}
+
+fn modify_req(volume_id: &str, iops: &str) -> csi::ControllerModifyVolumeRequest {
+    csi::ControllerModifyVolumeRequest {
+        volume_id: volume_id.into(),
+        mutable_parameters: params(&[("totalIopsSec", iops)]),
+        ..Default::default()
+    }
+}
+
+/// ControllerModifyVolume cancelled by its client while libvirt sets the limits: the volume
+/// stays locked until the change is done (other operations on it answer ABORTED instead of
+/// running beside it), and the change completes, on the disk and in the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_modify_keeps_the_volume_locked_until_it_is_done() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let (dom, p, vol) = volume_on_paused("cancel-mod", "libvirt.iotune-set", true).await;
+
+    let started = Instant::now();
+    let mut c = p.controller();
+    let modify = c.controller_modify_volume(modify_req(&vol, "700"));
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
+    assert!(gave_up.is_err(), "the QoS change returned during the pause");
+    p.wait_paused("libvirt.iotune-set", 1).await;
+
+    // The client is gone; the change is not: every other operation on the volume is refused.
+    let other = p
+        .controller()
+        .controller_modify_volume(modify_req(&vol, "800"))
+        .await;
+    expect_code(other, Code::Aborted, "another QoS change");
+    let unpublish = p
+        .controller()
+        .unpublish(unpublish_req(&vol, &dom.uuid))
+        .await;
+    expect_code(unpublish, Code::Aborted, "unpublish during the change");
+    let delete = p.controller().delete(&vol).await;
+    expect_code(delete, Code::Aborted, "delete during the change");
+    assert!(
+        started.elapsed() < PAUSE,
+        "the checks took longer than the pause"
+    );
+
+    // The cancelled change completes: on the disk, and in the record.
+    let serial = serial_of(&vol);
+    eventually(Duration::from_secs(20), || {
+        let rec = volume_record(&p.pool_dir(), &vol);
+        async move {
+            match rec["disk"]["qos"]["total_iops_sec"] == 700 {
+                true => Ok(()),
+                false => Err(format!("the cancelled change is not in the record: {rec}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        dom.live_disk(&serial).unwrap().iotune.total_iops_sec,
+        Some(700)
+    );
+    // And then the volume is free again.
+    p.controller()
+        .controller_modify_volume(modify_req(&vol, "800"))
+        .await
+        .expect("a change after the first one finished");
+    assert_eq!(
+        dom.live_disk(&serial).unwrap().iotune.total_iops_sec,
+        Some(800)
+    );
+    p.controller()
+        .unpublish(unpublish_req(&vol, &dom.uuid))
+        .await
+        .expect("unpublish");
+}
+
+/// ControllerPublish cancelled by its client while libvirt attaches: another operation on the
+/// volume answers ABORTED; the same publish again (a CO's retry) waits for the first and gets
+/// its answer; the disk is attached once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_publish_completes_and_its_retry_gets_its_answer() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let (dom, p, vol) = volume_on_paused("cancel-pub", "libvirt.attached", false).await;
+
+    let started = Instant::now();
+    let mut c = p.controller();
+    let publish = c.controller_publish_volume(publish_req(&vol, &dom.uuid));
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), publish).await;
+    assert!(gave_up.is_err(), "the publish returned during the pause");
+    p.wait_paused("libvirt.attached", 1).await;
+
+    let unpublish = p
+        .controller()
+        .unpublish(unpublish_req(&vol, &dom.uuid))
+        .await;
+    expect_code(unpublish, Code::Aborted, "unpublish during the publish");
+    assert!(
+        started.elapsed() < PAUSE,
+        "the check took longer than the pause"
+    );
+    let retry = p.controller().publish(publish_req(&vol, &dom.uuid)).await;
+    let ctx = retry.expect("the retried publish gets the first one's answer");
+    assert!(
+        started.elapsed() >= PAUSE,
+        "the retry answered before the attach was done"
+    );
+    assert!(
+        p.log().contains("an identical request is in flight"),
+        "the retry did not wait for the first publish"
+    );
+    let serial = serial_of(&vol);
+    assert_eq!(ctx.get("serial"), Some(&serial));
+    assert!(dom.live_disk(&serial).is_some(), "the disk is not attached");
+    // The one attach paused once: the retry attached nothing of its own.
+    assert_eq!(
+        p.log()
+            .matches("failpoint libvirt.attached: pausing")
+            .count(),
+        1
+    );
+    p.controller()
+        .unpublish(unpublish_req(&vol, &dom.uuid))
+        .await
+        .expect("unpublish");
+    assert!(dom.live_disk(&serial).is_none());
+}
+
+/// Two identical ControllerUnpublish calls while the detach is slow (Nomad repeats them): both
+/// answer OK once the disk is gone, and the detach runs once; a caller whose deadline ends
+/// first gets DEADLINE_EXCEEDED; a different operation on the volume meanwhile is ABORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_unpublishes_in_flight_share_one_detach() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let (dom, p, vol) = volume_on_paused("dup-unpub", "libvirt.detach-requested", true).await;
+    let serial = serial_of(&vol);
+    assert!(dom.live_disk(&serial).is_some());
+
+    let started = Instant::now();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = p.controller();
+            let req = unpublish_req(&vol, &dom.uuid);
+            tokio::spawn(async move { c.controller_unpublish_volume(req).await })
+        })
+        .collect();
+    p.wait_paused("libvirt.detach-requested", 1).await;
+    let mut short = tonic::Request::new(unpublish_req(&vol, &dom.uuid));
+    short.set_timeout(Duration::from_millis(300));
+    let impatient = p.controller().controller_unpublish_volume(short).await;
+    let code = impatient.as_ref().err().map(|s| s.code());
+    assert!(
+        matches!(code, Some(Code::DeadlineExceeded | Code::Cancelled)),
+        "a joined call outlived its deadline: {impatient:?}"
+    );
+    let publish = p.controller().publish(publish_req(&vol, &dom.uuid)).await;
+    expect_code(publish, Code::Aborted, "publish during the detach");
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("both identical unpublishes succeed");
+    }
+    eprintln!(
+        "identical unpublishes answered after {} ms (the detach pauses {} ms)",
+        started.elapsed().as_millis(),
+        PAUSE.as_millis()
+    );
+    assert!(
+        dom.live_disk(&serial).is_none(),
+        "the disk is still attached"
+    );
+    assert_eq!(
+        p.log()
+            .matches("failpoint libvirt.detach-requested: pausing")
+            .count(),
+        1,
+        "the detach ran more than once"
     );
 }

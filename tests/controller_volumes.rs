@@ -1,6 +1,7 @@
 //! Issue 2: the controller volume lifecycle on real qcow2 images, driven through the real binary.
 
 use std::collections::HashSet;
+use virtdisk_test_support::pool::volume_record;
 use virtdisk_test_support::prelude::*;
 
 fn image_of(p: &Plugin, volume_id: &str) -> std::path::PathBuf {
@@ -123,6 +124,102 @@ async fn create_is_idempotent_and_makes_a_real_qcow2() {
         ..create_req("vol-default", 0)
     };
     assert_eq!(create(&p, nomad).await.capacity_bytes, GIB);
+}
+
+/// The CreateVolume a CO retries (external-provisioner, Nomad) is the original one, also after
+/// ControllerModifyVolume changed a mutable parameter: it must answer the same volume, and the
+/// volume must keep its modified QoS.
+#[tokio::test]
+async fn a_repeated_create_after_modify_is_the_same_volume() {
+    let p = Plugin::start("controller", &[]).await;
+    let original = csi::CreateVolumeRequest {
+        parameters: params(&[("totalIopsSec", "100")]),
+        mutable_parameters: params(&[("readBytesSec", "1048576")]),
+        ..create_req("vol-modified", 8 * MIB)
+    };
+    let v1 = create(&p, original.clone()).await;
+    let got_before = p.controller().volume(&v1.volume_id).await.unwrap();
+    let listed_before = p.controller().all_volumes().await;
+
+    p.controller()
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: v1.volume_id.clone(),
+            mutable_parameters: params(&[("totalIopsSec", "500"), ("readBytesSec", "2097152")]),
+            ..Default::default()
+        })
+        .await
+        .expect("modify");
+
+    // The retried original answers the same volume; GetVolume and ListVolumes report it as
+    // before (the volume context carries no QoS).
+    assert_eq!(create(&p, original.clone()).await, v1);
+    assert_eq!(
+        p.controller().volume(&v1.volume_id).await.unwrap(),
+        got_before
+    );
+    assert_eq!(p.controller().all_volumes().await, listed_before);
+    // A create that names the modified values asks for another volume than this one was
+    // created as: ALREADY_EXISTS.
+    let as_modified = csi::CreateVolumeRequest {
+        parameters: params(&[("totalIopsSec", "500")]),
+        ..original.clone()
+    };
+    create_fails(&p, as_modified, Code::AlreadyExists).await;
+
+    // The record keeps both: what the volume was created with, and the current QoS.
+    let rec = volume_record(&p.pool_dir(), &v1.volume_id);
+    assert_eq!(rec["parameters"]["totalIopsSec"], "100");
+    assert_eq!(rec["parameters"]["readBytesSec"], "1048576");
+    assert_eq!(rec["mutable_parameters"]["totalIopsSec"], "500");
+    assert_eq!(rec["disk"]["qos"]["total_iops_sec"], 500, "{rec}");
+    assert_eq!(rec["disk"]["qos"]["read_bytes_sec"], 2097152, "{rec}");
+}
+
+/// xfs needs 300 MiB: a smaller xfs volume is made 300 MiB when limit_bytes allows it (the
+/// spec asks for at least required_bytes), OUT_OF_RANGE when it does not; at CreateVolume, not
+/// at the node's NodeStageVolume.
+#[tokio::test]
+async fn xfs_volumes_are_at_least_the_xfs_minimum() {
+    let p = Plugin::start("controller", &[]).await;
+    let xfs = |name: &str, required: i64, limit: i64| csi::CreateVolumeRequest {
+        volume_capabilities: vec![mount_cap("xfs", Mode::SingleNodeWriter)],
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..create_req(name, required)
+    };
+    let small = create(&p, xfs("xfs-small", 64 * MIB, 0)).await;
+    assert_eq!(small.capacity_bytes, 300 * MIB);
+    assert_eq!(
+        qemu_img_info(&image_of(&p, &small.volume_id))["virtual-size"],
+        300 * MIB
+    );
+    // The same request again is the same volume.
+    assert_eq!(create(&p, xfs("xfs-small", 64 * MIB, 0)).await, small);
+    let within = create(&p, xfs("xfs-within", 100 * MIB, 400 * MIB)).await;
+    assert_eq!(within.capacity_bytes, 300 * MIB);
+    // No size asked for, a limit that leaves room: the default size within the limit.
+    let unsized_ = create(&p, xfs("xfs-unsized", 0, 512 * MIB)).await;
+    assert_eq!(unsized_.capacity_bytes, 512 * MIB);
+    let err = p
+        .controller()
+        .create(xfs("xfs-capped", 64 * MIB, 200 * MIB))
+        .await;
+    let msg = expect_code(err, Code::OutOfRange, "xfs limited below its minimum");
+    assert!(msg.contains("xfs"), "{msg}");
+    // ext4 and block volumes keep their small sizes.
+    assert_eq!(
+        create(&p, create_req("ext4-small", 64 * MIB))
+            .await
+            .capacity_bytes,
+        64 * MIB
+    );
+    let block = csi::CreateVolumeRequest {
+        volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+        ..create_req("block-small", 64 * MIB)
+    };
+    assert_eq!(create(&p, block).await.capacity_bytes, 64 * MIB);
 }
 
 #[tokio::test]

@@ -124,7 +124,7 @@ async fn local_volumes_need_no_libvirtd() {
     // deciding about it waits for libvirtd, and listings say why.
     let old = env.create(&unique("nolv-old"), 16 * MIB, cap.clone()).await;
     env.plugin.stop();
-    std::fs::remove_dir_all(env.plugin.data_dir().join("attach-ledger")).unwrap();
+    std::fs::remove_dir_all(env.plugin.pool_dir().join("attach-ledger")).unwrap();
     env.plugin.restart().await;
     let c = listed(&env, &old.volume_id)
         .await
@@ -144,10 +144,10 @@ async fn local_volumes_need_no_libvirtd() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(err.message().contains(&old.volume_id), "{}", err.message());
-    assert!(Path::new(&env.plugin.data_dir())
+    assert!(Path::new(&env.plugin.pool_dir())
         .join("attach-ledger/libvirt")
         .is_dir());
     env.plugin.stop();
-    std::fs::remove_dir_all(env.plugin.data_dir().join("attach-ledger")).unwrap();
+    std::fs::remove_dir_all(env.plugin.pool_dir().join("attach-ledger")).unwrap();
     env.plugin.restart().await;
 }

@@ -3,12 +3,17 @@
 //! `local-a` (hv-a only), `local-b` (hv-b only), `shared` (both). Real KVM domains (no guest
 //! OS) on each host; everything is checked in the domains' XML as each libvirtd reports it,
 //! and data through the domains' own QEMU (`qemu-io` over the monitor).
+//!
+//! Issue 14's race: two controller processes, each configured with both hosts and one shared
+//! pool, racing on one name and on one volume (`two_controllers_on_two_hosts_…`).
 
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::calls::race_create;
 use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
@@ -533,4 +538,291 @@ async fn a_host_whose_libvirtd_stops_fails_only_its_own_operations() {
     }
     assert!(b.live_disk(&serial_of(&vb)).is_none());
     c.unpublish(&va, &a.uuid).await.unwrap();
+}
+
+/// Two controller processes (as Nomad runs two controller instances), each with both hosts
+/// and the one pool they share; a domain on each host.
+struct TwoControllers {
+    dom_a: TestDomain,
+    dom_b: TestDomain,
+    pa: Plugin,
+    pb: Plugin,
+    b: SecondLibvirtd,
+    /// Holds the shared pool.
+    dir: tempfile::TempDir,
+}
+
+impl TwoControllers {
+    async fn start(tag: &str) -> TwoControllers {
+        let b = SecondLibvirtd::start();
+        let dir = tempfile::tempdir().unwrap();
+        open_for_qemu(dir.path());
+        let config = format!(
+            r#"
+[[pool]]
+name = "shared"
+path = "{}/shared"
+[[host]]
+name = "hv-a"
+uri = "{URI}"
+pools = ["shared"]
+[[host]]
+name = "hv-b"
+uri = "{}"
+pools = ["shared"]
+[libvirt]
+detach_timeout_secs = 5
+"#,
+            dir.path().display(),
+            b.uri()
+        );
+        let launch = Plugin::launch("controller").config(&config);
+        let pa = launch.clone().readable_by_qemu().start().await;
+        let pb = launch.readable_by_qemu().start().await;
+        let dom_a = TestDomain::start(&format!("{tag}-a"), 4);
+        let dom_b = on_b(&b, &format!("{tag}-b"));
+        TwoControllers {
+            dom_a,
+            dom_b,
+            pa,
+            pb,
+            b,
+            dir,
+        }
+    }
+
+    /// Restarts process A with its attach pausing `pause_ms` after libvirt attached, starts a
+    /// publish of `volume` to A's VM through it, and returns once that publish pauses (the
+    /// `nth` pause of A's log).
+    async fn paused_publish_by_a(
+        &mut self,
+        volume: &str,
+        pause_ms: &str,
+        nth: usize,
+    ) -> tokio::task::JoinHandle<
+        Result<tonic::Response<csi::ControllerPublishVolumeResponse>, Status>,
+    > {
+        self.pa
+            .restart_with_env(&[(ENV, "libvirt.attached"), (PAUSE_ENV, pause_ms)])
+            .await;
+        let ch = self.pa.channel.clone();
+        let req = publish_req(volume, &self.dom_a.uuid);
+        let call = tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(ch)
+                .controller_publish_volume(req)
+                .await
+        });
+        self.pa.wait_paused("libvirt.attached", nth).await;
+        call
+    }
+
+    /// Where the volume's disk is, as the two libvirtds report their domains' live XML.
+    fn holders(&self, volume: &str) -> Vec<&str> {
+        let serial = serial_of(volume);
+        [(&self.dom_a, "A"), (&self.dom_b, "B")]
+            .into_iter()
+            .filter(|(d, _)| d.live_disk(&serial).is_some())
+            .map(|(_, n)| n)
+            .collect()
+    }
+}
+
+fn code_of_result<T>(r: &Result<T, Status>) -> Code {
+    r.as_ref().err().map_or(Code::Ok, |s| s.code())
+}
+
+/// Issue 14: two controller processes, both hosts, one shared pool. One name makes one
+/// volume; one single-node volume published at once to VMs on different hosts, through
+/// different processes, lands in exactly one VM (the other call answers FAILED_PRECONDITION
+/// or ABORTED); a process killed while it holds the volume frees it; with a host down, each
+/// process knows from the pool's attach ledger what the other attached there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let mut c = TwoControllers::start("race2").await;
+
+    // One name from both processes at once: one volume.
+    let again = csi::CreateVolumeRequest {
+        parameters: params(&[("pool", "shared"), ("bus", "scsi")]),
+        ..create_req("mh-race", 64 * MIB)
+    };
+    let ids = race_create(&[&c.pa, &c.pb], 8, again.clone()).await;
+    assert!(ids.len() <= 1, "several volumes for one name: {ids:?}");
+    let vol =
+        c.pa.controller()
+            .create(again.clone())
+            .await
+            .unwrap()
+            .volume_id;
+    assert_eq!(
+        c.pb.controller().create(again).await.unwrap().volume_id,
+        vol
+    );
+    assert!(ids.is_empty() || ids.contains(&vol));
+    let records = std::fs::read_dir(c.dir.path().join("shared/volumes"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(records, 1, "one record in the shared pool");
+
+    // One single-node volume to a VM on each host, through each process, at once; several
+    // rounds, the winner unpublished between them.
+    for round in 0..4 {
+        let (first, second) = if round % 2 == 0 {
+            (&c.pa, &c.pb)
+        } else {
+            (&c.pb, &c.pa)
+        };
+        let (mut ca, mut cb) = (first.controller(), second.controller());
+        let to_a = ca.publish(publish_req(&vol, &c.dom_a.uuid));
+        let to_b = cb.publish(publish_req(&vol, &c.dom_b.uuid));
+        let (ra, rb) = tokio::join!(to_a, to_b);
+        let codes = [code_of_result(&ra), code_of_result(&rb)];
+        eprintln!(
+            "round {round}: publish to A {:?}, to B {:?}",
+            codes[0], codes[1]
+        );
+        let ok = codes.iter().filter(|c| **c == Code::Ok).count();
+        assert_eq!(ok, 1, "round {round}: {ra:?} / {rb:?}");
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, Code::Ok | Code::FailedPrecondition | Code::Aborted)),
+            "round {round}: {ra:?} / {rb:?}"
+        );
+        let winner = if ra.is_ok() { "A" } else { "B" };
+        assert_eq!(c.holders(&vol), [winner], "round {round}: the live XML");
+        let node = if ra.is_ok() {
+            &c.dom_a.uuid
+        } else {
+            &c.dom_b.uuid
+        };
+        c.pb.controller()
+            .unpublish(unpublish_req(&vol, node))
+            .await
+            .expect("unpublish the winner");
+        assert!(c.holders(&vol).is_empty());
+    }
+
+    // Process A holds the volume (its attach to A paused): B's publish to B is refused while
+    // it runs, and B sees A's attachment once it is done.
+    let first = c.paused_publish_by_a(&vol, "3000", 1).await;
+    let refused =
+        c.pb.controller()
+            .publish(publish_req(&vol, &c.dom_b.uuid))
+            .await;
+    expect_code(refused, Code::Aborted, "publish to B while A attaches");
+    first.await.unwrap().expect("publish to A");
+    let refused =
+        c.pb.controller()
+            .publish(publish_req(&vol, &c.dom_b.uuid))
+            .await;
+    expect_code(refused, Code::FailedPrecondition, "publish to B while on A");
+    assert_eq!(c.holders(&vol), ["A"]);
+    c.pb.controller()
+        .unpublish(unpublish_req(&vol, &c.dom_a.uuid))
+        .await
+        .expect("unpublish from A through B");
+
+    // Process A is killed while it holds the volume (paused after attaching): its lock goes
+    // with it, so B decides at once, from the live XML.
+    let doomed = c.paused_publish_by_a(&vol, "60000", 2).await;
+    c.pa.kill();
+    assert!(doomed.await.unwrap().is_err());
+    let t = Instant::now();
+    let refused =
+        c.pb.controller()
+            .publish(publish_req(&vol, &c.dom_b.uuid))
+            .await;
+    expect_code(
+        refused,
+        Code::FailedPrecondition,
+        "publish to B, A's disk attached",
+    );
+    c.pb.controller()
+        .unpublish(unpublish_req(&vol, &c.dom_a.uuid))
+        .await
+        .expect("B removes what the killed process attached");
+    c.pb.controller()
+        .publish(publish_req(&vol, &c.dom_b.uuid))
+        .await
+        .expect("then B publishes to B");
+    eprintln!("after the kill, B took the volume over in {} ms", ms(t));
+    assert_eq!(c.holders(&vol), ["B"]);
+    c.pb.controller()
+        .unpublish(unpublish_req(&vol, &c.dom_b.uuid))
+        .await
+        .unwrap();
+    c.pa.restart().await;
+
+    // The attach ledger is the pool's: with hv-b's libvirtd down, B knows what A attached
+    // there (after B's last read of hv-b), so B refuses to decide about that volume instead
+    // of deleting it or attaching it a second time.
+    let other = csi::CreateVolumeRequest {
+        parameters: params(&[("pool", "shared"), ("bus", "scsi")]),
+        ..create_req("mh-race-free", 64 * MIB)
+    };
+    let free = c.pb.controller().create(other).await.unwrap().volume_id;
+    assert!(c.pb.controller().published_nodes(&vol).await.is_empty());
+    c.pa.controller()
+        .publish(publish_req(&vol, &c.dom_b.uuid))
+        .await
+        .expect("A publishes to B");
+    c.b.stop_daemon();
+    let delete = c.pb.controller().delete(&vol).await;
+    expect_code(
+        delete,
+        Code::Unavailable,
+        "B deletes what A attached on hv-b",
+    );
+    let publish =
+        c.pb.controller()
+            .publish(publish_req(&vol, &c.dom_a.uuid))
+            .await;
+    expect_code(
+        publish,
+        Code::Unavailable,
+        "B publishes to A what A attached on hv-b",
+    );
+    let got =
+        c.pb.controller()
+            .volume(&vol)
+            .await
+            .expect("B's ControllerGetVolume");
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, [c.dom_b.uuid.clone()]);
+    assert!(status.volume_condition.unwrap().abnormal);
+    // A volume the ledger places nowhere is still decided.
+    c.pb.controller()
+        .publish(publish_req(&free, &c.dom_a.uuid))
+        .await
+        .expect("a volume on no host of the pool");
+    c.b.start_daemon();
+    assert_eq!(c.holders(&vol), ["B"], "the disk stayed where A put it");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r =
+            c.pb.controller()
+                .unpublish(unpublish_req(&vol, &c.dom_b.uuid))
+                .await;
+        match r {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("unpublish after hv-b came back: {e:?}"),
+        }
+    }
+    c.pb.controller()
+        .unpublish(unpublish_req(&free, &c.dom_a.uuid))
+        .await
+        .unwrap();
+    c.pa.controller()
+        .delete(&vol)
+        .await
+        .expect("delete through the restarted A");
 }

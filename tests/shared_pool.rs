@@ -7,10 +7,8 @@
 //! pause mode (`VIRTDISK_FAILPOINT_PAUSE_MS`): the operation stops for a while at that step,
 //! holding what it holds there.
 
-use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::*;
 use virtdisk_test_support::pool::{
@@ -35,17 +33,6 @@ async fn two(pool: &Path) -> (Plugin, Plugin) {
     (a, b)
 }
 
-/// Waits until the plugin's log shows the armed failpoint pausing, past `mark` (the log's
-/// length before the call: the log keeps the lines of earlier processes, and their pauses).
-async fn wait_paused(p: &Plugin, point: &str, mark: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let line = format!("failpoint {point}: pausing");
-    while !p.log().get(mark..).is_some_and(|l| l.contains(&line)) {
-        assert!(Instant::now() < deadline, "{point} never paused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn code<T>(r: &Result<T, tonic::Status>) -> Code {
     r.as_ref().err().map_or(Code::Ok, |s| s.code())
 }
@@ -63,31 +50,6 @@ async fn assert_agree(a: &Plugin, b: &Plugin, pool: &Path) {
     assert_index_matches_pool(a, pool).await;
     assert_index_matches_pool(b, pool).await;
     assert_pool_clean(pool);
-}
-
-/// `n` calls of `call` at once, alternating between the processes `a` and `b`: each answers
-/// an id or ABORTED (another holds the name). The ids answered; at most one.
-async fn race<F, Fut>(a: &Plugin, b: &Plugin, n: usize, call: F) -> BTreeSet<String>
-where
-    F: Fn(tonic::transport::Channel) -> Fut,
-    Fut: Future<Output = Result<String, tonic::Status>> + Send + 'static,
-{
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let p = if i % 2 == 0 { a } else { b };
-        calls.spawn(call(p.channel.clone()));
-    }
-    let mut ids = BTreeSet::new();
-    while let Some(r) = calls.join_next().await {
-        match r.unwrap() {
-            Ok(id) => {
-                ids.insert(id);
-            }
-            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
-        }
-    }
-    assert!(ids.len() <= 1, "several ids answered: {ids:?}");
-    ids
 }
 
 fn shared_dir() -> (tempfile::TempDir, PathBuf) {
@@ -108,16 +70,8 @@ async fn two_processes_creating_one_name_make_one_volume() {
     // Free-for-all: both processes, many clients each, several names.
     for round in 0..6 {
         let name = format!("race-{round}");
-        let ids = race(&a, &b, 12, |ch| {
-            let req = create_req(&name, 16 * MIB);
-            async move {
-                csi::controller_client::ControllerClient::new(ch)
-                    .create_volume(req)
-                    .await
-                    .map(|r| r.into_inner().volume.unwrap().volume_id)
-            }
-        })
-        .await;
+        let ids = race_create(&[&a, &b], 12, create_req(&name, 16 * MIB)).await;
+        assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
         // Whoever lost retries and gets the same volume, from either process.
         let from_a = create_volume(&a, &name, 16 * MIB, &[]).await.unwrap();
         let from_b = create_volume(&b, &name, 16 * MIB, &[]).await.unwrap();
@@ -129,7 +83,6 @@ async fn two_processes_creating_one_name_make_one_volume() {
     // A holds the name (paused after writing the image): B is refused, then gets A's volume.
     a.restart_with_env(&[(ENV, "create.image-made"), (PAUSE_ENV, "2000")])
         .await;
-    let mark = a.log().len();
     let ch = a.channel.clone();
     let first = tokio::spawn(async move {
         csi::controller_client::ControllerClient::new(ch)
@@ -137,7 +90,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
             .await
             .map(|r| r.into_inner().volume.unwrap().volume_id)
     });
-    wait_paused(&a, "create.image-made", mark).await;
+    a.wait_paused("create.image-made", 1).await;
     let refused = create_volume(&b, "held", 16 * MIB, &[]).await;
     assert_eq!(code(&refused), Code::Aborted, "{refused:?}");
     let id = first.await.unwrap().unwrap();
@@ -148,14 +101,13 @@ async fn two_processes_creating_one_name_make_one_volume() {
     // half-made image is collected when A starts again.
     a.restart_with_env(&[(ENV, "create.image-made"), (PAUSE_ENV, "20000")])
         .await;
-    let mark = a.log().len();
     let ch = a.channel.clone();
     let doomed = tokio::spawn(async move {
         csi::controller_client::ControllerClient::new(ch)
             .create_volume(create_req("orphaned", 16 * MIB))
             .await
     });
-    wait_paused(&a, "create.image-made", mark).await;
+    a.wait_paused("create.image-made", 2).await;
     a.kill();
     assert!(doomed.await.unwrap().is_err());
     let id = create_volume(&b, "orphaned", 16 * MIB, &[]).await.unwrap();
@@ -183,7 +135,6 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
     // the volume is refused, then works once A is done, on A's result.
     a.restart_with_env(&[(ENV, "freeze.overlay-made"), (PAUSE_ENV, "2000")])
         .await;
-    let mark = a.log().len();
     let ch = a.channel.clone();
     let v = vol.clone();
     let first = tokio::spawn(async move {
@@ -196,7 +147,7 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
             .await
             .map(|r| r.into_inner().snapshot.unwrap().snapshot_id)
     });
-    wait_paused(&a, "freeze.overlay-made", mark).await;
+    a.wait_paused("freeze.overlay-made", 1).await;
     assert_eq!(code(&snapshot(&b, "from-b", &vol).await), Code::Aborted);
     assert_eq!(code(&expand(&b, &vol, 32 * MIB).await), Code::Aborted);
     assert_eq!(code(&delete_volume(&b, &vol).await), Code::Aborted);
@@ -319,11 +270,8 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
     // Free-for-all on one name from both processes: one group, whoever answers.
     for round in 0..3 {
         let name = format!("group-race-{round}");
-        let ids = race(&a, &b, 8, |ch| {
-            let (name, x, y) = (name.clone(), x.clone(), y.clone());
-            async move { create_group_on(ch, &name, &[&x, &y]).await }
-        })
-        .await;
+        let ids = race_group(&[&a, &b], 8, group_snapshot_req(&name, &[&x, &y])).await;
+        assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
         let from_a = group_snapshot(&a, &name, &[&y, &x]).await.unwrap();
         let from_b = group_snapshot(&b, &name, &[&x, &y]).await.unwrap();
         assert_eq!(from_a, from_b);
@@ -339,10 +287,9 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
     // B is refused the name and both volumes, and sees no member yet; then B sees A's group.
     a.restart_with_env(&[(ENV, "group.members-recorded"), (PAUSE_ENV, "2000")])
         .await;
-    let mark = a.log().len();
     let (ch, xs, ys) = (a.channel.clone(), x.clone(), y.clone());
     let first = tokio::spawn(async move { create_group_on(ch, "held", &[&xs, &ys]).await });
-    wait_paused(&a, "group.members-recorded", mark).await;
+    a.wait_paused("group.members-recorded", 1).await;
     let creating = groups_on_disk(&pool, "held");
     assert_eq!(creating.len(), 1);
     assert_eq!(creating[0]["state"], "creating", "{}", creating[0]);
@@ -396,10 +343,9 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
     // attempt removes A's leftover and makes the group; A agrees once it starts again.
     a.restart_with_env(&[(ENV, "group.members-recorded"), (PAUSE_ENV, "20000")])
         .await;
-    let mark = a.log().len();
     let (ch, xs, ys) = (a.channel.clone(), x.clone(), y.clone());
     let doomed = tokio::spawn(async move { create_group_on(ch, "orphaned", &[&xs, &ys]).await });
-    wait_paused(&a, "group.members-recorded", mark).await;
+    a.wait_paused("group.members-recorded", 2).await;
     let leftover = groups_on_disk(&pool, "orphaned")[0]["id"]
         .as_str()
         .unwrap()

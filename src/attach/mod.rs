@@ -331,16 +331,22 @@ impl Attachments {
         self
     }
 
-    /// Keeps a ledger under `dir/<name>` for every backend that names one
-    /// (`Attacher::ledger_name`); `init_ledgers` starts them.
-    /// Nodes held (frozen or paused) for a live snapshot are noted in `dir/quiesced`, so that
-    /// a restarted controller releases them (`release_left_quiesced`).
-    pub fn with_ledgers(mut self, dir: &Path) -> Self {
-        self.quiesce.markers = Some(dir.join("quiesced"));
+    /// Notes the nodes held (frozen or paused) for a live snapshot in `dir` (the controller's
+    /// own, not the pools': only the process that held a node releases it), so that a
+    /// restarted controller releases them (`release_left_quiesced`).
+    pub fn with_quiesce_markers(mut self, dir: &Path) -> Self {
+        self.quiesce.markers = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Keeps a ledger in `<pool dir>/attach-ledger/<name>` of every pool (name, directory)
+    /// for every backend that names one (`Attacher::ledger_name`); `init_ledgers` starts
+    /// them. Every process sharing a pool shares its ledger.
+    pub fn with_ledgers(mut self, pools: &[(String, PathBuf)]) -> Self {
         self.ledgers = self
             .backends
             .iter()
-            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(dir.join(n))))
+            .map(|b| b.ledger_name().map(|n| ledger::Ledger::new(n, pools)))
             .collect();
         self
     }
@@ -442,13 +448,23 @@ impl Attachments {
     pub(crate) async fn scan(&self) -> Result<Scan> {
         let mut scan = Scan::default();
         for (b, l) in self.backends.iter().zip(&self.ledgers) {
-            let started = std::time::SystemTime::now();
+            // Where the ledger stood when the read began, to bring it in line after.
+            let marks = match l.clone() {
+                Some(l) => match crate::exec::blocking(move || l.marks()).await {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the attach ledger");
+                        None
+                    }
+                },
+                None => None,
+            };
             match b.scan_hosts().await {
                 Ok(read) if read.unreachable.is_empty() => {
-                    if let Some(l) = l {
+                    if let (Some(l), Some(marks)) = (l, marks) {
                         let (l, found) = (l.clone(), read.known.clone());
                         if let Err(e) =
-                            crate::exec::blocking(move || l.reconcile(&found, started)).await
+                            crate::exec::blocking(move || l.reconcile(&found, &marks)).await
                         {
                             tracing::warn!(error = %e, "cannot update the attach ledger");
                         }
@@ -835,6 +851,7 @@ mod tests {
             image: "v.qcow2".into(),
             capabilities: vec![],
             parameters: BTreeMap::new(),
+            mutable_parameters: BTreeMap::new(),
             disk: DiskOptions::default(),
             content_source: None,
             accessible_topology: BTreeMap::new(),
@@ -971,7 +988,11 @@ mod tests {
         }
         // With a ledger: only what it places on hv1's pools.
         let dir = tempfile::tempdir().unwrap();
-        let a = Attachments::new(vec![half_down()], 0).with_ledgers(dir.path());
+        let pools: Vec<(String, PathBuf)> = ["a", "b", "shared"]
+            .iter()
+            .map(|p| (p.to_string(), dir.path().join(p)))
+            .collect();
+        let a = Attachments::new(vec![half_down()], 0).with_ledgers(&pools);
         a.init_ledgers(vec![]).await.unwrap();
         let l = a.ledgers[0].clone().unwrap();
         l.add("shared.0123456789abcdef", "vm-a").unwrap();

@@ -4,21 +4,28 @@ use super::convert;
 use super::proto::{self as csi, controller_server::Controller};
 use crate::attach::{Attachments, Publish};
 use crate::error::{Error, Result};
+use crate::guard::InFlight;
 use crate::ids::{self, ObjectId, VolumeId};
 use crate::params::{self, VolumeParams};
 use crate::pool::{
-    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition, VolumeLock,
+    CapacityQuery, CreateSnapshot, CreateVolume, Pools, SnapshotFilter, VolumeCondition,
+    VolumeLock, VolumeRecord,
 };
 use tonic::{Request, Response, Status};
 
 /// The controller service. Every operation on a volume holds the volume's lock in its pool
 /// (`Pools::lock_volume`), which excludes concurrent operations of this and other processes
-/// sharing the pool: the loser gets ABORTED.
+/// sharing the pool: the loser gets ABORTED. Every change runs as a task of its own that owns
+/// its locks (`change`), so a cancelled RPC releases nothing while the work goes on, and an
+/// identical request in flight is waited for rather than refused.
+#[derive(Clone)]
 pub(crate) struct ControllerService {
     pub pools: Pools,
     pub attachments: Attachments,
     /// Advertise the alpha GET_SNAPSHOT capability (`[snapshots] get_snapshot_capability`).
     pub get_snapshot_capability: bool,
+    /// The changes in flight in this process.
+    pub inflight: InFlight,
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
@@ -28,6 +35,22 @@ fn ok<T>(v: T) -> RpcResult<T> {
 }
 
 impl ControllerService {
+    /// Runs `work`, a change to `object` (`vol:<id>`, `volname:<name>`, …) described by `op`
+    /// (every field of the request that matters: identical requests have the same `op`), as a
+    /// task of its own (`guard::InFlight`): it keeps its locks and runs to its end even when
+    /// the client gives up, and an identical request meanwhile gets its result (waiting at most
+    /// as long as that client's deadline allows).
+    async fn change<T, F>(&self, object: String, op: String, work: F) -> RpcResult<T>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = std::result::Result<T, Status>> + Send + 'static,
+    {
+        self.inflight
+            .run(object, op, work)
+            .await?
+            .map(Response::new)
+    }
+
     /// A volume as CSI reports it; accessible from the topologies of its pool as configured now
     /// (a shared pool: every host that lists it).
     fn volume(&self, v: &crate::pool::VolumeSummary) -> csi::Volume {
@@ -46,6 +69,21 @@ impl ControllerService {
             Some(id) => self.pools.lock_volume(id).await,
             None => Ok(None),
         }
+    }
+
+    /// The lock and record of the volume a request names (`raw`, parsed as `id`): NOT_FOUND
+    /// when there is no such volume.
+    async fn lock_existing(
+        &self,
+        id: &Option<VolumeId>,
+        raw: &str,
+    ) -> Result<(VolumeLock, VolumeRecord)> {
+        let lock = self
+            .lock_volume(id)
+            .await?
+            .ok_or_else(|| convert::no_volume(raw))?;
+        let rec = self.pools.locked_volume(&lock).await?;
+        Ok((lock, rec))
     }
 }
 
@@ -141,10 +179,15 @@ impl Controller for ControllerService {
             topology,
         };
         // Holds the name's lock, and a clone its source's lock.
-        let rec = self.pools.create(create).await?;
-        ok(csi::CreateVolumeResponse {
-            volume: Some(self.volume(&rec.summary())),
+        let (object, op) = (format!("volname:{}", r.name), format!("create {create:?}"));
+        let this = self.clone();
+        self.change(object, op, async move {
+            let rec = this.pools.create(create).await?;
+            Ok(csi::CreateVolumeResponse {
+                volume: Some(this.volume(&rec.summary())),
+            })
         })
+        .await
     }
 
     async fn delete_volume(
@@ -153,22 +196,27 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::DeleteVolumeResponse> {
         let r = req.into_inner();
         let id = convert::volume_id(&r.volume_id)?;
-        let Some(lock) = self.lock_volume(&id).await? else {
-            return ok(csi::DeleteVolumeResponse {});
-        };
-        if lock.existed() {
-            let nodes = self.attachments.nodes_of(&r.volume_id).await?;
-            if !nodes.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} is still attached to node(s) {}; unpublish it first",
-                    r.volume_id,
-                    nodes.join(", ")
-                ))
-                .into());
+        let this = self.clone();
+        let object = format!("vol:{}", r.volume_id);
+        self.change(object, "delete".into(), async move {
+            let Some(lock) = this.lock_volume(&id).await? else {
+                return Ok(csi::DeleteVolumeResponse {});
+            };
+            if lock.existed() {
+                let nodes = this.attachments.nodes_of(&r.volume_id).await?;
+                if !nodes.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} is still attached to node(s) {}; unpublish it first",
+                        r.volume_id,
+                        nodes.join(", ")
+                    ))
+                    .into());
+                }
             }
-        }
-        self.pools.delete(&lock).await?;
-        ok(csi::DeleteVolumeResponse {})
+            this.pools.delete(&lock).await?;
+            Ok(csi::DeleteVolumeResponse {})
+        })
+        .await
     }
 
     async fn controller_publish_volume(
@@ -185,23 +233,26 @@ impl Controller for ControllerService {
             )
             .into());
         }
-        let Some(lock) = self.lock_volume(&id).await? else {
-            return Err(convert::no_volume(&r.volume_id).into());
-        };
-        let rec = self.pools.locked_volume(&lock).await?;
-        let image = self.pools.image_path(&rec)?;
         let publish = Publish {
             node_id: r.node_id.clone(),
             capability,
             readonly: r.readonly,
         };
-        let ctx = self
-            .attachments
-            .publish(lock.id(), &rec, image, &publish)
-            .await?;
-        ok(csi::ControllerPublishVolumeResponse {
-            publish_context: ctx,
+        let object = format!("vol:{}", r.volume_id);
+        let op = format!("publish {publish:?}");
+        let this = self.clone();
+        self.change(object, op, async move {
+            let (lock, rec) = this.lock_existing(&id, &r.volume_id).await?;
+            let image = this.pools.image_path(&rec)?;
+            let ctx = this
+                .attachments
+                .publish(lock.id(), &rec, image, &publish)
+                .await?;
+            Ok(csi::ControllerPublishVolumeResponse {
+                publish_context: ctx,
+            })
         })
+        .await
     }
 
     async fn controller_unpublish_volume(
@@ -210,22 +261,27 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::ControllerUnpublishVolumeResponse> {
         let r = req.into_inner();
         let id = convert::volume_id(&r.volume_id)?;
-        if r.node_id.is_empty() {
-            // Spec: an empty node id means "from every node".
-            let Some(lock) = self.lock_volume(&id).await? else {
-                return ok(csi::ControllerUnpublishVolumeResponse {});
-            };
-            for node in self.attachments.nodes_of(&r.volume_id).await? {
-                self.attachments.unpublish(lock.id(), &node).await?;
-            }
-            return ok(csi::ControllerUnpublishVolumeResponse {});
+        if !r.node_id.is_empty() {
+            ids::check_name("node_id", &r.node_id)?;
         }
-        ids::check_name("node_id", &r.node_id)?;
-        let Some(lock) = self.lock_volume(&id).await? else {
-            return ok(csi::ControllerUnpublishVolumeResponse {});
-        };
-        self.attachments.unpublish(lock.id(), &r.node_id).await?;
-        ok(csi::ControllerUnpublishVolumeResponse {})
+        let object = format!("vol:{}", r.volume_id);
+        let op = format!("unpublish {:?}", r.node_id);
+        let this = self.clone();
+        self.change(object, op, async move {
+            let Some(lock) = this.lock_volume(&id).await? else {
+                return Ok(csi::ControllerUnpublishVolumeResponse {});
+            };
+            if r.node_id.is_empty() {
+                // Spec: an empty node id means "from every node".
+                for node in this.attachments.nodes_of(&r.volume_id).await? {
+                    this.attachments.unpublish(lock.id(), &node).await?;
+                }
+            } else {
+                this.attachments.unpublish(lock.id(), &r.node_id).await?;
+            }
+            Ok(csi::ControllerUnpublishVolumeResponse {})
+        })
+        .await
     }
 
     async fn validate_volume_capabilities(
@@ -370,18 +426,21 @@ impl Controller for ControllerService {
         ids::check_name("name", &r.name)?;
         ids::check_safe_id("source_volume_id", &r.source_volume_id)?;
         convert::check_map("parameters", &r.parameters)?;
-        // Holds the name's lock and the source volume's lock.
-        let rec = self
-            .pools
-            .create_snapshot(CreateSnapshot {
-                name: r.name,
-                source_volume_id: r.source_volume_id,
-                parameters: r.parameters,
+        let create = CreateSnapshot {
+            name: r.name,
+            source_volume_id: r.source_volume_id,
+            parameters: r.parameters,
+        };
+        let (object, op) = (format!("snapname:{}", create.name), format!("{create:?}"));
+        let pools = self.pools.clone();
+        self.change(object, op, async move {
+            // Holds the name's lock and the source volume's lock.
+            let rec = pools.create_snapshot(create).await?;
+            Ok(csi::CreateSnapshotResponse {
+                snapshot: Some(convert::snapshot(&rec.summary())),
             })
-            .await?;
-        ok(csi::CreateSnapshotResponse {
-            snapshot: Some(convert::snapshot(&rec.summary())),
         })
+        .await
     }
 
     async fn delete_snapshot(
@@ -390,8 +449,13 @@ impl Controller for ControllerService {
     ) -> RpcResult<csi::DeleteSnapshotResponse> {
         let r = req.into_inner();
         ObjectId::parse_snapshot(&r.snapshot_id)?;
-        self.pools.delete_snapshot(&r.snapshot_id).await?;
-        ok(csi::DeleteSnapshotResponse {})
+        let pools = self.pools.clone();
+        let object = format!("snap:{}", r.snapshot_id);
+        self.change(object, "delete".into(), async move {
+            pools.delete_snapshot(&r.snapshot_id).await?;
+            Ok(csi::DeleteSnapshotResponse {})
+        })
+        .await
     }
 
     async fn list_snapshots(
@@ -447,29 +511,32 @@ impl Controller for ControllerService {
             .map(convert::capability)
             .transpose()?;
         let (required, limit) = convert::capacity_range(r.capacity_range.as_ref())?;
-        let Some(lock) = self.lock_volume(&id).await? else {
-            return Err(convert::no_volume(&r.volume_id).into());
-        };
-        let mut rec = self.pools.locked_volume(&lock).await?;
-        let target = self.pools.expansion_target(&rec, required, limit).await?;
-        if target > rec.capacity_bytes {
-            if self.attachments.nodes_of(&rec.id).await?.is_empty() {
-                rec = self.pools.expand_offline(&lock, target, 0).await?;
-            } else {
-                self.attachments.resize_online(lock.id(), target).await?;
-                rec.capacity_bytes = target;
-                self.pools.save(&lock, &rec).await?;
-                tracing::info!(volume = %rec.id, size = target, "volume expanded online");
+        let object = format!("vol:{}", r.volume_id);
+        let op = format!("expand {required} {limit} {cap:?}");
+        let this = self.clone();
+        self.change(object, op, async move {
+            let (lock, mut rec) = this.lock_existing(&id, &r.volume_id).await?;
+            let target = this.pools.expansion_target(&rec, required, limit).await?;
+            if target > rec.capacity_bytes {
+                if this.attachments.nodes_of(&rec.id).await?.is_empty() {
+                    rec = this.pools.expand_offline(&lock, target, 0).await?;
+                } else {
+                    this.attachments.resize_online(lock.id(), target).await?;
+                    rec.capacity_bytes = target;
+                    this.pools.save(&lock, &rec).await?;
+                    tracing::info!(volume = %rec.id, size = target, "volume expanded online");
+                }
             }
-        }
-        let block = match &cap {
-            Some(c) => c.is_block(),
-            None => rec.is_block_only(),
-        };
-        ok(csi::ControllerExpandVolumeResponse {
-            capacity_bytes: rec.capacity_bytes as i64,
-            node_expansion_required: !block,
+            let block = match &cap {
+                Some(c) => c.is_block(),
+                None => rec.is_block_only(),
+            };
+            Ok(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: rec.capacity_bytes as i64,
+                node_expansion_required: !block,
+            })
         })
+        .await
     }
 
     async fn controller_get_volume(
@@ -509,25 +576,30 @@ impl Controller for ControllerService {
         for (k, v) in &r.mutable_parameters {
             params::apply_qos(&mut params::Qos::default(), k, v)?;
         }
-        let Some(lock) = self.lock_volume(&id).await? else {
-            return Err(convert::no_volume(&r.volume_id).into());
-        };
-        let mut rec = self.pools.locked_volume(&lock).await?;
-        let mut qos = rec.disk.qos;
-        for (k, v) in &r.mutable_parameters {
-            params::apply_qos(&mut qos, k, v)?;
-        }
-        qos.validate()?;
-        if qos != rec.disk.qos {
-            self.attachments.set_qos(lock.id(), &qos).await?;
-            rec.disk.qos = qos;
+        let object = format!("vol:{}", r.volume_id);
+        let op = format!("modify {:?}", r.mutable_parameters);
+        let this = self.clone();
+        self.change(object, op, async move {
+            let (lock, mut rec) = this.lock_existing(&id, &r.volume_id).await?;
+            let mut qos = rec.disk.qos;
             for (k, v) in &r.mutable_parameters {
-                rec.parameters.insert(k.clone(), v.clone());
+                params::apply_qos(&mut qos, k, v)?;
             }
-            self.pools.save(&lock, &rec).await?;
-            tracing::info!(volume = %rec.id, "volume QoS modified");
-        }
-        ok(csi::ControllerModifyVolumeResponse {})
+            qos.validate()?;
+            if qos != rec.disk.qos {
+                this.attachments.set_qos(lock.id(), &qos).await?;
+                rec.disk.qos = qos;
+                // `parameters` stay what the volume was created with (a repeated
+                // CreateVolume is compared with them).
+                for (k, v) in &r.mutable_parameters {
+                    rec.mutable_parameters.insert(k.clone(), v.clone());
+                }
+                this.pools.save(&lock, &rec).await?;
+                tracing::info!(volume = %rec.id, "volume QoS modified");
+            }
+            Ok(csi::ControllerModifyVolumeResponse {})
+        })
+        .await
     }
 }
 

@@ -36,8 +36,13 @@ pub struct VolumeRecord {
     pub image: String,
     /// The capabilities requested at creation.
     pub(crate) capabilities: Vec<Capability>,
-    /// The CreateVolume parameters as given (minus orchestrator metadata), for idempotency.
+    /// The CreateVolume parameters (with its `mutable_parameters` on top) as the volume was
+    /// created with them: a repeated CreateVolume is compared with these, so they never change.
     pub(crate) parameters: BTreeMap<String, String>,
+    /// The mutable parameters ControllerModifyVolume set since (their current values, on top
+    /// of `parameters`); `disk.qos` is what they mean.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) mutable_parameters: BTreeMap<String, String>,
     /// Hot-plug options parsed from the parameters (QoS may change later).
     pub(crate) disk: DiskOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]

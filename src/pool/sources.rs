@@ -152,7 +152,9 @@ impl Pools {
                 req.limit_bytes
             )));
         }
-        let size = size_for(req.required_bytes.max(min_size), req.limit_bytes, min_size)?;
+        let fs_min = super::volumes::fs_minimum(req)?;
+        let required = req.required_bytes.max(min_size).max(fs_min);
+        let size = size_for(required, req.limit_bytes, min_size.max(fs_min))?;
         let mut in_source_pool = params.clone();
         in_source_pool.pool = Some(pool_name);
         let pool = self.choose_pool(req, &in_source_pool, size).await?;

@@ -138,6 +138,30 @@ pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u
     Ok(size)
 }
 
+/// The smallest size a new volume with these capabilities may have: what the file system of
+/// its mount capabilities needs (xfs: 300 MiB, `node::fs::XFS_MIN_BYTES`; the node would
+/// refuse to format anything smaller). A smaller `required_bytes` is rounded up to it (the
+/// spec only asks for "at least" required_bytes); a `limit_bytes` below it is OUT_OF_RANGE.
+/// Returns the minimum (0: none).
+pub(super) fn fs_minimum(req: &CreateVolume) -> Result<u64> {
+    let xfs = req.capabilities.iter().any(|c| {
+        matches!(&c.access_type, crate::model::AccessType::Mount { fs_type, .. } if fs_type == "xfs")
+    });
+    if !xfs {
+        return Ok(0);
+    }
+    let min = crate::node::fs::XFS_MIN_BYTES;
+    if req.limit_bytes > 0 && req.limit_bytes < min {
+        return Err(Error::OutOfRange(format!(
+            "limit_bytes {} is below {} MiB, the smallest xfs file system; allow at least {}              bytes, or use ext4",
+            req.limit_bytes,
+            min >> 20,
+            min
+        )));
+    }
+    Ok(min)
+}
+
 impl Pools {
     /// Opens every pool (creating directories, reading the records, recovering from crashes).
     pub async fn open(configs: Vec<PoolConfig>, default_size: u64) -> Result<Pools> {
@@ -320,8 +344,9 @@ impl Pools {
         if req.capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities is required"));
         }
-        // A range no volume can satisfy is OUT_OF_RANGE whether or not the name exists (not
-        // ALREADY_EXISTS for a repeat): checked before the lookup.
+        // OUT_OF_RANGE before any lookup: a file system's minimum, and a range no volume can
+        // satisfy, whether or not the name exists (not ALREADY_EXISTS for a repeat).
+        fs_minimum(&req)?;
         size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
         let hash = ids::name_hash(ids::VOLUME, &req.name);
         let what = format!("the volume named {:?}", req.name);
@@ -390,7 +415,13 @@ impl Pools {
     /// A new empty volume: choose the pool, write the image header, commit the record.
     /// Blocking.
     fn create_blank(&self, req: &CreateVolume, params: &VolumeParams) -> Result<VolumeRecord> {
-        let size = size_for(req.required_bytes, req.limit_bytes, self.default_size)?;
+        let min = fs_minimum(req)?;
+        // 0 asks for the default size, which is raised to the minimum instead.
+        let required = match req.required_bytes {
+            0 => 0,
+            r => r.max(min),
+        };
+        let size = size_for(required, req.limit_bytes, self.default_size.max(min))?;
         let pool = self.choose_pool_blocking(req, params, size)?;
         let format = params.format.unwrap_or(pool.config().format);
         for cap in &req.capabilities {
@@ -721,6 +752,7 @@ pub(super) fn new_record(
         image,
         capabilities: req.capabilities.clone(),
         parameters: req.parameters.clone(),
+        mutable_parameters: BTreeMap::new(),
         disk: params.disk.clone(),
         content_source: req.content_source.clone(),
         accessible_topology: pool.topology().clone(),

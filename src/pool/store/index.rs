@@ -695,6 +695,7 @@ mod tests {
             image: image.into(),
             capabilities: vec![],
             parameters: Default::default(),
+            mutable_parameters: Default::default(),
             disk: Default::default(),
             content_source: None,
             accessible_topology: Default::default(),

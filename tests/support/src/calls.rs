@@ -26,6 +26,67 @@ pub async fn create_volume(
     p.controller().create(req).await.map(|v| v.volume_id)
 }
 
+/// `n` concurrent calls of `call`, spread over the plugins' channels in turn (one name raced
+/// by several controller processes); each answers an id or ABORTED (asserted). The ids
+/// answered.
+async fn race<F, Fut>(plugins: &[&Plugin], n: usize, call: F) -> BTreeSet<String>
+where
+    F: Fn(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<String, Status>> + Send + 'static,
+{
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        calls.spawn(call(plugins[i % plugins.len()].channel.clone()));
+    }
+    let mut ids = BTreeSet::new();
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    }
+    ids
+}
+
+/// `n` concurrent CreateVolume calls of `req` ([`race`]): the volume ids answered.
+pub async fn race_create(
+    plugins: &[&Plugin],
+    n: usize,
+    req: crate::csi::CreateVolumeRequest,
+) -> BTreeSet<String> {
+    race(plugins, n, |ch| {
+        let req = req.clone();
+        async move {
+            crate::csi::controller_client::ControllerClient::new(ch)
+                .create_volume(req)
+                .await
+                .map(|r| r.into_inner().volume.unwrap().volume_id)
+        }
+    })
+    .await
+}
+
+/// `n` concurrent CreateVolumeGroupSnapshot calls of `req` ([`race`]): the group snapshot ids
+/// answered.
+pub async fn race_group(
+    plugins: &[&Plugin],
+    n: usize,
+    req: crate::csi::CreateVolumeGroupSnapshotRequest,
+) -> BTreeSet<String> {
+    race(plugins, n, |ch| {
+        let req = req.clone();
+        async move {
+            crate::csi::group_controller_client::GroupControllerClient::new(ch)
+                .create_volume_group_snapshot(req)
+                .await
+                .map(|r| r.into_inner().group_snapshot.unwrap().group_snapshot_id)
+        }
+    })
+    .await
+}
+
 /// CreateVolume of `name` from a snapshot or volume (its size) → the volume id.
 pub async fn create_from(p: &Plugin, name: &str, source: Source) -> Result<String, Status> {
     let req = create_from_req(name, 0, source);

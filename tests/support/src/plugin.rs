@@ -378,6 +378,18 @@ impl Plugin {
         std::fs::read_to_string(self.dir.path().join("plugin.log")).unwrap_or_default()
     }
 
+    /// Waits (30 s at most) until the failpoint `point`, armed in pause mode
+    /// (`VIRTDISK_FAILPOINT_PAUSE_MS`), has paused the `n`th time in this plugin's log, which
+    /// keeps the lines of every run (count the earlier runs' pauses too).
+    pub async fn wait_paused(&self, point: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let line = format!("failpoint {point}: pausing");
+        while self.log().matches(&line).count() < n {
+            assert!(Instant::now() < deadline, "{point} did not pause {n} times");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// `virtdisk-csi client --endpoint <this plugin> <args>`.
     pub fn client(&self, args: &[&str]) -> Output {
         Command::new(bin())
