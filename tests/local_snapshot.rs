@@ -32,7 +32,7 @@ async fn snapshot(env: &Env, name: &str, vol: &csi::Volume) -> csi::Snapshot {
         .plugin
         .log()
         .lines()
-        .rfind(|l| l.contains("file system thawed"))
+        .rfind(|l| l.contains("live snapshot cut"))
     {
         eprintln!("  {line}");
     }
@@ -86,8 +86,8 @@ async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     );
     let log = env.plugin.log();
     assert!(
-        log.contains("the storage daemon writes to the new overlay")
-            && log.contains("quiesced=true"),
+        log.contains("the storage daemons write to the new overlays")
+            && log.contains("consistency=\"application-consistent\""),
         "the switch ran with the file system frozen: {log}"
     );
     write_file(&t, "b.txt", b"after the snapshot");

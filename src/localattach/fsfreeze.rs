@@ -135,23 +135,29 @@ async fn thaw_at(mount_point: &Path) -> Result<()> {
     Err(exec::tool_error(PROGRAM, &out))
 }
 
-/// Thaws a file system a killed plugin left frozen in `slot` (its marker says which).
-pub(super) async fn thaw_left(slot: &Slot) {
+/// Thaws the file system the marker in `slot` names, if there is one (one try), and removes
+/// the marker; the mount point thawed, or None without a marker.
+pub(super) async fn thaw_marked(slot: &Slot) -> Result<Option<PathBuf>> {
     let path = marker_path(slot);
-    let marker = match exec::blocking(move || crate::fsutil::read_json::<Marker>(&path)).await {
-        Ok(Some(m)) => m,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(slot = %slot.key, error = %e, "cannot read the freeze marker");
-            return;
-        }
+    let Some(marker) = exec::blocking(move || crate::fsutil::read_json::<Marker>(&path)).await?
+    else {
+        return Ok(None);
     };
-    tracing::warn!(slot = %slot.key, mount = %marker.mount_point.display(),
-        "a snapshot left this file system frozen; thawing it");
-    Frozen {
-        slot: slot.clone(),
-        mount_point: marker.mount_point,
+    thaw_at(&marker.mount_point).await?;
+    let path = marker_path(slot);
+    exec::blocking(move || crate::fsutil::remove_durable(&path)).await?;
+    Ok(Some(marker.mount_point))
+}
+
+/// At start: thaws a file system a killed plugin left frozen in `slot` (its marker says
+/// which), before anything else uses the volume.
+pub(super) async fn thaw_left(slot: &Slot) {
+    match thaw_marked(slot).await {
+        Ok(None) => {}
+        Ok(Some(mount)) => tracing::warn!(slot = %slot.key, mount = %mount.display(),
+            "a snapshot left this file system frozen; thawed it"),
+        Err(e) => tracing::error!(slot = %slot.key, error = %e,
+            "a snapshot left a file system frozen and thawing it failed: run `fsfreeze \
+             --unfreeze` on it"),
     }
-    .thaw()
-    .await;
 }

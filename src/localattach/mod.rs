@@ -24,7 +24,7 @@ mod qmp;
 mod slot;
 mod snapshot;
 
-use crate::attach::{Attacher, Attachment, DiskSpec, LiveSnapshot, CTX_BUS, CTX_DEVICE};
+use crate::attach::{Attacher, Attachment, DiskSpec, FsFreeze, LiveMember, CTX_BUS, CTX_DEVICE};
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -56,6 +56,8 @@ pub(crate) struct LocalAttacher {
     /// Held from counting the attachments to the end of an attach, so concurrent publishes
     /// of different volumes never pass the limit together.
     attaching: tokio::sync::Mutex<()>,
+    /// The file systems of this host's volumes frozen for live snapshots (see `fsfreeze`).
+    freezes: tokio::sync::Mutex<Freezes>,
     /// Where new daemons go in the cgroup tree; None leaves them in the plugin's cgroups.
     placement: Option<Placement>,
     /// The node id cannot name a libvirt domain (it is not a QEMU guest's DMI UUID, nor a
@@ -131,6 +133,17 @@ pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
     Ok(Some(limit))
 }
 
+/// Live snapshots holding this host's file systems frozen: the first freezes them, the last
+/// thaws them, so that concurrent snapshots of volumes of this host never thaw each other's
+/// freeze (FIFREEZE of a frozen file system fails).
+#[derive(Debug, Default)]
+struct Freezes {
+    /// Freezes not yet thawed (`freeze_filesystems` calls that froze or tried to).
+    holders: u32,
+    /// The slots whose file system is frozen now.
+    slots: std::collections::BTreeSet<String>,
+}
+
 /// What a slot holds, read back from the host.
 #[derive(Debug)]
 enum State {
@@ -203,6 +216,7 @@ impl LocalAttacher {
             sysfs: Sysfs::host(),
             limit: 0,
             attaching: tokio::sync::Mutex::new(()),
+            freezes: tokio::sync::Mutex::default(),
             placement,
             serves_first,
         };
@@ -548,6 +562,37 @@ impl LocalAttacher {
         Ok(Some((rec, loop_name)))
     }
 
+    /// The slots of live read-write attachments whose file system is mounted on this host,
+    /// with one mount point each.
+    async fn mounted_writable(&self) -> Result<Vec<(Slot, PathBuf)>> {
+        let dir = self.state_dir.clone();
+        let slots = exec::blocking(move || slot::list(&dir)).await?;
+        let live: Vec<(Slot, String)> = self
+            .inspect_all(slots)
+            .await?
+            .into_iter()
+            .filter_map(|(slot, st)| match st {
+                State::Attached {
+                    rec,
+                    loop_name,
+                    dead: None,
+                } if !rec.readonly => Some((slot, loop_name)),
+                _ => None,
+            })
+            .collect();
+        let sysfs = self.sysfs.clone();
+        exec::blocking(move || {
+            let mut out = Vec::new();
+            for (slot, loop_name) in live {
+                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name)? {
+                    out.push((slot, mount));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Attaches `rec` afresh (slot torn down first), cleaning up when that fails.
     async fn attach_fresh(&self, slot: &Slot, rec: &Record) -> Result<String> {
         self.teardown(slot).await?;
@@ -727,59 +772,137 @@ impl Attacher for LocalAttacher {
         Ok(())
     }
 
-    /// In the volume's storage daemon (see `snapshot`), with the file system on the loop
-    /// device frozen around the switch when it is mounted on this host (see `fsfreeze`).
-    async fn snapshot_live(
-        &self,
-        node_id: &str,
-        volume_id: &VolumeId,
-        new_overlay: &Path,
-    ) -> Result<LiveSnapshot> {
+    /// Each member in its own storage daemon (see `snapshot`), in parallel. Several members
+    /// are cut at one point only while their file systems are frozen (`freeze_filesystems`):
+    /// each daemon switches on its own, there is no transaction across them.
+    async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
         self.check_node(node_id)?;
         let started = Instant::now();
-        let slot = Slot::new(&self.state_dir, volume_id.key());
-        let Some((rec, loop_name)) = self.writable(&slot, volume_id, "snapshot live").await? else {
-            return Err(Error::Aborted(format!(
-                "volume {volume_id} was detached from this host meanwhile; retry"
-            )));
-        };
-        // A task of its own: a cancelled RPC must not leave the file system frozen.
-        let (sysfs, name, overlay) = (
-            self.sysfs.clone(),
-            loop_name.clone(),
-            new_overlay.to_owned(),
-        );
-        let id = volume_id.clone();
-        let (switched, quiesced) = tokio::spawn(async move {
-            let mount = exec::blocking(move || fsfreeze::mount_of(&sysfs, &name))
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!(volume = %id, error = %e, "cannot read the mount table");
-                    None
-                });
-            let t0 = Instant::now();
-            let frozen = match &mount {
-                Some(m) => fsfreeze::freeze(&slot, m).await,
-                None => None,
+        let mut work = Vec::with_capacity(members.len());
+        for m in members {
+            let slot = Slot::new(&self.state_dir, m.volume_id.key());
+            let Some((rec, _)) = self.writable(&slot, &m.volume_id, "snapshot live").await? else {
+                return Err(Error::Aborted(format!(
+                    "volume {} was detached from this host meanwhile; retry",
+                    m.volume_id
+                )));
             };
-            let (quiesced, t1) = (frozen.is_some(), Instant::now());
-            let switched = snapshot::switch(&slot, &rec, &overlay).await;
-            if let Some(f) = frozen {
-                f.thaw().await;
-                // How long the freeze took (writing out dirty data), then how long writers
-                // were held.
-                tracing::debug!(volume = %id, freeze_ms = (t1 - t0).as_millis() as u64,
-                    held_ms = t1.elapsed().as_millis() as u64, "file system thawed");
+            work.push((slot, rec, m.overlay.clone()));
+        }
+        if work.len() > 1 {
+            let frozen = self.freezes.lock().await.slots.clone();
+            let loose: Vec<&str> = work
+                .iter()
+                .filter(|(slot, _, _)| !frozen.contains(&slot.key))
+                .map(|(_, rec, _)| rec.volume_id.as_str())
+                .collect();
+            if !loose.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volumes {} are attached to this host without a file system frozen here \
+                     (block volumes, not staged, or the freeze failed): each locally attached \
+                     volume has its own storage daemon, so several are cut at one point of \
+                     their writes only while their file systems are frozen; snapshot them one \
+                     at a time",
+                    loose.join(", ")
+                )));
             }
-            (switched, quiesced)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("the live snapshot task ended: {e}")))?;
-        let active = switched?;
-        tracing::info!(volume = %volume_id, device = %loop_name, overlay = %active.image.display(),
-            layer = active.layer, quiesced, ms = started.elapsed().as_millis() as u64,
-            "live snapshot: the storage daemon writes to the new overlay");
-        Ok(LiveSnapshot { quiesced })
+        }
+        let results = futures_util::future::join_all(
+            work.iter()
+                .map(|(slot, rec, overlay)| snapshot::switch(slot, rec, overlay)),
+        )
+        .await;
+        let failed: Vec<(&str, Error)> = work
+            .iter()
+            .zip(results)
+            .filter_map(|((_, rec, _), r)| r.err().map(|e| (rec.volume_id.as_str(), e)))
+            .collect();
+        let switched = work.len() - failed.len();
+        let mut failed = failed.into_iter();
+        match failed.next() {
+            None => {
+                tracing::info!(node = %node_id, volumes = work.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "live snapshot: the storage daemons write to the new overlays");
+                Ok(())
+            }
+            // Nothing switched and every outcome known: the caller deletes the overlays.
+            Some((_, e))
+                if switched == 0
+                    && !matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    )
+                    && failed.len() == 0 =>
+            {
+                Err(e)
+            }
+            Some((volume, e)) => Err(Error::Unavailable(format!(
+                "the live snapshot switched {switched} of {} volumes on this host; volume \
+                 {volume} failed ({e}); each volume is reconciled from its image locks when \
+                 it is next used",
+                work.len()
+            ))),
+        }
+    }
+
+    /// Whether a file system of a volume attached read-write here is mounted on this host:
+    /// then `freeze_filesystems` has something to freeze (the host plays the guest agent).
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        self.check_node(node_id)?;
+        Ok(!self.mounted_writable().await?.is_empty())
+    }
+
+    /// Freezes the file system of every volume attached read-write and mounted on this host
+    /// (`fsfreeze`, bounded; a marker per slot), as a guest agent freezes all of a guest's.
+    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+        self.check_node(node_id)?;
+        let mut freezes = self.freezes.lock().await;
+        if freezes.holders > 0 {
+            freezes.holders += 1;
+            return Ok(FsFreeze::Frozen(freezes.slots.len() as u32));
+        }
+        let mounted = self.mounted_writable().await?;
+        if mounted.is_empty() {
+            return Ok(FsFreeze::NoAgent);
+        }
+        // Counted before the freeze: the caller thaws after any outcome but NoAgent.
+        freezes.holders = 1;
+        let all = mounted.len();
+        for (slot, mount) in mounted {
+            if let Some(frozen) = fsfreeze::freeze(&slot, &mount).await {
+                freezes.slots.insert(slot.key.clone());
+                drop(frozen); // thawed through its marker by `thaw_filesystems`
+            }
+        }
+        let n = freezes.slots.len();
+        if n < all {
+            return Err(Error::internal(format!(
+                "{} of {all} file systems of volumes attached to this host could not be frozen",
+                all - n
+            )));
+        }
+        Ok(FsFreeze::Frozen(n as u32))
+    }
+
+    /// Thaws what `freeze_filesystems` froze, once its last holder is done; with none (a
+    /// restart), everything a marker names.
+    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+        self.check_node(node_id)?;
+        let mut freezes = self.freezes.lock().await;
+        freezes.holders = freezes.holders.saturating_sub(1);
+        if freezes.holders > 0 {
+            return Ok(());
+        }
+        freezes.slots.clear();
+        let dir = self.state_dir.clone();
+        let mut first_err = None;
+        for slot in exec::blocking(move || slot::list(&dir)).await? {
+            if let Err(e) = fsfreeze::thaw_marked(&slot).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn set_qos(&self, node_id: &str, volume_id: &VolumeId, qos: &Qos) -> Result<()> {
