@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::time::Instant;
-use virtdisk_test_support::calls::expand;
+use virtdisk_test_support::calls::{delete_group, expand, group_members, group_snapshot};
 use virtdisk_test_support::local_attach::*;
 use virtdisk_test_support::prelude::*;
 
@@ -184,4 +184,79 @@ async fn snapshot_of_an_attached_block_volume() {
         .await
         .unwrap();
     env.finish(&vol).await;
+}
+
+/// Two mounted volumes of this host in one group: both file systems frozen, each daemon
+/// switched, the members restore one point of the writes, clean. A block volume with them is
+/// refused (its daemon would switch at its own moment), and nothing is switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshot_of_volumes_attached_to_this_host() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut vols = Vec::new();
+    for tag in ["grp-a", "grp-b"] {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
+        write_file(&staging, "a.txt", tag.as_bytes());
+        vols.push((vol, staging));
+    }
+    let ids: Vec<&str> = vols.iter().map(|(v, _)| v.volume_id.as_str()).collect();
+    let started = Instant::now();
+    let group = group_snapshot(&env.plugin, &unique("grp"), &ids)
+        .await
+        .unwrap();
+    eprintln!(
+        "CreateVolumeGroupSnapshot of 2 mounted volumes attached here: {} ms",
+        started.elapsed().as_millis()
+    );
+    let log = env.plugin.log();
+    let cut = log
+        .lines()
+        .rfind(|l| l.contains("live snapshot cut"))
+        .unwrap();
+    eprintln!("  {cut}");
+    assert!(
+        cut.contains("application-consistent") && cut.contains("2 file systems frozen"),
+        "{cut}"
+    );
+    for (_, staging) in &vols {
+        write_file(staging, "b.txt", b"after the group snapshot");
+    }
+    let members = group_members(&env.plugin, &group).await.unwrap();
+    assert_eq!(members.len(), 2);
+    for (i, (member, tag)) in members.iter().zip(["grp-a", "grp-b"]).enumerate() {
+        let (restored, rctx) = env.restored(&format!("grp-r{i}"), member, &cap).await;
+        assert_fsck_clean(&rctx["devicePath"]);
+        let rs = env.staging(&format!("grp-r{i}"));
+        env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
+        assert_eq!(read(&rs, "a.txt").as_deref(), Some(tag.as_bytes()));
+        assert_eq!(read(&rs, "b.txt"), None);
+        env.unstage(&restored, &rs).await.unwrap();
+        env.controller_unpublish(&restored).await.unwrap();
+        env.delete(&restored).await;
+    }
+
+    // With a block volume (nothing frozen for it): FAILED_PRECONDITION, nothing switched.
+    let (blk, _) = env
+        .attached("grp-blk", 16 * MIB, &block_cap(Mode::SingleNodeWriter))
+        .await;
+    let before = recorded_image(&env, &vols[0].0);
+    let err = group_snapshot(&env.plugin, &unique("grp-2"), &[ids[0], &blk.volume_id])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("one at a time"), "{err:?}");
+    assert_eq!(recorded_image(&env, &vols[0].0), before, "not switched");
+    write_file(&vols[0].1, "c.txt", b"thawed and writable");
+
+    delete_group(&env.plugin, &group).await.unwrap();
+    for (vol, staging) in &vols {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+    env.finish(&blk).await;
 }
