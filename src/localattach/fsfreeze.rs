@@ -1,14 +1,16 @@
-//! Freezing the file system of a locally attached volume around its live snapshot, so that
-//! the frozen layer holds a clean file system (ext4 and xfs flush their journal and mark it
-//! clean on freeze) rather than a crash-consistent one. The file system is mounted on this
-//! host from the volume's loop device (the node's staging mount and the publishes bound
-//! from it share one superblock: freezing one freezes them all).
+//! Freezing the file systems of locally attached volumes around a live snapshot (the host's
+//! side of `Attacher::freeze_filesystems`), so that the frozen layers hold clean file systems
+//! (ext4 and xfs flush their journal and mark it clean on freeze) rather than crash-consistent
+//! ones. A file system is mounted on this host from the volume's loop device (the node's
+//! staging mount and the publishes bound from it share one superblock: freezing one freezes
+//! them all).
 //!
-//! `fsfreeze` (util-linux) does the FIFREEZE/FITHAW. The freeze is bounded: one that has not
+//! `fsfreeze` (util-linux) does the FIFREEZE/FITHAW. Each freeze is bounded: one that has not
 //! returned in time is given up (the snapshot is then crash-consistent) and thawed as soon as
 //! it completes. A marker in the slot (`frozen.json`, naming the mount point) is written
 //! before the freeze and removed after the thaw, so a plugin killed in between thaws the file
-//! system when it starts again (`thaw_left`), instead of leaving the workload blocked.
+//! system when it starts again (`thaw_left`), before anything else, instead of leaving the
+//! workload blocked.
 
 use super::slot::Slot;
 use crate::error::Result;
