@@ -324,7 +324,7 @@ async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
 
     let expand = csi::ControllerExpandVolumeRequest {
         volume_id: ids[0].clone(),
-        capacity_range: capacity(16 * MIB as i64),
+        capacity_range: capacity(16 * MIB),
         ..Default::default()
     };
     let expand = p.controller().controller_expand_volume(expand).await;
