@@ -51,25 +51,31 @@ pub(super) async fn check(mode: Mode, hosts: &[HostConfig], named: bool) -> Vec<
     }
     done.sort_by_key(|(i, ..)| *i);
     let mut seen: Vec<(String, String, String)> = Vec::new();
+    let mut unread: Vec<String> = Vec::new();
     for (_, host, host_checks, running) in done {
         for mut c in host_checks {
             c.name = label(&host, &c.name);
             checks.push(c);
         }
-        seen.extend(
-            running
-                .into_iter()
-                .map(|(uuid, name)| (uuid, name, host.name.clone())),
-        );
+        match running {
+            Some(running) => seen.extend(
+                running
+                    .into_iter()
+                    .map(|(uuid, name)| (uuid, name, host.name.clone())),
+            ),
+            None => unread.push(host.name.clone()),
+        }
     }
     if named {
-        checks.push(duplicates_check(&seen));
+        checks.push(duplicates_check(&seen, &unread));
     }
     checks
 }
 
 /// FAIL when one domain UUID runs on two hosts: the controller refuses to attach to it.
-fn duplicates_check(running: &[(String, String, String)]) -> Check {
+/// `running`: (UUID, name, host) of the hosts that were read; `unread`: the hosts whose
+/// domains could not be listed (WARN: a duplicate there cannot be ruled out).
+fn duplicates_check(running: &[(String, String, String)], unread: &[String]) -> Check {
     let mut by_uuid: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for (uuid, name, host) in running {
         by_uuid
@@ -82,7 +88,18 @@ fn duplicates_check(running: &[(String, String, String)]) -> Check {
         .filter(|(_, at)| at.len() > 1)
         .map(|(uuid, at)| format!("{uuid}: {}", at.join(", ")))
         .collect();
-    if dups.is_empty() {
+    if dups.is_empty() && !unread.is_empty() {
+        Check::warn(
+            "domain UUIDs",
+            format!(
+                "{} running domain(s) on the hosts read, each UUID on one host; not checked on \
+                 host(s) {} (libvirt not reachable, see above)",
+                running.len(),
+                unread.join(", ")
+            ),
+            "run the doctor again once every host's libvirtd answers",
+        )
+    } else if dups.is_empty() {
         Check::ok(
             "domain UUIDs",
             format!("{} running domain(s), each UUID on one host", running.len()),
@@ -156,8 +173,8 @@ async fn emulator_checks(emulators: &[String]) -> Vec<Check> {
     checks
 }
 
-/// Running domains of a host: (UUID, name).
-type Running = Vec<(String, String)>;
+/// Running domains of a host: (UUID, name); `None` when they could not be listed.
+type Running = Option<Vec<(String, String)>>;
 
 #[cfg(not(feature = "libvirt"))]
 async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running) {
@@ -172,7 +189,7 @@ async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running
             checks.extend(emulator_checks(&[p.display().to_string()]).await);
         }
     }
-    (checks, Vec::new())
+    (checks, Some(Vec::new()))
 }
 
 #[cfg(feature = "libvirt")]
@@ -193,11 +210,11 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
                 "start libvirtd (systemctl start libvirtd, or libvirtd -d) and check the URI; \
                  qemu+ssh:// needs key-based ssh for the plugin's user, qemu+tls:// its certificates",
             );
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
         Ok(Err(e)) => {
             let check = Check::fail("libvirt", e.to_string(), "report this as a bug");
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
         Err(_) => {
             let check = Check::missing(
@@ -206,7 +223,7 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
                 format!("{uri} did not answer within 30 s"),
                 "check that libvirtd is running and responsive (virsh -c URI list)",
             );
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
     };
     let mut checks = vec![Check::ok(
@@ -239,11 +256,13 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
         ));
     }
     checks.push(domains_check(&facts.domains));
-    let running = facts
-        .domains
-        .iter()
-        .map(|d| (d.uuid.clone(), d.name.clone()))
-        .collect();
+    let running = Some(
+        facts
+            .domains
+            .iter()
+            .map(|d| (d.uuid.clone(), d.name.clone()))
+            .collect(),
+    );
     (checks, running)
 }
 
@@ -408,15 +427,33 @@ mod tests {
     #[test]
     fn one_uuid_on_two_hosts_fails() {
         let r = |u: &str, n: &str, h: &str| (u.to_string(), n.to_string(), h.to_string());
-        let ok = duplicates_check(&[r("a", "vm1", "hv1"), r("b", "vm2", "hv2")]);
+        let ok = duplicates_check(&[r("a", "vm1", "hv1"), r("b", "vm2", "hv2")], &[]);
         assert_eq!(ok.status, super::super::Status::Ok);
-        let dup = duplicates_check(&[r("a", "vm1", "hv1"), r("a", "vm1-clone", "hv2")]);
+        let dup = duplicates_check(&[r("a", "vm1", "hv1"), r("a", "vm1-clone", "hv2")], &[]);
         assert_eq!(dup.status, super::super::Status::Fail);
         assert!(
             dup.detail.contains("a: vm1 on hv1, vm1-clone on hv2"),
             "{}",
             dup.detail
         );
+    }
+
+    #[test]
+    fn a_host_that_could_not_be_read_is_no_ok() {
+        let r = |u: &str, n: &str, h: &str| (u.to_string(), n.to_string(), h.to_string());
+        let partial = duplicates_check(&[r("a", "vm1", "hv1")], &["hv2".to_string()]);
+        assert_eq!(partial.status, super::super::Status::Warn);
+        assert!(
+            partial.detail.contains("not checked on host(s) hv2"),
+            "{}",
+            partial.detail
+        );
+        // A duplicate among the hosts read is still a FAIL.
+        let dup = duplicates_check(
+            &[r("a", "vm1", "hv1"), r("a", "vm1", "hv2")],
+            &["hv3".to_string()],
+        );
+        assert_eq!(dup.status, super::super::Status::Fail);
     }
 
     #[test]
