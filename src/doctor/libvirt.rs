@@ -52,24 +52,60 @@ pub(super) async fn check(mode: Mode, hosts: &[HostConfig], named: bool) -> Vec<
     done.sort_by_key(|(i, ..)| *i);
     let mut seen: Vec<(String, String, String)> = Vec::new();
     let mut unread: Vec<String> = Vec::new();
+    // (libvirtd host UUID, the hosts that reached it)
+    let mut daemons: Vec<(String, Vec<String>)> = Vec::new();
     for (_, host, host_checks, running) in done {
         for mut c in host_checks {
             c.name = label(&host, &c.name);
             checks.push(c);
         }
-        match running {
-            Some(running) => seen.extend(
-                running
-                    .into_iter()
-                    .map(|(uuid, name)| (uuid, name, host.name.clone())),
-            ),
-            None => unread.push(host.name.clone()),
+        let Some((host_uuid, running)) = running else {
+            unread.push(host.name.clone());
+            continue;
+        };
+        if let Some(u) = host_uuid {
+            match daemons.iter_mut().find(|(d, _)| *d == u) {
+                // The same libvirtd again: its domains are already counted.
+                Some((_, hosts)) => {
+                    hosts.push(host.name.clone());
+                    continue;
+                }
+                None => daemons.push((u, vec![host.name.clone()])),
+            }
         }
+        seen.extend(
+            running
+                .into_iter()
+                .map(|(uuid, name)| (uuid, name, host.name.clone())),
+        );
     }
     if named {
+        checks.extend(same_daemon_check(&daemons));
         checks.push(duplicates_check(&seen, &unread));
     }
     checks
+}
+
+/// FAIL when several `[[host]]` entries reach one libvirtd (`daemons`: each daemon's host
+/// UUID and the hosts that reached it): a copied uri, or two names for one machine.
+fn same_daemon_check(daemons: &[(String, Vec<String>)]) -> Option<Check> {
+    let same: Vec<String> = daemons
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(uuid, hosts)| format!("{} (libvirt host UUID {uuid})", hosts.join(" and ")))
+        .collect();
+    (!same.is_empty()).then(|| {
+        Check::fail(
+            "hosts",
+            format!(
+                "several [[host]] entries reach one and the same libvirtd: {}",
+                same.join("; ")
+            ),
+            "give each [[host]] the uri of its own hypervisor's libvirtd (if the uris are \
+             right, those machines report one SMBIOS UUID: set host_uuid in each one's \
+             libvirtd.conf)",
+        )
+    })
 }
 
 /// FAIL when one domain UUID runs on two hosts: the controller refuses to attach to it.
@@ -173,8 +209,9 @@ async fn emulator_checks(emulators: &[String]) -> Vec<Check> {
     checks
 }
 
-/// Running domains of a host: (UUID, name); `None` when they could not be listed.
-type Running = Option<Vec<(String, String)>>;
+/// What was read of a host: its libvirtd's host UUID (when it said) and its running domains
+/// (UUID, name); `None` when it could not be read.
+type Running = Option<(Option<String>, Vec<(String, String)>)>;
 
 #[cfg(not(feature = "libvirt"))]
 async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running) {
@@ -189,7 +226,7 @@ async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running
             checks.extend(emulator_checks(&[p.display().to_string()]).await);
         }
     }
-    (checks, Some(Vec::new()))
+    (checks, Some((None, Vec::new())))
 }
 
 #[cfg(feature = "libvirt")]
@@ -256,13 +293,14 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
         ));
     }
     checks.push(domains_check(&facts.domains));
-    let running = Some(
+    let running = Some((
+        facts.host_uuid.clone(),
         facts
             .domains
             .iter()
             .map(|d| (d.uuid.clone(), d.name.clone()))
             .collect(),
-    );
+    ));
     (checks, running)
 }
 
@@ -319,6 +357,8 @@ mod facts {
         pub default_emulator: Option<String>,
         pub scsi_bus: bool,
         pub domains: Vec<DomainFacts>,
+        /// The libvirtd's host UUID (`<capabilities><host><uuid>`): one per daemon.
+        pub host_uuid: Option<String>,
     }
 
     fn version(v: u32) -> String {
@@ -340,6 +380,11 @@ mod facts {
             .unwrap_or_default();
         let default_emulator = element_text(&caps, "path");
         let scsi_bus = caps.contains("<value>scsi</value>");
+        let host_uuid = conn
+            .capabilities()
+            .ok()
+            .and_then(|c| element_text(&c, "uuid"))
+            .map(|u| u.to_ascii_lowercase());
         let mut domains = Vec::new();
         let active = conn
             .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -366,6 +411,7 @@ mod facts {
             default_emulator,
             scsi_bus,
             domains,
+            host_uuid,
         })
     }
 
@@ -454,6 +500,24 @@ mod tests {
             &["hv3".to_string()],
         );
         assert_eq!(dup.status, super::super::Status::Fail);
+    }
+
+    #[test]
+    fn hosts_that_reach_one_libvirtd_fail() {
+        let d = |u: &str, hosts: &[&str]| {
+            (
+                u.to_string(),
+                hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert!(same_daemon_check(&[d("x", &["hv1"]), d("y", &["hv2"])]).is_none());
+        let same = same_daemon_check(&[d("x", &["hv1", "hv2"]), d("y", &["hv3"])]).unwrap();
+        assert_eq!(same.status, super::super::Status::Fail);
+        assert!(
+            same.detail.contains("hv1 and hv2 (libvirt host UUID x)"),
+            "{}",
+            same.detail
+        );
     }
 
     #[test]
