@@ -5,7 +5,7 @@
 //! `cargo bench --bench csi_bench -- [--quick] [--only a,b] [--scales 1000,100000]
 //! [--update BENCHMARKS.md]`
 //! with sections hostpath (side by side with the reference driver), footprint, controller,
-//! snapshots, node, concurrency, scale. `--quick` uses
+//! snapshots, groups, node, concurrency, scale. `--quick` uses
 //! small sizes (for development). Needs root, libvirtd, /dev/kvm, /dev/fuse, loop devices,
 //! qemu-img/qemu-io/qemu-storage-daemon, mkfs.ext4/xfs, and ~2 GiB free in $TMPDIR.
 //!
@@ -20,6 +20,8 @@ mod controller;
 mod floors;
 #[path = "csi_bench/footprint.rs"]
 mod footprint;
+#[path = "csi_bench/groups.rs"]
+mod groups;
 #[path = "csi_bench/machine.rs"]
 mod machine;
 #[path = "csi_bench/node.rs"]
@@ -107,6 +109,7 @@ const SECTIONS: &[&str] = &[
     "footprint",
     "controller",
     "snapshots",
+    "groups",
     "node",
     "concurrency",
     "scale",
@@ -198,10 +201,12 @@ async fn main() {
     let doms = if need_domains {
         eprintln!("starting {} KVM domains (vdt-bench-*)", s.domains);
         start_domains(s.domains)
+    } else if on("groups") {
+        start_domains(1)
     } else {
         Vec::new()
     };
-    if on("controller") || on("snapshots") {
+    if on("controller") || on("snapshots") || on("groups") {
         // A generous chain limit: background flattening would copy data while we time.
         let p = plugin::start("controller", "[snapshots]\nmax_chain_depth = 64\n", &[]).await;
         if on("controller") {
@@ -209,6 +214,11 @@ async fn main() {
         }
         if on("snapshots") {
             r.latency.extend(snapshots::run(&s, &p).await);
+        }
+        if on("groups") {
+            let (latency, values) = groups::run(&s, &p, &doms[0]).await;
+            r.latency.extend(latency);
+            r.values.extend(values);
         }
     }
     if on("node") {

@@ -11,7 +11,7 @@
 #
 # Extra arguments go to the benchmark: --quick (small sizes), --only <sections> or --scales
 # <n,n,…> (pool sizes of the scale section) print the results without touching
-# BENCHMARKS.md. Sections: hostpath, footprint, controller, snapshots, node, concurrency,
+# BENCHMARKS.md. Sections: hostpath, footprint, controller, snapshots, groups, node, concurrency,
 # scale.
 set -eu
 cd "$(dirname "$0")/.."

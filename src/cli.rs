@@ -185,7 +185,12 @@ async fn attachments(cfg: &Config) -> crate::error::Result<Attachments> {
         .iter()
         .map(|p| (p.name.clone(), p.path.clone()))
         .collect();
-    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node).with_ledgers(&pools))
+    Ok(Attachments::new(backends, cfg.node.max_volumes_per_node)
+        .with_ledgers(&pools)
+        .with_quiesce_markers(&cfg.data_dir.join("quiesced"))
+        .with_quiesce_timeout(std::time::Duration::from_secs(
+            cfg.snapshots.quiesce_timeout_secs,
+        )))
 }
 
 /// Parses the command line and runs the command: the whole `virtdisk-csi` binary.

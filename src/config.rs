@@ -244,6 +244,15 @@ pub(crate) struct SnapshotConfig {
     /// the ones they know (csi-sanity v5) fail on it, so it is off unless asked for.
     #[serde(default)]
     pub(crate) get_snapshot_capability: bool,
+    /// Live snapshots: how long a guest agent may take to freeze the file systems, and the
+    /// longest the guests stay frozen (or paused, for a group on several domains) around the
+    /// cut. 1 to 300 seconds.
+    #[serde(default = "default_quiesce_timeout_secs")]
+    pub(crate) quiesce_timeout_secs: u64,
+}
+
+fn default_quiesce_timeout_secs() -> u64 {
+    crate::attach::DEFAULT_QUIESCE_TIMEOUT.as_secs()
 }
 
 fn default_max_chain_depth() -> usize {
@@ -255,6 +264,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             max_chain_depth: default_max_chain_depth(),
             get_snapshot_capability: false,
+            quiesce_timeout_secs: default_quiesce_timeout_secs(),
         }
     }
 }
@@ -417,6 +427,12 @@ impl Config {
                 fc.snapshots.max_chain_depth
             )));
         }
+        if !(1..=300).contains(&fc.snapshots.quiesce_timeout_secs) {
+            return Err(Error::invalid(format!(
+                "snapshots.quiesce_timeout_secs {} is out of range: use 1 to 300",
+                fc.snapshots.quiesce_timeout_secs
+            )));
+        }
         Ok(Config {
             mode,
             driver_name,
@@ -573,6 +589,7 @@ mod tests {
             uri = "qemu+ssh://hv1/system"
             [snapshots]
             max_chain_depth = 4
+            quiesce_timeout_secs = 3
             "#,
         )
         .unwrap();
@@ -583,6 +600,7 @@ mod tests {
         assert_eq!(c.node.max_volumes_per_node, 16);
         assert_eq!(c.libvirt.uri, "qemu+ssh://hv1/system");
         assert_eq!(c.snapshots.max_chain_depth, 4);
+        assert_eq!(c.snapshots.quiesce_timeout_secs, 3);
         assert!(c.libvirt.enabled);
         assert_eq!(c.libvirt.node_id, NodeIdKind::Uuid);
     }
@@ -661,6 +679,8 @@ mod tests {
             "[[pool]]\nname='a'\npath='rel'\n",
             "[[pool]]\nname='../a'\npath='/a'\n",
             "[snapshots]\nmax_chain_depth = 1\n",
+            "[snapshots]\nquiesce_timeout_secs = 0\n",
+            "[snapshots]\nquiesce_timeout_secs = 301\n",
         ] {
             let fc: FileConfig = toml::from_str(text).unwrap();
             assert!(Config::from_file_config(Mode::Controller, fc, Overrides::default()).is_err());

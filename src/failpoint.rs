@@ -39,6 +39,12 @@ pub const POINTS: &[&str] = &[
     "snapshot.recorded",
     // DeleteSnapshot.
     "snapshot.deleted",
+    // CreateVolumeGroupSnapshot: the group named Creating, its members recorded, Ready.
+    "group.intent",
+    "group.members-recorded",
+    "group.ready",
+    // DeleteVolumeGroupSnapshot: the members removed (the group record still there).
+    "group.members-deleted",
     // ControllerExpandVolume (offline).
     "expand.resized",
     // ControllerPublish / Unpublish / ModifyVolume, libvirt hot-plug.

@@ -53,6 +53,7 @@ fn describe(key: &str) -> String {
     match key.split_once(':') {
         Some(("vol", id)) => format!("volume {id}"),
         Some(("snap", id)) => format!("snapshot {id}"),
+        Some(("group", id)) => format!("group snapshot {id}"),
         _ => key.to_string(),
     }
 }

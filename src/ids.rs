@@ -75,6 +75,8 @@ pub(crate) fn check_pool_name(name: &str) -> Result<()> {
 pub const VOLUME: &str = "volume";
 /// The name-hash domain of snapshot names.
 pub const SNAPSHOT: &str = "snapshot";
+/// The name-hash domain of group snapshot names.
+pub const GROUP: &str = "group snapshot";
 
 /// A stable 64-bit hash of a name within a domain (`VOLUME`, `SNAPSHOT`): the first 8 bytes
 /// of sha256(`domain` NUL `name`). The same in every process and version, so processes
@@ -127,14 +129,18 @@ impl ObjectId {
     /// Parses a volume id. `Err(InvalidArgument)` if unsafe; `Ok(None)` if safe but not one of
     /// ours (such a volume cannot exist).
     pub(crate) fn parse_volume(id: &str) -> Result<Option<ObjectId>> {
-        Self::parse(id, "volume id", false)
+        Self::parse(id, "volume id", None)
     }
 
     pub(crate) fn parse_snapshot(id: &str) -> Result<Option<ObjectId>> {
-        Self::parse(id, "snapshot id", true)
+        Self::parse(id, "snapshot id", Some('s'))
     }
 
-    fn parse(id: &str, what: &str, snapshot: bool) -> Result<Option<ObjectId>> {
+    pub(crate) fn parse_group(id: &str) -> Result<Option<ObjectId>> {
+        Self::parse(id, "group snapshot id", Some('g'))
+    }
+
+    fn parse(id: &str, what: &str, prefix: Option<char>) -> Result<Option<ObjectId>> {
         check_safe_id(what, id)?;
         let Some((pool, key)) = id.rsplit_once('.') else {
             return Ok(None);
@@ -142,13 +148,12 @@ impl ObjectId {
         if check_pool_name(pool).is_err() {
             return Ok(None);
         }
-        let hex = if snapshot {
-            match key.strip_prefix('s') {
+        let hex = match prefix {
+            Some(p) => match key.strip_prefix(p) {
                 Some(h) => h,
                 None => return Ok(None),
-            }
-        } else {
-            key
+            },
+            None => key,
         };
         let ok =
             hex.len() == KEY_HEX && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
@@ -171,7 +176,7 @@ impl VolumeId {
     /// Parses the volume id in request field `field`: `Err(InvalidArgument)` when it is empty or
     /// unsafe; `Ok(None)` when it is safe but not one of ours (no volume of ours has it).
     pub fn parse(field: &str, id: &str) -> Result<Option<VolumeId>> {
-        Ok(ObjectId::parse(id, field, false)?.map(VolumeId))
+        Ok(ObjectId::parse(id, field, None)?.map(VolumeId))
     }
 
     /// The pool the volume is in.
@@ -236,6 +241,10 @@ mod tests {
         assert_eq!(ObjectId::parse_volume("pool.xyz").unwrap(), None);
     }
 
+    fn sid_string() -> String {
+        ObjectId::new("default", &legacy_snapshot_key("snap")).to_string()
+    }
+
     #[test]
     fn keys_round_trip_and_serial_fits() {
         let key = legacy_volume_key("my volume ✓");
@@ -252,6 +261,13 @@ mod tests {
             Some(sid)
         );
         assert_eq!(ObjectId::parse_snapshot(&id.to_string()).unwrap(), None);
+        let gid = ObjectId::new("default", "g0123456789abcdef");
+        assert_eq!(
+            ObjectId::parse_group(&gid.to_string()).unwrap(),
+            Some(gid.clone())
+        );
+        assert_eq!(ObjectId::parse_group(&sid_string()).unwrap(), None);
+        assert_eq!(ObjectId::parse_snapshot(&gid.to_string()).unwrap(), None);
         assert_ne!(legacy_volume_key("a"), legacy_volume_key("b"));
     }
 

@@ -206,6 +206,35 @@ pub enum ContentSource {
     Volume(String),
 }
 
+/// The guarantee a snapshot of several volumes met: how the members' points in time relate.
+/// Logged, counted in the metrics and kept in the group snapshot's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// No member was attached read-write: nothing was writing them, every member holds all
+    /// that was ever written to it.
+    Offline,
+    /// Crash-consistent: every member holds the same point of the guests' write stream (a
+    /// write is in a member's snapshot only if every write issued before it is in its own
+    /// member's), as after a power loss. Members on one domain are switched in one QEMU
+    /// transaction; several domains are paused together while theirs are cut.
+    Crash,
+    /// Application-consistent: crash-consistent, and every guest holding a member had its file
+    /// systems frozen (qemu-guest-agent) across the cut: they mount clean, without replay.
+    Application,
+}
+
+impl Consistency {
+    /// The name used in logs, metrics and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Offline => "offline",
+            Consistency::Crash => "crash-consistent",
+            Consistency::Application => "application-consistent",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,10 +11,12 @@ mod authority;
 use crate::attach::Attachments;
 use crate::config::Config;
 use crate::csi::controller::ControllerService;
+use crate::csi::group_controller::GroupControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
 use crate::csi::proto::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, Result};
 use crate::pool::Pools;
@@ -140,6 +142,8 @@ pub(crate) async fn serve(
                 .await?;
         }
         pools.start_flattener(shutdown);
+        // Guests a crashed controller left frozen or paused for a live snapshot.
+        attachers.release_left_quiesced().await;
         Some(pools)
     } else {
         None
@@ -160,6 +164,11 @@ pub(crate) async fn serve(
     let router = tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
+        .add_optional_service(
+            pools
+                .clone()
+                .map(|pools| GroupControllerServer::new(GroupControllerService { pools })),
+        )
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
                 pools,

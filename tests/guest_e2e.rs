@@ -38,6 +38,24 @@ async fn guest_boots_reports_its_uuid_and_sees_hotplugged_disks() {
     guest
         .timeline
         .mark("guest: every packed tool finds its libraries");
+    // qemu-guest-agent runs on its virtio-serial channel and answers libvirt.
+    guest.wait_guest_agent(Duration::from_secs(60)).await;
+    guest.timeline.mark("guest agent connected");
+    let froze = guest.virsh(&["domfsfreeze", guest.name()]).await;
+    let thawed = guest.virsh(&["domfsthaw", guest.name()]).await;
+    assert!(
+        froze.as_deref().is_ok_and(|o| o.contains("Froze")),
+        "{froze:?}"
+    );
+    assert!(
+        thawed.as_deref().is_ok_and(|o| o.contains("Thawed")),
+        "{thawed:?}"
+    );
+    let log = guest.guest_agent_log().await;
+    assert!(log.contains("guest-fsfreeze-freeze"), "agent log: {log}");
+    guest
+        .timeline
+        .mark("guest agent froze and thawed (virsh domfsfreeze/domfsthaw)");
 
     let cases = [
         (Bus::Virtio, "vd-00000000000000a1", "ext4"),

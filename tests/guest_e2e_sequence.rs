@@ -468,6 +468,140 @@ mod sequence {
             ));
         }
 
+        // 3a. A group snapshot of both volumes mounted in B (ext4 on virtio-blk, xfs on
+        //     virtio-scsi) while a shell in B appends a sequence number to a file on each,
+        //     first ext4 then xfs. qemu-guest-agent freezes B's file systems around the one
+        //     live operation: the snapshot is application-consistent, both restored members
+        //     hold the same point of the sequence and mount without journal replay.
+        b.wait_guest_agent(std::time::Duration::from_secs(60)).await;
+        let (ext4_in_b, xfs_in_b) = (&in_b[0].1.target, &in_b[1].1.target);
+        b.sh(&format!(
+            "rm -f /tmp/stop-writer; setsid sh -c 'i=0; while [ ! -e /tmp/stop-writer ]; do \
+             echo $i >> {ext4_in_b}/seq; echo $i >> {xfs_in_b}/seq; i=$((i+1)); done; \
+             touch /tmp/writer-stopped' </dev/null >/dev/null 2>&1 &"
+        ))
+        .await;
+        b.sh(&format!(
+            "for _ in $(seq 100); do [ -s {xfs_in_b}/seq ] && [ $(wc -l < {xfs_in_b}/seq) -gt 50 ] \
+             && exit 0; sleep 0.1; done; exit 1"
+        ))
+        .await;
+        let agent_log_before = b.guest_agent_log().await.len();
+        let members = [in_b[0].0.id.as_str(), in_b[1].0.id.as_str()];
+        let t = Instant::now();
+        let group = co
+            .controller
+            .group_controller()
+            .create_group(group_snapshot_req("e2e-group", &members))
+            .await
+            .expect("CreateVolumeGroupSnapshot of the two volumes mounted in B");
+        co.mark(format!(
+            "group snapshot of 2 volumes mounted in B while a writer runs ({} ms)",
+            t.elapsed().as_millis()
+        ));
+        b.sh("touch /tmp/stop-writer; for _ in $(seq 100); do [ -e /tmp/writer-stopped ] && exit 0; sleep 0.1; done; exit 1")
+            .await;
+        b.sh("sync").await;
+        let agent_log = b.guest_agent_log().await;
+        let during = &agent_log[agent_log_before.min(agent_log.len())..];
+        // qemu-ga stops logging while frozen and says when it thawed.
+        assert!(
+            during.contains("guest-fsfreeze-freeze")
+                && during.contains("logging re-enabled due to filesystem unfreeze"),
+            "qemu-guest-agent in B froze and thawed the file systems:\n{during}"
+        );
+        let record = virtdisk_test_support::pool::group_record(
+            &co.controller.pool_dir(),
+            &group.group_snapshot_id,
+        );
+        assert_eq!(record["consistency"], "application", "{record}");
+        assert!(group.ready_to_use && group.snapshots.len() == 2);
+        let mut restored_members = Vec::new();
+        for (fs, source) in [("ext4", members[0]), ("xfs", members[1])] {
+            let member = group
+                .snapshots
+                .iter()
+                .find(|s| s.source_volume_id == source)
+                .expect("a member per volume");
+            assert_eq!(member.group_snapshot_id, group.group_snapshot_id);
+            let vol = co
+                .create(
+                    &format!("e2e-group-{fs}"),
+                    GIB,
+                    &[("bus", "scsi")],
+                    mount_cap(fs, Mode::SingleNodeWriter),
+                    Some(from_snapshot(&member.snapshot_id)),
+                )
+                .await;
+            if fs == "ext4" {
+                // Frozen ext4 is written out and marked clean: no journal to replay.
+                let raw = co.controller.dir.path().join("member.raw");
+                run_ok(
+                    "qemu-img",
+                    &[
+                        "convert",
+                        "-U",
+                        "-O",
+                        "raw",
+                        image_of(&co, &vol).to_str().unwrap(),
+                        raw.to_str().unwrap(),
+                    ],
+                );
+                let sb = run_ok("dumpe2fs", &["-h", raw.to_str().unwrap()]);
+                let _ = std::fs::remove_file(&raw);
+                let features = sb
+                    .lines()
+                    .find(|l| l.starts_with("Filesystem features:"))
+                    .unwrap_or_default();
+                assert!(
+                    !features.contains("needs_recovery"),
+                    "the restored ext4 member needs no journal replay: {features}"
+                );
+            }
+            let mark = a.console_mark();
+            let placed = co
+                .place(
+                    &vol,
+                    &a,
+                    &format!("pod-g-{fs}"),
+                    &format!("group/{fs}: publish to A"),
+                )
+                .await;
+            let kernel = a
+                .sh(&format!("dmesg | grep -E '\\b{}\\b' || true", placed.dev))
+                .await;
+            // ext4 replays its journal only when needs_recovery is set ("recovery complete").
+            // XFS runs log recovery on any copy of a mounted file system (there is no unmount
+            // record); on a frozen one it finds only the covering record freeze wrote.
+            assert!(
+                fs != "ext4" || !kernel.contains("recovery"),
+                "/dev/{} mounted without journal replay:\n{kernel}\n{}",
+                placed.dev,
+                a.console_since(mark)
+            );
+            let last = a
+                .sh(&format!("tail -n 1 {}/seq", placed.target))
+                .await
+                .trim()
+                .parse::<u64>()
+                .unwrap_or_else(|e| a.fail(&format!("seq in the restored {fs} member: {e}")));
+            restored_members.push((vol, placed, last));
+        }
+        let (ext4_last, xfs_last) = (restored_members[0].2, restored_members[1].2);
+        assert!(
+            ext4_last == xfs_last || ext4_last == xfs_last + 1,
+            "the members hold one point of the writer: ext4 at {ext4_last}, xfs at {xfs_last}"
+        );
+        co.mark(format!(
+            "group members restored in A: mounted clean, one point of the writer \
+             (ext4 {ext4_last}, xfs {xfs_last})"
+        ));
+        for (vol, placed, _) in restored_members {
+            co.remove(&vol, &a, placed, "group member: A").await;
+            let r = co.controller.controller().delete(&vol.id).await;
+            r.unwrap_or_else(|e| panic!("DeleteVolume {}: {e}", vol.id));
+        }
+
         // 3. A snapshot of the attached volume (virtio/ext4, mounted in B).
         let (vol, placed, _, content) = in_b.remove(0);
         b.sh("sync").await;
@@ -708,6 +842,12 @@ mod sequence {
         }
         let r = ctl.remove_snapshot(&snapshot.snapshot_id).await;
         r.expect("DeleteSnapshot");
+        let r = co
+            .controller
+            .group_controller()
+            .delete_group(&group.group_snapshot_id, &[])
+            .await;
+        r.expect("DeleteVolumeGroupSnapshot");
         let left: Vec<_> = std::fs::read_dir(co.controller.pool_dir().join("volumes"))
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -1,7 +1,8 @@
 //! The contract of `Attacher::snapshot_live` for the libvirt backend, against real KVM domains
-//! (no guest OS) and the library directly: Ok only once the domain writes to the new overlay,
-//! an error only while it still writes the old image — also when libvirt itself fails — and a
-//! repeated switch (a retry after a lost reply) is a no-op.
+//! (no guest OS) and the library directly: Ok only once the domain writes to the new overlay(s),
+//! an error only while it still writes the old image(s) — also when libvirt itself fails — a
+//! repeated switch (a retry after a lost reply) is a no-op, and several disks switch in one
+//! operation, all or none.
 
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
@@ -9,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use virtdisk_csi::attach::Attacher;
+use virtdisk_csi::attach::{Attacher, LiveMember};
 use virtdisk_csi::hypervisor::{Hypervisor, HypervisorConfig, NodeIdKind, PoolImages};
 use virtdisk_csi::ids::VolumeId;
 use virtdisk_test_support::qemu::{create_overlay, create_qcow2};
@@ -64,18 +65,18 @@ fn attached(tag: &str) -> (TestDomain, Bed, PathBuf) {
     let bed = Bed::new();
     let base = bed.image("0123456789abcdef.qcow2");
     create_qcow2(&base, SIZE);
-    attach(&dom, &bed.images, &base, SERIAL);
+    attach(&dom, &bed.images, &base, SERIAL, "sda");
     (dom, bed, base)
 }
 
-/// Attaches `image` as a persistent SCSI disk with the volume's serial.
-fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str) {
+/// Attaches `image` as a persistent SCSI disk `target` with the volume's serial.
+fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str, target: &str) {
     let xml = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='sda' bus='scsi'/><serial>{serial}</serial></disk>",
+         <source file='{}'/><target dev='{target}' bus='scsi'/><serial>{serial}</serial></disk>",
         image.display()
     );
-    let file = dir.join("disk.xml");
+    let file = dir.join(format!("disk-{target}.xml"));
     std::fs::write(&file, xml).unwrap();
     virsh_ok(&[
         "attach-device",
@@ -86,6 +87,30 @@ fn attach(dom: &TestDomain, dir: &Path, image: &Path, serial: &str) {
     ]);
 }
 
+/// A qemu-io process holding the write lock of `overlay` until dropped: opened without its
+/// backing file (which the domain holds), it locks the overlay alone.
+struct LockHolder(std::process::Child);
+
+fn hold_write_lock(overlay: &Path) -> LockHolder {
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        overlay.display()
+    );
+    let holder = Command::new("qemu-io")
+        .args(["-c", "sleep 20000", &spec])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    LockHolder(holder)
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn source(dom: &TestDomain, serial: &str) -> Option<PathBuf> {
     dom.live_disk(serial).and_then(|d| d.source)
 }
@@ -93,8 +118,16 @@ fn source(dom: &TestDomain, serial: &str) -> Option<PathBuf> {
 const VOLUME: &str = "default.0123456789abcdef";
 const SERIAL: &str = "vd-0123456789abcdef";
 
-fn volume() -> VolumeId {
-    VolumeId::parse("volume id", VOLUME).unwrap().unwrap()
+fn volume(id: &str) -> VolumeId {
+    VolumeId::parse("volume id", id).unwrap().unwrap()
+}
+
+/// The one member `snapshot_live` switches: VOLUME onto `overlay`.
+fn onto(overlay: &Path) -> Vec<LiveMember> {
+    vec![LiveMember {
+        volume_id: volume(VOLUME),
+        overlay: overlay.to_path_buf(),
+    }]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,22 +136,18 @@ async fn switch_then_repeat_is_a_no_op() {
     let next = bed.image("0123456789abcdef-1.qcow2");
     overlay(&next, "0123456789abcdef.qcow2", SIZE);
 
-    let live = bed
-        .hv
-        .snapshot_live(&dom.uuid, &volume(), &next)
-        .await
-        .unwrap();
-    assert!(!live.quiesced, "no guest agent is connected");
+    bed.hv.snapshot_live(&dom.uuid, &onto(&next)).await.unwrap();
+    assert!(
+        !bed.hv.guest_agent(&dom.uuid).await.unwrap(),
+        "no guest agent is connected"
+    );
     assert_eq!(source(&dom, SERIAL), Some(next.clone()));
     assert_eq!(
         dom.inactive_disk(SERIAL).unwrap().source,
         Some(next.clone())
     );
     // The same switch again (the reply was lost): Ok, nothing changes.
-    bed.hv
-        .snapshot_live(&dom.uuid, &volume(), &next)
-        .await
-        .unwrap();
+    bed.hv.snapshot_live(&dom.uuid, &onto(&next)).await.unwrap();
     assert_eq!(source(&dom, SERIAL), Some(next.clone()));
     // attachments() still maps the disk to the volume.
     let atts = bed.hv.attachments().await.unwrap();
@@ -135,7 +164,7 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
     let snapshot = |o: PathBuf| {
         let hv = bed.hv.clone();
         let uuid = dom.uuid.clone();
-        async move { hv.snapshot_live(&uuid, &volume(), &o).await }
+        async move { hv.snapshot_live(&uuid, &onto(&o)).await }
     };
 
     // Backed by another image than the one the disk reads.
@@ -166,19 +195,9 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
     // libvirt/QEMU refuse the switch: another process holds the overlay's write lock.
     let locked = bed.image("0123456789abcdef-4.qcow2");
     overlay(&locked, "0123456789abcdef.qcow2", SIZE);
-    // Opened without its backing file (which the domain holds): locks the overlay alone.
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
-        locked.display()
-    );
-    let mut holder = Command::new("qemu-io")
-        .args(["-c", "sleep 20000", &spec])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let holder = hold_write_lock(&locked);
     let res = snapshot(locked.clone()).await;
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     let err = res.unwrap_err();
     eprintln!("locked overlay: {err}");
     assert_eq!(source(&dom, SERIAL), Some(base.clone()));
@@ -189,8 +208,55 @@ async fn refused_or_failed_switches_leave_the_domain_on_its_image() {
 
     // The same overlay works once nothing else holds it.
     bed.hv
-        .snapshot_live(&dom.uuid, &volume(), &locked)
+        .snapshot_live(&dom.uuid, &onto(&locked))
         .await
         .unwrap();
     assert_eq!(source(&dom, SERIAL), Some(locked));
+}
+
+/// Two disks of one domain in one call: switched together; when QEMU refuses one (another
+/// process holds its overlay), the transaction leaves both on their images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disks_switch_together_or_not_at_all() {
+    let (dom, bed, base) = attached("pair");
+    const VOLUME2: &str = "default.0123456789abcdee";
+    const SERIAL2: &str = "vd-0123456789abcdee";
+    let base2 = bed.image("0123456789abcdee.qcow2");
+    create_qcow2(&base2, SIZE);
+    attach(&dom, &bed.images, &base2, SERIAL2, "sdb");
+    let pair = |a: &Path, b: &Path| {
+        vec![
+            LiveMember {
+                volume_id: volume(VOLUME),
+                overlay: a.to_path_buf(),
+            },
+            LiveMember {
+                volume_id: volume(VOLUME2),
+                overlay: b.to_path_buf(),
+            },
+        ]
+    };
+
+    // QEMU refuses the second overlay (write-locked elsewhere): neither disk switches.
+    let a1 = bed.image("0123456789abcdef-1.qcow2");
+    overlay(&a1, "0123456789abcdef.qcow2", SIZE);
+    let b1 = bed.image("0123456789abcdee-1.qcow2");
+    overlay(&b1, "0123456789abcdee.qcow2", SIZE);
+    let holder = hold_write_lock(&b1);
+    let res = bed.hv.snapshot_live(&dom.uuid, &pair(&a1, &b1)).await;
+    drop(holder);
+    let err = res.unwrap_err();
+    eprintln!("one overlay locked: {err}");
+    assert_eq!(source(&dom, SERIAL), Some(base.clone()), "all or none");
+    assert_eq!(source(&dom, SERIAL2), Some(base2.clone()), "all or none");
+
+    // Both free: one call switches both.
+    bed.hv
+        .snapshot_live(&dom.uuid, &pair(&a1, &b1))
+        .await
+        .unwrap();
+    assert_eq!(source(&dom, SERIAL), Some(a1.clone()));
+    assert_eq!(source(&dom, SERIAL2), Some(b1.clone()));
+    assert_eq!(dom.inactive_disk(SERIAL).unwrap().source, Some(a1));
+    assert_eq!(dom.inactive_disk(SERIAL2).unwrap().source, Some(b1));
 }

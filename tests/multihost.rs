@@ -393,6 +393,76 @@ async fn live_migration_keeps_the_volume_and_every_later_rpc_follows_the_domain(
     assert!(c.published_nodes(&vol).await.is_empty());
 }
 
+/// A group snapshot of volumes attached to a domain on each host (and in a pool of each
+/// host): both domains are paused together while each is cut in one operation, so a writer
+/// alternating across the volumes of both shows one point in every restored member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_across_two_hosts_is_one_point_of_its_writes() {
+    use virtdisk_test_support::pool::{group_record, volume_image};
+    use virtdisk_test_support::sequence::{MonitorWriter, Sequence};
+    let c = Cluster::start("grp").await;
+    let mut vols = Vec::new();
+    for (i, (pool, dom)) in [("local-a", &c.dom_a), ("local-b", &c.dom_b)]
+        .iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        let v = c.create_in(&format!("mh-grp-{i}"), pool).await;
+        c.publish(&v, &dom.uuid).await.expect("publish");
+        vols.push((v, *dom, *pool));
+    }
+    let seq = Sequence::new(vols.len(), 4096);
+    let disks = vols
+        .iter()
+        .map(|(v, d, _)| d.monitor_disk(&serial_of(v)))
+        .collect();
+    let writer = MonitorWriter::start(seq, disks);
+    writer.wait_for(8).await;
+    let ids: Vec<&str> = vols.iter().map(|(v, _, _)| v.as_str()).collect();
+    let (before, t) = (writer.done(), Instant::now());
+    let group =
+        c.p.group_controller()
+            .create_group(group_snapshot_req("mh-grp", &ids))
+            .await
+            .expect("group snapshot across hosts");
+    let after = writer.done();
+    eprintln!("group of 4 volumes on two hosts: {} ms", ms(t));
+    writer.wait_for(after + 4).await;
+    writer.stop();
+    assert_eq!(c.dom_a.state(), "running");
+    assert_eq!(c.dom_b.state(), "running");
+    let pool_dir = |pool: &str| c.p.dir.path().join("pools").join(pool);
+    assert_eq!(
+        group_record(&pool_dir("local-a"), &group.group_snapshot_id)["consistency"],
+        "crash"
+    );
+    let mut counts = Vec::new();
+    for (i, (v, _, pool)) in vols.iter().enumerate() {
+        let member = group
+            .snapshots
+            .iter()
+            .find(|s| s.source_volume_id == *v)
+            .expect("a member per volume");
+        assert!(member.snapshot_id.starts_with(pool), "{member:?} in {pool}");
+        let req = create_from_req(
+            &format!("mh-grp-r{i}"),
+            0,
+            from_snapshot(&member.snapshot_id),
+        );
+        let restored = c.create(req).await.expect("restore").volume_id;
+        counts.push(seq.written_blocks(&volume_image(&pool_dir(pool), &restored), 16384));
+    }
+    let held = seq
+        .prefix(&counts)
+        .unwrap_or_else(|e| panic!("not one point across the hosts: {e}"));
+    eprintln!("the group holds the first {held} writes ({before}..={after} around the call)");
+    assert!(held >= before && held <= after);
+    for (v, d, _) in &vols {
+        c.unpublish(v, &d.uuid).await.expect("unpublish");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_whose_libvirtd_stops_fails_only_its_own_operations() {
     let c = Cluster::start("down").await;

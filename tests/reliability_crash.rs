@@ -37,6 +37,10 @@ enum PoolOp {
     DeleteSnapshot,
     /// CreateSnapshot that pushes the chain past the limit: the background flattener runs.
     Flatten,
+    /// CreateVolumeGroupSnapshot of two volumes.
+    Group,
+    /// DeleteVolumeGroupSnapshot.
+    DeleteGroup,
 }
 
 use PoolOp::*;
@@ -79,11 +83,22 @@ const LAYER_CASES: &[(PoolOp, &str)] = &[
     (Flatten, "flatten.recorded"),
 ];
 
+const GROUP_CASES: &[(PoolOp, &str)] = &[
+    (Group, "group.intent"),
+    (Group, "freeze.overlay-made"),
+    (Group, "freeze.switched"),
+    (Group, "group.members-recorded"),
+    (Group, "group.ready"),
+    (DeleteGroup, "group.members-deleted"),
+];
+
 /// Ids a scenario set up before the crash.
 #[derive(Default, Debug)]
 struct Ids {
     src: String,
     snap: String,
+    /// Group cases: the second volume.
+    src2: String,
 }
 
 fn failpoints_compiled_in() -> bool {
@@ -157,6 +172,15 @@ impl PoolOp {
                 ids.snap = snapshot(p, "s1", &ids.src).await.unwrap();
                 write_pattern(&volume_image(&pool, &ids.src), 0xb2, M, M);
             }
+            Group | DeleteGroup => {
+                ids.src2 = create_volume(p, "src2", 16 * MIB, &[]).await.unwrap();
+                write_pattern(&volume_image(&pool, &ids.src2), 0xa2, 0, M);
+                if self == DeleteGroup {
+                    ids.snap = group_snapshot(p, "grp", &[&ids.src, &ids.src2])
+                        .await
+                        .unwrap();
+                }
+            }
             _ => {}
         }
         ids
@@ -173,6 +197,8 @@ impl PoolOp {
             Snapshot => snapshot(p, "snap", &ids.src).await,
             DeleteSnapshot => delete_snapshot(p, &ids.snap).await.map(|_| String::new()),
             Flatten => snapshot(p, "s2", &ids.src).await,
+            Group => group_snapshot(p, "grp", &[&ids.src, &ids.src2]).await,
+            DeleteGroup => delete_group(p, &ids.snap).await.map(|_| String::new()),
         }
     }
 
@@ -238,6 +264,22 @@ impl PoolOp {
                 // Restores are deeper than the limit again: let that flattening end too.
                 wait_flattened(p, &one).await;
                 wait_flattened(p, &two).await;
+            }
+            Group => {
+                let members = group_members(p, answer).await.unwrap();
+                assert_eq!(list_snapshots(p).await, members.iter().cloned().collect());
+                write_pattern(&volume_image(&pool, &ids.src), 0xb2, 0, M);
+                for (m, byte) in members.iter().zip([0xa1, 0xa2]) {
+                    let r = create_from(p, &format!("check-{byte}"), from_snapshot(m))
+                        .await
+                        .unwrap();
+                    assert_pattern(&volume_image(&pool, &r), byte, 0, M);
+                }
+            }
+            DeleteGroup => {
+                assert!(list_snapshots(p).await.is_empty());
+                assert!(volumes.contains_key(&ids.src) && volumes.contains_key(&ids.src2));
+                assert_pattern(&volume_image(&pool, &ids.src2), 0xa2, 0, M);
             }
         }
     }
@@ -329,11 +371,17 @@ async fn crash_after_each_durable_step_of_snapshots_and_flattening() {
     run_pool_cases(LAYER_CASES).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_each_durable_step_of_group_snapshots() {
+    run_pool_cases(GROUP_CASES).await;
+}
+
 #[test]
 fn every_failpoint_is_exercised() {
     let mut covered: BTreeSet<&str> = BTreeSet::new();
     covered.extend(VOLUME_CASES.iter().map(|c| c.1));
     covered.extend(LAYER_CASES.iter().map(|c| c.1));
+    covered.extend(GROUP_CASES.iter().map(|c| c.1));
     covered.extend(LOCAL_CASES.iter().map(|c| c.1));
     covered.extend(LIBVIRT_CASES.iter().map(|c| c.1));
     let all: BTreeSet<&str> = POINTS.iter().copied().collect();

@@ -1,8 +1,9 @@
 //! A full filesystem: pools on a small loop-mounted ext4 that fills up (bytes, then inodes)
-//! while volumes are created, snapshotted, restored and expanded. Every such call answers
-//! RESOURCE_EXHAUSTED, leaves nothing half-made (no temp file, record, layer or unfinished
-//! switch), and the volumes already there keep their data; once space is freed the same calls
-//! succeed without restarting the plugin. Needs root (mount, loop devices).
+//! while volumes are created, snapshotted (alone and in groups), restored and expanded. Every
+//! such call answers RESOURCE_EXHAUSTED, leaves nothing half-made (no temp file, record, layer,
+//! group or unfinished switch), and the volumes already there keep their data; once space is
+//! freed the same calls succeed without restarting the plugin. Needs root (mount, loop
+//! devices).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -164,6 +165,9 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
     write_pattern(&volume_image(&small, &keep), 0x5a, 0, 4 * M);
     let snap0 = snapshot(&p, "snap0", &keep).await.unwrap();
     write_pattern(&volume_image(&small, &keep), 0x6b, 4 * M, M);
+    let other = create_volume(&p, "other", 16 * MIB, &[("pool", "small")])
+        .await
+        .unwrap();
     let raw = create_volume(&p, "raw", 8 * MIB, &[("pool", "tight")])
         .await
         .unwrap();
@@ -179,6 +183,7 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
         assert_eq!(qemu_img_info(&img)["virtual-size"], 16 * MIB);
         assert_pool_clean(&small);
         assert_pool_clean(&tight);
+        assert!(PoolView::read(&small).groups.is_empty(), "no group left");
     };
 
     // 1.5 MiB left: enough for the plugin's free-space checks, not for a 1 PiB qcow2's
@@ -213,6 +218,10 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
     );
     exhausted(create_from(&p, "clone", from_volume(&keep)).await, "clone");
     exhausted(expand(&p, &keep, 64 << 40).await, "grow to 64 TiB");
+    exhausted(
+        group_snapshot(&p, "group1", &[&keep, &other]).await,
+        "group snapshot: overlay creation",
+    );
     unharmed();
 
     // Nothing left: even the records cannot be written.
@@ -220,6 +229,10 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
     exhausted(
         snapshot(&p, "snap1", &keep).await,
         "snapshot with no space at all",
+    );
+    exhausted(
+        group_snapshot(&p, "group1", &[&keep, &other]).await,
+        "group snapshot with no space at all",
     );
     exhausted(
         create_volume(&p, "tiny", MIB, &[("pool", "small")]).await,
@@ -242,6 +255,10 @@ async fn full_filesystem_is_resource_exhausted_and_leaves_nothing_half_made() {
     assert_pattern(&volume_image(&small, &from1), 0x6b, 4 * M, M);
     assert_eq!(expand(&p, &keep, 32 * MIB).await.unwrap(), 32 * MIB);
     assert_eq!(expand(&p, &raw, 16 * MIB).await.unwrap(), 16 * MIB);
+    let group1 = group_snapshot(&p, "group1", &[&keep, &other])
+        .await
+        .expect("group snapshot");
+    assert_eq!(group_members(&p, &group1).await.unwrap().len(), 2);
     assert_pattern(&volume_image(&small, &keep), 0x5a, 0, 4 * M);
     assert_pattern(&volume_image(&tight, &raw), 0x7c, 0, M);
     assert_pool_clean(&small);
@@ -278,6 +295,11 @@ async fn running_out_of_inodes_during_create_is_resource_exhausted() {
         "create with no inode left",
     );
     exhausted(snapshot(&p, "snap", &keep).await, "snapshot with no inode");
+    exhausted(
+        group_snapshot(&p, "group", &[&keep]).await,
+        "group snapshot with no inode",
+    );
+    assert!(PoolView::read(&pool).groups.is_empty(), "no group left");
     assert_pool_clean(&pool);
     assert_eq!(list_volumes(&p).await.len(), 1);
     assert_pattern(&volume_image(&pool, &keep), 0x5a, 0, M);
@@ -287,6 +309,9 @@ async fn running_out_of_inodes_during_create_is_resource_exhausted() {
         .await
         .expect("create once inodes are free");
     snapshot(&p, "snap", &keep).await.expect("snapshot");
+    group_snapshot(&p, "group", &[&keep])
+        .await
+        .expect("group snapshot once inodes are free");
     assert_pool_clean(&pool);
     drop(p);
 }

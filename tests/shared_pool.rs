@@ -12,7 +12,7 @@ use std::time::Duration;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::*;
 use virtdisk_test_support::pool::{
-    assert_index_matches_pool, assert_pool_clean, volume_image, PoolView,
+    assert_index_matches_pool, assert_pool_clean, snapshot_record, volume_image, PoolView,
 };
 use virtdisk_test_support::prelude::*;
 
@@ -230,5 +230,132 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
     let snap = snapshot(&b, "from-b-2", &vol).await.unwrap();
     a.restart().await;
     assert!(list_snapshots(&a).await.contains(&snap));
+    assert_agree(&a, &b, &pool).await;
+}
+
+fn groups_on_disk(pool: &Path, name: &str) -> Vec<serde_json::Value> {
+    let view = PoolView::read(pool);
+    view.groups
+        .into_iter()
+        .filter(|g| g["name"] == name)
+        .collect()
+}
+
+/// CreateVolumeGroupSnapshot through a channel → the group snapshot id.
+async fn create_group_on(
+    ch: tonic::transport::Channel,
+    name: &str,
+    sources: &[&str],
+) -> Result<String, tonic::Status> {
+    let req = group_snapshot_req(name, sources);
+    csi::group_controller_client::GroupControllerClient::new(ch)
+        .create_volume_group_snapshot(req)
+        .await
+        .map(|r| r.into_inner().group_snapshot.unwrap().group_snapshot_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let (_dir, pool) = shared_dir();
+    let (mut a, b) = two(&pool).await;
+    let x = create_volume(&a, "gx", 16 * MIB, &[]).await.unwrap();
+    let y = create_volume(&b, "gy", 16 * MIB, &[]).await.unwrap();
+    write_pattern(&volume_image(&pool, &x), 0x31, 0, M);
+    write_pattern(&volume_image(&pool, &y), 0x32, 0, M);
+
+    // Free-for-all on one name from both processes: one group, whoever answers.
+    for round in 0..3 {
+        let name = format!("group-race-{round}");
+        let ids = race_group(&[&a, &b], 8, group_snapshot_req(&name, &[&x, &y])).await;
+        assert!(ids.len() <= 1, "{name}: several ids answered: {ids:?}");
+        let from_a = group_snapshot(&a, &name, &[&y, &x]).await.unwrap();
+        let from_b = group_snapshot(&b, &name, &[&x, &y]).await.unwrap();
+        assert_eq!(from_a, from_b);
+        assert!(ids.is_empty() || ids.contains(&from_a));
+        assert_eq!(groups_on_disk(&pool, &name).len(), 1, "{name}");
+        assert_eq!(
+            group_members(&a, &from_a).await.unwrap(),
+            group_members(&b, &from_a).await.unwrap()
+        );
+    }
+
+    // A holds a group being cut (paused with its members recorded, the group not yet Ready):
+    // B is refused the name and both volumes, and sees no member yet; then B sees A's group.
+    a.restart_with_env(&[(ENV, "group.members-recorded"), (PAUSE_ENV, "2000")])
+        .await;
+    let (ch, xs, ys) = (a.channel.clone(), x.clone(), y.clone());
+    let first = tokio::spawn(async move { create_group_on(ch, "held", &[&xs, &ys]).await });
+    a.wait_paused("group.members-recorded", 1).await;
+    let creating = groups_on_disk(&pool, "held");
+    assert_eq!(creating.len(), 1);
+    assert_eq!(creating[0]["state"], "creating", "{}", creating[0]);
+    let held_id = creating[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        code(&group_snapshot(&b, "held", &[&x, &y]).await),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(&group_snapshot(&b, "other", &[&y]).await),
+        Code::Aborted
+    );
+    assert_eq!(code(&snapshot(&b, "alone", &x).await), Code::Aborted);
+    assert_eq!(code(&group_members(&b, &held_id).await), Code::NotFound);
+    let hidden = list_snapshots(&b).await;
+    for member in creating[0]["snapshot_ids"].as_array().unwrap() {
+        assert!(
+            !hidden.contains(member.as_str().unwrap()),
+            "{member} listed before its group is ready"
+        );
+    }
+    let id = first.await.unwrap().unwrap();
+    assert_eq!(id, held_id);
+    a.restart().await;
+    let members = group_members(&b, &id).await.unwrap();
+    let listed = list_snapshots(&b).await;
+    assert!(
+        members.iter().all(|m| listed.contains(m)),
+        "{members:?} in {listed:?}"
+    );
+    let of_x = members
+        .iter()
+        .find(|m| snapshot_record(&pool, m)["source_volume_id"] == x.as_str())
+        .expect("a member of x")
+        .clone();
+    let restored = create_from(&b, "restored-x", from_snapshot(&of_x))
+        .await
+        .unwrap();
+    assert_pattern(&volume_image(&pool, &restored), 0x31, 0, M);
+    // A member goes only with its group, whichever process is asked.
+    assert_eq!(
+        code(&delete_snapshot(&a, &of_x).await),
+        Code::InvalidArgument
+    );
+    delete_group(&b, &id).await.unwrap();
+    assert_eq!(code(&group_members(&a, &id).await), Code::NotFound);
+    let after = list_snapshots(&a).await;
+    assert!(members.iter().all(|m| !after.contains(m)), "{after:?}");
+
+    // A is killed while holding a group being cut: the name is free at once for B, whose
+    // attempt removes A's leftover and makes the group; A agrees once it starts again.
+    a.restart_with_env(&[(ENV, "group.members-recorded"), (PAUSE_ENV, "20000")])
+        .await;
+    let (ch, xs, ys) = (a.channel.clone(), x.clone(), y.clone());
+    let doomed = tokio::spawn(async move { create_group_on(ch, "orphaned", &[&xs, &ys]).await });
+    a.wait_paused("group.members-recorded", 2).await;
+    let leftover = groups_on_disk(&pool, "orphaned")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.kill();
+    assert!(doomed.await.unwrap().is_err());
+    let id = group_snapshot(&b, "orphaned", &[&x, &y]).await.unwrap();
+    assert_ne!(id, leftover, "a new group, the leftover removed");
+    assert_eq!(groups_on_disk(&pool, "orphaned").len(), 1);
+    a.restart().await;
+    assert_eq!(group_snapshot(&a, "orphaned", &[&x, &y]).await.unwrap(), id);
     assert_agree(&a, &b, &pool).await;
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use virtdisk_csi::attach::{Attacher, Attachment, Attachments, DiskSpec, LiveSnapshot};
+use virtdisk_csi::attach::{Attacher, Attachment, Attachments, DiskSpec, FsFreeze, LiveMember};
 use virtdisk_csi::config::PoolConfig;
 use virtdisk_csi::error::{Error, Result};
 use virtdisk_csi::model::{AccessMode, AccessType, Capability, ImageFormat};
@@ -167,22 +167,23 @@ struct LiveBackend(Arc<FakeNode>);
 fake_attacher!(OldBackend);
 
 fake_attacher!(LiveBackend
-    async fn snapshot_live(
-        &self,
-        node_id: &str,
-        _volume_id: &virtdisk_csi::ids::VolumeId,
-        new_overlay: &Path,
-    ) -> Result<LiveSnapshot> {
+    async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
         assert_eq!(node_id, NODE);
         assert!(self.0.can_snapshot_live);
-        // What libvirt needs: the overlay exists, is durable and backs onto the current image.
-        assert!(backing_of(new_overlay).is_some());
-        self.0
-            .switched_to
-            .lock()
-            .unwrap()
-            .push(new_overlay.to_path_buf());
-        Ok(LiveSnapshot { quiesced: true })
+        for m in members {
+            // What libvirt needs: the overlay exists, is durable and backs onto the current
+            // image.
+            assert!(backing_of(&m.overlay).is_some());
+            self.0.switched_to.lock().unwrap().push(m.overlay.clone());
+        }
+        Ok(())
+    }
+    // A guest agent answers: the snapshot is quiesced.
+    async fn guest_agent(&self, _: &str) -> Result<bool> {
+        Ok(true)
+    }
+    async fn freeze_filesystems(&self, _: &str) -> Result<FsFreeze> {
+        Ok(FsFreeze::Frozen(1))
     }
 );
 
@@ -438,12 +439,7 @@ async fn pool_open_finishes_or_undoes_every_interrupted_step() {
 struct UnsureBackend(Arc<FakeNode>);
 
 fake_attacher!(UnsureBackend
-    async fn snapshot_live(
-        &self,
-        _: &str,
-        _: &virtdisk_csi::ids::VolumeId,
-        _: &Path,
-    ) -> Result<LiveSnapshot> {
+    async fn snapshot_live(&self, _: &str, _: &[LiveMember]) -> Result<()> {
         Err(Error::Unavailable("libvirt connection lost".into()))
     }
 );

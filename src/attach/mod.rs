@@ -3,6 +3,10 @@
 //! idempotent publish, single-node exclusivity, per-node limits, confirmed detach.
 
 mod ledger;
+mod live;
+
+pub(crate) use live::NodeMembers;
+pub use live::{FsFreeze, LiveMember, DEFAULT_QUIESCE_TIMEOUT};
 
 use crate::error::{Error, Result};
 use crate::ids::VolumeId;
@@ -155,22 +159,48 @@ pub trait Attacher: Send + Sync {
     fn ledger_name(&self) -> Option<&'static str> {
         None
     }
-    /// Live snapshot of an attached disk: the node stops writing the volume's current image and
-    /// continues in `new_overlay`, which the caller created (qcow2, backed by the current image
-    /// under a relative name) and made durable. libvirt: an external disk-only snapshot with
-    /// REUSE_EXT | NO_METADATA, plus QUIESCE when a guest agent is present.
-    /// Ok only once the node writes to `new_overlay`; an error must mean it still writes to
-    /// the old image (the caller then deletes the overlay).
-    async fn snapshot_live(
-        &self,
-        node_id: &str,
-        volume_id: &VolumeId,
-        new_overlay: &Path,
-    ) -> Result<LiveSnapshot> {
-        let _ = (node_id, volume_id, new_overlay);
+    /// Live snapshot of attached disks of one node, in ONE operation: the node stops writing
+    /// each member's current image and continues in its overlay, all at the same point of its
+    /// write stream (libvirt: one external disk-only snapshot with REUSE_EXT | NO_METADATA |
+    /// ATOMIC, which QEMU applies as one transaction). File systems are frozen by the caller
+    /// (`freeze_filesystems`), not here.
+    /// Ok only once the node writes to every overlay; an error must mean it still writes to
+    /// every old image (the caller then deletes the overlays), except UNAVAILABLE and
+    /// DEADLINE_EXCEEDED, whose outcome is unknown.
+    async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
+        let _ = (node_id, members);
         Err(Error::Unimplemented(
             "this attach backend cannot snapshot attached volumes".into(),
         ))
+    }
+    /// Whether a guest agent (qemu-guest-agent) is connected to the node, so that
+    /// `freeze_filesystems` can freeze anything. Quick: no guest round trip.
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        let _ = node_id;
+        Ok(false)
+    }
+    /// Freezes the node's file systems through its guest agent (qemu-guest-agent), if one is
+    /// connected. May take as long as the guest does: the caller bounds the wait.
+    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+        let _ = node_id;
+        Ok(FsFreeze::NoAgent)
+    }
+    /// Thaws whatever the guest agent froze (nothing to do when nothing is frozen).
+    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+        let _ = node_id;
+        Ok(())
+    }
+    /// Pauses the node (its vCPUs) if it runs; whether this call paused it.
+    async fn pause(&self, node_id: &str) -> Result<bool> {
+        let _ = node_id;
+        Err(Error::Unimplemented(
+            "this attach backend cannot pause its nodes".into(),
+        ))
+    }
+    /// Resumes a node `pause` paused.
+    async fn resume(&self, node_id: &str) -> Result<()> {
+        let _ = node_id;
+        Ok(())
     }
 }
 
@@ -200,6 +230,8 @@ pub struct Attachments {
     max_per_node: u64,
     /// One recent read of every node, shared by listings (see `recent`).
     recent: Arc<RecentScan>,
+    /// Freezing and pausing nodes around live snapshots (see `live`).
+    quiesce: live::QuiesceSettings,
 }
 
 /// The last full read of the nodes, and a counter of the attach changes made by this process,
@@ -288,7 +320,23 @@ impl Attachments {
             backends,
             max_per_node,
             recent: Arc::default(),
+            quiesce: live::QuiesceSettings::default(),
         }
+    }
+
+    /// How long a guest agent may take to freeze, and the longest guests stay frozen or
+    /// paused for a live snapshot.
+    pub fn with_quiesce_timeout(mut self, timeout: Duration) -> Self {
+        self.quiesce.timeout = timeout;
+        self
+    }
+
+    /// Notes the nodes held (frozen or paused) for a live snapshot in `dir` (the controller's
+    /// own, not the pools': only the process that held a node releases it), so that a
+    /// restarted controller releases them (`release_left_quiesced`).
+    pub fn with_quiesce_markers(mut self, dir: &Path) -> Self {
+        self.quiesce.markers = Some(dir.to_path_buf());
+        self
     }
 
     /// Keeps a ledger in `<pool dir>/attach-ledger/<name>` of every pool (name, directory)
@@ -497,20 +545,31 @@ impl Attachments {
         Ok(nodes)
     }
 
-    /// Live snapshot on the node holding the volume (see `Attacher::snapshot_live`).
+    /// Live snapshot of one volume on the node holding it (see `live`): the guest's file
+    /// systems are frozen around it when an agent is connected.
     pub(crate) async fn snapshot_live(
         &self,
         node_id: &str,
         volume_id: &VolumeId,
         new_overlay: &Path,
     ) -> Result<LiveSnapshot> {
-        let backend = self.backend_for(node_id).await?.ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "volume {volume_id} is attached to node {node_id}, which no attach backend serves \
-                 any more; unpublish it first"
-            ))
-        })?;
-        backend.snapshot_live(node_id, volume_id, new_overlay).await
+        let plan = vec![NodeMembers {
+            node_id: node_id.to_string(),
+            members: vec![LiveMember {
+                volume_id: volume_id.clone(),
+                overlay: new_overlay.to_path_buf(),
+            }],
+        }];
+        let outcome = self.snapshot_live_together(plan).await?;
+        let cut = outcome
+            .nodes
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::internal("a live snapshot reported no node"))?;
+        cut.result?;
+        Ok(LiveSnapshot {
+            quiesced: cut.quiesced,
+        })
     }
 
     /// Ready when every backend is, or when at least one is and the others can only be

@@ -199,6 +199,21 @@ pub(crate) fn snapshot(rec: &SnapshotSummary) -> csi::Snapshot {
             nanos: rec.created_at_nanos as i32,
         }),
         ready_to_use: rec.ready_to_use,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: rec.group_snapshot_id.clone().unwrap_or_default(),
+    }
+}
+
+/// A group snapshot and its members; ready when every member is.
+pub(crate) fn group_snapshot(g: &crate::pool::GroupSnapshot) -> csi::VolumeGroupSnapshot {
+    let snapshots: Vec<csi::Snapshot> = g.members.iter().map(|m| snapshot(&m.summary())).collect();
+    csi::VolumeGroupSnapshot {
+        group_snapshot_id: g.record.id.clone(),
+        ready_to_use: g.record.state == crate::pool::RecordState::Ready
+            && snapshots.iter().all(|s| s.ready_to_use),
+        snapshots,
+        creation_time: Some(prost_types::Timestamp {
+            seconds: g.record.created_at as i64,
+            nanos: g.record.created_at_nanos as i32,
+        }),
     }
 }

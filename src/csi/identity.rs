@@ -38,6 +38,7 @@ impl Identity for IdentityService {
         let mut caps = Vec::new();
         if self.controller {
             caps.push(service(Type::ControllerService));
+            caps.push(service(Type::GroupControllerService));
             caps.push(csi::PluginCapability {
                 r#type: Some(Cap::VolumeExpansion(VolumeExpansion {
                     r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,

@@ -4,6 +4,7 @@
 pub mod channel;
 pub(crate) mod controller;
 pub(crate) mod convert;
+pub(crate) mod group_controller;
 pub(crate) mod identity;
 pub(crate) mod node;
 

@@ -147,11 +147,6 @@ fn libvirt_kind(code: sys::virErrorNumber, domain: sys::virErrorDomain, message:
     }
 }
 
-/// Whether the error says the connection itself is gone (libvirtd stopped or restarted).
-pub(crate) fn is_connection_error(e: &virt::error::Error) -> bool {
-    libvirt_kind(e.code().to_raw(), e.domain().to_raw(), e.message()) == Kind::Unreachable
-}
-
 struct Inner {
     host: String,
     uri: String,

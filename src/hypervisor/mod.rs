@@ -17,8 +17,9 @@
 //!   [`crate::attach::Attacher`].
 //! - [`Hypervisor::with_domain`]: run blocking libvirt code on a node's domain, on its host,
 //!   while holding that domain's lock (attach/detach of the same domain wait meanwhile).
-//! - `Attacher::snapshot_live` (module `snapshot`): external disk-only snapshot of an attached
-//!   disk onto an overlay the pool created.
+//! - `Attacher::snapshot_live` (module `snapshot`): one external disk-only snapshot of some
+//!   attached disks of a domain onto overlays the pool created; `freeze_filesystems`,
+//!   `thaw_filesystems`, `pause`, `resume` (`snapshot::quiesce`) around it.
 
 pub mod conn;
 pub mod diskxml;
@@ -35,14 +36,15 @@ pub(crate) use conn::{DomainLocks, Libvirt};
 pub use hosts::HostSpec;
 pub use view::{NodeIdKind, PoolImages};
 
-use crate::attach::{Attacher, Attachment, DiskSpec, HostScan, LiveSnapshot, Unreachable, CTX_BUS};
+use crate::attach::{
+    Attacher, Attachment, DiskSpec, FsFreeze, HostScan, LiveMember, Unreachable, CTX_BUS,
+};
 use crate::error::{Error, Result};
 use crate::ids::VolumeId;
 use crate::params::Qos;
 use domxml::DiskXml;
 use hosts::{Host, Hosts, Located};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -184,6 +186,27 @@ impl Hypervisor {
             .lv
             .write(move |c, l| {
                 let _guard = guard;
+                let dom = plug::domain_by_uuid(c, l, &uuid)?;
+                f(&dom, l)
+            })
+            .await;
+        self.settle(node_id, result)
+    }
+
+    /// Runs `f` on the domain of `node_id`, on its host, on a blocking thread WITHOUT the
+    /// domain's lock: for calls that change nothing the lock guards (guest agent, pause) and
+    /// may wait long.
+    async fn with_domain_unlocked<T, F>(&self, node_id: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(&Domain, &Libvirt) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let at = self.require(node_id).await?;
+        let uuid = at.copy.uuid.clone();
+        let result = at
+            .host
+            .lv
+            .write(move |c, l| {
                 let dom = plug::domain_by_uuid(c, l, &uuid)?;
                 f(&dom, l)
             })
@@ -458,12 +481,37 @@ impl Attacher for Hypervisor {
         Some("libvirt")
     }
 
-    async fn snapshot_live(
-        &self,
-        node_id: &str,
-        volume_id: &VolumeId,
-        new_overlay: &Path,
-    ) -> Result<LiveSnapshot> {
-        snapshot::snapshot_live(self, node_id, volume_id, new_overlay).await
+    async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
+        snapshot::snapshot_live(self, node_id, members).await
+    }
+
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        self.with_domain_unlocked(node_id, snapshot::quiesce::agent_connected)
+            .await
+    }
+
+    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+        let frozen = self
+            .with_domain_unlocked(node_id, snapshot::quiesce::freeze)
+            .await?;
+        Ok(frozen.map_or(FsFreeze::NoAgent, FsFreeze::Frozen))
+    }
+
+    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+        let thawed = self
+            .with_domain_unlocked(node_id, snapshot::quiesce::thaw)
+            .await?;
+        tracing::debug!(node = %node_id, filesystems = thawed, "guest file systems thawed");
+        Ok(())
+    }
+
+    async fn pause(&self, node_id: &str) -> Result<bool> {
+        self.with_domain_unlocked(node_id, snapshot::quiesce::pause)
+            .await
+    }
+
+    async fn resume(&self, node_id: &str) -> Result<()> {
+        self.with_domain_unlocked(node_id, snapshot::quiesce::resume)
+            .await
     }
 }

@@ -66,6 +66,25 @@ pub(crate) fn observe_operation(operation: &'static str, took: Duration) {
         .observe(took.as_secs_f64());
 }
 
+/// A group snapshot was created, meeting `consistency`, in `took`.
+pub(crate) fn observe_group_snapshot(consistency: crate::model::Consistency, took: Duration) {
+    let m = registry::get();
+    m.group_snapshots
+        .with_label_values(&[consistency.as_str()])
+        .inc();
+    m.operation_seconds
+        .with_label_values(&["group_snapshot"])
+        .observe(took.as_secs_f64());
+}
+
+/// Guests were held (file systems frozen, or paused) for `took` around a live cut.
+pub(crate) fn observe_quiesce_window(took: Duration) {
+    registry::get()
+        .operation_seconds
+        .with_label_values(&["quiesce_window"])
+        .observe(took.as_secs_f64());
+}
+
 /// Runs `step`; when it succeeds, observes how long it took as `operation`
 /// ([`observe_operation`]).
 pub(crate) async fn timed<T>(

@@ -22,6 +22,7 @@ pub(super) struct Metrics {
     pub detach_seconds: HistogramVec,
     pub host_up: IntGaugeVec,
     pub operation_seconds: HistogramVec,
+    pub group_snapshots: IntCounterVec,
     pub pool_size_bytes: prometheus::GaugeVec,
     pub pool_free_bytes: prometheus::GaugeVec,
     pub pool_provisioned_bytes: prometheus::GaugeVec,
@@ -107,6 +108,15 @@ impl Metrics {
                 &["operation"],
             )
             .unwrap(),
+            group_snapshots: IntCounterVec::new(
+                opts(
+                    "group_snapshots_total",
+                    "Group snapshots created, by the guarantee met (offline, crash-consistent, \
+                     application-consistent)",
+                ),
+                &["consistency"],
+            )
+            .unwrap(),
             pool_size_bytes: prometheus::GaugeVec::new(
                 opts("pool_size_bytes", "Size of the filesystem holding the pool"),
                 &pool,
@@ -161,6 +171,7 @@ impl Metrics {
             Box::new(m.detach_seconds.clone()),
             Box::new(m.host_up.clone()),
             Box::new(m.operation_seconds.clone()),
+            Box::new(m.group_snapshots.clone()),
             Box::new(m.pool_size_bytes.clone()),
             Box::new(m.pool_free_bytes.clone()),
             Box::new(m.pool_provisioned_bytes.clone()),

@@ -105,6 +105,16 @@ pub(super) fn extract(method: &str, message: &[u8]) -> RequestIds {
             }
             "ListSnapshots" => dec::<csi::ListSnapshotsRequest>(message)
                 .map(|r| ids(r.source_volume_id, s(), r.snapshot_id)),
+            // Group snapshots: the group's name or id in the snapshot fields.
+            "CreateVolumeGroupSnapshot" => dec::<csi::CreateVolumeGroupSnapshotRequest>(message)
+                .map(|r| RequestIds {
+                    snapshot_name: id(r.name),
+                    ..Default::default()
+                }),
+            "GetVolumeGroupSnapshot" => dec::<csi::GetVolumeGroupSnapshotRequest>(message)
+                .map(|r| ids(s(), s(), r.group_snapshot_id)),
+            "DeleteVolumeGroupSnapshot" => dec::<csi::DeleteVolumeGroupSnapshotRequest>(message)
+                .map(|r| ids(s(), s(), r.group_snapshot_id)),
             "NodeStageVolume" => {
                 dec::<csi::NodeStageVolumeRequest>(message).map(|r| ids(r.volume_id, s(), s()))
             }

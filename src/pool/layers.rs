@@ -17,7 +17,7 @@
 
 use super::qcow2;
 use super::record::{Freezing, VolumeRecord};
-use super::store::Layer;
+use super::store::{Layer, Staged};
 use super::volumes::VolumeLock;
 use super::{Pool, Pools};
 use crate::attach::Attachments;
@@ -129,14 +129,9 @@ impl Pools {
         Ok(writers.pop())
     }
 
-    /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
-    /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
-    /// the node switches live.
-    pub(super) async fn freeze(
-        &self,
-        lock: &VolumeLock,
-        rec: VolumeRecord,
-    ) -> Result<(Frozen, VolumeRecord)> {
+    /// Whether the volume's active layer can be frozen now (qcow2, chain not too deep, no
+    /// switch pending).
+    pub(super) fn check_freezable(&self, rec: &VolumeRecord) -> Result<()> {
         if rec.format != ImageFormat::Qcow2 {
             return Err(Error::invalid(format!(
                 "volume {} is raw: snapshots and clones need qcow2 volumes (a raw image cannot \
@@ -159,139 +154,231 @@ impl Pools {
                 rec.id, f.overlay
             )));
         }
+        Ok(())
+    }
+
+    /// Freezes the volume's active layer: the volume continues in a new overlay on it, and the
+    /// old layer never changes again. Constant time: nothing is copied. Attached read-write,
+    /// the node switches live.
+    pub(super) async fn freeze(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+    ) -> Result<(Frozen, VolumeRecord)> {
+        self.check_freezable(&rec)?;
         let writer = self.live_writer(&rec.id).await?;
+        let prepared = self.prepare_freeze(lock, rec, writer.is_some()).await?;
+        let quiesced = match &writer {
+            None => None,
+            Some(node) => {
+                let live = self
+                    .layers
+                    .attachments
+                    .snapshot_live(node, prepared.lock.id(), &prepared.overlay_path)
+                    .await
+                    .map_err(|e| unsupported_live(e, &prepared.rec.id, node));
+                match live {
+                    Ok(l) => Some(l.quiesced),
+                    Err(e) => return Err(self.abandon_freeze(prepared, e).await),
+                }
+            }
+        };
+        let mut done = self.commit_freezes(vec![(prepared, quiesced)]).await?;
+        Ok(done.remove(0))
+    }
+
+    /// Step 1 of a freeze: writes the new overlay (on the volume's active layer). `live`: a
+    /// node writes the volume and will be told to switch, so one commit names the overlay in
+    /// the record first (the node may write there from the switch on); offline, nothing is
+    /// recorded yet (a crash leaves an unnamed file, collected at the next open).
+    pub(super) async fn prepare_freeze(
+        &self,
+        lock: &VolumeLock,
+        rec: VolumeRecord,
+        live: bool,
+    ) -> Result<PreparedFreeze> {
         let (pool, key) = (lock.pool.clone(), lock.key);
         let overlay = exec::blocking(move || pool.new_layer_name(key, ImageFormat::Qcow2)).await?;
-        let live = writer.is_some();
-        let (frozen, rec) = match writer {
-            None => self.freeze_offline(lock, rec, overlay).await?,
-            Some(node) => self.freeze_live(lock, rec, overlay, &node).await?,
-        };
-        crate::failpoint!("freeze.switched");
-        self.note_depth(&rec);
-        tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
-            depth = rec.depth(), live, "volume layer frozen");
-        Ok((frozen, rec))
-    }
-
-    /// Not attached read-write: the overlay is made, then one commit switches the record.
-    async fn freeze_offline(
-        &self,
-        lock: &VolumeLock,
-        rec: VolumeRecord,
-        overlay: String,
-    ) -> Result<(Frozen, VolumeRecord)> {
-        let (pool, held) = (lock.pool.clone(), lock.held.clone());
-        exec::blocking(move || {
-            let _held = held;
-            let (overlay_path, file) = pool.make_overlay(&rec, &overlay)?;
-            let switched = switched(&rec, &overlay);
-            // The overlay, its directory entry, the frozen layer's data and the record's temp
-            // file become durable at once; then one commit switches the volume.
-            let (frozen, images) = (pool.image_path(&rec.image), pool.images_dir());
-            let done = std::fs::File::open(&frozen)
-                .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))
-                .and_then(|layer| Ok((layer, fsutil::open_dir(&images)?)))
-                .and_then(|(layer, dir)| {
-                    pool.store.put_with(
-                        &switched,
-                        &[(&file, &overlay_path), (&dir, &images), (&layer, &frozen)],
-                        |_| Ok(()),
-                    )
-                });
-            if let Err(e) = done {
-                let _ = std::fs::remove_file(&overlay_path);
-                return Err(e);
-            }
-            Ok((frozen_of(&rec, None), switched))
-        })
-        .await
-    }
-
-    /// Attached read-write to `node`: the overlay is made and named in the record (the node
-    /// may write there from the switch on), the node switches, then the record does.
-    async fn freeze_live(
-        &self,
-        lock: &VolumeLock,
-        rec: VolumeRecord,
-        overlay: String,
-        node: &str,
-    ) -> Result<(Frozen, VolumeRecord)> {
         let (pool, held) = (lock.pool.clone(), lock.held.clone());
         let mut intent = rec.clone();
-        intent.chain.freezing = Some(Freezing {
-            overlay: overlay.clone(),
-            handed_to_domain: true,
-        });
-        let (p, h, i, o) = (pool.clone(), held.clone(), intent.clone(), overlay.clone());
-        let overlay_path = exec::blocking(move || {
-            let _held = h;
-            let (path, file) = p.make_overlay(&i, &o)?;
-            let images = p.images_dir();
-            let named = fsutil::open_dir(&images).and_then(|dir| {
-                p.store
-                    .put_with(&i, &[(&file, &path), (&dir, &images)], |_| Ok(()))
+        if live {
+            intent.chain.freezing = Some(Freezing {
+                overlay: overlay.clone(),
+                handed_to_domain: true,
             });
-            if let Err(e) = named {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
+        }
+        let (o, i) = (overlay.clone(), intent.clone());
+        let (path, file) = exec::blocking(move || {
+            let _held = held;
+            let (path, file) = pool.make_overlay(&i, &o)?;
+            if live {
+                let images = pool.images_dir();
+                let named = fsutil::open_dir(&images).and_then(|dir| {
+                    pool.store
+                        .put_with(&i, &[(&file, &path), (&dir, &images)], |_| Ok(()))
+                });
+                if let Err(e) = named {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                crate::failpoint!("freeze.intent");
             }
-            crate::failpoint!("freeze.intent");
-            Ok(path)
+            Ok((path, file))
         })
         .await?;
-
-        let live = self
-            .layers
-            .attachments
-            .snapshot_live(node, lock.id(), &overlay_path)
-            .await
-            .map_err(|e| match e {
-                Error::Unimplemented(why) => Error::FailedPrecondition(format!(
-                    "volume {} is attached read-write to node {node} and {why}; unpublish \
-                     it first, then snapshot or clone it",
-                    rec.id
-                )),
-                other => other,
-            });
-        let live = match live {
-            Ok(l) => l,
-            Err(e) if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) => {
-                // Unknown outcome: the node may already write to the overlay, so it must not be
-                // deleted. The record keeps the pending switch; recovery completes it.
-                tracing::error!(volume = %rec.id, overlay = %overlay, error = %e,
-                    "live snapshot outcome unknown; keeping the new overlay");
-                return Err(Error::Unavailable(format!(
-                    "could not confirm the live snapshot of volume {} ({e}); the new layer is \
-                     kept, and the volume is reconciled when it is next used or the controller \
-                     restarts",
-                    rec.id
-                )));
-            }
-            Err(e) => {
-                // The node still writes the old layer: back to the record as it was (the
-                // overlay goes with the commit that stops naming it).
-                let (p, h, r) = (pool.clone(), held.clone(), rec.clone());
-                let undo = exec::blocking(move || {
-                    let _held = h;
-                    p.store.put(&r, |_| Ok(())).map(drop)
-                })
-                .await;
-                if let Err(u) = undo {
-                    tracing::error!(volume = %rec.id, error = %u,
-                        "could not undo a failed freeze; the next use of the volume will");
-                }
-                return Err(e);
-            }
-        };
-        exec::blocking(move || {
-            let _held = held;
-            let switched = switched(&rec, &overlay);
-            sync_file(&pool.image_path(&rec.image))?;
-            pool.store.put(&switched, |_| Ok(()))?;
-            Ok((frozen_of(&rec, Some(live.quiesced)), switched))
+        Ok(PreparedFreeze {
+            lock: lock.clone(),
+            rec: intent,
+            overlay,
+            overlay_path: path,
+            file,
+            live,
         })
-        .await
+    }
+
+    /// After a failed switch: an unknown outcome (UNAVAILABLE, DEADLINE_EXCEEDED after the
+    /// node was told) keeps the overlay and the pending switch, which recovery completes;
+    /// otherwise the record is as before. Returns the error to report.
+    pub(super) async fn abandon_freeze(&self, p: PreparedFreeze, e: Error) -> Error {
+        let unknown = matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded);
+        let (id, live) = (p.rec.id.clone(), p.live);
+        self.undo_freeze(p, unknown).await;
+        if unknown && live {
+            return Error::Unavailable(format!(
+                "could not confirm the live snapshot of volume {id} ({e}); the new layer is \
+                 kept, and the volume is reconciled when it is next used or the controller \
+                 restarts"
+            ));
+        }
+        e
+    }
+
+    /// Takes a prepared freeze back: the volume's record as before (the overlay goes with the
+    /// commit that stops naming it, or, never named, at once), unless a node may already
+    /// write to it (`outcome_unknown` of a live switch): then the record keeps the pending
+    /// switch, which recovery completes.
+    pub(super) async fn undo_freeze(&self, p: PreparedFreeze, outcome_unknown: bool) {
+        if outcome_unknown && p.live {
+            tracing::error!(volume = %p.rec.id, overlay = %p.overlay,
+                "live snapshot outcome unknown; keeping the new overlay");
+            return;
+        }
+        let (pool, held) = (p.lock.pool.clone(), p.lock.held.clone());
+        let (id, live, path) = (p.rec.id.clone(), p.live, p.overlay_path);
+        let mut rec = p.rec;
+        rec.chain.freezing = None;
+        let undo = exec::blocking(move || {
+            let _held = held;
+            if live {
+                pool.store.put(&rec, |_| Ok(())).map(drop)
+            } else {
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("removing {}", path.display()), e))
+            }
+        })
+        .await;
+        if let Err(u) = undo {
+            tracing::error!(volume = %id, error = %u,
+                "could not undo a failed freeze; the next use of the volume will");
+        }
+    }
+
+    /// Last step of freezes whose nodes (if any) write to their overlays now: the frozen
+    /// layers (and offline overlays) made durable, then each pool's volume records switched
+    /// in ONE batch under one hold of its pool lock. `quiesced`: live freezes only, whether
+    /// the guest's file systems were frozen. Each volume's frozen layer and new record, in
+    /// order.
+    pub(super) async fn commit_freezes(
+        &self,
+        prepared: Vec<(PreparedFreeze, Option<bool>)>,
+    ) -> Result<Vec<(Frozen, VolumeRecord)>> {
+        let out = exec::blocking(move || {
+            let mut out: Vec<Option<(Frozen, VolumeRecord)>> = std::iter::repeat_with(|| None)
+                .take(prepared.len())
+                .collect();
+            // By pool, in order of first appearance.
+            let mut pools: Vec<Arc<Pool>> = Vec::new();
+            for (p, _) in &prepared {
+                if !pools.iter().any(|q| Arc::ptr_eq(q, &p.lock.pool)) {
+                    pools.push(p.lock.pool.clone());
+                }
+            }
+            for pool in pools {
+                let mine: Vec<usize> = (0..prepared.len())
+                    .filter(|i| Arc::ptr_eq(&prepared[*i].0.lock.pool, &pool))
+                    .collect();
+                let switched: Vec<VolumeRecord> = mine
+                    .iter()
+                    .map(|i| switched(&prepared[*i].0.rec, &prepared[*i].0.overlay))
+                    .collect();
+                let mut opened = Vec::new();
+                for i in &mine {
+                    let p = &prepared[*i].0;
+                    let frozen = pool.image_path(&p.rec.image);
+                    let layer = std::fs::File::open(&frozen)
+                        .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))?;
+                    opened.push((layer, frozen));
+                }
+                let images = pool.images_dir();
+                let dir = fsutil::open_dir(&images)?;
+                // The frozen layers' data, and the offline overlays with their directory
+                // entries, durable at once with the records' temp files.
+                let mut alongside: Vec<(&std::fs::File, &std::path::Path)> =
+                    opened.iter().map(|(f, p)| (f, p.as_path())).collect();
+                for i in &mine {
+                    let p = &prepared[*i].0;
+                    if !p.live {
+                        alongside.push((&p.file, p.overlay_path.as_path()));
+                    }
+                }
+                alongside.push((&dir, images.as_path()));
+                let staged = switched
+                    .iter()
+                    .map(Staged::of)
+                    .collect::<Result<Vec<_>>>()?;
+                pool.store.put_batch(staged, &alongside, |_| Ok(()))?;
+                for (i, rec) in mine.iter().zip(switched) {
+                    let (p, quiesced) = &prepared[*i];
+                    out[*i] = Some((frozen_of(&p.rec, *quiesced), rec));
+                }
+            }
+            Ok(out.into_iter().flatten().collect::<Vec<_>>())
+        })
+        .await?;
+        crate::failpoint!("freeze.switched");
+        for (frozen, rec) in &out {
+            self.note_depth(rec);
+            tracing::info!(volume = %rec.id, frozen = %frozen.layer, active = %rec.image,
+                depth = rec.depth(), live = frozen.quiesced.is_some(), "volume layer frozen");
+        }
+        Ok(out)
+    }
+}
+
+/// A volume whose next overlay is written (and, live, named in its record), waiting for its
+/// switch. Holds the volume's lock.
+pub(super) struct PreparedFreeze {
+    pub(super) lock: VolumeLock,
+    /// The record as it stands (live: with the pending switch).
+    pub(super) rec: VolumeRecord,
+    /// File name of the new overlay.
+    pub(super) overlay: String,
+    pub(super) overlay_path: std::path::PathBuf,
+    /// The overlay, open: offline freezes make it durable with the commit that names it.
+    file: std::fs::File,
+    /// A node writes the volume and is told to switch.
+    pub(super) live: bool,
+}
+
+/// A live snapshot the volume's attach backend cannot take: FAILED_PRECONDITION, saying what
+/// to do.
+pub(super) fn unsupported_live(e: Error, volume_id: &str, node: &str) -> Error {
+    match e {
+        Error::Unimplemented(why) => Error::FailedPrecondition(format!(
+            "volume {volume_id} is attached read-write to node {node} and {why}; unpublish it \
+             first, then snapshot or clone it"
+        )),
+        other => other,
     }
 }
 

@@ -81,6 +81,8 @@ pub(crate) struct SnapshotSummary {
     pub(crate) created_at: u64,
     pub(crate) created_at_nanos: u32,
     pub(crate) ready_to_use: bool,
+    /// The group snapshot it is a member of.
+    pub(crate) group_snapshot_id: Option<String>,
 }
 
 impl SnapshotRecord {
@@ -93,6 +95,7 @@ impl SnapshotRecord {
             created_at_nanos: self.created_at_nanos,
             // Records are written Ready only once the layer is durable.
             ready_to_use: self.state == RecordState::Ready,
+            group_snapshot_id: self.group_snapshot_id.clone(),
         }
     }
 }
@@ -298,8 +301,11 @@ impl Pools {
             .into_iter()
             .filter(|p| only_pool.as_deref().is_none_or(|n| n == p.name()))
             .collect();
+        let this = self.clone();
         exec::blocking(move || {
             let mut page = Page::new(max);
+            // Members are listed once their group is Ready: one look per group.
+            let mut groups: std::collections::HashMap<Box<str>, bool> = Default::default();
             'pools: for pool in &pools {
                 let Some(from) = start_in(pool, token.as_ref()) else {
                     continue;
@@ -324,6 +330,19 @@ impl Pools {
                     {
                         continue;
                     }
+                    if let Some(g) = &s.group {
+                        let visible = match groups.get(g) {
+                            Some(v) => *v,
+                            None => {
+                                let v = this.member_visible(Some(g))?;
+                                groups.insert(g.clone(), v);
+                                v
+                            }
+                        };
+                        if !visible {
+                            continue;
+                        }
+                    }
                     let fits = page.offer(
                         || pool.snapshot_id(key),
                         || SnapshotSummary {
@@ -333,6 +352,7 @@ impl Pools {
                             created_at: s.created,
                             created_at_nanos: s.created_nanos,
                             ready_to_use: true,
+                            group_snapshot_id: s.group.as_deref().map(str::to_string),
                         },
                     );
                     if !fits {
@@ -349,6 +369,7 @@ impl Pools {
     /// tools and tests; RPCs page through `snapshot_page`).
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
         let pools = by_name(self.all());
+        let this = self.clone();
         exec::blocking(move || {
             let mut out = Vec::new();
             for pool in &pools {
@@ -360,11 +381,15 @@ impl Pools {
                     .map(|(k, _)| k)
                     .collect();
                 for key in keys {
-                    out.extend(
-                        pool.store
-                            .read::<SnapshotRecord>(key)?
-                            .filter(|r| r.state == RecordState::Ready),
-                    );
+                    let rec = pool
+                        .store
+                        .read::<SnapshotRecord>(key)?
+                        .filter(|r| r.state == RecordState::Ready);
+                    if let Some(r) = rec {
+                        if this.member_visible(r.group_snapshot_id.as_deref())? {
+                            out.push(r);
+                        }
+                    }
                 }
             }
             Ok(out)

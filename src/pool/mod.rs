@@ -4,6 +4,7 @@
 //! the in-memory index, the commit protocol, locks and the change log.
 
 mod flatten;
+mod groups;
 mod layers;
 mod listing;
 pub(crate) mod qcow2;
@@ -15,9 +16,10 @@ mod sources;
 pub(crate) mod store;
 mod volumes;
 
+pub use groups::{CreateGroupSnapshot, GroupSnapshot, MAX_GROUP_MEMBERS};
 pub use layers::DEFAULT_MAX_CHAIN_DEPTH;
 pub(crate) use listing::{SnapshotFilter, SnapshotSummary, VolumeCondition, VolumeSummary};
-pub use record::{RecordState, SnapshotRecord, VolumeRecord};
+pub use record::{GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeRecord};
 pub use snapshots::CreateSnapshot;
 pub use volumes::TopologyRequirement;
 pub(crate) use volumes::{CapacityQuery, VolumeLock, MIB};
@@ -29,8 +31,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use store::{Kind, Store};
 
-/// One pool directory: `volumes/<key>.json`, `snapshots/<key>.json` and `flatten/<key>.json`
-/// records, `images/<file>` image layers, and `changes` (the change log and the locks).
+/// One pool directory: `volumes/<key>.json`, `snapshots/<key>.json`, `groups/<key>.json` and
+/// `flatten/<key>.json` records, `images/<file>` image layers, and `changes` (the change log
+/// and the locks).
 #[derive(Debug)]
 pub struct Pool {
     cfg: PoolConfig,

@@ -196,6 +196,84 @@ pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
     Ok(len > layout(size).len)
 }
 
+/// What a qcow2 image's header says of its size and backing file.
+// Read only by live cuts (hypervisor::snapshot), which need libvirt.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Header {
+    /// Virtual size in bytes.
+    pub(crate) size: u64,
+    /// The backing file's name as written (relative to the image's directory, or absolute).
+    pub(crate) backing: Option<String>,
+    /// The backing file's format (header extension), when named.
+    pub(crate) backing_format: Option<String>,
+}
+
+/// Reads a qcow2 image's header (any qcow2, not only those `create` made): what `qemu-img
+/// info` reports of size and backing file, without a process. Blocking.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+pub(crate) fn read_header(path: &Path) -> Result<Header> {
+    let bad =
+        |why: &str| Error::internal(format!("{} is not a qcow2 image: {why}", path.display()));
+    let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let mut cluster = vec![0u8; CLUSTER as usize];
+    let mut len = 0;
+    while len < cluster.len() {
+        match file.read_at(&mut cluster[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+    let h = &cluster[..len];
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(h.get(at..at + 4)?.try_into().ok()?))
+    };
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(h.get(at..at + 8)?.try_into().ok()?))
+    };
+    if u32_at(0) != Some(MAGIC) {
+        return Err(bad("no qcow2 magic"));
+    }
+    let version = u32_at(4).ok_or_else(|| bad("short header"))?;
+    let backing_offset = u64_at(8).ok_or_else(|| bad("short header"))? as usize;
+    let backing_len = u32_at(16).ok_or_else(|| bad("short header"))? as usize;
+    let size = u64_at(24).ok_or_else(|| bad("short header"))?;
+    let backing = if backing_offset == 0 || backing_len == 0 {
+        None
+    } else {
+        let name = h
+            .get(backing_offset..backing_offset + backing_len)
+            .ok_or_else(|| bad("backing file name past the first cluster"))?;
+        Some(String::from_utf8_lossy(name).into_owned())
+    };
+    // Header extensions follow the header (version 2: at 72; version 3: its header_length).
+    let mut at = if version >= 3 {
+        u32_at(100).ok_or_else(|| bad("short header"))? as usize
+    } else {
+        72
+    };
+    let mut backing_format = None;
+    while let (Some(kind), Some(ext_len)) = (u32_at(at), u32_at(at + 4)) {
+        if kind == EXT_END {
+            break;
+        }
+        let data = h
+            .get(at + 8..at + 8 + ext_len as usize)
+            .ok_or_else(|| bad("header extension past the first cluster"))?;
+        if kind == EXT_BACKING_FORMAT {
+            backing_format = Some(String::from_utf8_lossy(data).into_owned());
+        }
+        at += 8 + (ext_len as usize).div_ceil(8) * 8;
+    }
+    Ok(Header {
+        size,
+        backing,
+        backing_format,
+    })
+}
+
 /// The whole file's bytes: header cluster, refcount table, refcount block, zeroed L1 table.
 fn qcow2_bytes(size: u64, backing: Option<&str>) -> Vec<u8> {
     let l = layout(size);
@@ -225,6 +303,40 @@ fn write_raw(file: &File, size: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("0123456789abcdef.qcow2");
+        create(&base, ImageFormat::Qcow2, 1 << 30, None).unwrap();
+        let top = dir.path().join("0123456789abcdef-1.qcow2");
+        create(
+            &top,
+            ImageFormat::Qcow2,
+            2 << 30,
+            Some("0123456789abcdef.qcow2"),
+        )
+        .unwrap();
+        assert_eq!(
+            read_header(&base).unwrap(),
+            Header {
+                size: 1 << 30,
+                backing: None,
+                backing_format: None
+            }
+        );
+        assert_eq!(
+            read_header(&top).unwrap(),
+            Header {
+                size: 2 << 30,
+                backing: Some("0123456789abcdef.qcow2".into()),
+                backing_format: Some("qcow2".into())
+            }
+        );
+        let raw = dir.path().join("r.raw");
+        create(&raw, ImageFormat::Raw, 1 << 20, None).unwrap();
+        assert!(read_header(&raw).is_err());
+    }
 
     #[test]
     fn layouts_match_qemu_img() {

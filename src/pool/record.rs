@@ -1,6 +1,6 @@
 //! The records that make a pool its own database. One JSON file per volume, replaced atomically.
 
-use crate::model::{Capability, ContentSource, ImageFormat};
+use crate::model::{Capability, Consistency, ContentSource, ImageFormat};
 use crate::params::DiskOptions;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -141,6 +141,43 @@ pub struct SnapshotRecord {
     /// Live snapshots only: whether the guest's file systems were frozen (guest agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiesced: Option<bool>,
+    /// The group snapshot this snapshot is a member of: it is deleted only with its group,
+    /// and listed only once its group is Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_id: Option<String>,
+}
+
+/// A group snapshot: snapshots of several volumes at one point of their writes, in
+/// `groups/<key>.json` of the pool of its first volume. Its members are ordinary snapshot
+/// records (in their volumes' pools) that name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSnapshotRecord {
+    /// Record format version.
+    pub schema: u32,
+    /// The CSI group snapshot id (`<pool>.g<key>`).
+    pub id: String,
+    /// The CSI name it was created with.
+    pub name: String,
+    /// The pool holding this record.
+    pub pool: String,
+    /// Creating: members are being made (a restarted controller removes them and the
+    /// record); Ready: every member is; Deleting: members are being removed.
+    pub state: RecordState,
+    /// The volumes, as requested (the idempotency check compares them as a set).
+    pub source_volume_ids: Vec<String>,
+    /// The member snapshots, one per volume, in the same order; named before they are made.
+    pub snapshot_ids: Vec<String>,
+    /// The CreateVolumeGroupSnapshot parameters as given.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// When the members were cut: seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Nanoseconds past `created_at`.
+    #[serde(default)]
+    pub created_at_nanos: u32,
+    /// The guarantee the members met (set when Ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
 }
 
 /// A background flattening of a volume's backing chain into one new layer

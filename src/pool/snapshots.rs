@@ -44,7 +44,7 @@ impl Pool {
     }
 
     /// A key no snapshot of this pool has.
-    fn new_snapshot_key(&self) -> Result<u64> {
+    pub(super) fn new_snapshot_key(&self) -> Result<u64> {
         loop {
             let key = ids::random_u64();
             if self.store.index()?.snapshot(key).is_none() {
@@ -56,7 +56,7 @@ impl Pool {
 
 impl Pools {
     /// The pool and key a snapshot id names; `Ok(None)` when it cannot be a snapshot of ours.
-    fn locate_snapshot(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
+    pub(super) fn locate_snapshot(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
         let Some(oid) = ObjectId::parse_snapshot(id)? else {
             return Ok(None);
         };
@@ -117,6 +117,7 @@ impl Pools {
             created_at: now.as_secs(),
             created_at_nanos: now.subsec_nanos(),
             quiesced: frozen.quiesced,
+            group_snapshot_id: None,
         };
         // The layer is in the volume's chain already, so it cannot be collected meanwhile.
         let (r, held) = (rec.clone(), lock.held.clone());
@@ -171,11 +172,13 @@ impl Pools {
         Ok(None)
     }
 
-    /// A Ready snapshot by id; `Ok(None)` when it does not exist.
+    /// A Ready snapshot by id (a member of a group only once its group is Ready); `Ok(None)`
+    /// when it does not exist.
     pub(crate) async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
         let Some((pool, key)) = self.locate_snapshot(id)? else {
             return Ok(None);
         };
+        let this = self.clone();
         exec::blocking(move || {
             let known = pool
                 .store
@@ -185,28 +188,43 @@ impl Pools {
             if !known {
                 return Ok(None);
             }
-            Ok(pool
+            let rec = pool
                 .store
                 .read::<SnapshotRecord>(key)?
-                .filter(|r| r.state == RecordState::Ready))
+                .filter(|r| r.state == RecordState::Ready);
+            match rec {
+                Some(r) if this.member_visible(r.group_snapshot_id.as_deref())? => Ok(Some(r)),
+                _ => Ok(None),
+            }
         })
         .await
     }
 
     /// DeleteSnapshot: OK for unknown ids; ABORTED while another operation holds the
-    /// snapshot. The record goes at once; the layer stays while a volume still reads through
-    /// it and is removed with the last of them.
+    /// snapshot; INVALID_ARGUMENT for a member of a group snapshot (the spec's "part of a
+    /// group": it goes with its group). The record goes at once; the layer stays while a
+    /// volume still reads through it and is removed with the last of them.
     pub(crate) async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let Some((pool, key)) = self.locate_snapshot(id)? else {
             return Ok(());
         };
         let id = id.to_string();
+        let this = self.clone();
         exec::blocking(move || {
             let _held = pool
                 .store
                 .lock(Slot::Snapshot(key), &|| format!("snapshot {id}"))?;
-            if pool.store.index()?.snapshot(key).is_none() {
-                return Ok(());
+            let group = match pool.store.index()?.snapshot(key) {
+                None => return Ok(()),
+                Some(s) => s.group.clone(),
+            };
+            if let Some(g) = group {
+                if this.group_state(&g)?.is_some() {
+                    return Err(Error::invalid(format!(
+                        "snapshot {id} is a member of group snapshot {g} and cannot be deleted \
+                         alone; delete the group (DeleteVolumeGroupSnapshot)"
+                    )));
+                }
             }
             pool.store.remove::<SnapshotRecord>(key, |_| Ok(()))?;
             crate::failpoint!("snapshot.deleted");

@@ -174,11 +174,13 @@ impl Pools {
             Ok(pools)
         })
         .await?;
-        Ok(Pools {
+        let pools = Pools {
             pools: Arc::new(pools),
             default_size,
             layers: LayerContext::default(),
-        })
+        };
+        pools.recover_groups().await?;
+        Ok(pools)
     }
 
     pub(crate) fn all(&self) -> &[Arc<Pool>] {

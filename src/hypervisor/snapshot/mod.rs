@@ -1,28 +1,32 @@
-//! Live snapshots: the running domain stops writing a volume's current image and continues in
-//! a new qcow2 overlay that the pool created (backed by that image) — an external disk-only
-//! snapshot with REUSE_EXT | NO_METADATA | ATOMIC, plus QUIESCE when a guest agent is
-//! connected. The old image is never written again and becomes the snapshot's layer.
+//! Live snapshots: a running domain stops writing the current images of some of its disks
+//! and continues in new qcow2 overlays that the pool created (each backed by its disk's
+//! image) — ONE external disk-only snapshot with REUSE_EXT | NO_METADATA | ATOMIC naming every
+//! such disk, which libvirt hands to QEMU as one `transaction`: every disk switches at the same
+//! instant of the guest's write stream, or none does. The old images are never written again
+//! and become the snapshots' layers.
 //!
-//! The contract with the pool: Ok only once the domain writes to the overlay, an error only
-//! while it still writes the old image (the pool then deletes the overlay). So every outcome
-//! is read back from the domain XML, also after a failed call: libvirt reports an error when
-//! the guest's file systems cannot be thawed after a successful switch, and a connection lost
-//! mid-call leaves the outcome to be found out once libvirtd is back.
+//! The guest's file systems are frozen around the switch by the caller (`quiesce`, driven by
+//! `attach`), not by libvirt's QUIESCE flag, so the frozen window is bounded by the caller and
+//! spans several domains when a group does.
+//!
+//! The contract with the pool: Ok only once the domain writes to every overlay, an error only
+//! while it still writes every old image (the pool then deletes the overlays). So every outcome
+//! is read back from the domain XML, also after a failed call: a connection lost mid-call
+//! leaves the outcome to be found out once libvirtd is back.
 //!
 //! The persistent definition follows the live one (libvirt does that itself for a disk with
 //! the same target and source; otherwise the disk is repointed here), so a domain restart
-//! opens the overlay too. A domain that holds the disk only in its persistent definition
+//! opens the overlays too. A domain that holds a disk only in its persistent definition
 //! (shut off) just gets that definition repointed.
 
+pub(super) mod quiesce;
 mod xml;
 
-use super::conn::{is_connection_error, Libvirt};
+use super::conn::Libvirt;
 use super::{diskxml, ffi, view, Hypervisor};
-use crate::attach::LiveSnapshot;
+use crate::attach::LiveMember;
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::VolumeId;
-use serde::Deserialize;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,7 +39,7 @@ use virt::sys;
 const RETRY_FOR: Duration = Duration::from_secs(30);
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
-/// What the switch needs, checked before the domain is touched.
+/// What the switch of one disk needs, checked before the domain is touched.
 #[derive(Debug, Clone)]
 struct Switch {
     volume_id: String,
@@ -47,30 +51,21 @@ struct Switch {
     size: u64,
 }
 
-/// See the module documentation. The caller made `overlay` durable and recorded the intent.
+/// See the module documentation. The caller made every overlay durable and recorded the
+/// intent. All members are disks of the domain of `node_id`.
 pub(super) async fn snapshot_live(
     hv: &Hypervisor,
     node_id: &str,
-    volume_id: &VolumeId,
-    overlay: &Path,
-) -> Result<LiveSnapshot> {
-    if !view::in_pools(overlay, hv.pools()) || !overlay.is_absolute() {
-        return Err(Error::internal(format!(
-            "the overlay {} of volume {volume_id} is not in a pool's images directory",
-            overlay.display()
-        )));
+    members: &[LiveMember],
+) -> Result<()> {
+    if members.is_empty() {
+        return Ok(());
     }
-    let header = overlay_header(overlay).await?;
-    let switch = Switch {
-        volume_id: volume_id.to_string(),
-        serial: volume_id.serial(),
-        overlay: overlay.to_path_buf(),
-        backing: header.backing,
-        size: header.size,
-    };
+    let switches = read_switches(hv, members).await?;
+    let what = describe(members);
     let started = Instant::now();
     loop {
-        let s = switch.clone();
+        let s = switches.clone();
         match hv
             .with_domain(node_id, move |dom, lv| run_switch(dom, lv, &s))
             .await
@@ -78,25 +73,67 @@ pub(super) async fn snapshot_live(
             // libvirtd went away mid-switch: the next attempt reads what happened and
             // finishes or repeats the switch.
             Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < RETRY_FOR => {
-                tracing::warn!(volume = %volume_id, node = %node_id, error = %e,
+                tracing::warn!(of = %what, node = %node_id, error = %e,
                     "libvirt unreachable during a live snapshot; retrying");
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
             Err(e) if e.code() == tonic::Code::NotFound => {
                 return Err(Error::Aborted(format!(
-                    "node {node_id} went away during the snapshot of volume {volume_id} \
-                     ({e}); retry"
+                    "node {node_id} went away during the snapshot of {what} ({e}); retry"
                 )))
             }
-            Ok(live) => {
-                tracing::info!(volume = %volume_id, node = %node_id, overlay = %overlay.display(),
-                    quiesced = live.quiesced, ms = started.elapsed().as_millis() as u64,
-                    "live snapshot: the domain writes to the new overlay");
-                return Ok(live);
+            Ok(()) => {
+                tracing::info!(of = %what, node = %node_id, disks = members.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "live snapshot: the domain writes to the new overlay(s)");
+                return Ok(());
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// "volume v" or "volumes a, b, c", for messages.
+fn describe(members: &[LiveMember]) -> String {
+    let ids: Vec<String> = members.iter().map(|m| m.volume_id.to_string()).collect();
+    match ids.as_slice() {
+        [one] => format!("volume {one}"),
+        many => format!("volumes {}", many.join(", ")),
+    }
+}
+
+/// Checks every overlay and reads its header (concurrently: one `qemu-img info` each).
+async fn read_switches(hv: &Hypervisor, members: &[LiveMember]) -> Result<Vec<Switch>> {
+    let mut reads = tokio::task::JoinSet::new();
+    for (i, m) in members.iter().enumerate() {
+        if !view::in_pools(&m.overlay, hv.pools()) || !m.overlay.is_absolute() {
+            return Err(Error::internal(format!(
+                "the overlay {} of volume {} is not in a pool's images directory",
+                m.overlay.display(),
+                m.volume_id
+            )));
+        }
+        let m = m.clone();
+        reads.spawn(async move {
+            let header = overlay_header(&m.overlay).await?;
+            Ok::<_, Error>((
+                i,
+                Switch {
+                    serial: m.volume_id.serial(),
+                    volume_id: m.volume_id.to_string(),
+                    overlay: m.overlay,
+                    backing: header.backing,
+                    size: header.size,
+                },
+            ))
+        });
+    }
+    let mut out: Vec<Option<Switch>> = vec![None; members.len()];
+    while let Some(done) = reads.join_next().await {
+        let (i, s) = done.map_err(|e| Error::internal(format!("reading an overlay: {e}")))??;
+        out[i] = Some(s);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// Header facts of the overlay the pool created.
@@ -105,116 +142,120 @@ struct Header {
     size: u64,
 }
 
-#[derive(Deserialize)]
-struct InfoDoc {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-    #[serde(rename = "backing-filename-format", default)]
-    backing_format: Option<String>,
-}
-
-/// Reads and checks the overlay: qcow2 with a qcow2 backing file named in its header (a
-/// relative name is relative to the overlay's directory, as QEMU resolves it).
+/// Reads and checks the overlay's header (without a process: `pool::qcow2`): qcow2 with a
+/// qcow2 backing file (a relative name is relative to the overlay's directory, as QEMU
+/// resolves it).
 async fn overlay_header(overlay: &Path) -> Result<Header> {
-    let path = overlay
-        .to_str()
-        .ok_or_else(|| Error::internal(format!("{} is not UTF-8", overlay.display())))?;
-    let out = exec::run("qemu-img", ["info", "-U", "--output=json", path]).await?;
-    let info: InfoDoc = serde_json::from_str(&out.stdout)
-        .map_err(|e| Error::internal(format!("parsing qemu-img info of {path}: {e}")))?;
-    let bad = |why: &str| Error::internal(format!("overlay {path} {why}"));
-    if info.format != "qcow2" {
-        return Err(bad("is not qcow2"));
-    }
-    let name = info
-        .backing_filename
-        .ok_or_else(|| bad("has no backing file"))?;
-    if info.backing_format.as_deref() != Some("qcow2") {
+    let path = overlay.to_path_buf();
+    let header = exec::blocking(move || crate::pool::qcow2::read_header(&path)).await?;
+    let bad = |why: &str| Error::internal(format!("overlay {} {why}", overlay.display()));
+    let name = header.backing.ok_or_else(|| bad("has no backing file"))?;
+    if header.backing_format.as_deref() != Some("qcow2") {
         return Err(bad("does not name its backing file's format (qcow2)"));
     }
     let dir = overlay.parent().unwrap_or(Path::new("/"));
     Ok(Header {
         backing: dir.join(name),
-        size: info.virtual_size,
+        size: header.size,
     })
 }
 
 /// The switch on one domain, under its lock (blocking). Idempotent: a repeat after a lost
-/// reply finds the disk on the overlay and only completes the persistent definition.
-fn run_switch(dom: &Domain, lv: &Libvirt, s: &Switch) -> Result<LiveSnapshot> {
+/// reply finds the disks on their overlays and only completes the persistent definition.
+fn run_switch(dom: &Domain, lv: &Libvirt, switches: &[Switch]) -> Result<()> {
     let v = view::read_view(dom, lv)?;
-    let live = v.live_disk(&s.serial).cloned();
-    if live.is_none() && v.config_disk(&s.serial).is_none() {
-        return Err(Error::Aborted(format!(
-            "volume {} was detached from domain {} meanwhile; retry",
-            s.volume_id, v.name
-        )));
-    }
-    let mut quiesced = false;
-    if let Some(disk) = &live {
-        let source = disk.source.as_deref();
-        if source != Some(s.overlay.as_path()) {
-            if source != Some(s.backing.as_path()) {
-                return Err(Error::internal(format!(
-                    "disk {} of volume {} reads {}, not {}, the image its new overlay is backed \
-                     by; retry",
-                    disk.target,
-                    s.volume_id,
-                    source.map(|p| p.display().to_string()).unwrap_or_default(),
-                    s.backing.display()
-                )));
-            }
-            if disk.readonly {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} is attached read-only to domain {}: nothing to switch",
+    // (target, switch) of every disk the running domain still writes the old image of.
+    let mut pending: Vec<(String, &Switch)> = Vec::new();
+    for s in switches {
+        let Some(disk) = v.live_disk(&s.serial) else {
+            if v.config_disk(&s.serial).is_none() {
+                return Err(Error::Aborted(format!(
+                    "volume {} was detached from domain {} meanwhile; retry",
                     s.volume_id, v.name
                 )));
             }
-            let capacity = ffi::block_capacity(dom, &disk.target)
-                .map_err(|e| lv.error(&format!("reading the size of disk {}", disk.target), e))?;
-            if capacity > s.size {
-                return Err(Error::internal(format!(
-                    "the new overlay of volume {} holds {} bytes but the domain sees {capacity}; \
-                     the guest's disk must not shrink",
-                    s.volume_id, s.size
-                )));
-            }
-            let live_xml = dom
-                .xml_desc(0)
-                .map_err(|e| lv.error("reading the live domain XML", e))?;
-            let facts = xml::live_facts(&live_xml)?;
-            let overlay = utf8(&s.overlay)?;
-            let request = xml::snapshot_xml(&disk.target, overlay, &facts.targets)?;
-            quiesced = take(dom, lv, s, &disk.target, &request, facts.agent_connected)?;
+            continue;
+        };
+        let source = disk.source.as_deref();
+        if source == Some(s.overlay.as_path()) {
+            continue;
         }
-        let after = view::read_view(dom, lv)?;
-        let now = after.live_disk(&s.serial).and_then(|d| d.source.clone());
-        if now.as_deref() != Some(s.overlay.as_path()) {
+        if source != Some(s.backing.as_path()) {
             return Err(Error::internal(format!(
-                "libvirt reported the snapshot of volume {} done, but its disk reads {} (serial \
-                 {}), not the new overlay",
+                "disk {} of volume {} reads {}, not {}, the image its new overlay is backed by;                  retry",
+                disk.target,
                 s.volume_id,
-                now.map(|p| p.display().to_string())
+                source.map(|p| p.display().to_string()).unwrap_or_default(),
+                s.backing.display()
+            )));
+        }
+        if disk.readonly {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is attached read-only to domain {}: nothing to switch",
+                s.volume_id, v.name
+            )));
+        }
+        let capacity = ffi::block_capacity(dom, &disk.target)
+            .map_err(|e| lv.error(&format!("reading the size of disk {}", disk.target), e))?;
+        if capacity > s.size {
+            return Err(Error::internal(format!(
+                "the new overlay of volume {} holds {} bytes but the domain sees {capacity};                  the guest's disk must not shrink",
+                s.volume_id, s.size
+            )));
+        }
+        pending.push((disk.target.clone(), s));
+    }
+    if !pending.is_empty() {
+        let live_xml = dom
+            .xml_desc(0)
+            .map_err(|e| lv.error("reading the live domain XML", e))?;
+        let facts = xml::live_facts(&live_xml)?;
+        let external = pending
+            .iter()
+            .map(|(t, s)| Ok((t.as_str(), utf8(&s.overlay)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let request = xml::snapshot_xml(&external, &facts.targets)?;
+        take(dom, lv, &pending, &request)?;
+    }
+    let after = view::read_view(dom, lv)?;
+    for s in switches {
+        let Some(disk) = after.live_disk(&s.serial) else {
+            continue;
+        };
+        if disk.source.as_deref() != Some(s.overlay.as_path()) {
+            return Err(Error::internal(format!(
+                "libvirt reported the snapshot of volume {} done, but its disk reads {} (serial                  {}), not the new overlay",
+                s.volume_id,
+                disk.source
+                    .as_ref()
+                    .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "nothing".into()),
                 s.serial
             )));
         }
     }
-    match (repoint_persistent(dom, lv, s), &live) {
-        (Ok(()), _) => Ok(LiveSnapshot { quiesced }),
-        // The domain writes to the overlay now: that is what the pool must record, whatever
-        // the persistent definition says. Unpublish still finds the disk by serial.
-        (Err(e), Some(_)) => {
-            tracing::error!(volume = %s.volume_id, domain = %v.name, error = %e,
-                "the persistent definition still names the old image: a restart of the domain \
-                 before the volume is unpublished would open the snapshot's layer");
-            Ok(LiveSnapshot { quiesced })
+    for s in switches {
+        // libvirt follows the live switch in the persistent definition itself when the disk
+        // is the same there (target and source): nothing to do for those.
+        let followed = after
+            .config_disk(&s.serial)
+            .is_none_or(|d| d.source.as_deref() == Some(s.overlay.as_path()));
+        if followed {
+            continue;
         }
-        (Err(e), None) => Err(e),
+        match (repoint_persistent(dom, lv, s), v.live_disk(&s.serial)) {
+            (Ok(()), _) => {}
+            // The domain writes to the overlay now: that is what the pool must record,
+            // whatever the persistent definition says. Unpublish still finds the disk by
+            // serial.
+            (Err(e), Some(_)) => {
+                tracing::error!(volume = %s.volume_id, domain = %v.name, error = %e,
+                    "the persistent definition still names the old image: a restart of the                      domain before the volume is unpublished would open the snapshot's layer");
+            }
+            (Err(e), None) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 fn utf8(p: &Path) -> Result<&str> {
@@ -222,47 +263,45 @@ fn utf8(p: &Path) -> Result<&str> {
         .ok_or_else(|| Error::internal(format!("{} is not UTF-8", p.display())))
 }
 
-/// Takes the snapshot; returns whether the guest's file systems were frozen around it.
-fn take(
-    dom: &Domain,
-    lv: &Libvirt,
-    s: &Switch,
-    target: &str,
-    request: &str,
-    quiesce: bool,
-) -> Result<bool> {
-    let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+/// Takes the snapshot of every pending disk in one call. On an error the domain XML decides:
+/// QEMU applies the transaction to all disks or to none.
+fn take(dom: &Domain, lv: &Libvirt, pending: &[(String, &Switch)], request: &str) -> Result<()> {
+    let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
         | sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
         | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-    if quiesce {
-        flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
-    }
-    tracing::debug!(volume = %s.volume_id, target, xml = request, quiesce, "live snapshot");
+    tracing::debug!(disks = pending.len(), xml = request, "live snapshot");
     let Err(e) = create_snapshot(dom, request, flags) else {
-        return Ok(quiesce);
+        return Ok(());
     };
-    // libvirt fails the call when thawing fails after a successful switch: the XML decides.
     let now = view::read_view(dom, lv)?;
-    if now.live_disk(&s.serial).and_then(|d| d.source.as_deref()) == Some(s.overlay.as_path()) {
-        tracing::warn!(volume = %s.volume_id, error = %e,
-            "libvirt reported an error but the disk was switched to the new overlay");
-        if quiesce {
-            if let Err(t) = fs_thaw(dom) {
-                tracing::warn!(error = %t, "thawing the guest's file systems failed");
-            }
-        }
-        return Ok(quiesce);
+    let switched = pending
+        .iter()
+        .filter(|(_, s)| {
+            now.live_disk(&s.serial).and_then(|d| d.source.as_deref()) == Some(s.overlay.as_path())
+        })
+        .count();
+    let targets: Vec<&str> = pending.iter().map(|(t, _)| t.as_str()).collect();
+    if switched == pending.len() {
+        tracing::warn!(targets = ?targets, error = %e,
+            "libvirt reported an error but every disk was switched to its new overlay");
+        return Ok(());
     }
-    if quiesce && !is_connection_error(&e) {
-        // Agent present but the freeze failed (agent busy, hook error): a crash-consistent
-        // snapshot is still a snapshot; the record says it was not quiesced.
-        tracing::warn!(volume = %s.volume_id, error = %e,
-            "guest file systems could not be frozen; taking a crash-consistent snapshot");
-        return take(dom, lv, s, target, request, false);
+    if switched > 0 {
+        return Err(Error::internal(format!(
+            "the live snapshot of disks {} failed ({}) with {switched} of {} disks switched:              QEMU applies it to all or none, so something else changed the domain",
+            targets.join(", "),
+            e.message(),
+            pending.len()
+        )));
     }
+    let ids: Vec<&str> = pending.iter().map(|(_, s)| s.volume_id.as_str()).collect();
     Err(lv.error(
-        &format!("live snapshot of disk {target} of volume {}", s.volume_id),
+        &format!(
+            "live snapshot of disk(s) {} of volume(s) {}",
+            targets.join(", "),
+            ids.join(", ")
+        ),
         e,
     ))
 }
@@ -326,17 +365,6 @@ fn create_snapshot(dom: &Domain, xml: &str, flags: u32) -> std::result::Result<(
             return Err(VirtError::last_error());
         }
         sys::virDomainSnapshotFree(snap);
-    }
-    Ok(())
-}
-
-/// virDomainFSThaw of every frozen file system.
-fn fs_thaw(dom: &Domain) -> std::result::Result<(), VirtError> {
-    // SAFETY: no mount point list (NULL, 0) means all; error read on this thread.
-    unsafe {
-        if sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) < 0 {
-            return Err(VirtError::last_error());
-        }
     }
     Ok(())
 }

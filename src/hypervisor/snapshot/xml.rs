@@ -20,31 +20,41 @@ fn finish(w: Writer<Cursor<Vec<u8>>>) -> Result<String> {
         .map_err(|e| Error::internal(format!("snapshot XML is not UTF-8: {e}")))
 }
 
-/// An external disk-only snapshot of disk `target` onto `overlay` (qcow2, created by the
-/// caller); every disk in `others` is named with `snapshot='no'`, since libvirt would
+/// One external disk-only snapshot of several disks of a domain at once: each `(target,
+/// overlay)` of `external` switches to its overlay (qcow2, created by the caller), in one QEMU
+/// transaction. Every other disk in `all` is named with `snapshot='no'`, since libvirt would
 /// otherwise give each of them a new overlay of its own choosing.
-pub(super) fn snapshot_xml(target: &str, overlay: &str, others: &[String]) -> Result<String> {
+pub(super) fn snapshot_xml(external: &[(&str, &str)], all: &[String]) -> Result<String> {
     let mut w = Writer::new(Cursor::new(Vec::new()));
+    let description = if external.len() == 1 {
+        "virtdisk-csi: live snapshot of a volume"
+    } else {
+        "virtdisk-csi: live snapshot of a group of volumes"
+    };
     w.create_element("domainsnapshot")
         .write_inner_content(|w| {
-            w.create_element("description").write_text_content(
-                quick_xml::events::BytesText::new("virtdisk-csi: live snapshot of a volume"),
-            )?;
+            w.create_element("description")
+                .write_text_content(quick_xml::events::BytesText::new(description))?;
             w.create_element("disks").write_inner_content(|w| {
-                w.create_element("disk")
-                    .with_attribute(("name", target))
-                    .with_attribute(("snapshot", "external"))
-                    .with_attribute(("type", "file"))
-                    .write_inner_content(|w| {
-                        w.create_element("driver")
-                            .with_attribute(("type", "qcow2"))
-                            .write_empty()?;
-                        w.create_element("source")
-                            .with_attribute(("file", overlay))
-                            .write_empty()?;
-                        Ok(())
-                    })?;
-                for other in others.iter().filter(|o| *o != target) {
+                for (target, overlay) in external {
+                    w.create_element("disk")
+                        .with_attribute(("name", *target))
+                        .with_attribute(("snapshot", "external"))
+                        .with_attribute(("type", "file"))
+                        .write_inner_content(|w| {
+                            w.create_element("driver")
+                                .with_attribute(("type", "qcow2"))
+                                .write_empty()?;
+                            w.create_element("source")
+                                .with_attribute(("file", *overlay))
+                                .write_empty()?;
+                            Ok(())
+                        })?;
+                }
+                for other in all
+                    .iter()
+                    .filter(|o| !external.iter().any(|(t, _)| *t == o.as_str()))
+                {
                     w.create_element("disk")
                         .with_attribute(("name", other.as_str()))
                         .with_attribute(("snapshot", "no"))
@@ -321,7 +331,7 @@ mod tests {
     #[test]
     fn snapshot_names_every_other_disk_no() {
         let others = vec!["sda".to_string(), "sdb".into(), "vda".into()];
-        let xml = snapshot_xml("sda", "/p/images/a'b&c.qcow2", &others).unwrap();
+        let xml = snapshot_xml(&[("sda", "/p/images/a'b&c.qcow2")], &others).unwrap();
         assert!(
             xml.contains(
                 r#"<disk name="sda" snapshot="external" type="file"><driver type="qcow2"/><source file="/p/images/a&apos;b&amp;c.qcow2"/></disk>"#
@@ -332,6 +342,28 @@ mod tests {
         assert!(xml.contains(r#"<disk name="vda" snapshot="no"/>"#), "{xml}");
         assert_eq!(xml.matches("<disk ").count(), 3, "{xml}");
         assert!(xml.starts_with("<domainsnapshot>") && xml.ends_with("</domainsnapshot>"));
+    }
+
+    #[test]
+    fn one_snapshot_switches_several_disks() {
+        let all = vec!["sda".to_string(), "sdb".into(), "vda".into(), "vdb".into()];
+        let xml = snapshot_xml(&[("sda", "/p/a.qcow2"), ("vdb", "/p/b.qcow2")], &all).unwrap();
+        assert!(
+            xml.contains(r#"<disk name="sda" snapshot="external" type="file"><driver type="qcow2"/><source file="/p/a.qcow2"/></disk>"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<disk name="vdb" snapshot="external" type="file"><driver type="qcow2"/><source file="/p/b.qcow2"/></disk>"#),
+            "{xml}"
+        );
+        assert!(xml.contains(r#"<disk name="sdb" snapshot="no"/>"#), "{xml}");
+        assert!(xml.contains(r#"<disk name="vda" snapshot="no"/>"#), "{xml}");
+        assert_eq!(
+            xml.matches("<disk ").count(),
+            4,
+            "every disk named once: {xml}"
+        );
+        assert!(xml.contains("group of volumes"), "{xml}");
     }
 
     const INACTIVE: &str = r#"<domain type='kvm'>

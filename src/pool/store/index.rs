@@ -6,7 +6,9 @@
 use super::kinds::Kind;
 use crate::ids;
 use crate::model::{AccessType, ContentSource, ImageFormat};
-use crate::pool::record::{FlattenJob, RecordState, SnapshotRecord, VolumeRecord};
+use crate::pool::record::{
+    FlattenJob, GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeRecord,
+};
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -241,6 +243,8 @@ pub(crate) struct SnapshotHead<'a> {
     created_at: u64,
     #[serde(default)]
     created_at_nanos: u32,
+    #[serde(default, borrow)]
+    group_snapshot_id: Option<Cow<'a, str>>,
 }
 
 impl SnapshotRecord {
@@ -259,6 +263,25 @@ impl SnapshotRecord {
             size_bytes: self.size_bytes,
             created_at: self.created_at,
             created_at_nanos: self.created_at_nanos,
+            group_snapshot_id: self.group_snapshot_id.as_deref().map(Cow::Borrowed),
+        }
+    }
+}
+
+/// What the index reads of a group snapshot record.
+#[derive(Debug, Deserialize)]
+pub(crate) struct GroupHead<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    state: RecordState,
+}
+
+impl GroupSnapshotRecord {
+    /// The index's view of this record.
+    pub(crate) fn head(&self) -> GroupHead<'_> {
+        GroupHead {
+            name: Cow::Borrowed(&self.name),
+            state: self.state,
         }
     }
 }
@@ -314,12 +337,21 @@ pub(crate) struct SnapshotEntry {
     pub size: u64,
     pub created: u64,
     pub created_nanos: u32,
+    /// The group snapshot this one is a member of (its id: the group may be in another pool).
+    pub group: Option<Box<str>>,
 }
 
 impl SnapshotEntry {
     fn layers(&self) -> impl Iterator<Item = &Layer> {
         std::iter::once(&self.layer).chain(self.backing.iter())
     }
+}
+
+/// What the index keeps of a group snapshot record (its members are snapshot entries).
+#[derive(Debug)]
+pub(crate) struct GroupEntry {
+    pub name: u64,
+    pub state: RecordState,
 }
 
 /// What the index keeps of a flattening job: the layers it holds.
@@ -333,9 +365,11 @@ pub(crate) struct Index {
     volumes: BTreeMap<u64, VolumeEntry>,
     snapshots: BTreeMap<u64, SnapshotEntry>,
     jobs: BTreeMap<u64, JobEntry>,
+    groups: BTreeMap<u64, GroupEntry>,
     /// (name hash, key).
     volume_names: BTreeSet<(u64, u64)>,
     snapshot_names: BTreeSet<(u64, u64)>,
+    group_names: BTreeSet<(u64, u64)>,
     /// (source volume key, snapshot key).
     by_source: BTreeSet<(u64, u64)>,
     /// How many times records name each layer.
@@ -465,6 +499,7 @@ impl Index {
             size: rec.size_bytes,
             created: rec.created_at,
             created_nanos: rec.created_at_nanos,
+            group: rec.group_snapshot_id.as_deref().map(Into::into),
         };
         self.add_refs(entry.layers());
         if self.snapshots.contains_key(&key) {
@@ -489,6 +524,23 @@ impl Index {
         self.snapshot_names.remove(&(old.name, key));
         if let Some(src) = old.source_key {
             self.by_source.remove(&(src, key));
+        }
+    }
+
+    pub(crate) fn insert_group(&mut self, key: u64, rec: &GroupHead<'_>) {
+        self.remove_group(key);
+        let entry = GroupEntry {
+            name: ids::name_hash(ids::GROUP, &rec.name),
+            state: rec.state,
+        };
+        self.group_names.insert((entry.name, key));
+        self.groups.insert(key, entry);
+    }
+
+    pub(crate) fn remove_group(&mut self, key: u64) {
+        self.unreadable.remove(&(Kind::Group, key));
+        if let Some(old) = self.groups.remove(&key) {
+            self.group_names.remove(&(old.name, key));
         }
     }
 
@@ -538,6 +590,22 @@ impl Index {
 
     pub(crate) fn job(&self, key: u64) -> Option<&JobEntry> {
         self.jobs.get(&key)
+    }
+
+    pub(crate) fn group(&self, key: u64) -> Option<&GroupEntry> {
+        self.groups.get(&key)
+    }
+
+    /// Keys of the group snapshots whose name has this hash.
+    pub(crate) fn groups_named(&self, hash: u64) -> impl Iterator<Item = u64> + '_ {
+        self.group_names
+            .range((hash, 0)..=(hash, u64::MAX))
+            .map(|(_, k)| *k)
+    }
+
+    /// Group snapshots in key order.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = (u64, &GroupEntry)> {
+        self.groups.iter().map(|(k, v)| (*k, v))
     }
 
     /// Keys of the volumes whose name has this hash (almost always at most one).

@@ -1,10 +1,10 @@
 //! Record kinds: where each kind lives, how its key is spelt, and which index table it feeds.
 //! Everything else in the store is generic over [`Record`].
 
-use super::index::{Index, SnapshotHead, VolumeHead};
+use super::index::{GroupHead, Index, SnapshotHead, VolumeHead};
 use crate::error::{Error, Result};
 use crate::ids::ObjectId;
-use crate::pool::record::{FlattenJob, SnapshotRecord, VolumeRecord};
+use crate::pool::record::{FlattenJob, GroupSnapshotRecord, SnapshotRecord, VolumeRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -17,10 +17,12 @@ pub(crate) enum Kind {
     Snapshot,
     /// A background flattening of a volume's chain (keyed by the volume's key).
     Flatten,
+    /// A group snapshot: several snapshots taken at one point (its members are snapshots).
+    Group,
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 3] = [Kind::Volume, Kind::Snapshot, Kind::Flatten];
+    pub(crate) const ALL: [Kind; 4] = [Kind::Volume, Kind::Snapshot, Kind::Flatten, Kind::Group];
 
     /// The record directory in the pool.
     pub(crate) fn dir(self) -> &'static str {
@@ -28,6 +30,7 @@ impl Kind {
             Kind::Volume => "volumes",
             Kind::Snapshot => "snapshots",
             Kind::Flatten => "flatten",
+            Kind::Group => "groups",
         }
     }
 
@@ -37,6 +40,7 @@ impl Kind {
             Kind::Volume => b'v',
             Kind::Snapshot => b's',
             Kind::Flatten => b'f',
+            Kind::Group => b'g',
         }
     }
 
@@ -44,10 +48,11 @@ impl Kind {
         Kind::ALL.into_iter().find(|k| k.tag() == tag)
     }
 
-    /// The prefix of the kind's keys in file names and ids (snapshots: `s`).
+    /// The prefix of the kind's keys in file names and ids (snapshots: `s`, groups: `g`).
     fn prefix(self) -> &'static str {
         match self {
             Kind::Snapshot => "s",
+            Kind::Group => "g",
             Kind::Volume | Kind::Flatten => "",
         }
     }
@@ -84,6 +89,10 @@ impl Kind {
                 let job: FlattenJob = serde_json::from_slice(bytes).map_err(parsed)?;
                 index.insert_job(key, &job)
             }
+            Kind::Group => {
+                let head: GroupHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
+                index.insert_group(key, &head)
+            }
         }
         Ok(())
     }
@@ -94,6 +103,7 @@ impl Kind {
             Kind::Volume => index.remove_volume(key),
             Kind::Snapshot => index.remove_snapshot(key),
             Kind::Flatten => index.remove_job(key),
+            Kind::Group => index.remove_group(key),
         }
     }
 }
@@ -121,6 +131,7 @@ pub(crate) trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
 fn key_of_id(kind: Kind, id: &str) -> Result<u64> {
     let parsed = match kind {
         Kind::Snapshot => ObjectId::parse_snapshot(id)?,
+        Kind::Group => ObjectId::parse_group(id)?,
         Kind::Volume | Kind::Flatten => ObjectId::parse_volume(id)?,
     };
     parsed
@@ -148,6 +159,16 @@ impl Record for SnapshotRecord {
     }
 }
 
+impl Record for GroupSnapshotRecord {
+    const KIND: Kind = Kind::Group;
+    fn key(&self) -> Result<u64> {
+        key_of_id(Kind::Group, &self.id)
+    }
+    fn insert_into(&self, index: &mut Index, key: u64) {
+        index.insert_group(key, &self.head())
+    }
+}
+
 impl Record for FlattenJob {
     const KIND: Kind = Kind::Flatten;
     fn key(&self) -> Result<u64> {
@@ -170,6 +191,7 @@ mod tests {
             assert_eq!(Kind::from_tag(kind.tag()), Some(kind));
         }
         assert_eq!(Kind::Snapshot.file_key(1), "s0000000000000001");
+        assert_eq!(Kind::Group.file_key(1), "g0000000000000001");
         for bad in [
             "",
             "0123",

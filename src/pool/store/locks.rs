@@ -32,6 +32,10 @@ pub(crate) enum Slot {
     SnapshotName(u64),
     /// The flattening job of a volume (by the volume's key).
     Flatten(u64),
+    /// A group snapshot (by key).
+    Group(u64),
+    /// A group snapshot name (by its hash): CreateVolumeGroupSnapshot of that name.
+    GroupName(u64),
 }
 
 impl Slot {
@@ -42,6 +46,8 @@ impl Slot {
             Slot::VolumeName(h) => (2, h),
             Slot::SnapshotName(h) => (3, h),
             Slot::Flatten(k) => (4, k),
+            Slot::Group(k) => (5, k),
+            Slot::GroupName(h) => (6, h),
         };
         // 3 bits of kind and the low 58 bits of the id: distinct objects share a byte with
         // odds of 2^-58, and then only make each other wait.

@@ -79,6 +79,29 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
+/// One record of a `put_batch`: its kind, key and bytes, and how it enters the index.
+pub(crate) struct Staged<'a> {
+    kind: Kind,
+    key: u64,
+    bytes: Vec<u8>,
+    apply: Box<dyn FnOnce(&mut Index) + 'a>,
+}
+
+impl<'a> Staged<'a> {
+    /// `rec`, ready for a batch.
+    pub(crate) fn of<R: Record>(rec: &'a R) -> Result<Staged<'a>> {
+        let key = rec.key()?;
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|e| Error::internal(format!("serializing a {} record: {e}", R::KIND.dir())))?;
+        Ok(Staged {
+            kind: R::KIND,
+            key,
+            bytes,
+            apply: Box::new(move |index| rec.insert_into(index, key)),
+        })
+    }
+}
+
 /// What a commit left for the caller: layer files nothing names any more (already unlinked
 /// unless unlinking failed, which only delays them to the next open).
 #[derive(Debug, Default)]
@@ -444,27 +467,7 @@ impl Store {
         alongside: &[(&fs::File, &Path)],
         check: impl FnOnce(&Index) -> Result<()>,
     ) -> Result<Committed> {
-        let key = rec.key()?;
-        let bytes = serde_json::to_vec_pretty(rec)
-            .map_err(|e| Error::internal(format!("serializing a {} record: {e}", R::KIND.dir())))?;
-        let dir = self.dir.join(R::KIND.dir());
-        let tmp = temp_file(&dir, &bytes)?;
-        let mut files = vec![(tmp.file.as_file(), tmp.file.path())];
-        files.extend_from_slice(alongside);
-        fsutil::sync_all_at_once(&files)?;
-        crate::failpoint!("store.temp-synced");
-        let path = self.record_path(R::KIND, key);
-        self.commit(
-            R::KIND,
-            key,
-            check,
-            || {
-                tmp.persist(&path)
-                    .map_err(|e| Error::io(format!("writing {}", path.display()), e.error))?;
-                fsutil::sync_dir(&dir)
-            },
-            |index| rec.insert_into(index, key),
-        )
+        self.put_batch(vec![Staged::of(rec)?], alongside, check)
     }
 
     /// Removes a record as one durable commit (no error when it is already gone).
@@ -483,12 +486,76 @@ impl Store {
         )
     }
 
+    /// Writes several records (of any kinds) as one commit, under one hold of the pool lock:
+    /// each temp file, and `alongside`, made durable at once first; then (if `check` allows)
+    /// every change logged, renamed into place, each directory synced once, and the index
+    /// updated. Another process catching up
+    /// sees all of them or none (it reads the log under the pool lock). Each record's rename
+    /// is atomic on its own: a crash may land some of them, as separate `put`s would.
+    pub(crate) fn put_batch(
+        &self,
+        items: Vec<Staged<'_>>,
+        alongside: &[(&fs::File, &Path)],
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        if items.is_empty() {
+            return Ok(Committed::default());
+        }
+        let mut temps = Vec::with_capacity(items.len());
+        for it in &items {
+            temps.push(temp_file(&self.dir.join(it.kind.dir()), &it.bytes)?);
+        }
+        let mut files: Vec<(&fs::File, &Path)> = temps
+            .iter()
+            .map(|t| (t.file.as_file(), t.file.path()))
+            .collect();
+        files.extend_from_slice(alongside);
+        fsutil::sync_all_at_once(&files)?;
+        crate::failpoint!("store.temp-synced");
+        let keys: Vec<(Kind, u64)> = items.iter().map(|it| (it.kind, it.key)).collect();
+        let paths: Vec<PathBuf> = keys
+            .iter()
+            .map(|(k, key)| self.record_path(*k, *key))
+            .collect();
+        let dirs: std::collections::BTreeSet<Kind> = keys.iter().map(|(k, _)| *k).collect();
+        self.commit_keys(
+            &keys,
+            check,
+            || {
+                for (tmp, path) in temps.into_iter().zip(&paths) {
+                    tmp.persist(path)
+                        .map_err(|e| Error::io(format!("writing {}", path.display()), e.error))?;
+                }
+                for kind in &dirs {
+                    fsutil::sync_dir(&self.dir.join(kind.dir()))?;
+                }
+                Ok(())
+            },
+            |index| {
+                for it in items {
+                    (it.apply)(index);
+                }
+            },
+        )
+    }
+
     /// The commit protocol shared by writes and removals: pool lock, catch up, check, log the
     /// change, make it durable, update the index, unlock, unlink the layers it freed.
     fn commit(
         &self,
         kind: Kind,
         key: u64,
+        check: impl FnOnce(&Index) -> Result<()>,
+        durable: impl FnOnce() -> Result<()>,
+        apply: impl FnOnce(&mut Index),
+    ) -> Result<Committed> {
+        self.commit_keys(&[(kind, key)], check, durable, apply)
+    }
+
+    /// `commit` of the changes to the records `keys`, logged together.
+    fn commit_keys(
+        &self,
+        keys: &[(Kind, u64)],
         check: impl FnOnce(&Index) -> Result<()>,
         durable: impl FnOnce() -> Result<()>,
         apply: impl FnOnce(&mut Index),
@@ -500,7 +567,9 @@ impl Store {
             check(&self.index.read().unwrap_or_else(|p| p.into_inner()))?;
             // Logged before the rename: a reader holds the pool lock shared while it reads the
             // log, so it never sees the line without the record that goes with it.
-            log.append(kind, key)?;
+            for (kind, key) in keys {
+                log.append(*kind, *key)?;
+            }
             crate::failpoint!("store.change-logged");
             durable()?;
             let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());

@@ -26,24 +26,17 @@ pub async fn create_volume(
     p.controller().create(req).await.map(|v| v.volume_id)
 }
 
-/// `n` concurrent CreateVolume calls of `req`, spread over the plugins' channels in turn (one
-/// name raced by several controller processes); each answers a volume or ABORTED (asserted).
-/// The ids answered.
-pub async fn race_create(
-    plugins: &[&Plugin],
-    n: usize,
-    req: crate::csi::CreateVolumeRequest,
-) -> BTreeSet<String> {
+/// `n` concurrent calls of `call`, spread over the plugins' channels in turn (one name raced
+/// by several controller processes); each answers an id or ABORTED (asserted). The ids
+/// answered.
+async fn race<F, Fut>(plugins: &[&Plugin], n: usize, call: F) -> BTreeSet<String>
+where
+    F: Fn(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<String, Status>> + Send + 'static,
+{
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..n {
-        let ch = plugins[i % plugins.len()].channel.clone();
-        let req = req.clone();
-        calls.spawn(async move {
-            crate::csi::controller_client::ControllerClient::new(ch)
-                .create_volume(req)
-                .await
-                .map(|r| r.into_inner().volume.unwrap().volume_id)
-        });
+        calls.spawn(call(plugins[i % plugins.len()].channel.clone()));
     }
     let mut ids = BTreeSet::new();
     while let Some(r) = calls.join_next().await {
@@ -57,6 +50,43 @@ pub async fn race_create(
     ids
 }
 
+/// `n` concurrent CreateVolume calls of `req` ([`race`]): the volume ids answered.
+pub async fn race_create(
+    plugins: &[&Plugin],
+    n: usize,
+    req: crate::csi::CreateVolumeRequest,
+) -> BTreeSet<String> {
+    race(plugins, n, |ch| {
+        let req = req.clone();
+        async move {
+            crate::csi::controller_client::ControllerClient::new(ch)
+                .create_volume(req)
+                .await
+                .map(|r| r.into_inner().volume.unwrap().volume_id)
+        }
+    })
+    .await
+}
+
+/// `n` concurrent CreateVolumeGroupSnapshot calls of `req` ([`race`]): the group snapshot ids
+/// answered.
+pub async fn race_group(
+    plugins: &[&Plugin],
+    n: usize,
+    req: crate::csi::CreateVolumeGroupSnapshotRequest,
+) -> BTreeSet<String> {
+    race(plugins, n, |ch| {
+        let req = req.clone();
+        async move {
+            crate::csi::group_controller_client::GroupControllerClient::new(ch)
+                .create_volume_group_snapshot(req)
+                .await
+                .map(|r| r.into_inner().group_snapshot.unwrap().group_snapshot_id)
+        }
+    })
+    .await
+}
+
 /// CreateVolume of `name` from a snapshot or volume (its size) → the volume id.
 pub async fn create_from(p: &Plugin, name: &str, source: Source) -> Result<String, Status> {
     let req = create_from_req(name, 0, source);
@@ -67,6 +97,24 @@ pub async fn create_from(p: &Plugin, name: &str, source: Source) -> Result<Strin
 pub async fn snapshot(p: &Plugin, name: &str, source: &str) -> Result<String, Status> {
     let req = snapshot_req(name, source);
     p.controller().snapshot(req).await.map(|s| s.snapshot_id)
+}
+
+/// CreateVolumeGroupSnapshot `name` of `sources` → the group snapshot id.
+pub async fn group_snapshot(p: &Plugin, name: &str, sources: &[&str]) -> Result<String, Status> {
+    let req = group_snapshot_req(name, sources);
+    let g = p.group_controller().create_group(req).await?;
+    Ok(g.group_snapshot_id)
+}
+
+/// GetVolumeGroupSnapshot of `id` → its member snapshot ids, in the group's order.
+pub async fn group_members(p: &Plugin, id: &str) -> Result<Vec<String>, Status> {
+    let g = p.group_controller().group(id, &[]).await?;
+    Ok(g.snapshots.into_iter().map(|s| s.snapshot_id).collect())
+}
+
+/// DeleteVolumeGroupSnapshot of `id`.
+pub async fn delete_group(p: &Plugin, id: &str) -> Result<(), Status> {
+    p.group_controller().delete_group(id, &[]).await
 }
 
 pub async fn delete_volume(p: &Plugin, id: &str) -> Result<(), Status> {

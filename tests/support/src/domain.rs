@@ -305,11 +305,31 @@ impl TestDomain {
         self.live().has_scsi_controller
     }
 
+    /// The device id of the disk with this serial (its alias in the live XML): what HMP
+    /// `qemu-io -d` and [`crate::sequence::MonitorWriter`] name. It stays across live snapshots.
+    pub fn disk_alias(&self, serial: &str) -> String {
+        let disk = self.live_disk(serial).expect("disk attached");
+        disk.alias.expect("disk alias")
+    }
+
+    /// The domain's run state (`virsh domstate`: running, paused, shut off…).
+    pub fn state(&self) -> String {
+        self.virsh_ok(&["domstate", &self.name]).trim().to_string()
+    }
+
+    /// Where [`crate::sequence::MonitorWriter`] writes to the disk with this serial.
+    pub fn monitor_disk(&self, serial: &str) -> crate::sequence::MonitorDisk {
+        crate::sequence::MonitorDisk {
+            uri: self.uri.clone(),
+            domain: self.name.clone(),
+            device: self.disk_alias(serial),
+        }
+    }
+
     /// Runs a qemu-io command inside the domain's QEMU on the disk with this serial, as the
     /// guest would write: through the running block layer (HMP `qemu-io -d <device id>`).
     pub fn qemu_io(&self, serial: &str, cmd: &str) {
-        let disk = self.live_disk(serial).expect("disk attached");
-        let dev = disk.alias.expect("disk alias");
+        let dev = self.disk_alias(serial);
         let hmp = format!("qemu-io -d {dev} \"{cmd}\"");
         self.virsh_ok(&["qemu-monitor-command", &self.name, "--hmp", &hmp]);
     }

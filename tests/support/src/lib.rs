@@ -13,6 +13,7 @@
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
 //! | [`pool`] | a pool directory's on-disk truth (records, layers) and its invariants |
 //! | [`local_attach`] | a monolith with local attach on this host, and proof that nothing leaks |
+//! | [`sequence`] | a write stream across volumes whose order any snapshot of them shows |
 //! | [`metrics`] | the plugin's metrics endpoint: its address from the log, HTTP GET, samples |
 //! | [`guestbed`] | Linux guests run by libvirt with the node plugin inside |
 //! | [`nomad_agent`] | a real Nomad agent (`../shared/tools/nomad`) driven by its CLI and HTTP API |
@@ -47,6 +48,7 @@ pub mod pool;
 pub mod qemu;
 pub mod rpc;
 pub mod second_libvirtd;
+pub mod sequence;
 pub mod virsh;
 
 use std::path::Path;

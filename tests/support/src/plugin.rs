@@ -18,7 +18,8 @@
 
 use crate::csi;
 use csi::{
-    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -287,6 +288,10 @@ impl Plugin {
 
     pub fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel.clone())
+    }
+
+    pub fn group_controller(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.channel.clone())
     }
 
     pub fn node(&self) -> NodeClient<Channel> {

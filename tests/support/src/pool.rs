@@ -1,5 +1,5 @@
 //! A pool directory's on-disk truth, read behind the plugin's back: the records
-//! (`volumes/`, `snapshots/`, `flatten/`), the layer files (`images/`), and the invariants a
+//! (`volumes/`, `snapshots/`, `groups/`, `flatten/`), the layer files (`images/`), and the invariants a
 //! pool at rest keeps ([`assert_pool_clean`]).
 //!
 //! ```ignore
@@ -22,6 +22,8 @@ use std::time::Duration;
 pub struct PoolView {
     pub volumes: Vec<Value>,
     pub snapshots: Vec<Value>,
+    /// Group snapshot records.
+    pub groups: Vec<Value>,
     pub flatten_jobs: Vec<Value>,
     /// File names in `images/`.
     pub images: BTreeSet<String>,
@@ -65,7 +67,7 @@ fn strings(v: &Value) -> Vec<String> {
 impl PoolView {
     pub fn read(pool: &Path) -> PoolView {
         let mut temp_files = Vec::new();
-        for sub in ["volumes", "images", "snapshots", "flatten"] {
+        for sub in ["volumes", "images", "snapshots", "groups", "flatten"] {
             for n in names(&pool.join(sub)).into_iter().filter(|n| is_temp(n)) {
                 temp_files.push(format!("{sub}/{n}"));
             }
@@ -73,6 +75,7 @@ impl PoolView {
         PoolView {
             volumes: records(&pool.join("volumes")),
             snapshots: records(&pool.join("snapshots")),
+            groups: records(&pool.join("groups")),
             flatten_jobs: records(&pool.join("flatten")),
             images: names(&pool.join("images"))
                 .into_iter()
@@ -119,8 +122,26 @@ pub fn assert_pool_clean(pool: &Path) {
         "temp files left: {:?}",
         v.temp_files
     );
-    for r in v.volumes.iter().chain(&v.snapshots) {
+    for r in v.volumes.iter().chain(&v.snapshots).chain(&v.groups) {
         assert_eq!(r["state"], "ready", "unfinished record: {r}");
+    }
+    // Every member names its group, and every group its members (within this pool).
+    for s in v
+        .snapshots
+        .iter()
+        .filter(|s| s["group_snapshot_id"].is_string())
+    {
+        let gid = &s["group_snapshot_id"];
+        let names_it = |g: &&Value| {
+            g["id"] == *gid
+                && strings(&g["snapshot_ids"]).contains(&s["id"].as_str().unwrap().to_string())
+        };
+        let local = gid.as_str().unwrap().split('.').next() == s["pool"].as_str();
+        assert!(
+            !local || v.groups.iter().any(|g| names_it(&g)),
+            "member {} names group {gid}, which does not list it",
+            s["id"]
+        );
     }
     for r in &v.volumes {
         assert!(
@@ -210,6 +231,11 @@ pub fn depth_of(record: &Value) -> usize {
 /// A volume's record (`volumes/<key>.json`).
 pub fn volume_record(pool: &Path, volume_id: &str) -> Value {
     read_record(&pool.join(format!("volumes/{}.json", key_of(volume_id))))
+}
+
+/// A group snapshot's record (`groups/<key>.json`).
+pub fn group_record(pool: &Path, group_snapshot_id: &str) -> Value {
+    read_record(&pool.join(format!("groups/{}.json", key_of(group_snapshot_id))))
 }
 
 /// A snapshot's record (`snapshots/<key>.json`).

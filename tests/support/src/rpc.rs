@@ -18,7 +18,8 @@
 use crate::csi;
 use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi::{
-    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
 };
 use std::collections::BTreeMap;
 use tonic::transport::Channel;
@@ -185,6 +186,15 @@ pub fn validate_req(
 }
 
 /// CreateSnapshot `name` of the volume `source`.
+/// CreateVolumeGroupSnapshot of `sources`, named `name`.
+pub fn group_snapshot_req(name: &str, sources: &[&str]) -> csi::CreateVolumeGroupSnapshotRequest {
+    csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 pub fn snapshot_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
     csi::CreateSnapshotRequest {
         name: name.into(),
@@ -509,4 +519,75 @@ pub fn bytes_total(s: &csi::NodeGetVolumeStatsResponse) -> i64 {
         .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
         .expect("bytes usage")
         .total
+}
+
+/// Short calls on a GroupController client.
+#[async_trait::async_trait]
+pub trait GroupControllerExt {
+    /// CreateVolumeGroupSnapshot → the group snapshot.
+    async fn create_group(
+        &mut self,
+        req: csi::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<csi::VolumeGroupSnapshot, Status>;
+    /// GetVolumeGroupSnapshot of `id`, with the member ids the CO passes (may be empty).
+    async fn group(
+        &mut self,
+        id: &str,
+        snapshot_ids: &[String],
+    ) -> Result<csi::VolumeGroupSnapshot, Status>;
+    /// DeleteVolumeGroupSnapshot of `id`, with the member ids the CO passes (may be empty).
+    async fn delete_group(&mut self, id: &str, snapshot_ids: &[String]) -> Result<(), Status>;
+    /// GroupControllerGetCapabilities, which must answer: the RPC types offered.
+    async fn group_rpc_types(&mut self) -> Vec<i32>;
+}
+
+#[async_trait::async_trait]
+impl GroupControllerExt for GroupControllerClient<Channel> {
+    async fn create_group(
+        &mut self,
+        req: csi::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<csi::VolumeGroupSnapshot, Status> {
+        let r = self.create_volume_group_snapshot(req).await?.into_inner();
+        Ok(r.group_snapshot
+            .expect("CreateVolumeGroupSnapshot answered a group snapshot"))
+    }
+
+    async fn group(
+        &mut self,
+        id: &str,
+        snapshot_ids: &[String],
+    ) -> Result<csi::VolumeGroupSnapshot, Status> {
+        let req = csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.into(),
+            snapshot_ids: snapshot_ids.to_vec(),
+            ..Default::default()
+        };
+        let r = self.get_volume_group_snapshot(req).await?.into_inner();
+        Ok(r.group_snapshot
+            .expect("GetVolumeGroupSnapshot answered a group snapshot"))
+    }
+
+    async fn delete_group(&mut self, id: &str, snapshot_ids: &[String]) -> Result<(), Status> {
+        let req = csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.into(),
+            snapshot_ids: snapshot_ids.to_vec(),
+            ..Default::default()
+        };
+        self.delete_volume_group_snapshot(req).await.map(drop)
+    }
+
+    async fn group_rpc_types(&mut self) -> Vec<i32> {
+        let req = csi::GroupControllerGetCapabilitiesRequest {};
+        let r = self.group_controller_get_capabilities(req).await;
+        let caps = r
+            .expect("GroupControllerGetCapabilities")
+            .into_inner()
+            .capabilities;
+        caps.iter()
+            .filter_map(|c| match &c.r#type {
+                Some(csi::group_controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect()
+    }
 }

@@ -1,6 +1,8 @@
 //! The test bed's ingredients, built once and cached OUTSIDE the repository:
 //! - Debian's cloud kernel (`apt-get download linux-image-<version>-cloud-amd64`, `dpkg-deb -x`),
 //! - busybox from `busybox-static` (downloaded the same way, nothing installed on the host),
+//! - qemu-guest-agent from `qemu-guest-agent` (the same way; its libraries are QEMU's own,
+//!   which the host has),
 //! - the node plugin built without libvirt (`cargo build --no-default-features`, own target dir),
 //! - the host's filesystem tools and the shared libraries `ldd` says they need,
 //!   packed with the modules into an initramfs (see `initramfs.rs`).
@@ -20,6 +22,7 @@ pub const DEFAULT_CACHE: &str = "/var/cache/virtdisk-testbed";
 /// The meta package that names the current cloud kernel.
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
+const GUEST_AGENT_PACKAGE: &str = "qemu-guest-agent";
 
 /// Everything a guest boots from.
 #[derive(Debug, Clone)]
@@ -85,7 +88,14 @@ fn prepare_blocking() -> Result<Testbed, Skip> {
     ));
 
     let t = Instant::now();
-    let initrd = initramfs::build(&cache, &kernel, &busybox, &node_binary)?;
+    let guest_agent = ensure_guest_agent(&cache)?;
+    steps.push((
+        "qemu-guest-agent (cached or downloaded)".to_string(),
+        t.elapsed(),
+    ));
+
+    let t = Instant::now();
+    let initrd = initramfs::build(&cache, &kernel, &busybox, &guest_agent, &node_binary)?;
     steps.push((
         "initramfs (cached unless an input changed)".to_string(),
         t.elapsed(),
@@ -254,17 +264,29 @@ fn download_extract(package: &str, root: &Path) -> Result<(), Skip> {
 
 /// The static busybox from `busybox-static`, cached as `<cache>/busybox/busybox`.
 fn ensure_busybox(cache: &Path) -> Result<PathBuf, Skip> {
-    let dir = cache.join("busybox");
-    let binary = dir.join("busybox");
+    ensure_binary(cache, BUSYBOX_PACKAGE, "bin/busybox", "busybox")
+}
+
+/// `qemu-ga` from Debian's `qemu-guest-agent`, cached as `<cache>/qemu-ga/qemu-ga`.
+fn ensure_guest_agent(cache: &Path) -> Result<PathBuf, Skip> {
+    ensure_binary(cache, GUEST_AGENT_PACKAGE, "usr/sbin/qemu-ga", "qemu-ga")
+}
+
+/// One binary (`path` in Debian package `package`) cached as `<cache>/<name>/<name>`; the
+/// package is downloaded and extracted the first time (and put in place atomically).
+fn ensure_binary(cache: &Path, package: &str, path: &str, name: &str) -> Result<PathBuf, Skip> {
+    let dir = cache.join(name);
+    let binary = dir.join(name);
     if binary.exists() {
         return Ok(binary);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
     let root = dir.join("package");
-    download_extract(BUSYBOX_PACKAGE, &root)?;
-    let extracted = root.join("bin/busybox");
-    std::fs::copy(&extracted, &binary)
-        .map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
+    download_extract(package, &root)?;
+    let extracted = root.join(path);
+    let part = dir.join(format!("{name}.part"));
+    std::fs::copy(&extracted, &part).map_err(|e| Skip(format!("{}: {e}", extracted.display())))?;
+    std::fs::rename(&part, &binary).map_err(|e| Skip(format!("{}: {e}", binary.display())))?;
     let _ = std::fs::remove_dir_all(&root);
     Ok(binary)
 }

@@ -490,6 +490,34 @@ impl Guest {
         self.virsh(&["dumpxml", &self.name]).await.expect("dumpxml")
     }
 
+    /// Waits until the guest's qemu-guest-agent is connected: its channel reads
+    /// `state='connected'` in the live XML (what the controller checks before a freeze).
+    pub async fn wait_guest_agent(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let live = self.live_xml().await;
+            let connected = live.lines().any(|l| {
+                l.contains("name='org.qemu.guest_agent.0'") && l.contains("state='connected'")
+            });
+            if connected {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.fail("qemu-guest-agent did not connect");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// qemu-guest-agent's log in the guest (verbose: every command it received).
+    pub async fn guest_agent_log(&self) -> String {
+        self.sh(&format!(
+            "cat {} 2>/dev/null || true",
+            super::initramfs::GUEST_AGENT_LOG
+        ))
+        .await
+    }
+
     pub async fn is_running(&self) -> bool {
         self.virsh(&["domstate", &self.name])
             .await

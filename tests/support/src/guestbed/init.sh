@@ -29,6 +29,31 @@ for disk in /sys/block/*; do
         echo "vdt-block present ${disk##*/} serial=$(/sbin/vdt-disk-serial "${disk##*/}") size=$(cat "$disk/size")"
 done
 
+# qemu-guest-agent on the virtio-serial port libvirt names org.qemu.guest_agent.0 (no udev, so
+# no /dev/virtio-ports/ links: the port is found by its name in sysfs). In the background, since
+# the port may appear a moment after the driver loads.
+(
+    port=""
+    for _ in $(seq 50); do
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+        done
+        [ -n "$port" ] && [ -e "$port" ] && break
+        port=""
+        sleep 0.1
+    done
+    if [ -z "$port" ]; then
+        say "no guest agent port"
+        exit 0
+    fi
+    say "guest agent on $port"
+    while true; do
+        qemu-ga -m virtio-serial -p "$port" -t /run -f /run/qemu-ga.pid -l /run/qemu-ga.log -v
+        say "qemu-ga exited with status $?"
+        sleep 1
+    done
+) &
+
 # User-mode networking: the host reaches the node plugin through a port forward to this address.
 ip link set lo up
 nic=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)

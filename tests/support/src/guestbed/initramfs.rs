@@ -29,6 +29,8 @@ const MODULES: &[&str] = &[
     "virtio_rng",
     "xfs",
     "loop",
+    // The virtio-serial port qemu-guest-agent talks through.
+    "virtio_console",
 ];
 
 /// Tools a node plugin may run; the test bed skips when one is missing on the host.
@@ -66,14 +68,20 @@ const OPTIONAL_TOOLS: &[&str] = &[
 
 /// Where the node binary lives in the guest (on PATH).
 pub const NODE_BINARY_IN_GUEST: &str = "/usr/bin/virtdisk-csi";
+/// Where qemu-guest-agent lives in the guest; /init starts it on the port named
+/// `org.qemu.guest_agent.0`, logging to [`GUEST_AGENT_LOG`].
+pub const GUEST_AGENT_IN_GUEST: &str = "/usr/sbin/qemu-ga";
+/// qemu-guest-agent's log in the guest (verbose: every command it runs).
+pub const GUEST_AGENT_LOG: &str = "/run/qemu-ga.log";
 
 pub fn build(
     cache: &Path,
     kernel: &Kernel,
     busybox: &Path,
+    guest_agent: &Path,
     node_binary: &Path,
 ) -> Result<PathBuf, Skip> {
-    let archive = contents(kernel, busybox, node_binary)?;
+    let archive = contents(kernel, busybox, guest_agent, node_binary)?;
     let dir = cache.join("initramfs");
     std::fs::create_dir_all(&dir).map_err(|e| Skip(format!("{}: {e}", dir.display())))?;
     world_readable_dir(&dir);
@@ -99,7 +107,12 @@ pub fn build(
     Ok(path)
 }
 
-fn contents(kernel: &Kernel, busybox: &Path, node_binary: &Path) -> Result<Archive, Skip> {
+fn contents(
+    kernel: &Kernel,
+    busybox: &Path,
+    guest_agent: &Path,
+    node_binary: &Path,
+) -> Result<Archive, Skip> {
     let mut a = Archive::default();
     for dir in ["dev", "proc", "sys", "run", "tmp", "root", "var/lib", "mnt"] {
         a.dir(dir);
@@ -144,6 +157,7 @@ fn contents(kernel: &Kernel, busybox: &Path, node_binary: &Path) -> Result<Archi
     }
     check_no_libvirt(node_binary);
     executables.push((NODE_BINARY_IN_GUEST.to_string(), node_binary.to_path_buf()));
+    executables.push((GUEST_AGENT_IN_GUEST.to_string(), guest_agent.to_path_buf()));
     let mut libraries = BTreeSet::new();
     let mut elf_tools = String::new();
     for (in_guest, host) in &executables {

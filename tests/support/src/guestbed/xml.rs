@@ -65,8 +65,9 @@ pub struct DomainSpec<'a> {
 /// A TCG (`type='qemu'`) q35 guest booting the kernel and initramfs directly.
 pub fn domain(spec: &DomainSpec) -> String {
     let mut ports = String::new();
-    // libvirt places the cold-plugged PCIe devices (virtio-scsi, NIC, RNG) on the first ports.
-    for _ in 0..spec.hotplug_ports + 3 {
+    // libvirt places the cold-plugged PCIe devices (virtio-scsi, NIC, RNG, the virtio-serial
+    // controller of the guest agent's channel) on the first ports.
+    for _ in 0..spec.hotplug_ports + 4 {
         ports.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
     }
     let (smbios, sysinfo) = if spec.oem_strings.is_empty() {
@@ -106,6 +107,7 @@ pub fn domain(spec: &DomainSpec) -> String {
     <interface type='user'><model type='virtio'/></interface>
     <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='none'/>
   </devices>
 </domain>
