@@ -746,8 +746,8 @@ class Checker:
     def check_docs(self):
         """What a new user follows: the binary path the jobs default to is installed by a
         command of the top README; wherever the docs name plugin id `virtdisk`, the monolith's
-        id (`<host>-virtdisk`, which Nomad needs exactly: a wrong id lists nothing) is said
-        too."""
+        id (`<host>-virtdisk`, which Nomad needs exactly: with a wrong id Nomad 1.1 silently
+        lists the first plugin's snapshots) is said too."""
         readme = os.path.join(self.root, "README.md")
         jobs = sorted(glob.glob(os.path.join(self.root, "nomad-jobs", "**", "plugin-*.hcl"), recursive=True))
         binaries = set()

@@ -161,20 +161,23 @@ pub(crate) async fn serve(
         pools: pools.clone(),
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };
+    // The changes in flight, shared by the controller and group controller services.
+    let inflight = crate::guard::InFlight::default();
     let router = tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))
-        .add_optional_service(
-            pools
-                .clone()
-                .map(|pools| GroupControllerServer::new(GroupControllerService { pools })),
-        )
+        .add_optional_service(pools.clone().map(|pools| {
+            GroupControllerServer::new(GroupControllerService {
+                pools,
+                inflight: inflight.clone(),
+            })
+        }))
         .add_optional_service(pools.map(|pools| {
             ControllerServer::new(ControllerService {
                 pools,
                 attachments: attachers.clone(),
                 get_snapshot_capability: cfg.snapshots.get_snapshot_capability,
-                inflight: Default::default(),
+                inflight,
             })
         }));
     let node = if cfg.mode.runs_node() {

@@ -293,3 +293,64 @@ async fn identical_unpublishes_in_flight_share_one_detach() {
         "the detach ran more than once"
     );
 }
+
+/// CreateVolumeGroupSnapshot runs as a task of its own too: a client that gives up while the
+/// group is being committed does not cut it short, the group's volumes stay locked meanwhile
+/// (another change to a member is ABORTED), and the identical retry gets the first one's group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let p = paused_at("group.members-recorded", PAUSE).await;
+    let mut ids = Vec::new();
+    for name in ["grp-cancel-a", "grp-cancel-b"] {
+        let v = p.controller().create(create_req(name, 8 * MIB)).await;
+        ids.push(v.expect("create").volume_id);
+    }
+    let members: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let req = group_snapshot_req("grp-cancel", &members);
+
+    let started = Instant::now();
+    let mut g = p.group_controller();
+    let create = g.create_volume_group_snapshot(req.clone());
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), create).await;
+    assert!(
+        gave_up.is_err(),
+        "the group snapshot returned during the pause"
+    );
+    p.wait_paused("group.members-recorded", 1).await;
+
+    let expand = csi::ControllerExpandVolumeRequest {
+        volume_id: ids[0].clone(),
+        capacity_range: capacity(16 * MIB),
+        ..Default::default()
+    };
+    let expand = p.controller().controller_expand_volume(expand).await;
+    expect_code(
+        expand,
+        Code::Aborted,
+        "expanding a member during its group snapshot",
+    );
+    assert!(
+        started.elapsed() < PAUSE,
+        "the check took longer than the pause"
+    );
+
+    let retry = p.group_controller().create_group(req).await;
+    let group = retry.expect("the retried group snapshot gets the first one's answer");
+    assert!(
+        started.elapsed() >= PAUSE,
+        "the retry answered before the group was made"
+    );
+    assert!(group.ready_to_use);
+    assert_eq!(group.snapshots.len(), 2);
+    assert_eq!(
+        p.log()
+            .matches("failpoint group.members-recorded: pausing")
+            .count(),
+        1,
+        "the retry made a group of its own"
+    );
+}

@@ -143,6 +143,65 @@ async fn volume_lifecycle_with_paging() {
     failed(&gone, |e| e.contains("NotFound:"));
 }
 
+/// `volume create --mutable-param` and `volume modify` (ControllerModifyVolume): the QoS keys
+/// change, and the original create, repeated, still answers the same volume.
+#[tokio::test]
+async fn modify_changes_qos_and_the_original_create_stays_the_same_volume() {
+    let p = Plugin::start("controller", &[]).await;
+    let create = [
+        "volume",
+        "create",
+        "--name",
+        "cli-qos",
+        "--size",
+        "16M",
+        "--param",
+        "readIopsSec=100",
+        "--mutable-param",
+        "writeBytesSec=1048576",
+    ];
+    let id = p.client_json(&create)["volume"]["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let modified = p.client_json(&[
+        "volume",
+        "modify",
+        &id,
+        "--param",
+        "readIopsSec=500",
+        "--param",
+        "writeBytesSec=2097152",
+    ]);
+    assert_eq!(modified["modified"], id.as_str());
+    assert_eq!(modified["mutable_parameters"]["readIopsSec"], "500");
+    let table = p.client_ok(&["volume", "modify", &id, "--param", "readIopsSec=700"]);
+    assert!(
+        table.contains("modified") && table.contains("readIopsSec=700"),
+        "{table}"
+    );
+    // The CO's retry of the original CreateVolume: the same volume.
+    let again = p.client_json(&create);
+    assert_eq!(again["volume"]["volume_id"], id.as_str());
+    // Only QoS keys are mutable; a volume that does not exist is NOT_FOUND; no --param is a
+    // usage error before any RPC.
+    let bad = p.client(&["volume", "modify", &id, "--param", "cache=none"]);
+    failed(&bad, |e| {
+        e.contains("InvalidArgument:") && e.contains("cache")
+    });
+    let missing = p.client(&[
+        "volume",
+        "modify",
+        "default.0123456789abcdef",
+        "--param",
+        "readIopsSec=5",
+    ]);
+    failed(&missing, |e| e.contains("NotFound:"));
+    let none = p.client(&["volume", "modify", &id]);
+    assert_eq!(none.status.code(), Some(2), "{}", stderr(&none));
+    p.client_ok(&["volume", "delete", &id]);
+}
+
 #[tokio::test]
 async fn errors_name_the_grpc_code_and_exit_non_zero() {
     let p = Plugin::start("controller", &[]).await;

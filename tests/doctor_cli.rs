@@ -138,3 +138,65 @@ fn unreachable_libvirt_fails_the_controller() {
         "{out}"
     );
 }
+
+/// Two `[[host]]` entries, one on the machine's libvirtd and one whose libvirtd is down: the
+/// first is checked, the second FAILs, and the domain UUIDs are not reported as all checked.
+/// Two entries that reach the machine's libvirtd under two uris: one libvirtd, a FAIL that
+/// says so (not "two domains share a UUID").
+#[test]
+fn two_hosts_one_down_or_one_libvirtd_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let with_hosts = |second_uri: &str| {
+        format!(
+            "[[pool]]\nname = \"shared\"\npath = \"{}\"\n\
+             [[host]]\nname = \"hv1\"\nuri = \"qemu:///system\"\npools = [\"shared\"]\n\
+             [[host]]\nname = \"hv2\"\nuri = \"{second_uri}\"\npools = [\"shared\"]\n",
+            dir.path().join("pool").display()
+        )
+    };
+    let run = |config_text: String| {
+        std::fs::write(&config, config_text).unwrap();
+        let o = doctor(&[
+            "--mode",
+            "controller",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ]);
+        let out = text(&o);
+        assert!(!o.status.success(), "{out}");
+        out
+    };
+    let line = |out: &str, start: &str| {
+        out.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?}:\n{out}"))
+            .to_string()
+    };
+
+    let out = run(with_hosts(
+        "qemu+unix:///system?socket=/nonexistent/vdt-ops/libvirt-sock",
+    ));
+    assert!(
+        line(&out, "OK    libvirt (hv1)").contains("reachable"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "FAIL  libvirt (hv2)").contains("cannot use"),
+        "{out}"
+    );
+    let uuids = line(&out, "WARN  domain UUIDs");
+    assert!(uuids.contains("not checked on host(s) hv2"), "{out}");
+
+    let out = run(with_hosts(
+        "qemu+unix:///system?socket=/run/libvirt/libvirt-sock",
+    ));
+    let hosts = line(&out, "FAIL  hosts");
+    assert!(
+        hosts.contains("reach one and the same libvirtd: hv1 and hv2"),
+        "{out}"
+    );
+    assert!(!out.contains("FAIL  domain UUIDs"), "{out}");
+}

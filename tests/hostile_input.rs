@@ -613,12 +613,20 @@ async fn hostile_requests_get_clean_errors_and_touch_nothing() {
     );
     p.identity().ready().await.expect("still ready");
     assert!(!p.log().contains("panicked"), "a handler panicked");
-    // Nothing but pools and local-attach state in the data dir; the pool is consistent and
-    // the volume that was there keeps its data.
+    // Nothing but pools, local-attach state, the node's mount records and the instance's
+    // claims in the data dir; the pool is consistent and the volume that was there keeps its
+    // data.
+    let expected = [
+        "pools",
+        "localattach",
+        "node",
+        "controller.lock",
+        "node.lock",
+    ];
     for entry in std::fs::read_dir(&data_dir).unwrap() {
         let name = entry.unwrap().file_name();
         assert!(
-            ["pools", "localattach"].contains(&name.to_str().unwrap()),
+            expected.contains(&name.to_str().unwrap()),
             "unexpected {name:?} in the data dir"
         );
     }

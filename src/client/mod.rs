@@ -32,8 +32,8 @@ pub(crate) struct ClientArgs {
     /// table (for people) or json (for programs).
     #[arg(long, short = 'o', value_enum, default_value_t, global = true)]
     pub output: OutputFormat,
-    /// Deadline of each RPC, in seconds.
-    #[arg(long, default_value_t = 120, global = true)]
+    /// Deadline of each RPC, in seconds (at least 1).
+    #[arg(long, default_value_t = 120, global = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
     #[command(subcommand)]
     pub group: Group,
@@ -122,6 +122,23 @@ where
     }
 }
 
+/// The error to show for `e`. tonic answers a call whose deadline (`--timeout`) passed with
+/// CANCELLED (the server's, or the channel's own timer): after the deadline that is the
+/// deadline, said as such, with what it means for a change.
+fn deadline_passed(e: ClientError, elapsed: Duration, timeout: Duration) -> ClientError {
+    match e {
+        ClientError::Rpc(s) if s.code() == tonic::Code::Cancelled && elapsed >= timeout => {
+            ClientError::Failed(format!(
+                "DeadlineExceeded: no answer within {}s (--timeout); a change the plugin \
+                 started still runs to its end: look with `volume get`, or run the same \
+                 command again (it answers once that change is done)",
+                timeout.as_secs()
+            ))
+        }
+        e => e,
+    }
+}
+
 /// Runs one command; prints its report to stdout. Errors are for the caller to print.
 pub(crate) async fn run(args: ClientArgs) -> Result<(), ClientError> {
     let socket = crate::server::socket_path(&args.endpoint)
@@ -148,12 +165,14 @@ pub(crate) async fn run(args: ClientArgs) -> Result<(), ClientError> {
         channel,
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
+    let started = std::time::Instant::now();
     let report = match args.group {
-        Group::Identity(cmd) => identity::run(cmd, &ctx).await?,
-        Group::Volume(cmd) => volume::run(cmd, &ctx).await?,
-        Group::Node(cmd) => node::run(cmd, &ctx).await?,
-        Group::Snapshot(cmd) => snapshot::run(cmd, &ctx).await?,
-    };
+        Group::Identity(cmd) => identity::run(cmd, &ctx).await,
+        Group::Volume(cmd) => volume::run(cmd, &ctx).await,
+        Group::Node(cmd) => node::run(cmd, &ctx).await,
+        Group::Snapshot(cmd) => snapshot::run(cmd, &ctx).await,
+    }
+    .map_err(|e| deadline_passed(e, started.elapsed(), ctx.timeout))?;
     print!("{}", render::render(&report, args.output));
     if report.ok {
         Ok(())
@@ -161,5 +180,27 @@ pub(crate) async fn run(args: ClientArgs) -> Result<(), ClientError> {
         Err(ClientError::Failed(
             "the plugin's answer is a failure (see above)".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancelled_after_the_deadline_is_the_deadline() {
+        let t = Duration::from_secs(1);
+        let cancelled = || ClientError::Rpc(tonic::Status::cancelled("Timeout expired"));
+        let shown = deadline_passed(cancelled(), Duration::from_millis(1003), t).to_string();
+        assert!(
+            shown.starts_with("DeadlineExceeded: no answer within 1s"),
+            "{shown}"
+        );
+        // Before the deadline a cancellation stays what it is, and so does any other code.
+        let early = deadline_passed(cancelled(), Duration::from_millis(10), t).to_string();
+        assert!(early.starts_with("Canceled:"), "{early}");
+        let other = ClientError::Rpc(tonic::Status::aborted("busy"));
+        let other = deadline_passed(other, Duration::from_secs(5), t).to_string();
+        assert!(other.starts_with("Aborted:"), "{other}");
     }
 }

@@ -19,6 +19,13 @@ pub(crate) enum VolumeCmd {
     Delete { volume_id: String },
     /// ControllerExpandVolume.
     Expand(ExpandArgs),
+    /// ControllerModifyVolume: change mutable parameters (the QoS keys).
+    Modify {
+        volume_id: String,
+        /// Mutable parameter to set (repeatable), e.g. readIopsSec=500.
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value, required = true)]
+        params: Vec<(String, String)>,
+    },
     /// ControllerPublishVolume: attach to a node.
     Publish(PublishArgs),
     /// ControllerUnpublishVolume: detach from a node (no --node: from every node).
@@ -40,7 +47,7 @@ pub(crate) enum VolumeCmd {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CreateArgs {
-    /// The volume's name: the idempotency key (the plugin derives the id from it).
+    /// The volume's name: the idempotency key (the same name and request answer the same volume).
     #[arg(long)]
     name: String,
     /// Required size, e.g. 10GiB or 20G (none: the plugin's default).
@@ -54,6 +61,9 @@ pub(crate) struct CreateArgs {
     /// CreateVolume parameter (repeatable): pool, format, bus, cache, io, discard, ...
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
     params: Vec<(String, String)>,
+    /// Mutable parameter (repeatable): the QoS keys, which `volume modify` changes later.
+    #[arg(long = "mutable-param", value_name = "KEY=VALUE", value_parser = key_value)]
+    mutable_params: Vec<(String, String)>,
     /// Restore this snapshot into the new volume.
     #[arg(long, conflicts_with = "from_volume")]
     from_snapshot: Option<String>,
@@ -106,6 +116,7 @@ pub(super) async fn run(cmd: VolumeCmd, ctx: &Ctx) -> Result<Report, ClientError
         VolumeCmd::Get { volume_id } => get(ctx, volume_id).await,
         VolumeCmd::Delete { volume_id } => delete(ctx, volume_id).await,
         VolumeCmd::Expand(a) => expand(ctx, a).await,
+        VolumeCmd::Modify { volume_id, params } => modify(ctx, volume_id, params).await,
         VolumeCmd::Publish(a) => publish(ctx, a).await,
         VolumeCmd::Unpublish { volume_id, node } => unpublish(ctx, volume_id, node).await,
         VolumeCmd::Validate(a) => validate(ctx, a).await,
@@ -129,6 +140,7 @@ async fn create(ctx: &Ctx, a: CreateArgs) -> Result<Report, ClientError> {
         }),
         volume_capabilities: vec![a.cap.to_csi()],
         parameters: to_map(&a.params),
+        mutable_parameters: to_map(&a.mutable_params),
         volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
         accessibility_requirements: (!a.topology.is_empty()).then(|| {
             let t = csi::Topology {
@@ -228,6 +240,25 @@ async fn expand(ctx: &Ctx, a: ExpandArgs) -> Result<Report, ClientError> {
             ),
         ],
         json!({ "capacity_bytes": r.capacity_bytes, "node_expansion_required": r.node_expansion_required }),
+    ))
+}
+
+async fn modify(
+    ctx: &Ctx,
+    volume_id: String,
+    params: Vec<(String, String)>,
+) -> Result<Report, ClientError> {
+    let mutable_parameters = to_map(&params);
+    ctx.controller()
+        .controller_modify_volume(ctx.request(csi::ControllerModifyVolumeRequest {
+            volume_id: volume_id.clone(),
+            mutable_parameters: mutable_parameters.clone(),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(Report::message(
+        format!("modified {volume_id}: {}", map_text(&mutable_parameters)),
+        json!({ "modified": volume_id, "mutable_parameters": mutable_parameters }),
     ))
 }
 

@@ -3,13 +3,21 @@
 use super::convert;
 use super::proto::{self as csi, group_controller_server::GroupController};
 use crate::error::{Error, Result};
+use crate::guard::InFlight;
 use crate::ids::{self, ObjectId, VolumeId};
 use crate::pool::{CreateGroupSnapshot, GroupSnapshotRecord, Pools, MAX_GROUP_MEMBERS};
 use std::collections::BTreeSet;
 use tonic::{Request, Response, Status};
 
+/// The GroupController RPCs. Creating and deleting run as tasks of their own
+/// (`guard::InFlight`), like the controller's changes: a client that gives up does not cut a
+/// freeze, a cut or a commit short, and an identical retry meanwhile gets the running one's
+/// result.
+#[derive(Clone)]
 pub(crate) struct GroupControllerService {
     pub pools: Pools,
+    /// The changes in flight in this process (shared with the controller service).
+    pub inflight: InFlight,
 }
 
 type RpcResult<T> = std::result::Result<Response<T>, Status>;
@@ -88,18 +96,24 @@ impl GroupController for GroupControllerService {
             volumes.push(volume);
         }
         convert::check_map("parameters", &r.parameters)?;
-        // Holds the name's lock and every volume's lock.
-        let group = self
-            .pools
-            .create_group_snapshot(CreateGroupSnapshot {
-                name: r.name,
-                source_volume_ids: volumes,
-                parameters: r.parameters,
+        let object = format!("groupname:{}", r.name);
+        let op = format!("create {:?} {:?}", r.source_volume_ids, r.parameters);
+        let pools = self.pools.clone();
+        let response = self.inflight.run(object, op, async move {
+            // Holds the name's lock and every volume's lock.
+            let group = pools
+                .create_group_snapshot(CreateGroupSnapshot {
+                    name: r.name,
+                    source_volume_ids: volumes,
+                    parameters: r.parameters,
+                })
+                .await
+                .map_err(Status::from)?;
+            Ok::<_, Status>(csi::CreateVolumeGroupSnapshotResponse {
+                group_snapshot: Some(convert::group_snapshot(&group)),
             })
-            .await?;
-        Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
-            group_snapshot: Some(convert::group_snapshot(&group)),
-        }))
+        });
+        Ok(Response::new(response.await??))
     }
 
     async fn delete_volume_group_snapshot(
@@ -112,10 +126,17 @@ impl GroupController for GroupControllerService {
         if ObjectId::parse_group(&r.group_snapshot_id)?.is_none() {
             return Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}));
         }
-        let sent = r.snapshot_ids;
-        self.pools
-            .delete_group_snapshot(&r.group_snapshot_id, move |g| check_members(g, &sent))
-            .await?;
+        let object = format!("group:{}", r.group_snapshot_id);
+        let op = format!("delete {:?}", r.snapshot_ids);
+        let pools = self.pools.clone();
+        let done = self.inflight.run(object, op, async move {
+            let sent = r.snapshot_ids;
+            pools
+                .delete_group_snapshot(&r.group_snapshot_id, move |g| check_members(g, &sent))
+                .await
+                .map_err(Status::from)
+        });
+        done.await??;
         Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}))
     }
 

@@ -51,10 +51,27 @@ pub(super) async fn check(mode: Mode, hosts: &[HostConfig], named: bool) -> Vec<
     }
     done.sort_by_key(|(i, ..)| *i);
     let mut seen: Vec<(String, String, String)> = Vec::new();
+    let mut unread: Vec<String> = Vec::new();
+    // (libvirtd host UUID, the hosts that reached it)
+    let mut daemons: Vec<(String, Vec<String>)> = Vec::new();
     for (_, host, host_checks, running) in done {
         for mut c in host_checks {
             c.name = label(&host, &c.name);
             checks.push(c);
+        }
+        let Some((host_uuid, running)) = running else {
+            unread.push(host.name.clone());
+            continue;
+        };
+        if let Some(u) = host_uuid {
+            match daemons.iter_mut().find(|(d, _)| *d == u) {
+                // The same libvirtd again: its domains are already counted.
+                Some((_, hosts)) => {
+                    hosts.push(host.name.clone());
+                    continue;
+                }
+                None => daemons.push((u, vec![host.name.clone()])),
+            }
         }
         seen.extend(
             running
@@ -63,13 +80,38 @@ pub(super) async fn check(mode: Mode, hosts: &[HostConfig], named: bool) -> Vec<
         );
     }
     if named {
-        checks.push(duplicates_check(&seen));
+        checks.extend(same_daemon_check(&daemons));
+        checks.push(duplicates_check(&seen, &unread));
     }
     checks
 }
 
+/// FAIL when several `[[host]]` entries reach one libvirtd (`daemons`: each daemon's host
+/// UUID and the hosts that reached it): a copied uri, or two names for one machine.
+fn same_daemon_check(daemons: &[(String, Vec<String>)]) -> Option<Check> {
+    let same: Vec<String> = daemons
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(uuid, hosts)| format!("{} (libvirt host UUID {uuid})", hosts.join(" and ")))
+        .collect();
+    (!same.is_empty()).then(|| {
+        Check::fail(
+            "hosts",
+            format!(
+                "several [[host]] entries reach one and the same libvirtd: {}",
+                same.join("; ")
+            ),
+            "give each [[host]] the uri of its own hypervisor's libvirtd (if the uris are \
+             right, those machines report one SMBIOS UUID: set host_uuid in each one's \
+             libvirtd.conf)",
+        )
+    })
+}
+
 /// FAIL when one domain UUID runs on two hosts: the controller refuses to attach to it.
-fn duplicates_check(running: &[(String, String, String)]) -> Check {
+/// `running`: (UUID, name, host) of the hosts that were read; `unread`: the hosts whose
+/// domains could not be listed (WARN: a duplicate there cannot be ruled out).
+fn duplicates_check(running: &[(String, String, String)], unread: &[String]) -> Check {
     let mut by_uuid: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for (uuid, name, host) in running {
         by_uuid
@@ -82,7 +124,18 @@ fn duplicates_check(running: &[(String, String, String)]) -> Check {
         .filter(|(_, at)| at.len() > 1)
         .map(|(uuid, at)| format!("{uuid}: {}", at.join(", ")))
         .collect();
-    if dups.is_empty() {
+    if dups.is_empty() && !unread.is_empty() {
+        Check::warn(
+            "domain UUIDs",
+            format!(
+                "{} running domain(s) on the hosts read, each UUID on one host; not checked on \
+                 host(s) {} (libvirt not reachable, see above)",
+                running.len(),
+                unread.join(", ")
+            ),
+            "run the doctor again once every host's libvirtd answers",
+        )
+    } else if dups.is_empty() {
         Check::ok(
             "domain UUIDs",
             format!("{} running domain(s), each UUID on one host", running.len()),
@@ -156,8 +209,9 @@ async fn emulator_checks(emulators: &[String]) -> Vec<Check> {
     checks
 }
 
-/// Running domains of a host: (UUID, name).
-type Running = Vec<(String, String)>;
+/// What was read of a host: its libvirtd's host UUID (when it said) and its running domains
+/// (UUID, name); `None` when it could not be read.
+type Running = Option<(Option<String>, Vec<(String, String)>)>;
 
 #[cfg(not(feature = "libvirt"))]
 async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running) {
@@ -172,7 +226,7 @@ async fn hypervisor(mode: Mode, _uri: &str, local: bool) -> (Vec<Check>, Running
             checks.extend(emulator_checks(&[p.display().to_string()]).await);
         }
     }
-    (checks, Vec::new())
+    (checks, Some((None, Vec::new())))
 }
 
 #[cfg(feature = "libvirt")]
@@ -193,11 +247,11 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
                 "start libvirtd (systemctl start libvirtd, or libvirtd -d) and check the URI; \
                  qemu+ssh:// needs key-based ssh for the plugin's user, qemu+tls:// its certificates",
             );
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
         Ok(Err(e)) => {
             let check = Check::fail("libvirt", e.to_string(), "report this as a bug");
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
         Err(_) => {
             let check = Check::missing(
@@ -206,7 +260,7 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
                 format!("{uri} did not answer within 30 s"),
                 "check that libvirtd is running and responsive (virsh -c URI list)",
             );
-            return (vec![check], Vec::new());
+            return (vec![check], None);
         }
     };
     let mut checks = vec![Check::ok(
@@ -239,11 +293,14 @@ async fn hypervisor(mode: Mode, uri: &str, local: bool) -> (Vec<Check>, Running)
         ));
     }
     checks.push(domains_check(&facts.domains));
-    let running = facts
-        .domains
-        .iter()
-        .map(|d| (d.uuid.clone(), d.name.clone()))
-        .collect();
+    let running = Some((
+        facts.host_uuid.clone(),
+        facts
+            .domains
+            .iter()
+            .map(|d| (d.uuid.clone(), d.name.clone()))
+            .collect(),
+    ));
     (checks, running)
 }
 
@@ -300,6 +357,8 @@ mod facts {
         pub default_emulator: Option<String>,
         pub scsi_bus: bool,
         pub domains: Vec<DomainFacts>,
+        /// The libvirtd's host UUID (`<capabilities><host><uuid>`): one per daemon.
+        pub host_uuid: Option<String>,
     }
 
     fn version(v: u32) -> String {
@@ -321,6 +380,11 @@ mod facts {
             .unwrap_or_default();
         let default_emulator = element_text(&caps, "path");
         let scsi_bus = caps.contains("<value>scsi</value>");
+        let host_uuid = conn
+            .capabilities()
+            .ok()
+            .and_then(|c| element_text(&c, "uuid"))
+            .map(|u| u.to_ascii_lowercase());
         let mut domains = Vec::new();
         let active = conn
             .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -347,6 +411,7 @@ mod facts {
             default_emulator,
             scsi_bus,
             domains,
+            host_uuid,
         })
     }
 
@@ -408,14 +473,50 @@ mod tests {
     #[test]
     fn one_uuid_on_two_hosts_fails() {
         let r = |u: &str, n: &str, h: &str| (u.to_string(), n.to_string(), h.to_string());
-        let ok = duplicates_check(&[r("a", "vm1", "hv1"), r("b", "vm2", "hv2")]);
+        let ok = duplicates_check(&[r("a", "vm1", "hv1"), r("b", "vm2", "hv2")], &[]);
         assert_eq!(ok.status, super::super::Status::Ok);
-        let dup = duplicates_check(&[r("a", "vm1", "hv1"), r("a", "vm1-clone", "hv2")]);
+        let dup = duplicates_check(&[r("a", "vm1", "hv1"), r("a", "vm1-clone", "hv2")], &[]);
         assert_eq!(dup.status, super::super::Status::Fail);
         assert!(
             dup.detail.contains("a: vm1 on hv1, vm1-clone on hv2"),
             "{}",
             dup.detail
+        );
+    }
+
+    #[test]
+    fn a_host_that_could_not_be_read_is_no_ok() {
+        let r = |u: &str, n: &str, h: &str| (u.to_string(), n.to_string(), h.to_string());
+        let partial = duplicates_check(&[r("a", "vm1", "hv1")], &["hv2".to_string()]);
+        assert_eq!(partial.status, super::super::Status::Warn);
+        assert!(
+            partial.detail.contains("not checked on host(s) hv2"),
+            "{}",
+            partial.detail
+        );
+        // A duplicate among the hosts read is still a FAIL.
+        let dup = duplicates_check(
+            &[r("a", "vm1", "hv1"), r("a", "vm1", "hv2")],
+            &["hv3".to_string()],
+        );
+        assert_eq!(dup.status, super::super::Status::Fail);
+    }
+
+    #[test]
+    fn hosts_that_reach_one_libvirtd_fail() {
+        let d = |u: &str, hosts: &[&str]| {
+            (
+                u.to_string(),
+                hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert!(same_daemon_check(&[d("x", &["hv1"]), d("y", &["hv2"])]).is_none());
+        let same = same_daemon_check(&[d("x", &["hv1", "hv2"]), d("y", &["hv3"])]).unwrap();
+        assert_eq!(same.status, super::super::Status::Fail);
+        assert!(
+            same.detail.contains("hv1 and hv2 (libvirt host UUID x)"),
+            "{}",
+            same.detail
         );
     }
 

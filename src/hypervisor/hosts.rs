@@ -174,7 +174,9 @@ pub(crate) fn decide(node_id: &str, names: &[String], found: Findings) -> Result
         } else {
             Error::FailedPrecondition(format!(
                 "node {node_id} runs on hosts {}: two domains share UUID {}; give one of them \
-                 another UUID (a cloned VM keeps its source's UUID)",
+                 another UUID (a cloned VM keeps its source's UUID), unless those hosts' uris \
+                 reach one and the same libvirtd (each [[host]] needs its own hypervisor's \
+                 uri; `virtdisk-csi doctor --mode controller --config FILE` tells)",
                 list(&running),
                 running[0].uuid
             ))
