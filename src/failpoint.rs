@@ -35,6 +35,10 @@ pub const POINTS: &[&str] = &[
     // CreateSnapshot (and the source half of a clone): freezing the active layer.
     "freeze.overlay-made",
     "freeze.intent",
+    // Local attach's live switch (`localattach::snapshot`): the overlay node added to the
+    // storage daemon; the export switched to it, the slot's record not yet updated.
+    "localattach.overlay-added",
+    "localattach.switched",
     "freeze.switched",
     "snapshot.recorded",
     // DeleteSnapshot.

@@ -413,6 +413,9 @@ enum LocalOp {
     NodePublish,
     NodePublishReadOnly,
     NodeUnpublish,
+    /// CreateSnapshot of the staged (mounted) volume: the storage daemon switches live, the
+    /// file system frozen around it.
+    LiveSnapshot,
 }
 
 const LOCAL_CASES: &[(LocalOp, &str)] = &[
@@ -429,6 +432,11 @@ const LOCAL_CASES: &[(LocalOp, &str)] = &[
     (LocalOp::NodePublish, "node-publish.bound"),
     (LocalOp::NodePublishReadOnly, "node-publish.bound"),
     (LocalOp::NodeUnpublish, "node-unpublish.unmounted"),
+    (LocalOp::LiveSnapshot, "freeze.intent"),
+    (LocalOp::LiveSnapshot, "localattach.overlay-added"),
+    (LocalOp::LiveSnapshot, "localattach.switched"),
+    (LocalOp::LiveSnapshot, "freeze.switched"),
+    (LocalOp::LiveSnapshot, "snapshot.recorded"),
 ];
 
 const LOCAL_CONFIG: &str = "[libvirt]\nenabled = false\n[node]\ndevice_wait_secs = 5\n";
@@ -469,7 +477,7 @@ impl LocalOp {
                 env::write_file(&l.staging, "kept.txt", b"before the crash");
                 e.unstage(&l.vol, &l.staging).await.unwrap();
             }
-            Unstage | NodePublish | NodePublishReadOnly | NodeUnpublish => {
+            Unstage | NodePublish | NodePublishReadOnly | NodeUnpublish | LiveSnapshot => {
                 e.stage(&l.vol, &l.ctx, &l.staging, &l.cap).await.unwrap();
                 env::write_file(&l.staging, "kept.txt", b"before the crash");
                 if self == NodeUnpublish {
@@ -495,6 +503,9 @@ impl LocalOp {
             }
             NodePublishReadOnly => e.publish(&l.vol, &l.staging, &l.target, &l.cap, true).await,
             NodeUnpublish => e.unpublish(&l.vol, &l.target).await,
+            LiveSnapshot => snapshot(&e.plugin, "crash-live", &l.vol.volume_id)
+                .await
+                .map(drop),
         }
     }
 
@@ -583,6 +594,26 @@ impl LocalOp {
                 e.unpublish(&l.vol, &l.target).await.unwrap();
                 e.unstage(&l.vol, &l.staging).await.unwrap();
             }
+            LiveSnapshot => {
+                // One snapshot; the file system is thawed (writable) and the volume goes on.
+                let snaps = list_snapshots(&e.plugin).await;
+                assert_eq!(snaps.len(), 1, "{snaps:?}");
+                env::write_file(&l.staging, "after.txt", b"after the snapshot");
+                assert_eq!(kept(&l.staging).as_deref(), Some(&b"before the crash"[..]));
+                // The snapshot: the file system as it was, clean.
+                let id = snaps.into_iter().next().unwrap();
+                let (restored, rctx) = e.restored("crash-r", &id, &l.cap).await;
+                env::assert_fsck_clean(&rctx["devicePath"]);
+                let rs = e.staging("crash-r");
+                e.stage(&restored, &rctx, &rs, &l.cap).await.unwrap();
+                assert_eq!(kept(&rs).as_deref(), Some(&b"before the crash"[..]));
+                assert!(!std::path::Path::new(&rs).join("after.txt").exists());
+                e.unstage(&restored, &rs).await.unwrap();
+                e.controller_unpublish(&restored).await.unwrap();
+                e.delete(&restored).await;
+                delete_snapshot(&e.plugin, &id).await.unwrap();
+                e.unstage(&l.vol, &l.staging).await.unwrap();
+            }
             NodeUnpublish => {
                 assert!(!env::is_mount(&l.target));
                 assert!(
@@ -621,6 +652,14 @@ async fn local_case(op: LocalOp, point: &str) {
     op.act(&e, &l)
         .await
         .unwrap_or_else(|err| panic!("{op:?} at {point}: the retry failed: {err:?}"));
+    if op == LocalOp::LiveSnapshot && point.starts_with("localattach.") {
+        // Killed while the file system was frozen: the restarted plugin thawed it.
+        let log = e.plugin.log();
+        assert!(
+            log.contains("left this file system frozen"),
+            "{point}: {log}"
+        );
+    }
     // Idempotent: the same call answers OK again.
     op.act(&e, &l)
         .await

@@ -17,8 +17,90 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub(super) const PROGRAM: &str = "qemu-storage-daemon";
-/// The format node that the export serves and QMP resizes.
-pub(super) const DISK_NODE: &str = "disk0";
+/// The FUSE export's id.
+const EXPORT_ID: &str = "exp0";
+
+/// The format node of layer `n` of the daemon: `disk0` is the image the daemon was started
+/// with; each live snapshot adds the next (`disk1`, ...) on top, and the export follows it.
+pub(super) fn format_node(n: u32) -> String {
+    format!("disk{n}")
+}
+
+/// The protocol (file) node under `format_node(n)`: its file name is the plain image path.
+pub(super) fn protocol_node(n: u32) -> String {
+    format!("file{n}")
+}
+
+/// The layer number of a format node name.
+fn layer_of(node: &str) -> Option<u32> {
+    let n = node.strip_prefix("disk")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+/// The layer the export serves now (the daemon's active layer), as QMP reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Active {
+    /// Its number (see `format_node`).
+    pub(super) layer: u32,
+    /// Its image file.
+    pub(super) image: std::path::PathBuf,
+    /// The virtual size the export serves.
+    pub(super) size: u64,
+}
+
+impl super::qmp::Served {
+    fn node(&self, name: &str) -> Option<&super::qmp::Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The layer the FUSE export serves, or why it cannot be told: the export follows each
+    /// live snapshot to the new overlay, while the command line still names the first image.
+    pub(super) fn active(&self) -> std::result::Result<Active, String> {
+        let node = self
+            .exports
+            .iter()
+            .find(|(id, _, kind)| id == EXPORT_ID && kind == "fuse")
+            .map(|(_, node, _)| node.as_str())
+            .ok_or_else(|| format!("no FUSE export {EXPORT_ID} (exports: {:?})", self.exports))?;
+        let layer =
+            layer_of(node).ok_or_else(|| format!("the export serves an unknown node {node}"))?;
+        let (format, file) = (self.node(node), self.node(&protocol_node(layer)));
+        let (Some(format), Some(file)) = (format, file) else {
+            return Err(format!(
+                "the export serves {node}, but the daemon has no such node with a file node \
+                 under it"
+            ));
+        };
+        Ok(Active {
+            layer,
+            image: file.file.clone().into(),
+            size: format.virtual_size,
+        })
+    }
+
+    /// Whether `image` is the file of layer `layer` or of one below it.
+    pub(super) fn holds_below(&self, layer: u32, image: &Path) -> bool {
+        (0..=layer).any(|n| {
+            self.node(&protocol_node(n))
+                .is_some_and(|f| Path::new(&f.file) == image)
+        })
+    }
+
+    /// Layers above `layer` (added for a live snapshot that never switched): their format
+    /// nodes, lowest first.
+    pub(super) fn above(&self, layer: u32) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter_map(|n| layer_of(&n.name))
+            .filter(|n| *n > layer)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
 
 /// QemuOpts syntax doubles commas in values.
 fn opts_escape(s: &str) -> String {
@@ -30,14 +112,14 @@ pub(super) fn args(slot: &Slot, rec: &Record) -> Vec<OsString> {
     let ro = rec.readonly;
     let mut file = json!({
         "driver": "file",
-        "node-name": "file0",
+        "node-name": protocol_node(0),
         "filename": rec.image,
         "read-only": ro,
     });
     let mut format = json!({
         "driver": rec.format.as_str(),
-        "node-name": DISK_NODE,
-        "file": "file0",
+        "node-name": format_node(0),
+        "file": protocol_node(0),
         "read-only": ro,
     });
     if rec.discard {
@@ -46,8 +128,8 @@ pub(super) fn args(slot: &Slot, rec: &Record) -> Vec<OsString> {
     }
     let export = json!({
         "type": "fuse",
-        "id": "exp0",
-        "node-name": DISK_NODE,
+        "id": EXPORT_ID,
+        "node-name": format_node(0),
         "mountpoint": slot.export_path(&rec.serial),
         "writable": !ro,
     });
@@ -150,40 +232,37 @@ fn running(pid: i32) -> bool {
     }
 }
 
-/// The daemon's image and export, as QMP reports them, match the slot's record, and the
-/// process answering QMP is `d`. Not an error when they differ: the reason is returned.
-pub(super) async fn confirm(slot: &Slot, rec: &Record, d: &Daemon) -> Result<Option<String>> {
+/// The daemon's export, as QMP reports it, serves the slot's record, and the process
+/// answering QMP is `d`: the layer it serves, or why it does not (not an error). The record
+/// may name a layer below the one served: a live snapshot switched the export, and the plugin
+/// stopped before it recorded the new image (the caller records it then).
+pub(super) async fn confirm(
+    slot: &Slot,
+    rec: &Record,
+    d: &Daemon,
+) -> Result<std::result::Result<Active, String>> {
     let served = super::qmp::served(&slot.qmp_path()).await?;
     if served.pid != Some(d.pid) {
-        return Ok(Some(format!(
+        return Ok(Err(format!(
             "{} is served by pid {:?}, not by the daemon of pid {}",
             slot.qmp_path().display(),
             served.pid,
             d.pid
         )));
     }
-    let image = rec.image.to_string_lossy();
-    if !served
-        .nodes
-        .iter()
-        .any(|(node, file)| node == "file0" && *file == image)
-    {
-        return Ok(Some(format!(
-            "storage daemon {} does not serve {image} (it serves {:?})",
-            d.pid, served.nodes
+    let active = match served.active() {
+        Ok(a) => a,
+        Err(why) => return Ok(Err(format!("storage daemon {}: {why}", d.pid))),
+    };
+    if !served.holds_below(active.layer, &rec.image) {
+        return Ok(Err(format!(
+            "storage daemon {} does not serve {} (it serves {})",
+            d.pid,
+            rec.image.display(),
+            active.image.display()
         )));
     }
-    if !served
-        .exports
-        .iter()
-        .any(|(id, node, kind)| id == "exp0" && node == DISK_NODE && kind == "fuse")
-    {
-        return Ok(Some(format!(
-            "storage daemon {} has no FUSE export of {DISK_NODE} (exports: {:?})",
-            d.pid, served.exports
-        )));
-    }
-    Ok(None)
+    Ok(Ok(active))
 }
 
 /// Stops the slot's daemon (SIGTERM, then SIGKILL) and waits until it is gone. OK when none
@@ -229,7 +308,60 @@ pub(super) async fn stop(slot: &Slot) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::localattach::qmp::{Node, Served};
     use crate::model::ImageFormat;
+
+    fn node(name: &str, file: &str, size: u64) -> Node {
+        Node {
+            name: name.into(),
+            file: file.into(),
+            virtual_size: size,
+            backing_filename: None,
+        }
+    }
+
+    /// After a live snapshot the export serves `disk1` (whose own file name is a `json:`
+    /// description): the active image is read from `file1`; a node added above and never
+    /// switched (`disk2`) is found; an unnamed node QEMU made is ignored.
+    #[test]
+    fn the_active_layer_is_the_one_the_export_serves() {
+        let served = Served {
+            pid: Some(7),
+            exports: vec![("exp0".into(), "disk1".into(), "fuse".into())],
+            nodes: vec![
+                node("disk2", "json:{}", 64),
+                node("file2", "/p/c.qcow2", 1),
+                node("disk1", "json:{\"backing\": {}}", 64),
+                node("file1", "/p/b.qcow2", 1),
+                node("disk0", "/p/a.qcow2", 64),
+                node("file0", "/p/a.qcow2", 1),
+                node("#block123", "/p/a.qcow2", 64),
+            ],
+        };
+        let active = served.active().unwrap();
+        assert_eq!(
+            active,
+            Active {
+                layer: 1,
+                image: "/p/b.qcow2".into(),
+                size: 64
+            }
+        );
+        assert!(served.holds_below(1, Path::new("/p/a.qcow2")));
+        assert!(served.holds_below(1, Path::new("/p/b.qcow2")));
+        assert!(!served.holds_below(1, Path::new("/p/c.qcow2")));
+        assert_eq!(served.above(1), vec![2]);
+        assert_eq!(served.above(2), Vec::<u32>::new());
+        for bad in ["disk", "diskx", "disk-1", "file1", "#block1"] {
+            assert_eq!(layer_of(bad), None, "{bad}");
+        }
+        // No export, or an export of a node not ours: said, not guessed.
+        let mut none = served.clone();
+        none.exports.clear();
+        assert!(none.active().unwrap_err().contains("no FUSE export"));
+        none.exports = vec![("exp0".into(), "#block123".into(), "fuse".into())];
+        assert!(none.active().unwrap_err().contains("unknown node"));
+    }
 
     #[test]
     fn command_line_is_json_and_escaped() {

@@ -17,12 +17,14 @@
 
 mod cgroup;
 mod daemon;
+mod fsfreeze;
 mod limit;
 mod loopdev;
 mod qmp;
 mod slot;
+mod snapshot;
 
-use crate::attach::{Attacher, Attachment, DiskSpec, CTX_BUS, CTX_DEVICE};
+use crate::attach::{Attacher, Attachment, DiskSpec, FsFreeze, LiveMember, CTX_BUS, CTX_DEVICE};
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -54,6 +56,8 @@ pub(crate) struct LocalAttacher {
     /// Held from counting the attachments to the end of an attach, so concurrent publishes
     /// of different volumes never pass the limit together.
     attaching: tokio::sync::Mutex<()>,
+    /// The file systems of this host's volumes frozen for live snapshots (see `fsfreeze`).
+    freezes: tokio::sync::Mutex<Freezes>,
     /// Where new daemons go in the cgroup tree; None leaves them in the plugin's cgroups.
     placement: Option<Placement>,
     /// The node id cannot name a libvirt domain (it is not a QEMU guest's DMI UUID, nor a
@@ -129,6 +133,17 @@ pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
     Ok(Some(limit))
 }
 
+/// Live snapshots holding this host's file systems frozen: the first freezes them, the last
+/// thaws them, so that concurrent snapshots of volumes of this host never thaw each other's
+/// freeze (FIFREEZE of a frozen file system fails).
+#[derive(Debug, Default)]
+struct Freezes {
+    /// Freezes not yet thawed (`freeze_filesystems` calls that froze or tried to).
+    holders: u32,
+    /// The slots whose file system is frozen now.
+    slots: std::collections::BTreeSet<String>,
+}
+
 /// What a slot holds, read back from the host.
 #[derive(Debug)]
 enum State {
@@ -201,6 +216,7 @@ impl LocalAttacher {
             sysfs: Sysfs::host(),
             limit: 0,
             attaching: tokio::sync::Mutex::new(()),
+            freezes: tokio::sync::Mutex::default(),
             placement,
             serves_first,
         };
@@ -238,6 +254,7 @@ impl LocalAttacher {
     async fn recover(&self) -> Result<()> {
         let dir = self.state_dir.clone();
         for slot in exec::blocking(move || slot::list(&dir)).await? {
+            fsfreeze::thaw_left(&slot).await;
             match self.inspect(&slot).await? {
                 State::Attached {
                     rec,
@@ -265,16 +282,23 @@ impl LocalAttacher {
     }
 
     /// Takes over a live attachment a previous plugin made: confirms through QMP that the
-    /// daemon serves this slot's image, and moves it out of the plugin's cgroups if an older
-    /// plugin left it there.
+    /// daemon serves this slot's image (or a live snapshot's overlay on it: then the record
+    /// follows), deletes overlay nodes an interrupted snapshot left, and moves the daemon out
+    /// of the plugin's cgroups if an older plugin left it there.
     async fn adopt(&self, slot: &Slot, rec: &Record, loop_name: &str) {
         let s = slot.clone();
         let Ok(Some(d)) = exec::blocking(move || Ok(daemon::find(&s))).await else {
             return;
         };
         match daemon::confirm(slot, rec, &d).await {
-            Ok(None) => {}
-            Ok(Some(mismatch)) => {
+            Ok(Ok(active)) => {
+                snapshot::record_image(slot, rec, &active).await;
+                if let Err(e) = snapshot::drop_unswitched(slot, &active).await {
+                    tracing::warn!(slot = %slot.key, error = %e,
+                        "cannot delete the overlay nodes of an interrupted snapshot");
+                }
+            }
+            Ok(Err(mismatch)) => {
                 tracing::warn!(slot = %slot.key, %mismatch, "storage daemon does not serve what its slot records");
                 return;
             }
@@ -438,7 +462,7 @@ impl LocalAttacher {
             return Ok(Some("its storage daemon is gone".into()));
         };
         match daemon::confirm(slot, rec, &d).await {
-            Ok(found) => Ok(found),
+            Ok(found) => Ok(found.err()),
             Err(e) => Ok(Some(format!(
                 "its storage daemon (pid {}) does not answer QMP: {e}",
                 d.pid
@@ -504,6 +528,69 @@ impl LocalAttacher {
             )));
         }
         Ok(name)
+    }
+
+    /// The live, read-write attachment in `slot` (its record and loop device); None when
+    /// nothing is attached. FAILED_PRECONDITION when it is dead or read-only: then the volume
+    /// cannot `what` (e.g. "grow online").
+    async fn writable(
+        &self,
+        slot: &Slot,
+        volume_id: &VolumeId,
+        what: &str,
+    ) -> Result<Option<(Record, String)>> {
+        let State::Attached {
+            rec,
+            loop_name,
+            dead,
+        } = self.inspect(slot).await?
+        else {
+            return Ok(None);
+        };
+        if let Some(reason) = dead {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot {what}: its attachment on this host is dead \
+                 ({reason}); unpublish it on this node and publish it again"
+            )));
+        }
+        if rec.readonly {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} cannot {what}: it is attached read-only to this host; \
+                 unpublish it first"
+            )));
+        }
+        Ok(Some((rec, loop_name)))
+    }
+
+    /// The slots of live read-write attachments whose file system is mounted on this host,
+    /// with one mount point each.
+    async fn mounted_writable(&self) -> Result<Vec<(Slot, PathBuf)>> {
+        let dir = self.state_dir.clone();
+        let slots = exec::blocking(move || slot::list(&dir)).await?;
+        let live: Vec<(Slot, String)> = self
+            .inspect_all(slots)
+            .await?
+            .into_iter()
+            .filter_map(|(slot, st)| match st {
+                State::Attached {
+                    rec,
+                    loop_name,
+                    dead: None,
+                } if !rec.readonly => Some((slot, loop_name)),
+                _ => None,
+            })
+            .collect();
+        let sysfs = self.sysfs.clone();
+        exec::blocking(move || {
+            let mut out = Vec::new();
+            for (slot, loop_name) in live {
+                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name)? {
+                    out.push((slot, mount));
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Attaches `rec` afresh (slot torn down first), cleaning up when that fails.
@@ -641,31 +728,24 @@ impl Attacher for LocalAttacher {
     async fn resize(&self, node_id: &str, volume_id: &VolumeId, size: u64) -> Result<()> {
         self.check_node(node_id)?;
         let slot = Slot::new(&self.state_dir, volume_id.key());
-        let State::Attached {
-            rec,
-            loop_name: name,
-            dead,
-        } = self.inspect(&slot).await?
-        else {
+        let Some((_, name)) = self.writable(&slot, volume_id, "grow online").await? else {
             return Err(Error::NotFound(format!(
                 "volume {volume_id} is not attached to this host"
             )));
         };
-        if let Some(reason) = dead {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} cannot grow online: its attachment on this host is dead \
-                 ({reason}); unpublish it on this node and publish it again"
-            )));
-        }
-        if rec.readonly {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {volume_id} is attached read-only here; unpublish it to expand it"
-            )));
-        }
+        // The export's node: a live snapshot moved it onto its overlay.
+        let active = qmp::served(&slot.qmp_path())
+            .await?
+            .active()
+            .map_err(|why| {
+                Error::FailedPrecondition(format!(
+                    "volume {volume_id} cannot grow online: its storage daemon: {why}"
+                ))
+            })?;
         qmp::execute(
             &slot.qmp_path(),
             "block_resize",
-            serde_json::json!({"node-name": daemon::DISK_NODE, "size": size}),
+            serde_json::json!({"node-name": daemon::format_node(active.layer), "size": size}),
         )
         .await?;
         // The kernel caches the FUSE file's size for a second (the export's attribute
@@ -690,6 +770,139 @@ impl Attacher for LocalAttacher {
         }
         tracing::info!(volume = %volume_id, device = %name, size, "locally attached volume grown");
         Ok(())
+    }
+
+    /// Each member in its own storage daemon (see `snapshot`), in parallel. Several members
+    /// are cut at one point only while their file systems are frozen (`freeze_filesystems`):
+    /// each daemon switches on its own, there is no transaction across them.
+    async fn snapshot_live(&self, node_id: &str, members: &[LiveMember]) -> Result<()> {
+        self.check_node(node_id)?;
+        let started = Instant::now();
+        let mut work = Vec::with_capacity(members.len());
+        for m in members {
+            let slot = Slot::new(&self.state_dir, m.volume_id.key());
+            let Some((rec, _)) = self.writable(&slot, &m.volume_id, "snapshot live").await? else {
+                return Err(Error::Aborted(format!(
+                    "volume {} was detached from this host meanwhile; retry",
+                    m.volume_id
+                )));
+            };
+            work.push((slot, rec, m.overlay.clone()));
+        }
+        if work.len() > 1 {
+            let frozen = self.freezes.lock().await.slots.clone();
+            let loose: Vec<&str> = work
+                .iter()
+                .filter(|(slot, _, _)| !frozen.contains(&slot.key))
+                .map(|(_, rec, _)| rec.volume_id.as_str())
+                .collect();
+            if !loose.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volumes {} are attached to this host without a file system frozen here \
+                     (block volumes, not staged, or the freeze failed): each locally attached \
+                     volume has its own storage daemon, so several are cut at one point of \
+                     their writes only while their file systems are frozen; snapshot them one \
+                     at a time",
+                    loose.join(", ")
+                )));
+            }
+        }
+        let results = futures_util::future::join_all(
+            work.iter()
+                .map(|(slot, rec, overlay)| snapshot::switch(slot, rec, overlay)),
+        )
+        .await;
+        let failed: Vec<(&str, Error)> = work
+            .iter()
+            .zip(results)
+            .filter_map(|((_, rec, _), r)| r.err().map(|e| (rec.volume_id.as_str(), e)))
+            .collect();
+        let switched = work.len() - failed.len();
+        let mut failed = failed.into_iter();
+        match failed.next() {
+            None => {
+                tracing::info!(node = %node_id, volumes = work.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "live snapshot: the storage daemons write to the new overlays");
+                Ok(())
+            }
+            // Nothing switched and every outcome known: the caller deletes the overlays.
+            Some((_, e))
+                if switched == 0
+                    && !matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    )
+                    && failed.len() == 0 =>
+            {
+                Err(e)
+            }
+            Some((volume, e)) => Err(Error::Unavailable(format!(
+                "the live snapshot switched {switched} of {} volumes on this host; volume \
+                 {volume} failed ({e}); each volume is reconciled from its image locks when \
+                 it is next used",
+                work.len()
+            ))),
+        }
+    }
+
+    /// Whether a file system of a volume attached read-write here is mounted on this host:
+    /// then `freeze_filesystems` has something to freeze (the host plays the guest agent).
+    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        self.check_node(node_id)?;
+        Ok(!self.mounted_writable().await?.is_empty())
+    }
+
+    /// Freezes the file system of every volume attached read-write and mounted on this host
+    /// (`fsfreeze`, bounded; a marker per slot), as a guest agent freezes all of a guest's.
+    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+        self.check_node(node_id)?;
+        let mut freezes = self.freezes.lock().await;
+        if freezes.holders > 0 {
+            freezes.holders += 1;
+            return Ok(FsFreeze::Frozen(freezes.slots.len() as u32));
+        }
+        let mounted = self.mounted_writable().await?;
+        if mounted.is_empty() {
+            return Ok(FsFreeze::NoAgent);
+        }
+        // Counted before the freeze: the caller thaws after any outcome but NoAgent.
+        freezes.holders = 1;
+        let all = mounted.len();
+        for (slot, mount) in mounted {
+            if let Some(frozen) = fsfreeze::freeze(&slot, &mount).await {
+                freezes.slots.insert(slot.key.clone());
+                drop(frozen); // thawed through its marker by `thaw_filesystems`
+            }
+        }
+        let n = freezes.slots.len();
+        if n < all {
+            return Err(Error::internal(format!(
+                "{} of {all} file systems of volumes attached to this host could not be frozen",
+                all - n
+            )));
+        }
+        Ok(FsFreeze::Frozen(n as u32))
+    }
+
+    /// Thaws what `freeze_filesystems` froze, once its last holder is done; with none (a
+    /// restart), everything a marker names.
+    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+        self.check_node(node_id)?;
+        let mut freezes = self.freezes.lock().await;
+        freezes.holders = freezes.holders.saturating_sub(1);
+        if freezes.holders > 0 {
+            return Ok(());
+        }
+        freezes.slots.clear();
+        let dir = self.state_dir.clone();
+        let mut first_err = None;
+        for slot in exec::blocking(move || slot::list(&dir)).await? {
+            if let Err(e) = fsfreeze::thaw_marked(&slot).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn set_qos(&self, node_id: &str, volume_id: &VolumeId, qos: &Qos) -> Result<()> {

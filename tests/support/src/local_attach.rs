@@ -113,6 +113,23 @@ impl Env {
         self.plugin.controller().create(req).await.unwrap()
     }
 
+    /// A new volume named [`unique`]`(tag)` restored from snapshot `snapshot_id`, published to
+    /// this host: (volume, publish_context).
+    pub async fn restored(
+        &self,
+        tag: &str,
+        snapshot_id: &str,
+        cap: &csi::VolumeCapability,
+    ) -> (csi::Volume, Map) {
+        let req = csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap.clone()],
+            ..create_from_req(&unique(tag), 0, from_snapshot(snapshot_id))
+        };
+        let vol = self.plugin.controller().create(req).await.unwrap();
+        let ctx = self.controller_publish(&vol, cap, false).await;
+        (vol, ctx)
+    }
+
     /// ControllerPublish to this host, which must succeed: the publish_context.
     pub async fn controller_publish(
         &self,
@@ -350,6 +367,22 @@ pub fn write_file(dir: &str, name: &str, data: &[u8]) {
     let p = PathBuf::from(dir).join(name);
     std::fs::write(&p, data).unwrap();
     std::fs::File::open(&p).unwrap().sync_all().unwrap();
+}
+
+/// `e2fsck -fn` exits 0: the ext4 file system on `device` is clean (no journal to replay).
+pub fn assert_fsck_clean(device: &str) {
+    let out = std::process::Command::new("e2fsck")
+        .args(["-fn", device])
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {device}: {:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A MiB of `byte` written at the start of a block device (or file), synced.

@@ -1,0 +1,262 @@
+//! Live snapshots of volumes attached to this host (monolith, local attach: a
+//! qemu-storage-daemon FUSE export + loop device per volume), against the real things: the
+//! daemon switches its export to the new overlay over QMP while the file system stays mounted,
+//! the snapshot restores what was synced before it and nothing written after, its file system
+//! is clean (frozen around the switch), the volume keeps working, a plugin killed afterwards
+//! adopts the daemon whose active layer changed, and everything comes apart cleanly. Needs
+//! root.
+
+use std::path::Path;
+use std::time::Instant;
+use virtdisk_test_support::calls::{delete_group, expand, group_members, group_snapshot};
+use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::prelude::*;
+
+const SHORT_WAIT: &str = "[node]\ndevice_wait_secs = 2\n";
+
+/// CreateSnapshot of `vol`, which must succeed ready to use; prints how long it took.
+async fn snapshot(env: &Env, name: &str, vol: &csi::Volume) -> csi::Snapshot {
+    let started = Instant::now();
+    let snap = env
+        .plugin
+        .controller()
+        .snapshot(snapshot_req(&unique(name), &vol.volume_id))
+        .await
+        .unwrap();
+    eprintln!(
+        "CreateSnapshot {name} of an attached volume: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert!(snap.ready_to_use, "{snap:?}");
+    if let Some(line) = env
+        .plugin
+        .log()
+        .lines()
+        .rfind(|l| l.contains("live snapshot cut"))
+    {
+        eprintln!("  {line}");
+    }
+    snap
+}
+
+/// The image the slot of `vol` records as attached.
+fn recorded_image(env: &Env, vol: &csi::Volume) -> String {
+    let state = env
+        .plugin
+        .data_dir()
+        .join("localattach")
+        .join(key_of(&vol.volume_id))
+        .join("state.json");
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    rec["image"].as_str().unwrap().to_string()
+}
+
+fn read(dir: &str, name: &str) -> Option<Vec<u8>> {
+    std::fs::read(Path::new(dir).join(name)).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (vol, ctx) = env.attached("snap", 64 * MIB, &cap).await;
+    let (s, t) = (env.staging("snap"), env.target("snap"));
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    write_file(&t, "a.txt", b"before the snapshot");
+    let pid = env.daemon_pid(&vol).expect("a storage daemon");
+    let first_image = recorded_image(&env, &vol);
+
+    let snap = snapshot(&env, "snap-1", &vol).await;
+    // Repeated (a lost reply): the same snapshot, no second switch.
+    let again = env
+        .plugin
+        .controller()
+        .snapshot(snapshot_req(&unique("snap-1"), &vol.volume_id))
+        .await
+        .unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    assert_eq!(env.daemon_pid(&vol), Some(pid), "the same daemon serves on");
+    assert_ne!(
+        recorded_image(&env, &vol),
+        first_image,
+        "the slot records the overlay the daemon writes now"
+    );
+    let log = env.plugin.log();
+    assert!(
+        log.contains("the storage daemons write to the new overlays")
+            && log.contains("consistency=\"application-consistent\""),
+        "the switch ran with the file system frozen: {log}"
+    );
+    write_file(&t, "b.txt", b"after the snapshot");
+
+    // The snapshot holds A, not B, in a clean file system.
+    let (restored, rctx) = env.restored("snap-r", &snap.snapshot_id, &cap).await;
+    assert_fsck_clean(&rctx["devicePath"]);
+    let rs = env.staging("snap-r");
+    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
+    assert_eq!(
+        read(&rs, "a.txt").as_deref(),
+        Some(&b"before the snapshot"[..])
+    );
+    assert_eq!(read(&rs, "b.txt"), None, "written after the snapshot");
+    env.unstage_twice(&restored, &rs).await;
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+
+    // The original goes on.
+    assert_eq!(
+        read(&t, "b.txt").as_deref(),
+        Some(&b"after the snapshot"[..])
+    );
+    write_file(&t, "c.txt", b"still writable");
+
+    // kill -9: the restarted plugin adopts the daemon whose export moved to the overlay
+    // (its command line still names the first image).
+    env.plugin.kill();
+    env.plugin.restart().await;
+    assert_eq!(env.daemon_pid(&vol), Some(pid), "adopted, not restarted");
+    assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
+    assert!(
+        !env.plugin
+            .log()
+            .contains("does not serve what its slot records"),
+        "{}",
+        env.plugin.log()
+    );
+    // A second snapshot on the adopted daemon (a second overlay node), then online growth
+    // of the layer the export serves now.
+    write_file(&t, "d.txt", b"before the second snapshot");
+    let snap2 = snapshot(&env, "snap-2", &vol).await;
+    write_file(&t, "e.txt", b"after the second snapshot");
+    let grown = expand(&env.plugin, &vol.volume_id, 96 * MIB).await.unwrap();
+    assert!(grown >= 96 * MIB);
+    let dev = ctx["devicePath"].trim_start_matches("/dev/").to_string();
+    let size: u64 = std::fs::read_to_string(format!("/sys/block/{dev}/size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        size * 512,
+        96 * MIB as u64,
+        "the loop device sees the new size"
+    );
+    for f in ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt"] {
+        assert!(read(&t, f).is_some(), "{f}");
+    }
+
+    // Teardown: nothing left (no daemon, loop device or FUSE mount); snapshots go too.
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
+    for id in [&snap.snapshot_id, &snap2.snapshot_id] {
+        env.plugin.controller().remove_snapshot(id).await.unwrap();
+    }
+    env.finish(&vol).await;
+}
+
+/// A raw block volume (nothing mounted on this host: no freeze, a crash-consistent cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_an_attached_block_volume() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let (vol, ctx) = env.attached("snapblk", 16 * MIB, &cap).await;
+    let dev = ctx["devicePath"].clone();
+    block_write(&dev, 0x11);
+    let snap = snapshot(&env, "snapblk-1", &vol).await;
+    block_write(&dev, 0x22);
+    assert!(block_reads(&dev, 0x22));
+
+    let (restored, rctx) = env.restored("snapblk-r", &snap.snapshot_id, &cap).await;
+    assert!(
+        block_reads(&rctx["devicePath"], 0x11),
+        "the snapshot's data"
+    );
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+    env.plugin
+        .controller()
+        .remove_snapshot(&snap.snapshot_id)
+        .await
+        .unwrap();
+    env.finish(&vol).await;
+}
+
+/// Two mounted volumes of this host in one group: both file systems frozen, each daemon
+/// switched, the members restore one point of the writes, clean. A block volume with them is
+/// refused (its daemon would switch at its own moment), and nothing is switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshot_of_volumes_attached_to_this_host() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut vols = Vec::new();
+    for tag in ["grp-a", "grp-b"] {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
+        write_file(&staging, "a.txt", tag.as_bytes());
+        vols.push((vol, staging));
+    }
+    let ids: Vec<&str> = vols.iter().map(|(v, _)| v.volume_id.as_str()).collect();
+    let started = Instant::now();
+    let group = group_snapshot(&env.plugin, &unique("grp"), &ids)
+        .await
+        .unwrap();
+    eprintln!(
+        "CreateVolumeGroupSnapshot of 2 mounted volumes attached here: {} ms",
+        started.elapsed().as_millis()
+    );
+    let log = env.plugin.log();
+    let cut = log
+        .lines()
+        .rfind(|l| l.contains("live snapshot cut"))
+        .unwrap();
+    eprintln!("  {cut}");
+    assert!(
+        cut.contains("application-consistent") && cut.contains("2 file systems frozen"),
+        "{cut}"
+    );
+    for (_, staging) in &vols {
+        write_file(staging, "b.txt", b"after the group snapshot");
+    }
+    let members = group_members(&env.plugin, &group).await.unwrap();
+    assert_eq!(members.len(), 2);
+    for (i, (member, tag)) in members.iter().zip(["grp-a", "grp-b"]).enumerate() {
+        let (restored, rctx) = env.restored(&format!("grp-r{i}"), member, &cap).await;
+        assert_fsck_clean(&rctx["devicePath"]);
+        let rs = env.staging(&format!("grp-r{i}"));
+        env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
+        assert_eq!(read(&rs, "a.txt").as_deref(), Some(tag.as_bytes()));
+        assert_eq!(read(&rs, "b.txt"), None);
+        env.unstage(&restored, &rs).await.unwrap();
+        env.controller_unpublish(&restored).await.unwrap();
+        env.delete(&restored).await;
+    }
+
+    // With a block volume (nothing frozen for it): FAILED_PRECONDITION, nothing switched.
+    let (blk, _) = env
+        .attached("grp-blk", 16 * MIB, &block_cap(Mode::SingleNodeWriter))
+        .await;
+    let before = recorded_image(&env, &vols[0].0);
+    let err = group_snapshot(&env.plugin, &unique("grp-2"), &[ids[0], &blk.volume_id])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("one at a time"), "{err:?}");
+    assert_eq!(recorded_image(&env, &vols[0].0), before, "not switched");
+    write_file(&vols[0].1, "c.txt", b"thawed and writable");
+
+    delete_group(&env.plugin, &group).await.unwrap();
+    for (vol, staging) in &vols {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+    env.finish(&blk).await;
+}
