@@ -183,7 +183,8 @@ fn dead_reason(
     };
     match sysfs.loop_backing_identity(loop_name) {
         Ok((dev, _)) if dev != m.dev() => Some(format!(
-            "/dev/{loop_name} reads an export that is gone (device {}:{}), not the live one at              {} (device {}:{})",
+            "/dev/{loop_name} reads an export that is gone (device {}:{}), not the live one at \
+             {} (device {}:{})",
             dev.0,
             dev.1,
             export.display(),
