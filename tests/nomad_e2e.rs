@@ -3,8 +3,8 @@
 //! under raw_exec on this host (their Nomad 1.1 variants, `nomad-jobs/nomad-1.1/`), volumes
 //! are created from the volume specs, and `exec` tasks (user `nobody`) claim them, write, stop
 //! and read back. After every stop, nothing of the volume is left on the host (claim, mount,
-//! loop device, storage daemon). The monolith is restarted the ways Nomad restarts a task
-//! while a task writes through it.
+//! loop device, storage daemon). A claimed volume is snapshotted while its task writes, and
+//! the monolith is restarted the ways Nomad restarts a task while a task writes through it.
 //!
 //! Required in CI (`CI` set): without root, FUSE, loop devices, qemu-storage-daemon, busybox
 //! or the nomad binary the tests fail there, and say SKIPPED elsewhere.
@@ -14,8 +14,9 @@
 //! after it starts (Nomad probes a new plugin's socket at once, then every 5 s); the restart
 //! test waits for the job's restart delay (5 s) after the SIGKILL and for Nomad 1.1's node
 //! connection to recover (a few seconds, see the test). A claim takes 0.3-0.9 s from `job run`
-//! to a running task, a release 0.1-0.3 s from `job stop`. The agent config makes exec tasks
-//! start in milliseconds instead of ~12 s (a busybox chroot instead of copying /usr).
+//! to a running task, a release 0.1-0.3 s from `job stop`; the live snapshot and its restore
+//! add ~2 s to the monolith test, which ends before the restart test. The agent config makes
+//! exec tasks start in milliseconds instead of ~12 s (a busybox chroot instead of copying /usr).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -420,11 +421,91 @@ fn target_on_host(dep: &Deployment, alloc: &str, vol: &Vol) -> PathBuf {
     entries.pop().unwrap()
 }
 
+/// The snapshot `nomad volume snapshot create` of `vol` made, from its output: its whole id,
+/// from the API's list. The CLI shows 12 characters of the id (Nomad 1.1); `nomad volume
+/// snapshot list -plugin P` of Nomad 1.1 refuses to run once two plugins exist ("Prefix
+/// matched multiple plugins", nomad#12194): the API lists them.
+fn snapshot_listed(agent: &Agent, dep: &Deployment, vol: &Vol, out: &str) -> String {
+    let snaps = agent
+        .get(&format!("/v1/volumes/snapshot?plugin_id={}", dep.plugin_id))
+        .unwrap();
+    let ids: Vec<&str> = snaps["Snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["ExternalSourceVolumeID"] == vol.external_id.as_str())
+        .filter_map(|s| s["ID"].as_str())
+        .collect();
+    ids.iter()
+        .find(|id| out.contains(&id[..12]))
+        .unwrap_or_else(|| panic!("no snapshot of {} listed ({ids:?}) is in: {out}", vol.id))
+        .to_string()
+}
+
+/// `snapshot` of the deployment's plugin restored with volume-from-snapshot.hcl as volume `id`,
+/// claimed (writer) by the consumer job `<id>-reader` running `script`: the volume and the
+/// running allocation.
+fn restore_and_claim(
+    agent: &Agent,
+    dep: &Deployment,
+    snapshot: &str,
+    id: &str,
+    script: &str,
+) -> (Vol, String) {
+    let vol = create_as(
+        agent,
+        "volume-from-snapshot.hcl",
+        id,
+        &[("plugin_id", &dep.plugin_id), ("snapshot_id", snapshot)],
+    );
+    let alloc = run_consumer(
+        agent,
+        &format!("{id}-reader"),
+        &vol.id,
+        Claim::Write,
+        script,
+    );
+    (vol, alloc)
+}
+
+/// A task script that appends `line N` (N = 1, 2, …) to /data/seq every `interval` seconds,
+/// syncs the file and prints `ack N` (`error at N` when the append or the sync failed), until
+/// the task is stopped.
+fn appender(interval: &str) -> String {
+    format!(
+        "trap 'exit 0' INT TERM\n\
+         i=1\n\
+         while :; do\n\
+           if echo \"line $i\" >> /data/seq && sync -d /data/seq; then echo \"ack $i\"; else echo \"error at $i\"; fi\n\
+           i=$((i+1)); sleep {interval}\n\
+         done"
+    )
+}
+
+/// The last line the [`appender`] task of `alloc` acknowledged (0: none yet); panics if it
+/// saw an error.
+fn last_ack(agent: &Agent, alloc: &str) -> i64 {
+    let out = agent.task_stdout(alloc, "app");
+    assert!(!out.contains("error"), "the writer saw an error:\n{out}");
+    out.lines()
+        .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A task script that reads /data/seq (as the [`appender`] writes it) and prints `bad line
+/// N: …` for the first line that is not `line N` (torn, missing, out of order), then
+/// `lines <count>`.
+const SEQ_CHECK: &str = "awk '$0 != \"line \" NR { print \"bad line \" NR \": \" $0; exit 1 } \
+                         END { print \"lines \" NR }' /data/seq";
+
 /// The monolith with no config: an ext4 volume from volume-local.hcl is claimed by a writer
 /// (the task's file is read on the host through the plugin's mount, and a file the host
-/// writes there is read by the task), released, read back by a second job, claimed read-only
-/// (writes refused); an xfs and a block volume; every volume deleted. After every stop
-/// nothing of the volume is left on the host.
+/// writes there is read by the task), snapshotted with the CLI while the writer appends and
+/// syncs a line every 100 ms (the restore, claimed by a second job, holds a complete prefix of
+/// the lines; the writer goes on), released, read back by a third job, claimed read-only
+/// (writes refused), snapshotted unclaimed and restored; an xfs and a block volume; every
+/// volume deleted. After every stop nothing of the volume is left on the host.
 #[test]
 fn monolith_lifecycle_with_volume_local_hcl() {
     let Some(agent) = Agent::shared() else { return };
@@ -443,6 +524,8 @@ fn monolith_lifecycle_with_volume_local_hcl() {
 
     step("a writer task (nobody: the volume's rootUid) and the host see the same files, both ways");
     let token = format!("token-{}", std::process::id());
+    // Then the task appends `line N` (N = 1, 2, …) to /data/seq every 100 ms, syncs it and
+    // prints `ack N`, until it is stopped.
     let alloc = run_consumer(
         &agent,
         "local-writer",
@@ -450,7 +533,9 @@ fn monolith_lifecycle_with_volume_local_hcl() {
         Claim::Write,
         &format!(
             "id; echo {token} > /data/from-task && sync && echo wrote\n\
-             until [ -f /data/from-host ]; do sleep 0.1; done; echo \"host says $(cat /data/from-host)\""
+             until [ -f /data/from-host ]; do sleep 0.1; done; echo \"host says $(cat /data/from-host)\"\n\
+             {}",
+            appender("0.1")
         ),
     );
     agent.wait_line(&alloc, "app", "wrote");
@@ -470,17 +555,85 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     assert!(agent
         .task_stdout(&alloc, "app")
         .contains("uid=65534(nobody)"));
-    stop_and_release(&agent, &dep, "local-writer", &vol);
 
-    step("a second job reads the data back");
+    step("snapshot create (CLI) of the claimed volume while its task appends and syncs a line every 100 ms");
+    let acked = |agent: &Agent| last_ack(agent, &alloc);
+    agent.wait_line(&alloc, "app", "ack 5");
+    let acked_before = acked(&agent);
+    let out = agent.nomad_ok(&["volume", "snapshot", "create", "local-fs", "local-live"]);
+    let acked_after = acked(&agent);
+    let live_snap = snapshot_listed(&agent, &dep, &vol, &out);
+    // The plugin's account of the cut: the host froze the file system around it.
+    let plugin_alloc = agent.allocs(&dep.jobs[0])[0]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Its stderr reaches Nomad's log a moment after the RPC answered.
+    let cut = agent.wait_for("the plugin logged the cut", Duration::from_secs(10), || {
+        let log = agent.get_text(&format!(
+            "/v1/client/fs/logs/{plugin_alloc}?task=plugin&type=stderr&origin=start&offset=0&plain=true"
+        ))?;
+        log.lines()
+            .rfind(|l| l.contains("live snapshot cut"))
+            .map(str::to_string)
+            .ok_or(format!("no live cut in:\n{log}"))
+    });
+    assert!(cut.contains("application-consistent"), "{cut}");
+    step(format!(
+        "snapshot {live_snap} cut between ack {acked_before} and ack {acked_after}: {cut}"
+    ));
+    step("restore it with volume-from-snapshot.hcl; a second job reads it");
+    let (live_restored, reader) = restore_and_claim(
+        &agent,
+        &dep,
+        &live_snap,
+        "local-live-restored",
+        &format!(
+            "{SEQ_CHECK}\n\
+             if [ -z \"$(tail -c 1 /data/seq)\" ]; then echo 'end: newline'; else echo 'end: torn'; fi\n\
+             echo \"read $(cat /data/from-task)\""
+        ),
+    );
+    assert_eq!(agent.wait_line(&reader, "app", "read"), token);
+    let out = agent.task_stdout(&reader, "app");
+    let lines: i64 = agent.wait_line(&reader, "app", "lines").parse().unwrap();
+    assert!(!out.contains("bad line"), "{out}");
+    assert_eq!(agent.wait_line(&reader, "app", "end:"), "newline", "{out}");
+    // Every line acknowledged before the request is in the snapshot; none written after it
+    // returned (the line being written then may or may not be).
+    assert!(
+        (acked_before..=acked_after + 1).contains(&lines),
+        "the snapshot holds lines 1..={lines}, acknowledged {acked_before} before it and {acked_after} after it"
+    );
+    step(format!(
+        "the restored volume holds lines 1..={lines}, complete and consecutive; the writer goes on"
+    ));
+    agent.wait_for("the writer goes on", Duration::from_secs(30), || {
+        let now = acked(&agent);
+        (now >= acked_after + 10)
+            .then_some(())
+            .ok_or(format!("acked {now}, {acked_after} at the snapshot"))
+    });
+    stop_and_release(&agent, &dep, "local-live-restored-reader", &live_restored);
+    agent.nomad_ok(&["volume", "snapshot", "delete", &dep.plugin_id, &live_snap]);
+    stop_and_release(&agent, &dep, "local-writer", &vol);
+    let last = acked(&agent);
+
+    step(format!(
+        "a second job reads the data back (and every acknowledged line, 1..={last})"
+    ));
     let alloc = run_consumer(
         &agent,
         "local-reader",
         &vol.id,
         Claim::Write,
-        "echo \"read $(cat /data/from-task)\"",
+        &format!("{SEQ_CHECK}\necho \"read $(cat /data/from-task)\""),
     );
     assert_eq!(agent.wait_line(&alloc, "app", "read"), token);
+    let out = agent.task_stdout(&alloc, "app");
+    let lines: i64 = agent.wait_line(&alloc, "app", "lines").parse().unwrap();
+    assert!(!out.contains("bad line"), "{out}");
+    assert!(lines >= last, "{lines} lines, {last} acknowledged");
     stop_and_release(&agent, &dep, "local-reader", &vol);
 
     step("a read-only claim reads and cannot write");
@@ -507,31 +660,12 @@ fn monolith_lifecycle_with_volume_local_hcl() {
 
     step("snapshot create / list (CLI), restore with volume-from-snapshot.hcl, delete");
     let out = agent.nomad_ok(&["volume", "snapshot", "create", "local-fs", "local-snap"]);
-    let snaps = agent
-        .get(&format!("/v1/volumes/snapshot?plugin_id={}", dep.plugin_id))
-        .unwrap();
-    let snap = snaps["Snapshots"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["ExternalSourceVolumeID"] == vol.external_id.as_str())
-        .expect("the snapshot is listed");
-    let snap_id = snap["ID"].as_str().unwrap().to_string();
-    // The CLI shows 12 characters of the id (Nomad 1.1). `nomad volume snapshot list
-    // -plugin P` of Nomad 1.1 refuses to run once two plugins exist ("Prefix matched multiple
-    // plugins", nomad#12194): the API lists them.
-    assert!(out.contains(&snap_id[..12]), "{out}");
-    let restored = create_as(
+    let snap_id = snapshot_listed(&agent, &dep, &vol, &out);
+    let (restored, alloc) = restore_and_claim(
         &agent,
-        "volume-from-snapshot.hcl",
+        &dep,
+        &snap_id,
         "local-restored",
-        &[("plugin_id", &dep.plugin_id), ("snapshot_id", &snap_id)],
-    );
-    let alloc = run_consumer(
-        &agent,
-        "local-restored-reader",
-        &restored.id,
-        Claim::Write,
         "echo \"read $(cat /data/from-task)\"",
     );
     assert_eq!(agent.wait_line(&alloc, "app", "read"), token);
@@ -597,7 +731,7 @@ fn monolith_lifecycle_with_volume_local_hcl() {
     stop_and_release(&agent, &dep, "local-block-user", &block);
 
     step("volume delete: the plugin deletes the images");
-    for v in [&vol, &restored, &xfs, &block] {
+    for v in [&vol, &live_restored, &restored, &xfs, &block] {
         delete(&agent, &dep, v);
     }
 }
@@ -830,21 +964,9 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
         "local-survivor-writer",
         &vol.id,
         Claim::Write,
-        "trap 'exit 0' INT TERM\n\
-         i=0\n\
-         while :; do\n\
-           if echo \"line $i\" >> /data/log && sync; then echo \"ack $i\"; else echo \"error at $i\"; fi\n\
-           i=$((i+1)); sleep 0.05\n\
-         done",
+        &appender("0.05"),
     );
-    let acked = |agent: &Agent| -> i64 {
-        let out = agent.task_stdout(&alloc, "app");
-        assert!(!out.contains("error"), "the writer saw an error:\n{out}");
-        out.lines()
-            .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
-            .max()
-            .unwrap_or(-1)
-    };
+    let acked = |agent: &Agent| last_ack(agent, &alloc);
     agent.wait_line(&alloc, "app", "ack 10");
     let daemon = || host::processes_with(&["qemu-storage-daemon", vol.key()]);
     let daemons = daemon();
@@ -931,18 +1053,18 @@ fn monolith_restarts_keep_a_claimed_volume_working() {
     }
     assert_released(&agent, &dep, &vol);
 
-    step(format!("every acknowledged line reads back (0..={last})"));
+    step(format!("every acknowledged line reads back (1..={last})"));
     let alloc = run_consumer(
         &agent,
         "local-survivor-reader",
         &vol.id,
         Claim::ReadOnly,
-        "awk '$2 != NR - 1 { print \"gap at line \" NR \": \" $0; exit 1 } END { print \"lines \" NR }' /data/log",
+        SEQ_CHECK,
     );
     let lines: i64 = agent.wait_line(&alloc, "app", "lines").parse().unwrap();
     let out = agent.task_stdout(&alloc, "app");
-    assert!(!out.contains("gap"), "{out}");
-    assert!(lines > last, "{lines} lines, {last} acknowledged");
+    assert!(!out.contains("bad line"), "{out}");
+    assert!(lines >= last, "{lines} lines, {last} acknowledged");
     stop_and_release(&agent, &dep, "local-survivor-reader", &vol);
     delete(&agent, &dep, &vol);
 }
