@@ -547,15 +547,17 @@ async fn snapshots_create_list_paged_delete_restore() {
     let vol = n.volume_create(&spec).await.unwrap();
     let a = claim_ok(n, &vol, &rw()).await;
     write(&a.target, "v", b"version 1");
-    // Attached read-write on this host (local attach cannot switch layers live): refused,
-    // terminal for Nomad, with what to do.
-    let e = n
-        .snapshot_create(&vol, &unique("busy"), Default::default())
+    // Attached read-write on this host: local attach switches the layer live (the volume's
+    // storage daemon moves its export onto a new overlay), the claim goes on.
+    let live = n
+        .snapshot_create(&vol, &unique("live"), Default::default())
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
-    assert!(e.message().contains("unpublish"), "{}", e.message());
+        .unwrap();
+    assert!(live.is_ready);
+    assert_eq!(live.external_source_volume_id, vol.external_id);
+    write(&a.target, "after", b"written after the live snapshot");
     n.stop(&a).await.assert_all_ok("stop");
+    n.snapshot_delete(&live.id).await.unwrap();
 
     let first = n
         .snapshot_create(&vol, &unique("s0"), params(&[("note", "nightly")]))
