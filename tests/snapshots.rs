@@ -464,6 +464,37 @@ async fn raw_volumes_cannot_be_snapshotted() {
     assert_eq!(layer_files(&p.pool_dir()).len(), 1);
 }
 
+/// A request on a volume whose lock the background flattener holds for a step waits for the
+/// step instead of answering ABORTED: the CO has no operation pending on the volume, and Nomad
+/// takes ABORTED from CreateSnapshot (and ControllerPublishVolume) as final. The debug build's
+/// pause failpoint holds the flattener at its job record, with the volume's lock, for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_out_a_flattening_step_instead_of_aborted() {
+    use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+    let config = "[libvirt]\nenabled = false\n[snapshots]\nmax_chain_depth = 2\n";
+    let env = [(ENV, "flatten.job-written"), (PAUSE_ENV, "3000")];
+    let p = Plugin::start_with_env("controller", config, &[], &env).await;
+    let vol = create(&p, "busy-src", VOL).await;
+    for name in ["busy-s1", "busy-s2"] {
+        snapshot(&p, name, &vol.volume_id).await.expect(name);
+    }
+    // Depth 3 > 2: the flattener writes its job (with the volume's lock) and pauses there.
+    let jobs = p.pool_dir().join("flatten");
+    wait_until(&p, 30, "no flattening job", || {
+        std::fs::read_dir(&jobs).is_ok_and(|mut d| d.next().is_some())
+    })
+    .await;
+    let started = Instant::now();
+    let snap = snapshot(&p, "busy-s3", &vol.volume_id)
+        .await
+        .unwrap_or_else(|e| panic!("a flattening step is waited out, not {e:?}"));
+    assert!(snap.ready_to_use);
+    eprintln!(
+        "CreateSnapshot waited {} ms for the flattening step",
+        started.elapsed().as_millis()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_chains_are_flattened_in_the_background_and_read_right() {
     let config = "[snapshots]\nmax_chain_depth = 3\n";
@@ -475,12 +506,12 @@ async fn deep_chains_are_flattened_in_the_background_and_read_right() {
     let mut snaps = Vec::new();
     for gen in 0..6u64 {
         write_pattern(&image_of(&p, &vol.volume_id), 0x10 + gen as u8, gen * M, M);
-        // Snapshots may meet an in-flight flattening switch on the volume (ABORTED), or a chain
-        // at twice the limit waiting for the flattener (UNAVAILABLE): retry, as a CO does.
+        // A snapshot waits out a flattening step on the volume (never ABORTED), but a chain at
+        // twice the limit waits for the flattener (UNAVAILABLE): retry, as a CO does.
         let snap = loop {
             match snapshot(&p, &format!("deep-s{gen}"), &vol.volume_id).await {
                 Ok(s) => break s,
-                Err(e) if matches!(e.code(), Code::Aborted | Code::Unavailable) => {
+                Err(e) if e.code() == Code::Unavailable => {
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 Err(e) => panic!("snapshot: {e:?}"),

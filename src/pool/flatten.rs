@@ -11,7 +11,7 @@
 //! job finished. Attached volumes wait until they are unpublished (a live block-stream belongs
 //! to the hypervisor backend).
 
-use super::layers::sync_file;
+use super::layers::{sync_file, MaintenanceMark};
 use super::record::{now_secs, FlattenJob, FlattenState, RecordState, SCHEMA};
 use super::store::{ObjectLock, Slot};
 use super::{qemu_img, Pool, Pools};
@@ -194,6 +194,20 @@ impl Pools {
         self.switch(pool, key, &mut job).await
     }
 
+    /// Takes the volume's lock without waiting (`None`: busy), marked as background
+    /// maintenance from before the try until the mark is dropped (after the lock): a request
+    /// finding the lock busy meanwhile waits for the step instead of answering ABORTED.
+    async fn try_lock_volume(
+        &self,
+        pool: &Arc<Pool>,
+        key: u64,
+    ) -> Result<Option<(ObjectLock, MaintenanceMark)>> {
+        let mark = self.layers.maintenance.mark(pool.volume_id(key));
+        Ok(try_lock(pool, Slot::Volume(key))
+            .await?
+            .map(|held| (held, mark)))
+    }
+
     /// Step 1: a job an earlier round left half-way is finished or undone first.
     async fn settle_leftover_job(&self, pool: &Arc<Pool>, key: u64) -> Result<Option<Outcome>> {
         let p = pool.clone();
@@ -201,7 +215,7 @@ impl Pools {
         if !leftover {
             return Ok(None);
         }
-        let Some(held) = try_lock(pool, Slot::Volume(key)).await? else {
+        let Some((held, _mark)) = self.try_lock_volume(pool, key).await? else {
             return Ok(Some(Outcome::Busy));
         };
         let p = pool.clone();
@@ -220,7 +234,7 @@ impl Pools {
         pool: &Arc<Pool>,
         key: u64,
     ) -> Result<std::result::Result<FlattenJob, Outcome>> {
-        let Some(held) = try_lock(pool, Slot::Volume(key)).await? else {
+        let Some((held, _mark)) = self.try_lock_volume(pool, key).await? else {
             return Ok(Err(Outcome::Busy));
         };
         let p = pool.clone();
@@ -276,8 +290,8 @@ impl Pools {
     /// change meanwhile.
     async fn switch(&self, pool: &Arc<Pool>, key: u64, job: &mut FlattenJob) -> Result<Outcome> {
         let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
-        let held = loop {
-            match try_lock(pool, Slot::Volume(key)).await? {
+        let (held, _mark) = loop {
+            match self.try_lock_volume(pool, key).await? {
                 Some(held) => break held,
                 None if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await

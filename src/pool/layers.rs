@@ -42,6 +42,9 @@ pub(super) struct LayerContext {
     pub(super) max_chain_depth: usize,
     /// Wakes the background flattener when a chain grew past the limit.
     pub(super) wake: Arc<Notify>,
+    /// Volumes whose lock the background flattener of this process is taking or holding
+    /// (see [`Maintenance`]).
+    pub(super) maintenance: Maintenance,
 }
 
 impl Default for LayerContext {
@@ -50,6 +53,58 @@ impl Default for LayerContext {
             attachments: Attachments::default(),
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             wake: Arc::new(Notify::new()),
+            maintenance: Maintenance::default(),
+        }
+    }
+}
+
+/// The volumes (by id) whose lock this process's background work (the flattener) is taking or
+/// holding for a brief step. A CO's request that finds such a volume's lock busy waits for the
+/// step to end (at most [`Maintenance::WAIT`]) instead of answering ABORTED: the CO has no
+/// operation pending on it, and Nomad treats ABORTED from ControllerPublishVolume or
+/// CreateSnapshot as final (the claim, or the snapshot, fails).
+#[derive(Clone, Default)]
+pub(super) struct Maintenance {
+    marks: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// A volume marked as under background maintenance until dropped.
+pub(super) struct MaintenanceMark {
+    marks: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    volume_id: String,
+}
+
+impl Maintenance {
+    /// Longest a request waits for a background step on its volume to end; the steps hold the
+    /// volume's lock for a record read and write and a look at the attachments.
+    pub(super) const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+    /// Marks `volume_id` (before its lock is tried, so that no request sees the lock busy
+    /// without the mark) until the mark is dropped.
+    pub(super) fn mark(&self, volume_id: String) -> MaintenanceMark {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        *marks.entry(volume_id.clone()).or_default() += 1;
+        MaintenanceMark {
+            marks: self.marks.clone(),
+            volume_id,
+        }
+    }
+
+    /// Whether background work of this process is taking or holding the volume's lock.
+    pub(super) fn is_marked(&self, volume_id: &str) -> bool {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.contains_key(volume_id)
+    }
+}
+
+impl Drop for MaintenanceMark {
+    fn drop(&mut self) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = marks.get_mut(&self.volume_id) {
+            *n -= 1;
+            if *n == 0 {
+                marks.remove(&self.volume_id);
+            }
         }
     }
 }

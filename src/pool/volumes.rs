@@ -1,7 +1,7 @@
 //! The volume lifecycle across all configured pools: create (idempotent by name), delete,
 //! offline expansion and capacity, and the per-volume lock every operation on a volume holds.
 
-use super::layers::LayerContext;
+use super::layers::{LayerContext, Maintenance};
 use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
 use super::store::{Index, Layer, ObjectLock, Slot};
 use super::{qcow2, qemu_img, Pool};
@@ -14,6 +14,9 @@ use crate::model::{Capability, ContentSource, ImageFormat};
 use crate::params::VolumeParams;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// How often a request waiting out a background step on its volume tries the lock again.
+const MAINTENANCE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub(crate) const MIB: u64 = 1 << 20;
 /// The largest volume: qcow2 with 64 KiB clusters stops at 2 PiB, and sizes near 2^63 overflow
@@ -210,11 +213,26 @@ impl Pools {
 
     /// Takes the lock of a volume: ABORTED while another operation (of any process sharing
     /// the pool) holds it, `Ok(None)` when its pool is not configured here. Finishes or
-    /// undoes a change to the volume that a crashed process left half done.
+    /// undoes a change to the volume that a crashed process left half done. A brief step of
+    /// this process's background flattener on the volume is waited out (bounded), not
+    /// answered ABORTED: no operation of the CO is pending on the volume.
     pub(crate) async fn lock_volume(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
-        let pools = self.clone();
-        let id = id.clone();
-        exec::blocking(move || pools.lock_volume_blocking(&id)).await
+        let started = tokio::time::Instant::now();
+        loop {
+            let (pools, vid) = (self.clone(), id.clone());
+            let res = exec::blocking(move || pools.lock_volume_blocking(&vid)).await;
+            match res {
+                Err(Error::Aborted(_))
+                    if started.elapsed() < Maintenance::WAIT
+                        && self.locate_volume(id).is_some_and(|(pool, key)| {
+                            self.layers.maintenance.is_marked(&pool.volume_id(key))
+                        }) =>
+                {
+                    tokio::time::sleep(MAINTENANCE_POLL).await
+                }
+                res => return res,
+            }
+        }
     }
 
     /// `lock_volume`, blocking.
