@@ -260,3 +260,99 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
     }
     env.finish(&blk).await;
 }
+
+/// Writes and fsyncs a small file in `dir` over and over until `stop`; (writes done, the
+/// longest one).
+fn keep_writing(
+    dir: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, std::time::Duration)> {
+    std::thread::spawn(move || {
+        let (mut n, mut longest) = (0u64, std::time::Duration::ZERO);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let started = Instant::now();
+            write_file(&dir, "busy.txt", format!("write {n}").as_bytes());
+            longest = longest.max(started.elapsed());
+            n += 1;
+        }
+        (n, longest)
+    })
+}
+
+/// A snapshot of one volume freezes only that volume's file system: another volume mounted on
+/// this host, written the whole time, is never frozen (the log lists what was frozen) and its
+/// writes never stall; the snapshot is still application-consistent (a clean restore).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_freezes_only_its_own_volume() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut vols = Vec::new();
+    for tag in ["only-a", "only-b"] {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
+        vols.push((vol, staging));
+    }
+    let ((a, sa), (b, sb)) = (&vols[0], &vols[1]);
+    write_file(sa, "a.txt", b"before the snapshot");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = keep_writing(sb.clone(), stop.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let snap = snapshot(&env, "only-a-1", a).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, longest) = writer.join().unwrap();
+    eprintln!(
+        "writes to the other volume meanwhile: {writes}, the longest {} ms",
+        longest.as_millis()
+    );
+    assert!(writes > 0);
+
+    let log = env.plugin.log();
+    let frozen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("file systems of the snapshot's volumes frozen"))
+        .collect();
+    assert_eq!(frozen.len(), 1, "{log}");
+    eprintln!("  {}", frozen[0]);
+    assert!(
+        frozen[0].contains(sa.as_str()) && !frozen[0].contains(sb.as_str()),
+        "only the snapshot's file system is frozen: {}",
+        frozen[0]
+    );
+    let cut = log
+        .lines()
+        .rfind(|l| l.contains("live snapshot cut"))
+        .unwrap();
+    assert!(
+        cut.contains("application-consistent") && cut.contains("1 file systems frozen"),
+        "{cut}"
+    );
+    assert!(!log.contains("guest agent"), "{log}");
+
+    let (restored, rctx) = env.restored("only-a-r", &snap.snapshot_id, &cap).await;
+    assert_fsck_clean(&rctx["devicePath"]);
+    let rs = env.staging("only-a-r");
+    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
+    assert_eq!(
+        read(&rs, "a.txt").as_deref(),
+        Some(&b"before the snapshot"[..])
+    );
+    assert_eq!(read(&rs, "busy.txt"), None, "the other volume's file");
+    env.unstage(&restored, &rs).await.unwrap();
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+    env.plugin
+        .controller()
+        .remove_snapshot(&snap.snapshot_id)
+        .await
+        .unwrap();
+    for (vol, staging) in [(a, sa), (b, sb)] {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+}
