@@ -356,3 +356,82 @@ async fn a_snapshot_freezes_only_its_own_volume() {
         env.delete(vol).await;
     }
 }
+
+/// `write_file` in a thread: whether it completed within `limit` (a frozen file system or a
+/// stopped daemon blocks it; the thread is left behind then).
+fn writes_within(dir: &str, name: &str, limit: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dir, name) = (dir.to_string(), name.to_string());
+    std::thread::spawn(move || {
+        write_file(&dir, &name, b"written");
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).is_ok()
+}
+
+/// A group whose member's storage daemon hangs (SIGSTOPped with dirty data): the snapshot
+/// fails without holding the healthy member's file system frozen (its writes go on at once),
+/// and once the daemon runs again both volumes work and come apart cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_does_not_keep_the_others_frozen() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let mut vols = Vec::new();
+    for tag in ["hung-a", "hung-b"] {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
+        vols.push((vol, staging));
+    }
+    let ((a, sa), (b, sb)) = (&vols[0], &vols[1]);
+    // Dirty data in A's page cache: its freeze has to write it out through the daemon.
+    std::fs::write(Path::new(sa).join("dirty.bin"), vec![7u8; 8 * MIB as usize]).unwrap();
+    let stopped = env.stop_daemon(a);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = keep_writing(sb.clone(), stop.clone());
+
+    let started = Instant::now();
+    let ids = [a.volume_id.as_str(), b.volume_id.as_str()];
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        group_snapshot(&env.plugin, &unique("hung-grp"), &ids),
+    )
+    .await
+    .expect("the group snapshot answers");
+    eprintln!(
+        "CreateVolumeGroupSnapshot with a stopped member: {} ms, {:?}",
+        started.elapsed().as_millis(),
+        res.as_ref().map_err(|e| e.code())
+    );
+    // B is not frozen once the call returned: a write completes at once.
+    assert!(writes_within(sb, "after.txt", std::time::Duration::from_secs(1)));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, longest) = writer.join().unwrap();
+    eprintln!(
+        "writes to the healthy member meanwhile: {writes}, the longest {} ms",
+        longest.as_millis()
+    );
+    let err = res.expect_err("a member's daemon does not answer");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&a.volume_id), "{err:?}");
+    let log = env.plugin.log();
+    for l in log.lines().filter(|l| {
+        l.contains("live snapshot cut") || l.contains("frozen") || l.contains("not answering")
+    }) {
+        eprintln!("  {l}");
+    }
+    assert!(!log.contains("guest agent"), "{log}");
+
+    stopped.resume();
+    assert!(
+        writes_within(sa, "after.txt", std::time::Duration::from_secs(30)),
+        "the stopped member is thawed once its daemon runs again"
+    );
+    for (vol, staging) in [(a, sa), (b, sb)] {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+}
