@@ -520,14 +520,20 @@ async fn a_stopped_daemon_is_reported_not_waited_for() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    eprintln!("ListVolumes with a stopped storage daemon: {} ms", took.as_millis());
+    eprintln!(
+        "ListVolumes with a stopped storage daemon: {} ms",
+        took.as_millis()
+    );
     assert!(
         first.abnormal && first.message.contains("storage daemon not answering"),
         "{first:?}"
     );
     // The hung probe is outstanding: the next calls do not wait for it.
     let (again, took) = listed_condition(&env, &vol).await;
-    eprintln!("ListVolumes again (probe outstanding): {} ms", took.as_millis());
+    eprintln!(
+        "ListVolumes again (probe outstanding): {} ms",
+        took.as_millis()
+    );
     assert!(again.abnormal, "{again:?}");
     assert!(took < Duration::from_secs(2), "waited {took:?} again");
     let got = env
@@ -546,9 +552,10 @@ async fn a_stopped_daemon_is_reported_not_waited_for() {
     let started = Instant::now();
     let snap = tokio::time::timeout(
         Duration::from_secs(30),
-        env.plugin
-            .controller()
-            .snapshot(snapshot_req(&unique("stopped-other-snap"), &other.volume_id)),
+        env.plugin.controller().snapshot(snapshot_req(
+            &unique("stopped-other-snap"),
+            &other.volume_id,
+        )),
     )
     .await
     .expect("CreateSnapshot answers")

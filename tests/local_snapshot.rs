@@ -406,7 +406,11 @@ async fn a_hung_member_does_not_keep_the_others_frozen() {
         res.as_ref().map_err(|e| e.code())
     );
     // B is not frozen once the call returned: a write completes at once.
-    assert!(writes_within(sb, "after.txt", std::time::Duration::from_secs(1)));
+    assert!(writes_within(
+        sb,
+        "after.txt",
+        std::time::Duration::from_secs(1)
+    ));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (writes, longest) = writer.join().unwrap();
     eprintln!(
@@ -423,6 +427,17 @@ async fn a_hung_member_does_not_keep_the_others_frozen() {
         eprintln!("  {l}");
     }
     assert!(!log.contains("guest agent"), "{log}");
+    // The healthy member was never frozen: nothing was (the stopped member's dirty data did
+    // not go out in time, so no freeze began), and nothing stays frozen.
+    assert!(
+        !log.contains("file systems of the snapshot's volumes frozen"),
+        "{log}"
+    );
+    let given_up = log
+        .lines()
+        .find(|l| l.contains("could not all be frozen"))
+        .expect("the freeze was given up");
+    assert!(given_up.contains("thawed=[]"), "{given_up}");
 
     stopped.resume();
     assert!(

@@ -408,8 +408,7 @@ impl Attachments {
             return Freeze::Failed(e.to_string());
         }
         let (backend, n, members) = (h.backend.clone(), node.clone(), h.members.clone());
-        let mut call =
-            tokio::spawn(async move { backend.freeze_filesystems(&n, &members).await });
+        let mut call = tokio::spawn(async move { backend.freeze_filesystems(&n, &members).await });
         let answered = tokio::time::timeout(timeout, &mut call).await;
         let outcome = match answered {
             Ok(Ok(r)) => r,
@@ -422,7 +421,8 @@ impl Attachments {
                 let members = h.members.clone();
                 tokio::spawn(async move {
                     let _ = call.await;
-                    this.release_node(&backend, &node, &members, true, false).await;
+                    this.release_node(&backend, &node, &members, true, false)
+                        .await;
                 });
                 return Freeze::Late;
             }
@@ -495,7 +495,10 @@ impl Attachments {
             let started = Instant::now();
             while started.elapsed() < RELEASE_RETRY_FOR {
                 tokio::time::sleep(RELEASE_RETRY_PAUSE).await;
-                if this.try_release(&backend, &node, &members, thaw, resume).await {
+                if this
+                    .try_release(&backend, &node, &members, thaw, resume)
+                    .await
+                {
                     return;
                 }
             }
@@ -556,7 +559,10 @@ impl Attachments {
                     match this.backend_for(&m.node_id).await {
                         Ok(Some(b)) => {
                             // Which volumes it held is not noted: everything.
-                            if this.try_release(b, &m.node_id, &[], m.frozen, m.paused).await {
+                            if this
+                                .try_release(b, &m.node_id, &[], m.frozen, m.paused)
+                                .await
+                            {
                                 return;
                             }
                         }

@@ -656,12 +656,12 @@ impl LocalAttacher {
     }
 
     /// Holds the file system of `slot` at `mount` frozen for one more snapshot (freezing it
-    /// when it is the first, bounded by `fsfreeze`); whether it is frozen now.
-    async fn hold_frozen(&self, slot: &Slot, mount: &Path) -> bool {
+    /// when it is the first and `freeze`, bounded by `fsfreeze`); whether it is frozen now.
+    async fn hold_frozen(&self, slot: &Slot, mount: &Path, freeze: bool) -> bool {
         let cell = self.slot_freeze(&slot.key);
         let mut st = cell.lock().await;
         st.holders += 1;
-        if st.holders == 1 {
+        if st.holders == 1 && freeze {
             // Thawed through its marker by `release_frozen`.
             st.frozen = fsfreeze::freeze(slot, mount).await.is_some();
         }
@@ -967,8 +967,10 @@ impl Attacher for LocalAttacher {
 
     /// Freezes the file systems of `members` mounted on this host, and only theirs (the other
     /// volumes' workloads never stall for this snapshot), in parallel, each bounded (`fsfreeze`,
-    /// a marker per slot). When one cannot be frozen in time, the others are thawed at once
-    /// (the snapshot is crash-consistent; nothing stays frozen waiting for the hung one).
+    /// a marker per slot). Their dirty data is written out first: when one does not finish in
+    /// time, none is frozen; when one cannot be frozen in time, the others are thawed at once.
+    /// Either way the snapshot is crash-consistent, and nothing stays frozen waiting for a
+    /// member whose daemon hangs.
     async fn freeze_filesystems(&self, node_id: &str, members: &[VolumeId]) -> Result<FsFreeze> {
         self.check_node(node_id)?;
         let mounted = self.mounted_members(members).await?;
@@ -976,11 +978,15 @@ impl Attacher for LocalAttacher {
             return Ok(FsFreeze::NoAgent);
         }
         // Every slot is held from here on: the caller thaws after any outcome but NoAgent.
+        // Nothing is frozen unless every member wrote its dirty data out in time.
         let started = Instant::now();
+        let synced =
+            futures_util::future::join_all(mounted.iter().map(|(_, m)| fsfreeze::sync(m))).await;
+        let freeze = synced.iter().all(|s| *s);
         let frozen = futures_util::future::join_all(
             mounted
                 .iter()
-                .map(|(slot, mount)| self.hold_frozen(slot, mount)),
+                .map(|(slot, mount)| self.hold_frozen(slot, mount, freeze)),
         )
         .await;
         let mounts = |want: bool| -> Vec<String> {
@@ -1008,8 +1014,8 @@ impl Attacher for LocalAttacher {
         }
         tracing::warn!(node = %node_id, not_frozen = ?failed, thawed = ?done,
             ms = started.elapsed().as_millis() as u64,
-            "file systems of the snapshot's volumes could not all be frozen; thawed the others \
-             at once");
+            "file systems of the snapshot's volumes could not all be frozen; none stays frozen \
+             (those frozen are thawed at once)");
         Err(Error::internal(format!(
             "{} of {} file systems of the snapshot's volumes could not be frozen: {}",
             failed.len(),

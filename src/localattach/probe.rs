@@ -94,7 +94,9 @@ mod tests {
                     assert_eq!(v, 2);
                     break;
                 }
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 Err(e) => panic!("{e}"),
             }
         }
