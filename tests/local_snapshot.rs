@@ -55,6 +55,54 @@ fn read(dir: &str, name: &str) -> Option<Vec<u8>> {
     std::fs::read(Path::new(dir).join(name)).ok()
 }
 
+/// Restores `snapshot_id` as a new volume named after `tag`: its file system is clean (no
+/// journal to replay), `present` (file, content) reads back and `absent` is not there; then
+/// the restore goes.
+async fn check_restore(
+    env: &Env,
+    tag: &str,
+    snapshot_id: &str,
+    cap: &csi::VolumeCapability,
+    present: (&str, &[u8]),
+    absent: &str,
+) {
+    let (restored, rctx) = env.restored(tag, snapshot_id, cap).await;
+    assert_fsck_clean(&rctx["devicePath"]);
+    let rs = env.staging(tag);
+    env.stage(&restored, &rctx, &rs, cap).await.unwrap();
+    assert_eq!(read(&rs, present.0).as_deref(), Some(present.1));
+    assert_eq!(read(&rs, absent), None, "{absent} is not in the snapshot");
+    env.unstage_twice(&restored, &rs).await;
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+}
+
+/// New ext4 volumes of 32 MiB named after `tags`, published to this host and staged: (volume,
+/// staging path) each.
+async fn staged(
+    env: &Env,
+    tags: &[&str],
+    cap: &csi::VolumeCapability,
+) -> Vec<(csi::Volume, String)> {
+    let mut vols = Vec::new();
+    for tag in tags {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, cap).await.unwrap();
+        vols.push((vol, staging));
+    }
+    vols
+}
+
+/// Unstages, unpublishes and deletes what `staged` made.
+async fn remove_staged(env: &Env, vols: &[(csi::Volume, String)]) {
+    for (vol, staging) in vols {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
@@ -93,18 +141,8 @@ async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     write_file(&t, "b.txt", b"after the snapshot");
 
     // The snapshot holds A, not B, in a clean file system.
-    let (restored, rctx) = env.restored("snap-r", &snap.snapshot_id, &cap).await;
-    assert_fsck_clean(&rctx["devicePath"]);
-    let rs = env.staging("snap-r");
-    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
-    assert_eq!(
-        read(&rs, "a.txt").as_deref(),
-        Some(&b"before the snapshot"[..])
-    );
-    assert_eq!(read(&rs, "b.txt"), None, "written after the snapshot");
-    env.unstage_twice(&restored, &rs).await;
-    env.controller_unpublish(&restored).await.unwrap();
-    env.delete(&restored).await;
+    let present = ("a.txt", &b"before the snapshot"[..]);
+    check_restore(&env, "snap-r", &snap.snapshot_id, &cap, present, "b.txt").await;
 
     // The original goes on.
     assert_eq!(
@@ -195,13 +233,9 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
         return;
     };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut vols = Vec::new();
-    for tag in ["grp-a", "grp-b"] {
-        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
-        let staging = env.staging(tag);
-        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
-        write_file(&staging, "a.txt", tag.as_bytes());
-        vols.push((vol, staging));
+    let vols = staged(&env, &["grp-a", "grp-b"], &cap).await;
+    for (tag, (_, staging)) in ["grp-a", "grp-b"].iter().zip(&vols) {
+        write_file(staging, "a.txt", tag.as_bytes());
     }
     let ids: Vec<&str> = vols.iter().map(|(v, _)| v.volume_id.as_str()).collect();
     let started = Instant::now();
@@ -228,15 +262,8 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
     let members = group_members(&env.plugin, &group).await.unwrap();
     assert_eq!(members.len(), 2);
     for (i, (member, tag)) in members.iter().zip(["grp-a", "grp-b"]).enumerate() {
-        let (restored, rctx) = env.restored(&format!("grp-r{i}"), member, &cap).await;
-        assert_fsck_clean(&rctx["devicePath"]);
-        let rs = env.staging(&format!("grp-r{i}"));
-        env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
-        assert_eq!(read(&rs, "a.txt").as_deref(), Some(tag.as_bytes()));
-        assert_eq!(read(&rs, "b.txt"), None);
-        env.unstage(&restored, &rs).await.unwrap();
-        env.controller_unpublish(&restored).await.unwrap();
-        env.delete(&restored).await;
+        let present = ("a.txt", tag.as_bytes());
+        check_restore(&env, &format!("grp-r{i}"), member, &cap, present, "b.txt").await;
     }
 
     // With a block volume (nothing frozen for it): FAILED_PRECONDITION, nothing switched.
@@ -253,11 +280,7 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
     write_file(&vols[0].1, "c.txt", b"thawed and writable");
 
     delete_group(&env.plugin, &group).await.unwrap();
-    for (vol, staging) in &vols {
-        env.unstage(vol, staging).await.unwrap();
-        env.controller_unpublish(vol).await.unwrap();
-        env.delete(vol).await;
-    }
+    remove_staged(&env, &vols).await;
     env.finish(&blk).await;
 }
 
@@ -288,14 +311,8 @@ async fn a_snapshot_freezes_only_its_own_volume() {
         return;
     };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut vols = Vec::new();
-    for tag in ["only-a", "only-b"] {
-        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
-        let staging = env.staging(tag);
-        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
-        vols.push((vol, staging));
-    }
-    let ((a, sa), (b, sb)) = (&vols[0], &vols[1]);
+    let vols = staged(&env, &["only-a", "only-b"], &cap).await;
+    let ((a, sa), sb) = (&vols[0], &vols[1].1);
     write_file(sa, "a.txt", b"before the snapshot");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = keep_writing(sb.clone(), stop.clone());
@@ -333,28 +350,22 @@ async fn a_snapshot_freezes_only_its_own_volume() {
     );
     assert!(!log.contains("guest agent"), "{log}");
 
-    let (restored, rctx) = env.restored("only-a-r", &snap.snapshot_id, &cap).await;
-    assert_fsck_clean(&rctx["devicePath"]);
-    let rs = env.staging("only-a-r");
-    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
-    assert_eq!(
-        read(&rs, "a.txt").as_deref(),
-        Some(&b"before the snapshot"[..])
-    );
-    assert_eq!(read(&rs, "busy.txt"), None, "the other volume's file");
-    env.unstage(&restored, &rs).await.unwrap();
-    env.controller_unpublish(&restored).await.unwrap();
-    env.delete(&restored).await;
+    let present = ("a.txt", &b"before the snapshot"[..]);
+    check_restore(
+        &env,
+        "only-a-r",
+        &snap.snapshot_id,
+        &cap,
+        present,
+        "busy.txt",
+    )
+    .await;
     env.plugin
         .controller()
         .remove_snapshot(&snap.snapshot_id)
         .await
         .unwrap();
-    for (vol, staging) in [(a, sa), (b, sb)] {
-        env.unstage(vol, staging).await.unwrap();
-        env.controller_unpublish(vol).await.unwrap();
-        env.delete(vol).await;
-    }
+    remove_staged(&env, &vols).await;
 }
 
 /// `write_file` in a thread: whether it completed within `limit` (a frozen file system or a
@@ -378,13 +389,7 @@ async fn a_hung_member_does_not_keep_the_others_frozen() {
         return;
     };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut vols = Vec::new();
-    for tag in ["hung-a", "hung-b"] {
-        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
-        let staging = env.staging(tag);
-        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
-        vols.push((vol, staging));
-    }
+    let vols = staged(&env, &["hung-a", "hung-b"], &cap).await;
     let ((a, sa), (b, sb)) = (&vols[0], &vols[1]);
     // Dirty data in A's page cache: its freeze has to write it out through the daemon.
     std::fs::write(Path::new(sa).join("dirty.bin"), vec![7u8; 8 * MIB as usize]).unwrap();
@@ -444,9 +449,5 @@ async fn a_hung_member_does_not_keep_the_others_frozen() {
         writes_within(sa, "after.txt", std::time::Duration::from_secs(30)),
         "the stopped member is thawed once its daemon runs again"
     );
-    for (vol, staging) in [(a, sa), (b, sb)] {
-        env.unstage(vol, staging).await.unwrap();
-        env.controller_unpublish(vol).await.unwrap();
-        env.delete(vol).await;
-    }
+    remove_staged(&env, &vols).await;
 }
