@@ -190,6 +190,7 @@ impl State {
 fn dead_reason(
     sysfs: &Sysfs,
     probes: &probe::Probes,
+    wait: std::time::Duration,
     slot: &Slot,
     export: &Path,
     loop_name: &str,
@@ -209,9 +210,7 @@ fn dead_reason(
     };
     let (s, n) = (sysfs.clone(), loop_name.to_string());
     let status = probes
-        .run(&slot.key, probe::PROBE_TIMEOUT, move || {
-            s.loop_backing_identity(&n)
-        })
+        .run(&slot.key, wait, move || s.loop_backing_identity(&n))
         .map_err(|why| {
             format!(
                 "storage daemon not answering (pid {}): the status of /dev/{loop_name}, which \
@@ -393,6 +392,9 @@ impl LocalAttacher {
         let (sysfs, probes) = (self.sysfs.clone(), self.probes.clone());
         exec::blocking(move || {
             let loops = sysfs.loop_devices()?;
+            // One bound for all the slots' probes (a healthy one answers in microseconds), so
+            // several hung daemons do not add up.
+            let deadline = Instant::now() + probe::PROBE_TIMEOUT;
             let mut table: Option<MountTable> = None;
             let mut out = Vec::with_capacity(slots.len());
             for s in slots {
@@ -413,7 +415,10 @@ impl LocalAttacher {
                     Some(t) => t,
                     None => MountTable::read()?,
                 };
-                let health = dead_reason(&sysfs, &probes, &s, &export, &loop_name, &t);
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(probe::PROBE_MIN_WAIT);
+                let health = dead_reason(&sysfs, &probes, wait, &s, &export, &loop_name, &t);
                 table = Some(t);
                 let st = match health {
                     Ok(dead) => State::Attached {

@@ -11,8 +11,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a probe may take: a healthy daemon answers in microseconds.
+/// How long the probes of one look at the slots may take together: a healthy daemon answers
+/// in microseconds.
 pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least wait for one probe, once the others used up `PROBE_TIMEOUT`.
+pub(super) const PROBE_MIN_WAIT: Duration = Duration::from_millis(200);
 
 /// The slots with a probe outstanding, shared with the probe threads.
 #[derive(Debug, Default, Clone)]
