@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 use virtdisk_test_support::local_attach::*;
+use virtdisk_test_support::pool::volume_depth;
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::qemu::{qemu_io, Read};
 
@@ -604,5 +605,43 @@ async fn a_stopped_daemon_is_reported_not_waited_for() {
     env.delete(&other).await;
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
+
+/// A chain past the depth limit is flattened only while its volume is not attached; the
+/// unpublish is what the flattener waited for, and it looks at once (not at its next periodic
+/// pass, 30 s or more later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpublish_lets_the_flattener_shorten_a_deep_chain_at_once() {
+    let config = format!("{SHORT_WAIT}[snapshots]\nmax_chain_depth = 2\n");
+    let Some(env) = Env::try_start(&config).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let (vol, _) = env.attached("deep-attached", 16 * MIB, &cap).await;
+    for name in ["deep-a1", "deep-a2"] {
+        let req = snapshot_req(&unique(name), &vol.volume_id);
+        env.plugin.controller().snapshot(req).await.expect(name);
+    }
+    let pool = env.plugin.pool_dir();
+    // Long enough for the flattener's retry after a busy lock (2 s) to find the volume
+    // attached and put it off for its slow retry (30 s).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        volume_depth(&pool, &vol.volume_id),
+        3,
+        "attached: not flattened"
+    );
+    let started = std::time::Instant::now();
+    env.controller_unpublish(&vol).await.unwrap();
+    while volume_depth(&pool, &vol.volume_id) > 2 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the chain was not flattened soon after the unpublish"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "flattened {} ms after the unpublish",
+        started.elapsed().as_millis()
+    );
     env.finish(&vol).await;
 }

@@ -24,6 +24,7 @@ use crate::attach::Attachments;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::fsutil;
+use crate::ids::VolumeId;
 use crate::model::ImageFormat;
 use std::num::NonZeroU64;
 use std::path::Path;
@@ -167,6 +168,23 @@ impl Pools {
     /// Tells the flattener to look at chains when `rec` grew past the limit.
     pub(super) fn note_depth(&self, rec: &VolumeRecord) {
         if rec.depth() > self.layers.max_chain_depth {
+            self.layers.wake.notify_one();
+        }
+    }
+
+    /// Tells the flattener to look at `id` now when its chain is past the limit: a volume is
+    /// flattened only while it is not attached, so an unpublish may be what it waited for.
+    /// Reads the index only.
+    pub(crate) fn note_unpublished(&self, id: &VolumeId) {
+        let Some((pool, key)) = self.locate_volume(id) else {
+            return;
+        };
+        let deep = pool.store.index().is_ok_and(|index| {
+            index
+                .volume(key)
+                .is_some_and(|v| v.depth() > self.layers.max_chain_depth)
+        });
+        if deep {
             self.layers.wake.notify_one();
         }
     }
