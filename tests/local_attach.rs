@@ -605,6 +605,8 @@ async fn a_stopped_daemon_is_reported_not_waited_for() {
     env.delete(&other).await;
     env.unpublish_twice(&vol, &t).await;
     env.unstage_twice(&vol, &s).await;
+    env.finish(&vol).await;
+}
 
 /// A chain past the depth limit is flattened only while its volume is not attached; the
 /// unpublish is what the flattener waited for, and it looks at once (not at its next periodic
