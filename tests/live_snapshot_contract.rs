@@ -138,7 +138,7 @@ async fn switch_then_repeat_is_a_no_op() {
 
     bed.hv.snapshot_live(&dom.uuid, &onto(&next)).await.unwrap();
     assert!(
-        !bed.hv.guest_agent(&dom.uuid).await.unwrap(),
+        !bed.hv.guest_agent(&dom.uuid, &[]).await.unwrap(),
         "no guest agent is connected"
     );
     assert_eq!(source(&dom, SERIAL), Some(next.clone()));

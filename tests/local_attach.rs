@@ -2,6 +2,7 @@
 //! (qemu-storage-daemon FUSE export + loop device), real mkfs, real mounts. Needs root.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 use virtdisk_test_support::local_attach::*;
 use virtdisk_test_support::pool::volume_depth;
 use virtdisk_test_support::prelude::*;
@@ -470,6 +471,140 @@ async fn restart_cleans_an_interrupted_attach() {
     assert_no_leftovers(env.dir());
     let again = env.controller_publish(&vol, &cap, false).await;
     assert!(again["devicePath"].starts_with("/dev/loop"));
+    env.finish(&vol).await;
+}
+
+/// The condition ListVolumes reports for `vol` (its entry's status), and how long it took.
+async fn listed_condition(env: &Env, vol: &csi::Volume) -> (csi::VolumeCondition, Duration) {
+    let started = Instant::now();
+    let entries = tokio::time::timeout(
+        Duration::from_secs(30),
+        env.plugin.controller().all_volumes(),
+    )
+    .await
+    .expect("ListVolumes answers");
+    let took = started.elapsed();
+    let entry = entries
+        .into_iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == vol.volume_id)
+        .expect("the volume is listed");
+    (entry.status.unwrap().volume_condition.unwrap(), took)
+}
+
+/// A storage daemon that does not answer (SIGSTOPped with the file system mounted: the
+/// kernel's FUSE requests to it wait) hangs nothing else: ListVolumes answers, reporting that
+/// volume abnormal, at once from the second call on; a snapshot of another volume succeeds;
+/// what must touch the stopped volume answers UNAVAILABLE naming it. Once the daemon runs
+/// again, everything is normal and cleanup is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_daemon_is_reported_not_waited_for() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let (vol, ctx) = env.attached("stopped", 32 * MIB, &cap).await;
+    let (s, t) = (env.staging("stopped"), env.target("stopped-alloc"));
+    env.stage(&vol, &ctx, &s, &cap).await.unwrap();
+    env.publish(&vol, &s, &t, &cap, false).await.unwrap();
+    write_file(&t, "a.txt", b"before the stop");
+    let other = env.create("stopped-other", 16 * MIB, cap.clone()).await;
+    assert!(!listed_condition(&env, &vol).await.0.abnormal);
+
+    let stopped = env.stop_daemon(&vol);
+    // The kernel answers from the FUSE file's cached attributes for a while; then it asks the
+    // daemon, and ListVolumes must still answer (the probe is bounded).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (first, took) = loop {
+        let (c, took) = listed_condition(&env, &vol).await;
+        if c.abnormal || Instant::now() > deadline {
+            break (c, took);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "ListVolumes with a stopped storage daemon: {} ms",
+        took.as_millis()
+    );
+    assert!(
+        first.abnormal && first.message.contains("storage daemon not answering"),
+        "{first:?}"
+    );
+    // The hung probe is outstanding: the next calls do not wait for it.
+    let (again, took) = listed_condition(&env, &vol).await;
+    eprintln!(
+        "ListVolumes again (probe outstanding): {} ms",
+        took.as_millis()
+    );
+    assert!(again.abnormal, "{again:?}");
+    assert!(took < Duration::from_secs(2), "waited {took:?} again");
+    let got = env
+        .plugin
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = got.status.unwrap().volume_condition.unwrap();
+    assert!(c.abnormal && c.message.contains("not answering"), "{c:?}");
+
+    // Another volume: snapshotted as usual.
+    let started = Instant::now();
+    let snap = tokio::time::timeout(
+        Duration::from_secs(30),
+        env.plugin.controller().snapshot(snapshot_req(
+            &unique("stopped-other-snap"),
+            &other.volume_id,
+        )),
+    )
+    .await
+    .expect("CreateSnapshot answers")
+    .unwrap();
+    eprintln!(
+        "CreateSnapshot of another volume meanwhile: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert!(snap.ready_to_use);
+    // The stopped volume itself: UNAVAILABLE, naming it, at once.
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        env.plugin
+            .controller()
+            .snapshot(snapshot_req(&unique("stopped-snap"), &vol.volume_id)),
+    )
+    .await
+    .expect("CreateSnapshot answers")
+    .unwrap_err();
+    eprintln!(
+        "CreateSnapshot of the stopped volume: {} ms, {:?}",
+        started.elapsed().as_millis(),
+        err.code()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&vol.volume_id), "{err:?}");
+
+    // Running again: normal once the probe left behind has returned.
+    stopped.resume();
+    let mut cond = listed_condition(&env, &vol).await.0;
+    for _ in 0..50 {
+        if !cond.abnormal {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cond = listed_condition(&env, &vol).await.0;
+    }
+    assert!(!cond.abnormal, "{cond:?}");
+    write_file(&t, "b.txt", b"after the stop");
+    env.plugin
+        .controller()
+        .remove_snapshot(&snap.snapshot_id)
+        .await
+        .unwrap();
+    env.delete(&other).await;
+    env.unpublish_twice(&vol, &t).await;
+    env.unstage_twice(&vol, &s).await;
     env.finish(&vol).await;
 }
 

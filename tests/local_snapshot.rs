@@ -55,6 +55,54 @@ fn read(dir: &str, name: &str) -> Option<Vec<u8>> {
     std::fs::read(Path::new(dir).join(name)).ok()
 }
 
+/// Restores `snapshot_id` as a new volume named after `tag`: its file system is clean (no
+/// journal to replay), `present` (file, content) reads back and `absent` is not there; then
+/// the restore goes.
+async fn check_restore(
+    env: &Env,
+    tag: &str,
+    snapshot_id: &str,
+    cap: &csi::VolumeCapability,
+    present: (&str, &[u8]),
+    absent: &str,
+) {
+    let (restored, rctx) = env.restored(tag, snapshot_id, cap).await;
+    assert_fsck_clean(&rctx["devicePath"]);
+    let rs = env.staging(tag);
+    env.stage(&restored, &rctx, &rs, cap).await.unwrap();
+    assert_eq!(read(&rs, present.0).as_deref(), Some(present.1));
+    assert_eq!(read(&rs, absent), None, "{absent} is not in the snapshot");
+    env.unstage_twice(&restored, &rs).await;
+    env.controller_unpublish(&restored).await.unwrap();
+    env.delete(&restored).await;
+}
+
+/// New ext4 volumes of 32 MiB named after `tags`, published to this host and staged: (volume,
+/// staging path) each.
+async fn staged(
+    env: &Env,
+    tags: &[&str],
+    cap: &csi::VolumeCapability,
+) -> Vec<(csi::Volume, String)> {
+    let mut vols = Vec::new();
+    for tag in tags {
+        let (vol, ctx) = env.attached(tag, 32 * MIB, cap).await;
+        let staging = env.staging(tag);
+        env.stage(&vol, &ctx, &staging, cap).await.unwrap();
+        vols.push((vol, staging));
+    }
+    vols
+}
+
+/// Unstages, unpublishes and deletes what `staged` made.
+async fn remove_staged(env: &Env, vols: &[(csi::Volume, String)]) {
+    for (vol, staging) in vols {
+        env.unstage(vol, staging).await.unwrap();
+        env.controller_unpublish(vol).await.unwrap();
+        env.delete(vol).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
@@ -93,18 +141,8 @@ async fn snapshot_of_a_mounted_volume_then_restore_restart_and_teardown() {
     write_file(&t, "b.txt", b"after the snapshot");
 
     // The snapshot holds A, not B, in a clean file system.
-    let (restored, rctx) = env.restored("snap-r", &snap.snapshot_id, &cap).await;
-    assert_fsck_clean(&rctx["devicePath"]);
-    let rs = env.staging("snap-r");
-    env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
-    assert_eq!(
-        read(&rs, "a.txt").as_deref(),
-        Some(&b"before the snapshot"[..])
-    );
-    assert_eq!(read(&rs, "b.txt"), None, "written after the snapshot");
-    env.unstage_twice(&restored, &rs).await;
-    env.controller_unpublish(&restored).await.unwrap();
-    env.delete(&restored).await;
+    let present = ("a.txt", &b"before the snapshot"[..]);
+    check_restore(&env, "snap-r", &snap.snapshot_id, &cap, present, "b.txt").await;
 
     // The original goes on.
     assert_eq!(
@@ -195,13 +233,9 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
         return;
     };
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let mut vols = Vec::new();
-    for tag in ["grp-a", "grp-b"] {
-        let (vol, ctx) = env.attached(tag, 32 * MIB, &cap).await;
-        let staging = env.staging(tag);
-        env.stage(&vol, &ctx, &staging, &cap).await.unwrap();
-        write_file(&staging, "a.txt", tag.as_bytes());
-        vols.push((vol, staging));
+    let vols = staged(&env, &["grp-a", "grp-b"], &cap).await;
+    for (tag, (_, staging)) in ["grp-a", "grp-b"].iter().zip(&vols) {
+        write_file(staging, "a.txt", tag.as_bytes());
     }
     let ids: Vec<&str> = vols.iter().map(|(v, _)| v.volume_id.as_str()).collect();
     let started = Instant::now();
@@ -228,15 +262,8 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
     let members = group_members(&env.plugin, &group).await.unwrap();
     assert_eq!(members.len(), 2);
     for (i, (member, tag)) in members.iter().zip(["grp-a", "grp-b"]).enumerate() {
-        let (restored, rctx) = env.restored(&format!("grp-r{i}"), member, &cap).await;
-        assert_fsck_clean(&rctx["devicePath"]);
-        let rs = env.staging(&format!("grp-r{i}"));
-        env.stage(&restored, &rctx, &rs, &cap).await.unwrap();
-        assert_eq!(read(&rs, "a.txt").as_deref(), Some(tag.as_bytes()));
-        assert_eq!(read(&rs, "b.txt"), None);
-        env.unstage(&restored, &rs).await.unwrap();
-        env.controller_unpublish(&restored).await.unwrap();
-        env.delete(&restored).await;
+        let present = ("a.txt", tag.as_bytes());
+        check_restore(&env, &format!("grp-r{i}"), member, &cap, present, "b.txt").await;
     }
 
     // With a block volume (nothing frozen for it): FAILED_PRECONDITION, nothing switched.
@@ -253,10 +280,174 @@ async fn group_snapshot_of_volumes_attached_to_this_host() {
     write_file(&vols[0].1, "c.txt", b"thawed and writable");
 
     delete_group(&env.plugin, &group).await.unwrap();
-    for (vol, staging) in &vols {
-        env.unstage(vol, staging).await.unwrap();
-        env.controller_unpublish(vol).await.unwrap();
-        env.delete(vol).await;
-    }
+    remove_staged(&env, &vols).await;
     env.finish(&blk).await;
+}
+
+/// Writes and fsyncs a small file in `dir` over and over until `stop`; (writes done, the
+/// longest one).
+fn keep_writing(
+    dir: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, std::time::Duration)> {
+    std::thread::spawn(move || {
+        let (mut n, mut longest) = (0u64, std::time::Duration::ZERO);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let started = Instant::now();
+            write_file(&dir, "busy.txt", format!("write {n}").as_bytes());
+            longest = longest.max(started.elapsed());
+            n += 1;
+        }
+        (n, longest)
+    })
+}
+
+/// A snapshot of one volume freezes only that volume's file system: another volume mounted on
+/// this host, written the whole time, is never frozen (the log lists what was frozen) and its
+/// writes never stall; the snapshot is still application-consistent (a clean restore).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_freezes_only_its_own_volume() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vols = staged(&env, &["only-a", "only-b"], &cap).await;
+    let ((a, sa), sb) = (&vols[0], &vols[1].1);
+    write_file(sa, "a.txt", b"before the snapshot");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = keep_writing(sb.clone(), stop.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let snap = snapshot(&env, "only-a-1", a).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, longest) = writer.join().unwrap();
+    eprintln!(
+        "writes to the other volume meanwhile: {writes}, the longest {} ms",
+        longest.as_millis()
+    );
+    assert!(writes > 0);
+
+    let log = env.plugin.log();
+    let frozen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("file systems of the snapshot's volumes frozen"))
+        .collect();
+    assert_eq!(frozen.len(), 1, "{log}");
+    eprintln!("  {}", frozen[0]);
+    assert!(
+        frozen[0].contains(sa.as_str()) && !frozen[0].contains(sb.as_str()),
+        "only the snapshot's file system is frozen: {}",
+        frozen[0]
+    );
+    let cut = log
+        .lines()
+        .rfind(|l| l.contains("live snapshot cut"))
+        .unwrap();
+    assert!(
+        cut.contains("application-consistent") && cut.contains("1 file systems frozen"),
+        "{cut}"
+    );
+    assert!(!log.contains("guest agent"), "{log}");
+
+    let present = ("a.txt", &b"before the snapshot"[..]);
+    check_restore(
+        &env,
+        "only-a-r",
+        &snap.snapshot_id,
+        &cap,
+        present,
+        "busy.txt",
+    )
+    .await;
+    env.plugin
+        .controller()
+        .remove_snapshot(&snap.snapshot_id)
+        .await
+        .unwrap();
+    remove_staged(&env, &vols).await;
+}
+
+/// `write_file` in a thread: whether it completed within `limit` (a frozen file system or a
+/// stopped daemon blocks it; the thread is left behind then).
+fn writes_within(dir: &str, name: &str, limit: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dir, name) = (dir.to_string(), name.to_string());
+    std::thread::spawn(move || {
+        write_file(&dir, &name, b"written");
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).is_ok()
+}
+
+/// A group whose member's storage daemon hangs (SIGSTOPped with dirty data): the snapshot
+/// fails without holding the healthy member's file system frozen (its writes go on at once),
+/// and once the daemon runs again both volumes work and come apart cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_does_not_keep_the_others_frozen() {
+    let Some(env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let vols = staged(&env, &["hung-a", "hung-b"], &cap).await;
+    let ((a, sa), (b, sb)) = (&vols[0], &vols[1]);
+    // Dirty data in A's page cache: its freeze has to write it out through the daemon.
+    std::fs::write(Path::new(sa).join("dirty.bin"), vec![7u8; 8 * MIB as usize]).unwrap();
+    let stopped = env.stop_daemon(a);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = keep_writing(sb.clone(), stop.clone());
+
+    let started = Instant::now();
+    let ids = [a.volume_id.as_str(), b.volume_id.as_str()];
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        group_snapshot(&env.plugin, &unique("hung-grp"), &ids),
+    )
+    .await
+    .expect("the group snapshot answers");
+    eprintln!(
+        "CreateVolumeGroupSnapshot with a stopped member: {} ms, {:?}",
+        started.elapsed().as_millis(),
+        res.as_ref().map_err(|e| e.code())
+    );
+    // B is not frozen once the call returned: a write completes at once.
+    assert!(writes_within(
+        sb,
+        "after.txt",
+        std::time::Duration::from_secs(1)
+    ));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, longest) = writer.join().unwrap();
+    eprintln!(
+        "writes to the healthy member meanwhile: {writes}, the longest {} ms",
+        longest.as_millis()
+    );
+    let err = res.expect_err("a member's daemon does not answer");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&a.volume_id), "{err:?}");
+    let log = env.plugin.log();
+    for l in log.lines().filter(|l| {
+        l.contains("live snapshot cut") || l.contains("frozen") || l.contains("not answering")
+    }) {
+        eprintln!("  {l}");
+    }
+    assert!(!log.contains("guest agent"), "{log}");
+    // The healthy member was never frozen: nothing was (the stopped member's dirty data did
+    // not go out in time, so no freeze began), and nothing stays frozen.
+    assert!(
+        !log.contains("file systems of the snapshot's volumes frozen"),
+        "{log}"
+    );
+    let given_up = log
+        .lines()
+        .find(|l| l.contains("could not all be frozen"))
+        .expect("the freeze was given up");
+    assert!(given_up.contains("thawed=[]"), "{given_up}");
+
+    stopped.resume();
+    assert!(
+        writes_within(sa, "after.txt", std::time::Duration::from_secs(30)),
+        "the stopped member is thawed once its daemon runs again"
+    );
+    remove_staged(&env, &vols).await;
 }

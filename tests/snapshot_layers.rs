@@ -179,10 +179,10 @@ fake_attacher!(LiveBackend
         Ok(())
     }
     // A guest agent answers: the snapshot is quiesced.
-    async fn guest_agent(&self, _: &str) -> Result<bool> {
+    async fn guest_agent(&self, _: &str, _: &[virtdisk_csi::ids::VolumeId]) -> Result<bool> {
         Ok(true)
     }
-    async fn freeze_filesystems(&self, _: &str) -> Result<FsFreeze> {
+    async fn freeze_filesystems(&self, _: &str, _: &[virtdisk_csi::ids::VolumeId]) -> Result<FsFreeze> {
         Ok(FsFreeze::Frozen(1))
     }
 );

@@ -105,7 +105,7 @@ enum Freeze {
 impl std::fmt::Display for Freeze {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Freeze::NoAgent => write!(f, "no guest agent"),
+            Freeze::NoAgent => write!(f, "nothing to freeze"),
             Freeze::Frozen(n) => write!(f, "{n} file systems frozen"),
             Freeze::Failed(why) => write!(f, "freeze failed ({why})"),
             Freeze::Late => write!(f, "freeze too late"),
@@ -116,6 +116,8 @@ impl std::fmt::Display for Freeze {
 /// A node being held for a cut.
 struct Held {
     node_id: String,
+    /// The volumes cut on this node: a host freezes only their file systems.
+    members: Vec<VolumeId>,
     backend: Arc<dyn Attacher>,
     freeze: Freeze,
     paused: bool,
@@ -235,6 +237,7 @@ impl Attachments {
             })?;
             held.push(Held {
                 node_id: n.node_id.clone(),
+                members: n.members.iter().map(|m| m.volume_id.clone()).collect(),
                 backend: backend.clone(),
                 freeze: Freeze::NoAgent,
                 paused: false,
@@ -380,16 +383,17 @@ impl Attachments {
     /// the background once it completes; a failed one is thawed too (it may have frozen some).
     async fn freeze_bounded(&self, h: &Held, timeout: Duration) -> Freeze {
         let node = h.node_id.clone();
-        match h.backend.guest_agent(&node).await {
+        let freezer = h.backend.freezer();
+        match h.backend.guest_agent(&node, &h.members).await {
             Ok(false) => {
-                tracing::debug!(node = %node, "no guest agent connected: crash-consistent");
+                tracing::debug!(node = %node, freezer, "nothing to freeze: crash-consistent");
                 return Freeze::NoAgent;
             }
             Ok(true) => {}
             Err(e) => {
-                tracing::warn!(node = %node, error = %e,
-                    "cannot tell whether a guest agent is connected; taking a crash-consistent \
-                     snapshot");
+                tracing::warn!(node = %node, error = %e, freezer,
+                    "cannot tell whether the file systems can be frozen; taking a \
+                     crash-consistent snapshot");
                 return Freeze::Failed(e.to_string());
             }
         }
@@ -403,27 +407,29 @@ impl Attachments {
                 "cannot note the freeze durably; taking a crash-consistent snapshot");
             return Freeze::Failed(e.to_string());
         }
-        let (backend, n) = (h.backend.clone(), node.clone());
-        let mut call = tokio::spawn(async move { backend.freeze_filesystems(&n).await });
+        let (backend, n, members) = (h.backend.clone(), node.clone(), h.members.clone());
+        let mut call = tokio::spawn(async move { backend.freeze_filesystems(&n, &members).await });
         let answered = tokio::time::timeout(timeout, &mut call).await;
         let outcome = match answered {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(Error::internal(format!("the freeze task ended: {e}"))),
             Err(_) => {
-                tracing::warn!(node = %node, timeout_s = timeout.as_secs(),
-                    "the guest agent did not freeze the file systems in time; taking a \
-                     crash-consistent snapshot, and thawing once the freeze completes");
+                tracing::warn!(node = %node, timeout_s = timeout.as_secs(), freezer,
+                    "the file systems were not frozen in time; taking a crash-consistent \
+                     snapshot, and thawing once the freeze completes");
                 let (this, backend, node) = (self.clone(), h.backend.clone(), node.clone());
+                let members = h.members.clone();
                 tokio::spawn(async move {
                     let _ = call.await;
-                    this.release_node(&backend, &node, true, false).await;
+                    this.release_node(&backend, &node, &members, true, false)
+                        .await;
                 });
                 return Freeze::Late;
             }
         };
         match outcome {
             Ok(FsFreeze::Frozen(n)) => {
-                tracing::debug!(node = %node, filesystems = n, "guest file systems frozen");
+                tracing::debug!(node = %node, filesystems = n, freezer, "file systems frozen");
                 Freeze::Frozen(n)
             }
             Ok(FsFreeze::NoAgent) => {
@@ -437,13 +443,13 @@ impl Attachments {
                 {
                     tracing::warn!(node = %node, error = %e, "cannot clear a quiesce marker");
                 }
-                tracing::debug!(node = %node, "no guest agent connected: crash-consistent");
+                tracing::debug!(node = %node, freezer, "nothing to freeze: crash-consistent");
                 Freeze::NoAgent
             }
             Err(e) => {
-                tracing::warn!(node = %node, error = %e,
-                    "the guest agent could not freeze the file systems; taking a \
-                     crash-consistent snapshot");
+                tracing::warn!(node = %node, error = %e, freezer,
+                    "the file systems could not be frozen; taking a crash-consistent \
+                     snapshot");
                 Freeze::Failed(e.to_string())
             }
         }
@@ -465,7 +471,7 @@ impl Attachments {
         join_all(held.iter().map(|h| {
             // A late freeze is thawed by its own task.
             let thaw = matches!(h.freeze, Freeze::Frozen(_) | Freeze::Failed(_));
-            self.release_node(&h.backend, &h.node_id, thaw, h.paused)
+            self.release_node(&h.backend, &h.node_id, &h.members, thaw, h.paused)
         }))
         .await;
     }
@@ -476,18 +482,23 @@ impl Attachments {
         &self,
         backend: &Arc<dyn Attacher>,
         node: &str,
+        members: &[VolumeId],
         thaw: bool,
         resume: bool,
     ) {
-        if self.try_release(backend, node, thaw, resume).await {
+        if self.try_release(backend, node, members, thaw, resume).await {
             return;
         }
         let (this, backend, node) = (self.clone(), backend.clone(), node.to_string());
+        let members = members.to_vec();
         tokio::spawn(async move {
             let started = Instant::now();
             while started.elapsed() < RELEASE_RETRY_FOR {
                 tokio::time::sleep(RELEASE_RETRY_PAUSE).await;
-                if this.try_release(&backend, &node, thaw, resume).await {
+                if this
+                    .try_release(&backend, &node, &members, thaw, resume)
+                    .await
+                {
                     return;
                 }
             }
@@ -500,6 +511,7 @@ impl Attachments {
         &self,
         backend: &Arc<dyn Attacher>,
         node: &str,
+        members: &[VolumeId],
         thaw: bool,
         resume: bool,
     ) -> bool {
@@ -510,8 +522,9 @@ impl Attachments {
             }
         }
         if thaw {
-            if let Err(e) = backend.thaw_filesystems(node).await {
-                tracing::error!(node = %node, error = %e, "thawing the guest's file systems failed");
+            if let Err(e) = backend.thaw_filesystems(node, members).await {
+                tracing::error!(node = %node, error = %e, freezer = backend.freezer(),
+                    "thawing the file systems failed");
                 return false;
             }
         }
@@ -545,7 +558,11 @@ impl Attachments {
                 loop {
                     match this.backend_for(&m.node_id).await {
                         Ok(Some(b)) => {
-                            if this.try_release(b, &m.node_id, m.frozen, m.paused).await {
+                            // Which volumes it held is not noted: everything.
+                            if this
+                                .try_release(b, &m.node_id, &[], m.frozen, m.paused)
+                                .await
+                            {
                                 return;
                             }
                         }
@@ -652,10 +669,10 @@ mod tests {
             }
             Ok(())
         }
-        async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+        async fn guest_agent(&self, node_id: &str, _: &[VolumeId]) -> Result<bool> {
             Ok(self.behaviour(node_id).agent)
         }
-        async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+        async fn freeze_filesystems(&self, node_id: &str, _: &[VolumeId]) -> Result<FsFreeze> {
             let b = self.behaviour(node_id);
             if !b.agent {
                 return Ok(FsFreeze::NoAgent);
@@ -664,7 +681,7 @@ mod tests {
             self.note(format!("frozen {node_id}"));
             Ok(FsFreeze::Frozen(2))
         }
-        async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+        async fn thaw_filesystems(&self, node_id: &str, _: &[VolumeId]) -> Result<()> {
             self.note(format!("thaw {node_id}"));
             Ok(())
         }

@@ -173,21 +173,29 @@ pub trait Attacher: Send + Sync {
             "this attach backend cannot snapshot attached volumes".into(),
         ))
     }
-    /// Whether a guest agent (qemu-guest-agent) is connected to the node, so that
-    /// `freeze_filesystems` can freeze anything. Quick: no guest round trip.
-    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
-        let _ = node_id;
+    /// Who freezes the node's file systems, for messages ("the guest agent").
+    fn freezer(&self) -> &'static str {
+        "the guest agent"
+    }
+    /// Whether something can freeze file systems of `members` on the node (a guest agent
+    /// (qemu-guest-agent) connected to it), so that `freeze_filesystems` can freeze anything.
+    /// Quick: no guest round trip.
+    async fn guest_agent(&self, node_id: &str, members: &[VolumeId]) -> Result<bool> {
+        let _ = (node_id, members);
         Ok(false)
     }
-    /// Freezes the node's file systems through its guest agent (qemu-guest-agent), if one is
-    /// connected. May take as long as the guest does: the caller bounds the wait.
-    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
-        let _ = node_id;
+    /// Freezes the file systems holding `members` on the node: a guest agent (qemu-guest-agent)
+    /// freezes all of its guest's, a host only those on the members' devices. May take as
+    /// long as the guest does: the caller bounds the wait.
+    async fn freeze_filesystems(&self, node_id: &str, members: &[VolumeId]) -> Result<FsFreeze> {
+        let _ = (node_id, members);
         Ok(FsFreeze::NoAgent)
     }
-    /// Thaws whatever the guest agent froze (nothing to do when nothing is frozen).
-    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
-        let _ = node_id;
+    /// Thaws what `freeze_filesystems` froze for `members` (nothing to do when nothing is
+    /// frozen); no members: everything this plugin may have left frozen on the node (a
+    /// restart).
+    async fn thaw_filesystems(&self, node_id: &str, members: &[VolumeId]) -> Result<()> {
+        let _ = (node_id, members);
         Ok(())
     }
     /// Pauses the node (its vCPUs) if it runs; whether this call paused it.

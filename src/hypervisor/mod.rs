@@ -485,19 +485,20 @@ impl Attacher for Hypervisor {
         snapshot::snapshot_live(self, node_id, members).await
     }
 
-    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
+    async fn guest_agent(&self, node_id: &str, _members: &[VolumeId]) -> Result<bool> {
         self.with_domain_unlocked(node_id, snapshot::quiesce::agent_connected)
             .await
     }
 
-    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+    /// The guest agent freezes every file system of the guest, whatever the members.
+    async fn freeze_filesystems(&self, node_id: &str, _members: &[VolumeId]) -> Result<FsFreeze> {
         let frozen = self
             .with_domain_unlocked(node_id, snapshot::quiesce::freeze)
             .await?;
         Ok(frozen.map_or(FsFreeze::NoAgent, FsFreeze::Frozen))
     }
 
-    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+    async fn thaw_filesystems(&self, node_id: &str, _members: &[VolumeId]) -> Result<()> {
         let thawed = self
             .with_domain_unlocked(node_id, snapshot::quiesce::thaw)
             .await?;

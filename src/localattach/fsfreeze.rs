@@ -5,6 +5,10 @@
 //! staging mount and the publishes bound from it share one superblock: freezing one freezes
 //! them all).
 //!
+//! Only the file systems of the volumes a snapshot cuts are frozen, never another volume's.
+//! Their dirty data is written out first (`sync`, bounded), so a daemon that does not answer
+//! is found before anything is frozen.
+//!
 //! `fsfreeze` (util-linux) does the FIFREEZE/FITHAW. Each freeze is bounded: one that has not
 //! returned in time is given up (the snapshot is then crash-consistent) and thawed as soon as
 //! it completes. A marker in the slot (`frozen.json`, naming the mount point) is written
@@ -51,6 +55,28 @@ pub(super) fn mount_of(sysfs: &Sysfs, loop_name: &str) -> Result<Option<PathBuf>
         .find(|m| !m.fs_type.starts_with("fuse"))
         .map(|m| m.mount_point.clone());
     Ok(found)
+}
+
+/// Writes out the dirty data of the file system at `mount_point` (`sync -f`, syncfs) without
+/// freezing it, bounded like a freeze: whether it finished in time. A daemon that does not
+/// answer shows here, before anything is frozen; the freeze that follows has little left to
+/// write, so writers stall for less.
+pub(super) async fn sync(mount_point: &Path) -> bool {
+    let run = exec::run("sync", [Path::new("-f"), mount_point]);
+    match tokio::time::timeout(FREEZE_TIMEOUT, run).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(mount = %mount_point.display(), error = %e,
+                "cannot write out the file system's dirty data");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(mount = %mount_point.display(), secs = FREEZE_TIMEOUT.as_secs(),
+                "writing out the file system's dirty data takes too long: its storage daemon \
+                 does not keep up or does not answer");
+            false
+        }
+    }
 }
 
 /// A file system frozen for a snapshot; `thaw` it on every path.

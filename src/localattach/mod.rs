@@ -20,6 +20,7 @@ mod daemon;
 mod fsfreeze;
 mod limit;
 mod loopdev;
+mod probe;
 mod qmp;
 mod slot;
 mod snapshot;
@@ -56,8 +57,10 @@ pub(crate) struct LocalAttacher {
     /// Held from counting the attachments to the end of an attach, so concurrent publishes
     /// of different volumes never pass the limit together.
     attaching: tokio::sync::Mutex<()>,
-    /// The file systems of this host's volumes frozen for live snapshots (see `fsfreeze`).
-    freezes: tokio::sync::Mutex<Freezes>,
+    /// Per slot, the live snapshots holding its file system frozen (see `fsfreeze`).
+    freezes: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<SlotFreeze>>>>,
+    /// Bounded probes of the loop devices (a daemon that does not answer blocks them).
+    probes: probe::Probes,
     /// Where new daemons go in the cgroup tree; None leaves them in the plugin's cgroups.
     placement: Option<Placement>,
     /// The node id cannot name a libvirt domain (it is not a QEMU guest's DMI UUID, nor a
@@ -133,15 +136,15 @@ pub(crate) async fn node_limit(cfg: &Config) -> Result<Option<u64>> {
     Ok(Some(limit))
 }
 
-/// Live snapshots holding this host's file systems frozen: the first freezes them, the last
-/// thaws them, so that concurrent snapshots of volumes of this host never thaw each other's
-/// freeze (FIFREEZE of a frozen file system fails).
+/// Live snapshots holding one slot's file system frozen: the first freezes it, the last thaws
+/// it, so that concurrent snapshots never thaw each other's freeze (FIFREEZE of a frozen file
+/// system fails).
 #[derive(Debug, Default)]
-struct Freezes {
-    /// Freezes not yet thawed (`freeze_filesystems` calls that froze or tried to).
+struct SlotFreeze {
+    /// Freezes not yet thawed (`freeze_filesystems` calls that froze it or tried to).
     holders: u32,
-    /// The slots whose file system is frozen now.
-    slots: std::collections::BTreeSet<String>,
+    /// Whether it is frozen now (by this plugin).
+    frozen: bool,
 }
 
 /// What a slot holds, read back from the host.
@@ -157,31 +160,66 @@ enum State {
         loop_name: String,
         dead: Option<String>,
     },
+    /// Attached, but its storage daemon does not answer the kernel (stopped, or stuck on its
+    /// disk): whatever touches the volume would hang, so nothing does until it answers.
+    NotAnswering {
+        rec: Record,
+        loop_name: String,
+        reason: String,
+    },
+}
+
+impl State {
+    /// UNAVAILABLE naming the volume, when its daemon does not answer.
+    fn refuse_hung(&self, what: &str) -> Result<()> {
+        match self {
+            State::NotAnswering { rec, reason, .. } => Err(Error::Unavailable(format!(
+                "volume {} cannot {what} now: {reason}; retry once its storage daemon answers \
+                 (see the volume's condition in ControllerGetVolume)",
+                rec.volume_id
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Why the attachment's I/O fails, or None when the loop device reads through the slot's live
 /// daemon: the daemon is alive (pidfd + command line), its FUSE export is mounted, and the
-/// loop device's open file is on that very mount (device numbers, not paths). Blocking.
+/// loop device's open file is on that very mount (device numbers, not paths). Err when the
+/// daemon does not answer the loop device's status in time (see `probe`). Blocking, bounded.
 fn dead_reason(
     sysfs: &Sysfs,
+    probes: &probe::Probes,
+    wait: std::time::Duration,
     slot: &Slot,
     export: &Path,
     loop_name: &str,
     table: &MountTable,
-) -> Option<String> {
-    if daemon::find(slot).is_none() {
-        return Some(format!(
+) -> std::result::Result<Option<String>, String> {
+    let Some(d) = daemon::find(slot) else {
+        return Ok(Some(format!(
             "its storage daemon is gone (pid file {}), so /dev/{loop_name} fails every I/O",
             slot.pid_path().display()
-        ));
-    }
+        )));
+    };
     let Some(m) = table.at(export).filter(|m| m.fs_type.starts_with("fuse")) else {
-        return Some(format!(
+        return Ok(Some(format!(
             "the FUSE export {} behind /dev/{loop_name} is not mounted",
             export.display()
-        ));
+        )));
     };
-    match sysfs.loop_backing_identity(loop_name) {
+    let (s, n) = (sysfs.clone(), loop_name.to_string());
+    let status = probes
+        .run(&slot.key, wait, move || s.loop_backing_identity(&n))
+        .map_err(|why| {
+            format!(
+                "storage daemon not answering (pid {}): the status of /dev/{loop_name}, which \
+                 the kernel reads from its FUSE export, did not come ({why}); a stopped or \
+                 hung daemon blocks every I/O of the volume",
+                d.pid
+            )
+        })?;
+    Ok(match status {
         Ok((dev, _)) if dev != m.dev() => Some(format!(
             "/dev/{loop_name} reads an export that is gone (device {}:{}), not the live one at \
              {} (device {}:{})",
@@ -193,7 +231,7 @@ fn dead_reason(
         )),
         Ok(_) => None,
         Err(e) => Some(format!("cannot read the status of /dev/{loop_name}: {e}")),
-    }
+    })
 }
 
 impl LocalAttacher {
@@ -217,7 +255,8 @@ impl LocalAttacher {
             sysfs: Sysfs::host(),
             limit: 0,
             attaching: tokio::sync::Mutex::new(()),
-            freezes: tokio::sync::Mutex::default(),
+            freezes: std::sync::Mutex::default(),
+            probes: probe::Probes::default(),
             placement,
             serves_first,
         };
@@ -269,6 +308,10 @@ impl LocalAttacher {
                 } => {
                     tracing::warn!(slot = %slot.key, device = %loop_name, %reason,
                         "a local attachment is dead; it is attached afresh at the next publish                          once nothing uses it");
+                }
+                State::NotAnswering { reason, .. } => {
+                    tracing::warn!(slot = %slot.key, %reason,
+                        "a local attachment's storage daemon does not answer; left as it is");
                 }
                 State::Empty | State::Partial => {
                     tracing::info!(slot = %slot.key, "cleaning up an interrupted local attach");
@@ -346,9 +389,12 @@ impl LocalAttacher {
 
     /// What each slot holds now; the loop devices and the mount table are read once.
     async fn inspect_all(&self, slots: Vec<Slot>) -> Result<Vec<(Slot, State)>> {
-        let sysfs = self.sysfs.clone();
+        let (sysfs, probes) = (self.sysfs.clone(), self.probes.clone());
         exec::blocking(move || {
             let loops = sysfs.loop_devices()?;
+            // One bound for all the slots' probes (a healthy one answers in microseconds), so
+            // several hung daemons do not add up.
+            let deadline = Instant::now() + probe::PROBE_TIMEOUT;
             let mut table: Option<MountTable> = None;
             let mut out = Vec::with_capacity(slots.len());
             for s in slots {
@@ -369,16 +415,24 @@ impl LocalAttacher {
                     Some(t) => t,
                     None => MountTable::read()?,
                 };
-                let dead = dead_reason(&sysfs, &s, &export, &loop_name, &t);
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(probe::PROBE_MIN_WAIT);
+                let health = dead_reason(&sysfs, &probes, wait, &s, &export, &loop_name, &t);
                 table = Some(t);
-                out.push((
-                    s,
-                    State::Attached {
+                let st = match health {
+                    Ok(dead) => State::Attached {
                         rec,
                         loop_name,
                         dead,
                     },
-                ));
+                    Err(reason) => State::NotAnswering {
+                        rec,
+                        loop_name,
+                        reason,
+                    },
+                };
+                out.push((s, st));
             }
             Ok(out)
         })
@@ -540,11 +594,13 @@ impl LocalAttacher {
         volume_id: &VolumeId,
         what: &str,
     ) -> Result<Option<(Record, String)>> {
+        let st = self.inspect(slot).await?;
+        st.refuse_hung(what)?;
         let State::Attached {
             rec,
             loop_name,
             dead,
-        } = self.inspect(slot).await?
+        } = st
         else {
             return Ok(None);
         };
@@ -563,11 +619,15 @@ impl LocalAttacher {
         Ok(Some((rec, loop_name)))
     }
 
-    /// The slots of live read-write attachments whose file system is mounted on this host,
-    /// with one mount point each.
-    async fn mounted_writable(&self) -> Result<Vec<(Slot, PathBuf)>> {
-        let dir = self.state_dir.clone();
-        let slots = exec::blocking(move || slot::list(&dir)).await?;
+    /// The slots of `members` attached here read-write and alive whose file system is mounted
+    /// on this host, with one mount point each (never another volume's: a snapshot freezes
+    /// only what it cuts). A member whose daemon does not answer is left out (its freeze would
+    /// hang; its cut is refused).
+    async fn mounted_members(&self, members: &[VolumeId]) -> Result<Vec<(Slot, PathBuf)>> {
+        let slots: Vec<Slot> = members
+            .iter()
+            .map(|v| Slot::new(&self.state_dir, v.key()))
+            .collect();
         let live: Vec<(Slot, String)> = self
             .inspect_all(slots)
             .await?
@@ -592,6 +652,46 @@ impl LocalAttacher {
             Ok(out)
         })
         .await
+    }
+
+    /// The freeze state of slot `key`.
+    fn slot_freeze(&self, key: &str) -> Arc<tokio::sync::Mutex<SlotFreeze>> {
+        let mut all = self.freezes.lock().unwrap_or_else(|e| e.into_inner());
+        all.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Holds the file system of `slot` at `mount` frozen for one more snapshot (freezing it
+    /// when it is the first and `freeze`, bounded by `fsfreeze`); whether it is frozen now.
+    async fn hold_frozen(&self, slot: &Slot, mount: &Path, freeze: bool) -> bool {
+        let cell = self.slot_freeze(&slot.key);
+        let mut st = cell.lock().await;
+        st.holders += 1;
+        if st.holders == 1 && freeze {
+            // Thawed through its marker by `release_frozen`.
+            st.frozen = fsfreeze::freeze(slot, mount).await.is_some();
+        }
+        st.frozen
+    }
+
+    /// Gives one snapshot's hold on the file system of `slot` up; the last thaws it. With
+    /// `keep_hold`, only undoes a freeze this snapshot alone holds (its caller releases the
+    /// hold later).
+    async fn release_frozen(&self, slot: &Slot, keep_hold: bool) -> Result<()> {
+        let cell = self.slot_freeze(&slot.key);
+        let mut st = cell.lock().await;
+        let last = if keep_hold {
+            st.holders <= 1
+        } else {
+            st.holders = st.holders.saturating_sub(1);
+            st.holders == 0
+        };
+        // A freeze given up (not `frozen`) is thawed by `fsfreeze` once it completes: a thaw
+        // here would wait for it.
+        if last && st.frozen {
+            fsfreeze::thaw_marked(slot).await?;
+            st.frozen = false;
+        }
+        Ok(())
     }
 
     /// Attaches `rec` afresh (slot torn down first), cleaning up when that fails.
@@ -651,13 +751,18 @@ impl Attacher for LocalAttacher {
         let slots = exec::blocking(move || slot::list(&dir)).await?;
         let mut out = Vec::new();
         for (_, st) in self.inspect_all(slots).await? {
-            if let State::Attached {
-                rec,
-                loop_name,
-                dead,
-            } = st
-            {
-                out.push(self.attachment(&rec, &loop_name, dead));
+            match st {
+                State::Attached {
+                    rec,
+                    loop_name,
+                    dead,
+                } => out.push(self.attachment(&rec, &loop_name, dead)),
+                State::NotAnswering {
+                    rec,
+                    loop_name,
+                    reason,
+                } => out.push(self.attachment(&rec, &loop_name, Some(reason))),
+                State::Empty | State::Partial => {}
             }
         }
         Ok(out)
@@ -677,11 +782,13 @@ impl Attacher for LocalAttacher {
             discard: spec.options.discard == Some(Discard::Unmap),
             logical_block_size: spec.options.logical_block_size,
         };
+        let st = self.inspect(&slot).await?;
+        st.refuse_hung("be published")?;
         if let State::Attached {
             rec: had,
             loop_name,
             dead,
-        } = self.inspect(&slot).await?
+        } = st
         {
             // Alive by the host's state; the daemon must also say it serves this image.
             let dead = match dead {
@@ -719,6 +826,10 @@ impl Attacher for LocalAttacher {
         let slot = Slot::new(&self.state_dir, volume_id.key());
         let dir = slot.dir.clone();
         let attached = exec::blocking(move || Ok(dir.exists())).await?;
+        if attached {
+            // Detaching a loop device whose daemon does not answer would hang.
+            self.inspect(&slot).await?.refuse_hung("be detached")?;
+        }
         self.teardown(&slot).await?;
         if attached {
             crate::metrics::observe_detach(LOCAL_HOST, started.elapsed());
@@ -791,12 +902,12 @@ impl Attacher for LocalAttacher {
             work.push((slot, rec, m.overlay.clone()));
         }
         if work.len() > 1 {
-            let frozen = self.freezes.lock().await.slots.clone();
-            let loose: Vec<&str> = work
-                .iter()
-                .filter(|(slot, _, _)| !frozen.contains(&slot.key))
-                .map(|(_, rec, _)| rec.volume_id.as_str())
-                .collect();
+            let mut loose = Vec::new();
+            for (slot, rec, _) in &work {
+                if !self.slot_freeze(&slot.key).lock().await.frozen {
+                    loose.push(rec.volume_id.as_str());
+                }
+            }
             if !loose.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volumes {} are attached to this host without a file system frozen here \
@@ -847,59 +958,93 @@ impl Attacher for LocalAttacher {
         }
     }
 
-    /// Whether a file system of a volume attached read-write here is mounted on this host:
-    /// then `freeze_filesystems` has something to freeze (the host plays the guest agent).
-    async fn guest_agent(&self, node_id: &str) -> Result<bool> {
-        self.check_node(node_id)?;
-        Ok(!self.mounted_writable().await?.is_empty())
+    fn freezer(&self) -> &'static str {
+        "fsfreeze on this host"
     }
 
-    /// Freezes the file system of every volume attached read-write and mounted on this host
-    /// (`fsfreeze`, bounded; a marker per slot), as a guest agent freezes all of a guest's.
-    async fn freeze_filesystems(&self, node_id: &str) -> Result<FsFreeze> {
+    /// Whether a file system of one of `members` (attached read-write here) is mounted on this
+    /// host: then `freeze_filesystems` has something to freeze (the host plays the guest
+    /// agent, for the members only).
+    async fn guest_agent(&self, node_id: &str, members: &[VolumeId]) -> Result<bool> {
         self.check_node(node_id)?;
-        let mut freezes = self.freezes.lock().await;
-        if freezes.holders > 0 {
-            freezes.holders += 1;
-            return Ok(FsFreeze::Frozen(freezes.slots.len() as u32));
-        }
-        let mounted = self.mounted_writable().await?;
+        Ok(!self.mounted_members(members).await?.is_empty())
+    }
+
+    /// Freezes the file systems of `members` mounted on this host, and only theirs (the other
+    /// volumes' workloads never stall for this snapshot), in parallel, each bounded (`fsfreeze`,
+    /// a marker per slot). Their dirty data is written out first: when one does not finish in
+    /// time, none is frozen; when one cannot be frozen in time, the others are thawed at once.
+    /// Either way the snapshot is crash-consistent, and nothing stays frozen waiting for a
+    /// member whose daemon hangs.
+    async fn freeze_filesystems(&self, node_id: &str, members: &[VolumeId]) -> Result<FsFreeze> {
+        self.check_node(node_id)?;
+        let mounted = self.mounted_members(members).await?;
         if mounted.is_empty() {
             return Ok(FsFreeze::NoAgent);
         }
-        // Counted before the freeze: the caller thaws after any outcome but NoAgent.
-        freezes.holders = 1;
-        let all = mounted.len();
-        for (slot, mount) in mounted {
-            if let Some(frozen) = fsfreeze::freeze(&slot, &mount).await {
-                freezes.slots.insert(slot.key.clone());
-                drop(frozen); // thawed through its marker by `thaw_filesystems`
+        // Every slot is held from here on: the caller thaws after any outcome but NoAgent.
+        // Nothing is frozen unless every member wrote its dirty data out in time.
+        let started = Instant::now();
+        let synced =
+            futures_util::future::join_all(mounted.iter().map(|(_, m)| fsfreeze::sync(m))).await;
+        let freeze = synced.iter().all(|s| *s);
+        let frozen = futures_util::future::join_all(
+            mounted
+                .iter()
+                .map(|(slot, mount)| self.hold_frozen(slot, mount, freeze)),
+        )
+        .await;
+        let mounts = |want: bool| -> Vec<String> {
+            mounted
+                .iter()
+                .zip(&frozen)
+                .filter(|(_, f)| **f == want)
+                .map(|((_, m), _)| m.display().to_string())
+                .collect()
+        };
+        let (done, failed) = (mounts(true), mounts(false));
+        if failed.is_empty() {
+            tracing::info!(node = %node_id, filesystems = ?done,
+                ms = started.elapsed().as_millis() as u64,
+                "file systems of the snapshot's volumes frozen");
+            return Ok(FsFreeze::Frozen(done.len() as u32));
+        }
+        // Give the whole freeze up at once: what froze is thawed now, not after the cut.
+        for ((slot, _), f) in mounted.iter().zip(&frozen) {
+            if *f {
+                if let Err(e) = self.release_frozen(slot, true).await {
+                    tracing::warn!(slot = %slot.key, error = %e, "cannot thaw a file system");
+                }
             }
         }
-        let n = freezes.slots.len();
-        if n < all {
-            return Err(Error::internal(format!(
-                "{} of {all} file systems of volumes attached to this host could not be frozen",
-                all - n
-            )));
-        }
-        Ok(FsFreeze::Frozen(n as u32))
+        tracing::warn!(node = %node_id, not_frozen = ?failed, thawed = ?done,
+            ms = started.elapsed().as_millis() as u64,
+            "file systems of the snapshot's volumes could not all be frozen; none stays frozen \
+             (those frozen are thawed at once)");
+        Err(Error::internal(format!(
+            "{} of {} file systems of the snapshot's volumes could not be frozen: {}",
+            failed.len(),
+            mounted.len(),
+            failed.join(", ")
+        )))
     }
 
-    /// Thaws what `freeze_filesystems` froze, once its last holder is done; with none (a
-    /// restart), everything a marker names.
-    async fn thaw_filesystems(&self, node_id: &str) -> Result<()> {
+    /// Thaws what `freeze_filesystems` froze for `members`, each once its last holder is
+    /// done; no members (a restart), everything a marker names.
+    async fn thaw_filesystems(&self, node_id: &str, members: &[VolumeId]) -> Result<()> {
         self.check_node(node_id)?;
-        let mut freezes = self.freezes.lock().await;
-        freezes.holders = freezes.holders.saturating_sub(1);
-        if freezes.holders > 0 {
-            return Ok(());
-        }
-        freezes.slots.clear();
-        let dir = self.state_dir.clone();
         let mut first_err = None;
-        for slot in exec::blocking(move || slot::list(&dir)).await? {
-            if let Err(e) = fsfreeze::thaw_marked(&slot).await {
+        if members.is_empty() {
+            let dir = self.state_dir.clone();
+            for slot in exec::blocking(move || slot::list(&dir)).await? {
+                if let Err(e) = fsfreeze::thaw_marked(&slot).await {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for v in members {
+            let slot = Slot::new(&self.state_dir, v.key());
+            if let Err(e) = self.release_frozen(&slot, false).await {
                 first_err.get_or_insert(e);
             }
         }

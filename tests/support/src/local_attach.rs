@@ -256,12 +256,44 @@ impl Env {
         .unwrap();
     }
 
+    /// SIGSTOPs the storage daemon serving `vol` (a hung daemon: the kernel's FUSE requests to
+    /// it wait); the guard SIGCONTs it when dropped, on every path (a failed assertion too).
+    pub fn stop_daemon(&self, vol: &csi::Volume) -> StoppedDaemon {
+        let pid = self.daemon_pid(vol).expect("a live storage daemon");
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        StoppedDaemon(Some(pid))
+    }
+
     /// ControllerUnpublish twice, delete, and nothing left on the host.
     pub async fn finish(&self, vol: &csi::Volume) {
         self.controller_unpublish(vol).await.unwrap();
         self.controller_unpublish(vol).await.unwrap();
         self.delete(vol).await;
         assert_no_leftovers(self.dir());
+    }
+}
+
+/// A storage daemon stopped by [`Env::stop_daemon`], continued by [`StoppedDaemon::resume`]
+/// or when dropped.
+pub struct StoppedDaemon(Option<nix::unistd::Pid>);
+
+impl StoppedDaemon {
+    /// SIGCONT: the daemon answers again.
+    pub fn resume(mut self) {
+        self.cont();
+    }
+
+    fn cont(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+impl Drop for StoppedDaemon {
+    fn drop(&mut self) {
+        self.cont();
     }
 }
 
