@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::ids::{self, ObjectId, VolumeId};
 use crate::model::{Consistency, ImageFormat};
+use crate::params::own_parameters;
 use futures_util::future::join_all;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -101,13 +102,6 @@ struct Member {
     /// The node writing it (attached read-write), if any.
     writer: Option<String>,
     snapshot_id: String,
-}
-
-/// Parameters as compared for idempotency: orchestrator metadata left out.
-fn own_parameters(m: &BTreeMap<String, String>) -> BTreeMap<&String, &String> {
-    m.iter()
-        .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
-        .collect()
 }
 
 fn now_parts(t: SystemTime) -> (u64, u32) {

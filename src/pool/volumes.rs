@@ -587,13 +587,9 @@ impl Pools {
         if cap < req.required_bytes || (req.limit_bytes > 0 && cap > req.limit_bytes) {
             return conflict(format!("{cap} bytes, outside the requested range"));
         }
-        let strip = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-            m.iter()
-                .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        if strip(&existing.parameters) != strip(&req.parameters) {
+        if crate::params::own_parameters(&existing.parameters)
+            != crate::params::own_parameters(&req.parameters)
+        {
             return conflict("other parameters".into());
         }
         if let Some(pool) = &params.pool {
