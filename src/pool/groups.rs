@@ -21,7 +21,7 @@
 //! names. The operation holds the group name's lock, the group's lock and every volume's lock.
 
 use super::layers::{Frozen, PreparedFreeze};
-use super::record::{GroupSnapshotRecord, RecordState, SnapshotRecord, SCHEMA};
+use super::record::{epoch_parts, GroupSnapshotRecord, RecordState, SnapshotRecord, SCHEMA};
 use super::store::{Kind, Slot, Staged};
 use super::volumes::VolumeLock;
 use super::{Pool, Pools};
@@ -34,7 +34,7 @@ use crate::params::own_parameters;
 use futures_util::future::join_all;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 /// The most volumes one group snapshot may hold.
 pub const MAX_GROUP_MEMBERS: usize = 64;
@@ -102,11 +102,6 @@ struct Member {
     /// The node writing it (attached read-write), if any.
     writer: Option<String>,
     snapshot_id: String,
-}
-
-fn now_parts(t: SystemTime) -> (u64, u32) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs(), d.subsec_nanos())
 }
 
 impl Pools {
@@ -237,7 +232,7 @@ impl Pools {
                 return Err(e);
             }
         };
-        let (secs, nanos) = now_parts(cut_at);
+        let (secs, nanos) = epoch_parts(cut_at);
         let records: Vec<SnapshotRecord> = planned
             .iter()
             .zip(frozen)

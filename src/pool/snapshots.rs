@@ -98,9 +98,7 @@ impl Pools {
         let size = vol.capacity_bytes;
         let (frozen, _vol) = self.freeze(&lock, vol).await?;
         let pool = lock.pool.clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let (secs, nanos) = super::record::epoch_parts(std::time::SystemTime::now());
         let p = pool.clone();
         let key = exec::blocking(move || p.new_snapshot_key()).await?;
         let rec = SnapshotRecord {
@@ -114,8 +112,8 @@ impl Pools {
             backing: frozen.backing,
             size_bytes: size,
             parameters: req.parameters.clone(),
-            created_at: now.as_secs(),
-            created_at_nanos: now.subsec_nanos(),
+            created_at: secs,
+            created_at_nanos: nanos,
             quiesced: frozen.quiesced,
             group_snapshot_id: None,
         };
