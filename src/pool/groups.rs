@@ -28,7 +28,7 @@ use super::{Pool, Pools};
 use crate::attach::{LiveMember, NodeMembers};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId, VolumeId};
+use crate::ids::{self, VolumeId};
 use crate::model::{Consistency, ImageFormat};
 use crate::params::own_parameters;
 use futures_util::future::join_all;
@@ -107,13 +107,7 @@ struct Member {
 impl Pools {
     /// The pool and key of a group snapshot id; `None` when it cannot be one of ours.
     fn locate_group(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
-        let Some(oid) = ObjectId::parse_group(id)? else {
-            return Ok(None);
-        };
-        let Some(key) = Kind::Group.parse_file_key(&oid.key) else {
-            return Ok(None);
-        };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+        self.locate(Kind::Group, id)
     }
 
     /// CreateVolumeGroupSnapshot. Idempotent by name: the same name, volumes (in any order)

@@ -8,7 +8,7 @@ use super::store::{Kind, Slot};
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId, VolumeId};
+use crate::ids::{self, VolumeId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -57,13 +57,7 @@ impl Pool {
 impl Pools {
     /// The pool and key a snapshot id names; `Ok(None)` when it cannot be a snapshot of ours.
     pub(super) fn locate_snapshot(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
-        let Some(oid) = ObjectId::parse_snapshot(id)? else {
-            return Ok(None);
-        };
-        let Some(key) = Kind::Snapshot.parse_file_key(&oid.key) else {
-            return Ok(None);
-        };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+        self.locate(Kind::Snapshot, id)
     }
 
     /// CreateSnapshot. Idempotent by name: the same name and source give the same snapshot;
