@@ -279,7 +279,7 @@ impl Controller for ControllerService {
             } else {
                 this.attachments.unpublish(lock.id(), &r.node_id).await?;
             }
-            this.pools.note_unpublished(lock.id());
+            this.pools.note_unpublished(lock.id()).await;
             Ok(csi::ControllerUnpublishVolumeResponse {})
         })
         .await
