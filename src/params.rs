@@ -10,6 +10,14 @@ use std::collections::BTreeMap;
 /// Keys the external-provisioner adds (`--extra-create-metadata`); informational, ignored.
 const K8S_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// Request parameters as compared for idempotency (a repeated Create*): the keys the
+/// external-provisioner adds (`K8S_PREFIX`) left out.
+pub(crate) fn own_parameters(m: &BTreeMap<String, String>) -> BTreeMap<&String, &String> {
+    m.iter()
+        .filter(|(k, _)| !k.starts_with(K8S_PREFIX))
+        .collect()
+}
+
 /// The bus a disk is hot-plugged on (`bus` parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -21,19 +21,20 @@
 //! names. The operation holds the group name's lock, the group's lock and every volume's lock.
 
 use super::layers::{Frozen, PreparedFreeze};
-use super::record::{GroupSnapshotRecord, RecordState, SnapshotRecord, SCHEMA};
+use super::record::{epoch_parts, GroupSnapshotRecord, RecordState, SnapshotRecord, SCHEMA};
 use super::store::{Kind, Slot, Staged};
 use super::volumes::VolumeLock;
 use super::{Pool, Pools};
 use crate::attach::{LiveMember, NodeMembers};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId, VolumeId};
+use crate::ids::{self, VolumeId};
 use crate::model::{Consistency, ImageFormat};
+use crate::params::own_parameters;
 use futures_util::future::join_all;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 /// The most volumes one group snapshot may hold.
 pub const MAX_GROUP_MEMBERS: usize = 64;
@@ -103,28 +104,10 @@ struct Member {
     snapshot_id: String,
 }
 
-/// Parameters as compared for idempotency: orchestrator metadata left out.
-fn own_parameters(m: &BTreeMap<String, String>) -> BTreeMap<&String, &String> {
-    m.iter()
-        .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
-        .collect()
-}
-
-fn now_parts(t: SystemTime) -> (u64, u32) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs(), d.subsec_nanos())
-}
-
 impl Pools {
     /// The pool and key of a group snapshot id; `None` when it cannot be one of ours.
     fn locate_group(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
-        let Some(oid) = ObjectId::parse_group(id)? else {
-            return Ok(None);
-        };
-        let Some(key) = Kind::Group.parse_file_key(&oid.key) else {
-            return Ok(None);
-        };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+        self.locate(Kind::Group, id)
     }
 
     /// CreateVolumeGroupSnapshot. Idempotent by name: the same name, volumes (in any order)
@@ -243,7 +226,7 @@ impl Pools {
                 return Err(e);
             }
         };
-        let (secs, nanos) = now_parts(cut_at);
+        let (secs, nanos) = epoch_parts(cut_at);
         let records: Vec<SnapshotRecord> = planned
             .iter()
             .zip(frozen)

@@ -211,8 +211,7 @@ impl Pools {
     ) -> Result<(Vec<(VolumeSummary, VolumeCondition)>, String)> {
         let token = match start {
             "" => None,
-            t => ObjectId::parse_volume(t)?
-                .and_then(|o| super::store::parse_key(&o.key).map(|k| (o.pool, k))),
+            t => super::store::parse_id(super::store::Kind::Volume, t)?,
         };
         let pools = by_name(self.all());
         exec::blocking(move || {
@@ -272,11 +271,7 @@ impl Pools {
     ) -> Result<(Vec<SnapshotSummary>, String)> {
         let token = match start {
             "" => None,
-            t => ObjectId::parse_snapshot(t)?.and_then(|o| {
-                super::store::Kind::Snapshot
-                    .parse_file_key(&o.key)
-                    .map(|k| (o.pool, k))
-            }),
+            t => super::store::parse_id(super::store::Kind::Snapshot, t)?,
         };
         // Narrow the pools and keys the filter allows.
         let only_pool: Option<String>;

@@ -213,6 +213,12 @@ pub enum FlattenState {
     Switching,
 }
 
+/// `t` as seconds since the Unix epoch and nanoseconds past them (0 before the epoch).
+pub(crate) fn epoch_parts(t: std::time::SystemTime) -> (u64, u32) {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
 pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -8,7 +8,7 @@ use super::store::{Kind, Slot};
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::ids::{self, ObjectId, VolumeId};
+use crate::ids::{self, VolumeId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -57,13 +57,7 @@ impl Pool {
 impl Pools {
     /// The pool and key a snapshot id names; `Ok(None)` when it cannot be a snapshot of ours.
     pub(super) fn locate_snapshot(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
-        let Some(oid) = ObjectId::parse_snapshot(id)? else {
-            return Ok(None);
-        };
-        let Some(key) = Kind::Snapshot.parse_file_key(&oid.key) else {
-            return Ok(None);
-        };
-        Ok(self.get(&oid.pool).map(|p| (p.clone(), key)))
+        self.locate(Kind::Snapshot, id)
     }
 
     /// CreateSnapshot. Idempotent by name: the same name and source give the same snapshot;
@@ -98,9 +92,7 @@ impl Pools {
         let size = vol.capacity_bytes;
         let (frozen, _vol) = self.freeze(&lock, vol).await?;
         let pool = lock.pool.clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let (secs, nanos) = super::record::epoch_parts(std::time::SystemTime::now());
         let p = pool.clone();
         let key = exec::blocking(move || p.new_snapshot_key()).await?;
         let rec = SnapshotRecord {
@@ -114,8 +106,8 @@ impl Pools {
             backing: frozen.backing,
             size_bytes: size,
             parameters: req.parameters.clone(),
-            created_at: now.as_secs(),
-            created_at_nanos: now.subsec_nanos(),
+            created_at: secs,
+            created_at_nanos: nanos,
             quiesced: frozen.quiesced,
             group_snapshot_id: None,
         };

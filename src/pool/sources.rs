@@ -170,9 +170,7 @@ impl Pools {
     async fn source_layer(&self, base: Base) -> Result<Source> {
         match base {
             Base::Snapshot(s) => {
-                let key = super::store::Kind::Snapshot
-                    .parse_file_key(s.id.rsplit_once('.').map_or("", |(_, k)| k))
-                    .ok_or_else(|| Error::internal(format!("bad snapshot id {}", s.id)))?;
+                let key = super::store::Record::key(&s)?;
                 let layer = Layer::parse(&s.layer);
                 Ok(Source {
                     layer: s.layer,

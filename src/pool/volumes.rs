@@ -3,7 +3,7 @@
 
 use super::layers::{LayerContext, Maintenance};
 use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
-use super::store::{Index, Layer, ObjectLock, Slot};
+use super::store::{Index, Kind, Layer, ObjectLock, Slot};
 use super::{qcow2, qemu_img, Pool};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
@@ -199,6 +199,15 @@ impl Pools {
     pub(super) fn locate_volume(&self, id: &VolumeId) -> Option<(Arc<Pool>, u64)> {
         let key = super::store::parse_key(id.key())?;
         self.get(id.pool()).map(|p| (p.clone(), key))
+    }
+
+    /// The pool and key of the object of `kind` that `id` names; `Ok(None)` when it cannot be
+    /// one of ours or its pool is not configured here; INVALID_ARGUMENT for an unsafe id.
+    pub(super) fn locate(&self, kind: Kind, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
+        let Some((pool, key)) = super::store::parse_id(kind, id)? else {
+            return Ok(None);
+        };
+        Ok(self.get(&pool).map(|p| (p.clone(), key)))
     }
 
     /// The volume id of a record or request field `field` that must name a volume of ours:
@@ -587,13 +596,9 @@ impl Pools {
         if cap < req.required_bytes || (req.limit_bytes > 0 && cap > req.limit_bytes) {
             return conflict(format!("{cap} bytes, outside the requested range"));
         }
-        let strip = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-            m.iter()
-                .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        if strip(&existing.parameters) != strip(&req.parameters) {
+        if crate::params::own_parameters(&existing.parameters)
+            != crate::params::own_parameters(&req.parameters)
+        {
             return conflict("other parameters".into());
         }
         if let Some(pool) = &params.pool {

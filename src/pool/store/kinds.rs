@@ -128,14 +128,20 @@ pub(crate) trait Record: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn insert_into(&self, index: &mut Index, key: u64);
 }
 
-fn key_of_id(kind: Kind, id: &str) -> Result<u64> {
+/// The pool name and key that an id of `kind` names; `Ok(None)` when it cannot be one of
+/// ours, INVALID_ARGUMENT when it is unsafe.
+pub(crate) fn parse_id(kind: Kind, id: &str) -> Result<Option<(String, u64)>> {
     let parsed = match kind {
         Kind::Snapshot => ObjectId::parse_snapshot(id)?,
         Kind::Group => ObjectId::parse_group(id)?,
         Kind::Volume | Kind::Flatten => ObjectId::parse_volume(id)?,
     };
-    parsed
-        .and_then(|o| kind.parse_file_key(&o.key))
+    Ok(parsed.and_then(|o| kind.parse_file_key(&o.key).map(|key| (o.pool, key))))
+}
+
+fn key_of_id(kind: Kind, id: &str) -> Result<u64> {
+    parse_id(kind, id)?
+        .map(|(_, key)| key)
         .ok_or_else(|| Error::internal(format!("{id:?} is not a {} id", kind.dir())))
 }
 

@@ -67,7 +67,7 @@ mod kinds;
 mod locks;
 
 pub(crate) use index::{Index, Layer, VolumeEntry};
-pub(crate) use kinds::{parse_key, Kind, Record};
+pub(crate) use kinds::{parse_id, parse_key, Kind, Record};
 pub(crate) use locks::{file_is_locked, ObjectLock, Slot};
 
 use crate::error::{Error, Result};
