@@ -106,7 +106,7 @@ struct Member {
 
 impl Pools {
     /// The pool and key of a group snapshot id; `None` when it cannot be one of ours.
-    fn locate_group(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
+    pub(super) fn locate_group(&self, id: &str) -> Result<Option<(Arc<Pool>, u64)>> {
         self.locate(Kind::Group, id)
     }
 

@@ -329,7 +329,15 @@ impl Pools {
                         let visible = match groups.get(g) {
                             Some(v) => *v,
                             None => {
-                                let v = this.member_visible(Some(g))?;
+                                // A group of this pool is read from the index already held:
+                                // taking its read lock again could deadlock behind a writer
+                                // (a catch-up or a commit waiting for it).
+                                let v = match this.locate_group(g)? {
+                                    Some((gp, gk)) if Arc::ptr_eq(&gp, pool) => index
+                                        .group(gk)
+                                        .is_some_and(|e| e.state == RecordState::Ready),
+                                    _ => this.member_visible(Some(g))?,
+                                };
                                 groups.insert(g.clone(), v);
                                 v
                             }
