@@ -646,8 +646,9 @@ impl LocalAttacher {
         let sysfs = self.sysfs.clone();
         exec::blocking(move || {
             let mut out = Vec::new();
+            let mut table = None;
             for (slot, loop_name) in live {
-                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name)? {
+                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name, &mut table)? {
                     out.push((slot, mount));
                 }
             }
