@@ -126,7 +126,14 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = std_command(program);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args);
+    output(program, cmd).await
+}
+
+/// Runs `cmd` (made by [`std_command`]) to its end with its output captured; the child is
+/// killed when the caller stops waiting.
+async fn output(program: &str, mut cmd: std::process::Command) -> Result<Finished> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let out = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .output()
@@ -151,7 +158,7 @@ where
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let mut cmd = std_command(program);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args);
     let fds: Vec<std::os::fd::RawFd> = cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: the hook runs in the forked child before exec. It only calls write(2), which is
     // async-signal-safe, on descriptors the caller keeps open until the spawn returns, and it
@@ -164,12 +171,7 @@ where
             Ok(())
         });
     }
-    let out = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| spawn_error(program, e))?;
-    checked(program, finished(out))
+    checked(program, output(program, cmd).await?)
 }
 
 /// [`run`] for code that is already on a blocking thread (e.g. pool recovery, which runs

@@ -152,12 +152,17 @@ pub(crate) async fn serve(
         crate::metrics::watch_pools(pools.clone());
     }
     crate::metrics::set_build_info(&format!("{:?}", cfg.mode).to_lowercase());
+    // A node's SMBIOS OEM strings (sysfs reads, off the runtime) may carry topology too.
+    let smbios_topology = !cfg.has_topology() && cfg.mode.runs_node() && {
+        let sysfs = cfg.node.sysfs_root();
+        !crate::exec::blocking(move || Ok(crate::nodetopo::from_smbios(&sysfs)))
+            .await?
+            .is_empty()
+    };
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: cfg.mode.runs_controller(),
-        topology: cfg.has_topology()
-            || (cfg.mode.runs_node()
-                && !crate::nodetopo::from_smbios(&cfg.node.sysfs_root()).is_empty()),
+        topology: cfg.has_topology() || smbios_topology,
         pools: pools.clone(),
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };

@@ -359,14 +359,7 @@ async fn create_with(
     let mut req = create_req(&unique(tag), 64 * MIB);
     req.volume_capabilities = vec![cap];
     req.parameters = params(parameters);
-    env.plugin
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
+    env.plugin.controller().create(req).await.unwrap()
 }
 
 /// SIGKILL of the plugin, of its process group, of its whole cgroup, while a consumer writes:

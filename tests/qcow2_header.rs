@@ -76,14 +76,7 @@ fn assert_like_qemu_img(ours: &Path, refs: &Path) {
 async fn create(p: &Plugin, name: &str, bytes: i64, format: &str) -> String {
     let mut req = create_req(name, bytes);
     req.parameters = params(&[("format", format)]);
-    p.controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    p.controller().create(req).await.unwrap().volume_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,15 +140,7 @@ async fn overlays_are_what_qemu_img_create_makes() {
             },
         )),
     });
-    let restored = p
-        .controller()
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let restored = p.controller().create(req).await.unwrap().volume_id;
     let image = image_of(&p, &restored);
     assert_eq!(qemu_img_info(&image)["virtual-size"], 2i64 << 30);
     assert_like_qemu_img(&image, refs.path());

@@ -137,6 +137,22 @@ fn with_attachments<'a>(
     condition
 }
 
+/// A volume's status as ListVolumes and ControllerGetVolume report it: its published node ids
+/// and its condition (`cond`, from the pool) made abnormal by its attachments in `scan`.
+fn status(
+    scan: &crate::attach::Scan,
+    volume_id: &str,
+    cond: &VolumeCondition,
+) -> (Vec<String>, csi::VolumeCondition) {
+    let (published_node_ids, unconfirmed) = published(scan, volume_id);
+    let condition = with_attachments(
+        condition(cond),
+        scan.known.iter().filter(|a| a.volume_id == volume_id),
+        unconfirmed,
+    );
+    (published_node_ids, condition)
+}
+
 fn condition(c: &VolumeCondition) -> csi::VolumeCondition {
     csi::VolumeCondition {
         abnormal: c.abnormal(),
@@ -279,7 +295,7 @@ impl Controller for ControllerService {
             } else {
                 this.attachments.unpublish(lock.id(), &r.node_id).await?;
             }
-            this.pools.note_unpublished(lock.id());
+            this.pools.note_unpublished(lock.id()).await;
             Ok(csi::ControllerUnpublishVolumeResponse {})
         })
         .await
@@ -335,15 +351,7 @@ impl Controller for ControllerService {
         let entries = page
             .into_iter()
             .map(|(volume, cond)| {
-                let (published_node_ids, unconfirmed) = published(&attachments, &volume.id);
-                let condition = with_attachments(
-                    condition(&cond),
-                    attachments
-                        .known
-                        .iter()
-                        .filter(|a| a.volume_id == volume.id),
-                    unconfirmed,
-                );
+                let (published_node_ids, condition) = status(&attachments, &volume.id, &cond);
                 csi::list_volumes_response::Entry {
                     volume: Some(self.volume(&volume)),
                     status: Some(csi::list_volumes_response::VolumeStatus {
@@ -549,13 +557,7 @@ impl Controller for ControllerService {
             convert::volume_id(&r.volume_id)?.ok_or_else(|| convert::no_volume(&r.volume_id))?;
         let (volume, cond) = self.pools.describe(&id).await?;
         let scan = self.attachments.scan().await?;
-        let attachments: Vec<&crate::attach::Attachment> = scan
-            .known
-            .iter()
-            .filter(|a| a.volume_id == volume.id)
-            .collect();
-        let (published_node_ids, unconfirmed) = published(&scan, &volume.id);
-        let condition = with_attachments(condition(&cond), attachments.into_iter(), unconfirmed);
+        let (published_node_ids, condition) = status(&scan, &volume.id, &cond);
         ok(csi::ControllerGetVolumeResponse {
             volume: Some(self.volume(&volume)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {

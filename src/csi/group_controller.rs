@@ -40,13 +40,19 @@ fn check_members(group: &GroupSnapshotRecord, snapshot_ids: &[String]) -> Result
     Ok(())
 }
 
-fn check_snapshot_ids(ids: &[String]) -> Result<()> {
+/// INVALID_ARGUMENT when `ids` (the request's field `what`) names more than a group holds.
+fn check_member_count(what: &str, ids: &[String]) -> Result<()> {
     if ids.len() > MAX_GROUP_MEMBERS {
         return Err(Error::invalid(format!(
-            "{} snapshot_ids; a group snapshot holds at most {MAX_GROUP_MEMBERS}",
+            "{} {what}; a group snapshot holds at most {MAX_GROUP_MEMBERS}",
             ids.len()
         )));
     }
+    Ok(())
+}
+
+fn check_snapshot_ids(ids: &[String]) -> Result<()> {
+    check_member_count("snapshot_ids", ids)?;
     ids.iter()
         .try_for_each(|id| ids::check_safe_id("snapshot_ids entry", id))
 }
@@ -76,13 +82,7 @@ impl GroupController for GroupControllerService {
         if r.source_volume_ids.is_empty() {
             return Err(Error::invalid("source_volume_ids is required").into());
         }
-        if r.source_volume_ids.len() > MAX_GROUP_MEMBERS {
-            return Err(Error::invalid(format!(
-                "{} source_volume_ids; a group snapshot holds at most {MAX_GROUP_MEMBERS}",
-                r.source_volume_ids.len()
-            ))
-            .into());
-        }
+        check_member_count("source_volume_ids", &r.source_volume_ids)?;
         let mut seen = BTreeSet::new();
         let mut volumes = Vec::with_capacity(r.source_volume_ids.len());
         for id in &r.source_volume_ids {

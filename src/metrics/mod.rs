@@ -72,17 +72,12 @@ pub(crate) fn observe_group_snapshot(consistency: crate::model::Consistency, too
     m.group_snapshots
         .with_label_values(&[consistency.as_str()])
         .inc();
-    m.operation_seconds
-        .with_label_values(&["group_snapshot"])
-        .observe(took.as_secs_f64());
+    observe_operation("group_snapshot", took);
 }
 
 /// Guests were held (file systems frozen, or paused) for `took` around a live cut.
 pub(crate) fn observe_quiesce_window(took: Duration) {
-    registry::get()
-        .operation_seconds
-        .with_label_values(&["quiesce_window"])
-        .observe(took.as_secs_f64());
+    observe_operation("quiesce_window", took);
 }
 
 /// Runs `step`; when it succeeds, observes how long it took as `operation`

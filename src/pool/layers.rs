@@ -174,17 +174,22 @@ impl Pools {
 
     /// Tells the flattener to look at `id` now when its chain is past the limit: a volume is
     /// flattened only while it is not attached, so an unpublish may be what it waited for.
-    /// Reads the index only.
-    pub(crate) fn note_unpublished(&self, id: &VolumeId) {
+    /// Reads the index only (which may first catch up with other processes' commits: on the
+    /// blocking door).
+    pub(crate) async fn note_unpublished(&self, id: &VolumeId) {
         let Some((pool, key)) = self.locate_volume(id) else {
             return;
         };
-        let deep = pool.store.index().is_ok_and(|index| {
-            index
+        let max = self.layers.max_chain_depth;
+        let deep = exec::blocking(move || {
+            Ok(pool
+                .store
+                .index()?
                 .volume(key)
-                .is_some_and(|v| v.depth() > self.layers.max_chain_depth)
-        });
-        if deep {
+                .is_some_and(|v| v.depth() > max))
+        })
+        .await;
+        if deep.unwrap_or(false) {
             self.layers.wake.notify_one();
         }
     }
