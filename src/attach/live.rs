@@ -18,7 +18,7 @@
 //! marker names ([`Attachments::release_left_quiesced`]): a crash never leaves a guest frozen or
 //! paused for longer than the next start.
 
-use super::{Attacher, Attachments};
+use super::{outcome_unknown, Attacher, Attachments};
 use crate::error::{Error, Result};
 use crate::ids::VolumeId;
 use crate::model::Consistency;
@@ -28,7 +28,6 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tonic::Code;
 
 /// How long a guest agent may take to freeze, and the longest the guests stay frozen or
 /// paused for a cut (`[snapshots] quiesce_timeout_secs`).
@@ -198,11 +197,6 @@ impl QuiesceSettings {
         }
         Ok(out)
     }
-}
-
-/// Whether an error leaves the outcome of a change unknown.
-fn outcome_unknown(e: &Error) -> bool {
-    matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
 }
 
 impl Attachments {
@@ -591,6 +585,7 @@ mod tests {
     use crate::attach::{Attachment, DiskSpec};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
+    use tonic::Code;
 
     /// Nodes in memory that log every call; each node's behaviour is set per test.
     #[derive(Default)]

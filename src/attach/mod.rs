@@ -113,6 +113,15 @@ pub struct LiveSnapshot {
     pub quiesced: bool,
 }
 
+/// Whether an error of a change (`Attacher::snapshot_live`, a pause) leaves its outcome
+/// unknown (UNAVAILABLE, DEADLINE_EXCEEDED) rather than definite.
+pub(crate) fn outcome_unknown(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    )
+}
+
 /// One way of attaching disks to nodes.
 #[async_trait::async_trait]
 pub trait Attacher: Send + Sync {

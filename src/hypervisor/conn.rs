@@ -195,6 +195,23 @@ impl Libvirt {
         &self.inner.host
     }
 
+    /// Bounds `call`, a call to this host's libvirt, by `limit`: after it, UNAVAILABLE naming
+    /// the host (the call itself keeps running on its own permit).
+    pub(crate) async fn bounded<T>(
+        &self,
+        limit: std::time::Duration,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(Error::Unavailable(format!(
+                "libvirt of host {} at {} did not answer within {}s",
+                self.host(),
+                self.uri(),
+                limit.as_secs()
+            )))
+        })
+    }
+
     /// Runs `f` with the connection on a blocking thread, (re)connecting first if needed.
     /// `f` maps libvirt errors with [`Libvirt::error`]; when the connection turns out to be
     /// dead, it is dropped so the next call reconnects, and `f` is retried once if

@@ -266,16 +266,7 @@ impl Hosts {
             tasks.spawn(
                 async move {
                     let asked = lv.read(move |c, l| lookup(c, l, &node, i));
-                    let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, asked).await {
-                        Ok(a) => a,
-                        Err(_) => Err(Error::Unavailable(format!(
-                            "libvirt of host {} at {} did not answer within {}s",
-                            lv.host(),
-                            lv.uri(),
-                            LOOKUP_TIMEOUT.as_secs()
-                        ))),
-                    };
-                    (i, answer)
+                    (i, lv.bounded(LOOKUP_TIMEOUT, asked).await)
                 }
                 // The RPC's span (volume, node) follows the lookup into its task.
                 .in_current_span(),

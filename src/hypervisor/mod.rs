@@ -246,16 +246,10 @@ impl Hypervisor {
             let this = self.clone();
             tasks.spawn(
                 async move {
-                    let read =
-                        tokio::time::timeout(READ_TIMEOUT, this.host_attachments(&host)).await;
-                    let read = read.unwrap_or_else(|_| {
-                        Err(Error::Unavailable(format!(
-                            "libvirt of host {} at {} did not answer within {}s",
-                            host.name,
-                            host.lv.uri(),
-                            READ_TIMEOUT.as_secs()
-                        )))
-                    });
+                    let read = host
+                        .lv
+                        .bounded(READ_TIMEOUT, this.host_attachments(&host))
+                        .await;
                     (host, read)
                 }
                 .in_current_span(),

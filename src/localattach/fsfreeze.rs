@@ -42,13 +42,21 @@ fn marker_path(slot: &Slot) -> PathBuf {
     slot.dir.join("frozen.json")
 }
 
-/// A mount point on this host of the file system on `/dev/<loop_name>`, if it is mounted
-/// (a block volume, or a volume not staged yet, has none). Blocking.
-pub(super) fn mount_of(sysfs: &Sysfs, loop_name: &str) -> Result<Option<PathBuf>> {
+/// A mount point in `table` of the file system on `/dev/<loop_name>`, if it is mounted (a
+/// block volume, or a volume not staged yet, has none); `table` is read (once, for all the
+/// callers' devices) only for a device that exists. Blocking.
+pub(super) fn mount_of(
+    sysfs: &Sysfs,
+    loop_name: &str,
+    table: &mut Option<MountTable>,
+) -> Result<Option<PathBuf>> {
     let Some(dev) = sysfs.device(loop_name) else {
         return Ok(None);
     };
-    let table = MountTable::read()?;
+    let table = match table {
+        Some(t) => t,
+        None => table.insert(MountTable::read()?),
+    };
     let found = table
         .of_device(dev.dev())
         .into_iter()

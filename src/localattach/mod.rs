@@ -25,7 +25,9 @@ mod qmp;
 mod slot;
 mod snapshot;
 
-use crate::attach::{Attacher, Attachment, DiskSpec, FsFreeze, LiveMember, CTX_BUS, CTX_DEVICE};
+use crate::attach::{
+    outcome_unknown, Attacher, Attachment, DiskSpec, FsFreeze, LiveMember, CTX_BUS, CTX_DEVICE,
+};
 use crate::config::{Config, Mode};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -644,8 +646,9 @@ impl LocalAttacher {
         let sysfs = self.sysfs.clone();
         exec::blocking(move || {
             let mut out = Vec::new();
+            let mut table = None;
             for (slot, loop_name) in live {
-                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name)? {
+                if let Some(mount) = fsfreeze::mount_of(&sysfs, &loop_name, &mut table)? {
                     out.push((slot, mount));
                 }
             }
@@ -939,16 +942,7 @@ impl Attacher for LocalAttacher {
                 Ok(())
             }
             // Nothing switched and every outcome known: the caller deletes the overlays.
-            Some((_, e))
-                if switched == 0
-                    && !matches!(
-                        e.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                    )
-                    && failed.len() == 0 =>
-            {
-                Err(e)
-            }
+            Some((_, e)) if switched == 0 && !outcome_unknown(&e) && failed.len() == 0 => Err(e),
             Some((volume, e)) => Err(Error::Unavailable(format!(
                 "the live snapshot switched {switched} of {} volumes on this host; volume \
                  {volume} failed ({e}); each volume is reconciled from its image locks when \

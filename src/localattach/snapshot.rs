@@ -21,11 +21,11 @@
 use super::daemon::{format_node, protocol_node, Active};
 use super::qmp::{self, Session};
 use super::slot::{Record, Slot};
+use crate::attach::outcome_unknown;
 use crate::error::{Error, Result};
 use serde_json::json;
 use std::path::Path;
 use std::time::Duration;
-use tonic::Code;
 
 /// How long the whole switch may take (a healthy daemon needs milliseconds; a flush of the
 /// old layer may take longer on a slow disk).
@@ -43,13 +43,16 @@ pub(super) async fn switch(slot: &Slot, rec: &Record, overlay: &Path) -> Result<
     .await;
     // Nothing was switched yet: every failure is definite (a node added meanwhile is deleted
     // by the next switch or adoption, before anyone reads its lock).
-    let (mut session, prepared) = prepared.map_err(|e| match e.code() {
-        Code::Unavailable | Code::DeadlineExceeded => Error::Aborted(format!(
-            "the storage daemon of volume {} did not prepare the live snapshot ({e}); nothing \
-             was switched: retry",
-            rec.volume_id
-        )),
-        _ => e,
+    let (mut session, prepared) = prepared.map_err(|e| {
+        if outcome_unknown(&e) {
+            Error::Aborted(format!(
+                "the storage daemon of volume {} did not prepare the live snapshot ({e}); \
+                 nothing was switched: retry",
+                rec.volume_id
+            ))
+        } else {
+            e
+        }
     })?;
     let (from, to) = match prepared {
         Prepared::Done(active) => {
@@ -83,7 +86,7 @@ pub(super) async fn switch(slot: &Slot, rec: &Record, overlay: &Path) -> Result<
                     "cannot delete the unused overlay node; the next snapshot or a restart will");
             }
             Err(match done {
-                Err(e) if !matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded) => e,
+                Err(e) if !outcome_unknown(&e) => e,
                 Err(e) => Error::Aborted(format!(
                     "the live snapshot of volume {} did not happen ({e}); retry",
                     rec.volume_id
