@@ -26,6 +26,10 @@ pub const POINTS: &[&str] = &[
     "store.temp-synced",
     "store.change-logged",
     "store.committed",
+    // A new record's one-round commit (`Store::put_new_with`): temp file written (not
+    // durable); renamed into place under the pool lock, before the one fsync round.
+    "store.temp-written",
+    "store.renamed",
     // Layer files no record names any more, removed after a commit.
     "gc.layer-removed",
     // CreateVolume (and the volume half of a restore or clone): `materialize` (the image

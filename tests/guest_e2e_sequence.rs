@@ -848,10 +848,7 @@ mod sequence {
             .delete_group(&group.group_snapshot_id, &[])
             .await;
         r.expect("DeleteVolumeGroupSnapshot");
-        let left: Vec<_> = std::fs::read_dir(co.controller.pool_dir().join("volumes"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left = virtdisk_test_support::pool::PoolView::read(&co.controller.pool_dir()).volumes;
         assert!(left.is_empty(), "volume records left: {left:?}");
         co.mark("volumes and snapshot deleted");
 

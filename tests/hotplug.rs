@@ -468,13 +468,12 @@ async fn failed_attach_leaves_nothing_behind() {
     let dom = TestDomain::start("badimage", 3);
     let p = controller("").await;
     let vol = create(&p, "broken-image", &[]).await;
-    // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails.
-    let images: Vec<_> = std::fs::read_dir(p.pool_dir().join("images"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails. (Longer than
+    // an empty image, so not one a crash left without its blocks, which publish would write
+    // again: `tests/store_torn.rs`.)
+    let images = virtdisk_test_support::pool::layer_files(&p.pool_dir());
     assert_eq!(images.len(), 1);
-    std::fs::write(&images[0], vec![0u8; 4096]).unwrap();
+    std::fs::write(&images[0], vec![0xffu8; 1 << 20]).unwrap();
     let err = publish(&p, &vol, &dom.uuid).await.unwrap_err();
     eprintln!("attach of a broken image: {err:?}");
     assert!(dom.live_disk(&serial_of(&vol)).is_none());

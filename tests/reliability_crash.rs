@@ -49,8 +49,9 @@ use PoolOp::*;
 /// points are the steps of a record commit (the first commit of the operation dies there).
 const VOLUME_CASES: &[(PoolOp, &str)] = &[
     (Create, "create.image-made"),
-    (Create, "store.temp-synced"),
+    (Create, "store.temp-written"),
     (Create, "store.change-logged"),
+    (Create, "store.renamed"),
     (Create, "store.committed"),
     (Create, "create.committed"),
     (Restore, "create.image-made"),

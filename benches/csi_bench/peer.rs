@@ -286,6 +286,34 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
         PeerRow::new("(floor) durable record write, p50", ms(fl), "–")
             .note("write, fsync, rename, fsync dir: the least a crash-safe create costs here"),
     );
+    // What the RPC itself costs (client, socket, HTTP/2, server), with no work behind it.
+    let (mut ra, mut rb) = (Samples::default(), Samples::default());
+    for _ in 0..n {
+        timed(
+            &mut ra,
+            a.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}),
+        )
+        .await
+        .expect("ControllerGetCapabilities");
+        timed(
+            &mut rb,
+            b.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}),
+        )
+        .await
+        .expect("ControllerGetCapabilities");
+    }
+    rows.push(
+        PeerRow::new(
+            "(floor) an RPC with no work: ControllerGetCapabilities, p50",
+            ms(p50(&ra)),
+            ms(p50(&rb)),
+        )
+        .ratio(ratio(p50(&rb), p50(&ra)))
+        .note(format!(
+            "{n} calls each, alternating: the client, the socket, HTTP/2 and the server; part of \
+             every figure above"
+        )),
+    );
 
     // ListVolumes of the same 1 000 volumes, made through CreateVolume on both.
     let count = s.list_scales.first().copied().unwrap_or(1000);

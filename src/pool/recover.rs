@@ -1,10 +1,10 @@
-//! Finishing or undoing what a crashed process left half done. Only the holder of an
+//! Finishing or undoing what a crashed process (or machine) left half done. Only the holder of an
 //! object's lock touches it, so a half-done record is repaired when the pool opens only if no
 //! live process (this one or another sharing the pool) holds its lock, and otherwise by the
 //! next operation that takes the lock (`Pools::lock_volume`).
 
 use super::record::{FlattenJob, FlattenState, RecordState, SnapshotRecord, VolumeRecord};
-use super::store::Slot;
+use super::store::{Kind, Slot};
 use super::Pool;
 use crate::error::Result;
 
@@ -12,6 +12,14 @@ impl Pool {
     /// Pool open: settles every half-done volume, snapshot and flattening job nobody holds,
     /// then collects temp files and layer files no record names.
     pub(super) fn recover(&self) -> Result<()> {
+        for key in self.store.torn_new(Kind::Volume)? {
+            if let Some(_held) = self.store.try_lock(Slot::Volume(key))? {
+                tracing::warn!(pool = %self.name(), volume = %self.volume_id(key),
+                    "removing the empty record of a volume whose create a crash of the machine \
+                     cut short (it was never reported created)");
+                self.store.remove::<VolumeRecord>(key, |_| Ok(()))?;
+            }
+        }
         let (volumes, snapshots, jobs) = {
             let index = self.store.index()?;
             let volumes: Vec<u64> = index

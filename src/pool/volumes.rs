@@ -305,12 +305,20 @@ impl Pools {
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
-    /// The record of a locked volume; NOT_FOUND when it does not exist.
+    /// The record of a locked volume; NOT_FOUND when it does not exist. A blank volume's
+    /// image that a crash of the machine left without its blocks is written again first
+    /// (`qcow2::repair_empty`): every operation that uses a volume's image takes it here.
     pub(crate) async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
         let (pool, key) = (lock.pool.clone(), lock.key);
-        exec::blocking(move || pool.ready_volume(key))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", lock.id)))
+        exec::blocking(move || {
+            let Some(rec) = pool.ready_volume(key)? else {
+                return Ok(None);
+            };
+            pool.repair_blank_image(&rec)?;
+            Ok(Some(rec))
+        })
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", lock.id)))
     }
 
     /// The absolute path of a volume's active image.
@@ -785,8 +793,14 @@ pub(super) fn new_record(
 }
 
 /// Writes the volume's image (empty, or an overlay on its first backing layer) and commits
-/// its record: the image is durable before the one commit that names it. `check` runs under
-/// the pool lock before the commit. On failure the image is removed again. Blocking.
+/// its record. `check` runs under the pool lock before the commit. On failure the image is
+/// removed again. Blocking.
+///
+/// A blank volume (no backing layer) is one fsync round (`Store::put_new_with`): the image,
+/// the directories and the new record become durable together. An empty image can be
+/// written again from its record if a crash loses its blocks (`qcow2::repair_empty`, run by
+/// `Pools::locked_volume`). An overlay cannot be told from one that lost its blocks so
+/// cheaply, so a restore or clone makes its image durable before the commit that names it.
 fn materialize(
     pool: &Arc<Pool>,
     lock: ObjectLock,
@@ -796,14 +810,18 @@ fn materialize(
     let _held = lock;
     let image = pool.image_path(&rec.image);
     let backing = rec.chain.backing.first().map(String::as_str);
-    let file = qcow2::create(&image, rec.format, rec.capacity_bytes, backing)?;
+    qcow2::check(rec.format, backing)?;
+    let file = pool.store.create_layer(&rec.image, |f| {
+        qcow2::write(f, rec.format, rec.capacity_bytes, backing)
+    })?;
     crate::failpoint!("create.image-made");
     let images = pool.images_dir();
-    // The image, its directory entry and the record's temp file become durable at once; then
-    // the one commit names the image.
     let committed = fsutil::open_dir(&images).and_then(|dir| {
-        pool.store
-            .put_with(&rec, &[(&file, &image), (&dir, &images)], check)
+        let alongside = [(&file, image.as_path()), (&dir, images.as_path())];
+        match backing {
+            None => pool.store.put_new_with(&rec, &alongside, check),
+            Some(_) => pool.store.put_with(&rec, &alongside, check),
+        }
     });
     if let Err(e) = committed {
         // Keep the image if the record made it to disk after all (a late failure).
@@ -839,6 +857,22 @@ impl VolumeRecord {
 }
 
 impl Pool {
+    /// For a volume whose active image has no backing file: writes the image again if it is
+    /// an empty one a crash left without its blocks (`qcow2::repair_empty`). The caller
+    /// holds the volume's lock. Blocking.
+    fn repair_blank_image(&self, rec: &VolumeRecord) -> Result<()> {
+        if !rec.chain.backing.is_empty() {
+            return Ok(());
+        }
+        let path = self.image_path(&rec.image);
+        if qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)? == qcow2::Repair::Rewritten {
+            tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
+                "wrote the empty image of the volume again: a crash of the machine had lost \
+                 its blocks before the volume was first used");
+        }
+        Ok(())
+    }
+
     /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an
     /// unknown id costs no file access.
     pub(super) fn ready_volume(&self, key: u64) -> Result<Option<VolumeRecord>> {

@@ -572,6 +572,15 @@ impl Index {
         self.unreadable.len()
     }
 
+    /// Keys of the records of `kind` that exist but could not be read.
+    pub(crate) fn unreadable_of(&self, kind: Kind) -> Vec<u64> {
+        self.unreadable
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| *key)
+            .collect()
+    }
+
     /// Frees what start-up growth left over.
     pub(crate) fn shrink(&mut self) {
         self.refs.shrink_to_fit();

@@ -36,6 +36,9 @@ pub(crate) enum Slot {
     Group(u64),
     /// A group snapshot name (by its hash): CreateVolumeGroupSnapshot of that name.
     GroupName(u64),
+    /// A store instance (by its random owner token), held while it lives: its spare files
+    /// (`spares`) are its own until then.
+    Owner(u64),
 }
 
 impl Slot {
@@ -48,6 +51,7 @@ impl Slot {
             Slot::Flatten(k) => (4, k),
             Slot::Group(k) => (5, k),
             Slot::GroupName(h) => (6, h),
+            Slot::Owner(t) => (7, t),
         };
         // 3 bits of kind and the low 58 bits of the id: distinct objects share a byte with
         // odds of 2^-58, and then only make each other wait.
@@ -196,7 +200,7 @@ impl Locks {
 }
 
 /// Locks a whole file through `file`'s open file description (a temp file, until renamed).
-pub(super) fn lock_whole_file(file: &File) -> std::io::Result<()> {
+pub(crate) fn lock_whole_file(file: &File) -> std::io::Result<()> {
     if try_set(file, &range(libc::F_WRLCK, 0, 0))? {
         Ok(())
     } else {

@@ -22,11 +22,21 @@
 //! **A commit is one durable write**, the floor of any crash-safe store: the record goes to a
 //! temp file in its directory, which is fsynced; then, under the pool lock, the change is
 //! logged, the temp file is renamed over the record, the directory fsynced and the index
-//! updated. A removal unlinks the record and fsyncs the directory. Image layers that no record
-//! names any more after a commit (reference counts in the index) are unlinked right after it.
-//! A new image is written and fsynced *before* the commit that names it, so a crash leaves at
-//! most an unnamed file, which the next open collects: CreateVolume is one image header
-//! (written here, see `qcow2`, no `qemu-img` process) plus one commit.
+//! updated. A removal moves the record away and fsyncs the directory. Image layers that no
+//! record names any more after a commit (reference counts in the index) are removed right
+//! after it. A new image is written and fsynced *before* the commit that names it, so a crash
+//! leaves at most an unnamed file, which the next open collects.
+//!
+//! **A new blank volume is one fsync round** ([`Store::put_new_with`]), CreateVolume's hot
+//! path: its image header (written here, see `qcow2`, no `qemu-img` process) and its record are
+//! written, the record renamed into place under the pool lock (nothing is replaced: the key is
+//! new), and then the record, the image and both directories are fsynced at once. A crash of
+//! the machine in that round leaves an empty record (removed at the next open: `recover`) or an
+//! empty image that lost its blocks (written again before use: `qcow2::repair_empty`).
+//!
+//! **Spare inodes** (`spares`): a removed record or layer keeps its inode as an emptied
+//! `.spare-*` file, which a later new record or layer takes instead of allocating one (on ext4
+//! without a journal, allocating after many deletes costs ~1 ms of system time).
 //!
 //! **Ids unique over time.** Volume and snapshot keys are 64 random bits (`ids`); the name is
 //! the idempotency key, found through the index (a name hash → key map, confirmed against the
@@ -65,10 +75,11 @@ mod changes;
 mod index;
 mod kinds;
 mod locks;
+mod spares;
 
 pub(crate) use index::{Index, Layer, VolumeEntry};
 pub(crate) use kinds::{parse_id, parse_key, Kind, Record};
-pub(crate) use locks::{file_is_locked, ObjectLock, Slot};
+pub(crate) use locks::{file_is_locked, lock_whole_file, ObjectLock, Slot};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -76,6 +87,7 @@ use changes::{ChangeLog, Changes};
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
@@ -119,6 +131,12 @@ pub(crate) struct Store {
     log: Mutex<ChangeLog>,
     changes: Changes,
     locks: locks::Locks,
+    /// Spare inodes of each record directory (`Kind::ALL` order).
+    record_spares: [spares::Spares; 4],
+    /// Spare inodes of `images/`.
+    image_spares: spares::Spares,
+    /// This instance's owner token lock, held while it lives (its spares are its own).
+    _owner: ObjectLock,
 }
 
 impl std::fmt::Debug for Store {
@@ -223,6 +241,13 @@ impl Store {
         fs::create_dir_all(&images)
             .map_err(|e| Error::io(format!("creating pool directory {}", images.display()), e))?;
         let (log, changes, locks) = changes::open(dir)?;
+        let (owner, owner_lock) = loop {
+            let token = crate::ids::random_u64();
+            if let Some(held) = locks.object(Slot::Owner(token))? {
+                break (token, held);
+            }
+        };
+        let spare_dir = |d: PathBuf| spares::Spares::new(d, owner);
         let store = Store {
             dir: dir.to_path_buf(),
             pool: pool.to_string(),
@@ -230,6 +255,9 @@ impl Store {
             log: Mutex::new(log),
             changes,
             locks,
+            record_spares: Kind::ALL.map(|k| spare_dir(dir.join(k.dir()))),
+            image_spares: spare_dir(images),
+            _owner: owner_lock,
         };
         store.reload_all()?;
         Ok(store)
@@ -470,6 +498,135 @@ impl Store {
         self.put_batch(vec![Staged::of(rec)?], alongside, check)
     }
 
+    /// Writes the record of a new object (a key no record file has) together with `alongside`
+    /// (files it names, and their directories) in **one** fsync round, the floor of a durable
+    /// create: the record's temp file is renamed into place under the pool lock and then the
+    /// record, its directory and `alongside` are fsynced at once, before the index shows it.
+    ///
+    /// Unlike [`Store::put`], the rename comes before the record's bytes are durable, which is
+    /// safe only because nothing is replaced: a crash of the machine in that round leaves no
+    /// record, an empty record file (removed at the next open as a create that never
+    /// finished, see `recover`), or the whole record, whose `alongside` files may then have
+    /// lost their blocks (the caller must be able to rebuild them from the record, as
+    /// `qcow2::repair_empty` does for a blank image). A key that has a record file already is
+    /// an error, and a failed fsync takes the record away again.
+    pub(crate) fn put_new_with<R: Record>(
+        &self,
+        rec: &R,
+        alongside: &[(&fs::File, &Path)],
+        check: impl FnOnce(&Index) -> Result<()>,
+    ) -> Result<Committed> {
+        let Staged {
+            kind,
+            key,
+            bytes,
+            apply,
+        } = Staged::of(rec)?;
+        let dir = self.dir.join(kind.dir());
+        let temp = temp_file(&dir, &bytes, self.spares(kind).take())?;
+        crate::failpoint!("store.temp-written");
+        let dir_file = fsutil::open_dir(&dir)?;
+        let path = self.record_path(kind, key);
+        self.commit_keys(
+            &[(kind, key)],
+            check,
+            || {
+                let file = temp
+                    .persist_new(&path)
+                    .map_err(|e| Error::io(format!("writing new record {}", path.display()), e))?;
+                crate::failpoint!("store.renamed");
+                let mut files: Vec<(&fs::File, &Path)> = vec![(&file, &path), (&dir_file, &dir)];
+                files.extend_from_slice(alongside);
+                fsutil::sync_all_at_once(&files).inspect_err(|_| {
+                    // Not durable, so not committed: nothing may find it later.
+                    let _ = fs::remove_file(&path);
+                })
+            },
+            apply,
+        )
+    }
+
+    /// A new layer file `images/<name>` (which must not exist), written by `write` into an
+    /// empty file: a spare inode when there is one (`spares`), else a fresh file. Returns the
+    /// open file, not yet fsynced. On error nothing is left behind.
+    pub(crate) fn create_layer(
+        &self,
+        name: &str,
+        write: impl FnOnce(&fs::File) -> std::io::Result<()>,
+    ) -> Result<fs::File> {
+        let path = self.images_dir().join(name);
+        let ctx = |e| Error::io(format!("writing image {}", path.display()), e);
+        if let Some((file, spare)) = self.image_spares.take() {
+            let made = spares::as_new(&file)
+                .and_then(|()| write(&file))
+                .and_then(|()| spares::rename_noreplace(&spare, &path));
+            return match made {
+                Ok(()) => Ok(file),
+                Err(e) => {
+                    let _ = fs::remove_file(&spare);
+                    Err(ctx(e))
+                }
+            };
+        }
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(spares::LAYER_MODE)
+            .open(&path)
+            .map_err(ctx)?;
+        if let Err(e) = write(&file) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(ctx(e));
+        }
+        Ok(file)
+    }
+
+    /// Keys of `kind` whose record file is empty (or zero bytes only): a new record whose
+    /// one-round commit (`put_new_with`) a crash of the machine cut short, its bytes never on
+    /// the disk. Nothing else leaves such a file: every other write renames a durable temp
+    /// file over the record. Only records the index could not read are looked at.
+    pub(crate) fn torn_new(&self, kind: Kind) -> Result<Vec<u64>> {
+        let keys = self.index()?.unreadable_of(kind);
+        let mut torn = Vec::new();
+        for key in keys {
+            if let Some(bytes) = self.read_bytes(kind, key)? {
+                if bytes.iter().all(|b| *b == 0) {
+                    torn.push(key);
+                }
+            }
+        }
+        Ok(torn)
+    }
+
+    /// The spares of a record directory.
+    fn spares(&self, kind: Kind) -> &spares::Spares {
+        let at = Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.record_spares[at]
+    }
+
+    /// Removes the record file at `path` durably: its inode is kept as a spare when there is
+    /// room (`spares`), else it is unlinked; then the directory is fsynced. A missing file is
+    /// not an error.
+    fn remove_record_file(&self, kind: Kind, path: &Path) -> Result<()> {
+        let dir = self.dir.join(kind.dir());
+        match self.spares(kind).retire(path) {
+            Ok(true) => fsutil::sync_dir(&dir),
+            Ok(false) => fsutil::remove_durable(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                // Not kept (the record may or may not have moved): unlink it as before.
+                tracing::debug!(file = %path.display(), error = %e, "could not keep a spare");
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+                }
+                fsutil::sync_dir(&dir)
+            }
+        }
+    }
+
     /// Removes a record as one durable commit (no error when it is already gone).
     pub(crate) fn remove<R: Record>(
         &self,
@@ -481,7 +638,7 @@ impl Store {
             R::KIND,
             key,
             check,
-            || fsutil::remove_durable(&path),
+            || self.remove_record_file(R::KIND, &path),
             |index| R::KIND.remove_from(index, key),
         )
     }
@@ -503,12 +660,11 @@ impl Store {
         }
         let mut temps = Vec::with_capacity(items.len());
         for it in &items {
-            temps.push(temp_file(&self.dir.join(it.kind.dir()), &it.bytes)?);
+            let spare = self.spares(it.kind).take();
+            temps.push(temp_file(&self.dir.join(it.kind.dir()), &it.bytes, spare)?);
         }
-        let mut files: Vec<(&fs::File, &Path)> = temps
-            .iter()
-            .map(|t| (t.file.as_file(), t.file.path()))
-            .collect();
+        let mut files: Vec<(&fs::File, &Path)> =
+            temps.iter().map(|t| (&t.file, t.path.as_path())).collect();
         files.extend_from_slice(alongside);
         fsutil::sync_all_at_once(&files)?;
         crate::failpoint!("store.temp-synced");
@@ -524,7 +680,7 @@ impl Store {
             || {
                 for (tmp, path) in temps.into_iter().zip(&paths) {
                     tmp.persist(path)
-                        .map_err(|e| Error::io(format!("writing {}", path.display()), e.error))?;
+                        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
                 }
                 for kind in &dirs {
                     fsutil::sync_dir(&self.dir.join(kind.dir()))?;
@@ -601,11 +757,17 @@ impl Store {
         Ok(f(&index))
     }
 
-    /// Unlinks a layer file that no record names (its directory entry is not fsynced: if the
-    /// unlink is lost in a crash, the next open collects the file again).
+    /// Removes a layer file that no record names: kept as an emptied spare inode (`spares`)
+    /// when it can be, else unlinked (its directory entry is not fsynced: if the removal is
+    /// lost in a crash, the next open collects the file again).
     fn unlink_layer(&self, name: &str) {
         let path = self.images_dir().join(name);
-        match fs::remove_file(&path) {
+        // Kept as a spare inode only when no process has it open (QEMU locks the images it
+        // uses): emptying it must never take data from under a running guest.
+        let kept = matches!(locks::file_is_locked(&path), Ok(false))
+            && self.image_spares.retire(&path).unwrap_or(false);
+        let removed = if kept { Ok(()) } else { fs::remove_file(&path) };
+        match removed {
             Ok(()) => {
                 tracing::info!(pool = %self.pool, layer = %name, "removed a layer nothing uses");
                 crate::failpoint!("gc.layer-removed");
@@ -683,18 +845,31 @@ impl Store {
         Ok(removed)
     }
 
-    /// Removes `.tmp-*` files (and `.part` files of earlier versions) whose writer is gone:
-    /// a writer holds a lock on its temp file until the rename.
+    /// Removes `.tmp-*` files (and `.part` files of earlier versions) whose writer is gone
+    /// (a writer holds a lock on its temp file until the rename), and spare inodes of store
+    /// instances that are gone (`spares`).
     fn remove_stale_temp_files(&self, dir: &Path) -> Result<()> {
         for entry in
             fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
         {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if let Some(owner) = spares::Spares::owner_of(&name) {
+                // Another live instance's spare (or our own) stays; a dead one's goes.
+                if self.try_lock(Slot::Owner(owner))?.is_some() {
+                    fs::remove_file(&path)
+                        .or_else(|e| match e.kind() {
+                            std::io::ErrorKind::NotFound => Ok(()),
+                            _ => Err(e),
+                        })
+                        .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+                }
+                continue;
+            }
             if !(name.starts_with(TEMP_PREFIX) || name.ends_with(".part")) {
                 continue;
             }
-            let path = entry.path();
             if locks::file_is_locked(&path)? {
                 continue;
             }
@@ -705,27 +880,62 @@ impl Store {
     }
 }
 
-/// A record's bytes in a temp file of `dir` (not yet fsynced), locked until it is renamed or
-/// dropped.
+/// A record's bytes in a temp file (not yet fsynced), removed on drop unless renamed into
+/// place. A fresh temp file (`.tmp-*`) is locked until then; a spare (`.spare-*`) is this
+/// store's by its owner lock.
 struct Temp {
-    file: tempfile::NamedTempFile,
+    file: fs::File,
+    path: PathBuf,
+    placed: bool,
 }
 
 impl Temp {
-    fn persist(self, path: &Path) -> std::result::Result<fs::File, tempfile::PersistError> {
-        self.file.persist(path)
+    /// Renames the temp file over `to`.
+    fn persist(mut self, to: &Path) -> std::io::Result<fs::File> {
+        fs::rename(&self.path, to)?;
+        self.placed = true;
+        self.file.try_clone()
+    }
+
+    /// Renames the temp file to `to`, which must not exist.
+    fn persist_new(mut self, to: &Path) -> std::io::Result<fs::File> {
+        spares::rename_noreplace(&self.path, to)?;
+        self.placed = true;
+        self.file.try_clone()
     }
 }
 
-fn temp_file(dir: &Path, bytes: &[u8]) -> Result<Temp> {
+impl Drop for Temp {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes `bytes` into a new temp file of `dir`, or into `spare` when given.
+fn temp_file(dir: &Path, bytes: &[u8], spare: Option<(fs::File, PathBuf)>) -> Result<Temp> {
     let ctx = || format!("writing a record in {}", dir.display());
-    let mut file = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(dir)
+    let (file, path) = match spare {
+        Some(spare) => spare,
+        None => {
+            let file = tempfile::Builder::new()
+                .prefix(TEMP_PREFIX)
+                .tempfile_in(dir)
+                .map_err(|e| Error::io(ctx(), e))?;
+            locks::lock_whole_file(file.as_file()).map_err(|e| Error::io(ctx(), e))?;
+            file.keep().map_err(|e| Error::io(ctx(), e.error))?
+        }
+    };
+    let mut temp = Temp {
+        file,
+        path,
+        placed: false,
+    };
+    temp.file
+        .write_all(bytes)
         .map_err(|e| Error::io(ctx(), e))?;
-    locks::lock_whole_file(file.as_file()).map_err(|e| Error::io(ctx(), e))?;
-    file.write_all(bytes).map_err(|e| Error::io(ctx(), e))?;
-    Ok(Temp { file })
+    Ok(temp)
 }
 
 /// Hands the memory that start-up's reading freed back to the system (glibc keeps freed

@@ -29,10 +29,17 @@ pub struct PoolView {
     pub images: BTreeSet<String>,
     /// Temp files (`.tmp-*`, `*.part`) anywhere in the pool.
     pub temp_files: Vec<String>,
+    /// Spare inodes (`<dir>/<name>`) and their lengths.
+    pub spares: Vec<(String, u64)>,
 }
 
 fn is_temp(name: &str) -> bool {
     name.starts_with(".tmp-") || name.ends_with(".part")
+}
+
+/// A spare inode a store keeps for its next new record or layer (`.spare-<owner>-<n>`).
+fn is_spare(name: &str) -> bool {
+    name.starts_with(".spare-")
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -67,9 +74,15 @@ fn strings(v: &Value) -> Vec<String> {
 impl PoolView {
     pub fn read(pool: &Path) -> PoolView {
         let mut temp_files = Vec::new();
+        let mut spares = Vec::new();
         for sub in ["volumes", "images", "snapshots", "groups", "flatten"] {
-            for n in names(&pool.join(sub)).into_iter().filter(|n| is_temp(n)) {
-                temp_files.push(format!("{sub}/{n}"));
+            for n in names(&pool.join(sub)) {
+                if is_temp(&n) {
+                    temp_files.push(format!("{sub}/{n}"));
+                } else if is_spare(&n) {
+                    let len = std::fs::metadata(pool.join(sub).join(&n)).map_or(0, |m| m.len());
+                    spares.push((format!("{sub}/{n}"), len));
+                }
             }
         }
         PoolView {
@@ -79,9 +92,10 @@ impl PoolView {
             flatten_jobs: records(&pool.join("flatten")),
             images: names(&pool.join("images"))
                 .into_iter()
-                .filter(|n| !is_temp(n))
+                .filter(|n| !is_temp(n) && !is_spare(n))
                 .collect(),
             temp_files,
+            spares,
         }
     }
 
@@ -112,9 +126,10 @@ impl PoolView {
     }
 }
 
-/// The pool's invariants at rest: no temp file, every record finished (Ready, no layer switch,
-/// no flattening job), exactly the referenced layers on disk (no orphan, none missing), each
-/// image passes `qemu-img check` and its qcow2 backing chain is the one its record names.
+/// The pool's invariants at rest: no temp file, every spare inode empty (a removed volume's
+/// bytes never wait in one), every record finished (Ready, no layer switch, no flattening job),
+/// exactly the referenced layers on disk (no orphan, none missing), each image passes
+/// `qemu-img check` and its qcow2 backing chain is the one its record names.
 pub fn assert_pool_clean(pool: &Path) {
     let v = PoolView::read(pool);
     assert!(
@@ -122,6 +137,8 @@ pub fn assert_pool_clean(pool: &Path) {
         "temp files left: {:?}",
         v.temp_files
     );
+    let full: Vec<_> = v.spares.iter().filter(|(_, len)| *len > 0).collect();
+    assert!(full.is_empty(), "spare inodes that are not empty: {full:?}");
     for r in v.volumes.iter().chain(&v.snapshots).chain(&v.groups) {
         assert_eq!(r["state"], "ready", "unfinished record: {r}");
     }
@@ -260,10 +277,11 @@ pub fn volume_depth(pool: &Path, volume_id: &str) -> usize {
     depth_of(&volume_record(pool, volume_id))
 }
 
-/// Every file in `images/`, sorted.
+/// Every layer file in `images/` (not spare inodes), sorted.
 pub fn layer_files(pool: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = names(&pool.join("images"))
         .iter()
+        .filter(|n| !is_spare(n))
         .map(|n| pool.join("images").join(n))
         .collect();
     files.sort();

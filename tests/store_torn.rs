@@ -1,0 +1,144 @@
+//! Issue 16: CreateVolume of a blank volume is one fsync round (record, image and their
+//! directories at once), and removed records and layers leave their inodes as spares for the
+//! next create. What a crash of the machine may then leave, and what the plugin makes of it.
+//! A process kill keeps the page cache, so the machine crash is staged on the files: the plugin
+//! is stopped and the pool is given the state a lost write leaves.
+
+use std::os::unix::fs::MetadataExt;
+use virtdisk_test_support::calls::{create_volume, delete_volume, expand, list_volumes, snapshot};
+use virtdisk_test_support::pool::{assert_pool_clean, PoolView};
+use virtdisk_test_support::prelude::*;
+
+fn record_of(p: &Plugin, id: &str) -> std::path::PathBuf {
+    p.pool_dir()
+        .join("volumes")
+        .join(format!("{}.json", key_of(id)))
+}
+
+fn image_of(p: &Plugin, id: &str) -> std::path::PathBuf {
+    p.pool_dir()
+        .join("images")
+        .join(format!("{}.qcow2", key_of(id)))
+}
+
+/// A record file whose bytes never reached the disk (empty) is a create that was never
+/// reported: the next start removes it, and its image with it; the name is free again.
+#[tokio::test]
+async fn a_create_a_crash_cut_short_is_removed_at_start() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let kept = create_volume(&p, "kept", 64 * MIB, &[]).await.unwrap();
+    let torn = create_volume(&p, "torn", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    std::fs::File::create(record_of(&p, &torn)).unwrap();
+    p.restart().await;
+
+    let listed = list_volumes(&p).await;
+    assert_eq!(
+        listed.keys().cloned().collect::<Vec<_>>(),
+        vec![kept.clone()]
+    );
+    assert!(!record_of(&p, &torn).exists());
+    assert!(
+        !image_of(&p, &torn).exists(),
+        "the unnamed image is collected"
+    );
+    assert!(p.log().contains("whose create a crash of the machine"));
+    assert_pool_clean(&p.pool_dir());
+    let again = create_volume(&p, "torn", 64 * MIB, &[]).await.unwrap();
+    assert_ne!(again, torn, "a new id for the reused name");
+    // A record that is not empty but unreadable is somebody's data: left alone, reported.
+    p.stop();
+    std::fs::write(record_of(&p, &kept), b"{ not json").unwrap();
+    p.restart().await;
+    assert!(record_of(&p, &kept).exists());
+    assert!(p.log().contains("skipping an unreadable record"));
+}
+
+/// An empty image whose blocks a crash lost (zeros of its length, or an empty file) is written
+/// again by the next operation that takes the volume; the operation then succeeds on it.
+#[tokio::test]
+async fn an_empty_image_a_crash_left_without_blocks_is_written_again() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let zeroed = create_volume(&p, "zeroed", GIB, &[]).await.unwrap();
+    let emptied = create_volume(&p, "emptied", GIB, &[]).await.unwrap();
+    p.stop();
+    let len = std::fs::metadata(image_of(&p, &zeroed)).unwrap().len();
+    std::fs::write(image_of(&p, &zeroed), vec![0u8; len as usize]).unwrap();
+    std::fs::write(image_of(&p, &emptied), b"").unwrap();
+    p.restart().await;
+
+    let snap = snapshot(&p, "of-zeroed", &zeroed).await.unwrap();
+    assert!(!snap.is_empty());
+    assert_eq!(expand(&p, &emptied, 2 * GIB).await.unwrap(), 2 * GIB);
+    let info = qemu_img_info(&image_of(&p, &emptied));
+    assert_eq!(info["virtual-size"], 2 * GIB);
+    assert_eq!(
+        p.log()
+            .matches("wrote the empty image of the volume again")
+            .count(),
+        2
+    );
+    assert_pool_clean(&p.pool_dir());
+}
+
+/// A deleted volume's record and image stay as empty spare inodes; the next volume takes them
+/// and never sees a byte of the old one; spares of a process that is gone are removed at start.
+#[tokio::test]
+async fn deleted_volumes_leave_empty_spares_that_never_carry_old_bytes() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let old = create_volume(&p, "old", 64 * MIB, &[]).await.unwrap();
+    // Data the guest wrote: QEMU appends clusters past the metadata.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(image_of(&p, &old))
+            .unwrap();
+        f.write_all(&vec![0xabu8; 1 << 20]).unwrap();
+    }
+    let inodes: Vec<u64> = [record_of(&p, &old), image_of(&p, &old)]
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().ino())
+        .collect();
+    delete_volume(&p, &old).await.unwrap();
+    let view = PoolView::read(&p.pool_dir());
+    assert_eq!(view.spares.len(), 2, "{:?}", view.spares);
+    assert!(view.spares.iter().all(|(_, len)| *len == 0));
+    assert_pool_clean(&p.pool_dir());
+
+    // Handed out once durably empty (a background fsync): later creates take them.
+    let (mut record_reused, mut image_reused) = (None, None);
+    for i in 0..50 {
+        let id = create_volume(&p, &format!("new-{i}"), 64 * MIB, &[])
+            .await
+            .unwrap();
+        if std::fs::metadata(record_of(&p, &id)).unwrap().ino() == inodes[0] {
+            record_reused = Some(id.clone());
+        }
+        if std::fs::metadata(image_of(&p, &id)).unwrap().ino() == inodes[1] {
+            image_reused = Some(id.clone());
+        }
+        if record_reused.is_some() && image_reused.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (Some(record_new), Some(new)) = (record_reused, image_reused) else {
+        panic!("the spares were never taken");
+    };
+    let bytes = std::fs::read(image_of(&p, &new)).unwrap();
+    assert!(!bytes.contains(&0xab), "a byte of the deleted volume");
+    qemu_img_check(&image_of(&p, &new));
+    assert_eq!(qemu_img_info(&image_of(&p, &new))["virtual-size"], 64 * MIB);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_of(&p, &record_new)).unwrap()).unwrap();
+    assert_eq!(rec["id"], record_new.as_str());
+
+    // A spare of a process that is gone is removed when the pool opens.
+    delete_volume(&p, &new).await.unwrap();
+    assert!(!PoolView::read(&p.pool_dir()).spares.is_empty());
+    p.stop();
+    p.restart().await;
+    assert_eq!(PoolView::read(&p.pool_dir()).spares, vec![]);
+    assert_pool_clean(&p.pool_dir());
+}
