@@ -575,9 +575,7 @@ async fn fifty_concurrent_creates_of_one_name_make_one_image() {
         }
     }
     assert_eq!(ids.len(), 1, "every success names the same volume");
-    let images = std::fs::read_dir(p.pool_dir().join("images"))
-        .unwrap()
-        .count();
+    let images = virtdisk_test_support::pool::layer_files(&p.pool_dir()).len();
     assert_eq!(images, 1);
     let id = ids.into_iter().next().unwrap();
     // Once the storm is over the same name still resolves to that volume.

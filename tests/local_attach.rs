@@ -245,12 +245,10 @@ async fn block_volume_byte_pattern() {
     env.unstage_twice(&vol, &s).await;
     env.controller_unpublish(&vol).await.unwrap();
     // The pattern is in the image itself (read by qemu-io, outside the plugin).
-    let image = std::fs::read_dir(env.plugin.pool_dir().join("images"))
-        .unwrap()
+    let image = virtdisk_test_support::pool::layer_files(&env.plugin.pool_dir())
+        .into_iter()
         .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .unwrap();
     let (_, text) = qemu_io(&image, &["read -v 1048576 16"], Read::LockedNow);
     assert!(
         text.contains("00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"),

@@ -481,7 +481,10 @@ async fn requests_wait_out_a_flattening_step_instead_of_aborted() {
     // Depth 3 > 2: the flattener writes its job (with the volume's lock) and pauses there.
     let jobs = p.pool_dir().join("flatten");
     wait_until(&p, 30, "no flattening job", || {
-        std::fs::read_dir(&jobs).is_ok_and(|mut d| d.next().is_some())
+        std::fs::read_dir(&jobs).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        })
     })
     .await;
     let started = Instant::now();

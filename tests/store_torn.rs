@@ -47,11 +47,20 @@ async fn a_create_a_crash_cut_short_is_removed_at_start() {
     let again = create_volume(&p, "torn", 64 * MIB, &[]).await.unwrap();
     assert_ne!(again, torn, "a new id for the reused name");
     // A record that is not empty but unreadable is somebody's data: left alone, reported.
+    // So is one naming another volume than its file (what a reused block could show).
     p.stop();
     std::fs::write(record_of(&p, &kept), b"{ not json").unwrap();
+    let stranger = p.pool_dir().join("volumes/0123456789abcdef.json");
+    std::fs::copy(record_of(&p, &again), &stranger).unwrap();
     p.restart().await;
-    assert!(record_of(&p, &kept).exists());
+    assert!(record_of(&p, &kept).exists() && stranger.exists());
     assert!(p.log().contains("skipping an unreadable record"));
+    assert!(p.log().contains("not its own key"));
+    let listed = list_volumes(&p).await;
+    assert_eq!(
+        listed.keys().cloned().collect::<Vec<_>>(),
+        vec![again.clone()]
+    );
 }
 
 /// An empty image whose blocks a crash lost (zeros of its length, or an empty file) is written
@@ -77,6 +86,26 @@ async fn an_empty_image_a_crash_left_without_blocks_is_written_again() {
             .matches("wrote the empty image of the volume again")
             .count(),
         2
+    );
+    assert_pool_clean(&p.pool_dir());
+}
+
+/// A record whose image never reached the disk (a file system that does not keep the order of
+/// its writes): the CO's repeated CreateVolume makes the volume anew, with a new id.
+#[tokio::test]
+async fn a_repeated_create_replaces_a_volume_whose_image_never_reached_the_disk() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let lost = create_volume(&p, "lost", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    std::fs::remove_file(image_of(&p, &lost)).unwrap();
+    p.restart().await;
+    let again = create_volume(&p, "lost", 64 * MIB, &[]).await.unwrap();
+    assert_ne!(again, lost);
+    assert!(!record_of(&p, &lost).exists());
+    qemu_img_check(&image_of(&p, &again));
+    assert_eq!(
+        list_volumes(&p).await.keys().cloned().collect::<Vec<_>>(),
+        vec![again.clone()]
     );
     assert_pool_clean(&p.pool_dir());
 }

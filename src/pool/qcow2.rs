@@ -233,9 +233,10 @@ pub(crate) enum Repair {
 /// writing it again if a crash of the machine lost its blocks (see the module documentation):
 /// a qcow2 file no longer than an empty image of `size` whose non-zero parts are not what
 /// `create` writes, or a raw file shorter than `size` (only lengthened). An image some process holds open is
-/// never touched, nor one that has grown (it has held data), nor a missing one (a crash does
-/// not leave that on a journalling file system: the image's directory entry is committed
-/// before the record's rename; the operation then fails as it would have). Blocking.
+/// never touched, nor one that has grown (it has held data), nor a missing one (an operator's
+/// mistake looks the same: the operation fails as it would have; on ext4 and xfs, whose
+/// journals commit in order, a crash does not leave it, and elsewhere the CO's repeated
+/// CreateVolume replaces such a volume, see `volumes::existing_volume`). Blocking.
 pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Result<Repair> {
     let len = match std::fs::metadata(path) {
         Ok(m) => m.len(),
@@ -265,6 +266,7 @@ pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Resul
         .ok_or_else(|| Error::internal(format!("{} has no directory", path.display())))?;
     let temp = tempfile::Builder::new()
         .prefix(".tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| map_err(path, e))?;
     // Locked until renamed, so that an open-time sweep of another process leaves it alone.

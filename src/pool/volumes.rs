@@ -426,6 +426,16 @@ impl Pools {
             return Ok(None);
         };
         match existing.state {
+            RecordState::Ready if lock.pool.lost_blank_image(&existing) => {
+                // A create a crash cut short on a file system that does not keep the order of
+                // its writes: the record reached the disk, its image did not. The CO asks again
+                // because it never got the answer: the volume is made anew (a new id).
+                tracing::warn!(volume = %existing.id, image = %existing.image,
+                    "replacing a volume whose create a crash cut short (its image never reached \
+                     the disk)");
+                discard(&lock)?;
+                Ok(None)
+            }
             RecordState::Ready => {
                 self.check_compatible(&existing, req, params)?;
                 Ok(Some(existing))
@@ -871,6 +881,17 @@ impl Pool {
                  its blocks before the volume was first used");
         }
         Ok(())
+    }
+
+    /// Whether `rec` is a blank volume (no backing layer, no content source) whose image file
+    /// does not exist. Blocking.
+    fn lost_blank_image(&self, rec: &VolumeRecord) -> bool {
+        rec.chain.backing.is_empty()
+            && rec.content_source.is_none()
+            && matches!(
+                std::fs::symlink_metadata(self.image_path(&rec.image)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound
+            )
     }
 
     /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an

@@ -106,6 +106,9 @@ fn layers<S: AsRef<str>>(names: &[S]) -> Box<[Layer]> {
 /// does not keep skipped and strings borrowed from the file's bytes (start-up reads 100 000s).
 #[derive(Debug, Deserialize)]
 pub(crate) struct VolumeHead<'a> {
+    /// The volume id the record names (its key must be the file's).
+    #[serde(borrow)]
+    pub(crate) id: Cow<'a, str>,
     #[serde(borrow)]
     name: Cow<'a, str>,
     state: RecordState,
@@ -183,6 +186,7 @@ impl VolumeRecord {
     /// The index's view of this record.
     pub(crate) fn head(&self) -> VolumeHead<'_> {
         VolumeHead {
+            id: Cow::Borrowed(&self.id),
             name: Cow::Borrowed(&self.name),
             state: self.state,
             format: self.format,

@@ -79,6 +79,18 @@ impl Kind {
         match self {
             Kind::Volume => {
                 let head: VolumeHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
+                // A new record is renamed into place before its bytes are durable (one fsync
+                // round): after a crash a file system without ordering may show a block
+                // another record had. Such a file is not this volume's record.
+                if key_of_id(self, &head.id).ok() != Some(key) {
+                    return Err(Error::internal(format!(
+                        "record {}/{}.json names volume {:?}, not its own key; move it aside \
+                         to repair the pool",
+                        self.dir(),
+                        self.file_key(key),
+                        head.id
+                    )));
+                }
                 index.insert_volume(key, &head)
             }
             Kind::Snapshot => {

@@ -24,15 +24,18 @@
 //! logged, the temp file is renamed over the record, the directory fsynced and the index
 //! updated. A removal moves the record away and fsyncs the directory. Image layers that no
 //! record names any more after a commit (reference counts in the index) are removed right
-//! after it. A new image is written and fsynced *before* the commit that names it, so a crash
+//! after it. A new overlay is written and fsynced *before* the commit that names it, so a crash
 //! leaves at most an unnamed file, which the next open collects.
 //!
 //! **A new blank volume is one fsync round** ([`Store::put_new_with`]), CreateVolume's hot
 //! path: its image header (written here, see `qcow2`, no `qemu-img` process) and its record are
 //! written, the record renamed into place under the pool lock (nothing is replaced: the key is
 //! new), and then the record, the image and both directories are fsynced at once. A crash of
-//! the machine in that round leaves an empty record (removed at the next open: `recover`) or an
-//! empty image that lost its blocks (written again before use: `qcow2::repair_empty`).
+//! the machine in that round leaves an empty record (removed at the next open: `recover`), an
+//! empty image that lost its blocks (written again before use: `qcow2::repair_empty`), or, on a
+//! file system that does not keep the order of its writes, a record without its image (made
+//! anew by the CO's repeated CreateVolume: `volumes::existing_volume`). A record's file key is
+//! checked against the id inside it, so a block of another record can never pass for it.
 //!
 //! **Spare inodes** (`spares`): a removed record or layer keeps its inode as an emptied
 //! `.spare-*` file, which a later new record or layer takes instead of allocating one (on ext4
@@ -223,6 +226,10 @@ impl DirReader {
         Ok(Some(&self.buf[..len]))
     }
 }
+
+/// The largest record `put_new_with` commits in one round: one block of the file system, which a
+/// crash leaves whole or empty.
+const ONE_BLOCK: usize = 4096;
 
 /// The temp file names this store writes: `.tmp-<random>` in a record directory.
 const TEMP_PREFIX: &str = ".tmp-";
@@ -516,12 +523,18 @@ impl Store {
         alongside: &[(&fs::File, &Path)],
         check: impl FnOnce(&Index) -> Result<()>,
     ) -> Result<Committed> {
+        let staged = Staged::of(rec)?;
+        if staged.bytes.len() > ONE_BLOCK {
+            // A crash may leave a longer file half written rather than empty, which could not
+            // be told from a damaged record: the two-round commit then.
+            return self.put_batch(vec![staged], alongside, check);
+        }
         let Staged {
             kind,
             key,
             bytes,
             apply,
-        } = Staged::of(rec)?;
+        } = staged;
         let dir = self.dir.join(kind.dir());
         let temp = temp_file(&dir, &bytes, self.spares(kind).take())?;
         crate::failpoint!("store.temp-written");
@@ -539,7 +552,7 @@ impl Store {
                 files.extend_from_slice(alongside);
                 fsutil::sync_all_at_once(&files).inspect_err(|_| {
                     // Not durable, so not committed: nothing may find it later.
-                    let _ = fs::remove_file(&path);
+                    let _ = fsutil::remove_durable(&path);
                 })
             },
             apply,
@@ -556,18 +569,25 @@ impl Store {
     ) -> Result<fs::File> {
         let path = self.images_dir().join(name);
         let ctx = |e| Error::io(format!("writing image {}", path.display()), e);
+        let mut write = Some(write);
         if let Some((file, spare)) = self.image_spares.take() {
-            let made = spares::as_new(&file)
-                .and_then(|()| write(&file))
-                .and_then(|()| spares::rename_noreplace(&spare, &path));
-            return match made {
-                Ok(()) => Ok(file),
-                Err(e) => {
-                    let _ = fs::remove_file(&spare);
-                    Err(ctx(e))
-                }
-            };
+            if let Err(e) = spares::as_new(&file) {
+                // Not fit to be a new file after all: a fresh one is made instead.
+                tracing::debug!(file = %spare.display(), error = %e, "dropping a spare");
+                let _ = fs::remove_file(&spare);
+            } else {
+                let write = write.take().expect("written once");
+                let made = write(&file).and_then(|()| spares::rename_noreplace(&spare, &path));
+                return match made {
+                    Ok(()) => Ok(file),
+                    Err(e) => {
+                        let _ = fs::remove_file(&spare);
+                        Err(ctx(e))
+                    }
+                };
+            }
         }
+        let write = write.take().expect("written once");
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -664,7 +684,7 @@ impl Store {
             temps.push(temp_file(&self.dir.join(it.kind.dir()), &it.bytes, spare)?);
         }
         let mut files: Vec<(&fs::File, &Path)> =
-            temps.iter().map(|t| (&t.file, t.path.as_path())).collect();
+            temps.iter().map(|t| (t.file(), t.path.as_path())).collect();
         files.extend_from_slice(alongside);
         fsutil::sync_all_at_once(&files)?;
         crate::failpoint!("store.temp-synced");
@@ -884,30 +904,32 @@ impl Store {
 /// place. A fresh temp file (`.tmp-*`) is locked until then; a spare (`.spare-*`) is this
 /// store's by its owner lock.
 struct Temp {
-    file: fs::File,
+    /// `None` once renamed into place (the file was handed to the caller).
+    file: Option<fs::File>,
     path: PathBuf,
-    placed: bool,
 }
 
 impl Temp {
+    fn file(&self) -> &fs::File {
+        self.file.as_ref().expect("a temp file not yet placed")
+    }
+
     /// Renames the temp file over `to`.
     fn persist(mut self, to: &Path) -> std::io::Result<fs::File> {
         fs::rename(&self.path, to)?;
-        self.placed = true;
-        self.file.try_clone()
+        Ok(self.file.take().expect("a temp file not yet placed"))
     }
 
     /// Renames the temp file to `to`, which must not exist.
     fn persist_new(mut self, to: &Path) -> std::io::Result<fs::File> {
         spares::rename_noreplace(&self.path, to)?;
-        self.placed = true;
-        self.file.try_clone()
+        Ok(self.file.take().expect("a temp file not yet placed"))
     }
 }
 
 impl Drop for Temp {
     fn drop(&mut self) {
-        if !self.placed {
+        if self.file.is_some() {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -927,12 +949,11 @@ fn temp_file(dir: &Path, bytes: &[u8], spare: Option<(fs::File, PathBuf)>) -> Re
             file.keep().map_err(|e| Error::io(ctx(), e.error))?
         }
     };
-    let mut temp = Temp {
-        file,
+    let temp = Temp {
+        file: Some(file),
         path,
-        placed: false,
     };
-    temp.file
+    temp.file()
         .write_all(bytes)
         .map_err(|e| Error::io(ctx(), e))?;
     Ok(temp)

@@ -14,8 +14,12 @@
 //!   the machine while a new record or image is written into it, before the commit's fsync,
 //!   can then show an empty file at the new name, never the bytes it held before (no volume's
 //!   data or record ever appears under another's name).
-//! - A layer is made a spare only when no process has it open (QEMU locks every image it
-//!   uses); otherwise it is unlinked as before, so a running guest keeps its data.
+//! - A layer is made a spare only when no process holds a lock on it (QEMU locks every image
+//!   it uses), and any file only when it has no other name (a hard-linked backup keeps its
+//!   bytes) and no extended attributes (libvirt's remembered owner, a security label);
+//!   otherwise it is unlinked as before, so a running guest keeps its data. A reader that
+//!   holds no lock is not seen: emptying takes the bytes from under it, as an unlink did not.
+//! - A spare whose background fsync fails is removed, never handed out.
 //! - Spares are named `.spare-<owner>-<n>` (never a record or layer name: listings skip them).
 //!   `<owner>` is a random token whose lock (in the pool's lock file) the owning store holds
 //!   while it lives; the open-time sweep removes spares whose owner's lock is free (a dead
@@ -92,6 +96,9 @@ impl Spares {
     /// unlink). A crash before the background fsync leaves a dot-file the open-time sweep
     /// removes.
     pub(super) fn retire(&self, path: &Path) -> std::io::Result<bool> {
+        if !keepable(path)? {
+            return Ok(false);
+        }
         let Some(n) = self.reserve() else {
             return Ok(false);
         };
@@ -111,6 +118,9 @@ impl Spares {
             s.dirty -= 1;
             if synced {
                 s.clean.push(n);
+            } else {
+                // Never handed out: it goes.
+                let _ = fs::remove_file(&spare);
             }
         });
         Ok(true)
@@ -128,6 +138,24 @@ impl Spares {
                 return Some((f, path));
             }
         }
+    }
+}
+
+/// Whether the file at `path` may become a spare: emptying it must take nothing from anyone
+/// else. Not when it has other names (a hard-linked backup of the pool would lose the bytes),
+/// nor when it carries extended attributes (libvirt's remembered owner and reference count,
+/// a security label: they belong to the old file, and would mislead whoever finds them on a new
+/// one). `NotFound` when there is no file.
+fn keepable(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Ok(false);
+    }
+    match xattr::list(path) {
+        Ok(mut names) => Ok(names.next().is_none()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -199,16 +227,25 @@ pub(super) fn as_new(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `rename(2)` that fails with EEXIST instead of replacing `to`.
+/// `rename(2)` that fails with EEXIST instead of replacing `to`. Where the file system has no
+/// RENAME_NOREPLACE (NFS, CephFS: EINVAL), `link(2)` then `unlink(2)` of the old name, which
+/// fails the same way when `to` exists.
 pub(super) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    nix::fcntl::renameat2(
+    let renamed = nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         from,
         nix::fcntl::AT_FDCWD,
         to,
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(std::io::Error::from)
+    );
+    match renamed {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            fs::hard_link(from, to)?;
+            fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +293,13 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("c.json")).unwrap(), b"keep");
         // A missing file is not kept.
         assert!(s.retire(&dir.path().join("gone")).is_err());
+        // Nor one with another name (a hard-linked backup keeps its bytes).
+        let linked = dir.path().join("l.json");
+        fs::write(&linked, b"backup").unwrap();
+        fs::hard_link(&linked, dir.path().join("backup.json")).unwrap();
+        assert!(!s.retire(&linked).unwrap());
+        assert_eq!(fs::read(dir.path().join("backup.json")).unwrap(), b"backup");
+        assert!(linked.exists());
     }
 
     #[test]
