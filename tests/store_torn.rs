@@ -46,6 +46,17 @@ async fn a_create_a_crash_cut_short_is_removed_at_start() {
     assert_pool_clean(&p.pool_dir());
     let again = create_volume(&p, "torn", 64 * MIB, &[]).await.unwrap();
     assert_ne!(again, torn, "a new id for the reused name");
+    // An empty record beside an image that holds data is not a cut-short create: both stay.
+    let used = create_volume(&p, "used", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    write_pattern(&image_of(&p, &used), 0x5a, 0, MIB as u64);
+    std::fs::File::create(record_of(&p, &used)).unwrap();
+    p.restart().await;
+    assert!(record_of(&p, &used).exists());
+    assert_pattern(&image_of(&p, &used), 0x5a, 0, MIB as u64);
+    assert!(p.log().contains("its images hold data or other layers"));
+    std::fs::remove_file(record_of(&p, &used)).unwrap();
+    std::fs::remove_file(image_of(&p, &used)).unwrap();
     // A record that is not empty but unreadable is somebody's data: left alone, reported.
     // So is one naming another volume than its file (what a reused block could show).
     p.stop();

@@ -220,6 +220,27 @@ pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
     Ok(len > layout(size).len)
 }
 
+/// Whether the image file at `path`, written by `create` for a size that is no longer known
+/// (its record was lost), can hold no data: a qcow2 file no longer than the empty image its
+/// header describes (without a readable header: than any empty image of at most 4 TiB, the
+/// first guest write puts clusters past that), or a raw file with at most its first 4 KiB
+/// allocated. A missing file holds none. Blocking.
+pub(crate) fn holds_no_data(path: &Path, format: ImageFormat) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    Ok(match format {
+        ImageFormat::Raw => meta.blocks() * 512 <= 4096,
+        ImageFormat::Qcow2 => match read_header(path) {
+            Ok(h) => meta.len() <= layout(h.size).len,
+            Err(_) => meta.len() <= layout(1 << 42).len,
+        },
+    })
+}
+
 /// What [`repair_empty`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Repair {
@@ -574,5 +595,33 @@ mod tests {
             repair_empty(&raw, ImageFormat::Raw, 1 << 20).unwrap(),
             Repair::Intact
         );
+    }
+
+    #[test]
+    fn an_image_with_data_is_told_from_an_empty_one_without_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.qcow2");
+        create(&p, ImageFormat::Qcow2, 1 << 30, None).unwrap();
+        assert!(holds_no_data(&p, ImageFormat::Qcow2).unwrap());
+        // Grown by a guest write.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[1u8; 4096], layout(1 << 30).len + 2 * CLUSTER)
+            .unwrap();
+        assert!(!holds_no_data(&p, ImageFormat::Qcow2).unwrap());
+        // Its header zeroed: still too long to be an empty image.
+        f.write_all_at(&[0u8; 512], 0).unwrap();
+        assert!(!holds_no_data(&p, ImageFormat::Qcow2).unwrap());
+        // A header a crash lost, on an image that never grew.
+        let q = dir.path().join("w.qcow2");
+        std::fs::write(&q, vec![0u8; layout(1 << 30).len as usize]).unwrap();
+        assert!(holds_no_data(&q, ImageFormat::Qcow2).unwrap());
+        assert!(holds_no_data(&dir.path().join("none"), ImageFormat::Qcow2).unwrap());
+        let r = dir.path().join("r.raw");
+        create(&r, ImageFormat::Raw, 1 << 30, None).unwrap();
+        assert!(holds_no_data(&r, ImageFormat::Raw).unwrap());
+        let f = OpenOptions::new().write(true).open(&r).unwrap();
+        f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        assert!(!holds_no_data(&r, ImageFormat::Raw).unwrap());
     }
 }

@@ -4,21 +4,31 @@
 //! next operation that takes the lock (`Pools::lock_volume`).
 
 use super::record::{FlattenJob, FlattenState, RecordState, SnapshotRecord, VolumeRecord};
-use super::store::{Kind, Slot};
+use super::store::{Kind, Layer, Slot};
 use super::Pool;
 use crate::error::Result;
+use crate::model::ImageFormat;
 
 impl Pool {
     /// Pool open: settles every half-done volume, snapshot and flattening job nobody holds,
     /// then collects temp files and layer files no record names.
     pub(super) fn recover(&self) -> Result<()> {
         for key in self.store.torn_new(Kind::Volume)? {
-            if let Some(_held) = self.store.try_lock(Slot::Volume(key))? {
+            let Some(_held) = self.store.try_lock(Slot::Volume(key))? else {
+                continue;
+            };
+            // What a crash leaves of a create: the volume's first image, empty. Anything more
+            // (data written, other layers) was a volume in use: its record stays unreadable.
+            if !self.only_an_empty_first_image(key)? {
                 tracing::warn!(pool = %self.name(), volume = %self.volume_id(key),
-                    "removing the empty record of a volume whose create a crash of the machine \
-                     cut short (it was never reported created)");
-                self.store.remove::<VolumeRecord>(key, |_| Ok(()))?;
+                    "the record of this volume is empty but its images hold data or other \
+                     layers: left as it is; restore the record from a backup");
+                continue;
             }
+            tracing::warn!(pool = %self.name(), volume = %self.volume_id(key),
+                "removing the empty record of a volume whose create a crash of the machine \
+                 cut short (it was never reported created; its image holds no data)");
+            self.store.remove::<VolumeRecord>(key, |_| Ok(()))?;
         }
         let (volumes, snapshots, jobs) = {
             let index = self.store.index()?;
@@ -63,6 +73,34 @@ impl Pool {
         tracing::info!(pool = %self.name(), removed, ms = started.elapsed().as_millis() as u64,
             "collected temp files and layer files no record names");
         Ok(())
+    }
+
+    /// Whether the image files named after volume `key` are at most its first image (plain
+    /// name, qcow2 or raw) holding no data (`qcow2::holds_no_data`). Blocking.
+    fn only_an_empty_first_image(&self, key: u64) -> Result<bool> {
+        let dir = self.store.images_dir();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| crate::error::Error::io(format!("listing {}", dir.display()), e))?;
+        for entry in entries {
+            let entry = entry
+                .map_err(|e| crate::error::Error::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Layer::Std { key: k, stamp, raw } = Layer::parse(&name) else {
+                continue;
+            };
+            if k != key {
+                continue;
+            }
+            let format = if raw {
+                ImageFormat::Raw
+            } else {
+                ImageFormat::Qcow2
+            };
+            if stamp.is_some() || !super::qcow2::holds_no_data(&entry.path(), format)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Finishes or undoes a half-done change to volume `key`, if there is one. The caller

@@ -869,6 +869,7 @@ impl Store {
     /// (a writer holds a lock on its temp file until the rename), and spare inodes of store
     /// instances that are gone (`spares`).
     fn remove_stale_temp_files(&self, dir: &Path) -> Result<()> {
+        let mut spares_removed = 0;
         for entry in
             fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
         {
@@ -878,6 +879,7 @@ impl Store {
             if let Some(owner) = spares::Spares::owner_of(&name) {
                 // Another live instance's spare (or our own) stays; a dead one's goes.
                 if self.try_lock(Slot::Owner(owner))?.is_some() {
+                    spares_removed += 1;
                     fs::remove_file(&path)
                         .or_else(|e| match e.kind() {
                             std::io::ErrorKind::NotFound => Ok(()),
@@ -895,6 +897,10 @@ impl Store {
             }
             tracing::info!(pool = %self.pool, file = %path.display(), "removing a leftover temp file");
             fsutil::remove_durable(&path)?;
+        }
+        if spares_removed > 0 {
+            tracing::info!(pool = %self.pool, dir = %dir.display(), removed = spares_removed,
+                "removed the spare files of processes that are gone");
         }
         Ok(())
     }
