@@ -468,12 +468,21 @@ async fn failed_attach_leaves_nothing_behind() {
     let dom = TestDomain::start("badimage", 3);
     let p = controller("").await;
     let vol = create(&p, "broken-image", &[]).await;
-    // Not a qcow2 image any more: QEMU refuses to open it, so the hot-plug fails. (Longer than
-    // an empty image, so not one a crash left without its blocks, which publish would write
-    // again: `tests/store_torn.rs`.)
+    // A qcow2 header of a version QEMU does not know, in a file that has grown (so not an
+    // empty image a crash damaged, which publish writes again): the plugin's own checks pass
+    // (a damaged or missing image is refused before libvirt: `tests/store_torn.rs`), QEMU
+    // refuses to open it, so the hot-plug itself fails.
     let images = virtdisk_test_support::pool::layer_files(&p.pool_dir());
     assert_eq!(images.len(), 1);
-    std::fs::write(&images[0], vec![0xffu8; 1 << 20]).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&images[0])
+            .unwrap();
+        f.write_all_at(&99u32.to_be_bytes(), 4).unwrap();
+        f.write_all_at(&[0u8; 4096], 1 << 20).unwrap();
+    }
     let err = publish(&p, &vol, &dom.uuid).await.unwrap_err();
     eprintln!("attach of a broken image: {err:?}");
     assert!(dom.live_disk(&serial_of(&vol)).is_none());

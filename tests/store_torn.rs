@@ -182,3 +182,52 @@ async fn deleted_volumes_leave_empty_spares_that_never_carry_old_bytes() {
     assert_eq!(PoolView::read(&p.pool_dir()).spares, vec![]);
     assert_pool_clean(&p.pool_dir());
 }
+
+/// An image that is missing, or not a qcow2 image any more (an overlay emptied, a header
+/// zeroed), is refused before anything is done with it: FAILED_PRECONDITION naming it, and
+/// nothing is left behind.
+#[tokio::test]
+async fn a_missing_or_damaged_image_is_refused_before_any_work() {
+    use virtdisk_test_support::calls::create_from;
+    let mut p = Plugin::start("controller", &[]).await;
+    let gone = create_volume(&p, "gone", 64 * MIB, &[]).await.unwrap();
+    let used = create_volume(&p, "used", 64 * MIB, &[]).await.unwrap();
+    write_pattern(&image_of(&p, &used), 0x5a, 0, MIB as u64);
+    let clone = create_from(&p, "clone", from_volume(&used)).await.unwrap();
+    p.stop();
+    let clone_image = virtdisk_test_support::pool::volume_image(&p.pool_dir(), &clone);
+    std::fs::remove_file(image_of(&p, &gone)).unwrap();
+    std::fs::write(&clone_image, b"").unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(image_of(&p, &used))
+            .unwrap();
+        f.write_all_at(&[0u8; 512], 0).unwrap();
+    }
+    p.restart().await;
+    let files_before = virtdisk_test_support::pool::layer_files(&p.pool_dir());
+    for (id, what) in [
+        (&gone, "is missing"),
+        (&clone, "not a qcow2"),
+        (&used, "not a qcow2"),
+    ] {
+        let e = snapshot(&p, &format!("s-{}", key_of(id)), id)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(what), "{}", e.message());
+        let e = expand(&p, id, 2 * GIB).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    }
+    assert_eq!(
+        virtdisk_test_support::pool::layer_files(&p.pool_dir()),
+        files_before,
+        "nothing left behind"
+    );
+    // Deleting them works.
+    for id in [&gone, &clone, &used] {
+        delete_volume(&p, id).await.unwrap();
+    }
+}

@@ -241,6 +241,18 @@ pub(crate) fn holds_no_data(path: &Path, format: ImageFormat) -> Result<bool> {
     })
 }
 
+/// Whether the file at `path` starts as a qcow2 image does (its magic); QEMU checks the rest
+/// when it opens it. Blocking.
+pub(crate) fn has_magic(path: &Path) -> Result<bool> {
+    let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let mut magic = [0u8; 4];
+    match file.read_exact_at(&mut magic, 0) {
+        Ok(()) => Ok(u32::from_be_bytes(magic) == MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
 /// What [`repair_empty`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Repair {

@@ -307,7 +307,9 @@ impl Pools {
 
     /// The record of a locked volume; NOT_FOUND when it does not exist. A blank volume's
     /// image that a crash of the machine left without its blocks is written again first
-    /// (`qcow2::repair_empty`): every operation that uses a volume's image takes it here.
+    /// (`qcow2::repair_empty`), and an image that is missing or not a qcow2 image any more is
+    /// FAILED_PRECONDITION before anything is done with it: every operation that uses a
+    /// volume's image takes it here.
     pub(crate) async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
         let (pool, key) = (lock.pool.clone(), lock.key);
         exec::blocking(move || {
@@ -315,6 +317,7 @@ impl Pools {
                 return Ok(None);
             };
             pool.repair_blank_image(&rec)?;
+            pool.check_image(&rec)?;
             Ok(Some(rec))
         })
         .await?
@@ -879,6 +882,33 @@ impl Pool {
             tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
                 "wrote the empty image of the volume again: a crash of the machine had lost \
                  its blocks before the volume was first used");
+        }
+        Ok(())
+    }
+
+    /// FAILED_PRECONDITION when an image of the volume (its active layer or one under it) is
+    /// missing or (qcow2) does not start as a qcow2 image: nothing can be done with the volume
+    /// until it is restored or deleted. One `stat` and one small read per layer. Blocking.
+    fn check_image(&self, rec: &VolumeRecord) -> Result<()> {
+        for layer in std::iter::once(&rec.image).chain(&rec.chain.backing) {
+            let path = self.image_path(layer);
+            let broken = |what: String| {
+                Err(Error::FailedPrecondition(format!(
+                    "image {layer} of volume {} {what}; restore it from a backup, or delete the \
+                     volume",
+                    rec.id
+                )))
+            };
+            match std::fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return broken(format!("is missing from pool {}", self.name()))
+                }
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+                Ok(_) => {}
+            }
+            if rec.format == ImageFormat::Qcow2 && !qcow2::has_magic(&path)? {
+                return broken("is not a qcow2 image any more (damaged)".into());
+            }
         }
         Ok(())
     }
