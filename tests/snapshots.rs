@@ -479,12 +479,11 @@ async fn requests_wait_out_a_flattening_step_instead_of_aborted() {
         snapshot(&p, name, &vol.volume_id).await.expect(name);
     }
     // Depth 3 > 2: the flattener writes its job (with the volume's lock) and pauses there.
-    let jobs = p.pool_dir().join("flatten");
+    let pool = p.pool_dir();
     wait_until(&p, 30, "no flattening job", || {
-        std::fs::read_dir(&jobs).is_ok_and(|d| {
-            d.flatten()
-                .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        })
+        !virtdisk_test_support::pool::PoolView::read(&pool)
+            .flatten_jobs
+            .is_empty()
     })
     .await;
     let started = Instant::now();

@@ -129,10 +129,7 @@ impl Pools {
         for id in &req.source_volume_ids {
             let missing = || Error::NotFound(format!("source volume {id} does not exist"));
             let lock = self.lock_volume(id).await?.ok_or_else(missing)?;
-            let vol = self.locked_volume(&lock).await.map_err(|e| match e {
-                Error::NotFound(_) => missing(),
-                e => e,
-            })?;
+            let vol = self.locked_source(&lock, missing).await?;
             if vol.format != ImageFormat::Qcow2 {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id} is raw and cannot be in a group snapshot: every member is a \

@@ -217,7 +217,13 @@ pub(crate) fn has_data(path: &Path, size: u64) -> Result<bool> {
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
         .len();
-    Ok(len > layout(size).len)
+    Ok(grown(len, size))
+}
+
+/// Whether a qcow2 file of `len` bytes is longer than an empty image of `size` bytes: the
+/// first guest write puts clusters past the metadata, so only a longer file can hold data.
+fn grown(len: u64, size: u64) -> bool {
+    len > layout(size).len
 }
 
 /// Whether the image file at `path`, written by `create` for a size that is no longer known
@@ -235,8 +241,8 @@ pub(crate) fn holds_no_data(path: &Path, format: ImageFormat) -> Result<bool> {
     Ok(match format {
         ImageFormat::Raw => meta.blocks() * 512 <= 4096,
         ImageFormat::Qcow2 => match read_header(path) {
-            Ok(h) => meta.len() <= layout(h.size).len,
-            Err(_) => meta.len() <= layout(1 << 42).len,
+            Ok(h) => !grown(meta.len(), h.size),
+            Err(_) => !grown(meta.len(), 1 << 42),
         },
     })
 }
@@ -278,7 +284,7 @@ pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Resul
     };
     let torn = match format {
         ImageFormat::Raw => len < size,
-        ImageFormat::Qcow2 => len <= layout(size).len && !is_whole_empty(path, size)?,
+        ImageFormat::Qcow2 => !grown(len, size) && !is_whole_empty(path, size)?,
     };
     if !torn || crate::pool::store::file_is_locked(path)? {
         return Ok(Repair::Intact);

@@ -88,10 +88,7 @@ impl Pools {
             None => None,
         }
         .ok_or_else(missing)?;
-        let vol = self.locked_volume(&lock).await.map_err(|e| match e {
-            Error::NotFound(_) => missing(),
-            e => e,
-        })?;
+        let vol = self.locked_source(&lock, missing).await?;
         let size = vol.capacity_bytes;
         let (frozen, _vol) = self.freeze(&lock, vol).await?;
         let pool = lock.pool.clone();

@@ -110,10 +110,7 @@ impl Pools {
                 let missing = || Error::NotFound(format!("source volume {id} does not exist"));
                 let vid = Self::own_volume_id("source volume_id", id, missing)?;
                 let lock = self.lock_volume(&vid).await?.ok_or_else(missing)?;
-                let vol = self.locked_volume(&lock).await.map_err(|e| match e {
-                    Error::NotFound(_) => missing(),
-                    e => e,
-                })?;
+                let vol = self.locked_source(&lock, missing).await?;
                 if vol.format != ImageFormat::Qcow2 {
                     return Err(Error::invalid(format!(
                         "source volume {id} is raw and cannot be cloned; clones need a qcow2 \

@@ -305,6 +305,19 @@ impl Pools {
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
+    /// `locked_volume` of a volume named as the source of another operation: its NOT_FOUND
+    /// becomes `missing()` (which names the request's field); other errors pass unchanged.
+    pub(super) async fn locked_source(
+        &self,
+        lock: &VolumeLock,
+        missing: impl FnOnce() -> Error,
+    ) -> Result<VolumeRecord> {
+        self.locked_volume(lock).await.map_err(|e| match e {
+            Error::NotFound(_) => missing(),
+            e => e,
+        })
+    }
+
     /// The record of a locked volume; NOT_FOUND when it does not exist. A blank volume's
     /// image that a crash of the machine left without its blocks is written again first
     /// (`qcow2::repair_empty`), and an image that is missing or not a qcow2 image any more is
@@ -316,8 +329,7 @@ impl Pools {
             let Some(rec) = pool.ready_volume(key)? else {
                 return Ok(None);
             };
-            pool.repair_blank_image(&rec)?;
-            pool.check_image(&rec)?;
+            pool.check_images(&rec)?;
             Ok(Some(rec))
         })
         .await?
@@ -870,26 +882,22 @@ impl VolumeRecord {
 }
 
 impl Pool {
-    /// For a volume whose active image has no backing file: writes the image again if it is
-    /// an empty one a crash left without its blocks (`qcow2::repair_empty`). The caller
-    /// holds the volume's lock. Blocking.
-    fn repair_blank_image(&self, rec: &VolumeRecord) -> Result<()> {
-        if !rec.chain.backing.is_empty() {
-            return Ok(());
+    /// Makes sure the volume's images can be used, before anything is done with them (the
+    /// caller holds the volume's lock): a blank active image (no backing file) that a crash
+    /// of the machine left without its blocks is written again (`qcow2::repair_empty`); then
+    /// an image (the active layer or one under it) that is missing or (qcow2) does not start
+    /// as a qcow2 image is FAILED_PRECONDITION: nothing can be done with the volume until it
+    /// is restored or deleted. A `stat` and a small read per layer. Blocking.
+    fn check_images(&self, rec: &VolumeRecord) -> Result<()> {
+        if rec.chain.backing.is_empty() {
+            let path = self.image_path(&rec.image);
+            let repaired = qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)?;
+            if repaired == qcow2::Repair::Rewritten {
+                tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
+                    "wrote the empty image of the volume again: a crash of the machine had \
+                     lost its blocks before the volume was first used");
+            }
         }
-        let path = self.image_path(&rec.image);
-        if qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)? == qcow2::Repair::Rewritten {
-            tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
-                "wrote the empty image of the volume again: a crash of the machine had lost \
-                 its blocks before the volume was first used");
-        }
-        Ok(())
-    }
-
-    /// FAILED_PRECONDITION when an image of the volume (its active layer or one under it) is
-    /// missing or (qcow2) does not start as a qcow2 image: nothing can be done with the volume
-    /// until it is restored or deleted. One `stat` and one small read per layer. Blocking.
-    fn check_image(&self, rec: &VolumeRecord) -> Result<()> {
         for layer in std::iter::once(&rec.image).chain(&rec.chain.backing) {
             let path = self.image_path(layer);
             let broken = |what: String| {

@@ -565,18 +565,16 @@ impl Store {
     pub(crate) fn create_layer(
         &self,
         name: &str,
-        write: impl FnOnce(&fs::File) -> std::io::Result<()>,
+        write: impl Fn(&fs::File) -> std::io::Result<()>,
     ) -> Result<fs::File> {
         let path = self.images_dir().join(name);
         let ctx = |e| Error::io(format!("writing image {}", path.display()), e);
-        let mut write = Some(write);
         if let Some((file, spare)) = self.image_spares.take() {
             if let Err(e) = spares::as_new(&file) {
                 // Not fit to be a new file after all: a fresh one is made instead.
                 tracing::debug!(file = %spare.display(), error = %e, "dropping a spare");
                 let _ = fs::remove_file(&spare);
             } else {
-                let write = write.take().expect("written once");
                 let made = write(&file).and_then(|()| spares::rename_noreplace(&spare, &path));
                 return match made {
                     Ok(()) => Ok(file),
@@ -587,7 +585,6 @@ impl Store {
                 };
             }
         }
-        let write = write.take().expect("written once");
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)

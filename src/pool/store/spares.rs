@@ -61,10 +61,6 @@ impl Spares {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-
     fn path(&self, n: u64) -> PathBuf {
         self.dir.join(format!("{PREFIX}{:016x}-{n}", self.owner))
     }
@@ -81,7 +77,7 @@ impl Spares {
 
     /// A reserved spare name, or `None` when the directory has `CAP` spares already.
     fn reserve(&self) -> Option<u64> {
-        let mut s = self.lock();
+        let mut s = lock(&self.state);
         if s.clean.len() + s.dirty >= CAP {
             return None;
         }
@@ -111,7 +107,7 @@ impl Spares {
                 return Err(e);
             }
         };
-        self.lock().dirty += 1;
+        lock(&self.state).dirty += 1;
         let state = self.state.clone();
         background::sync(emptied, move |synced| {
             let mut s = lock(&state);
@@ -131,7 +127,7 @@ impl Spares {
     /// none (the caller creates a fresh file).
     pub(super) fn take(&self) -> Option<(File, PathBuf)> {
         loop {
-            let n = self.lock().clean.pop()?;
+            let n = lock(&self.state).clean.pop()?;
             let path = self.path(n);
             // Gone (removed by hand): try the next.
             if let Ok(f) = OpenOptions::new().write(true).truncate(true).open(&path) {
@@ -266,7 +262,7 @@ mod tests {
 
     /// Waits for the background fsyncs of `s` to finish.
     fn settle(s: &Spares) {
-        while s.lock().dirty > 0 {
+        while lock(&s.state).dirty > 0 {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
@@ -314,6 +310,6 @@ mod tests {
             assert_eq!(p.exists(), !kept);
         }
         settle(&s);
-        assert_eq!(s.lock().clean.len(), CAP);
+        assert_eq!(lock(&s.state).clean.len(), CAP);
     }
 }
