@@ -102,22 +102,28 @@ async fn an_empty_image_a_crash_left_without_blocks_is_written_again() {
 }
 
 /// A record whose image never reached the disk (a file system that does not keep the order of
-/// its writes): the CO's repeated CreateVolume makes the volume anew, with a new id.
+/// its writes), or whose image an operator removed: a repeated CreateVolume answers the same
+/// volume (Nomad repeats it for volumes it knows), which is never recreated empty; what uses it
+/// is FAILED_PRECONDITION naming the file.
 #[tokio::test]
-async fn a_repeated_create_replaces_a_volume_whose_image_never_reached_the_disk() {
+async fn a_volume_whose_image_is_missing_is_kept_and_refused() {
     let mut p = Plugin::start("controller", &[]).await;
     let lost = create_volume(&p, "lost", 64 * MIB, &[]).await.unwrap();
     p.stop();
     std::fs::remove_file(image_of(&p, &lost)).unwrap();
     p.restart().await;
     let again = create_volume(&p, "lost", 64 * MIB, &[]).await.unwrap();
-    assert_ne!(again, lost);
-    assert!(!record_of(&p, &lost).exists());
-    qemu_img_check(&image_of(&p, &again));
-    assert_eq!(
-        list_volumes(&p).await.keys().cloned().collect::<Vec<_>>(),
-        vec![again.clone()]
+    assert_eq!(again, lost);
+    assert!(!image_of(&p, &lost).exists(), "never recreated empty");
+    let e = snapshot(&p, "of-lost", &lost).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let path = image_of(&p, &lost);
+    assert!(
+        e.message().contains(path.to_str().unwrap()),
+        "{}",
+        e.message()
     );
+    delete_volume(&p, &lost).await.unwrap();
     assert_pool_clean(&p.pool_dir());
 }
 
@@ -230,4 +236,23 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     for id in [&gone, &clone, &used] {
         delete_volume(&p, id).await.unwrap();
     }
+    // A restore from a snapshot whose layer is damaged is refused before a volume is made.
+    let base = create_volume(&p, "base", 64 * MIB, &[]).await.unwrap();
+    let snap = snapshot(&p, "base-s", &base).await.unwrap();
+    let layer = virtdisk_test_support::pool::snapshot_layer(&p.pool_dir(), &snap);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&layer)
+            .unwrap();
+        f.write_all_at(&[0u8; 512], 0).unwrap();
+    }
+    let before = list_volumes(&p).await;
+    let e = create_from(&p, "restored", from_snapshot(&snap))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not a qcow2"), "{}", e.message());
+    assert_eq!(list_volumes(&p).await, before, "no volume made");
 }

@@ -274,8 +274,8 @@ pub(crate) enum Repair {
 /// `create` writes, or a raw file shorter than `size` (only lengthened). An image some process holds open is
 /// never touched, nor one that has grown (it has held data), nor a missing one (an operator's
 /// mistake looks the same: the operation fails as it would have; on ext4 and xfs, whose
-/// journals commit in order, a crash does not leave it, and elsewhere the CO's repeated
-/// CreateVolume replaces such a volume, see `volumes::existing_volume`). Blocking.
+/// journals commit in order, a crash does not leave it; elsewhere operations on the volume
+/// answer FAILED_PRECONDITION naming the missing file, see `Pool::check_layers`). Blocking.
 pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Result<Repair> {
     let len = match std::fs::metadata(path) {
         Ok(m) => m.len(),

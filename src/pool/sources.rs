@@ -104,6 +104,18 @@ impl Pools {
                 let snap = self.snapshot(id).await?.ok_or_else(|| {
                     Error::NotFound(format!("source snapshot {id} does not exist"))
                 })?;
+                // Its layers must be whole before a volume is built on them.
+                let pool = self.get(&snap.pool).cloned().ok_or_else(|| {
+                    Error::internal(format!("pool {} is not configured", snap.pool))
+                })?;
+                let layers: Vec<String> = std::iter::once(snap.layer.clone())
+                    .chain(snap.backing.iter().cloned())
+                    .collect();
+                let owner = format!("snapshot {id}");
+                exec::blocking(move || {
+                    pool.check_layers(layers.iter(), ImageFormat::Qcow2, &owner)
+                })
+                .await?;
                 Ok(Base::Snapshot(snap))
             }
             ContentSource::Volume(id) => {

@@ -441,16 +441,6 @@ impl Pools {
             return Ok(None);
         };
         match existing.state {
-            RecordState::Ready if lock.pool.lost_blank_image(&existing) => {
-                // A create a crash cut short on a file system that does not keep the order of
-                // its writes: the record reached the disk, its image did not. The CO asks again
-                // because it never got the answer: the volume is made anew (a new id).
-                tracing::warn!(volume = %existing.id, image = %existing.image,
-                    "replacing a volume whose create a crash cut short (its image never reached \
-                     the disk)");
-                discard(&lock)?;
-                Ok(None)
-            }
             RecordState::Ready => {
                 self.check_compatible(&existing, req, params)?;
                 Ok(Some(existing))
@@ -898,38 +888,38 @@ impl Pool {
                      lost its blocks before the volume was first used");
             }
         }
-        for layer in std::iter::once(&rec.image).chain(&rec.chain.backing) {
+        let layers = std::iter::once(&rec.image).chain(&rec.chain.backing);
+        self.check_layers(layers, rec.format, &format!("volume {}", rec.id))
+    }
+
+    /// FAILED_PRECONDITION when one of `layers` (of `owner`, e.g. "volume <id>") is missing or
+    /// (qcow2) does not start as a qcow2 image. A `stat` and a small read per layer. Blocking.
+    pub(super) fn check_layers<'a>(
+        &self,
+        layers: impl Iterator<Item = &'a String>,
+        format: ImageFormat,
+        owner: &str,
+    ) -> Result<()> {
+        for layer in layers {
             let path = self.image_path(layer);
-            let broken = |what: String| {
+            let broken = |what: &str| {
                 Err(Error::FailedPrecondition(format!(
-                    "image {layer} of volume {} {what}; restore it from a backup, or delete the \
-                     volume",
-                    rec.id
+                    "image {} of {owner} {what}; restore the file from a backup, or delete \
+                     what uses it (a layer under snapshots is shared by every volume made from \
+                     them)",
+                    path.display()
                 )))
             };
             match std::fs::symlink_metadata(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return broken(format!("is missing from pool {}", self.name()))
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return broken("is missing"),
                 Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
                 Ok(_) => {}
             }
-            if rec.format == ImageFormat::Qcow2 && !qcow2::has_magic(&path)? {
-                return broken("is not a qcow2 image any more (damaged)".into());
+            if format == ImageFormat::Qcow2 && !qcow2::has_magic(&path)? {
+                return broken("is not a qcow2 image any more (damaged)");
             }
         }
         Ok(())
-    }
-
-    /// Whether `rec` is a blank volume (no backing layer, no content source) whose image file
-    /// does not exist. Blocking.
-    fn lost_blank_image(&self, rec: &VolumeRecord) -> bool {
-        rec.chain.backing.is_empty()
-            && rec.content_source.is_none()
-            && matches!(
-                std::fs::symlink_metadata(self.image_path(&rec.image)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound
-            )
     }
 
     /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an

@@ -33,8 +33,9 @@
 //! new), and then the record, the image and both directories are fsynced at once. A crash of
 //! the machine in that round leaves an empty record (removed at the next open: `recover`), an
 //! empty image that lost its blocks (written again before use: `qcow2::repair_empty`), or, on a
-//! file system that does not keep the order of its writes, a record without its image (made
-//! anew by the CO's repeated CreateVolume: `volumes::existing_volume`). A record's file key is
+//! file system that does not keep the order of its writes, a record without its image (every
+//! operation on it then answers FAILED_PRECONDITION naming the missing file:
+//! `Pool::check_layers`; delete it and create it again). A record's file key is
 //! checked against the id inside it, so a block of another record can never pass for it.
 //!
 //! **Spare inodes** (`spares`): a removed record or layer keeps its inode as an emptied
