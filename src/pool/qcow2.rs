@@ -594,8 +594,16 @@ mod tests {
         let zeros = vec![0u8; whole.len()];
         let mut half = zeros.clone();
         half[..512].copy_from_slice(&whole[..512]);
+        let lost = |p: &Path| {
+            let found = probe(p, ImageFormat::Qcow2).unwrap().unwrap();
+            found.lost_its_blocks(p, ImageFormat::Qcow2, size).unwrap()
+        };
+        assert!(!lost(&p));
         for torn in [zeros, Vec::new(), half] {
             std::fs::write(&p, &torn).unwrap();
+            // Told read-only (the volume condition): the file is left as it is.
+            assert!(lost(&p));
+            assert_eq!(std::fs::read(&p).unwrap(), torn);
             assert_eq!(
                 repair_empty(&p, ImageFormat::Qcow2, size).unwrap(),
                 Repair::Rewritten
@@ -621,6 +629,9 @@ mod tests {
             Repair::Intact
         );
         assert_eq!(std::fs::read(&p).unwrap(), grown);
+        let found = probe(&p, ImageFormat::Qcow2).unwrap().unwrap();
+        assert!(found.damaged(ImageFormat::Qcow2));
+        assert!(!found.lost_its_blocks(&p, ImageFormat::Qcow2, size).unwrap());
         // Missing: not recreated (a crash does not leave that; an operator's mistake would).
         let gone = dir.path().join("gone.qcow2");
         assert_eq!(
@@ -628,6 +639,7 @@ mod tests {
             Repair::Intact
         );
         assert!(!gone.exists());
+        assert_eq!(probe(&gone, ImageFormat::Qcow2).unwrap(), None);
         // Held open and locked (as QEMU holds its images): untouched.
         let open = dir.path().join("open.qcow2");
         std::fs::write(&open, vec![0u8; 4096]).unwrap();
