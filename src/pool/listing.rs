@@ -236,7 +236,8 @@ fn start_in(pool: &Pool, token: Option<&(String, u64)>) -> Option<u64> {
 impl Pools {
     /// One page of ListVolumes: up to `max` Ready volumes in id order from the first id at or
     /// after `start` ("" = the beginning), each with its condition, and the id to continue
-    /// from ("" at the end). Reads the index and looks at the page's layers (a `stat` and a small read each): O(page).
+    /// from ("" at the end). Reads the index and looks at the page's layers (a `stat` and a
+    /// small read each, after the index is released): O(page).
     pub(crate) async fn list_page(
         &self,
         start: &str,
