@@ -391,7 +391,10 @@ async fn sigterm_waits_for_a_change_whose_client_gave_up() {
     let rec = volume_record(&p.pool_dir(), &vol);
     assert_eq!(rec["disk"]["qos"]["total_iops_sec"], 700, "{rec}\n{log}");
     assert_eq!(
-        dom.live_disk(&serial_of(&vol)).unwrap().iotune.total_iops_sec,
+        dom.live_disk(&serial_of(&vol))
+            .unwrap()
+            .iotune
+            .total_iops_sec,
         Some(700)
     );
     eprintln!("SIGTERM → exit after the abandoned change finished: {took:?}");
