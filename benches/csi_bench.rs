@@ -4,7 +4,8 @@
 //! `scripts/bench.sh` runs it and writes the results into BENCHMARKS.md. By hand:
 //! `cargo bench --bench csi_bench -- [--quick] [--only a,b] [--scales 1000,100000]
 //! [--update BENCHMARKS.md]`
-//! with sections hostpath (side by side with the reference driver), footprint, controller,
+//! with sections hostpath (side by side with the reference driver), filesystems (create and
+//! delete with the pools on other file systems), footprint, controller,
 //! snapshots, groups, node, concurrency, scale. `--quick` uses
 //! small sizes (for development). Needs root, libvirtd, /dev/kvm, /dev/fuse, loop devices,
 //! qemu-img/qemu-io/qemu-storage-daemon, mkfs.ext4/xfs, and ~2 GiB free in $TMPDIR.
@@ -30,6 +31,8 @@ mod node;
 mod peer;
 #[path = "csi_bench/plugin.rs"]
 mod plugin;
+#[path = "csi_bench/pool_fs.rs"]
+mod pool_fs;
 #[path = "csi_bench/report.rs"]
 mod report;
 #[path = "csi_bench/scale.rs"]
@@ -106,6 +109,7 @@ impl Settings {
 
 const SECTIONS: &[&str] = &[
     "hostpath",
+    "filesystems",
     "footprint",
     "controller",
     "snapshots",
@@ -191,6 +195,9 @@ async fn main() {
 
     if on("hostpath") {
         r.peer = peer::run(&s).await;
+    }
+    if on("filesystems") {
+        r.filesystems = pool_fs::run(&s).await;
     }
     if on("footprint") {
         eprintln!("footprint: idle plugins");

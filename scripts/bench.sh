@@ -7,11 +7,13 @@
 #
 # The reference driver (csi-driver-host-path's hostpathplugin) runs side by side with the
 # plugin when it is found: $VIRTDISK_BENCH_HOSTPATH, on PATH, or in shared/tools/ beside a
-# parent of this checkout (see shared/tools/README.md); without it that section is skipped.
+# parent of this checkout (see shared/tools/README.md); without it that section and the
+# filesystems one (create and delete on ext4 with journal and XFS, made on loop devices of 4 GiB
+# sparse files in $TMPDIR) are skipped.
 #
 # Extra arguments go to the benchmark: --quick (small sizes), --only <sections> or --scales
 # <n,n,…> (pool sizes of the scale section) print the results without touching
-# BENCHMARKS.md. Sections: hostpath, footprint, controller, snapshots, groups, node, concurrency,
+# BENCHMARKS.md. Sections: hostpath, filesystems, footprint, controller, snapshots, groups, node, concurrency,
 # scale.
 set -eu
 cd "$(dirname "$0")/.."

@@ -104,8 +104,9 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Serves until SIGTERM/SIGINT, then shuts down within the grace period (see
-/// [`crate::shutdown`]): in-flight RPCs finish, background tasks stop and are joined, and
-/// whatever still runs when the grace period is over is given up.
+/// [`crate::shutdown`]): in-flight RPCs finish, background tasks stop and are joined, the
+/// controller's changes whose clients gave up are joined, and whatever still runs when the
+/// grace period is over is given up.
 async fn serve(args: ServeArgs) -> crate::error::Result<()> {
     let shutdown = Shutdown::new(Duration::from_secs_f64(args.shutdown_grace));
     shutdown.on_signals()?;

@@ -137,15 +137,24 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
+/// The error for a record file (`record`, its path) that cannot be read as one (`why`): what
+/// to do, and what removing it would cost (the image files only it names are collected at the
+/// next start, so "moving it aside" alone gives their data up).
+pub(crate) fn corrupt_record(record: &str, why: &dyn std::fmt::Display) -> Error {
+    Error::internal(format!(
+        "record {record} is corrupt ({why}): restore it from a backup or mend its JSON. While \
+         it is unreadable the pool collects no unused image files; removing it gives up what it \
+         describes, and the image files only it names are deleted at the next start (move them \
+         out of the pool first to keep their data)"
+    ))
+}
+
 /// Reads a JSON record; `Ok(None)` when the file does not exist.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::internal(format!(
-                "record {} is corrupt ({e}); move it aside to repair the pool",
-                path.display()
-            ))
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt_record(&path.display().to_string(), &e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
     }

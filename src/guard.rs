@@ -7,8 +7,18 @@
 //! and its work, so a cancelled RPC (deadline, disconnect) neither releases a lock while the
 //! work goes on nor stops the work half way; and a request identical to one in flight waits
 //! for that one's result instead of being refused.
+//!
+//! Those tasks belong to the process's shutdown ([`Shutdown::spawn_to_end`]): work whose
+//! client gave up (a detach an impatient client abandoned) is joined at SIGTERM within the
+//! grace period, like the RPCs in flight, and aborted and named in the log (object and
+//! operation) when the grace period is over. The shutdown does not stop it before: stopping a
+//! change half way is what a crash would be, and the grace period exists to avoid that. After
+//! the shutdown began, the server accepts no new RPC, but one accepted before may still start
+//! its change here: it runs and is joined the same way, so the RPC gets its answer if the grace
+//! period allows.
 
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -68,11 +78,12 @@ impl Drop for OpGuard {
 }
 
 /// The operations in flight on objects (`vol:<id>`, `volname:<name>`, …), each run by a task
-/// of its own; shared by the clones of one service.
-#[derive(Clone, Default)]
+/// of its own that the process's shutdown joins; shared by the clones of one service.
+#[derive(Clone)]
 pub(crate) struct InFlight {
     running: Arc<Mutex<HashMap<String, Running>>>,
     next: Arc<AtomicU64>,
+    shutdown: Shutdown,
 }
 
 /// One operation in flight: what it is, and where its result will appear (a
@@ -84,13 +95,23 @@ struct Running {
 }
 
 impl InFlight {
+    /// No operation in flight yet; their tasks are joined by `shutdown`.
+    pub(crate) fn new(shutdown: &Shutdown) -> InFlight {
+        InFlight {
+            running: Arc::default(),
+            next: Arc::default(),
+            shutdown: shutdown.clone(),
+        }
+    }
+
     /// Runs `work` on `object` as a task of its own and waits for its result; a caller that
     /// gives up (its future is dropped) leaves the task running to its end, with whatever
     /// locks `work` took. While it runs, a call with the same `object` and `op` (the whole
     /// request, as the caller describes it: an identical retry) does not start `work` again
     /// but waits for the running one's result. A call with another `op` starts its own `work`,
-    /// whose locks decide (ABORTED while the first holds them). Errs (INTERNAL) only when the
-    /// task died without a result (a panic).
+    /// whose locks decide (ABORTED while the first holds them). The task is joined by the
+    /// shutdown (see the module doc). Errs (INTERNAL) only when the task died without a result
+    /// (a panic, or aborted when the grace period was over).
     pub(crate) async fn run<V, F>(&self, object: String, op: String, work: F) -> Result<V>
     where
         V: Clone + Send + Sync + 'static,
@@ -121,6 +142,8 @@ impl InFlight {
             return rx.clone();
         }
         let (tx, rx) = watch::channel(None);
+        // How the shutdown names the task, should it have to give it up.
+        let name = format!("{object} {op}");
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // Another operation in flight keeps its entry: this one's locks will refuse it.
         let registered = !running.contains_key(&object);
@@ -136,7 +159,8 @@ impl InFlight {
         }
         drop(running);
         let all = self.running.clone();
-        tokio::spawn(
+        self.shutdown.spawn_to_end(
+            name,
             async move {
                 let v = work.await;
                 // The result first, then the entry goes: a caller that joined in between
@@ -158,6 +182,8 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     #[test]
     fn second_acquire_is_aborted_until_release() {
@@ -175,7 +201,7 @@ mod tests {
     /// its result; another request on the same object runs its own work.
     #[tokio::test]
     async fn work_outlives_its_caller_and_identical_requests_share_it() {
-        let f = InFlight::default();
+        let f = InFlight::new(&Shutdown::new(Duration::from_secs(30)));
         let runs = Arc::new(AtomicU64::new(0));
         let (release_tx, release_rx) = watch::channel(false);
         let slow = |runs: Arc<AtomicU64>, mut release: watch::Receiver<bool>| async move {
@@ -212,5 +238,121 @@ mod tests {
         // Finished: the same request runs anew.
         let again = f.run("vol:a".into(), "unpublish n1".into(), async { "again" });
         assert_eq!(again.await.unwrap(), "again");
+    }
+
+    /// Starts `work` as `vol:a unpublish "n1"` and gives up waiting for it, as an impatient
+    /// client does.
+    async fn abandon<F>(f: &InFlight, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let run = f.run("vol:a".into(), format!("unpublish {:?}", "n1"), work);
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), run).await;
+        assert!(gave_up.is_err(), "the work is still running");
+    }
+
+    /// The shutdown waits for work whose caller gave up, until it has finished.
+    #[tokio::test(start_paused = true)]
+    async fn the_shutdown_joins_abandoned_work_that_ends_within_the_grace_period() {
+        let s = Shutdown::new(Duration::from_secs(30));
+        let f = InFlight::new(&s);
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        abandon(&f, async move {
+            // Not stopped by the shutdown: it runs to its end.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            done_tx.send("detached").unwrap();
+        })
+        .await;
+        assert_eq!(s.tracked(), [r#"vol:a unpublish "n1""#]);
+        let started = Instant::now();
+        assert!(s.join("test").await.is_empty(), "nothing given up");
+        let took = started.elapsed();
+        assert_eq!(
+            done_rx.try_recv(),
+            Ok("detached"),
+            "finished before the join returned"
+        );
+        assert!(
+            took >= Duration::from_secs(4),
+            "waited for the work: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(30),
+            "not the whole grace: {took:?}"
+        );
+    }
+
+    /// Work still running when the grace period is over is aborted and named.
+    #[tokio::test(start_paused = true)]
+    async fn the_shutdown_gives_up_work_that_outlasts_the_grace_period() {
+        let s = Shutdown::new(Duration::from_secs(2));
+        let f = InFlight::new(&s);
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        abandon(&f, async move {
+            let _dropped = dropped_tx;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+        .await;
+        let started = Instant::now();
+        assert_eq!(s.join("test").await, [r#"vol:a unpublish "n1""#]);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(2), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(dropped_rx.await.is_err(), "the work was aborted");
+        assert!(s.tracked().is_empty());
+    }
+
+    /// Work started after the shutdown began (by an RPC in flight) still runs, and is joined.
+    #[tokio::test(start_paused = true)]
+    async fn work_started_during_the_shutdown_runs_and_is_joined() {
+        let s = Shutdown::new(Duration::from_secs(30));
+        let f = InFlight::new(&s);
+        s.begin("test");
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        abandon(&f, async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            done_tx.send(()).unwrap();
+        })
+        .await;
+        assert!(s.join("test").await.is_empty());
+        assert_eq!(done_rx.try_recv(), Ok(()));
+        let answered = f.run("vol:b".into(), "delete".into(), async { "deleted" });
+        assert_eq!(answered.await.unwrap(), "deleted");
+    }
+
+    /// Finished work leaves the shutdown's list: a long-running process does not accumulate it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_work_leaves_the_shutdown_list() {
+        let s = Shutdown::new(Duration::from_secs(30));
+        let f = InFlight::new(&s);
+        for round in 0..50 {
+            let runs = (0..20).map(|i| {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    f.run(
+                        format!("vol:{round}-{i}"),
+                        "delete".into(),
+                        async move { i },
+                    )
+                    .await
+                    .unwrap()
+                })
+            });
+            for (i, run) in runs.enumerate() {
+                assert_eq!(run.await.unwrap(), i);
+            }
+            // A task ends just after its result is sent: at most this round's are left.
+            assert!(s.tracked().len() <= 20, "round {round}: {:?}", s.tracked());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.tracked().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            s.tracked(),
+            Vec::<String>::new(),
+            "every finished task left"
+        );
+        assert!(s.join("test").await.is_empty());
     }
 }

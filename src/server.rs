@@ -167,7 +167,7 @@ pub(crate) async fn serve(
         attachments: cfg.mode.runs_controller().then(|| attachers.clone()),
     };
     // The changes in flight, shared by the controller and group controller services.
-    let inflight = crate::guard::InFlight::default();
+    let inflight = crate::guard::InFlight::new(shutdown);
     let router = tonic::transport::Server::builder()
         .layer(crate::metrics::RpcLayer)
         .add_service(IdentityServer::new(identity))

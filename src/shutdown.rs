@@ -3,11 +3,18 @@
 //! [`Shutdown`] holds one cancellation token. The first SIGTERM or SIGINT (or a failed start)
 //! cancels it, and the grace period starts: the gRPC server stops accepting and lets in-flight
 //! RPCs finish, every background task started with [`Shutdown::spawn`] (the chain flattener,
-//! the metrics server) is stopped and joined. When the grace period is over (or at a second
-//! signal), whatever still runs is given up: tasks are aborted and named in the log. Work on
-//! the blocking pool cannot be interrupted (a libvirt call that never answers); `cli::main`
-//! gives it [`ABANDON_WAIT`] more, logs what it leaves behind (`exec::log_unfinished`) and
-//! exits anyway.
+//! the metrics server) is stopped and joined, and the work started with
+//! [`Shutdown::spawn_to_end`] (the controller's changes, `guard::InFlight`, which outlive a
+//! client that gave up) is joined as it runs to its end. All are joined by one
+//! [`Shutdown::join`], within the same grace period as the RPCs. When the grace period is over
+//! (or at a second signal), whatever still runs is given up: tasks are aborted and named in the
+//! log. Work on the blocking pool cannot be interrupted (a libvirt call that never answers);
+//! `cli::main` gives it [`ABANDON_WAIT`] more, logs what it leaves behind
+//! (`exec::log_unfinished`) and exits anyway.
+//!
+//! Work started after the shutdown began (by an RPC accepted before it) is still started and
+//! joined the same way, as long as the join has not returned; a task leaves the list when it
+//! ends, so the list holds only what runs now.
 //!
 //! A dropped future stops at its next `.await`: the child process it waited for is killed
 //! (`exec::run`), its locks and permits held inside blocking closures stay held until those
@@ -16,8 +23,9 @@
 //! from at the next start.
 
 use crate::error::{Error, Result};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -41,8 +49,38 @@ struct Inner {
     grace: Duration,
     /// When the grace period ends (set when the shutdown begins).
     deadline: Mutex<Option<Instant>>,
-    /// Background tasks by name, joined by [`Shutdown::join`].
-    tasks: Mutex<Vec<(&'static str, JoinHandle<()>)>>,
+    /// The background tasks running now, joined by [`Shutdown::join`].
+    tasks: Mutex<Tasks>,
+}
+
+/// The background tasks running now, by the order they were started in; each removes its own
+/// entry when it ends ([`Leave`]).
+#[derive(Default)]
+struct Tasks {
+    next: u64,
+    running: BTreeMap<u64, Task>,
+}
+
+struct Task {
+    /// What the task does, for the log (`chain flattener`, `vol:<id> unpublish "n1"`).
+    name: String,
+    handle: JoinHandle<()>,
+}
+
+/// Removes a task's entry from [`Tasks`] when the task ends (its future is dropped: finished,
+/// panicked or aborted).
+struct Leave {
+    inner: Weak<Inner>,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let mut tasks = inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.running.remove(&self.id);
+        }
+    }
 }
 
 impl Shutdown {
@@ -54,7 +92,7 @@ impl Shutdown {
                 hurry: CancellationToken::new(),
                 grace,
                 deadline: Mutex::new(None),
-                tasks: Mutex::new(Vec::new()),
+                tasks: Mutex::new(Tasks::default()),
             }),
         }
     }
@@ -136,52 +174,87 @@ impl Shutdown {
         F: Future<Output = ()> + Send + 'static,
     {
         let token = self.inner.token.clone();
-        let handle = tokio::spawn(async move {
+        self.track(name.to_string(), async move {
             tokio::select! {
                 _ = token.cancelled() => tracing::debug!(task = name, "stopping"),
                 _ = task => {}
             }
         });
-        self.inner
-            .tasks
-            .lock()
-            .expect("shutdown lock")
-            .push((name, handle));
     }
 
-    /// Begins the shutdown if nothing did yet, then waits for every background task until the
-    /// grace period is over; those still running then are aborted and named in the log.
-    /// Returns the names of the tasks given up.
-    pub(crate) async fn join(&self, why: &str) -> Vec<&'static str> {
+    /// Runs `task` in the background to its end: the shutdown does not stop it, but
+    /// [`Shutdown::join`] waits for it within the grace period and aborts it after (logged as
+    /// `name`). Started after the shutdown began, it still runs and is joined the same way.
+    pub(crate) fn spawn_to_end<F>(&self, name: String, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.track(name, task);
+    }
+
+    /// Spawns `task` and lists it until it ends.
+    fn track<F>(&self, name: String, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        // Listed before the task can end: it waits for this lock to remove its entry.
+        let mut tasks = self.inner.tasks.lock().expect("shutdown lock");
+        let id = tasks.next;
+        tasks.next += 1;
+        let inner = Arc::downgrade(&self.inner);
+        let handle = tokio::spawn(async move {
+            // Made inside the task: a future dropped unspawned must not take the lock.
+            let _leave = Leave { inner, id };
+            task.await
+        });
+        tasks.running.insert(id, Task { name, handle });
+    }
+
+    /// The names of the background tasks listed now (those running, and any that are ending).
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> Vec<String> {
+        let tasks = self.inner.tasks.lock().expect("shutdown lock");
+        tasks.running.values().map(|t| t.name.clone()).collect()
+    }
+
+    /// Begins the shutdown if nothing did yet, then waits for every background task (those
+    /// started meanwhile too) until the grace period is over; those still running then are
+    /// aborted and named in the log. Returns the names of the tasks given up.
+    pub(crate) async fn join(&self, why: &str) -> Vec<String> {
         self.begin(why);
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("shutdown lock"));
         let mut given_up = Vec::new();
         let grace_over = self.grace_over();
         tokio::pin!(grace_over);
         let mut late = false;
-        for (name, mut handle) in tasks {
-            if !late {
-                tokio::select! {
-                    joined = &mut handle => {
-                        if let Err(e) = joined {
-                            tracing::warn!(task = name, error = %e, "background task failed");
+        loop {
+            let tasks =
+                std::mem::take(&mut self.inner.tasks.lock().expect("shutdown lock").running);
+            if tasks.is_empty() {
+                return given_up;
+            }
+            for Task { name, mut handle } in tasks.into_values() {
+                if !late {
+                    tokio::select! {
+                        joined = &mut handle => {
+                            if let Err(e) = joined {
+                                tracing::warn!(task = %name, error = %e, "background task failed");
+                            }
+                            continue;
                         }
-                        continue;
+                        _ = &mut grace_over => late = true,
                     }
-                    _ = &mut grace_over => late = true,
                 }
+                if handle.is_finished() {
+                    continue;
+                }
+                handle.abort();
+                tracing::warn!(
+                    task = %name,
+                    "background task still running after the grace period: given up"
+                );
+                given_up.push(name);
             }
-            if handle.is_finished() {
-                continue;
-            }
-            handle.abort();
-            tracing::warn!(
-                task = name,
-                "background task still running after the grace period: given up"
-            );
-            given_up.push(name);
         }
-        given_up
     }
 }
 
@@ -219,13 +292,34 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let started = std::time::Instant::now();
-        assert_eq!(s.join("test").await, vec!["stuck"]);
+        assert_eq!(s.join("test").await, ["stuck"]);
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(150), "{took:?}");
         assert!(
             took < Duration::from_millis(1400),
             "did not wait for the stuck task: {took:?}"
         );
+    }
+
+    /// Work started to its end is not stopped by the shutdown, and work it starts while the
+    /// join waits is joined too.
+    #[tokio::test(start_paused = true)]
+    async fn work_started_while_joining_is_joined_too() {
+        let s = Shutdown::new(Duration::from_secs(30));
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let starts = s.clone();
+        s.spawn_to_end("first".into(), async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            starts.spawn_to_end("second".into(), async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                done_tx.send(()).unwrap();
+            });
+        });
+        let started = Instant::now();
+        assert!(s.join("test").await.is_empty());
+        assert_eq!(done_rx.try_recv(), Ok(()), "the second finished first");
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        assert!(s.tracked().is_empty());
     }
 
     #[tokio::test]

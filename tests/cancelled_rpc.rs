@@ -8,6 +8,9 @@
 //! on the volume answers ABORTED, and a request identical to the one in flight waits for its
 //! result (Nomad repeats ControllerUnpublish while the first is still detaching).
 //!
+//! And at SIGTERM: a change whose client gave up is joined by the shutdown within its grace
+//! period, not dropped with the process half way.
+//!
 //! The libvirt call is made long with the failpoint `libvirt.iotune-set` armed to pause (a
 //! debug build's `VIRTDISK_FAILPOINT_PAUSE_MS`): ControllerModifyVolume's blocking closure
 //! sleeps right after setting the disk's live I/O limits, as a slow libvirtd would keep it.
@@ -353,4 +356,46 @@ async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
         1,
         "the retry made a group of its own"
     );
+}
+
+/// A change whose client gave up is not dropped at SIGTERM: the shutdown waits for it (within
+/// the grace period, 10 s by default) and it completes, record included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_change_whose_client_gave_up() {
+    if !cfg!(debug_assertions) {
+        eprintln!("SKIPPED: failpoints exist in debug builds only");
+        return;
+    }
+    let (dom, mut p, vol) = volume_on_paused("cancel-term", "libvirt.iotune-set", true).await;
+    let mut c = p.controller();
+    let modify = c.controller_modify_volume(modify_req(&vol, "700"));
+    let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
+    assert!(gave_up.is_err(), "the QoS change returned during the pause");
+    p.wait_paused("libvirt.iotune-set", 1).await;
+
+    // No RPC is in flight now, only the abandoned change.
+    let asked = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid().expect("running") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    let log = p.log();
+    let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM:\n{log}"));
+    assert!(status.success(), "exit status {status:?}:\n{log}");
+    assert!(!log.contains("given up"), "{log}");
+    assert!(!log.contains("abandoned"), "{log}");
+    // The change completed before the exit: on the disk, and in the record.
+    let rec = volume_record(&p.pool_dir(), &vol);
+    assert_eq!(rec["disk"]["qos"]["total_iops_sec"], 700, "{rec}\n{log}");
+    assert_eq!(
+        dom.live_disk(&serial_of(&vol))
+            .unwrap()
+            .iotune
+            .total_iops_sec,
+        Some(700)
+    );
+    eprintln!("SIGTERM → exit after the abandoned change finished: {took:?}");
 }

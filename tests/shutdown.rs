@@ -82,6 +82,15 @@ async fn sigterm_exits_within_the_grace_period_while_a_libvirt_call_hangs() {
         abandoned.contains("ControllerPublishVolume") && abandoned.contains(&volume_id),
         "{abandoned}"
     );
+    // And so is the publish's change (object and operation), which the shutdown waited for.
+    let given_up = log
+        .lines()
+        .find(|l| l.contains("given up"))
+        .unwrap_or_else(|| panic!("no change given up in the log:\n{log}"));
+    assert!(
+        given_up.contains(&format!("vol:{volume_id} publish")),
+        "{given_up}"
+    );
     // The client saw its call end (the connection closed), not hang forever.
     let ended = tokio::time::timeout(Duration::from_secs(10), publish).await;
     assert!(

@@ -67,6 +67,16 @@ async fn a_create_a_crash_cut_short_is_removed_at_start() {
     assert!(record_of(&p, &kept).exists() && stranger.exists());
     assert!(p.log().contains("skipping an unreadable record"));
     assert!(p.log().contains("not its own key"));
+    // The log says what to do, and that removing the record would give the image up; until
+    // then nothing in the pool is collected.
+    assert!(p
+        .log()
+        .contains("restore it from a backup or mend its JSON"));
+    assert!(p.log().contains("not collecting unused layers"));
+    assert!(
+        image_of(&p, &kept).exists(),
+        "an unreadable record's image is kept"
+    );
     let listed = list_volumes(&p).await;
     assert_eq!(
         listed.keys().cloned().collect::<Vec<_>>(),

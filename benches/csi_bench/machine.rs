@@ -47,10 +47,14 @@ pub fn load_average() -> String {
 
 /// `df -T` of the temp dir: where pools, images and mounts of the bench live.
 fn temp_filesystem() -> String {
-    let dir = std::env::temp_dir();
+    filesystem_of(&std::env::temp_dir())
+}
+
+/// `dir (device fstype)`, from df.
+pub fn filesystem_of(dir: &std::path::Path) -> String {
     let out = Command::new("df")
         .args(["--output=source,fstype"])
-        .arg(&dir)
+        .arg(dir)
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

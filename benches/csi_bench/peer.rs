@@ -50,7 +50,7 @@ pub fn tool() -> Option<PathBuf> {
 }
 
 /// hostpathplugin on a temp socket and state dir.
-struct HostPath {
+pub struct HostPath {
     child: Child,
     _dir: tempfile::TempDir,
     state: PathBuf,
@@ -58,11 +58,15 @@ struct HostPath {
 }
 
 impl HostPath {
-    async fn start(bin: &Path) -> HostPath {
-        let dir = tempfile::Builder::new()
-            .prefix("vdt-bench-hostpath-")
-            .tempdir()
-            .unwrap();
+    /// Started with its temp dir under `parent` (`None`: the system's temp dir).
+    pub async fn start(bin: &Path, parent: Option<&Path>) -> HostPath {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("vdt-bench-hostpath-");
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p),
+            None => builder.tempdir(),
+        }
+        .unwrap();
         let socket = dir.path().join("csi.sock");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
@@ -103,7 +107,7 @@ impl HostPath {
         }
     }
 
-    fn controller(&self) -> ControllerClient<Channel> {
+    pub fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel.clone())
     }
 
@@ -215,7 +219,7 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
         &[],
     )
     .await;
-    let theirs = HostPath::start(&bin).await;
+    let theirs = HostPath::start(&bin, None).await;
     let mut rows = Vec::new();
 
     let (mine, my_anon) = idle_memory(ours.channel.clone(), ours.pid().expect("running")).await;
@@ -232,30 +236,7 @@ pub async fn run(s: &Settings) -> Vec<PeerRow> {
     let (mut a, mut b) = (ours.controller(), theirs.controller());
     let n = s.creates;
     eprintln!("hostpath: {n} CreateVolume and DeleteVolume each, in alternating blocks");
-    let (mut ca, mut cb, mut da, mut db) = Default::default();
-    // Blocks rather than single calls: a commit's fsync flushes the file system's journal,
-    // which would otherwise carry the other driver's last writes too.
-    let block = (n / 4).max(1);
-    for round in 0..n.div_ceil(block) {
-        let names: Vec<String> = (round * block..((round + 1) * block).min(n))
-            .map(|i| format!("peer-{i}"))
-            .collect();
-        let mut ours = Vec::new();
-        for name in &names {
-            ours.push(create(&mut a, &mut ca, name).await);
-        }
-        for id in &ours {
-            delete(&mut a, &mut da, id).await;
-        }
-        let mut theirs = Vec::new();
-        for name in &names {
-            theirs.push(create(&mut b, &mut cb, name).await);
-        }
-        for id in &theirs {
-            delete(&mut b, &mut db, id).await;
-        }
-    }
-    let (ca, cb, da, db): (Samples, Samples, Samples, Samples) = (ca, cb, da, db);
+    let [ca, cb, da, db] = creates_and_deletes(&mut a, &mut b, n).await;
     let fl = p50(&floor);
     let create_ok = p50(&ca) <= p50(&cb) * 2 && p50(&ca).as_secs_f64() <= 1.5 * fl.as_secs_f64();
     rows.push(
@@ -478,4 +459,38 @@ async fn from(
         .volume
         .unwrap()
         .volume_id
+}
+
+/// `n` CreateVolume (1 GiB) and `n` DeleteVolume on each of `a` (the plugin) and `b`
+/// (hostpath), in alternating blocks. Returns their latencies: creates of a, of b, deletes of
+/// a, of b.
+pub async fn creates_and_deletes(
+    a: &mut ControllerClient<Channel>,
+    b: &mut ControllerClient<Channel>,
+    n: usize,
+) -> [Samples; 4] {
+    let (mut ca, mut cb, mut da, mut db) = Default::default();
+    // Blocks rather than single calls: a commit's fsync flushes the file system's journal,
+    // which would otherwise carry the other driver's last writes too.
+    let block = (n / 4).max(1);
+    for round in 0..n.div_ceil(block) {
+        let names: Vec<String> = (round * block..((round + 1) * block).min(n))
+            .map(|i| format!("peer-{i}"))
+            .collect();
+        let mut ours = Vec::new();
+        for name in &names {
+            ours.push(create(a, &mut ca, name).await);
+        }
+        for id in &ours {
+            delete(a, &mut da, id).await;
+        }
+        let mut theirs = Vec::new();
+        for name in &names {
+            theirs.push(create(b, &mut cb, name).await);
+        }
+        for id in &theirs {
+            delete(b, &mut db, id).await;
+        }
+    }
+    [ca, cb, da, db]
 }

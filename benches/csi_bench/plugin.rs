@@ -21,9 +21,26 @@ pub async fn start(mode: &str, config: &str, args: &[&str]) -> Plugin {
     start_bin(&bin(), mode, config, args).await
 }
 
+/// Like `start`, with its temp dir (socket, data dir, pool) under `parent`.
+pub async fn start_in(parent: &Path, mode: &str, config: &str, args: &[&str]) -> Plugin {
+    launch(&bin(), mode, config, args)
+        .in_dir(parent)
+        .start()
+        .await
+}
+
 /// Like `start`, with another build of the plugin. Polls every 2 ms for the first answer (the
 /// resolution of the start-up figure, `Plugin::started_in`).
 pub async fn start_bin(bin: &Path, mode: &str, config: &str, args: &[&str]) -> Plugin {
+    launch(bin, mode, config, args).start().await
+}
+
+fn launch(
+    bin: &Path,
+    mode: &str,
+    config: &str,
+    args: &[&str],
+) -> virtdisk_test_support::plugin::Launch {
     Plugin::launch(mode)
         .bin(bin)
         .config(config)
@@ -32,8 +49,6 @@ pub async fn start_bin(bin: &Path, mode: &str, config: &str, args: &[&str]) -> P
         .dir_prefix("vdt-bench-")
         .readable_by_qemu()
         .poll(Duration::from_millis(2), Duration::from_secs(300))
-        .start()
-        .await
 }
 
 /// Whether Probe answers ready (pools open and libvirt answering).

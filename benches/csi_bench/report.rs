@@ -16,6 +16,8 @@ pub struct Report {
     pub values: Vec<ValueRow>,
     /// Side by side with the reference driver.
     pub peer: Vec<PeerRow>,
+    /// Create and delete by pool file system.
+    pub filesystems: Vec<super::pool_fs::FsRow>,
 }
 
 fn met(m: Option<bool>) -> &'static str {
@@ -72,6 +74,34 @@ impl Report {
                     met(r.met),
                     r.note
                 );
+            }
+        }
+        if !self.filesystems.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n### CreateVolume and DeleteVolume by pool file system\n\n\
+                 The side-by-side create and delete, p50 of the same number of calls, with both \
+                 drivers' state and the floor (one durable record write: write, fsync, rename, \
+                 fsync dir) on each file system. Targets: CreateVolume ≤ hostpath × 2 and ≤ 1.5 × \
+                 floor; DeleteVolume ≤ hostpath × 2. hostpath never fsyncs; the plugin commits \
+                 each change durably, so the floor moves it and not hostpath. A loop device \
+                 flushes by fsyncing its backing file on the temp dir's file system: its floors \
+                 are higher than a disk of its own would give.\n"
+            );
+            head(
+                &mut o,
+                &[
+                    "pool file system",
+                    "CreateVolume ours / hostpath",
+                    "× hostpath (≤ 2?)",
+                    "× floor (≤ 1.5?)",
+                    "DeleteVolume ours / hostpath",
+                    "× hostpath (≤ 2?)",
+                    "floor",
+                ],
+            );
+            for f in &self.filesystems {
+                let _ = writeln!(o, "{}", f.markdown());
             }
         }
         let _ = writeln!(o, "\n### Targets\n");

@@ -69,13 +69,8 @@ impl Kind {
 
     /// Adds (or replaces) the entry of a record of this kind from its file's bytes.
     pub(super) fn insert_bytes(self, index: &mut Index, key: u64, bytes: &[u8]) -> Result<()> {
-        let parsed = |e: serde_json::Error| {
-            Error::internal(format!(
-                "record {}/{}.json is corrupt ({e}); move it aside to repair the pool",
-                self.dir(),
-                self.file_key(key)
-            ))
-        };
+        let record = || format!("{}/{}.json", self.dir(), self.file_key(key));
+        let parsed = |e: serde_json::Error| crate::fsutil::corrupt_record(&record(), &e);
         match self {
             Kind::Volume => {
                 let head: VolumeHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
@@ -83,13 +78,10 @@ impl Kind {
                 // round): after a crash a file system without ordering may show a block
                 // another record had. Such a file is not this volume's record.
                 if key_of_id(self, &head.id).ok() != Some(key) {
-                    return Err(Error::internal(format!(
-                        "record {}/{}.json names volume {:?}, not its own key; move it aside \
-                         to repair the pool",
-                        self.dir(),
-                        self.file_key(key),
-                        head.id
-                    )));
+                    return Err(crate::fsutil::corrupt_record(
+                        &record(),
+                        &format_args!("it names volume {:?}, not its own key", head.id),
+                    ));
                 }
                 index.insert_volume(key, &head)
             }

@@ -826,7 +826,8 @@ impl Store {
         self.remove_stale_temp_files(&images)?;
         if self.index()?.unreadable() > 0 {
             tracing::warn!(pool = %self.pool,
-                "not collecting unused layers: a record could not be read; fix or move it aside");
+                "not collecting unused layers: a record could not be read; restore or mend it (the \
+                 error that names it says how)");
             return Ok(0);
         }
         let mut names = Vec::new();

@@ -52,6 +52,8 @@ pub struct Launch {
     rust_log: Option<String>,
     bin: PathBuf,
     dir_prefix: String,
+    /// Where the temp dir is made (`None`: the system's temp dir).
+    dir_parent: Option<PathBuf>,
     readable_by_qemu: bool,
     /// The plugin leads a process group of its own (as a CO's executor starts a task).
     own_process_group: bool,
@@ -99,6 +101,13 @@ impl Launch {
         self
     }
 
+    /// Makes the temp dir (socket, data dir, pool) under `parent` instead of the system's temp
+    /// dir: e.g. on another file system.
+    pub fn in_dir(mut self, parent: &Path) -> Launch {
+        self.dir_parent = Some(parent.to_path_buf());
+        self
+    }
+
     /// Makes the temp dir 0755 so libvirt's QEMU reaches the pool images below it (for
     /// hot-plug into KVM domains).
     pub fn readable_by_qemu(mut self) -> Launch {
@@ -116,10 +125,13 @@ impl Launch {
 
     /// Starts the plugin and waits until it answers GetPluginInfo.
     pub async fn start(self) -> Plugin {
-        let dir = tempfile::Builder::new()
-            .prefix(&self.dir_prefix)
-            .tempdir()
-            .expect("temp dir");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&self.dir_prefix);
+        let dir = match &self.dir_parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .expect("temp dir");
         if self.readable_by_qemu {
             crate::open_for_qemu(dir.path());
         }
@@ -182,6 +194,7 @@ impl Plugin {
             rust_log: Some("debug".into()),
             bin: bin(),
             dir_prefix: ".tmp".into(),
+            dir_parent: None,
             readable_by_qemu: false,
             own_process_group: false,
             poll: Duration::from_millis(20),
