@@ -214,14 +214,7 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     let clone_image = virtdisk_test_support::pool::volume_image(&p.pool_dir(), &clone);
     std::fs::remove_file(image_of(&p, &gone)).unwrap();
     std::fs::write(&clone_image, b"").unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(image_of(&p, &used))
-            .unwrap();
-        f.write_all_at(&[0u8; 512], 0).unwrap();
-    }
+    overwrite_start(&image_of(&p, &used), &[0u8; 512]);
     p.restart().await;
     let files_before = virtdisk_test_support::pool::layer_files(&p.pool_dir());
     for (id, what) in [
@@ -250,14 +243,7 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     let base = create_volume(&p, "base", 64 * MIB, &[]).await.unwrap();
     let snap = snapshot(&p, "base-s", &base).await.unwrap();
     let layer = virtdisk_test_support::pool::snapshot_layer(&p.pool_dir(), &snap);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&layer)
-            .unwrap();
-        f.write_all_at(&[0u8; 512], 0).unwrap();
-    }
+    overwrite_start(&layer, &[0u8; 512]);
     let before = list_volumes(&p).await;
     let e = create_from(&p, "restored", from_snapshot(&snap))
         .await
