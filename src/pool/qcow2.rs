@@ -262,15 +262,24 @@ pub(crate) struct Probe {
 /// Blocking.
 pub(crate) fn probe(path: &Path, format: ImageFormat) -> Result<Option<Probe>> {
     let read_err = |e| Error::io(format!("reading {}", path.display()), e);
-    let len = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    if format == ImageFormat::Raw {
+        return match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(Probe {
+                len: m.len(),
+                magic: false,
+            })),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(read_err(e)),
+        };
+    }
+    // Opened once, then stat-ed and read through the descriptor: one path lookup.
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if missing(&e) => return Ok(None),
         Err(e) => return Err(read_err(e)),
     };
-    if format == ImageFormat::Raw {
-        return Ok(Some(Probe { len, magic: false }));
-    }
-    let file = File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
     let mut magic = [0u8; 4];
     let magic = match file.read_exact_at(&mut magic, 0) {
         Ok(()) => u32::from_be_bytes(magic) == MAGIC,
