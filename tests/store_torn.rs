@@ -214,14 +214,7 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     let clone_image = virtdisk_test_support::pool::volume_image(&p.pool_dir(), &clone);
     std::fs::remove_file(image_of(&p, &gone)).unwrap();
     std::fs::write(&clone_image, b"").unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(image_of(&p, &used))
-            .unwrap();
-        f.write_all_at(&[0u8; 512], 0).unwrap();
-    }
+    overwrite_start(&image_of(&p, &used), &[0u8; 512]);
     p.restart().await;
     let files_before = virtdisk_test_support::pool::layer_files(&p.pool_dir());
     for (id, what) in [
@@ -250,14 +243,7 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     let base = create_volume(&p, "base", 64 * MIB, &[]).await.unwrap();
     let snap = snapshot(&p, "base-s", &base).await.unwrap();
     let layer = virtdisk_test_support::pool::snapshot_layer(&p.pool_dir(), &snap);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&layer)
-            .unwrap();
-        f.write_all_at(&[0u8; 512], 0).unwrap();
-    }
+    overwrite_start(&layer, &[0u8; 512]);
     let before = list_volumes(&p).await;
     let e = create_from(&p, "restored", from_snapshot(&snap))
         .await
@@ -265,4 +251,121 @@ async fn a_missing_or_damaged_image_is_refused_before_any_work() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("not a qcow2"), "{}", e.message());
     assert_eq!(list_volumes(&p).await, before, "no volume made");
+}
+
+/// Writes `bytes` over the start of the file at `path` (what damage by hand or a file system
+/// that lost a write leaves: the qcow2 header gone).
+fn overwrite_start(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, 0).unwrap();
+}
+
+/// The volume condition of ListVolumes and ControllerGetVolume follows the rule every
+/// operation applies: an image or backing layer that is missing or not a qcow2 image any more
+/// is abnormal, naming the file and the pool and saying what to do, and the operations on the
+/// volume are refused; an empty image a crash of the machine left without its blocks is not
+/// abnormal (its next use writes it again), and works once used.
+#[tokio::test]
+async fn the_volume_condition_reports_what_operations_refuse() {
+    use virtdisk_test_support::calls::{create_from, listed_conditions, volume_condition};
+    use virtdisk_test_support::pool::{snapshot_layer, volume_image};
+    let mut p = Plugin::start("controller", &[]).await;
+    let healthy = create_volume(&p, "healthy", 64 * MIB, &[]).await.unwrap();
+    let gone = create_volume(&p, "gone", 64 * MIB, &[]).await.unwrap();
+    // Images that held data (QEMU grew them), then lost their header.
+    let zeroed_used = create_volume(&p, "zeroed-used", 64 * MIB, &[])
+        .await
+        .unwrap();
+    let garbled = create_volume(&p, "garbled", 64 * MIB, &[]).await.unwrap();
+    for id in [&zeroed_used, &garbled] {
+        write_pattern(&image_of(&p, id), 0x5a, 0, MIB as u64);
+    }
+    // A volume restored from a snapshot: its image is an overlay on the snapshot's layer.
+    let base = create_volume(&p, "base", 64 * MIB, &[]).await.unwrap();
+    write_pattern(&image_of(&p, &base), 0x3c, 0, MIB as u64);
+    let snap = snapshot(&p, "base-s", &base).await.unwrap();
+    let restored = create_from(&p, "restored", from_snapshot(&snap))
+        .await
+        .unwrap();
+    // Blank volumes whose blocks a crash lost: zeros of the image's length, an empty file.
+    let zeroed = create_volume(&p, "zeroed", GIB, &[]).await.unwrap();
+    let emptied = create_volume(&p, "emptied", GIB, &[]).await.unwrap();
+    for (id, c) in listed_conditions(&p).await {
+        assert!(!c.abnormal && c.message == "ok", "{id}: {c:?}");
+    }
+    p.stop();
+    let pool = p.pool_dir();
+    let layer = snapshot_layer(&pool, &snap);
+    std::fs::remove_file(image_of(&p, &gone)).unwrap();
+    overwrite_start(&image_of(&p, &zeroed_used), &[0u8; 512]);
+    overwrite_start(&image_of(&p, &garbled), &[0xa7u8; 4096]);
+    overwrite_start(&layer, &[0u8; 512]);
+    let len = std::fs::metadata(image_of(&p, &zeroed)).unwrap().len();
+    std::fs::write(image_of(&p, &zeroed), vec![0u8; len as usize]).unwrap();
+    std::fs::write(image_of(&p, &emptied), b"").unwrap();
+    p.restart().await;
+
+    let pool_name = healthy.split_once('.').unwrap().0.to_string();
+    let broken = [
+        (&gone, image_of(&p, &gone), "image", "is missing"),
+        (
+            &zeroed_used,
+            image_of(&p, &zeroed_used),
+            "image",
+            "not a qcow2",
+        ),
+        (&garbled, image_of(&p, &garbled), "image", "not a qcow2"),
+        (&restored, layer.clone(), "backing layer", "not a qcow2"),
+        // The snapshot froze the base's image as the layer under it too.
+        (&base, layer.clone(), "backing layer", "not a qcow2"),
+    ];
+    let listed = listed_conditions(&p).await;
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    for (id, file, kind, what) in &broken {
+        let got = volume_condition(&p, id).await;
+        assert_eq!(
+            listed[*id], got,
+            "ListVolumes and ControllerGetVolume agree"
+        );
+        assert!(got.abnormal, "{id}: {got:?}");
+        let m = &got.message;
+        let named = format!("{kind} {}", file.display());
+        assert!(m.contains(&named), "{id}: {m}");
+        assert!(
+            m.contains(what) && m.contains(&format!("in pool {pool_name}")),
+            "{m}"
+        );
+        assert!(m.contains("restore the file from a backup"), "{m}");
+        // What the condition says is what the operations answer.
+        let e = expand(&p, id, 2 * GIB).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(&named), "{}", e.message());
+    }
+    assert!(!listed[&healthy].abnormal);
+    // Not abnormal: the next operation on the volume writes the image again.
+    for id in [&zeroed, &emptied] {
+        let got = volume_condition(&p, id).await;
+        assert_eq!(listed[id], got);
+        assert!(!got.abnormal, "{id}: {got:?}");
+        assert!(got.message.contains("writes it again"), "{}", got.message);
+        assert!(got.message.contains(image_of(&p, id).to_str().unwrap()));
+    }
+    // The listing repaired nothing (it takes no volume lock): the files are as the crash left
+    // them until a use.
+    assert_eq!(std::fs::metadata(image_of(&p, &emptied)).unwrap().len(), 0);
+    assert_eq!(expand(&p, &zeroed, 2 * GIB).await.unwrap(), 2 * GIB);
+    snapshot(&p, "of-emptied", &emptied).await.unwrap();
+    for id in [&zeroed, &emptied, &healthy] {
+        let got = volume_condition(&p, id).await;
+        assert!(!got.abnormal && got.message == "ok", "{id}: {got:?}");
+        qemu_img_check(&volume_image(&p.pool_dir(), id));
+    }
+    // Deleting the broken volumes works; what is left lists healthy.
+    for (id, ..) in &broken {
+        delete_volume(&p, id).await.unwrap();
+    }
+    for (id, c) in listed_conditions(&p).await {
+        assert!(!c.abnormal, "{id}: {c:?}");
+    }
 }

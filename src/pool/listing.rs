@@ -3,13 +3,13 @@
 
 use super::record::{RecordState, SnapshotRecord, VolumeRecord};
 use super::store::{Index, Layer, VolumeEntry};
+use super::volumes::LayerFault;
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::ids::{ObjectId, VolumeId};
 use crate::model::{ContentSource, ImageFormat};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What a CSI `Volume` says of a volume.
@@ -45,28 +45,36 @@ impl VolumeRecord {
     }
 }
 
-/// Whether a volume's image and backing layers are in its pool.
+/// Whether a volume's image and backing layers can be used, as ListVolumes and
+/// ControllerGetVolume report it (`Pool::first_fault`: the rule every operation on the volume
+/// applies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VolumeCondition {
     Healthy,
-    MissingImage { image: String, pool: String },
-    MissingLayer { layer: String, pool: String },
+    /// A blank volume's empty image that a crash of the machine left without its blocks (no
+    /// qcow2 header): not abnormal, its next use writes it again (`qcow2::repair_empty`).
+    RewrittenAtNextUse {
+        image: String,
+        pool: String,
+    },
+    /// A layer is missing or damaged, or could not be read: what and what to do.
+    Abnormal(String),
 }
 
 impl VolumeCondition {
     pub(crate) fn abnormal(&self) -> bool {
-        *self != VolumeCondition::Healthy
+        matches!(self, VolumeCondition::Abnormal(_))
     }
 
     pub(crate) fn message(&self) -> String {
         match self {
             VolumeCondition::Healthy => "ok".into(),
-            VolumeCondition::MissingImage { image, pool } => {
-                format!("image {image} of the volume is missing from pool {pool}")
-            }
-            VolumeCondition::MissingLayer { layer, pool } => {
-                format!("backing layer {layer} of the volume is missing from pool {pool}")
-            }
+            VolumeCondition::RewrittenAtNextUse { image, pool } => format!(
+                "ok: the empty image {image} in pool {pool} lost its blocks in a crash of the \
+                 machine before the volume was first used; the next operation on the volume \
+                 writes it again"
+            ),
+            VolumeCondition::Abnormal(message) => message.clone(),
         }
     }
 }
@@ -109,37 +117,62 @@ pub(crate) struct SnapshotFilter {
 
 /// A volume's files to check for its condition.
 struct Files {
-    dir: PathBuf,
-    pool: String,
+    pool: Arc<Pool>,
+    id: String,
+    format: ImageFormat,
+    capacity: u64,
     image: String,
     backing: Vec<String>,
 }
 
 impl Files {
-    fn of(pool: &Pool, v: &VolumeEntry) -> Files {
+    fn of(pool: &Arc<Pool>, key: u64, v: &VolumeEntry) -> Files {
         Files {
-            dir: pool.images_dir(),
-            pool: pool.name().to_string(),
+            pool: pool.clone(),
+            id: pool.volume_id(key),
+            format: v.format,
+            capacity: v.capacity,
             image: v.image.to_string(),
             backing: v.backing.iter().map(Layer::to_string).collect(),
         }
     }
 
-    /// Blocking (one stat per layer).
+    /// Read-only, without the volume's lock: a `stat` and (qcow2) one small read per layer.
+    /// A file that cannot be read makes the condition abnormal, not the listing fail.
+    /// Blocking.
     fn condition(&self) -> VolumeCondition {
-        if !self.dir.join(&self.image).exists() {
-            return VolumeCondition::MissingImage {
-                image: self.image.clone(),
-                pool: self.pool.clone(),
-            };
+        self.inspect().unwrap_or_else(|e| {
+            VolumeCondition::Abnormal(format!(
+                "the images of volume {} in pool {} cannot be checked: {e}",
+                self.id,
+                self.pool.name()
+            ))
+        })
+    }
+
+    fn inspect(&self) -> Result<VolumeCondition> {
+        let layers = std::iter::once(&self.image).chain(&self.backing);
+        let Some(broken) = self
+            .pool
+            .first_fault(layers.map(String::as_str), self.format)?
+        else {
+            return Ok(VolumeCondition::Healthy);
+        };
+        // What `Pools::locked_volume` repairs before any use is not damaged (a header that
+        // lost only its refcounts has its magic, and is healthy here).
+        if let LayerFault::Damaged(found) = broken.fault {
+            if self.backing.is_empty()
+                && found.lost_its_blocks(&broken.path, self.format, self.capacity)?
+            {
+                return Ok(VolumeCondition::RewrittenAtNextUse {
+                    image: broken.path.display().to_string(),
+                    pool: self.pool.name().to_string(),
+                });
+            }
         }
-        match self.backing.iter().find(|l| !self.dir.join(l).exists()) {
-            Some(layer) => VolumeCondition::MissingLayer {
-                layer: layer.clone(),
-                pool: self.pool.clone(),
-            },
-            None => VolumeCondition::Healthy,
-        }
+        Ok(VolumeCondition::Abnormal(
+            broken.message(&format!("volume {}", self.id), self.pool.name()),
+        ))
     }
 }
 
@@ -203,7 +236,8 @@ fn start_in(pool: &Pool, token: Option<&(String, u64)>) -> Option<u64> {
 impl Pools {
     /// One page of ListVolumes: up to `max` Ready volumes in id order from the first id at or
     /// after `start` ("" = the beginning), each with its condition, and the id to continue
-    /// from ("" at the end). Reads the index and stats the page's layers: O(page).
+    /// from ("" at the end). Reads the index and looks at the page's layers (a `stat` and a
+    /// small read each, after the index is released): O(page).
     pub(crate) async fn list_page(
         &self,
         start: &str,
@@ -225,7 +259,7 @@ impl Pools {
                     let fits = v.state != RecordState::Ready
                         || page.offer(
                             || pool.volume_id(key),
-                            || (summary_of(pool, &index, key, v), Files::of(pool, v)),
+                            || (summary_of(pool, &index, key, v), Files::of(pool, key, v)),
                         );
                     if !fits {
                         break 'pools;
@@ -254,7 +288,7 @@ impl Pools {
                 return Ok(None);
             };
             let summary = summary_of(&pool, &index, key, v);
-            let files = Files::of(&pool, v);
+            let files = Files::of(&pool, key, v);
             drop(index);
             Ok(Some((summary, files.condition())))
         })

@@ -247,15 +247,73 @@ pub(crate) fn holds_no_data(path: &Path, format: ImageFormat) -> Result<bool> {
     })
 }
 
-/// Whether the file at `path` starts as a qcow2 image does (its magic); QEMU checks the rest
-/// when it opens it. Blocking.
-pub(crate) fn has_magic(path: &Path) -> Result<bool> {
-    let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+/// What a `stat` and one small read tell of an existing image file ([`probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Probe {
+    /// The file's length in bytes.
+    pub(crate) len: u64,
+    /// Whether it starts as a qcow2 image does (its magic; QEMU checks the rest when it opens
+    /// it). Not read, and false, for a raw image.
+    pub(crate) magic: bool,
+}
+
+/// Looks at the image file at `path` of `format`: `None` when it is missing; else its length
+/// and (qcow2) whether it starts with the qcow2 magic. A `stat` and (qcow2) one 4-byte read.
+/// Blocking.
+pub(crate) fn probe(path: &Path, format: ImageFormat) -> Result<Option<Probe>> {
+    let read_err = |e| Error::io(format!("reading {}", path.display()), e);
+    let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    if format == ImageFormat::Raw {
+        return match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(Probe {
+                len: m.len(),
+                magic: false,
+            })),
+            Err(e) if missing(&e) => Ok(None),
+            Err(e) => Err(read_err(e)),
+        };
+    }
+    // Opened once, then stat-ed and read through the descriptor: one path lookup.
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if missing(&e) => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let len = file.metadata().map_err(read_err)?.len();
     let mut magic = [0u8; 4];
-    match file.read_exact_at(&mut magic, 0) {
-        Ok(()) => Ok(u32::from_be_bytes(magic) == MAGIC),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    let magic = match file.read_exact_at(&mut magic, 0) {
+        Ok(()) => u32::from_be_bytes(magic) == MAGIC,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) => return Err(read_err(e)),
+    };
+    Ok(Some(Probe { len, magic }))
+}
+
+impl Probe {
+    /// Whether the image, of `format`, is damaged: a qcow2 file that does not start as a qcow2
+    /// image. A raw image has nothing to check.
+    pub(crate) fn damaged(&self, format: ImageFormat) -> bool {
+        format == ImageFormat::Qcow2 && !self.magic
+    }
+
+    /// Whether this image, at `path`, of a volume created blank (no backing file) for `size`
+    /// bytes is one a crash of the machine left without its blocks, which [`repair_empty`]
+    /// writes again: a qcow2 file no longer than an empty image of `size` whose non-zero parts
+    /// are not what `create` writes, or a raw file shorter than `size`. Read-only: a qcow2
+    /// file without the magic needs no read (its header cannot be whole), one with it up to
+    /// three small reads. Blocking.
+    pub(crate) fn lost_its_blocks(
+        &self,
+        path: &Path,
+        format: ImageFormat,
+        size: u64,
+    ) -> Result<bool> {
+        Ok(match format {
+            ImageFormat::Raw => self.len < size,
+            ImageFormat::Qcow2 => {
+                !grown(self.len, size) && (!self.magic || !is_whole_empty(path, size)?)
+            }
+        })
     }
 }
 
@@ -269,24 +327,18 @@ pub(crate) enum Repair {
 }
 
 /// Makes sure the image of a volume created blank (no backing file) at `path` is whole,
-/// writing it again if a crash of the machine lost its blocks (see the module documentation):
-/// a qcow2 file no longer than an empty image of `size` whose non-zero parts are not what
-/// `create` writes, or a raw file shorter than `size` (only lengthened). An image some process holds open is
+/// writing it again if a crash of the machine lost its blocks (see the module documentation
+/// and [`Probe::lost_its_blocks`], which tells it read-only: the volume condition uses it;
+/// a raw file is only lengthened). An image some process holds open is
 /// never touched, nor one that has grown (it has held data), nor a missing one (an operator's
 /// mistake looks the same: the operation fails as it would have; on ext4 and xfs, whose
 /// journals commit in order, a crash does not leave it; elsewhere operations on the volume
 /// answer FAILED_PRECONDITION naming the missing file, see `Pool::check_layers`). Blocking.
 pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Result<Repair> {
-    let len = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Repair::Intact),
-        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    let Some(found) = probe(path, format)? else {
+        return Ok(Repair::Intact);
     };
-    let torn = match format {
-        ImageFormat::Raw => len < size,
-        ImageFormat::Qcow2 => !grown(len, size) && !is_whole_empty(path, size)?,
-    };
-    if !torn || crate::pool::store::file_is_locked(path)? {
+    if !found.lost_its_blocks(path, format, size)? || crate::pool::store::file_is_locked(path)? {
         return Ok(Repair::Intact);
     }
     if format == ImageFormat::Raw {
@@ -551,8 +603,16 @@ mod tests {
         let zeros = vec![0u8; whole.len()];
         let mut half = zeros.clone();
         half[..512].copy_from_slice(&whole[..512]);
+        let lost = |p: &Path| {
+            let found = probe(p, ImageFormat::Qcow2).unwrap().unwrap();
+            found.lost_its_blocks(p, ImageFormat::Qcow2, size).unwrap()
+        };
+        assert!(!lost(&p));
         for torn in [zeros, Vec::new(), half] {
             std::fs::write(&p, &torn).unwrap();
+            // Told read-only (the volume condition): the file is left as it is.
+            assert!(lost(&p));
+            assert_eq!(std::fs::read(&p).unwrap(), torn);
             assert_eq!(
                 repair_empty(&p, ImageFormat::Qcow2, size).unwrap(),
                 Repair::Rewritten
@@ -578,6 +638,9 @@ mod tests {
             Repair::Intact
         );
         assert_eq!(std::fs::read(&p).unwrap(), grown);
+        let found = probe(&p, ImageFormat::Qcow2).unwrap().unwrap();
+        assert!(found.damaged(ImageFormat::Qcow2));
+        assert!(!found.lost_its_blocks(&p, ImageFormat::Qcow2, size).unwrap());
         // Missing: not recreated (a crash does not leave that; an operator's mistake would).
         let gone = dir.path().join("gone.qcow2");
         assert_eq!(
@@ -585,6 +648,7 @@ mod tests {
             Repair::Intact
         );
         assert!(!gone.exists());
+        assert_eq!(probe(&gone, ImageFormat::Qcow2).unwrap(), None);
         // Held open and locked (as QEMU holds its images): untouched.
         let open = dir.path().join("open.qcow2");
         std::fs::write(&open, vec![0u8; 4096]).unwrap();

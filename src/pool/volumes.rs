@@ -864,6 +864,42 @@ fn discard(lock: &VolumeLock) -> Result<()> {
     Ok(())
 }
 
+/// Why a layer file cannot be used (`Pool::first_fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerFault {
+    /// The file is not in the pool.
+    Missing,
+    /// A qcow2 layer that does not start as a qcow2 image any more; what was found.
+    Damaged(qcow2::Probe),
+}
+
+/// A layer that cannot be used, as `Pool::first_fault` found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BrokenLayer {
+    /// Its absolute path.
+    pub(crate) path: std::path::PathBuf,
+    /// Whether it is the top layer (a volume's own image, a snapshot's layer), not one under it.
+    pub(crate) top: bool,
+    pub(crate) fault: LayerFault,
+}
+
+impl BrokenLayer {
+    /// What is wrong, naming the file, `owner` (e.g. "volume <id>") and `pool`, and what to do.
+    pub(crate) fn message(&self, owner: &str, pool: &str) -> String {
+        let kind = if self.top { "image" } else { "backing layer" };
+        let what = match self.fault {
+            LayerFault::Missing => "is missing",
+            LayerFault::Damaged(_) => "is not a qcow2 image any more (damaged)",
+        };
+        format!(
+            "{kind} {} of {owner} in pool {pool} {what}; restore the file from a backup, or \
+             delete what uses it (a layer under snapshots is shared by every volume made from \
+             them)",
+            self.path.display()
+        )
+    }
+}
+
 impl VolumeRecord {
     /// The record's key (from its id).
     pub(super) fn key_u64(&self) -> Result<u64> {
@@ -892,34 +928,46 @@ impl Pool {
         self.check_layers(layers, rec.format, &format!("volume {}", rec.id))
     }
 
-    /// FAILED_PRECONDITION when one of `layers` (of `owner`, e.g. "volume <id>") is missing or
-    /// (qcow2) does not start as a qcow2 image. A `stat` and a small read per layer. Blocking.
+    /// FAILED_PRECONDITION when one of `layers` (of `owner`, e.g. "volume <id>") cannot be
+    /// used (`first_fault`). A `stat` and a small read per layer. Blocking.
     pub(super) fn check_layers<'a>(
         &self,
         layers: impl Iterator<Item = &'a String>,
         format: ImageFormat,
         owner: &str,
     ) -> Result<()> {
-        for layer in layers {
-            let path = self.image_path(layer);
-            let broken = |what: &str| {
-                Err(Error::FailedPrecondition(format!(
-                    "image {} of {owner} {what}; restore the file from a backup, or delete \
-                     what uses it (a layer under snapshots is shared by every volume made from \
-                     them)",
-                    path.display()
-                )))
-            };
-            match std::fs::symlink_metadata(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return broken("is missing"),
-                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
-                Ok(_) => {}
-            }
-            if format == ImageFormat::Qcow2 && !qcow2::has_magic(&path)? {
-                return broken("is not a qcow2 image any more (damaged)");
-            }
+        match self.first_fault(layers.map(String::as_str), format)? {
+            Some(broken) => Err(Error::FailedPrecondition(
+                broken.message(owner, self.name()),
+            )),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The first of `layers` (file names, the top one first) that cannot be used: missing, or
+    /// (qcow2) not starting as a qcow2 image any more (damaged); a raw layer only has to
+    /// exist. The one rule of a usable layer, for the operations (`check_layers`) and the
+    /// volume condition ListVolumes and ControllerGetVolume report (`listing`). A `stat` and
+    /// (qcow2) one small read per layer, up to the broken one. Blocking.
+    pub(crate) fn first_fault<'a>(
+        &self,
+        layers: impl IntoIterator<Item = &'a str>,
+        format: ImageFormat,
+    ) -> Result<Option<BrokenLayer>> {
+        for (n, layer) in layers.into_iter().enumerate() {
+            let path = self.image_path(layer);
+            let fault = match qcow2::probe(&path, format)? {
+                None => LayerFault::Missing,
+                Some(found) if found.damaged(format) => LayerFault::Damaged(found),
+                Some(_) => continue,
+            };
+            return Ok(Some(BrokenLayer {
+                path,
+                top: n == 0,
+                fault,
+            }));
+        }
+        Ok(None)
     }
 
     /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an

@@ -141,6 +141,30 @@ pub async fn list_volumes(p: &Plugin) -> BTreeMap<String, i64> {
         .collect()
 }
 
+/// ListVolumes: volume id → the volume condition its entry reports.
+pub async fn listed_conditions(p: &Plugin) -> BTreeMap<String, crate::csi::VolumeCondition> {
+    let entries = p.controller().all_volumes().await;
+    entries
+        .into_iter()
+        .map(|e| {
+            let id = e.volume.unwrap().volume_id;
+            let status = e.status.expect("ListVolumes reports a status");
+            (id, status.volume_condition.expect("and a volume condition"))
+        })
+        .collect()
+}
+
+/// ControllerGetVolume of `id`, which must answer: the volume condition it reports.
+pub async fn volume_condition(p: &Plugin, id: &str) -> crate::csi::VolumeCondition {
+    let r = p
+        .controller()
+        .volume(id)
+        .await
+        .expect("ControllerGetVolume");
+    let status = r.status.expect("ControllerGetVolume reports a status");
+    status.volume_condition.expect("and a volume condition")
+}
+
 /// ListSnapshots: every snapshot id.
 pub async fn list_snapshots(p: &Plugin) -> BTreeSet<String> {
     let req = crate::csi::ListSnapshotsRequest::default();
