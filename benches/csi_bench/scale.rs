@@ -165,6 +165,10 @@ pub async fn run(s: &Settings) -> ScaleResult {
         eprintln!("scale: seeding {n} volumes");
         seed(&p.pool_dir(), &template, have - 1, n - 1);
         have = n;
+        // The seeding's writeback (up to 100 000 new files) is flushed first: left to the
+        // kernel's flusher, it would run during the timed calls below and weigh on the larger
+        // sizes only.
+        super::floors::run_ok("sync", &["-f", &p.pool_dir().to_string_lossy()]);
         let (serving, ready) = startup(&mut p, 3).await;
         let mut row = ValueRow::new(
             format!("controller start-up, {n} volumes in the pool"),
