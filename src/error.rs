@@ -247,6 +247,13 @@ impl Error {
         }
     }
 
+    /// Whether the cause is a limit of this process or machine (out of file descriptors,
+    /// EMFILE/ENFILE, or memory, ENOMEM), which says nothing about the file it was opening.
+    pub fn is_process_limit(&self) -> bool {
+        matches!(self, Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)))
+    }
+
     /// Whether the underlying cause is a full filesystem.
     pub fn is_no_space(&self) -> bool {
         matches!(self, Error::ResourceExhausted(_)) || self.kind() == Some(Kind::NoSpace)

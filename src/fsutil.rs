@@ -137,24 +137,23 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
-/// The error for a record file (`record`, its path) that cannot be read as one (`why`): what
-/// to do, and what removing it would cost (the image files only it names are collected at the
-/// next start, so "moving it aside" alone gives their data up).
-pub(crate) fn corrupt_record(record: &str, why: &dyn std::fmt::Display) -> Error {
-    Error::internal(format!(
-        "record {record} is corrupt ({why}): restore it from a backup or mend its JSON. While \
-         it is unreadable the pool collects no unused image files; removing it gives up what it \
-         describes, and the image files only it names are deleted at the next start (move them \
-         out of the pool first to keep their data)"
-    ))
-}
-
 /// Reads a JSON record; `Ok(None)` when the file does not exist.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    read_json_or(path, |e| {
+        Error::internal(format!(
+            "{} is corrupt ({e}): restore it from a backup or remove it",
+            path.display()
+        ))
+    })
+}
+
+/// Like [`read_json`], with `corrupt` making the error for bytes that are not the record.
+pub(crate) fn read_json_or<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    corrupt: impl FnOnce(serde_json::Error) -> Error,
+) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| corrupt_record(&path.display().to_string(), &e)),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(corrupt),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
     }

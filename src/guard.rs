@@ -341,8 +341,9 @@ mod tests {
             for (i, run) in runs.enumerate() {
                 assert_eq!(run.await.unwrap(), i);
             }
-            // A task ends just after its result is sent: at most this round's are left.
-            assert!(s.tracked().len() <= 20, "round {round}: {:?}", s.tracked());
+            // A task ends just after its result is sent: at most this round's are left, and
+            // a few of the last round's whose threads were preempted in between.
+            assert!(s.tracked().len() <= 40, "round {round}: {:?}", s.tracked());
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while !s.tracked().is_empty() && Instant::now() < deadline {

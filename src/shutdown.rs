@@ -131,7 +131,11 @@ impl Shutdown {
     /// grace period starts now.
     pub(crate) fn begin(&self, why: &str) {
         {
-            let mut deadline = self.inner.deadline.lock().expect("shutdown lock");
+            let mut deadline = self
+                .inner
+                .deadline
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if deadline.is_some() {
                 return;
             }
@@ -158,7 +162,7 @@ impl Shutdown {
             .inner
             .deadline
             .lock()
-            .expect("shutdown lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .expect("a begun shutdown has a deadline");
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {}
@@ -198,7 +202,11 @@ impl Shutdown {
         F: Future<Output = ()> + Send + 'static,
     {
         // Listed before the task can end: it waits for this lock to remove its entry.
-        let mut tasks = self.inner.tasks.lock().expect("shutdown lock");
+        let mut tasks = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let id = tasks.next;
         tasks.next += 1;
         let inner = Arc::downgrade(&self.inner);
@@ -213,7 +221,11 @@ impl Shutdown {
     /// The names of the background tasks listed now (those running, and any that are ending).
     #[cfg(test)]
     pub(crate) fn tracked(&self) -> Vec<String> {
-        let tasks = self.inner.tasks.lock().expect("shutdown lock");
+        let tasks = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tasks.running.values().map(|t| t.name.clone()).collect()
     }
 
@@ -227,8 +239,14 @@ impl Shutdown {
         tokio::pin!(grace_over);
         let mut late = false;
         loop {
-            let tasks =
-                std::mem::take(&mut self.inner.tasks.lock().expect("shutdown lock").running);
+            let tasks = std::mem::take(
+                &mut self
+                    .inner
+                    .tasks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .running,
+            );
             if tasks.is_empty() {
                 return given_up;
             }

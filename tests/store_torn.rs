@@ -66,7 +66,7 @@ async fn a_create_a_crash_cut_short_is_removed_at_start() {
     p.restart().await;
     assert!(record_of(&p, &kept).exists() && stranger.exists());
     assert!(p.log().contains("skipping an unreadable record"));
-    assert!(p.log().contains("not its own key"));
+    assert!(p.log().contains("not its own (a crash of"));
     // The log says what to do, and that removing the record would give the image up; until
     // then nothing in the pool is collected.
     assert!(p
@@ -343,6 +343,30 @@ async fn the_volume_condition_reports_what_operations_refuse() {
         assert!(e.message().contains(&named), "{}", e.message());
     }
     assert!(!listed[&healthy].abnormal);
+    // While a process holds the emptied image open (locked, as QEMU locks what it uses), no
+    // use rewrites it: abnormal then, and refused, like any damaged image.
+    {
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(image_of(&p, &zeroed))
+            .unwrap();
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&held, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).unwrap();
+        let got = volume_condition(&p, &zeroed).await;
+        assert!(
+            got.abnormal && got.message.contains("not a qcow2"),
+            "{got:?}"
+        );
+        let e = expand(&p, &zeroed, 2 * GIB).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    }
     // Not abnormal: the next operation on the volume writes the image again.
     for id in [&zeroed, &emptied] {
         let got = volume_condition(&p, id).await;

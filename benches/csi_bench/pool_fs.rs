@@ -98,9 +98,11 @@ impl LoopFs {
                 &mount.to_string_lossy(),
             ],
         )?;
+        // Mounted: from here on, dropping it unmounts.
+        let fs = LoopFs { mount, _dir: dir };
         // The plugin's and hostpath's temp dirs go below; searchable like /tmp.
-        sh("chmod", &["1777", &mount.to_string_lossy()])?;
-        Ok(LoopFs { mount, _dir: dir })
+        sh("chmod", &["1777", &fs.mount.to_string_lossy()])?;
+        Ok(fs)
     }
 }
 

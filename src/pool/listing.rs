@@ -118,6 +118,7 @@ pub(crate) struct SnapshotFilter {
 /// A volume's files to check for its condition.
 struct Files {
     pool: Arc<Pool>,
+    key: u64,
     id: String,
     format: ImageFormat,
     capacity: u64,
@@ -129,6 +130,7 @@ impl Files {
     fn of(pool: &Arc<Pool>, key: u64, v: &VolumeEntry) -> Files {
         Files {
             pool: pool.clone(),
+            key,
             id: pool.volume_id(key),
             format: v.format,
             capacity: v.capacity,
@@ -138,16 +140,40 @@ impl Files {
     }
 
     /// Read-only, without the volume's lock: a `stat` and (qcow2) one small read per layer.
-    /// A file that cannot be read makes the condition abnormal, not the listing fail.
-    /// Blocking.
-    fn condition(&self) -> VolumeCondition {
-        self.inspect().unwrap_or_else(|e| {
-            VolumeCondition::Abnormal(format!(
+    /// A file that cannot be read makes the condition abnormal; the listing fails only for
+    /// what says nothing about the volume (`Error::is_process_limit`). Blocking.
+    ///
+    /// The files were named by the index before they are looked at: a fault found is checked
+    /// against the index as it is now, since a flattening switch or a delete may have changed
+    /// the volume's layers in between (not a fault of the volume).
+    fn condition(&self) -> Result<VolumeCondition> {
+        let found = self.judge()?;
+        if !found.abnormal() {
+            return Ok(found);
+        }
+        let now = {
+            let index = self.pool.store.index()?;
+            index
+                .volume(self.key)
+                .filter(|v| v.state == RecordState::Ready)
+                .map(|v| Files::of(&self.pool, self.key, v))
+        };
+        match now {
+            Some(now) if (&now.image, &now.backing) != (&self.image, &self.backing) => now.judge(),
+            _ => Ok(found),
+        }
+    }
+
+    fn judge(&self) -> Result<VolumeCondition> {
+        match self.inspect() {
+            Err(e) if e.is_process_limit() => Err(e),
+            Err(e) => Ok(VolumeCondition::Abnormal(format!(
                 "the images of volume {} in pool {} cannot be checked: {e}",
                 self.id,
                 self.pool.name()
-            ))
-        })
+            ))),
+            found => found,
+        }
     }
 
     fn inspect(&self) -> Result<VolumeCondition> {
@@ -159,10 +185,12 @@ impl Files {
             return Ok(VolumeCondition::Healthy);
         };
         // What `Pools::locked_volume` repairs before any use is not damaged (a header that
-        // lost only its refcounts has its magic, and is healthy here).
+        // lost only its refcounts has its magic, and is healthy here); it repairs no image a
+        // process holds open (`qcow2::repair_empty`).
         if let LayerFault::Damaged(found) = broken.fault {
             if self.backing.is_empty()
                 && found.lost_its_blocks(&broken.path, self.format, self.capacity)?
+                && !crate::pool::store::file_is_locked(&broken.path)?
             {
                 return Ok(VolumeCondition::RewrittenAtNextUse {
                     image: broken.path.display().to_string(),
@@ -269,8 +297,8 @@ impl Pools {
             let entries = page
                 .entries
                 .into_iter()
-                .map(|(s, files)| (s, files.condition()))
-                .collect();
+                .map(|(s, files)| Ok((s, files.condition()?)))
+                .collect::<Result<_>>()?;
             Ok((entries, page.next))
         })
         .await
@@ -290,7 +318,7 @@ impl Pools {
             let summary = summary_of(&pool, &index, key, v);
             let files = Files::of(&pool, key, v);
             drop(index);
-            Ok(Some((summary, files.condition())))
+            Ok(Some((summary, files.condition()?)))
         })
         .await?;
         found.ok_or_else(not_found)

@@ -706,4 +706,22 @@ mod tests {
         f.sync_all().unwrap();
         assert!(!holds_no_data(&r, ImageFormat::Raw).unwrap());
     }
+
+    /// A dangling symbolic link at an image's path is a missing image, raw or qcow2; a link
+    /// to a real image is looked at through the link.
+    #[test]
+    fn a_dangling_link_probes_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("v.qcow2");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
+        for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+            assert!(probe(&link, format).unwrap().is_none(), "{format:?}");
+        }
+        let real = dir.path().join("real.qcow2");
+        create(&real, ImageFormat::Qcow2, 1 << 30, None).unwrap();
+        let to_real = dir.path().join("w.qcow2");
+        std::os::unix::fs::symlink(&real, &to_real).unwrap();
+        let found = probe(&to_real, ImageFormat::Qcow2).unwrap().unwrap();
+        assert!(!found.damaged(ImageFormat::Qcow2));
+    }
 }

@@ -70,7 +70,7 @@ impl Kind {
     /// Adds (or replaces) the entry of a record of this kind from its file's bytes.
     pub(super) fn insert_bytes(self, index: &mut Index, key: u64, bytes: &[u8]) -> Result<()> {
         let record = || format!("{}/{}.json", self.dir(), self.file_key(key));
-        let parsed = |e: serde_json::Error| crate::fsutil::corrupt_record(&record(), &e);
+        let parsed = |e: serde_json::Error| super::corrupt_record(&record(), &e);
         match self {
             Kind::Volume => {
                 let head: VolumeHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
@@ -78,10 +78,14 @@ impl Kind {
                 // round): after a crash a file system without ordering may show a block
                 // another record had. Such a file is not this volume's record.
                 if key_of_id(self, &head.id).ok() != Some(key) {
-                    return Err(crate::fsutil::corrupt_record(
-                        &record(),
-                        &format_args!("it names volume {:?}, not its own key", head.id),
-                    ));
+                    return Err(Error::internal(format!(
+                        "record {} holds the record of volume {:?}, not its own (a crash of \
+                         the machine left another file's bytes in it): restore it from a \
+                         backup. Do not edit its id: two records would then name one image. \
+                         While it is unreadable the pool collects no unused image files",
+                        record(),
+                        head.id
+                    )));
                 }
                 index.insert_volume(key, &head)
             }

@@ -235,6 +235,18 @@ const ONE_BLOCK: usize = 4096;
 /// The temp file names this store writes: `.tmp-<random>` in a record directory.
 const TEMP_PREFIX: &str = ".tmp-";
 
+/// The error for a pool record file (`record`, its path) whose bytes are not a record
+/// (`why`): what to do, and what removing it would cost (the image files only it names are
+/// collected at the next start, so "moving it aside" alone gives their data up).
+pub(crate) fn corrupt_record(record: &str, why: &dyn std::fmt::Display) -> Error {
+    Error::internal(format!(
+        "record {record} is corrupt ({why}): restore it from a backup or mend its JSON. While \
+         it is unreadable the pool collects no unused image files; removing it gives up what it \
+         describes, and the image files only it names are deleted at the next start (move them \
+         out of the pool first to keep their data)"
+    ))
+}
+
 impl Store {
     /// Opens the store of the pool at `dir`: creates the directories, reads every record once
     /// into the index. Recovery of half-done work is the caller's (it knows the kinds' rules);
@@ -320,7 +332,8 @@ impl Store {
 
     /// Reads one record file; `Ok(None)` when there is none.
     pub(crate) fn read<R: Record>(&self, key: u64) -> Result<Option<R>> {
-        fsutil::read_json(&self.record_path(R::KIND, key))
+        let path = self.record_path(R::KIND, key);
+        fsutil::read_json_or(&path, |e| corrupt_record(&path.display().to_string(), &e))
     }
 
     /// The index, brought up to date with other processes' commits first.
