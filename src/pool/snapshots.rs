@@ -24,23 +24,34 @@ pub struct CreateSnapshot {
 }
 
 impl Pool {
-    /// The record (any state) of the snapshot named `name` in this pool.
+    /// The record (any state) of the snapshot named `name` in this pool; two records of the
+    /// name are `Error::UnreadableRecord` naming both (as `volume_named`).
     fn snapshot_named(&self, name: &str) -> Result<Option<SnapshotRecord>> {
         let keys: Vec<u64> = self
             .store
             .index()?
             .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
             .collect();
+        let mut found: Option<(u64, SnapshotRecord)> = None;
         for key in keys {
-            if let Some(rec) = self
+            let Some(rec) = self
                 .store
                 .read::<SnapshotRecord>(key)?
                 .filter(|r| r.name == name)
-            {
-                return Ok(Some(rec));
+            else {
+                continue;
+            };
+            if let Some((first, _)) = &found {
+                let keys = [*first, key];
+                return Err(Error::UnreadableRecord(self.same_name(
+                    Kind::Snapshot,
+                    name,
+                    &keys,
+                )));
             }
+            found = Some((key, rec));
         }
-        Ok(None)
+        Ok(found.map(|(_, rec)| rec))
     }
 
     /// A key no snapshot of this pool has.
@@ -113,9 +124,12 @@ impl Pools {
         };
         // The layer is in the volume's chain already, so it cannot be collected meanwhile.
         let (r, held) = (rec.clone(), lock.held.clone());
+        let what = format!("a snapshot named {:?}", rec.name);
         exec::blocking(move || {
             let _held = held;
-            pool.store.put(&r, |_| Ok(())).map(drop)
+            pool.store
+                .put(&r, |index| index.names_known(Kind::Snapshot, &what))
+                .map(drop)
         })
         .await?;
         crate::failpoint!("snapshot.recorded");
@@ -134,6 +148,11 @@ impl Pools {
                 if let Some(rec) = pool.snapshot_named(&name)? {
                     return Ok(Some((pool.clone(), rec)));
                 }
+            }
+            // Not found, but an unreadable snapshot record may hold the name.
+            let what = format!("a snapshot named {name:?}");
+            for pool in &pools {
+                pool.store.index()?.names_known(Kind::Snapshot, &what)?;
             }
             Ok(None)
         })
@@ -175,7 +194,7 @@ impl Pools {
             let known = pool
                 .store
                 .index()?
-                .snapshot(key)
+                .find_snapshot(key)?
                 .is_some_and(|s| s.state == RecordState::Ready);
             if !known {
                 return Ok(None);
@@ -206,7 +225,7 @@ impl Pools {
             let _held = pool
                 .store
                 .lock(Slot::Snapshot(key), &|| format!("snapshot {id}"))?;
-            let group = match pool.store.index()?.snapshot(key) {
+            let group = match pool.store.index()?.find_snapshot(key)? {
                 None => return Ok(()),
                 Some(s) => s.group.clone(),
             };

@@ -11,7 +11,7 @@ use crate::pool::record::{
 };
 use serde::Deserialize;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU64;
 
 /// A topology: segment key → value.
@@ -380,8 +380,9 @@ pub(crate) struct Index {
     refs: HashMap<Layer, u32>,
     /// Sum of the sizes of volumes not being deleted.
     provisioned: u64,
-    /// Records that exist but could not be read.
-    unreadable: HashSet<(Kind, u64)>,
+    /// Records that exist but could not be read, with why (the error naming the file and
+    /// what to do).
+    unreadable: HashMap<(Kind, u64), Box<str>>,
     /// Layers whose count fell to zero in the last change.
     freed: Vec<Layer>,
     fs_types: Vec<Box<str>>,
@@ -567,8 +568,91 @@ impl Index {
         }
     }
 
-    pub(crate) fn set_unreadable(&mut self, kind: Kind, key: u64) {
-        self.unreadable.insert((kind, key));
+    /// Marks a record as existing but unreadable, for the reason `why` (its message names the
+    /// file and what to do): lookups of it answer that ([`Index::readable`]) until it is
+    /// read again.
+    pub(crate) fn set_unreadable(&mut self, kind: Kind, key: u64, why: &crate::error::Error) {
+        self.unreadable
+            .insert((kind, key), why.to_string().into_boxed_str());
+    }
+
+    /// `Ok` unless the record `key` of `kind` exists but could not be read: then
+    /// [`Error::UnreadableRecord`] with why and what to do. Free while every record is readable.
+    ///
+    /// [`Error::UnreadableRecord`]: crate::error::Error::UnreadableRecord
+    pub(crate) fn readable(&self, kind: Kind, key: u64) -> crate::error::Result<()> {
+        if self.unreadable.is_empty() {
+            return Ok(());
+        }
+        match self.unreadable.get(&(kind, key)) {
+            Some(why) => Err(crate::error::Error::UnreadableRecord(why.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The entry of volume `key`: `Ok(None)` when there is no such record,
+    /// `Error::UnreadableRecord` when its record exists but could not be read. The lookup every
+    /// operation naming a volume id goes through, so none answers "does not exist" (or a
+    /// delete OK) for a volume whose record is only unreadable.
+    pub(crate) fn find_volume(&self, key: u64) -> crate::error::Result<Option<&VolumeEntry>> {
+        self.readable(Kind::Volume, key)?;
+        Ok(self.volume(key))
+    }
+
+    /// `find_volume` for snapshot `key`.
+    pub(crate) fn find_snapshot(&self, key: u64) -> crate::error::Result<Option<&SnapshotEntry>> {
+        self.readable(Kind::Snapshot, key)?;
+        Ok(self.snapshot(key))
+    }
+
+    /// `Ok` unless a record of `kind` is unreadable: then no name of that kind can be told
+    /// free (the unreadable record may hold it), and the answer is
+    /// `Error::UnreadableRecord` saying so (`what`, e.g. `a volume named "x"`) with the advice
+    /// of the unreadable record with the lowest key. Free while every record is readable.
+    pub(crate) fn names_known(&self, kind: Kind, what: &str) -> crate::error::Result<()> {
+        if self.unreadable.is_empty() {
+            return Ok(());
+        }
+        let mut of_kind = self.unreadable.iter().filter(|((k, _), _)| *k == kind);
+        let Some(first) = of_kind.clone().min_by_key(|((_, key), _)| *key) else {
+            return Ok(());
+        };
+        let more = of_kind.by_ref().count() - 1;
+        let others = match more {
+            0 => String::new(),
+            n => format!(" (and {n} other unreadable {} record(s))", kind.dir()),
+        };
+        Err(crate::error::Error::UnreadableRecord(format!(
+            "cannot tell whether {what} exists while a {} record of the pool is unreadable: it \
+             may hold that name{others}. {}",
+            kind.dir().trim_end_matches('s'),
+            first.1
+        )))
+    }
+
+    /// Groups of keys of `kind` (volumes or snapshots) whose names hash alike: records that
+    /// may carry the same name (what mending a record can leave). Empty for other kinds.
+    pub(crate) fn same_name_hash(&self, kind: Kind) -> Vec<Vec<u64>> {
+        let names = match kind {
+            Kind::Volume => &self.volume_names,
+            Kind::Snapshot => &self.snapshot_names,
+            Kind::Flatten | Kind::Group => return Vec::new(),
+        };
+        let (mut out, mut run, mut run_hash) = (Vec::new(), Vec::new(), None);
+        for &(hash, key) in names {
+            if run_hash != Some(hash) {
+                if run.len() > 1 {
+                    out.push(std::mem::take(&mut run));
+                }
+                run.clear();
+                run_hash = Some(hash);
+            }
+            run.push(key);
+        }
+        if run.len() > 1 {
+            out.push(run);
+        }
+        out
     }
 
     /// How many records exist but could not be read.
@@ -579,7 +663,7 @@ impl Index {
     /// Keys of the records of `kind` that exist but could not be read.
     pub(crate) fn unreadable_of(&self, kind: Kind) -> Vec<u64> {
         self.unreadable
-            .iter()
+            .keys()
             .filter(|(k, _)| *k == kind)
             .map(|(_, key)| *key)
             .collect()
