@@ -495,10 +495,7 @@ async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
         create_volume(&p, "other", 64 * MIB, &[]).await.unwrap(),
         other
     );
-    assert_eq!(
-        expand(&p, &other, 128 * MIB).await.unwrap(),
-        128 * MIB as i64
-    );
+    assert_eq!(expand(&p, &other, 128 * MIB).await.unwrap(), 128 * MIB);
     // Listings cannot describe it and leave it out.
     assert_eq!(
         list_volumes(&p).await.keys().cloned().collect::<Vec<_>>(),
@@ -517,7 +514,7 @@ async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
     let listed = list_volumes(&p).await;
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.contains_key(&vol) && listed.contains_key(&fresh));
-    assert_eq!(expand(&p, &vol, 128 * MIB).await.unwrap(), 128 * MIB as i64);
+    assert_eq!(expand(&p, &vol, 128 * MIB).await.unwrap(), 128 * MIB);
     delete_volume(&p, &vol).await.unwrap();
     assert!(!file.exists());
 }

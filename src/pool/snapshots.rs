@@ -230,6 +230,7 @@ impl Pools {
                 Some(s) => s.group.clone(),
             };
             if let Some(g) = group {
+                this.group_readable(&g)?;
                 if this.group_state(&g)?.is_some() {
                     return Err(Error::invalid(format!(
                         "snapshot {id} is a member of group snapshot {g} and cannot be deleted \
