@@ -805,6 +805,43 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_record_answers_its_advice_and_blocks_names_of_its_kind() {
+        let mut index = Index::default();
+        index.insert_volume(1, &vol(1, "a", "a.qcow2", &[]).head());
+        assert!(index.names_known(Kind::Volume, "x").is_ok());
+        assert!(index.find_volume(2).unwrap().is_none());
+        let why = crate::error::Error::UnreadableRecord("record /p/volumes/2.json: mend".into());
+        index.set_unreadable(Kind::Volume, 2, &why);
+        let err = index.find_volume(2).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
+        assert!(index.find_volume(1).unwrap().is_some());
+        assert!(index.find_snapshot(2).unwrap().is_none(), "another kind");
+        let err = index
+            .names_known(Kind::Volume, "a volume named \"b\"")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
+        assert!(index.names_known(Kind::Snapshot, "x").is_ok());
+        // Read again (mended): known, names free again.
+        index.insert_volume(2, &vol(2, "b", "b.qcow2", &[]).head());
+        assert!(index.find_volume(2).unwrap().is_some());
+        assert!(index.names_known(Kind::Volume, "x").is_ok());
+    }
+
+    #[test]
+    fn records_whose_names_hash_alike_are_grouped() {
+        let mut index = Index::default();
+        for (key, name) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "a"), (6, "c")] {
+            index.insert_volume(key, &vol(key, name, &format!("{key}.qcow2"), &[]).head());
+        }
+        let mut groups = index.same_name_hash(Kind::Volume);
+        groups.sort();
+        assert_eq!(groups, vec![vec![1, 3, 5], vec![4, 6]]);
+        assert!(index.same_name_hash(Kind::Snapshot).is_empty());
+    }
+
+    #[test]
     fn layer_names_round_trip_and_only_ours_are_std() {
         for name in [
             "0123456789abcdef.qcow2",
