@@ -778,6 +778,22 @@ impl Pools {
         .await
     }
 
+    /// Marks a locked volume as handed to a writer (`VolumeRecord::handed_to_writer`), in one
+    /// durable record commit, before its image is given to one (a read-write attach, libvirt
+    /// or local): from then on its blank image is never taken for an empty one a crash cut
+    /// short (`Pool::check_images`). `rec` is its record as read under `lock`. Nothing to do
+    /// (no commit) when it carries the mark already; a publish failing later keeps it.
+    pub(crate) async fn hand_to_writer(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
+        if rec.handed_to_writer {
+            return Ok(());
+        }
+        let mut marked = rec.clone();
+        marked.handed_to_writer = true;
+        self.save(lock, &marked).await?;
+        tracing::debug!(volume = %rec.id, "volume handed to a writer for the first time");
+        Ok(())
+    }
+
     /// Readiness: every pool directory is writable.
     pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
@@ -812,6 +828,7 @@ pub(super) fn new_record(
         accessible_topology: pool.topology().clone(),
         created_at: now_secs(),
         chain,
+        handed_to_writer: false,
     }
 }
 
@@ -879,6 +896,10 @@ pub(crate) enum LayerFault {
     Missing,
     /// A qcow2 layer that does not start as a qcow2 image any more; what was found.
     Damaged(qcow2::Probe),
+    /// The blank image of a volume that was handed to a writer, now what a crash leaves of
+    /// an empty image (`qcow2::Probe::lost_its_blocks`): emptied or zeroed since it held
+    /// data (`Pool::emptied`); what was found.
+    Emptied(qcow2::Probe),
 }
 
 /// A layer that cannot be used, as `Pool::first_fault` found it.
@@ -896,8 +917,18 @@ impl BrokenLayer {
     pub(crate) fn message(&self, owner: &str, pool: &str) -> String {
         let kind = if self.top { "image" } else { "backing layer" };
         let what = match self.fault {
-            LayerFault::Missing => "is missing",
-            LayerFault::Damaged(_) => "is not a qcow2 image any more (damaged)",
+            LayerFault::Missing => "is missing".to_string(),
+            LayerFault::Damaged(_) => "is not a qcow2 image any more (damaged)".to_string(),
+            LayerFault::Emptied(found) => format!(
+                "was emptied or zeroed ({} bytes, {}) after the volume was handed to a writer: \
+                 the data it held is lost (damaged)",
+                found.len,
+                if found.magic {
+                    "no data"
+                } else {
+                    "no qcow2 header"
+                }
+            ),
         };
         format!(
             "{kind} {} of {owner} in pool {pool} {what}; restore the file from a backup, or \
@@ -918,22 +949,58 @@ impl VolumeRecord {
 impl Pool {
     /// Makes sure the volume's images can be used, before anything is done with them (the
     /// caller holds the volume's lock): a blank active image (no backing file) that a crash
-    /// of the machine left without its blocks is written again (`qcow2::repair_empty`); then
-    /// an image (the active layer or one under it) that is missing or (qcow2) does not start
-    /// as a qcow2 image is FAILED_PRECONDITION: nothing can be done with the volume until it
-    /// is restored or deleted. A `stat` and a small read per layer. Blocking.
+    /// of the machine left without its blocks is written again (`qcow2::repair_empty`),
+    /// unless the volume was handed to a writer (`handed_to_writer`): then it held data, and
+    /// is FAILED_PRECONDITION (`Pool::emptied`); then an image (the active layer or one under
+    /// it) that is missing or (qcow2) does not start as a qcow2 image is FAILED_PRECONDITION:
+    /// nothing can be done with the volume until it is restored or deleted. A `stat` and a
+    /// small read per layer. Blocking.
     fn check_images(&self, rec: &VolumeRecord) -> Result<()> {
-        if rec.chain.backing.is_empty() {
+        let owner = || format!("volume {}", rec.id);
+        if rec.chain.backing.is_empty() && rec.handed_to_writer {
+            if let Some(broken) = self.emptied(&rec.image, rec.format, rec.capacity_bytes)? {
+                return Err(Error::FailedPrecondition(
+                    broken.message(&owner(), self.name()),
+                ));
+            }
+        } else if rec.chain.backing.is_empty() {
             let path = self.image_path(&rec.image);
             let repaired = qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)?;
             if repaired == qcow2::Repair::Rewritten {
                 tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
                     "wrote the empty image of the volume again: a crash of the machine had \
-                     lost its blocks before the volume was first used");
+                     lost its blocks before the volume was first published");
             }
         }
         let layers = std::iter::once(&rec.image).chain(&rec.chain.backing);
-        self.check_layers(layers, rec.format, &format!("volume {}", rec.id))
+        self.check_layers(layers, rec.format, &owner())
+    }
+
+    /// The active image `image` (of `format`, for `size` bytes) of a blank volume (no backing
+    /// layers) that was handed to a writer, when it is now what a crash of the machine leaves
+    /// of an empty image (`qcow2::Probe::lost_its_blocks`: no longer than an empty image and
+    /// no whole qcow2 header, or a raw file shorter than the volume): it held data, so it was
+    /// emptied or zeroed since (by hand, by a tool), never cut short by a crash; `None` when
+    /// it is not (a missing image is `first_fault`'s). A `stat` and up to three small reads.
+    /// Blocking.
+    pub(crate) fn emptied(
+        &self,
+        image: &str,
+        format: ImageFormat,
+        size: u64,
+    ) -> Result<Option<BrokenLayer>> {
+        let path = self.image_path(image);
+        let Some(found) = qcow2::probe(&path, format)? else {
+            return Ok(None);
+        };
+        if !found.lost_its_blocks(&path, format, size)? {
+            return Ok(None);
+        }
+        Ok(Some(BrokenLayer {
+            path,
+            top: true,
+            fault: LayerFault::Emptied(found),
+        }))
     }
 
     /// FAILED_PRECONDITION when one of `layers` (of `owner`, e.g. "volume <id>") cannot be
