@@ -298,9 +298,8 @@ impl Pools {
                 }
             }
             // Not found, but an unreadable group record may hold the name.
-            let what = format!("a group snapshot named {name:?}");
             for pool in &pools {
-                pool.store.index()?.names_known(Kind::Group, &what)?;
+                pool.store.index()?.names_known(Kind::Group, &name)?;
             }
             Ok(None)
         })

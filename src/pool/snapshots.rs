@@ -5,6 +5,7 @@
 
 use super::record::{RecordState, SnapshotRecord, SCHEMA};
 use super::store::{Kind, Slot};
+use super::volumes::Named;
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -26,12 +27,14 @@ pub struct CreateSnapshot {
 impl Pool {
     /// The record (any state) of the snapshot named `name` in this pool; two records of the
     /// name are `Error::UnreadableRecord` naming both (as `volume_named`).
-    fn snapshot_named(&self, name: &str) -> Result<Option<SnapshotRecord>> {
-        let keys: Vec<u64> = self
-            .store
-            .index()?
-            .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
-            .collect();
+    fn snapshot_named(&self, name: &str) -> Result<Named<SnapshotRecord>> {
+        let (keys, known) = {
+            let index = self.store.index()?;
+            let keys: Vec<u64> = index
+                .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
+                .collect();
+            (keys, index.names_known(Kind::Snapshot, name))
+        };
         let mut found: Option<(u64, SnapshotRecord)> = None;
         for key in keys {
             let Some(rec) = self
@@ -51,7 +54,7 @@ impl Pool {
             }
             found = Some((key, rec));
         }
-        Ok(found.map(|(_, rec)| rec))
+        Ok(Named::of(found.map(|(_, rec)| rec), known))
     }
 
     /// A key no snapshot of this pool has.
@@ -124,11 +127,10 @@ impl Pools {
         };
         // The layer is in the volume's chain already, so it cannot be collected meanwhile.
         let (r, held) = (rec.clone(), lock.held.clone());
-        let what = format!("a snapshot named {:?}", rec.name);
         exec::blocking(move || {
             let _held = held;
             pool.store
-                .put(&r, |index| index.names_known(Kind::Snapshot, &what))
+                .put(&r, |index| index.names_known(Kind::Snapshot, &r.name))
                 .map(drop)
         })
         .await?;
@@ -144,17 +146,16 @@ impl Pools {
         let pools = self.all().to_vec();
         let name = req.name.clone();
         let found = exec::blocking(move || {
+            let mut unknown = None;
             for pool in &pools {
-                if let Some(rec) = pool.snapshot_named(&name)? {
-                    return Ok(Some((pool.clone(), rec)));
+                match pool.snapshot_named(&name)? {
+                    Named::Found(rec) => return Ok(Some((pool.clone(), rec))),
+                    // Not here, but an unreadable snapshot record may hold the name.
+                    Named::Unknown(e) => unknown = unknown.or(Some(e)),
+                    Named::Free => {}
                 }
             }
-            // Not found, but an unreadable snapshot record may hold the name.
-            let what = format!("a snapshot named {name:?}");
-            for pool in &pools {
-                pool.store.index()?.names_known(Kind::Snapshot, &what)?;
-            }
-            Ok(None)
+            unknown.map_or(Ok(None), Err)
         })
         .await?;
         let Some((pool, existing)) = found else {

@@ -458,16 +458,15 @@ impl Pools {
     /// advice, not `None` (a second volume of the name would appear once it is mended).
     /// Blocking.
     fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        let mut unknown = None;
         for pool in self.pools.iter() {
-            if let Some(rec) = pool.volume_named(name)? {
-                return Ok(Some(rec));
+            match pool.volume_named(name)? {
+                Named::Found(rec) => return Ok(Some(rec)),
+                Named::Unknown(e) => unknown = unknown.or(Some(e)),
+                Named::Free => {}
             }
         }
-        let what = format!("a volume named {name:?}");
-        for pool in self.pools.iter() {
-            pool.store.index()?.names_known(Kind::Volume, &what)?;
-        }
-        Ok(None)
+        unknown.map_or(Ok(None), Err)
     }
 
     /// A new empty volume: choose the pool, write the image header, commit the record.
@@ -889,6 +888,29 @@ fn discard(lock: &VolumeLock) -> Result<()> {
     Ok(())
 }
 
+/// What a lookup of a name in one pool found (`Pool::volume_named`, `snapshot_named`).
+#[derive(Debug)]
+pub(super) enum Named<R> {
+    /// The record that has the name.
+    Found(R),
+    /// No record of the pool has it.
+    Free,
+    /// No readable record has it, but an unreadable one of its kind may
+    /// (`Error::UnreadableRecord`).
+    Unknown(Error),
+}
+
+impl<R> Named<R> {
+    /// `found`, else what `Index::names_known` answered.
+    pub(super) fn of(found: Option<R>, known: Result<()>) -> Named<R> {
+        match (found, known) {
+            (Some(rec), _) => Named::Found(rec),
+            (None, Ok(())) => Named::Free,
+            (None, Err(e)) => Named::Unknown(e),
+        }
+    }
+}
+
 /// Why a layer file cannot be used (`Pool::first_fault`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LayerFault {
@@ -1062,15 +1084,18 @@ impl Pool {
             .filter(|r| r.state == RecordState::Ready))
     }
 
-    /// The record (any state) of the volume named `name` in this pool. Two records of the
-    /// name (what mending a record can leave) are `Error::UnreadableRecord` naming both: which
-    /// one the CO means is the operator's call, not the lower key's.
-    pub(super) fn volume_named(&self, name: &str) -> Result<Option<VolumeRecord>> {
-        let keys: Vec<u64> = self
-            .store
-            .index()?
-            .volumes_named(ids::name_hash(ids::VOLUME, name))
-            .collect();
+    /// The record (any state) of the volume named `name` in this pool, or whether the name
+    /// is free or cannot be told free (`Index::names_known`). Two records of the name (what
+    /// mending a record can leave) are `Error::UnreadableRecord` naming both: which one the
+    /// CO means is the operator's call, not the lower key's.
+    pub(super) fn volume_named(&self, name: &str) -> Result<Named<VolumeRecord>> {
+        let (keys, known) = {
+            let index = self.store.index()?;
+            let keys: Vec<u64> = index
+                .volumes_named(ids::name_hash(ids::VOLUME, name))
+                .collect();
+            (keys, index.names_known(Kind::Volume, name))
+        };
         let mut found: Option<VolumeRecord> = None;
         for key in keys {
             let Some(rec) = self.read_volume(key)?.filter(|r| r.name == name) else {
@@ -1085,7 +1110,7 @@ impl Pool {
             }
             found = Some(rec);
         }
-        Ok(found)
+        Ok(Named::of(found, known))
     }
 
     /// What to say of the records `keys` of `kind` that all carry `name`: both ids and files,
@@ -1095,7 +1120,7 @@ impl Pool {
             Kind::Snapshot => self.snapshot_id(key),
             _ => self.volume_id(key),
         };
-        let what = kind.dir().trim_end_matches('s');
+        let what = kind.noun();
         let records: Vec<String> = keys
             .iter()
             .map(|k| {
@@ -1149,7 +1174,7 @@ impl Pool {
     ) -> impl FnOnce(&Index) -> Result<()> + Send + 'static {
         let (pool, name) = (self.clone(), name.to_string());
         move |index: &Index| {
-            index.names_known(Kind::Volume, &format!("a volume named {name:?}"))?;
+            index.names_known(Kind::Volume, &name)?;
             for key in index.volumes_named(ids::name_hash(ids::VOLUME, &name)) {
                 if pool.read_volume(key)?.is_some_and(|r| r.name == name) {
                     return Err(Error::AlreadyExists(format!(

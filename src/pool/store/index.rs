@@ -612,11 +612,11 @@ impl Index {
         Ok(self.snapshot(key))
     }
 
-    /// `Ok` unless a record of `kind` is unreadable: then no name of that kind can be told
-    /// free (the unreadable record may hold it), and the answer is
-    /// `Error::UnreadableRecord` saying so (`what`, e.g. `a volume named "x"`) with the advice
-    /// of the unreadable record with the lowest key. Free while every record is readable.
-    pub(crate) fn names_known(&self, kind: Kind, what: &str) -> crate::error::Result<()> {
+    /// `Ok` unless a record of `kind` is unreadable: then whether `name` is free cannot be told
+    /// (the unreadable record may hold it), and the answer is `Error::UnreadableRecord` saying
+    /// so, with the advice of the unreadable record with the lowest key. Free while every
+    /// record is readable.
+    pub(crate) fn names_known(&self, kind: Kind, name: &str) -> crate::error::Result<()> {
         if self.unreadable.is_empty() {
             return Ok(());
         }
@@ -627,12 +627,12 @@ impl Index {
         let more = of_kind.by_ref().count() - 1;
         let others = match more {
             0 => String::new(),
-            n => format!(" (and {n} other unreadable {} record(s))", kind.dir()),
+            n => format!(" (and {n} other unreadable {} record(s))", kind.noun()),
         };
+        let noun = kind.noun();
         Err(crate::error::Error::UnreadableRecord(format!(
-            "cannot tell whether {what} exists while a {} record of the pool is unreadable: it \
-             may hold that name{others}. {}",
-            kind.dir().trim_end_matches('s'),
+            "cannot tell whether a {noun} named {name:?} exists while a {noun} record of the \
+             pool is unreadable: it may hold that name{others}. {}",
             first.1
         )))
     }
@@ -825,9 +825,7 @@ mod tests {
         assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
         assert!(index.find_volume(1).unwrap().is_some());
         assert!(index.find_snapshot(2).unwrap().is_none(), "another kind");
-        let err = index
-            .names_known(Kind::Volume, "a volume named \"b\"")
-            .unwrap_err();
+        let err = index.names_known(Kind::Volume, "b").unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
         assert!(index.names_known(Kind::Snapshot, "x").is_ok());
@@ -909,11 +907,15 @@ mod tests {
         let mut rec = vol(7, "data", "0000000000000007.qcow2", &[]);
         let old = serde_json::to_vec(&rec).unwrap();
         assert!(!String::from_utf8_lossy(&old).contains("handed_to_writer"));
-        Kind::Volume.insert_bytes(&mut ix, 7, &old).unwrap();
+        Kind::Volume
+            .insert_bytes(&mut ix, std::path::Path::new("/p"), 7, &old)
+            .unwrap();
         assert!(!ix.volume(7).unwrap().handed_to_writer);
         rec.handed_to_writer = true;
         let marked = serde_json::to_vec(&rec).unwrap();
-        Kind::Volume.insert_bytes(&mut ix, 7, &marked).unwrap();
+        Kind::Volume
+            .insert_bytes(&mut ix, std::path::Path::new("/p"), 7, &marked)
+            .unwrap();
         assert!(ix.volume(7).unwrap().handed_to_writer);
         let back: VolumeRecord = serde_json::from_slice(&marked).unwrap();
         assert_eq!(back, rec);

@@ -34,6 +34,16 @@ impl Kind {
         }
     }
 
+    /// What a record of the kind describes, in messages.
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+            Kind::Flatten => "flattening job",
+            Kind::Group => "group snapshot",
+        }
+    }
+
     /// The tag of the kind in the change log.
     pub(super) fn tag(self) -> u8 {
         match self {
