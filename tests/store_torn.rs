@@ -619,3 +619,57 @@ async fn two_records_of_one_name_are_reported_and_the_name_refused() {
         first
     );
 }
+
+/// A volume name is unique across pools: an unreadable volume record in one pool keeps a new
+/// name from being created in another (it may hold that name), while names readable records
+/// have answer as always in both.
+#[tokio::test]
+async fn an_unreadable_volume_record_in_one_pool_holds_names_in_every_pool() {
+    let config = r#"
+        [[pool]]
+        name = "one"
+        path = "{dir}/one"
+        [[pool]]
+        name = "two"
+        path = "{dir}/two"
+    "#;
+    let mut p = Plugin::start_with_config("controller", config, &[]).await;
+    let lost = create_volume(&p, "lost", 64 * MIB, &[("pool", "one")])
+        .await
+        .unwrap();
+    let kept = create_volume(&p, "kept", 64 * MIB, &[("pool", "two")])
+        .await
+        .unwrap();
+    p.stop();
+    let file = p
+        .data_dir()
+        .parent()
+        .unwrap()
+        .join("one/volumes")
+        .join(format!("{}.json", key_of(&lost)));
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{\"schema\": 1, \"id\":").unwrap();
+    p.restart().await;
+
+    for (name, pool) in [("lost", "two"), ("new", "two"), ("new", "one")] {
+        let got = create_volume(&p, name, 64 * MIB, &[("pool", pool)]).await;
+        assert_unreadable(&format!("CreateVolume {name} in pool {pool}"), got, &file);
+    }
+    let again = create_volume(&p, "kept", 64 * MIB, &[("pool", "two")]).await;
+    assert_eq!(again.unwrap(), kept);
+
+    p.stop();
+    std::fs::write(&file, &saved).unwrap();
+    p.restart().await;
+    let new = create_volume(&p, "new", 64 * MIB, &[("pool", "two")])
+        .await
+        .unwrap();
+    let listed = list_volumes(&p).await;
+    assert_eq!(
+        listed
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [lost, kept, new].into()
+    );
+}
