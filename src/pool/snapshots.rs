@@ -25,36 +25,10 @@ pub struct CreateSnapshot {
 }
 
 impl Pool {
-    /// The record (any state) of the snapshot named `name` in this pool; two records of the
-    /// name are `Error::UnreadableRecord` naming both (as `volume_named`).
+    /// The record (any state) of the snapshot named `name` in this pool, or whether the name
+    /// is free or cannot be told free (`record_named`).
     fn snapshot_named(&self, name: &str) -> Result<Named<SnapshotRecord>> {
-        let (keys, known) = {
-            let index = self.store.index()?;
-            let keys: Vec<u64> = index
-                .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
-                .collect();
-            (keys, index.names_known(Kind::Snapshot, name))
-        };
-        let mut found: Option<(u64, SnapshotRecord)> = None;
-        for key in keys {
-            let Some(rec) = self
-                .store
-                .read::<SnapshotRecord>(key)?
-                .filter(|r| r.name == name)
-            else {
-                continue;
-            };
-            if let Some((first, _)) = &found {
-                let keys = [*first, key];
-                return Err(Error::UnreadableRecord(self.same_name(
-                    Kind::Snapshot,
-                    name,
-                    &keys,
-                )));
-            }
-            found = Some((key, rec));
-        }
-        Ok(Named::of(found.map(|(_, rec)| rec), known))
+        self.record_named(name, |r: &SnapshotRecord| &r.name)
     }
 
     /// A key no snapshot of this pool has.

@@ -3,7 +3,7 @@
 
 use super::layers::{LayerContext, Maintenance};
 use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
-use super::store::{Index, Kind, Layer, ObjectLock, Slot};
+use super::store::{Index, Kind, Layer, ObjectLock, Record, Slot};
 use super::{qcow2, qemu_img, Pool};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
@@ -1085,32 +1085,49 @@ impl Pool {
     }
 
     /// The record (any state) of the volume named `name` in this pool, or whether the name
-    /// is free or cannot be told free (`Index::names_known`). Two records of the name (what
-    /// mending a record can leave) are `Error::UnreadableRecord` naming both: which one the
-    /// CO means is the operator's call, not the lower key's.
+    /// is free or cannot be told free (`record_named`).
     pub(super) fn volume_named(&self, name: &str) -> Result<Named<VolumeRecord>> {
+        self.record_named(name, |r: &VolumeRecord| &r.name)
+    }
+
+    /// The record (any state) of kind `R` (volumes, snapshots) named `name` in this pool, or
+    /// whether the name is free or cannot be told free (`Index::names_known`), from one look
+    /// at the index. Two records of the name (what mending a record can leave) are
+    /// `Error::UnreadableRecord` naming both: which one the CO means is the operator's call,
+    /// not the lower key's.
+    pub(super) fn record_named<R: Record>(
+        &self,
+        name: &str,
+        name_of: fn(&R) -> &str,
+    ) -> Result<Named<R>> {
         let (keys, known) = {
             let index = self.store.index()?;
-            let keys: Vec<u64> = index
-                .volumes_named(ids::name_hash(ids::VOLUME, name))
-                .collect();
-            (keys, index.names_known(Kind::Volume, name))
+            let keys: Vec<u64> = match R::KIND {
+                Kind::Snapshot => index
+                    .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
+                    .collect(),
+                _ => index
+                    .volumes_named(ids::name_hash(ids::VOLUME, name))
+                    .collect(),
+            };
+            (keys, index.names_known(R::KIND, name))
         };
-        let mut found: Option<VolumeRecord> = None;
+        let mut found: Option<(u64, R)> = None;
         for key in keys {
-            let Some(rec) = self.read_volume(key)?.filter(|r| r.name == name) else {
+            let Some(rec) = self.store.read::<R>(key)?.filter(|r| name_of(r) == name) else {
                 continue;
             };
-            if let Some(first) = &found {
+            if let Some((first, _)) = &found {
+                let keys = [*first, key];
                 return Err(Error::UnreadableRecord(self.same_name(
-                    Kind::Volume,
+                    R::KIND,
                     name,
-                    &[first.key_u64()?, key],
+                    &keys,
                 )));
             }
-            found = Some(rec);
+            found = Some((key, rec));
         }
-        Ok(Named::of(found, known))
+        Ok(Named::of(found.map(|(_, rec)| rec), known))
     }
 
     /// What to say of the records `keys` of `kind` that all carry `name`: both ids and files,
