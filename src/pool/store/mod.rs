@@ -38,6 +38,11 @@
 //! `Pool::check_layers`; delete it and create it again). A record's file key is
 //! checked against the id inside it, so a block of another record can never pass for it.
 //!
+//! **A record that cannot be read** (not JSON, torn, another record's bytes) stays out of the
+//! index but is remembered with why (`Index::readable`): every lookup of its id answers
+//! `Error::UnreadableRecord` (FAILED_PRECONDITION, with the file and what to do), never "does
+//! not exist", and no name of its kind can be told free meanwhile (`Index::names_known`).
+//!
 //! **Spare inodes** (`spares`): a removed record or layer keeps its inode as an emptied
 //! `.spare-*` file, which a later new record or layer takes instead of allocating one (on ext4
 //! without a journal, allocating after many deletes costs ~1 ms of system time).
