@@ -393,3 +393,32 @@ async fn the_volume_condition_reports_what_operations_refuse() {
         assert!(!c.abnormal, "{id}: {c:?}");
     }
 }
+
+/// Found by the operator trial: a pool file that is not a regular file (here a FIFO where an
+/// image should be) makes the condition's probe block in open(2) for ever, so
+/// ControllerGetVolume of that volume and every ListVolumes never answer (each call leaves a
+/// blocking thread stuck). The volume should be reported abnormal (not a qcow2 image) at once.
+#[tokio::test]
+#[ignore = "open bug from the operator trial: ControllerGetVolume and ListVolumes hang on a FIFO in images/"]
+async fn an_image_that_is_not_a_regular_file_does_not_hang_the_listing() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "odd", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    std::fs::remove_file(image_of(&p, &vol)).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(image_of(&p, &vol))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    p.restart().await;
+    let limit = std::time::Duration::from_secs(5);
+    let got = tokio::time::timeout(limit, p.controller().volume(&vol))
+        .await
+        .expect("ControllerGetVolume answers");
+    let condition = got.unwrap().status.unwrap().volume_condition.unwrap();
+    assert!(condition.abnormal, "{condition:?}");
+    tokio::time::timeout(limit, list_volumes(&p))
+        .await
+        .expect("ListVolumes answers");
+    std::fs::remove_file(image_of(&p, &vol)).unwrap();
+}
