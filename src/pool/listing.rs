@@ -168,7 +168,7 @@ impl Files {
         match self.inspect() {
             Err(e) if e.is_process_limit() => Err(e),
             Err(e) => Ok(VolumeCondition::Abnormal(format!(
-                "the images of volume {} in pool {} cannot be checked: {e}",
+                "unreadable: the images of volume {} in pool {} cannot be checked: {e}",
                 self.id,
                 self.pool.name()
             ))),
@@ -178,7 +178,7 @@ impl Files {
 
     fn inspect(&self) -> Result<VolumeCondition> {
         let layers = std::iter::once(&self.image).chain(&self.backing);
-        let Some(broken) = self
+        let Some(mut broken) = self
             .pool
             .first_fault(layers.map(String::as_str), self.format)?
         else {
@@ -186,16 +186,18 @@ impl Files {
         };
         // What `Pools::locked_volume` repairs before any use is not damaged (a header that
         // lost only its refcounts has its magic, and is healthy here); it repairs no image a
-        // process holds open (`qcow2::repair_empty`).
+        // process holds open (`qcow2::repair_empty`), which the operations then refuse.
         if let LayerFault::Damaged(found) = broken.fault {
             if self.backing.is_empty()
                 && found.lost_its_blocks(&broken.path, self.format, self.capacity)?
-                && !crate::pool::store::file_is_locked(&broken.path)?
             {
-                return Ok(VolumeCondition::RewrittenAtNextUse {
-                    image: broken.path.display().to_string(),
-                    pool: self.pool.name().to_string(),
-                });
+                if !crate::pool::store::file_is_locked(&broken.path)? {
+                    return Ok(VolumeCondition::RewrittenAtNextUse {
+                        image: broken.path.display().to_string(),
+                        pool: self.pool.name().to_string(),
+                    });
+                }
+                broken.fault = LayerFault::HeldEmptied;
             }
         }
         Ok(VolumeCondition::Abnormal(
