@@ -168,6 +168,9 @@ async fn readonly_and_persist_false() {
     let err = publish_cap(&p, &vol, &dom.uuid, ext4_cap(), false).await;
     let err = err.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Never handed to a writer: its record carries no mark.
+    let rec = virtdisk_test_support::pool::volume_record(&p.pool_dir(), &vol);
+    assert!(rec.get("handed_to_writer").is_none(), "{rec}");
     assert_eq!(disk.cache.as_deref(), Some("writeback"));
     assert!(
         dom.inactive_disk(&serial).is_none(),
@@ -184,6 +187,9 @@ async fn single_node_volume_on_a_second_node_is_refused() {
     let p = controller("").await;
     let vol = create(&p, "single-node", &[]).await;
     publish(&p, &vol, &a.uuid).await.expect("publish to a");
+    // Handed to a writer (the libvirt hot-plug): marked in its record before the attach.
+    let rec = virtdisk_test_support::pool::volume_record(&p.pool_dir(), &vol);
+    assert_eq!(rec["handed_to_writer"], true, "{rec}");
     let err = publish(&p, &vol, &b.uuid).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(

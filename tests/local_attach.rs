@@ -646,6 +646,113 @@ async fn an_unpublish_lets_the_flattener_shorten_a_deep_chain_at_once() {
     env.finish(&vol).await;
 }
 
+/// The first read-write ControllerPublish of a volume marks its record (one commit, before the
+/// attach; publishing again commits nothing). A blank volume so handed to a writer, whose image
+/// is then emptied or zeroed to an empty image's length while the plugin is down, held data:
+/// its condition is abnormal and ControllerPublish and ControllerExpandVolume are refused,
+/// and nothing writes it again (a node would format it). A never-published volume in the same
+/// state is still an empty image a crash cut short: written again at its next use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_image_of_a_used_volume_is_damaged_not_rewritten() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    use virtdisk_test_support::calls::{expand, listed_conditions, volume_condition};
+    use virtdisk_test_support::pool::{volume_image, volume_record};
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let pool = env.plugin.pool_dir();
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let marked = |id: &str| volume_record(&pool, id).get("handed_to_writer").cloned();
+    let record_file = |id: &str| {
+        let m = std::fs::metadata(pool.join(format!("volumes/{}.json", key_of(id)))).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let never = env.create(&unique("never"), 32 * MIB, cap.clone()).await;
+    let mut used = Vec::new();
+    for tag in ["emptied", "zeroed"] {
+        let vol = env.create(&unique(tag), 32 * MIB, cap.clone()).await;
+        assert_eq!(marked(&vol.volume_id), None, "not marked when created");
+        let ctx = env.controller_publish(&vol, &cap, false).await;
+        assert_eq!(marked(&vol.volume_id), Some(serde_json::Value::Bool(true)));
+        let committed = record_file(&vol.volume_id);
+        assert_eq!(env.controller_publish(&vol, &cap, false).await, ctx);
+        assert_eq!(
+            record_file(&vol.volume_id),
+            committed,
+            "publishing again commits nothing"
+        );
+        // The guest writes 1 MiB through the attached device.
+        let dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ctx["devicePath"])
+            .unwrap();
+        dev.write_all_at(&vec![0x5au8; MIB as usize], 0).unwrap();
+        dev.sync_all().unwrap();
+        drop(dev);
+        env.controller_unpublish(&vol).await.unwrap();
+        used.push(vol);
+    }
+    assert_eq!(marked(&never.volume_id), None);
+    let blank_len = std::fs::metadata(volume_image(&pool, &never.volume_id))
+        .unwrap()
+        .len();
+    env.plugin.stop();
+    let (emptied, zeroed) = (&used[0].volume_id, &used[1].volume_id);
+    std::fs::write(volume_image(&pool, emptied), b"").unwrap();
+    std::fs::write(volume_image(&pool, zeroed), vec![0u8; blank_len as usize]).unwrap();
+    std::fs::write(volume_image(&pool, &never.volume_id), b"").unwrap();
+    env.plugin.restart().await;
+
+    let listed = listed_conditions(&env.plugin).await;
+    for (id, len) in [(emptied, 0), (zeroed, blank_len)] {
+        let image = volume_image(&pool, id);
+        let got = volume_condition(&env.plugin, id).await;
+        assert_eq!(listed[id], got, "ListVolumes and ControllerGetVolume agree");
+        let m = &got.message;
+        assert!(got.abnormal, "{id}: {got:?}");
+        assert!(m.contains(&format!("image {}", image.display())), "{m}");
+        assert!(m.contains("handed to a writer"), "{m}");
+        assert!(m.contains("restore the file from a backup"), "{m}");
+        let req = csi::ControllerPublishVolumeRequest {
+            volume_capability: Some(cap.clone()),
+            ..publish_req(id, &env.node_id)
+        };
+        let e = env.plugin.controller().publish(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("handed to a writer"),
+            "{}",
+            e.message()
+        );
+        let e = expand(&env.plugin, id, 64 * MIB).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let bytes = std::fs::read(&image).unwrap();
+        assert_eq!(bytes.len() as u64, len, "nothing written again");
+        assert!(bytes.iter().all(|b| *b == 0), "nothing written again");
+    }
+    // Never published: an empty image a crash cut short, written again at its next use.
+    let got = volume_condition(&env.plugin, &never.volume_id).await;
+    assert!(
+        !got.abnormal && got.message.contains("writes it again"),
+        "{got:?}"
+    );
+    let ctx = env.controller_publish(&never, &cap, false).await;
+    assert!(ctx["devicePath"].starts_with("/dev/loop"), "{ctx:?}");
+    let header = std::fs::read(volume_image(&pool, &never.volume_id)).unwrap();
+    assert!(
+        header.starts_with(b"QFI\xfb"),
+        "written again as a qcow2 image"
+    );
+    assert_eq!(
+        marked(&never.volume_id),
+        Some(serde_json::Value::Bool(true))
+    );
+    for vol in &used {
+        env.delete(vol).await;
+    }
+    env.finish(&never).await;
+}
+
 /// Found by the new-user trial: the record of a volume attached on this host removed by hand
 /// (as the advice for a corrupt record allows) while the plugin was stopped. The restarted
 /// plugin adopts the volume's storage daemon, and its start-up sweep must leave the image the

@@ -611,13 +611,18 @@ impl Attachments {
         }
     }
 
-    /// ControllerPublishVolume of volume `id` (`vol` is its record).
+    /// ControllerPublishVolume of volume `id` (`vol` is its record). `before_write` runs
+    /// (once) before the volume's image is given to a writer: before a read-write attach, and
+    /// before a read-write attachment already there is answered (one an earlier version made);
+    /// never for a read-only disk, nor when the publish is refused. Its error fails the
+    /// publish before anything is attached.
     pub(crate) async fn publish(
         &self,
         id: &VolumeId,
         vol: &VolumeRecord,
         image: PathBuf,
         req: &Publish,
+        before_write: impl std::future::Future<Output = Result<()>>,
     ) -> Result<BTreeMap<String, String>> {
         req.capability.check(vol.format)?;
         let index = self.backend_index(&req.node_id).await?.ok_or_else(|| {
@@ -652,6 +657,9 @@ impl Attachments {
                 )));
             }
             if here.abnormal.is_none() {
+                if !readonly {
+                    before_write.await?;
+                }
                 return Ok(here.publish_context());
             }
         }
@@ -674,6 +682,9 @@ impl Attachments {
             readonly,
             shareable,
         };
+        if !readonly {
+            before_write.await?;
+        }
         if let Some(l) = self.ledgers[index].clone() {
             // Durably before the attach: the ledger must never miss an attachment.
             let (v, n) = (vol.id.clone(), node.clone());
@@ -874,6 +885,7 @@ mod tests {
             accessible_topology: BTreeMap::new(),
             created_at: 0,
             chain: Chain::default(),
+            handed_to_writer: false,
         }
     }
 
@@ -923,15 +935,36 @@ mod tests {
             ..publish(mode, readonly)
         };
         let img = PathBuf::from("/nonexistent/v.raw");
+        // Runs of the hook before a writer gets the image.
+        let writes = AtomicUsize::new(0);
+        let hook = || async {
+            writes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
         for first in cases {
             let att = Attachments::new(vec![Arc::new(FakeNode::default())], 0);
+            writes.store(0, Ordering::SeqCst);
             let ctx = att
-                .publish(&vid(&vol), &vol, img.clone(), &publish(first.0, first.1))
+                .publish(
+                    &vid(&vol),
+                    &vol,
+                    img.clone(),
+                    &publish(first.0, first.1),
+                    hook(),
+                )
                 .await
                 .unwrap();
+            let writer = usize::from(!disk(first).0);
+            assert_eq!(writes.load(Ordering::SeqCst), writer, "{first:?}");
             for again in cases {
                 let res = att
-                    .publish(&vid(&vol), &vol, img.clone(), &publish(again.0, again.1))
+                    .publish(
+                        &vid(&vol),
+                        &vol,
+                        img.clone(),
+                        &publish(again.0, again.1),
+                        hook(),
+                    )
                     .await;
                 if disk(again) == disk(first) {
                     assert_eq!(res.unwrap(), ctx, "{first:?} then {again:?}");
@@ -944,6 +977,13 @@ mod tests {
                 }
             }
             assert_eq!(att.scan().await.unwrap().known.len(), 1, "attached once");
+            // Refused publishes never ran it; repeated ones of a writer did.
+            let repeats = cases.iter().filter(|c| disk(**c) == disk(first)).count();
+            assert_eq!(
+                writes.load(Ordering::SeqCst),
+                writer * (1 + repeats),
+                "{first:?}"
+            );
         }
     }
 

@@ -260,9 +260,10 @@ impl Controller for ControllerService {
         self.change(object, op, async move {
             let (lock, rec) = this.lock_existing(&id, &r.volume_id).await?;
             let image = this.pools.image_path(&rec)?;
+            let handed = this.pools.hand_to_writer(&lock, &rec);
             let ctx = this
                 .attachments
-                .publish(lock.id(), &rec, image, &publish)
+                .publish(lock.id(), &rec, image, &publish, handed)
                 .await?;
             Ok(csi::ControllerPublishVolumeResponse {
                 publish_context: ctx,

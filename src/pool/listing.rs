@@ -52,7 +52,8 @@ impl VolumeRecord {
 pub(crate) enum VolumeCondition {
     Healthy,
     /// A blank volume's empty image that a crash of the machine left without its blocks (no
-    /// qcow2 header): not abnormal, its next use writes it again (`qcow2::repair_empty`).
+    /// qcow2 header), of a volume never handed to a writer (`handed_to_writer`): not
+    /// abnormal, its next use writes it again (`qcow2::repair_empty`).
     RewrittenAtNextUse {
         image: String,
         pool: String,
@@ -71,8 +72,8 @@ impl VolumeCondition {
             VolumeCondition::Healthy => "ok".into(),
             VolumeCondition::RewrittenAtNextUse { image, pool } => format!(
                 "ok: the empty image {image} in pool {pool} lost its blocks in a crash of the \
-                 machine before the volume was first used; the next operation on the volume \
-                 writes it again"
+                 machine before the volume was first published; the next operation on the \
+                 volume writes it again"
             ),
             VolumeCondition::Abnormal(message) => message.clone(),
         }
@@ -124,6 +125,8 @@ struct Files {
     capacity: u64,
     image: String,
     backing: Vec<String>,
+    /// The volume was handed to a writer: its image held data.
+    handed_to_writer: bool,
 }
 
 impl Files {
@@ -136,6 +139,7 @@ impl Files {
             capacity: v.capacity,
             image: v.image.to_string(),
             backing: v.backing.iter().map(Layer::to_string).collect(),
+            handed_to_writer: v.handed_to_writer,
         }
     }
 
@@ -177,18 +181,35 @@ impl Files {
     }
 
     fn inspect(&self) -> Result<VolumeCondition> {
+        let owner = || format!("volume {}", self.id);
         let layers = std::iter::once(&self.image).chain(&self.backing);
-        let Some(mut broken) = self
+        let broken = self
             .pool
-            .first_fault(layers.map(String::as_str), self.format)?
-        else {
+            .first_fault(layers.map(String::as_str), self.format)?;
+        // A blank image of a volume handed to a writer held data: one that lost its blocks
+        // was emptied since, as `Pools::locked_volume` refuses it. A damaged qcow2 image is
+        // looked at again; a raw one has no fault `first_fault` sees (one more `stat`).
+        let looked_again = match &broken {
+            Some(b) => matches!(b.fault, LayerFault::Damaged(_)),
+            None => self.format == ImageFormat::Raw,
+        };
+        if self.backing.is_empty() && self.handed_to_writer && looked_again {
+            if let Some(emptied) = self.pool.emptied(&self.image, self.format, self.capacity)? {
+                return Ok(VolumeCondition::Abnormal(
+                    emptied.message(&owner(), self.pool.name()),
+                ));
+            }
+        }
+        let Some(mut broken) = broken else {
             return Ok(VolumeCondition::Healthy);
         };
         // What `Pools::locked_volume` repairs before any use is not damaged (a header that
         // lost only its refcounts has its magic, and is healthy here); it repairs no image a
-        // process holds open (`qcow2::repair_empty`), which the operations then refuse.
+        // process holds open (`qcow2::repair_empty`), which the operations then refuse, nor one
+        // of a volume handed to a writer.
         if let LayerFault::Damaged(found) = broken.fault {
             if self.backing.is_empty()
+                && !self.handed_to_writer
                 && found.lost_its_blocks(&broken.path, self.format, self.capacity)?
             {
                 if !crate::pool::store::file_is_locked(&broken.path)? {
@@ -201,7 +222,7 @@ impl Files {
             }
         }
         Ok(VolumeCondition::Abnormal(
-            broken.message(&format!("volume {}", self.id), self.pool.name()),
+            broken.message(&owner(), self.pool.name()),
         ))
     }
 }

@@ -54,6 +54,12 @@ pub struct VolumeRecord {
     /// The read-only layers under `image` (snapshots, clones) and any layer switch in flight.
     #[serde(default, skip_serializing_if = "Chain::is_empty")]
     pub chain: Chain,
+    /// The image was handed to a writer: set durably by the first read-write
+    /// ControllerPublishVolume, before the attach. A blank image (no backing layers) without
+    /// its blocks is then damaged (it held data), never an empty one a crash cut short
+    /// (`Pool::check_images`). Records of versions before it lack it: not handed (yet).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) handed_to_writer: bool,
 }
 
 impl VolumeRecord {

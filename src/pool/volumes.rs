@@ -770,6 +770,22 @@ impl Pools {
         .await
     }
 
+    /// Marks a locked volume as handed to a writer (`VolumeRecord::handed_to_writer`), in one
+    /// durable record commit, before its image is given to one (a read-write attach, libvirt
+    /// or local): from then on its blank image is never taken for an empty one a crash cut
+    /// short (`Pool::check_images`). `rec` is its record as read under `lock`. Nothing to do
+    /// (no commit) when it carries the mark already; a publish failing later keeps it.
+    pub(crate) async fn hand_to_writer(&self, lock: &VolumeLock, rec: &VolumeRecord) -> Result<()> {
+        if rec.handed_to_writer {
+            return Ok(());
+        }
+        let mut marked = rec.clone();
+        marked.handed_to_writer = true;
+        self.save(lock, &marked).await?;
+        tracing::debug!(volume = %rec.id, "volume handed to a writer for the first time");
+        Ok(())
+    }
+
     /// Readiness: every pool directory is writable.
     pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();
@@ -804,6 +820,7 @@ pub(super) fn new_record(
         accessible_topology: pool.topology().clone(),
         created_at: now_secs(),
         chain,
+        handed_to_writer: false,
     }
 }
 
@@ -876,6 +893,10 @@ pub(crate) enum LayerFault {
     /// is written again before use (`qcow2::repair_empty`) but not while a process holds it
     /// open (`qcow2::Repair::Held`).
     HeldEmptied,
+    /// The blank image of a volume that was handed to a writer, now what a crash leaves of
+    /// an empty image (`qcow2::Probe::lost_its_blocks`): emptied or zeroed since it held
+    /// data (`Pool::emptied`); what was found.
+    Emptied(qcow2::Probe),
 }
 
 /// A layer that cannot be used, as `Pool::first_fault` found it.
@@ -908,9 +929,20 @@ impl BrokenLayer {
                 };
                 format!("damaged: {kind} {path} of {owner} in pool {pool} {what}; {restore}")
             }
+            LayerFault::Emptied(found) => format!(
+                "damaged: {kind} {path} of {owner} in pool {pool} was emptied or zeroed ({} \
+                 bytes, {}) after the volume was handed to a writer: the data it held is lost; \
+                 {restore}",
+                found.len,
+                if found.magic {
+                    "no data"
+                } else {
+                    "no qcow2 header"
+                }
+            ),
             LayerFault::HeldEmptied => format!(
                 "damaged: {kind} {path} of {owner} in pool {pool} lost its blocks in a crash of \
-                 the machine before the volume was first used, and it is held open by a \
+                 the machine before the volume was first published, and it is held open by a \
                  process, so it is not written again; detach it first (the next operation on \
                  the volume then writes it again)"
             ),
@@ -929,19 +961,28 @@ impl Pool {
     /// Makes sure the volume's images can be used, before anything is done with them (the
     /// caller holds the volume's lock): a blank active image (no backing file) that a crash
     /// of the machine left without its blocks is written again (`qcow2::repair_empty`), or,
-    /// while a process holds it open, FAILED_PRECONDITION saying so; then an image (the active
-    /// layer or one under it) that is missing, not a regular file or (qcow2) does not start
-    /// as a qcow2 image is FAILED_PRECONDITION: nothing can be done with the volume until it
-    /// is restored or deleted. A `stat` and a small read per layer. Blocking.
+    /// while a process holds it open, FAILED_PRECONDITION saying so, unless the volume was
+    /// handed to a writer (`handed_to_writer`): then it held data, and is FAILED_PRECONDITION
+    /// (`Pool::emptied`); then an image (the active layer or one under it) that is missing, not
+    /// a regular file or (qcow2) does not start as a qcow2 image is FAILED_PRECONDITION:
+    /// nothing can be done with the volume until it is restored or deleted. A `stat` and a
+    /// small read per layer. Blocking.
     fn check_images(&self, rec: &VolumeRecord) -> Result<()> {
-        if rec.chain.backing.is_empty() {
+        let owner = || format!("volume {}", rec.id);
+        if rec.chain.backing.is_empty() && rec.handed_to_writer {
+            if let Some(broken) = self.emptied(&rec.image, rec.format, rec.capacity_bytes)? {
+                return Err(Error::FailedPrecondition(
+                    broken.message(&owner(), self.name()),
+                ));
+            }
+        } else if rec.chain.backing.is_empty() {
             let path = self.image_path(&rec.image);
             match qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)? {
                 qcow2::Repair::Intact => {}
                 qcow2::Repair::Rewritten => {
                     tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
                         "wrote the empty image of the volume again: a crash of the machine had \
-                         lost its blocks before the volume was first used")
+                         lost its blocks before the volume was first published")
                 }
                 // A short raw image stays usable, as the condition reports it (nothing to
                 // refuse); a qcow2 one without its header cannot be used.
@@ -953,13 +994,40 @@ impl Pool {
                         fault: LayerFault::HeldEmptied,
                     };
                     return Err(Error::FailedPrecondition(
-                        broken.message(&format!("volume {}", rec.id), self.name()),
+                        broken.message(&owner(), self.name()),
                     ));
                 }
             }
         }
         let layers = std::iter::once(&rec.image).chain(&rec.chain.backing);
-        self.check_layers(layers, rec.format, &format!("volume {}", rec.id))
+        self.check_layers(layers, rec.format, &owner())
+    }
+
+    /// The active image `image` (of `format`, for `size` bytes) of a blank volume (no backing
+    /// layers) that was handed to a writer, when it is now what a crash of the machine leaves
+    /// of an empty image (`qcow2::Probe::lost_its_blocks`: no longer than an empty image and
+    /// no whole qcow2 header, or a raw file shorter than the volume): it held data, so it was
+    /// emptied or zeroed since (by hand, by a tool), never cut short by a crash; `None` when
+    /// it is not (a missing image is `first_fault`'s). A `stat` and up to three small reads.
+    /// Blocking.
+    pub(crate) fn emptied(
+        &self,
+        image: &str,
+        format: ImageFormat,
+        size: u64,
+    ) -> Result<Option<BrokenLayer>> {
+        let path = self.image_path(image);
+        let Some(found) = qcow2::probe(&path, format)? else {
+            return Ok(None);
+        };
+        if !found.lost_its_blocks(&path, format, size)? {
+            return Ok(None);
+        }
+        Ok(Some(BrokenLayer {
+            path,
+            top: true,
+            fault: LayerFault::Emptied(found),
+        }))
     }
 
     /// FAILED_PRECONDITION when one of `layers` (of `owner`, e.g. "volume <id>") cannot be

@@ -126,6 +126,8 @@ pub(crate) struct VolumeHead<'a> {
     chain: ChainHead<'a>,
     #[serde(default, borrow)]
     parameters: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    #[serde(default)]
+    handed_to_writer: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,6 +229,7 @@ impl VolumeRecord {
                 .filter(|(k, _)| crate::params::ROOT_KEYS.contains(&k.as_str()))
                 .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
                 .collect(),
+            handed_to_writer: self.handed_to_writer,
         }
     }
 }
@@ -297,8 +300,9 @@ pub(crate) struct VolumeEntry {
     pub name: u64,
     pub state: RecordState,
     pub format: ImageFormat,
-    /// Index (1-based, 0 = none) into `Index::fs_types`.
-    fs_type: u16,
+    /// Index (1-based, 0 = none) into `Index::fs_types` (a byte: the fs types a record can
+    /// name are few, see `model::FS_TYPES`; it leaves room for `handed_to_writer`).
+    fs_type: u8,
     /// Index into `Index::topologies`.
     topology: u16,
     /// Index into `Index::topologies` of the parameters the volume context repeats.
@@ -309,6 +313,8 @@ pub(crate) struct VolumeEntry {
     /// The overlay of a layer switch in flight.
     pub overlay: Option<Box<Layer>>,
     pub content_source: Option<Box<ContentSource>>,
+    /// The record's `handed_to_writer`.
+    pub handed_to_writer: bool,
 }
 
 impl VolumeEntry {
@@ -416,7 +422,7 @@ impl Index {
             .collect()
     }
 
-    fn intern_fs_type(&mut self, fs: Option<&str>) -> u16 {
+    fn intern_fs_type(&mut self, fs: Option<&str>) -> u8 {
         let Some(fs) = fs else { return 0 };
         let pos = match self.fs_types.iter().position(|f| &**f == fs) {
             Some(p) => p,
@@ -425,7 +431,7 @@ impl Index {
                 self.fs_types.len() - 1
             }
         };
-        u16::try_from(pos + 1).unwrap_or(0)
+        u8::try_from(pos + 1).unwrap_or(0)
     }
 
     fn intern_topology(&mut self, t: &Topology) -> u16 {
@@ -459,6 +465,7 @@ impl Index {
                 .as_ref()
                 .map(|f| Box::new(Layer::parse(&f.overlay))),
             content_source: rec.content_source.clone().map(Box::new),
+            handed_to_writer: rec.handed_to_writer,
         };
         // New references first: a layer the old entry named and the new one still names must
         // not pass through zero.
@@ -717,6 +724,7 @@ mod tests {
                 backing: backing.iter().map(|s| s.to_string()).collect(),
                 freezing: None,
             },
+            handed_to_writer: false,
         }
     }
 
@@ -772,5 +780,23 @@ mod tests {
         assert_eq!(ix.volumes_named(h).collect::<Vec<_>>(), vec![7]);
         ix.remove_volume(7);
         assert_eq!(ix.volumes_named(h).count(), 0);
+    }
+
+    #[test]
+    fn the_writer_mark_reaches_the_entry_and_old_records_lack_it() {
+        let mut ix = Index::default();
+        let mut rec = vol(7, "data", "0000000000000007.qcow2", &[]);
+        let old = serde_json::to_vec(&rec).unwrap();
+        assert!(!String::from_utf8_lossy(&old).contains("handed_to_writer"));
+        Kind::Volume.insert_bytes(&mut ix, 7, &old).unwrap();
+        assert!(!ix.volume(7).unwrap().handed_to_writer);
+        rec.handed_to_writer = true;
+        let marked = serde_json::to_vec(&rec).unwrap();
+        Kind::Volume.insert_bytes(&mut ix, 7, &marked).unwrap();
+        assert!(ix.volume(7).unwrap().handed_to_writer);
+        let back: VolumeRecord = serde_json::from_slice(&marked).unwrap();
+        assert_eq!(back, rec);
+        ix.insert_volume(8, &vol(8, "other", "0000000000000008.qcow2", &[]).head());
+        assert!(!ix.volume(8).unwrap().handed_to_writer);
     }
 }
