@@ -752,3 +752,47 @@ async fn an_emptied_image_of_a_used_volume_is_damaged_not_rewritten() {
     }
     env.finish(&never).await;
 }
+
+/// Found by the new-user trial: the record of a volume attached on this host removed by hand
+/// (as the advice for a corrupt record allows) while the plugin was stopped. The restarted
+/// plugin adopts the volume's storage daemon, and its start-up sweep must leave the image the
+/// daemon holds open (removing it would leave the volume's data only in an unlinked file,
+/// gone at detach): a warning names the file and says why, and the first start after the
+/// detach collects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_the_image_an_adopted_daemon_holds() {
+    let Some(mut env) = Env::try_start(SHORT_WAIT).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let (vol, _ctx) = env.attached("orphaned", 16 * MIB, &cap).await;
+    let daemon = env.daemon_pid(&vol).expect("a storage daemon");
+    let pool = env.plugin.pool_dir();
+    let key = key_of(&vol.volume_id).to_string();
+    let image = pool.join("images").join(format!("{key}.qcow2"));
+    env.plugin.stop();
+    std::fs::remove_file(pool.join("volumes").join(format!("{key}.json"))).unwrap();
+    env.plugin.restart().await;
+    assert_eq!(env.daemon_pid(&vol), Some(daemon), "the daemon was adopted");
+    assert!(image.exists(), "the image the daemon holds was removed");
+    let log = env.plugin.log();
+    let warned = log
+        .lines()
+        .any(|l| l.contains("a process holds it open") && l.contains(image.to_str().unwrap()));
+    assert!(warned, "{log}");
+    assert!(!log.contains("removed a layer nothing uses"), "{log}");
+    // Detached (the record is gone, so whatever ControllerUnpublish answers, the daemon is
+    // ended here if it still runs), the next start collects the image.
+    let _ = env.controller_unpublish(&vol).await;
+    if env.daemon_pid(&vol).is_some() {
+        env.kill_daemon(&vol);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while env.daemon_pid(&vol).is_some() {
+            assert!(Instant::now() < deadline, "the daemon did not end");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    env.plugin.restart().await;
+    assert!(!image.exists(), "not collected once nothing holds it");
+    assert_no_leftovers(env.dir());
+}

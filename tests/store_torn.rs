@@ -340,6 +340,13 @@ async fn the_volume_condition_reports_what_operations_refuse() {
             "{m}"
         );
         assert!(m.contains("restore the file from a backup"), "{m}");
+        // A client that keeps 20 characters of it (Nomad's CLI) still shows what it is.
+        let status = if *what == "is missing" {
+            "missing: "
+        } else {
+            "damaged: "
+        };
+        assert!(m.starts_with(status), "{m}");
         // What the condition says is what the operations answer.
         let e = expand(&p, id, 2 * GIB).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -364,11 +371,19 @@ async fn the_volume_condition_reports_what_operations_refuse() {
         nix::fcntl::fcntl(&held, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)).unwrap();
         let got = volume_condition(&p, &zeroed).await;
         assert!(
-            got.abnormal && got.message.contains("not a qcow2"),
+            got.abnormal
+                && got.message.starts_with("damaged: ")
+                && got.message.contains("held open by a process")
+                && got.message.contains("detach it first"),
             "{got:?}"
         );
         let e = expand(&p, &zeroed, 2 * GIB).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(
+            e.message(),
+            got.message,
+            "the condition says what the operation answers"
+        );
     }
     // Not abnormal: the next operation on the volume writes the image again.
     for id in [&zeroed, &emptied] {
@@ -672,4 +687,102 @@ async fn an_unreadable_volume_record_in_one_pool_holds_names_in_every_pool() {
             .collect::<std::collections::BTreeSet<_>>(),
         [lost, kept, new].into()
     );
+}
+
+/// Found by the operator trial: a pool file that is not a regular file (here a FIFO where an
+/// image should be) makes the condition's probe block in open(2) for ever, so
+/// ControllerGetVolume of that volume and every ListVolumes never answer (each call leaves a
+/// blocking thread stuck). The volume should be reported abnormal (not a qcow2 image) at once.
+#[tokio::test]
+async fn an_image_that_is_not_a_regular_file_does_not_hang_the_listing() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "odd", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    std::fs::remove_file(image_of(&p, &vol)).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(image_of(&p, &vol))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    p.restart().await;
+    let limit = std::time::Duration::from_secs(5);
+    let got = tokio::time::timeout(limit, p.controller().volume(&vol))
+        .await
+        .expect("ControllerGetVolume answers");
+    let condition = got.unwrap().status.unwrap().volume_condition.unwrap();
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.starts_with("damaged: ")
+            && condition.message.contains("is not a regular file (a fifo)"),
+        "{condition:?}"
+    );
+    // The operations refuse it the same way, at once.
+    let e = tokio::time::timeout(limit, expand(&p, &vol, 128 * MIB))
+        .await
+        .expect("ControllerExpandVolume answers")
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.message(), condition.message);
+    tokio::time::timeout(limit, list_volumes(&p))
+        .await
+        .expect("ListVolumes answers");
+    std::fs::remove_file(image_of(&p, &vol)).unwrap();
+}
+
+/// Found by the new-user trial: a volume attached locally (a qemu-storage-daemon holds its
+/// image) whose record was removed by hand. The start-up sweep must not delete the image a
+/// process holds open (its data would live only in an unlinked file, gone at detach): it is
+/// left, with a warning naming it and saying why, and collected by the first start after the
+/// holder let go. Here the holder is a qemu-io, which locks the image as QEMU and the storage
+/// daemon do.
+#[tokio::test]
+async fn the_sweep_leaves_a_layer_a_process_holds_open() {
+    use virtdisk_test_support::qemu::ImageHolder;
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "attached", 64 * MIB, &[]).await.unwrap();
+    let image = image_of(&p, &vol);
+    write_pattern(&image, 0x5a, 0, MIB as u64);
+    p.stop();
+    let holder = ImageHolder::open(&image);
+    std::fs::remove_file(record_of(&p, &vol)).unwrap();
+    p.restart().await;
+    assert!(image.exists(), "the held image was removed");
+    let log = p.log();
+    let warned = log.lines().any(|l| {
+        l.contains("WARN")
+            && l.contains(image.to_str().unwrap())
+            && l.contains("a process holds it open")
+            && l.contains("detach it, then the next start collects it")
+    });
+    assert!(warned, "{log}");
+    assert!(!log.contains("removed a layer nothing uses"), "{log}");
+    assert!(
+        log.contains("removed=0"),
+        "the sweep counts what it removed: {log}"
+    );
+    drop(holder);
+    p.restart().await;
+    assert!(!image.exists(), "collected once nothing holds it");
+    assert_eq!(p.log().matches("removed a layer nothing uses").count(), 1);
+    assert_pool_clean(&p.pool_dir());
+}
+
+/// The same rule where a commit frees a layer: DeleteVolume of a volume whose image a process
+/// still holds removes the record and leaves the image (a warning says why) until a start
+/// after the holder let go.
+#[tokio::test]
+async fn a_delete_leaves_the_image_a_process_holds_open() {
+    use virtdisk_test_support::qemu::ImageHolder;
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "busy", 64 * MIB, &[]).await.unwrap();
+    let image = image_of(&p, &vol);
+    let holder = ImageHolder::open(&image);
+    delete_volume(&p, &vol).await.unwrap();
+    assert!(!record_of(&p, &vol).exists());
+    assert!(image.exists(), "the held image was removed");
+    assert!(p.log().contains("a process holds it open"), "{}", p.log());
+    drop(holder);
+    p.restart().await;
+    assert!(!image.exists(), "collected once nothing holds it");
+    assert_pool_clean(&p.pool_dir());
 }

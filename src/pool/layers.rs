@@ -129,7 +129,7 @@ pub(super) struct Frozen {
 
 /// fsync of a file's data (the frozen layer must be durable before a snapshot is ready).
 pub(super) fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
+    super::qcow2::open_regular(path, false)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(format!("syncing {}", path.display()), e))
 }
@@ -393,7 +393,7 @@ impl Pools {
                 for i in &mine {
                     let p = &prepared[*i].0;
                     let frozen = pool.image_path(&p.rec.image);
-                    let layer = std::fs::File::open(&frozen)
+                    let layer = super::qcow2::open_regular(&frozen, false)
                         .map_err(|e| Error::io(format!("opening {}", frozen.display()), e))?;
                     opened.push((layer, frozen));
                 }

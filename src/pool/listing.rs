@@ -172,7 +172,7 @@ impl Files {
         match self.inspect() {
             Err(e) if e.is_process_limit() => Err(e),
             Err(e) => Ok(VolumeCondition::Abnormal(format!(
-                "the images of volume {} in pool {} cannot be checked: {e}",
+                "unreadable: the images of volume {} in pool {} cannot be checked: {e}",
                 self.id,
                 self.pool.name()
             ))),
@@ -200,22 +200,25 @@ impl Files {
                 ));
             }
         }
-        let Some(broken) = broken else {
+        let Some(mut broken) = broken else {
             return Ok(VolumeCondition::Healthy);
         };
         // What `Pools::locked_volume` repairs before any use is not damaged (a header that
         // lost only its refcounts has its magic, and is healthy here); it repairs no image a
-        // process holds open (`qcow2::repair_empty`), nor one of a volume handed to a writer.
+        // process holds open (`qcow2::repair_empty`), which the operations then refuse, nor one
+        // of a volume handed to a writer.
         if let LayerFault::Damaged(found) = broken.fault {
             if self.backing.is_empty()
                 && !self.handed_to_writer
                 && found.lost_its_blocks(&broken.path, self.format, self.capacity)?
-                && !crate::pool::store::file_is_locked(&broken.path)?
             {
-                return Ok(VolumeCondition::RewrittenAtNextUse {
-                    image: broken.path.display().to_string(),
-                    pool: self.pool.name().to_string(),
-                });
+                if !crate::pool::store::file_is_locked(&broken.path)? {
+                    return Ok(VolumeCondition::RewrittenAtNextUse {
+                        image: broken.path.display().to_string(),
+                        pool: self.pool.name().to_string(),
+                    });
+                }
+                broken.fault = LayerFault::HeldEmptied;
             }
         }
         Ok(VolumeCondition::Abnormal(

@@ -230,10 +230,12 @@ fn grown(len: u64, size: u64) -> bool {
 /// (its record was lost), can hold no data: a qcow2 file no longer than the empty image its
 /// header describes (without a readable header: than any empty image of at most 4 TiB, the
 /// first guest write puts clusters past that), or a raw file with at most its first 4 KiB
-/// allocated. A missing file holds none. Blocking.
+/// allocated. A missing file holds none; what is not a regular file is not known to be empty
+/// (false). Blocking.
 pub(crate) fn holds_no_data(path: &Path, format: ImageFormat) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let meta = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Ok(false),
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
@@ -255,45 +257,134 @@ pub(crate) struct Probe {
     /// Whether it starts as a qcow2 image does (its magic; QEMU checks the rest when it opens
     /// it). Not read, and false, for a raw image.
     pub(crate) magic: bool,
+    /// What is there instead, when it is not a regular file ("a fifo", "a directory", …):
+    /// no image of any format (QEMU's `file` driver refuses it), so a damaged layer.
+    pub(crate) not_regular: Option<&'static str>,
 }
 
-/// Looks at the image file at `path` of `format`: `None` when it is missing; else its length
-/// and (qcow2) whether it starts with the qcow2 magic. A `stat` and (qcow2) one 4-byte read.
-/// Blocking.
+/// What is at an image path ([`open_image`]).
+#[derive(Debug)]
+pub(crate) enum Opened {
+    Missing,
+    /// Something that is not a regular file: what it is ([`file_kind`]).
+    NotRegular(&'static str),
+    /// A regular file, open, and its metadata.
+    File(File, std::fs::Metadata),
+}
+
+/// What a file that is not a regular file is, in words ("a fifo", …).
+pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a fifo"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a file"
+    }
+}
+
+/// Opens the pool file at `path` (read-only, or read-write with `write`), following a
+/// symbolic link as QEMU does, without ever blocking on what is there: `O_NONBLOCK` (open(2)
+/// of a FIFO otherwise waits for a writer for ever), `O_NOCTTY`, close-on-exec; then an
+/// `fstat` of the descriptor tells the file type. Whatever is not a regular file comes back as
+/// [`Opened::NotRegular`] (its descriptor closed), also when it cannot be opened at all (a
+/// socket: ENXIO). On a regular file `O_NONBLOCK` changes nothing. One path lookup. Blocking.
+pub(crate) fn open_image(path: &Path, write: bool) -> std::io::Result<Opened> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Opened::Missing),
+        Err(e) => {
+            // A socket (ENXIO), a directory opened for writing (EISDIR), a FIFO without a
+            // reader opened for writing (ENXIO): said as what they are.
+            return match std::fs::metadata(path) {
+                Ok(m) if !m.is_file() => Ok(Opened::NotRegular(file_kind(m.file_type()))),
+                _ => Err(e),
+            };
+        }
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Opened::NotRegular(file_kind(meta.file_type())));
+    }
+    Ok(Opened::File(file, meta))
+}
+
+/// [`open_image`] of a file that must be a regular image file: a missing one is `NotFound`,
+/// anything else `InvalidInput` ("is not a regular file (a fifo)"). Blocking.
+pub(crate) fn open_regular(path: &Path, write: bool) -> std::io::Result<File> {
+    match open_image(path, write)? {
+        Opened::File(f, _) => Ok(f),
+        Opened::Missing => Err(std::io::ErrorKind::NotFound.into()),
+        Opened::NotRegular(what) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is not a regular file ({what})"),
+        )),
+    }
+}
+
+/// Looks at the image file at `path` of `format`: `None` when it is missing; else its length,
+/// whether it is a regular file at all, and (qcow2) whether it starts with the qcow2 magic.
+/// Raw: a `stat`. Qcow2: a non-blocking open ([`open_image`]), an `fstat` and one 4-byte
+/// read. Never blocks on a FIFO. Blocking.
 pub(crate) fn probe(path: &Path, format: ImageFormat) -> Result<Option<Probe>> {
     let read_err = |e| Error::io(format!("reading {}", path.display()), e);
-    let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let odd = |what| {
+        Ok(Some(Probe {
+            len: 0,
+            magic: false,
+            not_regular: Some(what),
+        }))
+    };
     if format == ImageFormat::Raw {
         return match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => odd(file_kind(m.file_type())),
             Ok(m) => Ok(Some(Probe {
                 len: m.len(),
                 magic: false,
+                not_regular: None,
             })),
-            Err(e) if missing(&e) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(read_err(e)),
         };
     }
     // Opened once, then stat-ed and read through the descriptor: one path lookup.
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if missing(&e) => return Ok(None),
-        Err(e) => return Err(read_err(e)),
+    let (file, meta) = match open_image(path, false).map_err(read_err)? {
+        Opened::Missing => return Ok(None),
+        Opened::NotRegular(what) => return odd(what),
+        Opened::File(f, m) => (f, m),
     };
-    let len = file.metadata().map_err(read_err)?.len();
     let mut magic = [0u8; 4];
     let magic = match file.read_exact_at(&mut magic, 0) {
         Ok(()) => u32::from_be_bytes(magic) == MAGIC,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
         Err(e) => return Err(read_err(e)),
     };
-    Ok(Some(Probe { len, magic }))
+    Ok(Some(Probe {
+        len: meta.len(),
+        magic,
+        not_regular: None,
+    }))
 }
 
 impl Probe {
-    /// Whether the image, of `format`, is damaged: a qcow2 file that does not start as a qcow2
-    /// image. A raw image has nothing to check.
+    /// Whether the image, of `format`, is damaged: not a regular file, or a qcow2 file that
+    /// does not start as a qcow2 image. A raw regular file has nothing more to check.
     pub(crate) fn damaged(&self, format: ImageFormat) -> bool {
-        format == ImageFormat::Qcow2 && !self.magic
+        self.not_regular.is_some() || (format == ImageFormat::Qcow2 && !self.magic)
     }
 
     /// Whether this image, at `path`, of a volume created blank (no backing file) for `size`
@@ -308,6 +399,9 @@ impl Probe {
         format: ImageFormat,
         size: u64,
     ) -> Result<bool> {
+        if self.not_regular.is_some() {
+            return Ok(false);
+        }
         Ok(match format {
             ImageFormat::Raw => self.len < size,
             ImageFormat::Qcow2 => {
@@ -324,13 +418,16 @@ pub(crate) enum Repair {
     Intact,
     /// The image was an empty one whose blocks a crash lost; it was written again, durably.
     Rewritten,
+    /// The image is an empty one whose blocks a crash lost, but a process holds it open (QEMU
+    /// locks what it uses): it was not touched, and cannot be used until that process lets go.
+    Held,
 }
 
 /// Makes sure the image of a volume created blank (no backing file) at `path` is whole,
 /// writing it again if a crash of the machine lost its blocks (see the module documentation
 /// and [`Probe::lost_its_blocks`], which tells it read-only: the volume condition uses it;
 /// a raw file is only lengthened). An image some process holds open is
-/// never touched, nor one that has grown (it has held data), nor a missing one (an operator's
+/// never touched ([`Repair::Held`]), nor one that has grown (it has held data), nor a missing one (an operator's
 /// mistake looks the same: the operation fails as it would have; on ext4 and xfs, whose
 /// journals commit in order, a crash does not leave it; elsewhere operations on the volume
 /// answer FAILED_PRECONDITION naming the missing file, see `Pool::check_layers`). Blocking.
@@ -338,15 +435,15 @@ pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Resul
     let Some(found) = probe(path, format)? else {
         return Ok(Repair::Intact);
     };
-    if !found.lost_its_blocks(path, format, size)? || crate::pool::store::file_is_locked(path)? {
+    if !found.lost_its_blocks(path, format, size)? {
         return Ok(Repair::Intact);
+    }
+    if crate::pool::store::file_is_locked(path)? {
+        return Ok(Repair::Held);
     }
     if format == ImageFormat::Raw {
         // A raw image's bytes are the guest's: only its length is restored.
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| map_err(path, e))?;
+        let file = open_regular(path, true).map_err(|e| map_err(path, e))?;
         file.set_len(size)
             .and_then(|()| file.sync_all())
             .map_err(|e| map_err(path, e))?;
@@ -373,7 +470,8 @@ pub(crate) fn repair_empty(path: &Path, format: ImageFormat, size: u64) -> Resul
 /// Whether the non-zero parts of the empty qcow2 image at `path` are what `create` writes
 /// for `size` (a file too short to hold them is not). Blocking.
 fn is_whole_empty(path: &Path, size: u64) -> Result<bool> {
-    let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let file = open_regular(path, false)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     for (offset, want) in qcow2_spans(size, None) {
         let mut got = vec![0u8; want.len()];
         match file.read_exact_at(&mut got, offset) {
@@ -405,7 +503,18 @@ pub(crate) struct Header {
 pub(crate) fn read_header(path: &Path) -> Result<Header> {
     let bad =
         |why: &str| Error::internal(format!("{} is not a qcow2 image: {why}", path.display()));
-    let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let file = match open_image(path, false)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+    {
+        Opened::File(f, _) => f,
+        Opened::Missing => {
+            return Err(Error::io(
+                format!("reading {}", path.display()),
+                std::io::ErrorKind::NotFound.into(),
+            ))
+        }
+        Opened::NotRegular(what) => return Err(bad(&format!("not a regular file ({what})"))),
+    };
     let mut cluster = vec![0u8; CLUSTER as usize];
     let mut len = 0;
     while len < cluster.len() {
@@ -660,7 +769,7 @@ mod tests {
         crate::pool::store::lock_whole_file(&locker).unwrap();
         assert_eq!(
             repair_empty(&open, ImageFormat::Qcow2, size).unwrap(),
-            Repair::Intact
+            Repair::Held
         );
         assert_eq!(std::fs::read(&open).unwrap(), vec![0u8; 4096]);
         drop(locker);
@@ -723,5 +832,46 @@ mod tests {
         std::os::unix::fs::symlink(&real, &to_real).unwrap();
         let found = probe(&to_real, ImageFormat::Qcow2).unwrap().unwrap();
         assert!(!found.damaged(ImageFormat::Qcow2));
+    }
+
+    /// What is not a regular file at an image's path (a FIFO, a socket, a directory) is a
+    /// damaged layer of any format, found at once: nothing opens it in a way that can block,
+    /// and nothing writes it.
+    #[test]
+    fn what_is_not_a_regular_file_is_damaged_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f.qcow2");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let sock = dir.path().join("s.qcow2");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sub = dir.path().join("d.qcow2");
+        std::fs::create_dir(&sub).unwrap();
+        // Through a symbolic link too (layer paths are followed, as QEMU follows them).
+        let link = dir.path().join("l.qcow2");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for (path, what) in [
+            (&fifo, "a fifo"),
+            (&sock, "a socket"),
+            (&sub, "a directory"),
+            (&link, "a fifo"),
+        ] {
+            for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+                let found = probe(path, format).unwrap().unwrap();
+                assert_eq!(found.not_regular, Some(what), "{path:?} {format:?}");
+                assert!(found.damaged(format));
+                assert!(!found.lost_its_blocks(path, format, 1 << 20).unwrap());
+                assert_eq!(repair_empty(path, format, 1 << 20).unwrap(), Repair::Intact);
+                assert!(!holds_no_data(path, format).unwrap());
+            }
+            assert!(read_header(path)
+                .unwrap_err()
+                .to_string()
+                .contains(&format!("not a regular file ({what})")));
+            for write in [false, true] {
+                let e = open_regular(path, write).unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{path:?}");
+            }
+            assert!(!crate::pool::store::file_is_locked(path).unwrap());
+        }
     }
 }

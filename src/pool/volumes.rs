@@ -320,7 +320,7 @@ impl Pools {
 
     /// The record of a locked volume; NOT_FOUND when it does not exist. A blank volume's
     /// image that a crash of the machine left without its blocks is written again first
-    /// (`qcow2::repair_empty`), and an image that is missing or not a qcow2 image any more is
+    /// (`qcow2::repair_empty`), and an image that is missing or damaged (`check_images`) is
     /// FAILED_PRECONDITION before anything is done with it: every operation that uses a
     /// volume's image takes it here.
     pub(crate) async fn locked_volume(&self, lock: &VolumeLock) -> Result<VolumeRecord> {
@@ -916,8 +916,13 @@ impl<R> Named<R> {
 pub(crate) enum LayerFault {
     /// The file is not in the pool.
     Missing,
-    /// A qcow2 layer that does not start as a qcow2 image any more; what was found.
+    /// Not a regular file (`Probe::not_regular`), or a qcow2 layer that does not start as a
+    /// qcow2 image any more; what was found.
     Damaged(qcow2::Probe),
+    /// A blank volume's empty image that a crash of the machine left without its blocks, which
+    /// is written again before use (`qcow2::repair_empty`) but not while a process holds it
+    /// open (`qcow2::Repair::Held`).
+    HeldEmptied,
     /// The blank image of a volume that was handed to a writer, now what a crash leaves of
     /// an empty image (`qcow2::Probe::lost_its_blocks`): emptied or zeroed since it held
     /// data (`Pool::emptied`); what was found.
@@ -936,14 +941,28 @@ pub(crate) struct BrokenLayer {
 
 impl BrokenLayer {
     /// What is wrong, naming the file, `owner` (e.g. "volume <id>") and `pool`, and what to do.
+    /// It starts with a one-word status ("missing: ", "damaged: "), so that a client that cuts
+    /// the volume condition short (Nomad's CLI keeps 20 characters) still says what it is.
     pub(crate) fn message(&self, owner: &str, pool: &str) -> String {
         let kind = if self.top { "image" } else { "backing layer" };
-        let what = match self.fault {
-            LayerFault::Missing => "is missing".to_string(),
-            LayerFault::Damaged(_) => "is not a qcow2 image any more (damaged)".to_string(),
+        let path = self.path.display();
+        let restore = "restore the file from a backup, or delete what uses it (a layer under \
+                       snapshots is shared by every volume made from them)";
+        match self.fault {
+            LayerFault::Missing => {
+                format!("missing: {kind} {path} of {owner} in pool {pool} is missing; {restore}")
+            }
+            LayerFault::Damaged(found) => {
+                let what = match found.not_regular {
+                    Some(it) => format!("is not a regular file ({it})"),
+                    None => "is not a qcow2 image any more".to_string(),
+                };
+                format!("damaged: {kind} {path} of {owner} in pool {pool} {what}; {restore}")
+            }
             LayerFault::Emptied(found) => format!(
-                "was emptied or zeroed ({} bytes, {}) after the volume was handed to a writer: \
-                 the data it held is lost (damaged)",
+                "damaged: {kind} {path} of {owner} in pool {pool} was emptied or zeroed ({} \
+                 bytes, {}) after the volume was handed to a writer: the data it held is lost; \
+                 {restore}",
                 found.len,
                 if found.magic {
                     "no data"
@@ -951,13 +970,13 @@ impl BrokenLayer {
                     "no qcow2 header"
                 }
             ),
-        };
-        format!(
-            "{kind} {} of {owner} in pool {pool} {what}; restore the file from a backup, or \
-             delete what uses it (a layer under snapshots is shared by every volume made from \
-             them)",
-            self.path.display()
-        )
+            LayerFault::HeldEmptied => format!(
+                "damaged: {kind} {path} of {owner} in pool {pool} lost its blocks in a crash of \
+                 the machine before the volume was first published, and it is held open by a \
+                 process, so it is not written again; detach it first (the next operation on \
+                 the volume then writes it again)"
+            ),
+        }
     }
 }
 
@@ -971,10 +990,11 @@ impl VolumeRecord {
 impl Pool {
     /// Makes sure the volume's images can be used, before anything is done with them (the
     /// caller holds the volume's lock): a blank active image (no backing file) that a crash
-    /// of the machine left without its blocks is written again (`qcow2::repair_empty`),
-    /// unless the volume was handed to a writer (`handed_to_writer`): then it held data, and
-    /// is FAILED_PRECONDITION (`Pool::emptied`); then an image (the active layer or one under
-    /// it) that is missing or (qcow2) does not start as a qcow2 image is FAILED_PRECONDITION:
+    /// of the machine left without its blocks is written again (`qcow2::repair_empty`), or,
+    /// while a process holds it open, FAILED_PRECONDITION saying so, unless the volume was
+    /// handed to a writer (`handed_to_writer`): then it held data, and is FAILED_PRECONDITION
+    /// (`Pool::emptied`); then an image (the active layer or one under it) that is missing, not
+    /// a regular file or (qcow2) does not start as a qcow2 image is FAILED_PRECONDITION:
     /// nothing can be done with the volume until it is restored or deleted. A `stat` and a
     /// small read per layer. Blocking.
     fn check_images(&self, rec: &VolumeRecord) -> Result<()> {
@@ -987,11 +1007,26 @@ impl Pool {
             }
         } else if rec.chain.backing.is_empty() {
             let path = self.image_path(&rec.image);
-            let repaired = qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)?;
-            if repaired == qcow2::Repair::Rewritten {
-                tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
-                    "wrote the empty image of the volume again: a crash of the machine had \
-                     lost its blocks before the volume was first published");
+            match qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)? {
+                qcow2::Repair::Intact => {}
+                qcow2::Repair::Rewritten => {
+                    tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
+                        "wrote the empty image of the volume again: a crash of the machine had \
+                         lost its blocks before the volume was first published")
+                }
+                // A short raw image stays usable, as the condition reports it (nothing to
+                // refuse); a qcow2 one without its header cannot be used.
+                qcow2::Repair::Held if rec.format == ImageFormat::Raw => {}
+                qcow2::Repair::Held => {
+                    let broken = BrokenLayer {
+                        path,
+                        top: true,
+                        fault: LayerFault::HeldEmptied,
+                    };
+                    return Err(Error::FailedPrecondition(
+                        broken.message(&owner(), self.name()),
+                    ));
+                }
             }
         }
         let layers = std::iter::once(&rec.image).chain(&rec.chain.backing);
@@ -1041,9 +1076,10 @@ impl Pool {
         }
     }
 
-    /// The first of `layers` (file names, the top one first) that cannot be used: missing, or
-    /// (qcow2) not starting as a qcow2 image any more (damaged); a raw layer only has to
-    /// exist. The one rule of a usable layer, for the operations (`check_layers`) and the
+    /// The first of `layers` (file names, the top one first) that cannot be used: missing, not
+    /// a regular file (a FIFO, a directory: never opened in a way that blocks), or (qcow2) not
+    /// starting as a qcow2 image any more (damaged); a raw layer only has to be a regular
+    /// file. The one rule of a usable layer, for the operations (`check_layers`) and the
     /// volume condition ListVolumes and ControllerGetVolume report (`listing`). A `stat` and
     /// (qcow2) one small read per layer, up to the broken one. Blocking.
     pub(crate) fn first_fault<'a>(

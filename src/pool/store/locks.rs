@@ -209,11 +209,14 @@ pub(crate) fn lock_whole_file(file: &File) -> std::io::Result<()> {
 }
 
 /// Whether some process holds a lock on the file at `path` (a writer of ours on its temp
-/// file; QEMU on an image it has open: it locks bytes of every image it uses).
+/// file; QEMU on an image it has open: it locks bytes of every image it uses). False when
+/// nothing is there, and for what is not a regular file (no image: QEMU opens none), which is
+/// never opened in a way that could block (`qcow2::open_image`).
 pub(crate) fn file_is_locked(path: &Path) -> Result<bool> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+    use crate::pool::qcow2::{open_image, Opened};
+    let file = match open_image(path, false) {
+        Ok(Opened::File(f, _)) => f,
+        Ok(Opened::Missing | Opened::NotRegular(_)) => return Ok(false),
         Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
     };
     let mut probe = range(libc::F_WRLCK, 0, 0);

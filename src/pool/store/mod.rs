@@ -24,8 +24,9 @@
 //! logged, the temp file is renamed over the record, the directory fsynced and the index
 //! updated. A removal moves the record away and fsyncs the directory. Image layers that no
 //! record names any more after a commit (reference counts in the index) are removed right
-//! after it. A new overlay is written and fsynced *before* the commit that names it, so a crash
-//! leaves at most an unnamed file, which the next open collects.
+//! after it, unless a process holds one open (then a later start's sweep collects it). A new
+//! overlay is written and fsynced *before* the commit that names it, so a crash leaves at most
+//! an unnamed file, which the next open collects.
 //!
 //! **A new blank volume is one fsync round** ([`Store::put_new_with`]), CreateVolume's hot
 //! path: its image header (written here, see `qcow2`, no `qemu-img` process) and its record are
@@ -123,11 +124,23 @@ impl<'a> Staged<'a> {
     }
 }
 
-/// What a commit left for the caller: layer files nothing names any more (already unlinked
-/// unless unlinking failed, which only delays them to the next open).
+/// What a commit left for the caller: the layer files it removed because nothing names them
+/// any more. One it could not remove (a process holds it open, or unlinking failed) is left to
+/// the open-time sweep of a later start, and not listed.
 #[derive(Debug, Default)]
 pub(crate) struct Committed {
     pub freed: Vec<String>,
+}
+
+/// What became of a layer file nothing names ([`Store::unlink_layer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unlinked {
+    /// Removed (unlinked, or kept as an emptied spare inode).
+    Removed,
+    /// Already gone.
+    Gone,
+    /// Left where it is: a process holds it open, or it could not be removed (logged).
+    Left,
 }
 
 /// The records of one pool, on disk and in memory.
@@ -782,8 +795,9 @@ impl Store {
         let mut out = Committed::default();
         for layer in freed {
             let name = layer.to_string();
-            self.unlink_layer(&name);
-            out.freed.push(name);
+            if self.unlink_layer(&name) == Unlinked::Removed {
+                out.freed.push(name);
+            }
         }
         Ok(out)
     }
@@ -800,23 +814,47 @@ impl Store {
 
     /// Removes a layer file that no record names: kept as an emptied spare inode (`spares`)
     /// when it can be, else unlinked (its directory entry is not fsynced: if the removal is
-    /// lost in a crash, the next open collects the file again).
-    fn unlink_layer(&self, name: &str) {
+    /// lost in a crash, the next open collects the file again). The one place a layer file
+    /// goes, after a commit and in the open-time sweep.
+    ///
+    /// Never one a process holds open: QEMU and qemu-storage-daemon lock every image they use
+    /// (`file_is_locked`), and a layer no record names can still be in use (its record was
+    /// removed by hand while the volume was attached). Unlinking it would leave its data only
+    /// in a file that is gone when that process lets go; it is left, with a warning, for the
+    /// sweep of a start after it is detached. This plugin holds no lock on a layer file of its
+    /// own beyond an operation (which holds the volume's lock, so the sweep skips its files),
+    /// so a file is left only while another process uses it.
+    fn unlink_layer(&self, name: &str) -> Unlinked {
         let path = self.images_dir().join(name);
-        // Kept as a spare inode only when no process has it open (QEMU locks the images it
-        // uses): emptying it must never take data from under a running guest.
-        let kept = matches!(locks::file_is_locked(&path), Ok(false))
-            && self.image_spares.retire(&path).unwrap_or(false);
+        match locks::file_is_locked(&path) {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!(pool = %self.pool, file = %path.display(),
+                    "not removing a layer file that no record names: a process holds it open \
+                     (QEMU and qemu-storage-daemon lock the images they use); detach it, then \
+                     the next start collects it");
+                return Unlinked::Left;
+            }
+            Err(e) => {
+                tracing::warn!(pool = %self.pool, file = %path.display(), error = %e,
+                    "not removing a layer file that no record names: could not tell whether a \
+                     process holds it open; the next start tries again");
+                return Unlinked::Left;
+            }
+        }
+        let kept = self.image_spares.retire(&path).unwrap_or(false);
         let removed = if kept { Ok(()) } else { fs::remove_file(&path) };
         match removed {
             Ok(()) => {
                 tracing::info!(pool = %self.pool, layer = %name, "removed a layer nothing uses");
                 crate::failpoint!("gc.layer-removed");
+                Unlinked::Removed
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Unlinked::Gone,
             Err(e) => {
-                tracing::warn!(pool = %self.pool, layer = %name, error = %e,
-                    "could not remove an unused layer; the next start will")
+                tracing::warn!(pool = %self.pool, file = %path.display(), error = %e,
+                    "could not remove a layer file that no record names; the next start will");
+                Unlinked::Left
             }
         }
     }
@@ -839,8 +877,9 @@ impl Store {
     }
 
     /// Open-time housekeeping, blocking: removes temp files whose writer is gone, and layer
-    /// files of this store's naming that no record names and no live operation is making.
-    /// Returns how many layer files went. Skipped (with a warning) while a record is unreadable.
+    /// files of this store's naming that no record names, no live operation is making and no
+    /// process holds open (`unlink_layer`). Returns how many layer files went. Skipped (with a
+    /// warning) while a record is unreadable.
     pub(crate) fn sweep(&self) -> Result<usize> {
         for kind in Kind::ALL {
             self.remove_stale_temp_files(&self.dir.join(kind.dir()))?;
@@ -879,8 +918,7 @@ impl Store {
             };
             let layer = Layer::parse(&name);
             let unused = self.with_current(|index| !index.is_referenced(&layer))?;
-            if unused {
-                self.unlink_layer(&name);
+            if unused && self.unlink_layer(&name) == Unlinked::Removed {
                 removed += 1;
             }
         }

@@ -7,6 +7,7 @@
 //! write_pattern(&image, 0xaa, 0, 1 << 20);          // qemu-io write -P
 //! assert_pattern(&image, 0xaa, 0, 1 << 20);         // qemu-io read -P, force-share
 //! qemu_io(&image, &["read -v 0 16"], Read::LockedNow);  // any commands, their output
+//! let held = ImageHolder::open(&image);             // a qemu-io holding it open, locked
 //! ```
 //!
 //! Every qemu-io run waits (5 s at most) while another process holds the image's lock (the
@@ -16,8 +17,8 @@
 use crate::run_ok;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// `qemu-img <args>`, which must succeed: its stdout.
 pub fn qemu_img(args: &[&str]) -> String {
@@ -152,4 +153,67 @@ pub fn assert_reads(image: &Path, byte: u8, offset: u64, len: u64, read: Read) {
             image.display()
         );
     }
+}
+
+/// A `qemu-io` process that holds an image open read-write, with the locks QEMU takes on every
+/// image it uses, as a domain or a qemu-storage-daemon holds an attached volume's image. It
+/// waits for commands on its stdin, kept open; dropping the holder ends it (and its locks).
+pub struct ImageHolder {
+    child: Child,
+}
+
+impl ImageHolder {
+    /// Starts the holder on the qcow2 `image`; returns once the image is locked (10 s at most).
+    pub fn open(image: &Path) -> ImageHolder {
+        let child = Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(image)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        let mut holder = ImageHolder { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_locked(image) {
+            if let Ok(Some(status)) = holder.child.try_wait() {
+                panic!("qemu-io on {} exited: {status}", image.display());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io never locked {}",
+                image.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        holder
+    }
+}
+
+impl Drop for ImageHolder {
+    fn drop(&mut self) {
+        // End of input ends qemu-io; a kill makes sure.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether some process holds a lock on the file at `path` (an open-file-description lock
+/// query, what the plugin asks before it removes or empties an image).
+pub fn is_locked(path: &Path) -> bool {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).expect("F_OFD_GETLK");
+    probe.l_type != libc::F_UNLCK as libc::c_short
 }
