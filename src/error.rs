@@ -55,6 +55,16 @@ pub enum Error {
     /// Condition: a bug or an unexpected state.
     #[error("{0}")]
     Internal(String),
+    /// Condition: a pool record file exists but cannot be read (not JSON, torn by a crash,
+    /// another record's bytes); the message names the file and what to do (restore it, mend
+    /// it, or what removing it gives up). The object it describes is there, so an RPC that
+    /// names it (or, for a create, a name it may hold) answers neither NOT_FOUND (it exists)
+    /// nor OK (a delete would forget a record and image that stay), and not INTERNAL (no
+    /// bug: once the operator repairs the record the same request succeeds).
+    /// FAILED_PRECONDITION, like an image that is missing or damaged: the pool is not in a
+    /// state where the operation can run.
+    #[error("{0}")]
+    UnreadableRecord(String),
     /// Cause: a system call or file operation failed; its kind comes from the errno.
     #[error("{context}: {source}")]
     Io {
@@ -273,6 +283,7 @@ impl Error {
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
+            Error::UnreadableRecord(_) => Code::FailedPrecondition,
             Error::Io { source, .. } => Kind::from_io(source).code(),
             Error::Tool { kind, .. } | Error::Libvirt { kind, .. } => kind.code(),
         }

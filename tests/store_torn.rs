@@ -5,7 +5,10 @@
 //! is stopped and the pool is given the state a lost write leaves.
 
 use std::os::unix::fs::MetadataExt;
-use virtdisk_test_support::calls::{create_volume, delete_volume, expand, list_volumes, snapshot};
+use virtdisk_test_support::calls::{
+    create_from, create_volume, delete_snapshot, delete_volume, expand, list_snapshots,
+    list_volumes, snapshot,
+};
 use virtdisk_test_support::pool::{assert_pool_clean, PoolView};
 use virtdisk_test_support::prelude::*;
 
@@ -407,6 +410,283 @@ async fn the_volume_condition_reports_what_operations_refuse() {
     for (id, c) in listed_conditions(&p).await {
         assert!(!c.abnormal, "{id}: {c:?}");
     }
+}
+
+// ---- Unreadable records: answered with their advice, never as missing (operator trial) ----
+
+/// `status` is the answer about an object whose record `file` is unreadable:
+/// FAILED_PRECONDITION (the pool is not in a state where the operation can run), never
+/// NOT_FOUND or OK, with the record's advice and its file.
+#[track_caller]
+fn assert_unreadable<T: std::fmt::Debug>(
+    rpc: &str,
+    got: Result<T, Status>,
+    file: &std::path::Path,
+) {
+    let status = match got {
+        Ok(v) => panic!("{rpc} answered OK for an unreadable record: {v:?}"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{rpc}: {status:?}");
+    let msg = status.message();
+    assert!(
+        msg.contains("restore it from a backup or mend its JSON"),
+        "{rpc}: no advice: {status:?}"
+    );
+    assert!(
+        msg.contains(&file.display().to_string()),
+        "{rpc}: no file: {status:?}"
+    );
+}
+
+fn snapshot_record_of(p: &Plugin, id: &str) -> std::path::PathBuf {
+    p.pool_dir()
+        .join("snapshots")
+        .join(format!("{}.json", key_of(id)))
+}
+
+async fn snapshots_with_id(p: &Plugin, id: &str) -> Result<Vec<String>, Status> {
+    let req = csi::ListSnapshotsRequest {
+        snapshot_id: id.to_string(),
+        ..Default::default()
+    };
+    let r = p.controller().list_snapshots(req).await?.into_inner();
+    Ok(r.entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect())
+}
+
+/// Found by the operator trial of the corrupt-record advice: a volume whose record is
+/// unreadable at start is left out of listings, but a request that names its id must not
+/// answer as if it never existed. It answered NOT_FOUND ("does not exist", no word of the
+/// record or what to do), DeleteVolume OK (a CO then forgets a volume whose record and image
+/// stay in the pool, and that comes back when the record is mended), and a CreateVolume of its
+/// name made a second volume of that name. Now every request naming it is FAILED_PRECONDITION
+/// with the record's advice, and so is a CreateVolume of a name no readable record has (the
+/// unreadable one may hold it).
+#[tokio::test]
+async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "precious", 64 * MIB, &[]).await.unwrap();
+    let other = create_volume(&p, "other", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    let file = record_of(&p, &vol);
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"garbage{{").unwrap();
+    p.restart().await;
+
+    let get = p.controller().volume(&vol).await;
+    assert_unreadable("ControllerGetVolume", get, &file);
+    assert_unreadable(
+        "ControllerExpandVolume",
+        expand(&p, &vol, 128 * MIB).await,
+        &file,
+    );
+    let validate = p
+        .controller()
+        .validate_volume_capabilities(validate_req(&vol, ext4_cap()))
+        .await;
+    assert_unreadable("ValidateVolumeCapabilities", validate, &file);
+    assert_unreadable(
+        "CreateSnapshot of it",
+        snapshot(&p, "snap", &vol).await,
+        &file,
+    );
+    let clone = create_from(&p, "clone", from_volume(&vol)).await;
+    assert_unreadable("CreateVolume cloning it", clone, &file);
+    assert_unreadable("DeleteVolume", delete_volume(&p, &vol).await, &file);
+    assert!(
+        file.exists() && image_of(&p, &vol).exists(),
+        "nothing deleted"
+    );
+    // Its name, and any name no readable record has, cannot be told free.
+    let again = create_volume(&p, "precious", 64 * MIB, &[]).await;
+    assert_unreadable("CreateVolume of its name", again, &file);
+    let fresh = create_volume(&p, "fresh", 64 * MIB, &[]).await;
+    assert_unreadable("CreateVolume of a new name", fresh, &file);
+    // A name a readable record has answers as always (idempotent), and its volume works.
+    assert_eq!(
+        create_volume(&p, "other", 64 * MIB, &[]).await.unwrap(),
+        other
+    );
+    assert_eq!(expand(&p, &other, 128 * MIB).await.unwrap(), 128 * MIB);
+    // Listings cannot describe it and leave it out.
+    assert_eq!(
+        list_volumes(&p).await.keys().cloned().collect::<Vec<_>>(),
+        vec![other.clone()]
+    );
+
+    // The advice followed: the mended record brings the volume back, the only one of its name.
+    p.stop();
+    std::fs::write(&file, &saved).unwrap();
+    p.restart().await;
+    assert_eq!(
+        create_volume(&p, "precious", 64 * MIB, &[]).await.unwrap(),
+        vol
+    );
+    let fresh = create_volume(&p, "fresh", 64 * MIB, &[]).await.unwrap();
+    let listed = list_volumes(&p).await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.contains_key(&vol) && listed.contains_key(&fresh));
+    assert_eq!(expand(&p, &vol, 128 * MIB).await.unwrap(), 128 * MIB);
+    delete_volume(&p, &vol).await.unwrap();
+    assert!(!file.exists());
+}
+
+/// The same for snapshots: a snapshot whose record is unreadable is not missing (a restore
+/// from it, GetSnapshot, ListSnapshots by its id and DeleteSnapshot answer its advice), and no
+/// new snapshot name can be told free while it is unreadable; volumes are not affected.
+#[tokio::test]
+async fn a_snapshot_whose_record_is_unreadable_is_not_answered_as_missing() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let vol = create_volume(&p, "source", 64 * MIB, &[]).await.unwrap();
+    let snap = snapshot(&p, "kept", &vol).await.unwrap();
+    let other = snapshot(&p, "other", &vol).await.unwrap();
+    p.stop();
+    let file = snapshot_record_of(&p, &snap);
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{\"id\": 1").unwrap();
+    p.restart().await;
+
+    let restore = create_from(&p, "restored", from_snapshot(&snap)).await;
+    assert_unreadable("CreateVolume restoring it", restore, &file);
+    let get = p.controller().snapshot_by_id(&snap).await;
+    assert_unreadable("GetSnapshot", get, &file);
+    assert_unreadable(
+        "ListSnapshots by its id",
+        snapshots_with_id(&p, &snap).await,
+        &file,
+    );
+    assert_unreadable("DeleteSnapshot", delete_snapshot(&p, &snap).await, &file);
+    assert!(file.exists());
+    // Its name, or a new one, cannot be told free; a name a readable record has answers.
+    assert_unreadable(
+        "CreateSnapshot of its name",
+        snapshot(&p, "kept", &vol).await,
+        &file,
+    );
+    let new = snapshot(&p, "new", &vol).await;
+    assert_unreadable("CreateSnapshot of a new name", new, &file);
+    assert_eq!(snapshot(&p, "other", &vol).await.unwrap(), other);
+    assert_eq!(
+        snapshots_with_id(&p, &other).await.unwrap(),
+        vec![other.clone()]
+    );
+    assert_eq!(list_snapshots(&p).await, [other.clone()].into());
+    // Volumes are another kind: their names are known.
+    let restored = create_from(&p, "from-other", from_snapshot(&other))
+        .await
+        .unwrap();
+
+    p.stop();
+    std::fs::write(&file, &saved).unwrap();
+    p.restart().await;
+    assert_eq!(snapshot(&p, "kept", &vol).await.unwrap(), snap);
+    let new = snapshot(&p, "new", &vol).await.unwrap();
+    assert_eq!(list_snapshots(&p).await, [snap.clone(), other, new].into());
+    let back = create_from(&p, "restored", from_snapshot(&snap))
+        .await
+        .unwrap();
+    assert_ne!(back, restored);
+    delete_snapshot(&p, &snap).await.unwrap();
+    assert!(!file.exists());
+}
+
+/// What mending can leave: two readable records carrying one name. The start warns naming
+/// both ids and files; a CreateVolume of the name is refused with both (which one the CO
+/// means is the operator's call), while each answers by its id; deleting one settles it.
+#[tokio::test]
+async fn two_records_of_one_name_are_reported_and_the_name_refused() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let first = create_volume(&p, "twice", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    // A copy under another key, as if its record had been mended after the name was retaken.
+    let second_key = "00000000000000ab";
+    let second = format!("{}.{second_key}", first.rsplit_once('.').unwrap().0);
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_of(&p, &first)).unwrap()).unwrap();
+    rec["id"] = second.clone().into();
+    rec["image"] = format!("{second_key}.qcow2").into();
+    std::fs::write(record_of(&p, &second), serde_json::to_vec(&rec).unwrap()).unwrap();
+    std::fs::copy(image_of(&p, &first), image_of(&p, &second)).unwrap();
+    p.restart().await;
+
+    let log = p.log();
+    assert!(
+        log.contains("2 volume records carry the name \"twice\""),
+        "{log}"
+    );
+    for id in [&first, &second] {
+        assert!(log.contains(id.as_str()), "{id} in {log}");
+        p.controller().volume(id).await.unwrap();
+    }
+    assert!(log.contains(&record_of(&p, &second).display().to_string()));
+    let got = create_volume(&p, "twice", 64 * MIB, &[]).await.unwrap_err();
+    assert_eq!(got.code(), Code::FailedPrecondition, "{got:?}");
+    assert!(
+        got.message().contains(&first) && got.message().contains(&second),
+        "{got:?}"
+    );
+    delete_volume(&p, &second).await.unwrap();
+    assert_eq!(
+        create_volume(&p, "twice", 64 * MIB, &[]).await.unwrap(),
+        first
+    );
+}
+
+/// A volume name is unique across pools: an unreadable volume record in one pool keeps a new
+/// name from being created in another (it may hold that name), while names readable records
+/// have answer as always in both.
+#[tokio::test]
+async fn an_unreadable_volume_record_in_one_pool_holds_names_in_every_pool() {
+    let config = r#"
+        [[pool]]
+        name = "one"
+        path = "{dir}/one"
+        [[pool]]
+        name = "two"
+        path = "{dir}/two"
+    "#;
+    let mut p = Plugin::start_with_config("controller", config, &[]).await;
+    let lost = create_volume(&p, "lost", 64 * MIB, &[("pool", "one")])
+        .await
+        .unwrap();
+    let kept = create_volume(&p, "kept", 64 * MIB, &[("pool", "two")])
+        .await
+        .unwrap();
+    p.stop();
+    let file = p
+        .data_dir()
+        .parent()
+        .unwrap()
+        .join("one/volumes")
+        .join(format!("{}.json", key_of(&lost)));
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{\"schema\": 1, \"id\":").unwrap();
+    p.restart().await;
+
+    for (name, pool) in [("lost", "two"), ("new", "two"), ("new", "one")] {
+        let got = create_volume(&p, name, 64 * MIB, &[("pool", pool)]).await;
+        assert_unreadable(&format!("CreateVolume {name} in pool {pool}"), got, &file);
+    }
+    let again = create_volume(&p, "kept", 64 * MIB, &[("pool", "two")]).await;
+    assert_eq!(again.unwrap(), kept);
+
+    p.stop();
+    std::fs::write(&file, &saved).unwrap();
+    p.restart().await;
+    let new = create_volume(&p, "new", 64 * MIB, &[("pool", "two")])
+        .await
+        .unwrap();
+    let listed = list_volumes(&p).await;
+    assert_eq!(
+        listed
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [lost, kept, new].into()
+    );
 }
 
 /// Found by the operator trial: a pool file that is not a regular file (here a FIFO where an

@@ -297,6 +297,10 @@ impl Pools {
                     return Ok(Some((pool.clone(), key, rec)));
                 }
             }
+            // Not found, but an unreadable group record may hold the name.
+            for pool in &pools {
+                pool.store.index()?.names_known(Kind::Group, &name)?;
+            }
             Ok(None)
         })
         .await?;
@@ -518,11 +522,12 @@ impl Pools {
             return Ok(None);
         };
         let rec = exec::blocking(move || {
-            let ready = pool
-                .store
-                .index()?
+            let index = pool.store.index()?;
+            index.readable(Kind::Group, key)?;
+            let ready = index
                 .group(key)
                 .is_some_and(|g| g.state == RecordState::Ready);
+            drop(index);
             if !ready {
                 return Ok(None);
             }
@@ -573,6 +578,12 @@ impl Pools {
     /// Marks the group Deleting, removes its members' records (each under its lock), then
     /// its own. The caller holds the group's lock. Blocking.
     fn discard_group(&self, pool: &Arc<Pool>, key: u64, rec: &GroupSnapshotRecord) -> Result<()> {
+        // A member whose record is unreadable would outlive its group unseen: refused first.
+        for id in &rec.snapshot_ids {
+            if let Some((p, k)) = self.locate_snapshot(id)? {
+                p.store.index()?.readable(Kind::Snapshot, k)?;
+            }
+        }
         if rec.state == RecordState::Ready {
             let mut deleting = rec.clone();
             deleting.state = RecordState::Deleting;
@@ -644,5 +655,14 @@ impl Pools {
         };
         let state = pool.store.index()?.group(key).map(|g| g.state);
         Ok(state)
+    }
+
+    /// `Error::UnreadableRecord` when the record of group snapshot `id` exists but cannot be
+    /// read (its members must not then be taken for standalone snapshots). Blocking.
+    pub(super) fn group_readable(&self, id: &str) -> Result<()> {
+        match self.locate_group(id)? {
+            Some((pool, key)) => pool.store.index()?.readable(Kind::Group, key),
+            None => Ok(()),
+        }
     }
 }

@@ -335,7 +335,10 @@ impl Pools {
         };
         let found = exec::blocking(move || {
             let index = pool.store.index()?;
-            let Some(v) = index.volume(key).filter(|v| v.state == RecordState::Ready) else {
+            let Some(v) = index
+                .find_volume(key)?
+                .filter(|v| v.state == RecordState::Ready)
+            else {
                 return Ok(None);
             };
             let summary = summary_of(&pool, &index, key, v);
@@ -392,7 +395,11 @@ impl Pools {
                 };
                 let index = pool.store.index()?;
                 let keys: Box<dyn Iterator<Item = u64>> = match (only_key, source_key) {
-                    (Some(k), _) => Box::new(std::iter::once(k).filter(move |k| *k >= from)),
+                    (Some(k), _) => {
+                        // An unreadable snapshot is not missing: no empty list for it.
+                        index.readable(super::store::Kind::Snapshot, k)?;
+                        Box::new(std::iter::once(k).filter(move |k| *k >= from))
+                    }
                     (None, Some(src)) => {
                         Box::new(index.snapshots_of(src).filter(move |k| *k >= from))
                     }

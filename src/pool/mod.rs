@@ -48,6 +48,8 @@ impl Pool {
         let store = Store::open(&cfg.name, &cfg.path)?;
         let pool = Pool { cfg, store };
         pool.recover()?;
+        pool.warn_same_names(Kind::Volume)?;
+        pool.warn_same_names(Kind::Snapshot)?;
         Ok(pool)
     }
 

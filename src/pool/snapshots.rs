@@ -5,6 +5,7 @@
 
 use super::record::{RecordState, SnapshotRecord, SCHEMA};
 use super::store::{Kind, Slot};
+use super::volumes::Named;
 use super::{Pool, Pools};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -24,23 +25,10 @@ pub struct CreateSnapshot {
 }
 
 impl Pool {
-    /// The record (any state) of the snapshot named `name` in this pool.
-    fn snapshot_named(&self, name: &str) -> Result<Option<SnapshotRecord>> {
-        let keys: Vec<u64> = self
-            .store
-            .index()?
-            .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
-            .collect();
-        for key in keys {
-            if let Some(rec) = self
-                .store
-                .read::<SnapshotRecord>(key)?
-                .filter(|r| r.name == name)
-            {
-                return Ok(Some(rec));
-            }
-        }
-        Ok(None)
+    /// The record (any state) of the snapshot named `name` in this pool, or whether the name
+    /// is free or cannot be told free (`record_named`).
+    fn snapshot_named(&self, name: &str) -> Result<Named<SnapshotRecord>> {
+        self.record_named(name, |r: &SnapshotRecord| &r.name)
     }
 
     /// A key no snapshot of this pool has.
@@ -115,7 +103,9 @@ impl Pools {
         let (r, held) = (rec.clone(), lock.held.clone());
         exec::blocking(move || {
             let _held = held;
-            pool.store.put(&r, |_| Ok(())).map(drop)
+            pool.store
+                .put(&r, |index| index.names_known(Kind::Snapshot, &r.name))
+                .map(drop)
         })
         .await?;
         crate::failpoint!("snapshot.recorded");
@@ -130,12 +120,16 @@ impl Pools {
         let pools = self.all().to_vec();
         let name = req.name.clone();
         let found = exec::blocking(move || {
+            let mut unknown = None;
             for pool in &pools {
-                if let Some(rec) = pool.snapshot_named(&name)? {
-                    return Ok(Some((pool.clone(), rec)));
+                match pool.snapshot_named(&name)? {
+                    Named::Found(rec) => return Ok(Some((pool.clone(), rec))),
+                    // Not here, but an unreadable snapshot record may hold the name.
+                    Named::Unknown(e) => unknown = unknown.or(Some(e)),
+                    Named::Free => {}
                 }
             }
-            Ok(None)
+            unknown.map_or(Ok(None), Err)
         })
         .await?;
         let Some((pool, existing)) = found else {
@@ -175,7 +169,7 @@ impl Pools {
             let known = pool
                 .store
                 .index()?
-                .snapshot(key)
+                .find_snapshot(key)?
                 .is_some_and(|s| s.state == RecordState::Ready);
             if !known {
                 return Ok(None);
@@ -206,11 +200,12 @@ impl Pools {
             let _held = pool
                 .store
                 .lock(Slot::Snapshot(key), &|| format!("snapshot {id}"))?;
-            let group = match pool.store.index()?.snapshot(key) {
+            let group = match pool.store.index()?.find_snapshot(key)? {
                 None => return Ok(()),
                 Some(s) => s.group.clone(),
             };
             if let Some(g) = group {
+                this.group_readable(&g)?;
                 if this.group_state(&g)?.is_some() {
                     return Err(Error::invalid(format!(
                         "snapshot {id} is a member of group snapshot {g} and cannot be deleted \

@@ -3,7 +3,7 @@
 
 use super::layers::{LayerContext, Maintenance};
 use super::record::{now_secs, Chain, RecordState, VolumeRecord, SCHEMA};
-use super::store::{Index, Kind, Layer, ObjectLock, Slot};
+use super::store::{Index, Kind, Layer, ObjectLock, Record, Slot};
 use super::{qcow2, qemu_img, Pool};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
@@ -452,14 +452,21 @@ impl Pools {
         }
     }
 
-    /// The record (any state) of the volume named `name`, in any pool. Blocking.
+    /// The record (any state) of the volume named `name`, in any pool (a name is unique
+    /// across pools). When no readable record has it but a volume record of some pool is
+    /// unreadable, the name cannot be told free: `Error::UnreadableRecord` with that record's
+    /// advice, not `None` (a second volume of the name would appear once it is mended).
+    /// Blocking.
     fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        let mut unknown = None;
         for pool in self.pools.iter() {
-            if let Some(rec) = pool.volume_named(name)? {
-                return Ok(Some(rec));
+            match pool.volume_named(name)? {
+                Named::Found(rec) => return Ok(Some(rec)),
+                Named::Unknown(e) => unknown = unknown.or(Some(e)),
+                Named::Free => {}
             }
         }
-        Ok(None)
+        unknown.map_or(Ok(None), Err)
     }
 
     /// A new empty volume: choose the pool, write the image header, commit the record.
@@ -871,7 +878,7 @@ fn materialize(
 /// Removes a locked volume's record in one commit (the layers nobody else names go with it);
 /// OK when it is already gone. Blocking.
 fn discard(lock: &VolumeLock) -> Result<()> {
-    if lock.pool.store.index()?.volume(lock.key).is_none() {
+    if lock.pool.store.index()?.find_volume(lock.key)?.is_none() {
         return Ok(());
     }
     lock.pool
@@ -879,6 +886,29 @@ fn discard(lock: &VolumeLock) -> Result<()> {
         .remove::<VolumeRecord>(lock.key, |_| Ok(()))?;
     tracing::info!(volume = %lock.id, "volume deleted");
     Ok(())
+}
+
+/// What a lookup of a name in one pool found (`Pool::volume_named`, `snapshot_named`).
+#[derive(Debug)]
+pub(super) enum Named<R> {
+    /// The record that has the name.
+    Found(R),
+    /// No record of the pool has it.
+    Free,
+    /// No readable record has it, but an unreadable one of its kind may
+    /// (`Error::UnreadableRecord`).
+    Unknown(Error),
+}
+
+impl<R> Named<R> {
+    /// `found`, else what `Index::names_known` answered.
+    pub(super) fn of(found: Option<R>, known: Result<()>) -> Named<R> {
+        match (found, known) {
+            (Some(rec), _) => Named::Found(rec),
+            (None, Ok(())) => Named::Free,
+            (None, Err(e)) => Named::Unknown(e),
+        }
+    }
 }
 
 /// Why a layer file cannot be used (`Pool::first_fault`).
@@ -1073,13 +1103,14 @@ impl Pool {
         Ok(None)
     }
 
-    /// A Ready volume record; `None` when absent or not Ready. Checks the index first, so an
-    /// unknown id costs no file access.
+    /// A Ready volume record; `None` when absent or not Ready, `Error::UnreadableRecord`
+    /// when its record exists but could not be read (`Index::find_volume`). Checks the index
+    /// first, so an unknown id costs no file access.
     pub(super) fn ready_volume(&self, key: u64) -> Result<Option<VolumeRecord>> {
         let known = self
             .store
             .index()?
-            .volume(key)
+            .find_volume(key)?
             .is_some_and(|v| v.state == RecordState::Ready);
         if !known {
             return Ok(None);
@@ -1089,28 +1120,114 @@ impl Pool {
             .filter(|r| r.state == RecordState::Ready))
     }
 
-    /// The record (any state) of the volume named `name` in this pool.
-    pub(super) fn volume_named(&self, name: &str) -> Result<Option<VolumeRecord>> {
-        let keys: Vec<u64> = self
-            .store
-            .index()?
-            .volumes_named(ids::name_hash(ids::VOLUME, name))
-            .collect();
-        for key in keys {
-            if let Some(rec) = self.read_volume(key)?.filter(|r| r.name == name) {
-                return Ok(Some(rec));
-            }
-        }
-        Ok(None)
+    /// The record (any state) of the volume named `name` in this pool, or whether the name
+    /// is free or cannot be told free (`record_named`).
+    pub(super) fn volume_named(&self, name: &str) -> Result<Named<VolumeRecord>> {
+        self.record_named(name, |r: &VolumeRecord| &r.name)
     }
 
-    /// A commit check: no volume of this pool has the name (as the pool is at commit time).
+    /// The record (any state) of kind `R` (volumes, snapshots) named `name` in this pool, or
+    /// whether the name is free or cannot be told free (`Index::names_known`), from one look
+    /// at the index. Two records of the name (what mending a record can leave) are
+    /// `Error::UnreadableRecord` naming both: which one the CO means is the operator's call,
+    /// not the lower key's.
+    pub(super) fn record_named<R: Record>(
+        &self,
+        name: &str,
+        name_of: fn(&R) -> &str,
+    ) -> Result<Named<R>> {
+        let (keys, known) = {
+            let index = self.store.index()?;
+            let keys: Vec<u64> = match R::KIND {
+                Kind::Snapshot => index
+                    .snapshots_named(ids::name_hash(ids::SNAPSHOT, name))
+                    .collect(),
+                _ => index
+                    .volumes_named(ids::name_hash(ids::VOLUME, name))
+                    .collect(),
+            };
+            (keys, index.names_known(R::KIND, name))
+        };
+        let mut found: Option<(u64, R)> = None;
+        for key in keys {
+            let Some(rec) = self.store.read::<R>(key)?.filter(|r| name_of(r) == name) else {
+                continue;
+            };
+            if let Some((first, _)) = &found {
+                let keys = [*first, key];
+                return Err(Error::UnreadableRecord(self.same_name(
+                    R::KIND,
+                    name,
+                    &keys,
+                )));
+            }
+            found = Some((key, rec));
+        }
+        Ok(Named::of(found.map(|(_, rec)| rec), known))
+    }
+
+    /// What to say of the records `keys` of `kind` that all carry `name`: both ids and files,
+    /// and what to do.
+    pub(super) fn same_name(&self, kind: Kind, name: &str, keys: &[u64]) -> String {
+        let id = |key: u64| match kind {
+            Kind::Snapshot => self.snapshot_id(key),
+            _ => self.volume_id(key),
+        };
+        let what = kind.noun();
+        let records: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                let file = self
+                    .dir()
+                    .join(kind.dir())
+                    .join(format!("{}.json", kind.file_key(*k)));
+                format!("{} ({})", id(*k), file.display())
+            })
+            .collect();
+        format!(
+            "{} {what} records carry the name {name:?}: {} (a mended record can repeat a name \
+             that was taken meanwhile). A request by that name cannot tell which one is meant: \
+             delete the one not wanted by its id, or give it another name in its record while \
+             the plugin is stopped",
+            keys.len(),
+            records.join(", ")
+        )
+    }
+
+    /// Start-up: warns of records of `kind` (volumes, snapshots) that carry the same name,
+    /// naming both ids and files. Blocking.
+    pub(super) fn warn_same_names(&self, kind: Kind) -> Result<()> {
+        let groups = self.store.index()?.same_name_hash(kind);
+        for keys in groups {
+            let mut by_name: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for key in keys {
+                let name = match kind {
+                    Kind::Snapshot => self
+                        .store
+                        .read::<super::record::SnapshotRecord>(key)?
+                        .map(|r| r.name),
+                    _ => self.read_volume(key)?.map(|r| r.name),
+                };
+                if let Some(name) = name {
+                    by_name.entry(name).or_default().push(key);
+                }
+            }
+            for (name, keys) in by_name.into_iter().filter(|(_, k)| k.len() > 1) {
+                tracing::warn!(pool = %self.name(), "{}", self.same_name(kind, &name, &keys));
+            }
+        }
+        Ok(())
+    }
+
+    /// A commit check: no volume of this pool has the name (as the pool is at commit time),
+    /// and no unreadable volume record may have it (`Index::names_known`).
     pub(super) fn name_free_check(
         self: &Arc<Self>,
         name: &str,
     ) -> impl FnOnce(&Index) -> Result<()> + Send + 'static {
         let (pool, name) = (self.clone(), name.to_string());
         move |index: &Index| {
+            index.names_known(Kind::Volume, &name)?;
             for key in index.volumes_named(ids::name_hash(ids::VOLUME, &name)) {
                 if pool.read_volume(key)?.is_some_and(|r| r.name == name) {
                     return Err(Error::AlreadyExists(format!(

@@ -11,7 +11,7 @@ use crate::pool::record::{
 };
 use serde::Deserialize;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::NonZeroU64;
 
 /// A topology: segment key → value.
@@ -386,8 +386,9 @@ pub(crate) struct Index {
     refs: HashMap<Layer, u32>,
     /// Sum of the sizes of volumes not being deleted.
     provisioned: u64,
-    /// Records that exist but could not be read.
-    unreadable: HashSet<(Kind, u64)>,
+    /// Records that exist but could not be read, with why (the error naming the file and
+    /// what to do).
+    unreadable: HashMap<(Kind, u64), Box<str>>,
     /// Layers whose count fell to zero in the last change.
     freed: Vec<Layer>,
     fs_types: Vec<Box<str>>,
@@ -574,8 +575,91 @@ impl Index {
         }
     }
 
-    pub(crate) fn set_unreadable(&mut self, kind: Kind, key: u64) {
-        self.unreadable.insert((kind, key));
+    /// Marks a record as existing but unreadable, for the reason `why` (its message names the
+    /// file and what to do): lookups of it answer that ([`Index::readable`]) until it is
+    /// read again.
+    pub(crate) fn set_unreadable(&mut self, kind: Kind, key: u64, why: &crate::error::Error) {
+        self.unreadable
+            .insert((kind, key), why.to_string().into_boxed_str());
+    }
+
+    /// `Ok` unless the record `key` of `kind` exists but could not be read: then
+    /// [`Error::UnreadableRecord`] with why and what to do. Free while every record is readable.
+    ///
+    /// [`Error::UnreadableRecord`]: crate::error::Error::UnreadableRecord
+    pub(crate) fn readable(&self, kind: Kind, key: u64) -> crate::error::Result<()> {
+        if self.unreadable.is_empty() {
+            return Ok(());
+        }
+        match self.unreadable.get(&(kind, key)) {
+            Some(why) => Err(crate::error::Error::UnreadableRecord(why.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The entry of volume `key`: `Ok(None)` when there is no such record,
+    /// `Error::UnreadableRecord` when its record exists but could not be read. The lookup every
+    /// operation naming a volume id goes through, so none answers "does not exist" (or a
+    /// delete OK) for a volume whose record is only unreadable.
+    pub(crate) fn find_volume(&self, key: u64) -> crate::error::Result<Option<&VolumeEntry>> {
+        self.readable(Kind::Volume, key)?;
+        Ok(self.volume(key))
+    }
+
+    /// `find_volume` for snapshot `key`.
+    pub(crate) fn find_snapshot(&self, key: u64) -> crate::error::Result<Option<&SnapshotEntry>> {
+        self.readable(Kind::Snapshot, key)?;
+        Ok(self.snapshot(key))
+    }
+
+    /// `Ok` unless a record of `kind` is unreadable: then whether `name` is free cannot be told
+    /// (the unreadable record may hold it), and the answer is `Error::UnreadableRecord` saying
+    /// so, with the advice of the unreadable record with the lowest key. Free while every
+    /// record is readable.
+    pub(crate) fn names_known(&self, kind: Kind, name: &str) -> crate::error::Result<()> {
+        if self.unreadable.is_empty() {
+            return Ok(());
+        }
+        let mut of_kind = self.unreadable.iter().filter(|((k, _), _)| *k == kind);
+        let Some(first) = of_kind.clone().min_by_key(|((_, key), _)| *key) else {
+            return Ok(());
+        };
+        let more = of_kind.by_ref().count() - 1;
+        let others = match more {
+            0 => String::new(),
+            n => format!(" (and {n} other unreadable {} record(s))", kind.noun()),
+        };
+        let noun = kind.noun();
+        Err(crate::error::Error::UnreadableRecord(format!(
+            "cannot tell whether a {noun} named {name:?} exists while a {noun} record of the \
+             pool is unreadable: it may hold that name{others}. {}",
+            first.1
+        )))
+    }
+
+    /// Groups of keys of `kind` (volumes or snapshots) whose names hash alike: records that
+    /// may carry the same name (what mending a record can leave). Empty for other kinds.
+    pub(crate) fn same_name_hash(&self, kind: Kind) -> Vec<Vec<u64>> {
+        let names = match kind {
+            Kind::Volume => &self.volume_names,
+            Kind::Snapshot => &self.snapshot_names,
+            Kind::Flatten | Kind::Group => return Vec::new(),
+        };
+        let (mut out, mut run, mut run_hash) = (Vec::new(), Vec::new(), None);
+        for &(hash, key) in names {
+            if run_hash != Some(hash) {
+                if run.len() > 1 {
+                    out.push(std::mem::take(&mut run));
+                }
+                run.clear();
+                run_hash = Some(hash);
+            }
+            run.push(key);
+        }
+        if run.len() > 1 {
+            out.push(run);
+        }
+        out
     }
 
     /// How many records exist but could not be read.
@@ -586,7 +670,7 @@ impl Index {
     /// Keys of the records of `kind` that exist but could not be read.
     pub(crate) fn unreadable_of(&self, kind: Kind) -> Vec<u64> {
         self.unreadable
-            .iter()
+            .keys()
             .filter(|(k, _)| *k == kind)
             .map(|(_, key)| *key)
             .collect()
@@ -729,6 +813,41 @@ mod tests {
     }
 
     #[test]
+    fn an_unreadable_record_answers_its_advice_and_blocks_names_of_its_kind() {
+        let mut index = Index::default();
+        index.insert_volume(1, &vol(1, "a", "a.qcow2", &[]).head());
+        assert!(index.names_known(Kind::Volume, "x").is_ok());
+        assert!(index.find_volume(2).unwrap().is_none());
+        let why = crate::error::Error::UnreadableRecord("record /p/volumes/2.json: mend".into());
+        index.set_unreadable(Kind::Volume, 2, &why);
+        let err = index.find_volume(2).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
+        assert!(index.find_volume(1).unwrap().is_some());
+        assert!(index.find_snapshot(2).unwrap().is_none(), "another kind");
+        let err = index.names_known(Kind::Volume, "b").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("/p/volumes/2.json"), "{err}");
+        assert!(index.names_known(Kind::Snapshot, "x").is_ok());
+        // Read again (mended): known, names free again.
+        index.insert_volume(2, &vol(2, "b", "b.qcow2", &[]).head());
+        assert!(index.find_volume(2).unwrap().is_some());
+        assert!(index.names_known(Kind::Volume, "x").is_ok());
+    }
+
+    #[test]
+    fn records_whose_names_hash_alike_are_grouped() {
+        let mut index = Index::default();
+        for (key, name) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "a"), (6, "c")] {
+            index.insert_volume(key, &vol(key, name, &format!("{key}.qcow2"), &[]).head());
+        }
+        let mut groups = index.same_name_hash(Kind::Volume);
+        groups.sort();
+        assert_eq!(groups, vec![vec![1, 3, 5], vec![4, 6]]);
+        assert!(index.same_name_hash(Kind::Snapshot).is_empty());
+    }
+
+    #[test]
     fn layer_names_round_trip_and_only_ours_are_std() {
         for name in [
             "0123456789abcdef.qcow2",
@@ -788,11 +907,15 @@ mod tests {
         let mut rec = vol(7, "data", "0000000000000007.qcow2", &[]);
         let old = serde_json::to_vec(&rec).unwrap();
         assert!(!String::from_utf8_lossy(&old).contains("handed_to_writer"));
-        Kind::Volume.insert_bytes(&mut ix, 7, &old).unwrap();
+        Kind::Volume
+            .insert_bytes(&mut ix, std::path::Path::new("/p"), 7, &old)
+            .unwrap();
         assert!(!ix.volume(7).unwrap().handed_to_writer);
         rec.handed_to_writer = true;
         let marked = serde_json::to_vec(&rec).unwrap();
-        Kind::Volume.insert_bytes(&mut ix, 7, &marked).unwrap();
+        Kind::Volume
+            .insert_bytes(&mut ix, std::path::Path::new("/p"), 7, &marked)
+            .unwrap();
         assert!(ix.volume(7).unwrap().handed_to_writer);
         let back: VolumeRecord = serde_json::from_slice(&marked).unwrap();
         assert_eq!(back, rec);

@@ -34,6 +34,16 @@ impl Kind {
         }
     }
 
+    /// What a record of the kind describes, in messages.
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+            Kind::Flatten => "flattening job",
+            Kind::Group => "group snapshot",
+        }
+    }
+
     /// The tag of the kind in the change log.
     pub(super) fn tag(self) -> u8 {
         match self {
@@ -67,9 +77,21 @@ impl Kind {
         parse_key(s.strip_prefix(self.prefix())?)
     }
 
-    /// Adds (or replaces) the entry of a record of this kind from its file's bytes.
-    pub(super) fn insert_bytes(self, index: &mut Index, key: u64, bytes: &[u8]) -> Result<()> {
-        let record = || format!("{}/{}.json", self.dir(), self.file_key(key));
+    /// Adds (or replaces) the entry of a record of this kind from its file's bytes; `dir` is
+    /// the pool directory (errors name the record file by its full path).
+    pub(super) fn insert_bytes(
+        self,
+        index: &mut Index,
+        dir: &std::path::Path,
+        key: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let record = || {
+            dir.join(self.dir())
+                .join(format!("{}.json", self.file_key(key)))
+                .display()
+                .to_string()
+        };
         let parsed = |e: serde_json::Error| super::corrupt_record(&record(), &e);
         match self {
             Kind::Volume => {
@@ -78,7 +100,7 @@ impl Kind {
                 // round): after a crash a file system without ordering may show a block
                 // another record had. Such a file is not this volume's record.
                 if key_of_id(self, &head.id).ok() != Some(key) {
-                    return Err(Error::internal(format!(
+                    return Err(Error::UnreadableRecord(format!(
                         "record {} holds the record of volume {:?}, not its own (a crash of \
                          the machine left another file's bytes in it): restore it from a \
                          backup. Do not edit its id: two records would then name one image. \

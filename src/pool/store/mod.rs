@@ -39,6 +39,11 @@
 //! `Pool::check_layers`; delete it and create it again). A record's file key is
 //! checked against the id inside it, so a block of another record can never pass for it.
 //!
+//! **A record that cannot be read** (not JSON, torn, another record's bytes) stays out of the
+//! index but is remembered with why (`Index::readable`): every lookup of its id answers
+//! `Error::UnreadableRecord` (FAILED_PRECONDITION, with the file and what to do), never "does
+//! not exist", and no name of its kind can be told free meanwhile (`Index::names_known`).
+//!
 //! **Spare inodes** (`spares`): a removed record or layer keeps its inode as an emptied
 //! `.spare-*` file, which a later new record or layer takes instead of allocating one (on ext4
 //! without a journal, allocating after many deletes costs ~1 ms of system time).
@@ -252,7 +257,7 @@ const TEMP_PREFIX: &str = ".tmp-";
 /// (`why`): what to do, and what removing it would cost (the image files only it names are
 /// collected at the next start, so "moving it aside" alone gives their data up).
 pub(crate) fn corrupt_record(record: &str, why: &dyn std::fmt::Display) -> Error {
-    Error::internal(format!(
+    Error::UnreadableRecord(format!(
         "record {record} is corrupt ({why}): restore it from a backup or mend its JSON. While \
          it is unreadable the pool collects no unused image files; removing it gives up what it \
          describes, and the image files only it names are deleted at the next start (move them \
@@ -395,7 +400,7 @@ impl Store {
                 let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
                 for (kind, key, bytes) in fresh {
                     let inserted = match bytes {
-                        Ok(Some(bytes)) => kind.insert_bytes(&mut index, key, &bytes),
+                        Ok(Some(bytes)) => kind.insert_bytes(&mut index, &self.dir, key, &bytes),
                         Ok(None) => {
                             kind.remove_from(&mut index, key);
                             Ok(())
@@ -406,7 +411,7 @@ impl Store {
                         tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
                             error = %e, "a record another process wrote is unreadable");
                         kind.remove_from(&mut index, key);
-                        index.set_unreadable(kind, key);
+                        index.set_unreadable(kind, key, &e);
                     }
                 }
                 // Layers another process freed are its to unlink.
@@ -486,17 +491,22 @@ impl Store {
                 for (key, item) in batch.items {
                     got += 1;
                     let indexed = match item {
-                        Ok(Some(range)) => kind.insert_bytes(index, key, &batch.data[range]),
+                        Ok(Some(range)) => {
+                            kind.insert_bytes(index, &self.dir, key, &batch.data[range])
+                        }
                         Ok(None) => Ok(()),
                         Err(e) => Err(Error::io(
-                            format!("reading a record in {}", dir.display()),
+                            format!(
+                                "reading record {}",
+                                dir.join(format!("{}.json", kind.file_key(key))).display()
+                            ),
                             e,
                         )),
                     };
                     if let Err(e) = indexed {
                         tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
                             error = %e, "skipping an unreadable record");
-                        index.set_unreadable(kind, key);
+                        index.set_unreadable(kind, key, &e);
                     }
                 }
             }
