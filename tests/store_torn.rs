@@ -786,3 +786,100 @@ async fn a_delete_leaves_the_image_a_process_holds_open() {
     assert!(!image.exists(), "collected once nothing holds it");
     assert_pool_clean(&p.pool_dir());
 }
+
+/// While a record of the pool is unreadable, a change that leaves layers unnamed does not
+/// remove them: the unreadable record's references are not counted, and it may use them (here
+/// a volume restored from a snapshot, whose backing layer the snapshot's delete frees). Once
+/// the record is mended the volume works on its layers, data intact.
+#[tokio::test]
+async fn layers_an_unreadable_record_may_use_are_kept_by_later_changes() {
+    use virtdisk_test_support::calls::{create_from, delete_snapshot};
+    use virtdisk_test_support::pool::{snapshot_layer, volume_image};
+    let mut p = Plugin::start("controller", &[]).await;
+    let base = create_volume(&p, "base", 64 * MIB, &[]).await.unwrap();
+    write_pattern(&image_of(&p, &base), 0x3c, 0, MIB as u64);
+    let snap = snapshot(&p, "base-s", &base).await.unwrap();
+    let restored = create_from(&p, "restored", from_snapshot(&snap))
+        .await
+        .unwrap();
+    let layer = snapshot_layer(&p.pool_dir(), &snap);
+    p.stop();
+    let record = record_of(&p, &restored);
+    let good = std::fs::read(&record).unwrap();
+    std::fs::write(&record, b"{ torn").unwrap();
+    p.restart().await;
+    delete_volume(&p, &base).await.unwrap();
+    delete_snapshot(&p, &snap).await.unwrap();
+    assert!(
+        layer.exists(),
+        "the restored volume's backing layer is kept"
+    );
+    assert!(p
+        .log()
+        .contains("not removing the layer files this change left unnamed"));
+    p.stop();
+    std::fs::write(&record, &good).unwrap();
+    p.restart().await;
+    assert!(
+        layer.exists(),
+        "and not collected once the record reads again"
+    );
+    assert_eq!(expand(&p, &restored, 128 * MIB).await.unwrap(), 128 * MIB);
+    assert_pattern(&volume_image(&p.pool_dir(), &restored), 0x3c, 0, MIB as u64);
+}
+
+/// Marks a volume's record as handed to a writer (what its first read-write publish does),
+/// the plugin being stopped.
+fn mark_handed_to_writer(p: &Plugin, id: &str) {
+    let path = record_of(p, id);
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec["handed_to_writer"] = serde_json::Value::Bool(true);
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+/// A used blank volume: an empty qcow2 image made again in its place (another size: no longer
+/// the plugin's empty image) is reported emptied by the condition as the operations refuse it;
+/// a raw image cut short that still holds data is not emptied: it is lengthened at its next
+/// use, bytes kept.
+#[tokio::test]
+async fn a_used_volume_is_judged_alike_by_the_condition_and_the_operations() {
+    use virtdisk_test_support::calls::volume_condition;
+    use virtdisk_test_support::pool::volume_image;
+    let mut p = Plugin::start("controller", &[]).await;
+    let remade = create_volume(&p, "remade", 64 * MIB, &[]).await.unwrap();
+    let raw = create_volume(&p, "raw", 64 * MIB, &[("format", "raw")])
+        .await
+        .unwrap();
+    p.stop();
+    mark_handed_to_writer(&p, &remade);
+    mark_handed_to_writer(&p, &raw);
+    let image = volume_image(&p.pool_dir(), &remade);
+    std::fs::remove_file(&image).unwrap();
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"],
+    );
+    let raw_image = volume_image(&p.pool_dir(), &raw);
+    std::fs::write(&raw_image, vec![0x5au8; MIB as usize]).unwrap();
+    p.restart().await;
+
+    let got = volume_condition(&p, &remade).await;
+    assert!(
+        got.abnormal && got.message.starts_with("damaged:"),
+        "{got:?}"
+    );
+    let e = expand(&p, &remade, 128 * MIB).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.message(), got.message, "one rule, one message");
+
+    let got = volume_condition(&p, &raw).await;
+    assert!(!got.abnormal, "{got:?}");
+    assert_eq!(expand(&p, &raw, 128 * MIB).await.unwrap(), 128 * MIB);
+    let bytes = std::fs::read(&raw_image).unwrap();
+    assert_eq!(bytes.len() as i64, 128 * MIB);
+    assert!(
+        bytes[..MIB as usize].iter().all(|b| *b == 0x5a),
+        "data kept"
+    );
+}

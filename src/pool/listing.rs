@@ -187,11 +187,12 @@ impl Files {
             .pool
             .first_fault(layers.map(String::as_str), self.format)?;
         // A blank image of a volume handed to a writer held data: one that lost its blocks
-        // was emptied since, as `Pools::locked_volume` refuses it. A damaged qcow2 image is
-        // looked at again; a raw one has no fault `first_fault` sees (one more `stat`).
+        // was emptied since, as `Pools::locked_volume` refuses it. Looked at again unless
+        // `first_fault` found it missing or not a regular file: a qcow2 image with its magic
+        // can still be an empty one made again (one more probe; no read once it has grown).
         let looked_again = match &broken {
             Some(b) => matches!(b.fault, LayerFault::Damaged(_)),
-            None => self.format == ImageFormat::Raw,
+            None => true,
         };
         if self.backing.is_empty() && self.handed_to_writer && looked_again {
             if let Some(emptied) = self.pool.emptied(&self.image, self.format, self.capacity)? {

@@ -297,8 +297,29 @@ pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
 /// of a FIFO otherwise waits for a writer for ever), `O_NOCTTY`, close-on-exec; then an
 /// `fstat` of the descriptor tells the file type. Whatever is not a regular file comes back as
 /// [`Opened::NotRegular`] (its descriptor closed), also when it cannot be opened at all (a
-/// socket: ENXIO). On a regular file `O_NONBLOCK` changes nothing. One path lookup. Blocking.
+/// socket: ENXIO). On a regular file `O_NONBLOCK` changes nothing.
+///
+/// A device node is never opened: a driver acts on open and close (a watchdog arms, a tape
+/// rewinds), whatever the flags. So the file is first looked at without opening it (an
+/// `O_PATH` descriptor, which no driver sees), and only a regular file is then opened, through
+/// that descriptor (`/proc/self/fd`): what is opened is what was looked at. Blocking.
 pub(crate) fn open_image(path: &Path, write: bool) -> std::io::Result<Opened> {
+    let looked = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path);
+    let looked = match looked {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Opened::Missing),
+        Err(e) => return Err(e),
+    };
+    let kind = looked.metadata()?.file_type();
+    if !kind.is_file() {
+        return Ok(Opened::NotRegular(file_kind(kind)));
+    }
+    let path =
+        Path::new("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&looked).to_string());
+    let path = path.as_path();
     let opened = OpenOptions::new()
         .read(true)
         .write(write)
@@ -849,11 +870,15 @@ mod tests {
         // Through a symbolic link too (layer paths are followed, as QEMU follows them).
         let link = dir.path().join("l.qcow2");
         std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        let null = dir.path().join("n.qcow2");
+        std::os::unix::fs::symlink("/dev/null", &null).unwrap();
         for (path, what) in [
             (&fifo, "a fifo"),
             (&sock, "a socket"),
             (&sub, "a directory"),
             (&link, "a fifo"),
+            // Never opened: a driver acts on open and close whatever the flags.
+            (&null, "a character device"),
         ] {
             for format in [ImageFormat::Qcow2, ImageFormat::Raw] {
                 let found = probe(path, format).unwrap().unwrap();

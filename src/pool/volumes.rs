@@ -1005,6 +1005,11 @@ impl Pool {
                     broken.message(&owner(), self.name()),
                 ));
             }
+            if rec.format == ImageFormat::Raw {
+                // Short but holding data (see `emptied`): lengthened, bytes kept, unless held.
+                let path = self.image_path(&rec.image);
+                qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)?;
+            }
         } else if rec.chain.backing.is_empty() {
             let path = self.image_path(&rec.image);
             match qcow2::repair_empty(&path, rec.format, rec.capacity_bytes)? {
@@ -1036,8 +1041,9 @@ impl Pool {
     /// The active image `image` (of `format`, for `size` bytes) of a blank volume (no backing
     /// layers) that was handed to a writer, when it is now what a crash of the machine leaves
     /// of an empty image (`qcow2::Probe::lost_its_blocks`: no longer than an empty image and
-    /// no whole qcow2 header, or a raw file shorter than the volume): it held data, so it was
-    /// emptied or zeroed since (by hand, by a tool), never cut short by a crash; `None` when
+    /// no whole qcow2 header, or a raw file shorter than the volume that holds no data): it
+    /// held data, so it was emptied or zeroed since (by hand, by a tool), never cut short by a
+    /// crash; `None` when
     /// it is not (a missing image is `first_fault`'s). A `stat` and up to three small reads.
     /// Blocking.
     pub(crate) fn emptied(
@@ -1051,6 +1057,12 @@ impl Pool {
             return Ok(None);
         };
         if !found.lost_its_blocks(&path, format, size)? {
+            return Ok(None);
+        }
+        // A raw file shorter than the volume that still holds data was cut short, not
+        // emptied (a crash on a file system that does not keep the order of its writes, after
+        // an online expansion): `check_images` lengthens it, bytes kept.
+        if format == ImageFormat::Raw && !qcow2::holds_no_data(&path, format)? {
             return Ok(None);
         }
         Ok(Some(BrokenLayer {

@@ -784,7 +784,16 @@ impl Store {
             durable()?;
             let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
             apply(&mut index);
-            let freed = index.take_freed();
+            let mut freed = index.take_freed();
+            if index.unreadable() > 0 && !freed.is_empty() {
+                // An unreadable record's layers are not counted: what this commit freed may
+                // be under it. Left for the sweep of a start after it is mended or removed.
+                tracing::warn!(pool = %self.pool, layers = freed.len(),
+                    "not removing the layer files this change left unnamed: a record of the \
+                     pool is unreadable and may use them; the first start after it is \
+                     restored, mended or removed collects them");
+                freed.clear();
+            }
             if log.needs_reset() {
                 log.reset()?;
             }
