@@ -767,24 +767,75 @@ async fn the_sweep_leaves_a_layer_a_process_holds_open() {
     assert_pool_clean(&p.pool_dir());
 }
 
-/// The same rule where a commit frees a layer: DeleteVolume of a volume whose image a process
-/// still holds removes the record and leaves the image (a warning says why) until a start
-/// after the holder let go.
+/// DeleteVolume of a volume whose image a process outside the plugin holds open is refused
+/// (FAILED_PRECONDITION naming the image): deleting would forget a volume whose data is in
+/// use. Where a commit frees a layer some process holds (here DeleteSnapshot of a snapshot's
+/// layer a reader holds), the record goes and the file stays, a warning says why, until a
+/// start after the holder let go.
 #[tokio::test]
 async fn a_delete_leaves_the_image_a_process_holds_open() {
+    use virtdisk_test_support::calls::delete_snapshot;
+    use virtdisk_test_support::pool::snapshot_layer;
     use virtdisk_test_support::qemu::ImageHolder;
     let mut p = Plugin::start("controller", &[]).await;
     let vol = create_volume(&p, "busy", 64 * MIB, &[]).await.unwrap();
     let image = image_of(&p, &vol);
     let holder = ImageHolder::open(&image);
+    let e = delete_volume(&p, &vol).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(image.to_str().unwrap()),
+        "{}",
+        e.message()
+    );
+    assert!(record_of(&p, &vol).exists());
+    drop(holder);
+    let snap = snapshot(&p, "busy-s", &vol).await.unwrap();
     delete_volume(&p, &vol).await.unwrap();
-    assert!(!record_of(&p, &vol).exists());
-    assert!(image.exists(), "the held image was removed");
+    let layer = snapshot_layer(&p.pool_dir(), &snap);
+    let holder = ImageHolder::open(&layer);
+    delete_snapshot(&p, &snap).await.unwrap();
+    assert!(layer.exists(), "the held layer was removed");
     assert!(p.log().contains("a process holds it open"), "{}", p.log());
     drop(holder);
     p.restart().await;
-    assert!(!image.exists(), "collected once nothing holds it");
+    assert!(!layer.exists(), "collected once nothing holds it");
     assert_pool_clean(&p.pool_dir());
+}
+
+/// A record edited to name another volume's image (an operator "mending" a record that holds
+/// another volume's bytes by editing its id and name, which the advice says not to do) is
+/// unreadable: a volume's image files start with its own key. FAILED_PRECONDITION naming the
+/// record, and the pool collects nothing while it is, so the volume's own image stays; the
+/// other volume keeps working.
+#[tokio::test]
+async fn a_record_edited_to_name_another_volumes_image_is_not_a_second_owner() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let first = create_volume(&p, "first", 64 * MIB, &[]).await.unwrap();
+    let second = create_volume(&p, "second", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record_of(&p, &first)).unwrap()).unwrap();
+    rec["id"] = second.clone().into();
+    rec["name"] = "second".into();
+    std::fs::write(record_of(&p, &second), serde_json::to_vec(&rec).unwrap()).unwrap();
+    p.restart().await;
+
+    assert!(
+        image_of(&p, &second).exists(),
+        "the start collected the image of {second}, whose record was edited: {}",
+        p.log()
+    );
+    let got = p.controller().volume(&second).await;
+    let status = got.expect_err("a record that names another volume's image answered OK");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&record_of(&p, &second).display().to_string()),
+        "{status:?}"
+    );
+    p.controller().volume(&first).await.unwrap();
 }
 
 /// While a record of the pool is unreadable, a change that leaves layers unnamed does not

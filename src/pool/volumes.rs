@@ -878,8 +878,20 @@ fn materialize(
 /// Removes a locked volume's record in one commit (the layers nobody else names go with it);
 /// OK when it is already gone. Blocking.
 fn discard(lock: &VolumeLock) -> Result<()> {
-    if lock.pool.store.index()?.find_volume(lock.key)?.is_none() {
-        return Ok(());
+    let image = match lock.pool.store.index()?.find_volume(lock.key)? {
+        None => return Ok(()),
+        Some(v) => lock.pool.image_path(&v.image.to_string()),
+    };
+    // A process outside the plugin holds the volume's image open (QEMU and tools such as
+    // qemu-io lock what they use; the plugin's own attachments were checked before): deleting
+    // would forget a volume whose data that process still uses.
+    if super::store::file_is_locked(&image)? {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is in use: a process holds its image {} open (QEMU or another tool \
+             outside this plugin); stop it, then delete the volume",
+            lock.id,
+            image.display()
+        )));
     }
     lock.pool
         .store

@@ -115,7 +115,7 @@ pub(crate) struct VolumeHead<'a> {
     format: ImageFormat,
     capacity_bytes: u64,
     #[serde(borrow)]
-    image: Cow<'a, str>,
+    pub(crate) image: Cow<'a, str>,
     #[serde(default, borrow)]
     capabilities: Vec<CapabilityHead<'a>>,
     #[serde(default)]

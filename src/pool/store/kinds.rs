@@ -109,6 +109,22 @@ impl Kind {
                         head.id
                     )));
                 }
+                // A volume's active image is named after its own key (every way a volume gets
+                // one: create, restore, clone, snapshot, flattening). A record naming another
+                // volume's image (edited by hand to "mend" a copied record) would make a second
+                // owner of one writable image and leave its own image unnamed, collected.
+                let image_key = super::Layer::parse(&head.image).volume_key();
+                if image_key.is_some_and(|k| k != key) {
+                    return Err(Error::UnreadableRecord(format!(
+                        "record {} names image {:?}, which belongs to another volume (a \
+                         volume's image files start with its own key, {}): restore the record \
+                         from a backup. Two records must never name one image. While it is \
+                         unreadable the pool collects no unused image files",
+                        record(),
+                        head.image,
+                        self.file_key(key)
+                    )));
+                }
                 index.insert_volume(key, &head)
             }
             Kind::Snapshot => {
