@@ -299,27 +299,21 @@ pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
 /// [`Opened::NotRegular`] (its descriptor closed), also when it cannot be opened at all (a
 /// socket: ENXIO). On a regular file `O_NONBLOCK` changes nothing.
 ///
-/// A device node is never opened: a driver acts on open and close (a watchdog arms, a tape
-/// rewinds), whatever the flags. So the file is first looked at without opening it (an
-/// `O_PATH` descriptor, which no driver sees), and only a regular file is then opened, through
-/// that descriptor (`/proc/self/fd`): what is opened is what was looked at. Blocking.
+/// A device node is not opened: a driver acts on open and close (a watchdog arms, a tape
+/// rewinds), whatever the flags. So the file is first looked at by a `stat` (which no driver
+/// sees), and only a regular file is opened; the `fstat` after the open catches what was
+/// swapped in between (a device opened in that instant needs someone with write access to
+/// the pool's images/, who could do worse). A stat, an open and an fstat: cheaper than an
+/// `O_PATH` look and a reopen through `/proc` (ListVolumes does it per layer). Blocking.
 pub(crate) fn open_image(path: &Path, write: bool) -> std::io::Result<Opened> {
-    let looked = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(path);
-    let looked = match looked {
-        Ok(f) => f,
+    let kind = match std::fs::metadata(path) {
+        Ok(m) => m.file_type(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Opened::Missing),
         Err(e) => return Err(e),
     };
-    let kind = looked.metadata()?.file_type();
     if !kind.is_file() {
         return Ok(Opened::NotRegular(file_kind(kind)));
     }
-    let path =
-        Path::new("/proc/self/fd").join(std::os::fd::AsRawFd::as_raw_fd(&looked).to_string());
-    let path = path.as_path();
     let opened = OpenOptions::new()
         .read(true)
         .write(write)
