@@ -17,6 +17,10 @@ pub const ENV: &str = "VIRTDISK_FAILPOINT";
 /// processes sharing a pool use it to hold a lock while another process tries to take it.
 /// Arm points in blocking code (`exec::blocking`) only with it.
 pub const PAUSE_ENV: &str = "VIRTDISK_FAILPOINT_PAUSE_MS";
+/// With this set to a path as well, the pause ends as soon as that file exists (and at the
+/// latest after the milliseconds of [`PAUSE_ENV`]): a test checks what it must while the
+/// point is held, then releases it by creating the file, however slow the machine is.
+pub const RELEASE_ENV: &str = "VIRTDISK_FAILPOINT_RELEASE";
 
 /// Every point, in the order an operation reaches them. `tests/reliability_crash.rs` crashes
 /// at each of them; the unit test below keeps this list and the call sites in step.
@@ -108,6 +112,40 @@ fn pause_ms() -> Option<u64> {
     *PAUSE.get_or_init(|| std::env::var(PAUSE_ENV).ok().and_then(|v| v.parse().ok()))
 }
 
+/// The file whose existence ends a pause, read once.
+#[cfg(debug_assertions)]
+fn release_file() -> Option<&'static std::path::Path> {
+    static RELEASE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    RELEASE
+        .get_or_init(|| {
+            std::env::var_os(RELEASE_ENV)
+                .filter(|v| !v.is_empty())
+                .map(Into::into)
+        })
+        .as_deref()
+}
+
+/// Holds the calling thread at point `name`: `ms` milliseconds, or until the release file
+/// exists if one is named (at most `ms`).
+#[cfg(debug_assertions)]
+fn pause(name: &str, ms: u64) {
+    let limit = std::time::Duration::from_millis(ms);
+    let Some(release) = release_file() else {
+        eprintln!("failpoint {name}: pausing {ms} ms");
+        std::thread::sleep(limit);
+        return;
+    };
+    eprintln!(
+        "failpoint {name}: pausing until {} exists (at most {ms} ms)",
+        release.display()
+    );
+    let started = std::time::Instant::now();
+    while !release.exists() && started.elapsed() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    eprintln!("failpoint {name}: released");
+}
+
 #[cfg(debug_assertions)]
 #[doc(hidden)]
 pub(crate) fn hit(name: &'static str) {
@@ -117,8 +155,7 @@ pub(crate) fn hit(name: &'static str) {
     );
     if armed() == Some(name) {
         if let Some(ms) = pause_ms() {
-            eprintln!("failpoint {name}: pausing {ms} ms");
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+            pause(name, ms);
             return;
         }
         // Straight to stderr (the plugin's log): the tests check which point fired.

@@ -13,18 +13,38 @@
 //!
 //! The libvirt call is made long with the failpoint `libvirt.iotune-set` armed to pause (a
 //! debug build's `VIRTDISK_FAILPOINT_PAUSE_MS`): ControllerModifyVolume's blocking closure
-//! sleeps right after setting the disk's live I/O limits, as a slow libvirtd would keep it.
+//! sleeps right after setting the disk's live I/O limits, as a slow libvirtd would keep it,
+//! until the test releases it (`VIRTDISK_FAILPOINT_RELEASE`): what must happen during the
+//! pause is checked before the release, however slow the machine is.
 
 // Needs the libvirt backend; a --no-default-features build has none.
 #![cfg(feature = "libvirt")]
 
 use std::time::{Duration, Instant};
-use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
+use virtdisk_test_support::failpoint::Hold;
 use virtdisk_test_support::pool::volume_record;
 use virtdisk_test_support::prelude::*;
 
-/// How long the QoS change's libvirt closure is held.
-const PAUSE: Duration = Duration::from_secs(4);
+/// How long a call that must wait for a paused one is watched before the release: it must not
+/// have answered by then (a wrong answer comes in milliseconds).
+const WATCH: Duration = Duration::from_millis(500);
+
+/// Checks that `call` (a spawned RPC that must wait for a paused one) has not answered within
+/// `WATCH`, then releases the pause and returns its answer.
+async fn answered_after_release<T: std::fmt::Debug>(
+    call: tokio::task::JoinHandle<T>,
+    release: &Hold,
+    what: &str,
+) -> T {
+    tokio::time::sleep(WATCH).await;
+    assert!(
+        !call.is_finished(),
+        "{what} answered while the call it must wait for was paused: {:?}",
+        call.await
+    );
+    release.release();
+    call.await.expect("the call's task")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns() {
@@ -33,10 +53,8 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
         return;
     }
     let dom = TestDomain::start("cancel", 3);
-    let pause = PAUSE.as_millis().to_string();
-    let launch =
-        Plugin::launch("controller").env(&[(ENV, "libvirt.iotune-set"), (PAUSE_ENV, &pause)]);
-    let p = launch.readable_by_qemu().start().await;
+    let release = Hold::new("libvirt.iotune-set");
+    let p = paused_at(&release).await;
     // Two volumes, the first attached to the domain: the per-volume operation guard must not
     // be what serializes the two calls below; the domain's lock must.
     let mut vols = Vec::new();
@@ -52,7 +70,6 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
         .expect("publish");
 
     // The QoS change reaches its (paused) libvirt closure; the client gives up meanwhile.
-    let started = Instant::now();
     let mut controller = p.controller();
     let modify = controller.controller_modify_volume(csi::ControllerModifyVolumeRequest {
         volume_id: vol.clone(),
@@ -61,27 +78,16 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
     });
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
     assert!(gave_up.is_err(), "the QoS change returned during the pause");
-    assert!(
-        p.log().contains("failpoint libvirt.iotune-set: pausing"),
-        "the QoS change did not reach its libvirt call within 1.5 s"
-    );
+    p.wait_paused("libvirt.iotune-set", 1).await;
 
     // Attaching the other volume to the same domain waits until the cancelled call's closure
     // has returned, not just until the RPC was cancelled.
-    p.controller()
-        .publish(publish_req(&other, &dom.uuid))
+    let mut c = p.controller();
+    let req = publish_req(&other, &dom.uuid);
+    let second = tokio::spawn(async move { c.controller_publish_volume(req).await });
+    answered_after_release(second, &release, "the second call on the domain")
         .await
         .expect("the second call succeeds once the first call returned");
-    let waited = started.elapsed();
-    eprintln!(
-        "second call answered {} ms after the first call began (its closure pauses {} ms)",
-        waited.as_millis(),
-        PAUSE.as_millis()
-    );
-    assert!(
-        waited >= PAUSE,
-        "the second call ran while the cancelled call's libvirt closure still held the domain"
-    );
     // The cancelled call did finish its work.
     let serial = serial_of(&vol);
     assert_eq!(
@@ -90,18 +96,24 @@ async fn a_cancelled_rpc_keeps_the_domain_locked_until_its_libvirt_call_returns(
     );
 }
 
-/// A controller whose libvirt step `point` pauses `pause` each time it is reached.
-async fn paused_at(point: &str, pause: Duration) -> Plugin {
-    let pause = pause.as_millis().to_string();
-    let launch = Plugin::launch("controller").env(&[(ENV, point), (PAUSE_ENV, &pause)]);
-    launch.readable_by_qemu().start().await
+/// A controller whose step `hold` pauses each time it is reached, until released.
+async fn paused_at(hold: &Hold) -> Plugin {
+    Plugin::launch("controller")
+        .env(&hold.env())
+        .readable_by_qemu()
+        .start()
+        .await
 }
 
 /// A domain, a controller whose libvirt step `point` pauses, and a volume `tag`, published
 /// to the domain when `publish`.
-async fn volume_on_paused(tag: &str, point: &str, publish: bool) -> (TestDomain, Plugin, String) {
+async fn volume_on_paused(
+    tag: &str,
+    publish: bool,
+    release: &Hold,
+) -> (TestDomain, Plugin, String) {
     let dom = TestDomain::start(tag, 3);
-    let p = paused_at(point, PAUSE).await;
+    let p = paused_at(release).await;
     let vol = p.controller().create(create_req(tag, 64 * MIB)).await;
     let vol = vol.expect("create").volume_id;
     if publish {
@@ -130,9 +142,9 @@ async fn a_cancelled_modify_keeps_the_volume_locked_until_it_is_done() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let (dom, p, vol) = volume_on_paused("cancel-mod", "libvirt.iotune-set", true).await;
+    let release = Hold::new("libvirt.iotune-set");
+    let (dom, p, vol) = volume_on_paused("cancel-mod", true, &release).await;
 
-    let started = Instant::now();
     let mut c = p.controller();
     let modify = c.controller_modify_volume(modify_req(&vol, "700"));
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
@@ -152,10 +164,7 @@ async fn a_cancelled_modify_keeps_the_volume_locked_until_it_is_done() {
     expect_code(unpublish, Code::Aborted, "unpublish during the change");
     let delete = p.controller().delete(&vol).await;
     expect_code(delete, Code::Aborted, "delete during the change");
-    assert!(
-        started.elapsed() < PAUSE,
-        "the checks took longer than the pause"
-    );
+    release.release();
 
     // The cancelled change completes: on the disk, and in the record.
     let serial = serial_of(&vol);
@@ -197,9 +206,9 @@ async fn a_cancelled_publish_completes_and_its_retry_gets_its_answer() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let (dom, p, vol) = volume_on_paused("cancel-pub", "libvirt.attached", false).await;
+    let release = Hold::new("libvirt.attached");
+    let (dom, p, vol) = volume_on_paused("cancel-pub", false, &release).await;
 
-    let started = Instant::now();
     let mut c = p.controller();
     let publish = c.controller_publish_volume(publish_req(&vol, &dom.uuid));
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), publish).await;
@@ -211,16 +220,11 @@ async fn a_cancelled_publish_completes_and_its_retry_gets_its_answer() {
         .unpublish(unpublish_req(&vol, &dom.uuid))
         .await;
     expect_code(unpublish, Code::Aborted, "unpublish during the publish");
-    assert!(
-        started.elapsed() < PAUSE,
-        "the check took longer than the pause"
-    );
-    let retry = p.controller().publish(publish_req(&vol, &dom.uuid)).await;
+    let mut c = p.controller();
+    let req = publish_req(&vol, &dom.uuid);
+    let retry = tokio::spawn(async move { c.publish(req).await });
+    let retry = answered_after_release(retry, &release, "the retried publish").await;
     let ctx = retry.expect("the retried publish gets the first one's answer");
-    assert!(
-        started.elapsed() >= PAUSE,
-        "the retry answered before the attach was done"
-    );
     assert!(
         p.log().contains("an identical request is in flight"),
         "the retry did not wait for the first publish"
@@ -251,11 +255,11 @@ async fn identical_unpublishes_in_flight_share_one_detach() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let (dom, p, vol) = volume_on_paused("dup-unpub", "libvirt.detach-requested", true).await;
+    let release = Hold::new("libvirt.detach-requested");
+    let (dom, p, vol) = volume_on_paused("dup-unpub", true, &release).await;
     let serial = serial_of(&vol);
     assert!(dom.live_disk(&serial).is_some());
 
-    let started = Instant::now();
     let calls: Vec<_> = (0..2)
         .map(|_| {
             let mut c = p.controller();
@@ -274,16 +278,17 @@ async fn identical_unpublishes_in_flight_share_one_detach() {
     );
     let publish = p.controller().publish(publish_req(&vol, &dom.uuid)).await;
     expect_code(publish, Code::Aborted, "publish during the detach");
+    tokio::time::sleep(WATCH).await;
+    assert!(
+        calls.iter().all(|c| !c.is_finished()),
+        "an unpublish answered while the detach was paused"
+    );
+    release.release();
     for call in calls {
         call.await
             .unwrap()
             .expect("both identical unpublishes succeed");
     }
-    eprintln!(
-        "identical unpublishes answered after {} ms (the detach pauses {} ms)",
-        started.elapsed().as_millis(),
-        PAUSE.as_millis()
-    );
     assert!(
         dom.live_disk(&serial).is_none(),
         "the disk is still attached"
@@ -306,7 +311,8 @@ async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let p = paused_at("group.members-recorded", PAUSE).await;
+    let release = Hold::new("group.members-recorded");
+    let p = paused_at(&release).await;
     let mut ids = Vec::new();
     for name in ["grp-cancel-a", "grp-cancel-b"] {
         let v = p.controller().create(create_req(name, 8 * MIB)).await;
@@ -315,7 +321,6 @@ async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
     let members: Vec<&str> = ids.iter().map(String::as_str).collect();
     let req = group_snapshot_req("grp-cancel", &members);
 
-    let started = Instant::now();
     let mut g = p.group_controller();
     let create = g.create_volume_group_snapshot(req.clone());
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), create).await;
@@ -336,17 +341,11 @@ async fn a_cancelled_group_snapshot_completes_and_its_retry_gets_its_answer() {
         Code::Aborted,
         "expanding a member during its group snapshot",
     );
-    assert!(
-        started.elapsed() < PAUSE,
-        "the check took longer than the pause"
-    );
 
-    let retry = p.group_controller().create_group(req).await;
+    let mut g = p.group_controller();
+    let retry = tokio::spawn(async move { g.create_group(req).await });
+    let retry = answered_after_release(retry, &release, "the retried group snapshot").await;
     let group = retry.expect("the retried group snapshot gets the first one's answer");
-    assert!(
-        started.elapsed() >= PAUSE,
-        "the retry answered before the group was made"
-    );
     assert!(group.ready_to_use);
     assert_eq!(group.snapshots.len(), 2);
     assert_eq!(
@@ -366,7 +365,8 @@ async fn sigterm_waits_for_a_change_whose_client_gave_up() {
         eprintln!("SKIPPED: failpoints exist in debug builds only");
         return;
     }
-    let (dom, mut p, vol) = volume_on_paused("cancel-term", "libvirt.iotune-set", true).await;
+    let release = Hold::new("libvirt.iotune-set");
+    let (dom, mut p, vol) = volume_on_paused("cancel-term", true, &release).await;
     let mut c = p.controller();
     let modify = c.controller_modify_volume(modify_req(&vol, "700"));
     let gave_up = tokio::time::timeout(Duration::from_millis(1500), modify).await;
@@ -380,6 +380,13 @@ async fn sigterm_waits_for_a_change_whose_client_gave_up() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
+    // The shutdown waits for the change: still running while it is paused.
+    let early = p.wait_exit(WATCH).await;
+    assert!(
+        early.is_none(),
+        "exited during the paused change: {early:?}"
+    );
+    release.release();
     let status = p.wait_exit(Duration::from_secs(30)).await;
     let took = asked.elapsed();
     let log = p.log();

@@ -96,11 +96,26 @@ fn hold_write_lock(overlay: &Path) -> LockHolder {
         r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
         overlay.display()
     );
-    let holder = Command::new("qemu-io")
+    let mut holder = Command::new("qemu-io")
         .args(["-c", "sleep 20000", &spec])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Held once qemu-io has opened the image, however long it takes to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !virtdisk_test_support::qemu::is_locked(overlay) {
+        if let Ok(Some(status)) = holder.try_wait() {
+            panic!(
+                "qemu-io exited ({status}) before it locked {}",
+                overlay.display()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-io did not lock {} within 30 s",
+            overlay.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     LockHolder(holder)
 }
 

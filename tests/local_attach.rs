@@ -527,14 +527,22 @@ async fn a_stopped_daemon_is_reported_not_waited_for() {
         first.abnormal && first.message.contains("storage daemon not answering"),
         "{first:?}"
     );
-    // The hung probe is outstanding: the next calls do not wait for it.
-    let (again, took) = listed_condition(&env, &vol).await;
+    // The hung probe is outstanding: the next calls do not wait for it. One that waited would
+    // take the probe's 2 s every time: the quickest of three tells, whatever the load.
+    let mut quickest = Duration::MAX;
+    for _ in 0..3 {
+        let (again, took) = listed_condition(&env, &vol).await;
+        assert!(again.abnormal, "{again:?}");
+        quickest = quickest.min(took);
+    }
     eprintln!(
         "ListVolumes again (probe outstanding): {} ms",
-        took.as_millis()
+        quickest.as_millis()
     );
-    assert!(again.abnormal, "{again:?}");
-    assert!(took < Duration::from_secs(2), "waited {took:?} again");
+    assert!(
+        quickest < Duration::from_secs(2),
+        "waited {quickest:?} again"
+    );
     let got = env
         .plugin
         .controller()

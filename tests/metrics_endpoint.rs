@@ -8,8 +8,11 @@ use virtdisk_test_support::prelude::*;
 
 const SECRET: &str = "vdt-ops-s3cr3t-value";
 
+/// The whole JSON lines of `log` (the plugin may be writing its last one now).
 fn json_lines(log: &str) -> Vec<Value> {
-    log.lines()
+    let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+    whole
+        .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON log line ({e}): {l}")))
         .collect()

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::*;
+use virtdisk_test_support::failpoint::Hold;
 use virtdisk_test_support::pool::{
     assert_index_matches_pool, assert_pool_clean, snapshot_record, volume_image, PoolView,
 };
@@ -81,8 +82,8 @@ async fn two_processes_creating_one_name_make_one_volume() {
     }
 
     // A holds the name (paused after writing the image): B is refused, then gets A's volume.
-    a.restart_with_env(&[(ENV, "create.image-made"), (PAUSE_ENV, "2000")])
-        .await;
+    let hold = Hold::new("create.image-made");
+    a.restart_with_env(&hold.env()).await;
     let ch = a.channel.clone();
     let first = tokio::spawn(async move {
         csi::controller_client::ControllerClient::new(ch)
@@ -93,6 +94,7 @@ async fn two_processes_creating_one_name_make_one_volume() {
     a.wait_paused("create.image-made", 1).await;
     let refused = create_volume(&b, "held", 16 * MIB, &[]).await;
     assert_eq!(code(&refused), Code::Aborted, "{refused:?}");
+    hold.release();
     let id = first.await.unwrap().unwrap();
     assert_eq!(create_volume(&b, "held", 16 * MIB, &[]).await.unwrap(), id);
     assert!(list_volumes(&b).await.contains_key(&id));
@@ -133,8 +135,8 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
 
     // A holds the volume (a snapshot paused after making its overlay): everything B tries on
     // the volume is refused, then works once A is done, on A's result.
-    a.restart_with_env(&[(ENV, "freeze.overlay-made"), (PAUSE_ENV, "2000")])
-        .await;
+    let hold = Hold::new("freeze.overlay-made");
+    a.restart_with_env(&hold.env()).await;
     let ch = a.channel.clone();
     let v = vol.clone();
     let first = tokio::spawn(async move {
@@ -155,6 +157,7 @@ async fn two_processes_on_one_volume_take_turns_and_never_corrupt_it() {
         code(&create_from(&b, "clone-b", from_volume(&vol)).await),
         Code::Aborted
     );
+    hold.release();
     let snap_a = first.await.unwrap().unwrap();
     a.restart().await;
     write_pattern(&volume_image(&pool, &vol), 0x22, 0, M);
@@ -285,8 +288,8 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
 
     // A holds a group being cut (paused with its members recorded, the group not yet Ready):
     // B is refused the name and both volumes, and sees no member yet; then B sees A's group.
-    a.restart_with_env(&[(ENV, "group.members-recorded"), (PAUSE_ENV, "2000")])
-        .await;
+    let hold = Hold::new("group.members-recorded");
+    a.restart_with_env(&hold.env()).await;
     let (ch, xs, ys) = (a.channel.clone(), x.clone(), y.clone());
     let first = tokio::spawn(async move { create_group_on(ch, "held", &[&xs, &ys]).await });
     a.wait_paused("group.members-recorded", 1).await;
@@ -311,6 +314,7 @@ async fn two_processes_make_one_group_per_name_and_see_each_others_groups() {
             "{member} listed before its group is ready"
         );
     }
+    hold.release();
     let id = first.await.unwrap().unwrap();
     assert_eq!(id, held_id);
     a.restart().await;

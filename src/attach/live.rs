@@ -243,7 +243,8 @@ impl Attachments {
         for (h, f) in held.iter_mut().zip(freezes) {
             h.freeze = f;
         }
-        let frozen_at = Instant::now();
+        // tokio's clock (the system's, outside tests): the unit tests run on a paused one.
+        let frozen_at = tokio::time::Instant::now();
 
         // 2. Several nodes: pause them all, so that none writes while the others are cut.
         if held.len() > 1 {
@@ -274,7 +275,7 @@ impl Attachments {
 
         // 3. Cut every node, in parallel, each in one operation; held at most `timeout`.
         let cut_at = SystemTime::now();
-        let cut_started = Instant::now();
+        let cut_started = tokio::time::Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (i, (n, h)) in plan.iter().zip(&held).enumerate() {
             let (backend, node, members) =
@@ -282,11 +283,11 @@ impl Attachments {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let done = backend.snapshot_live(&node, &members).await;
-                let _ = tx.send((i, done, Instant::now()));
+                let _ = tx.send((i, done, tokio::time::Instant::now()));
             });
         }
         drop(tx);
-        let mut results: Vec<Option<(Result<()>, Instant)>> =
+        let mut results: Vec<Option<(Result<()>, tokio::time::Instant)>> =
             std::iter::repeat_with(|| None).take(plan.len()).collect();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pending = plan.len();
@@ -308,7 +309,7 @@ impl Attachments {
                  guests before it ends"
             );
         }
-        let released_at = Instant::now();
+        let released_at = tokio::time::Instant::now();
         self.release(&held).await;
         while pending > 0 {
             let Some((i, done, ended)) = rx.recv().await else {
@@ -337,7 +338,7 @@ impl Attachments {
                          back when the volumes are next used",
                         h.node_id
                     ))),
-                    Instant::now(),
+                    tokio::time::Instant::now(),
                 )
             });
             let in_window = ended <= released_at;
@@ -802,7 +803,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    // On tokio's paused clock: the fake's delays and the timeouts are exact, whatever the load.
+    #[tokio::test(start_paused = true)]
     async fn a_freeze_that_hangs_is_given_up_and_thawed_when_it_completes() {
         let slow = Behaviour {
             agent: true,
@@ -811,7 +813,7 @@ mod tests {
         };
         let fake = Fake::with(&[("a", slow)]);
         let a = attachments(&fake, SHORT, None);
-        let t = Instant::now();
+        let t = tokio::time::Instant::now();
         let out = a.snapshot_live_together(plan(&["a"])).await.unwrap();
         assert!(
             t.elapsed() < Duration::from_millis(700),
@@ -876,7 +878,8 @@ mod tests {
         assert!(fake.index("thaw a") > fake.index("frozen a"));
     }
 
-    #[tokio::test]
+    // On tokio's paused clock: the fake's delays and the timeouts are exact, whatever the load.
+    #[tokio::test(start_paused = true)]
     async fn cuts_of_several_nodes_past_the_timeout_are_not_together() {
         let slow = Behaviour {
             snapshot_takes: Duration::from_millis(600),
@@ -892,10 +895,15 @@ mod tests {
             "released at the timeout: {:?}",
             fake.log()
         );
-        assert!(out.held < Duration::from_millis(550), "{:?}", out.held);
+        assert!(
+            out.held >= SHORT && out.held < Duration::from_millis(550),
+            "{:?}",
+            out.held
+        );
     }
 
-    #[tokio::test]
+    // On tokio's paused clock: the fake's delays and the timeouts are exact, whatever the load.
+    #[tokio::test(start_paused = true)]
     async fn a_dropped_caller_does_not_leave_the_guest_frozen() {
         let slow_cut = Behaviour {
             agent: true,
@@ -915,7 +923,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    // On tokio's paused clock: the fake's delays and the timeouts are exact, whatever the load.
+    #[tokio::test(start_paused = true)]
     async fn a_restarted_controller_releases_what_a_marker_names() {
         let fake = Fake::with(&[("a", Behaviour::default()), ("b", Behaviour::default())]);
         let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 //! | [`calls`] | one-line controller calls by name and id, for scenario tests |
 //! | [`virsh`] | `virsh` on `qemu:///system`, libvirtd started if it is not running, and a mute one |
 //! | [`domain`] | [`TestDomain`]: a throwaway KVM domain (no OS) to hot-plug into, on any libvirtd, following live migrations |
+//! | [`failpoint`] | [`failpoint::Hold`]: a debug build's failpoint that pauses until the test releases it |
 //! | [`second_libvirtd`] | [`second_libvirtd::SecondLibvirtd`]: a second, independent libvirtd (a second hypervisor host) in its own mount namespace |
 //! | [`qemu`] | qemu-img and qemu-io on images: info, check, create, data patterns |
 //! | [`pool`] | a pool directory's on-disk truth (records, layers) and its invariants |
@@ -39,6 +40,7 @@
 
 pub mod calls;
 pub mod domain;
+pub mod failpoint;
 pub mod guestbed;
 pub mod local_attach;
 pub mod metrics;

@@ -77,9 +77,11 @@ impl Launch {
 
     /// Environment variables of the first process only: [`Plugin::restart`] starts the same
     /// command line without them (e.g. `VIRTDISK_FAILPOINT`, `RUST_LOG=trace`).
-    pub fn env(mut self, env: &[(&str, &str)]) -> Launch {
-        self.env
-            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    pub fn env(mut self, env: &[(impl AsRef<str>, impl AsRef<str>)]) -> Launch {
+        self.env.extend(
+            env.iter()
+                .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string())),
+        );
         self
     }
 
@@ -333,18 +335,21 @@ impl Plugin {
     /// Starts the same command line again (stopping it first if it runs), without the
     /// launch's extra environment; returns spawn → serving.
     pub async fn restart(&mut self) -> Duration {
-        self.restart_with_env(&[]).await
+        self.restart_with_env(&[] as &[(&str, &str)]).await
     }
 
     /// Stops the plugin (if running) and starts the same command line with extra environment
     /// variables; a later [`Plugin::restart`] goes back to the plain environment.
-    pub async fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Duration {
+    pub async fn restart_with_env(
+        &mut self,
+        env: &[(impl AsRef<str>, impl AsRef<str>)],
+    ) -> Duration {
         if self.child.is_some() {
             self.stop();
         }
         let env: Vec<(String, String)> = env
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
             .collect();
         self.spawn(&env).await;
         self.started_in
