@@ -109,7 +109,7 @@ mod sequence {
         /// NodePublish. `pod` names the target path. Records attach → visible → mounted.
         async fn place(&mut self, vol: &Volume, guest: &Guest, pod: &str, label: &str) -> Placed {
             let node_id = node_id(guest).await;
-            let mark = guest.console_mark();
+            let mark = guest.mark();
             let t = Instant::now();
             let req = csi::ControllerPublishVolumeRequest {
                 volume_capability: Some(vol.cap.clone()),
@@ -251,7 +251,7 @@ mod sequence {
                 .await;
             assert_eq!(mounted.trim(), "0", "{} is unmounted", placed.staging);
 
-            let mark = guest.console_mark();
+            let mark = guest.mark();
             let t = Instant::now();
             let req = unpublish_req(&vol.id, &placed.node_id);
             let r = self.controller.controller().unpublish(req).await;
@@ -558,7 +558,7 @@ mod sequence {
                     "the restored ext4 member needs no journal replay: {features}"
                 );
             }
-            let mark = a.console_mark();
+            let mark = a.mark();
             let placed = co
                 .place(
                     &vol,

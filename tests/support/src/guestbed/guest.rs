@@ -62,11 +62,13 @@ pub struct Guest {
     seen: Vec<String>,
     dir: tempfile::TempDir,
     console: PathBuf,
+    /// The tests' serial port (`vdt:` and `vdt-block` lines only; see `xml::DomainSpec`).
+    events: PathBuf,
     port: u16,
     exec_port: u16,
     channel: Channel,
-    /// Console offset where the current boot began.
-    boot_mark: usize,
+    /// Where the current boot began.
+    boot_mark: Mark,
     pub timeline: Timeline,
 }
 
@@ -99,6 +101,7 @@ impl Guest {
         // QEMU (another user) writes the console log and opens disk images in here.
         crate::open_for_qemu(dir.path());
         let console = dir.path().join("console.log");
+        let events = dir.path().join("events.log");
         let domain_xml = xml::domain(&DomainSpec {
             name: &full,
             memory_mib: opts.memory_mib,
@@ -106,6 +109,7 @@ impl Guest {
             initrd: &bed.initrd,
             cmdline: &format!("VDT_RUST_LOG={}", opts.rust_log),
             console_log: &console,
+            events_log: &events,
             hotplug_ports: opts.hotplug_ports,
             oem_strings: &opts.oem_strings,
         });
@@ -126,9 +130,10 @@ impl Guest {
             seen: vec![bed.uri.clone()],
             dir,
             console,
+            events,
             port: 0,
             exec_port: 0,
-            boot_mark: 0,
+            boot_mark: Mark::default(),
             // Replaced once the port forward exists.
             channel: Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
             timeline: Timeline::new(format!("guest {full}")),
@@ -139,7 +144,7 @@ impl Guest {
 
     /// `virsh start`, port forward, wait for the node plugin.
     async fn start(&mut self, opts: &GuestOptions) {
-        let mark = self.console_mark();
+        let mark = self.mark();
         self.timeline.mark("virsh start");
         self.virsh(&["start", &self.name])
             .await
@@ -225,7 +230,7 @@ impl Guest {
     }
 
     /// Marks the boot milestones /init prints, then probes the plugin until it answers.
-    async fn wait_for_plugin(&mut self, since: usize, timeout: Duration) {
+    async fn wait_for_plugin(&mut self, since: Mark, timeout: Duration) {
         self.boot_mark = since;
         let deadline = Instant::now() + timeout;
         let milestones = [
@@ -236,11 +241,13 @@ impl Guest {
         let mut next = 0;
         let mut last_state_check = Instant::now();
         loop {
-            let log = self.console_since(since);
-            while let Some(line) = milestones
-                .get(next)
-                .and_then(|(prefix, _)| log.lines().find(|l| l.starts_with(prefix)))
-            {
+            let events = self.events_since(since);
+            while let Some(line) = milestones.get(next).and_then(|(prefix, _)| {
+                events
+                    .lines()
+                    .map(str::trim_end)
+                    .find(|l| l.starts_with(prefix))
+            }) {
                 let uptime = line
                     .rsplit_once("(uptime ")
                     .map(|(_, u)| u.trim_end_matches(')'))
@@ -249,7 +256,7 @@ impl Guest {
                     .mark(format!("{} (guest uptime {uptime} s)", milestones[next].1));
                 next += 1;
             }
-            if log.contains("Kernel panic") {
+            if self.console_since(since).contains("Kernel panic") {
                 self.fail("the guest kernel panicked");
             }
             if Instant::now() > deadline {
@@ -338,17 +345,29 @@ impl Guest {
         String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
     }
 
-    /// The current end of the console log: pass it to the `wait_*` methods to see only what
-    /// comes after an action.
-    pub fn console_mark(&self) -> usize {
-        std::fs::metadata(&self.console)
-            .map(|m| m.len() as usize)
-            .unwrap_or(0)
+    /// The current ends of the console and of the tests' event lines: pass it to the `wait_*`
+    /// methods to see only what comes after an action.
+    pub fn mark(&self) -> Mark {
+        let end = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len() as usize);
+        Mark {
+            console: end(&self.console),
+            events: end(&self.events),
+        }
     }
 
-    pub fn console_since(&self, mark: usize) -> String {
-        let bytes = std::fs::read(&self.console).unwrap_or_default();
-        String::from_utf8_lossy(bytes.get(mark..).unwrap_or_default()).into_owned()
+    /// The console after `mark`.
+    pub fn console_since(&self, mark: Mark) -> String {
+        tail_of(&self.console, mark.console)
+    }
+
+    /// The `vdt:` and `vdt-block` lines after `mark`.
+    pub fn events_since(&self, mark: Mark) -> String {
+        tail_of(&self.events, mark.events)
+    }
+
+    /// Every `vdt:` and `vdt-block` line so far (all boots).
+    pub fn events(&self) -> String {
+        self.events_since(Mark::default())
     }
 
     pub fn console_tail(&self, lines: usize) -> String {
@@ -357,21 +376,23 @@ impl Guest {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Waits for a console line after `mark` that satisfies `matches`; returns it.
-    pub async fn wait_console(
+    /// Waits for a `vdt:` or `vdt-block` line after `mark` that satisfies `matches`; returns it
+    /// (without its line end).
+    pub async fn wait_event(
         &self,
-        mark: usize,
+        mark: Mark,
         what: &str,
         timeout: Duration,
         matches: impl Fn(&str) -> bool,
     ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.console_since(mark).lines().find(|l| matches(l)) {
+            let events = self.events_since(mark);
+            if let Some(line) = events.lines().map(str::trim_end).find(|l| matches(l)) {
                 return line.to_string();
             }
             if Instant::now() > deadline {
-                self.fail(&format!("no console line for {what} within {timeout:?}"));
+                self.fail(&format!("no event line for {what} within {timeout:?}"));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -379,10 +400,10 @@ impl Guest {
 
     /// Waits until the guest kernel reports a disk with `serial` (after `mark`): hot-plugged,
     /// or present at boot. Returns its kernel name (`vdb`, `sda`, …).
-    pub async fn wait_disk_added(&self, mark: usize, serial: &str) -> String {
+    pub async fn wait_disk_added(&self, mark: Mark, serial: &str) -> String {
         let needle = format!(" serial={serial} ");
         let line = self
-            .wait_console(
+            .wait_event(
                 mark,
                 &format!("disk {serial} added"),
                 Duration::from_secs(60),
@@ -399,13 +420,13 @@ impl Guest {
     }
 
     /// Waits until the guest kernel reports that `disk` (a kernel name) went away.
-    pub async fn wait_disk_removed(&self, mark: usize, disk: &str) {
+    pub async fn wait_disk_removed(&self, mark: Mark, disk: &str) {
         let expected = format!("vdt-block remove {disk}");
-        self.wait_console(
+        self.wait_event(
             mark,
             &format!("disk {disk} removed"),
             Duration::from_secs(60),
-            |l| l.trim_end() == expected,
+            |l| l == expected,
         )
         .await;
     }
@@ -469,7 +490,7 @@ impl Guest {
     /// Waits for /init's check that every packed tool finds its shared libraries in the guest.
     pub async fn assert_tools_load(&self) {
         let line = self
-            .wait_console(
+            .wait_event(
                 self.boot_mark,
                 "the tools check",
                 Duration::from_secs(60),
@@ -596,7 +617,7 @@ impl Guest {
     /// Hard reset (same QEMU process: live-attached disks and the port forward stay); waits
     /// for the node plugin again.
     pub async fn reset(&mut self) {
-        let mark = self.console_mark();
+        let mark = self.mark();
         self.timeline.mark("virsh reset");
         self.virsh(&["reset", &self.name])
             .await
@@ -612,7 +633,7 @@ impl Guest {
     pub async fn reboot(&mut self) {
         let boot_id = "cat /proc/sys/kernel/random/boot_id";
         let before = self.sh(boot_id).await;
-        let mark = self.console_mark();
+        let mark = self.mark();
         self.timeline.mark("reboot -f in the guest");
         // In the background, so the command channel answers before the machine resets.
         self.sh("sync; (sleep 0.2; reboot -f) </dev/null >/dev/null 2>&1 &")
@@ -684,6 +705,19 @@ impl Drop for Guest {
             destroy_and_undefine(uri, &self.name);
         }
     }
+}
+
+/// Where a guest's output stood at a moment (byte offsets into its logs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mark {
+    console: usize,
+    events: usize,
+}
+
+/// `path` from byte `from` on (empty if it is not there yet).
+fn tail_of(path: &Path, from: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(bytes.get(from..).unwrap_or_default()).into_owned()
 }
 
 fn free_port() -> u16 {

@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # /init of the virtdisk-csi test guest. Runs from the initramfs (no root disk) and never exits.
-# Lines starting with "vdt:" and "vdt-block" on the console are read by tests/guestbed.
+# Lines starting with "vdt:" and "vdt-block" are read by tests/guestbed from the second serial
+# port (/dev/ttyS1), which only user space writes to; they are copied to the console for people.
 /bin/busybox mkdir -p /dev /proc /sys /run /tmp
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 exec </dev/null >/dev/console 2>&1
@@ -14,10 +15,15 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 
-say() { echo "vdt: $* (uptime $(cut -d' ' -f1 /proc/uptime))"; }
+# One line for the tests: each copy is one write(2), so lines from several processes never mix.
+event() {
+    echo "$*" >/dev/console
+    echo "$*" >/dev/ttyS1
+}
+say() { event "vdt: $* (uptime $(cut -d' ' -f1 /proc/uptime))"; }
 say "init started"
 
-# Report whole-disk add/remove events on the console; started before the drivers load so the
+# Report whole-disk add/remove events; started before the drivers load so the
 # disks present at boot are reported as well.
 uevent /sbin/vdt-block-event &
 while read -r module; do
@@ -26,7 +32,7 @@ done </etc/vdt/modules
 say "modules loaded"
 for disk in /sys/block/*; do
     [ -e "$disk/device" ] &&
-        echo "vdt-block present ${disk##*/} serial=$(/sbin/vdt-disk-serial "${disk##*/}") size=$(cat "$disk/size")"
+        event "vdt-block present ${disk##*/} serial=$(/sbin/vdt-disk-serial "${disk##*/}") size=$(cat "$disk/size")"
 done
 
 # qemu-guest-agent on the virtio-serial port libvirt names org.qemu.guest_agent.0 (no udev, so

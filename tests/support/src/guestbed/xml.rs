@@ -56,6 +56,10 @@ pub struct DomainSpec<'a> {
     /// Extra kernel parameters (`key=value` without a dot reach /init's environment).
     pub cmdline: &'a str,
     pub console_log: &'a Path,
+    /// What /init and its helpers print for the tests to read (`vdt:` and `vdt-block` lines),
+    /// on a second serial port (`ttyS1`) that the kernel never writes to: on the console, a
+    /// kernel message can land in the middle of a line.
+    pub events_log: &'a Path,
     /// PCIe root ports left free for virtio-blk hot-plug.
     pub hotplug_ports: u32,
     /// SMBIOS OEM strings (type 11), e.g. `topology.virtdisk.csi.io/host=hv1`.
@@ -106,6 +110,7 @@ pub fn domain(spec: &DomainSpec) -> String {
 {ports}    <controller type='scsi' model='virtio-scsi' index='0'/>
     <interface type='user'><model type='virtio'/></interface>
     <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
+    <serial type='file'><source path='{events}' append='on'/><target port='1'/></serial>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='none'/>
@@ -118,6 +123,7 @@ pub fn domain(spec: &DomainSpec) -> String {
         initrd = path(spec.initrd),
         cmdline = escape(spec.cmdline),
         console = path(spec.console_log),
+        events = path(spec.events_log),
     )
     .unwrap();
     xml
