@@ -282,6 +282,45 @@ async fn volumes_of_two_domains_and_an_unattached_one_share_one_point() {
     assert_pool_clean(&p.pool_dir());
 }
 
+/// The writer the group tests rely on writes as a guest does: nothing lands while its domain
+/// is paused (HMP's `qemu-io` alone would write to a paused domain, and then a group of
+/// paused domains would not be one point of its writes), and it goes on once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_writes_nothing_while_its_domain_is_paused() {
+    let dom = TestDomain::with_guest_agent("gwpause");
+    let p = controller().await;
+    let v = create(&p, "gw-0", &[]).await;
+    p.controller()
+        .publish(publish_req(&v, &dom.uuid))
+        .await
+        .expect("publish");
+    let seq = Sequence::new(1, BLOCK);
+    let writer = MonitorWriter::start(seq, vec![dom.monitor_disk(&serial_of(&v))]);
+    writer.wait_for(2).await;
+    dom.virsh_ok(&["suspend", &dom.name]);
+    // At most the write whose check came before the pause lands after it.
+    let paused_at = writer.done();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let while_paused = writer.done() - paused_at;
+    dom.virsh_ok(&["resume", &dom.name]);
+    writer.wait_for(paused_at + 3).await;
+    let total = writer.stop();
+    eprintln!("writes done while the domain was paused for 500 ms: {while_paused}");
+    assert!(
+        while_paused <= 1,
+        "{while_paused} writes landed while the domain was paused"
+    );
+    p.controller()
+        .unpublish(unpublish_req(&v, &dom.uuid))
+        .await
+        .expect("unpublish");
+    // Detached, so QEMU flushed it: every write the writer counted is in the image.
+    assert_eq!(
+        seq.written_blocks(&volume_image(&p.pool_dir(), &v), 1024),
+        total
+    );
+}
+
 /// The RPCs' contract, on volumes nobody writes: idempotent by name (volumes in any order),
 /// ALREADY_EXISTS for another set, the spec's codes, listing with the group's id, restores
 /// that outlive the group.

@@ -140,6 +140,19 @@ pub struct MonitorDisk {
 
 /// The stream written by the QEMU of running domains, as their guests would write: HMP
 /// `qemu-io -d <device>` on each volume's disk, one write after the other, from a thread.
+///
+/// A guest's writes stop when its vCPUs are paused, but HMP's `qemu-io` writes to the block
+/// backend of a paused domain as well: a writer that went on writing while a group snapshot
+/// holds its domains paused lands writes between the cuts of different domains, which no
+/// guest can (the cuts then hold a later write on one domain and miss an earlier one on
+/// another). So before each write the writer waits while the domain of that write is paused
+/// (libvirt's `domstate`), as a guest's next write waits for its vCPU. The check and the write
+/// are two calls, so a pause may fall between them and one write land on a paused domain, as
+/// a guest's request in flight at the pause does. That keeps the cuts at one point: every
+/// domain of a group is paused before its first cut and resumed after its last, so the check
+/// after a write that landed after the first cut finds its domain paused, and at most one
+/// write lands between the first cut and the last — in its volume's cut or not, either way
+/// the cuts hold one prefix of the stream.
 pub struct MonitorWriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     done: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -159,6 +172,7 @@ impl MonitorWriter {
             while !s.load(Ordering::SeqCst) {
                 let (v, offset, byte) = seq.step(i);
                 let d = &disks[v];
+                wait_running(d, i);
                 let cmd = format!(
                     "qemu-io -d {} \"write -P {byte:#x} {offset} {}\"",
                     d.device, seq.block
@@ -215,6 +229,25 @@ impl MonitorWriter {
             }
         }
         self.done()
+    }
+}
+
+/// Waits while the domain of `d` is paused (at most two minutes); panics when it is in any
+/// other state than running or paused (it cannot be written to as a guest would).
+fn wait_running(d: &MonitorDisk, write: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let state = crate::virsh::virsh_ok_at(&d.uri, &["domstate", &d.domain]);
+        match state.trim() {
+            "running" => return,
+            "paused" if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            other => panic!(
+                "write {write} to {}/{}: the domain is {other}, not running",
+                d.domain, d.device
+            ),
+        }
     }
 }
 
