@@ -117,11 +117,12 @@ async fn volumes_of_one_domain_are_cut_in_one_transaction_under_a_writer() {
         .await
         .expect("CreateVolumeGroupSnapshot");
     let took = t.elapsed();
-    let after = writer.done();
+    // Started by the end of the call: a write lands before its `virsh` returns.
+    let after = writer.issued();
     writer.wait_for(after + 8).await;
     let total = writer.stop();
     eprintln!(
-        "group of {} attached volumes: {} ms; writes done before/after the call: {before}/{after} \
+        "group of {} attached volumes: {} ms; writes done before / started by the end of the call: {before}/{after} \
          of {total}",
         vols.len(),
         took.as_millis()
@@ -230,7 +231,8 @@ async fn volumes_of_two_domains_and_an_unattached_one_share_one_point() {
         .await
         .expect("CreateVolumeGroupSnapshot");
     let took = t.elapsed();
-    let after = writer.done();
+    // Started by the end of the call: a write lands before its `virsh` returns.
+    let after = writer.issued();
     writer.wait_for(after + 8).await;
     writer.stop();
     eprintln!(
@@ -253,7 +255,7 @@ async fn volumes_of_two_domains_and_an_unattached_one_share_one_point() {
 
     let sources: Vec<String> = attached.iter().map(|(v, _)| v.clone()).collect();
     let held = writes_in_group(&p, &group, &sources, seq, "g2").await;
-    eprintln!("the group holds the first {held} writes ({before}..={after} done around the call)");
+    eprintln!("the group holds the first {held} writes ({before}..={after} done before, started by the end of the call)");
     assert!(held >= before && held <= after);
     // The unattached member: its layer frozen offline, its data in the snapshot.
     let idle_member = group

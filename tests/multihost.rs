@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::race_create;
+use virtdisk_test_support::failpoint::Hold;
 use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
 use virtdisk_test_support::prelude::*;
 use virtdisk_test_support::second_libvirtd::SecondLibvirtd;
@@ -426,7 +426,8 @@ async fn a_group_across_two_hosts_is_one_point_of_its_writes() {
             .create_group(group_snapshot_req("mh-grp", &ids))
             .await
             .expect("group snapshot across hosts");
-    let after = writer.done();
+    // Started by the end of the call: a write lands before its `virsh` returns.
+    let after = writer.issued();
     eprintln!("group of 4 volumes on two hosts: {} ms", ms(t));
     writer.wait_for(after + 4).await;
     writer.stop();
@@ -456,7 +457,7 @@ async fn a_group_across_two_hosts_is_one_point_of_its_writes() {
     let held = seq
         .prefix(&counts)
         .unwrap_or_else(|e| panic!("not one point across the hosts: {e}"));
-    eprintln!("the group holds the first {held} writes ({before}..={after} around the call)");
+    eprintln!("the group holds the first {held} writes ({before}..={after}: done before, started by the end of the call)");
     assert!(held >= before && held <= after);
     for (v, d, _) in &vols {
         c.unpublish(v, &d.uuid).await.expect("unpublish");
@@ -591,20 +592,18 @@ detach_timeout_secs = 5
         }
     }
 
-    /// Restarts process A with its attach pausing `pause_ms` after libvirt attached, starts a
-    /// publish of `volume` to A's VM through it, and returns once that publish pauses (the
-    /// `nth` pause of A's log).
+    /// Restarts process A with its attach held after libvirt attached until `hold` (a hold of
+    /// `libvirt.attached`) is released, starts a publish of `volume` to A's VM through it, and
+    /// returns once that publish pauses (the `nth` pause of A's log).
     async fn paused_publish_by_a(
         &mut self,
         volume: &str,
-        pause_ms: &str,
+        hold: &Hold,
         nth: usize,
     ) -> tokio::task::JoinHandle<
         Result<tonic::Response<csi::ControllerPublishVolumeResponse>, Status>,
     > {
-        self.pa
-            .restart_with_env(&[(ENV, "libvirt.attached"), (PAUSE_ENV, pause_ms)])
-            .await;
+        self.pa.restart_with_env(&hold.env()).await;
         let ch = self.pa.channel.clone();
         let req = publish_req(volume, &self.dom_a.uuid);
         let call = tokio::spawn(async move {
@@ -710,12 +709,14 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
 
     // Process A holds the volume (its attach to A paused): B's publish to B is refused while
     // it runs, and B sees A's attachment once it is done.
-    let first = c.paused_publish_by_a(&vol, "3000", 1).await;
+    let hold = Hold::new("libvirt.attached");
+    let first = c.paused_publish_by_a(&vol, &hold, 1).await;
     let refused =
         c.pb.controller()
             .publish(publish_req(&vol, &c.dom_b.uuid))
             .await;
     expect_code(refused, Code::Aborted, "publish to B while A attaches");
+    hold.release();
     first.await.unwrap().expect("publish to A");
     let refused =
         c.pb.controller()
@@ -730,7 +731,8 @@ async fn two_controllers_on_two_hosts_race_on_one_name_and_one_volume() {
 
     // Process A is killed while it holds the volume (paused after attaching): its lock goes
     // with it, so B decides at once, from the live XML.
-    let doomed = c.paused_publish_by_a(&vol, "60000", 2).await;
+    let hold = Hold::new("libvirt.attached");
+    let doomed = c.paused_publish_by_a(&vol, &hold, 2).await;
     c.pa.kill();
     assert!(doomed.await.unwrap().is_err());
     let t = Instant::now();

@@ -156,6 +156,7 @@ pub struct MonitorDisk {
 pub struct MonitorWriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -166,13 +167,15 @@ impl MonitorWriter {
         assert_eq!(disks.len(), seq.volumes);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, count) = (stop.clone(), done.clone());
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, count, started) = (stop.clone(), done.clone(), issued.clone());
         let thread = std::thread::spawn(move || {
             let mut i = 0;
             while !s.load(Ordering::SeqCst) {
                 let (v, offset, byte) = seq.step(i);
                 let d = &disks[v];
                 wait_running(d, i);
+                started.store(i + 1, Ordering::SeqCst);
                 let cmd = format!(
                     "qemu-io -d {} \"write -P {byte:#x} {offset} {}\"",
                     d.device, seq.block
@@ -193,13 +196,21 @@ impl MonitorWriter {
         MonitorWriter {
             stop,
             done,
+            issued,
             thread: Some(thread),
         }
     }
 
-    /// Writes completed so far.
+    /// Writes completed so far (their `virsh` returned): every one of them is in the image.
     pub fn done(&self) -> u64 {
         self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes started so far: no later one can be in the image yet. A snapshot taken between
+    /// `done()` = a and `issued()` = b (read after it) holds between a and b writes; not
+    /// `done()` after it, since a write lands before its `virsh` has returned.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until at least `n` writes completed.
