@@ -114,7 +114,16 @@ async fn serve(args: ServeArgs) -> crate::error::Result<()> {
     let served = tokio::select! {
         served = start_and_serve(args, &shutdown) => served,
         _ = shutdown.grace_over() => {
-            tracing::warn!("RPCs still running after the grace period: stopping without them");
+            match crate::metrics::rpcs_in_flight() {
+                // The server waits for its clients to close their connections (HTTP/2 GOAWAY,
+                // then a PING they answer): a client that does not answer holds it.
+                0 => tracing::warn!(
+                    "no RPC in flight, but a client did not close its connection within the \
+                     grace period (it does not answer): closing it"
+                ),
+                n => tracing::warn!(rpcs = n,
+                    "RPCs still running after the grace period: stopping without them"),
+            }
             Ok(())
         }
     };

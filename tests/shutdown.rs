@@ -204,3 +204,51 @@ fn doctor_ends_within_its_check_timeout_when_libvirtd_never_answers() {
     );
     eprintln!("doctor with a mute libvirtd: {took:?} (check timeout 3 s)");
 }
+
+/// At SIGTERM the server asks each client to close its connection (HTTP/2 GOAWAY, then a PING
+/// to answer). A client that answers, as kubelet and Nomad do (here the test's own channel),
+/// is let go at once: the plugin exits long before its grace period ends. One that never
+/// answers holds the exit until the grace period ends, and the log says that, not that RPCs
+/// were still running.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_answering_clients_go_at_once_and_names_a_silent_one() {
+    let grace = Duration::from_secs(20);
+    let mut p = Plugin::start("controller", &["--shutdown-grace", "20"]).await;
+    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    let asked = Instant::now();
+    sigterm(&p);
+    let status = p.wait_exit(grace + MARGIN).await;
+    let took = asked.elapsed();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        took < grace,
+        "an idle, answering client held the exit for {took:?}:\n{}",
+        p.log()
+    );
+
+    let grace = Duration::from_secs(2);
+    let mut p = Plugin::start("controller", &["--shutdown-grace", "2"]).await;
+    // A client that opens its HTTP/2 connection (preface and an empty SETTINGS frame) and then
+    // reads nothing and answers nothing.
+    let mut silent = std::os::unix::net::UnixStream::connect(&p.socket).unwrap();
+    {
+        use std::io::Write;
+        silent
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+    }
+    p.identity().probe(csi::ProbeRequest {}).await.unwrap();
+    let asked = Instant::now();
+    sigterm(&p);
+    let status = p.wait_exit(grace + MARGIN).await;
+    let took = asked.elapsed();
+    let log = p.log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{log}");
+    assert!(took >= grace, "{took:?}");
+    assert!(
+        log.contains("no RPC in flight, but a client did not close its connection"),
+        "{log}"
+    );
+    assert!(!log.contains("RPCs still running"), "{log}");
+    drop(silent);
+}

@@ -107,6 +107,18 @@ pub(crate) fn set_build_info(mode: &str) {
         .set(1);
 }
 
+/// CSI RPCs being handled now, of every service and method (`virtdisk_csi_rpc_in_flight`).
+pub(crate) fn rpcs_in_flight() -> i64 {
+    use prometheus::core::Collector;
+    registry::get()
+        .rpc_in_flight
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_gauge().get_value() as i64)
+        .sum()
+}
+
 /// The whole registry in the Prometheus text format (refreshes the pool gauges first; blocking).
 pub(crate) fn render() -> String {
     pools::refresh();

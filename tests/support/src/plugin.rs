@@ -264,7 +264,7 @@ impl Plugin {
         let deadline = Instant::now() + self.launch.timeout;
         loop {
             if self.socket.exists() {
-                if let Ok(ch) = virtdisk_csi::csi::channel::connect(&self.socket).await {
+                if let Ok(ch) = connect(&self.socket).await {
                     let info = IdentityClient::new(ch.clone())
                         .get_plugin_info(csi::GetPluginInfoRequest {})
                         .await;
@@ -441,4 +441,55 @@ impl Drop for Plugin {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The runtime that drives the tests' connections to their plugins. A test may block its own
+/// runtime for a while (`Plugin::stop` waits for the process); a connection driven by that
+/// runtime could not answer the server's graceful shutdown then (HTTP/2 GOAWAY and PING), and
+/// the plugin would wait out its whole grace period for a client that looks hung. Real clients
+/// (kubelet, Nomad) answer at once.
+fn connections() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vdt-connections")
+            .enable_all()
+            .build()
+            .expect("the connections' runtime")
+    })
+}
+
+/// Spawns the channel's tasks on [`connections`].
+#[derive(Clone, Copy)]
+struct OnConnections;
+
+impl<F> hyper::rt::Executor<F> for OnConnections
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        connections().spawn(fut);
+    }
+}
+
+/// A channel to the plugin's unix socket with authority `localhost` (as Nomad and the sidecars
+/// send it), driven by a runtime of its own (see [`connections`]): its socket is opened there
+/// too, so that its I/O does not wait for the caller's runtime.
+pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let socket = socket.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .executor(OnConnections)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = connections()
+                    .spawn(tokio::net::UnixStream::connect(socket))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
 }
