@@ -471,7 +471,8 @@ async fn snapshots_with_id(p: &Plugin, id: &str) -> Result<Vec<String>, Status> 
 /// unreadable one may hold it).
 #[tokio::test]
 async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
-    let mut p = Plugin::start("controller", &[]).await;
+    use virtdisk_test_support::metrics::{http_get, metrics_addr, sample};
+    let mut p = Plugin::start("controller", &["--metrics-addr", "127.0.0.1:0"]).await;
     let vol = create_volume(&p, "precious", 64 * MIB, &[]).await.unwrap();
     let other = create_volume(&p, "other", 64 * MIB, &[]).await.unwrap();
     p.stop();
@@ -520,6 +521,13 @@ async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
         list_volumes(&p).await.keys().cloned().collect::<Vec<_>>(),
         vec![other.clone()]
     );
+    // An alert can tell: the metric counts it.
+    let unreadable = |kind: &str| {
+        format!("virtdisk_csi_pool_unreadable_records{{kind=\"{kind}\",pool=\"default\"}}")
+    };
+    let (_, body) = http_get(&metrics_addr(&p).await, "/metrics");
+    assert_eq!(sample(&body, &unreadable("volumes")), Some(1.0), "{body}");
+    assert_eq!(sample(&body, &unreadable("snapshots")), Some(0.0), "{body}");
 
     // The advice followed: the mended record brings the volume back, the only one of its name.
     p.stop();
@@ -533,6 +541,8 @@ async fn a_volume_whose_record_is_unreadable_is_not_answered_as_missing() {
     let listed = list_volumes(&p).await;
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.contains_key(&vol) && listed.contains_key(&fresh));
+    let (_, body) = http_get(&metrics_addr(&p).await, "/metrics");
+    assert_eq!(sample(&body, &unreadable("volumes")), Some(0.0), "{body}");
     assert_eq!(expand(&p, &vol, 128 * MIB).await.unwrap(), 128 * MIB);
     delete_volume(&p, &vol).await.unwrap();
     assert!(!file.exists());

@@ -49,6 +49,11 @@ fn refresh_one(pool: &Pool) -> crate::error::Result<()> {
         .set(st.blocks_available() as f64 * fragment);
     let (volumes, provisioned) = pool.usage()?;
     m.pool_volumes.with_label_values(&name).set(volumes as i64);
+    for (kind, count) in pool.unreadable_records()? {
+        m.pool_unreadable_records
+            .with_label_values(&[pool.name(), kind])
+            .set(count as i64);
+    }
     m.pool_provisioned_bytes
         .with_label_values(&name)
         .set(provisioned as f64);

@@ -28,6 +28,7 @@ pub(super) struct Metrics {
     pub pool_provisioned_bytes: prometheus::GaugeVec,
     pub pool_limit_bytes: prometheus::GaugeVec,
     pub pool_volumes: IntGaugeVec,
+    pub pool_unreadable_records: IntGaugeVec,
     pub pool_up: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
@@ -148,6 +149,16 @@ impl Metrics {
             .unwrap(),
             pool_volumes: IntGaugeVec::new(opts("pool_volumes", "Volumes in the pool"), &pool)
                 .unwrap(),
+            pool_unreadable_records: IntGaugeVec::new(
+                opts(
+                    "pool_unreadable_records",
+                    "Records of the pool that exist but cannot be read, by kind (volumes, \
+                     snapshots, groups, flatten): while a volume record is unreadable no new \
+                     volume name is taken, since it may hold that name; the log names the file",
+                ),
+                &["pool", "kind"],
+            )
+            .unwrap(),
             pool_up: IntGaugeVec::new(
                 opts(
                     "pool_up",
@@ -177,6 +188,7 @@ impl Metrics {
             Box::new(m.pool_provisioned_bytes.clone()),
             Box::new(m.pool_limit_bytes.clone()),
             Box::new(m.pool_volumes.clone()),
+            Box::new(m.pool_unreadable_records.clone()),
             Box::new(m.pool_up.clone()),
             Box::new(m.build_info.clone()),
         ];

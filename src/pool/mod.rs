@@ -114,6 +114,16 @@ impl Pool {
         Ok((index.volume_count(), index.provisioned()))
     }
 
+    /// The number of records of each kind (named by its directory: `volumes`, `snapshots`, …)
+    /// that exist in the pool but could not be read (from the index).
+    pub(crate) fn unreadable_records(&self) -> Result<Vec<(&'static str, usize)>> {
+        let index = self.store.index()?;
+        Ok(Kind::ALL
+            .iter()
+            .map(|k| (k.dir(), index.unreadable_of(*k).len()))
+            .collect())
+    }
+
     /// Free bytes of the filesystem holding the pool.
     pub(crate) fn free_bytes(&self) -> Result<u64> {
         let st = nix::sys::statvfs::statvfs(self.dir()).map_err(|e| {
