@@ -226,6 +226,17 @@ impl Pools {
     /// this process's background flattener on the volume is waited out (bounded), not
     /// answered ABORTED: no operation of the CO is pending on the volume.
     pub(crate) async fn lock_volume(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
+        self.lock_volume_waiting(id, 0).await
+    }
+
+    /// `lock_volume` for a brief step that marked the volume itself (`Maintenance::mark`,
+    /// before calling): it waits for the other marked steps, not for its own mark.
+    pub(super) async fn lock_volume_marked(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
+        self.lock_volume_waiting(id, 1).await
+    }
+
+    /// `lock_volume`, waiting while more than `own` brief steps have the volume marked.
+    async fn lock_volume_waiting(&self, id: &VolumeId, own: usize) -> Result<Option<VolumeLock>> {
         let started = tokio::time::Instant::now();
         loop {
             let (pools, vid) = (self.clone(), id.clone());
@@ -234,7 +245,7 @@ impl Pools {
                 Err(Error::Aborted(_))
                     if started.elapsed() < Maintenance::WAIT
                         && self.locate_volume(id).is_some_and(|(pool, key)| {
-                            self.layers.maintenance.is_marked(&pool.volume_id(key))
+                            self.layers.maintenance.marks(&pool.volume_id(key)) > own
                         }) =>
                 {
                     tokio::time::sleep(MAINTENANCE_POLL).await
