@@ -760,3 +760,41 @@ async fn list_pages_skip_half_made_records_and_survive_deletes() {
     assert_eq!(seen, want);
     assert!(!seen.iter().any(|id| id.ends_with(&half_key)));
 }
+
+/// A page never carries more than the plugin's page size (5 000 entries), whatever
+/// `max_entries` asks (0 lets the plugin choose): an answer stays far below the 4 MiB a grpc-go
+/// client (Nomad, the Kubernetes sidecars) accepts, with however many volumes; the walk by
+/// `next_token` still sees every volume once.
+#[tokio::test]
+async fn a_page_holds_at_most_the_plugin_page_size() {
+    use virtdisk_test_support::pool::seed_copies;
+    const PAGE: usize = 5_000;
+    let mut p = Plugin::start("controller", &[]).await;
+    let template = create(&p, create_req("page-template", MIB)).await;
+    let record = std::fs::read(
+        p.pool_dir()
+            .join(format!("volumes/{}.json", key_of(&template.volume_id))),
+    )
+    .unwrap();
+    let template: virtdisk_csi::pool::VolumeRecord = serde_json::from_slice(&record).unwrap();
+    p.stop();
+    seed_copies(&p.pool_dir(), &template, "page", 0..PAGE + 1);
+    p.restart().await;
+    let mut c = p.controller();
+    for max_entries in [0, 1_000_000] {
+        let req = csi::ListVolumesRequest {
+            max_entries,
+            ..Default::default()
+        };
+        let first = c.list_volumes(req).await.unwrap().into_inner();
+        assert_eq!(first.entries.len(), PAGE, "max_entries {max_entries}");
+        assert!(!first.next_token.is_empty());
+        let rest = csi::ListVolumesRequest {
+            max_entries,
+            starting_token: first.next_token,
+        };
+        let second = c.list_volumes(rest).await.unwrap().into_inner();
+        assert_eq!(second.entries.len(), 2, "max_entries {max_entries}");
+        assert!(second.next_token.is_empty());
+    }
+}
