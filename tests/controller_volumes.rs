@@ -239,6 +239,10 @@ async fn names_of_any_utf8_are_stored_not_used_as_paths() {
     create_fails(&p, create_req("", MIB), Code::InvalidArgument).await;
 }
 
+/// CreateVolume's codes at a pool's limits, and GetCapacity agreeing with CreateVolume: its
+/// maximum_volume_size is accepted and the next size is refused, in a capped pool and in an
+/// overcommitting one (1 PiB, the plugin's largest volume); an unknown pool is
+/// INVALID_ARGUMENT for both, with one message.
 #[tokio::test]
 async fn capacity_limits_give_the_right_codes() {
     let config = r#"
@@ -246,31 +250,86 @@ async fn capacity_limits_give_the_right_codes() {
         name = "small"
         path = "{dir}/small"
         capacity_bytes = 104857600
+        [[pool]]
+        name = "thin"
+        path = "{dir}/thin"
     "#;
     let p = Plugin::start_with_config("controller", config, &[]).await;
-    let mut r = create_req("range", 10 * MIB);
+    let in_pool = |name: &str, size: i64, pool: &str| csi::CreateVolumeRequest {
+        parameters: params(&[("pool", pool)]),
+        ..create_req(name, size)
+    };
+    let mut r = in_pool("range", 10 * MIB, "small");
     r.capacity_range.as_mut().unwrap().limit_bytes = 5 * MIB;
     create_fails(&p, r, Code::OutOfRange).await;
 
     // Bigger than the pool's cap can ever hold.
-    create_fails(&p, create_req("huge", 200 * MIB), Code::OutOfRange).await;
+    create_fails(&p, in_pool("huge", 200 * MIB, "small"), Code::OutOfRange).await;
 
     // Fits the cap, but the pool is already mostly provisioned.
-    create(&p, create_req("first", 80 * MIB)).await;
-    create_fails(&p, create_req("second", 30 * MIB), Code::ResourceExhausted).await;
+    create(&p, in_pool("first", 80 * MIB, "small")).await;
+    create_fails(
+        &p,
+        in_pool("second", 30 * MIB, "small"),
+        Code::ResourceExhausted,
+    )
+    .await;
 
-    let cap = p
-        .controller()
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await;
-    assert_eq!(cap.unwrap().into_inner().available_capacity, 20 * MIB);
-
-    // Unknown pool parameter → INVALID_ARGUMENT; negative sizes → OUT_OF_RANGE.
-    let r = csi::CreateVolumeRequest {
-        parameters: params(&[("pool", "missing")]),
-        ..create_req("nopool", MIB)
+    let capacity = |pool: &str| {
+        let (mut c, parameters) = (p.controller(), params(&[("pool", pool)]));
+        async move {
+            c.get_capacity(csi::GetCapacityRequest {
+                parameters,
+                ..Default::default()
+            })
+            .await
+        }
     };
-    create_fails(&p, r, Code::InvalidArgument).await;
+    let small = capacity("small").await.unwrap().into_inner();
+    assert_eq!(small.available_capacity, 20 * MIB);
+    let max = small.maximum_volume_size.unwrap();
+    assert_eq!(max, 20 * MIB);
+    // One byte more rounds up to the next MiB, which the cap no longer holds.
+    create_fails(
+        &p,
+        in_pool("max+1", max + 1, "small"),
+        Code::ResourceExhausted,
+    )
+    .await;
+    create(&p, in_pool("max", max, "small")).await;
+    let full = capacity("small").await.unwrap().into_inner();
+    assert_eq!(full.maximum_volume_size, Some(0));
+
+    // Overcommit: the largest volume is the plugin's, not the free space.
+    let thin = capacity("thin").await.unwrap().into_inner();
+    let max = thin.maximum_volume_size.unwrap();
+    assert_eq!(max, 1 << 50);
+    assert!(thin.available_capacity < max, "{thin:?}");
+    create_fails(&p, in_pool("thin-max+1", max + 1, "thin"), Code::OutOfRange).await;
+    let v = create(&p, in_pool("thin-max", max, "thin")).await;
+    assert_eq!(v.capacity_bytes, max);
+    p.controller().delete(&v.volume_id).await.unwrap();
+
+    // Unknown pool parameter → INVALID_ARGUMENT, from GetCapacity as from CreateVolume, with
+    // the same message; negative sizes → OUT_OF_RANGE.
+    let created = p
+        .controller()
+        .create(in_pool("nopool", MIB, "missing"))
+        .await;
+    let create_err = created.unwrap_err();
+    assert_eq!(create_err.code(), Code::InvalidArgument, "{create_err:?}");
+    let capacity_err = capacity("missing").await.unwrap_err();
+    assert_eq!(
+        capacity_err.code(),
+        Code::InvalidArgument,
+        "{capacity_err:?}"
+    );
+    assert_eq!(capacity_err.message(), create_err.message());
+    assert!(
+        capacity_err.message().contains("\"missing\"")
+            && capacity_err.message().contains("small, thin"),
+        "{capacity_err:?}"
+    );
     let mut r = create_req("neg", MIB);
     r.capacity_range.as_mut().unwrap().required_bytes = -1;
     create_fails(&p, r, Code::OutOfRange).await;

@@ -384,7 +384,7 @@ impl Controller for ControllerService {
         for c in &r.volume_capabilities {
             convert::capability(c)?;
         }
-        let available = self
+        let capacity = self
             .pools
             .capacity(CapacityQuery {
                 parameters: r.parameters,
@@ -392,8 +392,8 @@ impl Controller for ControllerService {
             })
             .await?;
         ok(csi::GetCapacityResponse {
-            available_capacity: available.min(i64::MAX as u64) as i64,
-            maximum_volume_size: Some(available.min(i64::MAX as u64) as i64),
+            available_capacity: capacity.available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(capacity.maximum_volume_size.min(i64::MAX as u64) as i64),
             minimum_volume_size: Some(crate::pool::MIB as i64),
         })
     }
