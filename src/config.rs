@@ -389,6 +389,7 @@ impl Config {
                 )));
             }
         }
+        check_pool_paths(&pools)?;
         if let Some(r) = fc.node.allowed_path_roots.iter().find(|r| !r.is_absolute()) {
             return Err(Error::invalid(format!(
                 "node.allowed_path_roots (or --allowed-path-root): {} must be absolute",
@@ -455,6 +456,83 @@ impl Config {
             || self.pools.iter().any(PoolConfig::has_topology)
             || !self.node.topology.is_empty()
     }
+}
+
+/// Refuses two pools whose directories are one and the same or one inside the other: each
+/// would take the other's records, images and locks as its own (every CreateVolume would find
+/// the name's lock held by itself: ABORTED forever). The paths are compared as `resolve`
+/// spells them, so two spellings of one directory (`a/../a`, a symlink) are caught too, also
+/// before the pool directories exist (they are created at start). Reads the file system.
+fn check_pool_paths(pools: &[PoolConfig]) -> Result<()> {
+    let resolved: Vec<PathBuf> = pools.iter().map(|p| resolve(&p.path)).collect();
+    let Some((i, j)) = overlapping(&resolved) else {
+        return Ok(());
+    };
+    let (a, b) = (&pools[i], &pools[j]);
+    let how = if resolved[i] == resolved[j] {
+        "the same directory".to_string()
+    } else {
+        let (outer, inner) = if resolved[j].starts_with(&resolved[i]) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        format!(
+            "nested: pool {:?} lies inside pool {:?}",
+            inner.name, outer.name
+        )
+    };
+    let spelled = |k: usize| {
+        let p = &pools[k];
+        if p.path == resolved[k] {
+            format!("pool {:?} at {}", p.name, p.path.display())
+        } else {
+            format!(
+                "pool {:?} at {} (that is {})",
+                p.name,
+                p.path.display(),
+                resolved[k].display()
+            )
+        }
+    };
+    Err(Error::invalid(format!(
+        "{} and {} are {how}; give each pool a directory of its own, outside the others",
+        spelled(i),
+        spelled(j)
+    )))
+}
+
+/// The first two of `paths` (absolute, normalized) that are equal or one inside the other.
+fn overlapping(paths: &[PathBuf]) -> Option<(usize, usize)> {
+    (0..paths.len()).find_map(|i| {
+        (i + 1..paths.len())
+            .find(|&j| paths[i].starts_with(&paths[j]) || paths[j].starts_with(&paths[i]))
+            .map(|j| (i, j))
+    })
+}
+
+/// The directory an absolute `path` names (or will name once created): each prefix that
+/// exists is canonicalized (symlinks resolved), `.` is dropped, and `..` removes the last
+/// component (of a resolved prefix, or of one that does not exist yet, which `mkdir -p` will
+/// create as spelled).
+fn resolve(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                out.push(name);
+                if let Ok(real) = out.canonicalize() {
+                    out = real;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Checks the `[[host]]` entries and records in each pool the hosts that list it.
@@ -795,5 +873,101 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("--libvirt-uri"), "{err}");
+    }
+
+    fn paths(list: &[&str]) -> Vec<PathBuf> {
+        list.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn overlapping_finds_equal_and_nested_directories() {
+        assert_eq!(overlapping(&paths(&["/s/a", "/s/b", "/s/ab"])), None);
+        assert_eq!(overlapping(&paths(&["/s/a", "/s/b", "/s/a"])), Some((0, 2)));
+        assert_eq!(
+            overlapping(&paths(&["/s/a/b", "/s/c", "/s/a"])),
+            Some((0, 2))
+        );
+        assert_eq!(overlapping(&paths(&["/s", "/s/a"])), Some((0, 1)));
+        assert_eq!(overlapping(&paths(&["/", "/s/a"])), Some((0, 1)));
+        assert_eq!(overlapping(&paths(&["/s/a"])), None);
+    }
+
+    #[test]
+    fn resolve_normalizes_and_follows_symlinks_of_what_exists() {
+        assert_eq!(
+            resolve(Path::new("/nonexistent-vdt/a/../a/./b/")),
+            PathBuf::from("/nonexistent-vdt/a/b")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(resolve(&link), real);
+        // Below the symlink, the pool directory not made yet.
+        assert_eq!(resolve(&link.join("pool")), real.join("pool"));
+        assert_eq!(resolve(&link.join("x/../pool")), real.join("pool"));
+        // `..` after a symlink leaves its target, not the link.
+        assert_eq!(resolve(&link.join("..")), real.parent().unwrap());
+    }
+
+    #[test]
+    fn pools_sharing_a_directory_are_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().display().to_string();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        for (a, b, how) in [
+            ("a", "a", "the same directory"),
+            ("a", "a/", "the same directory"),
+            ("a", "a/../a", "the same directory"),
+            ("a", "./x/../a", "the same directory"),
+            ("real/p", "link/p", "the same directory"),
+            ("real", "link", "the same directory"),
+            ("a", "a/inner", "nested: pool \"b\" lies inside pool \"a\""),
+            ("a/inner", "a", "nested: pool \"a\" lies inside pool \"b\""),
+            ("real", "link/p", "nested"),
+        ] {
+            let text =
+                format!("[[pool]]\nname='a'\npath='{s}/{a}'\n[[pool]]\nname='b'\npath='{s}/{b}'\n");
+            let err = hosts_config(&text).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(how)
+                    && msg.contains(&format!("pool \"a\" at {s}/{a}"))
+                    && msg.contains(&format!("pool \"b\" at {s}/{b}")),
+                "{a} {b}: {msg}"
+            );
+        }
+        for (a, b) in [
+            ("a", "b"),
+            ("a", "ab"),
+            ("real/p", "link/q"),
+            ("a/x", "a/y"),
+        ] {
+            let text =
+                format!("[[pool]]\nname='a'\npath='{s}/{a}'\n[[pool]]\nname='b'\npath='{s}/{b}'\n");
+            hosts_config(&text).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
+    }
+
+    /// The embedded default pool exists only when no `[[pool]]` is configured: a configured
+    /// pool at its path is the only pool, nothing to collide with.
+    #[test]
+    fn a_configured_pool_at_the_default_pool_path_is_alone() {
+        let fc: FileConfig =
+            toml::from_str("[[pool]]\nname='mine'\npath='/tmp/d/pools/default'\n").unwrap();
+        let c = Config::from_file_config(
+            Mode::Controller,
+            fc,
+            Overrides {
+                data_dir: Some("/tmp/d".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].name, "mine");
     }
 }

@@ -239,6 +239,10 @@ async fn names_of_any_utf8_are_stored_not_used_as_paths() {
     create_fails(&p, create_req("", MIB), Code::InvalidArgument).await;
 }
 
+/// CreateVolume's codes at a pool's limits, and GetCapacity agreeing with CreateVolume: its
+/// maximum_volume_size is accepted and the next size is refused, in a capped pool and in an
+/// overcommitting one (1 PiB, the plugin's largest volume); an unknown pool is
+/// INVALID_ARGUMENT for both, with one message.
 #[tokio::test]
 async fn capacity_limits_give_the_right_codes() {
     let config = r#"
@@ -246,31 +250,86 @@ async fn capacity_limits_give_the_right_codes() {
         name = "small"
         path = "{dir}/small"
         capacity_bytes = 104857600
+        [[pool]]
+        name = "thin"
+        path = "{dir}/thin"
     "#;
     let p = Plugin::start_with_config("controller", config, &[]).await;
-    let mut r = create_req("range", 10 * MIB);
+    let in_pool = |name: &str, size: i64, pool: &str| csi::CreateVolumeRequest {
+        parameters: params(&[("pool", pool)]),
+        ..create_req(name, size)
+    };
+    let mut r = in_pool("range", 10 * MIB, "small");
     r.capacity_range.as_mut().unwrap().limit_bytes = 5 * MIB;
     create_fails(&p, r, Code::OutOfRange).await;
 
     // Bigger than the pool's cap can ever hold.
-    create_fails(&p, create_req("huge", 200 * MIB), Code::OutOfRange).await;
+    create_fails(&p, in_pool("huge", 200 * MIB, "small"), Code::OutOfRange).await;
 
     // Fits the cap, but the pool is already mostly provisioned.
-    create(&p, create_req("first", 80 * MIB)).await;
-    create_fails(&p, create_req("second", 30 * MIB), Code::ResourceExhausted).await;
+    create(&p, in_pool("first", 80 * MIB, "small")).await;
+    create_fails(
+        &p,
+        in_pool("second", 30 * MIB, "small"),
+        Code::ResourceExhausted,
+    )
+    .await;
 
-    let cap = p
-        .controller()
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await;
-    assert_eq!(cap.unwrap().into_inner().available_capacity, 20 * MIB);
-
-    // Unknown pool parameter → INVALID_ARGUMENT; negative sizes → OUT_OF_RANGE.
-    let r = csi::CreateVolumeRequest {
-        parameters: params(&[("pool", "missing")]),
-        ..create_req("nopool", MIB)
+    let capacity = |pool: &str| {
+        let (mut c, parameters) = (p.controller(), params(&[("pool", pool)]));
+        async move {
+            c.get_capacity(csi::GetCapacityRequest {
+                parameters,
+                ..Default::default()
+            })
+            .await
+        }
     };
-    create_fails(&p, r, Code::InvalidArgument).await;
+    let small = capacity("small").await.unwrap().into_inner();
+    assert_eq!(small.available_capacity, 20 * MIB);
+    let max = small.maximum_volume_size.unwrap();
+    assert_eq!(max, 20 * MIB);
+    // One byte more rounds up to the next MiB, which the cap no longer holds.
+    create_fails(
+        &p,
+        in_pool("max+1", max + 1, "small"),
+        Code::ResourceExhausted,
+    )
+    .await;
+    create(&p, in_pool("max", max, "small")).await;
+    let full = capacity("small").await.unwrap().into_inner();
+    assert_eq!(full.maximum_volume_size, Some(0));
+
+    // Overcommit: the largest volume is the plugin's, not the free space.
+    let thin = capacity("thin").await.unwrap().into_inner();
+    let max = thin.maximum_volume_size.unwrap();
+    assert_eq!(max, 1 << 50);
+    assert!(thin.available_capacity < max, "{thin:?}");
+    create_fails(&p, in_pool("thin-max+1", max + 1, "thin"), Code::OutOfRange).await;
+    let v = create(&p, in_pool("thin-max", max, "thin")).await;
+    assert_eq!(v.capacity_bytes, max);
+    p.controller().delete(&v.volume_id).await.unwrap();
+
+    // Unknown pool parameter → INVALID_ARGUMENT, from GetCapacity as from CreateVolume, with
+    // the same message; negative sizes → OUT_OF_RANGE.
+    let created = p
+        .controller()
+        .create(in_pool("nopool", MIB, "missing"))
+        .await;
+    let create_err = created.unwrap_err();
+    assert_eq!(create_err.code(), Code::InvalidArgument, "{create_err:?}");
+    let capacity_err = capacity("missing").await.unwrap_err();
+    assert_eq!(
+        capacity_err.code(),
+        Code::InvalidArgument,
+        "{capacity_err:?}"
+    );
+    assert_eq!(capacity_err.message(), create_err.message());
+    assert!(
+        capacity_err.message().contains("\"missing\"")
+            && capacity_err.message().contains("small, thin"),
+        "{capacity_err:?}"
+    );
     let mut r = create_req("neg", MIB);
     r.capacity_range.as_mut().unwrap().required_bytes = -1;
     create_fails(&p, r, Code::OutOfRange).await;
@@ -700,4 +759,42 @@ async fn list_pages_skip_half_made_records_and_survive_deletes() {
     want.retain(|id| *id != deleted);
     assert_eq!(seen, want);
     assert!(!seen.iter().any(|id| id.ends_with(&half_key)));
+}
+
+/// A page never carries more than the plugin's page size (5 000 entries), whatever
+/// `max_entries` asks (0 lets the plugin choose): an answer stays far below the 4 MiB a grpc-go
+/// client (Nomad, the Kubernetes sidecars) accepts, with however many volumes; the walk by
+/// `next_token` still sees every volume once.
+#[tokio::test]
+async fn a_page_holds_at_most_the_plugin_page_size() {
+    use virtdisk_test_support::pool::seed_copies;
+    const PAGE: usize = 5_000;
+    let mut p = Plugin::start("controller", &[]).await;
+    let template = create(&p, create_req("page-template", MIB)).await;
+    let record = std::fs::read(
+        p.pool_dir()
+            .join(format!("volumes/{}.json", key_of(&template.volume_id))),
+    )
+    .unwrap();
+    let template: virtdisk_csi::pool::VolumeRecord = serde_json::from_slice(&record).unwrap();
+    p.stop();
+    seed_copies(&p.pool_dir(), &template, "page", 0..PAGE + 1);
+    p.restart().await;
+    let mut c = p.controller();
+    for max_entries in [0, 1_000_000] {
+        let req = csi::ListVolumesRequest {
+            max_entries,
+            ..Default::default()
+        };
+        let first = c.list_volumes(req).await.unwrap().into_inner();
+        assert_eq!(first.entries.len(), PAGE, "max_entries {max_entries}");
+        assert!(!first.next_token.is_empty());
+        let rest = csi::ListVolumesRequest {
+            max_entries,
+            starting_token: first.next_token,
+        };
+        let second = c.list_volumes(rest).await.unwrap().into_inner();
+        assert_eq!(second.entries.len(), 2, "max_entries {max_entries}");
+        assert!(second.next_token.is_empty());
+    }
 }

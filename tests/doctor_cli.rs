@@ -111,6 +111,27 @@ fn fails_with_a_fix_when_a_pool_is_unusable() {
         .unwrap_or_else(|| panic!("no FAIL for the pool:\n{out}"));
     assert!(out.lines().nth(line + 1).unwrap().contains("fix:"), "{out}");
 
+    // Two pools on one directory: the config FAILs, naming both.
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nname = \"a\"\npath = \"{0}/p\"\n[[pool]]\nname = \"b\"\npath = \"{0}/p\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let o = doctor(&["--mode", "controller", "--config", config.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("config")
+            && l.contains("pool \"a\"")
+            && l.contains("pool \"b\"")
+            && l.contains("the same directory")),
+        "{out}"
+    );
+
     std::fs::write(&config, "[[pool]]\nname = \"x\"\n").unwrap();
     let o = doctor(&["--mode", "controller", "--config", config.to_str().unwrap()]);
     assert!(!o.status.success());

@@ -88,6 +88,51 @@ fn version_and_bad_config_are_reported() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be absolute"));
 }
 
+/// Two pools on one directory (spelled alike, through `..`, or through a symlink) or one
+/// inside the other: `serve` exits at start naming both pools and the path, before any pool
+/// directory is made (every CreateVolume would otherwise be ABORTED forever).
+#[test]
+fn pools_sharing_a_directory_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().display().to_string();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+    let cfg = dir.path().join("pools.toml");
+    for (a, b, how) in [
+        ("a", "a", "the same directory"),
+        ("a", "x/../a", "the same directory"),
+        ("real/p", "link/p", "the same directory"),
+        ("a", "a/b", "nested"),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[[pool]]\nname = 'a'\npath = '{s}/{a}'\n[[pool]]\nname = 'b'\npath = '{s}/{b}'\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin())
+            .args(["serve", "--mode", "controller", "--endpoint"])
+            .arg(format!("unix://{s}/s.sock"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{a} {b}: {stderr}");
+        for want in [
+            how,
+            &format!("pool \"a\" at {s}/{a}"),
+            &format!("pool \"b\" at {s}/{b}"),
+        ] {
+            assert!(stderr.contains(want), "{a} {b}: no {want:?} in {stderr}");
+        }
+        assert!(!dir.path().join("a").exists(), "a pool directory was made");
+    }
+}
+
 #[tokio::test]
 async fn driver_name_flag_is_used() {
     let p = Plugin::start("controller", &["--driver-name", "disks.example.org"]).await;

@@ -740,3 +740,43 @@ fn ids_of_volumes(entries: &[csi::list_volumes_response::Entry]) -> Vec<String> 
         .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
         .collect()
 }
+
+/// Clones and snapshots of one volume asked for at once (several PVCs cloned from one, a
+/// backup tool's burst) follow one another instead of answering ABORTED: each cut holds the
+/// source's lock for a few ms, and the others wait for it. Every clone reads the source's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_and_snapshots_of_one_volume_at_once_all_succeed() {
+    let (p, vol) = plugin_with_volume("busy-source", 0x6b).await;
+    // Each cut deepens the source's chain by one layer: 6 stay under the default depth limit.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let mut c = p.controller();
+        let req = create_from_req(
+            &format!("at-once-clone-{i}"),
+            VOL,
+            from_volume(&vol.volume_id),
+        );
+        calls.spawn(async move { ("clone", c.create(req).await.map(|v| v.volume_id)) });
+        let mut c = p.controller();
+        let req = snapshot_req(&format!("at-once-snap-{i}"), &vol.volume_id);
+        calls.spawn(async move { ("snapshot", c.snapshot(req).await.map(|s| s.snapshot_id)) });
+    }
+    let (mut clones, mut snaps) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    while let Some(done) = calls.join_next().await {
+        let (kind, got) = done.unwrap();
+        let id = got.unwrap_or_else(|e| panic!("a {kind} asked for at once: {e:?}"));
+        let fresh = if kind == "clone" {
+            clones.insert(id)
+        } else {
+            snaps.insert(id)
+        };
+        assert!(fresh);
+    }
+    assert_eq!((clones.len(), snaps.len()), (3, 3));
+    for id in &clones {
+        assert_reads(&image_of(&p, id), 0x6b, 0, M);
+    }
+}

@@ -12,41 +12,13 @@ use super::plugin::{memory, probe_ready};
 use super::stats::{ms, LatencyRow, Samples, ValueRow};
 use super::Settings;
 use std::time::{Duration, Instant};
-use virtdisk_csi::ids::{self, ObjectId};
 use virtdisk_csi::pool::VolumeRecord;
+use virtdisk_test_support::pool::seed_copies;
 use virtdisk_test_support::prelude::{create_req, csi, Plugin, GIB};
 
 pub struct ScaleResult {
     pub latency: Vec<LatencyRow>,
     pub values: Vec<ValueRow>,
-}
-
-/// Links per image file before a fresh copy is made (ext4 allows 65 000).
-const LINKS_PER_FILE: usize = 50_000;
-
-/// Adds volumes `from..to` to the pool by copying `template`'s record and linking its image.
-fn seed(pool_dir: &std::path::Path, template: &VolumeRecord, from: usize, to: usize) {
-    let images = pool_dir.join("images");
-    let first = images.join(&template.image);
-    let mut src = first.clone();
-    for i in from..to {
-        if i % LINKS_PER_FILE == 0 && i > 0 {
-            src = images.join(format!("{}-copy-{i}", template.image));
-            std::fs::copy(&first, &src).unwrap();
-        }
-        let name = format!("bench-list-{i:05}");
-        let key = format!("{:016x}", ids::random_u64());
-        let mut rec = template.clone();
-        rec.id = ObjectId::new(&rec.pool, &key).to_string();
-        rec.name = name;
-        rec.image = format!("{key}.qcow2");
-        std::fs::hard_link(&src, images.join(&rec.image)).unwrap();
-        std::fs::write(
-            pool_dir.join(format!("volumes/{key}.json")),
-            serde_json::to_vec_pretty(&rec).unwrap(),
-        )
-        .unwrap();
-    }
 }
 
 /// `n` CreateVolume calls and then DeleteVolume of each, one at a time.
@@ -163,7 +135,7 @@ pub async fn run(s: &Settings) -> ScaleResult {
     let last = *s.list_scales.last().unwrap();
     for &n in &s.list_scales {
         eprintln!("scale: seeding {n} volumes");
-        seed(&p.pool_dir(), &template, have - 1, n - 1);
+        seed_copies(&p.pool_dir(), &template, "bench-list", have - 1..n - 1);
         have = n;
         // The seeding's writeback (up to 100 000 new files) is flushed first: left to the
         // kernel's flusher, it would run during the timed calls below and weigh on the larger

@@ -94,12 +94,31 @@ pub(super) fn to_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
     pairs.iter().cloned().collect()
 }
 
-/// clap value parser for sizes.
+/// clap value parser for sizes: at most what CSI's int64 fields carry (8 EiB), so a size is
+/// never cut to a number the user did not type.
 pub(super) fn size(s: &str) -> Result<u64, String> {
-    super::size::parse(s)
+    let n = super::size::parse(s)?;
+    if n > i64::MAX as u64 {
+        return Err(format!(
+            "size {s:?} is too large: CSI sizes are at most {} bytes (8 EiB)",
+            i64::MAX
+        ));
+    }
+    Ok(n)
 }
 
 /// Bytes as CSI's int64.
 pub(super) fn bytes_i64(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_size_past_int64_is_refused_not_cut() {
+        assert_eq!(super::size("8EiB").ok(), None);
+        let err = super::size("18446744073709551615").unwrap_err();
+        assert!(err.contains("too large") && err.contains("8 EiB"), "{err}");
+        assert_eq!(super::size("1PiB").unwrap(), 1 << 50);
+    }
 }

@@ -23,8 +23,8 @@ pub(crate) fn parse(text: &str) -> Result<u64, String> {
         "pi" | "pib" => 1 << 50,
         _ => {
             return Err(format!(
-                "size {text:?} has an unknown unit {unit:?}: use B, KiB, MiB, GiB, TiB (binary) \
-                 or K, M, G, T (decimal)"
+                "size {text:?} has an unknown unit {unit:?}: use B, KiB, MiB, GiB, TiB, PiB \
+                 (binary) or K, M, G, T, P (decimal)"
             ))
         }
     };

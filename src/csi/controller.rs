@@ -161,11 +161,18 @@ fn condition(c: &VolumeCondition) -> csi::VolumeCondition {
 }
 
 /// `max_entries` as a page size (0: everything).
+/// The most entries one ListVolumes or ListSnapshots answer carries, whatever `max_entries`
+/// asks (the spec lets a plugin answer fewer, with a `next_token`): a few hundred bytes each,
+/// so a page stays far below the 4 MiB that gRPC clients (grpc-go: Nomad, the Kubernetes
+/// sidecars) accept by default, however many volumes the pools hold.
+pub(crate) const MAX_PAGE: usize = 5_000;
+
+/// The entries of one page: `max_entries`, or (0) the plugin's choice, at most [`MAX_PAGE`].
 fn page_size(max_entries: i32) -> Result<usize> {
     match max_entries {
         n if n < 0 => Err(Error::invalid("max_entries must not be negative")),
-        0 => Ok(usize::MAX),
-        n => Ok(n as usize),
+        0 => Ok(MAX_PAGE),
+        n => Ok((n as usize).min(MAX_PAGE)),
     }
 }
 
@@ -377,7 +384,7 @@ impl Controller for ControllerService {
         for c in &r.volume_capabilities {
             convert::capability(c)?;
         }
-        let available = self
+        let capacity = self
             .pools
             .capacity(CapacityQuery {
                 parameters: r.parameters,
@@ -385,8 +392,8 @@ impl Controller for ControllerService {
             })
             .await?;
         ok(csi::GetCapacityResponse {
-            available_capacity: available.min(i64::MAX as u64) as i64,
-            maximum_volume_size: Some(available.min(i64::MAX as u64) as i64),
+            available_capacity: capacity.available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(capacity.maximum_volume_size.min(i64::MAX as u64) as i64),
             minimum_volume_size: Some(crate::pool::MIB as i64),
         })
     }

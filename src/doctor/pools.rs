@@ -10,9 +10,19 @@ const LOW_FREE_BYTES: u64 = 1 << 30;
 
 pub(super) async fn check_pools(cfg: &Config) -> Vec<Check> {
     let pools = cfg.pools.clone();
-    crate::exec::blocking(move || Ok(pools.iter().map(check_pool).collect()))
-        .await
-        .unwrap_or_else(|e| vec![Check::fail("pools", e.to_string(), "report this as a bug")])
+    // Only libvirt's QEMU opens images as another user (local attach runs as the plugin).
+    let libvirt = cfg.libvirt.enabled;
+    crate::exec::blocking(move || {
+        Ok(pools
+            .iter()
+            .map(|p| match (check_pool(p), libvirt) {
+                (c, true) if c.status == super::Status::Ok => qemu_reach(p, c),
+                (c, _) => c,
+            })
+            .collect())
+    })
+    .await
+    .unwrap_or_else(|e| vec![Check::fail("pools", e.to_string(), "report this as a bug")])
 }
 
 pub(super) async fn check_data_dir(dir: &Path) -> Check {
@@ -130,6 +140,80 @@ fn check_pool(p: &PoolConfig) -> Check {
     }
 }
 
+/// The users libvirt runs QEMU as by default (qemu.conf `user`): Debian and Ubuntu, then
+/// Fedora, RHEL and SUSE.
+const QEMU_USERS: [&str; 2] = ["libvirt-qemu", "qemu"];
+
+/// `ok` (the pool's check), or a warning when the user QEMU runs as cannot reach into the
+/// pool: a directory above it (or the pool itself) that this user may not search, by its mode
+/// bits. Publishing would then fail in libvirt with "Cannot access storage file … Permission
+/// denied". ACLs are not read (one may grant what the mode does not): a warning, not a failure.
+fn qemu_reach(p: &PoolConfig, ok: Check) -> Check {
+    let Some(user) = QEMU_USERS
+        .iter()
+        .find_map(|n| nix::unistd::User::from_name(n).ok().flatten())
+    else {
+        return ok;
+    };
+    let stat = |d: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(d)
+            .ok()
+            .map(|m| (m.mode(), m.uid(), m.gid()))
+    };
+    let groups = nix::unistd::getgrouplist(
+        &std::ffi::CString::new(user.name.as_str()).unwrap_or_default(),
+        user.gid,
+    )
+    .unwrap_or_else(|_| vec![user.gid]);
+    let groups: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+    match closed_ancestor(&p.path, user.uid.as_raw(), &groups, stat) {
+        None => ok,
+        Some(dir) => Check::warn(
+            ok.name,
+            format!(
+                "{}; but user {} (QEMU, as libvirt runs it) cannot search {}: publishing a \
+                 volume of this pool would fail with \"Permission denied\"",
+                ok.detail,
+                user.name,
+                dir.display()
+            ),
+            format!(
+                "chmod o+x {} (or grant {} search by group or ACL)",
+                dir.display(),
+                user.name
+            ),
+        ),
+    }
+}
+
+/// The first of `path` and its ancestors (from the root down) that user `uid` (in `groups`)
+/// may not search by its mode bits (`stat`: mode, owner, group; `None` when it does not
+/// exist, then it is not judged). Root searches everything.
+fn closed_ancestor(
+    path: &Path,
+    uid: u32,
+    groups: &[u32],
+    stat: impl Fn(&Path) -> Option<(u32, u32, u32)>,
+) -> Option<PathBuf> {
+    if uid == 0 {
+        return None;
+    }
+    let mut dirs: Vec<&Path> = path.ancestors().collect();
+    dirs.reverse();
+    dirs.into_iter().find_map(|d| {
+        let (mode, owner, group) = stat(d)?;
+        let bit = if owner == uid {
+            0o100
+        } else if groups.contains(&group) {
+            0o010
+        } else {
+            0o001
+        };
+        (mode & bit == 0).then(|| d.to_path_buf())
+    })
+}
+
 fn probe_write(dir: &Path) -> std::io::Result<()> {
     let f = tempfile::Builder::new()
         .prefix(".doctor-")
@@ -184,6 +268,46 @@ mod tests {
             overcommit: true,
             hosts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_first_directory_qemu_cannot_search_is_named() {
+        // path → (mode, owner, group)
+        let modes = |m: &[(&str, u32, u32, u32)]| {
+            let m: Vec<(PathBuf, (u32, u32, u32))> = m
+                .iter()
+                .map(|(p, mode, u, g)| (PathBuf::from(p), (*mode, *u, *g)))
+                .collect();
+            move |d: &Path| m.iter().find(|(p, _)| p == d).map(|(_, s)| *s)
+        };
+        let tree = modes(&[
+            ("/", 0o755, 0, 0),
+            ("/srv", 0o700, 0, 0),
+            ("/srv/pools", 0o755, 0, 0),
+        ]);
+        let qemu = (64055, [64055]);
+        assert_eq!(
+            closed_ancestor(Path::new("/srv/pools/a"), qemu.0, &qemu.1, &tree),
+            Some(PathBuf::from("/srv"))
+        );
+        // By group, by owner, for root: searchable.
+        let by_group = modes(&[("/", 0o755, 0, 0), ("/srv", 0o710, 0, 64055)]);
+        assert_eq!(
+            closed_ancestor(Path::new("/srv/p"), qemu.0, &qemu.1, &by_group),
+            None
+        );
+        let by_owner = modes(&[("/", 0o755, 0, 0), ("/srv", 0o700, 64055, 0)]);
+        assert_eq!(
+            closed_ancestor(Path::new("/srv/p"), qemu.0, &qemu.1, &by_owner),
+            None
+        );
+        assert_eq!(closed_ancestor(Path::new("/srv/p"), 0, &[0], &tree), None);
+        // A group bit does not help a user outside the group.
+        let other_group = modes(&[("/", 0o755, 0, 0), ("/srv", 0o750, 0, 5)]);
+        assert_eq!(
+            closed_ancestor(Path::new("/srv/p"), qemu.0, &qemu.1, &other_group),
+            Some(PathBuf::from("/srv"))
+        );
     }
 
     #[test]

@@ -59,11 +59,13 @@ impl Default for LayerContext {
     }
 }
 
-/// The volumes (by id) whose lock this process's background work (the flattener) is taking or
-/// holding for a brief step. A CO's request that finds such a volume's lock busy waits for the
-/// step to end (at most [`Maintenance::WAIT`]) instead of answering ABORTED: the CO has no
-/// operation pending on it, and Nomad treats ABORTED from ControllerPublishVolume or
-/// CreateSnapshot as final (the claim, or the snapshot, fails).
+/// The volumes (by id) whose lock this process is taking or holding for a brief step: the
+/// flattener's steps, and a snapshot or clone cutting its source (a header and a record, a few
+/// ms). A request that finds such a volume's lock busy waits for the step to end (at most
+/// [`Maintenance::WAIT`]) instead of answering ABORTED: the CO has no operation pending on it
+/// that would explain an ABORTED, Nomad treats ABORTED from ControllerPublishVolume or
+/// CreateSnapshot as final (the claim, or the snapshot, fails), and snapshots or clones of one
+/// volume asked for together (several PVCs cloned from one) then follow one another.
 #[derive(Clone, Default)]
 pub(super) struct Maintenance {
     marks: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -91,10 +93,11 @@ impl Maintenance {
         }
     }
 
-    /// Whether background work of this process is taking or holding the volume's lock.
-    pub(super) fn is_marked(&self, volume_id: &str) -> bool {
+    /// How many brief steps of this process are taking or holding the volume's lock (a
+    /// caller that marked the volume itself counts once).
+    pub(super) fn marks(&self, volume_id: &str) -> usize {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        marks.contains_key(volume_id)
+        marks.get(volume_id).copied().unwrap_or(0)
     }
 }
 

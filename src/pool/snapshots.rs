@@ -71,8 +71,13 @@ impl Pools {
                 req.source_volume_id
             ))
         };
+        // Marked before the lock is tried: another snapshot or clone of the volume waits for
+        // this one's cut rather than answering ABORTED (`Maintenance`).
+        let _queued = source
+            .as_ref()
+            .map(|s| self.layers.maintenance.mark(s.to_string()));
         let lock = match &source {
-            Some(source) => self.lock_volume(source).await?,
+            Some(source) => self.lock_volume_marked(source).await?,
             None => None,
         }
         .ok_or_else(missing)?;

@@ -3,6 +3,7 @@
 //! but with no snapshot record: the layer lives as long as a chain reaches it), then overlays
 //! it. Either way nothing is copied, and the new volume lives in the source's pool.
 
+use super::layers::MaintenanceMark;
 use super::record::{Chain, RecordState, SnapshotRecord, VolumeRecord};
 use super::store::{Index, Layer};
 use super::volumes::{new_record, size_for, CreateVolume, VolumeLock};
@@ -16,15 +17,20 @@ use std::sync::Arc;
 /// What the new volume is made from.
 enum Base {
     Snapshot(SnapshotRecord),
-    /// A clone's source, locked for the whole clone.
-    Volume(Box<VolumeRecord>, VolumeLock),
+    /// A clone's source, locked for the whole clone, and marked as briefly held so that
+    /// other snapshots and clones of it wait (`Maintenance`; dropped after the lock).
+    Volume {
+        vol: Box<VolumeRecord>,
+        lock: VolumeLock,
+        _queued: MaintenanceMark,
+    },
 }
 
 impl Base {
     fn pool(&self) -> &str {
         match self {
             Base::Snapshot(s) => &s.pool,
-            Base::Volume(v, _) => &v.pool,
+            Base::Volume { vol, .. } => &vol.pool,
         }
     }
 
@@ -32,7 +38,7 @@ impl Base {
     fn size(&self) -> u64 {
         match self {
             Base::Snapshot(s) => s.size_bytes,
-            Base::Volume(v, _) => v.capacity_bytes,
+            Base::Volume { vol, .. } => vol.capacity_bytes,
         }
     }
 }
@@ -46,8 +52,9 @@ struct Source {
     layer: String,
     below: Vec<String>,
     check: Check,
-    /// A clone's source lock, held until the new volume is committed.
-    _lock: Option<VolumeLock>,
+    /// A clone's source lock, held until the new volume is committed, and its mark as briefly
+    /// held (`Maintenance`), dropped after it.
+    _lock: Option<(VolumeLock, MaintenanceMark)>,
 }
 
 impl Pools {
@@ -121,7 +128,8 @@ impl Pools {
             ContentSource::Volume(id) => {
                 let missing = || Error::NotFound(format!("source volume {id} does not exist"));
                 let vid = Self::own_volume_id("source volume_id", id, missing)?;
-                let lock = self.lock_volume(&vid).await?.ok_or_else(missing)?;
+                let queued = self.layers.maintenance.mark(vid.to_string());
+                let lock = self.lock_volume_marked(&vid).await?.ok_or_else(missing)?;
                 let vol = self.locked_source(&lock, missing).await?;
                 if vol.format != ImageFormat::Qcow2 {
                     return Err(Error::invalid(format!(
@@ -129,7 +137,11 @@ impl Pools {
                          source"
                     )));
                 }
-                Ok(Base::Volume(Box::new(vol), lock))
+                Ok(Base::Volume {
+                    vol: Box::new(vol),
+                    lock,
+                    _queued: queued,
+                })
             }
         }
     }
@@ -204,7 +216,11 @@ impl Pools {
                     _lock: None,
                 })
             }
-            Base::Volume(v, lock) => {
+            Base::Volume {
+                vol: v,
+                lock,
+                _queued,
+            } => {
                 let (frozen, _) = self.freeze(&lock, *v).await?;
                 let layer = Layer::parse(&frozen.layer);
                 Ok(Source {
@@ -219,7 +235,7 @@ impl Pools {
                             ))
                         }
                     }),
-                    _lock: Some(lock),
+                    _lock: Some((lock, _queued)),
                 })
             }
         }

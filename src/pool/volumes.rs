@@ -141,6 +141,70 @@ pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u
     Ok(size)
 }
 
+/// What GetCapacity reports for the pools that match its query.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Capacity {
+    /// Bytes a new volume may still take in the best pool (`Pools::available`).
+    pub(crate) available: u64,
+    /// The largest `required_bytes` a CreateVolume with the same parameters would accept
+    /// (a multiple of 1 MiB; 0: none fits).
+    pub(crate) maximum_volume_size: u64,
+}
+
+/// Why a pool cannot take a new volume.
+#[derive(Debug, PartialEq)]
+pub(super) enum Refusal {
+    /// More than the pool's cap: no pool state would make it fit (OUT_OF_RANGE).
+    TooBig(String),
+    /// No room now (RESOURCE_EXHAUSTED).
+    NoRoom(String),
+}
+
+/// Whether a pool configured as `cfg`, with `free` bytes free on its file system and
+/// `provisioned` bytes of volumes (read only when it has a cap), takes a new volume of `size`
+/// bytes; `None`: it does.
+pub(super) fn refusal(cfg: &PoolConfig, size: u64, free: u64, provisioned: u64) -> Option<Refusal> {
+    let name = &cfg.name;
+    if let Some(cap) = cfg.capacity_bytes {
+        if size > cap {
+            return Some(Refusal::TooBig(format!(
+                "pool {name} is capped at {cap} bytes"
+            )));
+        }
+        if provisioned.saturating_add(size) > cap {
+            return Some(Refusal::NoRoom(format!(
+                "pool {name} has {} of {cap} bytes left",
+                cap.saturating_sub(provisioned)
+            )));
+        }
+    }
+    if free < MIB || (!cfg.overcommit && size > free) {
+        return Some(Refusal::NoRoom(format!(
+            "pool {name} has {free} bytes free"
+        )));
+    }
+    None
+}
+
+/// The largest `required_bytes` that CreateVolume accepts in a pool configured as `cfg`, with
+/// `free` bytes free on its file system and `provisioned` bytes of volumes: the rules of
+/// `refusal` and `size_for` (no volume when less than 1 MiB is free; within the
+/// pool's cap and what its volumes leave of it; within the free space without overcommit;
+/// at most `MAX_VOLUME_BYTES`), rounded down to 1 MiB since a size is rounded up to it.
+pub(super) fn largest_volume(cfg: &PoolConfig, free: u64, provisioned: u64) -> u64 {
+    if free < MIB {
+        return 0;
+    }
+    let mut max = MAX_VOLUME_BYTES;
+    if let Some(cap) = cfg.capacity_bytes {
+        max = max.min(cap.saturating_sub(provisioned));
+    }
+    if !cfg.overcommit {
+        max = max.min(free);
+    }
+    max / MIB * MIB
+}
+
 /// The smallest size a new volume with these capabilities may have: what the file system of
 /// its mount capabilities needs (xfs: 300 MiB, `node::fs::XFS_MIN_BYTES`; the node would
 /// refuse to format anything smaller). A smaller `required_bytes` is rounded up to it (the
@@ -226,6 +290,17 @@ impl Pools {
     /// this process's background flattener on the volume is waited out (bounded), not
     /// answered ABORTED: no operation of the CO is pending on the volume.
     pub(crate) async fn lock_volume(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
+        self.lock_volume_waiting(id, 0).await
+    }
+
+    /// `lock_volume` for a brief step that marked the volume itself (`Maintenance::mark`,
+    /// before calling): it waits for the other marked steps, not for its own mark.
+    pub(super) async fn lock_volume_marked(&self, id: &VolumeId) -> Result<Option<VolumeLock>> {
+        self.lock_volume_waiting(id, 1).await
+    }
+
+    /// `lock_volume`, waiting while more than `own` brief steps have the volume marked.
+    async fn lock_volume_waiting(&self, id: &VolumeId, own: usize) -> Result<Option<VolumeLock>> {
         let started = tokio::time::Instant::now();
         loop {
             let (pools, vid) = (self.clone(), id.clone());
@@ -234,7 +309,7 @@ impl Pools {
                 Err(Error::Aborted(_))
                     if started.elapsed() < Maintenance::WAIT
                         && self.locate_volume(id).is_some_and(|(pool, key)| {
-                            self.layers.maintenance.is_marked(&pool.volume_id(key))
+                            self.layers.maintenance.marks(&pool.volume_id(key)) > own
                         }) =>
                 {
                     tokio::time::sleep(MAINTENANCE_POLL).await
@@ -363,13 +438,19 @@ impl Pools {
         Ok(avail)
     }
 
-    /// GetCapacity: the most a single new volume matching the query could get.
-    pub(crate) async fn capacity(&self, q: CapacityQuery) -> Result<u64> {
+    /// GetCapacity: what the pools matching the query offer a new volume. The parameters are
+    /// checked as CreateVolume checks them (an unknown `pool` is INVALID_ARGUMENT).
+    pub(crate) async fn capacity(&self, q: CapacityQuery) -> Result<Capacity> {
         let params = VolumeParams::parse(&q.parameters)?;
+        let named = params
+            .pool
+            .as_deref()
+            .map(|n| self.named_pool(n))
+            .transpose()?;
         let candidates: Vec<Arc<Pool>> = self
             .pools
             .iter()
-            .filter(|p| params.pool.as_deref().is_none_or(|n| n == p.name()))
+            .filter(|p| named.is_none_or(|n| Arc::ptr_eq(n, p)))
             .filter(|p| {
                 q.topology
                     .as_ref()
@@ -378,11 +459,32 @@ impl Pools {
             .cloned()
             .collect();
         exec::blocking(move || {
-            candidates
-                .iter()
-                .try_fold(0u64, |best, p| Ok(best.max(Self::available(p)?)))
+            candidates.iter().try_fold(Capacity::default(), |best, p| {
+                let free = p.free_bytes()?;
+                let provisioned = Self::provisioned(p)?;
+                Ok(Capacity {
+                    available: best.available.max(Self::available(p)?),
+                    maximum_volume_size: best.maximum_volume_size.max(largest_volume(
+                        p.config(),
+                        free,
+                        provisioned,
+                    )),
+                })
+            })
         })
         .await
+    }
+
+    /// The pool named `name` (a request's `pool` parameter): INVALID_ARGUMENT naming the
+    /// configured pools when there is none.
+    fn named_pool(&self, name: &str) -> Result<&Arc<Pool>> {
+        self.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.pools.iter().map(|p| p.name()).collect();
+            Error::invalid(format!(
+                "pool {name:?} is not configured; configured pools: {}",
+                names.join(", ")
+            ))
+        })
     }
 
     /// CreateVolume. Idempotent by name: the name's lock (in every pool) is held while its
@@ -530,13 +632,7 @@ impl Pools {
         size: u64,
     ) -> Result<Arc<Pool>> {
         let mut candidates: Vec<Arc<Pool>> = match &params.pool {
-            Some(name) => vec![self.get(name).cloned().ok_or_else(|| {
-                let names: Vec<&str> = self.pools.iter().map(|p| p.name()).collect();
-                Error::invalid(format!(
-                    "pool {name:?} is not configured; configured pools: {}",
-                    names.join(", ")
-                ))
-            })?],
+            Some(name) => vec![self.named_pool(name)?.clone()],
             None => self.pools.to_vec(),
         };
         let req_topo = &req.topology;
@@ -570,28 +666,18 @@ impl Pools {
             let mut reasons = Vec::new();
             for p in &candidates {
                 let cfg = p.config();
-                if let Some(cap) = cfg.capacity_bytes {
-                    if size > cap {
+                let provisioned = match cfg.capacity_bytes {
+                    Some(_) => Self::provisioned(p)?,
+                    None => 0,
+                };
+                match refusal(cfg, size, p.free_bytes()?, provisioned) {
+                    None => return Ok(p.clone()),
+                    Some(Refusal::TooBig(why)) => {
                         out_of_range += 1;
-                        reasons.push(format!("pool {} is capped at {cap} bytes", p.name()));
-                        continue;
+                        reasons.push(why);
                     }
-                    let used = Self::provisioned(p)?;
-                    if used.saturating_add(size) > cap {
-                        reasons.push(format!(
-                            "pool {} has {} of {cap} bytes left",
-                            p.name(),
-                            cap.saturating_sub(used)
-                        ));
-                        continue;
-                    }
+                    Some(Refusal::NoRoom(why)) => reasons.push(why),
                 }
-                let free = p.free_bytes()?;
-                if free < MIB || (!cfg.overcommit && size > free) {
-                    reasons.push(format!("pool {} has {free} bytes free", p.name()));
-                    continue;
-                }
-                return Ok(p.clone());
             }
             Err((out_of_range == candidates.len(), reasons))
         };
@@ -1325,5 +1411,82 @@ mod tests {
             size_for(u64::MAX, 0, 0),
             Err(Error::OutOfRange(_))
         ));
+    }
+
+    fn pool_cfg(capacity_bytes: Option<u64>, overcommit: bool) -> PoolConfig {
+        PoolConfig {
+            name: "p".into(),
+            path: "/p".into(),
+            format: ImageFormat::Qcow2,
+            topology: BTreeMap::new(),
+            capacity_bytes,
+            overcommit,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// GetCapacity's maximum_volume_size is the largest required_bytes CreateVolume takes:
+    /// that size is accepted, the next size (1 MiB more, or one byte more, which rounds up to
+    /// it) is refused.
+    #[test]
+    fn largest_volume_is_what_create_accepts() {
+        const GIB: u64 = 1 << 30;
+        let cases = [
+            // (cap, overcommit, free, provisioned, expected maximum)
+            (None, true, 10 * GIB, 0, MAX_VOLUME_BYTES),
+            (None, false, 10 * GIB, 0, 10 * GIB),
+            (None, false, 10 * GIB + MIB / 2, 0, 10 * GIB),
+            (Some(100 * MIB), true, 10 * GIB, 80 * MIB, 20 * MIB),
+            (Some(100 * MIB), true, 10 * GIB, 0, 100 * MIB),
+            (Some(100 * GIB), false, 10 * GIB, 0, 10 * GIB),
+            (Some(100 * GIB), false, 10 * GIB, 95 * GIB, 5 * GIB),
+            (Some(100 * MIB + 5), true, 10 * GIB, 0, 100 * MIB),
+            (Some(100 * MIB), true, 10 * GIB, 100 * MIB, 0),
+            (Some(100 * MIB), true, 10 * GIB, 200 * MIB, 0),
+            (
+                Some(4 * MAX_VOLUME_BYTES),
+                true,
+                10 * GIB,
+                0,
+                MAX_VOLUME_BYTES,
+            ),
+            (None, true, MIB - 1, 0, 0),
+            (None, false, MIB - 1, 0, 0),
+        ];
+        for (cap, overcommit, free, provisioned, want) in cases {
+            let cfg = pool_cfg(cap, overcommit);
+            let max = largest_volume(&cfg, free, provisioned);
+            let case =
+                format!("cap {cap:?} overcommit {overcommit} free {free} used {provisioned}");
+            assert_eq!(max, want, "{case}");
+            let accepts = |required: u64| {
+                size_for(required, 0, MIB)
+                    .is_ok_and(|size| refusal(&cfg, size, free, provisioned).is_none())
+            };
+            if max > 0 {
+                assert!(accepts(max), "{case}: {max} refused");
+            }
+            assert!(!accepts(max + 1), "{case}: {} accepted", max + 1);
+            assert!(!accepts(max + MIB), "{case}: {} accepted", max + MIB);
+        }
+    }
+
+    #[test]
+    fn refusals_say_too_big_or_no_room() {
+        let capped = pool_cfg(Some(100 * MIB), true);
+        assert!(matches!(
+            refusal(&capped, 101 * MIB, 1 << 40, 0),
+            Some(Refusal::TooBig(_))
+        ));
+        assert!(matches!(
+            refusal(&capped, 30 * MIB, 1 << 40, 80 * MIB),
+            Some(Refusal::NoRoom(_))
+        ));
+        let strict = pool_cfg(None, false);
+        assert!(matches!(
+            refusal(&strict, 30 * MIB, 20 * MIB, 0),
+            Some(Refusal::NoRoom(_))
+        ));
+        assert_eq!(refusal(&strict, 20 * MIB, 20 * MIB, 0), None);
     }
 }

@@ -667,6 +667,11 @@ impl Index {
         self.unreadable.len()
     }
 
+    /// Every record that exists but could not be read (kind and key).
+    pub(crate) fn unreadable_keys(&self) -> Vec<(Kind, u64)> {
+        self.unreadable.keys().copied().collect()
+    }
+
     /// Keys of the records of `kind` that exist but could not be read.
     pub(crate) fn unreadable_of(&self, kind: Kind) -> Vec<u64> {
         self.unreadable

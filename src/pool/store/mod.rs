@@ -94,7 +94,7 @@ pub(crate) use locks::{file_is_locked, lock_whole_file, ObjectLock, Slot};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use changes::{ChangeLog, Changes};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -159,6 +159,32 @@ pub(crate) struct Store {
     image_spares: spares::Spares,
     /// This instance's owner token lock, held while it lives (its spares are its own).
     _owner: ObjectLock,
+    /// The unreadable records as last read (their files' stamps), so that one mended or
+    /// removed by hand is read again at the next request (`Store::sync`), not at a restart.
+    unreadable_seen: Mutex<HashMap<(Kind, u64), Option<FileStamp>>>,
+}
+
+/// What tells a record file's contents changed without reading it: inode, length, times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path`; `None` when there is none (or it cannot be looked at).
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(FileStamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -296,6 +322,7 @@ impl Store {
             record_spares: Kind::ALL.map(|k| spare_dir(dir.join(k.dir()))),
             image_spares: spare_dir(images),
             _owner: owner_lock,
+            unreadable_seen: Mutex::default(),
         };
         store.reload_all()?;
         Ok(store)
@@ -361,14 +388,93 @@ impl Store {
     }
 
     /// Catches up with commits of other processes (a no-op costing one `fstat` when there were
-    /// none).
+    /// none), and reads again an unreadable record whose file changed since it was read (one
+    /// mended or removed by hand; a `stat` per unreadable record, nothing when there is none).
     pub(crate) fn sync(&self) -> Result<()> {
-        if !self.changes.changed()? {
+        if self.changes.changed()? {
+            let mut log = self.lock_log();
+            let _shared = self.locks.pool_shared()?;
+            self.catch_up(&mut log)?;
+        }
+        self.recheck_unreadable()
+    }
+
+    /// Reads again the unreadable records whose files changed since they were last read (or
+    /// that were never looked at here since they became unreadable).
+    fn recheck_unreadable(&self) -> Result<()> {
+        let keys = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            if index.unreadable() == 0 {
+                return Ok(());
+            }
+            index.unreadable_keys()
+        };
+        let mut seen = self
+            .unreadable_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        seen.retain(|k, _| keys.contains(k));
+        // Changed since last read: read again, and warned about if still unreadable. Never
+        // looked at here (it became unreadable since): read again once, quietly (its
+        // reader warned), since a mend may have come in between.
+        let (mut changed, mut first) = (Vec::new(), Vec::new());
+        for (kind, key) in keys {
+            let now = FileStamp::of(&self.record_path(kind, key));
+            match seen.insert((kind, key), now) {
+                None => first.push((kind, key)),
+                Some(before) if before != now => changed.push((kind, key)),
+                Some(_) => {}
+            }
+        }
+        drop(seen);
+        if changed.is_empty() && first.is_empty() {
             return Ok(());
         }
-        let mut log = self.lock_log();
+        let _log = self.lock_log();
         let _shared = self.locks.pool_shared()?;
-        self.catch_up(&mut log)
+        self.reread(changed, Some("a changed record is still unreadable"));
+        self.reread(first, None);
+        Ok(())
+    }
+
+    /// Reads the records `keys` again into the index: a record now readable is indexed, one
+    /// gone is removed, one unreadable is marked so (and warned about with `why`, if given).
+    /// The caller holds the pool lock (shared or exclusive) and the log mutex.
+    fn reread(&self, keys: Vec<(Kind, u64)>, why: Option<&str>) {
+        let fresh: Vec<(Kind, u64, Result<RecordBytes>)> = keys
+            .into_iter()
+            .map(|(kind, key)| (kind, key, self.read_bytes(kind, key)))
+            .collect();
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for (kind, key, bytes) in fresh {
+            let was_unreadable = index.readable(kind, key).is_err();
+            let inserted = match bytes {
+                Ok(Some(bytes)) => kind.insert_bytes(&mut index, &self.dir, key, &bytes),
+                Ok(None) => {
+                    kind.remove_from(&mut index, key);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            match inserted {
+                Err(e) => {
+                    if let Some(why) = why {
+                        tracing::warn!(pool = %self.pool, kind = kind.dir(),
+                            key = %kind.file_key(key), error = %e, "{why}");
+                    }
+                    kind.remove_from(&mut index, key);
+                    index.set_unreadable(kind, key, &e);
+                }
+                Ok(()) if was_unreadable => {
+                    tracing::info!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
+                        "an unreadable record was mended or removed: read again");
+                }
+                Ok(()) => {}
+            }
+        }
+        // Layers another process freed are its to unlink; layers a mend leaves unnamed are
+        // the next start's sweep's.
+        index.take_freed();
     }
 
     fn lock_log(&self) -> std::sync::MutexGuard<'_, ChangeLog> {
@@ -389,33 +495,9 @@ impl Store {
                 self.rebuild(log)
             }
             changes::News::Keys(keys) => {
-                let mut fresh: Vec<(Kind, u64, Result<RecordBytes>)> =
-                    Vec::with_capacity(keys.len());
                 let mut seen = HashSet::new();
-                for (kind, key) in keys {
-                    if seen.insert((kind, key)) {
-                        fresh.push((kind, key, self.read_bytes(kind, key)));
-                    }
-                }
-                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-                for (kind, key, bytes) in fresh {
-                    let inserted = match bytes {
-                        Ok(Some(bytes)) => kind.insert_bytes(&mut index, &self.dir, key, &bytes),
-                        Ok(None) => {
-                            kind.remove_from(&mut index, key);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = inserted {
-                        tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key),
-                            error = %e, "a record another process wrote is unreadable");
-                        kind.remove_from(&mut index, key);
-                        index.set_unreadable(kind, key, &e);
-                    }
-                }
-                // Layers another process freed are its to unlink.
-                index.take_freed();
+                let keys: Vec<(Kind, u64)> = keys.into_iter().filter(|k| seen.insert(*k)).collect();
+                self.reread(keys, Some("a record another process wrote is unreadable"));
                 self.changes.seen(log.seen);
                 Ok(())
             }
