@@ -1,7 +1,7 @@
-//! The gRPC server on a unix socket: stale socket replaced, restrictive permissions from the
-//! start, graceful stop when the process's [`Shutdown`] begins (in-flight RPCs finish within
-//! its grace period, the socket is removed). A `tcp://`
-//! endpoint exists for node plugins in test guests, reached through a user-mode port forward.
+//! The gRPC server on a unix socket: a stale socket replaced (never one another process
+//! serves on), restrictive permissions from the start, graceful stop when the process's
+//! [`Shutdown`] begins (in-flight RPCs finish within its grace period, the socket is removed
+//! unless another process has replaced it since). A `tcp://` endpoint exists for node plugins in test guests, reached through a user-mode port forward.
 //! Every accepted connection goes through [`authority::AuthorityFix`], so that clients which
 //! send the socket path as HTTP/2 `:authority` (Python grpcio, grpc-java, Nomad 1.0–1.2) get
 //! answers.
@@ -65,11 +65,64 @@ pub(crate) struct ServeOptions {
     pub socket_group: Option<String>,
 }
 
+/// What was at the socket path before this process bound it.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    Nothing,
+    /// A socket nobody accepts on (ECONNREFUSED): its process ended without removing it.
+    StaleSocket,
+    /// A file that is not a socket (the rename replaces a regular file and fails on a
+    /// directory, as it always did).
+    NotASocket,
+}
+
+/// Looks at what is at `path`, and refuses ([`Error::FailedPrecondition`]) when it is a socket
+/// another process accepts on: replacing it would take that process's clients, and the first
+/// of the two to stop would remove the path the other serves on. The test connect is
+/// non-blocking: on a unix socket it succeeds, or fails with ECONNREFUSED, at once (EAGAIN: a
+/// listener whose backlog is full, also alive).
+fn check_not_served(path: &Path) -> Result<Existing> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(Error::io(format!("stat {}", path.display()), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Ok(Existing::NotASocket);
+    }
+    let probing = || format!("checking whether a process serves on {}", path.display());
+    let addr = UnixAddr::new(path).map_err(|e| Error::sys(probing(), e))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::sys(probing(), e))?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => {
+            Err(Error::FailedPrecondition(format!(
+                "another process serves on the socket {}: stop it, or give this instance \
+                 another --endpoint",
+                path.display()
+            )))
+        }
+        Err(Errno::ECONNREFUSED) => Ok(Existing::StaleSocket),
+        Err(Errno::ENOENT) => Ok(Existing::Nothing),
+        Err(e) => Err(Error::sys(probing(), e)),
+    }
+}
+
 /// Binds the socket at `path` with its final mode and group before anyone can reach it: the
 /// socket is made in a fresh 0700 directory next to `path`, given its mode (0600, or 0660 and
 /// the group), then renamed over `path` (which also replaces a stale socket atomically).
-/// Nothing changes the process-wide umask.
-fn bind(path: &Path, opts: &ServeOptions) -> Result<UnixListener> {
+/// A socket at `path` that another process accepts on is never replaced (see
+/// [`check_not_served`]). Nothing changes the process-wide umask.
+fn bind(path: &Path, opts: &ServeOptions) -> Result<(UnixListener, SocketFile)> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating socket directory {}", dir.display()), e))?;
@@ -100,23 +153,64 @@ fn bind(path: &Path, opts: &ServeOptions) -> Result<UnixListener> {
     };
     std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io(format!("chmod {}", fresh.display()), e))?;
-    if path.exists() {
-        tracing::info!(socket = %path.display(), "replacing a stale socket");
+    // The rename keeps the inode: this identifies the socket at `path` as this process's.
+    let made = std::fs::symlink_metadata(&fresh)
+        .map_err(|e| Error::io(format!("stat {}", fresh.display()), e))?;
+    match check_not_served(path)? {
+        Existing::Nothing => {}
+        Existing::StaleSocket => {
+            tracing::info!(socket = %path.display(), "replacing a stale socket (nobody accepts on it)")
+        }
+        Existing::NotASocket => {
+            tracing::warn!(socket = %path.display(), "replacing a file that is not a socket")
+        }
     }
     std::fs::rename(&fresh, path)
         .map_err(|e| Error::io(format!("moving the socket to {}", path.display()), e))?;
-    Ok(listener)
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            id: file_id(&made),
+        },
+    ))
 }
 
-/// The socket file, removed when serving ends (also when the serving future is dropped at the
-/// end of the grace period).
-struct SocketFile(PathBuf);
+/// A file's identity: device and inode.
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// The socket file this process made, removed when serving ends (also when the serving future
+/// is dropped at the end of the grace period) if the path still holds it: another process
+/// that replaced it meanwhile (a new instance, started once this one stopped accepting) keeps
+/// its socket.
+struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket made at bind.
+    id: (u64, u64),
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
+        let path = &self.path;
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if file_id(&meta) == self.id => {}
+            Ok(_) => {
+                tracing::info!(socket = %path.display(),
+                    "the socket path holds another process's file now: leaving it");
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "could not check the socket");
+                return;
+            }
+        }
+        if let Err(e) = std::fs::remove_file(path) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(socket = %self.0.display(), error = %e, "could not remove socket");
+                tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
             }
         }
     }
@@ -130,6 +224,10 @@ pub(crate) async fn serve(
     attachers: Attachments,
     shutdown: &Shutdown,
 ) -> Result<()> {
+    // Before opening anything: a socket another process serves on is checked again at bind.
+    if let Listen::Unix(path) = &opts.listen {
+        check_not_served(path)?;
+    }
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)
             .await?
@@ -204,8 +302,7 @@ pub(crate) async fn serve(
     let stop = shutdown.begun();
     let served = match &opts.listen {
         Listen::Unix(path) => {
-            let listener = bind(path, &opts)?;
-            let _socket = SocketFile(path.clone());
+            let (listener, _socket) = bind(path, &opts)?;
             tracing::info!(socket = %path.display(), mode = ?cfg.mode, driver = %cfg.driver_name, "serving");
             let incoming = UnixListenerStream::new(listener)
                 .map(|conn| conn.map(authority::AuthorityFix::new));
@@ -250,5 +347,49 @@ mod tests {
         );
         assert!(listen_address("tcp://localhost").is_err());
         assert!(listen_address("relative.sock").is_err());
+    }
+
+    #[test]
+    fn a_socket_someone_accepts_on_is_refused_a_stale_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        assert_eq!(check_not_served(&path).unwrap(), Existing::Nothing);
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = check_not_served(&path).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("--endpoint"),
+            "{msg}"
+        );
+        // The listener is gone, its file stays: nobody accepts.
+        drop(live);
+        assert_eq!(check_not_served(&path).unwrap(), Existing::StaleSocket);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "x").unwrap();
+        assert_eq!(check_not_served(&path).unwrap(), Existing::NotASocket);
+    }
+
+    #[test]
+    fn the_socket_file_is_removed_only_while_it_is_this_processs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let id = |p: &Path| file_id(&std::fs::symlink_metadata(p).unwrap());
+        std::fs::write(&path, "mine").unwrap();
+        drop(SocketFile {
+            path: path.clone(),
+            id: id(&path),
+        });
+        assert!(!path.exists());
+        std::fs::write(&path, "mine").unwrap();
+        let mine = SocketFile {
+            path: path.clone(),
+            id: id(&path),
+        };
+        let theirs = dir.path().join("theirs");
+        std::fs::write(&theirs, "theirs").unwrap();
+        std::fs::rename(&theirs, &path).unwrap();
+        drop(mine);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "theirs");
     }
 }

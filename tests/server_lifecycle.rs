@@ -196,3 +196,103 @@ async fn a_second_instance_of_a_role_on_one_data_dir_is_refused() {
     }
     p.identity().ready().await.unwrap();
 }
+
+/// Device and inode of the file at `path` (not following a symlink).
+fn file_id(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+/// A second plugin on the socket of a plugin that serves on it (another data dir, so only the
+/// socket collides) is refused with a message naming the path: it neither takes the first
+/// one's clients nor, at its exit, removes the socket the first one serves on.
+#[tokio::test]
+async fn a_second_plugin_on_a_live_plugins_socket_is_refused() {
+    let mut p = Plugin::start("controller", &[]).await;
+    let before = file_id(&p.socket);
+    let other = tempfile::tempdir().unwrap();
+    let log = other.path().join("second.log");
+    let mut second = Command::new(bin())
+        .args(["serve", "--mode", "controller", "--endpoint", &p.endpoint()])
+        .arg("--data-dir")
+        .arg(other.path().join("data"))
+        .env_remove("CSI_ENDPOINT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Bounded: a second plugin that serves would never exit by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            second.wait().unwrap();
+            panic!(
+                "the second plugin still runs:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another process serves on the socket {}",
+            p.socket.display()
+        )) && stderr.contains("--endpoint"),
+        "{stderr}"
+    );
+    assert_eq!(file_id(&p.socket), before, "the socket was replaced");
+    assert_eq!(p.identity().ready().await.unwrap(), Some(true));
+    // A fresh connection reaches the first plugin too.
+    let ch = virtdisk_test_support::plugin::connect(&p.socket)
+        .await
+        .unwrap();
+    assert_eq!(
+        csi::identity_client::IdentityClient::new(ch)
+            .ready()
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    assert!(p.stop().success());
+    assert!(!p.socket.exists(), "socket removed on shutdown");
+}
+
+/// A socket file nobody accepts on (its listener was closed, as a crashed process leaves it)
+/// is replaced and served on.
+#[tokio::test]
+async fn a_stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let stale = file_id(&path);
+    let mut p = Plugin::launch("controller").socket(&path).start().await;
+    assert_eq!(p.identity().ready().await.unwrap(), Some(true));
+    assert_ne!(file_id(&path), stale);
+    assert!(p.log().contains("replacing a stale socket"), "{}", p.log());
+    assert!(p.stop().success());
+    assert!(!path.exists(), "socket removed on shutdown");
+}
+
+/// A plugin whose socket path holds another file by the time it stops (another instance
+/// replaced it) leaves that file alone.
+#[tokio::test]
+async fn a_plugin_leaves_a_socket_path_another_file_replaced() {
+    let mut p = Plugin::start("controller", &[]).await;
+    // Another socket moved over the path, as a plugin's bind does.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fresh = elsewhere.path().join("new.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fresh).unwrap();
+    std::fs::rename(&fresh, &p.socket).unwrap();
+    let theirs = file_id(&p.socket);
+    assert!(p.stop().success());
+    assert_eq!(file_id(&p.socket), theirs, "the other socket was removed");
+    std::os::unix::net::UnixStream::connect(&p.socket).expect("the other socket still serves");
+    drop(listener);
+}

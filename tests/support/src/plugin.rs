@@ -54,6 +54,8 @@ pub struct Launch {
     dir_prefix: String,
     /// Where the temp dir is made (`None`: the system's temp dir).
     dir_parent: Option<PathBuf>,
+    /// The socket path (`None`: `<dir>/csi.sock`).
+    socket: Option<PathBuf>,
     readable_by_qemu: bool,
     /// The plugin leads a process group of its own (as a CO's executor starts a task).
     own_process_group: bool,
@@ -110,6 +112,12 @@ impl Launch {
         self
     }
 
+    /// Serves on `path` instead of `<dir>/csi.sock`: e.g. a socket file another process left.
+    pub fn socket(mut self, path: &Path) -> Launch {
+        self.socket = Some(path.to_path_buf());
+        self
+    }
+
     /// Makes the temp dir 0755 so libvirt's QEMU reaches the pool images below it (for
     /// hot-plug into KVM domains).
     pub fn readable_by_qemu(mut self) -> Launch {
@@ -137,7 +145,10 @@ impl Launch {
         if self.readable_by_qemu {
             crate::open_for_qemu(dir.path());
         }
-        let socket = dir.path().join("csi.sock");
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| dir.path().join("csi.sock"));
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--mode".into(),
@@ -197,6 +208,7 @@ impl Plugin {
             bin: bin(),
             dir_prefix: ".tmp".into(),
             dir_parent: None,
+            socket: None,
             readable_by_qemu: false,
             own_process_group: false,
             poll: Duration::from_millis(20),
