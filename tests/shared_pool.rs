@@ -13,7 +13,8 @@ use virtdisk_csi::failpoint::{ENV, PAUSE_ENV};
 use virtdisk_test_support::calls::*;
 use virtdisk_test_support::failpoint::Hold;
 use virtdisk_test_support::pool::{
-    assert_index_matches_pool, assert_pool_clean, snapshot_record, volume_image, PoolView,
+    assert_index_matches_pool, assert_pool_clean, snapshot_record, volume_image,
+    wait_pool_flattening_settled, PoolView,
 };
 use virtdisk_test_support::prelude::*;
 
@@ -48,6 +49,8 @@ fn names_on_disk(pool: &Path, name: &str) -> usize {
 
 /// Both processes answer what the pool holds, and the pool is clean.
 async fn assert_agree(a: &Plugin, b: &Plugin, pool: &Path) {
+    // At rest: both processes' flatteners have finished what the calls left them.
+    wait_pool_flattening_settled(pool, virtdisk_csi::pool::DEFAULT_MAX_CHAIN_DEPTH).await;
     assert_index_matches_pool(a, pool).await;
     assert_index_matches_pool(b, pool).await;
     assert_pool_clean(pool);

@@ -240,6 +240,29 @@ pub async fn wait_flattening_settled(p: &Plugin, max_depth: usize) {
     .await
 }
 
+/// [`wait_flattening_settled`] for a pool directory that several processes may share and
+/// where no volume is attached: no job in progress and no volume deeper than `max_depth`.
+/// Every process's flattener works in the background, so "at rest" comes after this.
+pub async fn wait_pool_flattening_settled(pool: &Path, max_depth: usize) {
+    eventually(Duration::from_secs(120), || async {
+        let view = PoolView::read(pool);
+        let deep: Vec<&str> = view
+            .volumes
+            .iter()
+            .filter(|v| depth_of(v) > max_depth)
+            .map(|v| v["id"].as_str().unwrap_or("?"))
+            .collect();
+        if view.flatten_jobs.is_empty() && deep.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "flattening did not settle: jobs {:?}, deeper than {max_depth}: {deep:?}",
+            view.flatten_jobs
+        ))
+    })
+    .await
+}
+
 /// A volume record's chain depth: its image plus its backing layers.
 pub fn depth_of(record: &Value) -> usize {
     1 + record["chain"]["backing"].as_array().map_or(0, Vec::len)
