@@ -160,7 +160,6 @@ fn condition(c: &VolumeCondition) -> csi::VolumeCondition {
     }
 }
 
-/// `max_entries` as a page size (0: everything).
 /// The most entries one ListVolumes or ListSnapshots answer carries, whatever `max_entries`
 /// asks (the spec lets a plugin answer fewer, with a `next_token`): a few hundred bytes each,
 /// so a page stays far below the 4 MiB that gRPC clients (grpc-go: Nomad, the Kubernetes

@@ -167,7 +167,16 @@ fn qemu_reach(p: &PoolConfig, ok: Check) -> Check {
     )
     .unwrap_or_else(|_| vec![user.gid]);
     let groups: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
-    match closed_ancestor(&p.path, user.uid.as_raw(), &groups, stat) {
+    // QEMU opens the images in `images/` (made with the plugin's umask), by the path as
+    // written and, through a symlink, by the real one: every directory on both ways counts.
+    let images = p.path.join("images");
+    let real = std::fs::canonicalize(&images)
+        .or_else(|_| std::fs::canonicalize(&p.path))
+        .ok();
+    let closed = std::iter::once(images)
+        .chain(real)
+        .find_map(|path| closed_ancestor(&path, user.uid.as_raw(), &groups, stat));
+    match closed {
         None => ok,
         Some(dir) => Check::warn(
             ok.name,

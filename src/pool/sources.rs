@@ -221,7 +221,9 @@ impl Pools {
                 lock,
                 _queued,
             } => {
-                let (frozen, _) = self.freeze(&lock, *v).await?;
+                // One value from here on: on every path the lock goes before its mark.
+                let held = (lock, _queued);
+                let (frozen, _) = self.freeze(&held.0, *v).await?;
                 let layer = Layer::parse(&frozen.layer);
                 Ok(Source {
                     layer: frozen.layer,
@@ -235,7 +237,7 @@ impl Pools {
                             ))
                         }
                     }),
-                    _lock: Some((lock, _queued)),
+                    _lock: Some(held),
                 })
             }
         }
