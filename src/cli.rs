@@ -115,6 +115,10 @@ async fn serve(args: ServeArgs) -> crate::error::Result<()> {
         served = start_and_serve(args, &shutdown) => served,
         _ = shutdown.grace_over() => {
             match crate::metrics::rpcs_in_flight() {
+                _ if !server::serving() => tracing::warn!(
+                    "still starting (opening the pools, reading the attachments) when the \
+                     grace period ended: stopping without serving"
+                ),
                 // The server waits for its clients to close their connections (HTTP/2 GOAWAY,
                 // then a PING they answer): a client that does not answer holds it.
                 0 => tracing::warn!(

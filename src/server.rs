@@ -300,6 +300,8 @@ pub(crate) async fn serve(
     };
     let router = router.add_optional_service(node);
     let stop = shutdown.begun();
+    // From here on the process accepts connections (the binds below are immediate).
+    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
     let served = match &opts.listen {
         Listen::Unix(path) => {
             let (listener, _socket) = bind(path, &opts)?;
@@ -325,6 +327,15 @@ pub(crate) async fn serve(
         }
     };
     served.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
+}
+
+/// Whether this process got as far as serving (its services built, its socket about to be
+/// bound): the shutdown's last words tell "still starting" from "a client held on".
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`SERVING`].
+pub(crate) fn serving() -> bool {
+    SERVING.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 #[cfg(test)]

@@ -289,6 +289,20 @@ async fn capacity_limits_give_the_right_codes() {
     assert_eq!(small.available_capacity, 20 * MIB);
     let max = small.maximum_volume_size.unwrap();
     assert_eq!(max, 20 * MIB);
+    assert_eq!(small.minimum_volume_size, Some(MIB));
+    // For xfs (300 MiB at least) the 20 MiB left is no room at all.
+    let xfs = p
+        .controller()
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: params(&[("pool", "small")]),
+            volume_capabilities: vec![mount_cap("xfs", Mode::SingleNodeWriter)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(xfs.minimum_volume_size, Some(300 * MIB));
+    assert_eq!(xfs.maximum_volume_size, Some(0), "{xfs:?}");
     // One byte more rounds up to the next MiB, which the cap no longer holds.
     create_fails(
         &p,

@@ -211,22 +211,33 @@ pub(super) fn largest_volume(cfg: &PoolConfig, free: u64, provisioned: u64) -> u
 /// spec only asks for "at least" required_bytes); a `limit_bytes` below it is OUT_OF_RANGE.
 /// Returns the minimum (0: none).
 pub(super) fn fs_minimum(req: &CreateVolume) -> Result<u64> {
-    let xfs = req.capabilities.iter().any(|c| {
-        matches!(&c.access_type, crate::model::AccessType::Mount { fs_type, .. } if fs_type == "xfs")
-    });
-    if !xfs {
+    let min = smallest_for(&req.capabilities);
+    if min == 0 {
         return Ok(0);
     }
-    let min = crate::node::fs::XFS_MIN_BYTES;
     if req.limit_bytes > 0 && req.limit_bytes < min {
         return Err(Error::OutOfRange(format!(
-            "limit_bytes {} is below {} MiB, the smallest xfs file system; allow at least {}              bytes, or use ext4",
+            "limit_bytes {} is below {} MiB, the smallest xfs file system; allow at least \
+             {} bytes, or use ext4",
             req.limit_bytes,
             min >> 20,
             min
         )));
     }
     Ok(min)
+}
+
+/// The smallest volume that can carry `capabilities` (bytes; 0 when any size can): an xfs
+/// file system needs `node::fs::XFS_MIN_BYTES`.
+pub(crate) fn smallest_for(capabilities: &[crate::model::Capability]) -> u64 {
+    let xfs = capabilities.iter().any(|c| {
+        matches!(&c.access_type, crate::model::AccessType::Mount { fs_type, .. } if fs_type == "xfs")
+    });
+    if xfs {
+        crate::node::fs::XFS_MIN_BYTES
+    } else {
+        0
+    }
 }
 
 impl Pools {
