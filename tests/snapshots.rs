@@ -652,7 +652,7 @@ fn make_legacy(pool: &Path, dir: &str, id: &str, legacy_key: &str) -> String {
     let key = key_of(id);
     let legacy_id = format!("{}.{legacy_key}", id.rsplit_once('.').unwrap().0);
     let path = pool.join(format!("{dir}/{key}.json"));
-    let mut rec: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut rec = virtdisk_test_support::pool::read_record(&path);
     rec["id"] = legacy_id.clone().into();
     if dir == "volumes" {
         let image = format!("{legacy_key}.qcow2");
@@ -665,7 +665,7 @@ fn make_legacy(pool: &Path, dir: &str, id: &str, legacy_key: &str) -> String {
     }
     std::fs::remove_file(&path).unwrap();
     let legacy = pool.join(format!("{dir}/{legacy_key}.json"));
-    std::fs::write(legacy, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+    virtdisk_test_support::pool::write_record(&legacy, &rec);
     legacy_id
 }
 

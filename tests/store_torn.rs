@@ -9,7 +9,7 @@ use virtdisk_test_support::calls::{
     create_from, create_volume, delete_snapshot, delete_volume, expand, list_snapshots,
     list_volumes, snapshot,
 };
-use virtdisk_test_support::pool::{assert_pool_clean, PoolView};
+use virtdisk_test_support::pool::{assert_pool_clean, read_record, write_record, PoolView};
 use virtdisk_test_support::prelude::*;
 
 fn record_of(p: &Plugin, id: &str) -> std::path::PathBuf {
@@ -193,8 +193,7 @@ async fn deleted_volumes_leave_empty_spares_that_never_carry_old_bytes() {
     assert!(!bytes.contains(&0xab), "a byte of the deleted volume");
     qemu_img_check(&image_of(&p, &new));
     assert_eq!(qemu_img_info(&image_of(&p, &new))["virtual-size"], 64 * MIB);
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(record_of(&p, &record_new)).unwrap()).unwrap();
+    let rec = read_record(&record_of(&p, &record_new));
     assert_eq!(rec["id"], record_new.as_str());
 
     // A spare of a process that is gone is removed when the pool opens.
@@ -616,11 +615,10 @@ async fn two_records_of_one_name_are_reported_and_the_name_refused() {
     // A copy under another key, as if its record had been mended after the name was retaken.
     let second_key = "00000000000000ab";
     let second = format!("{}.{second_key}", first.rsplit_once('.').unwrap().0);
-    let mut rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(record_of(&p, &first)).unwrap()).unwrap();
+    let mut rec = read_record(&record_of(&p, &first));
     rec["id"] = second.clone().into();
     rec["image"] = format!("{second_key}.qcow2").into();
-    std::fs::write(record_of(&p, &second), serde_json::to_vec(&rec).unwrap()).unwrap();
+    write_record(&record_of(&p, &second), &rec);
     std::fs::copy(image_of(&p, &first), image_of(&p, &second)).unwrap();
     p.restart().await;
 
@@ -827,11 +825,10 @@ async fn a_record_edited_to_name_another_volumes_image_is_not_a_second_owner() {
     let first = create_volume(&p, "first", 64 * MIB, &[]).await.unwrap();
     let second = create_volume(&p, "second", 64 * MIB, &[]).await.unwrap();
     p.stop();
-    let mut rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(record_of(&p, &first)).unwrap()).unwrap();
+    let mut rec = read_record(&record_of(&p, &first));
     rec["id"] = second.clone().into();
     rec["name"] = "second".into();
-    std::fs::write(record_of(&p, &second), serde_json::to_vec(&rec).unwrap()).unwrap();
+    write_record(&record_of(&p, &second), &rec);
     p.restart().await;
 
     assert!(
@@ -896,10 +893,9 @@ async fn layers_an_unreadable_record_may_use_are_kept_by_later_changes() {
 /// the plugin being stopped.
 fn mark_handed_to_writer(p: &Plugin, id: &str) {
     let path = record_of(p, id);
-    let mut rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut rec = read_record(&path);
     rec["handed_to_writer"] = serde_json::Value::Bool(true);
-    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    write_record(&path, &rec);
 }
 
 /// A used blank volume: an empty qcow2 image made again in its place (another size: no longer

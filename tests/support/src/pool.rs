@@ -59,10 +59,18 @@ fn records(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn read_record(path: &Path) -> Value {
+/// The record file at `path`, as JSON (panics naming the file when it is not).
+pub fn read_record(path: &Path) -> Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_slice(&bytes)
         .unwrap_or_else(|e| panic!("record {} is not valid JSON: {e}", path.display()))
+}
+
+/// Writes `rec` as the record file at `path`, as an operator editing it by hand would (in
+/// place, not atomically); the plugin should be stopped, or see it as a hand edit.
+pub fn write_record(path: &Path, rec: &Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(rec).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 fn strings(v: &Value) -> Vec<String> {
