@@ -226,7 +226,8 @@ pub(crate) async fn serve(
 ) -> Result<()> {
     // Before opening anything: a socket another process serves on is checked again at bind.
     if let Listen::Unix(path) = &opts.listen {
-        check_not_served(path)?;
+        let path = path.clone();
+        crate::exec::blocking(move || check_not_served(&path)).await?;
     }
     let pools = if cfg.mode.runs_controller() {
         let pools = Pools::open(cfg.pools.clone(), cfg.default_volume_size)

@@ -385,23 +385,18 @@ impl Controller for ControllerService {
             .iter()
             .map(convert::capability)
             .collect::<Result<Vec<_>>>()?;
-        // What CreateVolume would accept with these capabilities: an xfs volume is at least
-        // its file system's minimum, so a largest size below it is none at all.
-        let smallest = crate::pool::smallest_for(&caps).max(crate::pool::MIB);
         let capacity = self
             .pools
             .capacity(CapacityQuery {
                 parameters: r.parameters,
                 topology: r.accessible_topology.map(|t| t.segments),
+                capabilities: caps,
             })
             .await?;
         ok(csi::GetCapacityResponse {
             available_capacity: capacity.available.min(i64::MAX as u64) as i64,
-            maximum_volume_size: Some(match capacity.maximum_volume_size {
-                largest if largest < smallest => 0,
-                largest => largest.min(i64::MAX as u64) as i64,
-            }),
-            minimum_volume_size: Some(smallest as i64),
+            maximum_volume_size: Some(capacity.maximum_volume_size.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(capacity.minimum_volume_size as i64),
         })
     }
 

@@ -22,7 +22,7 @@ pub(crate) use listing::{SnapshotFilter, SnapshotSummary, VolumeCondition, Volum
 pub use record::{GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeRecord};
 pub use snapshots::CreateSnapshot;
 pub use volumes::TopologyRequirement;
-pub(crate) use volumes::{smallest_for, CapacityQuery, VolumeLock, MIB};
+pub(crate) use volumes::{CapacityQuery, VolumeLock};
 pub use volumes::{CreateVolume, Pools};
 
 use crate::config::PoolConfig;

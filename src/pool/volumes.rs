@@ -58,6 +58,8 @@ pub struct CreateVolume {
 pub(crate) struct CapacityQuery {
     pub(crate) parameters: BTreeMap<String, String>,
     pub(crate) topology: Option<Topology>,
+    /// The capabilities the volume would need (an xfs file system has a minimum size).
+    pub(crate) capabilities: Vec<Capability>,
 }
 
 /// The lock of one volume (see `store`: it excludes every other operation on the volume, in
@@ -146,9 +148,11 @@ pub(super) fn size_for(required: u64, limit: u64, default_size: u64) -> Result<u
 pub(crate) struct Capacity {
     /// Bytes a new volume may still take in the best pool (`Pools::available`).
     pub(crate) available: u64,
-    /// The largest `required_bytes` a CreateVolume with the same parameters would accept
-    /// (a multiple of 1 MiB; 0: none fits).
+    /// The largest `required_bytes` a CreateVolume with the same parameters and capabilities
+    /// would accept (a multiple of 1 MiB; 0: none fits).
     pub(crate) maximum_volume_size: u64,
+    /// The smallest volume with those capabilities (1 MiB; an xfs file system's minimum).
+    pub(crate) minimum_volume_size: u64,
 }
 
 /// Why a pool cannot take a new volume.
@@ -229,7 +233,7 @@ pub(super) fn fs_minimum(req: &CreateVolume) -> Result<u64> {
 
 /// The smallest volume that can carry `capabilities` (bytes; 0 when any size can): an xfs
 /// file system needs `node::fs::XFS_MIN_BYTES`.
-pub(crate) fn smallest_for(capabilities: &[crate::model::Capability]) -> u64 {
+pub(super) fn smallest_for(capabilities: &[crate::model::Capability]) -> u64 {
     let xfs = capabilities.iter().any(|c| {
         matches!(&c.access_type, crate::model::AccessType::Mount { fs_type, .. } if fs_type == "xfs")
     });
@@ -437,16 +441,16 @@ impl Pools {
 
     /// Bytes a new volume may still take in `pool`: what the cap leaves (thin provisioning)
     /// or the free space, and never more than the free space without overcommit.
-    fn available(pool: &Pool) -> Result<u64> {
-        let free = pool.free_bytes()?;
-        let mut avail = match pool.config().capacity_bytes {
-            Some(cap) => cap.saturating_sub(Self::provisioned(pool)?),
+    fn available(cfg: &PoolConfig, free: u64, provisioned: u64) -> u64 {
+        let avail = match cfg.capacity_bytes {
+            Some(cap) => cap.saturating_sub(provisioned),
             None => free,
         };
-        if !pool.config().overcommit {
-            avail = avail.min(free);
+        if cfg.overcommit {
+            avail
+        } else {
+            avail.min(free)
         }
-        Ok(avail)
     }
 
     /// GetCapacity: what the pools matching the query offer a new volume. The parameters are
@@ -469,21 +473,35 @@ impl Pools {
             })
             .cloned()
             .collect();
-        exec::blocking(move || {
+        // What CreateVolume would accept with these capabilities: an xfs volume is at least
+        // its file system's minimum, so a largest size below it is none at all.
+        let smallest = smallest_for(&q.capabilities).max(MIB);
+        let found = exec::blocking(move || {
             candidates.iter().try_fold(Capacity::default(), |best, p| {
                 let free = p.free_bytes()?;
                 let provisioned = Self::provisioned(p)?;
                 Ok(Capacity {
-                    available: best.available.max(Self::available(p)?),
+                    available: best
+                        .available
+                        .max(Self::available(p.config(), free, provisioned)),
                     maximum_volume_size: best.maximum_volume_size.max(largest_volume(
                         p.config(),
                         free,
                         provisioned,
                     )),
+                    minimum_volume_size: smallest,
                 })
             })
         })
-        .await
+        .await?;
+        Ok(Capacity {
+            maximum_volume_size: match found.maximum_volume_size {
+                largest if largest < smallest => 0,
+                largest => largest,
+            },
+            minimum_volume_size: smallest,
+            ..found
+        })
     }
 
     /// The pool named `name` (a request's `pool` parameter): INVALID_ARGUMENT naming the

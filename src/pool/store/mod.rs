@@ -409,20 +409,24 @@ impl Store {
             }
             index.unreadable_keys()
         };
+        // The stats first, outside the mutex: concurrent requests do not queue behind them.
+        let stamps: HashMap<(Kind, u64), Option<FileStamp>> = keys
+            .into_iter()
+            .map(|(kind, key)| ((kind, key), FileStamp::of(&self.record_path(kind, key))))
+            .collect();
         let mut seen = self
             .unreadable_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        seen.retain(|k, _| keys.contains(k));
+        seen.retain(|k, _| stamps.contains_key(k));
         // Changed since last read: read again, and warned about if still unreadable. Never
         // looked at here (it became unreadable since): read again once, quietly (its
         // reader warned), since a mend may have come in between.
         let (mut changed, mut first) = (Vec::new(), Vec::new());
-        for (kind, key) in keys {
-            let now = FileStamp::of(&self.record_path(kind, key));
-            match seen.insert((kind, key), now) {
-                None => first.push((kind, key)),
-                Some(before) if before != now => changed.push((kind, key)),
+        for (k, now) in stamps {
+            match seen.insert(k, now) {
+                None => first.push(k),
+                Some(before) if before != now => changed.push(k),
                 Some(_) => {}
             }
         }
