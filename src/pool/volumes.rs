@@ -1316,10 +1316,7 @@ impl Pool {
         let records: Vec<String> = keys
             .iter()
             .map(|k| {
-                let file = self
-                    .dir()
-                    .join(kind.dir())
-                    .join(format!("{}.json", kind.file_key(*k)));
+                let file = kind.record_path(self.dir(), *k);
                 format!("{} ({})", id(*k), file.display())
             })
             .collect();

@@ -72,6 +72,13 @@ impl Kind {
         format!("{}{}", self.prefix(), key_hex(key))
     }
 
+    /// The record file of `key` in the pool at `pool_dir`: `<dir>/<file key>.json`.
+    pub(crate) fn record_path(self, pool_dir: &std::path::Path, key: u64) -> std::path::PathBuf {
+        pool_dir
+            .join(self.dir())
+            .join(format!("{}.json", self.file_key(key)))
+    }
+
     /// The key of a file name stem or id suffix of this kind; `None` when it is not one.
     pub(crate) fn parse_file_key(self, s: &str) -> Option<u64> {
         parse_key(s.strip_prefix(self.prefix())?)
@@ -86,12 +93,7 @@ impl Kind {
         key: u64,
         bytes: &[u8],
     ) -> Result<()> {
-        let record = || {
-            dir.join(self.dir())
-                .join(format!("{}.json", self.file_key(key)))
-                .display()
-                .to_string()
-        };
+        let record = || self.record_path(dir, key).display().to_string();
         let parsed = |e: serde_json::Error| super::corrupt_record(&record(), &e);
         match self {
             Kind::Volume => {

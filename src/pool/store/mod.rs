@@ -333,9 +333,7 @@ impl Store {
     }
 
     fn record_path(&self, kind: Kind, key: u64) -> PathBuf {
-        self.dir
-            .join(kind.dir())
-            .join(format!("{}.json", kind.file_key(key)))
+        kind.record_path(&self.dir, key)
     }
 
     /// Reads every record of every kind into a fresh index (start-up, or after the change log
@@ -584,7 +582,7 @@ impl Store {
                         Err(e) => Err(Error::io(
                             format!(
                                 "reading record {}",
-                                dir.join(format!("{}.json", kind.file_key(key))).display()
+                                kind.record_path(&self.dir, key).display()
                             ),
                             e,
                         )),
