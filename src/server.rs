@@ -71,14 +71,13 @@ enum Existing {
     Nothing,
     /// A socket nobody accepts on (ECONNREFUSED): its process ended without removing it.
     StaleSocket,
-    /// A file that is not a socket (the rename replaces a regular file and fails on a
-    /// directory, as it always did).
-    NotASocket,
 }
 
 /// Looks at what is at `path`, and refuses ([`Error::FailedPrecondition`]) when it is a socket
 /// another process accepts on: replacing it would take that process's clients, and the first
-/// of the two to stop would remove the path the other serves on. The test connect is
+/// of the two to stop would remove the path the other serves on. Anything else that is not a
+/// socket (a file, a symlink, a directory: a mistyped `--endpoint`) is refused too, never
+/// replaced: only a stale socket is the plugin's to replace. The test connect is
 /// non-blocking: on a unix socket it succeeds, or fails with ECONNREFUSED, at once (EAGAIN: a
 /// listener whose backlog is full, also alive).
 fn check_not_served(path: &Path) -> Result<Existing> {
@@ -92,7 +91,12 @@ fn check_not_served(path: &Path) -> Result<Existing> {
         Err(e) => return Err(Error::io(format!("stat {}", path.display()), e)),
     };
     if !meta.file_type().is_socket() {
-        return Ok(Existing::NotASocket);
+        return Err(Error::FailedPrecondition(format!(
+            "{} exists and is not a socket ({}): the plugin replaces only a stale socket; \
+             remove it, or give another --endpoint",
+            path.display(),
+            crate::pool::qcow2::file_kind(meta.file_type())
+        )));
     }
     let probing = || format!("checking whether a process serves on {}", path.display());
     let addr = UnixAddr::new(path).map_err(|e| Error::sys(probing(), e))?;
@@ -160,9 +164,6 @@ fn bind(path: &Path, opts: &ServeOptions) -> Result<(UnixListener, SocketFile)> 
         Existing::Nothing => {}
         Existing::StaleSocket => {
             tracing::info!(socket = %path.display(), "replacing a stale socket (nobody accepts on it)")
-        }
-        Existing::NotASocket => {
-            tracing::warn!(socket = %path.display(), "replacing a file that is not a socket")
         }
     }
     std::fs::rename(&fresh, path)
@@ -377,9 +378,23 @@ mod tests {
         // The listener is gone, its file stays: nobody accepts.
         drop(live);
         assert_eq!(check_not_served(&path).unwrap(), Existing::StaleSocket);
-        std::fs::remove_file(&path).unwrap();
+        // Anything else at the path is refused, never replaced: a file, a symbolic link (even
+        // to a stale socket), a directory.
+        let stale = dir.path().join("stale.sock");
+        std::fs::rename(&path, &stale).unwrap();
         std::fs::write(&path, "x").unwrap();
-        assert_eq!(check_not_served(&path).unwrap(), Existing::NotASocket);
+        let refused = |what: &str| {
+            let err = check_not_served(&path).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        };
+        refused("a regular file");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&stale, &path).unwrap();
+        refused("a symbolic link");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        refused("a directory");
     }
 
     #[test]

@@ -296,3 +296,26 @@ async fn a_plugin_leaves_a_socket_path_another_file_replaced() {
     std::os::unix::net::UnixStream::connect(&p.socket).expect("the other socket still serves");
     drop(listener);
 }
+
+/// A mistyped `--endpoint` naming a file that is not a socket (here a config file) is refused,
+/// naming it; the file is left as it was. Only a stale socket is replaced.
+#[test]
+fn an_endpoint_that_is_not_a_socket_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plugin.toml");
+    std::fs::write(&file, "precious").unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--mode", "controller", "--endpoint"])
+        .arg(format!("unix://{}", file.display()))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not a socket") && stderr.contains(&file.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}

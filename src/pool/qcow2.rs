@@ -287,6 +287,8 @@ pub(crate) fn file_kind(t: std::fs::FileType) -> &'static str {
         "a character device"
     } else if t.is_file() {
         "a regular file"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else {
         "not a file"
     }
