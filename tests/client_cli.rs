@@ -241,3 +241,19 @@ async fn node_info_from_a_monolith() {
     // caps is a table with a header, whatever the node offers.
     assert!(p.client_ok(&["node", "caps"]).starts_with("CAPABILITY"));
 }
+
+/// `volume capacity` of a full pool says there is no room ("none"), not "unknown": for
+/// GetCapacity 0 is an answer.
+#[tokio::test]
+async fn capacity_of_a_full_pool_reads_none() {
+    let config = "[[pool]]\nname = \"small\"\npath = \"{dir}/small\"\ncapacity_bytes = 1048576\n";
+    let p = Plugin::start_with_config("controller", config, &[]).await;
+    p.client_ok(&["volume", "create", "--name", "fills", "--size", "1MiB"]);
+    let out = p.client_ok(&["volume", "capacity", "--param", "pool=small"]);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("available") && l.contains("none (0 bytes)")),
+        "{out}"
+    );
+    assert!(!out.contains("unknown"), "{out}");
+}

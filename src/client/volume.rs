@@ -365,10 +365,15 @@ async fn capacity(ctx: &Ctx, params: Vec<(String, String)>) -> Result<Report, Cl
         }))
         .await?
         .into_inner();
-    let size = |s: Option<i64>| s.map(capacity_text).unwrap_or("-".into());
+    // Here 0 is an answer (no room, nothing fits), not "unknown" as a volume's size 0 is.
+    let room = |bytes: i64| match bytes {
+        0 => "none (0 bytes)".to_string(),
+        b => capacity_text(b),
+    };
+    let size = |s: Option<i64>| s.map(room).unwrap_or("-".into());
     Ok(Report::fields(
         vec![
-            ("available", capacity_text(r.available_capacity)),
+            ("available", room(r.available_capacity)),
             ("maximum volume size", size(r.maximum_volume_size)),
             ("minimum volume size", size(r.minimum_volume_size)),
         ],
