@@ -117,6 +117,13 @@ impl Capability {
 
     /// Checks the capability on its own and against a volume of `format`.
     pub(crate) fn check(&self, format: ImageFormat) -> Result<()> {
+        self.check_alone()?;
+        self.check_for(format)
+    }
+
+    /// Checks what the capability asks whatever the volume: a supported file system, safe
+    /// mount flags, a block volume for several writers.
+    pub(crate) fn check_alone(&self) -> Result<()> {
         if let AccessType::Mount {
             fs_type,
             mount_flags,
@@ -131,20 +138,23 @@ impl Capability {
                 check_mount_flag(flag)?;
             }
         }
-        if self.access_mode.is_multi_writer() {
-            if !self.is_block() {
-                return Err(Error::invalid(format!(
-                    "{:?} needs a block volume: ext4 and xfs cannot be written from several \
-                     nodes at once",
-                    self.access_mode
-                )));
-            }
-            if format != ImageFormat::Raw {
-                return Err(Error::invalid(format!(
-                    "{:?} needs format=raw: libvirt shares only raw images between domains",
-                    self.access_mode
-                )));
-            }
+        if self.access_mode.is_multi_writer() && !self.is_block() {
+            return Err(Error::invalid(format!(
+                "{:?} needs a block volume: ext4 and xfs cannot be written from several nodes \
+                 at once",
+                self.access_mode
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the capability against a volume of `format`.
+    fn check_for(&self, format: ImageFormat) -> Result<()> {
+        if self.access_mode.is_multi_writer() && format != ImageFormat::Raw {
+            return Err(Error::invalid(format!(
+                "{:?} needs format=raw: libvirt shares only raw images between domains",
+                self.access_mode
+            )));
         }
         Ok(())
     }

@@ -303,6 +303,17 @@ async fn capacity_limits_give_the_right_codes() {
         .into_inner();
     assert_eq!(xfs.minimum_volume_size, Some(300 * MIB));
     assert_eq!(xfs.maximum_volume_size, Some(0), "{xfs:?}");
+    // A file system CreateVolume refuses is refused here too.
+    let btrfs = p
+        .controller()
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![mount_cap("btrfs", Mode::SingleNodeWriter)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(btrfs.code(), Code::InvalidArgument, "{btrfs:?}");
+    assert!(btrfs.message().contains("btrfs"), "{btrfs:?}");
     // One byte more rounds up to the next MiB, which the cap no longer holds.
     create_fails(
         &p,

@@ -385,6 +385,11 @@ impl Controller for ControllerService {
             .iter()
             .map(convert::capability)
             .collect::<Result<Vec<_>>>()?;
+        // What CreateVolume would refuse whatever the pool (an unsupported fs_type) is
+        // INVALID_ARGUMENT here too.
+        for c in &caps {
+            c.check_alone()?;
+        }
         let capacity = self
             .pools
             .capacity(CapacityQuery {
