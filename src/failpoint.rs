@@ -30,10 +30,13 @@ pub const POINTS: &[&str] = &[
     "store.temp-synced",
     "store.change-logged",
     "store.committed",
-    // A new record's one-round commit (`Store::put_new_with`): temp file written (not
-    // durable); renamed into place under the pool lock, before the one fsync round.
+    // A new record's journaled commit (`Store::put_new_with`): temp file written (not
+    // durable); its line in the change log fdatasynced; renamed into place (not durable).
     "store.temp-written",
+    "store.journaled",
     "store.renamed",
+    // The checkpoint of journaled creates (`store::journal`), before their files are fsynced.
+    "store.checkpoint",
     // Layer files no record names any more, removed after a commit.
     "gc.layer-removed",
     // CreateVolume (and the volume half of a restore or clone): `materialize` (the image

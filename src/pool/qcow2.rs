@@ -16,9 +16,10 @@
 //! raw image is a sparse file of the size with its first 4 KiB written, as `qemu-img create
 //! -f raw` leaves it.
 //!
-//! A blank volume's image is made durable in the same fsync round as the record that names it
-//! (`volumes::materialize`), so after a crash of the machine the record may name an image whose
-//! blocks never reached the disk (a hole of the right length, or an empty file). Such an image
+//! A blank volume's image is made durable after the journaled commit of the record that names
+//! it (`volumes::materialize`, `store::journal`), so after a crash of the machine the record may
+//! name an image whose blocks never reached the disk (a hole of the right length, or an empty
+//! file), or none (written again when the pool opens: `Pool::recover`). Such an image
 //! cannot hold data: QEMU grows the file for its first guest write, and cannot open it
 //! without its header. [`repair_empty`] writes it again from the record (size, no backing)
 //! when an operation next takes the volume; `tests/store_torn.rs` shows it.

@@ -13,6 +13,11 @@ impl Pool {
     /// Pool open: settles every half-done volume, snapshot and flattening job nobody holds,
     /// then collects temp files and layer files no record names.
     pub(super) fn recover(&self) -> Result<()> {
+        for (kind, key) in self.store.take_replayed() {
+            if kind == Kind::Volume {
+                self.settle_replayed_volume(key)?;
+            }
+        }
         for key in self.store.torn_new(Kind::Volume)? {
             let Some(_held) = self.store.try_lock(Slot::Volume(key))? else {
                 continue;
@@ -73,6 +78,44 @@ impl Pool {
         tracing::info!(pool = %self.name(), removed, ms = started.elapsed().as_millis() as u64,
             "collected temp files and layer files no record names");
         Ok(())
+    }
+
+    /// The image of a blank volume whose journaled create the open-time replay settled
+    /// (`Store::replay`): written again, empty, when a crash of the machine lost the file (the
+    /// volume was never changed since its create, so never handed to a writer: it held no
+    /// data), else made durable. A lost header is written again at the next use
+    /// (`qcow2::repair_empty`). Blocking.
+    fn settle_replayed_volume(&self, key: u64) -> Result<()> {
+        let Some(_held) = self.store.try_lock(Slot::Volume(key))? else {
+            return Ok(());
+        };
+        let Some(rec) = self.read_volume(key)? else {
+            return Ok(());
+        };
+        if !rec.chain.backing.is_empty() || rec.handed_to_writer {
+            return Ok(());
+        }
+        let path = self.image_path(&rec.image);
+        let images = self.store.images_dir();
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(pool = %self.name(), volume = %rec.id, image = %rec.image,
+                    "wrote the empty image of the volume again: a crash of the machine lost it \
+                     after its create was answered");
+                self.store.create_layer(&rec.image, |f| {
+                    super::qcow2::write(f, rec.format, rec.capacity_bytes, None)
+                })?
+            }
+            Err(e) => {
+                return Err(crate::error::Error::io(
+                    format!("opening {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        let dir = crate::fsutil::open_dir(&images)?;
+        crate::fsutil::sync_all_at_once(&[(&file, &path), (&dir, &images)])
     }
 
     /// Whether the image files named after volume `key` are at most its first image (plain

@@ -950,10 +950,11 @@ pub(super) fn new_record(
 /// its record. `check` runs under the pool lock before the commit. On failure the image is
 /// removed again. Blocking.
 ///
-/// A blank volume (no backing layer) is one fsync round (`Store::put_new_with`): the image,
-/// the directories and the new record become durable together. An empty image can be
-/// written again from its record if a crash loses its blocks (`qcow2::repair_empty`, run by
-/// `Pools::locked_volume`). An overlay cannot be told from one that lost its blocks so
+/// A blank volume (no backing layer) is one journaled commit (`Store::put_new_with`): one
+/// fdatasync of the change log; the image, the record file and the directories are made
+/// durable by the checkpointer soon after. An empty image can be written again from its
+/// record if a crash loses it before then (`Pool::recover`) or loses its blocks
+/// (`qcow2::repair_empty`, run by `Pools::locked_volume`). An overlay cannot be told from one that lost its blocks so
 /// cheaply, so a restore or clone makes its image durable before the commit that names it.
 fn materialize(
     pool: &Arc<Pool>,

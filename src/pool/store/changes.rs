@@ -1,15 +1,31 @@
-//! The change log: `<pool>/changes`, one line `<tag> <16 hex key>` per commit, appended under
-//! the exclusive pool lock before the commit's rename. It tells a process which records
-//! other processes changed since it last looked; the records stay the truth (the log is not
-//! fsynced: after a crash of the machine every process rebuilds its index anyway).
+//! The change log: `<pool>/changes`, appended under the exclusive pool lock. It tells a
+//! process which records other processes changed since it last looked, and it is the journal
+//! of new records (`Store::put_new_with`).
 //!
-//! The first line, `virtdisk-csi changes v1 <epoch>`, names the log's epoch. Past 8 MiB a
-//! commit starts the log afresh under a new epoch; a process that finds a new epoch, or a
-//! shorter log, re-reads every record.
+//! Lines after the header `virtdisk-csi changes v1 <epoch>`:
+//! - `<tag> <key>`: a commit changed the record `<key>` of kind `<tag>` (the record file is the
+//!   truth: re-read it). Appended before the commit's rename; not fsynced by itself.
+//! - `+<tag> <key> <owner> <check> <bytes>`: a **new record, journaled**: its file's bytes (a
+//!   JSON string), the first 64 bits of their SHA-256 in hex (`<check>`), and the owner token
+//!   of the store that wrote it. The line is fdatasynced before the record file is renamed
+//!   into place, which is then not fsynced: the line is what makes the create durable. The
+//!   owner's checkpointer makes the files durable soon after and says so with
+//! - `=<owner> <epoch> <offset>`: every journaled line of `<owner>` in epoch `<epoch>` that
+//!   ends at or before byte `<offset>` has durable files (fdatasynced before anyone reads it).
+//!
+//! A journaled line is *unsynced* until a `=` line covers it or a later line names its key
+//! (whoever commits a change to such a record makes its files durable first and fdatasyncs the
+//! log after its line: `Store::commit_keys`). When the pool opens, unsynced lines of owners
+//! that are gone are replayed (`Store::open`): the record file is written again from the line
+//! if a crash of the machine lost it, and the caller checks the files it names.
+//!
+//! Past 8 MiB a commit starts the log afresh under a new epoch, once no line is unsynced; a
+//! process that finds a new epoch, or a shorter log, re-reads every record.
 
 use super::kinds::Kind;
 use super::locks::Locks;
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -41,6 +57,56 @@ pub(super) struct ChangeLog {
     file: File,
     epoch: u64,
     pub(super) seen: Pos,
+    /// The unsynced journaled lines of the log as read so far, by record.
+    unsynced: HashMap<(Kind, u64), Unsynced>,
+}
+
+/// A journaled new record whose files are not known to be durable yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unsynced {
+    /// The owner token of the store that wrote it.
+    pub(super) owner: u64,
+    /// Where its line ends in the log.
+    pub(super) end: u64,
+}
+
+/// A journaled line that [`ChangeLog::scan`] found unsynced, with the record's bytes.
+#[derive(Debug)]
+pub(super) struct Journaled {
+    pub(super) kind: Kind,
+    pub(super) key: u64,
+    pub(super) owner: u64,
+    pub(super) end: u64,
+    pub(super) bytes: Vec<u8>,
+}
+
+/// What [`ChangeLog::scan`] found.
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    /// The log's epoch (`None` when its header is not one).
+    pub(super) epoch: Option<u64>,
+    /// Unsynced journaled lines, in log order.
+    pub(super) unsynced: Vec<Journaled>,
+    /// Bytes after the last whole line that are not one: a crash of the machine cut the log's
+    /// tail short (never a commit that was answered: its line was durable before the answer).
+    pub(super) torn: bool,
+}
+
+/// One line of the log.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Change(Kind, u64),
+    New {
+        kind: Kind,
+        key: u64,
+        owner: u64,
+        bytes: Vec<u8>,
+    },
+    Synced {
+        owner: u64,
+        epoch: u64,
+        through: u64,
+    },
 }
 
 /// What the log says happened since the last look.
@@ -104,6 +170,7 @@ pub(super) fn open(dir: &Path) -> Result<(ChangeLog, Changes, Locks)> {
         file,
         epoch: 0,
         seen: Pos::default(),
+        unsynced: HashMap::new(),
     };
     {
         let _pool = locks.pool_exclusive()?;
@@ -134,12 +201,142 @@ impl ChangeLog {
         self.file.metadata().map_err(|e| self.io("checking", e))
     }
 
-    /// Takes the log as it is now as read (before a full re-read of the records).
+    /// Takes the log as it is now as read (before a full re-read of the records): its epoch,
+    /// its length, and its unsynced journaled lines. The caller holds the pool lock.
     pub(super) fn rewind(&mut self) -> Result<()> {
         self.epoch = self.read_epoch()?.unwrap_or(0);
         let meta = self.metadata()?;
+        let scan = self.scan()?;
+        self.unsynced = scan
+            .unsynced
+            .iter()
+            .map(|j| {
+                let u = Unsynced {
+                    owner: j.owner,
+                    end: j.end,
+                };
+                ((j.kind, j.key), u)
+            })
+            .collect();
         self.seen = pos_of(&meta, meta.len());
         Ok(())
+    }
+
+    /// Reads the whole log: its unsynced journaled lines, with their bytes, and whether its
+    /// tail is torn. The caller holds the pool lock.
+    pub(super) fn scan(&self) -> Result<Scan> {
+        let epoch = self.read_epoch()?;
+        let len = self.metadata()?.len();
+        let mut out = Scan {
+            epoch,
+            ..Scan::default()
+        };
+        if epoch.is_none() || len <= HEADER_LEN {
+            return Ok(out);
+        }
+        let mut buf = vec![0u8; (len - HEADER_LEN) as usize];
+        let n = read_at(&self.file, &mut buf, HEADER_LEN).map_err(|e| self.io("reading", e))?;
+        buf.truncate(n);
+        // Journaled lines are parsed whole (their bytes decoded and checked) only if they end
+        // up unsynced: start-up reads the whole log.
+        let mut open: HashMap<(Kind, u64), (Journaled, std::ops::Range<usize>)> = HashMap::new();
+        let mut end = HEADER_LEN;
+        let mut at = 0;
+        for raw in buf.split_inclusive(|b| *b == b'\n') {
+            let parsed = raw.ends_with(b"\n").then(|| parse_line(raw, false));
+            let Some(line) = parsed.flatten() else {
+                out.torn = true;
+                break;
+            };
+            let range = at..at + raw.len();
+            at += raw.len();
+            end += raw.len() as u64;
+            match line {
+                Line::Change(kind, key) => {
+                    open.remove(&(kind, key));
+                }
+                Line::New {
+                    kind,
+                    key,
+                    owner,
+                    bytes,
+                } => {
+                    let j = Journaled {
+                        kind,
+                        key,
+                        owner,
+                        end,
+                        bytes,
+                    };
+                    open.insert((kind, key), (j, range));
+                }
+                Line::Synced {
+                    owner,
+                    epoch: e,
+                    through,
+                } => {
+                    if Some(e) == epoch {
+                        open.retain(|_, (j, _)| !(j.owner == owner && j.end <= through));
+                    }
+                }
+            }
+        }
+        let mut unsynced: Vec<_> = open.into_values().collect();
+        unsynced.sort_by_key(|(j, _)| j.end);
+        for (mut j, range) in unsynced {
+            // Bytes that do not check: a crash tore the log here; nothing after it counts.
+            let Some(Line::New { bytes, .. }) = parse_line(&buf[range], true) else {
+                out.torn = true;
+                break;
+            };
+            j.bytes = bytes;
+            out.unsynced.push(j);
+        }
+        Ok(out)
+    }
+
+    /// Whether the record `(kind, key)` has an unsynced journaled line, as read so far.
+    pub(super) fn is_unsynced(&self, kind: Kind, key: u64) -> bool {
+        self.unsynced.contains_key(&(kind, key))
+    }
+
+    /// The records with unsynced journaled lines, as read so far.
+    pub(super) fn unsynced(&self) -> impl Iterator<Item = ((Kind, u64), Unsynced)> + '_ {
+        self.unsynced.iter().map(|(k, u)| (*k, *u))
+    }
+
+    /// The log's epoch as last read.
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Forgets the unsynced lines of `owner`, whose files the caller made durable.
+    pub(super) fn forget_owner(&mut self, owner: u64) {
+        self.unsynced.retain(|_, u| u.owner != owner);
+    }
+
+    fn note(&mut self, line: &Line, end: u64) {
+        match line {
+            Line::Change(kind, key) => {
+                self.unsynced.remove(&(*kind, *key));
+            }
+            Line::New {
+                kind, key, owner, ..
+            } => {
+                let u = Unsynced { owner: *owner, end };
+                self.unsynced.insert((*kind, *key), u);
+            }
+            Line::Synced {
+                owner,
+                epoch,
+                through,
+            } => {
+                if *epoch == self.epoch {
+                    self.unsynced
+                        .retain(|_, u| !(u.owner == *owner && u.end <= *through));
+                }
+            }
+        }
     }
 
     /// The keys logged since the last read. The caller holds the pool lock.
@@ -158,15 +355,19 @@ impl ChangeLog {
         buf.truncate(n);
         let mut keys = Vec::new();
         let mut used = 0;
-        for line in buf.split_inclusive(|b| *b == b'\n') {
-            if line.last() != Some(&b'\n') {
+        for raw in buf.split_inclusive(|b| *b == b'\n') {
+            if raw.last() != Some(&b'\n') {
                 break;
             }
-            match parse_line(line) {
-                Some(k) => keys.push(k),
-                None => return Ok(News::Reset),
+            let Some(line) = parse_line(raw, false) else {
+                return Ok(News::Reset);
+            };
+            used += raw.len();
+            match &line {
+                Line::Change(kind, key) | Line::New { kind, key, .. } => keys.push((*kind, *key)),
+                Line::Synced { .. } => {}
             }
-            used += line.len();
+            self.note(&line, self.seen.len + used as u64);
         }
         self.seen = pos_of(&meta, self.seen.len + used as u64);
         Ok(News::Keys(keys))
@@ -182,10 +383,63 @@ impl ChangeLog {
             .map_err(|e| self.io("appending to", e))?;
         let meta = self.metadata()?;
         self.seen = pos_of(&meta, meta.len());
+        self.unsynced.remove(&(kind, key));
         Ok(())
     }
 
+    /// Appends the journaled line of a new record `(kind, key)` whose file will hold `bytes`
+    /// (UTF-8: a record's JSON), written by the store of `owner`; returns where it ends. Not
+    /// durable until [`ChangeLog::sync`]. The caller holds the pool lock exclusively and has
+    /// read the log to its end.
+    pub(super) fn append_new(
+        &mut self,
+        kind: Kind,
+        key: u64,
+        owner: u64,
+        bytes: &[u8],
+    ) -> Result<u64> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| Error::internal("a record to journal is not UTF-8"))?;
+        let quoted = serde_json::to_string(text)
+            .map_err(|e| Error::internal(format!("journaling a record: {e}")))?;
+        let line = format!(
+            "+{} {key:016x} {owner:016x} {:016x} {quoted}\n",
+            kind.tag() as char,
+            check(bytes)
+        );
+        (&self.file)
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io("appending to", e))?;
+        let meta = self.metadata()?;
+        self.seen = pos_of(&meta, meta.len());
+        let end = meta.len();
+        self.unsynced.insert((kind, key), Unsynced { owner, end });
+        Ok(end)
+    }
+
+    /// Appends `=<owner> <epoch> <through>`: the journaled lines of `owner` in `epoch` that end
+    /// at or before `through` have durable files. Leaves what this process has read where it
+    /// was (the line is read back like anyone's). The caller holds the pool lock exclusively
+    /// and syncs the log after.
+    pub(super) fn append_synced(&mut self, owner: u64, epoch: u64, through: u64) -> Result<()> {
+        let line = format!("={owner:016x} {epoch:016x} {through:016x}\n");
+        (&self.file)
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io("appending to", e))
+    }
+
+    /// Makes what was appended durable (fdatasync).
+    pub(super) fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.io("syncing", e))
+    }
+
+    /// Past 8 MiB, and no journaled line is unsynced (a reset would lose it).
     pub(super) fn needs_reset(&self) -> bool {
+        self.seen.len > RESET_AT && self.unsynced.is_empty()
+    }
+
+    /// Past 8 MiB, whatever is unsynced.
+    pub(super) fn is_long(&self) -> bool {
         self.seen.len > RESET_AT
     }
 
@@ -198,6 +452,7 @@ impl ChangeLog {
             .map_err(|e| self.io("resetting", e))?;
         self.file.sync_all().map_err(|e| self.io("syncing", e))?;
         self.epoch = epoch;
+        self.unsynced.clear();
         let meta = self.metadata()?;
         self.seen = pos_of(&meta, meta.len());
         Ok(())
@@ -217,13 +472,76 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     Ok(done)
 }
 
-fn parse_line(line: &[u8]) -> Option<(Kind, u64)> {
-    if line.len() != LINE_LEN || line[1] != b' ' {
-        return None;
+/// The first 64 bits of the SHA-256 of `bytes`: what a journaled line carries to tell its
+/// record's bytes whole.
+fn check(bytes: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// One whole line (with its newline), or `None` when it is not a line of the log. A journaled
+/// line's bytes are decoded and checked only with `decode` (else they are left empty).
+fn parse_line(line: &[u8], decode: bool) -> Option<Line> {
+    let body = line.strip_suffix(b"\n")?;
+    let hex = |b: &[u8]| super::kinds::parse_key(std::str::from_utf8(b).ok()?);
+    match body.first()? {
+        b'+' => {
+            // +<tag> <key> <owner> <check> <json string>
+            let kind = Kind::from_tag(*body.get(1)?)?;
+            let fields = body.get(2..)?;
+            let (mut at, mut nums) = (0, [0u64; 3]);
+            for n in &mut nums {
+                if fields.get(at) != Some(&b' ') {
+                    return None;
+                }
+                *n = hex(fields.get(at + 1..at + 17)?)?;
+                at += 17;
+            }
+            if fields.get(at) != Some(&b' ') {
+                return None;
+            }
+            let quoted = fields.get(at + 1..)?;
+            let [key, owner, sum] = nums;
+            if !decode {
+                let whole = quoted.len() >= 2 && quoted[0] == b'"' && quoted.ends_with(b"\"");
+                return whole.then_some(Line::New {
+                    kind,
+                    key,
+                    owner,
+                    bytes: Vec::new(),
+                });
+            }
+            let text: String = serde_json::from_slice(quoted).ok()?;
+            let bytes = text.into_bytes();
+            (check(&bytes) == sum).then_some(Line::New {
+                kind,
+                key,
+                owner,
+                bytes,
+            })
+        }
+        b'=' => {
+            // =<owner> <epoch> <through>
+            if body.len() != 1 + 16 * 3 + 2 || body[17] != b' ' || body[34] != b' ' {
+                return None;
+            }
+            Some(Line::Synced {
+                owner: hex(&body[1..17])?,
+                epoch: hex(&body[18..34])?,
+                through: hex(&body[35..51])?,
+            })
+        }
+        _ => {
+            if line.len() != LINE_LEN || line[1] != b' ' {
+                return None;
+            }
+            let kind = Kind::from_tag(line[0])?;
+            Some(Line::Change(kind, hex(&line[2..LINE_LEN - 1])?))
+        }
     }
-    let kind = Kind::from_tag(line[0])?;
-    let key = super::kinds::parse_key(std::str::from_utf8(&line[2..LINE_LEN - 1]).ok()?)?;
-    Some((kind, key))
 }
 
 #[cfg(test)]
@@ -254,6 +572,69 @@ mod tests {
         assert!(matches!(b.read_new().unwrap(), News::None));
         a.reset().unwrap();
         assert!(matches!(b.read_new().unwrap(), News::Reset));
+    }
+
+    #[test]
+    fn journaled_lines_stay_unsynced_until_their_owner_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _, locks) = open(dir.path()).unwrap();
+        let (mut b, _, _) = open(dir.path()).unwrap();
+        let _l = locks.pool_exclusive().unwrap();
+        a.rewind().unwrap();
+        b.rewind().unwrap();
+        let bytes = b"{\n  \"id\": \"p.0000000000000007\"\n}".to_vec();
+        let end7 = a.append_new(Kind::Volume, 7, 0xa, &bytes).unwrap();
+        let end8 = a.append_new(Kind::Volume, 8, 0xa, &bytes).unwrap();
+        a.append_new(Kind::Snapshot, 9, 0xb, &bytes).unwrap();
+        assert!(a.is_unsynced(Kind::Volume, 7) && !a.needs_reset());
+        match b.read_new().unwrap() {
+            News::Keys(k) => assert_eq!(
+                k,
+                vec![(Kind::Volume, 7), (Kind::Volume, 8), (Kind::Snapshot, 9)]
+            ),
+            _ => panic!("expected keys"),
+        }
+        assert!(b.is_unsynced(Kind::Volume, 8));
+        // Covers 7 only; another epoch's line covers nothing.
+        a.append_synced(0xa, a.epoch(), end7).unwrap();
+        a.append_synced(0xa, a.epoch() ^ 1, end8).unwrap();
+        // A plain line supersedes the journaled one of 9.
+        a.append(Kind::Snapshot, 9).unwrap();
+        b.read_new().unwrap();
+        assert!(!b.is_unsynced(Kind::Volume, 7));
+        assert!(b.is_unsynced(Kind::Volume, 8));
+        assert!(!b.is_unsynced(Kind::Snapshot, 9));
+        let scan = b.scan().unwrap();
+        assert!(!scan.torn);
+        assert_eq!(scan.unsynced.len(), 1);
+        let j = &scan.unsynced[0];
+        assert_eq!(
+            (j.kind, j.key, j.owner, j.end),
+            (Kind::Volume, 8, 0xa, end8)
+        );
+        assert_eq!(j.bytes, bytes);
+        // A reader that starts afresh finds the same.
+        b.rewind().unwrap();
+        assert!(b.is_unsynced(Kind::Volume, 8) && !b.is_unsynced(Kind::Volume, 7));
+    }
+
+    #[test]
+    fn a_journaled_line_whose_bytes_do_not_check_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _, _) = open(dir.path()).unwrap();
+        a.rewind().unwrap();
+        a.append_new(Kind::Volume, 1, 0xa, b"{}").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("changes")).unwrap();
+        let line = text.lines().last().unwrap().to_string();
+        assert!(parse_line(format!("{line}\n").as_bytes(), true).is_some());
+        // One byte of the record changed: its check fails.
+        let bad = line.replace("{}", "{ }");
+        assert!(parse_line(format!("{bad}\n").as_bytes(), true).is_none());
+        assert!(parse_line(format!("{bad}\n").as_bytes(), false).is_some());
+        (&a.file).write_all(b"+v 00000000").unwrap();
+        let scan = a.scan().unwrap();
+        assert!(scan.torn);
+        assert_eq!(scan.unsynced.len(), 1);
     }
 
     #[test]

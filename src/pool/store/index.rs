@@ -788,11 +788,16 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::pool::record::{Chain, SCHEMA};
 
-    fn vol(key: u64, name: &str, image: &str, backing: &[&str]) -> VolumeRecord {
+    pub(in crate::pool::store) fn vol(
+        key: u64,
+        name: &str,
+        image: &str,
+        backing: &[&str],
+    ) -> VolumeRecord {
         VolumeRecord {
             schema: SCHEMA,
             id: format!("p.{key:016x}"),

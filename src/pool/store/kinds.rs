@@ -98,9 +98,9 @@ impl Kind {
         match self {
             Kind::Volume => {
                 let head: VolumeHead<'_> = serde_json::from_slice(bytes).map_err(parsed)?;
-                // A new record is renamed into place before its bytes are durable (one fsync
-                // round): after a crash a file system without ordering may show a block
-                // another record had. Such a file is not this volume's record.
+                // A new record is renamed into place before its bytes are durable (a
+                // journaled commit): after a crash a file system without ordering may show a
+                // block another record had. Such a file is not this volume's record.
                 if key_of_id(self, &head.id).ok() != Some(key) {
                     return Err(Error::UnreadableRecord(format!(
                         "record {} holds the record of volume {:?}, not its own (a crash of \

@@ -28,16 +28,25 @@
 //! overlay is written and fsynced *before* the commit that names it, so a crash leaves at most
 //! an unnamed file, which the next open collects.
 //!
-//! **A new blank volume is one fsync round** ([`Store::put_new_with`]), CreateVolume's hot
-//! path: its image header (written here, see `qcow2`, no `qemu-img` process) and its record are
-//! written, the record renamed into place under the pool lock (nothing is replaced: the key is
-//! new), and then the record, the image and both directories are fsynced at once. A crash of
-//! the machine in that round leaves an empty record (removed at the next open: `recover`), an
-//! empty image that lost its blocks (written again before use: `qcow2::repair_empty`), or, on a
-//! file system that does not keep the order of its writes, a record without its image (every
-//! operation on it then answers FAILED_PRECONDITION naming the missing file:
-//! `Pool::check_layers`; delete it and create it again). A record's file key is
-//! checked against the id inside it, so a block of another record can never pass for it.
+//! **A new blank volume is journaled: one fdatasync** ([`Store::put_new_with`]), CreateVolume's
+//! hot path, below the floor of a durable file write (write, fsync, rename, fsync directory:
+//! two device flushes). Its image header (written here, see `qcow2`, no `qemu-img` process)
+//! and its record's temp file are written; under the pool lock, the record's bytes are
+//! appended to the change log as one self-checking line and the log is fdatasynced (the
+//! create is durable now), the record renamed into place (nothing is replaced: the key is
+//! new) and the index updated. The files are made durable right after, off the request path,
+//! by the store's checkpointer (`journal`), which then logs that they are. What needs them
+//! durable sooner makes them so itself: a commit that changes such a record (publish marks
+//! it handed to a writer, a snapshot freezes its image) syncs its files first, and a log reset
+//! syncs what is pending. When the pool opens, the journaled creates of stores that are gone
+//! are replayed: a record file a crash of the machine lost or emptied is written again from
+//! its line, and the caller writes a lost blank image again (`Pool::recover`; it held no
+//! data: nothing was changed since the create). A crash before the line is durable leaves no
+//! record, an empty record file (removed at the next open as a create never answered:
+//! `recover`), or a whole one (a create never answered, found by name when retried); an
+//! empty image that lost its blocks is written again before use (`qcow2::repair_empty`). A
+//! record's file key is checked against the id inside it, so a block of another record can
+//! never pass for it.
 //!
 //! **A record that cannot be read** (not JSON, torn, another record's bytes) stays out of the
 //! index but is remembered with why (`Index::readable`): every lookup of its id answers
@@ -83,6 +92,7 @@
 
 mod changes;
 mod index;
+mod journal;
 mod kinds;
 mod locks;
 mod spares;
@@ -99,7 +109,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 /// One record of a `put_batch`: its kind, key and bytes, and how it enters the index.
 pub(crate) struct Staged<'a> {
@@ -122,6 +132,13 @@ impl<'a> Staged<'a> {
             apply: Box::new(move |index| rec.insert_into(index, key)),
         })
     }
+}
+
+/// What a commit does to its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Write,
+    Remove,
 }
 
 /// What a commit left for the caller: the layer files it removed because nothing names them
@@ -150,15 +167,24 @@ pub(crate) struct Store {
     index: RwLock<Index>,
     /// The change log and the pool lock share one file descriptor; the mutex orders this
     /// process's commits and catch-ups (one open file description holds one lock state).
-    log: Mutex<ChangeLog>,
+    log: Arc<Mutex<ChangeLog>>,
     changes: Changes,
-    locks: locks::Locks,
+    locks: Arc<locks::Locks>,
     /// Spare inodes of each record directory (`Kind::ALL` order).
     record_spares: [spares::Spares; 4],
     /// Spare inodes of `images/`.
     image_spares: spares::Spares,
-    /// This instance's owner token lock, held while it lives (its spares are its own).
+    /// Makes the files of journaled creates durable in the background (`journal`). Declared
+    /// before the owner lock: dropped first, its last round runs while the lock still says
+    /// this store is alive.
+    checkpointer: journal::Checkpointer,
+    /// This instance's owner token (its spares and journaled lines are its own), and its
+    /// lock, held while it lives.
+    owner: u64,
     _owner: ObjectLock,
+    /// Records the open-time replay wrote or synced from the change log (`Store::replay`),
+    /// for the caller to check the files they name (`Store::take_replayed`).
+    replayed: Mutex<Vec<(Kind, u64)>>,
     /// The unreadable records as last read (their files' stamps), so that one mended or
     /// removed by hand is read again at the next request (`Store::sync`), not at a restart.
     unreadable_seen: Mutex<HashMap<(Kind, u64), Option<FileStamp>>>,
@@ -312,18 +338,24 @@ impl Store {
             }
         };
         let spare_dir = |d: PathBuf| spares::Spares::new(d, owner);
+        let (log, locks) = (Arc::new(Mutex::new(log)), Arc::new(locks));
+        let checkpointer = journal::Checkpointer::start(pool, owner, log.clone(), locks.clone());
         let store = Store {
             dir: dir.to_path_buf(),
             pool: pool.to_string(),
             index: RwLock::new(Index::default()),
-            log: Mutex::new(log),
+            log,
             changes,
             locks,
             record_spares: Kind::ALL.map(|k| spare_dir(dir.join(k.dir()))),
             image_spares: spare_dir(images),
+            checkpointer,
+            owner,
             _owner: owner_lock,
+            replayed: Mutex::default(),
             unreadable_seen: Mutex::default(),
         };
+        store.replay()?;
         store.reload_all()?;
         Ok(store)
     }
@@ -626,18 +658,16 @@ impl Store {
         self.put_batch(vec![Staged::of(rec)?], alongside, check)
     }
 
-    /// Writes the record of a new object (a key no record file has) together with `alongside`
-    /// (files it names, and their directories) in **one** fsync round, the floor of a durable
-    /// create: the record's temp file is renamed into place under the pool lock and then the
-    /// record, its directory and `alongside` are fsynced at once, before the index shows it.
-    ///
-    /// Unlike [`Store::put`], the rename comes before the record's bytes are durable, which is
-    /// safe only because nothing is replaced: a crash of the machine in that round leaves no
-    /// record, an empty record file (removed at the next open as a create that never
-    /// finished, see `recover`), or the whole record, whose `alongside` files may then have
-    /// lost their blocks (the caller must be able to rebuild them from the record, as
-    /// `qcow2::repair_empty` does for a blank image). A key that has a record file already is
-    /// an error, and a failed fsync takes the record away again.
+    /// Writes the record of a new object (a key no record file has), which names `alongside`
+    /// (files written, not yet durable, and their directories), as one **journaled** commit:
+    /// the record's bytes go to the change log, which is fdatasynced (one device flush, the
+    /// create is durable), then the temp file is renamed into place and the index updated,
+    /// all under the pool lock; the record file and `alongside` are fsynced later by the
+    /// checkpointer (see the module documentation). After a crash of the machine the caller
+    /// must be able to rebuild `alongside` from the record (`Store::take_replayed`), as a
+    /// blank image can be. A key that has a record file already is an error; a failure after
+    /// the line was written takes it back (a plain line supersedes it). A record of more than
+    /// a block takes the two-round commit of [`Store::put_with`].
     pub(crate) fn put_new_with<R: Record>(
         &self,
         rec: &R,
@@ -659,25 +689,164 @@ impl Store {
         let dir = self.dir.join(kind.dir());
         let temp = temp_file(&dir, &bytes, self.spares(kind).take())?;
         crate::failpoint!("store.temp-written");
-        let dir_file = fsutil::open_dir(&dir)?;
         let path = self.record_path(kind, key);
-        self.commit_keys(
-            &[(kind, key)],
-            check,
-            || {
-                let file = temp
-                    .persist_new(&path)
-                    .map_err(|e| Error::io(format!("writing new record {}", path.display()), e))?;
-                crate::failpoint!("store.renamed");
-                let mut files: Vec<(&fs::File, &Path)> = vec![(&file, &path), (&dir_file, &dir)];
-                files.extend_from_slice(alongside);
-                fsutil::sync_all_at_once(&files).inspect_err(|_| {
-                    // Not durable, so not committed: nothing may find it later.
-                    let _ = fsutil::remove_durable(&path);
-                })
-            },
-            apply,
-        )
+        let mut files = Vec::with_capacity(alongside.len() + 1);
+        for (f, p) in alongside {
+            let dup = f
+                .try_clone()
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+            files.push((dup, p.to_path_buf()));
+        }
+        let (epoch, end, file) = {
+            let mut log = self.lock_log();
+            let _pool = self.locks.pool_exclusive()?;
+            self.catch_up(&mut log)?;
+            check(&self.index.read().unwrap_or_else(|p| p.into_inner()))?;
+            let end = log.append_new(kind, key, self.owner, &bytes)?;
+            if let Err(e) = log.sync() {
+                self.unjournal(&mut log, kind, key);
+                return Err(e);
+            }
+            crate::failpoint!("store.journaled");
+            let file = match temp.persist_new(&path) {
+                Ok(file) => file,
+                Err(e) => {
+                    self.unjournal(&mut log, kind, key);
+                    return Err(Error::io(
+                        format!("writing new record {}", path.display()),
+                        e,
+                    ));
+                }
+            };
+            crate::failpoint!("store.renamed");
+            {
+                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                apply(&mut index);
+                // A new record names only new files: it frees none.
+                index.take_freed();
+            }
+            self.changes.seen(log.seen);
+            (log.epoch(), end, file)
+        };
+        files.push((file, path));
+        self.checkpointer.add(epoch, end, files, vec![dir]);
+        Ok(Committed::default())
+    }
+
+    /// Takes back a journaled line whose create did not finish: a plain line for the record
+    /// supersedes it (replay skips it then), made durable if it can be.
+    fn unjournal(&self, log: &mut ChangeLog, kind: Kind, key: u64) {
+        let taken = log.append(kind, key).and_then(|()| log.sync());
+        if let Err(e) = taken {
+            tracing::warn!(pool = %self.pool, kind = kind.dir(), key = %kind.file_key(key), error = %e,
+                "could not take back the journaled line of a create that failed; the next start \
+                 may find its record");
+        }
+    }
+
+    /// Open time, before the index is read: settles the journaled creates of stores that are
+    /// gone (a crash, a kill, an exit before their checkpoint). Each record file is written
+    /// again from its line when it is missing or not what the line holds (a crash of the
+    /// machine lost it), then it and its directory are fsynced; the caller checks the files it
+    /// names (`Store::take_replayed`). Lines of live stores are theirs to settle. Then an
+    /// `=` line per owner settled; a torn tail resets the log once nothing is unsynced.
+    fn replay(&self) -> Result<()> {
+        let mut log = self.lock_log();
+        let _pool = self.locks.pool_exclusive()?;
+        let scan = log.scan()?;
+        let mut settled: HashMap<u64, u64> = HashMap::new();
+        let mut live = 0;
+        let mut replayed = Vec::new();
+        for j in &scan.unsynced {
+            if self.locks.object(Slot::Owner(j.owner))?.is_none() {
+                live += 1;
+                continue;
+            }
+            self.settle_journaled(j)?;
+            replayed.push((j.kind, j.key));
+            let through = settled.entry(j.owner).or_default();
+            *through = (*through).max(j.end);
+        }
+        if let Some(epoch) = scan.epoch {
+            for (owner, through) in &settled {
+                log.append_synced(*owner, epoch, *through)?;
+            }
+        }
+        if !settled.is_empty() {
+            log.sync()?;
+            tracing::info!(pool = %self.pool, records = replayed.len(),
+                "settled the journaled creates of processes that are gone");
+        }
+        if scan.torn {
+            if live == 0 {
+                tracing::warn!(pool = %self.pool, log = %self.dir.join("changes").display(),
+                    "the change log's tail was torn by a crash of the machine; starting it afresh");
+                log.reset()?;
+            } else {
+                tracing::warn!(pool = %self.pool, log = %self.dir.join("changes").display(),
+                    "the change log's tail is torn, but a live process has journaled creates \
+                     in it: left as it is");
+            }
+        }
+        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = replayed;
+        Ok(())
+    }
+
+    /// Makes the record file of a journaled create hold the line's bytes, durably.
+    fn settle_journaled(&self, j: &changes::Journaled) -> Result<()> {
+        let path = self.record_path(j.kind, j.key);
+        let dir = self.dir.join(j.kind.dir());
+        if self.read_bytes(j.kind, j.key)?.as_deref() == Some(&j.bytes[..]) {
+            let file = fs::File::open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let dir_file = fsutil::open_dir(&dir)?;
+            return fsutil::sync_all_at_once(&[(&file, &path), (&dir_file, &dir)]);
+        }
+        let temp = temp_file(&dir, &j.bytes, None)?;
+        fsutil::sync_all_at_once(&[(temp.file(), &temp.path)])?;
+        temp.persist(&path)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        fsutil::sync_dir(&dir)?;
+        tracing::warn!(pool = %self.pool, record = %path.display(),
+            "wrote a record again from the change log: a crash of the machine lost it after \
+             its create was answered");
+        Ok(())
+    }
+
+    /// The records the open-time replay settled (each once): the caller checks the files
+    /// they name (a blank image a crash lost is written again).
+    pub(crate) fn take_replayed(&self) -> Vec<(Kind, u64)> {
+        std::mem::take(&mut *self.replayed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Makes the files of the journaled creates `keys` durable (whoever journaled them): the
+    /// record file and its directory, and a volume's image and `images/`. Before a commit
+    /// that changes them. The caller holds the pool lock.
+    fn sync_journaled(&self, keys: &[(Kind, u64)]) -> Result<()> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            for (kind, key) in keys {
+                paths.push(self.record_path(*kind, *key));
+                paths.push(self.dir.join(kind.dir()));
+                if let (Kind::Volume, Some(v)) = (kind, index.volume(*key)) {
+                    paths.push(self.images_dir().join(v.image.to_string()));
+                    paths.push(self.images_dir());
+                }
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        let mut open = Vec::with_capacity(paths.len());
+        for p in paths {
+            match fs::File::open(&p) {
+                Ok(f) => open.push((f, p)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("opening {}", p.display()), e)),
+            }
+        }
+        let files: Vec<(&fs::File, &Path)> = open.iter().map(|(f, p)| (f, p.as_path())).collect();
+        fsutil::sync_all_at_once(&files)
     }
 
     /// A new layer file `images/<name>` (which must not exist), written by `write` into an
@@ -721,8 +890,8 @@ impl Store {
     }
 
     /// Keys of `kind` whose record file is empty (or zero bytes only): a new record whose
-    /// one-round commit (`put_new_with`) a crash of the machine cut short, its bytes never on
-    /// the disk. Nothing else leaves such a file: every other write renames a durable temp
+    /// journaled commit (`put_new_with`) a crash of the machine cut short before its line was
+    /// durable, its bytes never on the disk. Nothing else leaves such a file: every other write renames a durable temp
     /// file over the record. Only records the index could not read are looked at.
     pub(crate) fn torn_new(&self, kind: Kind) -> Result<Vec<u64>> {
         let keys = self.index()?.unreadable_of(kind);
@@ -772,9 +941,9 @@ impl Store {
         check: impl FnOnce(&Index) -> Result<()>,
     ) -> Result<Committed> {
         let path = self.record_path(R::KIND, key);
-        self.commit(
-            R::KIND,
-            key,
+        self.commit_keys(
+            &[(R::KIND, key)],
+            Change::Remove,
             check,
             || self.remove_record_file(R::KIND, &path),
             |index| R::KIND.remove_from(index, key),
@@ -814,6 +983,7 @@ impl Store {
         let dirs: std::collections::BTreeSet<Kind> = keys.iter().map(|(k, _)| *k).collect();
         self.commit_keys(
             &keys,
+            Change::Write,
             check,
             || {
                 for (tmp, path) in temps.into_iter().zip(&paths) {
@@ -833,23 +1003,13 @@ impl Store {
         )
     }
 
-    /// The commit protocol shared by writes and removals: pool lock, catch up, check, log the
-    /// change, make it durable, update the index, unlock, unlink the layers it freed.
-    fn commit(
-        &self,
-        kind: Kind,
-        key: u64,
-        check: impl FnOnce(&Index) -> Result<()>,
-        durable: impl FnOnce() -> Result<()>,
-        apply: impl FnOnce(&mut Index),
-    ) -> Result<Committed> {
-        self.commit_keys(&[(kind, key)], check, durable, apply)
-    }
-
-    /// `commit` of the changes to the records `keys`, logged together.
+    /// The commit protocol shared by writes and removals of the records `keys` (logged
+    /// together): pool lock, catch up, check, log the change, make it durable, update the
+    /// index, unlock, unlink the layers it freed.
     fn commit_keys(
         &self,
         keys: &[(Kind, u64)],
+        change: Change,
         check: impl FnOnce(&Index) -> Result<()>,
         durable: impl FnOnce() -> Result<()>,
         apply: impl FnOnce(&mut Index),
@@ -859,10 +1019,25 @@ impl Store {
             let _pool = self.locks.pool_exclusive()?;
             self.catch_up(&mut log)?;
             check(&self.index.read().unwrap_or_else(|p| p.into_inner()))?;
+            // A record whose create is journaled but whose files may not be durable yet: its
+            // files first, then a durable line that supersedes the journaled one (replay would
+            // otherwise write the create's bytes over this change after a crash).
+            let journaled: Vec<(Kind, u64)> = keys
+                .iter()
+                .copied()
+                .filter(|(kind, key)| log.is_unsynced(*kind, *key))
+                .collect();
+            if !journaled.is_empty() && change == Change::Write {
+                // (A removal needs only the durable line: nothing it leaves names the files.)
+                self.sync_journaled(&journaled)?;
+            }
             // Logged before the rename: a reader holds the pool lock shared while it reads the
             // log, so it never sees the line without the record that goes with it.
             for (kind, key) in keys {
                 log.append(*kind, *key)?;
+            }
+            if !journaled.is_empty() {
+                log.sync()?;
             }
             crate::failpoint!("store.change-logged");
             durable()?;
@@ -877,6 +1052,9 @@ impl Store {
                      pool is unreadable and may use them; the first start after it is \
                      restored, mended or removed collects them");
                 freed.clear();
+            }
+            if log.is_long() && !log.needs_reset() {
+                self.settle_for_reset(&mut log)?;
             }
             if log.needs_reset() {
                 log.reset()?;
@@ -893,6 +1071,17 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A long log that journaled lines keep from its reset: when they are all this store's,
+    /// their files are made durable now (once per 8 MiB of log), so the reset can drop them.
+    /// Another live store's lines wait for its checkpoint. The caller holds the pool lock.
+    fn settle_for_reset(&self, log: &mut ChangeLog) -> Result<()> {
+        if log.unsynced().all(|(_, u)| u.owner == self.owner) {
+            self.checkpointer.sync_all_now()?;
+            log.forget_owner(self.owner);
+        }
+        Ok(())
     }
 
     /// Runs `f` on the index as it is now in the pool (under the pool lock, shared, after
@@ -1125,5 +1314,91 @@ pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own allocator state; it takes no pointers.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::record::VolumeRecord;
+
+    fn record(key: u64) -> VolumeRecord {
+        index::tests::vol(key, &format!("n{key}"), &format!("{key:016x}.qcow2"), &[])
+    }
+
+    /// A journaled create whose store died before its checkpoint, and whose record file a
+    /// crash of the machine lost: the next open writes it again from the line, indexes it,
+    /// hands it to the caller once, and logs it settled (a second open replays nothing).
+    #[test]
+    fn a_dead_stores_journaled_create_is_replayed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, dead_owner) = (0x1234, 0xdead);
+        let bytes = serde_json::to_vec_pretty(&record(key)).unwrap();
+        {
+            let store = Store::open("p", dir.path()).unwrap();
+            let mut log = store.lock_log();
+            let _pool = store.locks.pool_exclusive().unwrap();
+            log.append_new(Kind::Volume, key, dead_owner, &bytes)
+                .unwrap();
+            log.sync().unwrap();
+        }
+        let path = Kind::Volume.record_path(dir.path(), key);
+        assert!(!path.exists());
+        let store = Store::open("p", dir.path()).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+        assert!(store.index().unwrap().volume(key).is_some());
+        assert_eq!(store.take_replayed(), vec![(Kind::Volume, key)]);
+        assert!(store.take_replayed().is_empty());
+        assert!(!store.lock_log().is_unsynced(Kind::Volume, key));
+        drop(store);
+        // Settled: the record removed by hand stays removed.
+        fs::remove_file(&path).unwrap();
+        let store = Store::open("p", dir.path()).unwrap();
+        assert!(store.take_replayed().is_empty());
+        assert!(!path.exists());
+    }
+
+    /// A live store's journaled lines are its own to settle: another store opening the pool
+    /// leaves them (and sees them unsynced), then sees the owner's checkpoint clear them.
+    #[test]
+    fn a_live_stores_journaled_create_is_left_to_it_and_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open("p", dir.path()).unwrap();
+        let rec = record(0x77);
+        a.put_new_with(&rec, &[], |_| Ok(())).unwrap();
+        let b = Store::open("p", dir.path()).unwrap();
+        assert!(b.take_replayed().is_empty());
+        assert!(b.index().unwrap().volume(0x77).is_some());
+        // The checkpoint comes within its gathering time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            b.sync().unwrap();
+            if !b.lock_log().is_unsynced(Kind::Volume, 0x77) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never checkpointed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // A change after a create: a plain line, no journaled one left anywhere.
+        b.remove::<VolumeRecord>(0x77, |_| Ok(())).unwrap();
+        a.sync().unwrap();
+        assert!(a.index().unwrap().volume(0x77).is_none());
+        assert!(a.lock_log().scan().unwrap().unsynced.is_empty());
+    }
+
+    /// A change to a record whose create is still unsynced makes the create's files durable
+    /// and its own line durable first: the journaled line is superseded.
+    #[test]
+    fn a_change_right_after_a_create_supersedes_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("p", dir.path()).unwrap();
+        let mut rec = record(0x99);
+        store.put_new_with(&rec, &[], |_| Ok(())).unwrap();
+        rec.handed_to_writer = true;
+        store.put(&rec, |_| Ok(())).unwrap();
+        let scan = store.lock_log().scan().unwrap();
+        assert!(scan.unsynced.is_empty(), "{:?}", scan.unsynced);
+        let read: VolumeRecord = store.read(0x99).unwrap().unwrap();
+        assert!(read.handed_to_writer);
     }
 }

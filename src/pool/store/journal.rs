@@ -1,0 +1,231 @@
+//! The checkpointer: makes the files of journaled new records durable soon after their commit,
+//! off the request path, and says so in the change log (`=` lines, see `changes`).
+//!
+//! A journaled create (`Store::put_new_with`) is durable once its line in the change log is
+//! fdatasynced; its record file and the files it names (a blank image) are renamed or written
+//! into place without an fsync and handed here. One thread per store waits a few milliseconds
+//! for more to come, fsyncs them all at once with their directories, then appends
+//! `=<owner> <epoch> <offset>` under the pool lock and fdatasyncs the log. Nothing is lost if
+//! it never runs (a crash, a kill): the next open replays the lines of an owner that is gone.
+//!
+//! What needs the files durable earlier does not wait for it: a commit that changes such a
+//! record makes its files durable first (`Store::commit_keys`), and a log reset syncs what is
+//! pending here (`Checkpointer::sync_all_now`).
+
+use super::changes::ChangeLog;
+use super::locks::Locks;
+use crate::error::Result;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How long the thread waits for more journaled creates before it syncs.
+const GATHER: Duration = Duration::from_millis(20);
+/// How long it waits before trying again after an fsync failed.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What one journaled create has to make durable: open files (the record file and the files
+/// it names) and directories, by path.
+struct ToSync {
+    files: Vec<(File, PathBuf)>,
+    dirs: Vec<PathBuf>,
+}
+
+/// Files of one journaled create, waiting for their fsync.
+struct Entry {
+    id: u64,
+    /// The log's epoch and where the line ends in it.
+    epoch: u64,
+    end: u64,
+    /// The record file and the files it names (open), and the directories to sync by path.
+    files: Arc<ToSync>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: Vec<Entry>,
+    next_id: u64,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    log: Arc<Mutex<ChangeLog>>,
+    locks: Arc<Locks>,
+    owner: u64,
+    pool: String,
+}
+
+/// The checkpointer of one store. Dropping it syncs what is pending and stops its thread.
+pub(super) struct Checkpointer {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub(super) fn start(
+        pool: &str,
+        owner: u64,
+        log: Arc<Mutex<ChangeLog>>,
+        locks: Arc<Locks>,
+    ) -> Checkpointer {
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            log,
+            locks,
+            owner,
+            pool: pool.to_string(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .stack_size(128 << 10)
+            .spawn(move || s.run())
+            .inspect_err(|e| {
+                tracing::warn!(pool, error = %e,
+                    "could not start the checkpoint thread: journaled creates stay in the \
+                     change log until the next start")
+            })
+            .ok();
+        Checkpointer { shared, thread }
+    }
+
+    /// Hands over the files of the create journaled in `epoch` up to `end`: `files` (open)
+    /// and the directories `dirs`.
+    pub(super) fn add(
+        &self,
+        epoch: u64,
+        end: u64,
+        files: Vec<(File, PathBuf)>,
+        dirs: Vec<PathBuf>,
+    ) {
+        let mut s = self.shared.lock();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.entries.push(Entry {
+            id,
+            epoch,
+            end,
+            files: Arc::new(ToSync { files, dirs }),
+        });
+        if s.entries.len() == 1 {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Makes the files of every pending create durable now, and forgets them (the caller
+    /// holds the log mutex and the pool lock and is about to reset the log, which drops their
+    /// lines).
+    pub(super) fn sync_all_now(&self) -> Result<()> {
+        let batch: Vec<(u64, Arc<_>)> = {
+            let s = self.shared.lock();
+            s.entries.iter().map(|e| (e.id, e.files.clone())).collect()
+        };
+        sync(batch.iter().map(|(_, f)| f))?;
+        let done: std::collections::HashSet<u64> = batch.iter().map(|(id, _)| *id).collect();
+        self.shared.lock().entries.retain(|e| !done.contains(&e.id));
+        Ok(())
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let mut s = self.lock();
+                while s.entries.is_empty() && !s.stop {
+                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                if s.entries.is_empty() {
+                    return;
+                }
+                if !s.stop {
+                    // Gather: a burst of creates costs one round of fsyncs, not one each.
+                    let (g, _) = self
+                        .wake
+                        .wait_timeout_while(s, GATHER, |s| !s.stop)
+                        .unwrap_or_else(|p| p.into_inner());
+                    drop(g);
+                }
+            }
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(pool = %self.pool, error = %e,
+                    "could not make the files of new records durable; trying again (their \
+                     creates are durable in the change log)");
+                let s = self.lock();
+                if s.stop {
+                    return;
+                }
+                let _ = self.wake.wait_timeout(s, RETRY);
+            }
+        }
+    }
+
+    /// One round: sync what is pending, then log that it is.
+    fn checkpoint(&self) -> Result<()> {
+        let batch: Vec<(u64, u64, u64, Arc<ToSync>)> = {
+            let s = self.lock();
+            s.entries
+                .iter()
+                .map(|e| (e.id, e.epoch, e.end, e.files.clone()))
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        crate::failpoint!("store.checkpoint");
+        sync(batch.iter().map(|b| &b.3))?;
+        {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let _pool = self.locks.pool_exclusive()?;
+            // Lines of an epoch the log has left behind are gone with it (a reset syncs first).
+            let epoch = log.epoch();
+            let through = batch.iter().filter(|b| b.1 == epoch).map(|b| b.2).max();
+            if let Some(through) = through {
+                log.append_synced(self.owner, epoch, through)?;
+                log.sync()?;
+            }
+        }
+        let done: std::collections::HashSet<u64> = batch.iter().map(|b| b.0).collect();
+        self.lock().entries.retain(|e| !done.contains(&e.id));
+        Ok(())
+    }
+}
+
+/// fsyncs the files and directories of `batch` at once, each directory once.
+fn sync<'a>(batch: impl Iterator<Item = &'a Arc<ToSync>>) -> Result<()> {
+    let mut files: Vec<(&File, &std::path::Path)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut dirs = Vec::new();
+    for b in batch {
+        for (f, p) in &b.files {
+            if seen.insert(p.clone()) {
+                files.push((f, p));
+            }
+        }
+        for d in &b.dirs {
+            if seen.insert(d.clone()) {
+                dirs.push((crate::fsutil::open_dir(d)?, d.clone()));
+            }
+        }
+    }
+    files.extend(dirs.iter().map(|(f, p)| (f, p.as_path())));
+    crate::fsutil::sync_all_at_once(&files)
+}
