@@ -251,6 +251,7 @@ pub(crate) async fn serve(
     if let Some(pools) = &pools {
         crate::metrics::watch_pools(pools.clone());
     }
+    let checkpoint = pools.clone();
     crate::metrics::set_build_info(&format!("{:?}", cfg.mode).to_lowercase());
     // A node's SMBIOS OEM strings (sysfs reads, off the runtime) may carry topology too.
     let smbios_topology = !cfg.has_topology() && cfg.mode.runs_node() && {
@@ -328,6 +329,10 @@ pub(crate) async fn serve(
             router.serve_with_incoming_shutdown(incoming, stop).await
         }
     };
+    // The new records' files made durable now: the next start has nothing to replay.
+    if let Some(pools) = checkpoint {
+        pools.checkpoint().await;
+    }
     served.map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 

@@ -1,15 +1,18 @@
-//! Issue 16: CreateVolume of a blank volume is one fsync round (record, image and their
-//! directories at once), and removed records and layers leave their inodes as spares for the
-//! next create. What a crash of the machine may then leave, and what the plugin makes of it.
-//! A process kill keeps the page cache, so the machine crash is staged on the files: the plugin
-//! is stopped and the pool is given the state a lost write leaves.
+//! Issue 16: CreateVolume of a blank volume is journaled (one fdatasync of the change log; the
+//! record, the image and their directories are fsynced later), and removed records and layers
+//! leave their inodes as spares for the next create. What a crash of the machine may then
+//! leave, and what the plugin makes of it. A process kill keeps the page cache, so the machine
+//! crash is staged on the files: the plugin is stopped and the pool is given the state a lost
+//! write leaves. (`reliability_crash` has the crash before the files were made durable.)
 
 use std::os::unix::fs::MetadataExt;
 use virtdisk_test_support::calls::{
     create_from, create_volume, delete_snapshot, delete_volume, expand, list_snapshots,
     list_volumes, snapshot,
 };
-use virtdisk_test_support::pool::{assert_pool_clean, read_record, write_record, PoolView};
+use virtdisk_test_support::pool::{
+    assert_pool_clean, lose_journaled_line, read_record, write_record, PoolView,
+};
 use virtdisk_test_support::prelude::*;
 
 fn record_of(p: &Plugin, id: &str) -> std::path::PathBuf {
@@ -24,8 +27,9 @@ fn image_of(p: &Plugin, id: &str) -> std::path::PathBuf {
         .join(format!("{}.qcow2", key_of(id)))
 }
 
-/// A record file whose bytes never reached the disk (empty) is a create that was never
-/// reported: the next start removes it, and its image with it; the name is free again.
+/// A record file whose bytes never reached the disk (empty), and whose journaled line did not
+/// either, is a create that was never reported: the next start removes it, and its image with
+/// it; the name is free again.
 #[tokio::test]
 async fn a_create_a_crash_cut_short_is_removed_at_start() {
     let mut p = Plugin::start("controller", &[]).await;
@@ -33,6 +37,7 @@ async fn a_create_a_crash_cut_short_is_removed_at_start() {
     let torn = create_volume(&p, "torn", 64 * MIB, &[]).await.unwrap();
     p.stop();
     std::fs::File::create(record_of(&p, &torn)).unwrap();
+    lose_journaled_line(&p.pool_dir(), &torn);
     p.restart().await;
 
     let listed = list_volumes(&p).await;

@@ -13,10 +13,14 @@ impl Pool {
     /// Pool open: settles every half-done volume, snapshot and flattening job nobody holds,
     /// then collects temp files and layer files no record names.
     pub(super) fn recover(&self) -> Result<()> {
-        for (kind, key) in self.store.take_replayed() {
-            if kind == Kind::Volume {
-                self.settle_replayed_volume(key)?;
+        let mut all_settled = true;
+        for r in self.store.take_replayed() {
+            if r.kind == Kind::Volume {
+                all_settled &= self.settle_replayed_volume(r.key, r.rewritten)?;
             }
+        }
+        if all_settled {
+            self.store.finish_replay()?;
         }
         for key in self.store.torn_new(Kind::Volume)? {
             let Some(_held) = self.store.try_lock(Slot::Volume(key))? else {
@@ -84,16 +88,27 @@ impl Pool {
     /// (`Store::replay`): written again, empty, when a crash of the machine lost the file (the
     /// volume was never changed since its create, so never handed to a writer: it held no
     /// data), else made durable. A lost header is written again at the next use
-    /// (`qcow2::repair_empty`). Blocking.
-    fn settle_replayed_volume(&self, key: u64) -> Result<()> {
+    /// (`qcow2::repair_empty`). A record the replay had to write again whose name another
+    /// volume has since taken was never answered (its process died between the line and the
+    /// rename, and another process created the name on the retry): it goes. Returns false
+    /// when the volume is busy (a live process works on it: replayed again at the next open).
+    /// Blocking.
+    fn settle_replayed_volume(&self, key: u64, rewritten: bool) -> Result<bool> {
         let Some(_held) = self.store.try_lock(Slot::Volume(key))? else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(rec) = self.read_volume(key)? else {
-            return Ok(());
+            return Ok(true);
         };
+        if rewritten && self.name_taken_by_another(&rec)? {
+            tracing::warn!(pool = %self.name(), volume = %rec.id, name = %rec.name,
+                "removing a volume whose create never finished: its process died before \
+                 answering, and another volume of its name was created since");
+            self.store.remove::<VolumeRecord>(key, |_| Ok(()))?;
+            return Ok(true);
+        }
         if !rec.chain.backing.is_empty() || rec.handed_to_writer {
-            return Ok(());
+            return Ok(true);
         }
         let path = self.image_path(&rec.image);
         let images = self.store.images_dir();
@@ -115,7 +130,24 @@ impl Pool {
             }
         };
         let dir = crate::fsutil::open_dir(&images)?;
-        crate::fsutil::sync_all_at_once(&[(&file, &path), (&dir, &images)])
+        crate::fsutil::sync_all_at_once(&[(&file, &path), (&dir, &images)])?;
+        Ok(true)
+    }
+
+    /// Whether another volume record of this pool has `rec`'s name.
+    fn name_taken_by_another(&self, rec: &VolumeRecord) -> Result<bool> {
+        let hash = crate::ids::name_hash(crate::ids::VOLUME, &rec.name);
+        let key = rec.key_u64()?;
+        let others: Vec<u64> = {
+            let index = self.store.index()?;
+            index.volumes_named(hash).filter(|k| *k != key).collect()
+        };
+        for other in others {
+            if self.read_volume(other)?.is_some_and(|o| o.name == rec.name) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether the image files named after volume `key` are at most its first image (plain

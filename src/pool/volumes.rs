@@ -908,6 +908,27 @@ impl Pools {
         Ok(())
     }
 
+    /// At shutdown: makes the files of every journaled create durable now and logs them so
+    /// (`store::journal`), so the next start has nothing to replay. Errors are logged: what
+    /// is left is replayed at the next start.
+    pub(crate) async fn checkpoint(&self) {
+        let pools = self.pools.clone();
+        let done = exec::blocking(move || {
+            for p in pools.iter() {
+                if let Err(e) = p.store.checkpoint() {
+                    tracing::warn!(pool = %p.name(), error = %e,
+                        "could not checkpoint the pool's new records at shutdown; the next start \
+                         settles them");
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not checkpoint the pools at shutdown");
+        }
+    }
+
     /// Readiness: every pool directory is writable.
     pub(crate) async fn check_writable(&self) -> Result<()> {
         let pools = self.pools.clone();

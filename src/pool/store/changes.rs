@@ -59,6 +59,9 @@ pub(super) struct ChangeLog {
     pub(super) seen: Pos,
     /// The unsynced journaled lines of the log as read so far, by record.
     unsynced: HashMap<(Kind, u64), Unsynced>,
+    /// An fdatasync of the log failed: what was appended may be visible and yet not durable,
+    /// so every commit syncs the log after its line until a reset starts it afresh.
+    suspect: bool,
 }
 
 /// A journaled new record whose files are not known to be durable yet.
@@ -87,8 +90,8 @@ pub(super) struct Scan {
     pub(super) epoch: Option<u64>,
     /// Unsynced journaled lines, in log order.
     pub(super) unsynced: Vec<Journaled>,
-    /// Bytes after the last whole line that are not one: a crash of the machine cut the log's
-    /// tail short (never a commit that was answered: its line was durable before the answer).
+    /// Bytes that are not a line: a crash of the machine tore the log's tail (never a commit
+    /// that was answered: its line was durable before the answer). Skipped.
     pub(super) torn: bool,
 }
 
@@ -171,6 +174,7 @@ pub(super) fn open(dir: &Path) -> Result<(ChangeLog, Changes, Locks)> {
         epoch: 0,
         seen: Pos::default(),
         unsynced: HashMap::new(),
+        suspect: false,
     };
     {
         let _pool = locks.pool_exclusive()?;
@@ -243,14 +247,16 @@ impl ChangeLog {
         let mut end = HEADER_LEN;
         let mut at = 0;
         for raw in buf.split_inclusive(|b| *b == b'\n') {
-            let parsed = raw.ends_with(b"\n").then(|| parse_line(raw, false));
-            let Some(line) = parsed.flatten() else {
-                out.torn = true;
-                break;
-            };
             let range = at..at + raw.len();
             at += raw.len();
             end += raw.len() as u64;
+            // A line that is not one (bytes a crash tore, no newline at the end): skipped;
+            // appends never glue onto one (a failed append is cut off again: `write_line`).
+            let parsed = raw.ends_with(b"\n").then(|| parse_line(raw, false));
+            let Some(line) = parsed.flatten() else {
+                out.torn = true;
+                continue;
+            };
             match line {
                 Line::Change(kind, key) => {
                     open.remove(&(kind, key));
@@ -284,10 +290,10 @@ impl ChangeLog {
         let mut unsynced: Vec<_> = open.into_values().collect();
         unsynced.sort_by_key(|(j, _)| j.end);
         for (mut j, range) in unsynced {
-            // Bytes that do not check: a crash tore the log here; nothing after it counts.
+            // Bytes that do not check: a crash tore the line; its create was never answered.
             let Some(Line::New { bytes, .. }) = parse_line(&buf[range], true) else {
                 out.torn = true;
-                break;
+                continue;
             };
             j.bytes = bytes;
             out.unsynced.push(j);
@@ -308,11 +314,6 @@ impl ChangeLog {
     /// The log's epoch as last read.
     pub(super) fn epoch(&self) -> u64 {
         self.epoch
-    }
-
-    /// Forgets the unsynced lines of `owner`, whose files the caller made durable.
-    pub(super) fn forget_owner(&mut self, owner: u64) {
-        self.unsynced.retain(|_, u| u.owner != owner);
     }
 
     fn note(&mut self, line: &Line, end: u64) {
@@ -378,9 +379,7 @@ impl ChangeLog {
     pub(super) fn append(&mut self, kind: Kind, key: u64) -> Result<()> {
         let line = format!("{} {key:016x}\n", kind.tag() as char);
         debug_assert_eq!(line.len(), LINE_LEN);
-        (&self.file)
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io("appending to", e))?;
+        self.write_line(&line)?;
         let meta = self.metadata()?;
         self.seen = pos_of(&meta, meta.len());
         self.unsynced.remove(&(kind, key));
@@ -407,9 +406,7 @@ impl ChangeLog {
             kind.tag() as char,
             check(bytes)
         );
-        (&self.file)
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io("appending to", e))?;
+        self.write_line(&line)?;
         let meta = self.metadata()?;
         self.seen = pos_of(&meta, meta.len());
         let end = meta.len();
@@ -423,22 +420,57 @@ impl ChangeLog {
     /// and syncs the log after.
     pub(super) fn append_synced(&mut self, owner: u64, epoch: u64, through: u64) -> Result<()> {
         let line = format!("={owner:016x} {epoch:016x} {through:016x}\n");
-        (&self.file)
-            .write_all(line.as_bytes())
-            .map_err(|e| self.io("appending to", e))
+        self.write_line(&line)
     }
 
-    /// Makes what was appended durable (fdatasync).
-    pub(super) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| self.io("syncing", e))
+    /// Appends one line whole, or nothing: a write that fails part way (a full file system)
+    /// is cut off again, so the next line never glues onto a fragment. The caller holds the
+    /// pool lock exclusively.
+    fn write_line(&mut self, line: &str) -> Result<()> {
+        let before = self.metadata()?.len();
+        let written = (&self.file).write_all(line.as_bytes());
+        written.map_err(|e| {
+            if let Err(cut) = self.file.set_len(before) {
+                tracing::warn!(log = %self.path.display(), error = %cut,
+                    "could not cut off a failed append to the change log");
+                self.suspect = true;
+            }
+            self.io("appending to", e)
+        })
     }
 
-    /// Past 8 MiB, and no journaled line is unsynced (a reset would lose it).
-    pub(super) fn needs_reset(&self) -> bool {
-        self.seen.len > RESET_AT && self.unsynced.is_empty()
+    /// Ends a torn last line (bytes without a newline) with one, so that the next line is not
+    /// glued onto it. The caller holds the pool lock exclusively.
+    pub(super) fn end_torn_tail(&mut self) -> Result<()> {
+        let len = self.metadata()?.len();
+        let mut last = [0u8; 1];
+        if len <= HEADER_LEN
+            || read_at(&self.file, &mut last, len - 1).map_err(|e| self.io("reading", e))? != 1
+        {
+            return Ok(());
+        }
+        if last[0] != b'\n' {
+            self.write_line("\n")?;
+        }
+        Ok(())
     }
 
-    /// Past 8 MiB, whatever is unsynced.
+    /// Makes what was appended durable (fdatasync). A failure leaves the log suspect.
+    pub(super) fn sync(&mut self) -> Result<()> {
+        let synced = self.file.sync_data();
+        synced.map_err(|e| {
+            self.suspect = true;
+            self.io("syncing", e)
+        })
+    }
+
+    /// Whether an fdatasync of the log failed since its last reset: every line must then be
+    /// synced before what it stands for is made durable.
+    pub(super) fn suspect(&self) -> bool {
+        self.suspect
+    }
+
+    /// Past 8 MiB: due for a reset (`Store::reset_long_log`).
     pub(super) fn is_long(&self) -> bool {
         self.seen.len > RESET_AT
     }
@@ -453,6 +485,7 @@ impl ChangeLog {
         self.file.sync_all().map_err(|e| self.io("syncing", e))?;
         self.epoch = epoch;
         self.unsynced.clear();
+        self.suspect = false;
         let meta = self.metadata()?;
         self.seen = pos_of(&meta, meta.len());
         Ok(())
@@ -586,7 +619,7 @@ mod tests {
         let end7 = a.append_new(Kind::Volume, 7, 0xa, &bytes).unwrap();
         let end8 = a.append_new(Kind::Volume, 8, 0xa, &bytes).unwrap();
         a.append_new(Kind::Snapshot, 9, 0xb, &bytes).unwrap();
-        assert!(a.is_unsynced(Kind::Volume, 7) && !a.needs_reset());
+        assert!(a.is_unsynced(Kind::Volume, 7));
         match b.read_new().unwrap() {
             News::Keys(k) => assert_eq!(
                 k,

@@ -9,8 +9,8 @@
 //! it never runs (a crash, a kill): the next open replays the lines of an owner that is gone.
 //!
 //! What needs the files durable earlier does not wait for it: a commit that changes such a
-//! record makes its files durable first (`Store::commit_keys`), and a log reset syncs what is
-//! pending here (`Checkpointer::sync_all_now`).
+//! record makes its files durable first (`Store::commit_keys`), and so does a log reset for
+//! every unsynced line it would drop (`Store::reset_long_log`).
 
 use super::changes::ChangeLog;
 use super::locks::Locks;
@@ -102,6 +102,17 @@ impl Checkpointer {
         files: Vec<(File, PathBuf)>,
         dirs: Vec<PathBuf>,
     ) {
+        if self.thread.is_none() {
+            // No thread to do it later: now (the line stays unsynced in the log; the files
+            // are durable, which is all a later commit or reset needs).
+            let now = Arc::new(ToSync { files, dirs });
+            if let Err(e) = sync(std::iter::once(&now)) {
+                tracing::warn!(pool = %self.shared.pool, error = %e,
+                    "could not make the files of a new record durable (its create is durable \
+                     in the change log)");
+            }
+            return;
+        }
         let mut s = self.shared.lock();
         s.next_id += 1;
         let id = s.next_id;
@@ -115,19 +126,12 @@ impl Checkpointer {
             self.shared.wake.notify_one();
         }
     }
+}
 
-    /// Makes the files of every pending create durable now, and forgets them (the caller
-    /// holds the log mutex and the pool lock and is about to reset the log, which drops their
-    /// lines).
-    pub(super) fn sync_all_now(&self) -> Result<()> {
-        let batch: Vec<(u64, Arc<_>)> = {
-            let s = self.shared.lock();
-            s.entries.iter().map(|e| (e.id, e.files.clone())).collect()
-        };
-        sync(batch.iter().map(|(_, f)| f))?;
-        let done: std::collections::HashSet<u64> = batch.iter().map(|(id, _)| *id).collect();
-        self.shared.lock().entries.retain(|e| !done.contains(&e.id));
-        Ok(())
+impl Checkpointer {
+    /// One round now, on the calling thread (at shutdown).
+    pub(super) fn flush(&self) -> Result<()> {
+        self.shared.checkpoint()
     }
 }
 

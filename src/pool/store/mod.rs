@@ -134,6 +134,15 @@ impl<'a> Staged<'a> {
     }
 }
 
+/// A journaled create the open-time replay settled (`Store::take_replayed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Replayed {
+    pub kind: Kind,
+    pub key: u64,
+    /// Its record file was missing or not what the line held, and was written again.
+    pub rewritten: bool,
+}
+
 /// What a commit does to its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -183,8 +192,9 @@ pub(crate) struct Store {
     owner: u64,
     _owner: ObjectLock,
     /// Records the open-time replay wrote or synced from the change log (`Store::replay`),
-    /// for the caller to check the files they name (`Store::take_replayed`).
-    replayed: Mutex<Vec<(Kind, u64)>>,
+    /// for the caller to check the files they name (`Store::take_replayed`), and what to log
+    /// settled after (`Store::finish_replay`): owner → where its last line ends, the epoch.
+    replayed: Mutex<(Vec<Replayed>, HashMap<u64, u64>, u64)>,
     /// The unreadable records as last read (their files' stamps), so that one mended or
     /// removed by hand is read again at the next request (`Store::sync`), not at a restart.
     unreadable_seen: Mutex<HashMap<(Kind, u64), Option<FileStamp>>>,
@@ -697,7 +707,7 @@ impl Store {
                 .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
             files.push((dup, p.to_path_buf()));
         }
-        let (epoch, end, file) = {
+        {
             let mut log = self.lock_log();
             let _pool = self.locks.pool_exclusive()?;
             self.catch_up(&mut log)?;
@@ -726,10 +736,11 @@ impl Store {
                 index.take_freed();
             }
             self.changes.seen(log.seen);
-            (log.epoch(), end, file)
-        };
-        files.push((file, path));
-        self.checkpointer.add(epoch, end, files, vec![dir]);
+            // Handed over before the pool lock goes: the checkpointer gets this store's lines
+            // in log order, so an `=` line it writes never covers one it was not given.
+            files.push((file, path));
+            self.checkpointer.add(log.epoch(), end, files, vec![dir]);
+        }
         Ok(Committed::default())
     }
 
@@ -747,76 +758,111 @@ impl Store {
     /// Open time, before the index is read: settles the journaled creates of stores that are
     /// gone (a crash, a kill, an exit before their checkpoint). Each record file is written
     /// again from its line when it is missing or not what the line holds (a crash of the
-    /// machine lost it), then it and its directory are fsynced; the caller checks the files it
-    /// names (`Store::take_replayed`). Lines of live stores are theirs to settle. Then an
-    /// `=` line per owner settled; a torn tail resets the log once nothing is unsynced.
+    /// machine lost it), then the files are fsynced; the caller checks the files the records
+    /// name (`Store::take_replayed`) and then logs them settled (`Store::finish_replay`): until
+    /// then they are replayed again at every open. Lines of live stores are theirs to settle.
     fn replay(&self) -> Result<()> {
         let mut log = self.lock_log();
         let _pool = self.locks.pool_exclusive()?;
         let scan = log.scan()?;
+        if scan.torn {
+            tracing::warn!(pool = %self.pool, log = %self.dir.join("changes").display(),
+                "skipping bytes of the change log that a crash of the machine tore");
+            log.end_torn_tail()?;
+        }
+        let mut alive: HashMap<u64, bool> = HashMap::new();
         let mut settled: HashMap<u64, u64> = HashMap::new();
-        let mut live = 0;
         let mut replayed = Vec::new();
+        let mut to_sync = Vec::new();
         for j in &scan.unsynced {
-            if self.locks.object(Slot::Owner(j.owner))?.is_none() {
-                live += 1;
+            let live = match alive.get(&j.owner) {
+                Some(live) => *live,
+                None => {
+                    let live = self.locks.object(Slot::Owner(j.owner))?.is_none();
+                    *alive.entry(j.owner).or_insert(live)
+                }
+            };
+            if live {
                 continue;
             }
-            self.settle_journaled(j)?;
-            replayed.push((j.kind, j.key));
+            let rewritten = self.settle_journaled(j, &mut to_sync)?;
+            replayed.push(Replayed {
+                kind: j.kind,
+                key: j.key,
+                rewritten,
+            });
             let through = settled.entry(j.owner).or_default();
             *through = (*through).max(j.end);
         }
-        if let Some(epoch) = scan.epoch {
-            for (owner, through) in &settled {
-                log.append_synced(*owner, epoch, *through)?;
-            }
+        to_sync.sort();
+        to_sync.dedup();
+        let mut open = Vec::with_capacity(to_sync.len());
+        for p in to_sync {
+            let f =
+                fs::File::open(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
+            open.push((f, p));
         }
-        if !settled.is_empty() {
-            log.sync()?;
+        let files: Vec<(&fs::File, &Path)> = open.iter().map(|(f, p)| (f, p.as_path())).collect();
+        fsutil::sync_all_at_once(&files)?;
+        if !replayed.is_empty() {
             tracing::info!(pool = %self.pool, records = replayed.len(),
-                "settled the journaled creates of processes that are gone");
+                "settling the journaled creates of processes that are gone");
         }
-        if scan.torn {
-            if live == 0 {
-                tracing::warn!(pool = %self.pool, log = %self.dir.join("changes").display(),
-                    "the change log's tail was torn by a crash of the machine; starting it afresh");
-                log.reset()?;
-            } else {
-                tracing::warn!(pool = %self.pool, log = %self.dir.join("changes").display(),
-                    "the change log's tail is torn, but a live process has journaled creates \
-                     in it: left as it is");
-            }
-        }
-        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = replayed;
+        let epoch = scan.epoch.unwrap_or(0);
+        *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = (replayed, settled, epoch);
         Ok(())
     }
 
-    /// Makes the record file of a journaled create hold the line's bytes, durably.
-    fn settle_journaled(&self, j: &changes::Journaled) -> Result<()> {
+    /// Makes the record file of a journaled create hold the line's bytes (rewritten durably
+    /// when it did not; true then), and adds it and its directory to `to_sync`.
+    fn settle_journaled(&self, j: &changes::Journaled, to_sync: &mut Vec<PathBuf>) -> Result<bool> {
         let path = self.record_path(j.kind, j.key);
         let dir = self.dir.join(j.kind.dir());
-        if self.read_bytes(j.kind, j.key)?.as_deref() == Some(&j.bytes[..]) {
-            let file = fs::File::open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let dir_file = fsutil::open_dir(&dir)?;
-            return fsutil::sync_all_at_once(&[(&file, &path), (&dir_file, &dir)]);
+        let rewritten = self.read_bytes(j.kind, j.key)?.as_deref() != Some(&j.bytes[..]);
+        if rewritten {
+            let temp = temp_file(&dir, &j.bytes, None)?;
+            fsutil::sync_all_at_once(&[(temp.file(), &temp.path)])?;
+            temp.persist(&path)
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            tracing::warn!(pool = %self.pool, record = %path.display(),
+                "wrote a record again from the change log: a crash lost it after its create \
+                 was made durable");
         }
-        let temp = temp_file(&dir, &j.bytes, None)?;
-        fsutil::sync_all_at_once(&[(temp.file(), &temp.path)])?;
-        temp.persist(&path)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-        fsutil::sync_dir(&dir)?;
-        tracing::warn!(pool = %self.pool, record = %path.display(),
-            "wrote a record again from the change log: a crash of the machine lost it after \
-             its create was answered");
-        Ok(())
+        to_sync.push(path);
+        to_sync.push(dir);
+        Ok(rewritten)
+    }
+
+    /// Logs the journaled creates the open-time replay settled as settled (an `=` line per
+    /// owner that is gone), once the caller has checked the files they name. Not called when
+    /// that failed: the next open replays them again.
+    pub(crate) fn finish_replay(&self) -> Result<()> {
+        let (settled, epoch) = {
+            let mut r = self.replayed.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut r.1), r.2)
+        };
+        if settled.is_empty() {
+            return Ok(());
+        }
+        let mut log = self.lock_log();
+        let _pool = self.locks.pool_exclusive()?;
+        for (owner, through) in &settled {
+            log.append_synced(*owner, epoch, *through)?;
+        }
+        log.sync()
+    }
+
+    /// Makes the files of this store's journaled creates durable now, and logs them so
+    /// (the checkpointer's round, on the calling thread). Blocking.
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        self.checkpointer.flush()
     }
 
     /// The records the open-time replay settled (each once): the caller checks the files
-    /// they name (a blank image a crash lost is written again).
-    pub(crate) fn take_replayed(&self) -> Vec<(Kind, u64)> {
-        std::mem::take(&mut *self.replayed.lock().unwrap_or_else(|p| p.into_inner()))
+    /// they name (a blank image a crash lost is written again), then calls
+    /// [`Store::finish_replay`].
+    pub(crate) fn take_replayed(&self) -> Vec<Replayed> {
+        std::mem::take(&mut self.replayed.lock().unwrap_or_else(|p| p.into_inner()).0)
     }
 
     /// Makes the files of the journaled creates `keys` durable (whoever journaled them): the
@@ -1036,7 +1082,7 @@ impl Store {
             for (kind, key) in keys {
                 log.append(*kind, *key)?;
             }
-            if !journaled.is_empty() {
+            if !journaled.is_empty() || log.suspect() {
                 log.sync()?;
             }
             crate::failpoint!("store.change-logged");
@@ -1053,11 +1099,12 @@ impl Store {
                      restored, mended or removed collects them");
                 freed.clear();
             }
-            if log.is_long() && !log.needs_reset() {
-                self.settle_for_reset(&mut log)?;
-            }
-            if log.needs_reset() {
-                log.reset()?;
+            if log.is_long() {
+                // The change is committed: a failure here is the next commit's to retry.
+                if let Err(e) = self.reset_long_log(&mut log) {
+                    tracing::warn!(pool = %self.pool, error = %e,
+                        "could not start the change log afresh; the next change tries again");
+                }
             }
             self.changes.seen(log.seen);
             freed
@@ -1073,15 +1120,32 @@ impl Store {
         Ok(out)
     }
 
-    /// A long log that journaled lines keep from its reset: when they are all this store's,
-    /// their files are made durable now (once per 8 MiB of log), so the reset can drop them.
-    /// Another live store's lines wait for its checkpoint. The caller holds the pool lock.
-    fn settle_for_reset(&self, log: &mut ChangeLog) -> Result<()> {
-        if log.unsynced().all(|(_, u)| u.owner == self.owner) {
-            self.checkpointer.sync_all_now()?;
-            log.forget_owner(self.owner);
+    /// Starts a log past 8 MiB afresh. Journaled lines that are unsynced would be lost with
+    /// it: this store's own, and those of stores that are gone (their files exist: a crash of
+    /// the machine would have restarted this process too), have their files made durable
+    /// here (once per 8 MiB of log); a live store's lines wait for its checkpoint. The caller
+    /// holds the pool lock and has caught up.
+    fn reset_long_log(&self, log: &mut ChangeLog) -> Result<()> {
+        let mut alive: HashMap<u64, bool> = HashMap::new();
+        let mut keys = Vec::new();
+        for ((kind, key), u) in log.unsynced() {
+            let live = match alive.get(&u.owner) {
+                Some(live) => *live,
+                None => {
+                    let live =
+                        u.owner != self.owner && self.locks.object(Slot::Owner(u.owner))?.is_none();
+                    *alive.entry(u.owner).or_insert(live)
+                }
+            };
+            if live {
+                return Ok(());
+            }
+            keys.push((kind, key));
         }
-        Ok(())
+        if !keys.is_empty() {
+            self.sync_journaled(&keys)?;
+        }
+        log.reset()
     }
 
     /// Runs `f` on the index as it is now in the pool (under the pool lock, shared, after
@@ -1347,8 +1411,23 @@ mod tests {
         let store = Store::open("p", dir.path()).unwrap();
         assert_eq!(fs::read(&path).unwrap(), bytes);
         assert!(store.index().unwrap().volume(key).is_some());
-        assert_eq!(store.take_replayed(), vec![(Kind::Volume, key)]);
+        let replayed = Replayed {
+            kind: Kind::Volume,
+            key,
+            rewritten: true,
+        };
+        assert_eq!(store.take_replayed(), vec![replayed]);
         assert!(store.take_replayed().is_empty());
+        // Not logged settled before the caller says so: the next open replays it again.
+        drop(store);
+        let store = Store::open("p", dir.path()).unwrap();
+        let again = Replayed {
+            rewritten: false,
+            ..replayed
+        };
+        assert_eq!(store.take_replayed(), vec![again]);
+        store.finish_replay().unwrap();
+        store.sync().unwrap();
         assert!(!store.lock_log().is_unsynced(Kind::Volume, key));
         drop(store);
         // Settled: the record removed by hand stays removed.

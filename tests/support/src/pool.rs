@@ -73,6 +73,35 @@ pub fn write_record(path: &Path, rec: &Value) {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
+/// Stages what a crash of the machine leaves of a create whose journaled line in the pool's
+/// change log never reached the disk: the line of volume `volume_id` (`+v <key> ...`) is
+/// overwritten in place by bytes that are not a line (the other lines keep their offsets).
+/// The plugin should be stopped.
+pub fn lose_journaled_line(pool: &Path, volume_id: &str) {
+    let path = pool.join("changes");
+    let mut log = std::fs::read(&path).unwrap();
+    let start = format!("+v {} ", crate::key_of(volume_id));
+    let mut at = 0;
+    let mut found = false;
+    while at < log.len() {
+        let end = log[at..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(log.len(), |n| at + n);
+        if log[at..end].starts_with(start.as_bytes()) {
+            log[at..end].fill(b'#');
+            found = true;
+        }
+        at = end + 1;
+    }
+    assert!(
+        found,
+        "no journaled line of {volume_id} in {}",
+        path.display()
+    );
+    std::fs::write(&path, log).unwrap();
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
