@@ -775,14 +775,7 @@ impl Store {
         let mut replayed = Vec::new();
         let mut to_sync = Vec::new();
         for j in &scan.unsynced {
-            let live = match alive.get(&j.owner) {
-                Some(live) => *live,
-                None => {
-                    let live = self.locks.object(Slot::Owner(j.owner))?.is_none();
-                    *alive.entry(j.owner).or_insert(live)
-                }
-            };
-            if live {
+            if self.owner_alive(&mut alive, j.owner)? {
                 continue;
             }
             let rewritten = self.settle_journaled(j, &mut to_sync)?;
@@ -794,16 +787,7 @@ impl Store {
             let through = settled.entry(j.owner).or_default();
             *through = (*through).max(j.end);
         }
-        to_sync.sort();
-        to_sync.dedup();
-        let mut open = Vec::with_capacity(to_sync.len());
-        for p in to_sync {
-            let f =
-                fs::File::open(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
-            open.push((f, p));
-        }
-        let files: Vec<(&fs::File, &Path)> = open.iter().map(|(f, p)| (f, p.as_path())).collect();
-        fsutil::sync_all_at_once(&files)?;
+        sync_paths(to_sync)?;
         if !replayed.is_empty() {
             tracing::info!(pool = %self.pool, records = replayed.len(),
                 "settling the journaled creates of processes that are gone");
@@ -881,18 +865,18 @@ impl Store {
                 }
             }
         }
-        paths.sort();
-        paths.dedup();
-        let mut open = Vec::with_capacity(paths.len());
-        for p in paths {
-            match fs::File::open(&p) {
-                Ok(f) => open.push((f, p)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("opening {}", p.display()), e)),
-            }
+        sync_paths(paths)
+    }
+
+    /// Whether the store of `owner` is alive (its owner lock is held; this store's is),
+    /// remembered in `seen` for the rest of a pass.
+    fn owner_alive(&self, seen: &mut HashMap<u64, bool>, owner: u64) -> Result<bool> {
+        if let Some(alive) = seen.get(&owner) {
+            return Ok(*alive);
         }
-        let files: Vec<(&fs::File, &Path)> = open.iter().map(|(f, p)| (f, p.as_path())).collect();
-        fsutil::sync_all_at_once(&files)
+        let alive = owner == self.owner || self.locks.object(Slot::Owner(owner))?.is_none();
+        seen.insert(owner, alive);
+        Ok(alive)
     }
 
     /// A new layer file `images/<name>` (which must not exist), written by `write` into an
@@ -1129,15 +1113,7 @@ impl Store {
         let mut alive: HashMap<u64, bool> = HashMap::new();
         let mut keys = Vec::new();
         for ((kind, key), u) in log.unsynced() {
-            let live = match alive.get(&u.owner) {
-                Some(live) => *live,
-                None => {
-                    let live =
-                        u.owner != self.owner && self.locks.object(Slot::Owner(u.owner))?.is_none();
-                    *alive.entry(u.owner).or_insert(live)
-                }
-            };
-            if live {
+            if u.owner != self.owner && self.owner_alive(&mut alive, u.owner)? {
                 return Ok(());
             }
             keys.push((kind, key));
@@ -1345,6 +1321,23 @@ impl Drop for Temp {
             let _ = fs::remove_file(&self.path);
         }
     }
+}
+
+/// fsyncs the files and directories at `paths` at once, each once; a path that does not
+/// exist (any more) is skipped.
+fn sync_paths(mut paths: Vec<PathBuf>) -> Result<()> {
+    paths.sort();
+    paths.dedup();
+    let mut open = Vec::with_capacity(paths.len());
+    for p in paths {
+        match fs::File::open(&p) {
+            Ok(f) => open.push((f, p)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("opening {}", p.display()), e)),
+        }
+    }
+    let files: Vec<(&fs::File, &Path)> = open.iter().map(|(f, p)| (f, p.as_path())).collect();
+    fsutil::sync_all_at_once(&files)
 }
 
 /// Writes `bytes` into a new temp file of `dir`, or into `spare` when given.
