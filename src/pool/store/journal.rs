@@ -4,8 +4,11 @@
 //! A journaled create (`Store::put_new_with`) is durable once its line in the change log is
 //! fdatasynced; its record file and the files it names (a blank image) are renamed or written
 //! into place without an fsync and handed here. One thread per store waits a few milliseconds
-//! for more to come, fsyncs them all at once with their directories, then appends
-//! `=<owner> <epoch> <offset>` under the pool lock and fdatasyncs the log. Nothing is lost if
+//! for more to come, fsyncs them all at once with their directories (a round of many files
+//! flushes their file system instead, `syncfs`, at most once a second: one device flush rather
+//! than one per file, so a burst of creates does not queue its journal flushes behind the
+//! checkpoint's), then appends `=<owner> <epoch> <offset>` under the pool lock and fdatasyncs
+//! the log. Nothing is lost if
 //! it never runs (a crash, a kill): the next open replays the lines of an owner that is gone.
 //!
 //! What needs the files durable earlier does not wait for it: a commit that changes such a
@@ -24,6 +27,12 @@ use std::time::Duration;
 const GATHER: Duration = Duration::from_millis(20);
 /// How long it waits before trying again after an fsync failed.
 const RETRY: Duration = Duration::from_secs(1);
+/// A round with at least this many files to sync flushes their file systems instead
+/// (`syncfs`: one device flush, where an fsync per file costs one each)...
+const WHOLE_FS_FROM: usize = 16;
+/// ...at most this often: `syncfs` also writes whatever else is dirty on the file system (guest
+/// data in a writeback cache), which the kernel would have written within seconds anyway.
+const WHOLE_FS_EVERY: Duration = Duration::from_secs(1);
 
 /// What one journaled create has to make durable: open files (the record file and the files
 /// it names) and directories, by path.
@@ -56,6 +65,8 @@ struct Shared {
     locks: Arc<Locks>,
     owner: u64,
     pool: String,
+    /// When the last round flushed whole file systems.
+    last_whole: Mutex<Option<std::time::Instant>>,
 }
 
 /// The checkpointer of one store. Dropping it syncs what is pending and stops its thread.
@@ -78,6 +89,7 @@ impl Checkpointer {
             locks,
             owner,
             pool: pool.to_string(),
+            last_whole: Mutex::new(None),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -195,7 +207,20 @@ impl Shared {
             return Ok(());
         }
         crate::failpoint!("store.checkpoint");
-        sync(batch.iter().map(|b| &b.3))?;
+        let files: usize = batch.iter().map(|b| b.3.files.len()).sum();
+        let whole = files >= WHOLE_FS_FROM && {
+            let mut last = self.last_whole.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= WHOLE_FS_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if whole {
+            sync_file_systems(batch.iter().map(|b| &b.3))?;
+        } else {
+            sync(batch.iter().map(|b| &b.3))?;
+        }
         {
             let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
             let _pool = self.locks.pool_exclusive()?;
@@ -211,6 +236,30 @@ impl Shared {
         self.lock().entries.retain(|e| !done.contains(&e.id));
         Ok(())
     }
+}
+
+/// Flushes the file systems that hold the files and directories of `batch` (`syncfs`, each
+/// file system once): their data, inodes and directory entries reach the disk with one device
+/// flush per file system.
+fn sync_file_systems<'a>(batch: impl Iterator<Item = &'a Arc<ToSync>>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dirs = std::collections::BTreeSet::new();
+    for b in batch {
+        dirs.extend(b.files.iter().filter_map(|(_, p)| p.parent()));
+        dirs.extend(b.dirs.iter().map(|d| d.as_path()));
+    }
+    let mut devices = std::collections::HashSet::new();
+    for d in dirs {
+        let io = |what: &str, e: std::io::Error| {
+            crate::error::Error::io(format!("{what} {}", d.display()), e)
+        };
+        let dir = crate::fsutil::open_dir(d)?;
+        let dev = dir.metadata().map_err(|e| io("checking", e))?.dev();
+        if devices.insert(dev) {
+            nix::unistd::syncfs(&dir).map_err(|e| io("syncing the file system of", e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 /// fsyncs the files and directories of `batch` at once, each directory once.
@@ -232,4 +281,34 @@ fn sync<'a>(batch: impl Iterator<Item = &'a Arc<ToSync>>) -> Result<()> {
     }
     files.extend(dirs.iter().map(|(f, p)| (f, p.as_path())));
     crate::fsutil::sync_all_at_once(&files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of a round make the files of a batch durable without error: an fsync per
+    /// file and directory, or a flush of each file system once (`syncfs`).
+    #[test]
+    fn a_round_syncs_files_one_by_one_or_their_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let batch: Vec<Arc<ToSync>> = (0..20)
+            .map(|i| {
+                let path = dir.path().join(format!("f{i}"));
+                std::fs::write(&path, b"x").unwrap();
+                let file = File::open(&path).unwrap();
+                Arc::new(ToSync {
+                    files: vec![(file, path)],
+                    dirs: vec![dir.path().to_path_buf()],
+                })
+            })
+            .collect();
+        sync(batch.iter()).unwrap();
+        sync_file_systems(batch.iter()).unwrap();
+        let gone = Arc::new(ToSync {
+            files: vec![],
+            dirs: vec![dir.path().join("missing")],
+        });
+        assert!(sync_file_systems(std::iter::once(&gone)).is_err());
+    }
 }
