@@ -66,7 +66,7 @@ pub enum Error {
     #[error("{0}")]
     UnreadableRecord(String),
     /// Cause: a system call or file operation failed; its kind comes from the errno.
-    #[error("{context}: {source}")]
+    #[error("{context}: {source}{}", io_advice(source))]
     Io {
         /// What was being done, e.g. `writing record x`.
         context: String,
@@ -179,6 +179,17 @@ impl Kind {
             Kind::UnplugPending => Code::Aborted,
             Kind::PermissionDenied | Kind::Other => Code::Internal,
         }
+    }
+}
+
+/// What to do about an I/O failure, where the plugin knows (appended to its message).
+fn io_advice(e: &std::io::Error) -> &'static str {
+    match Kind::from_io(e) {
+        Kind::NoSpace => {
+            "; the file system (or quota) is full: no free blocks or no free inodes (`df -h`, \
+             `df -i`); free some (delete volumes or snapshots) or grow it"
+        }
+        _ => "",
     }
 }
 
@@ -317,8 +328,10 @@ mod tests {
             Error::io("writing", wrapped).code(),
             Code::ResourceExhausted
         );
+        assert!(raw.to_string().contains("df -i"), "{raw}");
         let other = Error::io("writing", std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(other.code(), Code::Internal);
+        assert!(!other.to_string().contains("df -i"), "{other}");
     }
 
     #[test]

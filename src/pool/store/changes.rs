@@ -35,7 +35,8 @@ use std::sync::Mutex;
 const MAGIC: &str = "virtdisk-csi changes v1 ";
 const HEADER_LEN: u64 = MAGIC.len() as u64 + 16 + 1;
 const LINE_LEN: usize = 19;
-const RESET_AT: u64 = 8 << 20;
+/// Past this length a commit starts the log afresh (tests: small, to get there quickly).
+const RESET_AT: u64 = if cfg!(test) { 64 << 10 } else { 8 << 20 };
 
 /// How far a process has read the log: its length and modification time then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -735,11 +735,13 @@ impl Store {
                 // A new record names only new files: it frees none.
                 index.take_freed();
             }
-            self.changes.seen(log.seen);
             // Handed over before the pool lock goes: the checkpointer gets this store's lines
             // in log order, so an `=` line it writes never covers one it was not given.
             files.push((file, path));
             self.checkpointer.add(log.epoch(), end, files, vec![dir]);
+            // Creates alone also fill the log.
+            self.reset_if_long(&mut log);
+            self.changes.seen(log.seen);
         }
         Ok(Committed::default())
     }
@@ -809,8 +811,8 @@ impl Store {
             temp.persist(&path)
                 .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             tracing::warn!(pool = %self.pool, record = %path.display(),
-                "wrote a record again from the change log: a crash lost it after its create \
-                 was made durable");
+                "wrote a record again from the change log: its create was durable there, but \
+                 its file was lost or never written (the process or the machine crashed first)");
         }
         to_sync.push(path);
         to_sync.push(dir);
@@ -1083,13 +1085,9 @@ impl Store {
                      restored, mended or removed collects them");
                 freed.clear();
             }
-            if log.is_long() {
-                // The change is committed: a failure here is the next commit's to retry.
-                if let Err(e) = self.reset_long_log(&mut log) {
-                    tracing::warn!(pool = %self.pool, error = %e,
-                        "could not start the change log afresh; the next change tries again");
-                }
-            }
+            // The reset reads the index (the images of journaled creates): not under this guard.
+            drop(index);
+            self.reset_if_long(&mut log);
             self.changes.seen(log.seen);
             freed
         };
@@ -1102,6 +1100,19 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// After a commit: starts the log afresh if it is past 8 MiB (`reset_long_log`). The
+    /// change is committed already: a failure is logged, and the next commit tries again.
+    /// The caller holds the pool lock and no guard of the index.
+    fn reset_if_long(&self, log: &mut ChangeLog) {
+        if !log.is_long() {
+            return;
+        }
+        if let Err(e) = self.reset_long_log(log) {
+            tracing::warn!(pool = %self.pool, error = %e,
+                "could not start the change log afresh; the next change tries again");
+        }
     }
 
     /// Starts a log past 8 MiB afresh. Journaled lines that are unsynced would be lost with
@@ -1456,6 +1467,46 @@ mod tests {
         a.sync().unwrap();
         assert!(a.index().unwrap().volume(0x77).is_none());
         assert!(a.lock_log().scan().unwrap().unsynced.is_empty());
+    }
+
+    /// The log is started afresh past its limit (64 KiB in tests) by creates alone and by
+    /// other commits, with journaled creates still unsynced (their files are made durable
+    /// first), and nothing is lost: a second store opened after sees every record.
+    #[test]
+    fn a_long_log_is_reset_under_creates_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("p", dir.path()).unwrap();
+        let log_len = || fs::metadata(dir.path().join("changes")).unwrap().len();
+        let (mut resets, mut last) = (0, log_len());
+        let mut note = |resets: &mut i32| {
+            let now = log_len();
+            *resets += i32::from(now < last);
+            last = now;
+        };
+        for key in 1..=400u64 {
+            store.put_new_with(&record(key), &[], |_| Ok(())).unwrap();
+            note(&mut resets);
+        }
+        assert!(resets >= 2, "creates alone reset the log {resets} times");
+        // A removal right after a create, past the limit: commits and resets, also with the
+        // unsynced line of a store that is gone in the log (its files are synced by path).
+        {
+            let mut log = store.lock_log();
+            let _pool = store.locks.pool_exclusive().unwrap();
+            let bytes = serde_json::to_vec_pretty(&record(7777)).unwrap();
+            log.append_new(Kind::Volume, 7777, 0xdead, &bytes).unwrap();
+        }
+        resets = 0;
+        for key in 401..=700u64 {
+            store.put_new_with(&record(key), &[], |_| Ok(())).unwrap();
+            store.remove::<VolumeRecord>(key, |_| Ok(())).unwrap();
+            note(&mut resets);
+        }
+        assert!(resets >= 1, "the log was not reset: {}", log_len());
+        assert_eq!(store.index().unwrap().volume_count(), 400);
+        let other = Store::open("p", dir.path()).unwrap();
+        assert_eq!(other.index().unwrap().volume_count(), 400);
+        assert!(other.take_replayed().is_empty());
     }
 
     /// A change to a record whose create is still unsynced makes the create's files durable
