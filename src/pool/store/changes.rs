@@ -477,12 +477,29 @@ impl ChangeLog {
     }
 
     /// Starts the log afresh under a new epoch. The caller holds the pool lock exclusively.
+    /// The new header is written over the old one first and the lines cut off after it: a
+    /// failure on the way leaves the old log (or the new, empty one), never one without a
+    /// header, which would drop journaled lines appended after it.
     pub(super) fn reset(&mut self) -> Result<()> {
         let epoch = new_epoch();
-        self.file.set_len(0).map_err(|e| self.io("resetting", e))?;
-        (&self.file)
-            .write_all(header(epoch).as_bytes())
-            .map_err(|e| self.io("resetting", e))?;
+        let len = self.metadata()?.len();
+        if len >= HEADER_LEN {
+            // The append-only descriptor cannot write at an offset: a second one.
+            let at = OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| self.io("resetting", e))?;
+            at.write_all_at(header(epoch).as_bytes(), 0)
+                .map_err(|e| self.io("resetting", e))?;
+            self.file
+                .set_len(HEADER_LEN)
+                .map_err(|e| self.io("resetting", e))?;
+        } else {
+            self.file.set_len(0).map_err(|e| self.io("resetting", e))?;
+            (&self.file)
+                .write_all(header(epoch).as_bytes())
+                .map_err(|e| self.io("resetting", e))?;
+        }
         self.file.sync_all().map_err(|e| self.io("syncing", e))?;
         self.epoch = epoch;
         self.unsynced.clear();

@@ -18,6 +18,7 @@
 use super::changes::ChangeLog;
 use super::locks::Locks;
 use crate::error::Result;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
@@ -67,6 +68,8 @@ struct Shared {
     pool: String,
     /// When the last round flushed whole file systems.
     last_whole: Mutex<Option<std::time::Instant>>,
+    /// A directory of each file system the store's files live on, opened at start, by device.
+    file_systems: HashMap<u64, File>,
 }
 
 /// The checkpointer of one store. Dropping it syncs what is pending and stops its thread.
@@ -76,12 +79,25 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// The checkpointer of the store of `pool`, whose files live under `dirs` (opened now:
+    /// a `syncfs` through a descriptor reports the write errors of its file system since the
+    /// descriptor was opened, so one opened at each round could miss an earlier one).
     pub(super) fn start(
         pool: &str,
         owner: u64,
         log: Arc<Mutex<ChangeLog>>,
         locks: Arc<Locks>,
+        dirs: &[PathBuf],
     ) -> Checkpointer {
+        use std::os::unix::fs::MetadataExt;
+        let mut file_systems = HashMap::new();
+        for d in dirs {
+            if let Ok(dir) = crate::fsutil::open_dir(d) {
+                if let Ok(meta) = dir.metadata() {
+                    file_systems.entry(meta.dev()).or_insert(dir);
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             wake: Condvar::new(),
@@ -90,6 +106,7 @@ impl Checkpointer {
             owner,
             pool: pool.to_string(),
             last_whole: Mutex::new(None),
+            file_systems,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -216,9 +233,8 @@ impl Shared {
             }
             due
         };
-        if whole {
-            sync_file_systems(batch.iter().map(|b| &b.3))?;
-        } else {
+        // A file outside the file systems known at start: one by one.
+        if !(whole && sync_file_systems(&self.file_systems, batch.iter().map(|b| &b.3))?) {
             sync(batch.iter().map(|b| &b.3))?;
         }
         {
@@ -238,28 +254,34 @@ impl Shared {
     }
 }
 
-/// Flushes the file systems that hold the files and directories of `batch` (`syncfs`, each
-/// file system once): their data, inodes and directory entries reach the disk with one device
-/// flush per file system.
-fn sync_file_systems<'a>(batch: impl Iterator<Item = &'a Arc<ToSync>>) -> Result<()> {
+/// Flushes the file systems that hold the files and directories of `batch` (`syncfs` through
+/// the descriptors of `file_systems`, each once): their data, inodes and directory entries
+/// reach the disk with one device flush per file system. Returns false, having done nothing,
+/// when one of them is not in `file_systems`.
+fn sync_file_systems<'a>(
+    file_systems: &HashMap<u64, File>,
+    batch: impl Iterator<Item = &'a Arc<ToSync>>,
+) -> Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let mut dirs = std::collections::BTreeSet::new();
     for b in batch {
         dirs.extend(b.files.iter().filter_map(|(_, p)| p.parent()));
         dirs.extend(b.dirs.iter().map(|d| d.as_path()));
     }
-    let mut devices = std::collections::HashSet::new();
+    let mut devices = std::collections::BTreeSet::new();
     for d in dirs {
-        let io = |what: &str, e: std::io::Error| {
-            crate::error::Error::io(format!("{what} {}", d.display()), e)
-        };
-        let dir = crate::fsutil::open_dir(d)?;
-        let dev = dir.metadata().map_err(|e| io("checking", e))?.dev();
-        if devices.insert(dev) {
-            nix::unistd::syncfs(&dir).map_err(|e| io("syncing the file system of", e.into()))?;
+        let meta = std::fs::metadata(d)
+            .map_err(|e| crate::error::Error::io(format!("checking {}", d.display()), e))?;
+        if !file_systems.contains_key(&meta.dev()) {
+            return Ok(false);
         }
+        devices.insert(meta.dev());
     }
-    Ok(())
+    for dev in devices {
+        nix::unistd::syncfs(&file_systems[&dev])
+            .map_err(|e| crate::error::Error::io("syncing a pool's file system", e.into()))?;
+    }
+    Ok(true)
 }
 
 /// fsyncs the files and directories of `batch` at once, each directory once.
@@ -304,11 +326,18 @@ mod tests {
             })
             .collect();
         sync(batch.iter()).unwrap();
-        sync_file_systems(batch.iter()).unwrap();
+        let known: HashMap<u64, File> = HashMap::new();
+        assert!(!sync_file_systems(&known, batch.iter()).unwrap());
+        let known = {
+            use std::os::unix::fs::MetadataExt;
+            let d = File::open(dir.path()).unwrap();
+            HashMap::from([(d.metadata().unwrap().dev(), d)])
+        };
+        assert!(sync_file_systems(&known, batch.iter()).unwrap());
         let gone = Arc::new(ToSync {
             files: vec![],
             dirs: vec![dir.path().join("missing")],
         });
-        assert!(sync_file_systems(std::iter::once(&gone)).is_err());
+        assert!(sync_file_systems(&known, std::iter::once(&gone)).is_err());
     }
 }

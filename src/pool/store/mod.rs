@@ -195,6 +195,9 @@ pub(crate) struct Store {
     /// for the caller to check the files they name (`Store::take_replayed`), and what to log
     /// settled after (`Store::finish_replay`): owner → where its last line ends, the epoch.
     replayed: Mutex<(Vec<Replayed>, HashMap<u64, u64>, u64)>,
+    /// When a log reset was last put off because a gone store's journaled record is not here
+    /// (`Store::reset_long_log`).
+    reset_blocked: Mutex<Option<std::time::Instant>>,
     /// The unreadable records as last read (their files' stamps), so that one mended or
     /// removed by hand is read again at the next request (`Store::sync`), not at a restart.
     unreadable_seen: Mutex<HashMap<(Kind, u64), Option<FileStamp>>>,
@@ -349,7 +352,10 @@ impl Store {
         };
         let spare_dir = |d: PathBuf| spares::Spares::new(d, owner);
         let (log, locks) = (Arc::new(Mutex::new(log)), Arc::new(locks));
-        let checkpointer = journal::Checkpointer::start(pool, owner, log.clone(), locks.clone());
+        let mut dirs: Vec<PathBuf> = Kind::ALL.iter().map(|k| dir.join(k.dir())).collect();
+        dirs.push(images.clone());
+        let checkpointer =
+            journal::Checkpointer::start(pool, owner, log.clone(), locks.clone(), &dirs);
         let store = Store {
             dir: dir.to_path_buf(),
             pool: pool.to_string(),
@@ -363,6 +369,7 @@ impl Store {
             owner,
             _owner: owner_lock,
             replayed: Mutex::default(),
+            reset_blocked: Mutex::default(),
             unreadable_seen: Mutex::default(),
         };
         store.replay()?;
@@ -1122,17 +1129,58 @@ impl Store {
     /// holds the pool lock and has caught up.
     fn reset_long_log(&self, log: &mut ChangeLog) -> Result<()> {
         let mut alive: HashMap<u64, bool> = HashMap::new();
-        let mut keys = Vec::new();
+        let (mut keys, mut theirs) = (Vec::new(), Vec::new());
         for ((kind, key), u) in log.unsynced() {
-            if u.owner != self.owner && self.owner_alive(&mut alive, u.owner)? {
-                return Ok(());
+            if u.owner != self.owner {
+                if self.owner_alive(&mut alive, u.owner)? {
+                    return Ok(());
+                }
+                theirs.push((kind, key));
             }
             keys.push((kind, key));
+        }
+        let dead = !theirs.is_empty();
+        if dead {
+            // A full read of the log: at most once a minute while the answer is no.
+            let mut blocked = self.reset_blocked.lock().unwrap_or_else(|p| p.into_inner());
+            let every = std::time::Duration::from_secs(if cfg!(test) { 0 } else { 60 });
+            if blocked.is_some_and(|t| t.elapsed() < every) {
+                return Ok(());
+            }
+            if !self.dead_lines_are_here(log)? {
+                *blocked = Some(std::time::Instant::now());
+                return Ok(());
+            }
+            *blocked = None;
         }
         if !keys.is_empty() {
             self.sync_journaled(&keys)?;
         }
-        log.reset()
+        log.reset()?;
+        // What a gone store's line named is indexed as its file now is.
+        self.reread(
+            theirs,
+            Some("a record a process that is gone journaled is unreadable"),
+        );
+        Ok(())
+    }
+
+    /// Whether every unsynced line of a store that is gone has its record file here, holding
+    /// its bytes. Not so when that store's host crashed with the files in its page cache (a
+    /// pool shared over NFS): only the open-time replay of a restart settles them then (it
+    /// writes them again), so the log is not reset before (warned about).
+    fn dead_lines_are_here(&self, log: &ChangeLog) -> Result<bool> {
+        let scan = log.scan()?;
+        for j in scan.unsynced.iter().filter(|j| j.owner != self.owner) {
+            if self.read_bytes(j.kind, j.key)?.as_deref() != Some(&j.bytes[..]) {
+                tracing::warn!(pool = %self.pool, record = %self.record_path(j.kind, j.key).display(),
+                    "not starting the change log afresh: a process that is gone (on this host or \
+                     another sharing the pool) journaled a create whose record is not here; the \
+                     next start of a controller on the pool writes it again");
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Runs `f` on the index as it is now in the pool (under the pool lock, shared, after
@@ -1488,24 +1536,33 @@ mod tests {
             note(&mut resets);
         }
         assert!(resets >= 2, "creates alone reset the log {resets} times");
-        // A removal right after a create, past the limit: commits and resets, also with the
-        // unsynced line of a store that is gone in the log (its files are synced by path).
+        // The unsynced line of a store that is gone, whose record is not here (its host
+        // crashed with it in its page cache): no reset may drop it.
+        let bytes = serde_json::to_vec_pretty(&record(7777)).unwrap();
         {
             let mut log = store.lock_log();
             let _pool = store.locks.pool_exclusive().unwrap();
-            let bytes = serde_json::to_vec_pretty(&record(7777)).unwrap();
             log.append_new(Kind::Volume, 7777, 0xdead, &bytes).unwrap();
         }
         resets = 0;
-        for key in 401..=700u64 {
+        for key in 401..=600u64 {
+            store.put_new_with(&record(key), &[], |_| Ok(())).unwrap();
+            store.remove::<VolumeRecord>(key, |_| Ok(())).unwrap();
+            note(&mut resets);
+        }
+        assert_eq!(resets, 0, "a reset dropped a line whose record is not here");
+        // Its record arrives (here: by hand): removals right after creates, past the limit,
+        // commit and reset (its files are synced by path first).
+        fs::write(Kind::Volume.record_path(dir.path(), 7777), &bytes).unwrap();
+        for key in 601..=800u64 {
             store.put_new_with(&record(key), &[], |_| Ok(())).unwrap();
             store.remove::<VolumeRecord>(key, |_| Ok(())).unwrap();
             note(&mut resets);
         }
         assert!(resets >= 1, "the log was not reset: {}", log_len());
-        assert_eq!(store.index().unwrap().volume_count(), 400);
+        assert_eq!(store.index().unwrap().volume_count(), 401);
         let other = Store::open("p", dir.path()).unwrap();
-        assert_eq!(other.index().unwrap().volume_count(), 400);
+        assert_eq!(other.index().unwrap().volume_count(), 401);
         assert!(other.take_replayed().is_empty());
     }
 
