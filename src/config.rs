@@ -917,6 +917,9 @@ mod tests {
         let s = dir.path().display().to_string();
         std::fs::create_dir(dir.path().join("real")).unwrap();
         std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let two_pools = |a: &str, b: &str| {
+            format!("[[pool]]\nname='a'\npath='{s}/{a}'\n[[pool]]\nname='b'\npath='{s}/{b}'\n")
+        };
         for (a, b, how) in [
             ("a", "a", "the same directory"),
             ("a", "a/", "the same directory"),
@@ -928,9 +931,7 @@ mod tests {
             ("a/inner", "a", "nested: pool \"a\" lies inside pool \"b\""),
             ("real", "link/p", "nested"),
         ] {
-            let text =
-                format!("[[pool]]\nname='a'\npath='{s}/{a}'\n[[pool]]\nname='b'\npath='{s}/{b}'\n");
-            let err = hosts_config(&text).unwrap_err();
+            let err = hosts_config(&two_pools(a, b)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             let msg = err.to_string();
             assert!(
@@ -946,9 +947,7 @@ mod tests {
             ("real/p", "link/q"),
             ("a/x", "a/y"),
         ] {
-            let text =
-                format!("[[pool]]\nname='a'\npath='{s}/{a}'\n[[pool]]\nname='b'\npath='{s}/{b}'\n");
-            hosts_config(&text).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+            hosts_config(&two_pools(a, b)).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
         }
     }
 

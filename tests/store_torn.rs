@@ -948,3 +948,52 @@ async fn a_used_volume_is_judged_alike_by_the_condition_and_the_operations() {
         "data kept"
     );
 }
+
+/// A create whose process died between its journaled line and its rename (the line durable,
+/// no record file, never answered), while another process created the same name on the
+/// retry: the next start writes the record again from the line, finds the name taken, and
+/// removes it. The answered volume stays the only one of its name.
+#[tokio::test]
+async fn a_replayed_create_whose_name_was_taken_since_is_removed() {
+    use sha2::{Digest, Sha256};
+    let mut p = Plugin::start("controller", &[]).await;
+    let kept = create_volume(&p, "dup", 64 * MIB, &[]).await.unwrap();
+    p.stop();
+    let pool = p.pool_dir();
+    // The dead process's line: the same name, another key, an owner no process holds.
+    let key = "0123456789abcdef";
+    let mut rec = read_record(&record_of(&p, &kept));
+    rec["id"] = format!("default.{key}").into();
+    rec["image"] = format!("{key}.qcow2").into();
+    let bytes = serde_json::to_vec_pretty(&rec).unwrap();
+    let digest = Sha256::digest(&bytes);
+    let check = u64::from_be_bytes(digest[..8].try_into().unwrap());
+    let quoted = serde_json::to_string(std::str::from_utf8(&bytes).unwrap()).unwrap();
+    let line = format!("+v {key} 00000000deadbeef {check:016x} {quoted}\n");
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(pool.join("changes"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, line.as_bytes()).unwrap();
+    p.restart().await;
+    let listed = list_volumes(&p).await;
+    assert_eq!(
+        listed.keys().cloned().collect::<Vec<_>>(),
+        vec![kept.clone()]
+    );
+    assert!(!pool.join(format!("volumes/{key}.json")).exists());
+    assert!(
+        p.log()
+            .contains("removing a volume whose create never finished"),
+        "{}",
+        p.log()
+    );
+    assert_pool_clean(&pool);
+    // Settled: the next start replays nothing (the log holds every start's lines).
+    let settled = |p: &Plugin| p.log().matches("settling the journaled creates").count();
+    assert_eq!(settled(&p), 1);
+    p.stop();
+    p.restart().await;
+    assert_eq!(settled(&p), 1, "{}", p.log());
+    assert_eq!(list_volumes(&p).await.len(), 1);
+}

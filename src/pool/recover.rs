@@ -136,18 +136,9 @@ impl Pool {
 
     /// Whether another volume record of this pool has `rec`'s name.
     fn name_taken_by_another(&self, rec: &VolumeRecord) -> Result<bool> {
-        let hash = crate::ids::name_hash(crate::ids::VOLUME, &rec.name);
         let key = rec.key_u64()?;
-        let others: Vec<u64> = {
-            let index = self.store.index()?;
-            index.volumes_named(hash).filter(|k| *k != key).collect()
-        };
-        for other in others {
-            if self.read_volume(other)?.is_some_and(|o| o.name == rec.name) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let (named, _) = self.records_named(&rec.name, |r: &VolumeRecord| &r.name)?;
+        Ok(named.iter().any(|(k, _)| *k != key))
     }
 
     /// Whether the image files named after volume `key` are at most its first image (plain

@@ -1037,6 +1037,9 @@ fn discard(lock: &VolumeLock) -> Result<()> {
     Ok(())
 }
 
+/// Whether a name no readable record has can be told free (`Index::names_known`).
+pub(super) type NameKnown = Result<()>;
+
 /// What a lookup of a name in one pool found (`Pool::volume_named`, `snapshot_named`).
 #[derive(Debug)]
 pub(super) enum Named<R> {
@@ -1297,6 +1300,26 @@ impl Pool {
         name: &str,
         name_of: fn(&R) -> &str,
     ) -> Result<Named<R>> {
+        let (mut found, known) = self.records_named(name, name_of)?;
+        if found.len() > 1 {
+            let keys = [found[0].0, found[1].0];
+            return Err(Error::UnreadableRecord(self.same_name(
+                R::KIND,
+                name,
+                &keys,
+            )));
+        }
+        Ok(Named::of(found.pop().map(|(_, rec)| rec), known))
+    }
+
+    /// Every record (any state) of kind `R` named `name` in this pool, with its key, from one
+    /// look at the index (its name hash, confirmed against each record), and whether the name
+    /// can be told free otherwise (`Index::names_known`). Blocking.
+    pub(super) fn records_named<R: Record>(
+        &self,
+        name: &str,
+        name_of: fn(&R) -> &str,
+    ) -> Result<(Vec<(u64, R)>, NameKnown)> {
         let (keys, known) = {
             let index = self.store.index()?;
             let keys: Vec<u64> = match R::KIND {
@@ -1309,22 +1332,13 @@ impl Pool {
             };
             (keys, index.names_known(R::KIND, name))
         };
-        let mut found: Option<(u64, R)> = None;
+        let mut found = Vec::new();
         for key in keys {
-            let Some(rec) = self.store.read::<R>(key)?.filter(|r| name_of(r) == name) else {
-                continue;
-            };
-            if let Some((first, _)) = &found {
-                let keys = [*first, key];
-                return Err(Error::UnreadableRecord(self.same_name(
-                    R::KIND,
-                    name,
-                    &keys,
-                )));
+            if let Some(rec) = self.store.read::<R>(key)?.filter(|r| name_of(r) == name) {
+                found.push((key, rec));
             }
-            found = Some((key, rec));
         }
-        Ok(Named::of(found.map(|(_, rec)| rec), known))
+        Ok((found, known))
     }
 
     /// What to say of the records `keys` of `kind` that all carry `name`: both ids and files,
